@@ -1,0 +1,87 @@
+"""Exponential moving average of the weights, on top of Lightning's ``WeightAveraging``.
+
+Adds what diffusion training needs over ``EMAWeightAveraging``: decay warm-up, update every N optimizer steps, a fused
+(foreach) update, keeping the average on the model's device, and ``ema_module()`` so that callbacks sample from EMA
+weights whatever their order in the callback list. Checkpoints keep Lightning's layout: ``state_dict`` holds the EMA
+weights, ``current_model_state`` the raw ones.
+"""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+
+
+def ema_decay(decay: float, num_updates: int, warmup: bool) -> float:
+    """Decay for the next update: ``min(decay, (1 + n) / (10 + n))`` with warm-up, else ``decay``."""
+    return min(decay, (1 + num_updates) / (10 + num_updates)) if warmup else decay
+
+
+class EMA(WeightAveraging):
+    """EMA of all parameters and buffers, updated every ``update_every`` optimizer steps from ``start_step`` on."""
+
+    def __init__(self, decay: float = 0.999, update_every: int = 1, start_step: int = 0, warmup: bool = True,
+                 device: str | None = None):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1]; got {decay}")
+        if update_every < 1:
+            raise ValueError(f"EMA update_every must be >= 1; got {update_every}")
+        super().__init__(device=device, use_buffers=True, multi_avg_fn=self._lerp)
+        self.decay, self.update_every, self.start_step, self.warmup = decay, update_every, start_step, warmup
+        self.num_updates = 0
+        self.swapped = False
+
+    def _lerp(self, averaged: list[torch.Tensor], current: list[torch.Tensor], _n_averaged) -> None:
+        weight = 1.0 - ema_decay(self.decay, self.num_updates, self.warmup)
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], weight)
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():
+                a.copy_(c)
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and step_idx >= self.start_step and (step_idx - self.start_step) % self.update_every == 0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning builds the average in setup(), before the strategy moves the module to its device.
+        if self._average_model is not None and self._device is None:
+            self._average_model.to(pl_module.device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        before = self._latest_update_step
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._latest_update_step != before:
+            self.num_updates += 1
+
+    def _swap_models(self, pl_module) -> None:
+        super()._swap_models(pl_module)
+        self.swapped = not self.swapped
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        self.swapped = True  # the module now holds the EMA weights
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.num_updates = state_dict.get("num_updates", 0)
+
+    def average_module(self, pl_module: L.LightningModule) -> L.LightningModule:
+        """The module that currently holds the EMA weights."""
+        if self._average_model is None or self.swapped:
+            return pl_module
+        return self._average_model.module
+
+
+def find_ema(trainer: L.Trainer) -> EMA | None:
+    """The trainer's EMA callback, if any."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)
+
+
+def ema_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
+    """The EMA-weighted module to sample from (the module itself when EMA is off), independent of hook order."""
+    ema = find_ema(trainer)
+    return pl_module if ema is None else ema.average_module(pl_module)

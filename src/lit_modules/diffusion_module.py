@@ -1,0 +1,209 @@
+"""DiffusionModule: the LightningModule that trains any denoiser under any schedule, objective and conditioning."""
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from src.conditioning.base import Conditioner, NoConditioner
+from src.diffusion.guidance import guided_model_fn
+from src.diffusion.objectives import Objective, timestep_buckets
+from src.diffusion.samplers import sampler_name
+from src.diffusion.schedules import DiscreteSchedule
+from src.lit_modules.lr_schedules import resolve_steps, warmup_cosine
+from src.utils.errors import ConfigError
+from src.utils.frozen import Frozen
+
+log = logging.getLogger(__name__)
+
+
+class DiffusionModule(L.LightningModule):
+    """Denoiser + schedule + objective + conditioner + sampler, with classifier-free guidance and AdamW.
+
+    ``denoiser`` is a factory (Hydra ``_partial_``) called with the conditioner's widths, so the network always has
+    the inputs its conditioning produces. ``sample_shape`` is filled from the datamodule by the training pipeline.
+    """
+
+    def __init__(self, net: Callable[..., nn.Module], schedule: DiscreteSchedule, objective: Objective,
+                 sampler: Callable, conditioner: Conditioner | None = None, autoencoder: Any = None,
+                 sample_shape: Sequence[int] = (1, 16, 16), p_uncond: float = 0.1,
+                 guidance: dict | None = None, lr: float = 2e-4, betas: Sequence[float] = (0.9, 0.999),
+                 weight_decay: float = 0.0, eps: float = 1e-8, warmup_steps: float | int = 0.05,
+                 warmup_start_factor: float = 0.01, final_lr_fraction: float = 0.1, loss_buckets: int = 10,
+                 class_names: Sequence[str] | None = None, prompts: Sequence[str] | None = None,
+                 compile: bool = False, channels_last: bool = False):
+        super().__init__()
+        self.conditioner = conditioner if conditioner is not None else NoConditioner()
+        self.denoiser = net(cond_dim=self.conditioner.vector_dim, context_dim=self.conditioner.context_dim) \
+            if not isinstance(net, nn.Module) else net
+        self.schedule, self.objective, self.sampler = schedule, objective, sampler
+        self.autoencoder = Frozen(autoencoder) if isinstance(autoencoder, nn.Module) else autoencoder
+        self.sample_shape = tuple(sample_shape)
+        self.p_uncond = p_uncond
+        self.guidance = {"scale": 1.0, "rescale": 0.0, "interval": None, "per_class": None, **(guidance or {})}
+        self.optim_cfg = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+        self.lr_cfg = dict(warmup_steps=warmup_steps, start_factor=warmup_start_factor, final_fraction=final_lr_fraction)
+        self.loss_buckets = loss_buckets
+        self.class_names = list(class_names) if class_names else None
+        self.prompts = list(prompts) if prompts else None
+        self.channels_last = channels_last
+        self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints
+        self._check_conditioning_is_consumed()
+        if channels_last:
+            self.denoiser = self.denoiser.to(memory_format=torch.channels_last)
+        self._net = torch.compile(self.denoiser) if compile else self.denoiser
+        self._bucket_sums = None
+
+    # ---------------------------------------------------------------- setup checks
+    def _check_conditioning_is_consumed(self) -> None:
+        """Fail loudly if conditioning is configured but the denoiser has no path that consumes it."""
+        c = self.conditioner
+        n_xattn = self.denoiser.count_cross_attention() if hasattr(self.denoiser, "count_cross_attention") else None
+        if c.context_dim and n_xattn == 0:
+            raise ConfigError(f"conditioner {type(c).__name__} produces context tokens (width {c.context_dim}) but the "
+                              f"denoiser has no cross-attention: set model.net.cross_attention_levels")
+        if c.vector_dim and getattr(getattr(self.denoiser, "embed", None), "cond_proj", True) is None:
+            raise ConfigError(f"conditioner {type(c).__name__} produces a vector but the denoiser ignores it")
+        self.num_cross_attention = n_xattn or 0
+        log.info("conditioning: %s; denoiser cross-attention modules: %s", c.describe(), self.num_cross_attention)
+
+    # ---------------------------------------------------------------- forward pieces
+    def condition(self, raw) -> dict:
+        """Conditioning dict (vector / context / mask) for raw conditions (labels, prompts, or None)."""
+        return self.conditioner(raw)
+
+    def net(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The denoiser's raw output for noisy input at (float) timesteps t."""
+        if self.channels_last and x_t.ndim == 4:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        return self._net(x_t, t, cond["vector"], cond["context"], cond["context_mask"])
+
+    def batch_condition(self, batch: dict):
+        key = self.conditioner.batch_key
+        if key is None:
+            return None
+        if key not in batch:
+            raise ConfigError(f"conditioner {type(self.conditioner).__name__} needs batch['{key}'] but the datamodule "
+                              f"yields only {sorted(batch)}; pick a matching conditioning= or datamodule=")
+        return batch[key]
+
+    def diffusion_losses(self, batch: dict, drop_conditions: bool) -> dict:
+        """Per-sample losses on a batch (conditions dropped with probability p_uncond when training)."""
+        x0 = batch["x"]
+        raw = self.batch_condition(batch)
+        if drop_conditions:
+            raw = self.conditioner.drop(raw, self.p_uncond)
+        cond = self.condition(raw)
+        return self.objective.losses(lambda x_t, t: self.net(x_t, t.float(), cond), x0, self.schedule)
+
+    # ---------------------------------------------------------------- Lightning hooks
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.diffusion_losses(batch, drop_conditions=True)
+        loss = out["loss"].mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["x"].shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._bucket_sums = torch.zeros(2, self.loss_buckets, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        g = torch.Generator().manual_seed(1234 + batch_idx)  # the same noise and t every validation run
+        x0 = batch["x"]
+        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=g).to(self.device)
+        cond = self.condition(self.batch_condition(batch))
+        out = self.objective.losses(lambda x_t, tt: self.net(x_t, tt.float(), cond), x0, self.schedule, t=t, generator=g)
+        self.log("val/loss", out["raw"].mean(), prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
+        b = timestep_buckets(t, self.schedule.num_timesteps, self.loss_buckets)
+        self._bucket_sums[0].index_add_(0, b, out["raw"].double())
+        self._bucket_sums[1].index_add_(0, b, torch.ones_like(out["raw"], dtype=torch.float64))
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._bucket_sums, reduce_op="sum") if self.trainer.world_size > 1 else self._bucket_sums
+        means = (sums[0] / sums[1].clamp(min=1)).tolist()
+        self.val_loss_per_bucket = means
+        for i, m in enumerate(means):
+            if sums[1, i] > 0:
+                self.log(f"val_loss_t/bucket_{i:02d}", m, rank_zero_only=True)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, **self.optim_cfg)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = resolve_steps(self.lr_cfg["warmup_steps"], total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
+            warmup_cosine, warmup_steps=warmup, total_steps=total, start_factor=self.lr_cfg["start_factor"],
+            final_fraction=self.lr_cfg["final_fraction"]))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if batch_idx % 10 == 0:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["difflab"] = {"config": copy.deepcopy(self.run_config), "kind": "diffusion",
+                                 "sample_shape": list(self.sample_shape)}
+
+    def on_fit_start(self) -> None:
+        if isinstance(self.autoencoder, Frozen):
+            self.autoencoder.to(self.device)
+
+    # ---------------------------------------------------------------- sampling
+    def null_condition(self, raw):
+        return self.conditioner.null_like(raw)
+
+    def default_sample_conditions(self, n: int):
+        """Balanced raw conditions for n samples: cycling class labels, prompts, or None."""
+        key = self.conditioner.batch_key
+        if key == "label":
+            return torch.arange(n, device=self.device) % self.conditioner.num_classes
+        if key == "text":
+            prompts = self.prompts or [""]
+            return [prompts[i % len(prompts)] for i in range(n)]
+        return None
+
+    def guidance_scales(self, raw, scale=None):
+        """Guidance scale per sample: ``per_class`` overrides for labelled samples, else the global scale."""
+        scale = self.guidance["scale"] if scale is None else scale
+        per_class = self.guidance.get("per_class")
+        if per_class and isinstance(raw, torch.Tensor):
+            table = torch.full((self.conditioner.num_classes + 1,), float(scale))
+            for k, v in dict(per_class).items():
+                table[int(k)] = float(v)
+            return table[raw.cpu()].to(self.device)
+        return scale
+
+    @torch.no_grad()
+    def sample(self, n: int, raw=None, sampler: Callable | None = None, guidance_scale=None,
+               noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               progress: bool = False, decode: bool = True) -> torch.Tensor:
+        """n samples in [-1, 1] (decoded to pixels for latent models) for raw conditions (balanced if None)."""
+        was_training = self.training
+        self.eval()
+        raw = self.default_sample_conditions(n) if raw is None else raw
+        cond = self.condition(raw)
+        null = self.condition(self.null_condition(raw)) if raw is not None else None
+        model_fn = guided_model_fn(self.net, self.schedule, self.objective.prediction, cond, null,
+                                   scale=self.guidance_scales(raw, guidance_scale), rescale=self.guidance["rescale"],
+                                   interval=self.guidance["interval"], x0_clip=self.objective.x0_clip)
+        if noise is None:
+            noise = torch.randn((n, *self.sample_shape), generator=generator)
+        x = (sampler or self.sampler)(model_fn, noise.to(self.device), self.schedule, generator=generator,
+                                      progress=progress)
+        if decode:
+            x = self.to_pixels(x)
+        self.train(was_training)
+        return x.clamp(-1, 1)
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode latents to pixels for latent models; identity for pixel models."""
+        if self.autoencoder is None:
+            return x
+        return self.autoencoder.decode(x)
+
+    def describe_sampler(self, sampler=None) -> str:
+        return sampler_name(sampler or self.sampler)

@@ -1,0 +1,135 @@
+"""Building blocks shared by the denoisers: time embedding, conditioned residual blocks, attention."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, B -> B x dim (cos half first)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters so a residual branch starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class TimeConditionEmbedding(nn.Module):
+    """Time embedding MLP plus an optional projected condition vector added to it."""
+
+    def __init__(self, base_dim: int, emb_dim: int, cond_dim: int = 0):
+        super().__init__()
+        self.base_dim = base_dim
+        self.mlp = nn.Sequential(nn.Linear(base_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.cond_proj = nn.Linear(cond_dim, emb_dim) if cond_dim else None
+
+    def forward(self, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        emb = self.mlp(timestep_embedding(t, self.base_dim))
+        if self.cond_proj is not None:
+            if cond is None:
+                raise ValueError("this denoiser was built with a condition vector (cond_dim > 0) but got cond=None")
+            emb = emb + self.cond_proj(cond.to(emb.dtype))
+        return emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv residual block with scale-shift conditioning on the embedding and dropout."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, groups: int = 32):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(groups, in_ch), in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = nn.GroupNorm(min(groups, out_ch), out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    b, n, c = x.shape
+    return x.reshape(b, n, n_heads, c // n_heads).transpose(1, 2)
+
+
+class AttentionBlock(nn.Module):
+    """Residual self-attention over spatial positions, then (optionally) cross-attention to context tokens."""
+
+    def __init__(self, channels: int, head_dim: int = 32, groups: int = 32, context_dim: int | None = None):
+        super().__init__()
+        self.n_heads = max(1, channels // head_dim)
+        self.norm = nn.GroupNorm(min(groups, channels), channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = zero_init(nn.Linear(channels, channels))
+        self.cross = CrossAttention(channels, context_dim, self.n_heads) if context_dim else None
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        q, k, v = (_heads(z, self.n_heads) for z in self.qkv(tokens).chunk(3, dim=-1))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
+        out = x.flatten(2).transpose(1, 2) + self.proj(a)
+        if self.cross is not None:
+            out = out + self.cross(out, context, context_mask)
+        return out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class CrossAttention(nn.Module):
+    """Queries from image tokens, keys/values from context tokens (text), padding masked out; zero-initialised out."""
+
+    def __init__(self, channels: int, context_dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm = nn.LayerNorm(channels)
+        self.q = nn.Linear(channels, channels)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.proj = zero_init(nn.Linear(channels, channels))
+
+    def forward(self, tokens: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        if context is None:
+            raise ValueError("this denoiser has cross-attention (context_dim set) but got no context tokens")
+        b, n, c = tokens.shape
+        q = _heads(self.q(self.norm(tokens)), self.n_heads)
+        k, v = (_heads(z, self.n_heads) for z in self.kv(context.to(tokens.dtype)).chunk(2, dim=-1))
+        attn_mask = None if mask is None else mask.bool()[:, None, None, :]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(a.transpose(1, 2).reshape(b, n, c))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then 3x3 convolution."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
