@@ -2,13 +2,22 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from src.ops import ddp_multirun
+from src.ops import wandb as wandb_ops
+from src.ops.atomic import remove_stale_temporaries
+from src.ops.finetune import init_callbacks
+from src.ops.precision import supported_precision
+from src.ops.resume import resolve_resume
+from src.ops.signals import GracefulShutdown, checkpoint_dir, find_shutdown
+from src.ops.slurm import cluster_plugins
+from src.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +48,28 @@ def fill_from_datamodule(cfg: DictConfig, datamodule: L.LightningDataModule) -> 
             cond.num_classes = datamodule.num_classes
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
-    """``last`` means <run>/checkpoints/last.ckpt; a path must exist."""
-    if ckpt_path in (None, ""):
-        return None
-    if ckpt_path == "last":
-        path = Path(output_dir) / "checkpoints" / "last.ckpt"
-    else:
-        path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no checkpoint at {path}")
-    return str(path)
+def resolve_ckpt_path(ckpt_path: str | None, output_dir, resume: str | None = None) -> str | None:
+    """``last`` means <run>/checkpoints/last.ckpt; a path must exist; ``resume=auto`` finds the newest checkpoint."""
+    return resolve_resume(ckpt_path, resume, output_dir)
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    """The Trainer of ``cfg.trainer`` with its plugins (a dict in the config), cluster plugins and a precision the
+    hardware supports."""
+    tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    plugins_cfg = tcfg.pop("plugins", None) or {}
+    plugin_cfgs = list(plugins_cfg.values()) if isinstance(plugins_cfg, dict) else list(plugins_cfg)
+    plugins = [instantiate(p) if isinstance(p, dict) and "_target_" in p else p for p in plugin_cfgs if p is not None]
+    shutdown = next((cb for cb in callbacks if isinstance(cb, GracefulShutdown)), None)
+    plugins += cluster_plugins(shutdown.requeue_signal if shutdown else None, handled_elsewhere=shutdown is not None)
+    tcfg["precision"] = supported_precision(tcfg.get("precision"), tcfg.get("accelerator"))
+    return instantiate(tcfg, callbacks=callbacks, logger=loggers or False, plugins=plugins or None)
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate datamodule, model, callbacks, loggers and trainer from a composed config."""
+    if cfg.get("init_from") and cfg.get("ckpt_path"):
+        raise ConfigError("init_from (new run from old weights) and ckpt_path (resume the old run) exclude each other")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.datamodule)
@@ -62,19 +78,41 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     if hasattr(model, "run_config"):
         model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_dict(cfg.get("callbacks"))
+    callbacks += init_callbacks(model, cfg.get("init_from"), strict=bool(cfg.get("init_strict", True)))
     loggers = instantiate_dict(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg, callbacks, loggers)
     return {"datamodule": datamodule, "model": model, "callbacks": callbacks, "loggers": loggers, "trainer": trainer}
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Build everything and fit; returns the built objects plus the final logged metrics."""
-    objs = build(cfg)
-    for logger in objs["loggers"]:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    n_params = sum(p.numel() for p in objs["model"].parameters() if p.requires_grad)
-    log.info("trainable parameters: %.2fM; output dir: %s", n_params / 1e6, cfg.paths.output_dir)
-    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
-    objs["trainer"].fit(objs["model"], datamodule=objs["datamodule"], ckpt_path=ckpt)
-    objs["metrics"] = {k: float(v) for k, v in objs["trainer"].callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    """Build everything and fit; returns the built objects plus the final logged metrics.
+
+    ``objs["stopped_by_signal"]`` is True when SIGTERM/SIGINT/the requeue signal stopped training (a checkpoint
+    was saved). Whatever happens, the W&B run is finished and the DDP world of this job is torn down, so that the
+    next job of a sweep starts clean.
+    """
+    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir, cfg.get("resume"))
+    objs: dict[str, Any] = {}
+    failed = True
+    try:
+        objs = build(cfg)
+        trainer = objs["trainer"]
+        if trainer.is_global_zero:
+            remove_stale_temporaries(checkpoint_dir(trainer))
+        for logger in objs["loggers"]:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        n_params = sum(p.numel() for p in objs["model"].parameters() if p.requires_grad)
+        log.info("trainable parameters: %.2fM; output dir: %s%s", n_params / 1e6, cfg.paths.output_dir,
+                 f"; resuming from {ckpt}" if ckpt else "")
+        trainer.fit(objs["model"], datamodule=objs["datamodule"], ckpt_path=ckpt, weights_only=True)
+        objs["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()
+                           if torch.is_tensor(v) and v.numel() == 1}
+        shutdown = find_shutdown(trainer)
+        objs["stopped_by_signal"] = bool(shutdown and shutdown.stopped)
+        failed = False
+    finally:
+        wandb_ops.finish(failed=failed)
+        ddp_multirun.end_job(objs.get("trainer"))
+    if objs["stopped_by_signal"]:
+        shutdown.after_fit(objs["trainer"])  # a requeue signal: hand over to submitit / scontrol
     return objs

@@ -71,6 +71,12 @@ class DiffusersKL(nn.Module):
         z = dist.sample() if sample else dist.mean
         return {"recon": self.vae.decode(z).sample, "mean": dist.mean, "logvar": dist.logvar, "z": z}
 
+    @property
+    def hash_extra(self) -> dict:
+        """What changes outputs besides the weights: the effective scaling and the loaded model config."""
+        vae_cfg = {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")}
+        return {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor, "vae_config": vae_cfg}
+
     def identity(self) -> dict:
         """{class, config, hash}; the hash covers the weights and the scaling, not where they were loaded from."""
         ident = autoencoder_identity(self)

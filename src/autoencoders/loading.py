@@ -55,11 +55,13 @@ def autoencoder_identity(module: nn.Module) -> dict:
 
     ``config`` is the module's plain constructor-argument dict (``module.config``). The hash covers the class, the
     config minus the keys listed in ``module.hash_exclude`` (locations such as a download id or a local path, which
-    do not change what the model computes) and the weights.
+    do not change what the model computes), ``module.hash_extra`` (behaviour not in the config, e.g. a loaded
+    model's own config file) and the weights.
     """
     config = dict(getattr(module, "config", {}) or {})
     exclude = set(getattr(module, "hash_exclude", ()))
     behaviour = {k: v for k, v in config.items() if k not in exclude}
+    behaviour["__extra__"] = dict(getattr(module, "hash_extra", {}) or {})
     h = hashlib.sha256()
     h.update(class_path(module).encode())
     h.update(json.dumps(behaviour, sort_keys=True, default=str).encode())
@@ -82,7 +84,7 @@ def known_identity(autoencoder: Any) -> dict:
     return autoencoder_identity(module)
 
 
-def _plain(cfg: Any) -> Any:
+def to_plain(cfg: Any) -> Any:
     """DictConfig/ListConfig -> plain containers (resolved); other values unchanged."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -146,7 +148,7 @@ def load_autoencoder_checkpoint(path: str | Path) -> nn.Module:
 
 def _normalise_spec(cfg_or_spec: Any) -> dict | None:
     """A spec as a plain dict: {'ckpt_path': ...} or a {'_target_': ..., ...} config; None for no autoencoder."""
-    spec = _plain(cfg_or_spec)
+    spec = to_plain(cfg_or_spec)
     if spec is None or (isinstance(spec, str) and spec.lower() in ("", "none", "null")):
         return None
     if isinstance(spec, (str, Path)):
@@ -155,7 +157,7 @@ def _normalise_spec(cfg_or_spec: Any) -> dict | None:
             return {"ckpt_path": str(p)}
         return {"_target_": "src.autoencoders.diffusers_kl.DiffusersKL", "pretrained": str(spec)}
     if isinstance(spec, Mapping):
-        return dict(spec)
+        return dict(spec) or None  # configs/autoencoder/none.yaml composes to an empty mapping
     raise ConfigError(f"autoencoder spec must be a path, a diffusers id or a config mapping; got {type(spec).__name__}")
 
 

@@ -48,8 +48,9 @@ class ClassGridCallback(L.Callback):
     """Every ``every_n_steps`` (densely early) and at the end of training, sample a fixed-seed grid with EMA weights."""
 
     def __init__(self, every_n_steps: int = 500, n_cols: int = 8, seed: int = 0, guidance_scale: float | None = None,
-                 dense_early: bool = False, at_end: bool = True):
+                 dense_early: bool = False, at_end: bool = True, tag_suffix: str = ""):
         self.every_n_steps, self.n_cols, self.seed = every_n_steps, n_cols, seed
+        self.kind = "class_grid" + (f"_{tag_suffix}" if tag_suffix else "")
         self.guidance_scale, self.dense_early, self.at_end = guidance_scale, dense_early, at_end
         self.written: list[Path] = []
 
@@ -57,13 +58,13 @@ class ClassGridCallback(L.Callback):
     def _render(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str | None = None) -> None:
         step = trainer.global_step
         module = ema_module(trainer, pl_module)
-        path = figure_path(trainer.default_root_dir, "class_grid", step)
+        path = figure_path(trainer.default_root_dir, self.kind, step)
         if tag:
             path = path.with_name(f"{tag}.png")
         render_grid(module, path, self.n_cols, self.guidance_scale, self.seed)
         self.written.append(path)
         scale = self.guidance_scale if self.guidance_scale is not None else module.guidance["scale"]
-        log_image(trainer, "samples/class_grid", path, step, caption=f"step {step}, guidance {scale}")
+        log_image(trainer, f"samples/{self.kind}", path, step, caption=f"step {step}, guidance {scale}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.sanity_checking:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -57,7 +58,8 @@ class PromptTable:
         n = len(prompts)
         if not (tokens.shape[0] == mask.shape[0] == pooled.shape[0] == n) or tokens.shape[:2] != mask.shape:
             raise ConfigError(f"prompt table {path or '<memory>'} is inconsistent: {n} prompts, tokens "
-                              f"{tuple(tokens.shape)}, mask {tuple(mask.shape)}, pooled {tuple(pooled.shape)}: rebuild it")
+                              f"{tuple(tokens.shape)}, mask {tuple(mask.shape)}, pooled {tuple(pooled.shape)}: "
+                              "rebuild it")
         self.prompts = list(prompts)
         self.tokens, self.mask, self.pooled = tokens, mask.bool(), pooled
         self.meta = dict(meta)
@@ -83,7 +85,7 @@ class PromptTable:
         if missing:
             raise KeyError(f"prompt {missing[0]!r} is not in prompt table {self.path or '<memory>'}")
         idx = torch.tensor([self.index[p] for p in prompts], dtype=torch.long)
-        return self.tokens[idx], self.mask[idx], self.pooled[idx]
+        return self.tokens.index_select(0, idx), self.mask.index_select(0, idx), self.pooled.index_select(0, idx)
 
     def to_dict(self) -> dict:
         """Plain-tensor payload saved to disk."""
@@ -118,9 +120,15 @@ def save_prompt_table(table: PromptTable, path: str | os.PathLike) -> Path:
     """Write the table atomically (temp file + rename: safe when several DDP ranks write the same file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(table.to_dict(), tmp)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(table.to_dict(), f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; tables are shared between users/jobs
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     table.path = str(path)
     return path
 
@@ -141,7 +149,8 @@ def build_prompt_table(encoder, prompts, path: str | os.PathLike | None = None,
 
 def _rebuild_hint(path, meta: dict) -> str:
     enc = meta.get("encoder_name", "ENCODER")
-    return f"delete it to rebuild automatically, or run `python -m src.conditioning.prompt_table build --encoder {enc} --out {path} ...`"
+    return (f"delete it to rebuild automatically, or run "
+            f"`python -m src.conditioning.prompt_table build --encoder {enc} --out {path} ...`")
 
 
 def read_prompt_table(path: str | os.PathLike) -> PromptTable:
@@ -233,8 +242,8 @@ def verify_prompt_table(table_or_path, encoder, threshold: float = DEFAULT_THRES
     worst = int(cos.argmin())
     min_cos = float(cos[worst])
     if min_cos < threshold:
-        raise ConfigError(f"prompt table {table.path or '<memory>'} does not match encoder '{encoder.name}': min cosine "
-                          f"{min_cos:.6f} < {threshold} (worst prompt {table.prompts[worst]!r}); "
+        raise ConfigError(f"prompt table {table.path or '<memory>'} does not match encoder '{encoder.name}': "
+                          f"min cosine {min_cos:.6f} < {threshold} (worst prompt {table.prompts[worst]!r}); "
                           + _rebuild_hint(table.path or "TABLE.pt", table.meta))
     return min_cos
 
@@ -266,10 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--classes", help="comma-separated class names (default: the dataset's standard names)")
     b.add_argument("--template", help="prompt template, e.g. 'a photo of {a} {name}'")
     b.add_argument("--no-null", dest="with_null", action="store_false", help="do not add the empty (null) prompt")
-    for p in (b,):
-        p.add_argument("--kind", default="auto")
-        p.add_argument("--max-length", type=int, default=None)
-        p.add_argument("--device", default=None, help="e.g. cuda (default: cuda if available)")
+    b.add_argument("--kind", default="auto")
+    b.add_argument("--max-length", type=int, default=None)
+    b.add_argument("--device", default=None, help="e.g. cuda (default: cuda if available)")
     v = sub.add_parser("verify", help="re-encode a table's prompts and compare (exit 1 below threshold)")
     v.add_argument("table")
     v.add_argument("--encoder", default=None, help="default: the encoder recorded in the table")

@@ -69,7 +69,8 @@ def resolve_encoder(name_or_path: str | os.PathLike) -> tuple[str, str]:
     if path.is_dir():
         return str(path.resolve()), str(path.resolve())
     if raw.startswith(("/", "./", "../", "~")) or path.exists():
-        raise ConfigError(f"text encoder directory {raw} does not exist (expected a save_pretrained folder with "
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise ConfigError(f"text encoder directory {raw} {what} (expected a save_pretrained folder with "
                           "config.json): fix the `encoder` path or give a Hub id")
     return raw, raw
 
@@ -180,6 +181,27 @@ def _load_config(source: str):
                           f"(`huggingface-cli download {source}`)") from None
 
 
+def _from_pretrained(cls, source: str, name: str, **kw) -> nn.Module:
+    """``cls.from_pretrained`` without transformers' load report (a full CLIP checkpoint lists every vision weight
+    as unused); instead a missing text weight (other than an unused pooler) is a ConfigError."""
+    from transformers.utils import logging as hf_logging
+
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = cls.from_pretrained(source, output_loading_info=True, **kw)
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
+    missing = sorted(k for k in info.get("missing_keys", ()) if "pooler" not in k)
+    if missing:
+        raise ConfigError(f"text encoder '{name}' at {source} lacks {len(missing)} weights (e.g. {missing[0]}) for "
+                          f"{cls.__name__}: the checkpoint is incomplete or of another architecture")
+    return model
+
+
 def load_text_encoder(name_or_path: str | os.PathLike, kind: str = "auto", max_length: int | None = None,
                       dtype: str | torch.dtype | None = None) -> TextEncoder:
     """Load a frozen text encoder (eval mode, no gradients) with its tokenizer.
@@ -204,16 +226,16 @@ def load_text_encoder(name_or_path: str | os.PathLike, kind: str = "auto", max_l
     kw = {"dtype": dtype} if dtype is not None else {}
     try:
         if use_clip:
-            model = CLIPTextModel.from_pretrained(source, **kw)
+            model = _from_pretrained(CLIPTextModel, source, name, **kw)
             tokenizer = CLIPTokenizer.from_pretrained(source)
         else:
             if kind == "auto" and model_type in T5_MODEL_TYPES:
-                model = getattr(transformers, T5_MODEL_TYPES[model_type]).from_pretrained(source, **kw)
+                model = _from_pretrained(getattr(transformers, T5_MODEL_TYPES[model_type]), source, name, **kw)
             elif getattr(config, "is_encoder_decoder", False):
                 raise ConfigError(f"text encoder '{name}' is an encoder-decoder model ({model_type}); only T5-family "
                                   "encoder-decoders are supported: use an encoder-only model or a CLIP text tower")
             else:
-                model = AutoModel.from_pretrained(source, **kw)
+                model = _from_pretrained(AutoModel, source, name, **kw)
             tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -116,7 +116,8 @@ class ArraySource:
             raise ValueError(f"ArraySource expects uint8 N x C x H x W images, got {images.dtype} {images.shape}")
         if labels is not None and len(labels) != len(images):
             raise ValueError(f"ArraySource: {len(images)} images but {len(labels)} labels")
-        self.images = images
+        # torch.from_numpy needs a writable array (unpickled protocol-5 arrays can be read-only views of bytes)
+        self.images = images if images.flags.writeable else np.array(images)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
 
     def __len__(self) -> int:

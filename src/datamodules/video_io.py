@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fractions
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +30,25 @@ class VideoInfo:
     height: int
 
 
-# ---------------------------------------------------------------------------------------------------------------- reading
+# ------------------------------------------------------------------------------------------------------------- reading
+_local = threading.local()
+
+
+def _reformatter():
+    """One PyAV VideoReformatter per thread and process: reusing its swscale context makes RGB conversion of small
+    frames several times faster than ``frame.to_ndarray(format=...)``, which builds a new context for every frame.
+
+    The process id is part of the key because a forked DataLoader worker inherits the parent's object, whose scaler
+    worker threads do not exist in the child (using it there deadlocks); conversions also run single-threaded.
+    """
+    cached = getattr(_local, "reformatter", None)
+    if cached is None or cached[0] != os.getpid():
+        from av.video.reformatter import VideoReformatter
+
+        cached = _local.reformatter = (os.getpid(), VideoReformatter())
+    return cached[1]
+
+
 class PyAVReader:
     """Reads frames of one file with PyAV (FFmpeg is bundled in the ``av`` wheels). Use as a context manager."""
 
@@ -77,9 +96,10 @@ class PyAVReader:
         if start > 0:
             # seek lands on the key frame at or before `start`; frames before `start` are decoded and dropped
             self._container.seek(self._start_pts + int(start / tb), stream=s, backward=True, any_frame=False)
-        kwargs = {"format": "rgb24"}
+        kwargs = {"format": "rgb24", "threads": 1}
         if size is not None:
             kwargs.update(height=int(size[0]), width=int(size[1]), interpolation="AREA")
+        reformat = _reformatter().reformat
         frames, times = [], []
         eps = 1e-6
         for k, frame in enumerate(self._container.decode(s)):
@@ -89,7 +109,7 @@ class PyAVReader:
                 continue
             if t >= end - eps:
                 break
-            frames.append(frame.to_ndarray(**kwargs))
+            frames.append(reformat(frame, **kwargs).to_ndarray())
             times.append(t)
         if not frames:
             return np.zeros((0, 0, 0, 3), np.uint8), np.zeros(0)
@@ -178,27 +198,33 @@ def list_frame_files(folder: str | os.PathLike) -> list[str]:
     return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.lower().endswith(FRAME_EXTS)]
 
 
-def read_frame_folder(folder: str | os.PathLike, indices: Sequence[int] | None = None, *,
-                      size: tuple[int, int] | None = None, grey: bool = False) -> np.ndarray:
-    """Read a folder of frame images as ``T x H x W x C`` uint8 (all frames, or those at ``indices``).
-
-    ``size=(height, width)`` resizes with PIL's antialiased bilinear filter; ``grey`` gives one channel.
-    """
+def read_frame_files(files: Sequence[str | os.PathLike], *, size: tuple[int, int] | None = None,
+                     grey: bool = False) -> np.ndarray:
+    """Read image files as ``T x H x W x C`` uint8; ``size=(height, width)`` resizes with PIL's antialiased
+    bilinear filter, ``grey`` gives one channel. Each distinct file is decoded once even if listed twice."""
     from PIL import Image
 
+    decoded: dict[str, np.ndarray] = {}
+    out = []
+    for f in map(str, files):
+        if f not in decoded:
+            with Image.open(f) as im:
+                im = im.convert("L" if grey else "RGB")
+                if size is not None and (im.height, im.width) != tuple(size):
+                    im = im.resize((int(size[1]), int(size[0])), Image.BILINEAR)
+                a = np.asarray(im, dtype=np.uint8)
+            decoded[f] = a[..., None] if grey else a
+        out.append(decoded[f])
+    return np.stack(out)
+
+
+def read_frame_folder(folder: str | os.PathLike, indices: Sequence[int] | None = None, *,
+                      size: tuple[int, int] | None = None, grey: bool = False) -> np.ndarray:
+    """Read a folder of frame images (sorted by name) as ``T x H x W x C`` uint8: all frames or those at ``indices``."""
     files = list_frame_files(folder)
     if not files:
         raise FileNotFoundError(f"{folder}: no .png/.jpg frames in this folder")
-    chosen = files if indices is None else [files[i] for i in indices]
-    out = []
-    for f in chosen:
-        with Image.open(f) as im:
-            im = im.convert("L" if grey else "RGB")
-            if size is not None and (im.height, im.width) != tuple(size):
-                im = im.resize((int(size[1]), int(size[0])), Image.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
-        out.append(a[..., None] if grey else a)
-    return np.stack(out)
+    return read_frame_files(files if indices is None else [files[i] for i in indices], size=size, grey=grey)
 
 
 def _resize_uint8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -208,7 +234,7 @@ def _resize_uint8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
-# ---------------------------------------------------------------------------------------------------------------- writing
+# ------------------------------------------------------------------------------------------------------------- writing
 def _as_uint8_frames(frames, what: str) -> np.ndarray:
     """Check and normalise frames to ``T x H x W x C`` uint8 numpy with C in {1, 3}."""
     if isinstance(frames, torch.Tensor):

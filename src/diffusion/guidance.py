@@ -1,15 +1,19 @@
 """Classifier-free guidance and the guided model function every sampler consumes.
 
 Convention (diffusers' ``guidance_scale``): ``out = uncond + scale * (cond - uncond)``; ``scale = 1 + w`` in Ho &
-Salimans' notation, so ``scale = 1`` is plain conditional sampling and ``scale = 0`` is unconditional.
+Salimans' notation ``(1 + w) cond - w uncond``, so ``scale = 1`` is plain conditional sampling (one forward pass) and
+``scale = 0`` is unconditional. Guidance acts on the network's raw output (eps, x0 or v: the combination is linear,
+so for a fixed x_t it is the same in every parameterisation); rescale (Lin et al.) matches the per-sample std of
+the guided output to the conditional one; the interval (Kynkaanniemi et al.) limits guidance to a sigma range.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
 
-from src.diffusion.objectives import clip_x0, predictions_from_output
+from src.diffusion.objectives import clip_x0, eps_from_x0, predictions_from_output
 
 Tensor = torch.Tensor
 ModelFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -35,11 +39,28 @@ def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
     return phi * rescaled + (1 - phi) * guided
 
 
-def guidance_active(sigma: float, interval: Sequence[float] | None) -> bool:
-    """Guidance interval (Kynkaanniemi et al.): guide only when sigma_lo < sigma <= sigma_hi; None = always."""
+def check_interval(interval: Sequence[float | None] | None) -> tuple[float, float] | None:
+    """Validate a guidance interval [sigma_lo, sigma_hi] (None entries: 0 / inf); None means always guide."""
     if interval is None:
+        return None
+    if len(interval) != 2:
+        raise ValueError(f"guidance.interval must be [sigma_lo, sigma_hi] or null, got {list(interval)}")
+    lo = 0.0 if interval[0] is None else float(interval[0])
+    hi = math.inf if interval[1] is None else float(interval[1])
+    if not 0 <= lo < hi:
+        raise ValueError(f"guidance.interval needs 0 <= sigma_lo < sigma_hi, got [{lo}, {hi}]")
+    return lo, hi
+
+
+def guidance_active(sigma: float, interval: Sequence[float | None] | None) -> bool:
+    """Guidance interval (Kynkaanniemi et al.): guide only when sigma_lo < sigma <= sigma_hi; None = always.
+
+    sigma is the variance-exploding noise level sqrt((1 - alpha_bar) / alpha_bar) of the current timestep.
+    """
+    bounds = check_interval(interval)
+    if bounds is None:
         return True
-    lo, hi = interval
+    lo, hi = bounds
     return lo < sigma <= hi
 
 
@@ -50,27 +71,40 @@ def concat_cond(a: dict, b: dict) -> dict:
 
 def guided_model_fn(net: Callable[[Tensor, Tensor, dict], Tensor], schedule, prediction: str, cond: dict,
                     null_cond: dict | None = None, scale=1.0, rescale: float = 0.0,
-                    interval: Sequence[float] | None = None, x0_clip: str | None = None) -> ModelFn:
+                    interval: Sequence[float | None] | None = None,
+                    x0_clip: str | Callable[[Tensor], Tensor] | None = None) -> ModelFn:
     """Wrap ``net(x_t, t, cond) -> output`` into ``model_fn(x_t, t_index) -> (x0_hat, eps_hat)`` with CFG.
 
     Conditional and unconditional passes run as one batched forward. ``t_index`` is a scalar integer timestep.
+    ``x0_clip`` is a mode name (none / static / dynamic) or a callable (``Objective.x0_clip``); after clipping, eps
+    is recomputed from the clipped x0 so the pair stays consistent with x_t (as GLIDE does), which every sampler
+    relies on. Conversions run in float64; outputs have x_t's dtype.
     """
     no_guidance = null_cond is None or (not isinstance(scale, Tensor) and float(scale) == 1.0)
+    bounds = check_interval(interval)
+    sigmas = schedule.sigmas.tolist()
+    if callable(x0_clip):
+        clip = x0_clip
+    elif x0_clip in (None, "none"):
+        clip = None
+    else:
+        clip = lambda x0: clip_x0(x0, x0_clip)  # noqa: E731
 
-    def model_fn(x_t: Tensor, t_index: Tensor) -> tuple[Tensor, Tensor]:
-        t_index = torch.as_tensor(t_index, device=x_t.device).long()
-        t = t_index.expand(x_t.shape[0]).to(x_t.device)
-        sigma = float(schedule.sigmas[int(t_index)])
-        if no_guidance or not guidance_active(sigma, interval):
+    def model_fn(x_t: Tensor, t_index) -> tuple[Tensor, Tensor]:
+        t_int = int(t_index)
+        t = torch.full((x_t.shape[0],), t_int, device=x_t.device, dtype=torch.long)
+        if no_guidance or not guidance_active(sigmas[t_int], bounds):
             out = net(x_t, t.float(), cond)
         else:
             both = net(torch.cat([x_t, x_t]), torch.cat([t, t]).float(), concat_cond(cond, null_cond))
             out_c, out_u = both.chunk(2)
             out = rescale_guidance(cfg_combine(out_c, out_u, scale), out_c, rescale)
-        ab = schedule.alpha_bar(t, like=x_t).to(torch.float64)
-        x0, eps = predictions_from_output(out.to(torch.float64), x_t.to(torch.float64), ab, prediction)
-        if x0_clip not in (None, "none"):
-            x0 = clip_x0(x0, x0_clip)
+        x64 = x_t.to(torch.float64)
+        ab = schedule.alpha_bar(t, like=x64)
+        x0, eps = predictions_from_output(out.to(torch.float64), x64, ab, prediction)
+        if clip is not None:
+            x0 = clip(x0)
+            eps = eps_from_x0(x64, x0, ab)
         return x0.to(x_t.dtype), eps.to(x_t.dtype)
 
     return model_fn

@@ -1,17 +1,21 @@
 """Discrete noise schedules: beta / alpha-bar profiles, zero-terminal-SNR rescaling and sampling-timestep spacing.
 
 Conventions: ``alphas_cumprod[t]`` (alpha-bar) is the signal fraction at training step ``t`` in ``[0, T)``;
-``x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps``. SNR = alpha_bar / (1 - alpha_bar),
-sigma (EDM / k-diffusion) = sqrt(1 / SNR). Everything is float64 on the CPU; callers gather and cast.
+``x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps``. SNR = alpha_bar / (1 - alpha_bar), log-SNR its log, and
+sigma (EDM / k-diffusion, variance-exploding units) = sqrt(1 / SNR). Everything is float64 on the CPU; callers
+gather and cast. With zero terminal SNR the last alpha-bar is exactly 0 (SNR 0, log-SNR -inf, sigma inf): samplers
+handle that limit explicitly instead of clamping it away.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
 import torch
 
 Tensor = torch.Tensor
+SPACINGS = ("leading", "trailing", "linspace")
 
 
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -25,19 +29,35 @@ def scaled_linear_betas(num_timesteps: int, beta_start: float = 0.00085, beta_en
 
 
 def betas_from_alpha_bar(alpha_bar: Callable[[Tensor], Tensor], num_timesteps: int, max_beta: float = 0.999) -> Tensor:
-    """Discretise a continuous alpha-bar(t in [0,1]) into betas, clipped at ``max_beta`` (improved DDPM)."""
+    """Discretise a continuous alpha-bar(t in [0,1]) into betas 1 - ab(t+1/T)/ab(t), capped at ``max_beta``."""
     t = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
     ab = alpha_bar(t)
     return (1 - ab[1:] / ab[:-1]).clamp(max=max_beta)
 
 
-def cosine_betas(num_timesteps: int, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:
-    """Improved-DDPM cosine schedule alpha_bar(t) = cos^2(((t + s) / (1 + s)) pi/2); diffusers' squaredcos_cap_v2."""
-    return betas_from_alpha_bar(lambda t: torch.cos((t + offset) / (1 + offset) * math.pi / 2) ** 2, num_timesteps, max_beta)
+def cosine_alpha_bar(t: Tensor, offset: float = 0.008, logsnr_shift: float = 0.0) -> Tensor:
+    """Improved-DDPM alpha-bar cos^2(((t + s) / (1 + s)) pi/2) / cos^2(s/(1+s) pi/2) for t in [0, 1].
+
+    ``offset`` is s (Nichol & Dhariwal: keeps beta small near t = 0). ``logsnr_shift`` adds a constant to log-SNR
+    (the 'shifted cosine' of Hoogeboom et al., e.g. 2 log(64 / resolution)); 0 leaves the schedule unchanged.
+    """
+    f = torch.cos((t + offset) / (1 + offset) * math.pi / 2) ** 2
+    ab = (f / math.cos(offset / (1 + offset) * math.pi / 2) ** 2).clamp(0, 1)
+    if logsnr_shift:
+        ab = torch.sigmoid(torch.logit(ab) + logsnr_shift)  # logit(1) = inf and logit(0) = -inf stay fixed
+    return ab
+
+
+def cosine_betas(num_timesteps: int, offset: float = 0.008, max_beta: float = 0.999,
+                 logsnr_shift: float = 0.0) -> Tensor:
+    """Improved-DDPM cosine schedule (diffusers' squaredcos_cap_v2 at the defaults), with a configurable offset s."""
+    if offset < 0:
+        raise ValueError(f"schedule.offset must be >= 0 (the cosine schedule's s, usually 0.008); got {offset}")
+    return betas_from_alpha_bar(lambda t: cosine_alpha_bar(t, offset, logsnr_shift), num_timesteps, max_beta)
 
 
 def sigmoid_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02, width: float = 6.0) -> Tensor:
-    """Sigmoid-shaped betas between beta_start and beta_end (GeoDiff / diffusers 'sigmoid')."""
+    """Sigmoid-shaped betas between beta_start and beta_end over [-width, width] (GeoDiff / diffusers 'sigmoid')."""
     x = torch.linspace(-width, width, num_timesteps, dtype=torch.float64)
     return torch.sigmoid(x) * (beta_end - beta_start) + beta_start
 
@@ -60,66 +80,119 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     return 1 - alphas
 
 
-def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading", offset: int = 0) -> Tensor:
-    """Descending subset of ``steps`` training timesteps, spaced as in diffusers ('leading', 'trailing', 'linspace')."""
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"sampler steps must be in [1, {num_timesteps}] (the schedule's num_timesteps); got {steps}")
+def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading", offset: int = 0,
+                     exclude_zero: bool = False) -> Tensor:
+    """Descending subset of ``steps`` training timesteps, spaced as in diffusers ('leading', 'trailing', 'linspace').
+
+    ``exclude_zero`` is the multistep-solver (DPM-Solver) convention: leading / linspace place ``steps + 1`` points
+    and drop the one at t = 0, because the solver's last step goes from the smallest kept timestep to sigma = 0.
+    Trailing spacing is the same either way. ``offset`` is diffusers' ``steps_offset`` (leading only).
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing '{spacing}': choose one of {SPACINGS}")
+    extra = 1 if exclude_zero and spacing != "trailing" else 0
+    if not 1 <= steps + extra <= num_timesteps:
+        raise ValueError(f"sampler steps must be in [1, {num_timesteps - extra}] for a schedule with num_timesteps="
+                         f"{num_timesteps} and spacing '{spacing}'; got {steps}")
+    n = steps + extra
     if spacing == "leading":
-        ratio = num_timesteps // steps
-        ts = torch.arange(steps, dtype=torch.float64) * ratio + offset
+        ts = torch.arange(n, dtype=torch.float64) * (num_timesteps // n) + offset
     elif spacing == "trailing":
         ratio = num_timesteps / steps
         ts = torch.arange(num_timesteps, 0, -ratio, dtype=torch.float64).round().flip(0) - 1
-    elif spacing == "linspace":
-        ts = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round()
     else:
-        raise ValueError(f"unknown timestep spacing '{spacing}': choose leading, trailing or linspace")
-    return ts.long().flip(0)
+        ts = torch.linspace(0, num_timesteps - 1, n, dtype=torch.float64).round()
+    ts = ts.long()[extra:]
+    if ts.max() >= num_timesteps or ts.min() < 0:
+        raise ValueError(f"timestep offset {offset} pushes the '{spacing}' grid outside [0, {num_timesteps})")
+    return ts.flip(0)
+
+
+def _check_kind_kwargs(kind: str, kwargs: dict) -> None:
+    allowed = [p for p in inspect.signature(BETA_SCHEDULES[kind]).parameters if p != "num_timesteps"]
+    bad = sorted(set(kwargs) - set(allowed))
+    if bad:
+        raise ValueError(f"schedule kind '{kind}' does not take {bad}; its settings are {allowed} "
+                         f"(remove the key or pick another schedule=)")
 
 
 class DiscreteSchedule:
-    """A T-step noise schedule. Holds float64 alpha-bar and derives SNR, log-SNR and sigmas from it."""
+    """A T-step noise schedule. Holds float64 alpha-bar and derives SNR, log-SNR and sigmas from it.
+
+    ``spacing`` is the default timestep spacing samplers use (``trailing`` is the one that starts at t = T - 1,
+    needed to sample from pure noise with zero terminal SNR, Lin et al.).
+    """
 
     def __init__(self, kind: str = "cosine", num_timesteps: int = 1000, zero_terminal_snr: bool = False,
-                 spacing: str = "leading", **kind_kwargs):
+                 spacing: str = "leading", steps_offset: int = 0, **kind_kwargs):
         if kind not in BETA_SCHEDULES:
             raise ValueError(f"unknown schedule kind '{kind}': choose one of {sorted(BETA_SCHEDULES)}")
-        betas = BETA_SCHEDULES[kind](num_timesteps, **kind_kwargs)
+        if int(num_timesteps) < 2:
+            raise ValueError(f"schedule.num_timesteps must be >= 2, got {num_timesteps}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"schedule.spacing='{spacing}' is unknown: choose one of {SPACINGS}")
+        _check_kind_kwargs(kind, kind_kwargs)
+        betas = BETA_SCHEDULES[kind](int(num_timesteps), **kind_kwargs)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
         self.kind = kind
-        self.num_timesteps = num_timesteps
-        self.zero_terminal_snr = zero_terminal_snr
+        self.kind_kwargs = dict(kind_kwargs)
+        self.num_timesteps = int(num_timesteps)
+        self.zero_terminal_snr = bool(zero_terminal_snr)
         self.spacing = spacing
+        self.steps_offset = int(steps_offset)
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)
 
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod, spacing: str = "leading", steps_offset: int = 0) -> "DiscreteSchedule":
+        """A schedule from given alpha-bars (e.g. another library's scheduler), kept exactly as given (float64)."""
+        ab = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).flatten()
+        if ab.numel() < 2 or not bool(((ab >= 0) & (ab < 1)).all()):
+            raise ValueError("alphas_cumprod must hold at least 2 values in [0, 1)")
+        self = cls.__new__(cls)
+        self.kind, self.kind_kwargs = "custom", {}
+        self.num_timesteps = ab.numel()
+        self.zero_terminal_snr = bool(ab[-1] == 0)
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing='{spacing}' is unknown: choose one of {SPACINGS}")
+        self.spacing, self.steps_offset = spacing, int(steps_offset)
+        self.alphas_cumprod = ab.clone()
+        self.betas = 1 - torch.cat([ab[:1], ab[1:] / ab[:-1].clamp(min=1e-300)])
+        return self
+
     @property
     def snr(self) -> Tensor:
+        """alpha_bar / (1 - alpha_bar) per timestep (0 at the end with zero terminal SNR)."""
         ab = self.alphas_cumprod
         return ab / (1 - ab)
 
     @property
     def log_snr(self) -> Tensor:
+        """log SNR per timestep (-inf at the end with zero terminal SNR)."""
         ab = self.alphas_cumprod
         return ab.log() - torch.log1p(-ab)
 
     @property
     def sigmas(self) -> Tensor:
+        """Variance-exploding noise level sqrt((1 - ab) / ab) per timestep (inf at the end with zero terminal SNR)."""
         ab = self.alphas_cumprod
         return ((1 - ab) / ab).sqrt()
 
     def alpha_bar(self, t: Tensor, like: Tensor | None = None) -> Tensor:
         """alpha-bar at integer timesteps ``t``, shaped to broadcast against ``like`` (B x ...) if given."""
+        t = torch.as_tensor(t)
         ab = self.alphas_cumprod.to(t.device)[t.long()]
         if like is not None:
             ab = ab.to(like.dtype if like.is_floating_point() else torch.float32).reshape(-1, *([1] * (like.ndim - 1)))
         return ab
 
-    def sampling_timesteps(self, steps: int, spacing: str | None = None) -> Tensor:
+    def sampling_timesteps(self, steps: int, spacing: str | None = None, exclude_zero: bool = False) -> Tensor:
         """Descending timesteps for a ``steps``-step sampler, using this schedule's spacing unless one is given."""
-        return spaced_timesteps(self.num_timesteps, steps, spacing or self.spacing)
+        return spaced_timesteps(self.num_timesteps, int(steps), spacing or self.spacing, self.steps_offset,
+                                exclude_zero=exclude_zero)
 
     def __repr__(self) -> str:
+        extra = "".join(f", {k}={v}" for k, v in self.kind_kwargs.items())
         return (f"DiscreteSchedule(kind={self.kind}, T={self.num_timesteps}, "
-                f"zero_terminal_snr={self.zero_terminal_snr}, spacing={self.spacing})")
+                f"zero_terminal_snr={self.zero_terminal_snr}, spacing={self.spacing}{extra})")

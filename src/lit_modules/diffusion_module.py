@@ -14,6 +14,7 @@ from src.conditioning.base import Conditioner, NoConditioner
 from src.diffusion.guidance import guided_model_fn
 from src.diffusion.objectives import Objective, timestep_buckets
 from src.diffusion.samplers import sampler_name
+from src.conditioning.templates import labels_to_prompts
 from src.diffusion.schedules import DiscreteSchedule
 from src.lit_modules.lr_schedules import resolve_steps, warmup_cosine
 from src.utils.errors import ConfigError
@@ -54,6 +55,8 @@ class DiffusionModule(L.LightningModule):
         self.channels_last = channels_last
         self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints
         self._check_conditioning_is_consumed()
+        if hasattr(self.conditioner, "prepare_table") and self.prompts:
+            self.conditioner.prepare_table(self.prompts)  # precomputed embeddings for the fixed prompt set
         if channels_last:
             self.denoiser = self.denoiser.to(memory_format=torch.channels_last)
         self._net = torch.compile(self.denoiser) if compile else self.denoiser
@@ -87,6 +90,8 @@ class DiffusionModule(L.LightningModule):
         key = self.conditioner.batch_key
         if key is None:
             return None
+        if key == "text" and "text" not in batch and "label" in batch and self.prompts:
+            return labels_to_prompts(batch["label"], self.prompts)  # a class dataset feeding a text model
         if key not in batch:
             raise ConfigError(f"conditioner {type(self.conditioner).__name__} needs batch['{key}'] but the datamodule "
                               f"yields only {sorted(batch)}; pick a matching conditioning= or datamodule=")
@@ -203,7 +208,8 @@ class DiffusionModule(L.LightningModule):
         """Decode latents to pixels for latent models; identity for pixel models."""
         if self.autoencoder is None:
             return x
-        return self.autoencoder.decode(x)
+        with torch.no_grad():
+            return self.autoencoder.module.decode(x.float())
 
     def describe_sampler(self, sampler=None) -> str:
         return sampler_name(sampler or self.sampler)

@@ -1,0 +1,106 @@
+"""t-SNE (scikit-learn) of the condition embeddings as a labelled scatter plot.
+
+Class models: the rows of ``conditioner.embedding.weight`` (every class plus the null class). Text models: the vector
+the denoiser receives for each of the model's prompts (the trainable projection of the pooled text embedding, or
+the pooled embedding itself when there is no projection), plus the empty prompt. Points that stay in one clump mean
+the conditioning carries no information (the research log's "labels were ignored"). Scalar:
+``embeddings/mean_cosine``, the mean pairwise cosine similarity of the (non-null) embeddings.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from src.callbacks.figures import DiagnosticCallback, _new_figure, condition_key, save_figure
+from src.metrics.common import warn_once
+
+
+@torch.no_grad()
+def condition_embeddings(module, max_prompts: int = 200) -> tuple[np.ndarray, list[str], str] | None:
+    """(N x D vectors, N labels, description) of the module's condition embeddings; None when there are none."""
+    key = condition_key(module)
+    cond = module.conditioner
+    if key == "label" and hasattr(cond, "embedding"):
+        w = cond.embedding.weight.detach().float().cpu().numpy()
+        k = cond.num_classes
+        names = list(module.class_names or [str(i) for i in range(k)])[:k]
+        return w, names + ["(null)"] * (w.shape[0] - k), "class embeddings (conditioner.embedding.weight)"
+    if key == "text":
+        prompts = list(dict.fromkeys(module.prompts or []))[:max_prompts]
+        if not prompts:
+            return None
+        prompts = prompts + [""]
+        out = cond(prompts)
+        if out.get("vector") is not None:
+            vec, what = out["vector"], "projected pooled text embeddings (the denoiser's condition vector)"
+        else:
+            vec, what = cond.embed(prompts)[2], "pooled text embeddings"
+        return vec.detach().float().cpu().numpy(), [p if p else "(empty prompt)" for p in prompts], what
+    return None
+
+
+def tsne_2d(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE of N vectors (perplexity scaled to N); PCA for N < 5 where t-SNE is undefined."""
+    n = vectors.shape[0]
+    x = vectors - vectors.mean(axis=0, keepdims=True)
+    if n < 5:
+        u, s, _ = np.linalg.svd(x, full_matrices=False)
+        out = u[:, :2] * s[:2]
+        return np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed,
+                max_iter=250).fit_transform(x.astype(np.float64))
+
+
+def mean_cosine(vectors: np.ndarray) -> float:
+    """Mean off-diagonal cosine similarity of N vectors (1 = all identical directions)."""
+    v = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+    sim = v @ v.T
+    n = len(v)
+    return float((sim.sum() - np.trace(sim)) / max(1, n * (n - 1)))
+
+
+def embedding_tsne(module, path: Path, seed: int = 0, max_prompts: int = 200) -> dict[str, float] | None:
+    """Draw the labelled t-SNE scatter of the module's condition embeddings; None (one warning) if unconditional."""
+    found = condition_embeddings(module, max_prompts)
+    if found is None:
+        warn_once("tsne-none", "embedding t-SNE skipped: the model has no class or prompt embeddings to show")
+        return None
+    vectors, labels, what = found
+    xy = tsne_2d(vectors, seed)
+    import matplotlib
+
+    fig = _new_figure(700, 620)
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    for i, (p, name) in enumerate(zip(xy, labels)):
+        null = name in ("(null)", "(empty prompt)")
+        ax.scatter(p[0], p[1], s=60, marker="x" if null else "o", color="black" if null else cmap(i % cmap.N))
+        ax.annotate(name if len(name) <= 28 else name[:26] + "..", (p[0], p[1]), xytext=(4, 4),
+                    textcoords="offset points", fontsize=8)
+    ax.set_title(f"t-SNE of {what}, n={len(labels)}", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    save_figure(fig, path)
+    real = [i for i, n in enumerate(labels) if n not in ("(null)", "(empty prompt)")]
+    return {"embeddings/mean_cosine": mean_cosine(vectors[real])} if len(real) >= 2 else {}
+
+
+class EmbeddingTSNECallback(DiagnosticCallback):
+    """t-SNE of the EMA module's condition embeddings on the diagnostics schedule."""
+
+    kind = "embedding_tsne"
+
+    def __init__(self, seed: int = 0, max_prompts: int = 200, every_n_steps: int = 1000, dense_early: bool = True,
+                 at_end: bool = True):
+        super().__init__(every_n_steps, dense_early, at_end)
+        self.seed, self.max_prompts = int(seed), int(max_prompts)
+
+    def draw(self, module, path: Path, context: dict[str, Any]) -> dict[str, float] | None:
+        return embedding_tsne(module, path, self.seed, self.max_prompts)

@@ -1,0 +1,219 @@
+"""Shared pieces of the diagnostic callbacks: their schedule / EMA / logging base class, labelled image mosaics,
+matplotlib figure writing, fixed real batches and scalar logging.
+
+Every diagnostic renders from a module alone (``make_figure``-style functions), so the callbacks (during training,
+EMA weights) and ``report.py`` (from a checkpoint) produce the same pictures.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from src.callbacks.ema import ema_module
+from src.callbacks.schedule import is_scheduled
+from src.utils.images import make_grid, to_uint8
+from src.utils.logging import figure_path, log_image
+
+log = logging.getLogger(__name__)
+
+PAD = 1  # pixels between cells in every mosaic
+
+
+# ------------------------------------------------------------------------------------------------ logging
+@rank_zero_only
+def log_scalars(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Send scalars to every active logger at ``step`` (rank 0 only); non-finite values are logged as they are."""
+    if not metrics:
+        return
+    clean = {k: float(v) for k, v in metrics.items()}
+    for logger in trainer.loggers:
+        try:
+            logger.log_metrics(clean, step=step)
+        except Exception as err:  # a logger failing must not stop training
+            log.warning("could not log %s to %s: %s", sorted(clean), type(logger).__name__, err)
+
+
+# ------------------------------------------------------------------------------------------------ base callback
+class DiagnosticCallback(L.Callback):
+    """Runs ``self.run(trainer, module, step, path)`` on the dense-early schedule and at the end of training.
+
+    Subclasses set ``kind`` (figure folder and logger key) and implement ``draw(module, path, context) -> scalars``.
+    ``module`` is the EMA-weighted module. Figures are drawn on rank 0 only unless ``all_ranks`` is True
+    (diagnostics that shard work across DDP ranks).
+    """
+
+    kind = "diagnostic"
+    all_ranks = False
+
+    def __init__(self, every_n_steps: int = 1000, dense_early: bool = True, at_end: bool = True):
+        if every_n_steps < 0:
+            raise ValueError(f"{type(self).__name__}: every_n_steps must be >= 0 (0: only dense-early / at end); "
+                             f"got {every_n_steps}")
+        self.every_n_steps, self.dense_early, self.at_end = int(every_n_steps), bool(dense_early), bool(at_end)
+        self.written: list[Path] = []
+        self._last_step = -1
+
+    # hooks
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if trainer.sanity_checking or step == self._last_step:
+            return
+        if is_scheduled(step, self.every_n_steps, self.dense_early):
+            self._last_step = step
+            self._run(trainer, pl_module, step, tag=None)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_end and self._last_step != trainer.global_step:
+            self._run(trainer, pl_module, trainer.global_step, tag=None)
+
+    def _run(self, trainer, pl_module, step: int, tag: str | None) -> None:
+        if not self.all_ranks and trainer.global_rank != 0:
+            return
+        module = ema_module(trainer, pl_module)
+        path = figure_path(trainer.default_root_dir, self.kind, step)
+        if tag:
+            path = path.with_name(f"{tag}.png")
+        context = {"trainer": trainer, "datamodule": getattr(trainer, "datamodule", None), "step": step}
+        scalars = self.draw(module, path, context) or {}
+        if trainer.global_rank == 0:
+            if path.is_file():
+                self.written.append(path)
+                log_image(trainer, f"diagnostics/{self.kind}", path, step, caption=f"{self.kind}, step {step}")
+            log_scalars(trainer, scalars, step)
+
+    def draw(self, module, path: Path, context: dict[str, Any]) -> dict[str, float] | None:
+        """Write the figure at ``path`` (if any) and return scalars to log."""
+        raise NotImplementedError
+
+    def report(self, module, out_dir: Path, context: dict[str, Any]) -> dict[str, float]:
+        """The same diagnostic for ``report.py``: writes ``<out_dir>/<kind>.png``; returns its scalars."""
+        return self.draw(module, Path(out_dir) / f"{self.kind}.png", context) or {}
+
+
+# ------------------------------------------------------------------------------------------------ images
+def stills(x: torch.Tensor) -> torch.Tensor:
+    """Images as they are; videos ``B x C x T x H x W`` -> their middle frame (for still figures)."""
+    return x[:, :, x.shape[2] // 2] if x.ndim == 5 else x
+
+
+def column_block(images: torch.Tensor, ncol: int = 1) -> np.ndarray:
+    """[-1, 1] images ``N x C x H x W`` -> an H' x W' x 3 uint8 grid with ``ncol`` images per row."""
+    u8 = to_uint8(stills(images))
+    if u8.shape[1] == 1:
+        u8 = u8.expand(-1, 3, -1, -1)
+    return make_grid(u8, nrow=ncol, pad=PAD, pad_value=255)
+
+
+def _new_figure(width_px: float, height_px: float, dpi: int = 100):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(width_px, 200) / dpi, max(height_px, 120) / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib Figure as PNG atomically (no pyplot, so no global backend state); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    tmp.replace(path)
+    return path
+
+
+def labelled_mosaic(blocks: Sequence[np.ndarray], block_titles: Sequence[str], row_labels: Sequence[str],
+                    path: str | Path, title: str | None = None, cell_px: int = 48) -> Path:
+    """Image blocks of equal height side by side, each titled, with a label per row of cells on the left.
+
+    Blocks come from ``column_block`` (so cells are square, ``PAD`` apart); ``cell_px`` is the on-screen size of one
+    cell, so tiny 8x8 or 16x16 samples stay readable.
+    """
+    heights = {b.shape[0] for b in blocks}
+    if len(heights) != 1:
+        raise ValueError(f"labelled_mosaic: blocks must have equal heights, got {sorted(heights)}")
+    n_rows = max(1, len(row_labels))
+    cell = (blocks[0].shape[0] - PAD) / n_rows - PAD  # image side in pixels
+    scale = cell_px / max(cell, 1.0)
+    widths = [b.shape[1] for b in blocks]
+    label_px = 8 * max((len(s) for s in row_labels), default=0) + 20
+    width_px = sum(widths) * scale + 12 * len(blocks) + label_px
+    longest_head = max((len(t) for t in block_titles), default=0) * 7 * len(blocks)
+    width_px = max(width_px, 7.5 * len(title or "") + 40, longest_head + label_px)
+    height_px = blocks[0].shape[0] * scale + 60 + (25 if title else 0)
+    fig = _new_figure(width_px, height_px)
+    axes = fig.subplots(1, len(blocks), gridspec_kw={"width_ratios": widths}, squeeze=False)[0]
+    for i, (ax, block, btitle) in enumerate(zip(axes, blocks, block_titles)):
+        ax.imshow(block, interpolation="nearest")
+        ax.set_title(btitle, fontsize=9)
+        ax.set_xticks([])
+        if i == 0 and row_labels:
+            ax.set_yticks([PAD + r * (cell + PAD) + cell / 2 for r in range(n_rows)])
+            ax.set_yticklabels(list(row_labels), fontsize=8)
+            ax.tick_params(length=0)
+        else:
+            ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=min(0.45, label_px / width_px), right=0.99, top=1 - (45 + (25 if title else 0)) / height_px,
+                        bottom=8 / height_px, wspace=12 / max(1.0, sum(widths) * scale / len(blocks)))
+    return save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def condition_key(module) -> str | None:
+    """The batch key the module's conditioner reads (``label``, ``text`` or None)."""
+    return getattr(module.conditioner, "batch_key", None)
+
+
+def take(raw, n: int):
+    """The first n raw conditions (tensor or list), or None."""
+    return None if raw is None else raw[:n]
+
+
+def fixed_real_batch(datamodule, n: int, split: str = "val") -> dict[str, Any]:
+    """The first ``n`` items of the datamodule's (unshuffled) ``split`` loader as one dict batch, on the CPU.
+
+    Validation loaders are not shuffled, so this is the same batch at every call; it is the research log's
+    "fixed batch of real images" for reconstructions. The datamodule must be set up (the trainer or report.py did).
+    """
+    if datamodule is None:
+        raise ValueError("this diagnostic needs real data: run it inside trainer.fit(datamodule=...) or give report.py "
+                         "a checkpoint whose run_config has a datamodule")
+    loader = datamodule.val_dataloader() if split == "val" else datamodule.train_dataloader()
+    xs, rest = [], {}
+    count = 0
+    for batch in loader:
+        k = min(n - count, batch["x"].shape[0])
+        xs.append(batch["x"][:k].cpu())
+        for key in ("label", "text"):
+            if key in batch:
+                rest.setdefault(key, []).extend(batch[key][:k].tolist() if torch.is_tensor(batch[key])
+                                                else list(batch[key][:k]))
+        count += k
+        if count >= n:
+            break
+    if not xs:
+        raise ValueError(f"{type(datamodule).__name__}.{split}_dataloader() yielded no batches")
+    out: dict[str, Any] = {"x": torch.cat(xs)}
+    if "label" in rest:
+        out["label"] = torch.tensor(rest["label"], dtype=torch.long)
+    if "text" in rest:
+        out["text"] = rest["text"]
+    return out
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, cols) of a near-square grid holding n cells."""
+    cols = max(1, math.ceil(math.sqrt(n)))
+    return math.ceil(n / cols), cols

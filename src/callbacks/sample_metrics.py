@@ -1,0 +1,395 @@
+"""Metrics on generated samples during training (and in ``report.py``): Frechet distance + KID in a configurable
+feature space, LPIPS diversity, CLIP score (text models) and FVD (videos).
+
+Feature spaces (``feature``):
+- ``digit_classifier``: the repo's digit classifier (``src/eval/digit_classifier.pt``, 128-d); metrics
+  ``fd_digit<N>`` / ``kd_digit<N>`` plus ``digit_accuracy`` (the classifier agrees with the sampled label).
+- ``inception``: the FID Inception from a LOCAL weights file (``inception_weights``); ``fid<N>`` / ``kid<N>``.
+- ``i3d``: the StyleGAN-V I3D TorchScript (``i3d_weights``) for videos; ``fvd<N>_<T>f`` / ``kvd<N>_<T>f``.
+- ``auto`` (default): i3d for videos, the digit classifier for 1-channel images, Inception otherwise.
+- any ``nn.Module`` mapping a batch to ``B x D`` features (with ``num_features``): ``fd_<name><N>``.
+N is the number of generated samples; the numbers are only comparable at equal N.
+
+Sampling is sharded across DDP ranks (rank r generates samples r, r + W, ...; the noise of sample i depends only on
+i, so the set is the same for any world size). Feature statistics, accuracies and scores are summed over ranks
+(torchmetrics states / all_reduce), so FD equals the single-process value. LPIPS diversity averages random pairs
+drawn within each rank's samples. Real statistics are computed once from ``n_real`` items of the datamodule's
+``real_split`` and cached in ``stats_dir`` (per dataset config / split / resolution / feature network / N).
+Missing weights: that metric is skipped with one warning naming the file to provide; training continues.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.callbacks.figures import DiagnosticCallback, condition_key
+from src.metrics.common import warn_once
+
+log = logging.getLogger(__name__)
+
+LOADER_ONLY_KEYS = {"batch_size", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor"}
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (identity when not distributed); returns a new tensor."""
+    t = t.clone()
+    if dist_info()[1] > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's boolean, on every rank (so that all ranks take the same branch, e.g. 'the cache exists')."""
+    if dist_info()[1] == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if dist_info()[1] > 1:
+        torch.distributed.barrier()
+
+
+# ------------------------------------------------------------------------------------------------ features
+class DigitFeatures(nn.Module):
+    """The digit classifier's 128-d penultimate features for images in [-1, 1] (RGB is averaged to grey)."""
+
+    num_features = 128
+
+    def __init__(self, weights: str | os.PathLike | None = None):
+        super().__init__()
+        from src.eval.digit_classifier import WEIGHTS, load_digit_classifier
+
+        path = Path(weights) if weights else WEIGHTS
+        self.classifier = load_digit_classifier(path)
+
+    @staticmethod
+    def _grey(x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"digit classifier features need B x 1|3 x H x W images, got {tuple(x.shape)}")
+        return x.float().mean(dim=1, keepdim=True) if x.shape[1] == 3 else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(self._grey(x))
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """Predicted digit from features returned by ``forward``."""
+        return self.classifier.head(features).argmax(dim=1)
+
+
+def resolve_feature_kind(feature: Any, sample_shape) -> str:
+    """'digit_classifier' | 'inception' | 'i3d' | 'none' | 'module' for a configured ``feature``."""
+    if isinstance(feature, nn.Module):
+        return "module"
+    kinds = ("auto", "digit_classifier", "inception", "i3d", "none")
+    if feature not in kinds:
+        raise ValueError(f"sample_metrics.feature={feature!r}: choose one of {kinds} or give a _target_ module")
+    if feature != "auto":
+        return feature
+    if len(sample_shape) == 4:
+        return "i3d"
+    return "digit_classifier" if sample_shape[0] == 1 else "inception"
+
+
+def metric_names(kind: str, n: int, sample_shape, feature_name: str = "") -> tuple[str, str]:
+    """(Frechet name, KID name) carrying the sample count (and frame count for videos)."""
+    if kind == "i3d":
+        from src.metrics.fvd import fvd_metric_name
+
+        fvd = fvd_metric_name(n, sample_shape[1])
+        return fvd, "k" + fvd[1:]  # fvd256_16f -> kvd256_16f
+    if kind == "inception":
+        return f"fid{n}", f"kid{n}"
+    if kind == "digit_classifier":
+        return f"fd_digit{n}", f"kd_digit{n}"
+    slug = re.sub(r"[^a-z0-9]+", "_", feature_name.lower()).strip("_") or "custom"
+    return f"fd_{slug}{n}", f"kd_{slug}{n}"
+
+
+# ------------------------------------------------------------------------------------------------ LPIPS
+def load_lpips(net: str | None, backbone: str | os.PathLike | None = None):
+    """LPIPS with a local backbone file (None: torch hub's cache path); None (one warning) when it is missing."""
+    if not net:
+        return None
+    from src.metrics.lpips_metric import build_lpips
+
+    return build_lpips(net, backbone_weights=backbone)
+
+
+def _lpips_frames(x: torch.Tensor, min_side: int = 64) -> torch.Tensor:
+    """Images or videos -> 3-channel frames at least ``min_side`` px (LPIPS backbones need more than 16x16)."""
+    if x.ndim == 5:
+        x = x.transpose(1, 2).flatten(0, 1)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    side = min(x.shape[-2:])
+    if side < min_side:
+        x = F.interpolate(x.float(), scale_factor=min_side / side, mode="bilinear", align_corners=False)
+    return x
+
+
+@torch.no_grad()
+def lpips_pairs(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """LPIPS between paired samples (images or videos, frames averaged); one value per pair."""
+    from src.metrics.lpips_metric import lpips_distance
+
+    n = x.shape[0]
+    d = lpips_distance(model, _lpips_frames(x), _lpips_frames(y))
+    return d.view(n, -1).mean(dim=1)
+
+
+# ------------------------------------------------------------------------------------------------ evaluator
+def _dataset_key(module, datamodule) -> tuple[str, str]:
+    """(dataset class name, short hash of its config without loader-only keys) naming the real data."""
+    cfg = dict(((getattr(module, "run_config", None) or {}).get("datamodule")) or {})
+    if not cfg:
+        cfg = {"_target_": type(datamodule).__name__, "data_dir": str(getattr(datamodule, "data_dir", ""))}
+    cfg = {k: v for k, v in cfg.items() if k not in LOADER_ONLY_KEYS}
+    digest = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return type(datamodule).__name__, digest
+
+
+class SampleMetrics:
+    """Generates ``n_samples`` with a module and computes every metric that its data and the available weights
+    allow. ``prepare`` (real statistics, once) and ``evaluate`` must be called on every DDP rank."""
+
+    def __init__(self, n_samples: int = 128, batch_size: int = 128, feature: Any = "auto",
+                 inception_weights: str | None = None, i3d_weights: str | None = None,
+                 digit_classifier_weights: str | None = None, kid_subsets: int = 10, kid_subset_size: int = 100,
+                 n_real: int = 1024, real_split: str = "train", stats_dir: str | None = None,
+                 lpips_net: str | None = "alex", lpips_backbone: str | None = None, lpips_pairs: int = 32,
+                 clip_model: str | None = None, sampler=None, guidance_scale: float | None = None, seed: int = 0):
+        if n_samples < 2:
+            raise ValueError(f"sample_metrics.n_samples must be >= 2; got {n_samples}")
+        if real_split not in ("train", "val"):
+            raise ValueError(f"sample_metrics.real_split must be train or val; got {real_split!r}")
+        self.n_samples, self.batch_size = int(n_samples), int(batch_size)
+        self.feature = feature
+        self.inception_weights, self.i3d_weights = inception_weights, i3d_weights
+        self.digit_classifier_weights = digit_classifier_weights
+        self.kid_subsets, self.kid_subset_size = int(kid_subsets), int(kid_subset_size)
+        self.n_real, self.real_split, self.stats_dir = int(n_real), real_split, stats_dir
+        self.lpips_net, self.lpips_backbone, self.lpips_pairs = lpips_net, lpips_backbone, int(lpips_pairs)
+        self.clip_model = clip_model
+        self.sampler, self.guidance_scale, self.seed = sampler, guidance_scale, int(seed)
+        self.metric = None
+        self.kind = None
+        self.names: tuple[str, str] | None = None
+        self.real_source: str | None = None
+        self._prepared = False
+        self._lpips = None
+        self._clip = None
+
+    # ------------------------------------------------------------------ set-up
+    def _build_metric(self, module) -> None:
+        from src.metrics.feature_metrics import FrechetMetric
+        from src.metrics.fvd import build_fvd_metric
+        from src.metrics.inception import build_fid_metric
+
+        shape = tuple(module.sample_shape)
+        self.kind = resolve_feature_kind(self.feature, shape)
+        kw = dict(kid_subsets=self.kid_subsets, kid_subset_size=self.kid_subset_size, reset_real_features=False)
+        if self.kind == "none":
+            self.metric = None
+        elif self.kind == "digit_classifier":
+            if len(shape) != 3:
+                raise ValueError(f"sample_metrics.feature=digit_classifier needs images, got sample shape {shape}")
+            self.metric = FrechetMetric(DigitFeatures(self.digit_classifier_weights),
+                                        feature_name="digit-classifier-128", **kw)
+        elif self.kind == "inception":
+            self.metric = build_fid_metric(self.inception_weights, **kw)
+        elif self.kind == "i3d":
+            if len(shape) != 4:
+                raise ValueError(f"sample_metrics.feature=i3d needs videos (C x T x H x W), got sample shape {shape}")
+            self.metric = build_fvd_metric(self.i3d_weights, **kw)
+        else:
+            self.metric = FrechetMetric(self.feature, **kw)
+        if self.metric is not None:
+            self.metric = self.metric.to(module.device)
+            self.names = metric_names(self.kind, self.n_samples, shape, self.metric.feature_name)
+
+    def _real_loader(self, datamodule, rank: int, world: int):
+        """Batches of this rank's share of ``n_real`` fixed (seeded) real items."""
+        from torch.utils.data import DataLoader, Subset
+
+        loader = datamodule.train_dataloader() if self.real_split == "train" else datamodule.val_dataloader()
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None and hasattr(dataset, "__len__") and not isinstance(
+                dataset, torch.utils.data.IterableDataset):
+            n = min(self.n_real, len(dataset))
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:n]
+            mine = order[rank::world].tolist()
+            return n, DataLoader(Subset(dataset, mine), batch_size=self.batch_size, shuffle=False,
+                                 collate_fn=loader.collate_fn, num_workers=0)
+
+        def strided():  # iterable datasets: the first n_real items in loader order, dealt out to ranks
+            i = 0
+            for batch in loader:
+                b = batch["x"].shape[0]
+                keep = [j for j in range(b) if i + j < self.n_real and (i + j) % world == rank]
+                if keep:
+                    yield {"x": batch["x"][keep]}
+                i += b
+                if i >= self.n_real:
+                    return
+        return self.n_real, strided()
+
+    def prepare(self, module, datamodule, run_dir: str | os.PathLike) -> None:
+        """Build the feature metric and load or compute the real statistics (once; all ranks)."""
+        if self._prepared:
+            return
+        self._prepared = True
+        self._build_metric(module)
+        key = condition_key(module)
+        if key == "text":
+            from src.metrics.clip_score import ClipScoreMetric, load_clip_scorer
+
+            scorer = load_clip_scorer(self.clip_model)
+            self._clip = None if scorer is None else ClipScoreMetric(scorer).to(module.device)
+        self._lpips = load_lpips(self.lpips_net, self.lpips_backbone)
+        if self.metric is None:
+            return
+        if datamodule is None:
+            raise ValueError("sample metrics need the datamodule for real statistics (none attached to the trainer)")
+        rank, world = dist_info()
+        n_real, batches = self._real_loader(datamodule, rank, world)
+        dataset, digest = _dataset_key(module, datamodule)
+        res = "x".join(str(s) for s in module.sample_shape)
+        cache_key = {"dataset": dataset, "config": digest, "split": self.real_split, "resolution": res, "n": n_real}
+        feature = re.sub(r"[^A-Za-z0-9.-]+", "-", self.metric.feature_name)
+        stats_dir = Path(self.stats_dir) if self.stats_dir else Path(run_dir) / "stats"
+        path = stats_dir / f"{dataset}-{digest}-{self.real_split}-{res}-{feature}-n{n_real}.pt"
+        if broadcast_flag(path.is_file(), module.device):
+            self.metric.load_real_stats(path, cache_key)
+            self.real_source = f"loaded {path}"
+            return
+        with torch.no_grad():
+            for batch in batches:
+                self.metric.update(module.to_pixels(batch["x"].to(module.device)).clamp(-1, 1), real=True)
+        try:
+            self.metric.save_real_stats(path, cache_key)
+            self.real_source = f"computed and cached in {path}"
+        except OSError as err:
+            warn_once(f"stats-cache:{path}", f"could not write the real-statistics cache {path} ({err}); "
+                                             "they are recomputed in every run: set sample_metrics.stats_dir")
+            self.real_source = "computed (not cached)"
+        barrier()
+        log.info("sample metrics: real statistics %s", self.real_source)
+
+    # ------------------------------------------------------------------ evaluation
+    def _noise(self, indices: list[int], shape) -> torch.Tensor:
+        """Noise of each sample from its global index alone (the same set for any number of ranks)."""
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + i))
+                            for i in indices])
+
+    @torch.no_grad()
+    def evaluate(self, module) -> dict[str, float]:
+        """Generate this rank's share of the samples and return every metric (the same values on all ranks)."""
+        rank, world = dist_info()
+        device = module.device
+        n = self.n_samples
+        raw_all = module.default_sample_conditions(n)
+        mine = list(range(rank, n, world))
+        gen = torch.Generator().manual_seed(self.seed + 7919 * (rank + 1))
+        correct = torch.zeros(2, dtype=torch.float64, device=device)  # (agreeing, counted)
+        kept: list[torch.Tensor] = []
+        keep_n = 2 * self.lpips_pairs if self._lpips is not None else 0
+        check_labels = self.kind == "digit_classifier" and condition_key(module) == "label" \
+            and getattr(module.conditioner, "num_classes", None) == 10
+        for i in range(0, len(mine), self.batch_size):
+            idx = mine[i:i + self.batch_size]
+            if torch.is_tensor(raw_all):
+                raw = raw_all[torch.tensor(idx, device=raw_all.device)]
+            elif raw_all is not None:
+                raw = [raw_all[j] for j in idx]
+            else:
+                raw = None
+            x = module.sample(len(idx), raw, sampler=self.sampler, guidance_scale=self.guidance_scale,
+                              noise=self._noise(idx, tuple(module.sample_shape)), generator=gen)
+            if self.metric is not None:
+                feats = self.metric.extract(x)
+                self.metric.update_features(feats, real=False)
+                if check_labels:
+                    pred = self.metric._feature.module.predict(feats)
+                    hits = float((pred == raw.to(pred.device)).sum())
+                    correct += torch.tensor([hits, float(len(idx))], dtype=torch.float64, device=device)
+            if self._clip is not None:
+                self._clip.update(x, list(raw))
+            if len(kept) < keep_n:
+                kept.extend(x[: keep_n - len(kept)])
+        out: dict[str, float] = {}
+        if self.metric is not None:
+            with warnings.catch_warnings():  # fake features go in through update_features, which torchmetrics
+                warnings.filterwarnings("ignore", message=".*was called before the ``update``")  # does not count
+                res = self.metric.compute()
+            fd_name, kd_name = self.names
+            out[f"metrics/{fd_name}"] = float(res["frechet"])
+            if "kid_mean" in res:
+                out[f"metrics/{kd_name}"] = float(res["kid_mean"])
+                out[f"metrics/{kd_name}_std"] = float(res["kid_std"])
+            self.metric.reset()
+            if check_labels:
+                c = all_sum(correct)
+                out["metrics/digit_accuracy"] = float(c[0] / c[1].clamp(min=1))
+        if self._clip is not None:
+            out["metrics/clip_score"] = float(self._clip.compute())
+            self._clip.reset()
+        if self._lpips is not None:
+            div = torch.zeros(2, dtype=torch.float64, device=device)
+            if len(kept) >= 2:
+                samples = torch.stack(kept)
+                g = torch.Generator().manual_seed(self.seed + rank)
+                a = torch.randint(0, len(samples), (self.lpips_pairs,), generator=g)
+                b = (a + torch.randint(1, len(samples), (self.lpips_pairs,), generator=g)) % len(samples)
+                d = lpips_pairs(self._lpips, samples[a.to(device)], samples[b.to(device)])
+                div += torch.tensor([float(d.double().sum()), float(d.numel())], dtype=torch.float64, device=device)
+            div = all_sum(div)
+            if div[1] > 0:
+                out["metrics/lpips_diversity"] = float(div[0] / div[1])
+        return out
+
+
+class SampleMetricsCallback(DiagnosticCallback):
+    """Sample metrics with EMA weights every ``every_n_steps`` (not densely early by default) and at the end.
+
+    Runs on every rank (sampling is sharded); rank 0 logs ``metrics/...`` scalars. All other arguments go to
+    ``SampleMetrics`` (see the module docstring).
+    """
+
+    kind = "sample_metrics"
+    all_ranks = True
+
+    def __init__(self, every_n_steps: int = 1000, dense_early: bool = False, at_end: bool = True, **kwargs):
+        super().__init__(every_n_steps, dense_early, at_end)
+        self.metrics = SampleMetrics(**kwargs)
+        self.last: dict[str, float] = {}
+
+    def draw(self, module, path: Path, context: dict[str, Any]) -> dict[str, float]:
+        trainer = context.get("trainer")
+        run_dir = trainer.default_root_dir if trainer is not None else path.parent
+        self.metrics.prepare(module, context.get("datamodule"), run_dir)
+        self.last = self.metrics.evaluate(module)
+        if self.last and (trainer is None or trainer.global_rank == 0):
+            log.info("sample metrics at step %s: %s", context.get("step"),
+                     ", ".join(f"{k}={v:.4g}" for k, v in sorted(self.last.items())))
+        return self.last

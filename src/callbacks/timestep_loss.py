@@ -1,0 +1,146 @@
+"""Per-timestep-bucket validation loss as curves over training.
+
+The DiffusionModule already measures the validation loss per bucket of t (``val_loss_t/bucket_XX`` scalars, kept in
+``module.val_loss_per_bucket``; EMA weights during validation). This callback keeps the history (also in
+checkpoints, so ``report.py`` can redraw it) and plots it: left, loss against t / T, one curve per validation
+(darker = earlier); right, each bucket's loss against the training step. The research log found a model that was
+bad at low timesteps this way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+
+from src.callbacks.figures import _new_figure, log_scalars, save_figure
+from src.diffusion.objectives import timestep_buckets
+from src.utils.logging import figure_path, log_image
+
+
+@torch.no_grad()
+def bucket_losses(module, loader, max_batches: int | None = None) -> list[float]:
+    """Per-bucket validation loss of ``module`` on ``loader`` without a trainer, with the same fixed noise and
+    timesteps as ``DiffusionModule.validation_step`` (so it matches the logged ``val_loss_t/bucket_XX``)."""
+    was_training = module.training
+    module.eval()
+    n_b, T = module.loss_buckets, module.schedule.num_timesteps
+    sums = torch.zeros(2, n_b, dtype=torch.float64)
+    for batch_idx, batch in enumerate(loader):
+        if max_batches is not None and batch_idx >= max_batches:
+            break
+        g = torch.Generator().manual_seed(1234 + batch_idx)
+        x0 = batch["x"].to(module.device)
+        t = torch.randint(0, T, (x0.shape[0],), generator=g).to(module.device)
+        raw = module.batch_condition(batch)
+        cond = module.condition(raw.to(module.device) if torch.is_tensor(raw) else raw)
+        out = module.objective.losses(lambda x_t, tt: module.net(x_t, tt.float(), cond), x0, module.schedule, t=t,
+                                      generator=g)
+        b = timestep_buckets(t, T, n_b).cpu()
+        sums[0].index_add_(0, b, out["raw"].double().cpu())
+        sums[1].index_add_(0, b, torch.ones(len(b), dtype=torch.float64))
+    module.train(was_training)
+    return (sums[0] / sums[1].clamp(min=1)).tolist()
+
+
+def timestep_loss_figure(history: Sequence[tuple[int, Sequence[float]]], path: Path,
+                         title: str = "validation loss per timestep bucket") -> Path:
+    """Plot a history of ``(step, per-bucket losses)`` as the two-panel figure described above."""
+    import matplotlib
+
+    if not history:
+        raise ValueError("timestep_loss_figure: empty history (no validation has run yet)")
+    fig = _new_figure(1100, 420)
+    ax_t, ax_s = fig.subplots(1, 2)
+    cmap = matplotlib.colormaps["viridis"]
+    n_b = len(history[-1][1])
+    centres = [(i + 0.5) / n_b for i in range(n_b)]
+    history = [(s, [v if v > 0 else float("nan") for v in losses]) for s, losses in history]  # 0 = empty bucket
+    for j, (step, losses) in enumerate(history):
+        shade = cmap(0.15 + 0.85 * j / max(1, len(history) - 1))
+        ax_t.plot(centres[: len(losses)], losses, "-o", ms=3, color=shade, label=f"step {step}")
+    ax_t.set_xlabel("t / T (bucket centre)")
+    ax_t.set_ylabel("validation loss (unweighted)")
+    ax_t.set_yscale("log")
+    ax_t.set_title("loss vs timestep (darker = earlier)" if len(history) > 1 else f"step {history[-1][0]}")
+    if len(history) <= 8:
+        ax_t.legend(fontsize=7)
+    steps = [s for s, _ in history]
+    bucket_cmap = matplotlib.colormaps["coolwarm"]
+    for b in range(n_b):
+        ys = [losses[b] if b < len(losses) else float("nan") for _, losses in history]
+        ax_s.plot(steps, ys, "-o", ms=3, color=bucket_cmap(b / max(1, n_b - 1)), label=f"t/T {b / n_b:.1f}-{(b + 1) / n_b:.1f}")
+    ax_s.set_xlabel("training step")
+    ax_s.set_yscale("log")
+    ax_s.set_title("loss per bucket over training")
+    ax_s.legend(fontsize=6, ncol=2)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+class TimestepLossCallback(L.Callback):
+    """After every ``every_n_validations``-th validation, append the module's per-bucket loss and redraw the figure.
+
+    Scalars: ``val_loss_t/bucket_XX`` come from the module itself; this adds ``val_loss_t/worst_bucket`` (index of
+    the highest-loss bucket) and ``val_loss_t/low_t_ratio`` (loss of the lowest-t bucket over the mean), which
+    flag "bad at low timesteps" at a glance.
+    """
+
+    kind = "timestep_loss"
+
+    def __init__(self, every_n_validations: int = 1):
+        if every_n_validations < 1:
+            raise ValueError(f"timestep_loss.every_n_validations must be >= 1; got {every_n_validations}")
+        self.every_n_validations = int(every_n_validations)
+        self.history: list[tuple[int, list[float]]] = []
+        self.written: list[Path] = []
+        self._count = 0
+
+    @staticmethod
+    def scalars(losses: Sequence[float]) -> dict[str, float]:
+        """Summary scalars of one per-bucket loss vector."""
+        seen = [v for v in losses if v > 0]  # a bucket with no validation sample has loss 0
+        mean = sum(seen) / len(seen) if seen else 0.0
+        worst = max(range(len(losses)), key=lambda i: losses[i])
+        return {"val_loss_t/worst_bucket": float(worst),
+                "val_loss_t/low_t_ratio": losses[0] / mean if mean and losses[0] > 0 else float("nan")}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Runs after the module's on_validation_epoch_end, which fills val_loss_per_bucket.
+        losses = getattr(pl_module, "val_loss_per_bucket", None)
+        if trainer.sanity_checking or not losses or trainer.global_rank != 0:
+            return
+        step = trainer.global_step
+        if self.history and self.history[-1][0] == step:
+            self.history[-1] = (step, list(losses))
+        else:
+            self.history.append((step, [float(v) for v in losses]))
+        self._count += 1
+        log_scalars(trainer, self.scalars(losses), step)
+        if (self._count - 1) % self.every_n_validations:
+            return
+        path = timestep_loss_figure(self.history, figure_path(trainer.default_root_dir, self.kind, step))
+        self.written.append(path)
+        log_image(trainer, f"diagnostics/{self.kind}", path, step, caption=f"per-timestep validation loss, step {step}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [[s, list(v)] for s, v in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [(int(s), [float(x) for x in v]) for s, v in state_dict.get("history", [])]
+
+    def report(self, module, out_dir: Path, context: dict[str, Any]) -> dict[str, float]:
+        """report.py: the stored history (from the checkpoint) plus the loss of these weights on the val set."""
+        history = list(context.get("timestep_loss_history") or [])
+        losses = context.get("val_loss_per_bucket")
+        if losses:
+            step = int(context.get("step", history[-1][0] if history else 0))
+            if not history or history[-1][0] != step:
+                history.append((step, list(losses)))
+        if not history:
+            return {}
+        timestep_loss_figure(history, Path(out_dir) / f"{self.kind}.png",
+                             title="validation loss per timestep bucket (history from the checkpoint + EMA weights now)")
+        return self.scalars(history[-1][1])

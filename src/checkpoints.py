@@ -1,0 +1,190 @@
+"""Loading difflab checkpoints safely and rebuilding their models from the stored config.
+
+Two on-disk formats are read:
+- Lightning checkpoints (``*.ckpt``), always with ``torch.load(weights_only=True)``: ``state_dict`` holds the EMA
+  weights when EMA was on, ``current_model_state`` the raw ones, ``difflab.config`` the resolved run config;
+- exports written by ``export.py`` (a directory or its ``model.safetensors``): EMA weights as safetensors, the run
+  config in the safetensors metadata and in ``config.yaml`` beside it. Safetensors never runs code.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+
+from src.utils.errors import CheckpointError
+
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.yaml"
+EXPORT_FORMAT = "difflab-export-v1"
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; missing, corrupt or unsafe files raise one-line CheckpointErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (check ckpt_path)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        msg = str(err)
+        if "GLOBAL" in msg or "Unsupported global" in msg or "global" in msg.lower():
+            what = next((ln.strip() for ln in msg.splitlines() if "GLOBAL" in ln or "global" in ln.lower()), "")
+            raise CheckpointError(f"refusing to load {path}: it pickles arbitrary objects that could run code, and was "
+                                  f"not executed ({what[:160]}); only load checkpoints you trust with other tools") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint, or corrupt") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        first = str(err).splitlines()[0][:120] if str(err) else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: corrupt or truncated file "
+                              f"({type(err).__name__}: {first})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    return ckpt
+
+
+def run_config(ckpt: dict, path: str | Path = "<checkpoint>") -> dict:
+    """The resolved training config stored in a difflab checkpoint."""
+    cfg = (ckpt.get("difflab") or {}).get("config")
+    if not cfg:
+        raise CheckpointError(f"{path} has no difflab config (checkpoint['difflab']['config']); was it written by train.py?")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- exports (safetensors)
+def is_export(path: str | Path) -> bool:
+    """True for an export directory (holding model.safetensors) or a ``.safetensors`` file."""
+    path = Path(path)
+    return path.suffix == ".safetensors" or (path.is_dir() and (path / EXPORT_WEIGHTS).is_file())
+
+
+def load_export(path: str | Path) -> dict[str, Any]:
+    """Read an export: ``{"state_dict": EMA weights, "config": run config, "metadata": header strings}``."""
+    from safetensors import SafetensorError
+    from safetensors import safe_open
+
+    path = Path(path)
+    weights = path / EXPORT_WEIGHTS if path.is_dir() else path
+    if not weights.is_file():
+        raise CheckpointError(f"export not found: {weights} (ckpt_path must be an export dir or a .safetensors file)")
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {weights}: corrupt or truncated safetensors file "
+                              f"({str(err).splitlines()[0][:120] if str(err) else type(err).__name__})") from None
+    if "difflab_config" in metadata:
+        config = json.loads(metadata["difflab_config"])
+    elif (weights.parent / EXPORT_CONFIG).is_file():
+        config = OmegaConf.to_container(OmegaConf.load(weights.parent / EXPORT_CONFIG), resolve=False)
+    else:
+        raise CheckpointError(f"{weights} has no difflab config (no 'difflab_config' metadata, no {EXPORT_CONFIG} "
+                              f"beside it); was it written by export.py?")
+    return {"state_dict": state, "config": config, "metadata": metadata}
+
+
+def load_weights(path: str | Path) -> dict[str, Any]:
+    """Weights of a checkpoint or an export: ``{"raw", "ema", "config", "step", "path"}`` (raw == ema when EMA was
+    off or for exports, which hold EMA weights only)."""
+    if is_export(path):
+        exp = load_export(path)
+        step = exp["metadata"].get("global_step")
+        return {"raw": exp["state_dict"], "ema": exp["state_dict"], "config": exp["config"],
+                "step": int(step) if step is not None else None, "path": str(path)}
+    ckpt = load_checkpoint(path)
+    raw = drop_compiled_aliases(ckpt.get("current_model_state") or ckpt["state_dict"])
+    return {"raw": raw, "ema": drop_compiled_aliases(ckpt["state_dict"]), "config": run_config(ckpt, path), "step": ckpt.get("global_step"),
+            "path": str(path), "checkpoint": ckpt}
+
+
+# ---------------------------------------------------------------------------------------------- state-dict matching
+def drop_compiled_aliases(state_dict: dict) -> dict:
+    """Drop ``*._orig_mod.*`` entries (a ``torch.compile`` wrapper registered next to the module it wraps) that
+    share storage with another entry, so checkpoints of compiled and eager models load into each other."""
+    ptrs = {v.data_ptr() for k, v in state_dict.items() if "_orig_mod." not in k and torch.is_tensor(v) and v.numel()}
+    return {k: v for k, v in state_dict.items()
+            if not ("_orig_mod." in k and torch.is_tensor(v) and v.numel() and v.data_ptr() in ptrs)}
+
+
+def _aliases(module: nn.Module) -> dict[str, set[str]]:
+    """State-dict keys that name the same tensor (e.g. ``denoiser.*`` and a compiled ``_net._orig_mod.*``)."""
+    groups: dict[int, list[str]] = {}
+    for k, v in module.state_dict(keep_vars=True).items():
+        groups.setdefault(id(v), []).append(k)
+    return {k: set(ks) - {k} for ks in groups.values() for k in ks}
+
+
+def compare_state_dict(module: nn.Module, state_dict: dict) -> dict[str, list]:
+    """Keys of ``state_dict`` against the module: ``missing`` / ``unexpected`` (key, shape) and ``mismatched``
+    (key, checkpoint shape, model shape); keys aliasing a loaded tensor are not missing."""
+    own = module.state_dict()
+    aliases = _aliases(module)
+
+    def shape(v):
+        return tuple(v.shape) if hasattr(v, "shape") else None
+
+    mismatched = [(k, shape(v), shape(own[k])) for k, v in state_dict.items()
+                  if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+    missing = [(k, shape(own[k])) for k in own if k not in state_dict and not (aliases.get(k, set()) & state_dict.keys())]
+    unexpected = [(k, shape(v)) for k, v in state_dict.items() if k not in own]
+    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+
+
+def format_key_table(report: dict[str, list], title: str = "") -> str:
+    """The missing / unexpected / shape-mismatched keys of ``compare_state_dict`` as an aligned text table."""
+    rows = [("status", "key", "checkpoint", "model")]
+    rows += [("missing", k, "-", str(s)) for k, s in report["missing"]]
+    rows += [("unexpected", k, str(s), "-") for k, s in report["unexpected"]]
+    rows += [("mismatched", k, str(a), str(b)) for k, a, b in report["mismatched"]]
+    if len(rows) == 1:
+        return f"{title}all keys match" if title else "all keys match"
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [title.rstrip()] if title else []
+    for i, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def load_state_dict_checked(module: nn.Module, state_dict: dict, path: str | Path = "<checkpoint>",
+                            strict: bool = True) -> dict[str, list]:
+    """Load weights. Strict: any missing / unexpected / shape-mismatched key raises a CheckpointError listing them.
+    Non-strict: load the tensors that match and return the report (``format_key_table`` prints it)."""
+    report = compare_state_dict(module, state_dict)
+    missing, unexpected, mismatched = report["missing"], report["unexpected"], report["mismatched"]
+    if strict and (missing or unexpected or mismatched):
+        def show(items):
+            keys = [f"{it[0]} {it[1]} vs model {it[2]}" if len(it) == 3 else it[0] for it in items]
+            return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+        raise CheckpointError(
+            f"{path} does not match the model architecture: missing {len(missing)} [{show(missing)}]; "
+            f"unexpected {len(unexpected)} [{show(unexpected)}]; shape-mismatched {len(mismatched)} [{show(mismatched)}]"
+            f"; use a checkpoint of the same model config (or init_strict=false to load what matches)")
+    own = module.state_dict()
+    ok = {k: v for k, v in state_dict.items() if k in own and not (hasattr(v, "shape") and v.shape != own[k].shape)}
+    module.load_state_dict(ok, strict=False)
+    report["loaded"] = sorted(ok)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- rebuilding models
+def module_from_checkpoint(path: str | Path, overrides: dict | None = None, map_location="cpu") -> nn.Module:
+    """Rebuild the LightningModule a checkpoint (or an export) was trained with and load its EMA weights."""
+    weights = load_weights(path)
+    cfg = OmegaConf.create(weights["config"])
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
+    if "model" not in cfg:
+        raise CheckpointError(f"{path}: the stored config has no 'model' section")
+    module = instantiate(cfg.model)
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    load_state_dict_checked(module, weights["ema"], path)
+    return module.to(map_location).eval()

@@ -1,0 +1,245 @@
+"""Encode a datamodule's splits once with a frozen autoencoder and write a resumable latent cache.
+
+``encode_dataset`` writes chunk by chunk into pre-allocated ``.npy`` memory maps and records progress in the
+manifest after every chunk, so an interrupted run continues where it stopped when rerun with the same arguments.
+It refuses to add to a cache written by another autoencoder or from another dataset.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data._utils.collate import default_collate
+
+from src.autoencoders.loading import class_path, known_identity, to_plain
+from src.latents.cache import (LABELS, LATENTS, MANIFEST, STATUS_COMPLETE, STATUS_IN_PROGRESS, TEXTS, TEXTS_PARTIAL,
+                               channel_moments, new_manifest, normalisation, now, read_manifest, split_dir,
+                               write_manifest)
+from src.utils.errors import ConfigError
+
+# Datamodule arguments that change how data is loaded, not what the data is: not part of the dataset identity.
+LOADER_KEYS = frozenset({"batch_size", "num_workers", "pin_memory", "persistent_workers", "data_dir", "prefetch_factor"})
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def describe_datamodule(cfg_or_dm: Any) -> dict:
+    """{target, args} identifying a dataset: the datamodule class and its content-defining arguments.
+
+    Accepts a Hydra config (``_target_`` + args) or a datamodule object (its class and saved ``hparams``).
+    Loader settings and ``data_dir`` (a location) are left out so moving data or changing workers keeps the cache.
+    """
+    cfg = to_plain(cfg_or_dm)
+    if isinstance(cfg, dict):
+        target, args = cfg.get("_target_"), cfg
+    else:
+        target, args = class_path(cfg_or_dm), dict(getattr(cfg_or_dm, "hparams", {}) or {})
+    args = {k: to_plain(v) for k, v in args.items() if k not in LOADER_KEYS and not k.startswith("_")}
+    return json.loads(json.dumps({"target": target, "args": args}, sort_keys=True, default=str))
+
+
+def split_dataset(datamodule: Any, split: str) -> Dataset:
+    """The un-shuffled dataset of a split: ``datamodule.dataset(split)`` or a ``<split>_set``/``<split>_dataset``
+    attribute (set up first with ``setup``)."""
+    if callable(getattr(datamodule, "dataset", None)):
+        return datamodule.dataset(split)
+    for name in (f"{split}_set", f"{split}_dataset", f"data_{split}"):
+        ds = getattr(datamodule, name, None)
+        if ds is not None:
+            return ds
+    raise ConfigError(f"{class_path(datamodule)} exposes no dataset for split {split!r}: give it a "
+                      f"'{split}_set' attribute (set in setup) or a dataset(split) method")
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _check_compatible(out_dir: Path, old: dict, identity: dict, dataset: dict, dtype: str) -> None:
+    """ConfigError naming what differs between an existing cache and this run."""
+    hint = "use a new out_dir or overwrite=true"
+    if old["autoencoder"]["hash"] != identity["hash"]:
+        raise ConfigError(f"latent cache {out_dir} was written with autoencoder {old['autoencoder']['class']} hash "
+                          f"{old['autoencoder']['hash'][:12]}, this run's is {identity['class']} hash "
+                          f"{identity['hash'][:12]}: {hint}")
+    if old["dataset"] != dataset:
+        raise ConfigError(f"latent cache {out_dir} was written from dataset {json.dumps(old['dataset'])}, this run "
+                          f"uses {json.dumps(dataset)}: {hint}")
+    if old["latent_dtype"] != dtype:
+        raise ConfigError(f"latent cache {out_dir} stores {old['latent_dtype']} latents, this run asks for {dtype}: "
+                          f"{hint}")
+
+
+def _clear(out_dir: Path, manifest: dict) -> None:
+    """Remove a cache's own files (manifest and split folders), nothing else."""
+    for split in manifest.get("splits", {}):
+        shutil.rmtree(split_dir(out_dir, split), ignore_errors=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("encoding {task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn())
+
+
+def _encode(autoencoder, x: torch.Tensor, device: torch.device) -> np.ndarray:
+    with torch.inference_mode():
+        z = autoencoder.encode(x.to(device, non_blocking=True))
+    return z.float().cpu().numpy()
+
+
+def _open_text_log(path: Path, keep: int) -> list[str]:
+    """Lines of the partial text log truncated to the first ``keep`` (entries past the recorded progress)."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    if len(lines) < keep:
+        raise ConfigError(f"{path} holds {len(lines)} prompts but the manifest records {keep} encoded samples; the "
+                          f"cache is damaged: rerun with overwrite=true")
+    lines = lines[:keep]
+    path.write_text("".join(line + "\n" for line in lines))
+    return lines
+
+
+def encode_split(autoencoder, dataset: Dataset, out_dir: Path, split: str, manifest: dict, *, batch_size: int,
+                 dtype: str, num_workers: int, device: torch.device, progress=None) -> None:
+    """Encode samples [done, N) of one split into its memory maps, saving progress after every chunk."""
+    info = manifest["splits"][split]
+    n, done = info["count"], info["done"]
+    sdir = split_dir(out_dir, split)
+    shape = (n, *manifest["latent_shape"])
+    lat_path, lab_path, txt_path = sdir / LATENTS, sdir / LABELS, sdir / TEXTS_PARTIAL
+    if n and done >= n and (not info["has_text"] or (sdir / TEXTS).is_file()):
+        return  # finished earlier
+    fresh = done == 0  # nothing recorded yet: (re)create the files
+    mode = "w+" if fresh else "r+"
+    for path, needed in ((lat_path, True), (lab_path, info["has_label"])):
+        if not fresh and needed and not path.is_file():
+            raise ConfigError(f"{path} is missing but the manifest records {done} encoded samples: the cache is "
+                              f"damaged, rerun with overwrite=true")
+    latents = np.lib.format.open_memmap(lat_path, mode=mode, dtype=DTYPES[dtype], shape=shape if fresh else None)
+    if latents.shape != shape or latents.dtype != DTYPES[dtype]:
+        raise ConfigError(f"{lat_path} has shape {latents.shape} {latents.dtype}, expected {shape} {dtype}: the cache "
+                          f"is damaged, rerun with overwrite=true")
+    labels = None
+    if info["has_label"]:
+        labels = np.lib.format.open_memmap(lab_path, mode=mode, dtype=np.int64, shape=(n,) if fresh else None)
+    if info["has_text"]:
+        _open_text_log(txt_path, done)
+    task = progress.add_task(split, total=n, completed=done) if progress is not None else None
+    if done < n:
+        loader = DataLoader(Subset(dataset, range(done, n)), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers, collate_fn=default_collate)
+        for batch in loader:
+            z = _encode(autoencoder, batch["x"], device)
+            b = len(z)
+            latents[done:done + b] = z.astype(latents.dtype)
+            latents.flush()
+            if labels is not None:
+                labels[done:done + b] = np.asarray(batch["label"], dtype=np.int64)
+                labels.flush()
+            if info["has_text"]:
+                with open(txt_path, "a") as f:
+                    f.writelines(json.dumps(t) + "\n" for t in batch["text"])
+            done += b
+            info["done"] = done
+            write_manifest(out_dir, manifest)  # after the data: a crash redoes at most this chunk
+            if task is not None:
+                progress.update(task, completed=done)
+    del latents, labels
+    if info["has_text"] and txt_path.is_file():
+        texts = [json.loads(line) for line in txt_path.read_text().splitlines()]
+        (sdir / TEXTS).write_text(json.dumps(texts))
+        txt_path.unlink()
+
+
+def encode_dataset(autoencoder, datamodule, out_dir: str | Path, *, identity: dict | None = None,
+                   dataset: dict | None = None, splits: Sequence[str] = ("train", "val"), batch_size: int = 256,
+                   dtype: str = "float16", target_std: float = 0.5, per_channel: bool = True, overwrite: bool = False,
+                   num_workers: int = 0, device: str | torch.device | None = None, progress: bool = True) -> dict:
+    """Write (or finish) the latent cache of ``datamodule``'s splits in ``out_dir``; returns the manifest.
+
+    ``identity`` defaults to the autoencoder's (``load_autoencoder`` attaches one with a reload ``spec``);
+    ``dataset`` defaults to ``describe_datamodule(datamodule)``. Latents are posterior means. Normalisation
+    statistics come from the train split. An existing cache with the same autoencoder and dataset is resumed (or
+    left as is when complete); a different one raises ConfigError unless ``overwrite=True``.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"latent dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    splits = list(splits)
+    if "train" not in splits:
+        raise ConfigError(f"splits must include 'train' (normalisation statistics come from it); got {splits}")
+    autoencoder = getattr(autoencoder, "module", autoencoder)  # unwrap Frozen
+    identity = dict(identity or known_identity(autoencoder))
+    dataset = dataset if dataset is not None else describe_datamodule(datamodule)
+    dataset = json.loads(json.dumps(to_plain(dataset), sort_keys=True, default=str))
+    out_dir = Path(out_dir).expanduser()
+
+    old = read_manifest(out_dir) if out_dir.exists() else None
+    if old is not None and overwrite:
+        _clear(out_dir, old)
+        old = None
+    elif old is None and out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir} exists, is not empty and holds no {MANIFEST}: choose a new or empty out_dir "
+                          f"for the latent cache")
+    if old is not None:
+        _check_compatible(out_dir, old, identity, dataset, dtype)
+        same_norm = old.get("transform") and old["transform"]["target_std"] == float(target_std) \
+            and old["transform"]["per_channel"] == bool(per_channel)
+        if old["status"] == STATUS_COMPLETE and set(splits) <= set(old["splits"]) and same_norm:
+            return old  # nothing to do
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    device = torch.device(device) if device is not None else _device_of(autoencoder)
+    autoencoder.to(device).eval()
+    if hasattr(datamodule, "prepare_data"):
+        datamodule.prepare_data()
+    if hasattr(datamodule, "setup"):
+        datamodule.setup("fit")
+        if "test" in splits:
+            datamodule.setup("test")
+    datasets = {s: split_dataset(datamodule, s) for s in splits}
+
+    manifest = old or new_manifest(identity, dataset, dtype, batch_size)
+    if "latent_shape" not in manifest:
+        first = default_collate([datasets["train"][0]])
+        manifest["pixel_shape"] = list(first["x"].shape[1:])
+        manifest["latent_shape"] = list(_encode(autoencoder, first["x"], device).shape[1:])
+        for key in ("num_classes", "class_names", "prompts"):
+            manifest[key] = to_plain(getattr(datamodule, key, None))
+    for s, ds in datasets.items():
+        n = len(ds)
+        if s in manifest["splits"]:
+            if manifest["splits"][s]["count"] != n:
+                raise ConfigError(f"latent cache {out_dir} split {s!r} has {manifest['splits'][s]['count']} samples, "
+                                  f"the dataset now has {n}: use a new out_dir or overwrite=true")
+            continue
+        item = ds[0]
+        manifest["splits"][s] = {"count": n, "done": 0, "has_label": "label" in item, "has_text": "text" in item}
+        manifest["count"][s] = n
+    manifest["status"] = STATUS_IN_PROGRESS
+    write_manifest(out_dir, manifest)
+
+    with _progress(progress) as bar:
+        for s in splits:
+            split_dir(out_dir, s).mkdir(exist_ok=True)
+            encode_split(autoencoder, datasets[s], out_dir, s, manifest, batch_size=batch_size, dtype=dtype,
+                         num_workers=num_workers, device=device, progress=bar)
+
+    train = np.load(split_dir(out_dir, "train") / LATENTS, mmap_mode="r")
+    mean, var, _ = channel_moments(train)
+    del train
+    manifest["transform"] = normalisation(mean, var, target_std, per_channel)
+    manifest["status"] = STATUS_COMPLETE
+    manifest["completed"] = now()
+    write_manifest(out_dir, manifest)
+    return manifest

@@ -1,0 +1,106 @@
+"""Sample from a trained checkpoint: balanced labels or given prompts, written as samples.npz + grid.png."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from src.checkpoints import module_from_checkpoint
+from src.utils.images import auto_upscale, make_grid, save_png, to_uint8
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda if available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_sampler(trained: dict, requested: DictConfig | dict | None):
+    """The sampler to use: ``requested`` if it names a ``_target_``, else the trained one with its non-null keys."""
+    requested = OmegaConf.to_container(requested, resolve=True) if isinstance(requested, DictConfig) else (requested or {})
+    if "_target_" in requested:
+        return instantiate(requested)
+    merged = dict(trained)
+    merged.update({k: v for k, v in requested.items() if v is not None})
+    return instantiate(merged)
+
+
+def sample_conditions(module, n: int, labels=None, prompts=None):
+    """Raw conditions for n samples: given labels / prompts (cycled to n), else balanced over classes / prompts."""
+    if prompts:
+        if module.conditioner.batch_key != "text":
+            raise ValueError("prompts=[...] needs a text-conditioned checkpoint; this one is conditioned on "
+                             f"{module.conditioner.batch_key or 'nothing'}")
+        return [list(prompts)[i % len(prompts)] for i in range(n)]
+    if labels:
+        if module.conditioner.batch_key != "label":
+            raise ValueError("labels=[...] needs a class-conditional checkpoint")
+        k = module.conditioner.num_classes
+        bad = [lab for lab in labels if not 0 <= int(lab) < k]
+        if bad:
+            raise ValueError(f"labels {bad} are outside 0..{k - 1}")
+        return torch.tensor([int(labels[i % len(labels)]) for i in range(n)])
+    return module.default_sample_conditions(n)
+
+
+def _slice(raw, i: int, j: int):
+    return None if raw is None else raw[i:j]
+
+
+def write_outputs(out_dir: Path, samples: torch.Tensor, raw) -> dict[str, Path]:
+    """samples.npz (images or videos uint8, labels / prompts) and grid.png (rows grouped by condition)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    u8 = to_uint8(samples)
+    arrays: dict[str, np.ndarray] = {}
+    if u8.ndim == 5:  # B x C x T x H x W -> N x T x C x H x W
+        arrays["videos"] = u8.permute(0, 2, 1, 3, 4).numpy()
+    else:
+        arrays["images"] = u8.numpy()
+    if isinstance(raw, torch.Tensor):
+        arrays["labels"] = raw.cpu().long().numpy().astype(np.int64)
+    elif raw is not None:
+        arrays["prompts"] = np.array(list(raw), dtype=str)
+    npz = out_dir / "samples.npz"
+    tmp = out_dir / "samples.tmp.npz"
+    np.savez(tmp, **arrays)
+    tmp.replace(npz)
+    still = u8 if u8.ndim == 4 else u8[:, :, u8.shape[2] // 2]
+    if isinstance(raw, torch.Tensor):  # one row per class, up to 10 samples each
+        order = torch.cat([torch.nonzero(raw.cpu() == c).flatten()[:10] for c in raw.unique().cpu()])
+        still, nrow = still[order], 10
+    else:
+        nrow = min(10, max(1, int(math.sqrt(len(still)))))
+        still = still[:100]
+    grid = save_png(make_grid(still, nrow=nrow), out_dir / "grid.png", upscale=auto_upscale(still.shape[-1], 48))
+    return {"npz": npz, "grid": grid}
+
+
+def run_sampling(cfg: DictConfig) -> dict[str, Path]:
+    """Load the checkpoint, sample ``cfg.n`` items in batches and write the outputs to ``cfg.out_dir``."""
+    device = pick_device(cfg.device)
+    module = module_from_checkpoint(cfg.ckpt_path).to(device)
+    trained_sampler = module.run_config["model"]["sampler"]
+    sampler = resolve_sampler(trained_sampler, cfg.get("sampler"))
+    g = cfg.get("guidance") or {}
+    for key in ("rescale", "interval"):
+        if g.get(key) is not None:
+            module.guidance[key] = g[key]
+    raw = sample_conditions(module, cfg.n, cfg.get("labels"), cfg.get("prompts"))
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    chunks = []
+    for i in range(0, cfg.n, cfg.batch_size):
+        j = min(cfg.n, i + cfg.batch_size)
+        noise = torch.randn((j - i, *module.sample_shape), generator=gen)
+        chunks.append(module.sample(j - i, _slice(raw, i, j), sampler=sampler, guidance_scale=g.get("scale"),
+                                    noise=noise, generator=gen, progress=True).cpu())
+    out = write_outputs(Path(cfg.out_dir), torch.cat(chunks), raw)
+    log.info("wrote %d samples with %s to %s", cfg.n, module.describe_sampler(sampler), cfg.out_dir)
+    return out

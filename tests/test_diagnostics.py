@@ -1,0 +1,427 @@
+"""Diagnostics and metrics callbacks: a training run with `callbacks=diagnostics` writes every figure and scalar,
+report.py redraws them from the checkpoint, and the pieces (DDIM reconstruction, spikes, norms, sample metrics with
+the digit classifier, FVD / CLIP score paths, missing weights) are checked against closed forms."""
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from src.ops.testing import TINY, compose_train, run_hydra_main
+
+torch.set_num_threads(1)
+
+KINDS_DENSE = ["reconstruction", "denoise_collage", "guidance_grid", "embedding_tsne"]
+N_SAMPLES = 32
+
+
+def squeeze_backbone(folder: Path) -> Path:
+    """A random torchvision SqueezeNet 1.1 state dict under its real file name (LPIPS backbone, 5 MB)."""
+    from torchvision.models import squeezenet1_1
+
+    path = folder / "squeezenet1_1-b8a52dc0.pth"
+    if not path.is_file():
+        torch.manual_seed(0)
+        torch.save(squeezenet1_1(weights=None).state_dict(), path)
+    return path
+
+
+def run_overrides(tmp: Path, backbone: Path) -> list[str]:
+    lp = [f"lpips_backbone={backbone}", "lpips_net=squeeze"]
+    return ["callbacks=diagnostics", "debug=fast", *TINY, "logger=default", "trainer.val_check_interval=2",
+            "trainer.max_steps=4", f"paths.data_dir={tmp / 'data'}", "conditioning.embed_dim=16",
+            "callbacks.reconstruction.n_images=4", *[f"callbacks.reconstruction.{x}" for x in lp],
+            "callbacks.guidance_grid.dense_early=true", "callbacks.guidance_grid.scales=[1,3]",
+            "callbacks.denoise_collage.max_rows=4", "callbacks.denoise_collage.dense_early=true",
+            "callbacks.sample_metrics.every_n_steps=4", f"callbacks.sample_metrics.n_samples={N_SAMPLES}",
+            "callbacks.sample_metrics.n_real=128", "callbacks.sample_metrics.kid_subset_size=16",
+            "callbacks.sample_metrics.lpips_pairs=8", *[f"callbacks.sample_metrics.{x}" for x in lp]]
+
+
+@pytest.fixture(scope="module")
+def diag_run(tmp_path_factory) -> Path:
+    """A 4-step tiny digits run through the real config path with every diagnostic on."""
+    from src.pipeline import train
+
+    out = tmp_path_factory.mktemp("diag_run")
+    cfg = compose_train(out, run_overrides(out, squeeze_backbone(out)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg)
+    (out / "warnings.txt").write_text("\n".join(str(w.message) for w in caught))
+    return out
+
+
+def csv_columns(run: Path) -> set[str]:
+    with open(run / "csv" / "metrics.csv") as f:
+        return set(next(csv.reader(f)))
+
+
+def csv_values(run: Path, key: str) -> list[float]:
+    with open(run / "csv" / "metrics.csv") as f:
+        return [float(r[key]) for r in csv.DictReader(f) if r.get(key) not in (None, "")]
+
+
+def assert_real_picture(path: Path) -> None:
+    from PIL import Image
+
+    img = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    assert img.shape[0] > 100 and img.shape[1] > 150 and img.std() > 10, f"{path} looks empty"
+
+
+# ------------------------------------------------------------------------------------------- the training run
+def test_run_writes_every_figure_grouped_by_step(diag_run):
+    figs = diag_run / "figures"
+    for kind in KINDS_DENSE:  # dense early: steps 1, 2, 4
+        assert sorted(p.name for p in (figs / kind).glob("*.png")) == [
+            "step_0000001.png", "step_0000002.png", "step_0000004.png"], kind
+    assert sorted(p.name for p in (figs / "timestep_loss").glob("*.png")) == ["step_0000002.png", "step_0000004.png"]
+    for kind in [*KINDS_DENSE, "timestep_loss"]:
+        assert_real_picture(figs / kind / "step_0000004.png")
+    with open(diag_run / "csv" / "figures.csv") as f:  # the CSV logger's image index
+        index = {(int(r["step"]), r["key"]) for r in csv.DictReader(f)}
+    for kind in KINDS_DENSE:
+        assert {(1, f"diagnostics/{kind}"), (4, f"diagnostics/{kind}")} <= index
+    assert (4, "diagnostics/timestep_loss") in index
+
+
+def test_run_sends_figures_to_tensorboard(diag_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(diag_run / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["images"])
+    assert {f"diagnostics/{k}" for k in [*KINDS_DENSE, "timestep_loss"]} <= tags
+    assert [e.step for e in acc.Images("diagnostics/reconstruction")] == [1, 2, 4]
+
+
+def test_run_logs_every_scalar(diag_run):
+    cols = csv_columns(diag_run)
+    expected = {
+        *(f"recon/mse_t{f:.2f}" for f in (0.7, 0.5, 0.3, 0.2)), *(f"recon/lpips_t{f:.2f}" for f in (0.7, 0.2)),
+        "guidance/sample_std_s1", "guidance/sample_std_s3", "embeddings/mean_cosine",
+        "val_loss_t/bucket_00", "val_loss_t/worst_bucket", "val_loss_t/low_t_ratio",
+        "health/grad_norm", "health/param_norm", "health/ema_distance", "health/lr", "health/loss_spikes",
+        "health/loss_median",
+        f"metrics/fd_digit{N_SAMPLES}", f"metrics/kd_digit{N_SAMPLES}", "metrics/digit_accuracy",
+        "metrics/lpips_diversity",
+    }
+    assert expected <= cols, sorted(expected - cols)
+    assert all(v > 0 for v in csv_values(diag_run, "health/grad_norm"))
+    assert all(v > 0 for v in csv_values(diag_run, "health/lr"))
+    assert all(0 <= v < 1 for v in csv_values(diag_run, "health/ema_distance"))
+    assert 0 <= csv_values(diag_run, "metrics/digit_accuracy")[0] <= 1
+    assert csv_values(diag_run, f"metrics/fd_digit{N_SAMPLES}")[0] > 0
+    assert sorted(csv_values(diag_run, "val_loss_t/worst_bucket"))[0] in range(10)
+    cached = list((diag_run / "data" / "stats").glob("DigitsDataModule-*-train-1x8x8-digit-classifier-128-n128.pt"))
+    assert len(cached) == 1  # real statistics cached per dataset / resolution / feature network
+
+
+def test_run_checkpoint_keeps_timestep_loss_history(diag_run):
+    ck = torch.load(diag_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = next(v for k, v in ck["callbacks"].items() if k.startswith("TimestepLossCallback"))
+    assert [s for s, _ in state["history"]] == [2] and len(state["history"][0][1]) == 10
+
+
+# ------------------------------------------------------------------------------------------- report.py
+def test_report_command_redraws_every_figure_from_the_checkpoint(diag_run, tmp_path):
+    import report
+
+    out = tmp_path / "report"
+    backbone = squeeze_backbone(diag_run)
+    args = [f"ckpt_path={diag_run / 'checkpoints' / 'last.ckpt'}", f"out_dir={out}", f"hydra.run.dir={tmp_path / 'h'}",
+            "device=cpu", f"paths.data_dir={diag_run / 'data'}", "callbacks.sample_metrics.n_samples=16",
+            "callbacks.sample_metrics.n_real=128", "callbacks.sample_metrics.kid_subset_size=8",
+            "callbacks.sample_metrics.lpips_net=squeeze", f"callbacks.sample_metrics.lpips_backbone={backbone}",
+            "callbacks.guidance_grid.scales=[1,3]", "callbacks.class_grid.n_cols=2", "val_batches=1"]
+    assert run_hydra_main(report.main, args) == 0
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["failed"] == {} and summary["step"] == 4
+    for name in [*KINDS_DENSE, "timestep_loss", "class_grid"]:
+        assert Path(summary["figures"][name]) == out / f"{name}.png"
+        assert_real_picture(out / f"{name}.png")
+    assert {"metrics/fd_digit16", "metrics/digit_accuracy", "metrics/lpips_diversity", "recon/mse_t0.70",
+            "embeddings/mean_cosine"} <= set(summary["scalars"])
+    assert "![reconstruction](reconstruction.png)" in (out / "report.md").read_text()
+
+
+def test_report_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    import report
+
+    code = run_hydra_main(report.main, [f"ckpt_path={tmp_path / 'nope.ckpt'}", f"out_dir={tmp_path / 'o'}",
+                                        f"hydra.run.dir={tmp_path / 'h'}"])
+    assert code == 2 and "checkpoint not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- reconstruction
+class OracleModule:
+    """A module-like stand-in whose 'network' knows the clean data: it returns the exact v target, so DDIM from any
+    x_t must give back x0 exactly."""
+
+    def __init__(self, x0: torch.Tensor, prediction: str = "v"):
+        from src.diffusion.objectives import Objective
+        from src.diffusion.schedules import DiscreteSchedule
+
+        self.x0, self.schedule = x0, DiscreteSchedule("cosine", 1000)
+        self.objective = Objective(prediction=prediction, x0_clip="none")
+        self.guidance = {"scale": 1.0, "rescale": 0.0, "interval": None}
+        self.conditioner = SimpleNamespace(batch_key=None)
+        self.autoencoder = None
+
+    def net(self, x_t, t, cond):
+        from src.diffusion.objectives import training_target
+
+        ab = self.schedule.alpha_bar(t.long(), like=x_t)
+        x0 = self.x0.repeat(x_t.shape[0] // self.x0.shape[0], 1, 1, 1)
+        eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return training_target(x0, eps, ab, self.objective.prediction)
+
+    def condition(self, raw):
+        return {"vector": None, "context": None, "context_mask": None}
+
+
+@pytest.mark.parametrize("prediction", ["v", "eps"])
+def test_ddim_reconstruction_of_an_oracle_denoiser_is_exact(prediction):
+    from src.callbacks.reconstruction import reconstruct
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 1, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    module = OracleModule(x0, prediction)
+    x_t, rec = reconstruct(module, x0, None, [700, 300, 5], calls=4, noise=noise)
+    assert rec.shape == (9, 1, 8, 8)
+    assert torch.allclose(rec, x0.repeat(3, 1, 1, 1), atol=1e-4)
+    ab = module.schedule.alphas_cumprod[700].item()  # the first rows are noised to exactly t = 700
+    assert torch.allclose(x_t[:3], ab**0.5 * x0 + (1 - ab) ** 0.5 * noise, atol=1e-5)
+
+
+def test_row_timesteps_and_start_timestep():
+    from src.callbacks.reconstruction import row_timesteps, start_timestep
+
+    ts = row_timesteps([700, 200], 5)
+    assert ts.tolist() == [[700, 525, 350, 175, 0], [200, 150, 100, 50, 0]]
+    assert start_timestep(0.7, 1000) == 700 and start_timestep(1.0, 1000) == 999
+    with pytest.raises(ValueError, match="fractions of T"):
+        start_timestep(1.5, 1000)
+
+
+# ------------------------------------------------------------------------------------------- health
+def test_spike_detector_flags_only_outliers_after_history():
+    from src.callbacks.training_health import SpikeDetector
+
+    det = SpikeDetector(factor=3.0, window=10, min_history=5)
+    assert not det.add(100.0)  # no history yet: never a spike
+    for v in [1.0, 1.2, 0.9, 1.1, 1.0]:
+        assert not det.add(v)
+    assert det.median() == pytest.approx(1.05)  # window [100, 1, 1.2, 0.9, 1.1, 1]
+    assert not det.add(3.0)  # 3.0 < 3 x 1.05
+    assert det.add(3.5) and det.count == 1  # 3.5 > 3 x median(..., 3.0) = 3.3
+
+
+def test_norms_and_ema_distance_closed_form():
+    from src.callbacks.training_health import ema_distance, global_norm
+
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.fill_(1.0)  # 8 parameters of value 1: norm sqrt(8)
+        for p in b.parameters():
+            p.fill_(1.5)
+    assert global_norm(list(a.parameters())) == pytest.approx(8**0.5)
+    assert ema_distance(b, a) == pytest.approx(0.5)  # ||1.5 - 1|| / ||1|| elementwise
+
+
+# ------------------------------------------------------------------------------------------- t-SNE, names
+def test_tsne_and_mean_cosine():
+    from src.callbacks.embedding_tsne import mean_cosine, tsne_2d
+
+    v = np.eye(6)[:, :4] + 0.0
+    assert mean_cosine(np.ones((3, 5))) == pytest.approx(1.0)
+    assert mean_cosine(np.eye(4)) == pytest.approx(0.0)
+    assert tsne_2d(np.random.default_rng(0).normal(size=(11, 16))).shape == (11, 2)
+    assert tsne_2d(v[:3]).shape == (3, 2)
+
+
+def test_metric_names_carry_sample_and_frame_counts():
+    from src.callbacks.sample_metrics import metric_names, resolve_feature_kind
+
+    assert metric_names("i3d", 256, (3, 16, 64, 64)) == ("fvd256_16f", "kvd256_16f")
+    assert metric_names("inception", 1000, (3, 32, 32)) == ("fid1000", "kid1000")
+    assert metric_names("digit_classifier", 64, (1, 16, 16)) == ("fd_digit64", "kd_digit64")
+    assert resolve_feature_kind("auto", (3, 8, 16, 16)) == "i3d"
+    assert resolve_feature_kind("auto", (1, 16, 16)) == "digit_classifier"
+    assert resolve_feature_kind("auto", (3, 32, 32)) == "inception"
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve_feature_kind("clip", (3, 32, 32))
+
+
+# ------------------------------------------------------------------------------------------- sample metrics
+class ReplayModule:
+    """Module-like stand-in that 'samples' given data: item i of ``pool`` (or noise) for the i-th request, in the
+    order of the conditions asked for, so metric outcomes are known in advance."""
+
+    def __init__(self, pool: torch.Tensor, labels: torch.Tensor | None, prompts=None, noise: bool = False):
+        self.pool, self.labels, self.noise = pool, labels, noise
+        self.sample_shape = tuple(pool.shape[1:])
+        self.device = torch.device("cpu")
+        self.autoencoder, self.run_config, self.prompts = None, None, prompts
+        key = "text" if prompts else ("label" if labels is not None else None)
+        self.conditioner = SimpleNamespace(batch_key=key, num_classes=10)
+        self.requests: list = []
+        self._used: dict[int, int] = {}
+
+    def default_sample_conditions(self, n):
+        if self.prompts:
+            return [self.prompts[i % len(self.prompts)] for i in range(n)]
+        return torch.arange(n) % 10 if self.labels is not None else None
+
+    def sample(self, n, raw=None, sampler=None, guidance_scale=None, noise=None, generator=None):
+        self.requests.append(raw)
+        if self.noise:
+            return noise.clamp(-1, 1)
+        if torch.is_tensor(raw):  # a new image of the requested digit for each label
+            picks = []
+            for c in raw.tolist():
+                picks.append(int(torch.nonzero(self.labels == c)[self._used.get(c, 0)]))
+                self._used[c] = self._used.get(c, 0) + 1
+            return self.pool[picks]
+        return self.pool[:n]
+
+    def to_pixels(self, x):
+        return x
+
+
+def _digits_datamodule():
+    from src.datamodules.digits import DigitsDataModule
+
+    dm = DigitsDataModule(image_size=16, batch_size=64)
+    dm.setup("fit")
+    return dm
+
+
+def test_digit_fd_via_sample_metrics_on_a_few_samples(tmp_path):
+    from src.callbacks.sample_metrics import SampleMetrics
+
+    dm = _digits_datamodule()
+    x, y = dm.train_set.x, dm.train_set.labels
+    kw = dict(n_samples=40, n_real=300, batch_size=16, stats_dir=str(tmp_path / "stats"), lpips_net=None,
+              kid_subsets=5, kid_subset_size=20)
+    real_like = SampleMetrics(**kw)
+    real_like.prepare(ReplayModule(x, y), dm, tmp_path)
+    good = real_like.evaluate(ReplayModule(x, y))
+    assert "computed" in real_like.real_source
+    noise = SampleMetrics(**kw)
+    noise.prepare(ReplayModule(x, y, noise=True), dm, tmp_path)
+    assert noise.real_source.startswith("loaded")  # the cache written by the first one
+    bad = noise.evaluate(ReplayModule(x, y, noise=True))
+    assert good["metrics/digit_accuracy"] > 0.9 and bad["metrics/digit_accuracy"] < 0.4
+    assert 0 < good["metrics/fd_digit40"] < 0.2 * bad["metrics/fd_digit40"]
+    assert good["metrics/kd_digit40"] < bad["metrics/kd_digit40"]
+
+
+def test_missing_weights_skip_the_metric_with_one_warning(tmp_path):
+    from src.callbacks.sample_metrics import SampleMetrics
+    from src.metrics import common
+
+    common._WARNED.clear()
+    dm = _digits_datamodule()
+    x, y = dm.train_set.x, dm.train_set.labels
+    module = ReplayModule(x, y)
+    metrics = SampleMetrics(n_samples=8, feature="inception", inception_weights=str(tmp_path / "inception.pth"),
+                            lpips_net="alex", lpips_backbone=str(tmp_path / "alexnet.pth"))
+    with pytest.warns(UserWarning) as rec:
+        metrics.prepare(module, dm, tmp_path)
+        first = metrics.evaluate(module)
+        second = metrics.evaluate(module)
+    messages = [str(w.message) for w in rec]
+    assert first == second == {}
+    assert sum("FID skipped" in m and "inception.pth" in m for m in messages) == 1
+    assert sum("LPIPS skipped" in m for m in messages) == 1
+
+
+class FakeI3D(nn.Module):
+    """The StyleGAN-V I3D TorchScript call signature on top of simple per-channel statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 400)
+
+    def forward(self, x: torch.Tensor, rescale: bool, resize: bool, return_features: bool) -> torch.Tensor:
+        v = x.float() / 127.5 - 1
+        return self.proj(torch.cat([v.mean(dim=(2, 3, 4)), v.std(dim=(2, 3, 4))], dim=1))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_fvd_for_video_samples_with_a_local_i3d_file(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from src.callbacks.sample_metrics import SampleMetrics
+    from src.datamodules.digits import TensorDictDataset
+
+    torch.manual_seed(0)
+    path = tmp_path / "i3d_torchscript.pt"
+    torch.jit.save(torch.jit.script(FakeI3D()), str(path))
+    videos = torch.rand(60, 1, 4, 8, 8) * 2 - 1
+    dm = SimpleNamespace(train_dataloader=lambda: DataLoader(TensorDictDataset(videos), batch_size=16))
+    metrics = SampleMetrics(n_samples=24, n_real=60, i3d_weights=str(path), lpips_net=None, kid_subsets=0,
+                            stats_dir=str(tmp_path))
+    module = ReplayModule(videos, None)
+    metrics.prepare(module, dm, tmp_path)
+    out = metrics.evaluate(module)
+    assert set(out) == {"metrics/fvd24_4f"} and out["metrics/fvd24_4f"] >= 0
+
+
+def _tiny_clip(folder: Path) -> Path:
+    """A random tiny CLIP (text + vision) with a byte-level tokenizer, saved like a Hub checkpoint."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    eos = vocab["<|endoftext|>"]
+    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=32, eos_token_id=eos, pad_token_id=eos,
+                bos_token_id=vocab["<|startoftext|>"])
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    proc = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}), tok)
+    out = folder / "clip"
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return out
+
+
+def test_clip_score_for_text_models(tmp_path):
+    from src.callbacks.sample_metrics import SampleMetrics
+    from src.metrics.clip_score import load_clip_scorer
+
+    clip_dir = _tiny_clip(tmp_path)
+    images = torch.rand(6, 3, 16, 16) * 2 - 1
+    prompts = ["a red square", "a cat"]
+    module = ReplayModule(images, None, prompts=prompts)
+    metrics = SampleMetrics(n_samples=6, batch_size=4, feature="none", lpips_net=None, clip_model=str(clip_dir))
+    metrics.prepare(module, None, tmp_path)
+    out = metrics.evaluate(module)
+    texts = [prompts[i % 2] for i in range(6)]
+    want = load_clip_scorer(clip_dir).scores(images, texts).mean().clamp(min=0)
+    assert out["metrics/clip_score"] == pytest.approx(float(want), rel=1e-4)
+    assert module.requests[0] == texts[0:4] and module.requests[1] == texts[4:6]
+
+
+def test_sample_noise_depends_only_on_the_global_index():
+    from src.callbacks.sample_metrics import SampleMetrics
+
+    m = SampleMetrics(n_samples=10, seed=3)
+    whole = m._noise(list(range(10)), (1, 4, 4))
+    assert torch.equal(m._noise([1, 3, 5, 7, 9], (1, 4, 4)), whole[1::2])  # rank 1 of 2 gets samples 1, 3, ...
