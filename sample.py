@@ -1,5 +1,8 @@
 """Sample from a checkpoint: `python sample.py ckpt_path=PATH n=500 out_dir=DIR [sampler=ddim sampler.steps=25]
-[guidance.scale=3] [labels=[0,1]] [prompts='["a photo of a horse"]']`."""
+[guidance.scale=3] [labels=[0,1]] [prompts='["a photo of a horse"]']`.
+
+PATH: a training checkpoint (*.ckpt, loaded with weights_only=True; its EMA weights are used) or an export written
+by export.py (its directory or its model.safetensors)."""
 import sys
 
 import hydra

@@ -22,7 +22,6 @@ def main(cfg: DictConfig) -> float | None:
     try:
         objs = train(cfg)
     except DifflabError as err:  # user-facing problems: one line, no traceback
-        log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     if objs.get("stopped_by_signal"):

@@ -108,8 +108,9 @@ def main() -> None:
                 out = Path(tmp) / f"{config}_{r}"
                 res = run_one(config, args.steps, args.threads, out)
                 pair[config] = res
+                detail = ", ".join(f"{k} {v:.1f}" for k, v in sorted(res["hooks"].items()))
                 print(f"repeat {r + 1} {config}: fit {res['fit_s']:.1f} s, diagnostic hooks "
-                      f"{sum(res['hooks'].values()):.1f} s, {res['figures']} figures", flush=True)
+                      f"{sum(res['hooks'].values()):.1f} s ({detail}), {res['figures']} figures", flush=True)
                 if config == "diagnostics" and args.keep and r == args.repeats - 1:
                     shutil.rmtree(args.keep, ignore_errors=True)
                     shutil.copytree(out, args.keep, ignore=shutil.ignore_patterns("*.ckpt"))

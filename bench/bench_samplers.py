@@ -99,7 +99,7 @@ def _table(rows, header="| sampler | steps | NFE | mean error | cov. error (rel.
     return out
 
 
-def run_gaussian(out_path: Path, n_mc: int = 50000) -> str:
+def run_gaussian(out_path: Path, n_mc: int = 20000) -> str:
     t0 = time.perf_counter()
     g3, mix = gaussian_3d(), mixture_2d()
     steps_list = [5, 10, 20, 50, 100, 250]
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gaussian", action="store_true", help="closed-form exactness tables")
     p.add_argument("--ckpt", help="digits checkpoint for the FD / accuracy table")
-    p.add_argument("--quick", action="store_true", help="fewer samples (100 per digits row, 10000 Monte Carlo)")
+    p.add_argument("--quick", action="store_true", help="fewer samples (100 per digits row, 5000 Monte Carlo)")
     p.add_argument("--n", type=int, help="samples per digits row (default 500, 100 with --quick)")
     p.add_argument("--spacing", choices=["leading", "trailing", "linspace"], help="override the schedule's spacing")
     p.add_argument("--rows", nargs="*", help="subset of digits rows, e.g. ddim-10 heun-20")
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     suffix = "_quick" if args.quick else ""
     if args.gaussian:
         out = Path(args.out) if args.out and not args.ckpt else RESULTS / f"samplers_gaussian{suffix}.md"
-        print(run_gaussian(out, n_mc=10000 if args.quick else 50000))
+        print(run_gaussian(out, n_mc=5000 if args.quick else 20000))
     if args.ckpt:
         n = args.n or (100 if args.quick else 500)
         rows = DIGIT_ROWS

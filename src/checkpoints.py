@@ -106,11 +106,15 @@ def load_weights(path: str | Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- state-dict matching
 def drop_compiled_aliases(state_dict: dict) -> dict:
-    """Drop ``*._orig_mod.*`` entries (a ``torch.compile`` wrapper registered next to the module it wraps) that
-    share storage with another entry, so checkpoints of compiled and eager models load into each other."""
-    ptrs = {v.data_ptr() for k, v in state_dict.items() if "_orig_mod." not in k and torch.is_tensor(v) and v.numel()}
+    """Drop alias entries (a ``torch.compile`` wrapper's ``*._orig_mod.*`` or an older ``_net.*`` alias of the
+    denoiser) that share storage with a canonical entry, so checkpoints of compiled and eager models load into each
+    other and into the current module layout."""
+    def is_alias(k: str) -> bool:
+        return "_orig_mod." in k or k.startswith("_net.")
+
+    ptrs = {v.data_ptr() for k, v in state_dict.items() if not is_alias(k) and torch.is_tensor(v) and v.numel()}
     return {k: v for k, v in state_dict.items()
-            if not ("_orig_mod." in k and torch.is_tensor(v) and v.numel() and v.data_ptr() in ptrs)}
+            if not (is_alias(k) and torch.is_tensor(v) and v.numel() and v.data_ptr() in ptrs)}
 
 
 def _aliases(module: nn.Module) -> dict[str, set[str]]:

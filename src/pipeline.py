@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import lightning as L
@@ -73,6 +74,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.datamodule)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        datamodule.prepare_data()  # fail fast on missing data (one line), before models and GPUs are set up
     fill_from_datamodule(cfg, datamodule)
     model = instantiate(cfg.model)
     if hasattr(model, "run_config"):

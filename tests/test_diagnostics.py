@@ -37,9 +37,12 @@ def run_overrides(tmp: Path, backbone: Path) -> list[str]:
     lp = [f"lpips_backbone={backbone}", "lpips_net=squeeze"]
     return ["callbacks=diagnostics", "debug=fast", *TINY, "logger=default", "trainer.val_check_interval=2",
             "trainer.max_steps=4", f"paths.data_dir={tmp / 'data'}", "conditioning.embed_dim=16",
-            "callbacks.reconstruction.n_images=4", *[f"callbacks.reconstruction.{x}" for x in lp],
+            "callbacks.reconstruction.n_images=4", "callbacks.reconstruction.steps=4",
+            *[f"callbacks.reconstruction.{x}" for x in lp],
             "callbacks.guidance_grid.dense_early=true", "callbacks.guidance_grid.scales=[1,3]",
+            "callbacks.guidance_grid.sampler.steps=2",
             "callbacks.denoise_collage.max_rows=4", "callbacks.denoise_collage.dense_early=true",
+            "callbacks.denoise_collage.sampler.steps=4", "callbacks.sample_metrics.sampler.steps=2",
             "callbacks.sample_metrics.every_n_steps=4", f"callbacks.sample_metrics.n_samples={N_SAMPLES}",
             "callbacks.sample_metrics.n_real=128", "callbacks.sample_metrics.kid_subset_size=16",
             "callbacks.sample_metrics.lpips_pairs=8", *[f"callbacks.sample_metrics.{x}" for x in lp]]
@@ -195,7 +198,7 @@ def test_ddim_reconstruction_of_an_oracle_denoiser_is_exact(prediction):
     x0 = torch.rand(3, 1, 8, 8, generator=g) * 2 - 1
     noise = torch.randn(x0.shape, generator=g)
     module = OracleModule(x0, prediction)
-    x_t, rec = reconstruct(module, x0, None, [700, 300, 5], calls=4, noise=noise)
+    x_t, rec = reconstruct(module, x0, None, [700, 300, 5], calls=[4, 2, 1], noise=noise)
     assert rec.shape == (9, 1, 8, 8)
     assert torch.allclose(rec, x0.repeat(3, 1, 1, 1), atol=1e-4)
     ab = module.schedule.alphas_cumprod[700].item()  # the first rows are noised to exactly t = 700
@@ -205,8 +208,8 @@ def test_ddim_reconstruction_of_an_oracle_denoiser_is_exact(prediction):
 def test_row_timesteps_and_start_timestep():
     from src.callbacks.reconstruction import row_timesteps, start_timestep
 
-    ts = row_timesteps([700, 200], 5)
-    assert ts.tolist() == [[700, 525, 350, 175, 0], [200, 150, 100, 50, 0]]
+    ts = row_timesteps([700, 200, 30], [5, 3, 1])
+    assert ts.tolist() == [[700, 525, 350, 175, 0], [-1, -1, 200, 100, 0], [-1, -1, -1, -1, 30]]
     assert start_timestep(0.7, 1000) == 700 and start_timestep(1.0, 1000) == 999
     with pytest.raises(ValueError, match="fractions of T"):
         start_timestep(1.5, 1000)
@@ -264,8 +267,8 @@ def test_metric_names_carry_sample_and_frame_counts():
 
 # ------------------------------------------------------------------------------------------- sample metrics
 class ReplayModule:
-    """Module-like stand-in that 'samples' given data: item i of ``pool`` (or noise) for the i-th request, in the
-    order of the conditions asked for, so metric outcomes are known in advance."""
+    """Module-like stand-in that 'samples' given data (an image of the requested class, picked by the sample's noise,
+    which depends only on its global index) or the noise itself, so metric outcomes are known in advance."""
 
     def __init__(self, pool: torch.Tensor, labels: torch.Tensor | None, prompts=None, noise: bool = False):
         self.pool, self.labels, self.noise = pool, labels, noise
@@ -275,7 +278,6 @@ class ReplayModule:
         key = "text" if prompts else ("label" if labels is not None else None)
         self.conditioner = SimpleNamespace(batch_key=key, num_classes=10)
         self.requests: list = []
-        self._used: dict[int, int] = {}
 
     def default_sample_conditions(self, n):
         if self.prompts:
@@ -286,11 +288,11 @@ class ReplayModule:
         self.requests.append(raw)
         if self.noise:
             return noise.clamp(-1, 1)
-        if torch.is_tensor(raw):  # a new image of the requested digit for each label
+        if torch.is_tensor(raw):  # an image of the requested digit, chosen by the sample's noise (i.e. its index)
             picks = []
-            for c in raw.tolist():
-                picks.append(int(torch.nonzero(self.labels == c)[self._used.get(c, 0)]))
-                self._used[c] = self._used.get(c, 0) + 1
+            for c, z in zip(raw.tolist(), noise):
+                of_class = torch.nonzero(self.labels == c).flatten()
+                picks.append(int(of_class[int(z.abs().sum() * 1000) % len(of_class)]))
             return self.pool[picks]
         return self.pool[:n]
 
@@ -425,3 +427,54 @@ def test_sample_noise_depends_only_on_the_global_index():
     m = SampleMetrics(n_samples=10, seed=3)
     whole = m._noise(list(range(10)), (1, 4, 4))
     assert torch.equal(m._noise([1, 3, 5, 7, 9], (1, 4, 4)), whole[1::2])  # rank 1 of 2 gets samples 1, 3, ...
+
+
+# ------------------------------------------------------------------------------------------- DDP
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from src.callbacks.sample_metrics import SampleMetrics
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        dm = _digits_datamodule()
+        module = ReplayModule(dm.train_set.x, dm.train_set.labels)
+        metrics = SampleMetrics(n_samples=30, n_real=200, batch_size=8, stats_dir=os.path.join(out_dir, "ddp_stats"),
+                                lpips_net=None, kid_subsets=0)
+        metrics.prepare(module, dm, out_dir)
+        out = metrics.evaluate(module)
+        out["requested"] = sum(len(r) for r in module.requests)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: about 20 s of CPU
+def test_sharded_sample_metrics_under_ddp_equal_single_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from src.callbacks.sample_metrics import SampleMetrics
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    dm = _digits_datamodule()
+    module = ReplayModule(dm.train_set.x, dm.train_set.labels)
+    single = SampleMetrics(n_samples=30, n_real=200, batch_size=8, stats_dir=str(tmp_path / "single_stats"),
+                           lpips_net=None, kid_subsets=0)
+    single.prepare(module, dm, tmp_path)
+    want = single.evaluate(module)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r.pop("requested") for r in ranks] == [15, 15]  # each rank sampled half
+    for got in ranks:
+        assert got["metrics/fd_digit30"] == pytest.approx(want["metrics/fd_digit30"], rel=1e-6)
+        assert got["metrics/digit_accuracy"] == pytest.approx(want["metrics/digit_accuracy"])
+    cached = torch.load(next((tmp_path / "ddp_stats").glob("*.pt")), weights_only=True)
+    assert cached["count"] == 200  # both ranks' real shards went into the one cache

@@ -167,8 +167,6 @@ def _sample(tmp_path: Path, ckpt: str, name: str) -> dict:
 
 
 def test_export_writes_ema_safetensors_and_config_and_samples_the_same(trained, tmp_path):
-    import subprocess as sp
-
     from safetensors.torch import load_file
 
     ck = load_checkpoint(trained)

@@ -117,3 +117,27 @@ def test_resume_auto_and_requeue_pick_the_newest_checkpoint(tmp_path, monkeypatc
     assert resolve_resume("last", None, tmp_path) == str(last)
     with pytest.raises(CheckpointError, match=r"ckpt_path=last: no checkpoint at .*hydra\.run\.dir"):
         resolve_resume("last", None, tmp_path / "elsewhere")
+
+
+def test_sigint_saves_checkpoint_and_stops_without_requeue(tmp_path, monkeypatch):
+    from src.ops.signals import find_shutdown
+    from src.pipeline import train
+
+    before = signal.getsignal(signal.SIGINT)
+    cfg = compose_train(tmp_path, tiny_overrides(max_steps=50, save_every=100, extra=[
+        "logger=none", "~callbacks.lr_monitor", "+callbacks.class_grid.at_end=false"]))
+    import src.pipeline as pipeline
+
+    real_build = pipeline.build
+
+    def build_with_sender(c):
+        objs = real_build(c)
+        objs["trainer"].callbacks.append(SendSignal(at_step=2, sig=signal.SIGINT))
+        return objs
+
+    monkeypatch.setattr(pipeline, "build", build_with_sender)
+    objs = train(cfg)  # returns normally: train.py then exits with status 0
+    assert objs["stopped_by_signal"] and not find_shutdown(objs["trainer"]).requeue
+    assert objs["trainer"].global_step == 3
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert signal.getsignal(signal.SIGINT) is before

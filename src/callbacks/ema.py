@@ -59,8 +59,16 @@ class EMA(WeightAveraging):
         self.swapped = not self.swapped
 
     def on_train_end(self, trainer, pl_module) -> None:
+        # Keep the raw weights: a checkpoint written after this point must still resume from them, not from EMA.
+        self._raw_state_at_end = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         super().on_train_end(trainer, pl_module)
         self.swapped = True  # the module now holds the EMA weights
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        raw = getattr(self, "_raw_state_at_end", None)
+        if raw is not None and "current_model_state" in checkpoint:
+            checkpoint["current_model_state"] = raw
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "num_updates": self.num_updates}

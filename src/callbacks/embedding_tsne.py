@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from src.callbacks.figures import DiagnosticCallback, _new_figure, condition_key, save_figure
+from src.callbacks.figures import DiagnosticCallback, condition_key
 from src.metrics.common import warn_once
 
 
@@ -65,6 +65,41 @@ def mean_cosine(vectors: np.ndarray) -> float:
     return float((sim.sum() - np.trace(sim)) / max(1, n * (n - 1)))
 
 
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf"]
+NULL_NAMES = ("(null)", "(empty prompt)")
+
+
+def scatter_plot(xy: np.ndarray, labels: list[str], path: Path, title: str, size: int = 640) -> Path:
+    """A labelled 2-D scatter (PIL, no axes: t-SNE coordinates carry no units); null conditions drawn as black x."""
+    from PIL import Image, ImageDraw
+
+    from src.callbacks.figures import _font
+
+    margin, top = 40, 40
+    canvas = Image.new("RGB", (size + 2 * margin + 160, size + top + margin), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((canvas.width / 2, 10), title, fill="black", font=_font(14), anchor="ma")
+    draw.rectangle([margin - 10, top - 10, margin + size + 10, top + size + 10], outline="#bbbbbb")
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    span = np.where(hi - lo > 0, hi - lo, 1.0)
+    pts = (xy - lo) / span * size + np.array([margin, top])
+    font = _font(12)
+    for i, ((x, y), name) in enumerate(zip(pts, labels)):
+        if name in NULL_NAMES:
+            draw.line([x - 6, y - 6, x + 6, y + 6], fill="black", width=2)
+            draw.line([x - 6, y + 6, x + 6, y - 6], fill="black", width=2)
+        else:
+            draw.ellipse([x - 6, y - 6, x + 6, y + 6], fill=PALETTE[i % len(PALETTE)])
+        draw.text((x + 9, y - 9), name if len(name) <= 28 else name[:26] + "..", fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    canvas.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+
+
 def embedding_tsne(module, path: Path, seed: int = 0, max_prompts: int = 200) -> dict[str, float] | None:
     """Draw the labelled t-SNE scatter of the module's condition embeddings; None (one warning) if unconditional."""
     found = condition_embeddings(module, max_prompts)
@@ -73,22 +108,8 @@ def embedding_tsne(module, path: Path, seed: int = 0, max_prompts: int = 200) ->
         return None
     vectors, labels, what = found
     xy = tsne_2d(vectors, seed)
-    import matplotlib
-
-    fig = _new_figure(700, 620)
-    ax = fig.subplots()
-    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    for i, (p, name) in enumerate(zip(xy, labels)):
-        null = name in ("(null)", "(empty prompt)")
-        ax.scatter(p[0], p[1], s=60, marker="x" if null else "o", color="black" if null else cmap(i % cmap.N))
-        ax.annotate(name if len(name) <= 28 else name[:26] + "..", (p[0], p[1]), xytext=(4, 4),
-                    textcoords="offset points", fontsize=8)
-    ax.set_title(f"t-SNE of {what}, n={len(labels)}", fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    fig.tight_layout()
-    save_figure(fig, path)
-    real = [i for i, n in enumerate(labels) if n not in ("(null)", "(empty prompt)")]
+    scatter_plot(xy, labels, path, f"t-SNE of {what}, n={len(labels)}")
+    real = [i for i, n in enumerate(labels) if n not in NULL_NAMES]
     return {"embeddings/mean_cosine": mean_cosine(vectors[real])} if len(real) >= 2 else {}
 
 

@@ -26,7 +26,8 @@ def sample_at_scales(module, raw, noise: torch.Tensor, scales: Sequence[float], 
     for group in groups:
         k = len(group)
         raw_k = raw.repeat(k) if torch.is_tensor(raw) else list(raw) * k
-        scale = torch.tensor([float(s) for s in group]).repeat_interleave(n).to(module.device) if k > 1 else float(group[0])
+        scale = float(group[0]) if k == 1 else \
+            torch.tensor([float(s) for s in group]).repeat_interleave(n).to(module.device)
         x = module.sample(n * k, raw_k, sampler=sampler, guidance_scale=scale,
                           noise=noise.repeat(k, *([1] * (noise.ndim - 1))),
                           generator=torch.Generator().manual_seed(seed + 1))

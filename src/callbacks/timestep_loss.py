@@ -70,7 +70,8 @@ def timestep_loss_figure(history: Sequence[tuple[int, Sequence[float]]], path: P
     bucket_cmap = matplotlib.colormaps["coolwarm"]
     for b in range(n_b):
         ys = [losses[b] if b < len(losses) else float("nan") for _, losses in history]
-        ax_s.plot(steps, ys, "-o", ms=3, color=bucket_cmap(b / max(1, n_b - 1)), label=f"t/T {b / n_b:.1f}-{(b + 1) / n_b:.1f}")
+        ax_s.plot(steps, ys, "-o", ms=3, color=bucket_cmap(b / max(1, n_b - 1)),
+                  label=f"t/T {b / n_b:.1f}-{(b + 1) / n_b:.1f}")
     ax_s.set_xlabel("training step")
     ax_s.set_yscale("log")
     ax_s.set_title("loss per bucket over training")
@@ -141,6 +142,6 @@ class TimestepLossCallback(L.Callback):
                 history.append((step, list(losses)))
         if not history:
             return {}
-        timestep_loss_figure(history, Path(out_dir) / f"{self.kind}.png",
-                             title="validation loss per timestep bucket (history from the checkpoint + EMA weights now)")
+        timestep_loss_figure(history, Path(out_dir) / f"{self.kind}.png", title="validation loss per timestep "
+                             "bucket (history from the checkpoint, last point: these EMA weights)")
         return self.scalars(history[-1][1])

@@ -59,7 +59,8 @@ class DiffusionModule(L.LightningModule):
             self.conditioner.prepare_table(self.prompts)  # precomputed embeddings for the fixed prompt set
         if channels_last:
             self.denoiser = self.denoiser.to(memory_format=torch.channels_last)
-        self._net = torch.compile(self.denoiser) if compile else self.denoiser
+        # The compiled wrapper is kept out of the module tree so its weights are not registered (and saved) twice.
+        self.__dict__["_compiled"] = torch.compile(self.denoiser) if compile else None
         self._bucket_sums = None
 
     # ---------------------------------------------------------------- setup checks
@@ -73,7 +74,9 @@ class DiffusionModule(L.LightningModule):
         if c.vector_dim and getattr(getattr(self.denoiser, "embed", None), "cond_proj", True) is None:
             raise ConfigError(f"conditioner {type(c).__name__} produces a vector but the denoiser ignores it")
         self.num_cross_attention = n_xattn or 0
-        log.info("conditioning: %s; denoiser cross-attention modules: %s", c.describe(), self.num_cross_attention)
+        ctx = f"B x {getattr(c, 'max_length', 'L')} x {c.context_dim}" if c.context_dim else "none"
+        log.info("conditioning: %s; context shape: %s; active cross-attention modules: %d", c.describe(), ctx,
+                 self.num_cross_attention)
 
     # ---------------------------------------------------------------- forward pieces
     def condition(self, raw) -> dict:
@@ -84,7 +87,9 @@ class DiffusionModule(L.LightningModule):
         """The denoiser's raw output for noisy input at (float) timesteps t."""
         if self.channels_last and x_t.ndim == 4:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        return self._net(x_t, t, cond["vector"], cond["context"], cond["context_mask"])
+        compiled = self.__dict__.get("_compiled")
+        fn = self.denoiser if compiled is None else compiled
+        return fn(x_t, t, cond["vector"], cond["context"], cond["context_mask"])
 
     def batch_condition(self, batch: dict):
         key = self.conditioner.batch_key

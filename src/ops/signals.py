@@ -55,7 +55,8 @@ class GracefulShutdown(L.Callback):
         self.stopped = False          # training was stopped by a signal (on every rank)
         self.requeue = False          # ... and it was the requeue signal
         self.saved_path: str | None = None
-        self._previous: dict[int, Any] = {}
+        self._previous: dict[int, Any] = {}        # handlers we replaced, while training runs
+        self._previous_after: dict[int, Any] = {}  # ... kept after teardown for the requeue hand-over
 
     # ------------------------------------------------------------------ handlers
     def _handler(self, signum: int, frame) -> None:
@@ -114,9 +115,8 @@ class GracefulShutdown(L.Callback):
         trainer.should_stop = True
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        previous = dict(self._previous)
+        self._previous_after = dict(self._previous)
         self._restore()
-        self._previous_after = previous
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore()
@@ -126,7 +126,7 @@ class GracefulShutdown(L.Callback):
         """Hand a requeue over to the cluster tooling once fit has returned (call from the training script)."""
         if not self.requeue or self.requeue_signal is None:
             return
-        prev = getattr(self, "_previous_after", {}).get(self.requeue_signal)
+        prev = self._previous_after.get(self.requeue_signal)
         if callable(prev):  # submitit's handler: requeues (global rank 0) and exits
             log.info("handing %s to the previous handler (%s) for requeueing", self.requeue_signal.name,
                      getattr(prev, "__qualname__", prev))

@@ -1,0 +1,141 @@
+"""Run every benchmark script, print one summary table and update BENCHMARKS.md from ``bench/results/*.md``.
+
+Each script writes its own markdown under ``bench/results/`` (``*_quick.md`` with ``--quick``). BENCHMARKS.md keeps one
+section per result file between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` markers; only the text between the
+markers is replaced, so interpretation written outside them survives. A missing section is appended at the end.
+Scripts that are not in the tree (another engineer's, not written yet) are skipped with a note.
+
+    PYTHONPATH=. python bench/run_all.py [--quick] [--only ema overhead] [--skip vs_diffusers] [--no-run]
+
+``--quick`` runs only print the table unless ``--write-quick`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import REPO, RESULTS, machine_description, md_table  # noqa: E402
+
+DIGITS_CKPT = "/tmp/digits_ref/last.ckpt"
+# name -> (script, args for a full run, args for --quick, result files it writes (without _quick / .md))
+BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
+    "vs_diffusers": ("bench_vs_diffusers.py", [], ["--quick"], ["vs_diffusers"]),
+    "overhead": ("bench_overhead.py", [], ["--quick"], ["overhead"]),
+    "denoiser": ("bench_denoiser.py", [], ["--quick"], ["denoiser"]),
+    "ema": ("bench_ema.py", [], ["--quick"], ["ema"]),
+    "samplers_gaussian": ("bench_samplers.py", ["--gaussian"], ["--gaussian", "--quick"], ["samplers_gaussian"]),
+    "samplers_digits": ("bench_samplers.py", ["--ckpt", DIGITS_CKPT], ["--ckpt", DIGITS_CKPT, "--quick"],
+                        ["samplers_digits"]),
+    "stl10_loader": ("bench_stl10_loader.py", [], ["--quick"], ["stl10_loader"]),
+    "latent_loader": ("bench_latent.py", [], ["--quick"], ["latent_loader"]),
+    "video_loader": ("bench_video_loader.py", [], ["--quick", "--out", str(RESULTS / "video_loader_quick.md")],
+                     ["video_loader"]),
+    "video_models": ("bench_video_models.py", [], ["--quick"], ["video_models"]),
+    "diagnostics": ("bench_diagnostics.py", [], ["--quick"], ["diagnostics"]),
+}
+TITLES = {
+    "vs_diffusers": "1. Quality per wall-clock on digits (difflab vs a plain diffusers loop)",
+    "overhead": "2. Framework overhead", "denoiser": "3. Denoiser throughput", "ema": "4. EMA cost",
+    "samplers_digits": "5. Sampler quality per NFE (trained digits model)",
+    "samplers_gaussian": "5b. Sampler exactness on closed-form data", "stl10_loader": "STL10 loader",
+    "latent_loader": "Latent loader", "video_loader": "Video loader", "video_models": "Video denoisers",
+    "diagnostics": "Diagnostics callbacks overhead",
+}
+TARGET_RE = re.compile(r"(target[^.\n]*?:\s*\**(?:met|not met)[^\n]*)", re.IGNORECASE)
+
+
+def result_path(name: str, quick: bool) -> Path | None:
+    """The result file to show: the quick one for --quick runs if present, else the full one (or None)."""
+    for cand in ([f"{name}_quick.md", f"{name}.md"] if quick else [f"{name}.md"]):
+        if (RESULTS / cand).is_file():
+            return RESULTS / cand
+    return None
+
+
+def headline(path: Path | None) -> str:
+    """The first 'target ... met / not met' sentence of a result file, shortened for the summary table."""
+    if path is None:
+        return "no result file"
+    m = TARGET_RE.search(path.read_text())
+    return (m.group(1)[:110] + ("..." if len(m.group(1)) > 110 else "")) if m else "see file"
+
+
+def section_body(path: Path) -> str:
+    """A result file as a BENCHMARKS.md section body: its top heading dropped (the section has its own)."""
+    lines = path.read_text().rstrip().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return f"Source: `bench/results/{path.name}`.\n" + "\n".join(lines).strip("\n")
+
+
+def update_markdown(doc: str, name: str, body: str, title: str) -> str:
+    """Replace the text between the markers of ``name`` in doc (appending a new section when they are absent)."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = f"{start}\n{body}\n{end}"
+    if start in doc and end in doc:
+        i, j = doc.index(start), doc.index(end) + len(end)
+        return doc[:i] + block + doc[j:]
+    return doc.rstrip() + f"\n\n## {title}\n\n{block}\n"
+
+
+def update_benchmarks_md(names: list[str], quick: bool, path: Path = REPO / "BENCHMARKS.md") -> Path:
+    """Write the machine description and each benchmark's latest result into BENCHMARKS.md."""
+    doc = path.read_text() if path.is_file() else "# difflab benchmarks\n"
+    doc = update_markdown(doc, "machine", f"Last `run_all.py` update: {machine_description()}", "Machine")
+    for name in names:
+        res = result_path(name, quick)
+        if res is not None:
+            doc = update_markdown(doc, name, section_body(res), TITLES.get(name, name))
+    path.write_text(doc.rstrip() + "\n")
+    return path
+
+
+def run_one(name: str, quick: bool, timeout: float | None) -> tuple[str, float]:
+    """Run a benchmark script in a fresh process; (status, seconds)."""
+    script, full, fast, _ = BENCHES[name]
+    if not (REPO / "bench" / script).is_file():
+        return f"skipped: bench/{script} not in the tree", 0.0
+    if name == "samplers_digits" and not Path(DIGITS_CKPT).is_file():
+        return f"skipped: no trained digits checkpoint at {DIGITS_CKPT}", 0.0
+    cmd = [sys.executable, str(REPO / "bench" / script), *(fast if quick else full)]
+    t0 = time.perf_counter()
+    try:
+        rc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout:.0f} s", time.perf_counter() - t0
+    return ("ok" if rc == 0 else f"failed (exit {rc})"), time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="pass --quick to every script (smoke run)")
+    p.add_argument("--only", nargs="+", choices=list(BENCHES), help="run only these")
+    p.add_argument("--skip", nargs="+", default=[], choices=list(BENCHES), help="do not run these")
+    p.add_argument("--no-run", action="store_true", help="only rebuild BENCHMARKS.md from existing result files")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per script")
+    p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    p.add_argument("--write-quick", action="store_true",
+                   help="with --quick, also write the quick results into BENCHMARKS.md (off: a smoke run never "
+                        "replaces real numbers)")
+    args = p.parse_args()
+    names = [n for n in (args.only or BENCHES) if n not in args.skip]
+    rows = []
+    for name in names:
+        status, secs = ("not run (--no-run)", 0.0) if args.no_run else run_one(name, args.quick, args.timeout)
+        res = result_path(name, args.quick)
+        rows.append([name, status, f"{secs:.0f}", res.name if res else "-", headline(res)])
+    print(md_table(["benchmark", "status", "seconds", "result file", "target"], rows, ["l", "l", "r", "l", "l"]))
+    if not args.no_write and (not args.quick or args.write_quick):
+        print("updated", update_benchmarks_md(names, args.quick))
+    if any(r[1].startswith(("failed", "timed out")) for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Benchmark suite: the markdown plumbing of run_all / common (fast), and the cheapest scripts' --quick runs (slow)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.bench_denoiser import BASELINE_NET, build_pair, n_params  # noqa: E402
+from bench.bench_vs_diffusers import hms  # noqa: E402
+from bench.common import interleaved, md_table, median, write_result  # noqa: E402
+from bench.run_all import headline, update_markdown  # noqa: E402
+
+
+def test_update_markdown_replaces_only_between_markers():
+    doc = "# B\n\nintro\n\n## EMA\n\n<!-- bench:ema -->\nold table\n<!-- /bench:ema -->\n\nMy interpretation.\n"
+    out = update_markdown(doc, "ema", "new table", "EMA")
+    assert "new table" in out and "old table" not in out
+    assert out.count("<!-- bench:ema -->") == 1 and "My interpretation." in out and out.startswith("# B\n\nintro")
+    # an unknown section is appended with its title, and a second update replaces it in place
+    out2 = update_markdown(out, "overhead", "t1", "2. Overhead")
+    assert out2.endswith("## 2. Overhead\n\n<!-- bench:overhead -->\nt1\n<!-- /bench:overhead -->\n")
+    out3 = update_markdown(out2, "overhead", "t2", "2. Overhead")
+    assert "t1" not in out3 and out3.count("## 2. Overhead") == 1
+
+
+def test_headline_finds_target_sentence(tmp_path):
+    f = tmp_path / "x.md"
+    f.write_text("# X\n\n| a |\n\nTarget framework overhead <= 5% of step time: not met (+7.0%).\n")
+    assert headline(f).startswith("Target framework overhead") and "not met" in headline(f)
+    assert headline(None) == "no result file"
+
+
+def test_common_helpers(tmp_path, monkeypatch):
+    assert md_table(["a", "b"], [[1, 2]]) == "| a | b |\n|---|---:|\n| 1 | 2 |"
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    order = []
+    out = interleaved({"x": lambda: order.append("x") or 1.0, "y": lambda: order.append("y") or 2.0}, 3)
+    assert order == ["x", "y", "y", "x", "x", "y"] and out == {"x": [1.0] * 3, "y": [2.0] * 3}
+    monkeypatch.setenv("DIFFLAB_BENCH_RESULTS", str(tmp_path))
+    assert write_result("foo", "t", quick=True) == tmp_path / "foo_quick.md"
+    assert hms(300) == "00:00:05:00" and hms(90061) == "01:01:01:01"
+
+
+def test_matched_denoisers_have_equal_parameter_counts():
+    """The matching rules of bench_denoiser give the same parameter count (to 0.1%: difflab fuses q, k, v into one
+    biased linear, diffusers keeps three with slightly fewer biases) and output shape on both sides."""
+    ours, theirs = build_pair(BASELINE_NET, 3, 16)
+    assert abs(n_params(ours) - n_params(theirs)) <= 1e-3 * n_params(theirs)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1.0, 500.0])
+    assert ours(x, t).shape == theirs(x, t).sample.shape == x.shape
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,args,name", [
+    ("bench_ema.py", ["--quick", "--repeats", "1"], "ema_quick.md"),
+    ("bench_denoiser.py", ["--quick", "--no-bf16", "--steps", "1", "--repeats", "1"], "denoiser_quick.md"),
+])
+def test_quick_scripts_run(tmp_path, script, args, name):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DIFFLAB_BENCH_RESULTS": str(tmp_path)}
+    r = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = (tmp_path / name).read_text()
+    assert re.search(r"target[^\n]*: (met|not met)", text, re.IGNORECASE), text
+    assert "| ---" not in text and "|---|" in text
