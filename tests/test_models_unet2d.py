@@ -32,7 +32,8 @@ def test_output_shape_and_zero_init():
 def test_condition_vector_changes_output_after_training_step():
     torch.manual_seed(0)
     net = tiny(cond_dim=4)
-    torch.nn.init.normal_(net.conv_out.weight, std=0.1)
+    for p in net.parameters():  # undo the zero-initialisation of residual branches and the output conv
+        torch.nn.init.normal_(p, std=0.1)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([5.0, 5.0])
     a = net(x, t, torch.zeros(2, 4))
     b = net(x, t, torch.ones(2, 4))
@@ -41,7 +42,7 @@ def test_condition_vector_changes_output_after_training_step():
 
 def test_cross_attention_count_and_context_required():
     net = tiny(context_dim=12, cross_attention_levels=(0, 1))
-    assert net.count_cross_attention() == 3  # level 0, level 1, and the middle block
+    assert net.count_cross_attention() == 7  # per level 1 down + 2 up blocks, plus the middle block
     x = torch.randn(2, 1, 8, 8)
     out = net(x, torch.zeros(2), None, torch.randn(2, 5, 12), torch.ones(2, 5, dtype=torch.bool))
     assert out.shape == x.shape
@@ -76,12 +77,15 @@ def test_module_derives_widths_from_conditioner():
     m = _module(ClassConditioner(10, embed_dim=16))
     assert m.denoiser.embed.cond_proj.in_features == 16
     m2 = _module(_ContextOnly(), cross_attention_levels=(1,))
-    assert m2.num_cross_attention == 2
+    assert m2.num_cross_attention == 4  # level 1: 1 down + 2 up, plus the middle block
 
 
 def test_module_refuses_context_without_cross_attention():
+    # The research log's incident: a network built without a context path while text conditioning is configured.
+    built_without_context = tiny()
     with pytest.raises(ConfigError, match="cross-attention"):
-        _module(_ContextOnly(), attention_levels=(), cross_attention_levels=())
+        DiffusionModule(net=built_without_context, schedule=DiscreteSchedule("cosine", 100), objective=Objective("v"),
+                        sampler=functools.partial(ddim, steps=3), conditioner=_ContextOnly(), sample_shape=(1, 8, 8))
 
 
 def test_module_sample_shape_and_range():

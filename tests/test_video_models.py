@@ -404,7 +404,7 @@ def test_log_video_to_tensorboard_csv_and_wandb(tmp_path):
     tb = TensorBoardLogger(tmp_path, name="tb", version="")
     csv = CSVLogger(tmp_path, name="csv", version="")
     wb = WandbLogger()
-    log_video(SimpleNamespace(loggers=[tb, csv, wb]), "samples/video_grid", files, 7, 4.0, "a caption")
+    log_video(SimpleNamespace(loggers=[tb, csv, wb]), "samples/video_grid", files, 7, "a caption")
     tb.experiment.flush()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -455,6 +455,14 @@ def test_video_grid_samples_with_ema_weights(monkeypatch, tmp_path):
         assert im.n_frames == 3 and im.size == ((2 * (6 + 2) + 2) * 2, (3 * (4 + 2) + 2) * 2)  # 2x upscaled grid
     cb.on_train_batch_end(trainer, raw_module, None, None, 1)  # same step: not rendered twice
     assert len(ema.calls) == 1
+    cb.on_train_end(trainer, raw_module)  # the end is that same step: the grid is copied, not sampled again
+    assert len(ema.calls) == 1
+    final = tmp_path / "figures" / "video_grid"
+    assert (final / "final.mp4").read_bytes() == files["mp4"].read_bytes()
+    assert (final / "final.prompts.txt").read_text().splitlines() == ["p0", "p1", "(uncond)"]
+    trainer.global_step = 6
+    cb.on_train_end(trainer, raw_module)  # a later step: sampled afresh
+    assert len(ema.calls) == 2
 
 
 def test_write_sample_videos_groups_rows_by_prompt(tmp_path):

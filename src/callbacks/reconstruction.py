@@ -108,7 +108,7 @@ def reconstruct(module, x0: torch.Tensor, raw, t_starts: Sequence[int], calls: S
     return x_t, ddim_from(per_sample_model_fn(module, cond, null, guidance_scale), x_t, module.schedule, ts)
 
 
-def reconstruction_sweep(module, batch: dict, t_fractions: Sequence[float], path: Path, steps: int = 20,
+def reconstruction_sweep(module, batch: dict, t_fractions: Sequence[float], path: Path, steps: int = 10,
                          guidance_scale: float = 1.0, seed: int = 0, lpips_model=None) -> dict[str, float]:
     """Draw the sweep figure for a real ``batch`` and return per-t MSE (and LPIPS) scalars.
 

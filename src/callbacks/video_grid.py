@@ -92,8 +92,7 @@ def sample_video_grid(module, n_cols: int = 4, max_prompts: int = 8, include_unc
     return x, titles
 
 
-def log_video(trainer: L.Trainer, key: str, files: dict[str, Path], step: int, fps: float,
-              caption: str | None = None) -> None:
+def log_video(trainer: L.Trainer, key: str, files: dict[str, Path], step: int, caption: str | None = None) -> None:
     """Send written video files to every logger that can show them (MP4 to W&B, GIF to TensorBoard, paths to CSV)."""
     for logger in trainer.loggers:
         name = type(logger).__name__
@@ -172,7 +171,7 @@ class VideoGridCallback(L.Callback):
         self.written.append(out["files"])
         scale = self.guidance_scale if self.guidance_scale is not None else module.guidance["scale"]
         caption = f"step {step}, guidance {scale}; rows: " + " | ".join(out["titles"])
-        log_video(trainer, f"samples/{self.kind}", out["files"], step, self.fps, caption)
+        log_video(trainer, f"samples/{self.kind}", out["files"], step, caption)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.sanity_checking:
@@ -183,8 +182,25 @@ class VideoGridCallback(L.Callback):
             self._render(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.at_end:
+        if not self.at_end:
+            return
+        if self._last_step == trainer.global_step and self.written:
+            self._copy_final(trainer)  # the grid of this very step exists: do not sample it again
+        else:
             self._render(trainer, pl_module, tag="final")
+
+    @rank_zero_only
+    def _copy_final(self, trainer) -> None:
+        import shutil
+
+        files = {}
+        for fmt, path in self.written[-1].items():
+            files[fmt] = path.with_name("final" + path.suffix)
+            shutil.copyfile(path, files[fmt])
+        prompts = self.written[-1][next(iter(self.written[-1]))].with_suffix(".prompts.txt")
+        if prompts.is_file():
+            shutil.copyfile(prompts, prompts.with_name("final.prompts.txt"))
+        self.written.append(files)
 
 
 # ------------------------------------------------------------------------------------------------------ sample.py

@@ -88,7 +88,10 @@ class AttentionBlock(nn.Module):
         out = x.flatten(2).transpose(1, 2) + self.proj(a)
         if self.cross is not None:
             out = out + self.cross(out, context, context_mask)
-        return out.transpose(1, 2).reshape(b, c, h, w)
+        # A transposed view would make every following convolution run in a slow layout: copy into x's format.
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+            else torch.contiguous_format
+        return out.transpose(1, 2).reshape(b, c, h, w).contiguous(memory_format=fmt)
 
 
 class CrossAttention(nn.Module):

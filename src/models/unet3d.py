@@ -25,6 +25,7 @@ from src.models.video_layers import (
     TemporalAttention,
     Upsample3D,
     check_video,
+    sincos_1d,
 )
 
 
@@ -61,6 +62,9 @@ class UNet3D(nn.Module):
     attention across frames; ``cross_attention_levels`` (None = same as attention_levels): text cross-attention,
     used only when the conditioner gives tokens (``context_dim``). The bottleneck always has frame attention (with
     cross-attention when there is text) and temporal attention, then ``num_transformer_blocks`` DiT blocks.
+    ``frame_embedding`` adds an embedding of the absolute frame index to the input features: relative positions
+    alone tell the model how far apart two frames are but hardly which one comes first, so on moving digits a
+    model without it learned the axis of motion from the caption but not its sign.
     ``patch_size`` > 1 folds p x p pixel patches into channels first (space-to-depth) and unfolds the output:
     every level then runs at 1/p of the resolution, a large saving for small CPU models.
     """
@@ -71,7 +75,8 @@ class UNet3D(nn.Module):
                  cross_attention_levels: Sequence[int] | None = None, num_transformer_blocks: int = 0,
                  transformer_head_dim: int = 64, mlp_ratio: float = 4.0, temporal_kernel: int = 3,
                  max_distance: int = 32, dropout: float = 0.0, groups: int = 32, head_dim: int = 32,
-                 patch_size: int = 1, cond_dim: int = 0, context_dim: int | None = None):
+                 patch_size: int = 1, frame_embedding: bool = True, cond_dim: int = 0,
+                 context_dim: int | None = None):
         super().__init__()
         out_channels = out_channels or in_channels
         if patch_size < 1:
@@ -89,6 +94,8 @@ class UNet3D(nn.Module):
         emb_dim = 4 * base_channels
         self.embed = TimeConditionEmbedding(base_channels, emb_dim, cond_dim)
         self.conv_in = nn.Conv3d(in_channels, base_channels, (1, 3, 3), padding=(0, 1, 1))
+        # absolute frame index: sinusoid -> linear, added to the input features (any frame count works)
+        self.frame_embed = nn.Linear(base_channels, base_channels) if frame_embedding else None
         rb = dict(emb_dim=emb_dim, dropout=dropout, groups=groups, temporal_kernel=temporal_kernel)
 
         def level_block(level: int, ch_in: int, ch: int) -> nn.ModuleList:
@@ -158,6 +165,9 @@ class UNet3D(nn.Module):
                              f"{self.downsampling} (2^(len(channel_mults) - 1))")
         emb = self.embed(t, cond)
         h = self.conv_in(space_to_depth(x, self.patch))
+        if self.frame_embed is not None:
+            pos = self.frame_embed(sincos_1d(x.shape[2], self.frame_embed.in_features, x.device).to(h.dtype))
+            h = h + pos.t()[None, :, :, None, None]
         hs = [h]
         for block in self.down:
             h = block(h) if isinstance(block, Downsample3D) else self._apply_level(block, h, emb, context, context_mask)
