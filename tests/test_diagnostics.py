@@ -122,7 +122,7 @@ def test_run_logs_every_scalar(diag_run):
     assert all(0 <= v < 1 for v in csv_values(diag_run, "health/ema_distance"))
     assert 0 <= csv_values(diag_run, "metrics/digit_accuracy")[0] <= 1
     assert csv_values(diag_run, f"metrics/fd_digit{N_SAMPLES}")[0] > 0
-    assert sorted(csv_values(diag_run, "val_loss_t/worst_bucket"))[0] in range(10)
+    assert all(v in {float(b) for b in range(10)} for v in csv_values(diag_run, "val_loss_t/worst_bucket"))
     cached = list((diag_run / "data" / "stats").glob("DigitsDataModule-*-train-1x8x8-digit-classifier-128-n128.pt"))
     assert len(cached) == 1  # real statistics cached per dataset / resolution / feature network
 

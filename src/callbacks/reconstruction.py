@@ -162,7 +162,7 @@ class ReconstructionCallback(DiagnosticCallback):
 
     kind = "reconstruction"
 
-    def __init__(self, t_fractions: Sequence[float] = (0.7, 0.5, 0.3, 0.2), n_images: int = 8, steps: int = 10,
+    def __init__(self, t_fractions: Sequence[float] = (0.7, 0.5, 0.3, 0.2), n_images: int = 6, steps: int = 8,
                  guidance_scale: float = 1.0, seed: int = 0, lpips_net: str | None = None,
                  lpips_backbone: str | None = None, every_n_steps: int = 1000, dense_early: bool = True,
                  at_end: bool = True):

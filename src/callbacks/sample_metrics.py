@@ -173,9 +173,9 @@ class SampleMetrics:
     """Generates ``n_samples`` with a module and computes every metric that its data and the available weights
     allow. ``prepare`` (real statistics, once) and ``evaluate`` must be called on every DDP rank."""
 
-    def __init__(self, n_samples: int = 128, batch_size: int = 128, feature: Any = "auto",
+    def __init__(self, n_samples: int = 100, batch_size: int = 128, feature: Any = "auto",
                  inception_weights: str | None = None, i3d_weights: str | None = None,
-                 digit_classifier_weights: str | None = None, kid_subsets: int = 10, kid_subset_size: int = 100,
+                 digit_classifier_weights: str | None = None, kid_subsets: int = 10, kid_subset_size: int = 50,
                  n_real: int = 1024, real_split: str = "train", stats_dir: str | None = None,
                  lpips_net: str | None = "alex", lpips_backbone: str | None = None, lpips_pairs: int = 32,
                  clip_model: str | None = None, sampler=None, guidance_scale: float | None = None, seed: int = 0):

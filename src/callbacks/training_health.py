@@ -39,13 +39,16 @@ def global_norm(tensors) -> float:
 def ema_distance(ema_module: torch.nn.Module, raw_module: torch.nn.Module) -> float:
     """||EMA - raw|| / ||raw|| over the trainable parameters shared by name."""
     ema_params = dict(ema_module.named_parameters())
-    num, den = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    num = den = None
     for name, p in raw_module.named_parameters():
         q = ema_params.get(name)
         if q is None or not p.requires_grad:
             continue
-        num += torch.linalg.vector_norm((q.detach() - p.detach()).double()).cpu() ** 2
-        den += torch.linalg.vector_norm(p.detach().double()).cpu() ** 2
+        d2 = (q.detach() - p.detach()).double().square().sum()  # stays on the device: one sync at the end
+        p2 = p.detach().double().square().sum()
+        num, den = (d2, p2) if num is None else (num + d2, den + p2)
+    if num is None:
+        return 0.0
     return float((num / den.clamp(min=1e-30)).sqrt())
 
 
