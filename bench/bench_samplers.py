@@ -198,7 +198,8 @@ def run_digits(ckpt: str, out_path: Path, n: int, spacing: str | None, seed: int
         nfe = len(calls) // max(1, -(-n // batch_size))
         ev = evaluate_samples(torch.cat(imgs), labels, real)
         results[(name, steps)] = ev
-        body[(name, steps)] = f"| {LABEL[name]} | {steps} | {nfe} | {ev['fd']:.2f} | {ev['accuracy']:.3f} | {wall:.0f} |"
+        body[(name, steps)] = (f"| {LABEL[name]} | {steps} | {nfe} | {ev['fd']:.2f} | {ev['accuracy']:.3f} "
+                               f"| {wall:.0f} |")
         print(body[(name, steps)], flush=True)
         footer = []
         if ("dpmpp_2m", 20) in results and ("ddim", 100) in results:

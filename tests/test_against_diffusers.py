@@ -227,7 +227,8 @@ def test_native_float64_schedules_end_to_end(spacing):
     x, g = x_T(), torch.Generator().manual_seed(4)
     for t in hf.timesteps:
         x = hf.step(fake(x, t), t, x, generator=g).prev_sample
-    ours = ddpm(guided_model_fn(net, sch, "v", {}, None), x_T(), sch, steps=20, generator=torch.Generator().manual_seed(4))
+    ours = ddpm(guided_model_fn(net, sch, "v", {}, None), x_T(), sch, steps=20,
+                generator=torch.Generator().manual_seed(4))
     assert rel_err(ours, x) < TOL
 
 

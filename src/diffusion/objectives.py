@@ -202,8 +202,8 @@ def _lpips_frames(x: Tensor) -> Tensor:
     if x.ndim == 5:
         x = x.transpose(1, 2).flatten(0, 1)
     if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"objective.lpips_weight > 0 needs pixel images B x 1|3 x H x W or videos B x 1|3 x T x H x W, "
-                         f"got {tuple(x.shape)}; set objective.lpips_weight=0 for latent models")
+        raise ValueError(f"objective.lpips_weight > 0 needs pixel images B x 1|3 x H x W or videos "
+                         f"B x 1|3 x T x H x W, got {tuple(x.shape)}; set objective.lpips_weight=0 for latent models")
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if min(x.shape[-2:]) < LPIPS_MIN_SIZE:

@@ -62,9 +62,9 @@ class UNet3D(nn.Module):
     attention across frames; ``cross_attention_levels`` (None = same as attention_levels): text cross-attention,
     used only when the conditioner gives tokens (``context_dim``). The bottleneck always has frame attention (with
     cross-attention when there is text) and temporal attention, then ``num_transformer_blocks`` DiT blocks.
-    ``frame_embedding`` adds an embedding of the absolute frame index to the input features: relative positions
-    alone tell the model how far apart two frames are but hardly which one comes first, so on moving digits a
-    model without it learned the axis of motion from the caption but not its sign.
+    ``frame_embedding`` adds an embedding of the absolute frame index to the input features (relative positions
+    say how far apart two frames are, not which one is first; content that depends on the clip's start, such as
+    where a moving object enters, needs the absolute index).
     ``patch_size`` > 1 folds p x p pixel patches into channels first (space-to-depth) and unfolds the output:
     every level then runs at 1/p of the resolution, a large saving for small CPU models.
     """
