@@ -3,10 +3,12 @@
 Both runs use the default digits experiment (its UNet2D, batch 64, validation every 500 steps, class grid and
 checkpoint every 1000 steps and at the end; its max_time cap is lifted) for --steps optimizer steps (600; 200 with
 --quick), each in a fresh subprocess, back to back: (default, diagnostics) x --repeats (2). Measured per run:
-- the wall time of ``trainer.fit`` (includes data loading, validation, checkpoints, the default class grid);
+- the wall time and the process CPU time of ``trainer.fit`` (data loading, validation, checkpoints and the default
+  class grid included); on a shared CPU the wall time swings with other users' load, the CPU time much less;
 - inside the diagnostics run, the time spent in every diagnostic callback hook (timed wrappers), so the overhead
   can also be read without the noise of a shared CPU: ``hooks / (fit - hooks)``.
-Overhead = (diagnostics fit - default fit) / default fit, per pair. Target: under 10% at the default schedule.
+Overhead = (diagnostics - default) / default, per pair, for wall and CPU time. Target: under 10% at the default
+schedule.
 
     PYTHONPATH=. python bench/bench_diagnostics.py [--quick] [--steps 600] [--repeats 2] [--threads 1]
         [--keep DIR]   # keep the last diagnostics run (figures, csv) in DIR
@@ -65,11 +67,11 @@ def child(args) -> None:
                     finally:
                         spent[_name] += time.perf_counter() - t0
                 setattr(cb, hook, timed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     objs["trainer"].fit(objs["model"], datamodule=objs["datamodule"])
-    fit_s = time.perf_counter() - t0
+    fit_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     figures = sorted(str(p.relative_to(out)) for p in (out / "figures").rglob("*.png"))
-    print("RESULT " + json.dumps({"config": args.config, "fit_s": fit_s, "hooks": dict(spent),
+    print("RESULT " + json.dumps({"config": args.config, "fit_s": fit_s, "cpu_s": cpu_s, "hooks": dict(spent),
                                   "figures": len(figures), "steps": int(objs["trainer"].global_step)}))
 
 
@@ -109,7 +111,7 @@ def main() -> None:
                 res = run_one(config, args.steps, args.threads, out)
                 pair[config] = res
                 detail = ", ".join(f"{k} {v:.1f}" for k, v in sorted(res["hooks"].items()))
-                print(f"repeat {r + 1} {config}: fit {res['fit_s']:.1f} s, diagnostic hooks "
+                print(f"repeat {r + 1} {config}: fit {res['fit_s']:.1f} s (CPU {res['cpu_s']:.1f} s), diagnostic hooks "
                       f"{sum(res['hooks'].values()):.1f} s ({detail}), {res['figures']} figures", flush=True)
                 if config == "diagnostics" and args.keep and r == args.repeats - 1:
                     shutil.rmtree(args.keep, ignore_errors=True)
@@ -119,16 +121,18 @@ def main() -> None:
              f"Digits experiment defaults, {args.steps} steps, torch threads {args.threads}, "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared); "
              f"`PYTHONPATH=. python bench/bench_diagnostics.py{' --quick' if args.quick else ''}`.", "",
-             "| pair | default fit (s) | diagnostics fit (s) | overhead (fit times) | diagnostic hooks (s) | "
-             "overhead (hooks / rest) |", "|---|---|---|---|---|---|"]
+             "| pair | default fit: wall / CPU (s) | diagnostics fit: wall / CPU (s) | overhead: wall | overhead: CPU "
+             "| diagnostic hooks, wall (s) | overhead: hooks / rest |", "|---|---|---|---|---|---|---|"]
     for i, p in enumerate(pairs, 1):
         base, diag = p["default"]["fit_s"], p["diagnostics"]["fit_s"]
+        base_cpu, diag_cpu = p["default"]["cpu_s"], p["diagnostics"]["cpu_s"]
         hooks = sum(p["diagnostics"]["hooks"].values())
-        lines.append(f"| {i} | {base:.1f} | {diag:.1f} | {100 * (diag - base) / base:+.1f}% | {hooks:.1f} | "
-                     f"{100 * hooks / (diag - hooks):.1f}% |")
+        lines.append(f"| {i} | {base:.1f} / {base_cpu:.1f} | {diag:.1f} / {diag_cpu:.1f} | "
+                     f"{100 * (diag - base) / base:+.1f}% | {100 * (diag_cpu - base_cpu) / base_cpu:+.1f}% | "
+                     f"{hooks:.1f} | {100 * hooks / (diag - hooks):.1f}% |")
         steps = {p[c]["steps"] for c in p}
         if steps != {args.steps}:
-            lines.append(f"| | WARNING: runs stopped at steps {sorted(steps)}, not {args.steps} | | | | |")
+            lines.append(f"| | WARNING: runs stopped at steps {sorted(steps)}, not {args.steps} | | | | | |")
     lines += ["", "Time per diagnostic callback (s), per pair:", "",
               "| callback | " + " | ".join(f"pair {i}" for i in range(1, len(pairs) + 1)) + " |",
               "|---|" + "---|" * len(pairs)]

@@ -101,6 +101,10 @@ def run_sampling(cfg: DictConfig) -> dict[str, Path]:
         noise = torch.randn((j - i, *module.sample_shape), generator=gen)
         chunks.append(module.sample(j - i, _slice(raw, i, j), sampler=sampler, guidance_scale=g.get("scale"),
                                     noise=noise, generator=gen, progress=True).cpu())
-    out = write_outputs(Path(cfg.out_dir), torch.cat(chunks), raw)
+    samples = torch.cat(chunks)
+    out = write_outputs(Path(cfg.out_dir), samples, raw)
+    if samples.ndim == 5:  # videos: also an MP4 + GIF grid, one row per prompt
+        from src.callbacks.video_grid import video_fps, write_sample_videos
+        out.update(write_sample_videos(cfg.out_dir, samples, raw, fps=video_fps(module.run_config)))
     log.info("wrote %d samples with %s to %s", cfg.n, module.describe_sampler(sampler), cfg.out_dir)
     return out

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from src.callbacks.ema import ema_module
 from src.callbacks.schedule import is_scheduled
 from src.datamodules.video_io import to_uint8_video, video_grid, write_gif, write_mp4
-from src.utils.logging import _append_figure_index, figure_path
+from src.utils.logging import append_figure_index, figure_path
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def log_video(trainer: L.Trainer, key: str, files: dict[str, Path], step: int, c
                 logger.log_video(key=key, videos=[str(path)], step=step, caption=[caption or ""])
             elif name == "CSVLogger":
                 for fmt, path in files.items():
-                    _append_figure_index(Path(logger.log_dir), f"{key}.{fmt}", step, path)
+                    append_figure_index(Path(logger.log_dir), f"{key}.{fmt}", step, path)
         except Exception as err:  # a logger failing must not stop training
             log.warning("could not log video %s to %s: %s", key, name, err)
 

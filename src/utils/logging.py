@@ -23,12 +23,13 @@ def log_image(trainer, key: str, path: str | Path, step: int, caption: str | Non
             elif name == "WandbLogger":
                 logger.log_image(key=key, images=[str(path)], step=step, caption=[caption] if caption else None)
             elif name == "CSVLogger":
-                _append_figure_index(Path(logger.log_dir), key, step, path)
+                append_figure_index(Path(logger.log_dir), key, step, path)
         except Exception as err:  # a logger failing must not stop training
             log.warning("could not log image %s to %s: %s", key, name, err)
 
 
-def _append_figure_index(log_dir: Path, key: str, step: int, path: str | Path) -> None:
+def append_figure_index(log_dir: Path, key: str, step: int, path: str | Path) -> None:
+    """Append a row (step, key, path) to the CSV logger's figures.csv index."""
     log_dir.mkdir(parents=True, exist_ok=True)
     index = log_dir / "figures.csv"
     new = not index.exists()
