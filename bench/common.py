@@ -138,7 +138,6 @@ def git_revision() -> str:
 
 def compose_train(overrides: Sequence[str] = (), output_dir: str | Path = "/tmp/difflab_bench_run"):
     """The training config (``configs/train.yaml``) composed by Hydra as train.py would, plus overrides."""
-    from hydra import compose, initialize_config_dir
+    from src.ops.testing import compose_train as compose
 
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={output_dir}", f"paths.root_dir={REPO}", *overrides])
+    return compose(output_dir, [f"paths.root_dir={REPO}", *overrides])

@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.ops import ddp_multirun
@@ -64,6 +65,8 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     shutdown = next((cb for cb in callbacks if isinstance(cb, GracefulShutdown)), None)
     plugins += cluster_plugins(shutdown.requeue_signal if shutdown else None, handled_elsewhere=shutdown is not None)
     tcfg["precision"] = supported_precision(tcfg.get("precision"), tcfg.get("accelerator"))
+    if tcfg.get("enable_progress_bar") is False:  # `trainer.enable_progress_bar=false` switches the bar callback off too
+        callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     return instantiate(tcfg, callbacks=callbacks, logger=loggers or False, plugins=plugins or None)
 
 

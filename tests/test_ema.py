@@ -31,3 +31,53 @@ def test_rejects_bad_decay():
     import pytest
     with pytest.raises(ValueError, match="decay"):
         EMA(decay=1.5)
+
+
+class _Regression(__import__("lightning").LightningModule):
+    """A linear model with a float and an integer buffer, trained by SGD on fixed random data."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        self.register_buffer("running", torch.zeros(4))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.running.mul_(0.5).add_(x.mean(0))
+        self.count += 1
+        return nn.functional.mse_loss(self.lin(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _TorchPathEMA(EMA):
+    """The same callback forced onto AveragedModel.update_parameters (the reference path)."""
+
+    def _tensor_pairs(self, pl_module):
+        return None
+
+
+def _fit_ema(ema_cls, steps=7):
+    import lightning as L
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g))
+    L.seed_everything(0)
+    model = _Regression()
+    ema = ema_cls(decay=0.8, update_every=2, warmup=True)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[ema])
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
+    return ema
+
+
+def test_cached_update_matches_averaged_model_path():
+    fast, ref = _fit_ema(EMA), _fit_ema(_TorchPathEMA)
+    assert fast._pairs is not None  # the cached path ran
+    assert fast.num_updates == ref.num_updates == 4  # steps 0, 2, 4, 6
+    a, b = fast._average_model.state_dict(), ref._average_model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert int(a["n_averaged"]) == 4 and int(a["module.count"]) == 7  # integer buffers are copied, not averaged

@@ -171,3 +171,14 @@ def test_bf16_falls_back_to_fp16_on_gpus_without_bf16(monkeypatch):
     assert supported_precision("32-true", "gpu") == "32-true"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert supported_precision("bf16-mixed", "gpu") == "bf16-mixed"
+
+
+def test_disabling_the_progress_bar_from_the_trainer_config_drops_the_bar_callback(tmp_path):
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from src.pipeline import build
+
+    on = build(compose_train(tmp_path / "on", ["logger=none"]))["trainer"]  # the default callbacks hold a bar
+    assert any(isinstance(cb, ProgressBar) for cb in on.callbacks)
+    off = build(compose_train(tmp_path / "off", ["logger=none", "trainer.enable_progress_bar=false"]))["trainer"]
+    assert not any(isinstance(cb, ProgressBar) for cb in off.callbacks)

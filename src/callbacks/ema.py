@@ -49,10 +49,45 @@ class EMA(WeightAveraging):
             self._average_model.to(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        before = self._latest_update_step
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._latest_update_step != before:
+        step_idx = trainer.global_step - 1  # zero-based, as in WeightAveraging
+        if trainer.global_step > self._latest_update_step and self.should_update(step_idx=step_idx):
+            self._update(pl_module)
+            self._latest_update_step = trainer.global_step
             self.num_updates += 1
+
+    def _update(self, pl_module: L.LightningModule) -> None:
+        """One EMA step. Same result as ``AveragedModel.update_parameters`` but with the tensor lists built once:
+        walking the module tree and regrouping tensors every step cost 4x the lerp itself (BENCHMARKS.md)."""
+        avg = self._average_model
+        pairs = self._tensor_pairs(pl_module)
+        if pairs is None or int(avg.n_averaged) == 0:  # first update copies; EMA on another device converts
+            avg.update_parameters(pl_module)
+            return
+        (avg_f, cur_f), (avg_o, cur_o) = pairs
+        with torch.no_grad():
+            if avg_f:
+                torch._foreach_lerp_(avg_f, cur_f, 1.0 - ema_decay(self.decay, self.num_updates, self.warmup))
+            for a, c in zip(avg_o, cur_o):
+                a.copy_(c)
+        avg.n_averaged += 1
+
+    def _tensor_pairs(self, pl_module: L.LightningModule):
+        """(float averaged, float current), (other averaged, other current) tensor lists, cached per module;
+        None when the two live on different devices (then AveragedModel's converting path is used). The key holds
+        the first parameters' storage addresses, so moving either module (``.to()``) rebuilds the lists."""
+        first = (next(pl_module.parameters(), None), next(self._average_model.module.parameters(), None))
+        key = (id(pl_module), id(self._average_model), *(p.data_ptr() if p is not None else 0 for p in first))
+        if getattr(self, "_pairs_key", None) != key:
+            avg_t = [*self._average_model.module.parameters(), *self._average_model.module.buffers()]
+            cur_t = [*pl_module.parameters(), *pl_module.buffers()]
+            if len(avg_t) != len(cur_t) or any(a.device != c.device for a, c in zip(avg_t, cur_t)):
+                self._pairs, self._pairs_key = None, key
+                return None
+            fl = [(a.detach(), c.detach()) for a, c in zip(avg_t, cur_t) if a.is_floating_point()]
+            ot = [(a.detach(), c.detach()) for a, c in zip(avg_t, cur_t) if not a.is_floating_point()]
+            self._pairs = ([a for a, _ in fl], [c for _, c in fl]), ([a for a, _ in ot], [c for _, c in ot])
+            self._pairs_key = key
+        return self._pairs
 
     def _swap_models(self, pl_module) -> None:
         super()._swap_models(pl_module)

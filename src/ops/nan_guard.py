@@ -24,13 +24,20 @@ class TrainingDivergedError(DifflabError):
     """Too many consecutive optimizer steps with non-finite loss or gradients."""
 
 
-def grads_finite(params) -> bool:
-    """True when every existing gradient is finite (one fused norm, one host sync)."""
+def grads_finite_tensor(params) -> torch.Tensor:
+    """0-d bool tensor: every existing gradient is finite (fused norms, no host sync)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return True
+        return torch.tensor(True)
     norms = torch._foreach_norm(grads)
-    return bool(torch.isfinite(torch.stack([n.float() for n in norms]).sum()))
+    if any(n.dtype != norms[0].dtype for n in norms):
+        norms = [n.float() for n in norms]
+    return torch.isfinite(torch.stack(norms).sum())
+
+
+def grads_finite(params) -> bool:
+    """True when every existing gradient is finite (one host sync)."""
+    return bool(grads_finite_tensor(params))
 
 
 def last_checkpoint(trainer: L.Trainer) -> str | None:
@@ -56,18 +63,22 @@ class NonFiniteGuard(L.Callback):
         self.max_consecutive, self.check_loss = max_consecutive, check_loss
         self.skipped_total = 0
         self.consecutive = 0
-        self._loss_finite = True
+        self._loss_finite: torch.Tensor | None = None  # AND over micro-batches, kept on device until the step
         self.skipped_steps: list[int] = []  # global steps skipped in this process (for inspection)
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         if self.check_loss:
             # AND over micro-batches when gradients are accumulated; reset after each optimizer step
-            self._loss_finite = self._loss_finite and bool(torch.isfinite(loss.detach()).all())
+            ok = torch.isfinite(loss.detach()).all()
+            self._loss_finite = ok if self._loss_finite is None else self._loss_finite & ok
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        bad = not (self._loss_finite and grads_finite(params))
-        self._loss_finite = True
+        ok = grads_finite_tensor(params)
+        if self._loss_finite is not None:
+            ok = ok.to(self._loss_finite.device) & self._loss_finite
+        bad = not bool(ok)  # the one host sync per optimizer step
+        self._loss_finite = None
         if trainer.world_size > 1:  # grads are all-reduced already; the loss is per rank: agree on the decision
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if not bad:
@@ -90,6 +101,8 @@ class NonFiniteGuard(L.Callback):
                 f"{ckpt or 'none written yet'}. Lower model.lr, check the data, then resume with ckpt_path=<that file>")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % max(1, trainer.log_every_n_steps) and not self.consecutive:
+            return  # logged at the logger's cadence (and on every skipped step); self.log costs ~1 ms per call
         pl_module.log("train/skipped_steps", float(self.skipped_total), on_step=True, on_epoch=False,
                       rank_zero_only=True)
 
