@@ -2,8 +2,8 @@
 
 The digits recipe's DiffusionModule and its EMA callback (``configs/callbacks/default.yaml: ema``) are built from the
 composed config; the callback's ``setup`` makes the averaged copy and each timed update calls
-``EMA.on_train_batch_end`` with an advancing step counter, i.e. Lightning's ``WeightAveraging`` bookkeeping,
-``AveragedModel.update_parameters`` and difflab's foreach lerp. The training step it is compared with (label dropout,
+``EMA.on_train_batch_end`` with an advancing step counter, i.e. the schedule check and one ``torch._foreach_lerp_``
+over tensor lists cached on the first update (``EMA._update``). The training step it is compared with (label dropout,
 loss, backward, grad clipping, AdamW) runs in the same process; the two are timed alternately, medians reported.
 
     PYTHONPATH=. python bench/bench_ema.py [--quick] [--threads 1]
