@@ -405,3 +405,42 @@ def test_encoder_follows_the_module_to_the_gpu(clip_dir, tmp_path):
     twin = copy.deepcopy(c)
     enc_bytes = sum(p.numel() * p.element_size() for p in e.parameters())
     assert twin.encoder is e and torch.cuda.memory_allocated() - before < enc_bytes / 2
+
+
+def test_attention_pool_starts_as_masked_mean_and_learns_to_pick_a_token():
+    from src.conditioning.pooling import AttentionPool
+
+    torch.manual_seed(0)
+    tokens = torch.randn(3, 6, 10)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    pool = AttentionPool(10, key_dim=4)
+    mean = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    torch.testing.assert_close(pool(tokens, mask), mean)  # zero query: uniform over real tokens
+    # padding never leaks in, whatever the query
+    with torch.no_grad():
+        pool.query.normal_()
+    garbage = tokens.clone()
+    garbage[mask == 0] = 1e4
+    torch.testing.assert_close(pool(garbage, mask), pool(tokens, mask))
+    # trained to output token 2 of each sequence, it concentrates its weight there
+    pool = AttentionPool(10, key_dim=4)
+    marked = tokens.clone()
+    marked[:, 2, 0] = 5.0  # a feature the key can find
+    opt = torch.optim.Adam(pool.parameters(), lr=0.05)
+    for _ in range(300):
+        loss = (pool(marked, mask) - marked[:, 2]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05 * (mean - marked[:, 2]).pow(2).mean().item()
+
+
+def test_attention_pooling_option_builds_the_vector_from_tokens(enc):
+    c = TextConditioner(enc, vector_dim=8, pooling="attention")
+    out = c(PROMPTS)
+    tokens, mask, _ = enc(PROMPTS)
+    mean = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    torch.testing.assert_close(out["vector"], c.vector_proj(mean), atol=1e-5, rtol=1e-5)
+    assert "attention_pool.query" in c.state_dict()
+    with pytest.raises(ConfigError, match="pooling"):
+        TextConditioner(enc, pooling="max")

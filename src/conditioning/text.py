@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from src.conditioning.base import Conditioner, cond_dict
+from src.conditioning.pooling import AttentionPool
 from src.conditioning.prompt_table import PromptTable, build_prompt_table, load_prompt_table
 from src.conditioning.text_encoders import TextEncoder, check_prompts, load_text_encoder
 from src.utils.errors import ConfigError
@@ -57,6 +58,9 @@ class TextConditioner(Conditioner):
         prompts: the fixed prompt set (e.g. the datamodule's class prompts); "" is always added.
         dtype: optional encoder weight dtype ("float16" on GPU halves its memory).
         encode_batch_size: prompts per encoder call when building tables.
+        pooling: "encoder" uses the encoder's pooled output (MiniLM: masked token mean; CLIP: its pooler) for the
+            vector; "attention" learns which tokens to weight (``AttentionPool``), for prompts that differ in one
+            word that matters (directions, counts).
     """
 
     batch_key = "text"
@@ -64,8 +68,10 @@ class TextConditioner(Conditioner):
     def __init__(self, encoder: str | TextEncoder = "minilm", max_length: int | None = None, kind: str = "auto",
                  vector_dim: int | None = None, context_proj_dim: int | None = None, use_context_mask: bool = True,
                  table_path: str | None = None, prompts: list[str] | None = None, dtype: str | None = None,
-                 encode_batch_size: int = 128):
+                 encode_batch_size: int = 128, pooling: str = "encoder"):
         super().__init__()
+        if pooling not in ("encoder", "attention"):
+            raise ConfigError(f"conditioning.pooling must be 'encoder' or 'attention'; got {pooling!r}")
         enc = encoder if isinstance(encoder, TextEncoder) else load_text_encoder(encoder, kind, max_length, dtype)
         if isinstance(encoder, TextEncoder) and max_length is not None and int(max_length) != enc.max_length:
             raise ConfigError(f"max_length={max_length} differs from the given encoder's max_length={enc.max_length}")
@@ -79,7 +85,10 @@ class TextConditioner(Conditioner):
         if vector_dim is not None and int(vector_dim) < 0:
             raise ConfigError(f"vector_dim must be >= 0 or null; got {vector_dim}")
         self.vector_dim = enc.pooled_dim if vector_dim is None else int(vector_dim)
-        self.vector_proj = nn.Linear(enc.pooled_dim, self.vector_dim) if self.vector_dim > 0 else None
+        self.pooling = pooling
+        self.attention_pool = AttentionPool(enc.hidden_size) if pooling == "attention" and self.vector_dim > 0 else None
+        pooled_in = enc.hidden_size if self.attention_pool is not None else enc.pooled_dim
+        self.vector_proj = nn.Linear(pooled_in, self.vector_dim) if self.vector_dim > 0 else None
         if context_proj_dim is not None and int(context_proj_dim) <= 0:
             raise ConfigError(f"context_proj_dim must be a positive int or null; got {context_proj_dim}")
         self.context_proj = None if context_proj_dim is None else nn.Linear(enc.hidden_size, int(context_proj_dim))
@@ -111,6 +120,8 @@ class TextConditioner(Conditioner):
         """Prompts -> dict(vector, context, context_mask) on this module's device."""
         prompts = check_prompts(raw)
         tokens, mask, pooled = self.embed(prompts)
+        if self.attention_pool is not None:
+            pooled = self.attention_pool(tokens, mask)
         vector = self.vector_proj(pooled) if self.vector_proj is not None else None
         context = self.context_proj(tokens) if self.context_proj is not None else tokens
         return cond_dict(vector=vector, context=context, context_mask=mask if self.use_context_mask else None)
@@ -118,7 +129,7 @@ class TextConditioner(Conditioner):
     def describe(self) -> str:
         table = f", table={self.table_path} ({len(self.table)} prompts)" if self.table is not None else ""
         return (f"TextConditioner(encoder={self.encoder_name}, max_length={self.max_length}, vector_dim="
-                f"{self.vector_dim}, context_dim={self.context_dim}{table})")
+                f"{self.vector_dim}, pooling={self.pooling}, context_dim={self.context_dim}{table})")
 
     # ------------------------------------------------------------------------------------------------- tables
     def prepare_table(self, prompts: list[str] | None = None) -> PromptTable | None:
