@@ -65,7 +65,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     shutdown = next((cb for cb in callbacks if isinstance(cb, GracefulShutdown)), None)
     plugins += cluster_plugins(shutdown.requeue_signal if shutdown else None, handled_elsewhere=shutdown is not None)
     tcfg["precision"] = supported_precision(tcfg.get("precision"), tcfg.get("accelerator"))
-    if tcfg.get("enable_progress_bar") is False:  # `trainer.enable_progress_bar=false` switches the bar callback off too
+    if tcfg.get("enable_progress_bar") is False:  # `trainer.enable_progress_bar=false` drops the bar callback too
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     return instantiate(tcfg, callbacks=callbacks, logger=loggers or False, plugins=plugins or None)
 

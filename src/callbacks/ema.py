@@ -63,30 +63,22 @@ class EMA(WeightAveraging):
         if pairs is None or int(avg.n_averaged) == 0:  # first update copies; EMA on another device converts
             avg.update_parameters(pl_module)
             return
-        (avg_f, cur_f), (avg_o, cur_o) = pairs
         with torch.no_grad():
-            if avg_f:
-                torch._foreach_lerp_(avg_f, cur_f, 1.0 - ema_decay(self.decay, self.num_updates, self.warmup))
-            for a, c in zip(avg_o, cur_o):
-                a.copy_(c)
+            self._lerp(*pairs, None)
         avg.n_averaged += 1
 
     def _tensor_pairs(self, pl_module: L.LightningModule):
-        """(float averaged, float current), (other averaged, other current) tensor lists, cached per module;
-        None when the two live on different devices (then AveragedModel's converting path is used). The key holds
-        the first parameters' storage addresses, so moving either module (``.to()``) rebuilds the lists."""
+        """(averaged, current) lists of parameters and buffers, cached per module; None when the two live on
+        different devices (then AveragedModel's converting path is used). The key holds the first parameters'
+        storage addresses, so moving either module (``.to()``) rebuilds the lists."""
         first = (next(pl_module.parameters(), None), next(self._average_model.module.parameters(), None))
         key = (id(pl_module), id(self._average_model), *(p.data_ptr() if p is not None else 0 for p in first))
         if getattr(self, "_pairs_key", None) != key:
-            avg_t = [*self._average_model.module.parameters(), *self._average_model.module.buffers()]
-            cur_t = [*pl_module.parameters(), *pl_module.buffers()]
-            if len(avg_t) != len(cur_t) or any(a.device != c.device for a, c in zip(avg_t, cur_t)):
-                self._pairs, self._pairs_key = None, key
-                return None
-            fl = [(a.detach(), c.detach()) for a, c in zip(avg_t, cur_t) if a.is_floating_point()]
-            ot = [(a.detach(), c.detach()) for a, c in zip(avg_t, cur_t) if not a.is_floating_point()]
-            self._pairs = ([a for a, _ in fl], [c for _, c in fl]), ([a for a, _ in ot], [c for _, c in ot])
-            self._pairs_key = key
+            avg_m = self._average_model.module
+            avg_t = [t.detach() for t in (*avg_m.parameters(), *avg_m.buffers())]
+            cur_t = [t.detach() for t in (*pl_module.parameters(), *pl_module.buffers())]
+            same = len(avg_t) == len(cur_t) and all(a.device == c.device for a, c in zip(avg_t, cur_t))
+            self._pairs, self._pairs_key = ((avg_t, cur_t) if same else None), key
         return self._pairs
 
     def _swap_models(self, pl_module) -> None:
