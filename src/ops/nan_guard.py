@@ -35,11 +35,6 @@ def grads_finite_tensor(params) -> torch.Tensor:
     return torch.isfinite(torch.stack(norms).sum())
 
 
-def grads_finite(params) -> bool:
-    """True when every existing gradient is finite (one host sync)."""
-    return bool(grads_finite_tensor(params))
-
-
 def last_checkpoint(trainer: L.Trainer) -> str | None:
     """The newest checkpoint this run has written (ModelCheckpoint's last / best path, else the newest *.ckpt)."""
     cb = trainer.checkpoint_callback
