@@ -16,6 +16,7 @@ import torch
 
 from src.callbacks.figures import DiagnosticCallback, condition_key
 from src.metrics.common import warn_once
+from src.ops.atomic import atomic_write
 
 
 @torch.no_grad()
@@ -92,12 +93,7 @@ def scatter_plot(xy: np.ndarray, labels: list[str], path: Path, title: str, size
         else:
             draw.ellipse([x - 6, y - 6, x + 6, y + 6], fill=PALETTE[i % len(PALETTE)])
         draw.text((x + 9, y - 9), name if len(name) <= 28 else name[:26] + "..", fill="black", font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    canvas.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 def embedding_tsne(module, path: Path, seed: int = 0, max_prompts: int = 200) -> dict[str, float] | None:

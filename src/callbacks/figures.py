@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from src.callbacks.ema import ema_module
 from src.callbacks.schedule import is_scheduled
+from src.ops.atomic import atomic_write
 from src.utils.images import make_grid, to_uint8
 from src.utils.logging import figure_path, log_image
 
@@ -121,12 +122,7 @@ def _new_figure(width_px: float, height_px: float, dpi: int = 100):
 
 def save_figure(fig, path: str | Path) -> Path:
     """Write a matplotlib Figure as PNG atomically (no pyplot, so no global backend state); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _font(size: int):
@@ -179,12 +175,7 @@ def labelled_mosaic(blocks: Sequence[np.ndarray], block_titles: Sequence[str], r
     for r, label in enumerate(row_labels):
         y = top + PAD * scale + r * step + cell * scale / 2
         draw.text((margin + label_w - 8, y), label, fill="black", font=f_text, anchor="rm")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    canvas.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 # ------------------------------------------------------------------------------------------------ data

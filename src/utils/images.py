@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from src.ops.atomic import atomic_write
+
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats -> uint8 [0, 255] (same shape)."""
@@ -28,15 +30,10 @@ def save_png(array: np.ndarray, path: str | Path, upscale: int = 1) -> Path:
     """Write an H x W x C (C = 1 or 3) uint8 array as PNG, optionally upscaled with nearest neighbour."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if upscale > 1:
         array = array.repeat(upscale, axis=0).repeat(upscale, axis=1)
     img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def auto_upscale(height: int, target: int = 256) -> int:
