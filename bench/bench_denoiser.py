@@ -52,7 +52,7 @@ def build_pair(net: dict, in_ch: int, size: int):
     """(difflab UNet2D, diffusers UNet2DModel) built from the same description."""
     from diffusers import UNet2DModel
 
-    from src.models.unet2d import UNet2D
+    from difflab.models.unet2d import UNet2D
 
     ours = UNet2D(in_channels=in_ch, base_channels=net["base_channels"], channel_mults=net["channel_mults"],
                   num_res_blocks=net["num_res_blocks"], attention_levels=net["attention_levels"], groups=net["groups"],

@@ -31,7 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DIAG_MODULES = {f"src.callbacks.{m}" for m in ("reconstruction", "denoise_collage", "guidance_grid", "timestep_loss",
+DIAG_MODULES = {f"difflab.callbacks.{m}" for m in ("reconstruction", "denoise_collage", "guidance_grid", "timestep_loss",
                                                "embedding_tsne", "training_health", "sample_metrics")}
 def hook_names(cb) -> list[str]:
     """Every Lightning hook a diagnostic callback overrides (on_*, setup, teardown), so none of its work goes untimed."""
@@ -48,8 +48,8 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
-    from src.ops.testing import compose_train
-    from src.pipeline import build
+    from difflab.ops.testing import compose_train
+    from difflab.pipeline import build
 
     out = Path(args.out_dir)
     overrides = ["logger=default", "~callbacks.progress_bar", "trainer.enable_progress_bar=false",

@@ -27,7 +27,7 @@ def build(out_dir: str):
     """(module, EMA callback with its average built, a batch, the trainer's clip value) for the digits recipe."""
     from hydra.utils import instantiate
 
-    from src.pipeline import fill_from_datamodule
+    from difflab.pipeline import fill_from_datamodule
 
     cfg = compose_train(["experiment=digits"], out_dir)
     dm = instantiate(cfg.datamodule)

@@ -1,6 +1,6 @@
 """Latent loader benchmark: throughput and memory of LatentDataModule on a synthetic latent cache.
 
-Writes synthetic caches in the real format (``src.latents.cache``: float16 N x 4 x 24 x 24 latents, int64 labels,
+Writes synthetic caches in the real format (``difflab.latents.cache``: float16 N x 4 x 24 x 24 latents, int64 labels,
 manifest with normalisation) under --dir, once per size: 10k and 100k latents (~46 MB and ~460 MB), or 10k only
 with --quick. Each measurement runs in a fresh subprocess and reads one shuffled epoch (or --max-batches) through
 ``LatentDataModule.train_dataloader()`` with flip=True:
@@ -37,7 +37,7 @@ def write_synthetic_cache(root: Path, n: int, n_val: int = 1000, seed: int = 0) 
     """A complete latent cache of n random float16 latents (plus n_val for val) in the real on-disk format."""
     import numpy as np
 
-    from src.latents.cache import (LABELS, LATENTS, STATUS_COMPLETE, channel_moments, new_manifest, normalisation,
+    from difflab.latents.cache import (LABELS, LATENTS, STATUS_COMPLETE, channel_moments, new_manifest, normalisation,
                                    read_manifest, split_dir, write_manifest)
 
     out = root / f"n{n}"
@@ -111,7 +111,7 @@ def run_worker(cache: Path, workers: int, batch_size: int, max_batches: int | No
     import torch
     from torch.utils.data import DataLoader
 
-    from src.datamodules.latents import LatentDataModule, collate_batches
+    from difflab.datamodules.latents import LatentDataModule, collate_batches
 
     torch.manual_seed(0)
     torch.set_num_threads(1)  # loading is memory/IO work; avoid oversubscribing the shared cores

@@ -1,6 +1,6 @@
 """Framework overhead: a DiffusionModule training step inside Lightning vs a bare PyTorch loop doing the same math.
 
-- Lightning side: the digits recipe built by ``src.pipeline.build`` from the composed config (EMA callback, CSV and
+- Lightning side: the digits recipe built by ``difflab.pipeline.build`` from the composed config (EMA callback, CSV and
   TensorBoard loggers, LR monitor, ops callbacks, class-grid callback at its default schedule), without validation,
   periodic checkpoints or the progress bar (not part of a training step). Time per step is measured between
   ``on_train_batch_end`` hooks (after the EMA update), skipping ``--skip`` warm-up steps.
@@ -64,7 +64,7 @@ NEAR_ZERO_NET = ["model.net.base_channels=8", "model.net.channel_mults=[1]", "mo
 
 def lightning_run(steps: int, skip: int, out_dir: str, extra: list[str] = ()) -> dict[str, float]:
     """Wall / CPU seconds per training step of the recipe inside Lightning (all its default training-time callbacks)."""
-    from src.pipeline import build
+    from difflab.pipeline import build
 
     cfg = compose_train([*RUN_OVERRIDES, f"trainer.max_steps={steps}", *extra], out_dir)
     objs = build(cfg)
@@ -78,9 +78,9 @@ def bare_run(steps: int, skip: int, out_dir: str, extra: list[str] = ()) -> dict
     """Wall / CPU seconds per step of the same module math, optimizer, LR schedule, clipping and EMA in a plain loop."""
     from hydra.utils import instantiate
 
-    from src.callbacks.ema import ema_decay
-    from src.lit_modules.lr_schedules import resolve_steps, warmup_cosine
-    from src.pipeline import fill_from_datamodule
+    from difflab.callbacks.ema import ema_decay
+    from difflab.lit_modules.lr_schedules import resolve_steps, warmup_cosine
+    from difflab.pipeline import fill_from_datamodule
 
     cfg = compose_train([*RUN_OVERRIDES, f"trainer.max_steps={steps}", *extra], out_dir)
     L.seed_everything(cfg.seed)
@@ -124,8 +124,8 @@ def grid_cost(out_dir: str) -> tuple[float, int]:
     """Seconds to render one class grid (the callback's work) and the callback's period in steps."""
     from hydra.utils import instantiate
 
-    from src.callbacks.class_grid import render_grid
-    from src.pipeline import fill_from_datamodule
+    from difflab.callbacks.class_grid import render_grid
+    from difflab.pipeline import fill_from_datamodule
 
     cfg = compose_train(RUN_OVERRIDES, out_dir)
     dm = instantiate(cfg.datamodule)

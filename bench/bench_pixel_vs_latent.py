@@ -15,16 +15,17 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from src.diffusion.objectives import Objective
-from src.diffusion.schedules import DiscreteSchedule
-from src.models.unet2d import UNet2D
+from difflab.configs import CONFIG_DIR
+from difflab.diffusion.objectives import Objective
+from difflab.diffusion.schedules import DiscreteSchedule
+from difflab.models.unet2d import UNet2D
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def recipe_net(experiment: str, quick: bool) -> tuple[UNet2D, tuple[int, ...]]:
     """The denoiser an experiment trains, with its input shape (quick: quarter width)."""
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}"])
     kw = {k: v for k, v in cfg.model.net.items() if not k.startswith("_")}
     kw["channel_mults"], kw["attention_levels"] = list(kw["channel_mults"]), list(kw["attention_levels"])

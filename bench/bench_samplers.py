@@ -1,11 +1,11 @@
 """Sampler benchmarks: exactness on closed-form data, and quality per model evaluation on the trained digits model.
 
 1. ``--gaussian``: every sampler driven by the exact denoiser E[x0 | x_t] of data with known moments (a 3-D Gaussian,
-   a 2-D mixture of three Gaussians; ``src.diffusion.gaussian``). Deterministic samplers on Gaussian data are affine
+   a 2-D mixture of three Gaussians; ``difflab.diffusion.gaussian``). Deterministic samplers on Gaussian data are affine
    in x_T, so their output mean / covariance are computed exactly (no Monte Carlo error); DDPM and the mixture use
    Monte Carlo with the sampling floor of N true samples alongside. Writes bench/results/samplers_gaussian.md.
 
-2. ``--ckpt PATH``: the trained digits model (``src.checkpoints.module_from_checkpoint``) sampled with DDPM-1000,
+2. ``--ckpt PATH``: the trained digits model (``difflab.checkpoints.module_from_checkpoint``) sampled with DDPM-1000,
    DDIM-{10,25,50,100}, DPM-Solver++(2M)-{10,20}, Heun-{10,20}: FD (Frechet distance in the digit classifier's
    features, against all 1797 real digits) and class accuracy of ``--n`` balanced samples per row (500; 100 with
    --quick), the same initial noise for every row, plus NFE (network evaluations, each one batched conditional +
@@ -30,11 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from src.diffusion import samplers as S  # noqa: E402
-from src.diffusion.gaussian import (GaussianMixture, affine_moments, exact_net, moment_errors,  # noqa: E402
+from difflab.diffusion import samplers as S  # noqa: E402
+from difflab.diffusion.gaussian import (GaussianMixture, affine_moments, exact_net, moment_errors,  # noqa: E402
                                     sample_moments)
-from src.diffusion.guidance import guided_model_fn  # noqa: E402
-from src.diffusion.schedules import DiscreteSchedule  # noqa: E402
+from difflab.diffusion.guidance import guided_model_fn  # noqa: E402
+from difflab.diffusion.schedules import DiscreteSchedule  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 DIGIT_ROWS = [("ddim", 10), ("ddim", 25), ("ddim", 50), ("ddim", 100), ("dpmpp_2m", 10), ("dpmpp_2m", 20),
@@ -104,7 +104,7 @@ def run_gaussian(out_path: Path, n_mc: int = 20000) -> str:
     g3, mix = gaussian_3d(), mixture_2d()
     steps_list = [5, 10, 20, 50, 100, 250]
     lines = ["# Samplers on data with a closed-form optimal denoiser", "",
-             "Each sampler is driven by the exact posterior mean E[x0 | x_t] (`src.diffusion.gaussian`), fed through "
+             "Each sampler is driven by the exact posterior mean E[x0 | x_t] (`difflab.diffusion.gaussian`), fed through "
              "`guided_model_fn` as a v-prediction network, so only the sampler's own discretisation error remains. "
              "mean error = ||mean - mu||_2, cov. error = ||Cov - Sigma||_F / ||Sigma||_F. Schedule: cosine, T = 1000, "
              "trailing spacing unless stated. Heun: Euler steps from sigma > 80 and to sigma 0 (see its docstring).",
@@ -158,8 +158,8 @@ def _count_net_calls(module):
 
 def run_digits(ckpt: str, out_path: Path, n: int, spacing: str | None, seed: int = 0,
                rows=DIGIT_ROWS, batch_size: int | None = None) -> str:
-    from src.checkpoints import load_checkpoint, module_from_checkpoint
-    from src.eval.digits_eval import evaluate_samples, fd_to_real, real_digit_features
+    from difflab.checkpoints import load_checkpoint, module_from_checkpoint
+    from difflab.eval.digits_eval import evaluate_samples, fd_to_real, real_digit_features
 
     module = module_from_checkpoint(ckpt)
     info = load_checkpoint(ckpt)
@@ -178,7 +178,7 @@ def run_digits(ckpt: str, out_path: Path, n: int, spacing: str | None, seed: int
         f"{spacing or sch.spacing + ' (the schedule’s)'}.",
         f"{n} balanced samples per row (labels i % 10), the same initial noise (seed {seed}) for every row. FD = "
         f"Frechet distance in the digit classifier's 128-d features to all 1797 real digits "
-        f"(`src.eval.digits_eval`); accuracy = the classifier's agreement with the requested label. NFE = network "
+        f"(`difflab.eval.digits_eval`); accuracy = the classifier's agreement with the requested label. NFE = network "
         f"evaluations (each a batched conditional + unconditional pass for CFG). Wall time on "
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads, shared machine (timings are indicative).",
         f"Reference: FD of {n} real digits to all real digits = {floor:.2f}.", "",

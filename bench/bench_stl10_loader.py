@@ -95,7 +95,7 @@ def run_worker(kind: str, root: Path, batches: int, batch_size: int, reader: str
     import torchvision  # noqa: F401  (both stacks imported in both workers: equal baselines)
     from torch.utils.data import DataLoader
 
-    from src.datamodules import stl10  # noqa: F401  (imports lightning)
+    from difflab.datamodules import stl10  # noqa: F401  (imports lightning)
 
     torch.manual_seed(0)
     base = proc_status()

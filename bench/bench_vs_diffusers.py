@@ -4,7 +4,7 @@ Both sides train for the same wall-clock budget (default 300 s) with the same nu
 ``--n`` balanced images (labels i % 10) which the repo's digit classifier judges: accuracy against the requested label
 and FD (Frechet distance in its 128-d features) to all 1797 real digits. FD of ``--n`` real digits is the floor.
 
-- difflab: ``configs/train.yaml`` + ``experiment=digits`` composed by Hydra and run through ``src.pipeline.train``
+- difflab: ``configs/train.yaml`` + ``experiment=digits`` composed by Hydra and run through ``difflab.pipeline.train``
   with ``trainer.max_time`` = budget (every default callback, logger and validation stays on; only the progress bar
   is removed). Samples come from the EMA module with the recipe's sampler, and also with DDIM-25 (the diffusers side's
   sampler) for a like-for-like row.
@@ -48,10 +48,10 @@ def run_difflab(budget: float, n: int, out_dir: Path, extra: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from src.callbacks.ema import ema_module
-    from src.diffusion.samplers import ddim, sampler_name
-    from src.eval.digits_eval import evaluate_module
-    from src.pipeline import train
+    from difflab.callbacks.ema import ema_module
+    from difflab.diffusion.samplers import ddim, sampler_name
+    from difflab.eval.digits_eval import evaluate_module
+    from difflab.pipeline import train
 
     overrides = ["experiment=digits", f"paths.output_dir={out_dir}", f"paths.root_dir={REPO}",
                  f"++trainer.max_time='{hms(budget)}'", "~callbacks.progress_bar", "trainer.enable_progress_bar=false",
@@ -123,8 +123,8 @@ def run_diffusers(budget: float, n: int, layers_per_block: int, seed: int = 42) 
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    from src.datamodules.digits import DigitsDataModule
-    from src.eval.digits_eval import evaluate_samples
+    from difflab.datamodules.digits import DigitsDataModule
+    from difflab.eval.digits_eval import evaluate_samples
 
     t0, c0 = time.perf_counter(), time.process_time()
     torch.manual_seed(seed)
@@ -171,7 +171,7 @@ def run_diffusers(budget: float, n: int, layers_per_block: int, seed: int = 42) 
 # ---------------------------------------------------------------------------------------------- driver
 def real_floor(n: int) -> float:
     """FD of n real digits (a random subset) to all real digits: what a perfect generator would score."""
-    from src.eval.digits_eval import fd_to_real, real_digit_features
+    from difflab.eval.digits_eval import fd_to_real, real_digit_features
 
     return fd_to_real(real_digit_features(n=n, seed=0))
 

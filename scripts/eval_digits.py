@@ -3,8 +3,8 @@ import argparse
 import json
 import time
 
-from src.checkpoints import module_from_checkpoint
-from src.eval.digits_eval import conditioning_effect, evaluate_module
+from difflab.checkpoints import module_from_checkpoint
+from difflab.eval.digits_eval import conditioning_effect, evaluate_module
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from src.eval.video_eval import (  # noqa: E402
+from difflab.eval.video_eval import (  # noqa: E402
     CROP_MODES,
     digit_geometry,
     evaluate_videos,
@@ -62,9 +62,9 @@ def main(argv=None) -> int:
     else:
         import torch
 
-        from src.checkpoints import module_from_checkpoint
-        from src.datamodules.moving_digits import DIRECTIONS, caption
-        from src.sampling import pick_device
+        from difflab.checkpoints import module_from_checkpoint
+        from difflab.datamodules.moving_digits import DIRECTIONS, caption
+        from difflab.sampling import pick_device
 
         module = module_from_checkpoint(args.ckpt).to(pick_device(args.device))
         digit_size, canvas = digit_geometry(module.run_config)
@@ -90,8 +90,8 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "result.json").write_text(json.dumps(result, indent=2))
         if samples is not None:
-            from src.callbacks.video_grid import video_fps, write_sample_videos
-            from src.datamodules.video_io import to_uint8_video
+            from difflab.callbacks.video_grid import video_fps, write_sample_videos
+            from difflab.datamodules.video_io import to_uint8_video
 
             u8 = to_uint8_video(samples)  # N x T x H x W x C -> sample.py's N x T x C x H x W
             np.savez(out / "samples.npz", videos=u8.transpose(0, 1, 4, 2, 3), prompts=np.array(prompts, dtype=str))

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from src.utils.errors import CheckpointError
+from difflab.utils.errors import CheckpointError
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
@@ -49,12 +49,27 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     return ckpt
 
 
+def upgrade_targets(config: Any) -> Any:
+    """Configs stored before the package was named ``difflab`` name classes ``src.<module>``: rename those
+    ``_target_`` values (in place, recursively) so older checkpoints and exports still load."""
+    if isinstance(config, dict):
+        target = config.get("_target_")
+        if isinstance(target, str) and target.startswith("src."):
+            config["_target_"] = "difflab." + target[len("src."):]
+        for value in config.values():
+            upgrade_targets(value)
+    elif isinstance(config, list):
+        for value in config:
+            upgrade_targets(value)
+    return config
+
+
 def run_config(ckpt: dict, path: str | Path = "<checkpoint>") -> dict:
     """The resolved training config stored in a difflab checkpoint."""
     cfg = (ckpt.get("difflab") or {}).get("config")
     if not cfg:
         raise CheckpointError(f"{path} has no difflab config (checkpoint['difflab']['config']); was it written by train.py?")
-    return cfg
+    return upgrade_targets(cfg)
 
 
 # ---------------------------------------------------------------------------------------------- exports (safetensors)
@@ -87,7 +102,7 @@ def load_export(path: str | Path) -> dict[str, Any]:
     else:
         raise CheckpointError(f"{weights} has no difflab config (no 'difflab_config' metadata, no {EXPORT_CONFIG} "
                               f"beside it); was it written by export.py?")
-    return {"state_dict": state, "config": config, "metadata": metadata}
+    return {"state_dict": state, "config": upgrade_targets(config), "metadata": metadata}
 
 
 def load_weights(path: str | Path) -> dict[str, Any]:

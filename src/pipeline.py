@@ -11,15 +11,15 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src.ops import ddp_multirun
-from src.ops import wandb as wandb_ops
-from src.ops.atomic import remove_stale_temporaries
-from src.ops.finetune import init_callbacks
-from src.ops.precision import supported_precision
-from src.ops.resume import resolve_resume
-from src.ops.signals import GracefulShutdown, checkpoint_dir, find_shutdown
-from src.ops.slurm import cluster_plugins
-from src.utils.errors import ConfigError
+from difflab.ops import ddp_multirun
+from difflab.ops import wandb as wandb_ops
+from difflab.ops.atomic import remove_stale_temporaries
+from difflab.ops.finetune import init_callbacks
+from difflab.ops.precision import supported_precision
+from difflab.ops.resume import resolve_resume
+from difflab.ops.signals import GracefulShutdown, checkpoint_dir, find_shutdown
+from difflab.ops.slurm import cluster_plugins
+from difflab.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

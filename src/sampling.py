@@ -10,8 +10,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.checkpoints import module_from_checkpoint
-from src.utils.images import auto_upscale, make_grid, save_png, to_uint8
+from difflab.checkpoints import module_from_checkpoint
+from difflab.utils.images import auto_upscale, make_grid, save_png, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Path]:
     samples = torch.cat(chunks)
     out = write_outputs(Path(cfg.out_dir), samples, raw)
     if samples.ndim == 5:  # videos: also an MP4 + GIF grid, one row per prompt
-        from src.callbacks.video_grid import video_fps, write_sample_videos
+        from difflab.callbacks.video_grid import video_fps, write_sample_videos
         out.update(write_sample_videos(cfg.out_dir, samples, raw, fps=video_fps(module.run_config)))
     log.info("wrote %d samples with %s to %s", cfg.n, module.describe_sampler(sampler), cfg.out_dir)
     return out

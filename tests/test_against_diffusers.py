@@ -22,10 +22,10 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerDiscreteScheduler, HeunDiscreteScheduler)
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as hf_rescale  # noqa: E402
 
-from src.diffusion.guidance import guided_model_fn, rescale_guidance  # noqa: E402
-from src.diffusion.objectives import add_noise, clip_x0, training_target  # noqa: E402
-from src.diffusion.samplers import ddim, ddpm, dpmpp_2m, euler, heun  # noqa: E402
-from src.diffusion.schedules import DiscreteSchedule  # noqa: E402
+from difflab.diffusion.guidance import guided_model_fn, rescale_guidance  # noqa: E402
+from difflab.diffusion.objectives import add_noise, clip_x0, training_target  # noqa: E402
+from difflab.diffusion.samplers import ddim, ddpm, dpmpp_2m, euler, heun  # noqa: E402
+from difflab.diffusion.schedules import DiscreteSchedule  # noqa: E402
 
 T = 1000
 HF_KIND = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid"}

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from src.autoencoders.kl_vae import KLAutoencoder, gaussian_kl
-from src.autoencoders.loading import (autoencoder_identity, build_autoencoder, load_autoencoder, state_dict_sha256)
-from src.lit_modules.autoencoder_module import AutoencoderModule, psnr
-from src.utils.errors import CheckpointError, ConfigError
+from difflab.autoencoders.kl_vae import KLAutoencoder, gaussian_kl
+from difflab.autoencoders.loading import (autoencoder_identity, build_autoencoder, load_autoencoder, state_dict_sha256)
+from difflab.lit_modules.autoencoder_module import AutoencoderModule, psnr
+from difflab.utils.errors import CheckpointError, ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -103,7 +103,7 @@ def test_psnr_closed_form():
 def test_identity_hash_is_deterministic_and_sensitive():
     a, b = tiny_vae(seed=0), tiny_vae(seed=0)
     assert a.identity()["hash"] == b.identity()["hash"] == autoencoder_identity(b)["hash"]
-    assert a.identity()["class"] == "src.autoencoders.kl_vae.KLAutoencoder"
+    assert a.identity()["class"] == "difflab.autoencoders.kl_vae.KLAutoencoder"
     assert a.identity()["config"]["channel_mults"] == [1, 2]
     with torch.no_grad():
         b.decoder.conv_out.bias[0] += 1e-3
@@ -138,7 +138,7 @@ def test_autoencoder_module_trains_and_checkpoint_reloads(tmp_path):
     trainer.save_checkpoint(ckpt)
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)  # must not need pickled objects
     assert raw["difflab"]["kind"] == "autoencoder"
-    assert raw["difflab"]["config"]["_target_"] == "src.autoencoders.kl_vae.KLAutoencoder"
+    assert raw["difflab"]["config"]["_target_"] == "difflab.autoencoders.kl_vae.KLAutoencoder"
     assert raw["difflab"]["config"]["mid_attention"] is False
     assert tuple(raw["hyper_parameters"]["betas"]) == (0.5, 0.9)
 
@@ -152,7 +152,7 @@ def test_autoencoder_module_trains_and_checkpoint_reloads(tmp_path):
         assert torch.equal(loaded.encode(x), z)
         assert torch.equal(loaded.decode(z), module.autoencoder.decode(z))
     # via a config (what configs/autoencoder/kl_vae.yaml + autoencoder.ckpt_path=... gives)
-    again, ident2 = load_autoencoder({"_target_": "src.autoencoders.kl_vae.KLAutoencoder", "in_channels": 1,
+    again, ident2 = load_autoencoder({"_target_": "difflab.autoencoders.kl_vae.KLAutoencoder", "in_channels": 1,
                                       "ckpt_path": str(ckpt)})
     assert ident2["hash"] == identity["hash"]
     # build_autoencoder gives a trainable copy initialised from the checkpoint (fine-tuning)
@@ -237,7 +237,7 @@ def _tiny_diffusers_vae(seed=0):
 
 
 def test_diffusers_kl_local_round_trip(tmp_path):
-    from src.autoencoders.diffusers_kl import DiffusersKL
+    from difflab.autoencoders.diffusers_kl import DiffusersKL
 
     vae = _tiny_diffusers_vae().eval()
     vae.save_pretrained(tmp_path / "vae")
@@ -251,7 +251,7 @@ def test_diffusers_kl_local_round_trip(tmp_path):
         assert torch.allclose(z, vae.encode(x).latent_dist.mean * 0.25, atol=1e-6)
         assert torch.allclose(ae.decode(z), vae.decode(z / 0.25).sample.clamp(-1, 1), atol=1e-6)
 
-    loaded, ident = load_autoencoder({"_target_": "src.autoencoders.diffusers_kl.DiffusersKL",
+    loaded, ident = load_autoencoder({"_target_": "difflab.autoencoders.diffusers_kl.DiffusersKL",
                                       "pretrained": str(tmp_path / "vae")})
     assert ident["hash"] == ae.identity()["hash"] and ident["spec"]["pretrained"] == str(tmp_path / "vae")
     # the same files elsewhere give the same hash (location is not identity); another scaling does not
@@ -264,7 +264,7 @@ def test_diffusers_kl_local_round_trip(tmp_path):
 
 def test_diffusers_kl_missing_dir_is_checkpoint_error(tmp_path):
     pytest.importorskip("diffusers")
-    from src.autoencoders.diffusers_kl import DiffusersKL
+    from difflab.autoencoders.diffusers_kl import DiffusersKL
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

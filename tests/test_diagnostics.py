@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from src.ops.testing import TINY, compose_train, run_hydra_main
+from difflab.ops.testing import TINY, compose_train, run_hydra_main
 
 torch.set_num_threads(1)
 
@@ -51,7 +51,7 @@ def run_overrides(tmp: Path, backbone: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def diag_run(tmp_path_factory) -> Path:
     """A 4-step tiny digits run through the real config path with every diagnostic on."""
-    from src.pipeline import train
+    from difflab.pipeline import train
 
     out = tmp_path_factory.mktemp("diag_run")
     cfg = compose_train(out, run_overrides(out, squeeze_backbone(out)))
@@ -169,8 +169,8 @@ class OracleModule:
     x_t must give back x0 exactly."""
 
     def __init__(self, x0: torch.Tensor, prediction: str = "v"):
-        from src.diffusion.objectives import Objective
-        from src.diffusion.schedules import DiscreteSchedule
+        from difflab.diffusion.objectives import Objective
+        from difflab.diffusion.schedules import DiscreteSchedule
 
         self.x0, self.schedule = x0, DiscreteSchedule("cosine", 1000)
         self.objective = Objective(prediction=prediction, x0_clip="none")
@@ -179,7 +179,7 @@ class OracleModule:
         self.autoencoder = None
 
     def net(self, x_t, t, cond):
-        from src.diffusion.objectives import training_target
+        from difflab.diffusion.objectives import training_target
 
         ab = self.schedule.alpha_bar(t.long(), like=x_t)
         x0 = self.x0.repeat(x_t.shape[0] // self.x0.shape[0], 1, 1, 1)
@@ -192,7 +192,7 @@ class OracleModule:
 
 @pytest.mark.parametrize("prediction", ["v", "eps"])
 def test_ddim_reconstruction_of_an_oracle_denoiser_is_exact(prediction):
-    from src.callbacks.reconstruction import reconstruct
+    from difflab.callbacks.reconstruction import reconstruct
 
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(3, 1, 8, 8, generator=g) * 2 - 1
@@ -206,7 +206,7 @@ def test_ddim_reconstruction_of_an_oracle_denoiser_is_exact(prediction):
 
 
 def test_row_timesteps_and_start_timestep():
-    from src.callbacks.reconstruction import row_timesteps, start_timestep
+    from difflab.callbacks.reconstruction import row_timesteps, start_timestep
 
     ts = row_timesteps([700, 200, 30], [5, 3, 1])
     assert ts.tolist() == [[700, 525, 350, 175, 0], [-1, -1, 200, 100, 0], [-1, -1, -1, -1, 30]]
@@ -217,7 +217,7 @@ def test_row_timesteps_and_start_timestep():
 
 # ------------------------------------------------------------------------------------------- health
 def test_spike_detector_flags_only_outliers_after_history():
-    from src.callbacks.training_health import SpikeDetector
+    from difflab.callbacks.training_health import SpikeDetector
 
     det = SpikeDetector(factor=3.0, window=10, min_history=5)
     assert not det.add(100.0)  # no history yet: never a spike
@@ -229,7 +229,7 @@ def test_spike_detector_flags_only_outliers_after_history():
 
 
 def test_norms_and_ema_distance_closed_form():
-    from src.callbacks.training_health import ema_distance, global_norm
+    from difflab.callbacks.training_health import ema_distance, global_norm
 
     a, b = nn.Linear(3, 2), nn.Linear(3, 2)
     with torch.no_grad():
@@ -243,7 +243,7 @@ def test_norms_and_ema_distance_closed_form():
 
 # ------------------------------------------------------------------------------------------- t-SNE, names
 def test_tsne_and_mean_cosine():
-    from src.callbacks.embedding_tsne import mean_cosine, tsne_2d
+    from difflab.callbacks.embedding_tsne import mean_cosine, tsne_2d
 
     v = np.eye(6)[:, :4] + 0.0
     assert mean_cosine(np.ones((3, 5))) == pytest.approx(1.0)
@@ -253,7 +253,7 @@ def test_tsne_and_mean_cosine():
 
 
 def test_metric_names_carry_sample_and_frame_counts():
-    from src.callbacks.sample_metrics import metric_names, resolve_feature_kind
+    from difflab.callbacks.sample_metrics import metric_names, resolve_feature_kind
 
     assert metric_names("i3d", 256, (3, 16, 64, 64)) == ("fvd256_16f", "kvd256_16f")
     assert metric_names("inception", 1000, (3, 32, 32)) == ("fid1000", "kid1000")
@@ -301,7 +301,7 @@ class ReplayModule:
 
 
 def _digits_datamodule():
-    from src.datamodules.digits import DigitsDataModule
+    from difflab.datamodules.digits import DigitsDataModule
 
     dm = DigitsDataModule(image_size=16, batch_size=64)
     dm.setup("fit")
@@ -309,7 +309,7 @@ def _digits_datamodule():
 
 
 def test_digit_fd_via_sample_metrics_on_a_few_samples(tmp_path):
-    from src.callbacks.sample_metrics import SampleMetrics
+    from difflab.callbacks.sample_metrics import SampleMetrics
 
     dm = _digits_datamodule()
     x, y = dm.train_set.x, dm.train_set.labels
@@ -329,8 +329,8 @@ def test_digit_fd_via_sample_metrics_on_a_few_samples(tmp_path):
 
 
 def test_missing_weights_skip_the_metric_with_one_warning(tmp_path):
-    from src.callbacks.sample_metrics import SampleMetrics
-    from src.metrics import common
+    from difflab.callbacks.sample_metrics import SampleMetrics
+    from difflab.metrics import common
 
     common._WARNED.clear()
     dm = _digits_datamodule()
@@ -364,8 +364,8 @@ class FakeI3D(nn.Module):
 def test_fvd_for_video_samples_with_a_local_i3d_file(tmp_path):
     from torch.utils.data import DataLoader
 
-    from src.callbacks.sample_metrics import SampleMetrics
-    from src.datamodules.digits import TensorDictDataset
+    from difflab.callbacks.sample_metrics import SampleMetrics
+    from difflab.datamodules.digits import TensorDictDataset
 
     torch.manual_seed(0)
     path = tmp_path / "i3d_torchscript.pt"
@@ -405,8 +405,8 @@ def _tiny_clip(folder: Path) -> Path:
 
 
 def test_clip_score_for_text_models(tmp_path):
-    from src.callbacks.sample_metrics import SampleMetrics
-    from src.metrics.clip_score import load_clip_scorer
+    from difflab.callbacks.sample_metrics import SampleMetrics
+    from difflab.metrics.clip_score import load_clip_scorer
 
     clip_dir = _tiny_clip(tmp_path)
     images = torch.rand(6, 3, 16, 16) * 2 - 1
@@ -422,7 +422,7 @@ def test_clip_score_for_text_models(tmp_path):
 
 
 def test_sample_noise_depends_only_on_the_global_index():
-    from src.callbacks.sample_metrics import SampleMetrics
+    from difflab.callbacks.sample_metrics import SampleMetrics
 
     m = SampleMetrics(n_samples=10, seed=3)
     whole = m._noise(list(range(10)), (1, 4, 4))
@@ -435,7 +435,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from src.callbacks.sample_metrics import SampleMetrics
+    from difflab.callbacks.sample_metrics import SampleMetrics
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -459,7 +459,7 @@ def test_sharded_sample_metrics_under_ddp_equal_single_process(tmp_path):
 
     import torch.multiprocessing as mp
 
-    from src.callbacks.sample_metrics import SampleMetrics
+    from difflab.callbacks.sample_metrics import SampleMetrics
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from src.callbacks.ema import EMA, ema_decay
+from difflab.callbacks.ema import EMA, ema_decay
 
 
 def test_decay_warmup_formula():

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from src.ops.testing import compose_train
-from src.pipeline import train
+from difflab.ops.testing import compose_train
+from difflab.pipeline import train
 from tests.test_image_datamodules import write_cifar10, write_stl10
 
 torch.set_num_threads(1)
@@ -77,7 +77,7 @@ def test_image_folder_datamodule_trains(tmp_path):
 
 @pytest.mark.parametrize("experiment", ["stl10_vpred_cfg", "cifar10_ddim"])
 def test_missing_dataset_fails_with_where_and_how(tmp_path, experiment):
-    from src.utils.errors import DataNotFoundError
+    from difflab.utils.errors import DataNotFoundError
     cfg = compose_train(tmp_path / "run", [f"experiment={experiment}", f"paths.data_dir={tmp_path}", *SMALL])
     with pytest.raises(DataNotFoundError, match="download"):
         train(cfg)

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from src.diffusion.gaussian import (GaussianMixture, affine_moments, exact_model_fn, exact_net, moment_errors,
+from difflab.diffusion.gaussian import (GaussianMixture, affine_moments, exact_model_fn, exact_net, moment_errors,
                                     sample_moments)
-from src.diffusion.guidance import guided_model_fn
-from src.diffusion.samplers import SAMPLERS
-from src.diffusion.schedules import DiscreteSchedule
+from difflab.diffusion.guidance import guided_model_fn
+from difflab.diffusion.samplers import SAMPLERS
+from difflab.diffusion.schedules import DiscreteSchedule
 
 COV = torch.tensor([[0.30, 0.12, 0.0], [0.12, 0.10, 0.02], [0.0, 0.02, 0.01]], dtype=torch.float64)
 GAUSS = GaussianMixture.gaussian([0.5, -0.3, 0.2], COV)

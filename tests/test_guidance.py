@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from src.diffusion.guidance import (cfg_combine, check_interval, guidance_active, guided_model_fn,
+from difflab.diffusion.guidance import (cfg_combine, check_interval, guidance_active, guided_model_fn,
                                     rescale_guidance)
-from src.diffusion.objectives import Objective, X0Clip
-from src.diffusion.samplers import ddim
-from src.diffusion.schedules import DiscreteSchedule
+from difflab.diffusion.objectives import Objective, X0Clip
+from difflab.diffusion.samplers import ddim
+from difflab.diffusion.schedules import DiscreteSchedule
 
 
 def _pair(seed=0, shape=(4, 2, 5, 5)):
@@ -115,8 +115,8 @@ class EmbedNet(nn.Module):
 
 
 def test_per_class_scales_through_the_module():
-    from src.conditioning.base import ClassConditioner
-    from src.lit_modules.diffusion_module import DiffusionModule
+    from difflab.conditioning.base import ClassConditioner
+    from difflab.lit_modules.diffusion_module import DiffusionModule
 
     torch.manual_seed(0)
     cond = ClassConditioner(3, embed_dim=4)

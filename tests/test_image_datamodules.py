@@ -14,12 +14,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from src.datamodules import image_common, stl10
-from src.datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule, CIFAR100_CLASSES, load_cifar_pickle
-from src.datamodules.image_common import ImageTransform, class_prompts, resize_shorter_side
-from src.datamodules.image_folder import ImageFolderDataModule
-from src.datamodules.stl10 import STL10DataModule
-from src.utils.errors import CorruptDataError, DataNotFoundError
+from difflab.datamodules import image_common, stl10
+from difflab.datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule, CIFAR100_CLASSES, load_cifar_pickle
+from difflab.datamodules.image_common import ImageTransform, class_prompts, resize_shorter_side
+from difflab.datamodules.image_folder import ImageFolderDataModule
+from difflab.datamodules.stl10 import STL10DataModule
+from difflab.utils.errors import CorruptDataError, DataNotFoundError
 
 REPO = Path(__file__).resolve().parents[1]
 LOADER_ARGS = dict(batch_size=4, num_workers=0, pin_memory=False, persistent_workers=False)

@@ -14,12 +14,13 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-import src.latents.encode as encode_mod
-from src.autoencoders.kl_vae import KLAutoencoder
-from src.datamodules.latents import LatentDataModule
-from src.latents import encode_dataset
-from src.latents.cache import LatentCache, read_manifest
-from src.utils.errors import ConfigError, DataNotFoundError
+from difflab.configs import CONFIG_DIR
+import difflab.latents.encode as encode_mod
+from difflab.autoencoders.kl_vae import KLAutoencoder
+from difflab.datamodules.latents import LatentDataModule
+from difflab.latents import encode_dataset
+from difflab.latents.cache import LatentCache, read_manifest
+from difflab.utils.errors import ConfigError, DataNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +108,7 @@ def test_cache_files_dtypes_and_manifest(tmp_path):
     disk = read_manifest(root)
     assert disk == m and m["status"] == "complete" and m["format"] == "difflab-latent-cache"
     assert m["autoencoder"]["hash"] == ae.identity()["hash"]
-    assert m["autoencoder"]["class"] == "src.autoencoders.kl_vae.KLAutoencoder"
+    assert m["autoencoder"]["class"] == "difflab.autoencoders.kl_vae.KLAutoencoder"
     assert m["dataset"] == {"target": TINY_DM, "args": {"n_train": 40, "n_val": 12, "seed": 0, "text": True}}
     assert m["splits"]["train"] == {"count": 40, "done": 40, "has_label": True, "has_text": True}
     assert m["count"] == {"train": 40, "val": 12}
@@ -276,7 +277,7 @@ def test_decode_latents_checks_the_autoencoder(tmp_path):
         wrapped = dm.normalised_autoencoder(ae)
         assert torch.allclose(wrapped.decode(x), ae.decode(raw), atol=1e-5)
         assert torch.allclose(wrapped.encode(TinyDM()._make(40, 0).x[:8]), x, atol=1e-5)
-    from src.utils.frozen import Frozen
+    from difflab.utils.frozen import Frozen
     assert torch.allclose(dm.decode_latents(Frozen(ae), x), ae.decode(raw), atol=1e-5)
     with pytest.raises(ConfigError, match="differs"):
         dm.decode_latents(tiny_vae(seed=3), x)
@@ -295,7 +296,7 @@ def ae_ckpt(tmp_path_factory):
     """A real AutoencoderModule checkpoint (1 Lightning step) for the entry-point tests."""
     from torch.utils.data import DataLoader
 
-    from src.lit_modules.autoencoder_module import AutoencoderModule
+    from difflab.lit_modules.autoencoder_module import AutoencoderModule
 
     tmp = tmp_path_factory.mktemp("ae")
     module = AutoencoderModule(tiny_vae().train())
@@ -310,10 +311,10 @@ def ae_ckpt(tmp_path_factory):
 
 def test_encode_latents_run_and_reload(tmp_path, ae_ckpt):
     sys.path.insert(0, str(ROOT))
-    from encode_latents import run
+    from difflab.encode_latents import run
 
     cfg = OmegaConf.create({
-        "autoencoder": {"_target_": "src.autoencoders.kl_vae.KLAutoencoder", "ckpt_path": str(ae_ckpt)},
+        "autoencoder": {"_target_": "difflab.autoencoders.kl_vae.KLAutoencoder", "ckpt_path": str(ae_ckpt)},
         "datamodule": {"_target_": TINY_DM, "n_train": 40, "batch_size": 4, "num_workers": 0},
         "out_dir": str(tmp_path / "c"), "splits": ["train", "val"], "batch_size": 16, "num_workers": 0,
         "dtype": "float16", "target_std": 0.5, "per_channel": True, "overwrite": False, "device": "auto",
@@ -329,11 +330,11 @@ def test_encode_latents_run_and_reload(tmp_path, ae_ckpt):
 def test_encode_latents_config_composes():
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("encode_latents", overrides=["out_dir=/tmp/x", "autoencoder.ckpt_path=/tmp/ae.ckpt"])
-    assert cfg.autoencoder._target_ == "src.autoencoders.kl_vae.KLAutoencoder"
+    assert cfg.autoencoder._target_ == "difflab.autoencoders.kl_vae.KLAutoencoder"
     assert cfg.autoencoder.ckpt_path == "/tmp/ae.ckpt" and cfg.out_dir == "/tmp/x"
-    assert cfg.datamodule._target_ == "src.datamodules.digits.DigitsDataModule"
+    assert cfg.datamodule._target_ == "difflab.datamodules.digits.DigitsDataModule"
     assert cfg.target_std == 0.5 and list(cfg.splits) == ["train", "val"]
 
 
@@ -349,7 +350,7 @@ def test_encode_latents_cli_on_digits(tmp_path, ae_ckpt):
     assert r.returncode == 0, r.stderr[-2000:]
     m = read_manifest(tmp_path / "digits")
     assert m["status"] == "complete" and m["splits"]["train"]["count"] + m["splits"]["val"]["count"] == 1797
-    assert m["dataset"]["target"] == "src.datamodules.digits.DigitsDataModule"
+    assert m["dataset"]["target"] == "difflab.datamodules.digits.DigitsDataModule"
     assert "batch_size" not in m["dataset"]["args"] and m["latent_shape"] == [4, 4, 4]
     bad = subprocess.run(cmd + ["datamodule.seed=1"], env=env, capture_output=True,
                          text=True, timeout=300)

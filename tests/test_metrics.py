@@ -11,11 +11,11 @@ import scipy.linalg
 import torch
 from torch import nn
 
-import src.metrics.common
-from src.metrics.common import to_uint8
-from src.metrics.feature_metrics import FrechetMetric, StaleCacheError, load_or_compute_real_stats
-from src.metrics.frechet import frechet_distance, gaussian_stats, kernel_inception_distance
-from src.utils.errors import CheckpointError
+import difflab.metrics.common
+from difflab.metrics.common import to_uint8
+from difflab.metrics.feature_metrics import FrechetMetric, StaleCacheError, load_or_compute_real_stats
+from difflab.metrics.frechet import frechet_distance, gaussian_stats, kernel_inception_distance
+from difflab.utils.errors import CheckpointError
 
 f64 = torch.float64
 
@@ -240,7 +240,7 @@ def test_to_uint8_round_trip_and_stylegan_rounding():
 
 # ------------------------------------------------------------------------------------------- Inception (FID)
 def test_inception_missing_weights_warns_once(tmp_path):
-    from src.metrics.inception import build_fid_metric, load_inception
+    from difflab.metrics.inception import build_fid_metric, load_inception
 
     path = tmp_path / "absent" / "pt_inception-2015-12-05-6726825d.pth"
     msgs = record(lambda: load_inception(path), "FID skipped")
@@ -250,7 +250,7 @@ def test_inception_missing_weights_warns_once(tmp_path):
 
 
 def test_inception_wrong_file_raises(tmp_path):
-    from src.metrics.inception import load_inception
+    from difflab.metrics.inception import load_inception
 
     bad = tmp_path / "bad.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, bad)
@@ -259,13 +259,13 @@ def test_inception_wrong_file_raises(tmp_path):
 
 
 def test_inception_without_torch_fidelity_warns_once(tmp_path, monkeypatch):
-    from src.metrics.inception import load_inception
+    from difflab.metrics.inception import load_inception
 
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # makes the import raise ImportError
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
     path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     torch.save({"Mixed_7c.branch_pool.conv.weight": torch.zeros(1)}, path)
-    src.metrics.common._WARNED.discard("inception-no-torch-fidelity")
+    difflab.metrics.common._WARNED.discard("inception-no-torch-fidelity")
     msgs = record(lambda: load_inception(path), "FID skipped")
     assert msgs == ["FID skipped: torch-fidelity is not installed; pip install torch-fidelity"]
 
@@ -275,7 +275,7 @@ def test_inception_loads_local_state_dict(tmp_path):
     pytest.importorskip("torch_fidelity")
     from torchvision.models import inception_v3
 
-    from src.metrics.inception import build_fid_metric
+    from difflab.metrics.inception import build_fid_metric
 
     torch.manual_seed(0)
     net = inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
@@ -306,7 +306,7 @@ class FakeI3D(nn.Module):
 
 
 def test_fvd_metric_name():
-    from src.metrics.fvd import fvd_metric_name
+    from difflab.metrics.fvd import fvd_metric_name
 
     assert fvd_metric_name(2048, 16) == "fvd2048_16f"
     assert fvd_metric_name(642, 32) == "fvd642_32f"
@@ -315,7 +315,7 @@ def test_fvd_metric_name():
 
 
 def test_fvd_missing_weights_warns_once(tmp_path):
-    from src.metrics.fvd import build_fvd_metric
+    from difflab.metrics.fvd import build_fvd_metric
 
     path = tmp_path / "i3d_torchscript.pt"
     msgs = record(lambda: build_fvd_metric(path), "FVD skipped")
@@ -324,7 +324,7 @@ def test_fvd_missing_weights_warns_once(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_fvd_with_torchscript_detector(tmp_path):
-    from src.metrics.fvd import build_fvd_metric
+    from difflab.metrics.fvd import build_fvd_metric
 
     torch.manual_seed(0)
     fake_i3d = FakeI3D()
@@ -347,7 +347,7 @@ def test_fvd_with_torchscript_detector(tmp_path):
 
 # ------------------------------------------------------------------------------------------- LPIPS
 def test_lpips_random_backbone_zero_for_identical():
-    from src.metrics.lpips_metric import build_lpips, lpips_distance, lpips_diversity
+    from difflab.metrics.lpips_metric import build_lpips, lpips_distance, lpips_diversity
 
     torch.manual_seed(0)
     model = build_lpips("alex", pnet_rand=True)
@@ -367,7 +367,7 @@ def test_lpips_random_backbone_zero_for_identical():
 def test_lpips_local_backbone_and_missing(tmp_path):
     from torchvision.models import alexnet
 
-    from src.metrics.lpips_metric import build_lpips
+    from difflab.metrics.lpips_metric import build_lpips
 
     torch.manual_seed(1)
     state = alexnet(weights=None).state_dict()
@@ -411,7 +411,7 @@ def _tiny_clip_dir(tmp_path):
 
 
 def test_clip_score_tiny_local_model(tmp_path):
-    from src.metrics.clip_score import ClipScoreMetric, load_clip_scorer
+    from difflab.metrics.clip_score import ClipScoreMetric, load_clip_scorer
 
     scorer = load_clip_scorer(_tiny_clip_dir(tmp_path))
     assert scorer is not None
@@ -439,7 +439,7 @@ def test_clip_score_tiny_local_model(tmp_path):
 
 
 def test_clip_score_missing_model_warns_once(tmp_path):
-    from src.metrics.clip_score import load_clip_scorer
+    from difflab.metrics.clip_score import load_clip_scorer
 
     path = tmp_path / "no-clip-here"
     msgs = record(lambda: load_clip_scorer(str(path)), "CLIP score skipped")

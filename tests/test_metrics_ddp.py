@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from src.metrics.feature_metrics import FrechetMetric
+from difflab.metrics.feature_metrics import FrechetMetric
 
 KEY = {"dataset": "toy", "split": "train", "resolution": 8}
 N_REAL, N_FAKE = 64, 50

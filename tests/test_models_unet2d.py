@@ -4,13 +4,13 @@ import functools
 import pytest
 import torch
 
-from src.conditioning.base import ClassConditioner, Conditioner, NoConditioner, cond_dict
-from src.diffusion.objectives import Objective
-from src.diffusion.samplers import ddim
-from src.diffusion.schedules import DiscreteSchedule
-from src.lit_modules.diffusion_module import DiffusionModule
-from src.models.unet2d import UNet2D
-from src.utils.errors import ConfigError
+from difflab.conditioning.base import ClassConditioner, Conditioner, NoConditioner, cond_dict
+from difflab.diffusion.objectives import Objective
+from difflab.diffusion.samplers import ddim
+from difflab.diffusion.schedules import DiscreteSchedule
+from difflab.lit_modules.diffusion_module import DiffusionModule
+from difflab.models.unet2d import UNet2D
+from difflab.utils.errors import ConfigError
 
 torch.set_num_threads(1)
 

@@ -14,11 +14,12 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
-from src.diffusion.objectives import (ALPHA_BAR_FLOOR, LOSS_WEIGHTINGS, PREDICTIONS, Objective, X0Clip, add_noise,
+from difflab.configs import CONFIG_DIR
+from difflab.diffusion.objectives import (ALPHA_BAR_FLOOR, LOSS_WEIGHTINGS, PREDICTIONS, Objective, X0Clip, add_noise,
                                       clip_x0, elementwise_loss, inv_snr_clamped_weight, min_snr_weight,
                                       offset_noise_like, predictions_from_output, sample_timesteps, timestep_buckets,
                                       training_target)
-from src.diffusion.schedules import DiscreteSchedule
+from difflab.diffusion.schedules import DiscreteSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,7 +213,7 @@ def test_lpips_term_adds_to_the_loss_and_trains_the_prediction(squeeze_backbone)
 
 
 def test_lpips_on_videos_is_the_mean_over_frames(squeeze_backbone):
-    from src.metrics.lpips_metric import build_lpips, lpips_distance
+    from difflab.metrics.lpips_metric import build_lpips, lpips_distance
 
     obj = Objective(prediction="x0", lpips_weight=1.0, lpips_net="squeeze", lpips_backbone=str(squeeze_backbone))
     g = torch.Generator().manual_seed(0)
@@ -237,7 +238,7 @@ def test_missing_lpips_weights_disable_the_term_with_one_warning(tmp_path):
 
 @pytest.mark.parametrize("name", ["eps", "x0", "v"])
 def test_objective_configs_compose(name):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"objective={name}", "objective.weighting=min_snr", "objective.loss=huber",
                                           "objective.timestep_sampling=logit_normal", "objective.offset_noise=0.1",
                                           "objective.x0_clip=dynamic"])

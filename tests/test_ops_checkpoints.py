@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from src.checkpoints import load_checkpoint, load_export, load_weights, module_from_checkpoint
-from src.ops.atomic import atomic_torch_save, remove_stale_temporaries
-from src.ops.checkpoint_io import AtomicCheckpointIO
-from src.ops.testing import ROOT, compose_train, run_hydra_main, tiny_overrides
-from src.utils.errors import CheckpointError
+from difflab.checkpoints import load_checkpoint, load_export, load_weights, module_from_checkpoint
+from difflab.ops.atomic import atomic_torch_save, remove_stale_temporaries
+from difflab.ops.checkpoint_io import AtomicCheckpointIO
+from difflab.ops.testing import ROOT, compose_train, run_hydra_main, tiny_overrides
+from difflab.utils.errors import CheckpointError
 
 torch.set_num_threads(1)
 
@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 # announces it (marker file) and blocks: the test SIGKILLs it mid-write.
 WRITER = textwrap.dedent("""
     import io, os, sys, time, torch
-    from src.ops.atomic import atomic_torch_save
+    from difflab.ops.atomic import atomic_torch_save
     target, marker, mode = sys.argv[1], sys.argv[2], sys.argv[3]
     atomic_torch_save({"state_dict": {"w": torch.ones(4096)}, "version": 1}, target)
     real_save = torch.save
@@ -91,7 +91,7 @@ def test_atomic_save_failure_leaves_old_file_and_no_temporary(tmp_path, monkeypa
 
 
 def test_checkpoint_io_plugin_saves_atomically_and_loads_weights_only(tmp_path, monkeypatch):
-    import src.ops.checkpoint_io as cio
+    import difflab.ops.checkpoint_io as cio
 
     calls = []
     monkeypatch.setattr(cio, "atomic_torch_save", lambda obj, p: calls.append(p) or atomic_torch_save(obj, p))
@@ -136,7 +136,7 @@ def test_malicious_checkpoint_is_refused_and_never_executed(tmp_path):
 
 
 def test_training_resume_from_malicious_checkpoint_is_refused(tmp_path):
-    from src.pipeline import train
+    from difflab.pipeline import train
 
     path, marker = _malicious(tmp_path, "resume")
     cfg = compose_train(tmp_path / "run", tiny_overrides(extra=["logger=none", "~callbacks.lr_monitor",
@@ -149,7 +149,7 @@ def test_training_resume_from_malicious_checkpoint_is_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------- exports
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    from src.pipeline import train
+    from difflab.pipeline import train
 
     out = tmp_path_factory.mktemp("trained")
     train(compose_train(out, tiny_overrides(max_steps=3, save_every=3, extra=[
@@ -158,7 +158,7 @@ def trained(tmp_path_factory) -> Path:
 
 
 def _sample(tmp_path: Path, ckpt: str, name: str) -> dict:
-    from src.sampling import run_sampling
+    from difflab.sampling import run_sampling
 
     cfg = compose_train(tmp_path / name, [f"ckpt_path={ckpt}", f"out_dir={tmp_path / name}", "n=6",
                                           "batch_size=6", "device=cpu", "sampler.steps=2"], config_name="sample")
@@ -171,7 +171,7 @@ def test_export_writes_ema_safetensors_and_config_and_samples_the_same(trained, 
 
     ck = load_checkpoint(trained)
     out = tmp_path / "export"
-    from src.ops.export import export_checkpoint
+    from difflab.ops.export import export_checkpoint
 
     paths = export_checkpoint(trained, out)
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.yaml", "config.json"}
@@ -214,7 +214,7 @@ def test_export_cli_writes_export_and_fails_in_one_line_naming_the_path(trained,
 def test_compiled_and_eager_state_dicts_load_into_each_other():
     from torch import nn
 
-    from src.checkpoints import compare_state_dict, drop_compiled_aliases, load_state_dict_checked
+    from difflab.checkpoints import compare_state_dict, drop_compiled_aliases, load_state_dict_checked
 
     class Compiled(nn.Module):  # what torch.compile registers: the wrapped module under `_orig_mod`
         def __init__(self, m):

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from src.ops import ddp_multirun
-from src.ops import wandb as wandb_ops
-from src.ops.testing import ROOT, compose_train, tiny_overrides
+from difflab.ops import ddp_multirun
+from difflab.ops import wandb as wandb_ops
+from difflab.ops.testing import ROOT, compose_train, tiny_overrides
 
 torch.set_num_threads(1)
 

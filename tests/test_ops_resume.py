@@ -22,10 +22,10 @@ import lightning as L
 import pytest
 import torch
 
-from src.checkpoints import load_checkpoint
-from src.lit_modules.lr_schedules import resolve_steps, warmup_cosine
-from src.ops.testing import ROOT, compose_train, tiny_overrides
-from src.pipeline import build, train
+from difflab.checkpoints import load_checkpoint
+from difflab.lit_modules.lr_schedules import resolve_steps, warmup_cosine
+from difflab.ops.testing import ROOT, compose_train, tiny_overrides
+from difflab.pipeline import build, train
 
 torch.set_num_threads(1)  # 2 shared cores: one thread per process is ~10x faster than two contending ones
 
@@ -88,7 +88,7 @@ class ResumeProbe(L.Callback):
         self.n_steps, self.start = n_steps, None
 
     def on_train_start(self, trainer, pl_module):
-        from src.callbacks.ema import find_ema
+        from difflab.callbacks.ema import find_ema
 
         ema = find_ema(trainer)
         opt = trainer.optimizers[0]
@@ -203,7 +203,7 @@ def test_init_from_loads_weights_and_ema_with_fresh_optimizer(uninterrupted, tmp
 
     # a wider model: strict refuses and names the keys; non-strict loads what matches and prints a table
     wider = ["model.net.base_channels=16"]
-    from src.utils.errors import CheckpointError
+    from difflab.utils.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match=r"shape-mismatched [1-9]\d* \[.*weight"):
         build(compose_train(tmp_path / "strict", tiny_overrides(extra=[*QUIET, *NOLOG, *wider, f"init_from={src}"])))
@@ -220,7 +220,7 @@ def test_init_from_loads_weights_and_ema_with_fresh_optimizer(uninterrupted, tmp
 
 
 def test_init_from_and_ckpt_path_exclude_each_other(tmp_path):
-    from src.utils.errors import ConfigError
+    from difflab.utils.errors import ConfigError
 
     cfg = compose_train(tmp_path, tiny_overrides(extra=[*QUIET, *NOLOG, "init_from=/a.ckpt", "ckpt_path=/b.ckpt"]))
     with pytest.raises(ConfigError, match="exclude each other"):
@@ -249,7 +249,7 @@ class Inject(L.Callback):
 
 
 def test_nan_guard_skips_counts_and_stops_after_k_in_a_row(tmp_path):
-    from src.ops.nan_guard import NonFiniteGuard, TrainingDivergedError
+    from difflab.ops.nan_guard import NonFiniteGuard, TrainingDivergedError
 
     inject = Inject(nan_loss_steps={2, 6, 7, 8}, nan_grad_steps={4})
     cfg = compose_train(tmp_path, tiny_overrides(max_steps=20, save_every=2, extra=[

@@ -11,11 +11,11 @@ import lightning as L
 import pytest
 import torch
 
-from src.ops.resume import find_latest_checkpoint, resolve_resume
-from src.ops.signals import GracefulShutdown
-from src.ops.slurm import REQUEUE_SIGNAL, cluster_plugins
-from src.ops.testing import compose_train, tiny_overrides
-from src.utils.errors import CheckpointError
+from difflab.ops.resume import find_latest_checkpoint, resolve_resume
+from difflab.ops.signals import GracefulShutdown
+from difflab.ops.slurm import REQUEUE_SIGNAL, cluster_plugins
+from difflab.ops.testing import compose_train, tiny_overrides
+from difflab.utils.errors import CheckpointError
 
 torch.set_num_threads(1)
 
@@ -25,7 +25,7 @@ def test_slurm_launcher_config_composes_when_submitit_is_installed(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from src.ops.testing import CONFIG_DIR
+    from difflab.ops.testing import CONFIG_DIR
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
@@ -63,8 +63,8 @@ class SendSignal(L.Callback):
 
 
 def test_requeue_signal_saves_checkpoint_then_hands_over_to_previous_handler(tmp_path):
-    from src.pipeline import build
-    from src.ops.signals import find_shutdown
+    from difflab.pipeline import build
+    from difflab.ops.signals import find_shutdown
 
     calls = []
 
@@ -120,13 +120,13 @@ def test_resume_auto_and_requeue_pick_the_newest_checkpoint(tmp_path, monkeypatc
 
 
 def test_sigint_saves_checkpoint_and_stops_without_requeue(tmp_path, monkeypatch):
-    from src.ops.signals import find_shutdown
-    from src.pipeline import train
+    from difflab.ops.signals import find_shutdown
+    from difflab.pipeline import train
 
     before = signal.getsignal(signal.SIGINT)
     cfg = compose_train(tmp_path, tiny_overrides(max_steps=50, save_every=100, extra=[
         "logger=none", "~callbacks.lr_monitor", "+callbacks.class_grid.at_end=false"]))
-    import src.pipeline as pipeline
+    import difflab.pipeline as pipeline
 
     real_build = pipeline.build
 

@@ -13,11 +13,12 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
-from src.diffusion.guidance import guided_model_fn
-from src.diffusion.objectives import Objective, X0Clip
-from src.diffusion.samplers import (SAMPLERS, ddim, ddpm, dpmpp_2m, euler, heun, model_evaluations, sampler_name,
+from difflab.configs import CONFIG_DIR
+from difflab.diffusion.guidance import guided_model_fn
+from difflab.diffusion.objectives import Objective, X0Clip
+from difflab.diffusion.samplers import (SAMPLERS, ddim, ddpm, dpmpp_2m, euler, heun, model_evaluations, sampler_name,
                                     timesteps_used)
-from src.diffusion.schedules import DiscreteSchedule
+from difflab.diffusion.schedules import DiscreteSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULES = {
@@ -175,7 +176,7 @@ def test_sampler_name():
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp_2m", "euler", "heun"])
 def test_sampler_configs_compose_and_run(name):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"sampler={name}", "schedule.num_timesteps=40",
                                           "schedule.zero_terminal_snr=true", "schedule.spacing=trailing",
                                           *([] if name == "ddpm" else ["sampler.steps=4"])])

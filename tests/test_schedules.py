@@ -9,7 +9,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from src.diffusion.schedules import (BETA_SCHEDULES, DiscreteSchedule, cosine_alpha_bar, rescale_zero_terminal_snr,
+from difflab.configs import CONFIG_DIR
+from difflab.diffusion.schedules import (BETA_SCHEDULES, DiscreteSchedule, cosine_alpha_bar, rescale_zero_terminal_snr,
                                      spaced_timesteps)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +145,7 @@ def test_from_alphas_cumprod_keeps_values():
 
 
 def instantiate_schedule(name: str, overrides: list[str] | None = None) -> DiscreteSchedule:
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"schedule={name}", *(overrides or [])])
     return instantiate(cfg.schedule)
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from src.datamodules import video_io as vio
-from src.datamodules.moving_digits import (
+from difflab.datamodules import video_io as vio
+from difflab.datamodules.moving_digits import (
     DIRECTIONS,
     MovingDigitsDataModule,
     MovingDigitsParams,
@@ -25,7 +25,7 @@ from src.datamodules.moving_digits import (
     prompts_for,
     read_manifest,
 )
-from src.datamodules.sign_video import (
+from difflab.datamodules.sign_video import (
     ClipRecord,
     SignVideoDataModule,
     SignVideoDataset,
@@ -33,7 +33,7 @@ from src.datamodules.sign_video import (
     read_phoenix_index,
     window_indices,
 )
-from src.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
+from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
 
 H2S_HEADER = "VIDEO_ID\tVIDEO_NAME\tSENTENCE_ID\tSENTENCE_NAME\tSTART\tEND\tSENTENCE"
 LEVEL = 12  # frame k of a test video is a flat grey image of value LEVEL * k: decoded frames identify themselves
@@ -415,7 +415,7 @@ def test_configs_compose_and_match_constructors(how2sign_dir, tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from src.datamodules import moving_digits, sign_video
+    from difflab.datamodules import moving_digits, sign_video
 
     cfg_dir = Path(__file__).resolve().parents[1] / "configs" / "datamodule"
     targets = {"sign_video": sign_video.SignVideoDataModule, "how2sign": sign_video.SignVideoDataModule,

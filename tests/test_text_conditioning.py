@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.conditioning import prompt_table as pt
-from src.conditioning.templates import CIFAR100_CLASSES, CIFAR10_CLASSES, class_prompts, labels_to_prompts
-from src.conditioning.text import TextConditioner
-from src.conditioning.text_encoders import load_text_encoder, resolve_encoder
-from src.utils.errors import ConfigError
+from difflab.conditioning import prompt_table as pt
+from difflab.conditioning.templates import CIFAR100_CLASSES, CIFAR10_CLASSES, class_prompts, labels_to_prompts
+from difflab.conditioning.text import TextConditioner
+from difflab.conditioning.text_encoders import load_text_encoder, resolve_encoder
+from difflab.utils.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "conditioning"
 HIDDEN = 32
@@ -330,8 +330,8 @@ def test_cli_build_from_dataset_templates(clip_dir, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ templates
 def test_templates_match_the_datamodules():
-    from src.datamodules.digits import DigitsDataModule
-    from src.datamodules.image_common import class_prompts as photo_prompts
+    from difflab.datamodules.digits import DigitsDataModule
+    from difflab.datamodules.image_common import class_prompts as photo_prompts
 
     digits = class_prompts("digits")
     assert digits[3] == "a handwritten digit three" and len(digits) == 10
@@ -362,7 +362,7 @@ def test_configs_match_the_constructor(name):
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{name}.yaml"))
-    assert cfg.pop("_target_") == "src.conditioning.text.TextConditioner"
+    assert cfg.pop("_target_") == "difflab.conditioning.text.TextConditioner"
     inspect.signature(TextConditioner).bind(**cfg)  # every key is a constructor argument
     if name == "text_clip":
         assert cfg["encoder"] == "openai/clip-vit-base-patch32" and cfg["max_length"] == 77
@@ -408,7 +408,7 @@ def test_encoder_follows_the_module_to_the_gpu(clip_dir, tmp_path):
 
 
 def test_attention_pool_starts_as_masked_mean_and_learns_to_pick_a_token():
-    from src.conditioning.pooling import AttentionPool
+    from difflab.conditioning.pooling import AttentionPool
 
     torch.manual_seed(0)
     tokens = torch.randn(3, 6, 10)

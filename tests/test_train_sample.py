@@ -8,8 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from src.checkpoints import load_checkpoint, module_from_checkpoint
-from src.ops.testing import CONFIG_DIR, compose_train, run_hydra_main, tiny_overrides
+from difflab.checkpoints import load_checkpoint, module_from_checkpoint
+from difflab.ops.testing import CONFIG_DIR, compose_train, run_hydra_main, tiny_overrides
 
 torch.set_num_threads(1)
 
@@ -49,8 +49,8 @@ def test_checkpoint_loads_weights_only_and_ema_differs_from_raw(run_dir):
 
 def test_sample_cli_outputs_and_samples_from_ema_weights(run_dir, tmp_path, monkeypatch):
     import sample
-    import src.sampling as sampling
-    from src.checkpoints import load_state_dict_checked
+    import difflab.sampling as sampling
+    from difflab.checkpoints import load_state_dict_checked
 
     ckpt = run_dir / "checkpoints" / "step_0000004.ckpt"
     module = module_from_checkpoint(ckpt)
@@ -114,7 +114,7 @@ def test_checkpoint_of_another_architecture_lists_mismatched_keys(run_dir, tmp_p
 def test_every_experiment_composes(name, tmp_path):
     from types import SimpleNamespace
 
-    from src.pipeline import fill_from_datamodule
+    from difflab.pipeline import fill_from_datamodule
 
     cfg = compose_train(tmp_path, [f"experiment={name}"])
     # what the pipeline copies from the datamodule (a stand-in: the real datasets are not on this machine)
@@ -162,7 +162,7 @@ def test_trainer_configs_compose_with_their_hardware_settings(tmp_path):
 
 
 def test_bf16_falls_back_to_fp16_on_gpus_without_bf16(monkeypatch):
-    from src.ops.precision import supported_precision
+    from difflab.ops.precision import supported_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
@@ -176,7 +176,7 @@ def test_bf16_falls_back_to_fp16_on_gpus_without_bf16(monkeypatch):
 def test_disabling_the_progress_bar_from_the_trainer_config_drops_the_bar_callback(tmp_path):
     from lightning.pytorch.callbacks import ProgressBar
 
-    from src.pipeline import build
+    from difflab.pipeline import build
 
     on = build(compose_train(tmp_path / "on", ["logger=none"]))["trainer"]  # the default callbacks hold a bar
     assert any(isinstance(cb, ProgressBar) for cb in on.callbacks)

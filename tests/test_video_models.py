@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from src.callbacks.video_grid import VideoGridCallback, log_video, video_fps, write_sample_videos
-from src.datamodules import video_io as vio
-from src.models.unet3d import UNet3D, depth_to_space, space_to_depth
-from src.models.video_layers import FrameAttention, RelativePositionBias, SpaceTimeBlock, TemporalAttention
-from src.models.vivit import ViViT
+from difflab.callbacks.video_grid import VideoGridCallback, log_video, video_fps, write_sample_videos
+from difflab.datamodules import video_io as vio
+from difflab.models.unet3d import UNet3D, depth_to_space, space_to_depth
+from difflab.models.video_layers import FrameAttention, RelativePositionBias, SpaceTimeBlock, TemporalAttention
+from difflab.models.vivit import ViViT
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -214,11 +214,11 @@ def _params(cls) -> set[str]:
 
 @pytest.mark.parametrize("name,cls", [("unet3d", UNet3D), ("vivit", ViViT)])
 def test_model_configs_replace_the_net_and_match_constructors(name, cls):
-    from src.lit_modules.diffusion_module import DiffusionModule
+    from difflab.lit_modules.diffusion_module import DiffusionModule
 
     cfg = _compose([f"model={name}"])
     net = cfg.model.net
-    assert net._target_ == f"src.models.{name}.{cls.__name__}"
+    assert net._target_ == f"difflab.models.{name}.{cls.__name__}"
     keys = set(net) - {"_target_", "_partial_"}
     assert keys <= _params(cls), keys - _params(cls)  # nothing leaked in from model/unet2d's net
     assert set(cfg.model) - {"_target_"} <= _params(DiffusionModule)
@@ -316,7 +316,7 @@ TINY_VIVIT = ["model.net.hidden_dim=32", "model.net.depth=2", "model.net.head_di
 
 
 def _train(tmp_path, overrides):
-    from src.pipeline import train
+    from difflab.pipeline import train
 
     out = tmp_path / "run"
     common = [f"paths.output_dir={out}", f"paths.data_dir={tmp_path}", f"paths.root_dir={ROOT}",
@@ -422,7 +422,7 @@ def test_video_grid_samples_with_ema_weights(monkeypatch, tmp_path):
     """The callback samples from whatever `ema_module` returns and writes a row per prompt."""
     from types import SimpleNamespace
 
-    import src.callbacks.video_grid as vg
+    import difflab.callbacks.video_grid as vg
 
     class FakeModule:
         prompts = ["p0", "p1", "p2"]
@@ -485,8 +485,8 @@ def test_write_sample_videos_groups_rows_by_prompt(tmp_path):
 
 # --------------------------------------------------------------------------------------------------- judge
 def test_judge_on_real_moving_digits_and_on_failures(tmp_path):
-    from src.datamodules.moving_digits import MovingDigitsParams, generate_moving_digits
-    from src.eval.video_eval import evaluate_videos, load_real_clips
+    from difflab.datamodules.moving_digits import MovingDigitsParams, generate_moving_digits
+    from difflab.eval.video_eval import evaluate_videos, load_real_clips
 
     params = MovingDigitsParams(canvas_size=16, digit_size=8, num_frames=8, num_train=4, num_val=4, num_test=80)
     generate_moving_digits(tmp_path / "md", params)

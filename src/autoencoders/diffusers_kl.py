@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from src.autoencoders.loading import autoencoder_identity
-from src.utils.errors import CheckpointError, ConfigError
+from difflab.autoencoders.loading import autoencoder_identity
+from difflab.utils.errors import CheckpointError, ConfigError
 
 
 class DiffusersKL(nn.Module):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.autoencoders.loading import autoencoder_identity
+from difflab.autoencoders.loading import autoencoder_identity
 
 LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite early in training
 

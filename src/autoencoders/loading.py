@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from src.utils.errors import CheckpointError, ConfigError
+from difflab.utils.errors import CheckpointError, ConfigError
 
 CHECKPOINT_KIND = "autoencoder"
 STATE_PREFIX = "autoencoder."  # AutoencoderModule holds the model as ``self.autoencoder``
-ALLOWED_TARGET_PREFIX = "src."  # checkpoints may only name difflab classes
+ALLOWED_TARGET_PREFIX = "difflab."  # checkpoints may only name difflab classes
 
 
 def class_path(obj_or_cls: Any) -> str:
@@ -72,7 +72,7 @@ def autoencoder_identity(module: nn.Module) -> dict:
 def known_identity(autoencoder: Any) -> dict:
     """The identity recorded when ``load_autoencoder`` loaded this module, else computed now.
 
-    Unwraps ``src.utils.frozen.Frozen`` holders. Using the load-time identity keeps it valid after the caller casts
+    Unwraps ``difflab.utils.frozen.Frozen`` holders. Using the load-time identity keeps it valid after the caller casts
     the module (e.g. to bf16), which would change a freshly computed hash.
     """
     module = getattr(autoencoder, "module", autoencoder)
@@ -101,7 +101,7 @@ def _instantiate(cfg: dict) -> nn.Module:
 
     target = cfg.get("_target_")
     if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIX):
-        raise ConfigError(f"autoencoder config needs a _target_ naming a difflab class (src....); got {target!r}")
+        raise ConfigError(f"autoencoder config needs a _target_ naming a difflab class (difflab....); got {target!r}")
     try:
         cls = hydra.utils.get_class(target)
     except Exception as e:
@@ -129,7 +129,9 @@ def read_autoencoder_checkpoint(path: str | Path) -> tuple[dict, dict]:
     if not isinstance(state, dict):
         raise CheckpointError(f"autoencoder checkpoint {path} has no state_dict")
     sd = {k[len(STATE_PREFIX):]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
-    return dict(meta["config"]), sd
+    from difflab.checkpoints import upgrade_targets
+
+    return upgrade_targets(dict(meta["config"])), sd
 
 
 def load_autoencoder_checkpoint(path: str | Path) -> nn.Module:
@@ -155,7 +157,7 @@ def _normalise_spec(cfg_or_spec: Any) -> dict | None:
         p = Path(spec).expanduser()
         if p.suffix == ".ckpt" or p.is_file():
             return {"ckpt_path": str(p)}
-        return {"_target_": "src.autoencoders.diffusers_kl.DiffusersKL", "pretrained": str(spec)}
+        return {"_target_": "difflab.autoencoders.diffusers_kl.DiffusersKL", "pretrained": str(spec)}
     if isinstance(spec, Mapping):
         return dict(spec) or None  # configs/autoencoder/none.yaml composes to an empty mapping
     raise ConfigError(f"autoencoder spec must be a path, a diffusers id or a config mapping; got {type(spec).__name__}")

@@ -7,10 +7,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from src.callbacks.ema import ema_module
-from src.callbacks.schedule import is_scheduled
-from src.utils.images import auto_upscale, make_grid, save_png, to_uint8
-from src.utils.logging import figure_path, log_image
+from difflab.callbacks.ema import ema_module
+from difflab.callbacks.schedule import is_scheduled
+from difflab.utils.images import auto_upscale, make_grid, save_png, to_uint8
+from difflab.utils.logging import figure_path, log_image
 
 
 def grid_conditions(module, n_cols: int):

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from src.callbacks.figures import DiagnosticCallback, column_block, condition_key, labelled_mosaic
+from difflab.callbacks.figures import DiagnosticCallback, column_block, condition_key, labelled_mosaic
 
 
 def collage_conditions(module, max_rows: int, n_uncond: int = 1):

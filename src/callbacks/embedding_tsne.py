@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from src.callbacks.figures import DiagnosticCallback, condition_key
-from src.metrics.common import warn_once
-from src.ops.atomic import atomic_write
+from difflab.callbacks.figures import DiagnosticCallback, condition_key
+from difflab.metrics.common import warn_once
+from difflab.ops.atomic import atomic_write
 
 
 @torch.no_grad()
@@ -75,7 +75,7 @@ def scatter_plot(xy: np.ndarray, labels: list[str], path: Path, title: str, size
     """A labelled 2-D scatter (PIL, no axes: t-SNE coordinates carry no units); null conditions drawn as black x."""
     from PIL import Image, ImageDraw
 
-    from src.callbacks.figures import _font
+    from difflab.callbacks.figures import _font
 
     margin, top = 40, 40
     canvas = Image.new("RGB", (size + 2 * margin + 160, size + top + margin), "white")

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from src.callbacks.ema import ema_module
-from src.callbacks.schedule import is_scheduled
-from src.ops.atomic import atomic_write
-from src.utils.images import make_grid, to_uint8
-from src.utils.logging import figure_path, log_image
+from difflab.callbacks.ema import ema_module
+from difflab.callbacks.schedule import is_scheduled
+from difflab.ops.atomic import atomic_write
+from difflab.utils.images import make_grid, to_uint8
+from difflab.utils.logging import figure_path, log_image
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from typing import Any, Sequence
 
 import torch
 
-from src.callbacks.class_grid import grid_conditions
-from src.callbacks.figures import DiagnosticCallback, column_block, condition_key, labelled_mosaic
-from src.metrics.common import warn_once
+from difflab.callbacks.class_grid import grid_conditions
+from difflab.callbacks.figures import DiagnosticCallback, column_block, condition_key, labelled_mosaic
+from difflab.metrics.common import warn_once
 
 
 def sample_at_scales(module, raw, noise: torch.Tensor, scales: Sequence[float], sampler=None, seed: int = 0,

@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 import torch
 
-from src.callbacks.figures import DiagnosticCallback, column_block, fixed_real_batch, labelled_mosaic
-from src.diffusion.objectives import add_noise
+from difflab.callbacks.figures import DiagnosticCallback, column_block, fixed_real_batch, labelled_mosaic
+from difflab.diffusion.objectives import add_noise
 
 
 def start_timestep(fraction: float, num_timesteps: int) -> int:
@@ -47,8 +47,8 @@ def per_sample_model_fn(module, cond: dict, null: dict | None, scale: float):
     """``fn(x_t, t, idx) -> (x0_hat, eps_hat)`` with a timestep PER SAMPLE (``t``: long B) for the samples ``idx`` of
     the conditioning batch, as ``guided_model_fn``: CFG (+ the module's rescale), the objective's x0 clipping, eps
     recomputed from the clipped x0, float64 conversions."""
-    from src.diffusion.guidance import cfg_combine, concat_cond, rescale_guidance
-    from src.diffusion.objectives import clip_x0, predictions_from_output
+    from difflab.diffusion.guidance import cfg_combine, concat_cond, rescale_guidance
+    from difflab.diffusion.objectives import clip_x0, predictions_from_output
 
     x0_clip = module.objective.x0_clip
     clip = x0_clip if callable(x0_clip) else (None if x0_clip in (None, "none") else (lambda z: clip_x0(z, x0_clip)))
@@ -138,7 +138,7 @@ def reconstruction_sweep(module, batch: dict, t_fractions: Sequence[float], path
         name = f"t{float(frac):.2f}"
         scalars[f"recon/mse_{name}"] = float(((rec_i - original) ** 2).flatten(1).mean(1).mean())
         if lpips_model is not None:
-            from src.callbacks.sample_metrics import lpips_pairs
+            from difflab.callbacks.sample_metrics import lpips_pairs
 
             scalars[f"recon/lpips_{name}"] = float(lpips_pairs(lpips_model, rec_i, original).mean())
     blocks = [column_block(original.repeat(len(t_starts), *([1] * (original.ndim - 1))), ncol=n),
@@ -178,7 +178,7 @@ class ReconstructionCallback(DiagnosticCallback):
 
     def _lpips_model(self):
         if not self._lpips_tried and self.lpips_net:
-            from src.callbacks.sample_metrics import load_lpips
+            from difflab.callbacks.sample_metrics import load_lpips
 
             self._lpips = load_lpips(self.lpips_net, self.lpips_backbone)
             self._lpips_tried = True

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.callbacks.figures import DiagnosticCallback, condition_key
-from src.metrics.common import warn_once
+from difflab.callbacks.figures import DiagnosticCallback, condition_key
+from difflab.metrics.common import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class DigitFeatures(nn.Module):
 
     def __init__(self, weights: str | os.PathLike | None = None):
         super().__init__()
-        from src.eval.digit_classifier import WEIGHTS, load_digit_classifier
+        from difflab.eval.digit_classifier import WEIGHTS, load_digit_classifier
 
         path = Path(weights) if weights else WEIGHTS
         self.classifier = load_digit_classifier(path)
@@ -114,7 +114,7 @@ def resolve_feature_kind(feature: Any, sample_shape) -> str:
 def metric_names(kind: str, n: int, sample_shape, feature_name: str = "") -> tuple[str, str]:
     """(Frechet name, KID name) carrying the sample count (and frame count for videos)."""
     if kind == "i3d":
-        from src.metrics.fvd import fvd_metric_name
+        from difflab.metrics.fvd import fvd_metric_name
 
         fvd = fvd_metric_name(n, sample_shape[1])
         return fvd, "k" + fvd[1:]  # fvd256_16f -> kvd256_16f
@@ -131,7 +131,7 @@ def load_lpips(net: str | None, backbone: str | os.PathLike | None = None):
     """LPIPS with a local backbone file (None: torch hub's cache path); None (one warning) when it is missing."""
     if not net:
         return None
-    from src.metrics.lpips_metric import build_lpips
+    from difflab.metrics.lpips_metric import build_lpips
 
     return build_lpips(net, backbone_weights=backbone)
 
@@ -151,7 +151,7 @@ def _lpips_frames(x: torch.Tensor, min_side: int = 64) -> torch.Tensor:
 @torch.no_grad()
 def lpips_pairs(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """LPIPS between paired samples (images or videos, frames averaged); one value per pair."""
-    from src.metrics.lpips_metric import lpips_distance
+    from difflab.metrics.lpips_metric import lpips_distance
 
     n = x.shape[0]
     d = lpips_distance(model, _lpips_frames(x), _lpips_frames(y))
@@ -202,9 +202,9 @@ class SampleMetrics:
 
     # ------------------------------------------------------------------ set-up
     def _build_metric(self, module) -> None:
-        from src.metrics.feature_metrics import FrechetMetric
-        from src.metrics.fvd import build_fvd_metric
-        from src.metrics.inception import build_fid_metric
+        from difflab.metrics.feature_metrics import FrechetMetric
+        from difflab.metrics.fvd import build_fvd_metric
+        from difflab.metrics.inception import build_fid_metric
 
         shape = tuple(module.sample_shape)
         self.kind = resolve_feature_kind(self.feature, shape)
@@ -262,7 +262,7 @@ class SampleMetrics:
         self._build_metric(module)
         key = condition_key(module)
         if key == "text":
-            from src.metrics.clip_score import ClipScoreMetric, load_clip_scorer
+            from difflab.metrics.clip_score import ClipScoreMetric, load_clip_scorer
 
             scorer = load_clip_scorer(self.clip_model)
             self._clip = None if scorer is None else ClipScoreMetric(scorer).to(module.device)

@@ -14,9 +14,9 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 
-from src.callbacks.figures import _new_figure, log_scalars, save_figure
-from src.diffusion.objectives import timestep_buckets
-from src.utils.logging import figure_path, log_image
+from difflab.callbacks.figures import _new_figure, log_scalars, save_figure
+from difflab.diffusion.objectives import timestep_buckets
+from difflab.utils.logging import figure_path, log_image
 
 
 @torch.no_grad()

@@ -19,8 +19,8 @@ from collections import deque
 import lightning as L
 import torch
 
-from src.callbacks.ema import find_ema
-from src.callbacks.figures import log_scalars
+from difflab.callbacks.ema import find_ema
+from difflab.callbacks.figures import log_scalars
 
 log = logging.getLogger(__name__)
 

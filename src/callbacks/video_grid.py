@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from src.callbacks.ema import ema_module
-from src.callbacks.schedule import is_scheduled
-from src.datamodules.video_io import to_uint8_video, video_grid, write_gif, write_mp4
-from src.utils.logging import append_figure_index, figure_path
+from difflab.callbacks.ema import ema_module
+from difflab.callbacks.schedule import is_scheduled
+from difflab.datamodules.video_io import to_uint8_video, video_grid, write_gif, write_mp4
+from difflab.utils.logging import append_figure_index, figure_path
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ Loading refuses a stale table (other encoder, other prompt set, other max_length
 
 Command line (this module is the entry point; there is no separate script)::
 
-    python -m src.conditioning.prompt_table build --encoder minilm --dataset cifar10 --out tables/cifar10_minilm.pt
-    python -m src.conditioning.prompt_table build --encoder PATH --prompts-file prompts.txt --out table.pt
-    python -m src.conditioning.prompt_table verify tables/cifar10_minilm.pt [--encoder NAME] [--threshold 0.999]
-    python -m src.conditioning.prompt_table info tables/cifar10_minilm.pt
+    python -m difflab.conditioning.prompt_table build --encoder minilm --dataset cifar10 --out tables/cifar10_minilm.pt
+    python -m difflab.conditioning.prompt_table build --encoder PATH --prompts-file prompts.txt --out table.pt
+    python -m difflab.conditioning.prompt_table verify tables/cifar10_minilm.pt [--encoder NAME] [--threshold 0.999]
+    python -m difflab.conditioning.prompt_table info tables/cifar10_minilm.pt
 
 ``verify`` re-encodes every prompt with the encoder, prints the minimum cosine similarity (tokens and pooled, over
 all prompts) and exits 1 when it is below the threshold (2 on a configuration error).
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from src.utils.errors import ConfigError
+from difflab.utils.errors import ConfigError
 
 FORMAT_VERSION = 1
 DEFAULT_THRESHOLD = 0.999
@@ -36,7 +36,7 @@ DEFAULT_THRESHOLD = 0.999
 
 def unique_prompts(prompts) -> list[str]:
     """The prompt set a table stores: unique prompts, sorted (so order and duplicates do not make a table stale)."""
-    from src.conditioning.text_encoders import check_prompts
+    from difflab.conditioning.text_encoders import check_prompts
 
     return sorted(set(check_prompts(prompts)))
 
@@ -150,7 +150,7 @@ def build_prompt_table(encoder, prompts, path: str | os.PathLike | None = None,
 def _rebuild_hint(path, meta: dict) -> str:
     enc = meta.get("encoder_name", "ENCODER")
     return (f"delete it to rebuild automatically, or run "
-            f"`python -m src.conditioning.prompt_table build --encoder {enc} --out {path} ...`")
+            f"`python -m difflab.conditioning.prompt_table build --encoder {enc} --out {path} ...`")
 
 
 def read_prompt_table(path: str | os.PathLike) -> PromptTable:
@@ -158,7 +158,7 @@ def read_prompt_table(path: str | os.PathLike) -> PromptTable:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"prompt table {path} does not exist: build it with "
-                          f"`python -m src.conditioning.prompt_table build --encoder NAME --out {path} ...`")
+                          f"`python -m difflab.conditioning.prompt_table build --encoder NAME --out {path} ...`")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
@@ -179,7 +179,7 @@ def load_prompt_table(path: str | os.PathLike, encoder_name: str | None = None, 
     The encoder matches when its fingerprint (weights + config) equals the stored one if ``encoder_fingerprint`` is
     given, else when the names match (aliases such as ``minilm`` are canonicalised first).
     """
-    from src.conditioning.text_encoders import resolve_encoder
+    from difflab.conditioning.text_encoders import resolve_encoder
 
     table = read_prompt_table(path)
     meta = table.meta
@@ -250,7 +250,7 @@ def verify_prompt_table(table_or_path, encoder, threshold: float = DEFAULT_THRES
 
 # ----------------------------------------------------------------------------------------------------- command line
 def _prompts_from_args(args) -> list[str]:
-    from src.conditioning.templates import class_prompts
+    from difflab.conditioning.templates import class_prompts
 
     if args.prompts_file:
         lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
@@ -263,9 +263,9 @@ def _prompts_from_args(args) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``build`` / ``verify`` / ``info`` (see the module docstring). Returns the exit status."""
-    from src.conditioning.text_encoders import load_text_encoder
+    from difflab.conditioning.text_encoders import load_text_encoder
 
-    ap = argparse.ArgumentParser(prog="python -m src.conditioning.prompt_table", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m difflab.conditioning.prompt_table", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="encode a prompt set and save a table")
     b.add_argument("--encoder", required=True, help="Hub id, local directory or `minilm`")

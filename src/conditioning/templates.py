@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from src.utils.errors import ConfigError
+from difflab.utils.errors import ConfigError
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from src.conditioning.base import Conditioner, cond_dict
-from src.conditioning.pooling import AttentionPool
-from src.conditioning.prompt_table import PromptTable, build_prompt_table, load_prompt_table
-from src.conditioning.text_encoders import TextEncoder, check_prompts, load_text_encoder
-from src.utils.errors import ConfigError
-from src.utils.frozen import Frozen
+from difflab.conditioning.base import Conditioner, cond_dict
+from difflab.conditioning.pooling import AttentionPool
+from difflab.conditioning.prompt_table import PromptTable, build_prompt_table, load_prompt_table
+from difflab.conditioning.text_encoders import TextEncoder, check_prompts, load_text_encoder
+from difflab.utils.errors import ConfigError
+from difflab.utils.frozen import Frozen
 
 NULL_PROMPT = ""
 

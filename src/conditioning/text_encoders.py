@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from src.utils.errors import ConfigError
+from difflab.utils.errors import ConfigError
 
 KINDS = ("auto", "clip", "auto_model")
 CLIP_MODEL_TYPES = ("clip", "clip_text_model")

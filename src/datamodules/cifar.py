@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from src.datamodules.image_common import (
+from difflab.datamodules.image_common import (
     ArraySource,
     DictDataset,
     ImageDataModule,
@@ -30,7 +30,7 @@ from src.datamodules.image_common import (
     parse_val_split,
     verify_files,
 )
-from src.utils.errors import CorruptDataError, DataNotFoundError
+from difflab.utils.errors import CorruptDataError, DataNotFoundError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR100_CLASSES = (

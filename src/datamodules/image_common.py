@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from src.utils.errors import ConfigError, CorruptDataError
+from difflab.utils.errors import ConfigError, CorruptDataError
 
 MARKER_NAME = ".difflab_verified.json"
 _MARKER_FORMAT = 1

@@ -18,8 +18,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from src.datamodules.image_common import DictDataset, ImageDataModule, ImageTransform, class_prompts, holdout_split
-from src.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
+from difflab.datamodules.image_common import DictDataset, ImageDataModule, ImageTransform, class_prompts, holdout_split
+from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}

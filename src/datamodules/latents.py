@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from src.latents.cache import LatentCache, NormalisedAutoencoder, normalise, open_array
+from difflab.latents.cache import LatentCache, NormalisedAutoencoder, normalise, open_array
 
 
 class LatentDataset(Dataset):
@@ -141,10 +141,10 @@ class LatentDataModule(L.LightningDataModule):
 
     def load_autoencoder(self):
         """Reload the cache's autoencoder from its recorded spec (frozen), checked against the recorded hash."""
-        from src.autoencoders.loading import load_autoencoder
+        from difflab.autoencoders.loading import load_autoencoder
 
         if not self.autoencoder_spec["spec"]:
-            from src.utils.errors import ConfigError
+            from difflab.utils.errors import ConfigError
             raise ConfigError(f"latent cache {self.cache.dir} records no reload spec for its autoencoder (it was "
                               f"encoded from an in-memory model): pass the autoencoder explicitly")
         module, _ = load_autoencoder(self.autoencoder_spec["spec"])

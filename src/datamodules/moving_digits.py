@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from src.datamodules.digits import DIGIT_NAMES
-from src.datamodules.sign_video import HOW2SIGN_CLIPS_DIR, SignVideoDataModule
-from src.datamodules.video_io import mp4_encoder, write_mp4
-from src.utils.errors import ConfigError
+from difflab.datamodules.digits import DIGIT_NAMES
+from difflab.datamodules.sign_video import HOW2SIGN_CLIPS_DIR, SignVideoDataModule
+from difflab.datamodules.video_io import mp4_encoder, write_mp4
+from difflab.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from src.datamodules.image_common import ImageDataModule
-from src.datamodules.video_io import BACKENDS, list_frame_files, open_video, read_frame_files
-from src.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
+from difflab.datamodules.image_common import ImageDataModule
+from difflab.datamodules.video_io import BACKENDS, list_frame_files, open_video, read_frame_files
+from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
 
 log = logging.getLogger(__name__)
 

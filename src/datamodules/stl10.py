@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from src.datamodules.image_common import (
+from difflab.datamodules.image_common import (
     DictDataset,
     ImageDataModule,
     ImageTransform,
@@ -31,7 +31,7 @@ from src.datamodules.image_common import (
     parse_val_split,
     verify_files,
 )
-from src.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
+from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
 
 STL10_FOLDER = "stl10_binary"
 IMAGE_SHAPE = (3, 96, 96)

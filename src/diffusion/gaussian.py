@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from src.diffusion.objectives import eps_from_x0, training_target
+from difflab.diffusion.objectives import eps_from_x0, training_target
 
 Tensor = torch.Tensor
 

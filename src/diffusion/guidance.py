@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from src.diffusion.objectives import clip_x0, eps_from_x0, predictions_from_output
+from difflab.diffusion.objectives import clip_x0, eps_from_x0, predictions_from_output
 
 Tensor = torch.Tensor
 ModelFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]

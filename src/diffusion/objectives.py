@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from src.utils.frozen import Frozen
+from difflab.utils.frozen import Frozen
 
 Tensor = torch.Tensor
 PREDICTIONS = ("eps", "x0", "v")
@@ -226,8 +226,8 @@ class PerceptualTerm:
         self._state = "unbuilt"
 
     def _build(self) -> None:
-        from src.metrics.common import warn_once
-        from src.metrics.lpips_metric import BACKBONE_FILES, build_lpips, default_backbone_path
+        from difflab.metrics.common import warn_once
+        from difflab.metrics.lpips_metric import BACKBONE_FILES, build_lpips, default_backbone_path
 
         if self.net not in BACKBONE_FILES:
             raise ValueError(f"objective.lpips_net must be one of {sorted(BACKBONE_FILES)}, got {self.net!r}")

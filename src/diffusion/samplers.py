@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from src.diffusion.schedules import DiscreteSchedule
+from difflab.diffusion.schedules import DiscreteSchedule
 
 Tensor = torch.Tensor
 

@@ -1,6 +1,6 @@
 """A small CNN that recognises 16x16 digits; kept in the repo to judge generated samples (accuracy and FD).
 
-The weights file ``digit_classifier.pt`` next to this module is produced by ``python -m src.eval.digit_classifier``
+The weights file ``digit_classifier.pt`` next to this module is produced by ``python -m difflab.eval.digit_classifier``
 (trained on the scikit-learn digits train split, with small random shifts) and loads with ``weights_only=True``.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _random_shift(x: torch.Tensor, max_shift: int = 1) -> torch.Tensor:
 
 def train_classifier(epochs: int = 40, seed: int = 0) -> tuple[DigitClassifier, float]:
     """Train on the digits train split (the same split the diffusion datamodule uses); returns model, val accuracy."""
-    from src.datamodules.digits import load_digits_tensors, split_indices
+    from difflab.datamodules.digits import load_digits_tensors, split_indices
 
     torch.manual_seed(seed)
     x, y = load_digits_tensors(16)

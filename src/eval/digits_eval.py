@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from src.datamodules.digits import DIGIT_NAMES, load_digits_tensors, split_indices
-from src.eval.digit_classifier import judge, load_digit_classifier
-from src.metrics.frechet import frechet_distance, gaussian_stats
+from difflab.datamodules.digits import DIGIT_NAMES, load_digits_tensors, split_indices
+from difflab.eval.digit_classifier import judge, load_digit_classifier
+from difflab.metrics.frechet import frechet_distance, gaussian_stats
 
 
 def real_digit_features(n: int | None = None, split: str = "all", seed: int = 0) -> torch.Tensor:

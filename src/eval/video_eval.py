@@ -1,7 +1,7 @@
 """Judge moving-digits videos (real or generated): is the named digit there, and does it move the named way?
 
 Digit: in every frame the digit is cut out by a ``digit_size`` square window centred on the bounding box of its
-bright pixels, resized to 16x16 and classified by the bundled digit classifier (`src.eval.digit_classifier`),
+bright pixels, resized to 16x16 and classified by the bundled digit classifier (`difflab.eval.digit_classifier`),
 whose training images are the same scikit-learn digits upsampled to 16x16. Motion: the per-frame centre of mass
 of the bright pixels (background level removed) is fitted by a straight line; its dominant axis and sign give the
 direction, and the fitted displacement over the clip must cover at least ``min_travel`` of the distance a real
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from src.datamodules.moving_digits import DIRECTIONS, parse_caption
+from difflab.datamodules.moving_digits import DIRECTIONS, parse_caption
 
 CROP_MODES = ("bbox", "com", "whole")
 _AXIS = {"left": (1, -1), "right": (1, 1), "up": (0, -1), "down": (0, 1)}  # (axis: 0 rows / 1 cols, sign)
@@ -106,7 +106,7 @@ def digit_crops(frames: torch.Tensor, digit_size: int, mode: str = "bbox", out: 
 @torch.no_grad()
 def classify_frames(frames: torch.Tensor, digit_size: int, mode: str = "bbox", model=None) -> torch.Tensor:
     """Predicted digit for every frame: ``N x T`` int64, for ``N x T x H x W`` frames in [0, 1]."""
-    from src.eval.digit_classifier import judge
+    from difflab.eval.digit_classifier import judge
 
     n, t = frames.shape[:2]
     return judge(digit_crops(frames, digit_size, mode), model=model)["pred"].reshape(n, t)
@@ -201,15 +201,15 @@ def load_real_clips(data_dir, split: str = "test", max_clips: int | None = None)
     generator parameters, read through the manifest (to check the judge on real data)."""
     from pathlib import Path
 
-    from src.datamodules.moving_digits import read_manifest
-    from src.datamodules.sign_video import HOW2SIGN_CLIPS_DIR
-    from src.datamodules.video_io import read_video
-    from src.utils.errors import DataNotFoundError
+    from difflab.datamodules.moving_digits import read_manifest
+    from difflab.datamodules.sign_video import HOW2SIGN_CLIPS_DIR
+    from difflab.datamodules.video_io import read_video
+    from difflab.utils.errors import DataNotFoundError
 
     m = read_manifest(data_dir)
     if m is None:
         raise DataNotFoundError(f"{data_dir}: no moving-digits manifest.json; generate the data first "
-                                "(train once with datamodule=moving_digits, or src.datamodules.moving_digits."
+                                "(train once with datamodule=moving_digits, or difflab.datamodules.moving_digits."
                                 "generate_moving_digits)")
     clips = [c for c in m["clips"] if c["split"] == split][:max_clips]
     folder = Path(data_dir) / HOW2SIGN_CLIPS_DIR.format(split=split)

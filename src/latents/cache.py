@@ -1,6 +1,6 @@
 """The latent cache format: files, manifest, normalisation statistics, and reading a finished cache.
 
-Layout of a cache directory (written by ``src.latents.encode.encode_dataset``)::
+Layout of a cache directory (written by ``difflab.latents.encode.encode_dataset``)::
 
     manifest.json              what produced it (autoencoder identity, dataset), progress, normalisation
     <split>/latents.npy        N x C x h x w raw latents (float16 or float32), memory-mappable .npy
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.autoencoders.loading import known_identity
-from src.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
+from difflab.autoencoders.loading import known_identity
+from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
 
 FORMAT = "difflab-latent-cache"
 VERSION = 1
@@ -258,8 +258,8 @@ def open_array(path: Path) -> np.ndarray:
 def load_cache_autoencoder(cache_dir: str | Path) -> NormalisedAutoencoder:
     """The frozen autoencoder a cache was encoded with, reloaded from its recorded spec, verified by hash, and
     wrapped to decode the cache's normalised latents. Latent DiffusionModules take it as ``autoencoder``."""
-    from src.autoencoders.loading import load_autoencoder
-    from src.utils.errors import ConfigError
+    from difflab.autoencoders.loading import load_autoencoder
+    from difflab.utils.errors import ConfigError
 
     cache = LatentCache(cache_dir)
     spec = (cache.manifest.get("autoencoder") or {}).get("spec")

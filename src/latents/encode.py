@@ -17,11 +17,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data._utils.collate import default_collate
 
-from src.autoencoders.loading import class_path, known_identity, to_plain
-from src.latents.cache import (LABELS, LATENTS, MANIFEST, STATUS_COMPLETE, STATUS_IN_PROGRESS, TEXTS, TEXTS_PARTIAL,
+from difflab.autoencoders.loading import class_path, known_identity, to_plain
+from difflab.latents.cache import (LABELS, LATENTS, MANIFEST, STATUS_COMPLETE, STATUS_IN_PROGRESS, TEXTS, TEXTS_PARTIAL,
                                channel_moments, new_manifest, normalisation, now, read_manifest, split_dir,
                                write_manifest)
-from src.utils.errors import ConfigError
+from difflab.utils.errors import ConfigError
 
 # Datamodule arguments that change how data is loaded, not what the data is: not part of the dataset identity.
 LOADER_KEYS = frozenset({"batch_size", "num_workers", "pin_memory", "persistent_workers", "data_dir", "prefetch_factor"})

@@ -3,7 +3,7 @@
 Loss (per element, i.e. the latent-diffusion VAE loss divided by the pixel count, so ``kl_weight`` keeps its usual
 meaning, typically 1e-6):  recon + lpips_weight * LPIPS + kl_weight * KL_per_sample / (C*H*W).
 Checkpoints store ``checkpoint["difflab"] = {"kind": "autoencoder", "config": {_target_, ctor args}}`` so
-``src.autoencoders.loading.load_autoencoder(path)`` rebuilds the model from the file alone (weights_only load).
+``difflab.autoencoders.loading.load_autoencoder(path)`` rebuilds the model from the file alone (weights_only load).
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.autoencoders.kl_vae import gaussian_kl
-from src.autoencoders.loading import CHECKPOINT_KIND, build_autoencoder, class_path, to_plain
-from src.metrics.lpips_metric import build_lpips
-from src.utils.errors import ConfigError
-from src.utils.frozen import Frozen
+from difflab.autoencoders.kl_vae import gaussian_kl
+from difflab.autoencoders.loading import CHECKPOINT_KIND, build_autoencoder, class_path, to_plain
+from difflab.metrics.lpips_metric import build_lpips
+from difflab.utils.errors import ConfigError
+from difflab.utils.frozen import Frozen
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

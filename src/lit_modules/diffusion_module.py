@@ -10,15 +10,15 @@ import lightning as L
 import torch
 from torch import nn
 
-from src.conditioning.base import Conditioner, NoConditioner
-from src.diffusion.guidance import guided_model_fn
-from src.diffusion.objectives import Objective, timestep_buckets
-from src.diffusion.samplers import sampler_name
-from src.conditioning.templates import labels_to_prompts
-from src.diffusion.schedules import DiscreteSchedule
-from src.lit_modules.lr_schedules import resolve_steps, warmup_cosine
-from src.utils.errors import ConfigError
-from src.utils.frozen import Frozen
+from difflab.conditioning.base import Conditioner, NoConditioner
+from difflab.diffusion.guidance import guided_model_fn
+from difflab.diffusion.objectives import Objective, timestep_buckets
+from difflab.diffusion.samplers import sampler_name
+from difflab.conditioning.templates import labels_to_prompts
+from difflab.diffusion.schedules import DiscreteSchedule
+from difflab.lit_modules.lr_schedules import resolve_steps, warmup_cosine
+from difflab.utils.errors import ConfigError
+from difflab.utils.frozen import Frozen
 
 log = logging.getLogger(__name__)
 

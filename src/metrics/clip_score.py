@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from src.metrics.common import to_uint8, warn_once
-from src.utils.frozen import Frozen
+from difflab.metrics.common import to_uint8, warn_once
+from difflab.utils.frozen import Frozen
 
 
 class ClipScorer:

@@ -22,10 +22,10 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from src.metrics.common import is_rank_zero
-from src.metrics.frechet import frechet_distance, kernel_inception_distance
-from src.utils.errors import CorruptDataError, DifflabError
-from src.utils.frozen import Frozen
+from difflab.metrics.common import is_rank_zero
+from difflab.metrics.frechet import frechet_distance, kernel_inception_distance
+from difflab.utils.errors import CorruptDataError, DifflabError
+from difflab.utils.frozen import Frozen
 
 CACHE_FORMAT = "difflab-real-feature-stats-v1"
 _KEY_TYPES = (str, int, float, bool, type(None))

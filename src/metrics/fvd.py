@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from src.metrics.common import to_uint8, warn_once
-from src.metrics.feature_metrics import FrechetMetric
-from src.utils.errors import CheckpointError
+from difflab.metrics.common import to_uint8, warn_once
+from difflab.metrics.feature_metrics import FrechetMetric
+from difflab.utils.errors import CheckpointError
 
 I3D_FILENAME = "i3d_torchscript.pt"
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"

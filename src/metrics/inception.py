@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from src.metrics.common import to_uint8, warn_once
-from src.metrics.feature_metrics import FrechetMetric
-from src.utils.errors import CheckpointError
+from difflab.metrics.common import to_uint8, warn_once
+from difflab.metrics.feature_metrics import FrechetMetric
+from difflab.utils.errors import CheckpointError
 
 INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = (

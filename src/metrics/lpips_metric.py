@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from src.metrics.common import warn_once
-from src.utils.errors import CheckpointError
+from difflab.metrics.common import warn_once
+from difflab.utils.errors import CheckpointError
 
 BACKBONE_FILES = {
     "alex": ("alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.layers import AttentionBlock, Downsample, ResBlock, TimeConditionEmbedding, Upsample, zero_init
+from difflab.models.layers import AttentionBlock, Downsample, ResBlock, TimeConditionEmbedding, Upsample, zero_init
 
 
 class UNet2D(nn.Module):

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.layers import CrossAttention, TimeConditionEmbedding, zero_init
-from src.models.video_layers import (
+from difflab.models.layers import CrossAttention, TimeConditionEmbedding, zero_init
+from difflab.models.video_layers import (
     Downsample3D,
     FrameAttention,
     ResBlock3D,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.layers import AttentionBlock, CrossAttention, _heads, zero_init
+from difflab.models.layers import AttentionBlock, CrossAttention, _heads, zero_init
 
 
 def check_video(x: torch.Tensor, name: str) -> None:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.layers import CrossAttention, TimeConditionEmbedding, zero_init
-from src.models.video_layers import SpaceTimeBlock, check_video, sincos_1d, sincos_2d
+from difflab.models.layers import CrossAttention, TimeConditionEmbedding, zero_init
+from difflab.models.video_layers import SpaceTimeBlock, check_video, sincos_1d, sincos_2d
 
 
 class ViViT(nn.Module):

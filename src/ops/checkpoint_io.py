@@ -2,8 +2,8 @@
 
 Lightning's own ``TorchCheckpointIO`` writes through an fsspec transaction whose temporary file lives in the system
 temp directory; on another filesystem the final "move" is a copy, so a kill during it can truncate ``last.ckpt``.
-Here the temporary file sits next to the target and is renamed over it (see ``src.ops.atomic``).
-Wire it with ``trainer.plugins: [{_target_: src.ops.checkpoint_io.AtomicCheckpointIO}]`` (the default trainer does).
+Here the temporary file sits next to the target and is renamed over it (see ``difflab.ops.atomic``).
+Wire it with ``trainer.plugins: [{_target_: difflab.ops.checkpoint_io.AtomicCheckpointIO}]`` (the default trainer does).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
-from src.ops.atomic import atomic_torch_save
+from difflab.ops.atomic import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                              f"tensors and plain containers")
         if not _is_local(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        from src.checkpoints import load_checkpoint  # one place for safe loading and its error messages
+        from difflab.checkpoints import load_checkpoint  # one place for safe loading and its error messages
 
         if not get_filesystem(path).exists(path):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")

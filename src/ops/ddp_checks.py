@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from src.utils.errors import DifflabError
+from difflab.utils.errors import DifflabError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class RankConsistencyCheck(L.Callback):
 
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         """Gather fingerprints of the raw and EMA weights from all ranks and compare them to rank 0 (collective)."""
-        from src.callbacks.ema import find_ema
+        from difflab.callbacks.ema import find_ema
 
         ema = find_ema(trainer)
         models = {"raw": pl_module}

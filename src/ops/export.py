@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from src.checkpoints import EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_WEIGHTS, drop_compiled_aliases, load_weights
-from src.ops.atomic import atomic_write
+from difflab.checkpoints import EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_WEIGHTS, drop_compiled_aliases, load_weights
+from difflab.ops.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 from torch import nn
 
-from src.checkpoints import format_key_table, load_state_dict_checked, load_weights
+from difflab.checkpoints import format_key_table, load_state_dict_checked, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class InitEMAWeights(L.Callback):
         self.ema_state, self.strict, self.num_updates, self.source = ema_state, strict, num_updates, source
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from src.callbacks.ema import find_ema
+        from difflab.callbacks.ema import find_ema
 
         ema = find_ema(trainer)
         if ema is None or getattr(ema, "_average_model", None) is None:

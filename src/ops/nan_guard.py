@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from src.utils.errors import DifflabError
+from difflab.utils.errors import DifflabError
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import logging
 import os
 from pathlib import Path
 
-from src.ops.atomic import TMP_SUFFIX
-from src.utils.errors import CheckpointError, ConfigError
+from difflab.ops.atomic import TMP_SUFFIX
+from difflab.utils.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 

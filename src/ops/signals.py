@@ -9,7 +9,7 @@ Requeue (SLURM): ``requeue_signal`` (default SIGUSR2, the one submitit asks SLUR
 the time limit; SIGUSR1 is avoided because NCCL may use it) is handled the same way, and after the checkpoint is
 written ``after_fit`` hands over to whoever owns requeueing: the handler that was installed before ours (submitit's,
 which requeues the job) or, without one, ``scontrol requeue $SLURM_JOB_ID`` from global rank 0. The requeued job
-finds the checkpoint with ``resume`` (automatic when ``SLURM_RESTART_COUNT`` > 0, see ``src.ops.resume``).
+finds the checkpoint with ``resume`` (automatic when ``SLURM_RESTART_COUNT`` > 0, see ``difflab.ops.resume``).
 """
 from __future__ import annotations
 

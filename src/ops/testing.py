@@ -6,8 +6,9 @@ from typing import Sequence
 
 from omegaconf import DictConfig, open_dict
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = ROOT / "configs"
+from difflab.configs import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parents[2]  # the source checkout (tests and benchmarks run from one)
 
 # A model and schedule small enough for CPU tests: 8x8 digits, two UNet levels of 8/16 channels, no attention.
 TINY = [
@@ -37,7 +38,7 @@ def tiny_overrides(max_steps: int = 4, save_every: int = 2, extra: Sequence[str]
 
 def compose_train(output_dir: str | Path, overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
     """Compose ``configs/train.yaml`` in-process like ``train.py`` does, with ``paths.output_dir`` set and Hydra's
-    runtime info (``${hydra:...}``) available; the returned config can go straight to ``src.pipeline.train``."""
+    runtime info (``${hydra:...}``) available; the returned config can go straight to ``difflab.pipeline.train``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 

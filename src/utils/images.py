@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.ops.atomic import atomic_write
+from difflab.ops.atomic import atomic_write
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,20 @@
+"""Export EMA weights for sampling and sharing: ``difflab-export ckpt_path=PATH out_dir=DIR [weights=ema|raw]``.
+
+Writes DIR/model.safetensors + DIR/config.yaml + DIR/config.json; ``difflab-sample ckpt_path=DIR`` samples from it."""
+import hydra
+from omegaconf import DictConfig
+
+from difflab.configs import CONFIG_PATH
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
+def main(cfg: DictConfig) -> None:
+    from difflab.ops.export import export_checkpoint
+    from difflab.utils.cli import run_reporting_errors
+
+    paths = run_reporting_errors(export_checkpoint, cfg.ckpt_path, cfg.out_dir, cfg.weights, extra=(ValueError,))
+    print(f"exported to {paths['weights'].parent}")
+
+
+if __name__ == "__main__":
+    main()

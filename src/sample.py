@@ -1,0 +1,21 @@
+"""Sample from a checkpoint: ``difflab-sample ckpt_path=PATH n=500 out_dir=DIR [sampler=ddim sampler.steps=25]
+[guidance.scale=3] [labels=[0,1]] [prompts='["a photo of a horse"]']``.
+
+PATH: a training checkpoint (*.ckpt, loaded with weights_only=True; its EMA weights are used) or an export written
+by ``difflab-export`` (its directory or its model.safetensors)."""
+import hydra
+from omegaconf import DictConfig
+
+from difflab.configs import CONFIG_PATH
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
+def main(cfg: DictConfig) -> None:
+    from difflab.sampling import run_sampling
+    from difflab.utils.cli import run_reporting_errors
+
+    run_reporting_errors(run_sampling, cfg, extra=(ValueError,))
+
+
+if __name__ == "__main__":
+    main()
