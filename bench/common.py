@@ -33,20 +33,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_flags() -> set[str]:
-    """CPU feature flags (empty when /proc/cpuinfo is unreadable)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def has_native_bf16() -> bool:
     """True when the CPU has bf16 instructions (AVX512-BF16 or AMX-BF16), i.e. bf16 matmuls can beat fp32."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    from difflab.ops.precision import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
 
 
 def load_average() -> str:

@@ -4,6 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from difflab.configs import CONFIG_PATH
+from difflab.utils.cli import console_command
 
 
 def run(cfg: DictConfig) -> dict:
@@ -33,6 +34,7 @@ def run(cfg: DictConfig) -> dict:
     return manifest
 
 
+@console_command
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="encode_latents")
 def main(cfg: DictConfig) -> None:
     from difflab.utils.cli import run_reporting_errors

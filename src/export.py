@@ -5,8 +5,10 @@ import hydra
 from omegaconf import DictConfig
 
 from difflab.configs import CONFIG_PATH
+from difflab.utils.cli import console_command
 
 
+@console_command
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 def main(cfg: DictConfig) -> None:
     from difflab.ops.export import export_checkpoint

@@ -15,7 +15,8 @@ from difflab.ops import ddp_multirun
 from difflab.ops import wandb as wandb_ops
 from difflab.ops.atomic import remove_stale_temporaries
 from difflab.ops.finetune import init_callbacks
-from difflab.ops.precision import supported_precision
+from difflab.ops.hardware import fit_accelerator
+from difflab.ops.precision import resolve_precision
 from difflab.ops.resume import resolve_resume
 from difflab.ops.signals import GracefulShutdown, checkpoint_dir, find_shutdown
 from difflab.ops.slurm import cluster_plugins
@@ -55,19 +56,24 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir, resume: str | None = No
     return resolve_resume(ckpt_path, resume, output_dir)
 
 
-def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
-    """The Trainer of ``cfg.trainer`` with its plugins (a dict in the config), cluster plugins and a precision the
-    hardware supports."""
-    tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, trainable_params: int | None = None) -> L.Trainer:
+    """The Trainer of ``cfg.trainer`` with its plugins (a dict in the config), cluster plugins, the hardware that is
+    there (a GPU recipe on a CPU-only machine runs on the CPU) and a precision it runs natively (``auto``)."""
+    tcfg = fit_accelerator(OmegaConf.to_container(cfg.trainer, resolve=True))
     plugins_cfg = tcfg.pop("plugins", None) or {}
     plugin_cfgs = list(plugins_cfg.values()) if isinstance(plugins_cfg, dict) else list(plugins_cfg)
     plugins = [instantiate(p) if isinstance(p, dict) and "_target_" in p else p for p in plugin_cfgs if p is not None]
     shutdown = next((cb for cb in callbacks if isinstance(cb, GracefulShutdown)), None)
     plugins += cluster_plugins(shutdown.requeue_signal if shutdown else None, handled_elsewhere=shutdown is not None)
-    tcfg["precision"] = supported_precision(tcfg.get("precision"), tcfg.get("accelerator"))
+    tcfg["precision"] = resolve_precision(tcfg.get("precision"), tcfg.get("accelerator"), trainable_params)
     if tcfg.get("enable_progress_bar") is False:  # `trainer.enable_progress_bar=false` drops the bar callback too
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     return instantiate(tcfg, callbacks=callbacks, logger=loggers or False, plugins=plugins or None)
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    """How many parameters the optimizer trains (frozen encoders and autoencoders are not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
@@ -86,7 +92,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     callbacks = instantiate_dict(cfg.get("callbacks"))
     callbacks += init_callbacks(model, cfg.get("init_from"), strict=bool(cfg.get("init_strict", True)))
     loggers = instantiate_dict(cfg.get("logger"))
-    trainer = build_trainer(cfg, callbacks, loggers)
+    trainer = build_trainer(cfg, callbacks, loggers, trainable_parameters(model))
     return {"datamodule": datamodule, "model": model, "callbacks": callbacks, "loggers": loggers, "trainer": trainer}
 
 
@@ -107,8 +113,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             remove_stale_temporaries(checkpoint_dir(trainer))
         for logger in objs["loggers"]:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        n_params = sum(p.numel() for p in objs["model"].parameters() if p.requires_grad)
-        log.info("trainable parameters: %.2fM; output dir: %s%s", n_params / 1e6, cfg.paths.output_dir,
+        log.info("trainable parameters: %.2fM; precision: %s; output dir: %s%s",
+                 trainable_parameters(objs["model"]) / 1e6, trainer.precision, cfg.paths.output_dir,
                  f"; resuming from {ckpt}" if ckpt else "")
         trainer.fit(objs["model"], datamodule=objs["datamodule"], ckpt_path=ckpt, weights_only=True)
         objs["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()

@@ -19,6 +19,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.configs import CONFIG_PATH
+from difflab.utils.cli import console_command
 
 log = logging.getLogger("report")
 
@@ -130,6 +131,7 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+@console_command
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="report")
 def main(cfg: DictConfig) -> None:
     from difflab.utils.cli import run_reporting_errors

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.checkpoints import module_from_checkpoint
+from difflab.ops.atomic import atomic_write
 from difflab.utils.images import auto_upscale, make_grid, save_png, to_uint8
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,16 @@ def _slice(raw, i: int, j: int):
     return None if raw is None else raw[i:j]
 
 
+def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` into exactly ``path`` (given a file name, numpy would append ``.npz`` to the temporary name)."""
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
 def write_outputs(out_dir: Path, samples: torch.Tensor, raw) -> dict[str, Path]:
     """samples.npz (images or videos uint8, labels / prompts) and grid.png (rows grouped by condition)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    u8 = to_uint8(samples)
+    u8 = to_uint8(samples).cpu()
     arrays: dict[str, np.ndarray] = {}
     if u8.ndim == 5:  # B x C x T x H x W -> N x T x C x H x W
         arrays["videos"] = u8.permute(0, 2, 1, 3, 4).numpy()
@@ -68,10 +75,7 @@ def write_outputs(out_dir: Path, samples: torch.Tensor, raw) -> dict[str, Path]:
         arrays["labels"] = raw.cpu().long().numpy().astype(np.int64)
     elif raw is not None:
         arrays["prompts"] = np.array(list(raw), dtype=str)
-    npz = out_dir / "samples.npz"
-    tmp = out_dir / "samples.tmp.npz"
-    np.savez(tmp, **arrays)
-    tmp.replace(npz)
+    npz = atomic_write(out_dir / "samples.npz", lambda tmp: _savez(tmp, arrays))
     still = u8 if u8.ndim == 4 else u8[:, :, u8.shape[2] // 2]
     if isinstance(raw, torch.Tensor):  # one row per class, up to 10 samples each
         order = torch.cat([torch.nonzero(raw.cpu() == c).flatten()[:10] for c in raw.unique().cpu()])

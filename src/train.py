@@ -11,8 +11,10 @@ import hydra
 from omegaconf import DictConfig
 
 from difflab.configs import CONFIG_PATH
+from difflab.utils.cli import console_command
 
 
+@console_command
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from difflab.ops import ddp_multirun

@@ -111,14 +111,15 @@ def test_run_logs_every_scalar(diag_run):
         *(f"recon/mse_t{f:.2f}" for f in (0.7, 0.5, 0.3, 0.2)), *(f"recon/lpips_t{f:.2f}" for f in (0.7, 0.2)),
         "guidance/sample_std_s1", "guidance/sample_std_s3", "embeddings/mean_cosine",
         "val_loss_t/bucket_00", "val_loss_t/worst_bucket", "val_loss_t/low_t_ratio",
-        "health/grad_norm", "health/param_norm", "health/ema_distance", "health/lr", "health/loss_spikes",
+        "health/grad_norm", "health/param_norm", "health/ema_distance", "train/lr", "health/loss_spikes",
         "health/loss_median",
         f"metrics/fd_digit{N_SAMPLES}", f"metrics/kd_digit{N_SAMPLES}", "metrics/digit_accuracy",
         "metrics/lpips_diversity",
     }
     assert expected <= cols, sorted(expected - cols)
     assert all(v > 0 for v in csv_values(diag_run, "health/grad_norm"))
-    assert all(v > 0 for v in csv_values(diag_run, "health/lr"))
+    assert all(v > 0 for v in csv_values(diag_run, "train/lr"))
+    assert not {c for c in cols if c.startswith("lr-") or c == "health/lr"}  # the learning rate is logged once
     assert all(0 <= v < 1 for v in csv_values(diag_run, "health/ema_distance"))
     assert 0 <= csv_values(diag_run, "metrics/digit_accuracy")[0] <= 1
     assert csv_values(diag_run, f"metrics/fd_digit{N_SAMPLES}")[0] > 0

@@ -139,7 +139,7 @@ def test_training_resume_from_malicious_checkpoint_is_refused(tmp_path):
     from difflab.pipeline import train
 
     path, marker = _malicious(tmp_path, "resume")
-    cfg = compose_train(tmp_path / "run", tiny_overrides(extra=["logger=none", "~callbacks.lr_monitor",
+    cfg = compose_train(tmp_path / "run", tiny_overrides(extra=["logger=none",
                                                                 f"ckpt_path={path}"]))
     with pytest.raises(CheckpointError, match="refusing to load"):
         train(cfg)
@@ -153,7 +153,7 @@ def trained(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("trained")
     train(compose_train(out, tiny_overrides(max_steps=3, save_every=3, extra=[
-        "logger=none", "~callbacks.lr_monitor", "+callbacks.class_grid.at_end=false"])))
+        "logger=none", "+callbacks.class_grid.at_end=false"])))
     return out / "checkpoints" / "step_0000003.ckpt"
 
 

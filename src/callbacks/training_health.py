@@ -1,13 +1,13 @@
-"""Training health scalars: gradient norm, parameter norm, EMA-vs-raw parameter distance, learning rate, loss spikes.
+"""Training health scalars: gradient norm, parameter norm, EMA-vs-raw parameter distance, loss spikes.
 
 Every ``every_n_steps`` optimizer steps it logs
 - ``health/grad_norm``: global L2 norm of the gradients before clipping (from ``on_before_optimizer_step``);
 - ``health/param_norm``: global L2 norm of the trainable parameters;
 - ``health/ema_distance``: ||EMA - raw|| / ||raw|| over the parameters (absent without an EMA callback);
-- ``health/lr``: the first parameter group's learning rate;
 - ``health/loss_median``: running median of the training loss over the last ``window`` steps;
 - ``health/loss_spikes``: how many steps so far had loss > ``spike_factor`` x the running median (each one also
   logs a warning naming the step).
+The learning rate is logged once, as ``train/lr`` by the DiffusionModule.
 Losses are buffered as tensors and inspected at logging steps, so there is no per-step device sync.
 """
 from __future__ import annotations
@@ -102,7 +102,6 @@ class TrainingHealthCallback(L.Callback):
         self._last_logged = step
         self._check_spikes(trainer)
         metrics = {"health/param_norm": global_norm([p for p in pl_module.parameters() if p.requires_grad]),
-                   "health/lr": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 0.0,
                    "health/loss_spikes": float(self.spikes.count), "health/loss_median": self.spikes.median()}
         if self._grad_norm is not None:
             metrics["health/grad_norm"] = self._grad_norm

@@ -23,11 +23,11 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from difflab.ops.atomic import atomic_torch_save
 from difflab.utils.errors import ConfigError
 
 FORMAT_VERSION = 1
@@ -117,18 +117,11 @@ def encoder_meta(encoder) -> dict:
 
 
 def save_prompt_table(table: PromptTable, path: str | os.PathLike) -> Path:
-    """Write the table atomically (temp file + rename: safe when several DDP ranks write the same file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(table.to_dict(), f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; tables are shared between users/jobs
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the table atomically (temp file + rename: safe when several DDP ranks write the same file).
+
+    The file gets the umask's permissions (``0o666 & ~umask``), so tables can be shared between users and jobs.
+    """
+    path = atomic_torch_save(table.to_dict(), path)
     table.path = str(path)
     return path
 

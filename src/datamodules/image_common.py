@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from difflab.ops.atomic import atomic_write
 from difflab.utils.errors import ConfigError, CorruptDataError
 
 MARKER_NAME = ".difflab_verified.json"
@@ -198,14 +199,11 @@ def _read_marker(folder: Path) -> dict[str, dict[str, Any]]:
 def _write_marker(folder: Path, files: dict[str, dict[str, Any]]) -> None:
     payload = json.dumps({"format": _MARKER_FORMAT, "files": files}, indent=1, sort_keys=True)
     for path in _marker_candidates(folder):
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(payload)
-            os.replace(tmp, path)  # atomic: concurrent ranks never see a half-written marker
+            atomic_write(path, lambda tmp: tmp.write_text(payload))  # concurrent ranks never see half a marker
             return
         except OSError:
-            tmp.unlink(missing_ok=True)
+            continue  # read-only data folder: try the user cache
     warnings.warn(f"could not write a verification marker for {folder}; md5 checks will repeat next time")
 
 

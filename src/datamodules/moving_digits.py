@@ -25,6 +25,7 @@ from difflab.datamodules.digits import DIGIT_NAMES
 from difflab.datamodules.sign_video import HOW2SIGN_CLIPS_DIR, SignVideoDataModule
 from difflab.datamodules.video_io import mp4_encoder, write_mp4
 from difflab.utils.errors import ConfigError
+from difflab.utils.images import round_to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def digit_sprites(size: int) -> tuple[np.ndarray, np.ndarray]:
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return (x[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy(), d.target.astype(np.int64)
+    return round_to_uint8(x[:, 0].clamp(0, 1) * 255).numpy(), d.target.astype(np.int64)
 
 
 def render_clip(sprite: np.ndarray, direction: str, cross: int, canvas: int, num_frames: int) -> np.ndarray:
@@ -201,6 +202,8 @@ def generate_moving_digits(data_dir: str | os.PathLike, params: MovingDigitsPara
     perm = rng.permutation(len(sprites))
     n_val = n_test = len(perm) // 10
     pools = {"val": perm[:n_val], "test": perm[n_val:n_val + n_test], "train": perm[n_val + n_test:]}
+    # the whole folder is published by one directory rename (not a file write, so not difflab.ops.atomic); mkdir and
+    # the files inside honour the umask already
     tmp = data_dir.parent / f".{data_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:

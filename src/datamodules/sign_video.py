@@ -20,11 +20,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from difflab.datamodules.image_common import ImageDataModule
-from difflab.datamodules.video_io import BACKENDS, list_frame_files, open_video, read_frame_files
+from difflab.datamodules.video_io import BACKENDS, list_frame_files, open_video, read_frame_files, resize_uint8
 from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
 
 log = logging.getLogger(__name__)
@@ -322,9 +321,8 @@ def crop_resize(frames: np.ndarray, out: tuple[int, int]) -> np.ndarray:
     top, left = (h - ch) // 2, (w - cw) // 2
     frames = frames[:, top:top + ch, left:left + cw]
     if (ch, cw) != tuple(out):
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-        y = F.interpolate(x, size=out, mode="bilinear", antialias=True, align_corners=False)
-        frames = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+        frames = resize_uint8(x, out).permute(0, 2, 3, 1).numpy()
     return frames
 
 

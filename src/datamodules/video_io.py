@@ -15,6 +15,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from difflab.utils.images import round_to_uint8, to_uint8
+
 BACKENDS = ("pyav", "torchcodec")
 FRAME_EXTS = (".png", ".jpg", ".jpeg")
 
@@ -155,7 +157,7 @@ class TorchCodecReader:
         batch = self._decoder.get_frames_played_in_range(a, b)
         data = batch.data  # N x H x W x C uint8
         if size is not None and data.shape[0] > 0:
-            data = _resize_uint8(data.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1)
+            data = resize_uint8(data.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1)
         return data.contiguous().numpy(), batch.pts_seconds.double().numpy() - self._begin
 
     def close(self) -> None:
@@ -227,11 +229,11 @@ def read_frame_folder(folder: str | os.PathLike, indices: Sequence[int] | None =
     return read_frame_files(files if indices is None else [files[i] for i in indices], size=size, grey=grey)
 
 
-def _resize_uint8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize ``N x C x H x W`` uint8 with antialiased bilinear interpolation, back to uint8."""
+def resize_uint8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize ``N x C x H x W`` uint8 with antialiased bilinear interpolation, back to uint8 (``round_to_uint8``)."""
     y = torch.nn.functional.interpolate(x.float(), size=tuple(size), mode="bilinear", antialias=True,
                                         align_corners=False)
-    return y.round_().clamp_(0, 255).to(torch.uint8)
+    return round_to_uint8(y)
 
 
 # ------------------------------------------------------------------------------------------------------------- writing
@@ -251,12 +253,16 @@ def _as_uint8_frames(frames, what: str) -> np.ndarray:
 
 
 def to_uint8_video(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Model-space video(s) in [-1, 1], ``C x T x H x W`` or ``B x C x T x H x W``, to uint8 ``(B x) T x H x W x C``."""
+    """Model-space video(s) in [-1, 1], ``C x T x H x W`` or ``B x C x T x H x W``, to uint8 ``(B x) T x H x W x C``.
+
+    A layout wrapper around ``difflab.utils.images.to_uint8`` (numpy, channels last), so videos are quantised
+    exactly like images.
+    """
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if x.ndim not in (4, 5):
         raise ValueError(f"to_uint8_video: expected C x T x H x W or B x C x T x H x W, got shape {tuple(x.shape)}")
-    y = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    y = to_uint8(x).cpu()
     perm = (1, 2, 3, 0) if x.ndim == 4 else (0, 2, 3, 4, 1)
     return y.permute(*perm).contiguous().numpy()
 

@@ -28,7 +28,6 @@ CLIP_MODES = ("none", "static", "dynamic")
 # eps -> x0 divides by sqrt(alpha_bar); at zero terminal SNR (alpha_bar = 0) x0 is not identifiable from an eps
 # prediction, so the division uses this floor (fp16's smallest subnormal, the value diffusers uses there).
 ALPHA_BAR_FLOOR = 2.0**-24
-LPIPS_MIN_SIZE = 32  # alex / squeeze backbones need frames of at least this size; smaller frames are upsampled
 
 
 def add_noise(x0: Tensor, eps: Tensor, ab: Tensor) -> Tensor:
@@ -198,19 +197,13 @@ def offset_noise_like(x: Tensor, strength: float, generator: torch.Generator | N
 # ---- optional perceptual term ----
 
 def _lpips_frames(x: Tensor) -> Tensor:
-    """B x C x H x W or B x C x T x H x W (C = 1 or 3) -> 3-channel frames of at least LPIPS_MIN_SIZE pixels."""
-    if x.ndim == 5:
-        x = x.transpose(1, 2).flatten(0, 1)
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"objective.lpips_weight > 0 needs pixel images B x 1|3 x H x W or videos "
-                         f"B x 1|3 x T x H x W, got {tuple(x.shape)}; set objective.lpips_weight=0 for latent models")
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if min(x.shape[-2:]) < LPIPS_MIN_SIZE:
-        scale = LPIPS_MIN_SIZE / min(x.shape[-2:])
-        size = (max(LPIPS_MIN_SIZE, round(x.shape[-2] * scale)), max(LPIPS_MIN_SIZE, round(x.shape[-1] * scale)))
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    return x
+    """``prepare_lpips_frames`` (the one LPIPS frame preparation) with this term's configuration hint on bad input."""
+    from difflab.metrics.lpips_metric import prepare_lpips_frames
+
+    try:
+        return prepare_lpips_frames(x)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"objective.lpips_weight > 0: {err}; set objective.lpips_weight=0 for latent models") from err
 
 
 class PerceptualTerm:
@@ -255,7 +248,7 @@ class PerceptualTerm:
         model = self._holder.module
         if self._holder.device != x0.device:
             self._holder.to(x0.device)
-        a, b = _lpips_frames(x0_hat.float()), _lpips_frames(x0.float())
+        a, b = _lpips_frames(x0_hat), _lpips_frames(x0)
         d = model(a, b).flatten()
         return d.view(x0.shape[0], -1).mean(dim=1)
 

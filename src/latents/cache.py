@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import weakref
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from difflab.autoencoders.loading import known_identity
+from difflab.ops.atomic import atomic_write
 from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
 
 FORMAT = "difflab-latent-cache"
@@ -63,14 +63,9 @@ def read_manifest(cache_dir: str | Path) -> dict | None:
 
 def write_manifest(cache_dir: str | Path, manifest: dict) -> None:
     """Atomically replace the manifest (write a temp file, fsync, rename) so a crash never leaves half a file."""
-    path = Path(cache_dir) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
     manifest["updated"] = now()
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(manifest, indent=2)
+    atomic_write(Path(cache_dir) / MANIFEST, lambda tmp: tmp.write_text(text))
 
 
 def new_manifest(identity: dict, dataset: dict, dtype: str, chunk_size: int) -> dict:

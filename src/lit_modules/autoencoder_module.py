@@ -12,12 +12,11 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from difflab.autoencoders.kl_vae import gaussian_kl
 from difflab.autoencoders.loading import CHECKPOINT_KIND, build_autoencoder, class_path, to_plain
-from difflab.metrics.lpips_metric import build_lpips
+from difflab.metrics.lpips_metric import build_lpips, prepare_lpips_frames
 from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
 
@@ -33,8 +32,7 @@ class AutoencoderModule(L.LightningModule):
 
     def __init__(self, autoencoder: Any, lr: float = 1e-4, betas: Sequence[float] = (0.5, 0.9),
                  weight_decay: float = 0.0, kl_weight: float = 1e-6, recon_loss: str = "l1",
-                 lpips_weight: float = 0.0, lpips_net: str = "alex", lpips_backbone_weights: str | None = None,
-                 lpips_min_size: int = 64):
+                 lpips_weight: float = 0.0, lpips_net: str = "alex", lpips_backbone_weights: str | None = None):
         super().__init__()
         if recon_loss not in ("l1", "l2"):
             raise ConfigError(f"recon_loss must be 'l1' or 'l2'; got {recon_loss!r}")
@@ -51,14 +49,10 @@ class AutoencoderModule(L.LightningModule):
 
     # ---------------------------------------------------------------- losses
     def lpips_distance(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """Mean LPIPS between batches in [-1, 1]; grey images are repeated to 3 channels, small ones upsampled."""
+        """Mean LPIPS between batches in [-1, 1]; frames prepared by ``prepare_lpips_frames`` (grey -> RGB, small
+        images upsampled to the shared minimum side)."""
         self._lpips.to(x.device)
-        if x.shape[1] == 1:
-            x, recon = x.repeat(1, 3, 1, 1), recon.repeat(1, 3, 1, 1)
-        size = self.hparams.lpips_min_size
-        if min(x.shape[-2:]) < size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-            recon = F.interpolate(recon, size=(size, size), mode="bilinear", align_corners=False)
+        x, recon = prepare_lpips_frames(x), prepare_lpips_frames(recon)
         return self._lpips.module(recon, x).mean()  # gradients flow to recon; LPIPS weights are frozen
 
     def losses(self, x: torch.Tensor, out: dict) -> dict:

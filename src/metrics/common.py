@@ -1,11 +1,13 @@
-"""Small helpers shared by the metric modules: one-time warnings and pixel conversion."""
+"""Small helpers shared by the metric modules: one-time warnings and pixel conversion (``to_uint8``, re-exported from
+``difflab.utils.images`` so that metric inputs are quantised exactly like saved images)."""
 from __future__ import annotations
 
 import os
 import warnings
 
 import torch
-from torch import Tensor
+
+from difflab.utils.images import to_uint8  # noqa: F401 - re-exported: the metrics' pixel quantiser is the project's one
 
 _WARNED: set[str] = set()
 
@@ -27,16 +29,3 @@ def warn_once(key: str, message: str) -> None:
     _WARNED.add(key)
     if is_rank_zero():
         warnings.warn(message, UserWarning, stacklevel=3)
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """Map pixels in [-1, 1] (the batch convention) to uint8 [0, 255]; uint8 input is returned unchanged.
-
-    floor((x + 1) * 127.5 + 0.5) is StyleGAN's ``(x * 127.5 + 128).clamp(0, 255).to(uint8)`` quantisation; real and
-    fake data go through the same rounding before Inception / I3D, and ``k / 127.5 - 1`` maps back to ``k``.
-    """
-    if x.dtype == torch.uint8:
-        return x
-    if not x.is_floating_point():
-        raise TypeError(f"expected float pixels in [-1, 1] or uint8, got dtype {x.dtype}")
-    return ((x.clamp(-1, 1) + 1) * 127.5 + 0.5).floor().clamp(0, 255).to(torch.uint8)

@@ -12,7 +12,6 @@ whose key does not match the run's key is refused with ``StaleCacheError``.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 from difflab.metrics.common import is_rank_zero
 from difflab.metrics.frechet import frechet_distance, kernel_inception_distance
+from difflab.ops.atomic import atomic_torch_save
 from difflab.utils.errors import CorruptDataError, DifflabError
 from difflab.utils.frozen import Frozen
 
@@ -226,11 +226,7 @@ class FrechetMetric(Metric):
             payload["features"] = stats["features"].detach().to("cpu", torch.float32)
         if not is_rank_zero():
             return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        atomic_torch_save(payload, path)
 
     def load_real_stats(self, path: str | os.PathLike, key: Mapping[str, Any]) -> None:
         """Use cached real statistics from ``path``; refuse (StaleCacheError) a cache built for another key."""

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflab.metrics.common import warn_once
@@ -23,6 +24,7 @@ BACKBONE_FILES = {
     "vgg": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
     "squeeze": ("squeezenet1_1-b8a52dc0.pth", "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth"),
 }
+LPIPS_MIN_SIDE = 64  # shorter frame side fed to LPIPS; smaller frames are upsampled (see prepare_lpips_frames)
 
 
 def default_backbone_path(net: str) -> Path:
@@ -94,22 +96,45 @@ def build_lpips(
     return model.eval().requires_grad_(False)
 
 
-def _frames(x: Tensor) -> Tensor:
-    """Images ``B x C x H x W`` or videos ``B x C x T x H x W`` -> 3-channel frames ``(B*T) x 3 x H x W``."""
+def prepare_lpips_frames(x: Tensor) -> Tensor:
+    """Images ``B x C x H x W`` or videos ``B x C x T x H x W`` (C = 1 or 3, float in [-1, 1]) -> the 3-channel frames
+    ``(B*T) x 3 x H' x W'`` that every LPIPS caller (metric, loss terms, callbacks) feeds to ``lpips.LPIPS``.
+
+    Frames are cast to float32 (the dtype of the LPIPS weights) and grey ones repeated to 3 channels. Frames whose
+    shorter side is below ``LPIPS_MIN_SIDE`` are upsampled (bilinear, aspect kept, so values stay within the input's
+    range; gradients flow through); larger frames keep their size and values. Why 64: the backbones fail outright
+    below 31 px (alex), 17 px (squeeze) and 16 px (vgg), and at 32 px alexnet's conv3-conv5 see a single 1 x 1
+    position; LPIPS's linear layers were calibrated on 64 x 64 patches (BAPPS), where every layer keeps a 3 x 3 map.
+    """
+    shape = tuple(x.shape)
     if x.dim() == 5:
         x = x.transpose(1, 2).flatten(0, 1)
     if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"LPIPS expects B x 1|3 x H x W images or B x 1|3 x T x H x W videos, got {tuple(x.shape)}")
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        raise ValueError(f"LPIPS compares pixel frames (B x 1|3 x H x W images or B x 1|3 x T x H x W videos), "
+                         f"got shape {shape}: latents or other channel counts cannot be compared")
+    if not x.is_floating_point():
+        raise TypeError(f"LPIPS frames must be float pixels in [-1, 1], got dtype {x.dtype}")
+    x = x.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    h, w = x.shape[-2:]
+    if min(h, w) < LPIPS_MIN_SIDE:
+        scale = LPIPS_MIN_SIDE / min(h, w)
+        size = (max(LPIPS_MIN_SIDE, round(h * scale)), max(LPIPS_MIN_SIDE, round(w * scale)))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x
 
 
 @torch.no_grad()
 def lpips_distance(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 64) -> Tensor:
-    """LPIPS between paired samples in [-1, 1] (reconstruction quality); one value per sample (videos: frame mean)."""
+    """LPIPS between paired samples in [-1, 1] (reconstruction quality); one value per sample (videos: frame mean).
+
+    Frames go through ``prepare_lpips_frames`` (grey -> RGB, small frames upsampled).
+    """
     if x.shape != y.shape:
         raise ValueError(f"LPIPS pairs need equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
     n = x.shape[0]
-    fx, fy = _frames(x), _frames(y)
+    fx, fy = prepare_lpips_frames(x), prepare_lpips_frames(y)
     model.to(x.device)
     out = torch.cat([
         model(fx[i:i + batch_size], fy[i:i + batch_size]).flatten() for i in range(0, fx.shape[0], batch_size)

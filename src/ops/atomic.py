@@ -2,19 +2,50 @@
 
 ``os.replace`` within one directory is atomic on POSIX filesystems, so readers (and a resumed run) see either the
 complete old file or the complete new one, never a truncated mix, even if the writer is SIGKILLed mid-write.
-This module imports only torch, so a small helper process can use it without importing Lightning.
+The temporary file gets the permissions a plain ``open(path, "w")`` would give (``0o666 & ~umask``): ``mkstemp``
+creates it 0600 and ``os.replace`` keeps that mode, which would hide checkpoints, figures and exports from the rest of
+a group on a shared cluster. This module imports only torch, so a small helper process can use it without importing
+Lightning.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
 TMP_SUFFIX = ".tmp"
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where possible.
+
+    Linux reports it in ``/proc/self/status`` (``Umask:``, kernels >= 4.7). Elsewhere the only way is to set it and
+    put it back: that swap runs under a lock (concurrent callers of this function never read the stand-in) and the
+    stand-in is 022, so a file another thread creates in that instant is at worst 0644, never world-writable.
+    The umask is read on every call (not cached) because a process may change it after importing this module.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: ``0o666`` minus the umask (0644 under umask 022)."""
+    return 0o666 & ~current_umask()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -36,14 +67,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's directory; on success fsync it and rename it over ``path``.
 
     On any error (or a kill) the target is untouched; the temporary file is removed unless the process died.
-    Leftover temporaries are hidden files named ``.<name>.<random>.tmp`` and never match ``*.ckpt``.
+    Leftover temporaries are hidden files named ``.<name>.<random>.tmp`` and never match ``*.ckpt``. The result has
+    mode ``0o666 & ~umask`` (see ``default_file_mode``), like any file the process creates with ``open``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    os.close(fd)
     tmp = Path(tmp_name)
     try:
+        try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, default_file_mode())
+            else:  # Windows before Python 3.13
+                os.chmod(tmp, default_file_mode())
+        finally:
+            os.close(fd)
         yield tmp
         with open(tmp, "rb+") as f:
             f.flush()

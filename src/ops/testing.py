@@ -64,7 +64,7 @@ def run_hydra_main(main, argv: Sequence[str]) -> int:
     import sys
 
     old, old_env = sys.argv, os.environ.get("HYDRA_MAIN_MODULE")
-    sys.argv = [inspect.getfile(getattr(main, "__wrapped__", main)), *argv]
+    sys.argv = [inspect.getfile(inspect.unwrap(main)), *argv]
     os.environ["HYDRA_MAIN_MODULE"] = "__main__"
     try:
         main()

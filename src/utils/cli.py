@@ -1,6 +1,7 @@
 """What every console command shares: user-facing errors as one line on stderr and exit status 2, no traceback."""
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any, Callable
 
@@ -21,3 +22,17 @@ def run_reporting_errors(fn: Callable[..., Any], *args: Any, extra: tuple[type[B
         return fn(*args)
     except (DifflabError, *extra) as err:
         fail(str(err))
+
+
+def console_command(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
+    """Wrap a ``@hydra.main`` function as a console command: checks that must run before Hydra composes (an
+    optional launcher plugin named on the command line) fail as one ``error:`` line too."""
+
+    @functools.wraps(hydra_main)
+    def main() -> Any:
+        from difflab.utils.extras import check_command_line
+
+        run_reporting_errors(check_command_line, sys.argv[1:])
+        return hydra_main()
+
+    return main

@@ -9,17 +9,36 @@ import torch
 from difflab.ops.atomic import atomic_write
 
 
+def round_to_uint8(values: torch.Tensor) -> torch.Tensor:
+    """Float pixel values on the 0..255 scale -> uint8 (same shape and device): round half to even, clamp to 0..255.
+
+    The project's one uint8 rounding rule: ``to_uint8`` and the uint8 resizers of the data pipelines use it, so
+    images written to disk, fed to Inception / I3D and stored in datasets are quantised identically.
+    """
+    return values.round().clamp_(0, 255).to(torch.uint8)
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 [0, 255] (same shape)."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    """Pixels in [-1, 1] (the batch convention) -> uint8 [0, 255], same shape and device; uint8 input is returned as is.
+
+    ``round_to_uint8((x.clamp(-1, 1) + 1) * 127.5)`` computed in float32: -1 -> 0, 1 -> 255, 0 -> 128 (127.5 rounds
+    half to even), values outside [-1, 1] saturate, and ``k / 127.5 - 1`` maps back to ``k`` for every uint8 ``k``.
+    It differs from StyleGAN's ``(x * 127.5 + 128).clamp(0, 255).to(uint8)`` only on exact float ties. Every
+    [-1, 1] -> uint8 conversion (PNG grids, samples.npz, videos, FID / FVD / CLIP inputs) goes through here.
+    """
+    if x.dtype == torch.uint8:
+        return x
+    if not x.is_floating_point():
+        raise TypeError(f"to_uint8: expected float pixels in [-1, 1] or uint8, got dtype {x.dtype}")
+    return round_to_uint8((x.detach().float().clamp(-1, 1) + 1) * 127.5)
 
 
 def make_grid(images: torch.Tensor, nrow: int, pad: int = 1, pad_value: int = 0) -> np.ndarray:
-    """N x C x H x W uint8 images -> H' x W' x C uint8 grid with ``nrow`` images per row."""
+    """N x C x H x W uint8 images (any device) -> H' x W' x C uint8 numpy grid with ``nrow`` images per row."""
     n, c, h, w = images.shape
     rows = (n + nrow - 1) // nrow
     grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), pad_value, dtype=np.uint8)
-    arr = images.permute(0, 2, 3, 1).numpy()
+    arr = images.permute(0, 2, 3, 1).cpu().numpy()
     for i in range(n):
         r, col = divmod(i, nrow)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = arr[i]
