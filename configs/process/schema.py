@@ -1,0 +1,32 @@
+"""Allowed values of the process group (configs/process/*.yaml, `# @package _global_`: each option sets `process`
+and the objective it needs; src/diffusion/processes.py), checked by difflab.config_checks before a job starts.
+process=vp is `${schedule}` (checked in configs/schedule/schema.py); the rules below are edm's and flow's keys."""
+from difflab.config_checks import number, one_of, positive
+
+RULES = {
+    # edm (EDMProcess)
+    "sigma_min": positive(),
+    "sigma_max": positive(),
+    "rho": positive(),
+    "p_mean": number(),
+    "p_std": positive(),
+    "time_scale": positive(),
+    # flow (FlowProcess); vp's density is the schedule's (uniform | logit_normal, checked there)
+    "density": one_of(["uniform", "logit_normal", "mode", "cosmap"]),
+    "mean": number(),
+    "std": positive(),
+    "mode_scale": number(),
+    "shift": positive(),
+    "t_min": number(min=0, max=1, min_open=True, max_open=True),
+}
+
+
+def sigma_range(process: dict):
+    """edm: 0 < sigma_min < sigma_max."""
+    lo, hi = process.get("sigma_min"), process.get("sigma_max")
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 < hi <= lo:
+        return "sigma_max", f"a number > sigma_min={lo}"
+    return None
+
+
+CHECKS = [sigma_range]

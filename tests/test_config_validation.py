@@ -1,0 +1,350 @@
+"""Validated configuration: every user-settable value is checked when a job starts (src/config_checks.py with the rules
+in configs/<group>/schema.py and configs/schema.py). A bad one is one line `error: <key>=<value> is invalid: <what
+is allowed>`, exit status 2, no traceback, nothing written. Most cases compose in-process (fast); a few run the real
+console commands."""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from difflab.config_checks import ValidateConfig, check_config, ensure_valid, group_schemas, primary_schemas
+from difflab.configs import CONFIG_DIR
+from difflab.utils.errors import ConfigError
+
+FILE = "{file}"          # an existing regular file (a stand-in checkpoint, or an output path that is a file)
+NOWHERE = "{nowhere}"    # a path that does not exist
+
+# (entry point, overrides, the key and value the error line must name). One bad value per case.
+BAD = [
+    # train: model
+    ("train", ["model.lr=-1"], "model.lr", "-1"),
+    ("train", ["model.lr=0"], "model.lr", "0"),
+    ("train", ["model.betas=[0.9,1.5]"], "model.betas", "[0.9, 1.5]"),
+    ("train", ["model.weight_decay=-0.1"], "model.weight_decay", "-0.1"),
+    ("train", ["model.warmup_steps=-5"], "model.warmup_steps", "-5"),
+    ("train", ["model.p_uncond=1.0"], "model.p_uncond", "1.0"),
+    ("train", ["model.guidance.scale=-2"], "model.guidance.scale", "-2"),
+    ("train", ["model.guidance.interval=[5,1]"], "model.guidance.interval", "[5, 1]"),
+    ("train", ["model.net.base_channels=0"], "model.net.base_channels", "0"),
+    ("train", ["model.net.channel_mults=[]"], "model.net.channel_mults", "[]"),
+    ("train", ["model.net.attention_levels=[5]"], "model.net.attention_levels", "[5]"),
+    ("train", ["model.net.dropout=1.5"], "model.net.dropout", "1.5"),
+    ("train", ["model.compile=maybe"], "model.compile", "maybe"),
+    ("train", ["model=vivit", "model.net.hidden_dim=100"], "model.net.hidden_dim", "100"),
+    ("train", ["model=unet3d", "model.net.temporal_kernel=2"], "model.net.temporal_kernel", "2"),
+    ("train", ["experiment=digits_vae", "model.recon_loss=l3"], "model.recon_loss", "l3"),
+    # train: datamodule
+    ("train", ["datamodule.batch_size=0"], "datamodule.batch_size", "0"),
+    ("train", ["datamodule.num_workers=-1"], "datamodule.num_workers", "-1"),
+    ("train", ["datamodule.image_size=0"], "datamodule.image_size", "0"),
+    ("train", ["datamodule.val_fraction=1.0"], "datamodule.val_fraction", "1.0"),
+    ("train", ["datamodule=cifar10", "datamodule.val_split=train"], "datamodule.val_split", "train"),
+    ("train", ["datamodule=stl10", "datamodule.fold=12"], "datamodule.fold", "12"),
+    ("train", ["datamodule=moving_digits", "datamodule.digit_size=40"], "datamodule.digit_size", "40"),
+    ("train", ["datamodule=latents"], "datamodule.cache_dir", "???"),
+    # train: trainer
+    ("train", ["trainer.max_steps=-2"], "trainer.max_steps", "-2"),
+    ("train", ["trainer.precision=17"], "trainer.precision", "17"),
+    ("train", ["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches", "0"),
+    ("train", ["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val", "-1"),
+    ("train", ["trainer.val_check_interval=0"], "trainer.val_check_interval", "0"),
+    ("train", ["trainer.val_check_interval=0.5"], "trainer.val_check_interval", "0.5"),
+    ("train", ["trainer.devices=0"], "trainer.devices", "0"),
+    ("train", ["trainer.accelerator=gpux"], "trainer.accelerator", "gpux"),
+    ("train", ["trainer.max_time=6min"], "trainer.max_time", "6min"),
+    ("train", ["trainer.log_every_n_steps=-1"], "trainer.log_every_n_steps", "-1"),
+    # train: sampler, schedule, objective, conditioning, autoencoder
+    ("train", ["sampler.steps=0"], "sampler.steps", "0"),
+    ("train", ["sampler.eta=-0.5"], "sampler.eta", "-0.5"),
+    ("train", ["sampler.steps=null"], "sampler.steps", "null"),
+    ("train", ["sampler.steps=5000"], "sampler.steps", "5000"),
+    ("train", ["schedule.num_timesteps=1"], "schedule.num_timesteps", "1"),
+    ("train", ["schedule.spacing=middle"], "schedule.spacing", "middle"),
+    ("train", ["schedule=linear", "schedule.beta_end=1.5"], "schedule.beta_end", "1.5"),
+    ("train", ["objective.prediction=score"], "objective.prediction", "score"),
+    ("train", ["objective.snr_min=20"], "objective.snr_max", "10.0"),
+    ("train", ["process=edm", "process.sigma_max=-1"], "process.sigma_max", "-1"),
+    ("train", ["process=flow", "process.density=gaussian"], "process.density", "gaussian"),
+    ("train", ["conditioning.embed_dim=0"], "conditioning.embed_dim", "0"),
+    ("train", ["conditioning=text_minilm", "conditioning.pooling=max"], "conditioning.pooling", "max"),
+    ("train", ["experiment=digits_vae", "autoencoder.latent_channels=0"], "autoencoder.latent_channels", "0"),
+    # train: callbacks (incl. the ops group, merged into callbacks) and loggers
+    ("train", ["callbacks.ema.decay=1.5"], "callbacks.ema.decay", "1.5"),
+    ("train", ["callbacks.class_grid.every_n_steps=-1"], "callbacks.class_grid.every_n_steps", "-1"),
+    ("train", ["callbacks.class_grid.n_cols=0"], "callbacks.class_grid.n_cols", "0"),
+    ("train", ["callbacks.model_checkpoint.save_top_k=-2"], "callbacks.model_checkpoint.save_top_k", "-2"),
+    ("train", ["callbacks=diagnostics", "callbacks.guidance_grid.scales=[]"], "callbacks.guidance_grid.scales", "[]"),
+    ("train", ["callbacks.nonfinite_guard.max_consecutive=-1"], "callbacks.nonfinite_guard.max_consecutive", "-1"),
+    ("train", ["callbacks.graceful_shutdown.signals=[SIGFOO]"], "callbacks.graceful_shutdown.signals", "[SIGFOO]"),
+    ("train", ["logger=wandb", "logger.wandb.mode=sometimes"], "logger.wandb.mode", "sometimes"),
+    # train: top level and paths
+    ("train", ["seed=-1"], "seed", "-1"),
+    ("train", ["resume=always"], "resume", "always"),
+    ("train", [f"ckpt_path={NOWHERE}"], "ckpt_path", NOWHERE),
+    ("train", [f"init_from={FILE}", f"ckpt_path={FILE}"], "init_from", FILE),
+    ("train", ["init_strict=maybe"], "init_strict", "maybe"),
+    ("train", [f"paths.data_dir={FILE}"], "paths.data_dir", FILE),
+    # sample
+    ("sample", [f"ckpt_path={FILE}", "n=-3"], "n", "-3"),
+    ("sample", [f"ckpt_path={FILE}", "n=0"], "n", "0"),
+    ("sample", [f"ckpt_path={FILE}", "batch_size=0"], "batch_size", "0"),
+    ("sample", [f"ckpt_path={FILE}", f"out_dir={FILE}"], "out_dir", FILE),
+    ("sample", [f"ckpt_path={FILE}", "device=gpu"], "device", "gpu"),
+    ("sample", [f"ckpt_path={FILE}", "labels=[1,-2]"], "labels", "[1, -2]"),
+    ("sample", [f"ckpt_path={FILE}", "guidance.scale=-1"], "guidance.scale", "-1"),
+    ("sample", [f"ckpt_path={FILE}", "seed=abc"], "seed", "abc"),
+    ("sample", [f"ckpt_path={FILE}", "sampler=ddim", "sampler.eta=-1"], "sampler.eta", "-1"),
+    ("sample", [f"ckpt_path={NOWHERE}"], "ckpt_path", NOWHERE),
+    ("sample", [], "ckpt_path", "???"),
+    # export
+    ("export", [f"ckpt_path={FILE}", "weights=best"], "weights", "best"),
+    ("export", [f"ckpt_path={FILE}", f"out_dir={FILE}/sub"], "out_dir", f"{FILE}/sub"),
+    ("export", [f"ckpt_path={NOWHERE}"], "ckpt_path", NOWHERE),
+    # report
+    ("report", [f"ckpt_path={FILE}", "device=tpu"], "device", "tpu"),
+    ("report", [f"ckpt_path={FILE}", "val_batches=0"], "val_batches", "0"),
+    ("report", [f"ckpt_path={FILE}", "figures=reconstruction"], "figures", "reconstruction"),
+    ("report", [f"ckpt_path={FILE}", "callbacks.guidance_grid.scales=[-1]"], "callbacks.guidance_grid.scales", "[-1]"),
+    ("report", [f"ckpt_path={FILE}", "+datamodule.batch_size=0"], "datamodule.batch_size", "0"),
+    # encode_latents
+    ("encode_latents", [], "out_dir", "???"),
+    ("encode_latents", ["out_dir=lat", "splits=[val]"], "splits", "[val]"),
+    ("encode_latents", ["out_dir=lat", "dtype=int8"], "dtype", "int8"),
+    ("encode_latents", ["out_dir=lat", "batch_size=0"], "batch_size", "0"),
+    ("encode_latents", ["out_dir=lat", "target_std=0"], "target_std", "0"),
+    ("encode_latents", ["out_dir=lat", "datamodule.batch_size=-1"], "datamodule.batch_size", "-1"),
+    ("encode_latents", ["out_dir=lat", f"autoencoder.ckpt_path={NOWHERE}"], "autoencoder.ckpt_path", NOWHERE),
+]
+
+# Values the rules must let through (special meanings documented in the configs and the code).
+GOOD = [
+    ("train", ["trainer.precision=bf16-mixed", "trainer.devices=[0,1]", "trainer.log_every_n_steps=0"]),
+    ("train", ["trainer.val_check_interval=0.5", "trainer.check_val_every_n_epoch=1", "trainer.max_time=00:01:00:00"]),
+    ("train", ["trainer=ddp", "trainer.devices=-1", "trainer.precision=16", "trainer.max_epochs=null"]),
+    ("train", ["sampler=ddpm", "sampler.steps=null", "sampler.variance=large", "schedule.spacing=trailing"]),
+    ("train", ["model.guidance.scale=0", "model.guidance.interval=[null,5]", "model.guidance.per_class={{3: 4.0}}"]),
+    ("train", ["callbacks.class_grid.every_n_steps=0", "callbacks.ema.decay=0", "ckpt_path=last", "resume=never"]),
+    ("train", ["datamodule=moving_digits", "datamodule.image_size=[16,16]", "model.warmup_steps=200"]),
+    ("train", ["datamodule=cifar10", "datamodule.val_split=0.1", "datamodule.image_size=null", "seed=null"]),
+    ("train", ["objective.x0_clip=null", "objective.weighting=min_snr", "conditioning=none", "model.p_uncond=0"]),
+    ("sample", [f"ckpt_path={FILE}", "labels=[0,3]", "device=cuda:1", "guidance.scale=null", "sampler=heun"]),
+    ("sample", [f"ckpt_path={FILE}", "sampler.steps=25", "guidance.interval=[0.5,null]", "out_dir=new/dir"]),
+    ("report", [f"ckpt_path={FILE}", "figures=[reconstruction,guidance_grid]", "val_batches=null", "device=cpu"]),
+    ("encode_latents", ["out_dir=lat", "splits=[train,val,test]", "dtype=float32", "autoencoder=diffusers_kl"]),
+]
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+GROUP_OPTIONS = sorted(f"{p.parent.name}={p.stem}" for group in
+                       ("model", "datamodule", "trainer", "sampler", "schedule", "objective", "conditioning",
+                        "callbacks", "logger", "ops", "autoencoder", "process")
+                       for p in (CONFIG_DIR / group).glob("*.yaml"))
+# Keys no user sets: filled in from the datamodule, or interpolations of whole groups (checked in their group).
+DERIVED = ("model.sample_shape", "model.schedule", "model.process", "model.objective", "model.sampler",
+           "model.conditioner", "model.autoencoder")
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("validation")
+    (root / "file.ckpt").write_text("not a real checkpoint: validation only checks that it exists")
+    return {"file": str(root / "file.ckpt"), "nowhere": str(root / "nowhere.ckpt")}
+
+
+@functools.lru_cache(maxsize=None)
+def _compose(primary: str, overrides: tuple[str, ...]):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(primary, overrides=list(overrides), return_hydra_config=True)
+
+
+def problems_of(primary: str, overrides, paths: dict[str, str]) -> list[str]:
+    return check_config(_compose(primary, tuple(o.format(**paths) for o in overrides)), primary)
+
+
+def _case_id(case) -> str:
+    return f"{case[0]}:{' '.join(case[1]) or '(defaults)'}"
+
+
+def test_bad_input_list_covers_every_group_and_entry_point():
+    """The issue asks for at least 40 bad values across all groups and entry points."""
+    assert len(BAD) >= 40
+    assert {entry for entry, *_ in BAD} == {"train", "sample", "export", "report", "encode_latents"}
+    named = {key.split(".")[0] for _, _, key, _ in BAD}
+    assert set(group_schemas()) <= named
+
+
+@pytest.mark.parametrize("case", BAD, ids=_case_id)
+def test_bad_value_is_one_problem_naming_key_value_and_allowed(case, paths):
+    primary, overrides, key, value = case
+    problems = problems_of(primary, overrides, paths)
+    assert len(problems) == 1, problems
+    line, value = problems[0], value.format(**paths)
+    assert "\n" not in line and key in line and value in line, line
+    if not ("not found:" in line or ": no checkpoint at " in line):    # the lines kept from the loaders
+        expected = f"{key}={value} is invalid: "
+        assert line.startswith(expected) and len(line) > len(expected) + 3, line
+
+
+def test_missing_checkpoints_keep_the_loaders_lines(paths):
+    """A missing checkpoint gets the line the loaders give (src/checkpoints.py, src/ops/resume.py), now before anything
+    is written."""
+    nowhere = paths["nowhere"]
+    for primary in ("sample", "export", "report"):
+        assert problems_of(primary, [f"ckpt_path={nowhere}"], paths) == [
+            f"checkpoint not found: {nowhere} (check ckpt_path)"]
+    assert problems_of("sample", [f"ckpt_path={nowhere}.safetensors"], paths) == [
+        f"export not found: {nowhere}.safetensors (ckpt_path must be an export dir or a .safetensors file)"]
+    assert problems_of("train", [f"ckpt_path={nowhere}"], paths) == [f"ckpt_path={nowhere}: no checkpoint at {nowhere}"]
+
+
+@pytest.mark.parametrize("case", GOOD, ids=_case_id)
+def test_good_values_pass(case, paths):
+    assert problems_of(*case, paths) == []
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_shipped_experiments_pass(experiment, paths):
+    extra = ["init_from={file}"] if experiment == "stl10_finetune" else []   # the recipe asks for init_from=???
+    assert problems_of("train", [f"experiment={experiment}", *extra], paths) == []
+
+
+def _shipped() -> list[tuple[str, list[str]]]:
+    required = {"datamodule=latents": ["datamodule.cache_dir=data/latents"]}     # ??? in the yaml: a user gives it
+    return ([("train", [])] + [("train", [option, *required.get(option, [])]) for option in GROUP_OPTIONS] +
+            [("sample", ["ckpt_path={file}"]), ("export", ["ckpt_path={file}"]), ("report", ["ckpt_path={file}"]),
+             ("encode_latents", ["out_dir=lat"])])
+
+
+def test_default_configs_and_group_options_pass(paths):
+    for primary, overrides in _shipped():
+        assert problems_of(primary, overrides, paths) == [], (primary, overrides)
+
+
+def _leaves(tree, prefix=()):
+    if isinstance(tree, dict) and tree:
+        for key, value in tree.items():
+            yield from _leaves(value, (*prefix, str(key)))
+    elif tree is not None and tree != {} and not re.fullmatch(r"\$\{\w+\}", str(tree)):   # ${group}: checked there
+        yield prefix
+
+
+def _covered(path: tuple[str, ...], patterns) -> bool:
+    for pattern in patterns:
+        parts = pattern.split(".")
+        if len(parts) <= len(path) and all(p in ("*", k) for p, k in zip(parts, path)):
+            return True
+    return False
+
+
+def test_every_user_settable_value_has_a_rule(paths):
+    """Each leaf of every shipped config (defaults, group options, experiments) is covered by a rule, so a new key in a
+    yaml file needs a rule in its group's schema.py."""
+    groups = group_schemas()
+    rules, _ = primary_schemas()
+    uncovered = set()
+    for primary, overrides in _shipped() + [("train", [f"experiment={e}"]) for e in EXPERIMENTS]:
+        cfg = _compose(primary, tuple(o.format(**paths) for o in overrides))
+        tree = OmegaConf.to_container(cfg, resolve=False)
+        tree.pop("hydra")
+        for path in _leaves(tree):
+            if path[-1] in ("_target_", "_partial_", "_recursive_") or path[0] == "trainer" and path[1] == "plugins":
+                continue
+            if any(".".join(path) == d or ".".join(path).startswith(d + ".") for d in DERIVED):
+                continue
+            if not (_covered(path, rules.get(primary, {})) or
+                    path[0] in groups and _covered(path[1:], [p for p, _ in groups[path[0]][0]])):
+                uncovered.add(f"{primary}: {'.'.join(path)}")
+    assert not uncovered, sorted(uncovered)
+
+
+def test_first_problem_is_the_value_set_not_those_derived_from_it(paths):
+    """paths.log_dir=<a file> also spoils the run, checkpoint and logger directories below it: log_dir comes first."""
+    problems = problems_of("train", [f"paths.log_dir={FILE}"], paths)
+    assert problems[0] == f"paths.log_dir={paths['file']} is invalid: a directory path, not an existing file"
+    assert any(p.startswith("callbacks.model_checkpoint.dirpath=") for p in problems[1:])
+
+
+def test_in_process_pipeline_path(tmp_path):
+    """The tests' path (compose_train -> difflab.pipeline) composes without a hydra node: ensure_valid raises a
+    one-line ConfigError there."""
+    from difflab.ops.testing import compose_train
+
+    assert check_config(compose_train(tmp_path, []), "train") == []
+    cfg = compose_train(tmp_path, ["datamodule.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"^datamodule.batch_size=0 is invalid: an integer >= 1$"):
+        ensure_valid(cfg, "train")
+
+
+def test_multirun_job_is_checked_and_swept_keys_wait_for_their_job(paths):
+    import copy
+
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+
+    cfg = copy.deepcopy(_compose("train", ("model.lr=-1",)))
+    with read_write(cfg), open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.runtime.output_dir = paths["nowhere"] + "_run"
+        cfg.hydra.job.config_name = "train"
+        cfg.hydra.overrides.task = ["model.lr=-1,-2"]
+    with pytest.raises(SystemExit) as exit_:
+        ValidateConfig().on_job_start(config=cfg)
+    assert exit_.value.code == 2
+    ValidateConfig().on_multirun_start(config=cfg)   # model.lr is swept: left to each job
+    with read_write(cfg), open_dict(cfg):
+        cfg.hydra.overrides.task = ["model.lr=-1", "trainer.max_steps=1,2"]
+    with pytest.raises(SystemExit) as exit_:
+        ValidateConfig().on_multirun_start(config=cfg)   # not swept: refused before the sweep writes anything
+    assert exit_.value.code == 2
+
+
+# ---------------------------------------------------------------- the real console commands, in a fresh directory
+COMMANDS = [
+    (["difflab-train", "model.lr=-1"], "model.lr=-1 is invalid: a number > 0"),
+    (["difflab-train", "datamodule.batch_size=0"], "datamodule.batch_size=0 is invalid: an integer >= 1"),
+    (["difflab-sample", "n=-3", "ckpt_path=ckpt.ckpt"], "n=-3 is invalid: an integer >= 1"),
+    (["difflab-sample", "out_dir=taken.txt", "ckpt_path=ckpt.ckpt"], "out_dir=taken.txt is invalid: a directory path"),
+    (["difflab-export", "ckpt_path=ckpt.ckpt", "weights=best"], "weights=best is invalid: one of ema, raw"),
+    (["difflab-report", "ckpt_path=missing.ckpt"], "checkpoint not found: missing.ckpt (check ckpt_path)"),
+    (["difflab-encode-latents", "out_dir=lat", "splits=[val]"], "splits=[val] is invalid: a list of splits"),
+]
+
+
+def _command(name: str) -> list[str]:
+    exe = Path(sys.executable).with_name(name)
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", f"difflab.{name.split('-', 1)[1].replace('-', '_')}"]
+
+
+@pytest.mark.parametrize("argv,message", COMMANDS, ids=[" ".join(a) for a, _ in COMMANDS])
+def test_console_command_rejects_bad_value_writing_nothing(argv, message, tmp_path):
+    (tmp_path / "ckpt.ckpt").write_text("x")
+    (tmp_path / "taken.txt").write_text("x")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}     # a traceback would show in full
+    env.pop("DIFFLAB_ROOT", None)
+    proc = subprocess.run([*_command(argv[0]), *argv[1:]], cwd=tmp_path, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before     # nothing written
+
+
+def test_cfg_and_help_are_not_validated(tmp_path):
+    """--cfg shows a config as composed, bad values included; --help stays fast (no torch import on the way)."""
+    proc = subprocess.run([*_command("difflab-train"), "--cfg", "job", "model.lr=-1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "lr: -1" in proc.stdout, proc.stderr
+    proc = subprocess.run([sys.executable, "-c", "import sys, difflab.config_checks; "
+                           "sys.exit(any(m in sys.modules for m in ('torch', 'lightning')))"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, "difflab.config_checks must not import torch or lightning"
+    assert list(tmp_path.iterdir()) == []
