@@ -80,6 +80,7 @@ def run_recipe(precision: str, out: Path, steps: int) -> dict:
 
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "difflab.train", f"trainer.precision={precision}", f"trainer.max_steps={steps}",
+           "trainer.max_time=null",
            "logger=csv", "trainer.enable_progress_bar=false", f"hydra.run.dir={out}"]
     subprocess.run(cmd, check=True, capture_output=True)
     wall = time.perf_counter() - t0

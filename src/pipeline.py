@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from difflab.config_checks import ensure_valid
 from difflab.ops import ddp_multirun
 from difflab.ops import wandb as wandb_ops
 from difflab.ops.atomic import remove_stale_temporaries
@@ -80,6 +81,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate datamodule, model, callbacks, loggers and trainer from a composed config."""
     if cfg.get("init_from") and cfg.get("ckpt_path"):
         raise ConfigError("init_from (new run from old weights) and ckpt_path (resume the old run) exclude each other")
+    ensure_valid(cfg, "train")  # the same checks the entry point's Hydra callback runs, for in-process callers
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.datamodule)

@@ -85,10 +85,10 @@ def test_noising_and_v_target(kind):
     x0, eps = torch.randn(8, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(8, 2, 4, 4, generator=g,
                                                                                      dtype=torch.float64)
     t = torch.tensor([0, 1, 10, 250, 500, 750, 998, 999])
-    ab = ours.alpha_bar(t, like=x0)
-    assert rel_err(add_noise(x0, eps, ab), hf.add_noise(x0, eps, t)) < TOL
-    assert rel_err(training_target(x0, eps, ab, "v"), hf.get_velocity(x0, eps, t)) < TOL
-    assert torch.equal(training_target(x0, eps, ab, "eps"), eps)
+    a, s = ours.coefficients_like(t, x0)
+    assert rel_err(add_noise(x0, eps, a, s), hf.add_noise(x0, eps, t)) < TOL
+    assert rel_err(training_target(x0, eps, a, s, "v"), hf.get_velocity(x0, eps, t)) < TOL
+    assert torch.equal(training_target(x0, eps, a, s, "eps"), eps)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])

@@ -166,54 +166,68 @@ def test_report_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------- reconstruction
 class OracleModule:
-    """A module-like stand-in whose 'network' knows the clean data: it returns the exact v target, so DDIM from any
-    x_t must give back x0 exactly."""
+    """A module-like stand-in whose 'network' knows the clean data: it outputs the exact target for it, so DDIM from
+    any x_t must give back x0 exactly, on any process."""
 
-    def __init__(self, x0: torch.Tensor, prediction: str = "v"):
+    def __init__(self, x0: torch.Tensor, prediction: str = "v", process=None):
         from difflab.diffusion.objectives import Objective
         from difflab.diffusion.schedules import DiscreteSchedule
 
-        self.x0, self.schedule = x0, DiscreteSchedule("cosine", 1000)
+        self.x0, self.process = x0, process or DiscreteSchedule("cosine", 1000)
         self.objective = Objective(prediction=prediction, x0_clip="none")
         self.guidance = {"scale": 1.0, "rescale": 0.0, "interval": None}
         self.conditioner = SimpleNamespace(batch_key=None)
         self.autoencoder = None
 
-    def net(self, x_t, t, cond):
-        from difflab.diffusion.objectives import training_target
+    def net(self, x_in, t_net, cond):
+        from difflab.diffusion.objectives import input_scale, training_target
 
-        ab = self.schedule.alpha_bar(t.long(), like=x_t)
-        x0 = self.x0.repeat(x_t.shape[0] // self.x0.shape[0], 1, 1, 1)
-        eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
-        return training_target(x0, eps, ab, self.objective.prediction)
+        t = self.process.time_from_net_time(t_net[:1].double())
+        a, s = self.process.coefficients(t)
+        da, ds = self.process.derivatives(t) if self.objective.prediction == "flow" else (None, None)
+        x_t = x_in.double() / input_scale(a, s, self.objective.prediction)
+        x0 = self.x0.repeat(x_t.shape[0] // self.x0.shape[0], 1, 1, 1).double()
+        return training_target(x0, (x_t - a * x0) / s, a, s, self.objective.prediction, da, ds).float()
 
     def condition(self, raw):
         return {"vector": None, "context": None, "context_mask": None}
 
+    def model_fn(self, cond, null=None, scale=None, interval="model"):
+        from difflab.diffusion.guidance import guided_model_fn
 
-@pytest.mark.parametrize("prediction", ["v", "eps"])
-def test_ddim_reconstruction_of_an_oracle_denoiser_is_exact(prediction):
+        return guided_model_fn(self.net, self.process, self.objective.prediction, cond, null, scale=1.0)
+
+
+@pytest.mark.parametrize("process_name, prediction", [("vp", "v"), ("vp", "eps"), ("edm", "edm"), ("flow", "flow")])
+def test_ddim_reconstruction_of_an_oracle_denoiser_is_exact_on_every_process(process_name, prediction):
     from difflab.callbacks.reconstruction import reconstruct
+    from difflab.diffusion.processes import EDMProcess, FlowProcess
 
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(3, 1, 8, 8, generator=g) * 2 - 1
     noise = torch.randn(x0.shape, generator=g)
-    module = OracleModule(x0, prediction)
-    x_t, rec = reconstruct(module, x0, None, [700, 300, 5], calls=[4, 2, 1], noise=noise)
+    process = {"vp": None, "edm": EDMProcess(), "flow": FlowProcess()}[process_name]
+    module = OracleModule(x0, prediction, process)
+    x_t, rec, starts = reconstruct(module, x0, None, [0.7, 0.3, 0.005], noise=noise, steps=8)
     assert rec.shape == (9, 1, 8, 8)
     assert torch.allclose(rec, x0.repeat(3, 1, 1, 1), atol=1e-4)
-    ab = module.schedule.alphas_cumprod[700].item()  # the first rows are noised to exactly t = 700
-    assert torch.allclose(x_t[:3], ab**0.5 * x0 + (1 - ab) ** 0.5 * noise, atol=1e-5)
+    a, s = (float(v) for v in module.process.coefficients(torch.tensor(starts[0], dtype=torch.float64)))
+    assert torch.allclose(x_t[:3], a * x0 + s * noise, atol=1e-5)  # the first rows are noised to exactly starts[0]
+    assert starts[0] == module.process.time_at_fraction(0.7)
 
 
-def test_row_timesteps_and_start_timestep():
-    from difflab.callbacks.reconstruction import row_timesteps, start_timestep
+def test_reconstruction_start_levels():
+    from difflab.callbacks.reconstruction import check_fraction
+    from difflab.diffusion.processes import EDMProcess, FlowProcess
+    from difflab.diffusion.schedules import DiscreteSchedule
 
-    ts = row_timesteps([700, 200, 30], [5, 3, 1])
-    assert ts.tolist() == [[700, 525, 350, 175, 0], [-1, -1, 200, 100, 0], [-1, -1, -1, -1, 30]]
-    assert start_timestep(0.7, 1000) == 700 and start_timestep(1.0, 1000) == 999
-    with pytest.raises(ValueError, match="fractions of T"):
-        start_timestep(1.5, 1000)
+    vp = DiscreteSchedule("cosine", 1000)
+    assert vp.time_at_fraction(0.7) == 700 and vp.time_at_fraction(1.0) == 999
+    assert FlowProcess().time_at_fraction(0.7) == pytest.approx(0.7)
+    assert FlowProcess(shift=3.0).time_at_fraction(0.5) == pytest.approx(0.75)  # 3 * 0.5 / (1 + 2 * 0.5)
+    assert EDMProcess().time_at_fraction(0.0) == pytest.approx(0.002) and EDMProcess().time_at_fraction(1) == pytest.approx(80)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        check_fraction(1.5)
 
 
 # ------------------------------------------------------------------------------------------- health

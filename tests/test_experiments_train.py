@@ -39,7 +39,7 @@ def test_stl10_vpred_cfg_trains_on_stl10_binaries(tmp_path):
                      ["datamodule.image_size=16", "datamodule.verify=none", "callbacks.class_grid_cfg6.every_n_steps=2",
                       "callbacks.class_grid_cfg6.n_cols=2"])
     m = objs["model"]
-    assert m.objective.prediction == "v" and m.schedule.num_timesteps == 500 and m.p_uncond == 0.2
+    assert m.objective.prediction == "v" and m.process.num_timesteps == 500 and m.p_uncond == 0.2
     assert m.guidance["scale"] == 3.0 and m.sample_shape == (3, 16, 16)
     grids = tmp_path / "run" / "figures"
     assert (grids / "class_grid" / "step_0000002.png").is_file()

@@ -42,8 +42,8 @@ def test_posterior_mean_matches_quadrature_1d_mixture():
         a, s2 = math.sqrt(ab), 1 - ab
         lik = torch.exp(-0.5 * (x_t - a * grid[None]) ** 2 / s2)
         num, den = (lik * prior * grid).sum(1), (lik * prior).sum(1)
-        assert torch.allclose(mix.posterior_mean(x_t, ab)[:, 0], num / den, atol=1e-6), ab
-    assert torch.allclose(mix.posterior_mean(x_t, 0.0), mix.mean.expand(5, 1))
+        assert torch.allclose(mix.posterior_mean(x_t, ab**0.5, (1 - ab) ** 0.5)[:, 0], num / den, atol=1e-6), ab
+    assert torch.allclose(mix.posterior_mean(x_t, 0.0, 1.0), mix.mean.expand(5, 1))
 
 
 def test_mixture_moments_and_sampling():

@@ -1,5 +1,6 @@
-"""Samplers: every sampler with every target, schedule and spacing (incl. zero terminal SNR, no NaN), identities
-between samplers, model-evaluation counts, reproducibility and the sampler configs."""
+"""Samplers: every sampler with every target, schedule and spacing (incl. zero terminal SNR, no NaN), on every process,
+identities between samplers, model-evaluation counts, reproducibility, undefined combinations and the sampler
+configs."""
 from __future__ import annotations
 
 import functools
@@ -16,8 +17,9 @@ from torch import nn
 from difflab.configs import CONFIG_DIR
 from difflab.diffusion.guidance import guided_model_fn
 from difflab.diffusion.objectives import Objective, X0Clip
-from difflab.diffusion.samplers import (SAMPLERS, ddim, ddpm, dpmpp_2m, euler, heun, model_evaluations, sampler_name,
-                                    timesteps_used)
+from difflab.diffusion.processes import EDMProcess, FlowProcess
+from difflab.diffusion.samplers import (SAMPLERS, check_sampler, ddim, ddpm, dpmpp_2m, euler, heun, model_evaluations,
+                                        sampler_name, times_used)
 from difflab.diffusion.schedules import DiscreteSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +82,7 @@ def test_first_order_steps_agree_and_second_order_differs():
     steps the multistep correction changes the result."""
     sch = DiscreteSchedule("cosine", 100, spacing="trailing")
     x = _noise(dtype=torch.float64)
-    grid = timesteps_used(dpmpp_2m, sch, 2)
+    grid = times_used(dpmpp_2m, sch, 2)
     assert grid == [99, 49]
     a = dpmpp_2m(_consistent_fn(sch), x, sch, steps=2)
     b = ddim(_consistent_fn(sch), x, sch, steps=2)  # trailing DDIM grid is [99, 49] too
@@ -95,7 +97,7 @@ class Counter:
         self.fn, self.calls = fn, []
 
     def __call__(self, x, t):
-        self.calls.append(int(t))
+        self.calls.append(float(t))
         return self.fn(x, t)
 
 
@@ -186,3 +188,59 @@ def test_sampler_configs_compose_and_run(name):
     x = sampler(_consistent_fn(sch), _noise(), sch, generator=torch.Generator().manual_seed(0), progress=False)
     assert torch.isfinite(x).all()
     assert sampler_name(sampler) == (name if name == "ddpm" else f"{name}-4")
+
+
+@pytest.mark.parametrize("process", [EDMProcess(), FlowProcess(), FlowProcess(shift=3.0)], ids=["edm", "flow", "flow3"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "heun", "dpmpp_2m"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "edm", "flow"])
+def test_every_sampler_runs_on_the_continuous_processes(process, sampler, prediction):
+    mf = guided_model_fn(lambda x, t, c: 0.3 * x, process, prediction, {}, None, x0_clip="static")
+    x = SAMPLERS[sampler](mf, _noise() * process.prior_std, process, steps=6, generator=torch.Generator().manual_seed(1))
+    assert x.shape == (2, 1, 4, 4) and torch.isfinite(x).all() and x.abs().max() <= 1 + 1e-6  # ends on a clipped x0
+
+
+def test_euler_equals_ddim_eta0_on_every_process():
+    for process in (EDMProcess(), FlowProcess(shift=2.0)):
+        x = _noise(dtype=torch.float64) * process.prior_std
+        mf = guided_model_fn(fake_net, process, "x0", {}, None)
+        assert torch.allclose(euler(mf, x, process, steps=7), ddim(mf, x, process, steps=7), atol=1e-10)
+
+
+def test_flow_euler_is_the_velocity_step():
+    """On the linear path, x' = x + (t' - t) v with v the predicted velocity (the rectified-flow sampler)."""
+    process = FlowProcess(shift=3.0)
+    v_net = lambda x, t, c: 0.7 * x - 0.2  # noqa: E731  (a fixed velocity field)
+    x = _noise(dtype=torch.float64)
+    ts = process.sampling_times(5).tolist()
+    ref = x.clone()
+    for t, t_next in zip(ts, ts[1:]):
+        ref = ref + (t_next - t) * v_net(ref, None, None)
+    got = euler(guided_model_fn(v_net, process, "flow", {}, None), x, process, steps=5)
+    assert torch.allclose(got, ref, atol=1e-12)
+
+
+def test_heun_counts_on_edm_and_flow():
+    for process in (EDMProcess(), FlowProcess()):
+        fn = Counter(guided_model_fn(fake_net, process, "x0", {}, None))
+        heun(fn, _noise() * process.prior_std, process, steps=6)
+        assert len(fn.calls) == model_evaluations(functools.partial(heun, steps=6), process) == 2 * 6 - 1
+
+
+def test_undefined_combinations_fail_with_what_is_allowed():
+    with pytest.raises(ValueError, match="sampler=ddpm needs a discrete process.*ddim, euler, heun, dpmpp_2m"):
+        check_sampler(functools.partial(ddpm), EDMProcess())
+    with pytest.raises(ValueError, match="s_churn > 0 needs a continuous process"):
+        check_sampler(functools.partial(heun, s_churn=10.0), DiscreteSchedule("cosine", 50))
+    check_sampler(functools.partial(heun, s_churn=10.0), EDMProcess())  # defined there
+    with pytest.raises(ValueError, match="discrete process"):
+        ddpm(_consistent_fn(DiscreteSchedule("cosine", 50)), _noise(), FlowProcess())
+
+
+def test_churn_adds_noise_only_inside_its_sigma_range():
+    process = EDMProcess()
+    mf = guided_model_fn(fake_net, process, "x0", {}, None)
+    x = _noise(dtype=torch.float64) * process.prior_std
+    plain = heun(mf, x, process, steps=8)
+    outside = heun(mf, x, process, steps=8, s_churn=40.0, s_tmin=1e3, s_tmax=1e4, generator=torch.Generator().manual_seed(0))
+    inside = heun(mf, x, process, steps=8, s_churn=40.0, s_tmin=0.05, s_tmax=50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plain, outside) and not torch.allclose(plain, inside)

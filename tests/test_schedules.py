@@ -131,7 +131,7 @@ def test_bad_step_counts_fail_clearly():
     with pytest.raises(ValueError, match="steps must be in"):
         sch.sampling_timesteps(101)
     with pytest.raises(ValueError, match="steps must be in"):
-        sch.sampling_timesteps(100, exclude_zero=True)
+        sch.sampling_timesteps(100, "leading", exclude_zero=True)  # leading places steps + 1 points
     with pytest.raises(ValueError, match="spacing"):
         sch.sampling_timesteps(10, "random")
 

@@ -33,14 +33,14 @@ class TrajectoryRecorder:
 
     def __init__(self, sampler):
         self.sampler = sampler
-        self.calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.calls: list[tuple[float, torch.Tensor, torch.Tensor]] = []
 
-    def __call__(self, model_fn, x, schedule, **kwargs):
-        def recording(x_t, t_index):
-            x0, eps = model_fn(x_t, t_index)
-            self.calls.append((int(t_index), x_t.detach().cpu(), x0.detach().cpu()))
+    def __call__(self, model_fn, x, process, **kwargs):
+        def recording(x_t, t):
+            x0, eps = model_fn(x_t, t)
+            self.calls.append((float(t), x_t.detach().cpu(), x0.detach().cpu()))
             return x0, eps
-        return self.sampler(recording, x, schedule, **kwargs)
+        return self.sampler(recording, x, process, **kwargs)
 
 
 def pick_columns(n_calls: int, n_columns: int) -> list[int]:
@@ -69,7 +69,7 @@ def denoise_collage(module, path: Path, n_columns: int = 8, max_rows: int = 10, 
             x0_px = decode(x0.to(module.device)).clamp(-1, 1)
         pairs = torch.stack([x_t_px, x0_px], dim=1).flatten(0, 1)  # row order: class0 x_t, class0 x0, class1 ...
         blocks.append(column_block(pairs, ncol=1))
-        heads.append(f"t={t}")
+        heads.append(f"t={t:.4g}")
     blocks.append(column_block(torch.stack([final, final], dim=1).flatten(0, 1), ncol=1))
     heads.append("final")
     rows = [f"{name} {kind}" for name in titles for kind in ("x_t", "x0_hat")]

@@ -1,10 +1,11 @@
-"""Per-timestep-bucket validation loss as curves over training.
+"""Per-noise-level validation loss as curves over training.
 
-The DiffusionModule already measures the validation loss per bucket of t (``val_loss_t/bucket_XX`` scalars, kept in
-``module.val_loss_per_bucket``; EMA weights during validation). This callback keeps the history (also in
-checkpoints, so ``report.py`` can redraw it) and plots it: left, loss against t / T, one curve per validation
+The DiffusionModule already measures the validation loss per log-SNR bucket (``val_loss_t/bucket_XX`` scalars, kept
+in ``module.val_loss_per_bucket``; EMA weights during validation; buckets from ``objectives.log_snr_buckets``, the
+same for every process, so curves of vp, edm and flow runs compare). This callback keeps the history (also in
+checkpoints, so ``report.py`` can redraw it) and plots it: left, loss against log-SNR, one curve per validation
 (darker = earlier); right, each bucket's loss against the training step. The research log found a model that was
-bad at low timesteps this way.
+bad at low noise levels this way.
 """
 from __future__ import annotations
 
@@ -15,29 +16,23 @@ import lightning as L
 import torch
 
 from difflab.callbacks.figures import _new_figure, log_scalars, save_figure
-from difflab.diffusion.objectives import timestep_buckets
+from difflab.diffusion.objectives import bucket_edges
 from difflab.utils.logging import figure_path, log_image
 
 
 @torch.no_grad()
 def bucket_losses(module, loader, max_batches: int | None = None) -> list[float]:
-    """Per-bucket validation loss of ``module`` on ``loader`` without a trainer, with the same fixed noise and
-    timesteps as ``DiffusionModule.validation_step`` (so it matches the logged ``val_loss_t/bucket_XX``)."""
+    """Per-bucket validation loss of ``module`` on ``loader`` without a trainer: ``module.validation_losses`` (the
+    same fixed noise and times as validation), so it matches the logged ``val_loss_t/bucket_XX``."""
     was_training = module.training
     module.eval()
-    n_b, T = module.loss_buckets, module.schedule.num_timesteps
-    sums = torch.zeros(2, n_b, dtype=torch.float64)
+    sums = torch.zeros(2, module.loss_buckets, dtype=torch.float64)
     for batch_idx, batch in enumerate(loader):
         if max_batches is not None and batch_idx >= max_batches:
             break
-        g = torch.Generator().manual_seed(1234 + batch_idx)
-        x0 = batch["x"].to(module.device)
-        t = torch.randint(0, T, (x0.shape[0],), generator=g).to(module.device)
-        raw = module.batch_condition(batch)
-        cond = module.condition(raw.to(module.device) if torch.is_tensor(raw) else raw)
-        out = module.objective.losses(lambda x_t, tt: module.net(x_t, tt.float(), cond), x0, module.schedule, t=t,
-                                      generator=g)
-        b = timestep_buckets(t, T, n_b).cpu()
+        batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        out = module.validation_losses(batch, batch_idx)
+        b = out["bucket"].cpu()
         sums[0].index_add_(0, b, out["raw"].double().cpu())
         sums[1].index_add_(0, b, torch.ones(len(b), dtype=torch.float64))
     module.train(was_training)
@@ -45,7 +40,7 @@ def bucket_losses(module, loader, max_batches: int | None = None) -> list[float]
 
 
 def timestep_loss_figure(history: Sequence[tuple[int, Sequence[float]]], path: Path,
-                         title: str = "validation loss per timestep bucket") -> Path:
+                         title: str = "validation loss per noise-level (log-SNR) bucket") -> Path:
     """Plot a history of ``(step, per-bucket losses)`` as the two-panel figure described above."""
     import matplotlib
 
@@ -55,15 +50,17 @@ def timestep_loss_figure(history: Sequence[tuple[int, Sequence[float]]], path: P
     ax_t, ax_s = fig.subplots(1, 2)
     cmap = matplotlib.colormaps["viridis"]
     n_b = len(history[-1][1])
-    centres = [(i + 0.5) / n_b for i in range(n_b)]
+    edges = bucket_edges(n_b)
+    centres = [(hi + lo) / 2 for hi, lo in edges]
     history = [(s, [v if v > 0 else float("nan") for v in losses]) for s, losses in history]  # 0 = empty bucket
     for j, (step, losses) in enumerate(history):
         shade = cmap(0.15 + 0.85 * j / max(1, len(history) - 1))
         ax_t.plot(centres[: len(losses)], losses, "-o", ms=3, color=shade, label=f"step {step}")
-    ax_t.set_xlabel("t / T (bucket centre)")
+    ax_t.set_xlabel("log-SNR (bucket centre; ends collect everything beyond)")
+    ax_t.invert_xaxis()  # noise increases to the right
     ax_t.set_ylabel("validation loss (unweighted)")
     ax_t.set_yscale("log")
-    ax_t.set_title("loss vs timestep (darker = earlier)" if len(history) > 1 else f"step {history[-1][0]}")
+    ax_t.set_title("loss vs noise level (darker = earlier)" if len(history) > 1 else f"step {history[-1][0]}")
     if len(history) <= 8:
         ax_t.legend(fontsize=7)
     steps = [s for s, _ in history]
@@ -71,7 +68,7 @@ def timestep_loss_figure(history: Sequence[tuple[int, Sequence[float]]], path: P
     for b in range(n_b):
         ys = [losses[b] if b < len(losses) else float("nan") for _, losses in history]
         ax_s.plot(steps, ys, "-o", ms=3, color=bucket_cmap(b / max(1, n_b - 1)),
-                  label=f"t/T {b / n_b:.1f}-{(b + 1) / n_b:.1f}")
+                  label=f"log-SNR {edges[b][0]:+.0f}..{edges[b][1]:+.0f}")
     ax_s.set_xlabel("training step")
     ax_s.set_yscale("log")
     ax_s.set_title("loss per bucket over training")
@@ -85,8 +82,8 @@ class TimestepLossCallback(L.Callback):
     """After every ``every_n_validations``-th validation, append the module's per-bucket loss and redraw the figure.
 
     Scalars: ``val_loss_t/bucket_XX`` come from the module itself; this adds ``val_loss_t/worst_bucket`` (index of
-    the highest-loss bucket) and ``val_loss_t/low_t_ratio`` (loss of the lowest-t bucket over the mean), which
-    flag "bad at low timesteps" at a glance.
+    the highest-loss bucket) and ``val_loss_t/low_t_ratio`` (loss of the least-noisy bucket over the mean), which
+    flag "bad at low noise levels" at a glance.
     """
 
     kind = "timestep_loss"
@@ -105,8 +102,9 @@ class TimestepLossCallback(L.Callback):
         seen = [v for v in losses if v > 0]  # a bucket with no validation sample has loss 0
         mean = sum(seen) / len(seen) if seen else 0.0
         worst = max(range(len(losses)), key=lambda i: losses[i])
+        first = seen[0] if seen else 0.0  # the least noisy bucket with samples
         return {"val_loss_t/worst_bucket": float(worst),
-                "val_loss_t/low_t_ratio": losses[0] / mean if mean and losses[0] > 0 else float("nan")}
+                "val_loss_t/low_t_ratio": first / mean if mean and first > 0 else float("nan")}
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Runs after the module's on_validation_epoch_end, which fills val_loss_per_bucket.

@@ -1,6 +1,6 @@
 """Data whose optimal denoiser is known in closed form: Gaussians and Gaussian mixtures in R^D.
 
-For x_t = a x0 + s eps (a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar)) and x0 ~ sum_k pi_k N(mu_k, S_k), the
+For x_t = a x0 + s eps (a = alpha(t), s = sigma(t) of any process) and x0 ~ sum_k pi_k N(mu_k, S_k), the
 posterior mean (the MMSE denoiser every diffusion objective converges to) is
     E[x0 | x_t] = sum_k w_k(x_t) (mu_k + a S_k (a^2 S_k + s^2 I)^-1 (x_t - a mu_k)),
     w_k(x_t) proportional to pi_k N(x_t; a mu_k, a^2 S_k + s^2 I).
@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from difflab.diffusion.objectives import eps_from_x0, training_target
+from difflab.diffusion.objectives import eps_from_x0, input_scale, training_target
 
 Tensor = torch.Tensor
 
@@ -60,10 +60,10 @@ class GaussianMixture:
         chol = torch.linalg.cholesky(self.covs)
         return self.means[comp] + torch.einsum("nij,nj->ni", chol[comp], z)
 
-    def posterior_mean(self, x_t: Tensor, alpha_bar: float) -> Tensor:
-        """E[x0 | x_t] at noise level alpha_bar (exact; alpha_bar = 0 gives the data mean)."""
+    def posterior_mean(self, x_t: Tensor, alpha: float, sigma: float) -> Tensor:
+        """E[x0 | x_t] for x_t = alpha x0 + sigma eps (exact; alpha = 0 gives the data mean)."""
         x = x_t.to(torch.float64)
-        a, s2 = math.sqrt(alpha_bar), 1.0 - alpha_bar
+        a, s2 = float(alpha), float(sigma) ** 2
         eye = torch.eye(self.dim, dtype=torch.float64)
         cov_t = a * a * self.covs + s2 * eye  # K x D x D, covariance of x_t given the component
         prec = torch.linalg.inv(cov_t)
@@ -78,28 +78,31 @@ class GaussianMixture:
         return (w[..., None] * cond_means).sum(0).to(x_t.dtype)
 
 
-def exact_model_fn(data: GaussianMixture, schedule) -> Callable[[Tensor, int], tuple[Tensor, Tensor]]:
-    """``model_fn(x_t, t) -> (x0, eps)`` from the exact posterior mean (the optimal denoiser) on ``schedule``."""
-    ab = schedule.alphas_cumprod.tolist()
+def exact_model_fn(data: GaussianMixture, process) -> Callable[[Tensor, float], tuple[Tensor, Tensor]]:
+    """``model_fn(x_t, t) -> (x0, eps)`` from the exact posterior mean (the optimal denoiser) on ``process``."""
 
     def model_fn(x_t: Tensor, t) -> tuple[Tensor, Tensor]:
-        a = ab[int(t)]
-        x0 = data.posterior_mean(x_t, a)
-        return x0, eps_from_x0(x_t, x0, torch.tensor(a, dtype=x_t.dtype))
+        a, s = (float(v) for v in process.coefficients(torch.tensor(float(t), dtype=torch.float64)))
+        x0 = data.posterior_mean(x_t, a, s)
+        return x0, eps_from_x0(x_t, x0, a, s)
 
     return model_fn
 
 
-def exact_net(data: GaussianMixture, schedule, prediction: str) -> Callable[[Tensor, Tensor, dict], Tensor]:
-    """A 'network' ``net(x_t, t, cond)`` that outputs the exact ``prediction`` (eps / x0 / v) target, for
-    ``guided_model_fn`` (so the conversions are exercised too)."""
-    ab = schedule.alphas_cumprod.tolist()
+def exact_net(data: GaussianMixture, process, prediction: str,
+              sigma_data: float = 0.5) -> Callable[[Tensor, Tensor, dict], Tensor]:
+    """A 'network' ``net(x_in, net_time, cond)`` that outputs the exact ``prediction`` target (any of
+    ``objectives.PREDICTIONS``), for ``guided_model_fn``, so the process's time input, the input scaling and the
+    conversions are exercised too."""
 
-    def net(x_t: Tensor, t: Tensor, cond: dict) -> Tensor:
-        a = torch.tensor(ab[int(t[0])], dtype=torch.float64)
-        x0 = data.posterior_mean(x_t, float(a))
-        eps = eps_from_x0(x_t.to(torch.float64), x0.to(torch.float64), a)
-        return training_target(x0.to(torch.float64), eps, a, prediction).to(x_t.dtype)
+    def net(x_in: Tensor, t_net: Tensor, cond: dict) -> Tensor:
+        t = torch.as_tensor(process.time_from_net_time(t_net[:1].double()), dtype=torch.float64)
+        a, s = process.coefficients(t)
+        x_t = x_in.to(torch.float64) / input_scale(a, s, prediction, sigma_data)
+        x0 = data.posterior_mean(x_t, float(a), float(s))
+        eps = eps_from_x0(x_t, x0, a, s)
+        da, ds = process.derivatives(t) if prediction == "flow" else (None, None)
+        return training_target(x0, eps, a, s, prediction, da, ds, sigma_data).to(x_in.dtype)
 
     return net
 

@@ -1,11 +1,20 @@
-"""Prediction targets, their conversions, loss weightings and the training objective.
+"""Prediction targets, their conversions, loss weightings and the training objective, for any noise process.
 
-Every sampler and the training loss convert model outputs through ``predictions_from_output`` so the eps / x0 / v
-algebra lives in one place. ``ab`` is alpha-bar broadcast to the data shape.
+Everything here is written against the affine path x_t = alpha x0 + sigma eps of a process
+(``difflab.diffusion.processes``): ``alpha`` and ``sigma`` are broadcast to the data shape. Every sampler and the
+training loss convert model outputs through ``predictions_from_output``, so the target algebra lives in one place.
 
-Loss weightings are functions of the per-sample SNR, expressed in the units of the chosen target's own loss. For
-MSE the three targets' errors are related by ``|eps err|^2 = snr |x0 err|^2`` and ``|v err|^2 = (snr + 1) |x0 err|^2``,
-which is why min-SNR-gamma has a different form per target (Hang et al. 2023).
+Targets: ``eps``; ``x0``; ``v`` = (alpha eps - sigma x0) / r with r = sqrt(alpha^2 + sigma^2) (Salimans & Ho's v on
+VP paths, where r = 1); ``flow`` = dx_t/dt = alpha' x0 + sigma' eps (the velocity eps - x0 on the linear path);
+``edm`` = EDM's F (Karras et al. 2022) under the preconditioning D = c_skip z + c_out F(c_in z), z = x_t / alpha,
+s = sigma / alpha, c_skip = sd^2 / (s^2 + sd^2), c_out = s sd / sqrt(s^2 + sd^2), c_in = 1 / sqrt(s^2 + sd^2),
+sd = sigma_data. The network's input is x_t times ``input_scale`` (c_in / alpha for ``edm``, else 1).
+
+Loss weightings are functions of log-SNR, applied in the units of the target's own loss. With x_t fixed, every
+target's error is a multiple of the x0 error, |target err|^2 = k |x0 err|^2 with k = snr (eps), snr + 1 (v),
+1 / c_out^2 (edm), (alpha' - sigma' alpha / sigma)^2 (flow; 1 / sigma^2 on the linear path), 1 (x0). A weighting is
+stated once in eps units and converted by snr / k (``eps_to_target_units``), which is why min-SNR-gamma takes a
+different form per target (Hang et al. 2023).
 """
 from __future__ import annotations
 
@@ -21,53 +30,112 @@ import torch.nn.functional as F
 from difflab.utils.frozen import Frozen
 
 Tensor = torch.Tensor
-PREDICTIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v", "flow", "edm")
 LOSSES = ("mse", "l1", "huber")
-TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 CLIP_MODES = ("none", "static", "dynamic")
-# eps -> x0 divides by sqrt(alpha_bar); at zero terminal SNR (alpha_bar = 0) x0 is not identifiable from an eps
-# prediction, so the division uses this floor (fp16's smallest subnormal, the value diffusers uses there).
+# eps -> x0 divides by alpha; at zero terminal SNR (alpha = 0) x0 is not identifiable from an eps prediction, so
+# the division uses sqrt of this alpha-bar floor (fp16's smallest subnormal, the value diffusers uses there).
 ALPHA_BAR_FLOOR = 2.0**-24
 
 
-def add_noise(x0: Tensor, eps: Tensor, ab: Tensor) -> Tensor:
-    """x_t = sqrt(ab) x0 + sqrt(1 - ab) eps."""
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+def add_noise(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """x_t = alpha x0 + sigma eps."""
+    return alpha * x0 + sigma * eps
 
 
-def training_target(x0: Tensor, eps: Tensor, ab: Tensor, prediction: str) -> Tensor:
-    """What the network regresses: eps, x0 or v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho).
+def edm_coefficients(alpha: Tensor, sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor]:
+    """EDM's (c_skip, c_out, c_in) at noise level s = sigma / alpha (acting on z = x_t / alpha), written with
+    denominators sigma^2 + alpha^2 sd^2 so they stay finite at alpha = 0 (zero terminal SNR)."""
+    d2 = sigma**2 + (alpha * sigma_data) ** 2
+    return (alpha * sigma_data) ** 2 / d2, sigma * sigma_data / d2.sqrt(), alpha / d2.sqrt()
 
-    Also the inverse of ``predictions_from_output``: the output a ``prediction``-type network gives for (x0, eps).
-    """
+
+def input_scale(alpha: Tensor, sigma: Tensor, prediction: str, sigma_data: float = 0.5) -> Tensor | float:
+    """What x_t is multiplied by before the network sees it: EDM's c_in / alpha for ``edm``, else 1."""
+    if prediction == "edm":
+        return 1 / (sigma**2 + (alpha * sigma_data) ** 2).sqrt()
+    return 1.0
+
+
+def _edm_skip(alpha: Tensor, sigma: Tensor, sigma_data: float) -> Tensor:
+    """c_skip / alpha: the skip connection's factor on x_t itself."""
+    return alpha * sigma_data**2 / (sigma**2 + (alpha * sigma_data) ** 2)
+
+
+def _check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction '{prediction}': choose one of {PREDICTIONS}")
+
+
+def training_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction: str,
+                    dalpha: Tensor | None = None, dsigma: Tensor | None = None, sigma_data: float = 0.5) -> Tensor:
+    """What the network regresses for (x0, eps) at (alpha, sigma); also the output a ``prediction``-type network
+    gives for that pair (the inverse of ``predictions_from_output``). ``flow`` needs the path's derivatives."""
+    _check_prediction(prediction)
     if prediction == "eps":
         return eps
     if prediction == "x0":
         return x0
     if prediction == "v":
-        return ab.sqrt() * eps - (1 - ab).sqrt() * x0
-    raise ValueError(f"unknown prediction '{prediction}': choose one of {PREDICTIONS}")
+        r = (alpha**2 + sigma**2).sqrt()
+        return (alpha * eps - sigma * x0) / r
+    if prediction == "flow":
+        if dalpha is None or dsigma is None:
+            raise ValueError("prediction 'flow' needs the process's time derivatives (a continuous process)")
+        return dalpha * x0 + dsigma * eps
+    _, c_out, _ = edm_coefficients(alpha, sigma, sigma_data)
+    x_t = alpha * x0 + sigma * eps
+    return (x0 - _edm_skip(alpha, sigma, sigma_data) * x_t) / c_out
 
 
-def predictions_from_output(out: Tensor, x_t: Tensor, ab: Tensor, prediction: str) -> tuple[Tensor, Tensor]:
+def predictions_from_output(out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction: str,
+                            dalpha: Tensor | None = None, dsigma: Tensor | None = None,
+                            sigma_data: float = 0.5) -> tuple[Tensor, Tensor]:
     """(x0_hat, eps_hat) from a network output of the given prediction type, consistent with x_t.
 
-    Finite at both ends of every schedule: eps-prediction at alpha_bar = 0 exactly (zero terminal SNR, where x0 is
-    not identifiable from eps) divides by sqrt(ALPHA_BAR_FLOOR) instead of 0; every other alpha_bar is used as is.
+    Finite at both ends: eps-prediction at alpha = 0 exactly (zero terminal SNR, where x0 is not identifiable from
+    eps) divides by sqrt(ALPHA_BAR_FLOOR) instead of 0.
     """
-    a, s = ab.sqrt(), (1 - ab).sqrt()
+    _check_prediction(prediction)
     if prediction == "eps":
-        return (x_t - s * out) / torch.where(ab > 0, ab, torch.full_like(ab, ALPHA_BAR_FLOOR)).sqrt(), out
+        safe = torch.where(alpha > 0, alpha, torch.full_like(alpha, ALPHA_BAR_FLOOR**0.5))
+        return (x_t - sigma * out) / safe, out
     if prediction == "x0":
-        return out, (x_t - a * out) / s
+        return out, (x_t - alpha * out) / sigma
     if prediction == "v":
-        return a * x_t - s * out, s * x_t + a * out
-    raise ValueError(f"unknown prediction '{prediction}': choose one of {PREDICTIONS}")
+        r = (alpha**2 + sigma**2).sqrt()
+        a, s, x = alpha / r, sigma / r, x_t / r
+        return a * x - s * out, s * x + a * out
+    if prediction == "flow":
+        if dalpha is None or dsigma is None:
+            raise ValueError("prediction 'flow' needs the process's time derivatives (a continuous process)")
+        det = alpha * dsigma - sigma * dalpha  # solve [alpha sigma; alpha' sigma'] [x0; eps] = [x_t; out]
+        return (dsigma * x_t - sigma * out) / det, (alpha * out - dalpha * x_t) / det
+    _, c_out, _ = edm_coefficients(alpha, sigma, sigma_data)
+    x0 = _edm_skip(alpha, sigma, sigma_data) * x_t + c_out * out
+    return x0, (x_t - alpha * x0) / sigma
 
 
-def eps_from_x0(x_t: Tensor, x0: Tensor, ab: Tensor) -> Tensor:
-    """The noise consistent with x_t and a (possibly clipped) x0: (x_t - sqrt(ab) x0) / sqrt(1 - ab)."""
-    return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+def eps_to_target_units(alpha: Tensor, sigma: Tensor, prediction: str, dalpha: Tensor | None = None,
+                        dsigma: Tensor | None = None, sigma_data: float = 0.5) -> Tensor:
+    """|eps err|^2 / |target err|^2 at fixed x_t (= snr / k, see the module docstring): converts a loss weighting
+    stated in eps units into the target's units. Finite everywhere a process reaches (1 for eps, 0 for v at snr 0)."""
+    _check_prediction(prediction)
+    snr = (alpha / sigma) ** 2
+    if prediction == "eps":
+        return torch.ones_like(snr)
+    if prediction == "x0":
+        return snr
+    if prediction == "v":
+        return snr / (snr + 1)
+    if prediction == "flow":
+        return (alpha / sigma) ** 2 / (dalpha - dsigma * alpha / sigma) ** 2
+    return (alpha * sigma_data) ** 2 / (sigma**2 + (alpha * sigma_data) ** 2)  # snr c_out^2
+
+
+def eps_from_x0(x_t: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """The noise consistent with x_t and a (possibly clipped) x0: (x_t - alpha x0) / sigma."""
+    return (x_t - alpha * x0) / sigma
 
 
 def _abs_quantile(x: Tensor, q: float) -> Tensor:
@@ -119,37 +187,38 @@ class X0Clip:
         return self.mode
 
 
-# ---- loss weightings: functions of SNR (per sample), in the units of the prediction's own loss ----
+# ---- loss weightings: functions of log-SNR (per sample) ----
+# Each returns (weight, units): "eps" weights are converted to the target's units by ``eps_to_target_units``,
+# "target" weights apply as they are.
 
-def uniform_weight(snr: Tensor, prediction: str, **_) -> Tensor:
-    """Every timestep weighs the same in the chosen prediction space."""
-    return torch.ones_like(snr)
-
-
-def min_snr_weight(snr: Tensor, prediction: str, gamma: float = 5.0, **_) -> Tensor:
-    """Min-SNR-gamma (Hang et al.): x0-space weight min(snr, g), so eps: min(snr,g)/snr, v: min(snr,g)/(snr+1).
-
-    The eps form is written gamma / max(snr, gamma), which equals min(snr, g) / snr and is exactly 1 (not 0 / 0) at
-    zero terminal SNR. The v and x0 forms are 0 there (the last step's x0 error is not weighted).
-    """
-    if prediction == "eps":
-        return gamma / snr.clamp(min=gamma)
-    if prediction == "v":
-        return snr.clamp(max=gamma) / (snr + 1)
-    if prediction == "x0":
-        return snr.clamp(max=gamma)
-    raise ValueError(f"unknown prediction '{prediction}': choose one of {PREDICTIONS}")
+def uniform_weight(log_snr: Tensor, **_) -> tuple[Tensor, str]:
+    """Every noise level weighs the same in the chosen target's own units."""
+    return torch.ones_like(log_snr), "target"
 
 
-def inv_snr_clamped_weight(snr: Tensor, prediction: str, snr_min: float = 0.1, snr_max: float = 10.0, **_) -> Tensor:
+def min_snr_weight(log_snr: Tensor, gamma: float = 5.0, **_) -> tuple[Tensor, str]:
+    """Min-SNR-gamma (Hang et al. 2023): x0-units weight min(snr, gamma), i.e. gamma / max(snr, gamma) in eps units
+    (eps: min(snr, g) / snr, v: min(snr, g) / (snr + 1)); exactly 1 in eps units at zero terminal SNR."""
+    return gamma / log_snr.exp().clamp(min=gamma), "eps"
+
+
+def inv_snr_clamped_weight(log_snr: Tensor, snr_min: float = 0.1, snr_max: float = 10.0, **_) -> tuple[Tensor, str]:
     """The research log's hand-made weighting 1 / clamp(snr, snr_min, snr_max), the same for every target."""
-    return 1.0 / snr.clamp(min=snr_min, max=snr_max)
+    return 1.0 / log_snr.exp().clamp(min=snr_min, max=snr_max), "target"
 
 
-LOSS_WEIGHTINGS: dict[str, Callable[..., Tensor]] = {
+def edm_weight(log_snr: Tensor, sigma_data: float = 0.5, **_) -> tuple[Tensor, str]:
+    """EDM's lambda(s) = (s^2 + sd^2) / (s sd)^2 on x0 errors (s^2 = 1 / snr), i.e. (1 + sd^2 snr) / sd^2 ... in eps
+    units lambda / snr; with the ``edm`` target it is exactly 1 (Karras et al. 2022, Table 1)."""
+    snr = log_snr.exp()
+    return (1 + sigma_data**2 * snr) / (sigma_data**2 * snr), "eps"
+
+
+LOSS_WEIGHTINGS: dict[str, Callable[..., tuple[Tensor, str]]] = {
     "uniform": uniform_weight,
     "min_snr": min_snr_weight,
     "inv_snr_clamped": inv_snr_clamped_weight,
+    "edm": edm_weight,
 }
 
 
@@ -168,20 +237,6 @@ def elementwise_loss(pred: Tensor, target: Tensor, kind: str = "mse", huber_delt
 
 def _rand_device(generator: torch.Generator | None, device) -> torch.device | str | None:
     return generator.device if generator is not None else device
-
-
-def sample_timesteps(n: int, num_timesteps: int, kind: str = "uniform", mean: float = 0.0, std: float = 1.0,
-                     device=None, generator: torch.Generator | None = None) -> Tensor:
-    """Training timesteps: uniform over [0, T) or logit-normal (SD3: t/T = sigmoid(N(mean, std))), discretised."""
-    dev = _rand_device(generator, device)
-    if kind == "uniform":
-        t = torch.randint(0, num_timesteps, (n,), generator=generator, device=dev)
-    elif kind == "logit_normal":
-        u = torch.sigmoid(torch.randn(n, generator=generator, device=dev, dtype=torch.float64) * std + mean)
-        t = (u * num_timesteps).long().clamp(0, num_timesteps - 1)
-    else:
-        raise ValueError(f"unknown timestep sampling '{kind}': choose one of {TIMESTEP_SAMPLING}")
-    return t.to(device) if device is not None else t
 
 
 def offset_noise_like(x: Tensor, strength: float, generator: torch.Generator | None = None) -> Tensor:
@@ -254,77 +309,112 @@ class PerceptualTerm:
 
 
 class Objective:
-    """The training objective: prediction target, loss, weighting, timestep sampling, noise and x0-clipping options.
+    """The training objective: prediction target, loss, weighting, noise and x0-clipping options, on any process.
 
-    ``x0_clip`` (none / static / dynamic) is applied only when sampling (``self.x0_clip`` is an ``X0Clip``).
-    ``lpips_weight > 0`` adds ``lpips_weight * LPIPS(x0_hat, x0)`` per sample to the loss.
+    The process (``difflab.diffusion.processes``) supplies times, path coefficients and the denoiser's time input;
+    this class turns a clean batch into per-sample losses. ``sigma_data`` is EDM's (the ``edm`` target's
+    preconditioning and the ``edm`` weighting). ``x0_clip`` (none / static / dynamic) is applied only when sampling
+    (``self.x0_clip`` is an ``X0Clip``). ``lpips_weight > 0`` adds ``lpips_weight * LPIPS(x0_hat, x0)`` per sample.
+    ``timestep_sampling`` / ``logit_mean`` / ``logit_std`` are read from configs saved before the training density
+    moved to the process (``schedule.density`` for vp) and only warn when not uniform.
     """
 
     def __init__(self, prediction: str = "eps", loss: str = "mse", weighting: str = "uniform",
                  min_snr_gamma: float = 5.0, snr_min: float = 0.1, snr_max: float = 10.0, huber_delta: float = 1.0,
-                 timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
-                 offset_noise: float = 0.0, x0_clip: str | None = "static", clip_range: float = 1.0,
-                 dynamic_quantile: float = 0.995, dynamic_max: float | None = None, lpips_weight: float = 0.0,
-                 lpips_net: str = "alex", lpips_backbone: str | None = None):
+                 sigma_data: float = 0.5, offset_noise: float = 0.0, x0_clip: str | None = "static",
+                 clip_range: float = 1.0, dynamic_quantile: float = 0.995, dynamic_max: float | None = None,
+                 lpips_weight: float = 0.0, lpips_net: str = "alex", lpips_backbone: str | None = None,
+                 timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0):
         if prediction not in PREDICTIONS:
             raise ValueError(f"objective.prediction='{prediction}' is unknown: choose one of {PREDICTIONS}")
         if weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"objective.weighting='{weighting}' is unknown: choose one of {sorted(LOSS_WEIGHTINGS)}")
         if loss not in LOSSES:
             raise ValueError(f"objective.loss='{loss}' is unknown: choose one of {LOSSES}")
-        if timestep_sampling not in TIMESTEP_SAMPLING:
-            raise ValueError(f"objective.timestep_sampling='{timestep_sampling}' is unknown: choose one of "
-                             f"{TIMESTEP_SAMPLING}")
-        if min_snr_gamma <= 0 or not 0 < snr_min <= snr_max:
-            raise ValueError(f"need objective.min_snr_gamma > 0 and 0 < snr_min <= snr_max; got {min_snr_gamma}, "
-                             f"{snr_min}, {snr_max}")
+        if min_snr_gamma <= 0 or not 0 < snr_min <= snr_max or sigma_data <= 0:
+            raise ValueError(f"need objective.min_snr_gamma > 0, 0 < snr_min <= snr_max and sigma_data > 0; got "
+                             f"{min_snr_gamma}, {snr_min}, {snr_max}, {sigma_data}")
         if lpips_weight < 0:
             raise ValueError(f"objective.lpips_weight must be >= 0, got {lpips_weight}")
+        if timestep_sampling != "uniform":
+            import warnings
+
+            warnings.warn(f"objective.timestep_sampling={timestep_sampling} is ignored: the training density belongs "
+                          f"to the process now (schedule.density=logit_normal for vp)", UserWarning, stacklevel=2)
         self.prediction, self.loss, self.weighting = prediction, loss, weighting
-        self.weight_kwargs = dict(gamma=min_snr_gamma, snr_min=snr_min, snr_max=snr_max)
+        self.sigma_data = float(sigma_data)
+        self.weight_kwargs = dict(gamma=min_snr_gamma, snr_min=snr_min, snr_max=snr_max, sigma_data=self.sigma_data)
         self.huber_delta = huber_delta
-        self.timestep_sampling, self.logit_mean, self.logit_std = timestep_sampling, logit_mean, logit_std
         self.offset_noise = offset_noise
         self.x0_clip = X0Clip(x0_clip or "none", clip_range, dynamic_quantile, dynamic_max)
         self.lpips_weight = float(lpips_weight)
         self.perceptual = PerceptualTerm(lpips_net, lpips_backbone) if self.lpips_weight > 0 else None
         self._warned_eps_zero_snr = False
 
-    def weight(self, snr: Tensor) -> Tensor:
-        """Per-sample loss weight at the given SNRs."""
-        return LOSS_WEIGHTINGS[self.weighting](snr, self.prediction, **self.weight_kwargs)
-
-    def _check_schedule(self, schedule) -> None:
-        if self.prediction == "eps" and schedule.zero_terminal_snr and not self._warned_eps_zero_snr:
+    def check_process(self, process) -> None:
+        """Fail early on a target the process cannot express; warn where it is ill-posed (eps at zero SNR)."""
+        if self.prediction == "flow" and not process.continuous:
+            raise ValueError(f"objective.prediction=flow needs a continuous process (edm or flow: the velocity is "
+                             f"d x_t / dt); process {process.name} is discrete: use eps, x0, v or edm")
+        if self.prediction == "eps" and getattr(process, "zero_terminal_snr", False) and not self._warned_eps_zero_snr:
             import warnings
 
             self._warned_eps_zero_snr = True
             warnings.warn("eps-prediction with zero terminal SNR: x0 cannot be recovered at the last timestep "
                           "(Lin et al. 2024); use objective=v or objective=x0", UserWarning, stacklevel=3)
 
-    def losses(self, net: Callable[[Tensor, Tensor], Tensor], x0: Tensor, schedule, t: Tensor | None = None,
-               generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Noise x0 at timesteps t (sampled if None), run ``net(x_t, t)`` and return per-sample losses.
+    def _path(self, process, t: Tensor, like: Tensor) -> dict:
+        """alpha, sigma (and d/dt for the flow target) at times t, broadcast against ``like``."""
+        alpha, sigma = process.coefficients_like(t, like)
+        path = {"alpha": alpha, "sigma": sigma}
+        if self.prediction == "flow":
+            da, ds = process.derivatives(torch.as_tensor(t, dtype=torch.float64, device=like.device))
+            shape = (-1, *([1] * (like.ndim - 1)))
+            path.update(dalpha=da.to(alpha.dtype).reshape(shape), dsigma=ds.to(alpha.dtype).reshape(shape))
+        return path
 
-        Returns dict(loss=weighted per-sample loss (+ LPIPS term), raw=unweighted diffusion loss, t=timesteps,
-        x0_hat=predicted x0, and lpips=per-sample LPIPS when that term is active).
+    def input_scale(self, alpha: Tensor, sigma: Tensor) -> Tensor | float:
+        """The factor applied to x_t before the network (EDM's c_in / alpha for the edm target)."""
+        return input_scale(alpha, sigma, self.prediction, self.sigma_data)
+
+    def to_x0_eps(self, out: Tensor, x_t: Tensor, path: dict) -> tuple[Tensor, Tensor]:
+        """(x0_hat, eps_hat) from the network output at a path point (see ``predictions_from_output``)."""
+        return predictions_from_output(out, x_t, path["alpha"], path["sigma"], self.prediction, path.get("dalpha"),
+                                       path.get("dsigma"), self.sigma_data)
+
+    def weight(self, log_snr: Tensor, path: dict) -> Tensor:
+        """Per-sample loss weight in the target's units at the given log-SNRs."""
+        w, units = LOSS_WEIGHTINGS[self.weighting](log_snr, **self.weight_kwargs)
+        if units == "eps":
+            flat = {k: v.flatten() for k, v in path.items()}
+            w = w * eps_to_target_units(flat["alpha"].double(), flat["sigma"].double(), self.prediction,
+                                        _double(flat.get("dalpha")), _double(flat.get("dsigma")), self.sigma_data)
+        return w.float()
+
+    def losses(self, net: Callable[[Tensor, Tensor], Tensor], x0: Tensor, process, t: Tensor | None = None,
+               generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Noise x0 at process times t (drawn from the process's density if None), run ``net(x_in, net_time)`` and
+        return per-sample losses.
+
+        Returns dict(loss=weighted per-sample loss (+ LPIPS term), raw=unweighted diffusion loss, t=process times,
+        log_snr=their log-SNR, x0_hat=predicted x0, and lpips=per-sample LPIPS when that term is active).
         """
-        self._check_schedule(schedule)
-        n = x0.shape[0]
+        self.check_process(process)
         if t is None:
-            t = sample_timesteps(n, schedule.num_timesteps, self.timestep_sampling, self.logit_mean, self.logit_std,
-                                 device=x0.device, generator=generator)
-        t = t.to(x0.device)
+            t = process.sample_times(x0.shape[0], device=x0.device, generator=generator)
+        t = torch.as_tensor(t, device=x0.device)
         eps = offset_noise_like(x0, self.offset_noise, generator)
-        ab = schedule.alpha_bar(t, like=x0)
-        x_t = add_noise(x0, eps, ab)
-        out = net(x_t, t)
-        target = training_target(x0, eps, ab, self.prediction)
+        path = self._path(process, t, x0)
+        x_t = add_noise(x0, eps, path["alpha"], path["sigma"])
+        out = net(x_t * self.input_scale(path["alpha"], path["sigma"]), process.net_time(t).to(x0.device))
+        target = training_target(x0, eps, path["alpha"], path["sigma"], self.prediction, path.get("dalpha"),
+                                 path.get("dsigma"), self.sigma_data)
         raw = elementwise_loss(out.float(), target.float(), self.loss, self.huber_delta)
-        snr = schedule.snr.to(x0.device)[t].float()
-        loss = raw * self.weight(snr)
-        x0_hat, _ = predictions_from_output(out.float(), x_t.float(), ab.float(), self.prediction)
-        result = {"loss": loss, "raw": raw, "t": t, "x0_hat": x0_hat}
+        log_snr = process.log_snr_at(t.double()).to(x0.device)
+        loss = raw * self.weight(log_snr, path)
+        path32 = {k: v.float() for k, v in path.items()}
+        x0_hat, _ = self.to_x0_eps(out.float(), x_t.float(), path32)
+        result = {"loss": loss, "raw": raw, "t": t, "log_snr": log_snr, "x0_hat": x0_hat}
         if self.perceptual is not None:
             lp = self.perceptual(x0_hat, x0)
             if lp is not None:
@@ -333,6 +423,25 @@ class Objective:
         return result
 
 
-def timestep_buckets(t: Tensor, num_timesteps: int, num_buckets: int = 10) -> Tensor:
-    """Bucket index in [0, num_buckets) for each training timestep (equal-width buckets over [0, T))."""
-    return (t.long() * num_buckets // num_timesteps).clamp(0, num_buckets - 1)
+def _double(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x.double()
+
+
+# Per-noise-level loss curves are bucketed on log-SNR so that they compare across processes: equal-width buckets
+# over [-10, 10] (the ends collect everything beyond), bucket 0 the least noisy.
+LOG_SNR_BUCKET_RANGE = (-10.0, 10.0)
+
+
+def log_snr_buckets(log_snr: Tensor, num_buckets: int = 10,
+                    bounds: tuple[float, float] = LOG_SNR_BUCKET_RANGE) -> Tensor:
+    """Bucket index in [0, num_buckets) for each log-SNR: bucket 0 = log-SNR near the top of ``bounds`` (clean)."""
+    lo, hi = bounds
+    frac = ((hi - log_snr.double()) / (hi - lo)).clamp(0, 1)  # +-inf log-SNR land in the end buckets
+    return (frac * num_buckets).floor().long().clamp(0, num_buckets - 1)
+
+
+def bucket_edges(num_buckets: int = 10, bounds: tuple[float, float] = LOG_SNR_BUCKET_RANGE) -> list[tuple[float, float]]:
+    """(high, low) log-SNR edges of each bucket, in bucket order (for plot labels)."""
+    lo, hi = bounds
+    width = (hi - lo) / num_buckets
+    return [(hi - i * width, hi - (i + 1) * width) for i in range(num_buckets)]

@@ -1,16 +1,21 @@
-"""Samplers: each one short function ``sampler(model_fn, x_T, schedule, *, steps, ..., generator) -> x_0``.
+"""Samplers: each one short function ``sampler(model_fn, x_T, process, *, steps, ..., generator) -> x_0``.
 
-``model_fn(x_t, t_index) -> (x0_hat, eps_hat)`` (see ``guidance.guided_model_fn``) already applies the
-prediction-type conversion, guidance and x0 clipping, and returns a consistent pair
-(``x_t = sqrt(ab) x0_hat + sqrt(1 - ab) eps_hat``), so samplers are independent of those choices. ``x_T`` is standard
-Gaussian noise in the model's input space. Samplers evaluate the model only at the schedule's integer timesteps
-(a subset chosen by ``spacing``; None = the schedule's), so they run on any schedule.
+``model_fn(x_t, t) -> (x0_hat, eps_hat)`` (see ``guidance.guided_model_fn``) already applies the process's
+denoiser input, the prediction-type conversion, guidance and x0 clipping, and returns a pair consistent with x_t
+(``x_t = alpha x0_hat + sigma eps_hat``), so samplers are independent of those choices. Samplers walk the process's
+time grid (``process.sampling_times``: descending, ending at clean data) and touch the process only through its path
+coefficients alpha(t), sigma(t), so every sampler runs on every process (DDPM's ancestral chain needs a discrete
+process: ``process.has_ancestral``).
 
-All state is kept in the variance-preserving space of x_t. Euler and Heun integrate the probability-flow ODE in
-sigma = sqrt((1 - ab) / ab) (k-diffusion / EDM, whose state is z = x_t / sqrt(ab)), rewritten in x_t so that zero
-terminal SNR (ab = 0, sigma = inf, lambda = log(alpha / sigma) = -inf at t = T - 1) is handled as an exact limit:
-a step that starts at sigma = inf becomes x_next = sqrt(ab') x0_hat + sqrt(1 - ab') eps_hat (no inf arithmetic).
-Configure one with ``_partial_: true`` in ``configs/sampler/``.
+``x_T`` is the start: standard Gaussian noise times ``process.prior_std`` (1 for vp and flow, sigma_max for edm).
+``start=t`` starts from an intermediate time instead (the grid's times below ``t``, with ``t`` prepended), for
+diagnostics that noise data to ``t`` and denoise it.
+
+State is kept in x_t. Euler and Heun integrate the probability-flow ODE in the process's frame: ``sigma`` (state
+x / alpha over sigma_ve = sigma / alpha, k-diffusion / EDM; vp and edm) or ``t`` (state x over t, flow matching).
+In both frames an Euler step is x' = alpha' x0_hat + sigma' eps_hat (= DDIM with eta 0), which is also the exact limit
+of a step that starts at pure noise (alpha = 0: sigma_ve = inf, log-SNR = -inf, zero terminal SNR). Configure one
+with ``_partial_: true`` in ``configs/sampler/``.
 """
 from __future__ import annotations
 
@@ -18,8 +23,6 @@ import math
 from typing import Callable, Sequence
 
 import torch
-
-from difflab.diffusion.schedules import DiscreteSchedule
 
 Tensor = torch.Tensor
 
@@ -40,82 +43,103 @@ def _progress(iterable, enabled: bool, desc: str):
         return iterable
 
 
-def _grid(schedule: DiscreteSchedule, steps: int, spacing: str | None,
-          exclude_zero: bool = False) -> list[tuple[int, float, float]]:
-    """[(t, alpha_bar_t, alpha_bar_next)] along a descending timestep subset; the final 'next' is alpha_bar = 1."""
-    ts = schedule.sampling_timesteps(steps, spacing, exclude_zero=exclude_zero).tolist()
-    ab = schedule.alphas_cumprod.tolist()
-    return [(t, ab[t], ab[ts[i + 1]] if i + 1 < len(ts) else 1.0) for i, t in enumerate(ts)]
+def sampling_grid(process, steps: int, spacing: str | None = None, multistep: bool = False,
+                  start: float | None = None) -> list[tuple[float, float, float]]:
+    """[(t, alpha, sigma)] along the process's descending sampling times, ending at clean data (alpha 1, sigma 0).
+
+    ``start``: begin at that time instead (later grid times only); ``multistep``: the grid of multistep solvers
+    (vp: diffusers' DPM-Solver grid that ends on a step to sigma 0).
+    """
+    times = process.sampling_times(int(steps), spacing, multistep).to(torch.float64)
+    if start is not None:
+        later = times[times < float(start)]
+        times = torch.cat([times.new_tensor([float(start)]), later])
+    alpha, sigma = process.coefficients(times)
+    return list(zip(times.tolist(), alpha.tolist(), sigma.tolist()))
 
 
-def _ddim_step(x0: Tensor, eps: Tensor, ab_next: float, sigma: float = 0.0) -> Tensor:
-    """x_next = sqrt(ab') x0 + sqrt(1 - ab' - sigma^2) eps (the DDIM update; sigma = 0: deterministic)."""
-    return ab_next**0.5 * x0 + max(1.0 - ab_next - sigma**2, 0.0) ** 0.5 * eps
+def _sigma_ve(alpha: float, sigma: float) -> float:
+    return math.inf if alpha <= 0 else sigma / alpha
 
 
-def ddpm(model_fn: Callable, x: Tensor, schedule: DiscreteSchedule, *, steps: int | None = None,
-         spacing: str | None = None, variance: str = "small", generator: torch.Generator | None = None,
+def _ddim_step(x0: Tensor, eps: Tensor, alpha_next: float, sigma_next: float, noise_std: float = 0.0) -> Tensor:
+    """x' = alpha' x0 + sqrt(sigma'^2 - s^2) eps: the DDIM update (s = 0: deterministic; the caller adds s z)."""
+    return alpha_next * x0 + max(sigma_next**2 - noise_std**2, 0.0) ** 0.5 * eps
+
+
+def ddpm(model_fn: Callable, x: Tensor, process, *, steps: int | None = None, spacing: str | None = None,
+         variance: str = "small", start: float | None = None, generator: torch.Generator | None = None,
          progress: bool = False) -> Tensor:
-    """Ancestral DDPM (Ho et al.) on any subset of timesteps; ``steps=None`` uses all T.
+    """Ancestral DDPM (Ho et al.) on any subset of a discrete (vp) process's timesteps; ``steps=None`` uses all T.
 
     x_prev ~ N(posterior mean(x0_hat, x_t), var) with var the posterior 'fixed small' variance
-    (1 - ab') / (1 - ab) beta or 'large' (beta = 1 - ab / ab'). Noise is drawn at every step with t > 0, one
-    tensor per step, like diffusers' DDPMScheduler, so a replayed generator gives the same chain.
+    (1 - ab') / (1 - ab) beta or 'large' (beta = 1 - ab / ab'). Noise is drawn at every step but the last (the one
+    to clean data; Ho et al.'s Algorithm 2), one tensor per step like diffusers' DDPMScheduler.
     """
     if variance not in ("small", "large"):
         raise ValueError(f"sampler.variance must be 'small' or 'large', got {variance!r}")
-    steps = steps or schedule.num_timesteps
-    for t, ab_t, ab_prev in _progress(_grid(schedule, steps, spacing), progress, f"DDPM {steps}"):
-        x0, _ = model_fn(x, t)
+    if not process.has_ancestral:
+        raise ValueError(f"sampler=ddpm needs a discrete process (vp); process {process.name} has no ancestral "
+                         f"chain: use ddim (eta=1 is its stochastic analogue), euler, heun or dpmpp_2m")
+    steps = steps or process.num_timesteps
+    grid = sampling_grid(process, steps, spacing, start=start)
+    for i in _progress(range(len(grid) - 1), progress, f"DDPM {steps}"):
+        ab_t, ab_prev = grid[i][1] ** 2, grid[i + 1][1] ** 2
+        x0, _ = model_fn(x, grid[i][0])
         alpha = ab_t / ab_prev
         beta = 1 - alpha
         mean = (ab_prev**0.5 * beta / (1 - ab_t)) * x0 + (alpha**0.5 * (1 - ab_prev) / (1 - ab_t)) * x
+        last = i == len(grid) - 2
         var = max((1 - ab_prev) / (1 - ab_t) * beta, 1e-20) if variance == "small" else beta
-        x = mean + var**0.5 * _noise_like(x, generator) if t > 0 else mean
+        x = mean if last else mean + var**0.5 * _noise_like(x, generator)
     return x
 
 
-def ddim(model_fn: Callable, x: Tensor, schedule: DiscreteSchedule, *, steps: int = 50, eta: float = 0.0,
-         spacing: str | None = None, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
-    """DDIM (Song et al.): deterministic at eta=0, DDPM-like at eta=1. Steps to the next timestep of the subset."""
-    for t, ab_t, ab_prev in _progress(_grid(schedule, steps, spacing), progress, f"DDIM {steps}"):
-        x0, eps = model_fn(x, t)
-        sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)) ** 0.5
-        x = _ddim_step(x0, eps, ab_prev, sigma)
-        if sigma > 0:
-            x = x + sigma * _noise_like(x, generator)
-    return x
+def ddim(model_fn: Callable, x: Tensor, process, *, steps: int = 50, eta: float = 0.0, spacing: str | None = None,
+         start: float | None = None, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+    """DDIM (Song et al.): deterministic at eta=0, DDPM-like at eta=1, on any affine path.
 
-
-def _log_alpha_sigma_ratio(ab: float) -> float:
-    """lambda = log(alpha / sigma) = 0.5 log(ab / (1 - ab)), with the limits -inf at ab = 0 and inf at ab = 1."""
-    if ab <= 0.0:
-        return -math.inf
-    if ab >= 1.0:
-        return math.inf
-    return 0.5 * (math.log(ab) - math.log1p(-ab))
-
-
-def dpmpp_2m(model_fn: Callable, x: Tensor, schedule: DiscreteSchedule, *, steps: int = 20,
-             spacing: str | None = None, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022): multistep, data prediction, midpoint form, as diffusers' multistep solver.
-
-    Timestep grid of multistep solvers (``exclude_zero``): the last step goes from the smallest timestep to sigma 0
-    (first order, i.e. it returns x0_hat), the first step is first order, all others second order:
-    x' = (s'/s) x + alpha' (1 - e^{-h}) D, D = x0 + (x0 - x0_prev) / (2 r), r = h_prev / h, h = lambda' - lambda.
-    A step from lambda = -inf (zero terminal SNR) is the exact limit x' = s' x + alpha' x0 (and the next step,
-    with r = inf, is first order too).
+    Noise std s = eta sigma' sqrt(1 - (alpha sigma' / (alpha' sigma))^2), which is Song et al.'s
+    eta sqrt((1 - ab') / (1 - ab) (1 - ab / ab')) on vp and depends on the path only through its SNRs.
     """
-    grid = _grid(schedule, steps, spacing, exclude_zero=True)
+    grid = sampling_grid(process, steps, spacing, start=start)
+    for i in _progress(range(len(grid) - 1), progress, f"DDIM {steps}"):
+        (t, a, s), (_, a_next, s_next) = grid[i], grid[i + 1]
+        x0, eps = model_fn(x, t)
+        ratio = a * s_next / (a_next * s) if s > 0 else 0.0
+        std = eta * s_next * max(1.0 - ratio**2, 0.0) ** 0.5
+        x = _ddim_step(x0, eps, a_next, s_next, std)
+        if std > 0:
+            x = x + std * _noise_like(x, generator)
+    return x
+
+
+def _log_alpha_sigma_ratio(alpha: float, sigma: float) -> float:
+    """lambda = log(alpha / sigma), with the limits -inf at alpha = 0 and inf at sigma = 0."""
+    if alpha <= 0.0:
+        return -math.inf
+    if sigma <= 0.0:
+        return math.inf
+    return math.log(alpha) - math.log(sigma)
+
+
+def dpmpp_2m(model_fn: Callable, x: Tensor, process, *, steps: int = 20, spacing: str | None = None,
+             start: float | None = None, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022): multistep, data prediction, midpoint form (diffusers' multistep solver,
+    k-diffusion's ``sample_dpmpp_2m``).
+
+    The first step and the last (to sigma 0: it returns x0_hat) are first order, all others second order:
+    x' = (s'/s) x + alpha' (1 - e^{-h}) D, D = x0 + (x0 - x0_prev) / (2 r), r = h_prev / h, h = lambda' - lambda.
+    A step from lambda = -inf (pure noise) is the exact limit x' = alpha' x0 + (s'/s) x (and the next step, with
+    r = inf, is first order too).
+    """
+    grid = sampling_grid(process, steps, spacing, multistep=True, start=start)
     prev_x0, h_prev = None, None
-    for i in _progress(range(len(grid)), progress, f"DPM++2M {steps}"):
-        t, ab_s, ab_t = grid[i]
+    for i in _progress(range(len(grid) - 1), progress, f"DPM++2M {steps}"):
+        (t, a_s, s_s), (_, a_t, s_t) = grid[i], grid[i + 1]
         x0, _ = model_fn(x, t)
-        a_s, s_s = ab_s**0.5, (1 - ab_s) ** 0.5
-        a_t, s_t = ab_t**0.5, (1 - ab_t) ** 0.5
-        lam_s, lam_t = _log_alpha_sigma_ratio(ab_s), _log_alpha_sigma_ratio(ab_t)
-        h = lam_t - lam_s
-        last = i == len(grid) - 1
+        h = _log_alpha_sigma_ratio(a_t, s_t) - _log_alpha_sigma_ratio(a_s, s_s)
+        last = i == len(grid) - 2
         if prev_x0 is None or last or not math.isfinite(h_prev) or not math.isfinite(h):
             d = x0
         else:
@@ -127,84 +151,137 @@ def dpmpp_2m(model_fn: Callable, x: Tensor, schedule: DiscreteSchedule, *, steps
     return x
 
 
-def _sigma(ab: float) -> float:
-    return math.inf if ab <= 0 else math.sqrt((1 - ab) / ab)
+def _churn(x: Tensor, process, t: float, a: float, s: float, n_steps: int, s_churn: float, s_tmin: float,
+           s_tmax: float, s_noise: float, generator) -> tuple[Tensor, float, float, float]:
+    """EDM's stochastic churn (Karras et al. 2022, Algorithm 2): raise sigma_ve by gamma = min(S_churn / N,
+    sqrt(2) - 1) inside [S_tmin, S_tmax] and add the matching fresh noise; returns (x_hat, t_hat, alpha, sigma)."""
+    sve = _sigma_ve(a, s)
+    gamma = min(s_churn / n_steps, 2**0.5 - 1) if s_churn > 0 and s_tmin <= sve <= s_tmax else 0.0
+    if gamma <= 0 or not math.isfinite(sve):
+        return x, t, a, s
+    if not process.continuous:
+        raise ValueError(f"sampler.s_churn > 0 needs a continuous process (edm, flow); process {process.name} is "
+                         f"discrete: set sampler.s_churn=0")
+    sve_hat = sve * (1 + gamma)
+    t_hat = process.time_from_sigma_ve(sve_hat)
+    a_hat, s_hat = (float(v) for v in process.coefficients(torch.tensor(t_hat, dtype=torch.float64)))
+    z = x / a + (sve_hat**2 - sve**2) ** 0.5 * s_noise * _noise_like(x, generator)
+    return a_hat * z, t_hat, a_hat, s_hat
 
 
-def euler(model_fn: Callable, x: Tensor, schedule: DiscreteSchedule, *, steps: int = 50, spacing: str | None = None,
-          generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
-    """Euler's method on the probability-flow ODE in sigma space (Karras et al. / k-diffusion ``sample_euler``).
+def _ode_slope(process, x0: Tensor, eps: Tensor) -> Tensor:
+    """dy/dtau in the process's ODE frame: eps in the sigma frame, the velocity eps - x0 in the t frame."""
+    return eps if process.ode_frame == "sigma" else eps - x0
 
-    z' = z + (sigma' - sigma) d with d = (z - x0_hat) / sigma, z = x / sqrt(ab); in x_t terms
-    x' = sqrt(ab') x0_hat + sqrt(1 - ab') d, which is DDIM (eta = 0) with eps taken from x0_hat.
+
+def _ode_time(process, t: float, a: float, s: float) -> float:
+    return _sigma_ve(a, s) if process.ode_frame == "sigma" else t
+
+
+def euler(model_fn: Callable, x: Tensor, process, *, steps: int = 50, spacing: str | None = None,
+          s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
+          start: float | None = None, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+    """Euler's method on the probability-flow ODE (k-diffusion ``sample_euler``; on flow, the rectified-flow
+    sampler x' = x + (t' - t) v), with optional EDM churn (``s_churn``, continuous processes).
+
+    Sigma frame: z' = z + (sigma' - sigma) (z - x0_hat) / sigma with z = x / alpha; t frame: x' = x + (t' - t) v.
+    Both equal x' = alpha' x0_hat + sigma' eps_hat.
     """
-    for t, ab_t, ab_next in _progress(_grid(schedule, steps, spacing), progress, f"Euler {steps}"):
+    grid = sampling_grid(process, steps, spacing, start=start)
+    n = len(grid) - 1
+    for i in _progress(range(n), progress, f"Euler {steps}"):
+        t, a, s = grid[i]
+        x, t, a, s = _churn(x, process, t, a, s, n, s_churn, s_tmin, s_tmax, s_noise, generator)
+        _, a_next, s_next = grid[i + 1]
         x0, _ = model_fn(x, t)
-        d = (x - ab_t**0.5 * x0) / (1 - ab_t) ** 0.5  # = (z - x0) / sigma, finite at sigma = inf
-        x = _ddim_step(x0, d, ab_next)
+        d = (x - a * x0) / s  # the eps consistent with x and x0: finite at alpha = 0
+        x = _ddim_step(x0, d, a_next, s_next)
     return x
 
 
-def heun(model_fn: Callable, x: Tensor, schedule: DiscreteSchedule, *, steps: int = 20, spacing: str | None = None,
-         euler_above: float | None = 80.0, generator: torch.Generator | None = None,
+def heun(model_fn: Callable, x: Tensor, process, *, steps: int = 20, spacing: str | None = None,
+         euler_above: float | None = 80.0, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+         s_noise: float = 1.0, start: float | None = None, generator: torch.Generator | None = None,
          progress: bool = False) -> Tensor:
-    """Heun's second-order method (EDM Algorithm 1, no churn) over the schedule's sigmas.
+    """Heun's second-order method (EDM Algorithm 1; with ``s_churn`` > 0 Algorithm 2) in the process's ODE frame.
 
-    Predictor: an Euler step; corrector: average the slopes at both ends, z' = z + (sigma' - sigma)(d + d') / 2.
-    Euler steps instead: the last step (to sigma 0, as in EDM), a step from sigma = inf (zero terminal SNR: the
-    trapezoid rule has no finite form there), and a step from sigma > ``euler_above`` (default 80, EDM's sigma_max:
-    the trapezoid's error grows with the interval length, and e.g. the cosine schedule's last step has sigma ~ 2e4;
-    None = never). NFE: see ``model_evaluations``.
+    Predictor: an Euler step; corrector: average the slopes at both ends, y' = y + (tau' - tau)(d + d') / 2 with
+    (y, tau) = (x / alpha, sigma_ve) in the sigma frame and (x, t) in the t frame. Euler steps instead: the last
+    step (to clean data, as in EDM), a step from pure noise in the sigma frame (sigma_ve = inf: the trapezoid rule
+    has no finite form there), and in the sigma frame a step from sigma_ve > ``euler_above`` (default 80, EDM's
+    sigma_max: e.g. the vp cosine schedule's last step has sigma_ve ~ 2e4; None = never). NFE: ``model_evaluations``.
     """
-    grid = _grid(schedule, steps, spacing)
-    for i in _progress(range(len(grid)), progress, f"Heun {steps}"):
-        t, ab_t, ab_next = grid[i]
+    grid = sampling_grid(process, steps, spacing, start=start)
+    n = len(grid) - 1
+    for i in _progress(range(n), progress, f"Heun {steps}"):
+        t, a, s = grid[i]
+        x, t, a, s = _churn(x, process, t, a, s, n, s_churn, s_tmin, s_tmax, s_noise, generator)
+        t_next, a_next, s_next = grid[i + 1]
         x0, _ = model_fn(x, t)
-        d = (x - ab_t**0.5 * x0) / (1 - ab_t) ** 0.5
-        x_euler = _ddim_step(x0, d, ab_next)
-        if not _heun_corrects(ab_t, ab_next, euler_above):
+        eps = (x - a * x0) / s
+        x_euler = _ddim_step(x0, eps, a_next, s_next)
+        if not _heun_corrects(process, a, s, a_next, s_next, euler_above):
             x = x_euler
             continue
-        x0_next, _ = model_fn(x_euler, grid[i + 1][0])
-        d_next = (x_euler - ab_next**0.5 * x0_next) / (1 - ab_next) ** 0.5
-        # corrector in z = x / sqrt(ab), mapped back: x' = x_euler + sqrt(ab') (sigma' - sigma) (d' - d) / 2
-        x = x_euler + ab_next**0.5 * (_sigma(ab_next) - _sigma(ab_t)) * (d_next - d) / 2
+        x0_next, _ = model_fn(x_euler, t_next)
+        eps_next = (x_euler - a_next * x0_next) / s_next
+        d, d_next = _ode_slope(process, x0, eps), _ode_slope(process, x0_next, eps_next)
+        dtau = _ode_time(process, t_next, a_next, s_next) - _ode_time(process, t, a, s)
+        scale = a_next if process.ode_frame == "sigma" else 1.0  # y = x / alpha in the sigma frame
+        x = x_euler + scale * dtau * (d_next - d) / 2
     return x
 
 
-def _heun_corrects(ab_t: float, ab_next: float, euler_above: float | None) -> bool:
-    """Whether Heun takes a second-order step from ab_t to ab_next (else a plain Euler step)."""
-    if ab_next >= 1.0 or ab_t <= 0.0:
+def _heun_corrects(process, a: float, s: float, a_next: float, s_next: float, euler_above: float | None) -> bool:
+    """Whether Heun takes a second-order step (else a plain Euler step)."""
+    if s_next <= 0.0:
         return False
-    return euler_above is None or _sigma(ab_t) <= euler_above
+    if process.ode_frame == "t":
+        return True
+    if a <= 0.0:
+        return False
+    return euler_above is None or _sigma_ve(a, s) <= euler_above
 
 
 SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "euler": euler, "heun": heun}
 
 
-def model_evaluations(sampler_fn: Callable, schedule: DiscreteSchedule, steps: int | None = None,
-                      spacing: str | None = None) -> int:
-    """Number of model_fn calls (NFE) a sampler makes for ``steps`` on ``schedule`` (with CFG each is one
-    batched forward of the conditional and unconditional inputs)."""
-    name = getattr(getattr(sampler_fn, "func", sampler_fn), "__name__", "")
+def _name(sampler) -> str:
+    return getattr(getattr(sampler, "func", sampler), "__name__", "")
+
+
+def check_sampler(sampler, process) -> None:
+    """Fail at start on a sampler the process does not define (ancestral DDPM and churn on a continuous process)."""
+    name, kw = _name(sampler), getattr(sampler, "keywords", {})
+    if name == "ddpm" and not process.has_ancestral:
+        raise ValueError(f"sampler=ddpm needs a discrete process (vp); with process={process.name} use one of "
+                         f"ddim, euler, heun, dpmpp_2m")
+    if (kw.get("s_churn") or 0) > 0 and not process.continuous:
+        raise ValueError(f"sampler.s_churn > 0 needs a continuous process (edm or flow); process={process.name}: "
+                         f"set sampler.s_churn=0")
+
+
+def model_evaluations(sampler_fn: Callable, process, steps: int | None = None, spacing: str | None = None) -> int:
+    """Number of model_fn calls (NFE) a sampler makes for ``steps`` on ``process`` (with CFG each is one batched
+    forward of the conditional and unconditional inputs)."""
     keywords = getattr(sampler_fn, "keywords", {})
-    steps = steps or keywords.get("steps") or schedule.num_timesteps
+    steps = steps or keywords.get("steps") or getattr(process, "num_timesteps", None)
     spacing = spacing or keywords.get("spacing")
-    if name == "heun":
+    if _name(sampler_fn) == "heun":
         euler_above = keywords.get("euler_above", 80.0)
-        grid = _grid(schedule, steps, spacing)
-        return len(grid) + sum(_heun_corrects(ab_t, ab_n, euler_above) for _, ab_t, ab_n in grid)
+        grid = sampling_grid(process, steps, spacing)
+        return len(grid) - 1 + sum(_heun_corrects(process, a, s, a2, s2, euler_above)
+                                   for (_, a, s), (_, a2, s2) in zip(grid, grid[1:]))
     return steps
 
 
 def sampler_name(sampler) -> str:
     """Readable name of a configured sampler (a function or a functools.partial of one), e.g. 'ddim-50'."""
-    fn = getattr(sampler, "func", sampler)
     steps = getattr(sampler, "keywords", {}).get("steps")
-    return f"{fn.__name__}-{steps}" if steps else fn.__name__
+    return f"{_name(sampler)}-{steps}" if steps else _name(sampler)
 
 
-def timesteps_used(sampler, schedule: DiscreteSchedule, steps: int, spacing: str | None = None) -> Sequence[int]:
-    """The descending training timesteps a sampler evaluates the model at (its grid; Heun also re-uses them)."""
-    name = getattr(getattr(sampler, "func", sampler), "__name__", "")
-    return schedule.sampling_timesteps(steps, spacing, exclude_zero=name == "dpmpp_2m").tolist()
+def times_used(sampler, process, steps: int, spacing: str | None = None) -> Sequence[float]:
+    """The descending process times a sampler evaluates the model at (its grid without the clean end)."""
+    times = process.sampling_times(int(steps), spacing, multistep=_name(sampler) == "dpmpp_2m")
+    return times[:-1].tolist()

@@ -1,4 +1,5 @@
-"""Discrete noise schedules: beta / alpha-bar profiles, zero-terminal-SNR rescaling and sampling-timestep spacing.
+"""Discrete noise schedules (the ``vp`` process): beta / alpha-bar profiles, zero-terminal-SNR rescaling, timestep
+spacing and the training-timestep density.
 
 Conventions: ``alphas_cumprod[t]`` (alpha-bar) is the signal fraction at training step ``t`` in ``[0, T)``;
 ``x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps``. SNR = alpha_bar / (1 - alpha_bar), log-SNR its log, and
@@ -14,8 +15,11 @@ from typing import Callable
 
 import torch
 
+from difflab.diffusion.processes import NoiseProcess, _normal, _rand_device
+
 Tensor = torch.Tensor
 SPACINGS = ("leading", "trailing", "linspace")
+VP_DENSITIES = ("uniform", "logit_normal")
 
 
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -98,8 +102,11 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading", o
     if spacing == "leading":
         ts = torch.arange(n, dtype=torch.float64) * (num_timesteps // n) + offset
     elif spacing == "trailing":
-        ratio = num_timesteps / steps
-        ts = torch.arange(num_timesteps, 0, -ratio, dtype=torch.float64).round().flip(0) - 1
+        # round(T - i T / steps) - 1 for the integers i < steps. The values are computed as numpy's arange does
+        # (start + i * delta, delta = (start + step) - start) so they equal diffusers' at ties; its float
+        # arange(T, 0, -T / steps) itself can yield steps + 1 points (the last one -1), so the count is fixed here.
+        delta = (num_timesteps - num_timesteps / steps) - num_timesteps
+        ts = (num_timesteps + torch.arange(steps, dtype=torch.float64) * delta).round().flip(0) - 1
     else:
         ts = torch.linspace(0, num_timesteps - 1, n, dtype=torch.float64).round()
     ts = ts.long()[extra:]
@@ -116,22 +123,47 @@ def _check_kind_kwargs(kind: str, kwargs: dict) -> None:
                          f"(remove the key or pick another schedule=)")
 
 
-class DiscreteSchedule:
-    """A T-step noise schedule. Holds float64 alpha-bar and derives SNR, log-SNR and sigmas from it.
+def sample_timesteps(n: int, num_timesteps: int, kind: str = "uniform", mean: float = 0.0, std: float = 1.0,
+                     device=None, generator: torch.Generator | None = None) -> Tensor:
+    """Training timesteps: uniform over [0, T) or logit-normal (SD3: t/T = sigmoid(N(mean, std))), discretised."""
+    dev = _rand_device(generator, device)
+    if kind == "uniform":
+        t = torch.randint(0, num_timesteps, (n,), generator=generator, device=dev)
+    elif kind == "logit_normal":
+        u = torch.sigmoid(_normal(n, generator, dev) * std + mean)
+        t = (u * num_timesteps).long().clamp(0, num_timesteps - 1)
+    else:
+        raise ValueError(f"unknown timestep density '{kind}': choose one of {VP_DENSITIES}")
+    return t.to(device) if device is not None else t
 
-    ``spacing`` is the default timestep spacing samplers use (``trailing`` is the one that starts at t = T - 1,
-    needed to sample from pure noise with zero terminal SNR, Lin et al.).
+
+class DiscreteSchedule(NoiseProcess):
+    """The ``vp`` process: a T-step noise schedule holding float64 alpha-bar, with SNR, log-SNR and sigmas from it.
+
+    Process time is the integer training step t in [0, T) (clean data: -1); the denoiser sees t itself.
+    ``spacing`` is the default timestep spacing samplers use: ``trailing`` (the default) starts at t = T - 1, the
+    noise end, which sampling from pure noise needs (and zero terminal SNR requires, Lin et al.); ``leading`` starts
+    at T - T / steps. ``density`` draws training timesteps (uniform, or logit-normal with ``logit_mean/std``).
     """
 
+    name = "vp"
+    clean_time = -1.0
+    has_ancestral = True
+    continuous = False
+
     def __init__(self, kind: str = "cosine", num_timesteps: int = 1000, zero_terminal_snr: bool = False,
-                 spacing: str = "leading", steps_offset: int = 0, **kind_kwargs):
+                 spacing: str = "trailing", steps_offset: int = 0, density: str = "uniform",
+                 logit_mean: float = 0.0, logit_std: float = 1.0, **kind_kwargs):
         if kind not in BETA_SCHEDULES:
             raise ValueError(f"unknown schedule kind '{kind}': choose one of {sorted(BETA_SCHEDULES)}")
         if int(num_timesteps) < 2:
             raise ValueError(f"schedule.num_timesteps must be >= 2, got {num_timesteps}")
         if spacing not in SPACINGS:
             raise ValueError(f"schedule.spacing='{spacing}' is unknown: choose one of {SPACINGS}")
+        if density not in VP_DENSITIES:
+            raise ValueError(f"schedule.density='{density}' is unknown: choose one of {VP_DENSITIES}")
         _check_kind_kwargs(kind, kind_kwargs)
+        self.density, self.logit_mean, self.logit_std = density, float(logit_mean), float(logit_std)
         betas = BETA_SCHEDULES[kind](int(num_timesteps), **kind_kwargs)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
@@ -145,7 +177,7 @@ class DiscreteSchedule:
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)
 
     @classmethod
-    def from_alphas_cumprod(cls, alphas_cumprod, spacing: str = "leading", steps_offset: int = 0) -> "DiscreteSchedule":
+    def from_alphas_cumprod(cls, alphas_cumprod, spacing: str = "trailing", steps_offset: int = 0) -> "DiscreteSchedule":
         """A schedule from given alpha-bars (e.g. another library's scheduler), kept exactly as given (float64)."""
         ab = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).flatten()
         if ab.numel() < 2 or not bool(((ab >= 0) & (ab < 1)).all()):
@@ -157,6 +189,7 @@ class DiscreteSchedule:
         if spacing not in SPACINGS:
             raise ValueError(f"spacing='{spacing}' is unknown: choose one of {SPACINGS}")
         self.spacing, self.steps_offset = spacing, int(steps_offset)
+        self.density, self.logit_mean, self.logit_std = "uniform", 0.0, 1.0
         self.alphas_cumprod = ab.clone()
         self.betas = 1 - torch.cat([ab[:1], ab[1:] / ab[:-1].clamp(min=1e-300)])
         return self
@@ -192,7 +225,40 @@ class DiscreteSchedule:
         return spaced_timesteps(self.num_timesteps, int(steps), spacing or self.spacing, self.steps_offset,
                                 exclude_zero=exclude_zero)
 
+    # ---- the process interface ----
+    def coefficients(self, t):
+        """(sqrt(alpha_bar[t]), sqrt(1 - alpha_bar[t])) at integer steps t; (1, 0) at the clean end t < 0."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        table = self.alphas_cumprod.to(t.device)
+        ab = table[t.round().long().clamp(0, self.num_timesteps - 1)]
+        ab = torch.where(t < 0, torch.ones_like(ab), ab)
+        return ab.sqrt(), (1 - ab).sqrt()
+
+    def net_time(self, t):
+        return torch.as_tensor(t).float()
+
+    def time_from_net_time(self, t_net):
+        return torch.as_tensor(t_net).double()
+
+    def sample_times(self, n, device=None, generator=None):
+        return sample_timesteps(n, self.num_timesteps, self.density, self.logit_mean, self.logit_std, device=device,
+                                generator=generator).double()
+
+    def sampling_times(self, steps, spacing=None, multistep=False):
+        """The spaced timesteps (multistep solvers: the ``exclude_zero`` grid, as diffusers), then clean (-1)."""
+        ts = self.sampling_timesteps(steps, spacing, exclude_zero=multistep).double()
+        return torch.cat([ts, ts.new_full((1,), self.clean_time)])
+
+    def time_at_fraction(self, frac):
+        return float(min(self.num_timesteps - 1, max(0, round(float(frac) * self.num_timesteps))))
+
+    def time_from_log_snr(self, log_snr):
+        """The step whose log-SNR is nearest (log-SNR falls with t)."""
+        target = torch.as_tensor(log_snr, dtype=torch.float64)
+        table = self.log_snr.to(target.device)
+        return (table[None, :] - target.reshape(-1, 1)).abs().argmin(dim=1).reshape(target.shape).double()
+
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v}" for k, v in self.kind_kwargs.items())
-        return (f"DiscreteSchedule(kind={self.kind}, T={self.num_timesteps}, "
+        return (f"DiscreteSchedule(vp, kind={self.kind}, T={self.num_timesteps}, "
                 f"zero_terminal_snr={self.zero_terminal_snr}, spacing={self.spacing}{extra})")

@@ -1,4 +1,4 @@
-"""DiffusionModule: the LightningModule that trains any denoiser under any schedule, objective and conditioning."""
+"""DiffusionModule: the LightningModule that trains any denoiser under any noise process, objective and conditioning."""
 from __future__ import annotations
 
 import copy
@@ -12,10 +12,10 @@ from torch import nn
 
 from difflab.conditioning.base import Conditioner, NoConditioner
 from difflab.diffusion.guidance import guided_model_fn
-from difflab.diffusion.objectives import Objective, timestep_buckets
-from difflab.diffusion.samplers import sampler_name
 from difflab.conditioning.templates import labels_to_prompts
-from difflab.diffusion.schedules import DiscreteSchedule
+from difflab.diffusion.objectives import LOG_SNR_BUCKET_RANGE, Objective, log_snr_buckets
+from difflab.diffusion.processes import NoiseProcess
+from difflab.diffusion.samplers import check_sampler, sampler_name
 from difflab.lit_modules.lr_schedules import resolve_steps, warmup_cosine
 from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
@@ -24,25 +24,36 @@ log = logging.getLogger(__name__)
 
 
 class DiffusionModule(L.LightningModule):
-    """Denoiser + schedule + objective + conditioner + sampler, with classifier-free guidance and AdamW.
+    """Denoiser + noise process + objective + conditioner + sampler, with classifier-free guidance and AdamW.
 
     ``denoiser`` is a factory (Hydra ``_partial_``) called with the conditioner's widths, so the network always has
     the inputs its conditioning produces. ``sample_shape`` is filled from the datamodule by the training pipeline.
+    ``process`` is a ``difflab.diffusion.processes.NoiseProcess`` (``vp``: a ``DiscreteSchedule``); ``schedule`` is
+    the name configs saved before the process axis used for it.
     """
 
-    def __init__(self, net: Callable[..., nn.Module], schedule: DiscreteSchedule, objective: Objective,
-                 sampler: Callable, conditioner: Conditioner | None = None, autoencoder: Any = None,
+    def __init__(self, net: Callable[..., nn.Module], process: NoiseProcess | None = None,
+                 objective: Objective | None = None, sampler: Callable | None = None,
+                 conditioner: Conditioner | None = None, autoencoder: Any = None,
                  sample_shape: Sequence[int] = (1, 16, 16), p_uncond: float = 0.1,
                  guidance: dict | None = None, lr: float = 2e-4, betas: Sequence[float] = (0.9, 0.999),
                  weight_decay: float = 0.0, eps: float = 1e-8, warmup_steps: float | int = 0.05,
                  warmup_start_factor: float = 0.01, final_lr_fraction: float = 0.1, loss_buckets: int = 10,
                  class_names: Sequence[str] | None = None, prompts: Sequence[str] | None = None,
-                 compile: bool = False, channels_last: bool = False):
+                 compile: bool = False, channels_last: bool = False, schedule: NoiseProcess | None = None):
         super().__init__()
+        process = process if process is not None else schedule
+        if process is None or objective is None or sampler is None:
+            raise ConfigError("DiffusionModule needs a process (model.process), an objective and a sampler")
+        try:
+            objective.check_process(process)
+            check_sampler(sampler, process)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.conditioner = conditioner if conditioner is not None else NoConditioner()
         self.denoiser = net(cond_dim=self.conditioner.vector_dim, context_dim=self.conditioner.context_dim) \
             if not isinstance(net, nn.Module) else net
-        self.schedule, self.objective, self.sampler = schedule, objective, sampler
+        self.process, self.objective, self.sampler = process, objective, sampler
         self.autoencoder = Frozen(autoencoder) if isinstance(autoencoder, nn.Module) else autoencoder
         self.sample_shape = tuple(sample_shape)
         self.p_uncond = p_uncond
@@ -83,13 +94,13 @@ class DiffusionModule(L.LightningModule):
         """Conditioning dict (vector / context / mask) for raw conditions (labels, prompts, or None)."""
         return self.conditioner(raw)
 
-    def net(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        """The denoiser's raw output for noisy input at (float) timesteps t."""
-        if self.channels_last and x_t.ndim == 4:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
+    def net(self, x_in: torch.Tensor, t_net: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The denoiser's raw output for its input (x_t, scaled as the objective says) at the process's time input."""
+        if self.channels_last and x_in.ndim == 4:
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
         compiled = self.__dict__.get("_compiled")
         fn = self.denoiser if compiled is None else compiled
-        return fn(x_t, t, cond["vector"], cond["context"], cond["context_mask"])
+        return fn(x_in, t_net, cond["vector"], cond["context"], cond["context_mask"])
 
     def batch_condition(self, batch: dict):
         key = self.conditioner.batch_key
@@ -102,14 +113,31 @@ class DiffusionModule(L.LightningModule):
                               f"yields only {sorted(batch)}; pick a matching conditioning= or datamodule=")
         return batch[key]
 
-    def diffusion_losses(self, batch: dict, drop_conditions: bool) -> dict:
-        """Per-sample losses on a batch (conditions dropped with probability p_uncond when training)."""
+    def diffusion_losses(self, batch: dict, drop_conditions: bool, t: torch.Tensor | None = None,
+                         generator: torch.Generator | None = None) -> dict:
+        """Per-sample losses on a batch (conditions dropped with probability p_uncond when training; times drawn from
+        the process's density unless ``t`` is given)."""
         x0 = batch["x"]
         raw = self.batch_condition(batch)
         if drop_conditions:
             raw = self.conditioner.drop(raw, self.p_uncond)
         cond = self.condition(raw)
-        return self.objective.losses(lambda x_t, t: self.net(x_t, t.float(), cond), x0, self.schedule)
+        return self.objective.losses(lambda x_in, t_net: self.net(x_in, t_net, cond), x0, self.process, t=t,
+                                     generator=generator)
+
+    def validation_losses(self, batch: dict, batch_idx: int) -> dict:
+        """Unweighted per-sample losses at fixed noise levels and noise, the same every validation run (curves are
+        comparable over training) and for every process: log-SNRs stratified over the bucket range
+        (``objectives.LOG_SNR_BUCKET_RANGE``, one stratum per sample), mapped to the process's times; with each
+        sample's log-SNR bucket."""
+        g = torch.Generator().manual_seed(1234 + batch_idx)
+        n = batch["x"].shape[0]
+        lo, hi = LOG_SNR_BUCKET_RANGE
+        frac = (torch.arange(n, dtype=torch.float64) + torch.rand(n, generator=g, dtype=torch.float64)) / n
+        t = self.process.time_from_log_snr(hi - frac * (hi - lo)).to(self.device)
+        out = self.diffusion_losses(batch, drop_conditions=False, t=t, generator=g)
+        out["bucket"] = log_snr_buckets(out["log_snr"], self.loss_buckets)
+        return out
 
     # ---------------------------------------------------------------- Lightning hooks
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -122,13 +150,9 @@ class DiffusionModule(L.LightningModule):
         self._bucket_sums = torch.zeros(2, self.loss_buckets, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        g = torch.Generator().manual_seed(1234 + batch_idx)  # the same noise and t every validation run
-        x0 = batch["x"]
-        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=g).to(self.device)
-        cond = self.condition(self.batch_condition(batch))
-        out = self.objective.losses(lambda x_t, tt: self.net(x_t, tt.float(), cond), x0, self.schedule, t=t, generator=g)
-        self.log("val/loss", out["raw"].mean(), prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
-        b = timestep_buckets(t, self.schedule.num_timesteps, self.loss_buckets)
+        out = self.validation_losses(batch, batch_idx)
+        self.log("val/loss", out["raw"].mean(), prog_bar=True, batch_size=batch["x"].shape[0], sync_dist=True)
+        b = out["bucket"]
         self._bucket_sums[0].index_add_(0, b, out["raw"].double())
         self._bucket_sums[1].index_add_(0, b, torch.ones_like(out["raw"], dtype=torch.float64))
 
@@ -197,17 +221,25 @@ class DiffusionModule(L.LightningModule):
         raw = self.default_sample_conditions(n) if raw is None else raw
         cond = self.condition(raw)
         null = self.condition(self.null_condition(raw)) if raw is not None else None
-        model_fn = guided_model_fn(self.net, self.schedule, self.objective.prediction, cond, null,
-                                   scale=self.guidance_scales(raw, guidance_scale), rescale=self.guidance["rescale"],
-                                   interval=self.guidance["interval"], x0_clip=self.objective.x0_clip)
+        model_fn = self.model_fn(cond, null, self.guidance_scales(raw, guidance_scale))
+        sampler = sampler or self.sampler
         if noise is None:
             noise = torch.randn((n, *self.sample_shape), generator=generator)
-        x = (sampler or self.sampler)(model_fn, noise.to(self.device), self.schedule, generator=generator,
-                                      progress=progress)
+        noise = noise * self.process.prior_std
+        x = sampler(model_fn, noise.to(self.device), self.process, generator=generator, progress=progress)
         if decode:
             x = self.to_pixels(x)
         self.train(was_training)
         return x.clamp(-1, 1)
+
+    def model_fn(self, cond: dict, null: dict | None = None, scale=None, interval="model"):
+        """The guided ``model_fn(x_t, t) -> (x0_hat, eps_hat)`` every sampler and diagnostic uses (the module's
+        guidance settings unless given; ``interval=None`` guides everywhere)."""
+        return guided_model_fn(self.net, self.process, self.objective.prediction, cond, null,
+                               scale=self.guidance["scale"] if scale is None else scale,
+                               rescale=self.guidance["rescale"],
+                               interval=self.guidance["interval"] if interval == "model" else interval,
+                               x0_clip=self.objective.x0_clip, sigma_data=self.objective.sigma_data)
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Decode latents to pixels for latent models; identity for pixel models."""

@@ -1,0 +1,261 @@
+"""Noise processes: one affine path x_t = alpha(t) x0 + sigma(t) eps, three ways to walk it.
+
+A process owns everything about *time*: the path coefficients alpha(t), sigma(t) (and d/dt where a target needs
+them), the time input the denoiser sees, the training-time density and the sampling time grid. Everything else
+(prediction targets, loss weightings, guidance, samplers) is written once against this interface, so a new process
+is one class here plus one ``configs/process/<name>.yaml``.
+
+Time runs from ``clean_time`` (data) to the noise end; sampling grids descend and end at ``clean_time``.
+
+- ``vp`` (:class:`difflab.diffusion.schedules.DiscreteSchedule`): DDPM-family discrete tables; t is the integer
+  training step in [0, T) (clean data is t = -1), alpha = sqrt(alpha_bar[t]), sigma = sqrt(1 - alpha_bar[t]).
+- ``edm`` (:class:`EDMProcess`, Karras et al. 2022): t is sigma itself, alpha = 1, sigma = t in
+  [sigma_min, sigma_max]; log-normal training sigmas, Karras rho grid.
+- ``flow`` (:class:`FlowProcess`, rectified flow / flow matching, SD3 convention): t in [0, 1], t = 1 is noise,
+  alpha = 1 - t, sigma = t; uniform / logit-normal / mode / cosmap densities and the resolution shift.
+
+Two derived quantities make every process comparable: log-SNR = 2 log(alpha / sigma), and the variance-exploding
+noise level sigma_ve = sigma / alpha (EDM's sigma; k-diffusion's). The guidance interval is stated in sigma_ve.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+Tensor = torch.Tensor
+ODE_FRAMES = ("sigma", "t")
+
+
+def _rand_device(generator: torch.Generator | None, device) -> torch.device | str | None:
+    return generator.device if generator is not None else device
+
+
+def _normal(n: int, generator, device) -> Tensor:
+    dev = _rand_device(generator, device)
+    return torch.randn(n, generator=generator, device=dev, dtype=torch.float64).to(device or dev)
+
+
+def _uniform(n: int, generator, device) -> Tensor:
+    dev = _rand_device(generator, device)
+    return torch.rand(n, generator=generator, device=dev, dtype=torch.float64).to(device or dev)
+
+
+class NoiseProcess:
+    """The interface every process implements (see the module docstring). Times are float64 tensors."""
+
+    name = "process"
+    clean_time = 0.0
+    # Coordinates in which Euler / Heun integrate the probability-flow ODE: "sigma" = state x / alpha over
+    # sigma_ve (k-diffusion / EDM), "t" = state x over t (flow matching, needs alpha + sigma = 1).
+    ode_frame = "sigma"
+    has_ancestral = False   # whether DDPM's ancestral sampler is defined (a Markov chain of discrete steps)
+    continuous = True       # whether coefficients exist between grid points (stochastic churn needs it)
+    prior_std = 1.0         # samplers start from N(0, prior_std^2 I)
+
+    def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(alpha(t), sigma(t)) as float64 tensors shaped like ``t``."""
+        raise NotImplementedError
+
+    def derivatives(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(d alpha / dt, d sigma / dt): what a velocity target needs."""
+        raise NotImplementedError(f"process '{self.name}' defines no time derivatives (needed by a velocity target)")
+
+    def net_time(self, t: Tensor) -> Tensor:
+        """The time input the denoiser sees (float32), on a scale its sinusoidal embedding resolves (~[0, 1000])."""
+        raise NotImplementedError
+
+    def time_from_net_time(self, t_net: Tensor) -> Tensor:
+        """The inverse of ``net_time`` (float64): for reference denoisers that are handed the network's inputs."""
+        raise NotImplementedError
+
+    def sample_times(self, n: int, device=None, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` training times drawn from the process's training density."""
+        raise NotImplementedError
+
+    def sampling_times(self, steps: int, spacing: str | None = None, multistep: bool = False) -> Tensor:
+        """Descending times of a ``steps``-step sampler, ending with ``clean_time`` (``steps + 1`` entries)."""
+        raise NotImplementedError
+
+    def time_from_sigma_ve(self, sigma_ve: float) -> float:
+        """The time whose sigma / alpha is ``sigma_ve`` (stochastic churn and starting points need it)."""
+        raise NotImplementedError(f"process '{self.name}' has no continuous inverse of sigma")
+
+    def time_at_fraction(self, frac: float) -> float:
+        """A time ``frac`` of the way from clean data (0) to the noise end (1), for diagnostics."""
+        raise NotImplementedError
+
+    def time_from_log_snr(self, log_snr: Tensor) -> Tensor:
+        """The times at which the path has these log-SNRs (the nearest grid step on a discrete process), so that
+        every process can be evaluated at the same noise levels."""
+        raise NotImplementedError
+
+    # ---- derived, the same for every process ----
+    def log_snr_at(self, t: Tensor) -> Tensor:
+        """log(alpha^2 / sigma^2): +inf at clean data, -inf at pure noise."""
+        alpha, sigma = self.coefficients(torch.as_tensor(t, dtype=torch.float64))
+        return 2 * (alpha.log() - sigma.log())
+
+    def sigma_ve_at(self, t) -> Tensor:
+        """sigma / alpha, the variance-exploding (EDM) noise level: inf at pure noise, 0 at clean data."""
+        alpha, sigma = self.coefficients(torch.as_tensor(t, dtype=torch.float64))
+        return torch.where(alpha > 0, sigma / alpha.clamp(min=1e-300), torch.full_like(sigma, math.inf))
+
+    def coefficients_like(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(alpha, sigma) shaped to broadcast against ``like`` (B x ...), in its dtype."""
+        alpha, sigma = self.coefficients(torch.as_tensor(t, dtype=torch.float64, device=like.device))
+        shape = (-1, *([1] * (like.ndim - 1)))
+        dtype = like.dtype if like.is_floating_point() else torch.float32
+        return alpha.to(dtype).reshape(shape), sigma.to(dtype).reshape(shape)
+
+    def describe(self) -> str:
+        return repr(self)
+
+
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """Karras et al.'s grid sigma_i = (smax^(1/rho) + i / (N - 1) (smin^(1/rho) - smax^(1/rho)))^rho, then 0."""
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    sigmas = (inv_max + ramp * (inv_min - inv_max)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+class EDMProcess(NoiseProcess):
+    """EDM (Karras et al. 2022): x = x0 + sigma eps with t = sigma; log-normal training sigmas, Karras grid.
+
+    The denoiser sees c_noise = ln(sigma) / 4 (EDM's) times ``time_scale`` (default 1000, so sigma in [0.002, 80]
+    spans about [-1550, 1100], a range the sinusoidal time embeddings of difflab's denoisers resolve).
+    """
+
+    name = "edm"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, p_mean: float = -1.2,
+                 p_std: float = 1.2, time_scale: float = 1000.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"process.sigma_min / sigma_max need 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}")
+        if rho <= 0 or p_std <= 0:
+            raise ValueError(f"process.rho and process.p_std must be > 0; got {rho}, {p_std}")
+        self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
+        self.prior_std = self.sigma_max
+        self.p_mean, self.p_std, self.time_scale = float(p_mean), float(p_std), float(time_scale)
+
+    def coefficients(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return torch.ones_like(t), t
+
+    def derivatives(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return torch.zeros_like(t), torch.ones_like(t)
+
+    def net_time(self, t):
+        return (torch.as_tensor(t).double().log() / 4 * self.time_scale).float()
+
+    def time_from_net_time(self, t_net):
+        return (torch.as_tensor(t_net).double() * 4 / self.time_scale).exp()
+
+    def sample_times(self, n, device=None, generator=None):
+        return (_normal(n, generator, device) * self.p_std + self.p_mean).exp()
+
+    def sampling_times(self, steps, spacing=None, multistep=False):
+        return karras_sigmas(int(steps), self.sigma_min, self.sigma_max, self.rho)
+
+    def time_from_sigma_ve(self, sigma_ve):
+        return float(sigma_ve)
+
+    def time_from_log_snr(self, log_snr):
+        return (-torch.as_tensor(log_snr, dtype=torch.float64) / 2).exp()
+
+    def time_at_fraction(self, frac):
+        """Fractions interpolate log-sigma between sigma_min (0) and sigma_max (1)."""
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        return math.exp(lo + float(frac) * (hi - lo))
+
+    def __repr__(self):
+        return (f"EDMProcess(sigma=[{self.sigma_min}, {self.sigma_max}], rho={self.rho}, "
+                f"ln sigma ~ N({self.p_mean}, {self.p_std}^2))")
+
+
+FLOW_DENSITIES = ("uniform", "logit_normal", "mode", "cosmap")
+
+
+def shift_time(t: Tensor, shift: float) -> Tensor:
+    """SD3's resolution shift t' = a t / (1 + (a - 1) t) (a = sqrt(pixels / base pixels); 1 = none)."""
+    return shift * t / (1 + (shift - 1) * t) if shift != 1.0 else t
+
+
+def flow_density(u: Tensor, n: Tensor, kind: str, mean: float = 0.0, std: float = 1.0, mode_scale: float = 1.29) -> Tensor:
+    """Map uniform ``u`` / standard normal ``n`` draws to t in [0, 1] with one of SD3's densities (Esser et al. 2024).
+
+    logit_normal: t = sigmoid(mean + std n); mode: t = 1 - u - s (cos^2(pi u / 2) - 1 + u);
+    cosmap: t = 1 - 1 / (tan(pi u / 2) + 1); uniform: t = u.
+    """
+    if kind == "uniform":
+        return u
+    if kind == "logit_normal":
+        return torch.sigmoid(mean + std * n)
+    if kind == "mode":
+        return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    if kind == "cosmap":
+        return 1 - 1 / (torch.tan(math.pi * u / 2) + 1)
+    raise ValueError(f"process.density='{kind}' is unknown: choose one of {FLOW_DENSITIES}")
+
+
+class FlowProcess(NoiseProcess):
+    """Rectified flow / flow matching on the linear path x_t = (1 - t) x0 + t eps (t = 1 is noise, SD3's direction).
+
+    Training times come from ``density`` (uniform, logit_normal(mean, std), mode(mode_scale), cosmap), then the
+    resolution ``shift``. The sampling grid is ``shift`` applied to ``steps`` points spaced evenly from 1 down to
+    ``t_min`` (default 1 / 1000, diffusers' FlowMatchEulerDiscreteScheduler convention), then 0. The denoiser sees
+    ``time_scale * t`` (1000 t, as SD3).
+    """
+
+    name = "flow"
+    ode_frame = "t"
+
+    def __init__(self, density: str = "logit_normal", mean: float = 0.0, std: float = 1.0, mode_scale: float = 1.29,
+                 shift: float = 1.0, t_min: float = 1e-3, time_scale: float = 1000.0):
+        if density not in FLOW_DENSITIES:
+            raise ValueError(f"process.density='{density}' is unknown: choose one of {FLOW_DENSITIES}")
+        if shift <= 0 or std <= 0 or not 0 < t_min < 1:
+            raise ValueError(f"process needs shift > 0, std > 0 and 0 < t_min < 1; got {shift}, {std}, {t_min}")
+        self.density, self.mean, self.std, self.mode_scale = density, float(mean), float(std), float(mode_scale)
+        self.shift, self.t_min, self.time_scale = float(shift), float(t_min), float(time_scale)
+
+    def coefficients(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return 1 - t, t
+
+    def derivatives(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return -torch.ones_like(t), torch.ones_like(t)
+
+    def net_time(self, t):
+        return (torch.as_tensor(t).double() * self.time_scale).float()
+
+    def time_from_net_time(self, t_net):
+        return torch.as_tensor(t_net).double() / self.time_scale
+
+    def sample_times(self, n, device=None, generator=None):
+        u = _uniform(n, generator, device)
+        z = _normal(n, generator, device) if self.density == "logit_normal" else u
+        t = flow_density(u, z, self.density, self.mean, self.std, self.mode_scale)
+        return shift_time(t, self.shift).clamp(0, 1)
+
+    def sampling_times(self, steps, spacing=None, multistep=False):
+        u = torch.linspace(1.0, self.t_min, int(steps), dtype=torch.float64)
+        return torch.cat([shift_time(u, self.shift), u.new_zeros(1)])
+
+    def time_from_sigma_ve(self, sigma_ve):
+        return float(sigma_ve) / (1 + float(sigma_ve)) if math.isfinite(sigma_ve) else 1.0
+
+    def time_from_log_snr(self, log_snr):
+        return torch.sigmoid(-torch.as_tensor(log_snr, dtype=torch.float64) / 2)
+
+    def time_at_fraction(self, frac):
+        return float(shift_time(torch.tensor(float(frac), dtype=torch.float64), self.shift))
+
+    def __repr__(self):
+        return f"FlowProcess(density={self.density}, shift={self.shift})"
+
+
+PROCESSES = {"edm": EDMProcess, "flow": FlowProcess}  # "vp": difflab.diffusion.schedules.DiscreteSchedule
