@@ -5,8 +5,9 @@ Both sides train for the same wall-clock budget (default 300 s) with the same nu
 and FD (Frechet distance in its 128-d features) to all 1797 real digits. FD of ``--n`` real digits is the floor.
 
 - difflab: ``configs/train.yaml`` + ``experiment=digits`` composed by Hydra and run through ``difflab.pipeline.train``
-  with ``trainer.max_time`` = budget (every default callback, logger and validation stays on; only the progress bar
-  is removed). Samples come from the EMA module with the recipe's sampler, and also with DDIM-25 (the diffusers side's
+  with ``trainer.max_time`` = budget and ``trainer.max_steps=-1``, so the learning-rate schedule decays over the
+  wall-clock budget and the run uses all of it (every default callback, logger and validation stays on; only the
+  progress bar is removed). Samples come from the EMA module with the recipe's sampler, and also with DDIM-25 (the diffusers side's
   sampler) for a like-for-like row.
 - diffusers: ``UNet2DModel`` (block_out_channels (32, 64, 64), attention at the lowest resolution, 11 class
   embeddings: 10 digits + a null class), ``DDPMScheduler`` squaredcos_cap_v2 with v-prediction, AdamW lr 2e-4,
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import REPO, machine_description, md_table, set_threads, write_result  # noqa: E402
 
 NULL_CLASS = 10
+TARGET_RATIO = 0.35  # difflab's FD at most this fraction of the diffusers loop's (issue #14)
 
 
 # ---------------------------------------------------------------------------------------------- difflab side
@@ -54,7 +56,7 @@ def run_difflab(budget: float, n: int, out_dir: Path, extra: list[str]) -> dict:
     from difflab.pipeline import train
 
     overrides = ["experiment=digits", f"paths.output_dir={out_dir}", f"paths.root_dir={REPO}",
-                 f"++trainer.max_time='{hms(budget)}'", "~callbacks.progress_bar", "trainer.enable_progress_bar=false",
+                 f"++trainer.max_time='{hms(budget)}'", "trainer.max_steps=-1", "~callbacks.progress_bar", "trainer.enable_progress_bar=false",
                  "trainer.enable_model_summary=false", *extra]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
@@ -197,7 +199,7 @@ def report(res: dict, floor: float, args) -> str:
     rec = dl["recipe"]
     best = min(dl["rows"], key=lambda r: r["fd"])
     recipe_row = dl["rows"][0]
-    met = recipe_row["fd"] <= 0.6 * base_fd and recipe_row["accuracy"] >= 0.99
+    met = recipe_row["fd"] <= TARGET_RATIO * base_fd and recipe_row["accuracy"] >= 0.99
     return "\n".join([
         "# Quality per wall-clock on digits: difflab vs a plain diffusers loop" + (" (quick)" if args.quick else ""),
         "",
@@ -210,12 +212,12 @@ def report(res: dict, floor: float, args) -> str:
                   "FD / diffusers FD", "sampling s"], rows),
         "",
         f"difflab recipe as run: net {rec['net']}, lr {rec['lr']:g}, weight decay {rec['weight_decay']:g}, "
-        f"max_steps {rec['max_steps']} (the cosine LR schedule is laid out for max_steps; max_time stops it earlier), "
+        f"max_steps {rec['max_steps']} (-1: bounded by the time budget alone; warm-up + cosine LR over the wall-clock), "
         f"batch {rec['batch_size']}, p_uncond {rec['p_uncond']}, guidance {rec['guidance']}, EMA {rec['ema']}. "
         f"diffusers: UNet2DModel layers_per_block {args.diffusers_layers}, AdamW lr 2e-4 (weight decay 0.01, torch's "
         f"default), no LR schedule. difflab's budget includes its validation, sample-grid and checkpoint callbacks.",
         "",
-        f"Target (difflab recipe FD <= 0.6 x diffusers FD with accuracy >= 0.99): "
+        f"Target (difflab recipe FD <= {TARGET_RATIO} x diffusers FD with accuracy >= 0.99): "
         f"{'met' if met else 'not met'} (recipe sampler: FD ratio {recipe_row['fd'] / base_fd:.2f}, accuracy "
         f"{recipe_row['accuracy']:.3f}; best difflab row {best['sampler']}: ratio {best['fd'] / base_fd:.2f}).",
         "",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -16,7 +17,7 @@ from difflab.conditioning.templates import labels_to_prompts
 from difflab.diffusion.objectives import LOG_SNR_BUCKET_RANGE, Objective, log_snr_buckets
 from difflab.diffusion.processes import NoiseProcess
 from difflab.diffusion.samplers import check_sampler, sampler_name
-from difflab.lit_modules.lr_schedules import resolve_steps, warmup_cosine
+from difflab.lit_modules.lr_schedules import resolve_steps, time_progress, warmup_cosine, warmup_cosine_progress
 from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
 
@@ -167,12 +168,30 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, **self.optim_cfg)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = resolve_steps(self.lr_cfg["warmup_steps"], total)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
-            warmup_cosine, warmup_steps=warmup, total_steps=total, start_factor=self.lr_cfg["start_factor"],
-            final_fraction=self.lr_cfg["final_fraction"]))
+        start, final = self.lr_cfg["start_factor"], self.lr_cfg["final_fraction"]
+        total = self.trainer.estimated_stepping_batches
+        if math.isfinite(total):  # a step budget (trainer.max_steps)
+            total = max(1, int(total))
+            schedule = functools.partial(warmup_cosine, warmup_steps=resolve_steps(self.lr_cfg["warmup_steps"], total),
+                                         total_steps=total, start_factor=start, final_fraction=final)
+        else:  # only a time budget (trainer.max_steps=-1, trainer.max_time): the schedule spans the wall-clock
+            schedule = self._time_budget_schedule(start, final)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _time_budget_schedule(self, start: float, final: float):
+        from lightning.pytorch.callbacks import Timer
+
+        timer = next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
+        warmup = self.lr_cfg["warmup_steps"]
+        if timer is None:
+            raise ConfigError("trainer.max_steps=-1 needs trainer.max_time (the LR schedule decays over the budget); "
+                              "set one of them")
+        if not (isinstance(warmup, float) and warmup < 1):
+            raise ConfigError(f"model.warmup_steps={warmup}: a run bounded only by trainer.max_time needs the warm-up "
+                              f"as a fraction of the budget (e.g. 0.05)")
+        progress = time_progress(timer)
+        return lambda step: warmup_cosine_progress(progress(), warmup, start, final)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         if batch_idx % 10 == 0:
