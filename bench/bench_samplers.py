@@ -203,7 +203,7 @@ def run_digits(ckpt: str, out_path: Path, n: int, spacing: str | None, seed: int
     module = module_from_checkpoint(ckpt)
     info = load_checkpoint(ckpt)
     step = info.get("global_step")
-    sch = module.schedule
+    sch = module.process
     real = real_digit_features()
     floor = fd_to_real(real_digit_features(n=n, seed=seed), real)
     labels = torch.arange(n) % 10
@@ -212,9 +212,9 @@ def run_digits(ckpt: str, out_path: Path, n: int, spacing: str | None, seed: int
     calls = _count_net_calls(module)
     header = [
         "# Samplers on the trained digits model", "",
-        f"Checkpoint `{ckpt}` (step {step}); schedule {sch!r}; prediction {module.objective.prediction}; "
+        f"Checkpoint `{ckpt}` (step {step}); process {sch!r}; prediction {module.objective.prediction}; "
         f"guidance scale {module.guidance['scale']}; x0 clip {module.objective.x0_clip}; sampler spacing "
-        f"{spacing or sch.spacing + ' (the schedule’s)'}.",
+        f"{spacing or getattr(sch, 'spacing', 'the process grid') + ' (the process’s)'}.",
         f"{n} balanced samples per row (labels i % 10), the same initial noise (seed {seed}) for every row. FD = "
         f"Frechet distance in the digit classifier's 128-d features to all 1797 real digits "
         f"(`difflab.eval.digits_eval`); accuracy = the classifier's agreement with the requested label. NFE = network "

@@ -187,16 +187,8 @@ def euler(model_fn: Callable, x: Tensor, process, *, steps: int = 50, spacing: s
     Sigma frame: z' = z + (sigma' - sigma) (z - x0_hat) / sigma with z = x / alpha; t frame: x' = x + (t' - t) v.
     Both equal x' = alpha' x0_hat + sigma' eps_hat.
     """
-    grid = sampling_grid(process, steps, spacing, start=start)
-    n = len(grid) - 1
-    for i in _progress(range(n), progress, f"Euler {steps}"):
-        t, a, s = grid[i]
-        x, t, a, s = _churn(x, process, t, a, s, n, s_churn, s_tmin, s_tmax, s_noise, generator)
-        _, a_next, s_next = grid[i + 1]
-        x0, _ = model_fn(x, t)
-        d = (x - a * x0) / s  # the eps consistent with x and x0: finite at alpha = 0
-        x = _ddim_step(x0, d, a_next, s_next)
-    return x
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
+    return _ode_sampler(model_fn, x, process, steps, spacing, None, churn, start, generator, progress, "Euler")
 
 
 def heun(model_fn: Callable, x: Tensor, process, *, steps: int = 20, spacing: str | None = None,
@@ -211,16 +203,25 @@ def heun(model_fn: Callable, x: Tensor, process, *, steps: int = 20, spacing: st
     has no finite form there), and in the sigma frame a step from sigma_ve > ``euler_above`` (default 80, EDM's
     sigma_max: e.g. the vp cosine schedule's last step has sigma_ve ~ 2e4; None = never). NFE: ``model_evaluations``.
     """
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
+    corrector = {"euler_above": euler_above}
+    return _ode_sampler(model_fn, x, process, steps, spacing, corrector, churn, start, generator, progress, "Heun")
+
+
+def _ode_sampler(model_fn, x, process, steps, spacing, corrector: dict | None, churn, start, generator, progress,
+                 label) -> Tensor:
+    """Euler steps along the process's grid, each with optional churn before it and, when ``corrector`` is given,
+    Heun's trapezoid correction after it (where ``_heun_corrects`` allows)."""
     grid = sampling_grid(process, steps, spacing, start=start)
     n = len(grid) - 1
-    for i in _progress(range(n), progress, f"Heun {steps}"):
+    for i in _progress(range(n), progress, f"{label} {steps}"):
         t, a, s = grid[i]
-        x, t, a, s = _churn(x, process, t, a, s, n, s_churn, s_tmin, s_tmax, s_noise, generator)
+        x, t, a, s = _churn(x, process, t, a, s, n, *churn, generator)
         t_next, a_next, s_next = grid[i + 1]
         x0, _ = model_fn(x, t)
-        eps = (x - a * x0) / s
+        eps = (x - a * x0) / s  # the eps consistent with x and x0: finite at alpha = 0
         x_euler = _ddim_step(x0, eps, a_next, s_next)
-        if not _heun_corrects(process, a, s, a_next, s_next, euler_above):
+        if corrector is None or not _heun_corrects(process, a, s, a_next, s_next, corrector["euler_above"]):
             x = x_euler
             continue
         x0_next, _ = model_fn(x_euler, t_next)
