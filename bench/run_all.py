@@ -38,6 +38,9 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
                      ["video_loader"]),
     "video_models": ("bench_video_models.py", [], ["--quick"], ["video_models"]),
     "diagnostics": ("bench_diagnostics.py", [], ["--quick"], ["diagnostics"]),
+    "processes": ("bench_processes.py", [], ["--quick"], ["processes"]),
+    "samplers_processes": ("bench_samplers.py", ["--processes"], ["--processes"], ["samplers_processes"]),
+    "precision": ("bench_precision.py", ["--recipe"], ["--quick"], ["precision"]),
 }
 TITLES = {
     "vs_diffusers": "1. Quality per wall-clock on digits (difflab vs a plain diffusers loop)",
@@ -46,6 +49,9 @@ TITLES = {
     "samplers_gaussian": "5b. Sampler exactness on closed-form data", "stl10_loader": "STL10 loader",
     "latent_loader": "Latent loader", "video_loader": "Video loader", "video_models": "Video denoisers",
     "diagnostics": "Diagnostics callbacks overhead",
+    "processes": "6. Noise processes on digits (vp vs edm vs flow, equal wall-clock)",
+    "samplers_processes": "6b. Samplers on every process (exact moments) and the default spacing",
+    "precision": "7. Precision on CPU (fp32 vs bf16 autocast; the rule behind trainer.precision=auto)",
 }
 TARGET_RE = re.compile(r"(target[^.\n]*?:\s*\**(?:met|not met)[^\n]*)", re.IGNORECASE)
 

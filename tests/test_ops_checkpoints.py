@@ -239,3 +239,25 @@ def test_compiled_and_eager_state_dicts_load_into_each_other():
     assert compare_state_dict(fresh, clean)["missing"] == []  # eager -> compiled: aliases are not "missing"
     load_state_dict_checked(fresh, eager.state_dict())
     assert torch.equal(fresh._net._orig_mod.weight, eager.denoiser.weight)
+
+
+def test_checkpoint_figure_and_export_follow_the_umask(tmp_path):
+    """On a shared cluster the group must read what a run writes: under umask 022 the checkpoints, the sample-grid
+    figures and an export are 0644 (mkstemp's 0600 is not kept), like Lightning's own writer."""
+    import os
+    import stat
+
+    from difflab.ops.export import export_checkpoint
+    from difflab.pipeline import train
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        train(compose_train(out, tiny_overrides(max_steps=2, save_every=2, extra=["logger=none"])))
+        paths = export_checkpoint(out / "checkpoints" / "last.ckpt", tmp_path / "export")
+    finally:
+        os.umask(old)
+    files = [out / "checkpoints" / "last.ckpt", *sorted((out / "figures").rglob("*.png"))[:1], paths["weights"],
+             paths["config"]]
+    assert len(files) == 4 and all(p.is_file() for p in files)
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {"0o644"}

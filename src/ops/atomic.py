@@ -73,19 +73,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
     tmp = Path(tmp_name)
     try:
-        try:
-            if hasattr(os, "fchmod"):
-                os.fchmod(fd, default_file_mode())
-            else:  # Windows before Python 3.13
-                os.chmod(tmp, default_file_mode())
-        finally:
-            os.close(fd)
         yield tmp
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
+        # after the write: some writers (safetensors) replace the file and recreate it 0600 themselves
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
