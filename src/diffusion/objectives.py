@@ -356,12 +356,13 @@ class Objective:
         if self.prediction == "flow" and not process.continuous:
             raise ValueError(f"objective.prediction=flow needs a continuous process (edm or flow: the velocity is "
                              f"d x_t / dt); process {process.name} is discrete: use eps, x0, v or edm")
-        if self.prediction == "eps" and getattr(process, "zero_terminal_snr", False) and not self._warned_eps_zero_snr:
+        if self.prediction == "eps" and process.reaches_pure_noise and not self._warned_eps_zero_snr:
             import warnings
 
             self._warned_eps_zero_snr = True
-            warnings.warn("eps-prediction with zero terminal SNR: x0 cannot be recovered at the last timestep "
-                          "(Lin et al. 2024); use objective=v or objective=x0", UserWarning, stacklevel=3)
+            warnings.warn(f"eps-prediction on a path that reaches zero terminal SNR ({process.name}: alpha = 0 at the "
+                          f"noise end): x0 cannot be recovered there (Lin et al. 2024); use objective=v or x0, or "
+                          f"the process's own target", UserWarning, stacklevel=3)
 
     def _path(self, process, t: Tensor, like: Tensor) -> dict:
         """alpha, sigma (and d/dt for the flow target) at times t, broadcast against ``like``."""

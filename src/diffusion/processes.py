@@ -52,6 +52,7 @@ class NoiseProcess:
     has_ancestral = False   # whether DDPM's ancestral sampler is defined (a Markov chain of discrete steps)
     continuous = True       # whether coefficients exist between grid points (stochastic churn needs it)
     prior_std = 1.0         # samplers start from N(0, prior_std^2 I)
+    reaches_pure_noise = False  # alpha = 0 at the noise end (x0 is not identifiable from an eps prediction there)
 
     def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(alpha(t), sigma(t)) as float64 tensors shaped like ``t``."""
@@ -211,6 +212,7 @@ class FlowProcess(NoiseProcess):
 
     name = "flow"
     ode_frame = "t"
+    reaches_pure_noise = True  # t = 1: alpha = 0
 
     def __init__(self, density: str = "logit_normal", mean: float = 0.0, std: float = 1.0, mode_scale: float = 1.29,
                  shift: float = 1.0, t_min: float = 1e-3, time_scale: float = 1000.0):

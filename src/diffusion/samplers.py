@@ -215,13 +215,14 @@ def _ode_sampler(model_fn, x, process, steps, spacing, corrector: dict | None, c
     grid = sampling_grid(process, steps, spacing, start=start)
     n = len(grid) - 1
     for i in _progress(range(n), progress, f"{label} {steps}"):
-        t, a, s = grid[i]
-        x, t, a, s = _churn(x, process, t, a, s, n, *churn, generator)
+        t, a_grid, s_grid = grid[i]
+        x, t, a, s = _churn(x, process, t, a_grid, s_grid, n, *churn, generator)
         t_next, a_next, s_next = grid[i + 1]
         x0, _ = model_fn(x, t)
         eps = (x - a * x0) / s  # the eps consistent with x and x0: finite at alpha = 0
         x_euler = _ddim_step(x0, eps, a_next, s_next)
-        if corrector is None or not _heun_corrects(process, a, s, a_next, s_next, corrector["euler_above"]):
+        # whether to correct depends on the grid, not on churn (EDM Algorithm 2 corrects every step but the last)
+        if corrector is None or not _heun_corrects(process, a_grid, s_grid, a_next, s_next, corrector["euler_above"]):
             x = x_euler
             continue
         x0_next, _ = model_fn(x_euler, t_next)
@@ -241,7 +242,7 @@ def _heun_corrects(process, a: float, s: float, a_next: float, s_next: float, eu
         return True
     if a <= 0.0:
         return False
-    return euler_above is None or _sigma_ve(a, s) <= euler_above
+    return euler_above is None or _sigma_ve(a, s) <= euler_above * (1 + 1e-12)  # grid round-off (80.00000000000003)
 
 
 SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "euler": euler, "heun": heun}

@@ -258,6 +258,11 @@ class DiscreteSchedule(NoiseProcess):
         table = self.log_snr.to(target.device)
         return (table[None, :] - target.reshape(-1, 1)).abs().argmin(dim=1).reshape(target.shape).double()
 
+    @property
+    def reaches_pure_noise(self) -> bool:
+        """With zero terminal SNR the last step has alpha = 0."""
+        return self.zero_terminal_snr
+
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v}" for k, v in self.kind_kwargs.items())
         return (f"DiscreteSchedule(vp, kind={self.kind}, T={self.num_timesteps}, "
