@@ -103,15 +103,20 @@ def main() -> None:
     p.add_argument("--processes", nargs="+", default=list(PROCESSES), choices=PROCESSES)
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for every run")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--merge", action="store_true", help="keep the other processes' results of an earlier run "
+                                                         "(rerun one process that was disturbed by other load)")
     args = p.parse_args()
     args.budget = args.budget or (40.0 if args.quick else 300.0)
     args.n = args.n or (100 if args.quick else 500)
     set_threads(args.threads)
-    results, out_root = {}, Path(f"/tmp/difflab_bench_processes{'_quick' if args.quick else ''}")
+    out_root = Path(f"/tmp/difflab_bench_processes{'_quick' if args.quick else ''}")
+    earlier = out_root / "results.json"
+    results = json.loads(earlier.read_text()) if args.merge and earlier.is_file() else {}
     for process in args.processes:
         run = train_one(process, args.budget, out_root / process, args.override)
         print(process, run["steps"], "steps", flush=True)
         results[process] = {"steps": run["steps"], "train_s": run["train_s"], "rows": evaluate(run["module"], args.n)}
+        results = {p: results[p] for p in PROCESSES if p in results}
         (out_root / "results.json").write_text(json.dumps(results, indent=1))
         print(write_result("processes", render(results, args), args.quick), flush=True)
 
