@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from difflab.diffusion.processes import rng_device
 from difflab.utils.frozen import Frozen
 
 Tensor = torch.Tensor
@@ -235,13 +236,9 @@ def elementwise_loss(pred: Tensor, target: Tensor, kind: str = "mse", huber_delt
     return err.float().mean(dim=tuple(range(1, err.ndim)))
 
 
-def _rand_device(generator: torch.Generator | None, device) -> torch.device | str | None:
-    return generator.device if generator is not None else device
-
-
 def offset_noise_like(x: Tensor, strength: float, generator: torch.Generator | None = None) -> Tensor:
     """Gaussian noise plus ``strength`` times a per-sample, per-channel constant (offset noise, Guttenberg 2023)."""
-    dev = _rand_device(generator, x.device)
+    dev = rng_device(generator, x.device)
     eps = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
     if strength > 0:
         shape = (x.shape[0], x.shape[1], *([1] * (x.ndim - 2)))

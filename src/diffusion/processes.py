@@ -27,17 +27,21 @@ Tensor = torch.Tensor
 ODE_FRAMES = ("sigma", "t")
 
 
-def _rand_device(generator: torch.Generator | None, device) -> torch.device | str | None:
+def rng_device(generator: torch.Generator | None, device) -> torch.device | str | None:
+    """Where random numbers are drawn: on the generator's device when one is given (seeded runs replay exactly on any
+    device), else on ``device``."""
     return generator.device if generator is not None else device
 
 
-def _normal(n: int, generator, device) -> Tensor:
-    dev = _rand_device(generator, device)
+def standard_normal(n: int, generator=None, device=None) -> Tensor:
+    """``n`` float64 N(0, 1) draws, on ``device``."""
+    dev = rng_device(generator, device)
     return torch.randn(n, generator=generator, device=dev, dtype=torch.float64).to(device or dev)
 
 
-def _uniform(n: int, generator, device) -> Tensor:
-    dev = _rand_device(generator, device)
+def standard_uniform(n: int, generator=None, device=None) -> Tensor:
+    """``n`` float64 U(0, 1) draws, on ``device``."""
+    dev = rng_device(generator, device)
     return torch.rand(n, generator=generator, device=dev, dtype=torch.float64).to(device or dev)
 
 
@@ -155,7 +159,7 @@ class EDMProcess(NoiseProcess):
         return (torch.as_tensor(t_net).double() * 4 / self.time_scale).exp()
 
     def sample_times(self, n, device=None, generator=None):
-        return (_normal(n, generator, device) * self.p_std + self.p_mean).exp()
+        return (standard_normal(n, generator, device) * self.p_std + self.p_mean).exp()
 
     def sampling_times(self, steps, spacing=None, multistep=False):
         return karras_sigmas(int(steps), self.sigma_min, self.sigma_max, self.rho)
@@ -238,8 +242,8 @@ class FlowProcess(NoiseProcess):
         return torch.as_tensor(t_net).double() / self.time_scale
 
     def sample_times(self, n, device=None, generator=None):
-        u = _uniform(n, generator, device)
-        z = _normal(n, generator, device) if self.density == "logit_normal" else u
+        u = standard_uniform(n, generator, device)
+        z = standard_normal(n, generator, device) if self.density == "logit_normal" else u
         t = flow_density(u, z, self.density, self.mean, self.std, self.mode_scale)
         return shift_time(t, self.shift).clamp(0, 1)
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from difflab.diffusion.processes import NoiseProcess, _normal, _rand_device
+from difflab.diffusion.processes import NoiseProcess, rng_device, standard_normal
 
 Tensor = torch.Tensor
 SPACINGS = ("leading", "trailing", "linspace")
@@ -126,11 +126,11 @@ def _check_kind_kwargs(kind: str, kwargs: dict) -> None:
 def sample_timesteps(n: int, num_timesteps: int, kind: str = "uniform", mean: float = 0.0, std: float = 1.0,
                      device=None, generator: torch.Generator | None = None) -> Tensor:
     """Training timesteps: uniform over [0, T) or logit-normal (SD3: t/T = sigmoid(N(mean, std))), discretised."""
-    dev = _rand_device(generator, device)
+    dev = rng_device(generator, device)
     if kind == "uniform":
         t = torch.randint(0, num_timesteps, (n,), generator=generator, device=dev)
     elif kind == "logit_normal":
-        u = torch.sigmoid(_normal(n, generator, dev) * std + mean)
+        u = torch.sigmoid(standard_normal(n, generator, dev) * std + mean)
         t = (u * num_timesteps).long().clamp(0, num_timesteps - 1)
     else:
         raise ValueError(f"unknown timestep density '{kind}': choose one of {VP_DENSITIES}")
