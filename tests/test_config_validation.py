@@ -63,9 +63,9 @@ BAD = [
     ("train", ["trainer.log_every_n_steps=-1"], "trainer.log_every_n_steps", "-1"),
     # train: sampler, schedule, objective, conditioning, autoencoder
     ("train", ["sampler.steps=0"], "sampler.steps", "0"),
-    ("train", ["sampler.eta=-0.5"], "sampler.eta", "-0.5"),
+    ("train", ["sampler=ddim", "sampler.eta=-0.5"], "sampler.eta", "-0.5"),
     ("train", ["sampler.steps=null"], "sampler.steps", "null"),
-    ("train", ["sampler.steps=5000"], "sampler.steps", "5000"),
+    ("train", ["process=vp", "sampler.steps=5000"], "sampler.steps", "5000"),
     ("train", ["schedule.num_timesteps=1"], "schedule.num_timesteps", "1"),
     ("train", ["schedule.spacing=middle"], "schedule.spacing", "middle"),
     ("train", ["schedule=linear", "schedule.beta_end=1.5"], "schedule.beta_end", "1.5"),
@@ -129,7 +129,8 @@ GOOD = [
     ("train", ["trainer.precision=bf16-mixed", "trainer.devices=[0,1]", "trainer.log_every_n_steps=0"]),
     ("train", ["trainer.val_check_interval=0.5", "trainer.check_val_every_n_epoch=1", "trainer.max_time=00:01:00:00"]),
     ("train", ["trainer=ddp", "trainer.devices=-1", "trainer.precision=16", "trainer.max_epochs=null"]),
-    ("train", ["sampler=ddpm", "sampler.steps=null", "sampler.variance=large", "schedule.spacing=trailing"]),
+    ("train", ["process=vp", "sampler=ddpm", "sampler.steps=null", "sampler.variance=large",
+               "schedule.spacing=trailing"]),
     ("train", ["model.guidance.scale=0", "model.guidance.interval=[null,5]", "model.guidance.per_class={{3: 4.0}}"]),
     ("train", ["callbacks.class_grid.every_n_steps=0", "callbacks.ema.decay=0", "ckpt_path=last", "resume=never"]),
     ("train", ["datamodule=moving_digits", "datamodule.image_size=[16,16]", "model.warmup_steps=200"]),
@@ -216,7 +217,8 @@ def test_shipped_experiments_pass(experiment, paths):
 
 
 def _shipped() -> list[tuple[str, list[str]]]:
-    required = {"datamodule=latents": ["datamodule.cache_dir=data/latents"]}     # ??? in the yaml: a user gives it
+    required = {"datamodule=latents": ["datamodule.cache_dir=data/latents"],     # ??? in the yaml: a user gives it
+                "sampler=ddpm": ["process=vp"]}  # the default digits recipe is flow; ddpm is vp's ancestral chain
     return ([("train", [])] + [("train", [option, *required.get(option, [])]) for option in GROUP_OPTIONS] +
             [("sample", ["ckpt_path={file}"]), ("export", ["ckpt_path={file}"]), ("report", ["ckpt_path={file}"]),
              ("encode_latents", ["out_dir=lat"])])
