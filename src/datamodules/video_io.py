@@ -134,10 +134,13 @@ class TorchCodecReader:
     def __init__(self, path: str | os.PathLike):
         try:
             from torchcodec.decoders import VideoDecoder
-        except ImportError as e:  # ImportError also covers a torchcodec that cannot find FFmpeg's shared libraries
+        except ImportError as e:  # also a torchcodec that cannot find FFmpeg's shared libraries
+            from difflab.utils.extras import install_hint
+
+            # stays an ImportError: datasets re-raise it instead of skipping every clip as unreadable
             raise ImportError(
                 f"backend='torchcodec' needs the torchcodec package and a system FFmpeg ({e}); "
-                "`pip install torchcodec` and install FFmpeg, or use backend='pyav'"
+                f"{install_hint('torchcodec')} and install FFmpeg, or use backend='pyav'"
             ) from e
         self.path = str(path)
         self._decoder = VideoDecoder(self.path, dimension_order="NHWC", num_ffmpeg_threads=1)
