@@ -326,7 +326,8 @@ def test_missing_lpips_weights_disable_the_term_with_one_warning(tmp_path):
 @pytest.mark.parametrize("name", ["eps", "x0", "v"])
 def test_objective_configs_compose(name):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"objective={name}", "objective.weighting=min_snr", "objective.loss=huber",
+        cfg = compose("train", overrides=["process=vp", f"objective={name}", "objective.weighting=min_snr",
+                                          "objective.loss=huber",
                                           "schedule.density=logit_normal", "objective.offset_noise=0.1",
                                           "objective.x0_clip=dynamic"])
     assert instantiate(cfg.schedule).density == "logit_normal"
