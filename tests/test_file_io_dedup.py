@@ -191,16 +191,6 @@ def test_prepare_lpips_frames_errors_and_gradients():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-@pytest.fixture(scope="module")
-def squeeze_backbone(tmp_path_factory):
-    from torchvision.models import squeezenet1_1
-
-    path = tmp_path_factory.mktemp("lpips") / "squeezenet1_1-b8a52dc0.pth"
-    torch.manual_seed(0)
-    torch.save(squeezenet1_1(weights=None).state_dict(), path)
-    return path
-
-
 def test_lpips_loss_term_metric_and_callback_agree_on_small_frames(squeeze_backbone):
     from difflab.diffusion.objectives import PerceptualTerm
     from difflab.metrics.lpips_metric import build_lpips, lpips_distance

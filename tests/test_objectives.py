@@ -268,17 +268,6 @@ def test_velocity_target_needs_a_continuous_process():
         Objective(prediction="flow").check_process(DiscreteSchedule("cosine", 100))
 
 
-@pytest.fixture(scope="module")
-def squeeze_backbone(tmp_path_factory):
-    """A randomly initialised torchvision squeezenet1_1 state dict: the on-disk format of the real backbone."""
-    from torchvision.models import squeezenet1_1
-
-    path = tmp_path_factory.mktemp("lpips") / "squeezenet1_1-b8a52dc0.pth"
-    torch.manual_seed(0)
-    torch.save(squeezenet1_1(weights=None).state_dict(), path)
-    return path
-
-
 def test_lpips_term_adds_to_the_loss_and_trains_the_prediction(squeeze_backbone):
     sch = DiscreteSchedule("cosine", 100)
     obj = Objective(prediction="x0", lpips_weight=0.5, lpips_net="squeeze", lpips_backbone=str(squeeze_backbone))
