@@ -22,6 +22,7 @@ from difflab.ops.resume import resolve_resume
 from difflab.ops.signals import GracefulShutdown, checkpoint_dir, find_shutdown
 from difflab.ops.slurm import cluster_plugins
 from difflab.utils.errors import ConfigError
+from difflab.utils.logging import print_lightning_lines_once
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     was saved). Whatever happens, the W&B run is finished and the DDP world of this job is torn down, so that the
     next job of a sweep starts clean.
     """
+    print_lightning_lines_once()
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir, cfg.get("resume"))
     objs: dict[str, Any] = {}
     failed = True

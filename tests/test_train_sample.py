@@ -170,3 +170,17 @@ def test_disabling_the_progress_bar_from_the_trainer_config_drops_the_bar_callba
     assert any(isinstance(cb, ProgressBar) for cb in on.callbacks)
     off = build(compose_train(tmp_path / "off", ["logger=none", "trainer.enable_progress_bar=false"]))["trainer"]
     assert not any(isinstance(cb, ProgressBar) for cb in off.callbacks)
+
+
+def test_console_run_prints_each_lightning_line_once(tmp_path):
+    """Lightning is imported lazily (after Hydra configured logging); its own console handler must not double every
+    line on the console or in train.log (a DDP test counts these lines)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "difflab.train", "debug=fast", "logger=csv",
+                        "trainer.enable_progress_bar=false"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (r.stdout + r.stderr).count("GPU available") == 1
+    log_file = next((tmp_path / "logs" / "train" / "runs").glob("*/train.log"))
+    assert log_file.read_text().count("GPU available") == 1

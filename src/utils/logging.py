@@ -1,4 +1,4 @@
-"""Send figures and scalars to every active Lightning logger (TensorBoard, W&B, CSV)."""
+"""Send figures and scalars to every active Lightning logger (TensorBoard, W&B, CSV); route Lightning's own log lines."""
 from __future__ import annotations
 
 import logging
@@ -7,6 +7,24 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+
+def print_lightning_lines_once() -> None:
+    """Each Lightning message once, in the run's log format and its log file.
+
+    ``import lightning`` gives the ``lightning`` logger a console handler of its own ("INFO: ..."); imported after
+    Hydra has configured the root logger (the entry points import Lightning lazily, to keep ``--help`` fast), its
+    records would also reach the root handlers and every line would be printed twice. When the root logger has
+    handlers, Lightning's console handler is removed and the root's (console + ``<task>.log``) print the record.
+    """
+    import lightning  # noqa: F401  (adds the handler on first import)
+
+    if not logging.getLogger().hasHandlers():
+        return
+    package = logging.getLogger("lightning")
+    for handler in list(package.handlers):
+        if type(handler) is logging.StreamHandler:
+            package.removeHandler(handler)
 
 
 def log_image(trainer, key: str, path: str | Path, step: int, caption: str | None = None) -> None:
