@@ -23,6 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import REPO, RESULTS, machine_description, md_table  # noqa: E402
 
 DIGITS_CKPT = "/tmp/digits_ref/last.ckpt"
+# the digits run bench_posthoc_ema.py trains (callbacks=posthoc): its final checkpoint, and half-way as a weak guide
+POSTHOC_RUN = "/tmp/difflab_bench_posthoc/checkpoints"
+GUIDANCE_ARGS = ["--ckpt", f"{POSTHOC_RUN}/last.ckpt", "--guide", f"{POSTHOC_RUN}/step_0001000.ckpt"]
 # name -> (script, args for a full run, args for --quick, result files it writes (without _quick / .md))
 BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
     "vs_diffusers": ("bench_vs_diffusers.py", [], ["--quick"], ["vs_diffusers"]),
@@ -41,6 +44,11 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
     "processes": ("bench_processes.py", [], ["--quick"], ["processes"]),
     "samplers_processes": ("bench_samplers.py", ["--processes"], ["--processes"], ["samplers_processes"]),
     "precision": ("bench_precision.py", ["--recipe"], ["--quick"], ["precision"]),
+    "dit_race_digits": ("bench_dit_race.py", ["digits"], ["digits", "--quick"], ["dit_race_digits"]),
+    "dit_race_video": ("bench_dit_race.py", ["video"], ["video", "--quick"], ["dit_race_video"]),
+    "dit_speed": ("bench_dit_speed.py", [], ["--quick"], ["dit_speed"]),
+    "posthoc_ema": ("bench_posthoc_ema.py", [], ["--quick"], ["posthoc_ema"]),
+    "guidance": ("bench_guidance.py", GUIDANCE_ARGS, [*GUIDANCE_ARGS, "--quick"], ["guidance"]),
 }
 TITLES = {
     "vs_diffusers": "1. Quality per wall-clock on digits (difflab vs a plain diffusers loop)",
@@ -52,6 +60,11 @@ TITLES = {
     "processes": "6. Noise processes on digits (vp vs edm vs flow, equal wall-clock)",
     "samplers_processes": "6b. Samplers on every process (exact moments) and the default spacing",
     "precision": "7. Precision on CPU (fp32 vs bf16 autocast; the rule behind trainer.precision=auto)",
+    "dit_race_digits": "8. Transformers: DiT vs UNet on digits at equal wall-clock",
+    "dit_race_video": "8b. Transformers: VideoDiT vs UNet3D on moving digits at equal wall-clock",
+    "dit_speed": "8c. DiT throughput vs diffusers, regional compile, activation checkpointing, fused QKV",
+    "posthoc_ema": "9. Post-hoc EMA: quality against the EMA length after training, and the snapshots' cost",
+    "guidance": "10. Guidance methods on digits: CFG, CFG++, APG and autoguidance at equal NFE",
 }
 TARGET_RE = re.compile(r"(target[^.\n]*?:\s*\**(?:met|not met)[^\n]*)", re.IGNORECASE)
 
@@ -109,6 +122,8 @@ def run_one(name: str, quick: bool, timeout: float | None) -> tuple[str, float]:
         return f"skipped: bench/{script} not in the tree", 0.0
     if name == "samplers_digits" and not Path(DIGITS_CKPT).is_file():
         return f"skipped: no trained digits checkpoint at {DIGITS_CKPT}", 0.0
+    if name == "guidance" and not Path(POSTHOC_RUN, "last.ckpt").is_file():
+        return f"skipped: run bench_posthoc_ema.py first (it trains {POSTHOC_RUN})", 0.0
     cmd = [sys.executable, str(REPO / "bench" / script), *(fast if quick else full)]
     t0 = time.perf_counter()
     try:

@@ -4,7 +4,7 @@ configs/<group>/schema.py; `sample.yaml`'s `guidance` block is no group, so its 
 from pathlib import Path
 
 from difflab.config_checks import (Rule, any_of, boolean, device, directory_path, existing_file, existing_path,
-                                   integer, list_of, non_negative, one_of, optional, positive, probability,
+                                   integer, list_of, non_negative, number, one_of, optional, positive, probability,
                                    sigma_interval, string)
 
 EXPORT_WEIGHTS = "model.safetensors"
@@ -62,6 +62,12 @@ SAMPLE = {
     "guidance.scale": optional(non_negative()),
     "guidance.rescale": optional(probability()),
     "guidance.interval": optional(sigma_interval()),
+    "guidance.method": optional(one_of(["cfg", "cfgpp", "apg", "autoguidance"])),   # src/diffusion/guidance.py
+    "guidance.eta": optional(number()),
+    "guidance.norm_threshold": optional(non_negative()),
+    "guidance.momentum": optional(number(min=-1, max=1, min_open=True, max_open=True)),
+    "guidance.guide_ckpt": optional(Rule(_checkpoint_found, "an existing checkpoint (*.ckpt) or export of the guide "
+                                              "model")),
 }
 
 EXPORT = {
@@ -82,6 +88,18 @@ REPORT = {
     "val_batches": optional(integer(min=1)),
 }
 
+RECONSTRUCT_EMA = {   # src/reconstruct_ema.py; exactly one of sigma_rel / gamma: one_ema_length below
+    "task_name": string(nonempty=True),
+    "run_dir": existing_path().described_as("an existing run directory (trained with callbacks=posthoc)"),
+    "sigma_rel": optional(number(min=0, max=0.3, min_open=True)),
+    "gamma": optional(number(min=-0.38)).described_as("a number >= -0.38 (the one-to-one branch of sigma_rel) or null"),
+    "step": optional(integer(min=1)),
+    "snapshot_dir": optional(existing_path()),
+    "out": optional(string(nonempty=True)),
+    "overwrite": boolean(),
+    "tolerance": number(min=0, max=1, min_open=True),
+}
+
 ENCODE_LATENTS = {
     "task_name": string(nonempty=True),
     "out_dir": directory_path(),
@@ -96,6 +114,16 @@ ENCODE_LATENTS = {
     "device": device(),
     "progress": boolean(),
 }
+
+
+def sample_guidance_settings(cfg: dict):
+    """sample.py's guidance overrides that need each other: CFG++'s lambda in [0, 1], autoguidance's guide (the
+    checkpoint's own method and guide are known only once it is loaded: checked there)."""
+    g = cfg.get("guidance") or {}
+    scale = g.get("scale")
+    if g.get("method") == "cfgpp" and isinstance(scale, (int, float)) and not 0 <= scale <= 1:
+        return "guidance.scale", "a number in [0, 1] with guidance.method=cfgpp (CFG++'s lambda, e.g. 0.6)"
+    return None
 
 
 def resume_xor_init(cfg: dict):
@@ -124,5 +152,31 @@ def sampler_defined_on_process(cfg: dict):
         return "sampler.s_churn", "0 with process=vp (churn needs a continuous process: edm or flow)"
 
 
-RULES = {"train": TRAIN, "sample": SAMPLE, "export": EXPORT, "report": REPORT, "encode_latents": ENCODE_LATENTS}
-CHECKS = {"train": [resume_xor_init, sampler_steps_fit_schedule, sampler_defined_on_process]}
+def patch_divides_image_size(cfg: dict):
+    """Patch-based denoisers (DiT, ViViT, UNet3D space-to-depth) need the patch size to divide the image size; the
+    denoiser checks it again at build time for data whose size the config does not state (latent caches)."""
+    patch = ((cfg.get("model") or {}).get("net") or {}).get("patch_size")
+    size = (cfg.get("datamodule") or {}).get("image_size")
+    if isinstance(patch, int) and isinstance(size, int) and patch > 0 and size % patch:
+        return "model.net.patch_size", f"a divisor of the image size (datamodule.image_size={size})"
+
+
+def frames_within_temporal_positions(cfg: dict):
+    """A video transformer has temporal positions for at most model.net.max_frames frames."""
+    most = ((cfg.get("model") or {}).get("net") or {}).get("max_frames")
+    frames = (cfg.get("datamodule") or {}).get("num_frames")
+    if isinstance(most, int) and isinstance(frames, int) and frames > most:
+        return "model.net.max_frames", f"at least the clips' frame count (datamodule.num_frames={frames})"
+
+
+RULES = {"train": TRAIN, "sample": SAMPLE, "export": EXPORT, "report": REPORT, "encode_latents": ENCODE_LATENTS,
+         "reconstruct_ema": RECONSTRUCT_EMA}
+def one_ema_length(cfg: dict):
+    """reconstruct_ema needs the length as exactly one of sigma_rel or gamma."""
+    if (cfg.get("sigma_rel") is None) == (cfg.get("gamma") is None):
+        return "sigma_rel", "a number in (0, 0.3] (e.g. 0.07) when gamma is null, null when gamma is set (give one)"
+
+
+CHECKS = {"sample": [sample_guidance_settings], "reconstruct_ema": [one_ema_length],
+          "train": [resume_xor_init, sampler_steps_fit_schedule, sampler_defined_on_process, patch_divides_image_size,
+                    frames_within_temporal_positions]}

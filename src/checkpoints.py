@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from difflab.utils.errors import CheckpointError
+from difflab.utils.errors import CheckpointError, instantiate_reporting
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
@@ -203,7 +202,7 @@ def module_from_checkpoint(path: str | Path, overrides: dict | None = None, map_
         cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
     if "model" not in cfg:
         raise CheckpointError(f"{path}: the stored config has no 'model' section")
-    module = instantiate(cfg.model)
+    module = instantiate_reporting(cfg.model)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     load_state_dict_checked(module, weights["ema"], path)
     return module.to(map_location).eval()

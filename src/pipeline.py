@@ -21,7 +21,7 @@ from difflab.ops.precision import resolve_precision
 from difflab.ops.resume import resolve_resume
 from difflab.ops.signals import GracefulShutdown, checkpoint_dir, find_shutdown
 from difflab.ops.slurm import cluster_plugins
-from difflab.utils.errors import ConfigError
+from difflab.utils.errors import ConfigError, instantiate_reporting
 from difflab.utils.logging import print_lightning_lines_once
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     if os.environ.get("LOCAL_RANK", "0") == "0":
         datamodule.prepare_data()  # fail fast on missing data (one line), before models and GPUs are set up
     fill_from_datamodule(cfg, datamodule)
-    model = instantiate(cfg.model)
+    model = instantiate_reporting(cfg.model)
     if hasattr(model, "run_config"):
         model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_dict(cfg.get("callbacks"))

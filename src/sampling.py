@@ -34,6 +34,13 @@ def resolve_sampler(trained: dict, requested: DictConfig | dict | None):
     return instantiate(merged)
 
 
+def guidance_overrides(requested: DictConfig | dict | None) -> dict:
+    """sample.yaml's ``guidance`` block as a plain dict of the keys that are set (null = the checkpoint's value)."""
+    if isinstance(requested, DictConfig):
+        requested = OmegaConf.to_container(requested, resolve=True)
+    return {k: v for k, v in (requested or {}).items() if v is not None}
+
+
 def sample_conditions(module, n: int, labels=None, prompts=None):
     """Raw conditions for n samples: given labels / prompts (cycled to n), else balanced over classes / prompts."""
     if prompts:
@@ -93,22 +100,21 @@ def run_sampling(cfg: DictConfig) -> dict[str, Path]:
     module = module_from_checkpoint(cfg.ckpt_path).to(device)
     trained_sampler = module.run_config["model"]["sampler"]
     sampler = resolve_sampler(trained_sampler, cfg.get("sampler"))
-    g = cfg.get("guidance") or {}
-    for key in ("rescale", "interval"):
-        if g.get(key) is not None:
-            module.guidance[key] = g[key]
+    g = guidance_overrides(cfg.get("guidance"))
+    module.guidance = module.guidance_settings(g)   # the checkpoint's model.guidance with the non-null keys on top
     raw = sample_conditions(module, cfg.n, cfg.get("labels"), cfg.get("prompts"))
     gen = torch.Generator().manual_seed(int(cfg.seed))
     chunks = []
     for i in range(0, cfg.n, cfg.batch_size):
         j = min(cfg.n, i + cfg.batch_size)
         noise = torch.randn((j - i, *module.sample_shape), generator=gen)
-        chunks.append(module.sample(j - i, _slice(raw, i, j), sampler=sampler, guidance_scale=g.get("scale"),
-                                    noise=noise, generator=gen, progress=True).cpu())
+        chunks.append(module.sample(j - i, _slice(raw, i, j), sampler=sampler, noise=noise, generator=gen,
+                                    progress=True).cpu())
     samples = torch.cat(chunks)
     out = write_outputs(Path(cfg.out_dir), samples, raw)
     if samples.ndim == 5:  # videos: also an MP4 + GIF grid, one row per prompt
         from difflab.callbacks.video_grid import video_fps, write_sample_videos
         out.update(write_sample_videos(cfg.out_dir, samples, raw, fps=video_fps(module.run_config)))
-    log.info("wrote %d samples with %s to %s", cfg.n, module.describe_sampler(sampler), cfg.out_dir)
+    log.info("wrote %d samples with %s, guidance %s (scale %s) to %s", cfg.n, module.describe_sampler(sampler),
+             module.guidance["method"], module.guidance["scale"], cfg.out_dir)
     return out

@@ -71,3 +71,25 @@ def test_quick_scripts_run(tmp_path, script, args, name):
     text = (tmp_path / name).read_text()
     assert re.search(r"target[^\n]*: (met|not met)", text, re.IGNORECASE), text
     assert "| ---" not in text and "|---|" in text
+
+
+def test_dit_gpu_benchmark_code_path_runs_on_cpu(tmp_path):
+    """bench_dit_gpu.py is meant for a GPU; --smoke runs its whole code path (FLOP count, timing, MFU table) here."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DIFFLAB_BENCH_RESULTS": str(tmp_path)}
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "bench_dit_gpu.py"), "--smoke"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = (tmp_path / "dit_gpu_quick.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| DiT-T/4"))
+    gflop = float(row.split("|")[7])
+    assert gflop > 0  # FlopCounterMode counted the training step's matmuls
+
+
+@pytest.mark.slow
+def test_dit_speed_benchmark_quick_run(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DIFFLAB_BENCH_RESULTS": str(tmp_path)}
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "bench_dit_speed.py"), "--quick", "--no-compile"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = (tmp_path / "dit_speed_quick.md").read_text()
+    assert re.search(r"target[^\n]*: (met|not met)", text, re.IGNORECASE) and "activations saved" in text

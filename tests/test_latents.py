@@ -355,3 +355,35 @@ def test_encode_latents_cli_on_digits(tmp_path, ae_ckpt):
     bad = subprocess.run(cmd + ["datamodule.seed=1"], env=env, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and "dataset" in bad.stderr and "overwrite=true" in bad.stderr
+
+
+def test_train_a_dit_on_cached_latents(tmp_path, ae_ckpt):
+    """model=dit on a latent cache (4 x 4 x 4 latents, patch 2) trains, decodes its class grid through the cache's
+    autoencoder, and its checkpoint samples pixels."""
+    from difflab.checkpoints import module_from_checkpoint
+    from difflab.encode_latents import run
+    from difflab.ops.testing import compose_train
+    from difflab.pipeline import train
+
+    cache = tmp_path / "cache"
+    run(OmegaConf.create({
+        "autoencoder": {"_target_": "difflab.autoencoders.kl_vae.KLAutoencoder", "ckpt_path": str(ae_ckpt)},
+        "datamodule": {"_target_": TINY_DM, "n_train": 40, "batch_size": 4, "num_workers": 0},
+        "out_dir": str(cache), "splits": ["train", "val"], "batch_size": 16, "num_workers": 0,
+        "dtype": "float16", "target_std": 0.5, "per_channel": True, "overwrite": False, "device": "auto",
+        "progress": False}))
+    out = tmp_path / "run"
+    cfg = compose_train(out, [
+        "datamodule=latents", f"datamodule.cache_dir={cache}", "datamodule.batch_size=8", "datamodule.num_workers=0",
+        "datamodule.persistent_workers=false", "model=dit", "model.net.depth=1", "model.net.hidden_dim=32",
+        "model.net.num_heads=2", "model.net.patch_size=2", "objective.x0_clip=none", "conditioning=class",
+        f"model.autoencoder={{_target_:difflab.latents.cache.load_cache_autoencoder,cache_dir:{cache}}}",
+        "trainer=cpu", "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1", "sampler.steps=2", "callbacks.class_grid.every_n_steps=2",
+        "callbacks.class_grid.n_cols=2", "callbacks.model_checkpoint.every_n_train_steps=2",
+        "~callbacks.progress_bar", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"])
+    objs = train(cfg)
+    assert type(objs["model"].denoiser).__name__ == "DiT" and objs["model"].sample_shape == (4, 4, 4)
+    assert (out / "figures" / "class_grid" / "final.png").is_file()
+    module = module_from_checkpoint(out / "checkpoints" / "last.ckpt")
+    assert module.sample(3, torch.tensor([0, 1, 2])).shape == (3, 1, 16, 16)  # decoded to pixels

@@ -2,10 +2,14 @@
 Lightning's ModelCheckpoint / LearningRateMonitor), checked by difflab.config_checks before a job starts.
 `*` matches any callback name (renamed or added ones included); an exact key wins over a `*` one. The ops group
 (configs/ops/) lands in `callbacks` too and has its own schema there."""
-from difflab.config_checks import (any_of, boolean, directory_path, integer, list_of, mapping, non_negative, number,
-                                   one_of, optional, positive, probability, string)
+from difflab.config_checks import (Rule, any_of, boolean, directory_path, integer, list_of, mapping, non_negative,
+                                   number, one_of, optional, positive, probability, string)
 
 LPIPS_NETS = ["alex", "vgg", "squeeze"]
+
+# what a grid / metrics callback may override of model.guidance (configs/guidance/*.yaml and the model's block)
+GUIDANCE_KEYS = {"method", "scale", "rescale", "interval", "per_class", "eta", "norm_threshold", "momentum",
+                 "guide_ckpt"}
 
 RULES = {
     # shared by the figure / grid callbacks (src/callbacks/schedule.py: 0 = only dense-early and at the end)
@@ -17,6 +21,10 @@ RULES = {
     "*.max_rows": integer(min=1),
     "*.guidance_scale": optional(non_negative()).described_as(
         "a number >= 0 (1: no guidance, 0: unconditional) or null (the model's guidance.scale)"),
+    "*.guidance": optional(Rule(
+        lambda v: isinstance(v, dict) and set(v) <= GUIDANCE_KEYS,
+        f"a dict of model.guidance overrides with keys among {', '.join(sorted(GUIDANCE_KEYS))}, e.g. "
+        "{method: apg, scale: 4}")),
     "*.sampler.steps": integer(min=1),
     "*.lpips_net": optional(one_of(LPIPS_NETS)),
     "*.lpips_backbone": optional(string()),
@@ -25,6 +33,12 @@ RULES = {
     "ema.update_every": integer(min=1),
     "ema.start_step": integer(min=0),
     "ema.warmup": boolean(),
+    # posthoc_ema (src/callbacks/posthoc_ema.py, configs/callbacks/posthoc.yaml): EDM2 lengths on the one-to-one
+    # branch of sigma_rel(gamma), whose maximum is ~0.300
+    "posthoc_ema.sigma_rels": list_of(number(min=0, max=0.3, min_open=True), min_len=1),
+    "posthoc_ema.snapshot_every": integer(min=1),
+    "posthoc_ema.max_snapshots": optional(integer(min=1)).described_as("an integer >= 1 or null (keep all)"),
+    "posthoc_ema.dir": optional(directory_path()),
     # Lightning's ModelCheckpoint and LearningRateMonitor
     "model_checkpoint.dirpath": optional(directory_path()),
     "model_checkpoint.filename": optional(string(nonempty=True)),

@@ -30,14 +30,15 @@ def grid_conditions(module, n_cols: int):
 
 
 def render_grid(module, out_path: Path, n_cols: int = 8, guidance_scale=None, seed: int = 0,
-                sampler=None) -> Path:
-    """Sample the class/prompt grid with fixed noise and write it as a PNG; returns the path."""
+                sampler=None, guidance: dict | None = None) -> Path:
+    """Sample the class/prompt grid with fixed noise and write it as a PNG; returns the path. ``guidance``:
+    overrides of the module's guidance settings (e.g. ``{"method": "apg"}``)."""
     raw, titles = grid_conditions(module, n_cols)
     n_rows = len(titles) if raw is not None else 4
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((n_cols, *module.sample_shape), generator=g).repeat(n_rows, *([1] * len(module.sample_shape)))
     x = module.sample(n_rows * n_cols, raw, sampler=sampler, guidance_scale=guidance_scale, noise=noise,
-                      generator=torch.Generator().manual_seed(seed + 1))
+                      generator=torch.Generator().manual_seed(seed + 1), guidance=guidance)
     if x.ndim == 5:  # videos: show the middle frame in the still grid
         x = x[:, :, x.shape[2] // 2]
     grid = make_grid(to_uint8(x), nrow=n_cols)
@@ -48,8 +49,9 @@ class ClassGridCallback(L.Callback):
     """Every ``every_n_steps`` (densely early) and at the end of training, sample a fixed-seed grid with EMA weights."""
 
     def __init__(self, every_n_steps: int = 500, n_cols: int = 8, seed: int = 0, guidance_scale: float | None = None,
-                 dense_early: bool = False, at_end: bool = True, tag_suffix: str = ""):
+                 dense_early: bool = False, at_end: bool = True, tag_suffix: str = "", guidance: dict | None = None):
         self.every_n_steps, self.n_cols, self.seed = every_n_steps, n_cols, seed
+        self.guidance = dict(guidance) if guidance else None   # overrides of model.guidance (method and its keys)
         self.kind = "class_grid" + (f"_{tag_suffix}" if tag_suffix else "")
         self.guidance_scale, self.dense_early, self.at_end = guidance_scale, dense_early, at_end
         self.written: list[Path] = []
@@ -61,10 +63,12 @@ class ClassGridCallback(L.Callback):
         path = figure_path(trainer.default_root_dir, self.kind, step)
         if tag:
             path = path.with_name(f"{tag}.png")
-        render_grid(module, path, self.n_cols, self.guidance_scale, self.seed)
+        render_grid(module, path, self.n_cols, self.guidance_scale, self.seed, guidance=self.guidance)
         self.written.append(path)
-        scale = self.guidance_scale if self.guidance_scale is not None else module.guidance["scale"]
-        log_image(trainer, f"samples/{self.kind}", path, step, caption=f"step {step}, guidance {scale}")
+        g = module.guidance_settings(self.guidance)
+        scale = self.guidance_scale if self.guidance_scale is not None else g["scale"]
+        log_image(trainer, f"samples/{self.kind}", path, step,
+                  caption=f"step {step}, guidance {g.get('method', 'cfg')} {scale}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.sanity_checking:

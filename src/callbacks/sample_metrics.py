@@ -155,7 +155,8 @@ class SampleMetrics:
                  digit_classifier_weights: str | None = None, kid_subsets: int = 10, kid_subset_size: int = 50,
                  n_real: int = 1024, real_split: str = "train", stats_dir: str | None = None,
                  lpips_net: str | None = "alex", lpips_backbone: str | None = None, lpips_pairs: int = 32,
-                 clip_model: str | None = None, sampler=None, guidance_scale: float | None = None, seed: int = 0):
+                 clip_model: str | None = None, sampler=None, guidance_scale: float | None = None, seed: int = 0,
+                 guidance: dict | None = None):
         if n_samples < 2:
             raise ValueError(f"sample_metrics.n_samples must be >= 2; got {n_samples}")
         if real_split not in ("train", "val"):
@@ -169,6 +170,7 @@ class SampleMetrics:
         self.lpips_net, self.lpips_backbone, self.lpips_pairs = lpips_net, lpips_backbone, int(lpips_pairs)
         self.clip_model = clip_model
         self.sampler, self.guidance_scale, self.seed = sampler, guidance_scale, int(seed)
+        self.guidance = dict(guidance) if guidance else None   # overrides of model.guidance (method and its keys)
         self.metric = None
         self.kind = None
         self.names: tuple[str, str] | None = None
@@ -301,8 +303,9 @@ class SampleMetrics:
                 raw = [raw_all[j] for j in idx]
             else:
                 raw = None
+            overrides = {"guidance": self.guidance} if self.guidance else {}   # duck-typed modules need not take it
             x = module.sample(len(idx), raw, sampler=self.sampler, guidance_scale=self.guidance_scale,
-                              noise=self._noise(idx, tuple(module.sample_shape)), generator=gen)
+                              noise=self._noise(idx, tuple(module.sample_shape)), generator=gen, **overrides)
             if self.metric is not None:
                 feats = self.metric.extract(x)
                 self.metric.update_features(feats, real=False)

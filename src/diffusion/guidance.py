@@ -1,4 +1,4 @@
-"""Classifier-free guidance and the guided model function every sampler consumes.
+"""Guidance methods and the guided model function every sampler consumes.
 
 Convention (diffusers' ``guidance_scale``): ``out = uncond + scale * (cond - uncond)``; ``scale = 1 + w`` in Ho &
 Salimans' notation ``(1 + w) cond - w uncond``, so ``scale = 1`` is plain conditional sampling (one forward pass) and
@@ -8,10 +8,18 @@ the guided output to the conditional one; the interval (Kynkaanniemi et al.) lim
 
 The guidance interval's unit, for every process: sigma_ve = sigma / alpha, the variance-exploding (EDM) noise level
 (sqrt((1 - alpha_bar) / alpha_bar) on vp, sigma itself on edm, t / (1 - t) on flow).
+
+Methods (``GUIDANCE_METHODS``, chosen by ``guidance.method``): each is one function
+``method(step: GuidanceStep, scale, **options) -> (x0_hat, eps_hat)`` of the two network outputs of one step
+(conditional and reference: the unconditional one, or the guide network's for autoguidance); ``scale`` is a float
+or a per-sample tensor (per-class scales). Outside the interval every method returns the plain conditional
+prediction (one forward pass). ``cfg`` (classifier-free guidance), ``cfgpp`` (CFG++), ``apg`` (adaptive projected
+guidance), ``autoguidance``.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -72,19 +80,124 @@ def concat_cond(a: dict, b: dict) -> dict:
     return {k: (None if a[k] is None else torch.cat([a[k], b[k]])) for k in a}
 
 
+# --------------------------------------------------------------------------------------------------- methods
+@dataclass
+class GuidanceStep:
+    """One guided step: the raw network outputs (conditional ``out_c``, reference ``out_r``: unconditional, or the
+    guide's for autoguidance), their conversion to float64 (x0, eps) at this x_t, and the per-sampling-call state
+    (APG's momentum)."""
+    out_c: Tensor
+    out_r: Tensor
+    to_x0_eps: Callable[[Tensor], tuple[Tensor, Tensor]]
+    x_t: Tensor                      # float64
+    alpha: Tensor                    # float64, broadcastable to x_t
+    sigma: Tensor
+    state: dict = field(default_factory=dict)
+
+
+def cfg(step: GuidanceStep, scale, rescale: float = 0.0, **_) -> tuple[Tensor, Tensor]:
+    """Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598): u + s (c - u) on the raw output, then
+    Lin et al.'s rescale (arXiv 2305.08891); the pair is the one consistent with x_t."""
+    return step.to_x0_eps(rescale_guidance(cfg_combine(step.out_c, step.out_r, scale), step.out_c, rescale))
+
+
+def cfgpp(step: GuidanceStep, scale, **_) -> tuple[Tensor, Tensor]:
+    """CFG++ (Chung et al. 2024, arXiv 2406.08070): x0_hat from eps_u + lambda (eps_c - eps_u) with lambda = scale
+    in [0, 1], and eps_hat = the UNCONDITIONAL eps, so a DDIM step re-noises with eps_u:
+    x' = alpha' x0_lambda + sigma' eps_u. The pair is deliberately not consistent with x_t.
+
+    Only samplers that take eps_hat from model_fn (ddim) see the re-noising; euler, heun, dpmpp_2m and ddpm rebuild
+    eps from x_t and x0_hat, so there CFG++ acts as CFG at scale lambda (the paper's Euler / DPM++ variants would need
+    sampler changes)."""
+    x0, _ = step.to_x0_eps(cfg_combine(step.out_c, step.out_r, scale))
+    _, eps_u = step.to_x0_eps(step.out_r)
+    return x0, eps_u
+
+
+def apg(step: GuidanceStep, scale, eta: float = 0.0, norm_threshold: float = 0.0, momentum: float = 0.0,
+        **_) -> tuple[Tensor, Tensor]:
+    """Adaptive projected guidance (Sadat et al. 2024, arXiv 2410.02416) on the denoised predictions:
+    diff = x0_c - x0_u, with momentum a running sum diff + momentum * previous (over this sampling call's guided
+    model evaluations), norm-clipped to ``norm_threshold`` (0: off; L2 over each sample), split into the parts
+    parallel and orthogonal to x0_c; x0 = x0_c + (s - 1) (orthogonal + eta parallel). eps_hat is recomputed so the
+    pair is consistent with x_t. Same result as diffusers' ``normalized_guidance(x0_c, x0_u, s - 1, ...,
+    use_original_formulation=True)``."""
+    x0_c, _ = step.to_x0_eps(step.out_c)
+    x0_u, _ = step.to_x0_eps(step.out_r)
+    dims = tuple(range(1, x0_c.ndim))
+    diff = x0_c - x0_u
+    if momentum != 0.0:
+        diff = diff + momentum * step.state.get("running", 0.0)
+        step.state["running"] = diff
+    if norm_threshold > 0:
+        norm = diff.norm(p=2, dim=dims, keepdim=True)
+        diff = diff * torch.minimum(torch.ones_like(norm), norm_threshold / norm)
+    unit = torch.nn.functional.normalize(x0_c, dim=dims)
+    parallel = (diff * unit).sum(dim=dims, keepdim=True) * unit
+    update = (diff - parallel) + eta * parallel
+    x0 = x0_c + (_per_sample(scale, x0_c) - 1) * update
+    return x0, eps_from_x0(step.x_t, x0, step.alpha, step.sigma)
+
+
+def autoguidance(step: GuidanceStep, scale, rescale: float = 0.0, **_) -> tuple[Tensor, Tensor]:
+    """Autoguidance (Karras et al. 2024, arXiv 2406.02507): D = D_guide + w (D_main - D_guide) with both networks
+    conditional and D_guide a weaker version of the main model (edm2's ``gnet(x).lerp(net(x), w)``); w = scale, on
+    the raw output (linear, so the same in every parameterisation, as the guide shares process and prediction)."""
+    return cfg(step, scale, rescale)
+
+
+GUIDANCE_METHODS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
+    "cfg": cfg, "cfgpp": cfgpp, "apg": apg, "autoguidance": autoguidance}
+GUIDE_NETWORK_METHODS = frozenset({"autoguidance"})   # reference = a guide network, not the null condition
+OWN_EPS_METHODS = frozenset({"cfgpp"})                # eps_hat is kept after x0 clipping (not rebuilt from x0)
+METHOD_OPTIONS = {"cfg": ("rescale",), "cfgpp": (), "apg": ("eta", "norm_threshold", "momentum"),
+                  "autoguidance": ("rescale",)}
+
+
+def check_method(method: str, scale=None) -> None:
+    """Fail on an unknown method, or a CFG++ lambda (the scale) outside [0, 1]."""
+    if method not in GUIDANCE_METHODS:
+        raise ValueError(f"guidance.method={method!r} is unknown: one of {', '.join(GUIDANCE_METHODS)}")
+    if method == "cfgpp" and scale is not None:
+        values = scale.flatten().tolist() if isinstance(scale, Tensor) else [float(scale)]
+        if not all(0.0 <= v <= 1.0 for v in values):
+            raise ValueError(f"guidance.scale={scale if not isinstance(scale, Tensor) else values} is invalid for "
+                             f"guidance.method=cfgpp: CFG++'s lambda is in [0, 1] (e.g. 0.6)")
+
+
+def _plain_conditional(method: str, scale, has_reference: bool) -> bool:
+    """Whether one conditional forward pass gives the method's result: no reference, or scale 1 (except CFG++,
+    whose lambda = 1 still re-noises with the unconditional eps)."""
+    if not has_reference:
+        return True
+    return method != "cfgpp" and not isinstance(scale, Tensor) and float(scale) == 1.0
+
+
 def guided_model_fn(net: Callable[[Tensor, Tensor, dict], Tensor], process, prediction: str, cond: dict,
                     null_cond: dict | None = None, scale=1.0, rescale: float = 0.0,
                     interval: Sequence[float | None] | None = None,
-                    x0_clip: str | Callable[[Tensor], Tensor] | None = None, sigma_data: float = 0.5) -> ModelFn:
-    """Wrap ``net(x_in, net_time, cond) -> output`` into ``model_fn(x_t, t) -> (x0_hat, eps_hat)`` with CFG.
+                    x0_clip: str | Callable[[Tensor], Tensor] | None = None, sigma_data: float = 0.5,
+                    method: str = "cfg", options: dict | None = None,
+                    guide: Callable[[Tensor, Tensor], Tensor] | None = None) -> ModelFn:
+    """Wrap ``net(x_in, net_time, cond) -> output`` into ``model_fn(x_t, t) -> (x0_hat, eps_hat)`` with guidance.
 
     ``t`` is a scalar process time (``process.sampling_times`` entries); the process gives the path coefficients
-    and the denoiser's time input, the prediction type converts the output. Conditional and unconditional passes
-    run as one batched forward. ``x0_clip`` is a mode name (none / static / dynamic) or a callable
-    (``Objective.x0_clip``); after clipping, eps is recomputed from the clipped x0 so the pair stays consistent with
-    x_t (as GLIDE does), which every sampler relies on. Conversions run in float64; outputs have x_t's dtype.
+    and the denoiser's time input, the prediction type converts the output. ``method`` names a ``GUIDANCE_METHODS``
+    entry, ``options`` its keys (apg: eta, norm_threshold, momentum); the reference output is the unconditional one
+    (conditional and unconditional passes run as one batched forward) or, for autoguidance, ``guide(x_in, net_time)``
+    (the guide network with its own conditioning bound in). ``x0_clip`` is a mode name (none / static / dynamic) or a
+    callable (``Objective.x0_clip``); after clipping, eps is recomputed from the clipped x0 so the pair stays
+    consistent with x_t (as GLIDE does), which every sampler relies on (CFG++ keeps its unconditional eps). State
+    (APG's momentum) lives in this closure: a new model_fn per sampling call starts afresh. Conversions run in
+    float64; outputs have x_t's dtype.
     """
-    no_guidance = null_cond is None or (not isinstance(scale, Tensor) and float(scale) == 1.0)
+    check_method(method, scale)
+    uses_guide = method in GUIDE_NETWORK_METHODS
+    if uses_guide and guide is None and not _plain_conditional(method, scale, True):
+        raise ValueError("guidance.method=autoguidance needs a guide network (guidance.guide_ckpt)")
+    opts = {**(options or {}), "rescale": rescale}
+    opts = {k: opts[k] for k in METHOD_OPTIONS[method] if opts.get(k) is not None}
+    single = _plain_conditional(method, scale, guide is not None if uses_guide else null_cond is not None)
     bounds = check_interval(interval)  # fail on a bad interval before sampling starts
     if callable(x0_clip):
         clip = x0_clip
@@ -92,6 +205,7 @@ def guided_model_fn(net: Callable[[Tensor, Tensor, dict], Tensor], process, pred
         clip = None
     else:
         clip = lambda x0: clip_x0(x0, x0_clip)  # noqa: E731
+    state: dict = {}
 
     def model_fn(x_t: Tensor, t) -> tuple[Tensor, Tensor]:
         t64 = torch.full((x_t.shape[0],), float(t), dtype=torch.float64, device=x_t.device)
@@ -99,20 +213,30 @@ def guided_model_fn(net: Callable[[Tensor, Tensor, dict], Tensor], process, pred
         sigma_ve = float(sigma / alpha) if float(alpha) > 0 else math.inf
         x_in = x_t * float(input_scale(alpha, sigma, prediction, sigma_data))
         t_net = process.net_time(t64).to(x_t.device)
-        if no_guidance or not guidance_active(sigma_ve, bounds):
-            out = net(x_in, t_net, cond)
-        else:
-            both = net(torch.cat([x_in, x_in]), torch.cat([t_net, t_net]), concat_cond(cond, null_cond))
-            out_c, out_u = both.chunk(2)
-            out = rescale_guidance(cfg_combine(out_c, out_u, scale), out_c, rescale)
         x64 = x_t.to(torch.float64)
         a, s = (v.to(x64.device).reshape(1, *([1] * (x64.ndim - 1))) for v in (alpha, sigma))
         derivs = process.derivatives(t64[:1]) if prediction == "flow" else (None, None)
         da, ds = (None if v is None else v.to(x64.device).reshape(a.shape) for v in derivs)
-        x0, eps = predictions_from_output(out.to(torch.float64), x64, a, s, prediction, da, ds, sigma_data)
+
+        def to_x0_eps(out: Tensor) -> tuple[Tensor, Tensor]:
+            return predictions_from_output(out.to(torch.float64), x64, a, s, prediction, da, ds, sigma_data)
+
+        if single or not guidance_active(sigma_ve, bounds):
+            x0, eps = to_x0_eps(net(x_in, t_net, cond))
+            own_eps = False
+        else:
+            if uses_guide:
+                out_c, out_r = net(x_in, t_net, cond), guide(x_in, t_net)
+            else:
+                both = net(torch.cat([x_in, x_in]), torch.cat([t_net, t_net]), concat_cond(cond, null_cond))
+                out_c, out_r = both.chunk(2)
+            step = GuidanceStep(out_c, out_r, to_x0_eps, x64, a, s, state)
+            x0, eps = GUIDANCE_METHODS[method](step, scale, **opts)
+            own_eps = method in OWN_EPS_METHODS
         if clip is not None:
             x0 = clip(x0)
-            eps = eps_from_x0(x64, x0, a, s)
+            if not own_eps:
+                eps = eps_from_x0(x64, x0, a, s)
         return x0.to(x_t.dtype), eps.to(x_t.dtype)
 
     return model_fn

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from difflab.conditioning.base import Conditioner, NoConditioner
-from difflab.diffusion.guidance import guided_model_fn
+from difflab.diffusion.guidance import GUIDE_NETWORK_METHODS, check_method, guided_model_fn
 from difflab.conditioning.templates import labels_to_prompts
 from difflab.diffusion.objectives import LOG_SNR_BUCKET_RANGE, Objective, log_snr_buckets
 from difflab.diffusion.processes import NoiseProcess
@@ -58,7 +58,16 @@ class DiffusionModule(L.LightningModule):
         self.autoencoder = Frozen(autoencoder) if isinstance(autoencoder, nn.Module) else autoencoder
         self.sample_shape = tuple(sample_shape)
         self.p_uncond = p_uncond
-        self.guidance = {"scale": 1.0, "rescale": 0.0, "interval": None, "per_class": None, **(guidance or {})}
+        # "method" is absent from checkpoints saved before the guidance registry: those guided with cfg
+        self.guidance = {"method": "cfg", "scale": 1.0, "rescale": 0.0, "interval": None, "per_class": None,
+                         **(guidance or {})}
+        try:
+            check_method(self.guidance["method"], self.guidance["scale"])
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self.guidance["method"] in GUIDE_NETWORK_METHODS and not self.guidance.get("guide_ckpt"):
+            raise ConfigError("model.guidance.method=autoguidance needs model.guidance.guide_ckpt (a weaker checkpoint "
+                              "of the same setup: an earlier step, a shorter EMA or a smaller model)")
         self.optim_cfg = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
         self.lr_cfg = dict(warmup_steps=warmup_steps, start_factor=warmup_start_factor, final_fraction=final_lr_fraction)
         self.loss_buckets = loss_buckets
@@ -204,6 +213,8 @@ class DiffusionModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if isinstance(self.autoencoder, Frozen):
             self.autoencoder.to(self.device)
+        if self.guidance["method"] in GUIDE_NETWORK_METHODS:  # refuse a mismatched guide now, not at the first grid
+            self.guide_module(str(self.guidance["guide_ckpt"]))
 
     # ---------------------------------------------------------------- sampling
     def null_condition(self, raw):
@@ -233,14 +244,19 @@ class DiffusionModule(L.LightningModule):
     @torch.no_grad()
     def sample(self, n: int, raw=None, sampler: Callable | None = None, guidance_scale=None,
                noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               progress: bool = False, decode: bool = True) -> torch.Tensor:
-        """n samples in [-1, 1] (decoded to pixels for latent models) for raw conditions (balanced if None)."""
+               progress: bool = False, decode: bool = True, guidance: dict | None = None) -> torch.Tensor:
+        """n samples in [-1, 1] (decoded to pixels for latent models) for raw conditions (balanced if None).
+
+        ``guidance``: overrides of the module's guidance settings for this call (``method`` and its keys; None
+        entries keep the module's), e.g. ``{"method": "apg", "eta": 0.0}``."""
         was_training = self.training
         self.eval()
         raw = self.default_sample_conditions(n) if raw is None else raw
         cond = self.condition(raw)
         null = self.condition(self.null_condition(raw)) if raw is not None else None
-        model_fn = self.model_fn(cond, null, self.guidance_scales(raw, guidance_scale))
+        if guidance_scale is None:
+            guidance_scale = (guidance or {}).get("scale")
+        model_fn = self.model_fn(cond, null, self.guidance_scales(raw, guidance_scale), raw=raw, guidance=guidance)
         sampler = sampler or self.sampler
         if noise is None:
             noise = torch.randn((n, *self.sample_shape), generator=generator)
@@ -251,14 +267,56 @@ class DiffusionModule(L.LightningModule):
         self.train(was_training)
         return x.clamp(-1, 1)
 
-    def model_fn(self, cond: dict, null: dict | None = None, scale=None, interval="model"):
+    def guidance_settings(self, overrides: dict | None = None) -> dict:
+        """The module's guidance settings with the non-None entries of ``overrides`` on top."""
+        return {**self.guidance, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+
+    def model_fn(self, cond: dict, null: dict | None = None, scale=None, interval="model", raw=None,
+                 guidance: dict | None = None):
         """The guided ``model_fn(x_t, t) -> (x0_hat, eps_hat)`` every sampler and diagnostic uses (the module's
-        guidance settings unless given; ``interval=None`` guides everywhere)."""
-        return guided_model_fn(self.net, self.process, self.objective.prediction, cond, null,
-                               scale=self.guidance["scale"] if scale is None else scale,
-                               rescale=self.guidance["rescale"],
-                               interval=self.guidance["interval"] if interval == "model" else interval,
-                               x0_clip=self.objective.x0_clip, sigma_data=self.objective.sigma_data)
+        guidance settings, ``guidance`` overrides on top, unless given; ``interval=None`` guides everywhere).
+        Autoguidance needs the raw conditions (``raw``) to condition its guide network."""
+        g = self.guidance_settings(guidance)
+        scale = g["scale"] if scale is None else scale
+        try:
+            guide = self.guide_fn(g, raw) if g["method"] in GUIDE_NETWORK_METHODS and not self._plain(scale) else None
+            return guided_model_fn(self.net, self.process, self.objective.prediction, cond, null, scale=scale,
+                                   rescale=g["rescale"], interval=g["interval"] if interval == "model" else interval,
+                                   x0_clip=self.objective.x0_clip, sigma_data=self.objective.sigma_data,
+                                   method=g["method"], options=g, guide=guide)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    @staticmethod
+    def _plain(scale) -> bool:
+        return not isinstance(scale, torch.Tensor) and float(scale) == 1.0
+
+    # ---------------------------------------------------------------- autoguidance
+    def guide_fn(self, guidance: dict, raw) -> Callable:
+        """``guide(x_in, t_net) -> output``: the autoguidance guide network (``guidance["guide_ckpt"]``) with its
+        own conditioning of ``raw`` bound in."""
+        path = guidance.get("guide_ckpt")
+        if not path:
+            raise ConfigError("guidance.method=autoguidance needs guidance.guide_ckpt (a weaker checkpoint of the same "
+                              "setup: an earlier step, a shorter EMA or a smaller model)")
+        guide = self.guide_module(str(path))
+        if raw is None and guide.conditioner.batch_key is not None:
+            raise ConfigError("autoguidance needs the raw conditions (labels / prompts) to condition its guide")
+        guide_cond = guide.condition(raw)
+        return lambda x_in, t_net: guide.net(x_in, t_net, guide_cond)
+
+    def guide_module(self, path: str) -> "DiffusionModule":
+        """The guide loaded from ``path`` (EMA weights, cached, outside the module tree so it is never saved,
+        averaged or optimised), on this module's device; refused when it is not a guide for this model."""
+        from difflab.checkpoints import module_from_checkpoint
+
+        held = self.__dict__.get("_guide")
+        if held is None or held[0] != path:
+            guide = module_from_checkpoint(path)
+            check_guide(self, guide, path)
+            held = (path, Frozen(guide))
+            self.__dict__["_guide"] = held
+        return held[1].to(self.device).module
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Decode latents to pixels for latent models; identity for pixel models."""
@@ -269,3 +327,37 @@ class DiffusionModule(L.LightningModule):
 
     def describe_sampler(self, sampler=None) -> str:
         return sampler_name(sampler or self.sampler)
+
+
+def _schedule(module: DiffusionModule) -> torch.Tensor:
+    """(alpha, sigma) on a 16-step sampling grid: equal processes have equal paths, whatever their config spelling."""
+    times = module.process.sampling_times(16, None, False).to(torch.float64)
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in module.process.coefficients(times)])
+
+
+def guide_mismatch(main: DiffusionModule, guide: DiffusionModule) -> str | None:
+    """What an autoguidance guide does not share with its main model (None: combinable)."""
+    if main.process.name != guide.process.name:
+        return f"process (guide {guide.process.name}, main {main.process.name})"
+    a, b = _schedule(main), _schedule(guide)
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-9, atol=1e-12):
+        return f"noise schedule (both {main.process.name}, other coefficients)"
+    pm, pg = main.objective, guide.objective
+    if (pm.prediction, float(pm.sigma_data)) != (pg.prediction, float(pg.sigma_data)):
+        return f"prediction (guide {pg.prediction}, main {pm.prediction})"
+    if tuple(guide.sample_shape) != tuple(main.sample_shape):
+        return f"sample shape (guide {tuple(guide.sample_shape)}, main {tuple(main.sample_shape)})"
+    cm, cg = main.conditioner, guide.conditioner
+    key = lambda c: f"{type(c).__name__}({c.batch_key}, {getattr(c, 'num_classes', None)} classes)"  # noqa: E731
+    if key(cm) != key(cg):
+        return f"conditioning (guide {key(cg)}, main {key(cm)})"
+    return None
+
+
+def check_guide(main: DiffusionModule, guide, path) -> None:
+    """One-line refusal of an autoguidance guide whose process, prediction, sample shape or conditioning differ."""
+    if not isinstance(guide, DiffusionModule):
+        raise ConfigError(f"guidance.guide_ckpt={path} is not a diffusion model checkpoint")
+    problem = guide_mismatch(main, guide)
+    if problem is not None:
+        raise ConfigError(f"guidance.guide_ckpt={path} cannot guide this model: different {problem}")
