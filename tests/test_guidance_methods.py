@@ -120,6 +120,11 @@ def test_cfgpp_ddim_step_matches_the_paper_update():
     # the same grid with CFG at scale lambda re-noises with eps_lambda instead: a different result
     assert not torch.allclose(ddim(_mf("cfg", lam, sch, prediction="eps"), x, sch, steps=3, start=70).double(),
                               expected, atol=1e-3)
+    # Euler takes the model function's eps (no longer rebuilt from x0), so it is CFG++'s DDIM update as well
+    from difflab.diffusion.samplers import euler
+
+    out_euler = euler(_mf("cfgpp", lam, sch, prediction="eps"), x, sch, steps=3, start=70)
+    assert torch.allclose(out_euler.double(), expected, atol=1e-4)
 
 
 def _apg_closed_form(c, u, s, eta, r, running=None, beta=0.0):

@@ -106,9 +106,9 @@ def cfgpp(step: GuidanceStep, scale, **_) -> tuple[Tensor, Tensor]:
     in [0, 1], and eps_hat = the UNCONDITIONAL eps, so a DDIM step re-noises with eps_u:
     x' = alpha' x0_lambda + sigma' eps_u. The pair is deliberately not consistent with x_t.
 
-    Only samplers that take eps_hat from model_fn (ddim) see the re-noising; euler, heun, dpmpp_2m and ddpm rebuild
-    eps from x_t and x0_hat, so there CFG++ acts as CFG at scale lambda (the paper's Euler / DPM++ variants would need
-    sampler changes)."""
+    Samplers that take eps_hat from model_fn see the re-noising: ddim, euler (the same update) and heun (both slopes
+    with eps_u: our extension); dpmpp_2m and ddpm use x0_hat alone, so there CFG++ acts as CFG at scale lambda (the
+    paper's DPM++ variant would need a sampler change)."""
     x0, _ = step.to_x0_eps(cfg_combine(step.out_c, step.out_r, scale))
     _, eps_u = step.to_x0_eps(step.out_r)
     return x0, eps_u

@@ -218,15 +218,13 @@ def _ode_sampler(model_fn, x, process, steps, spacing, corrector: dict | None, c
         t, a_grid, s_grid = grid[i]
         x, t, a, s = _churn(x, process, t, a_grid, s_grid, n, *churn, generator)
         t_next, a_next, s_next = grid[i + 1]
-        x0, _ = model_fn(x, t)
-        eps = (x - a * x0) / s  # the eps consistent with x and x0: finite at alpha = 0
+        x0, eps = model_fn(x, t)  # a pair consistent with x, except under CFG++ (eps_hat = the unconditional eps)
         x_euler = _ddim_step(x0, eps, a_next, s_next)
         # whether to correct depends on the grid, not on churn (EDM Algorithm 2 corrects every step but the last)
         if corrector is None or not _heun_corrects(process, a_grid, s_grid, a_next, s_next, corrector["euler_above"]):
             x = x_euler
             continue
-        x0_next, _ = model_fn(x_euler, t_next)
-        eps_next = (x_euler - a_next * x0_next) / s_next
+        x0_next, eps_next = model_fn(x_euler, t_next)
         d, d_next = _ode_slope(process, x0, eps), _ode_slope(process, x0_next, eps_next)
         dtau = _ode_time(process, t_next, a_next, s_next) - _ode_time(process, t, a, s)
         scale = a_next if process.ode_frame == "sigma" else 1.0  # y = x / alpha in the sigma frame
