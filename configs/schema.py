@@ -171,6 +171,38 @@ def frames_within_temporal_positions(cfg: dict):
 
 RULES = {"train": TRAIN, "sample": SAMPLE, "export": EXPORT, "report": REPORT, "encode_latents": ENCODE_LATENTS,
          "reconstruct_ema": RECONSTRUCT_EMA}
+def _node(cfg: dict, path: str):
+    for part in path.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def targets_take_their_keys(cfg: dict):
+    """Every key of the datamodule, the model and its denoiser must be an argument of the class it builds: keys an
+    experiment set for another choice of the group (a UNet's channels under model=dit, the pixel datamodule's
+    image_size under datamodule=latents) would otherwise fail deep inside instantiation."""
+    import importlib
+    import inspect
+
+    for path in ("datamodule", "model", "model.net"):
+        node = _node(cfg, path)
+        target = node.get("_target_") if node else None
+        if not isinstance(target, str) or "." not in target:
+            continue
+        try:
+            module, name = target.rsplit(".", 1)
+            params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+        except (ImportError, AttributeError, TypeError, ValueError):
+            continue  # an unknown target is reported where it is built
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        unknown = sorted(k for k in node if not str(k).startswith("_") and k not in params)
+        if unknown:
+            return f"{path}.{unknown[0]}", (f"not an argument of {name} ({path}._target_); it was set for another "
+                                            f"{path.split('.')[-1]} choice (e.g. by the experiment): drop it with "
+                                            f"~{path}.{unknown[0]} or pick matching options")
+
+
 def one_ema_length(cfg: dict):
     """reconstruct_ema needs the length as exactly one of sigma_rel or gamma."""
     if (cfg.get("sigma_rel") is None) == (cfg.get("gamma") is None):
@@ -179,4 +211,4 @@ def one_ema_length(cfg: dict):
 
 CHECKS = {"sample": [sample_guidance_settings], "reconstruct_ema": [one_ema_length],
           "train": [resume_xor_init, sampler_steps_fit_schedule, sampler_defined_on_process, patch_divides_image_size,
-                    frames_within_temporal_positions]}
+                    frames_within_temporal_positions, targets_take_their_keys]}

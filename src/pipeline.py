@@ -85,7 +85,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     ensure_valid(cfg, "train")  # the same checks the entry point's Hydra callback runs, for in-process callers
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.datamodule)
+    datamodule = instantiate_reporting(cfg.datamodule)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         datamodule.prepare_data()  # fail fast on missing data (one line), before models and GPUs are set up
     fill_from_datamodule(cfg, datamodule)

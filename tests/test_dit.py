@@ -439,3 +439,16 @@ def test_ddp_cpu_run_of_a_dit_keeps_ranks_in_sync(tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     report = json.loads((run / "ddp_check.json").read_text())[-1]
     assert report["world_size"] == 2 and report["raw"]["equal"] and report["ema"]["equal"]
+
+
+def test_keys_set_for_another_denoiser_fail_at_start_in_one_line(tmp_path, capsys):
+    """experiment=stl10_latent sets UNet channels; with model=dit they are no DiT arguments: refused before anything
+    is written, naming the key and how to drop it."""
+    import train
+    from difflab.ops.testing import run_hydra_main
+
+    code = run_hydra_main(train.main, ["experiment=stl10_latent", "model=dit", f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: model.net.attention_levels=[1, 2] is invalid: not an argument of "
+                                            "DiT (model.net._target_)")
+    assert "~model.net.attention_levels" in err[-1] and not (tmp_path / "run").exists()
