@@ -16,7 +16,7 @@ from difflab.diffusion.objectives import Objective
 from difflab.diffusion.processes import FlowProcess
 from difflab.diffusion.samplers import SAMPLERS, ddim, sampling_grid
 from difflab.diffusion.schedules import DiscreteSchedule
-from difflab.ops.testing import CONFIG_DIR, compose_train, run_hydra_main, tiny_overrides
+from difflab.ops.testing import CONFIG_DIR, compose_train, run_hydra_main
 from difflab.utils.errors import ConfigError
 
 torch.set_num_threads(1)
@@ -327,15 +327,7 @@ def test_guidance_group_composes_into_model_guidance(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- sample.py
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    import train
-
-    out = tmp_path_factory.mktemp("guidance_run")
-    code = run_hydra_main(train.main, [*tiny_overrides(max_steps=4, save_every=2), "logger=csv",
-                                       f"hydra.run.dir={out}"])
-    assert code == 0
-    return out
+# run_dir: the tiny digits training run of tests/conftest.py
 
 
 def _sample_cli(run_dir, tmp_path, name, extra):

@@ -9,23 +9,11 @@ import torch
 from omegaconf import OmegaConf
 
 from difflab.checkpoints import load_checkpoint, module_from_checkpoint
-from difflab.ops.testing import CONFIG_DIR, compose_train, run_hydra_main, tiny_overrides
+from difflab.ops.testing import CONFIG_DIR, compose_train, run_hydra_main
 
 torch.set_num_threads(1)
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """`python train.py` (in-process, real Hydra CLI parsing): 4 steps, a checkpoint and a grid every 2 steps."""
-    import train
-
-    out = tmp_path_factory.mktemp("train_run")
-    code = run_hydra_main(train.main, [*tiny_overrides(max_steps=4, save_every=2), "logger=csv",
-                                       f"hydra.run.dir={out}"])
-    assert code == 0
-    return out
 
 
 def test_training_writes_checkpoints_grids_and_config(run_dir):

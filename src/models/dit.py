@@ -292,6 +292,26 @@ class _TransformerBase(nn.Module):
         self._compile_blocks = bool(compile_blocks)
         self._pos_cache: dict = {}
 
+    def _init_weights(self):
+        """DiT's initialisation: Xavier-uniform linear layers and patch embedding, N(0, 0.02) time MLP; the
+        modulations, the output layer and cross-attention outputs zero (each block starts as the identity)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.hidden_dim, -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.embed.mlp[2].weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, Modulation):
+                zero_init(m.linear)
+            elif isinstance(m, CrossAttention):
+                zero_init(m.proj)
+            elif isinstance(m, FinalLayer):
+                zero_init(m.linear)
+
     def _make_blocks(self, block: type, context_dim: int | None) -> nn.ModuleList:
         """``depth`` blocks of the given kind, or joint text-image blocks (the last one without a text output)."""
         d, heads, ratio, fused = self.hidden_dim, self.num_heads, self.mlp_ratio, self.fused_qkv
@@ -359,26 +379,6 @@ class DiT(_TransformerBase):
         self._init_weights()
         self._finish()
 
-    def _init_weights(self):
-        """DiT's initialisation: Xavier-uniform linear layers and patch embedding, N(0, 0.02) time MLP; the
-        modulations, the output layer and cross-attention outputs zero (each block starts as the identity)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.hidden_dim, -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        nn.init.normal_(self.embed.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.embed.mlp[2].weight, std=0.02)
-        for m in self.modules():
-            if isinstance(m, Modulation):
-                zero_init(m.linear)
-            elif isinstance(m, CrossAttention):
-                zero_init(m.proj)
-            elif isinstance(m, FinalLayer):
-                zero_init(m.linear)
-
     def _positions(self, gh: int, gw: int, device):
         if self.pos_embed == "rope":
             return None, self._cached(("rope", gh, gw, str(device)),
@@ -443,7 +443,7 @@ class VideoDiT(_TransformerBase):
         self.patch_embed = nn.Conv3d(c, d, kernel, stride=kernel)
         self.blocks = self._make_blocks(DiTBlock if attention == "full" else SpaceTimeDiTBlock, context_dim)
         self.final = FinalLayer(d, self.tubelet * self.patch * self.patch * self.out_channels)
-        DiT._init_weights(self)
+        self._init_weights()
         self._finish()
 
     def check_frames(self, frames: int) -> None:
