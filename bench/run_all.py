@@ -49,6 +49,8 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
     "dit_speed": ("bench_dit_speed.py", [], ["--quick"], ["dit_speed"]),
     "posthoc_ema": ("bench_posthoc_ema.py", [], ["--quick"], ["posthoc_ema"]),
     "guidance": ("bench_guidance.py", GUIDANCE_ARGS, [*GUIDANCE_ARGS, "--quick"], ["guidance"]),
+    "ablation": ("bench_ablation.py", [], ["--quick"], ["ablation"]),
+    "streaming": ("bench_streaming.py", [], ["--quick"], ["streaming"]),
 }
 TITLES = {
     "vs_diffusers": "1. Quality per wall-clock on digits (difflab vs a plain diffusers loop)",
@@ -65,6 +67,8 @@ TITLES = {
     "dit_speed": "8c. DiT throughput vs diffusers, regional compile, activation checkpointing, fused QKV",
     "posthoc_ema": "9. Post-hoc EMA: quality against the EMA length after training, and the snapshots' cost",
     "guidance": "10. Guidance methods on digits: CFG, CFG++, APG and autoguidance at equal NFE",
+    "ablation": "11. A real ablation with confidence intervals: vp vs edm vs flow on digits, three seeds",
+    "streaming": "12. Streaming shards vs the memory-mapped latent cache",
 }
 TARGET_RE = re.compile(r"(target[^.\n]*?:\s*\**(?:met|not met)[^\n]*)", re.IGNORECASE)
 

@@ -1,6 +1,7 @@
 """Allowed values of the top-level keys of each primary config (train.yaml, sample.yaml, export.yaml, report.yaml,
 encode_latents.yaml), checked by difflab.config_checks before a job starts. Groups have their own
 configs/<group>/schema.py; `sample.yaml`'s `guidance` block is no group, so its rules are here."""
+import re
 from pathlib import Path
 
 from difflab.config_checks import (Rule, any_of, boolean, device, directory_path, existing_file, existing_path,
@@ -46,6 +47,8 @@ TRAIN = {
     "init_from": optional(existing_path()).described_as("an existing checkpoint or export (file or directory) "
                                                          "or null"),
     "init_strict": boolean(),
+    "optimized_metric": optional(string(nonempty=True)).described_as(
+        "the name of a logged metric (val/loss, metrics/fd_digit200, ...) or null"),
 }
 
 SAMPLE = {
@@ -113,6 +116,9 @@ ENCODE_LATENTS = {
     "overwrite": boolean(),
     "device": device(),
     "progress": boolean(),
+    "format": one_of(["mmap", "shards"]),                  # src/latents/shards.py
+    "shard_samples": optional(integer(min=1)),
+    "shard_seed": optional(integer(min=0)),
 }
 
 
@@ -169,8 +175,22 @@ def frames_within_temporal_positions(cfg: dict):
         return "model.net.max_frames", f"at least the clips' frame count (datamodule.num_frames={frames})"
 
 
+PREPARE_CLIPS = {   # src/prepare_clips.py -> src/datamodules/streaming_clips.py
+    "task_name": string(nonempty=True),
+    "out_dir": directory_path(),
+    "splits": Rule(lambda v: isinstance(v, list) and len(v) > 0 and len(set(v)) == len(v) and
+                   all(s in SPLITS for s in v), "a non-empty list of distinct splits from train, val, test"),
+    "batch_size": integer(min=1),
+    "num_workers": integer(min=0),
+    "overwrite": boolean(),
+    "progress": boolean(),
+    "shard_samples": optional(integer(min=1)),
+    "shard_seed": optional(integer(min=0)),
+}
+
+
 RULES = {"train": TRAIN, "sample": SAMPLE, "export": EXPORT, "report": REPORT, "encode_latents": ENCODE_LATENTS,
-         "reconstruct_ema": RECONSTRUCT_EMA}
+         "reconstruct_ema": RECONSTRUCT_EMA, "prepare_clips": PREPARE_CLIPS}
 def _node(cfg: dict, path: str):
     for part in path.split("."):
         cfg = cfg.get(part) if isinstance(cfg, dict) else None
@@ -203,6 +223,65 @@ def targets_take_their_keys(cfg: dict):
                                             f"~{path}.{unknown[0]} or pick matching options")
 
 
+# Which callback logs a metrics/* name (src/callbacks/sample_metrics.py, src/callbacks/class_grid.py).
+_SAMPLE_METRIC = re.compile(r"^metrics/(fd_|kd_|fid|kid|fvd|kvd|digit_accuracy|clip_score|lpips_diversity)")
+_SAMPLE_COUNT = re.compile(r"^metrics/(?:fd_[a-z0-9]*?|kd_[a-z0-9]*?|fid|kid|fvd|kvd)(\d+)(?:_\d+f)?(?:_floor|_std)?$")
+
+
+def _metric_source(cfg: dict, name: str):
+    """(callback key, its config) that logs ``name``, or (None, why not) when no configured callback does."""
+    callbacks = cfg.get("callbacks") or {}
+    if name == "metrics/grid_agreement":
+        grid = callbacks.get("class_grid")
+        if not isinstance(grid, dict) or grid.get("judge") in (None, "none"):
+            return None, "the class grid's judge (callbacks.class_grid.judge=auto) logs it"
+        return "class_grid", grid
+    if _SAMPLE_METRIC.match(name):
+        metrics = callbacks.get("sample_metrics")
+        if not isinstance(metrics, dict):
+            return None, "callbacks.sample_metrics logs it: add callbacks=metrics"
+        found = _SAMPLE_COUNT.match(name)
+        n = metrics.get("n_samples")
+        if found and isinstance(n, int) and int(found.group(1)) != n:
+            return None, (f"callbacks.sample_metrics.n_samples={n} names its metrics with {n} "
+                          f"(e.g. {name.replace(found.group(1), str(n), 1)})")
+        return "sample_metrics", metrics
+    return "", None   # val/loss, val_loss_t/*, train/*: logged by the module itself
+
+
+def monitored_metrics_are_logged(cfg: dict):
+    """``callbacks.model_checkpoint.monitor`` and ``optimized_metric`` must name a metric some callback logs, and a
+    checkpoint that monitors a sample metric must come at steps where that metric was measured (Lightning stops
+    with an error when a monitored metric is missing after validation has run)."""
+    checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    monitor = checkpoint.get("monitor") if isinstance(checkpoint, dict) else None
+    for key, name in (("callbacks.model_checkpoint.monitor", monitor), ("optimized_metric", cfg.get("optimized_metric"))):
+        if not isinstance(name, str) or not name.startswith("metrics/"):
+            continue
+        source, why = _metric_source(cfg, name)
+        if source is None:
+            return key, f"a metric this run logs; {name} is not: {why}"
+        if key.startswith("callbacks.") and source:
+            every = why.get("every_n_steps")
+            ckpt_every = checkpoint.get("every_n_train_steps")
+            if isinstance(every, int) and isinstance(ckpt_every, int) and every > 0 and ckpt_every % every:
+                return "callbacks.model_checkpoint.every_n_train_steps", (
+                    f"a multiple of callbacks.{source}.every_n_steps={every} (the monitored {name} is measured "
+                    f"then)")
+
+
+def dinov2_weights_exist(cfg: dict):
+    """FD in DINOv2 features loads the network from a local folder: a missing one fails at start, not at the first
+    evaluation hours later."""
+    metrics = (cfg.get("callbacks") or {}).get("sample_metrics")
+    if isinstance(metrics, dict) and metrics.get("feature") == "dinov2":
+        path = metrics.get("dinov2_weights")
+        if not (isinstance(path, str) and (Path(path) / "config.json").is_file()):
+            return "callbacks.sample_metrics.dinov2_weights", (
+                "a local DINOv2 folder in Hugging Face format (config.json + model.safetensors; get it with "
+                "`hf download facebook/dinov2-large --local-dir <dir>` where there is internet)")
+
+
 def one_ema_length(cfg: dict):
     """reconstruct_ema needs the length as exactly one of sigma_rel or gamma."""
     if (cfg.get("sigma_rel") is None) == (cfg.get("gamma") is None):
@@ -211,4 +290,5 @@ def one_ema_length(cfg: dict):
 
 CHECKS = {"sample": [sample_guidance_settings], "reconstruct_ema": [one_ema_length],
           "train": [resume_xor_init, sampler_steps_fit_schedule, sampler_defined_on_process, patch_divides_image_size,
-                    frames_within_temporal_positions, targets_take_their_keys]}
+                    frames_within_temporal_positions, targets_take_their_keys, monitored_metrics_are_logged,
+                    dinov2_weights_exist]}

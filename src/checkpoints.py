@@ -2,7 +2,9 @@
 
 Two on-disk formats are read:
 - Lightning checkpoints (``*.ckpt``), always with ``torch.load(weights_only=True)``: ``state_dict`` holds the EMA
-  weights when EMA was on, ``current_model_state`` the raw ones, ``difflab.config`` the resolved run config;
+  weights when EMA was on, ``current_model_state`` the raw ones, ``difflab.config`` the resolved run config.
+  Sharded checkpoints of ``trainer=fsdp`` (a ``.ckpt`` file pointing to its ``.shards-*`` directory, or a Lightning
+  sharded directory) are consolidated on read into that same layout (``difflab.ops.fsdp``);
 - exports written by ``export.py`` (a directory or its ``model.safetensors``): EMA weights as safetensors, the run
   config in the safetensors metadata and in ``config.yaml`` beside it. Safetensors never runs code.
 """
@@ -26,8 +28,12 @@ EXPORT_FORMAT = "difflab-export-v1"
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; missing, corrupt or unsafe files raise one-line CheckpointErrors."""
+    """Read a checkpoint with ``weights_only=True``; missing, corrupt or unsafe files raise one-line CheckpointErrors.
+    A sharded checkpoint (``trainer=fsdp``: its committed ``.ckpt`` file or its shard directory) is consolidated into
+    the single-file layout (``load_sharded_checkpoint``)."""
     path = Path(path)
+    if path.is_dir() and is_sharded_checkpoint(path):
+        return load_sharded_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (check ckpt_path)")
     try:
@@ -43,9 +49,48 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         first = str(err).splitlines()[0][:120] if str(err) else ""
         raise CheckpointError(f"cannot read checkpoint {path}: corrupt or truncated file "
                               f"({type(err).__name__}: {first})") from None
+    if isinstance(ckpt, dict) and SHARDED_KEY in ckpt:
+        return load_sharded_checkpoint(path, ckpt)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     return ckpt
+
+
+# ---------------------------------------------------------------------------------------------- sharded (trainer=fsdp)
+SHARDED_KEY = "difflab_sharded"  # difflab.ops.fsdp.SHARDED_KEY: a committed sharded checkpoint's pointer to its shards
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A sharded checkpoint written by ``trainer=fsdp`` (its ``.ckpt`` file) or a Lightning sharded checkpoint
+    directory (torch.distributed.checkpoint files + ``meta.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / "meta.pt").is_file() and (path / ".metadata").is_file()
+    if not path.is_file():
+        return False
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return isinstance(ckpt, dict) and SHARDED_KEY in ckpt
+
+
+def load_sharded_checkpoint(path: str | Path, metadata: dict | None = None) -> dict[str, Any]:
+    """Consolidate a sharded checkpoint on the CPU, without a process group: ``state_dict`` = EMA weights (raw when
+    the run had no EMA), ``current_model_state`` = raw, and every metadata entry (step, run config, ...)."""
+    from difflab.ops.fsdp import read_sharded_checkpoint, sharded_checkpoint_dir
+
+    path = Path(path)
+    shards = sharded_checkpoint_dir(path)
+    if shards is None:
+        where = (metadata or {}).get(SHARDED_KEY, {}).get("dir", "?")
+        raise CheckpointError(f"cannot read sharded checkpoint {path}: its shard directory {path.parent / where} "
+                              f"is missing or incomplete (copy it along with the .ckpt file)")
+    try:
+        return read_sharded_checkpoint(path, metadata=metadata)
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as err:
+        first = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise CheckpointError(f"cannot read sharded checkpoint {path} ({shards.name}): {first}") from None
 
 
 def upgrade_targets(config: Any) -> Any:

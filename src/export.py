@@ -1,6 +1,8 @@
 """Export EMA weights for sampling and sharing: ``difflab-export ckpt_path=PATH out_dir=DIR [weights=ema|raw]``.
 
-Writes DIR/model.safetensors + DIR/config.yaml + DIR/config.json; ``difflab-sample ckpt_path=DIR`` samples from it."""
+Writes DIR/model.safetensors + DIR/config.yaml + DIR/config.json; ``difflab-sample ckpt_path=DIR`` samples from it.
+A sharded checkpoint of ``trainer=fsdp`` (``last.ckpt`` beside its ``last.ckpt.shards-*`` directory) is consolidated on
+this process (CPU, no GPUs or process group needed) and exported as the same single file."""
 import hydra
 from omegaconf import DictConfig
 

@@ -1,8 +1,10 @@
 """Compose-once, instantiate-everything training pipeline shared by ``train.py`` and the tests."""
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,8 +16,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from difflab.config_checks import ensure_valid
 from difflab.ops import ddp_multirun
 from difflab.ops import wandb as wandb_ops
-from difflab.ops.atomic import remove_stale_temporaries
+from difflab.ops.atomic import atomic_write, remove_stale_temporaries
 from difflab.ops.finetune import init_callbacks
+from difflab.ops.fsdp import fit_precision
 from difflab.ops.hardware import fit_accelerator
 from difflab.ops.precision import resolve_precision
 from difflab.ops.resume import resolve_resume
@@ -68,6 +71,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, trainable_par
     shutdown = next((cb for cb in callbacks if isinstance(cb, GracefulShutdown)), None)
     plugins += cluster_plugins(shutdown.requeue_signal if shutdown else None, handled_elsewhere=shutdown is not None)
     tcfg["precision"] = resolve_precision(tcfg.get("precision"), tcfg.get("accelerator"), trainable_params)
+    tcfg = fit_precision(tcfg)   # trainer=fsdp: a precision FSDP2 takes (16-mixed on old GPUs -> 32-true)
     if tcfg.get("enable_progress_bar") is False:  # `trainer.enable_progress_bar=false` drops the bar callback too
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     return instantiate(tcfg, callbacks=callbacks, logger=loggers or False, plugins=plugins or None)
@@ -99,6 +103,37 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     return {"datamodule": datamodule, "model": model, "callbacks": callbacks, "loggers": loggers, "trainer": trainer}
 
 
+def final_metrics(trainer: L.Trainer) -> dict[str, float]:
+    """Every scalar the run ended with: ``trainer.callback_metrics`` plus the latest values the diagnostic callbacks
+    published (sample metrics measured at the end of training arrive after Lightning's last ``log``)."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    for callback in trainer.callbacks:
+        metrics.update(getattr(callback, "published", None) or {})
+    return metrics
+
+
+def write_final_metrics(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], stopped: bool) -> None:
+    """``<run>/final_metrics.json``: the run's end state (finished or stopped by a signal), last step and metrics;
+    its presence tells ``ablate.py`` that the job ended (a job directory without it is running or failed)."""
+    name = cfg.get("optimized_metric")
+    record = {"status": "stopped" if stopped else "completed", "step": int(trainer.global_step),
+              "optimized_metric": name, "metrics": dict(sorted(metrics.items()))}
+    text = json.dumps(record, indent=2) + "\n"
+    atomic_write(Path(cfg.paths.output_dir) / "final_metrics.json", lambda tmp: Path(tmp).write_text(text))
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value of ``optimized_metric`` that ``train.py`` returns to Hydra's sweeper (Optuna minimises or
+    maximises it); None, with one warning naming what was logged, when the run never logged it."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        log.warning("optimized_metric=%s was not logged by this run; logged: %s", name, ", ".join(sorted(metrics)))
+        return None
+    return metrics[name]
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build everything and fit; returns the built objects plus the final logged metrics.
 
@@ -121,10 +156,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                  trainable_parameters(objs["model"]) / 1e6, trainer.precision, cfg.paths.output_dir,
                  f"; resuming from {ckpt}" if ckpt else "")
         trainer.fit(objs["model"], datamodule=objs["datamodule"], ckpt_path=ckpt, weights_only=True)
-        objs["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()
-                           if torch.is_tensor(v) and v.numel() == 1}
+        objs["metrics"] = final_metrics(trainer)
         shutdown = find_shutdown(trainer)
         objs["stopped_by_signal"] = bool(shutdown and shutdown.stopped)
+        if trainer.is_global_zero:
+            write_final_metrics(cfg, trainer, objs["metrics"], objs["stopped_by_signal"])
         failed = False
     finally:
         wandb_ops.finish(failed=failed)

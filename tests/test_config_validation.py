@@ -80,6 +80,17 @@ BAD = [
     ("train", ["callbacks.ema.decay=1.5"], "callbacks.ema.decay", "1.5"),
     ("train", ["callbacks.class_grid.every_n_steps=-1"], "callbacks.class_grid.every_n_steps", "-1"),
     ("train", ["callbacks.class_grid.n_cols=0"], "callbacks.class_grid.n_cols", "0"),
+    ("train", ["callbacks.class_grid.judge=gpt"], "callbacks.class_grid.judge", "gpt"),
+    ("train", ["callbacks.model_checkpoint.mode=best"], "callbacks.model_checkpoint.mode", "best"),
+    # metrics that no configured callback logs (configs/schema.py monitored_metrics_are_logged)
+    ("train", ["callbacks.model_checkpoint.monitor=metrics/fd_digit100"], "callbacks.model_checkpoint.monitor",
+     "metrics/fd_digit100"),
+    ("train", ["callbacks=metrics", "optimized_metric=metrics/fd_digit500"], "optimized_metric", "metrics/fd_digit500"),
+    ("train", ["callbacks.class_grid.judge=none", "optimized_metric=metrics/grid_agreement"], "optimized_metric",
+     "metrics/grid_agreement"),
+    ("train", ["callbacks=metrics", "callbacks.model_checkpoint.monitor=metrics/fd_digit100",
+               "callbacks.model_checkpoint.every_n_train_steps=300"],
+     "callbacks.model_checkpoint.every_n_train_steps", "300"),
     ("train", ["callbacks.model_checkpoint.save_top_k=-2"], "callbacks.model_checkpoint.save_top_k", "-2"),
     ("train", ["callbacks=diagnostics", "callbacks.guidance_grid.scales=[]"], "callbacks.guidance_grid.scales", "[]"),
     ("train", ["callbacks.nonfinite_guard.max_consecutive=-1"], "callbacks.nonfinite_guard.max_consecutive", "-1"),
@@ -126,6 +137,9 @@ BAD = [
 
 # Values the rules must let through (special meanings documented in the configs and the code).
 GOOD = [
+    ("train", ["callbacks=metrics", "callbacks.model_checkpoint.monitor=metrics/fd_digit100",
+               "callbacks.model_checkpoint.save_top_k=1", "optimized_metric=metrics/digit_accuracy"]),
+    ("train", ["optimized_metric=metrics/grid_agreement", "callbacks.model_checkpoint.monitor=val_loss_t/bucket_03"]),
     ("train", ["trainer.precision=bf16-mixed", "trainer.devices=[0,1]", "trainer.log_every_n_steps=0"]),
     ("train", ["trainer.val_check_interval=0.5", "trainer.check_val_every_n_epoch=1", "trainer.max_time=00:01:00:00"]),
     ("train", ["trainer=ddp", "trainer.devices=-1", "trainer.precision=16", "trainer.max_epochs=null"]),
@@ -145,7 +159,7 @@ GOOD = [
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 GROUP_OPTIONS = sorted(f"{p.parent.name}={p.stem}" for group in
                        ("model", "datamodule", "trainer", "sampler", "schedule", "objective", "conditioning",
-                        "callbacks", "logger", "ops", "autoencoder", "process")
+                        "callbacks", "logger", "ops", "autoencoder", "process", "hparams_search")
                        for p in (CONFIG_DIR / group).glob("*.yaml"))
 # Keys no user sets: filled in from the datamodule, or interpolations of whole groups (checked in their group).
 DERIVED = ("model.sample_shape", "model.schedule", "model.process", "model.objective", "model.sampler",
@@ -217,11 +231,13 @@ def test_shipped_experiments_pass(experiment, paths):
 
 
 def _shipped() -> list[tuple[str, list[str]]]:
-    required = {"datamodule=latents": ["datamodule.cache_dir=data/latents"],     # ??? in the yaml: a user gives it
+    required = {"datamodule=latents": ["datamodule.cache_dir=data/latents"],
+                "datamodule=latents_stream": ["datamodule.cache_dir=data/latents"],
+                "datamodule=clips_stream": ["datamodule.cache_dir=data/clips"],     # ??? in the yaml: a user gives it
                 "sampler=ddpm": ["process=vp"]}  # the default digits recipe is flow; ddpm is vp's ancestral chain
     return ([("train", [])] + [("train", [option, *required.get(option, [])]) for option in GROUP_OPTIONS] +
             [("sample", ["ckpt_path={file}"]), ("export", ["ckpt_path={file}"]), ("report", ["ckpt_path={file}"]),
-             ("encode_latents", ["out_dir=lat"])])
+             ("encode_latents", ["out_dir=lat"]), ("prepare_clips", ["out_dir=clips"])])
 
 
 def test_default_configs_and_group_options_pass(paths):

@@ -392,7 +392,10 @@ def test_fvd_for_video_samples_with_a_local_i3d_file(tmp_path):
     module = ReplayModule(videos, None)
     metrics.prepare(module, dm, tmp_path)
     out = metrics.evaluate(module)
-    assert set(out) == {"metrics/fvd24_4f"} and out["metrics/fvd24_4f"] >= 0
+    assert set(out) == {"metrics/fvd24_4f", "metrics/fvd24_4f_floor"} and out["metrics/fvd24_4f"] >= 0
+    # all 60 real clips are the reference set: the floor's 24 real clips cannot avoid it, and the protocol says so
+    entry = metrics.protocol["metrics/fvd24_4f"]
+    assert entry["floor_real_items_overlap_reference"] is True and entry["floor"] == out["metrics/fvd24_4f_floor"]
 
 
 def _tiny_clip(folder: Path) -> Path:

@@ -213,16 +213,18 @@ def test_load_or_compute_real_stats(tmp_path):
     assert float(again.compute()["frechet"]) == pytest.approx(float(metric.compute()["frechet"]), rel=1e-10)
 
 
-def test_reset_real_features_false_keeps_real_side():
-    metric, real, fake = _filled()
+@pytest.mark.parametrize("kid", [False, True])  # KID keeps feature lists, which torchmetrics clears in place
+def test_reset_real_features_false_keeps_real_side(kid):
+    metric, real, fake = _filled(kid)
     metric.reset_real_features = False
     metric.update(real, real=True)
     metric.update(fake, real=False)
-    before = float(metric.compute()["frechet"])
+    before = {k: float(v) for k, v in metric.compute().items()}
     metric.reset()
     assert int(metric.real_count) == 64 and int(metric.fake_count) == 0
     metric.update(fake, real=False)
-    assert float(metric.compute()["frechet"]) == pytest.approx(before, rel=1e-12)
+    after = {k: float(v) for k, v in metric.compute().items()}
+    assert after == pytest.approx(before, rel=1e-12) and ("kid_mean" in after) == kid
 
 
 def test_feature_network_not_in_state_dict():

@@ -15,7 +15,8 @@ from difflab.ops.testing import ROOT
 COMMANDS = {"difflab-train": "difflab.train:main", "difflab-sample": "difflab.sample:main",
             "difflab-export": "difflab.export:main", "difflab-report": "difflab.report:main",
             "difflab-encode-latents": "difflab.encode_latents:main",
-            "difflab-reconstruct-ema": "difflab.reconstruct_ema:main"}
+            "difflab-reconstruct-ema": "difflab.reconstruct_ema:main",
+            "difflab-ablate": "difflab.ablate:main", "difflab-prepare-clips": "difflab.prepare_clips:main"}
 
 
 def pyproject() -> dict:
@@ -32,7 +33,7 @@ def test_every_code_folder_is_a_listed_package():
 
 def test_importing_difflab_and_its_entry_modules_loads_neither_torch_nor_lightning():
     code = ("import sys, difflab, difflab.train, difflab.sample, difflab.export, difflab.report, "
-            "difflab.encode_latents, difflab.reconstruct_ema, difflab.configs; "
+            "difflab.encode_latents, difflab.reconstruct_ema, difflab.ablate, difflab.prepare_clips, difflab.configs; "
             "heavy = [m for m in ('torch', 'lightning') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True).stdout
     assert out.strip() == "[]"  # so --help and --cfg answer without paying for torch

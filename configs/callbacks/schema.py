@@ -28,6 +28,10 @@ RULES = {
     "*.sampler.steps": integer(min=1),
     "*.lpips_net": optional(one_of(LPIPS_NETS)),
     "*.lpips_backbone": optional(string()),
+    # class_grid (src/callbacks/class_grid.py, src/eval/grid_judge.py)
+    "class_grid.judge": one_of(["auto", "digit_classifier", "clip", "none"]),
+    "class_grid.clip_model": optional(string()),
+    "class_grid.digit_classifier_weights": optional(string()),
     # ema (src/callbacks/ema.py)
     "ema.decay": probability(),
     "ema.update_every": integer(min=1),
@@ -48,6 +52,9 @@ RULES = {
     "model_checkpoint.save_last": optional(any_of(boolean(), one_of(["link"]))),
     "model_checkpoint.save_on_train_epoch_end": optional(boolean()),
     "model_checkpoint.auto_insert_metric_name": boolean(),
+    "model_checkpoint.monitor": optional(string(nonempty=True)).described_as(
+        "a logged metric (val/loss, metrics/fd_digit200, metrics/grid_agreement, ...) or null (no ranking)"),
+    "model_checkpoint.mode": one_of(["min", "max"]),
     "lr_monitor.logging_interval": optional(one_of(["step", "epoch"])),
     "*.tag_suffix": string(),
     # diagnostics (configs/callbacks/diagnostics.yaml)
@@ -67,7 +74,9 @@ RULES = {
     "training_health.spike_min_history": integer(min=0),
     "sample_metrics.n_samples": integer(min=2),
     "sample_metrics.batch_size": integer(min=1),
-    "sample_metrics.feature": any_of(one_of(["auto", "digit_classifier", "inception", "i3d", "none"]), mapping()),
+    "sample_metrics.feature": any_of(one_of(["auto", "digit_classifier", "inception", "dinov2", "i3d", "none"]),
+                                     mapping()),
+    "sample_metrics.dinov2_weights": optional(string()),
     "sample_metrics.kid_subsets": integer(min=1),
     "sample_metrics.kid_subset_size": integer(min=1),
     "sample_metrics.n_real": integer(min=1),

@@ -36,7 +36,14 @@ RULES = {
     "class_folders": optional(boolean()),
     "extensions": optional(list_of(string(nonempty=True), min_len=1)),
     "data_dir": string(nonempty=True),
-    "cache_dir": string(nonempty=True).described_as("a latent cache directory written by difflab-encode-latents"),
+    "cache_dir": string(nonempty=True).described_as(
+        "a latent cache, latent shards or clip shards directory (difflab-encode-latents / difflab-prepare-clips)"),
+    # sharded latents (src/datamodules/streaming_latents.py)
+    "download_dir": optional(string(nonempty=True)),
+    "max_cache_size": optional(any_of(integer(min=1), string(nonempty=True))).described_as(
+        "a size such as 50GB, a number of bytes, or null"),
+    "storage_options": optional(Rule(lambda v: isinstance(v, dict), "a mapping of options for the storage")),
+    "return_index": boolean(),
     # videos (moving_digits, sign_video)
     "num_frames": integer(min=1),
     "frame_stride": integer(min=1),
@@ -62,6 +69,12 @@ RULES = {
     "csv_name": optional(string(nonempty=True)),
     "num_prompts": integer(min=1),
     "prompts": optional(list_of(string())),
+    # variable-length video (src/datamodules/buckets.py)
+    "min_frames": optional(integer(min=2)),
+    "buckets": optional(list_of(integer(min=1), min_len=1)),
+    "max_frames": optional(integer(min=1)),
+    "bucket_resolutions": optional(list_of(any_of(integer(min=1), HW), min_len=1)),
+    "bucket_batch": one_of(["scale", "fixed"]),
 }
 
 
@@ -100,4 +113,17 @@ def moving_digits_geometry(dm: dict):
     return None
 
 
-CHECKS = [image_size_for_images, val_split_for_images, moving_digits_geometry]
+def buckets_within_max_frames(dm: dict):
+    """Bucket lengths may not exceed max_frames; moving digits' min_frames may not exceed num_frames."""
+    buckets, most = dm.get("buckets"), dm.get("max_frames")
+    if isinstance(buckets, list) and isinstance(most, int) and any(isinstance(b, int) and b > most for b in buckets):
+        return "buckets", f"frame counts <= datamodule.max_frames={most}"
+    if buckets is None and isinstance(most, int) and isinstance(dm.get("num_frames"), int) and most < dm["num_frames"]:
+        return "max_frames", f"an integer >= datamodule.num_frames={dm['num_frames']} (or null)"
+    low, n = dm.get("min_frames"), dm.get("num_frames")
+    if isinstance(low, int) and isinstance(n, int) and low > n:
+        return "min_frames", f"an integer in [2, num_frames={n}] (or null)"
+    return None
+
+
+CHECKS = [image_size_for_images, val_split_for_images, moving_digits_geometry, buckets_within_max_frames]

@@ -1,7 +1,7 @@
 """Allowed values of the process group (configs/process/*.yaml, `# @package _global_`: each option sets `process`
 and the objective it needs; src/diffusion/processes.py), checked by difflab.config_checks before a job starts.
 process=vp is `${schedule}` (checked in configs/schedule/schema.py); the rules below are edm's and flow's keys."""
-from difflab.config_checks import number, one_of, positive
+from difflab.config_checks import integer, number, one_of, optional, positive
 
 RULES = {
     # edm (EDMProcess)
@@ -18,6 +18,8 @@ RULES = {
     "mode_scale": number(),
     "shift": positive(),
     "t_min": number(min=0, max=1, min_open=True, max_open=True),
+    "frame_shift_base": optional(integer(min=1)).described_as(
+        "null (off) or the frame count at which the video time shift is `shift`"),
 }
 
 

@@ -76,3 +76,23 @@ def fraction_needs_epochs(trainer: dict):
 
 
 CHECKS = [fraction_needs_epochs]
+
+
+# trainer=fsdp (difflab.ops.fsdp.FSDPStrategy)
+FSDP_STRATEGY = "difflab.ops.fsdp.FSDPStrategy"
+FSDP_PRECISIONS = ["auto", "32-true", "bf16-mixed", 32, "32", "bf16"]
+RULES["strategy.reshard_after_forward"] = boolean()
+RULES["strategy.process_group_backend"] = optional(one_of(["nccl", "gloo"]))
+
+
+def fsdp_precision(trainer: dict):
+    """FSDP2 through Lightning's ModelParallelStrategy trains in 32-true or bf16-mixed (no fp16 gradient scaler, and
+    16-true / bf16-true would cast the sharded master weights)."""
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, dict) and strategy.get("_target_") == FSDP_STRATEGY \
+            and trainer.get("precision") not in FSDP_PRECISIONS:
+        return "precision", "auto, 32-true or bf16-mixed with trainer=fsdp (bf16 gathered weights, fp32 reductions)"
+    return None
+
+
+CHECKS.append(fsdp_precision)

@@ -40,6 +40,26 @@ def log_scalars(trainer: L.Trainer, metrics: dict[str, float], step: int) -> Non
             log.warning("could not log %s to %s: %s", sorted(clean), type(logger).__name__, err)
 
 
+def publish_metrics(trainer: L.Trainer, pl_module: L.LightningModule, scalars: dict[str, float] | None,
+                    published: dict[str, float], in_loop: bool) -> None:
+    """Make a callback's scalars visible to Lightning: ``trainer.callback_metrics`` (so that
+    ``ModelCheckpoint(monitor=...)``, ``EarlyStopping`` and the sweeper's ``optimized_metric`` can use sample metrics),
+    and remember them in ``published`` (read by the training pipeline after ``fit``).
+
+    Inside the training loop they go through ``LightningModule.log`` (logger=False: the loggers already got them
+    at their exact step from ``log_scalars``); every rank holds the same values (computed on all ranks or broadcast
+    from rank 0), so DDP ranks agree on what ``ModelCheckpoint`` monitors. After the loop (``on_train_end``)
+    Lightning allows no ``log`` call: the values are kept in ``published`` only.
+    """
+    if not scalars:
+        return
+    values = {k: float(v) for k, v in scalars.items()}
+    published.update(values)
+    if in_loop:
+        for name, value in values.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, logger=False, prog_bar=False, batch_size=1)
+
+
 # ------------------------------------------------------------------------------------------------ base callback
 class DiagnosticCallback(L.Callback):
     """Calls ``draw(module, path, context) -> scalars`` on the dense-early schedule and at the end of training, then
@@ -59,6 +79,7 @@ class DiagnosticCallback(L.Callback):
                              f"got {every_n_steps}")
         self.every_n_steps, self.dense_early, self.at_end = int(every_n_steps), bool(dense_early), bool(at_end)
         self.written: list[Path] = []
+        self.published: dict[str, float] = {}   # the latest scalars, as put into trainer.callback_metrics
         self._last_step = -1
 
     # hooks
@@ -68,25 +89,31 @@ class DiagnosticCallback(L.Callback):
             return
         if is_scheduled(step, self.every_n_steps, self.dense_early):
             self._last_step = step
-            self._run(trainer, pl_module, step)
+            publish_metrics(trainer, pl_module, self._run(trainer, pl_module, step), self.published, in_loop=True)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.at_end and self._last_step != trainer.global_step:
             self._last_step = trainer.global_step
-            self._run(trainer, pl_module, trainer.global_step)
+            publish_metrics(trainer, pl_module, self._run(trainer, pl_module, trainer.global_step), self.published,
+                            in_loop=False)
 
-    def _run(self, trainer, pl_module, step: int) -> None:
-        if not self.all_ranks and trainer.global_rank != 0:
-            return
-        module = ema_module(trainer, pl_module)
-        path = figure_path(trainer.default_root_dir, self.kind, step)
-        context = {"trainer": trainer, "datamodule": getattr(trainer, "datamodule", None), "step": step}
-        scalars = self.draw(module, path, context)
-        if trainer.global_rank == 0 and scalars is not None:
-            if path.is_file():
-                self.written.append(path)
-                log_image(trainer, f"diagnostics/{self.kind}", path, step, caption=f"{self.kind}, step {step}")
-            log_scalars(trainer, scalars, step)
+    def _run(self, trainer, pl_module, step: int) -> dict[str, float] | None:
+        """Draw (on rank 0, or on every rank when ``all_ranks``), log figure and scalars from rank 0, and return
+        rank 0's scalars on every rank (for ``trainer.callback_metrics``)."""
+        scalars = None
+        if self.all_ranks or trainer.global_rank == 0:
+            module = ema_module(trainer, pl_module)
+            path = figure_path(trainer.default_root_dir, self.kind, step)
+            context = {"trainer": trainer, "datamodule": getattr(trainer, "datamodule", None), "step": step}
+            scalars = self.draw(module, path, context)
+            if trainer.global_rank == 0 and scalars is not None:
+                if path.is_file():
+                    self.written.append(path)
+                    log_image(trainer, f"diagnostics/{self.kind}", path, step, caption=f"{self.kind}, step {step}")
+                log_scalars(trainer, scalars, step)
+        if trainer.world_size > 1:
+            scalars = trainer.strategy.broadcast(scalars, src=0)
+        return scalars
 
     def draw(self, module, path: Path, context: dict[str, Any]) -> dict[str, float] | None:
         """Write the figure at ``path`` (if any) and return scalars to log."""
@@ -175,6 +202,47 @@ def labelled_mosaic(blocks: Sequence[np.ndarray], block_titles: Sequence[str], r
     for r, label in enumerate(row_labels):
         y = top + PAD * scale + r * step + cell * scale / 2
         draw.text((margin + label_w - 8, y), label, fill="black", font=f_text, anchor="rm")
+    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def captioned_grid(images: torch.Tensor, n_cols: int, captions: Sequence[str], colours: Sequence[str],
+                   row_labels: Sequence[str], path: str | Path, title: str | None = None, cell_px: int = 64) -> Path:
+    """A grid of [-1, 1] images with a short caption under every cell (its own colour) and a label per row.
+
+    Used by the scored class grid: each cell says what a judge saw in it (``7 p.98`` in green when it is the
+    requested class, red when not). Cells are enlarged (nearest neighbour) to about ``cell_px``."""
+    from PIL import Image, ImageDraw
+
+    u8 = to_uint8(stills(images))
+    if u8.shape[1] == 1:
+        u8 = u8.expand(-1, 3, -1, -1)
+    n, _, h, w = u8.shape
+    scale = max(1, round(cell_px / max(h, w)))
+    cw, ch = w * scale, h * scale
+    f_text, f_title = _font(11), _font(14)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max((probe.textbbox((0, 0), t, font=f_text)[2] for t in row_labels), default=0) + 12
+    cap_h, gap, margin = 14, 4, 8
+    top = margin + (22 if title else 0)
+    n_rows = (n + n_cols - 1) // n_cols
+    width = margin + label_w + n_cols * (cw + gap) + margin
+    if title:
+        width = max(width, probe.textbbox((0, 0), title, font=f_title)[2] + 2 * margin)
+    canvas = Image.new("RGB", (int(width), int(top + n_rows * (ch + cap_h + gap) + margin)), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((width / 2, margin), title, fill="black", font=f_title, anchor="ma")
+    pixels = u8.permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(n):
+        r, c = divmod(i, n_cols)
+        x0, y0 = margin + label_w + c * (cw + gap), top + r * (ch + cap_h + gap)
+        cell = pixels[i].repeat(scale, axis=0).repeat(scale, axis=1)
+        canvas.paste(Image.fromarray(cell), (int(x0), int(y0)))
+        if i < len(captions):
+            draw.text((x0 + cw / 2, y0 + ch + 1), captions[i], fill=colours[i], font=f_text, anchor="ma")
+    for r, label in enumerate(row_labels):
+        draw.text((margin + label_w - 8, top + r * (ch + cap_h + gap) + ch / 2), label, fill="black", font=f_text,
+                  anchor="rm")
     return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from difflab.callbacks.figures import DiagnosticCallback, condition_key
 from difflab.metrics.common import warn_once
+from difflab.ops.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class DigitFeatures(nn.Module):
 
         path = Path(weights) if weights else WEIGHTS
         self.classifier = load_digit_classifier(path)
+        self.weights_path = path
+        self.resize = "RGB averaged to grey; bilinear resize to 16x16 (align_corners=False) unless already 16x16"
 
     @staticmethod
     def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -96,11 +99,14 @@ class DigitFeatures(nn.Module):
         return self.classifier.head(features).argmax(dim=1)
 
 
+FEATURE_KINDS = ("auto", "digit_classifier", "inception", "dinov2", "i3d", "none")
+
+
 def resolve_feature_kind(feature: Any, sample_shape) -> str:
-    """'digit_classifier' | 'inception' | 'i3d' | 'none' | 'module' for a configured ``feature``."""
+    """'digit_classifier' | 'inception' | 'dinov2' | 'i3d' | 'none' | 'module' for a configured ``feature``."""
     if isinstance(feature, nn.Module):
         return "module"
-    kinds = ("auto", "digit_classifier", "inception", "i3d", "none")
+    kinds = FEATURE_KINDS
     if feature not in kinds:
         raise ValueError(f"sample_metrics.feature={feature!r}: choose one of {kinds} or give a _target_ module")
     if feature != "auto":
@@ -121,8 +127,20 @@ def metric_names(kind: str, n: int, sample_shape, feature_name: str = "") -> tup
         return f"fid{n}", f"kid{n}"
     if kind == "digit_classifier":
         return f"fd_digit{n}", f"kd_digit{n}"
+    if kind == "dinov2":
+        return f"fd_dinov2{n}", f"kd_dinov2{n}"
     slug = re.sub(r"[^a-z0-9]+", "_", feature_name.lower()).strip("_") or "custom"
     return f"fd_{slug}{n}", f"kd_{slug}{n}"
+
+
+def _describe_sampler(sampler) -> str | None:
+    """``ddim(steps=8)`` for a configured partial sampler; None for the model's own."""
+    if sampler is None:
+        return None
+    func = getattr(sampler, "func", sampler)
+    keywords = getattr(sampler, "keywords", {}) or {}
+    args = ", ".join(f"{k}={v}" for k, v in sorted(keywords.items()))
+    return f"{getattr(func, '__name__', type(func).__name__)}({args})"
 
 
 # ------------------------------------------------------------------------------------------------ LPIPS
@@ -152,6 +170,7 @@ class SampleMetrics:
 
     def __init__(self, n_samples: int = 100, batch_size: int = 128, feature: Any = "auto",
                  inception_weights: str | None = None, i3d_weights: str | None = None,
+                 dinov2_weights: str | None = None,
                  digit_classifier_weights: str | None = None, kid_subsets: int = 10, kid_subset_size: int = 50,
                  n_real: int = 1024, real_split: str = "train", stats_dir: str | None = None,
                  lpips_net: str | None = "alex", lpips_backbone: str | None = None, lpips_pairs: int = 32,
@@ -164,6 +183,7 @@ class SampleMetrics:
         self.n_samples, self.batch_size = int(n_samples), int(batch_size)
         self.feature = feature
         self.inception_weights, self.i3d_weights = inception_weights, i3d_weights
+        self.dinov2_weights = dinov2_weights
         self.digit_classifier_weights = digit_classifier_weights
         self.kid_subsets, self.kid_subset_size = int(kid_subsets), int(kid_subset_size)
         self.n_real, self.real_split, self.stats_dir = int(n_real), real_split, stats_dir
@@ -175,6 +195,8 @@ class SampleMetrics:
         self.kind = None
         self.names: tuple[str, str] | None = None
         self.real_source: str | None = None
+        self.floor: dict[str, float] = {}        # real-vs-real values at n_samples (FD, and KID when on)
+        self.protocol: dict[str, dict[str, Any]] = {}   # metric name -> how it is measured (metrics/protocol.py)
         self._prepared = False
         self._lpips = None
         self._clip = None
@@ -197,6 +219,12 @@ class SampleMetrics:
                                         feature_name="digit-classifier-128", **kw)
         elif self.kind == "inception":
             self.metric = build_fid_metric(self.inception_weights, **kw)
+        elif self.kind == "dinov2":
+            from difflab.metrics.dinov2 import build_dinov2_metric
+
+            if len(shape) != 3:
+                raise ValueError(f"sample_metrics.feature=dinov2 needs images, got sample shape {shape}")
+            self.metric = build_dinov2_metric(self.dinov2_weights, **kw)
         elif self.kind == "i3d":
             if len(shape) != 4:
                 raise ValueError(f"sample_metrics.feature=i3d needs videos (C x T x H x W), got sample shape {shape}")
@@ -207,31 +235,38 @@ class SampleMetrics:
             self.metric = self.metric.to(module.device)
             self.names = metric_names(self.kind, self.n_samples, shape, self.metric.feature_name)
 
-    def _real_loader(self, datamodule, rank: int, world: int):
-        """Batches of this rank's share of ``n_real`` fixed (seeded) real items."""
+    def _real_loader(self, datamodule, rank: int, world: int, start: int = 0, count: int | None = None):
+        """Batches of this rank's share of real items ``start .. start + count`` of a fixed (seeded) order of the
+        real split; returns (number of items, batches, whether they overlap items ``0 .. n_real``).
+
+        Items ``0 .. n_real`` are the reference set; the floor's real samples come right after it, so the two sets
+        are disjoint when the split is large enough (else the floor takes the last items and says it overlaps)."""
         from torch.utils.data import DataLoader, Subset
 
+        count = self.n_real if count is None else count
         loader = datamodule.train_dataloader() if self.real_split == "train" else datamodule.val_dataloader()
         dataset = getattr(loader, "dataset", None)
         if dataset is not None and hasattr(dataset, "__len__") and not isinstance(
                 dataset, torch.utils.data.IterableDataset):
-            n = min(self.n_real, len(dataset))
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:n]
+            size = len(dataset)
+            start = min(start, max(0, size - count))
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))[start:start + count]
             mine = order[rank::world].tolist()
-            return n, DataLoader(Subset(dataset, mine), batch_size=self.batch_size, shuffle=False,
-                                 collate_fn=loader.collate_fn, num_workers=0)
+            overlap = start < min(self.n_real, size)   # only meaningful for the floor's items
+            return len(order), DataLoader(Subset(dataset, mine), batch_size=self.batch_size, shuffle=False,
+                                          collate_fn=loader.collate_fn, num_workers=0), overlap
 
-        def strided():  # iterable datasets: the first n_real items in loader order, dealt out to ranks
+        def strided():  # iterable datasets: items start .. start + count in loader order, dealt out to ranks
             i = 0
             for batch in loader:
                 b = batch["x"].shape[0]
-                keep = [j for j in range(b) if i + j < self.n_real and (i + j) % world == rank]
+                keep = [j for j in range(b) if start <= i + j < start + count and (i + j - start) % world == rank]
                 if keep:
                     yield {"x": batch["x"][keep]}
                 i += b
-                if i >= self.n_real:
+                if i >= start + count:
                     return
-        return self.n_real, strided()
+        return count, strided(), False
 
     def prepare(self, module, datamodule, run_dir: str | os.PathLike) -> None:
         """Build the feature metric and load or compute the real statistics (once; all ranks)."""
@@ -251,7 +286,7 @@ class SampleMetrics:
         if datamodule is None:
             raise ValueError("sample metrics need the datamodule for real statistics (none attached to the trainer)")
         rank, world = dist_info()
-        n_real, batches = self._real_loader(datamodule, rank, world)
+        n_real, batches, _ = self._real_loader(datamodule, rank, world)
         dataset, digest = _dataset_key(module, datamodule)
         res = "x".join(str(s) for s in module.sample_shape)
         cache_key = {"dataset": dataset, "config": digest, "split": self.real_split, "resolution": res, "n": n_real}
@@ -261,19 +296,70 @@ class SampleMetrics:
         if broadcast_flag(path.is_file(), module.device):
             self.metric.load_real_stats(path, cache_key)
             self.real_source = f"loaded {path}"
-            return
+        else:
+            with torch.no_grad():
+                for batch in batches:
+                    self.metric.update(module.to_pixels(batch["x"].to(module.device)).clamp(-1, 1), real=True)
+            try:
+                self.metric.save_real_stats(path, cache_key)
+                self.real_source = f"computed and cached in {path}"
+            except OSError as err:
+                warn_once(f"stats-cache:{path}", f"could not write the real-statistics cache {path} ({err}); "
+                                                 "they are recomputed in every run: set sample_metrics.stats_dir")
+                self.real_source = "computed (not cached)"
+            barrier()
+        log.info("sample metrics: real statistics %s", self.real_source)
+        overlap = self._compute_floor(module, datamodule, path.with_name(path.stem + f"-floor-n{self.n_samples}.json"))
+        self._describe(module, {**cache_key, "n": n_real}, overlap)
+
+    def _compute_floor(self, module, datamodule, cache: Path) -> bool:
+        """The real-vs-real value at ``n_samples``: real items that are not in the reference set, scored like
+        generated samples. What a perfect generator would get at this sample count (cached next to the real
+        statistics). Returns whether those items overlap the reference set (small datasets)."""
+        rank, world = dist_info()
+        n, batches, overlap = self._real_loader(datamodule, rank, world, start=self.n_real, count=self.n_samples)
+        if broadcast_flag(cache.is_file(), module.device):
+            try:
+                saved = json.loads(cache.read_text())
+                self.floor, overlap = {k: float(v) for k, v in saved["floor"].items()}, bool(saved["overlap"])
+                return overlap
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # unreadable: recompute (every rank reads the same file, so all take this branch)
         with torch.no_grad():
             for batch in batches:
-                self.metric.update(module.to_pixels(batch["x"].to(module.device)).clamp(-1, 1), real=True)
-        try:
-            self.metric.save_real_stats(path, cache_key)
-            self.real_source = f"computed and cached in {path}"
-        except OSError as err:
-            warn_once(f"stats-cache:{path}", f"could not write the real-statistics cache {path} ({err}); "
-                                             "they are recomputed in every run: set sample_metrics.stats_dir")
-            self.real_source = "computed (not cached)"
-        barrier()
-        log.info("sample metrics: real statistics %s", self.real_source)
+                self.metric.update(module.to_pixels(batch["x"].to(module.device)).clamp(-1, 1), real=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was called before the ``update``")
+            res = self.metric.compute()
+        self.metric.reset()
+        self.floor = {"frechet": float(res["frechet"])}
+        if "kid_mean" in res:
+            self.floor["kid"] = float(res["kid_mean"])
+        if rank == 0:
+            try:
+                text = json.dumps({"floor": self.floor, "overlap": overlap, "n": n})
+                atomic_write(cache, lambda tmp: Path(tmp).write_text(text))
+            except OSError:
+                pass  # no cache: recomputed next run (cheap: n_samples real items)
+        return overlap
+
+    def _describe(self, module, reference: dict[str, Any], floor_overlaps: bool) -> None:
+        """Fill ``self.protocol``: how each Frechet / KID metric of this run is measured (metrics/protocol.py)."""
+        from difflab.metrics.protocol import describe_feature
+
+        fd_name, kd_name = self.names
+        g = module.guidance_settings(self.guidance) if hasattr(module, "guidance_settings") else {}
+        scale = self.guidance_scale if self.guidance_scale is not None else g.get("scale")
+        common = {"n_samples": self.n_samples, "feature": self.metric.feature_name,
+                  **describe_feature(self.metric._feature.module), "reference": reference,
+                  "floor_real_items_overlap_reference": floor_overlaps, "eval_seed": self.seed,
+                  "sampler": _describe_sampler(self.sampler) or "the model's sampler",
+                  "guidance": f"{g.get('method', 'cfg')} {scale}" if g or scale is not None else "none"}
+        self.protocol = {f"metrics/{fd_name}": {**common, "floor": self.floor.get("frechet"),
+                                                 "floor_metric": f"metrics/{fd_name}_floor"}}
+        if "kid" in self.floor:
+            self.protocol[f"metrics/{kd_name}"] = {**common, "floor": self.floor["kid"],
+                                                    "floor_metric": f"metrics/{kd_name}_floor"}
 
     # ------------------------------------------------------------------ evaluation
     def _noise(self, indices: list[int], shape) -> torch.Tensor:
@@ -324,9 +410,13 @@ class SampleMetrics:
                 res = self.metric.compute()
             fd_name, kd_name = self.names
             out[f"metrics/{fd_name}"] = float(res["frechet"])
+            if "frechet" in self.floor:
+                out[f"metrics/{fd_name}_floor"] = self.floor["frechet"]
             if "kid_mean" in res:
                 out[f"metrics/{kd_name}"] = float(res["kid_mean"])
                 out[f"metrics/{kd_name}_std"] = float(res["kid_std"])
+                if "kid" in self.floor:
+                    out[f"metrics/{kd_name}_floor"] = self.floor["kid"]
             self.metric.reset()
             if check_labels:
                 c = all_sum(correct)
@@ -369,7 +459,14 @@ class SampleMetricsCallback(DiagnosticCallback):
     def draw(self, module, path: Path, context: dict[str, Any]) -> dict[str, float]:
         trainer = context.get("trainer")
         run_dir = trainer.default_root_dir if trainer is not None else path.parent
+        first = not self.metrics._prepared
         self.metrics.prepare(module, context.get("datamodule"), run_dir)
+        if first and self.metrics.protocol and (trainer is None or trainer.global_rank == 0):
+            from difflab.metrics.protocol import protocol_line, write_protocol
+
+            path = write_protocol(run_dir, self.metrics.protocol)
+            for name, entry in self.metrics.protocol.items():
+                log.info("metric protocol (%s): %s", path, protocol_line(name, entry))
         self.last = self.metrics.evaluate(module)
         if self.last and (trainer is None or trainer.global_rank == 0):
             log.info("sample metrics at step %s: %s", context.get("step"),

@@ -5,7 +5,10 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from difflab.datamodules.loaders import ResumableDataLoader, make_loader
+from difflab.ops.rng import WorkerRNGState
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -28,7 +31,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return perm[n_val:], perm[:n_val]
 
 
-class TensorDictDataset(Dataset):
+class TensorDictDataset(WorkerRNGState, Dataset):
     """In-memory dataset yielding dict samples {x, label}."""
 
     def __init__(self, x: torch.Tensor, labels: torch.Tensor | None = None):
@@ -67,13 +70,13 @@ class DigitsDataModule(L.LightningDataModule):
         self.train_set = TensorDictDataset(x[tr], y[tr])
         self.val_set = TensorDictDataset(x[va], y[va])
 
-    def _loader(self, ds, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.persistent_workers)
+    def _loader(self, ds, shuffle: bool, drop_last: bool) -> ResumableDataLoader:
+        return make_loader(ds, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
+                           num_workers=self.num_workers, pin_memory=self.pin_memory,
+                           persistent_workers=self.persistent_workers)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         return self._loader(self.train_set, shuffle=True, drop_last=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> ResumableDataLoader:
         return self._loader(self.val_set, shuffle=False, drop_last=False)

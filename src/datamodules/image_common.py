@@ -22,9 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from difflab.datamodules.loaders import ResumableDataLoader, make_loader
 from difflab.ops.atomic import atomic_write
+from difflab.ops.rng import WorkerRNGState
 from difflab.utils.errors import ConfigError, CorruptDataError
 
 MARKER_NAME = ".difflab_verified.json"
@@ -66,7 +68,8 @@ class ImageTransform:
 
     Resizing (shorter side to `image_size`, then centre crop) only happens when the image is not already
     `image_size` x `image_size`, so the common native-resolution path is one cast and one scale. The flip uses
-    torch's global RNG, which DataLoader seeds differently in every worker.
+    torch's global RNG, which DataLoader seeds differently in every worker; the datasets checkpoint each worker's
+    RNG (`WorkerRNGState`), so a run resumed mid-epoch flips the same images as the uninterrupted run.
     """
 
     def __init__(self, image_size: int | None = None, flip: bool = False) -> None:
@@ -129,7 +132,7 @@ class ArraySource:
         return img, None if self.labels is None else int(self.labels[index])
 
 
-class DictDataset(Dataset):
+class DictDataset(WorkerRNGState, Dataset):
     """A view of an `ImageSource` (optionally a subset of its indices) yielding contract samples.
 
     Each sample is ``{"x": float C x H x W in [-1, 1], "label": int}`` (``label`` omitted when the source has
@@ -333,11 +336,11 @@ class ImageDataModule(L.LightningDataModule):
     def test_set(self) -> Dataset | None:
         return self._splits.get("test")
 
-    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader | list:
+    def _loader(self, dataset: Dataset | None, train: bool) -> ResumableDataLoader | list:
         if dataset is None:
             return []  # Lightning treats an empty list as "no batches for this stage"
         workers = self.num_workers
-        return DataLoader(
+        return make_loader(
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
@@ -347,16 +350,16 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers and workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         dataset = self.split_dataset("train")
         if dataset is None:
             raise ConfigError(f"{type(self).__name__} has no training split")
         return self._loader(dataset, train=True)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> ResumableDataLoader | list:
         return self._loader(self.split_dataset("val"), train=False)
 
-    def test_dataloader(self) -> DataLoader | list:
+    def test_dataloader(self) -> ResumableDataLoader | list:
         return self._loader(self.split_dataset("test"), train=False)
 
 

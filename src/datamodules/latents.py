@@ -12,13 +12,15 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from difflab.datamodules.loaders import make_loader
 from difflab.latents.cache import LatentCache, NormalisedAutoencoder, normalise, open_array
+from difflab.ops.rng import WorkerRNGState
 
 
-class LatentDataset(Dataset):
+class LatentDataset(WorkerRNGState, Dataset):
     """Rows of a memory-mapped latent array, normalised per channel, optionally flipped horizontally (p=0.5).
 
     Implements ``__getitems__`` so a DataLoader fetches a whole batch with one vectorised read.
@@ -115,10 +117,10 @@ class LatentDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool):
         if split not in self.cache.splits:
             return []
-        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=self.shuffle and train,
-                          drop_last=self.drop_last and train, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
-                          collate_fn=collate_batches)
+        return make_loader(self.dataset(split), batch_size=self.batch_size, shuffle=self.shuffle and train,
+                           drop_last=self.drop_last and train, num_workers=self.num_workers,
+                           pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
+                           collate_fn=collate_batches)
 
     def train_dataloader(self):
         return self._loader("train", train=True)

@@ -74,6 +74,7 @@ class MovingDigitsParams:
     num_test: int = 200
     seed: int = 0
     codec: str = "mpeg4"  # mpeg4 (q=2) writes ~2x faster than libx264 for tiny clips; "" = best available
+    min_frames: int | None = None  # variable-length clips: lengths uniform in [min_frames, num_frames]; None = fixed
 
     def resolved(self) -> "MovingDigitsParams":
         """The same parameters with the encoder name filled in and checked."""
@@ -82,6 +83,9 @@ class MovingDigitsParams:
                               f"got {self.digit_size}")
         if self.num_frames < 2:
             raise ConfigError(f"moving digits: num_frames must be >= 2 to show motion, got {self.num_frames}")
+        if self.min_frames is not None and not 2 <= self.min_frames <= self.num_frames:
+            raise ConfigError(f"moving digits: min_frames must be in [2, num_frames={self.num_frames}] or null, "
+                              f"got {self.min_frames}")
         if min(self.num_train, self.num_val, self.num_test) < 1:
             raise ConfigError("moving digits: num_train, num_val and num_test must be >= 1")
         return self if self.codec else MovingDigitsParams(**{**asdict(self), "codec": mp4_encoder()})
@@ -152,9 +156,18 @@ def read_manifest(data_dir: str | os.PathLike) -> dict | None:
     return m if isinstance(m, dict) and m.get("generator") == GENERATOR else None
 
 
+def _manifest_params(params: MovingDigitsParams) -> dict:
+    """The parameters as the manifest records them (``min_frames`` only when set, so fixed-length folders written
+    before it existed stay valid)."""
+    d = asdict(params)
+    if d.get("min_frames") is None:
+        d.pop("min_frames", None)
+    return d
+
+
 def _up_to_date(data_dir: Path, params: MovingDigitsParams) -> bool:
     m = read_manifest(data_dir)
-    return m is not None and m.get("version") == FORMAT_VERSION and m.get("params") == asdict(params)
+    return m is not None and m.get("version") == FORMAT_VERSION and m.get("params") == _manifest_params(params)
 
 
 def _write_split(root: Path, split: str, n: int, pool: np.ndarray, sprites: np.ndarray, labels: np.ndarray,
@@ -163,13 +176,14 @@ def _write_split(root: Path, split: str, n: int, pool: np.ndarray, sprites: np.n
     clips_dir = root / HOW2SIGN_CLIPS_DIR.format(split=split)
     clips_dir.mkdir(parents=True)
     by_digit = {k: pool[labels[pool] == k] for k in range(10)}
-    duration = p.num_frames / p.fps
     entries, lines = [], ["\t".join(HOW2SIGN_HEADER)]
     for i in range(n):
         digit, direction = i % 10, DIRECTIONS[(i // 10) % 4]  # balanced over the 40 captions
         image = int(rng.choice(by_digit[digit]))
         cross = int(rng.integers(0, p.canvas_size - p.digit_size + 1))
-        frames = render_clip(sprites[image], direction, cross, p.canvas_size, p.num_frames)
+        length = p.num_frames if p.min_frames is None else int(rng.integers(p.min_frames, p.num_frames + 1))
+        duration = length / p.fps
+        frames = render_clip(sprites[image], direction, cross, p.canvas_size, length)
         video_id = f"md-{split}-{i:05d}"
         name = f"{video_id}_0-rgb_front"
         write_mp4(clips_dir / f"{name}.mp4", frames[..., None], p.fps, codec=p.codec, crf=12)
@@ -177,7 +191,7 @@ def _write_split(root: Path, split: str, n: int, pool: np.ndarray, sprites: np.n
         lines.append("\t".join([video_id, f"{video_id}-rgb_front", f"{video_id}_0", name, "0.00",
                                 f"{duration:.2f}", text]))
         entries.append({"name": name, "split": split, "digit": digit, "direction": direction, "text": text,
-                        "image_index": image, "cross": cross})
+                        "image_index": image, "cross": cross, **({} if p.min_frames is None else {"frames": length})})
     (root / f"how2sign_{split}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return entries
 
@@ -210,7 +224,7 @@ def generate_moving_digits(data_dir: str | os.PathLike, params: MovingDigitsPara
         clips = []
         for split, n in (("train", p.num_train), ("val", p.num_val), ("test", p.num_test)):
             clips += _write_split(tmp, split, n, pools[split], sprites, labels, p, rng)
-        manifest = {"generator": GENERATOR, "version": FORMAT_VERSION, "params": asdict(p),
+        manifest = {"generator": GENERATOR, "version": FORMAT_VERSION, "params": _manifest_params(p),
                     "directions": list(DIRECTIONS), "clips": clips}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=0))
         if data_dir.exists():
@@ -239,7 +253,9 @@ class MovingDigitsDataModule(SignVideoDataModule):
 
     Defaults keep CPU training fast: 8 frames of 32x32 grey (``channels=1``), 2000/200/200 clips, decoded clips
     cached in memory (``cache=True``). ``prompts`` are the captions of ``prompt_pairs`` (digit, direction), and
-    `ground_truth()` returns the per-clip digit and direction from the manifest.
+    `ground_truth()` returns the per-clip digit and direction from the manifest. ``min_frames`` makes clip lengths
+    vary uniformly in [min_frames, num_frames] (the digit crosses the canvas in that many frames), for training with
+    ``buckets`` / ``max_frames`` (see `SignVideoDataModule`).
     """
 
     def __init__(self, data_dir: str = "data/moving_digits", num_train: int = 2000, num_val: int = 200,
@@ -248,15 +264,18 @@ class MovingDigitsDataModule(SignVideoDataModule):
                  image_size: int | Sequence[int] | None = None, prompt_pairs: Sequence[Sequence[Any]] | None = None,
                  cache: bool = True, backend: str = "pyav", strict: bool = False, batch_size: int = 32,
                  num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
-                 drop_last: bool = False):
+                 drop_last: bool = False, min_frames: int | None = None, buckets: Sequence[int] | None = None,
+                 max_frames: int | None = None, bucket_batch: str = "scale"):
         self.params = MovingDigitsParams(int(canvas_size), int(digit_size), int(num_frames), float(fps),
-                                         int(num_train), int(num_val), int(num_test), int(seed), str(codec or ""))
+                                         int(num_train), int(num_val), int(num_test), int(seed), str(codec or ""),
+                                         None if min_frames is None else int(min_frames))
         self.prompt_pairs = [(int(d), str(m)) for d, m in (prompt_pairs or DEFAULT_PROMPT_PAIRS)]
         super().__init__(dataset="how2sign", data_dir=data_dir, num_frames=num_frames,
                          image_size=image_size or canvas_size, frame_stride=1, channels=channels, layout="clips",
                          strict=strict, backend=backend, cache=cache, prompts=prompts_for(self.prompt_pairs),
                          batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                         persistent_workers=persistent_workers, drop_last=drop_last, seed=seed)
+                         persistent_workers=persistent_workers, drop_last=drop_last, seed=seed, buckets=buckets,
+                         max_frames=max_frames, bucket_batch=bucket_batch)
 
     def prepare_data(self) -> None:
         """Generate the clips (Lightning calls this on one process per node)."""

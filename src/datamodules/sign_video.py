@@ -4,6 +4,10 @@ Each dataset has an index builder that reads its annotation file into `ClipRecor
 `SignVideoDataset` turns records into fixed-length clips ``{"x": C x T x H x W in [-1, 1], "text": str}``, and
 `SignVideoDataModule` wires both into the batch contract of docs/ARCHITECTURE.md.
 
+Variable-length training (``buckets`` / ``max_frames``, off by default): each training clip is cropped to the largest
+bucket length that fits it and batches hold clips of one bucket (`difflab.datamodules.buckets`); validation, test and
+``sample_shape`` keep ``num_frames``.
+
 Bad data is skipped and counted, never silently: malformed annotation rows (logged with file and line), listed
 files that are missing, and videos that fail to decode (logged once per file, replaced by another clip). With
 ``strict=True`` each of these raises instead.
@@ -22,8 +26,23 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from difflab.datamodules.buckets import (
+    BATCH_RULES,
+    Bucket,
+    BucketBatchSampler,
+    BucketSample,
+    assign_buckets,
+    bucket_batch_sizes,
+    collate_buckets,
+    frame_usage,
+    probe_clips,
+    resolve_frame_buckets,
+    summarize,
+    usable_frames,
+)
 from difflab.datamodules.image_common import ImageDataModule
 from difflab.datamodules.video_io import BACKENDS, list_frame_files, open_video, read_frame_files, resize_uint8
+from difflab.ops.rng import WorkerRNGState
 from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
 
 log = logging.getLogger(__name__)
@@ -346,7 +365,7 @@ def to_model_space(frames: np.ndarray) -> torch.Tensor:
 _PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, ImportError, AssertionError)
 
 
-class SignVideoDataset(Dataset):
+class SignVideoDataset(WorkerRNGState, Dataset):
     """Captioned fixed-length clips from `ClipRecord`s: ``{"x": float C x T x H x W in [-1, 1], "text": str}``.
 
     ``num_frames`` frames are taken ``frame_stride`` source frames apart, or resampled to ``target_fps`` (which
@@ -381,7 +400,7 @@ class SignVideoDataset(Dataset):
         # shared memory: DataLoader workers flag bad files here and the main process sees the flags
         self._bad = torch.zeros(len(self.records), dtype=torch.bool).share_memory_()
         self._warned: set[int] = set()
-        self._cache: dict[int, tuple[np.ndarray, float]] = {}
+        self._cache: dict[Any, tuple[np.ndarray, float]] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -400,11 +419,13 @@ class SignVideoDataset(Dataset):
         return float(self.frame_stride) if self.target_fps is None else fps / self.target_fps
 
     # --- decoding -------------------------------------------------------------------------------------------------
-    def _finish(self, frames: np.ndarray) -> np.ndarray:
-        """uint8 T x H x W x 3 -> uint8 T x h x w x C at the output size and channel count."""
-        return np.ascontiguousarray(to_channels(crop_resize(frames, self.image_size), self.channels))
+    def _finish(self, frames: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+        """uint8 T x H x W x 3 -> uint8 T x h x w x C at the output size (``size`` or ``image_size``) and channels."""
+        return np.ascontiguousarray(to_channels(crop_resize(frames, size or self.image_size), self.channels))
 
-    def _read_video(self, rec: ClipRecord, whole: bool) -> tuple[np.ndarray, float]:
+    def _read_video(self, rec: ClipRecord, whole: bool, num_frames: int | None = None,
+                    size: tuple[int, int] | None = None) -> tuple[np.ndarray, float]:
+        num_frames, size = num_frames or self.num_frames, size or self.image_size
         with open_video(rec.source, self.backend) as reader:
             info = reader.info
             fps = info.fps
@@ -416,18 +437,20 @@ class SignVideoDataset(Dataset):
                     raise ValueError(f"clip start {c0:.2f}s is past the end of the video ({info.duration:.2f}s)")
                 c1 = info.duration if rec.end is None else min(rec.end, info.duration)
                 n = max(1, int(math.floor((c1 - c0) * fps + 1e-6)))
-            idx = np.arange(n) if whole else window_indices(n, self.num_frames, self._step(fps), random=self.train)
+            idx = np.arange(n) if whole else window_indices(n, num_frames, self._step(fps), random=self.train)
             want = c0 + idx / fps
             frames, times = reader.frames_in_range(want.min() - 0.5 / fps, want.max() + 0.5 / fps,
-                                                   fit_size(info.height, info.width, self.image_size))
+                                                   fit_size(info.height, info.width, size))
         if len(frames) == 0:
             raise ValueError(f"no frames decoded in [{want.min():.2f}s, {want.max():.2f}s]")
         pick = np.abs(times[None, :] - want[:, None]).argmin(1)
-        return self._finish(frames[pick]), fps
+        return self._finish(frames[pick], size), fps
 
-    def _read_frames(self, rec: ClipRecord, whole: bool) -> tuple[np.ndarray, float]:
+    def _read_frames(self, rec: ClipRecord, whole: bool, num_frames: int | None = None,
+                     size: tuple[int, int] | None = None) -> tuple[np.ndarray, float]:
         from PIL import Image
 
+        num_frames, size = num_frames or self.num_frames, size or self.image_size
         files = list_frame_files(rec.source)
         fps = rec.fps or self.default_fps
         if rec.start is not None or rec.end is not None:
@@ -437,25 +460,33 @@ class SignVideoDataset(Dataset):
         if not files:
             raise ValueError("no frame images in range")
         n = len(files)
-        idx = np.arange(n) if whole else window_indices(n, self.num_frames, self._step(fps), random=self.train)
+        idx = np.arange(n) if whole else window_indices(n, num_frames, self._step(fps), random=self.train)
         with Image.open(files[0]) as im:
-            size = fit_size(im.height, im.width, self.image_size)
-        frames = read_frame_files([files[i] for i in idx.tolist()], size=size)
-        return self._finish(frames), fps
+            shrink = fit_size(im.height, im.width, size)
+        frames = read_frame_files([files[i] for i in idx.tolist()], size=shrink)
+        return self._finish(frames, size), fps
 
-    def _clip(self, i: int) -> torch.Tensor:
+    def _clip(self, i: int, num_frames: int | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
         rec = self.records[i]
         read = self._read_video if rec.kind == "video" else self._read_frames
+        num_frames = num_frames or self.num_frames
+        size = tuple(size) if size else self.image_size
         if not self.cache:
-            frames, _ = read(rec, whole=False)
+            frames, _ = read(rec, False, num_frames, size)
         else:
-            if i not in self._cache:
-                self._cache[i] = read(rec, whole=True)
-            full, fps = self._cache[i]
-            frames = full[window_indices(len(full), self.num_frames, self._step(fps), random=self.train)]
+            key = i if size == self.image_size else (i, size)  # bucket resolutions are cached separately
+            if key not in self._cache:
+                self._cache[key] = read(rec, True, None, size)
+            full, fps = self._cache[key]
+            frames = full[window_indices(len(full), num_frames, self._step(fps), random=self.train)]
         return to_model_space(frames)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | BucketSample) -> dict[str, Any]:
+        """Clip ``index`` at ``num_frames`` x ``image_size``; a `BucketSample` (bucketed training loader) gives the
+        clip's own length and size, and the sample then carries ``"num_frames"``."""
+        frames = size = None
+        if isinstance(index, BucketSample):
+            index, frames, size = index.index, index.frames, (index.height, index.width)
         n = len(self.records)
         last_error = None
         for k in range(n):
@@ -463,7 +494,7 @@ class SignVideoDataset(Dataset):
             if self._bad[i]:
                 continue
             try:
-                x = self._clip(i)
+                x = self._clip(i, frames, size)
             except _PROGRAMMING_ERRORS:
                 raise
             except Exception as e:  # decoders raise many types (av.error.*, OSError, ValueError, PIL errors)
@@ -477,7 +508,10 @@ class SignVideoDataset(Dataset):
                 self._bad[i] = True
                 last_error = f"{rec.source}: {type(e).__name__}: {e}"
                 continue
-            return {"x": x, "text": self.records[i].text}
+            sample = {"x": x, "text": self.records[i].text}
+            if frames is not None:
+                sample["num_frames"] = int(x.shape[1])
+            return sample
         raise CorruptDataError(f"none of the {n} clips could be read (last error {last_error}); check the video files "
                                "and the backend")
 
@@ -511,6 +545,15 @@ class SignVideoDataModule(ImageDataModule):
 
     Skipped data is counted: `data_report()` gives, per split, the malformed rows, missing files and unreadable
     videos met so far.
+
+    Variable-length training clips: ``buckets`` (frame counts) and/or ``max_frames`` (with ``buckets`` null:
+    ``num_frames, 2 num_frames, ...`` up to it) turn them on; ``bucket_resolutions`` adds frame sizes (each clip takes
+    the largest it covers) and ``bucket_batch`` sets the batch size per bucket (``scale``: batch x frames x pixels
+    about ``batch_size x num_frames x image_size``; ``fixed``). The training loader then uses a
+    `difflab.datamodules.buckets.BucketBatchSampler` and its batches carry ``num_frames`` (int64 B). Clip lengths
+    are read from the containers once (`train_buckets`, at ``setup("fit")``) and remembered in
+    ``.difflab_clip_info_<split>.json`` in ``data_dir`` (or the user cache); `bucket_report` gives the fraction of
+    frames used with buckets and with one ``num_frames`` crop.
     """
 
     def __init__(self, dataset: str = "how2sign", data_dir: str = "data/how2sign", num_frames: int = 16,
@@ -520,7 +563,9 @@ class SignVideoDataModule(ImageDataModule):
                  train_split: str | None = None, val_split: str | None = None, test_split: str | None = None,
                  strict: bool = False, backend: str = "pyav", cache: bool = False, num_prompts: int = 8,
                  prompts: Sequence[str] | None = None, batch_size: int = 8, num_workers: int = 4,
-                 pin_memory: bool = True, persistent_workers: bool = True, drop_last: bool = False, seed: int = 0):
+                 pin_memory: bool = True, persistent_workers: bool = True, drop_last: bool = False, seed: int = 0,
+                 buckets: Sequence[int] | None = None, max_frames: int | None = None,
+                 bucket_resolutions: Sequence[Any] | None = None, bucket_batch: str = "scale"):
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                          persistent_workers=persistent_workers, drop_last=drop_last, seed=seed)
         if dataset not in SIGN_DATASETS:
@@ -543,6 +588,16 @@ class SignVideoDataModule(ImageDataModule):
         self._reports: dict[str, IndexReport] = {}
         h, w = self.clip_args["image_size"]
         self.sample_shape = (int(channels), int(num_frames), h, w)
+        # variable-length training clips (difflab.datamodules.buckets); None = one num_frames crop per clip
+        self.frame_buckets = resolve_frame_buckets(int(num_frames), buckets, max_frames)
+        if bucket_resolutions is not None and self.frame_buckets is None:
+            raise ConfigError("datamodule.bucket_resolutions needs datamodule.buckets or datamodule.max_frames")
+        self.bucket_resolutions = [_pair(r) for r in (bucket_resolutions or [(h, w)])]
+        if bucket_batch not in BATCH_RULES:
+            raise ConfigError(f"datamodule.bucket_batch must be one of {BATCH_RULES}, got {bucket_batch!r}")
+        self.bucket_batch = bucket_batch
+        self._train_buckets: tuple[list[Bucket], dict[Bucket, int]] | None = None
+        self.bucket_report: dict[str, Any] | None = None
         self.num_classes, self.class_names = None, None
         if prompts is not None:
             self.prompts = [str(p) for p in prompts]
@@ -569,6 +624,74 @@ class SignVideoDataModule(ImageDataModule):
     def _build_split(self, name: str) -> Dataset | None:
         return SignVideoDataset(self.index(name).records, train=(name == "train"),
                                 default_fps=PHOENIX_FPS, **self.clip_args)
+
+    # ---- variable-length training clips ---------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.frame_buckets is not None and stage in (None, "fit"):
+            self.train_buckets()  # a bucket no clip fits fails here, before training starts
+
+    def _clip_info_cache(self, split: str) -> Path:
+        """Where measured clip lengths are remembered: next to the data, or in the user cache when read-only."""
+        if os.access(self.data_dir, os.W_OK):
+            return self.data_dir / f".difflab_clip_info_{split}.json"
+        import hashlib
+
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "difflab" / "clip_info"
+        cache.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha1(str(self.data_dir.resolve()).encode()).hexdigest()[:16]
+        return cache / f"{key}_{split}.json"
+
+    def train_buckets(self) -> tuple[list[Bucket], dict[Bucket, int]]:
+        """The bucket of every training clip and the batch size of every bucket (measured once: container headers,
+        remembered in a small JSON file per split); fills `bucket_report` with the fraction of frames used."""
+        if self._train_buckets is None:
+            ds = self.split_dataset("train")
+            split = self.split_names["train"]
+            infos = probe_clips(ds.records, backend=self.clip_args["backend"], default_fps=PHOENIX_FPS,
+                                cache_file=self._clip_info_cache(split))
+            lengths = [0 if c is None else usable_frames(c.num_frames, ds._step(c.fps)) for c in infos]
+            sizes = [(0, 0) if c is None else (c.height, c.width) for c in infos]
+            what = f"{self.dataset} {split} clips"
+            buckets = assign_buckets(lengths, self.frame_buckets, self.bucket_resolutions, sizes, what)
+            sizes_per_bucket = bucket_batch_sizes(buckets, self.batch_size, self.clip_args["num_frames"],
+                                                  self.clip_args["image_size"], self.bucket_batch)
+            known = [k for k, n in enumerate(lengths) if n > 0]
+            self.bucket_report = {
+                "clips": len(lengths), "unmeasured": len(lengths) - len(known),
+                "frames_used_fixed": frame_usage([lengths[k] for k in known],
+                                                 [self.clip_args["num_frames"]] * len(known)),
+                "frames_used_buckets": frame_usage([lengths[k] for k in known], [buckets[k].frames for k in known]),
+                "buckets": summarize(buckets, sizes_per_bucket),
+            }
+            log.info("%s: buckets %s; frames used %.1f%% (fixed %d-frame crops: %.1f%%)", what,
+                     self.bucket_report["buckets"], 100 * self.bucket_report["frames_used_buckets"],
+                     self.clip_args["num_frames"], 100 * self.bucket_report["frames_used_fixed"])
+            self._train_buckets = (buckets, sizes_per_bucket)
+        return self._train_buckets
+
+    def bucket_sampler(self) -> BucketBatchSampler:
+        """The training batch sampler (seed: the run's global seed, else ``datamodule.seed``, the same on every rank)."""
+        buckets, sizes = self.train_buckets()
+        env = os.environ.get("PL_GLOBAL_SEED")
+        seed = int(env) if env not in (None, "") else self.seed
+        return BucketBatchSampler(None, buckets, sizes, shuffle=True, seed=seed, drop_last=self.drop_last)
+
+    def train_dataloader(self):
+        if self.frame_buckets is None:
+            return super().train_dataloader()
+        from difflab.datamodules.image_common import _accelerator_available
+        from difflab.datamodules.loaders import ResumableDataLoader, _mix
+
+        dataset = self.split_dataset("train")
+        sampler = self.bucket_sampler()
+        generator = torch.Generator()
+        generator.manual_seed(_mix(sampler.seed, 1))
+        workers = self.num_workers
+        return ResumableDataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                   pin_memory=self.pin_memory and _accelerator_available(),
+                                   persistent_workers=self.persistent_workers and workers > 0,
+                                   collate_fn=collate_buckets, generator=generator)
 
     def data_report(self) -> dict[str, dict[str, int]]:
         """Per built split: clip count, malformed rows skipped, listed files missing, videos found unreadable."""

@@ -183,9 +183,37 @@ class EDMProcess(NoiseProcess):
 FLOW_DENSITIES = ("uniform", "logit_normal", "mode", "cosmap")
 
 
-def shift_time(t: Tensor, shift: float) -> Tensor:
-    """SD3's resolution shift t' = a t / (1 + (a - 1) t) (a = sqrt(pixels / base pixels); 1 = none)."""
+def shift_time(t: Tensor, shift: float | Tensor) -> Tensor:
+    """SD3's resolution shift t' = a t / (1 + (a - 1) t) (a = sqrt(pixels / base pixels); 1 = none). ``shift`` may be
+    a tensor broadcasting against ``t`` (one shift per sample)."""
+    if isinstance(shift, Tensor):
+        shift = shift.to(t.dtype)
+        return shift * t / (1 + (shift - 1) * t)
     return shift * t / (1 + (shift - 1) * t) if shift != 1.0 else t
+
+
+def frame_shift(base_shift: float | Tensor, num_frames: int | Tensor, base_frames: int,
+                pixels: int | Tensor | None = None, base_pixels: int | None = None) -> float | Tensor:
+    """The flow time shift of a clip of ``num_frames`` frames: ``base_shift * sqrt(num_frames / base_frames)``, and
+    times ``sqrt(pixels / base_pixels)`` when both are given.
+
+    Open-Sora's rule (``opensora/schedulers/rf/rectified_flow.py`` ``timestep_transform``, v1.2; moved to
+    ``rf/time_sampler.py`` in v1.3): ``ratio = sqrt(H W / base_resolution) * sqrt(T' / base_num_frames)`` with
+    ``T'`` the latent frame count of their VAE, then ``t' = ratio t / (1 + (ratio - 1) t)`` (`shift_time`).
+    ``base_shift`` is the shift at ``base_frames`` frames (``process.shift``, itself the resolution factor), so
+    ``frame_shift(sqrt(HW / base_res), T', base_num_frames)`` is Open-Sora's ratio. ``num_frames`` counts frames as
+    the model sees them (latent frames for a temporally compressing autoencoder).
+    """
+    if isinstance(num_frames, Tensor):
+        ratio = (num_frames.to(torch.float64) / float(base_frames)).sqrt()
+    else:
+        ratio = math.sqrt(float(num_frames) / float(base_frames))
+    if pixels is not None and base_pixels is not None:
+        if isinstance(pixels, Tensor):
+            ratio = ratio * (pixels.to(torch.float64) / float(base_pixels)).sqrt()
+        else:
+            ratio = ratio * math.sqrt(float(pixels) / float(base_pixels))
+    return base_shift * ratio
 
 
 def flow_density(u: Tensor, n: Tensor, kind: str, mean: float = 0.0, std: float = 1.0, mode_scale: float = 1.29) -> Tensor:
@@ -219,13 +247,18 @@ class FlowProcess(NoiseProcess):
     reaches_pure_noise = True  # t = 1: alpha = 0
 
     def __init__(self, density: str = "logit_normal", mean: float = 0.0, std: float = 1.0, mode_scale: float = 1.29,
-                 shift: float = 1.0, t_min: float = 1e-3, time_scale: float = 1000.0):
+                 shift: float = 1.0, t_min: float = 1e-3, time_scale: float = 1000.0,
+                 frame_shift_base: int | None = None):
         if density not in FLOW_DENSITIES:
             raise ValueError(f"process.density='{density}' is unknown: choose one of {FLOW_DENSITIES}")
         if shift <= 0 or std <= 0 or not 0 < t_min < 1:
             raise ValueError(f"process needs shift > 0, std > 0 and 0 < t_min < 1; got {shift}, {std}, {t_min}")
+        if frame_shift_base is not None and (isinstance(frame_shift_base, bool) or int(frame_shift_base) < 1):
+            raise ValueError(f"process.frame_shift_base must be a frame count >= 1 or null, got {frame_shift_base!r}")
         self.density, self.mean, self.std, self.mode_scale = density, float(mean), float(std), float(mode_scale)
         self.shift, self.t_min, self.time_scale = float(shift), float(t_min), float(time_scale)
+        # training times of a video batch of T frames use frame_shift(shift, T, frame_shift_base) (None: shift)
+        self.frame_shift_base = None if frame_shift_base is None else int(frame_shift_base)
 
     def coefficients(self, t):
         t = torch.as_tensor(t, dtype=torch.float64)
@@ -241,11 +274,14 @@ class FlowProcess(NoiseProcess):
     def time_from_net_time(self, t_net):
         return torch.as_tensor(t_net).double() / self.time_scale
 
-    def sample_times(self, n, device=None, generator=None):
+    def sample_times(self, n, device=None, generator=None, shift: float | Tensor | None = None):
+        """``n`` training times; ``shift`` (a number, or one per sample) replaces ``self.shift`` for this draw."""
         u = standard_uniform(n, generator, device)
         z = standard_normal(n, generator, device) if self.density == "logit_normal" else u
         t = flow_density(u, z, self.density, self.mean, self.std, self.mode_scale)
-        return shift_time(t, self.shift).clamp(0, 1)
+        if isinstance(shift, Tensor):
+            shift = shift.to(t.device)
+        return shift_time(t, self.shift if shift is None else shift).clamp(0, 1)
 
     def sampling_times(self, steps, spacing=None, multistep=False):
         u = torch.linspace(1.0, self.t_min, int(steps), dtype=torch.float64)
@@ -261,7 +297,8 @@ class FlowProcess(NoiseProcess):
         return float(shift_time(torch.tensor(float(frac), dtype=torch.float64), self.shift))
 
     def __repr__(self):
-        return f"FlowProcess(density={self.density}, shift={self.shift})"
+        per_frames = "" if self.frame_shift_base is None else f" x sqrt(T / {self.frame_shift_base})"
+        return f"FlowProcess(density={self.density}, shift={self.shift}{per_frames})"
 
 
 PROCESSES = {"edm": EDMProcess, "flow": FlowProcess}  # "vp": difflab.diffusion.schedules.DiscreteSchedule

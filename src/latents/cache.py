@@ -167,6 +167,9 @@ class LatentCache:
         if manifest is None:
             raise DataNotFoundError(f"no latent cache at {self.dir} ({MANIFEST} missing): create it with "
                                     f"python encode_latents.py autoencoder=... datamodule=... out_dir={self.dir}")
+        if manifest.get("layout", "mmap") != "mmap":  # difflab.latents.shards
+            raise ConfigError(f"{self.dir} holds sharded latents, not a memory-mapped cache: read it with "
+                              f"datamodule=latents_stream")
         if manifest.get("status") != STATUS_COMPLETE:
             done = {s: f"{v.get('done', 0)}/{v.get('count', '?')}" for s, v in manifest.get("splits", {}).items()}
             raise ConfigError(f"latent cache {self.dir} is incomplete ({done}): rerun encode_latents.py with "
@@ -250,13 +253,26 @@ def open_array(path: Path) -> np.ndarray:
                                f"overwrite=true") from e
 
 
+def _open_any(cache_dir: str | Path) -> LatentCache:
+    """A memory-mapped cache, or a shard directory (object-storage URL or ``"layout": "shards"`` manifest)."""
+    from difflab.latents import shards
+
+    if shards.is_url(cache_dir):
+        return shards.LatentShards(cache_dir, check_index=False)
+    manifest = read_manifest(Path(cache_dir).expanduser())
+    if manifest is not None and manifest.get("layout") == shards.LAYOUT:
+        return shards.LatentShards(cache_dir, check_index=False)
+    return LatentCache(cache_dir)
+
+
 def load_cache_autoencoder(cache_dir: str | Path) -> NormalisedAutoencoder:
-    """The frozen autoencoder a cache was encoded with, reloaded from its recorded spec, verified by hash, and
-    wrapped to decode the cache's normalised latents. Latent DiffusionModules take it as ``autoencoder``."""
+    """The frozen autoencoder a cache (or shard directory) was encoded with, reloaded from its recorded spec,
+    verified by hash, and wrapped to decode the cache's normalised latents. Latent DiffusionModules take it as
+    ``autoencoder``."""
     from difflab.autoencoders.loading import load_autoencoder
     from difflab.utils.errors import ConfigError
 
-    cache = LatentCache(cache_dir)
+    cache = _open_any(cache_dir)
     spec = (cache.manifest.get("autoencoder") or {}).get("spec")
     if not spec:
         raise ConfigError(f"latent cache {cache.dir} records no reload spec for its autoencoder; re-encode it with "

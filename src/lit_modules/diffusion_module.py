@@ -132,8 +132,30 @@ class DiffusionModule(L.LightningModule):
         if drop_conditions:
             raw = self.conditioner.drop(raw, self.p_uncond)
         cond = self.condition(raw)
+        if t is None:
+            t = self._frame_shifted_times(batch, generator)  # None unless process.frame_shift_base is set
         return self.objective.losses(lambda x_in, t_net: self.net(x_in, t_net, cond), x0, self.process, t=t,
                                      generator=generator)
+
+    def _frame_shifted_times(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor | None:
+        """Training times of a video batch under ``process.frame_shift_base`` (flow): the process's density with
+        the shift ``frame_shift(process.shift, T, frame_shift_base, H W, H0 W0)`` per sample, T from
+        ``batch["num_frames"]`` (bucketed loaders) or the clips' frame axis, H0 x W0 the configured sample size
+        (``sample_shape``), so the shift at the configured clip size is ``process.shift``. None otherwise (the
+        objective then draws with the process's own shift)."""
+        base = getattr(self.process, "frame_shift_base", None)
+        x0 = batch["x"]
+        if base is None or x0.ndim != 5:
+            return None
+        from difflab.diffusion.processes import frame_shift
+
+        n = x0.shape[0]
+        frames = batch.get("num_frames")
+        frames = torch.full((n,), x0.shape[2]) if frames is None else torch.as_tensor(frames).reshape(-1).expand(n)
+        base_pixels = int(self.sample_shape[-2]) * int(self.sample_shape[-1]) if len(self.sample_shape) >= 2 else None
+        shift = frame_shift(self.process.shift, frames.to(device=x0.device, dtype=torch.float64), base,
+                            x0.shape[-2] * x0.shape[-1], base_pixels)
+        return self.process.sample_times(n, device=x0.device, generator=generator, shift=shift)
 
     def validation_losses(self, batch: dict, batch_idx: int) -> dict:
         """Unweighted per-sample losses at fixed noise levels and noise, the same every validation run (curves are
@@ -172,7 +194,7 @@ class DiffusionModule(L.LightningModule):
         self.val_loss_per_bucket = means
         for i, m in enumerate(means):
             if sums[1, i] > 0:
-                self.log(f"val_loss_t/bucket_{i:02d}", m, rank_zero_only=True)
+                self.log(f"val_loss_t/bucket_{i:02d}", m)  # reduced over ranks: every rank logs the same value
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -209,6 +231,14 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["difflab"] = {"config": copy.deepcopy(self.run_config), "kind": "diffusion",
                                  "sample_shape": list(self.sample_shape)}
+
+    def configure_model(self) -> None:
+        """trainer=fsdp: shard the denoiser with FSDP2 (each transformer / UNet block its own unit, the rest at the
+        denoiser's root) and the conditioner's trainable part; frozen encoders and autoencoders (``Frozen``) stay
+        whole. A no-op under every other strategy (``difflab.ops.fsdp.configure_sharding``)."""
+        from difflab.ops.fsdp import configure_sharding
+
+        configure_sharding(self)
 
     def on_fit_start(self) -> None:
         if isinstance(self.autoencoder, Frozen):

@@ -38,6 +38,17 @@ class ClipScorer:
             frames = images.transpose(1, 2).flatten(0, 1)
             per_frame = self.scores(frames, [s for s in texts for _ in range(t)])
             return per_frame.view(b, t).mean(dim=1)
+        img, txt = self._embeddings(images, texts)
+        return (100 * (img * txt).sum(dim=-1)).float().to(images.device)
+
+    @torch.no_grad()
+    def similarity_matrix(self, images: Tensor, texts: list[str]) -> Tensor:
+        """100 * cos(E_image_i, E_text_k) for every image and every text: ``B x K`` (zero-shot classification)."""
+        img, txt = self._embeddings(images, texts)
+        return (100 * img @ txt.T).float().to(images.device)
+
+    def _embeddings(self, images: Tensor, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Unit-norm CLIP embeddings of the images (``B x D``) and of the texts (``K x D``)."""
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"CLIP score expects B x 1|3 x H x W images, got {tuple(images.shape)}")
         pixels = to_uint8(images).expand(-1, 3, -1, -1).cpu()
@@ -51,7 +62,7 @@ class ClipScorer:
         out = self.model(**{k: v.to(device) for k, v in inputs.items()})
         img = out.image_embeds / out.image_embeds.norm(dim=-1, keepdim=True)
         txt = out.text_embeds / out.text_embeds.norm(dim=-1, keepdim=True)
-        return (100 * (img * txt).sum(dim=-1)).float().to(images.device)
+        return img, txt
 
 
 def load_clip_scorer(name_or_path: str | os.PathLike | None, local_files_only: bool = False) -> ClipScorer | None:

@@ -184,7 +184,8 @@ class FrechetMetric(Metric):
             super().reset()
             return
         names = ["real_sum", "real_outer", "real_count"] + (["real_features"] if self.kid_enabled else [])
-        kept = {n: getattr(self, n) for n in names}
+        # torchmetrics empties list states in place (``list.clear``): keep copies of the lists, not references
+        kept = {n: list(v) if isinstance(v := getattr(self, n), list) else v for n in names}
         super().reset()
         for n, v in kept.items():
             setattr(self, n, v)

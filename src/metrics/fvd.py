@@ -35,10 +35,12 @@ class I3DFeatures(nn.Module):
     """400-d I3D features of videos ``B x C x T x H x W`` (C in {1, 3}) in [-1, 1] or uint8."""
 
     num_features = 400
+    resize = "uint8 quantisation, grey repeated to RGB, frames resized to 224x224 inside the I3D (resize=True)"
 
-    def __init__(self, detector: nn.Module):
+    def __init__(self, detector: nn.Module, weights_path: str | os.PathLike | None = None):
         super().__init__()
         self.detector = detector
+        self.weights_path = weights_path
 
     def forward(self, videos: Tensor) -> Tensor:
         if videos.dim() != 5 or videos.shape[1] not in (1, 3):
@@ -72,7 +74,7 @@ def load_i3d(weights_path: str | os.PathLike | None) -> I3DFeatures | None:
         raise CheckpointError(
             f"{path} is not a TorchScript I3D ({err}); re-download {I3D_FILENAME} from {I3D_URL}"
         ) from err
-    return I3DFeatures(detector.eval()).eval()
+    return I3DFeatures(detector.eval(), weights_path=path).eval()
 
 
 def build_fvd_metric(weights_path: str | os.PathLike | None, **metric_kwargs) -> FrechetMetric | None:

@@ -33,10 +33,12 @@ class InceptionFeatures(nn.Module):
     """
 
     num_features = 2048
+    resize = "uint8 quantisation (round half to even), grey repeated to RGB, TF1-compatible bilinear resize to 299x299"
 
-    def __init__(self, extractor: nn.Module):
+    def __init__(self, extractor: nn.Module, weights_path: str | os.PathLike | None = None):
         super().__init__()
         self.extractor = extractor
+        self.weights_path = weights_path
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] not in (1, 3):
@@ -84,7 +86,7 @@ def load_inception(weights_path: str | os.PathLike | None) -> InceptionFeatures 
         )
     except RuntimeError as err:  # load_state_dict mismatch
         raise CheckpointError(f"Inception weights {path} do not fit the FID Inception ({err})") from err
-    return InceptionFeatures(extractor).eval()
+    return InceptionFeatures(extractor, weights_path=path).eval()
 
 
 def build_fid_metric(weights_path: str | os.PathLike | None, **metric_kwargs) -> FrechetMetric | None:

@@ -53,6 +53,10 @@ class InitEMAWeights(L.Callback):
         from difflab.callbacks.ema import find_ema
 
         ema = find_ema(trainer)
+        if ema is not None and getattr(ema, "sharded", False):  # trainer=fsdp: the EMA lives in shards
+            ema.load_full_state(self.ema_state)
+            self.ema_state = {}
+            return
         if ema is None or getattr(ema, "_average_model", None) is None:
             return
         load_state_dict_checked(ema._average_model.module, self.ema_state, self.source, strict=self.strict)

@@ -5,7 +5,8 @@
   new timestamped directory, so give the directory to continue: ``hydra.run.dir=logs/train/runs/<that run>``.
 - ``resume=null`` (default): like ``auto`` when SLURM requeued the job (``SLURM_RESTART_COUNT`` > 0), else fresh.
 - ``resume=never``: always start fresh.
-Either way Lightning restores weights, EMA, optimizer, LR schedule, loop counters and (``RNGState``) RNG states.
+Either way Lightning restores weights, EMA, optimizer, LR schedule, loop counters, (``RNGState``) RNG states and the
+data loaders' position within the epoch, worker RNG included (``difflab.datamodules.loaders``).
 """
 from __future__ import annotations
 

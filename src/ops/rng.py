@@ -4,6 +4,10 @@ Lightning checkpoints hold weights, optimizer, schedulers, loop counters and cal
 a resumed diffusion run would draw different timesteps, noise and label dropout than the uninterrupted run.
 ``RNGState`` stores torch (CPU and every CUDA device), numpy and Python ``random`` states of every rank, as tensors
 only, so the checkpoint still loads with ``weights_only=True``.
+
+Data loader workers have their own generators (seeded per worker, advanced by random augmentations): datasets that
+mix in ``WorkerRNGState`` report them to torchdata's ``StatefulDataLoader`` (difflab.datamodules.loaders), which
+checkpoints them with the loader state, so a run resumed mid-epoch draws the same flips / clip windows.
 """
 from __future__ import annotations
 
@@ -34,9 +38,15 @@ def collect_rng_states() -> dict[str, torch.Tensor]:
     return states
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A CPU uint8 copy with its own storage: ``torch.set_rng_state`` crashes (segfault, torch 2.x) on a view with a
+    storage offset, such as rank r's row of the stacked per-rank states of a DDP checkpoint."""
+    return t.detach().to(device="cpu", dtype=torch.uint8).clone(memory_format=torch.contiguous_format)
+
+
 def set_rng_states(states: dict[str, torch.Tensor]) -> None:
     """Inverse of ``collect_rng_states``."""
-    torch.set_rng_state(states["torch"].to(torch.uint8).cpu())
+    torch.set_rng_state(_own(states["torch"]))
     meta = states["numpy_meta"].tolist()
     np.random.set_state(("MT19937", states["numpy_keys"].numpy().astype(np.uint32), int(meta[0]), int(meta[1]),
                          float(states["numpy_gauss"][0])))
@@ -46,10 +56,33 @@ def set_rng_states(states: dict[str, torch.Tensor]) -> None:
     if "cuda" in states and torch.cuda.is_available():
         cuda = states["cuda"]
         if cuda.shape[0] == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([s for s in cuda.cpu()])
+            torch.cuda.set_rng_state_all([_own(s) for s in cuda])
         else:
             log.warning("checkpoint has CUDA RNG states of %d devices, this machine has %d; not restored",
                         cuda.shape[0], torch.cuda.device_count())
+
+
+class WorkerRNGState:
+    """Mixin for map-style datasets: inside a DataLoader worker, ``state_dict`` is that worker's RNG states.
+
+    A torchdata ``StatefulDataLoader`` asks every worker for its dataset's ``state_dict`` after each batch and keeps
+    the one belonging to the last batch it handed out; on resume it gives each new worker its own state back
+    (after seeding it and running ``worker_init_fn``). So a worker that draws augmentations from the global torch /
+    numpy / ``random`` generators (random flips, random clip windows) continues exactly where the interrupted run's
+    worker stood. Outside a worker (``num_workers=0``) the state is empty: the main process's generators belong to
+    ``RNGState``, which restores them with the rest of the checkpoint.
+    """
+
+    def state_dict(self) -> dict:
+        from torch.utils.data import get_worker_info
+
+        return {} if get_worker_info() is None else {"rng": collect_rng_states()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        from torch.utils.data import get_worker_info
+
+        if state_dict and "rng" in state_dict and get_worker_info() is not None:
+            set_rng_states(state_dict["rng"])
 
 
 def _gather(trainer: L.Trainer, t: torch.Tensor) -> torch.Tensor:

