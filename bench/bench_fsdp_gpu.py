@@ -126,6 +126,7 @@ def worker(rank: int, mode: str, args, port: int, out: str) -> None:
         dist.all_gather_object(stats, {"per_step": per_step, "peak": peak, "held": held, "params": params})
         if rank == 0:
             Path(out).write_text(json.dumps(stats))
+        dist.barrier()  # no rank tears gloo down while another is still in a collective (SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 

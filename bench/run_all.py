@@ -51,6 +51,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
     "guidance": ("bench_guidance.py", GUIDANCE_ARGS, [*GUIDANCE_ARGS, "--quick"], ["guidance"]),
     "ablation": ("bench_ablation.py", [], ["--quick"], ["ablation"]),
     "streaming": ("bench_streaming.py", [], ["--quick"], ["streaming"]),
+    "video_buckets": ("bench_video_buckets.py", [], ["--quick", "--write-quick"], ["video_buckets"]),
 }
 TITLES = {
     "vs_diffusers": "1. Quality per wall-clock on digits (difflab vs a plain diffusers loop)",
@@ -69,6 +70,7 @@ TITLES = {
     "guidance": "10. Guidance methods on digits: CFG, CFG++, APG and autoguidance at equal NFE",
     "ablation": "11. A real ablation with confidence intervals: vp vs edm vs flow on digits, three seeds",
     "streaming": "12. Streaming shards vs the memory-mapped latent cache",
+    "video_buckets": "13. Variable-length video: frame buckets on the How2Sign layout",
 }
 TARGET_RE = re.compile(r"(target[^.\n]*?:\s*\**(?:met|not met)[^\n]*)", re.IGNORECASE)
 

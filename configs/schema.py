@@ -168,11 +168,19 @@ def patch_divides_image_size(cfg: dict):
 
 
 def frames_within_temporal_positions(cfg: dict):
-    """A video transformer has temporal positions for at most model.net.max_frames frames."""
+    """A video transformer has temporal positions for at most model.net.max_frames frames: the clips' frame count
+    and, with variable-length buckets, the longest bucket (else the first long batch fails mid-training)."""
     most = ((cfg.get("model") or {}).get("net") or {}).get("max_frames")
-    frames = (cfg.get("datamodule") or {}).get("num_frames")
+    data = cfg.get("datamodule") or {}
+    frames = data.get("num_frames")
     if isinstance(most, int) and isinstance(frames, int) and frames > most:
         return "model.net.max_frames", f"at least the clips' frame count (datamodule.num_frames={frames})"
+    buckets = data.get("buckets")
+    longest = max(buckets) if isinstance(buckets, list) and buckets and all(isinstance(b, int) for b in buckets) \
+        else data.get("max_frames")
+    if isinstance(most, int) and isinstance(longest, int) and longest > most:
+        return "model.net.max_frames", (f"at least the longest frame bucket ({longest}: datamodule.buckets / "
+                                        f"datamodule.max_frames)")
 
 
 PREPARE_CLIPS = {   # src/prepare_clips.py -> src/datamodules/streaming_clips.py

@@ -81,6 +81,8 @@ BAD = [
     ("train", ["callbacks.class_grid.every_n_steps=-1"], "callbacks.class_grid.every_n_steps", "-1"),
     ("train", ["callbacks.class_grid.n_cols=0"], "callbacks.class_grid.n_cols", "0"),
     ("train", ["callbacks.class_grid.judge=gpt"], "callbacks.class_grid.judge", "gpt"),
+    # a frame bucket beyond the video transformer's temporal positions (configs/schema.py)
+    ("train", ["experiment=moving_digits_t2v_dit", "datamodule.max_frames=64"], "model.net.max_frames", "16"),
     ("train", ["callbacks.model_checkpoint.mode=best"], "callbacks.model_checkpoint.mode", "best"),
     # metrics that no configured callback logs (configs/schema.py monitored_metrics_are_logged)
     ("train", ["callbacks.model_checkpoint.monitor=metrics/fd_digit100"], "callbacks.model_checkpoint.monitor",

@@ -312,6 +312,7 @@ def test_two_rank_fsdp_matches_ddp_and_resumes_like_it(tmp_path):
     assert len(fv) == 2 and fv == pytest.approx(dv, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_bench_smoke_runs_ddp_and_fsdp_on_two_cpu_processes(tmp_path):
     env = {**os.environ, "DIFFLAB_BENCH_RESULTS": str(tmp_path), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_fsdp_gpu.py"), "--smoke"], cwd=ROOT, env=env,

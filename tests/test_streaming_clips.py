@@ -89,7 +89,7 @@ def _one_line(excinfo) -> str:
 
 # ---------------------------------------------------------------------------------------------- writing / reading
 def test_shards_hold_the_datamodule_clips(prepared):
-    from difflab.datamodules.streaming_clips import to_uint8
+    from difflab.datamodules.streaming_clips import clip_frames
 
     data, path = prepared
     m = json.loads((path / "manifest.json").read_text())
@@ -114,7 +114,7 @@ def test_shards_hold_the_datamodule_clips(prepared):
         for r in records:
             want = ref[r["index"]]
             assert r["video"].dtype == np.uint8 and r["video"].shape == (8, 16, 16, 1)
-            assert np.array_equal(r["video"], to_uint8(want["x"][None])[0])  # the same 8-bit frames
+            assert np.array_equal(r["video"], clip_frames(want["x"][None])[0])  # the same 8-bit frames
             assert r["text"] == want["text"]
         batches = list(dm.loader(split, train=False))
         x, idx = torch.cat([b["x"] for b in batches]), torch.cat([b["index"] for b in batches])

@@ -278,7 +278,8 @@ def test_training_times_use_the_batch_frame_count():
     owner = SimpleNamespace(process=process, sample_shape=(1, 8, 16, 16))
     batch = {"x": torch.zeros(6, 1, 32, 16, 16), "num_frames": torch.full((6,), 32)}
     t = DiffusionModule._frame_shifted_times(owner, batch, torch.Generator().manual_seed(1))
-    ref = FlowProcess(density="logit_normal", shift=1.5 * 2.0).sample_times(6, generator=torch.Generator().manual_seed(1))
+    ref = FlowProcess(density="logit_normal", shift=1.5 * 2.0).sample_times(
+        6, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(t, ref)
     # without num_frames the clips' frame axis is used; a smaller resolution lowers the shift
     t2 = DiffusionModule._frame_shifted_times(owner, {"x": torch.zeros(6, 1, 2, 8, 8)},
@@ -464,3 +465,30 @@ def test_lightning_ddp_rebuild_of_the_bucketed_loader(how2sign_lengths_dir):
         seen += [k.index for b in batches for k in b]
         assert next(iter(new))["x"].shape[1:] == (3, batches[0][0].frames, 16, 16)
     assert counts[0] == counts[1] and sorted(seen) == list(range(len(dm.train_buckets()[0])))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bucketed_resumable_loader_continues_mid_epoch(how2sign_lengths_dir, workers):
+    """The datamodule's training loader (difflab's ResumableDataLoader over the bucket sampler): a state taken after
+    3 batches of epoch 1 resumes in a fresh datamodule with the rest of that epoch, same clips and lengths."""
+    def loader():
+        dm = _dm(how2sign_lengths_dir, buckets=[4, 8, 16, 32], num_workers=workers)
+        dm.setup("fit")
+        dl = dm.train_dataloader()
+        dl.batch_sampler.set_epoch(1)
+        return dl
+
+    def key(batch):
+        return batch["x"].shape[2], tuple(batch["text"])
+
+    whole = [key(b) for b in loader()]
+    first = loader()
+    it = iter(first)
+    head = [key(next(it)) for _ in range(3)]
+    state = first.state_dict()
+    del it
+    again = loader()
+    again.batch_sampler.set_epoch(0)  # the saved epoch wins
+    again.load_state_dict(state)
+    assert head + [key(b) for b in again] == whole
+    assert len({t for t, _ in whole}) == 4

@@ -360,7 +360,8 @@ class BucketBatchSampler(BatchSampler):
             raise ConfigError(f"BucketBatchSampler: no positive batch size for bucket(s) {', '.join(map(str, missing))}"
                               if missing else f"BucketBatchSampler: batch sizes must be >= 1, got {sizes}")
         self.sampler = sampler if sampler is not None else EpochClock(len(self.clip_buckets), seed)
-        self.shuffle, self.seed, self.drop_last = bool(shuffle), int(seed), bool(drop_last)
+        self._seed = int(seed)
+        self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
         if (num_replicas is None) != (rank is None):
             raise ConfigError("BucketBatchSampler: give both num_replicas and rank, or neither")
         if num_replicas is not None and not 0 <= int(rank) < int(num_replicas):
@@ -389,6 +390,17 @@ class BucketBatchSampler(BatchSampler):
     @property
     def epoch(self) -> int:
         return int(getattr(self.sampler, "epoch", 0))
+
+    @property
+    def seed(self) -> int:
+        """The shuffle seed; kept on the `EpochClock` when there is one (the resumable loader restores it there)."""
+        return int(self.sampler.seed) if isinstance(self.sampler, EpochClock) else self._seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self._seed = int(value)
+        if isinstance(self.sampler, EpochClock):
+            self.sampler.seed = int(value)
 
     def set_epoch(self, epoch: int) -> None:
         if callable(getattr(self.sampler, "set_epoch", None)):
@@ -458,8 +470,6 @@ class BucketBatchSampler(BatchSampler):
         self.seed = int(state.get("seed", self.seed))
         if callable(getattr(self.sampler, "set_epoch", None)):
             self.sampler.set_epoch(int(state.get("epoch", self.epoch)))
-        if isinstance(getattr(self.sampler, "seed", None), int):
-            self.sampler.seed = self.seed
         same = (int(state.get("world_size", 1)) == self.world()[1]
                 and int(state.get("num_clips", len(self.clip_buckets))) == len(self.clip_buckets))
         if not same:

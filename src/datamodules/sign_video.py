@@ -671,7 +671,8 @@ class SignVideoDataModule(ImageDataModule):
         return self._train_buckets
 
     def bucket_sampler(self) -> BucketBatchSampler:
-        """The training batch sampler (seed: the run's global seed, else ``datamodule.seed``, the same on every rank)."""
+        """The training batch sampler (seed: the run's global seed, else ``datamodule.seed``: the same on every
+        rank)."""
         buckets, sizes = self.train_buckets()
         env = os.environ.get("PL_GLOBAL_SEED")
         seed = int(env) if env not in (None, "") else self.seed

@@ -43,6 +43,7 @@ from difflab.latents.cache import MANIFEST, STATUS_COMPLETE, STATUS_IN_PROGRESS,
 from difflab.latents.shards import (INSTALL, _fetch_json, auto_samples_per_shard, check_split_index, is_url, join,
                                     require_litdata, shard_info, shard_manifest, write_order, write_split)
 from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
+from difflab.utils.images import to_uint8
 
 CLIP_FORMAT = "difflab-clip-shards"
 CLIP_VERSION = 1
@@ -119,11 +120,10 @@ def open_clip_shards(location: str | Path, storage_options: dict | None = None) 
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def to_uint8(x: torch.Tensor) -> np.ndarray:
+def clip_frames(x: torch.Tensor) -> np.ndarray:
     """Float clips ``B x C x T x H x W`` in [-1, 1] (8-bit frames mapped by ``(u / 127.5) - 1``) back to their uint8
-    ``B x T x H x W x C`` frames, exactly."""
-    u = torch.round((x.float() + 1.0) * 127.5).clamp_(0, 255).to(torch.uint8)
-    return np.ascontiguousarray(u.permute(0, 2, 3, 4, 1).numpy())
+    ``B x T x H x W x C`` frames, exactly (through the project's one quantiser, ``utils.images.to_uint8``)."""
+    return np.ascontiguousarray(to_uint8(x).permute(0, 2, 3, 4, 1).cpu().numpy())
 
 
 def _read_clip_manifest(out_dir: Path) -> dict | None:
@@ -265,7 +265,7 @@ def prepare_clip_shards(datamodule: Any, out_dir: str | Path, *, dataset: dict |
                 loader = DataLoader(Subset(ds, order[start:].tolist()), batch_size=int(batch_size), shuffle=False,
                                     num_workers=int(num_workers), collate_fn=collate)
                 for batch in loader:
-                    yield to_uint8(batch["x"]), None, batch["text"]
+                    yield clip_frames(batch["x"]), None, batch["text"]
 
             write_split(out_dir, manifest, name, blocks, dtype="uint8", progress=bar, key="video", moments=False)
     report = getattr(datamodule, "data_report", None)
