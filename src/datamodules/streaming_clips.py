@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from difflab.latents.cache import MANIFEST, STATUS_COMPLETE, STATUS_IN_PROGRESS, now, split_dir, write_manifest
-from difflab.latents.shards import (INSTALL, _fetch_json, auto_samples_per_shard, check_split_index, is_url, join,
+from difflab.latents.shards import (INSTALL, _fetch_json, auto_samples_per_shard, check_shards_complete,
+                                    check_split_index, is_url, join,
                                     require_litdata, shard_info, shard_manifest, write_order, write_split)
 from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
 from difflab.utils.images import to_uint8
@@ -72,15 +73,8 @@ def check_clip_manifest(manifest: dict | None, location: str) -> dict:
     if manifest.get("version") != CLIP_VERSION:
         raise CorruptDataError(f"{location} holds clip shards of format version {manifest.get('version')}, this "
                                f"difflab reads version {CLIP_VERSION}: {rewrite}")
-    info = shard_info(manifest)
-    if info.get("format") != CLIP_FORMAT or info.get("version") != CLIP_VERSION:
-        raise CorruptDataError(f"{location} holds shards of format {info.get('format')!r} version "
-                               f"{info.get('version')}, this difflab reads {CLIP_FORMAT!r} version {CLIP_VERSION}: "
-                               f"{rewrite}")
-    if manifest.get("status") != STATUS_COMPLETE:
-        done = {s: f"{v.get('done', 0)}/{v.get('count', '?')}" for s, v in manifest.get("splits", {}).items()}
-        raise ConfigError(f"clip shards {location} are incomplete ({done}): rerun python {WRITER} with "
-                          f"out_dir={location} to finish them")
+    check_shards_complete(manifest, location, CLIP_FORMAT, CLIP_VERSION, rewrite, what="clip shards",
+                          rerun=f"python {WRITER} with out_dir={location}")
     return manifest
 
 

@@ -179,16 +179,23 @@ def check_shard_manifest(manifest: dict | None, location: str) -> dict:
     if manifest.get("layout") != LAYOUT:
         raise ConfigError(f"{location} is a memory-mapped latent cache, not shards: use datamodule=latents, or "
                           f"write shards with encode_latents.py format=shards")
+    check_shards_complete(manifest, location, SHARD_FORMAT, SHARD_VERSION, rewrite, what="sharded latent dataset",
+                          rerun=f"encode_latents.py with format=shards out_dir={location}")
+    return manifest
+
+
+def check_shards_complete(manifest: dict, location: str, shard_format: str, shard_version: int, rewrite: str,
+                          what: str, rerun: str) -> None:
+    """The manifest's shard block is ``shard_format`` / ``shard_version`` and every split is written; else one line
+    (another format version: rewrite; an interrupted writer: rerun it)."""
     info = shard_info(manifest)
-    if info.get("format") != SHARD_FORMAT or info.get("version") != SHARD_VERSION:
+    if info.get("format") != shard_format or info.get("version") != shard_version:
         raise CorruptDataError(f"{location} holds shards of format {info.get('format')!r} version "
-                               f"{info.get('version')}, this difflab reads {SHARD_FORMAT!r} version {SHARD_VERSION}: "
+                               f"{info.get('version')}, this difflab reads {shard_format!r} version {shard_version}: "
                                f"{rewrite}")
     if manifest.get("status") != STATUS_COMPLETE:
         done = {s: f"{v.get('done', 0)}/{v.get('count', '?')}" for s, v in manifest.get("splits", {}).items()}
-        raise ConfigError(f"sharded latent dataset {location} is incomplete ({done}): rerun encode_latents.py with "
-                          f"format=shards out_dir={location} to finish it")
-    return manifest
+        raise ConfigError(f"{what} {location} is incomplete ({done}): rerun {rerun} to finish it")
 
 
 def check_split_index(manifest: dict, location: str, split: str, storage_options: dict | None = None, *,
