@@ -44,6 +44,7 @@ from difflab.latents.shards import (INSTALL, _fetch_json, auto_samples_per_shard
                                     check_split_index, is_url, join,
                                     require_litdata, shard_info, shard_manifest, write_order, write_split)
 from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
+from difflab.datamodules.streaming_latents import ShardSplitLoaders
 from difflab.utils.images import to_uint8
 
 CLIP_FORMAT = "difflab-clip-shards"
@@ -290,7 +291,7 @@ class ClipCollate:
         return batch
 
 
-class StreamingClipDataModule(L.LightningDataModule):
+class StreamingClipDataModule(ShardSplitLoaders, L.LightningDataModule):
     """Captioned clips streamed from clip shards (``prepare_clips.py``) as the video datamodules' batches:
     ``{"x": B x C x T x H x W float32 in [-1, 1], "text": list[str]}`` (plus ``"index"``, the source rows, with
     ``return_index=True``). Attributes: ``sample_shape`` (C, T, H, W), ``num_frames``, ``image_size``, ``channels``,
@@ -372,14 +373,3 @@ class StreamingClipDataModule(L.LightningDataModule):
                            persistent_workers=self.persistent_workers, drop_last=drop_last,
                            collate_fn=ClipCollate(self.return_index), generator=generator)
 
-    def _maybe(self, split: str, train: bool):
-        return self.loader(split, train) if split in self.shards.splits else []
-
-    def train_dataloader(self):
-        return self._maybe("train", train=True)
-
-    def val_dataloader(self):
-        return self._maybe("val", train=False)
-
-    def test_dataloader(self):
-        return self._maybe("test", train=False)

@@ -196,7 +196,24 @@ class ShardLoader(StreamingDataLoader):
         self._epoch_complete = True
 
 
-class StreamingLatentDataModule(L.LightningDataModule):
+class ShardSplitLoaders:
+    """The train / val / test loaders of a shard datamodule: ``self.loader(split, train)`` for the splits the shards
+    hold (``self.shards.splits``), an empty list for the others (Lightning then skips that stage)."""
+
+    def _maybe(self, split: str, train: bool):
+        return self.loader(split, train) if split in self.shards.splits else []
+
+    def train_dataloader(self):
+        return self._maybe("train", train=True)
+
+    def val_dataloader(self):
+        return self._maybe("val", train=False)
+
+    def test_dataloader(self):
+        return self._maybe("test", train=False)
+
+
+class StreamingLatentDataModule(ShardSplitLoaders, L.LightningDataModule):
     """Datamodule over a sharded latent dataset; ``sample_shape`` is the latent shape.
 
     ``cache_dir``: the shard directory, a local path or an object-storage URL (read through litdata with
@@ -255,18 +272,6 @@ class StreamingLatentDataModule(L.LightningDataModule):
                            num_workers=self.num_workers, pin_memory=self.pin_memory,
                            persistent_workers=self.persistent_workers, drop_last=drop_last, collate_fn=collate,
                            generator=generator)
-
-    def _maybe(self, split: str, train: bool):
-        return self.loader(split, train) if split in self.shards.splits else []
-
-    def train_dataloader(self):
-        return self._maybe("train", train=True)
-
-    def val_dataloader(self):
-        return self._maybe("val", train=False)
-
-    def test_dataloader(self):
-        return self._maybe("test", train=False)
 
     # ---------------------------------------------------------------- decoding (as LatentDataModule)
     def decode_latents(self, autoencoder: Any, z_normalised: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,27 @@ def describe_datamodule(cfg_or_dm: Any) -> dict:
     return json.loads(json.dumps({"target": target, "args": args}, sort_keys=True, default=str))
 
 
+def same_normalisation(manifest: dict, target_std: float, per_channel: bool) -> bool:
+    """Whether a written cache's normalisation is the one asked for (else only the transform is recomputed)."""
+    transform = manifest.get("transform")
+    return bool(transform) and transform["target_std"] == float(target_std) \
+        and transform["per_channel"] == bool(per_channel)
+
+
+def ready_to_encode(autoencoder: Any, datamodule: Any, splits: Sequence[str], device=None):
+    """Put the autoencoder in eval mode on ``device`` (default: its own) and set the datamodule up; returns the
+    device and each split's dataset. Shared by the memory-mapped and the sharded writers."""
+    device = torch.device(device) if device is not None else _device_of(autoencoder)
+    autoencoder.to(device).eval()
+    if hasattr(datamodule, "prepare_data"):
+        datamodule.prepare_data()
+    if hasattr(datamodule, "setup"):
+        datamodule.setup("fit")
+        if "test" in splits:
+            datamodule.setup("test")
+    return device, {s: split_dataset(datamodule, s) for s in splits}
+
+
 def split_dataset(datamodule: Any, split: str) -> Dataset:
     """The un-shuffled dataset of a split: ``datamodule.dataset(split)`` or a ``<split>_set``/``<split>_dataset``
     attribute (set up first with ``setup``)."""
@@ -193,21 +214,12 @@ def encode_dataset(autoencoder, datamodule, out_dir: str | Path, *, identity: di
                           f"for the latent cache")
     if old is not None:
         _check_compatible(out_dir, old, identity, dataset, dtype)
-        same_norm = old.get("transform") and old["transform"]["target_std"] == float(target_std) \
-            and old["transform"]["per_channel"] == bool(per_channel)
-        if old["status"] == STATUS_COMPLETE and set(splits) <= set(old["splits"]) and same_norm:
+        if old["status"] == STATUS_COMPLETE and set(splits) <= set(old["splits"]) and \
+                same_normalisation(old, target_std, per_channel):
             return old  # nothing to do
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    device = torch.device(device) if device is not None else _device_of(autoencoder)
-    autoencoder.to(device).eval()
-    if hasattr(datamodule, "prepare_data"):
-        datamodule.prepare_data()
-    if hasattr(datamodule, "setup"):
-        datamodule.setup("fit")
-        if "test" in splits:
-            datamodule.setup("test")
-    datasets = {s: split_dataset(datamodule, s) for s in splits}
+    device, datasets = ready_to_encode(autoencoder, datamodule, splits, device)
 
     manifest = old or new_manifest(identity, dataset, dtype, batch_size)
     if "latent_shape" not in manifest:

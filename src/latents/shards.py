@@ -502,8 +502,8 @@ def encode_dataset_shards(autoencoder, datamodule, out_dir: str | Path, *, ident
     from torch.utils.data._utils.collate import default_collate
 
     from difflab.autoencoders.loading import known_identity, to_plain
-    from difflab.latents.encode import (DTYPES, _check_compatible, _device_of, _encode, _progress,
-                                        describe_datamodule, split_dataset)
+    from difflab.latents.encode import (DTYPES, _check_compatible, _encode, _progress, describe_datamodule,
+                                        ready_to_encode, same_normalisation)
 
     require_litdata("encode_latents.py format=shards")
     if dtype not in DTYPES:
@@ -521,21 +521,13 @@ def encode_dataset_shards(autoencoder, datamodule, out_dir: str | Path, *, ident
     if old is not None:
         _check_compatible(out_dir, old, identity, dataset, dtype)
         _check_layout(out_dir, old, samples_per_shard, order_seed)
-        same_norm = old.get("transform") and old["transform"]["target_std"] == float(target_std) \
-            and old["transform"]["per_channel"] == bool(per_channel)
         if old["status"] == STATUS_COMPLETE and set(splits) <= set(old["splits"]):
-            return old if same_norm else _finish(out_dir, old, target_std, per_channel)  # moments are recorded
+            if same_normalisation(old, target_std, per_channel):
+                return old
+            return _finish(out_dir, old, target_std, per_channel)  # moments are recorded
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    device = torch.device(device) if device is not None else _device_of(autoencoder)
-    autoencoder.to(device).eval()
-    if hasattr(datamodule, "prepare_data"):
-        datamodule.prepare_data()
-    if hasattr(datamodule, "setup"):
-        datamodule.setup("fit")
-        if "test" in splits:
-            datamodule.setup("test")
-    datasets = {s: split_dataset(datamodule, s) for s in splits}
+    device, datasets = ready_to_encode(autoencoder, datamodule, splits, device)
 
     if old is not None:
         manifest = old
