@@ -49,6 +49,7 @@ TRAIN = {
     "init_strict": boolean(),
     "optimized_metric": optional(string(nonempty=True)).described_as(
         "the name of a logged metric (val/loss, metrics/fd_digit200, ...) or null"),
+    "trust_stored_code": boolean(),                          # difflab.trust
 }
 
 SAMPLE = {
@@ -71,6 +72,7 @@ SAMPLE = {
     "guidance.momentum": optional(number(min=-1, max=1, min_open=True, max_open=True)),
     "guidance.guide_ckpt": optional(Rule(_checkpoint_found, "an existing checkpoint (*.ckpt) or export of the guide "
                                               "model")),
+    "trust_stored_code": boolean(),                          # difflab.trust
 }
 
 EXPORT = {
@@ -78,6 +80,7 @@ EXPORT = {
     "ckpt_path": CHECKPOINT,
     "out_dir": directory_path(),
     "weights": one_of(["ema", "raw"]),
+    "trust_stored_code": boolean(),                          # difflab.trust
 }
 
 REPORT = {
@@ -89,6 +92,7 @@ REPORT = {
     "class_grid": boolean(),
     "metrics": boolean(),
     "val_batches": optional(integer(min=1)),
+    "trust_stored_code": boolean(),                          # difflab.trust
 }
 
 RECONSTRUCT_EMA = {   # src/reconstruct_ema.py; exactly one of sigma_rel / gamma: one_ema_length below
@@ -101,6 +105,7 @@ RECONSTRUCT_EMA = {   # src/reconstruct_ema.py; exactly one of sigma_rel / gamma
     "out": optional(string(nonempty=True)),
     "overwrite": boolean(),
     "tolerance": number(min=0, max=1, min_open=True),
+    "trust_stored_code": boolean(),                          # difflab.trust
 }
 
 ENCODE_LATENTS = {
@@ -119,6 +124,7 @@ ENCODE_LATENTS = {
     "format": one_of(["mmap", "shards"]),                  # src/latents/shards.py
     "shard_samples": optional(integer(min=1)),
     "shard_seed": optional(integer(min=0)),
+    "trust_stored_code": boolean(),                          # difflab.trust
 }
 
 

@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="folder for result.json, samples.npz and videos.mp4/gif")
     ap.add_argument("--require-pass", action="store_true", help="exit with status 1 unless every prompt passes")
+    ap.add_argument("--trust-stored-code", action="store_true",
+                    help="let the checkpoint build classes outside difflab (docs/SECURITY.md): only for trusted files")
     args = ap.parse_args(argv)
 
     t0 = time.time()
@@ -66,7 +68,10 @@ def main(argv=None) -> int:
         from difflab.datamodules.moving_digits import DIRECTIONS, caption
         from difflab.sampling import pick_device
 
-        module = module_from_checkpoint(args.ckpt).to(pick_device(args.device))
+        from difflab.utils.cli import run_reporting_errors
+
+        module = run_reporting_errors(module_from_checkpoint, args.ckpt, None, "cpu", args.trust_stored_code)
+        module = module.to(pick_device(args.device))
         digit_size, canvas = digit_geometry(module.run_config)
         if args.prompts == "model":
             prompts = list(module.prompts or [])

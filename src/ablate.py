@@ -41,11 +41,13 @@ def ablate(args: argparse.Namespace) -> list[Path]:
     """Read the sweep, compute the summary, write the outputs and print summary.md; returns the files written."""
     from difflab.ablation.summary import build_report, render_markdown, write_report
     from difflab.ablation.sweep import read_sweep
+    from difflab.trust import not_a_link
 
     sweep = read_sweep(args.sweep_dir)
+    out = args.out if args.out is not None else not_a_link(sweep.path / OUT_SUBDIR, "remove it or pass --out DIR")
     report = build_report(sweep, metrics=args.metrics, baseline=args.baseline, step=args.step)
     markdown = render_markdown(report)
-    written = write_report(report, args.out if args.out is not None else sweep.path / OUT_SUBDIR, markdown)
+    written = write_report(report, out, markdown)
     print(markdown, end="")
     print(f"\nwrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return written

@@ -7,6 +7,9 @@ Two on-disk formats are read:
   sharded directory) are consolidated on read into that same layout (``difflab.ops.fsdp``);
 - exports written by ``export.py`` (a directory or its ``model.safetensors``): EMA weights as safetensors, the run
   config in the safetensors metadata and in ``config.yaml`` beside it. Safetensors never runs code.
+
+A stored config is data written by someone else: ``module_from_checkpoint`` builds it through the trust gate
+(``difflab.trust.check_config``), which refuses targets outside the allowlist and interpolations (``${...}``).
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from difflab.utils.errors import CheckpointError, instantiate_reporting
+from difflab.trust import check_config
+from difflab.utils.errors import CheckpointError, DifflabError, instantiate_reporting
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
@@ -88,6 +92,8 @@ def load_sharded_checkpoint(path: str | Path, metadata: dict | None = None) -> d
                               f"is missing or incomplete (copy it along with the .ckpt file)")
     try:
         return read_sharded_checkpoint(path, metadata=metadata)
+    except DifflabError:
+        raise
     except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as err:
         first = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         raise CheckpointError(f"cannot read sharded checkpoint {path} ({shards.name}): {first}") from None
@@ -239,10 +245,12 @@ def load_state_dict_checked(module: nn.Module, state_dict: dict, path: str | Pat
 
 
 # ---------------------------------------------------------------------------------------------- rebuilding models
-def module_from_checkpoint(path: str | Path, overrides: dict | None = None, map_location="cpu") -> nn.Module:
-    """Rebuild the LightningModule a checkpoint (or an export) was trained with and load its EMA weights."""
+def module_from_checkpoint(path: str | Path, overrides: dict | None = None, map_location="cpu",
+                           trusted: bool | None = None) -> nn.Module:
+    """Rebuild the LightningModule a checkpoint (or an export) was trained with and load its EMA weights. The stored
+    config passes the trust gate first (``trusted``: see ``difflab.trust``); ``overrides`` are the caller's own."""
     weights = load_weights(path)
-    cfg = OmegaConf.create(weights["config"])
+    cfg = OmegaConf.create(check_config(weights["config"], path, trusted=trusted))
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
     if "model" not in cfg:

@@ -507,6 +507,14 @@ class ValidateConfig(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         validate_or_exit(config, _config_name(config))
+        if _config_name(config) == "train":  # a directory a live run holds: refused before .hydra/ is rewritten
+            from difflab.ops.run_lock import RunDirInUseError, ensure_run_dir_free
+            from difflab.utils.cli import fail
+
+            try:
+                ensure_run_dir_free(OmegaConf.select(config, "hydra.run.dir"))
+            except RunDirInUseError as err:
+                fail(str(err))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         validate_or_exit(config, _config_name(config), ignore=_swept_keys(config))

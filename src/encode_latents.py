@@ -52,9 +52,11 @@ def run(cfg: DictConfig) -> dict:
 @console_command
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="encode_latents")
 def main(cfg: DictConfig) -> None:
+    from difflab.trust import trust_from
     from difflab.utils.cli import run_reporting_errors
 
-    run_reporting_errors(run, cfg)
+    with trust_from(cfg):
+        run_reporting_errors(run, cfg)
 
 
 if __name__ == "__main__":

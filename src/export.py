@@ -14,9 +14,11 @@ from difflab.utils.cli import console_command
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 def main(cfg: DictConfig) -> None:
     from difflab.ops.export import export_checkpoint
+    from difflab.trust import trust_from
     from difflab.utils.cli import run_reporting_errors
 
-    paths = run_reporting_errors(export_checkpoint, cfg.ckpt_path, cfg.out_dir, cfg.weights, extra=(ValueError,))
+    with trust_from(cfg):
+        paths = run_reporting_errors(export_checkpoint, cfg.ckpt_path, cfg.out_dir, cfg.weights, extra=(ValueError,))
     print(f"exported to {paths['weights'].parent}")
 
 

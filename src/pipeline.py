@@ -22,8 +22,10 @@ from difflab.ops.fsdp import fit_precision
 from difflab.ops.hardware import fit_accelerator
 from difflab.ops.precision import resolve_precision
 from difflab.ops.resume import resolve_resume
+from difflab.ops.run_lock import run_dir_lock
 from difflab.ops.signals import GracefulShutdown, checkpoint_dir, find_shutdown
 from difflab.ops.slurm import cluster_plugins
+from difflab.trust import data_strings
 from difflab.utils.errors import ConfigError, instantiate_reporting
 from difflab.utils.logging import print_lightning_lines_once
 
@@ -44,10 +46,12 @@ def fill_from_datamodule(cfg: DictConfig, datamodule: L.LightningDataModule) -> 
         model = cfg.model
         if "sample_shape" in model.keys():
             model.sample_shape = list(datamodule.sample_shape)
+        # names come from files (folder names, a cache's manifest): data, refused if OmegaConf would resolve them
+        source = type(datamodule).__name__
         if "class_names" in model and model.class_names is None:
-            model.class_names = getattr(datamodule, "class_names", None)
+            model.class_names = data_strings(getattr(datamodule, "class_names", None), source, "class_names")
         if "prompts" in model and model.prompts is None:
-            model.prompts = getattr(datamodule, "prompts", None)
+            model.prompts = data_strings(getattr(datamodule, "prompts", None), source, "prompts")
         cond = cfg.get("conditioning")
         if cond is not None and "num_classes" in cond.keys() and OmegaConf.is_missing(cond, "num_classes"):
             if getattr(datamodule, "num_classes", None) is None:
@@ -139,32 +143,34 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     ``objs["stopped_by_signal"]`` is True when SIGTERM/SIGINT/the requeue signal stopped training (a checkpoint
     was saved). Whatever happens, the W&B run is finished and the DDP world of this job is torn down, so that the
-    next job of a sweep starts clean.
+    next job of a sweep starts clean. Global rank 0 holds the run directory's lock (``difflab.ops.run_lock``)
+    throughout: a second run of the same directory stops with one line before it reads or writes a checkpoint.
     """
     print_lightning_lines_once()
-    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir, cfg.get("resume"))
-    objs: dict[str, Any] = {}
-    failed = True
-    try:
-        objs = build(cfg)
-        trainer = objs["trainer"]
-        if trainer.is_global_zero:
-            remove_stale_temporaries(checkpoint_dir(trainer))
-        for logger in objs["loggers"]:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        log.info("trainable parameters: %.2fM; precision: %s; output dir: %s%s",
-                 trainable_parameters(objs["model"]) / 1e6, trainer.precision, cfg.paths.output_dir,
-                 f"; resuming from {ckpt}" if ckpt else "")
-        trainer.fit(objs["model"], datamodule=objs["datamodule"], ckpt_path=ckpt, weights_only=True)
-        objs["metrics"] = final_metrics(trainer)
-        shutdown = find_shutdown(trainer)
-        objs["stopped_by_signal"] = bool(shutdown and shutdown.stopped)
-        if trainer.is_global_zero:
-            write_final_metrics(cfg, trainer, objs["metrics"], objs["stopped_by_signal"])
-        failed = False
-    finally:
-        wandb_ops.finish(failed=failed)
-        ddp_multirun.end_job(objs.get("trainer"))
+    with run_dir_lock(cfg.paths.output_dir):  # one run per directory: a second one is refused before it writes
+        ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir, cfg.get("resume"))
+        objs: dict[str, Any] = {}
+        failed = True
+        try:
+            objs = build(cfg)
+            trainer = objs["trainer"]
+            if trainer.is_global_zero:
+                remove_stale_temporaries(checkpoint_dir(trainer))
+            for logger in objs["loggers"]:
+                logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            log.info("trainable parameters: %.2fM; precision: %s; output dir: %s%s",
+                     trainable_parameters(objs["model"]) / 1e6, trainer.precision, cfg.paths.output_dir,
+                     f"; resuming from {ckpt}" if ckpt else "")
+            trainer.fit(objs["model"], datamodule=objs["datamodule"], ckpt_path=ckpt, weights_only=True)
+            objs["metrics"] = final_metrics(trainer)
+            shutdown = find_shutdown(trainer)
+            objs["stopped_by_signal"] = bool(shutdown and shutdown.stopped)
+            if trainer.is_global_zero:
+                write_final_metrics(cfg, trainer, objs["metrics"], objs["stopped_by_signal"])
+            failed = False
+        finally:
+            wandb_ops.finish(failed=failed)
+            ddp_multirun.end_job(objs.get("trainer"))
     if objs["stopped_by_signal"]:
         shutdown.after_fit(objs["trainer"])  # a requeue signal: hand over to submitit / scontrol
     return objs

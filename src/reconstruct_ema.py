@@ -61,16 +61,20 @@ def select_snapshots(directory: Path, step: int | None) -> tuple[list[dict], int
 
 
 def run_section(infos: list[dict], run_dir: Path) -> dict:
-    """The checkpoint's ``difflab`` section (run config, kind): from the snapshot, else from the run's last.ckpt."""
+    """The checkpoint's ``difflab`` section (run config, kind): from the snapshot, else from the run's last.ckpt;
+    its config passes the trust gate, so nothing the loaders would refuse is copied into the new checkpoint."""
     from difflab.checkpoints import load_checkpoint
+    from difflab.trust import check_config
     from difflab.utils.errors import ConfigError
 
     if infos[-1]["difflab"].get("config"):
+        check_config(infos[-1]["difflab"]["config"], infos[-1]["path"])
         return infos[-1]["difflab"]
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
         section = load_checkpoint(last).get("difflab") or {}
         if section.get("config"):
+            check_config(section["config"], last)
             return section
     raise ConfigError(f"{infos[-1]['path']} holds no run config and {last} is missing; cannot rebuild the model")
 
@@ -135,9 +139,11 @@ def reconstruct(cfg: DictConfig) -> Path:
 @console_command
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="reconstruct_ema")
 def main(cfg: DictConfig) -> None:
+    from difflab.trust import trust_from
     from difflab.utils.cli import run_reporting_errors
 
-    run_reporting_errors(reconstruct, cfg)
+    with trust_from(cfg):
+        run_reporting_errors(reconstruct, cfg)
 
 
 if __name__ == "__main__":

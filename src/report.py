@@ -32,13 +32,16 @@ def stored_callback_state(ckpt: dict, class_name: str) -> dict | None:
     return None
 
 
-def build_datamodule(run_config: dict, overrides: dict | None):
-    """The training datamodule from the checkpoint's config (plus overrides), set up for fitting; None if absent."""
+def build_datamodule(run_config: dict, overrides: dict | None, source: str = "the checkpoint"):
+    """The training datamodule from the checkpoint's config (read from ``source``: through the trust gate) plus the
+    user's overrides, set up for fitting; None if absent."""
+    from difflab.trust import check_config
+
     cfg = run_config.get("datamodule")
     if not cfg:
         return None
-    cfg = OmegaConf.merge(OmegaConf.create(cfg), OmegaConf.create(overrides or {}))
-    dm = instantiate(cfg)
+    stored = OmegaConf.create(check_config(cfg, source, where="datamodule"))
+    dm = instantiate(OmegaConf.merge(stored, OmegaConf.create(overrides or {})))
     dm.setup("fit")
     return dm
 
@@ -59,6 +62,8 @@ def diagnostics(cfg: DictConfig, wanted) -> dict[str, Any]:
 
 
 def write_markdown(path: Path, summary: dict) -> None:
+    from difflab.ops.atomic import write_text
+
     lines = [f"# Report for {summary['checkpoint']}", "", f"step {summary['step']}, EMA weights, device "
              f"{summary['device']}", ""]
     if summary["scalars"]:
@@ -69,7 +74,7 @@ def write_markdown(path: Path, summary: dict) -> None:
         lines += [f"## {name}", "", f"![{name}]({Path(fig).name})", ""]
     for name, err in summary["failed"].items():
         lines += [f"## {name}: FAILED", "", f"    {err}", ""]
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
 
 
 def run_report(cfg: DictConfig) -> dict[str, Any]:
@@ -77,13 +82,15 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
     from difflab.callbacks.class_grid import render_grid
     from difflab.callbacks.timestep_loss import bucket_losses
     from difflab.checkpoints import load_checkpoint, module_from_checkpoint
+    from difflab.ops.atomic import write_text
     from difflab.sampling import pick_device
+    from difflab.utils.errors import UntrustedFileError
 
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     ckpt = load_checkpoint(cfg.ckpt_path)
     module = module_from_checkpoint(cfg.ckpt_path).to(device).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)  # after the checks: a refused checkpoint leaves nothing behind
     step = int(ckpt.get("global_step", 0))
     wanted = None if cfg.get("figures") is None else [str(f) for f in cfg.figures]
     summary: dict[str, Any] = {"checkpoint": str(cfg.ckpt_path), "step": step, "device": str(device),
@@ -92,7 +99,9 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
     dm, data_error = None, None
     try:
         overrides = OmegaConf.to_container(cfg.datamodule, resolve=True) if cfg.get("datamodule") else {}
-        dm = build_datamodule(module.run_config or {}, overrides)
+        dm = build_datamodule(module.run_config or {}, overrides, str(cfg.ckpt_path))
+    except UntrustedFileError:
+        raise
     except Exception as err:  # noqa: BLE001 - the figures that need no data still get drawn
         data_error = f"{type(err).__name__}: {err}"
         log.warning("no real data (%s): reconstruction, timestep loss and metrics are skipped", data_error)
@@ -124,7 +133,7 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
         scale = grid_cfg.get("guidance_scale") if grid_cfg else None
         summary["figures"]["class_grid"] = str(render_grid(module, out_dir / "class_grid.png", n_cols, scale, seed))
 
-    (out_dir / "report.json").write_text(json.dumps(summary, indent=2))
+    write_text(out_dir / "report.json", json.dumps(summary, indent=2))
     write_markdown(out_dir / "report.md", summary)
     log.info("report of %s (step %d) in %s: %d figures, %d failed", cfg.ckpt_path, step, out_dir,
              len(summary["figures"]), len(summary["failed"]))
@@ -134,9 +143,11 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
 @console_command
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="report")
 def main(cfg: DictConfig) -> None:
+    from difflab.trust import trust_from
     from difflab.utils.cli import run_reporting_errors
 
-    summary = run_reporting_errors(run_report, cfg, extra=(ValueError,))
+    with trust_from(cfg):
+        summary = run_reporting_errors(run_report, cfg, extra=(ValueError,))
     if summary["failed"]:
         print(f"error: diagnostics failed: {', '.join(summary['failed'])} (see {cfg.out_dir}/report.md)",
               file=sys.stderr)

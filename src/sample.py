@@ -18,9 +18,11 @@ from difflab.utils.cli import console_command
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
 def main(cfg: DictConfig) -> None:
     from difflab.sampling import run_sampling
+    from difflab.trust import trust_from
     from difflab.utils.cli import run_reporting_errors
 
-    run_reporting_errors(run_sampling, cfg, extra=(ValueError,))
+    with trust_from(cfg):
+        run_reporting_errors(run_sampling, cfg, extra=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from difflab.checkpoints import module_from_checkpoint
 from difflab.ops.atomic import atomic_write
+from difflab.trust import check_config
+from difflab.utils.errors import instantiate_reporting
 from difflab.utils.images import auto_upscale, make_grid, save_png, to_uint8
 
 log = logging.getLogger(__name__)
@@ -24,14 +26,15 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def resolve_sampler(trained: dict, requested: DictConfig | dict | None):
-    """The sampler to use: ``requested`` if it names a ``_target_``, else the trained one with its non-null keys."""
+def resolve_sampler(trained: dict, requested: DictConfig | dict | None, source: str = "the checkpoint"):
+    """The sampler to use: ``requested`` if it names a ``_target_``, else the trained one (read from ``source``, so
+    through the trust gate) with the requested non-null keys."""
     requested = OmegaConf.to_container(requested, resolve=True) if isinstance(requested, DictConfig) else (requested or {})
     if "_target_" in requested:
         return instantiate(requested)
-    merged = dict(trained)
-    merged.update({k: v for k, v in requested.items() if v is not None})
-    return instantiate(merged)
+    stored = check_config(trained, source, where="model.sampler")
+    stored.update({k: v for k, v in requested.items() if v is not None})
+    return instantiate_reporting(OmegaConf.create(stored))
 
 
 def guidance_overrides(requested: DictConfig | dict | None) -> dict:
@@ -99,7 +102,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Path]:
     device = pick_device(cfg.device)
     module = module_from_checkpoint(cfg.ckpt_path).to(device)
     trained_sampler = module.run_config["model"]["sampler"]
-    sampler = resolve_sampler(trained_sampler, cfg.get("sampler"))
+    sampler = resolve_sampler(trained_sampler, cfg.get("sampler"), str(cfg.ckpt_path))
     g = guidance_overrides(cfg.get("guidance"))
     module.guidance = module.guidance_settings(g)   # the checkpoint's model.guidance with the non-null keys on top
     raw = sample_conditions(module, cfg.n, cfg.get("labels"), cfg.get("prompts"))

@@ -19,10 +19,12 @@ from difflab.utils.cli import console_command
 def main(cfg: DictConfig) -> float | None:
     from difflab.ops import ddp_multirun
     from difflab.pipeline import optimized_value, train
+    from difflab.trust import trust_from
     from difflab.utils.cli import run_reporting_errors
 
     ddp_multirun.install()  # DDP children run the current sweep job only (Lightning#11300)
-    objs = run_reporting_errors(train, cfg)
+    with trust_from(cfg):
+        objs = run_reporting_errors(train, cfg)
     if objs.get("stopped_by_signal"):
         sys.exit(0)  # stopped by SIGTERM/SIGINT after saving a checkpoint: end the process (and any sweep) cleanly
     return optimized_value(cfg, objs["metrics"])  # optimized_metric, for Hydra's sweepers (hparams_search=...)

@@ -29,9 +29,9 @@ WRITER = textwrap.dedent("""
     target, marker, mode = sys.argv[1], sys.argv[2], sys.argv[3]
     atomic_torch_save({"state_dict": {"w": torch.ones(4096)}, "version": 1}, target)
     real_save = torch.save
-    def half_then_block(obj, f):
+    def half_then_block(obj, f):  # f: a path (plain torch.save) or the open file atomic_torch_save writes through
         buf = io.BytesIO(); real_save(obj, buf); data = buf.getvalue()
-        with open(f, "wb") as fh:
+        with (open(f, "wb") if isinstance(f, str) else f) as fh:
             fh.write(data[: len(data) // 2]); fh.flush(); os.fsync(fh.fileno())
             open(marker, "w").close()
             time.sleep(600)
@@ -78,12 +78,12 @@ def test_atomic_save_failure_leaves_old_file_and_no_temporary(tmp_path, monkeypa
     path = tmp_path / "last.ckpt"
     atomic_torch_save({"state_dict": {}, "v": 1}, path)
 
-    def failing_save(obj, f):
-        Path(f).write_bytes(b"partial")
-        raise OSError("disk full")
+    def failing_save(obj, f):  # f: the open temporary file atomic_torch_save writes through
+        f.write(b"partial")
+        raise OSError("write failed")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="write failed"):
         atomic_torch_save({"state_dict": {}, "v": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["v"] == 1

@@ -94,8 +94,9 @@ def test_requeue_signal_saves_checkpoint_then_hands_over_to_previous_handler(tmp
 
 
 def _touch(path: Path, t: float) -> Path:
+    """A minimal readable checkpoint (resume skips unreadable ones) written at time ``t``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x")
+    torch.save({"state_dict": {}}, path)
     os.utime(path, (t, t))
     return path
 

@@ -35,6 +35,7 @@ RULES = {
     "channels": one_of([1, 3, 4]),
     "class_folders": optional(boolean()),
     "extensions": optional(list_of(string(nonempty=True), min_len=1)),
+    "on_bad_item": one_of(["error", "skip"]),                               # image_folder: unreadable images
     "data_dir": string(nonempty=True),
     "cache_dir": string(nonempty=True).described_as(
         "a latent cache, latent shards or clip shards directory (difflab-encode-latents / difflab-prepare-clips)"),

@@ -618,26 +618,19 @@ def draw_metric(report: Report, metric: str):
 
 # ----------------------------------------------------------------------------------------------------------- output
 
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (readers never see half a file)."""
-    from difflab.ops.atomic import atomic_write
-
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 def write_report(report: Report, out_dir: str | Path, markdown: str | None = None) -> list[Path]:
     """Write summary.md, summary.csv, differences.csv and one PNG per metric into ``out_dir``; returns the paths.
 
     Only these files are (re)written: anything else in ``out_dir`` is left alone.
     """
-    from difflab.ops.atomic import atomic_write
+    from difflab.ops.atomic import atomic_write, write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "summary.md", out / "summary.csv", out / "differences.csv"]
-    _write_text(written[0], markdown if markdown is not None else render_markdown(report))
-    _write_text(written[1], csv_text(SUMMARY_COLUMNS, summary_records(report)))
-    _write_text(written[2], csv_text(DIFFERENCE_COLUMNS, difference_records(report)))
+    write_text(written[0], markdown if markdown is not None else render_markdown(report))
+    write_text(written[1], csv_text(SUMMARY_COLUMNS, summary_records(report)))
+    write_text(written[2], csv_text(DIFFERENCE_COLUMNS, difference_records(report)))
     for metric in report.metrics:
         fig = draw_metric(report, metric)
         path = out / plot_file_name(metric)

@@ -206,13 +206,16 @@ def _read_json(path: Path, warnings: list[str]) -> Any:
 
 
 def _read_yaml(path: Path, warnings: list[str]):
-    """An OmegaConf tree of a YAML file (unresolved), or None if absent or unreadable."""
+    """An OmegaConf tree of a YAML file whose strings stay as written: a ``${oc.env:...}`` in someone's job config
+    is shown as text, never resolved (``difflab.trust.literal``); None if absent or unreadable."""
     if not path.is_file():
         return None
     from omegaconf import OmegaConf
 
+    from difflab.trust import literal
+
     try:
-        return OmegaConf.load(path)
+        return OmegaConf.create(literal(OmegaConf.to_container(OmegaConf.load(path), resolve=False)))
     except Exception as err:  # noqa: BLE001 - a damaged file must not hide the rest of the sweep
         warnings.append(f"{path} could not be read ({err.__class__.__name__}); treated as absent")
         return None
@@ -230,8 +233,8 @@ def _read_override_lines(path: Path, warnings: list[str]) -> list[str]:
     return [str(x) for x in lines] if isinstance(lines, list) else []
 
 
-def _select(cfg, key: str, resolve: bool = True) -> Any:
-    """``cfg[key]`` (dotted; interpolations inside it resolved if ``resolve``) or None when absent or unresolvable."""
+def _select(cfg, key: str) -> Any:
+    """``cfg[key]`` (dotted) as written in the file (``_read_yaml`` keeps every string literal), or None."""
     if cfg is None:
         return None
     from omegaconf import OmegaConf
@@ -243,7 +246,7 @@ def _select(cfg, key: str, resolve: bool = True) -> Any:
     if not OmegaConf.is_config(value):
         return value
     try:
-        return OmegaConf.to_container(value, resolve=resolve)
+        return OmegaConf.to_container(value, resolve=True)  # undoes the escaping only
     except Exception:  # noqa: BLE001
         return None
 
@@ -327,9 +330,9 @@ def _sweeper_name(target: Any) -> str:
 
 def _sweep_overrides(multirun) -> list[str]:
     """The overrides the sweeper expanded: ``hydra.sweeper.params`` (config) first, then the command line."""
-    params = _select(multirun, "hydra.sweeper.params", resolve=False) or {}
+    params = _select(multirun, "hydra.sweeper.params") or {}
     lines = [f"{k}={v}" for k, v in params.items()] if isinstance(params, dict) else []
-    task = _select(multirun, "hydra.overrides.task", resolve=False) or []
+    task = _select(multirun, "hydra.overrides.task") or []
     return lines + [str(x) for x in task]
 
 

@@ -24,7 +24,6 @@ from difflab.utils.errors import CheckpointError, ConfigError
 
 CHECKPOINT_KIND = "autoencoder"
 STATE_PREFIX = "autoencoder."  # AutoencoderModule holds the model as ``self.autoencoder``
-ALLOWED_TARGET_PREFIX = "difflab."  # checkpoints may only name difflab classes
 
 
 def class_path(obj_or_cls: Any) -> str:
@@ -95,19 +94,15 @@ def to_plain(cfg: Any) -> Any:
     return cfg
 
 
-def _instantiate(cfg: dict) -> nn.Module:
-    """Build ``cfg['_target_'](**rest)`` for a difflab class."""
-    import hydra.utils
+def _instantiate(cfg: dict, source: Any = "the autoencoder config") -> nn.Module:
+    """Build ``cfg['_target_'](**rest)`` through the trust gate (``difflab.trust``): a config read from a checkpoint or
+    a latent cache's manifest names a difflab class, or the user passed ``trust_stored_code=true``."""
+    from difflab.trust import build_stored
 
     target = cfg.get("_target_")
-    if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIX):
+    if not isinstance(target, str) or not target:
         raise ConfigError(f"autoencoder config needs a _target_ naming a difflab class (difflab....); got {target!r}")
-    try:
-        cls = hydra.utils.get_class(target)
-    except Exception as e:
-        raise ConfigError(f"autoencoder _target_ {target!r} cannot be imported: {_first_line(e)}") from e
-    args = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    return cls(**args)
+    return build_stored(cfg, source, where="autoencoder")
 
 
 def read_autoencoder_checkpoint(path: str | Path) -> tuple[dict, dict]:
@@ -138,7 +133,7 @@ def load_autoencoder_checkpoint(path: str | Path) -> nn.Module:
     """Rebuild the autoencoder stored in an ``AutoencoderModule`` checkpoint (trainable, weights loaded)."""
     config, sd = read_autoencoder_checkpoint(path)
     try:
-        model = _instantiate(config)
+        model = _instantiate(config, path)
     except ConfigError as e:
         raise CheckpointError(f"autoencoder checkpoint {path}: {e}") from e
     result = model.load_state_dict(sd, strict=False)
@@ -174,7 +169,8 @@ def build_autoencoder(cfg_or_spec: Any) -> nn.Module | None:
     return _instantiate({k: v for k, v in spec.items() if k != "ckpt_path"})
 
 
-def load_autoencoder(cfg_or_spec: Any, require_weights: bool = True) -> tuple[nn.Module | None, dict | None]:
+def load_autoencoder(cfg_or_spec: Any, require_weights: bool = True,
+                     source: Any = "the autoencoder config") -> tuple[nn.Module | None, dict | None]:
     """(frozen eval autoencoder, identity) from a checkpoint path, a diffusers id/path or a config mapping.
 
     A config whose class needs trained weights (``KLAutoencoder``) must name ``ckpt_path`` unless
@@ -197,7 +193,7 @@ def load_autoencoder(cfg_or_spec: Any, require_weights: bool = True) -> tuple[nn
         if require_weights and target.endswith("kl_vae.KLAutoencoder"):
             raise ConfigError("autoencoder.ckpt_path is null: a KLAutoencoder needs trained weights; train one with "
                               "AutoencoderModule and set autoencoder.ckpt_path=<run>/checkpoints/last.ckpt")
-        model = _instantiate({k: v for k, v in spec.items() if k != "ckpt_path"})
+        model = _instantiate({k: v for k, v in spec.items() if k != "ckpt_path"}, source)
         reload_spec = {k: v for k, v in spec.items() if k != "ckpt_path"}
     model.eval().requires_grad_(False)
     identity = dict(model.identity() if hasattr(model, "identity") else autoencoder_identity(model))

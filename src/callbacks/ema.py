@@ -322,13 +322,14 @@ class EMA(WeightAveraging):
         shards_dir = checkpoint.get(SHARDS_DIR_KEY)
         stored = set()
         if shards_dir is not None:
-            from torch.distributed.checkpoint import FileSystemReader
+            from difflab.ops.fsdp import shard_reader
 
-            stored = {k.partition(".")[2] for k in FileSystemReader(shards_dir).read_metadata().state_dict_metadata
+            reader = shard_reader(shards_dir)
+            stored = {k.partition(".")[2] for k in reader.read_metadata().state_dict_metadata
                       if k.startswith("ema_state_dict.")}
         if stored:
             targets = {n: t for n, t in self._shards.items() if n in stored}
-            dcp.load({"ema_state_dict": targets}, checkpoint_id=shards_dir)  # in place, every rank its shards
+            dcp.load({"ema_state_dict": targets}, storage_reader=reader)  # in place, every rank its shards
         else:  # a checkpoint of a run without EMA: start the average from the restored weights
             log.warning("the checkpoint holds no EMA weights: the EMA starts from the restored raw weights")
             avg, cur = self._local_pairs(pl_module)

@@ -22,6 +22,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from difflab.callbacks.ema import ema_module
 from difflab.callbacks.schedule import is_scheduled
 from difflab.datamodules.video_io import to_uint8_video, video_grid, write_gif, write_mp4
+from difflab.ops.atomic import write_text
+from difflab.trust import not_a_link
 from difflab.utils.logging import append_figure_index, figure_path
 
 log = logging.getLogger(__name__)
@@ -60,11 +62,11 @@ def write_video_files(frames: np.ndarray, stem: str | Path, fps: float,
     """Write uint8 ``T x H x W x C`` frames to ``<stem>.mp4`` / ``<stem>.gif``; returns {format: path}."""
     stem = Path(stem)
     out = {}
-    for fmt in formats:
+    for fmt in formats:  # the encoders open the path themselves: a symbolic link there is refused, not followed
         if fmt == "mp4":
-            out["mp4"] = write_mp4(stem.with_suffix(".mp4"), frames, fps)
+            out["mp4"] = write_mp4(not_a_link(stem.with_suffix(".mp4")), frames, fps)
         elif fmt == "gif":
-            out["gif"] = write_gif(stem.with_suffix(".gif"), frames, fps)
+            out["gif"] = write_gif(not_a_link(stem.with_suffix(".gif")), frames, fps)
         else:
             raise ValueError(f"video format must be mp4 or gif, got {fmt!r}")
     return out
@@ -157,7 +159,7 @@ class VideoGridCallback(L.Callback):
         k = upscale_factor(x.shape[-2:], self.min_size)
         frames = upscale_frames(video_grid(to_uint8_video(x), nrow=self.n_cols), k)
         files = write_video_files(frames, stem, self.fps, self.formats)
-        stem.with_name(stem.name + ".prompts.txt").write_text("\n".join(titles) + "\n", encoding="utf-8")
+        write_text(stem.with_name(stem.name + ".prompts.txt"), "\n".join(titles) + "\n")
         return {"files": files, "titles": titles, "samples": x}
 
     @rank_zero_only
@@ -240,5 +242,5 @@ def write_sample_videos(out_dir: str | Path, samples: torch.Tensor, raw=None, fp
     out_dir = Path(out_dir)
     files = write_video_files(frames, out_dir / "videos", fps)
     files["titles"] = out_dir / "videos.txt"
-    files["titles"].write_text("\n".join(t if t else "(uncond)" for t in titles) + "\n", encoding="utf-8")
+    write_text(files["titles"], "\n".join(t if t else "(uncond)" for t in titles) + "\n")
     return files

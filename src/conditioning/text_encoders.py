@@ -169,7 +169,7 @@ def _load_config(source: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, trust_remote_code=False)  # never runs a folder's own code
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"cannot load text encoder config from '{source}' ({first}): give a local save_pretrained "
@@ -186,7 +186,7 @@ def _from_pretrained(cls, source: str, name: str, **kw) -> nn.Module:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model, info = cls.from_pretrained(source, output_loading_info=True, **kw)
+        model, info = cls.from_pretrained(source, output_loading_info=True, **kw, trust_remote_code=False)
     finally:
         hf_logging.set_verbosity(level)
         if bar:
@@ -232,7 +232,7 @@ def load_text_encoder(name_or_path: str | os.PathLike, kind: str = "auto", max_l
                                   "encoder-decoders are supported: use an encoder-only model or a CLIP text tower")
             else:
                 model = _from_pretrained(AutoModel, source, name, **kw)
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"cannot load text encoder '{name}' from '{source}' ({first}): check the directory has "

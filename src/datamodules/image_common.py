@@ -2,7 +2,8 @@
 
 - tensor transforms (uint8 -> [-1, 1], resize of the shorter side, centre crop, random horizontal flip),
 - `DictDataset`: turns a source of ``(uint8 C x H x W image, label or None)`` into dict samples of the batch
-  contract (docs/ARCHITECTURE.md),
+  contract (docs/ARCHITECTURE.md); an unreadable item (a source raising `CorruptDataError`) stops the run with that
+  one-line error, or, with ``on_bad_item="skip"``, is replaced by the next readable item and counted,
 - `ImageDataModule`: a LightningDataModule base with the standard loader arguments and per-stage split building,
 - `verify_files`: size check every time, md5 check once per file version, remembered in a small marker file.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -27,7 +29,9 @@ from torch.utils.data import Dataset
 from difflab.datamodules.loaders import ResumableDataLoader, make_loader
 from difflab.ops.atomic import atomic_write
 from difflab.ops.rng import WorkerRNGState
-from difflab.utils.errors import ConfigError, CorruptDataError
+from difflab.utils.errors import ConfigError, CorruptDataError, DiskFullError
+
+log = logging.getLogger(__name__)
 
 MARKER_NAME = ".difflab_verified.json"
 _MARKER_FORMAT = 1
@@ -132,28 +136,67 @@ class ArraySource:
         return img, None if self.labels is None else int(self.labels[index])
 
 
+BAD_ITEM_CHOICES = ("error", "skip")
+
+
+def check_on_bad_item(value: str) -> str:
+    """Validate ``on_bad_item``: ``error`` (an unreadable item stops the run with one line naming it) or ``skip``
+    (it is replaced by the next readable item, logged once and counted)."""
+    if value not in BAD_ITEM_CHOICES:
+        raise ConfigError(f"datamodule.on_bad_item must be one of {', '.join(BAD_ITEM_CHOICES)}, got {value!r}")
+    return value
+
+
 class DictDataset(WorkerRNGState, Dataset):
     """A view of an `ImageSource` (optionally a subset of its indices) yielding contract samples.
 
     Each sample is ``{"x": float C x H x W in [-1, 1], "label": int}`` (``label`` omitted when the source has
     none); the default collate turns them into ``x: B x C x H x W`` and ``label: int64 B``.
+    An item whose source raises `CorruptDataError` (a truncated image file) re-raises it (``on_bad_item="error"``)
+    or, with ``"skip"``, is logged once, flagged in shared memory (`num_unreadable`, seen by every loader worker)
+    and replaced by the next readable item of this view: the same replacement on every run, so resume stays exact.
     """
 
-    def __init__(self, source: ImageSource, transform: ImageTransform, indices: np.ndarray | None = None) -> None:
+    def __init__(self, source: ImageSource, transform: ImageTransform, indices: np.ndarray | None = None,
+                 on_bad_item: str = "error") -> None:
         self.source = source
         self.transform = transform
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+        self.on_bad_item = check_on_bad_item(on_bad_item)
+        # shared memory: loader workers flag bad items here and the main process sees the flags
+        self._bad = torch.zeros(len(self), dtype=torch.bool).share_memory_() if on_bad_item == "skip" else None
 
     def __len__(self) -> int:
         return len(self.source) if self.indices is None else len(self.indices)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    @property
+    def num_unreadable(self) -> int:
+        """How many items were found unreadable and skipped so far (in any loader worker)."""
+        return 0 if self._bad is None else int(self._bad.sum())
+
+    def _sample(self, index: int) -> dict[str, Any]:
         j = int(index) if self.indices is None else int(self.indices[index])
         img, label = self.source[j]
         sample: dict[str, Any] = {"x": self.transform(img)}
         if label is not None:
             sample["label"] = label
         return sample
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self._bad is None:
+            return self._sample(index)
+        n = len(self)
+        for k in range(n):
+            i = (int(index) + k) % n
+            if self._bad[i]:
+                continue
+            try:
+                return self._sample(i)
+            except CorruptDataError as err:
+                self._bad[i] = True
+                log.warning("datamodule.on_bad_item=skip: skipping %s", str(err).split("; ")[0])
+        raise CorruptDataError(f"none of the {n} items of this split could be read (datamodule.on_bad_item=skip); "
+                               "check datamodule.data_dir")
 
 
 def holdout_split(candidates: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -205,8 +248,8 @@ def _write_marker(folder: Path, files: dict[str, dict[str, Any]]) -> None:
         try:
             atomic_write(path, lambda tmp: tmp.write_text(payload))  # concurrent ranks never see half a marker
             return
-        except OSError:
-            continue  # read-only data folder: try the user cache
+        except (OSError, DiskFullError):
+            continue  # read-only (or full) data folder: try the user cache
     warnings.warn(f"could not write a verification marker for {folder}; md5 checks will repeat next time")
 
 

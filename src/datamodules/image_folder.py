@@ -3,7 +3,9 @@
 Class mode is detected when the folder holds no images itself but has sub-folders with images (or forced with
 ``class_folders``); class names are the sorted sub-folder names, and images are found recursively inside each.
 Images are decoded with Pillow (EXIF orientation applied), converted to `channels`, resized so the shorter side is
-`image_size` and centre-cropped. Hidden files and folders (".*") are skipped.
+`image_size` and centre-cropped. Hidden files and folders (".*") are skipped. A file that cannot be decoded (truncated,
+corrupt, not an image) stops the run with one line naming it (``on_bad_item="error"``, the default), or is skipped,
+replaced by the next image, logged and counted in `data_report()` (``on_bad_item="skip"``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from difflab.datamodules.image_common import DictDataset, ImageDataModule, ImageTransform, class_prompts, holdout_split
+from difflab.datamodules.image_common import (DictDataset, ImageDataModule, ImageTransform, check_on_bad_item,
+                                              class_prompts, holdout_split)
 from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -89,8 +92,9 @@ class ImageFileSource:
         try:
             with Image.open(path) as im:
                 arr = np.asarray(ImageOps.exif_transpose(im).convert(self.mode))
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for truncated / unknown files
-            raise CorruptDataError(f"{path}: cannot decode image ({exc}); delete or replace the file") from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # truncated / unknown / huge
+            raise CorruptDataError(f"{path}: cannot decode image ({exc}); delete or replace the file, or set "
+                                   f"datamodule.on_bad_item=skip to skip unreadable images") from None
         if arr.ndim == 2:
             arr = arr[:, :, None]
         img = torch.from_numpy(np.array(arr.transpose(2, 0, 1), order="C"))  # writable C x H x W copy
@@ -109,6 +113,8 @@ class ImageFolderDataModule(ImageDataModule):
             uses the same held-out images.
         class_folders: True / False to force class mode on / off, None to detect it.
         extensions: file name endings to accept (default: common image formats).
+        on_bad_item: ``error`` (default): an image that cannot be decoded stops the run with one line naming the
+            file; ``skip``: it is replaced by the next image of its split, logged once and counted (`data_report`).
     """
 
     def __init__(
@@ -126,8 +132,10 @@ class ImageFolderDataModule(ImageDataModule):
         persistent_workers: bool = True,
         drop_last: bool = False,
         seed: int = 0,
+        on_bad_item: str = "error",
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, persistent_workers, drop_last, seed)
+        self.on_bad_item = check_on_bad_item(on_bad_item)
         if image_size is None or int(image_size) <= 0:
             raise ConfigError(f"datamodule.image_size must be a positive int, got {image_size!r}")
         if not 0.0 <= float(val_fraction) < 1.0:
@@ -154,11 +162,18 @@ class ImageFolderDataModule(ImageDataModule):
 
     def _build_split(self, name: str) -> Dataset | None:
         if name == "train":
-            return DictDataset(self.source, ImageTransform(self.image_size, flip=self.flip), self._train_idx)
+            return DictDataset(self.source, ImageTransform(self.image_size, flip=self.flip), self._train_idx,
+                               self.on_bad_item)
         if name in ("val", "test"):
             if self._val_idx is None:
                 return None
             if name == "test":
                 return self.split_dataset("val")
-            return DictDataset(self.source, ImageTransform(self.image_size, flip=False), self._val_idx)
+            return DictDataset(self.source, ImageTransform(self.image_size, flip=False), self._val_idx,
+                               self.on_bad_item)
         raise ValueError(f"unknown split {name!r}")
+
+    def data_report(self) -> dict[str, dict[str, int]]:
+        """Per built split: image count and images found unreadable and skipped so far (``on_bad_item=skip``)."""
+        return {name: {"images": len(ds), "unreadable_files": ds.num_unreadable}
+                for name, ds in self._splits.items() if ds is not None}

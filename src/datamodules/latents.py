@@ -149,6 +149,6 @@ class LatentDataModule(L.LightningDataModule):
             from difflab.utils.errors import ConfigError
             raise ConfigError(f"latent cache {self.cache.dir} records no reload spec for its autoencoder (it was "
                               f"encoded from an in-memory model): pass the autoencoder explicitly")
-        module, _ = load_autoencoder(self.autoencoder_spec["spec"])
+        module, _ = load_autoencoder(self.autoencoder_spec["spec"], source=f"{self.cache.dir}/manifest.json")
         self.cache.check_autoencoder(module)
         return module

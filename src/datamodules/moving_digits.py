@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from difflab.datamodules.digits import DIGIT_NAMES
 from difflab.datamodules.sign_video import HOW2SIGN_CLIPS_DIR, SignVideoDataModule
 from difflab.datamodules.video_io import mp4_encoder, write_mp4
-from difflab.utils.errors import ConfigError
+from difflab.utils.errors import ConfigError, disk_full, is_disk_full
 from difflab.utils.images import round_to_uint8
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,8 @@ def generate_moving_digits(data_dir: str | os.PathLike, params: MovingDigitsPara
 
     Source digit images are split 80/10/10 into train/val/test pools, so validation and test clips show unseen
     handwriting. The folder is built under a temporary name and renamed into place, so concurrent callers (DDP
-    ranks) never see a half-written dataset. A folder that exists without our manifest is never overwritten.
+    ranks) never see a half-written dataset. A folder that exists without our manifest is never overwritten. A disk
+    that fills meanwhile raises ``DiskFullError`` naming ``data_dir`` (the partial folder is removed).
     """
     p = (params or MovingDigitsParams()).resolved()
     data_dir = Path(data_dir)
@@ -241,8 +242,10 @@ def generate_moving_digits(data_dir: str | os.PathLike, params: MovingDigitsPara
             if not _up_to_date(data_dir, p):
                 raise
             shutil.rmtree(tmp)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err):  # one line naming the folder; the clips written so far are gone with tmp
+            raise disk_full(data_dir, err) from err
         raise
     log.info("moving digits: wrote %d clips to %s", len(clips), data_dir)
     return data_dir

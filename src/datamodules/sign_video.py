@@ -8,9 +8,10 @@ Variable-length training (``buckets`` / ``max_frames``, off by default): each tr
 bucket length that fits it and batches hold clips of one bucket (`difflab.datamodules.buckets`); validation, test and
 ``sample_shape`` keep ``num_frames``.
 
-Bad data is skipped and counted, never silently: malformed annotation rows (logged with file and line), listed
-files that are missing, and videos that fail to decode (logged once per file, replaced by another clip). With
-``strict=True`` each of these raises instead.
+Bad data is skipped and counted, never silently: malformed annotation rows (wrong field count, bad times, bytes that
+are not UTF-8, rows the csv module rejects; logged with file and line), listed files that are missing, and videos that
+fail to decode (logged once per file, replaced by another clip). With ``strict=True`` each of these raises instead:
+one line naming the file (and line).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import csv
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,6 +49,7 @@ from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundErro
 
 log = logging.getLogger(__name__)
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as errors="surrogateescape" decodes them
 MAX_ROW_WARNINGS = 10  # malformed rows logged one by one per file; the rest only in the summary line
 
 
@@ -97,11 +100,25 @@ class _RowSkipper:
             log.warning("%s: %d malformed rows skipped in total", self.path, len(self.rows))
 
 
-def _read_rows(path: Path, delimiter: str):
-    """Yield ``(line_number, fields)`` of a delimited text file read without quote handling (QUOTE_NONE)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
+def _read_rows(path: Path, delimiter: str, skip: _RowSkipper):
+    """Yield ``(line_number, fields)`` of a delimited text file read without quote handling (QUOTE_NONE), the
+    header first. A later row that is not UTF-8 text (a damaged download) or that the csv module rejects (a field
+    over its size limit) goes to ``skip`` with its line number instead: counted, or one error line when strict."""
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE)
-        for row in reader:
+        first = True
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                skip(reader.line_num, f"unreadable row ({err})")
+                continue
+            if not first and _NOT_UTF8.search("".join(row)):
+                skip(reader.line_num, "not UTF-8 text")
+                continue
+            first = False
             yield reader.line_num, row
 
 
@@ -172,7 +189,8 @@ def read_how2sign_index(data_dir: str | os.PathLike, split: str, *, layout: str 
         raise ConfigError(f"datamodule.layout must be one of {HOW2SIGN_LAYOUTS}, got {layout!r}")
     data_dir = Path(data_dir)
     path = find_how2sign_csv(data_dir, split, csv_name)
-    rows = _read_rows(path, "\t")
+    skip = _RowSkipper(path, strict)
+    rows = _read_rows(path, "\t", skip)
     try:
         _, header = next(rows)
     except StopIteration:
@@ -188,7 +206,6 @@ def read_how2sign_index(data_dir: str | os.PathLike, split: str, *, layout: str 
                                "is this a tab-separated How2Sign CSV?")
     has_times = start_key in col and end_key in col
     folder = data_dir / (clips_dir if layout == "clips" else raw_dir).format(split=split)
-    skip = _RowSkipper(path, strict)
     records = []
     for line, row in rows:
         if not any(v.strip() for v in row):
@@ -260,7 +277,8 @@ def read_phoenix_index(data_dir: str | os.PathLike, split: str, *, text_field: s
     if not path.is_file():
         raise DataNotFoundError(f"PHOENIX-2014-T {split} annotations not found at {path}; splits are train/dev/test "
                                 f"(download from {PHOENIX_URL})")
-    rows = _read_rows(path, "|")
+    skip = _RowSkipper(path, strict)
+    rows = _read_rows(path, "|", skip)
     try:
         _, header = next(rows)
     except StopIteration:
@@ -272,7 +290,6 @@ def read_phoenix_index(data_dir: str | os.PathLike, split: str, *, text_field: s
         raise CorruptDataError(f"{path}: header lacks column(s) {', '.join(lacking)} (got {'|'.join(header)}); "
                                "expected name|video|start|end|speaker|orth|translation")
     frames_dir = root / PHOENIX_FRAMES / split
-    skip = _RowSkipper(path, strict)
     records = []
     for line, row in rows:
         if not any(v.strip() for v in row):

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,7 +38,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from difflab.latents.cache import MANIFEST, STATUS_COMPLETE, STATUS_IN_PROGRESS, now, split_dir, write_manifest
+from difflab.latents.cache import (MANIFEST, STATUS_COMPLETE, STATUS_IN_PROGRESS, check_manifest_data, clear_cache,
+                                   now, write_manifest)
 from difflab.latents.shards import (INSTALL, _fetch_json, auto_samples_per_shard, check_shards_complete,
                                     check_split_index, is_url, join,
                                     require_litdata, shard_info, shard_manifest, write_order, write_split)
@@ -76,7 +76,7 @@ def check_clip_manifest(manifest: dict | None, location: str) -> dict:
                                f"difflab reads version {CLIP_VERSION}: {rewrite}")
     check_shards_complete(manifest, location, CLIP_FORMAT, CLIP_VERSION, rewrite, what="clip shards",
                           rerun=f"python {WRITER} with out_dir={location}")
-    return manifest
+    return check_manifest_data(manifest, join(location, MANIFEST))
 
 
 class ClipShards:
@@ -126,9 +126,10 @@ def _read_clip_manifest(out_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CorruptDataError(f"{path} is unreadable ({e}); rerun {WRITER} with overwrite=true") from e
+    return check_manifest_data(manifest, path) if isinstance(manifest, dict) else manifest
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> dict | None:
@@ -138,9 +139,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> dict | None:
         raise ConfigError(f"{out_dir} holds a {MANIFEST} that is not of clip shards: write the clips to a new or "
                           f"empty out_dir")
     if old is not None and overwrite:
-        for split in old.get("splits", {}):
-            shutil.rmtree(split_dir(out_dir, split), ignore_errors=True)
-        (out_dir / MANIFEST).unlink(missing_ok=True)
+        clear_cache(out_dir, old)
         return None
     if old is None and out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir} exists, is not empty and holds no {MANIFEST}: choose a new or empty out_dir "

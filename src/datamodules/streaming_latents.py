@@ -290,6 +290,6 @@ class StreamingLatentDataModule(ShardSplitLoaders, L.LightningDataModule):
         if not self.autoencoder_spec["spec"]:
             raise ConfigError(f"sharded latents {self.shards.location} record no reload spec for their autoencoder "
                               f"(encoded from an in-memory model): pass the autoencoder explicitly")
-        module, _ = load_autoencoder(self.autoencoder_spec["spec"])
+        module, _ = load_autoencoder(self.autoencoder_spec["spec"], source=f"{self.cache.dir}/manifest.json")
         self.shards.check_autoencoder(module)
         return module

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from difflab.ops.atomic import atomic_path
 from difflab.utils.images import round_to_uint8, to_uint8
 
 BACKENDS = ("pyav", "torchcodec")
@@ -289,6 +290,7 @@ def write_mp4(path: str | os.PathLike, frames, fps: float, *, codec: str | None 
 
     Grey frames are written as RGB. 4:2:0 video needs even sizes, so an odd height/width is padded by repeating the
     last row/column. ``crf`` sets H.264 quality (0 = lossless, 18 = visually lossless); ``options`` go to the encoder.
+    Written atomically (``difflab.ops.atomic``): a kill or a full disk (``DiskFullError``) leaves no partial file.
     """
     frames = _as_uint8_frames(frames, str(path))
     if frames.shape[-1] == 1:
@@ -300,9 +302,8 @@ def write_mp4(path: str | os.PathLike, frames, fps: float, *, codec: str | None 
 
     codec = codec or mp4_encoder()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rate = fractions.Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), "w") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
@@ -328,7 +329,7 @@ def write_gif(path: str | os.PathLike, frames, fps: float, *, loop: int = 0) -> 
     """Write uint8 ``T x H x W x C`` frames to an animated GIF with PIL (``loop=0`` repeats forever).
 
     GIF delays are whole hundredths of a second and browsers slow down delays under 20 ms, so very high frame
-    rates play back slower than ``fps``.
+    rates play back slower than ``fps``. Written atomically, like `write_mp4`.
     """
     from PIL import Image
 
@@ -336,10 +337,10 @@ def write_gif(path: str | os.PathLike, frames, fps: float, *, loop: int = 0) -> 
     mode = "L" if frames.shape[-1] == 1 else "RGB"
     images = [Image.fromarray(f[..., 0] if mode == "L" else f, mode) for f in frames]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     duration = max(20, int(round(1000.0 / fps / 10.0)) * 10)
-    images[0].save(str(path), format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=loop,
-                   optimize=False, disposal=1)
+    with atomic_path(path) as tmp:
+        images[0].save(str(tmp), format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=loop,
+                       optimize=False, disposal=1)
     return path
 
 

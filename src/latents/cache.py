@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import shutil
 import weakref
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ from torch import nn
 
 from difflab.autoencoders.loading import known_identity
 from difflab.ops.atomic import atomic_write
-from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
+from difflab.trust import config_target, data_strings, split_name
+from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError, UntrustedFileError
 
 FORMAT = "difflab-latent-cache"
 VERSION = 1
@@ -43,7 +45,25 @@ def now() -> str:
 
 
 def split_dir(cache_dir: str | Path, split: str) -> Path:
-    return Path(cache_dir) / split
+    """The directory of one split: ``train``, ``val`` or ``test`` under the cache, nothing else (split names come
+    from manifests, and writers remove these directories)."""
+    return Path(cache_dir) / split_name(split, Path(cache_dir) / MANIFEST)
+
+
+def check_manifest_data(manifest: dict, where: Any) -> dict:
+    """The manifest values that difflab turns into paths or model config (split names, class names, prompts, class
+    count), checked as plain data (``difflab.trust``); one line naming ``where`` otherwise."""
+    splits = manifest.get("splits", {})
+    if not isinstance(splits, dict) or not all(isinstance(v, dict) for v in splits.values()):
+        raise UntrustedFileError(f"refusing {where}: 'splits' must map split names to records")
+    for name in splits:
+        split_name(name, where, "splits")
+    for key in ("class_names", "prompts"):
+        data_strings(manifest.get(key), where, key)
+    n = manifest.get("num_classes")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise UntrustedFileError(f"refusing {where}: num_classes is {n!r}, not a positive integer")
+    return manifest
 
 
 def read_manifest(cache_dir: str | Path) -> dict | None:
@@ -58,7 +78,14 @@ def read_manifest(cache_dir: str | Path) -> dict | None:
                                f"encode_latents.py with overwrite=true") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CorruptDataError(f"{path} is not a difflab latent cache manifest (format != {FORMAT!r})")
-    return manifest
+    return check_manifest_data(manifest, path)
+
+
+def clear_cache(cache_dir: str | Path, manifest: dict) -> None:
+    """Remove a cache's own files (its manifest and split folders, named by ``split_dir``), nothing else."""
+    for split in manifest.get("splits", {}):
+        shutil.rmtree(split_dir(cache_dir, split), ignore_errors=True)
+    (Path(cache_dir) / MANIFEST).unlink(missing_ok=True)
 
 
 def write_manifest(cache_dir: str | Path, manifest: dict) -> None:
@@ -265,6 +292,7 @@ def _open_any(cache_dir: str | Path) -> LatentCache:
     return LatentCache(cache_dir)
 
 
+@config_target
 def load_cache_autoencoder(cache_dir: str | Path) -> NormalisedAutoencoder:
     """The frozen autoencoder a cache (or shard directory) was encoded with, reloaded from its recorded spec,
     verified by hash, and wrapped to decode the cache's normalised latents. Latent DiffusionModules take it as
@@ -277,6 +305,6 @@ def load_cache_autoencoder(cache_dir: str | Path) -> NormalisedAutoencoder:
     if not spec:
         raise ConfigError(f"latent cache {cache.dir} records no reload spec for its autoencoder; re-encode it with "
                           f"encode_latents.py from a saved autoencoder checkpoint")
-    module, _ = load_autoencoder(spec)
+    module, _ = load_autoencoder(spec, source=f"{cache.dir}/{MANIFEST}")
     cache.check_autoencoder(module)
     return NormalisedAutoencoder(module, cache.scale, cache.shift)

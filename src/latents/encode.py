@@ -6,8 +6,9 @@ It refuses to add to a cache written by another autoencoder or from another data
 """
 from __future__ import annotations
 
+import errno
 import json
-import shutil
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,9 +20,11 @@ from torch.utils.data._utils.collate import default_collate
 
 from difflab.autoencoders.loading import class_path, known_identity, to_plain
 from difflab.latents.cache import (LABELS, LATENTS, MANIFEST, STATUS_COMPLETE, STATUS_IN_PROGRESS, TEXTS, TEXTS_PARTIAL,
-                               channel_moments, new_manifest, normalisation, now, read_manifest, split_dir,
-                               write_manifest)
-from difflab.utils.errors import ConfigError
+                                   channel_moments, clear_cache, new_manifest, normalisation, now, read_manifest,
+                                   split_dir, write_manifest)
+from difflab.ops.atomic import write_text
+from difflab.trust import not_a_link
+from difflab.utils.errors import ConfigError, disk_full, is_disk_full
 
 # Datamodule arguments that change how data is loaded, not what the data is: not part of the dataset identity.
 LOADER_KEYS = frozenset({"batch_size", "num_workers", "pin_memory", "persistent_workers", "data_dir", "prefetch_factor"})
@@ -98,13 +101,6 @@ def _check_compatible(out_dir: Path, old: dict, identity: dict, dataset: dict, d
                           f"{hint}")
 
 
-def _clear(out_dir: Path, manifest: dict) -> None:
-    """Remove a cache's own files (manifest and split folders), nothing else."""
-    for split in manifest.get("splits", {}):
-        shutil.rmtree(split_dir(out_dir, split), ignore_errors=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-
-
 def _progress(enabled: bool):
     if not enabled:
         return nullcontext(None)
@@ -127,8 +123,29 @@ def _open_text_log(path: Path, keep: int) -> list[str]:
         raise ConfigError(f"{path} holds {len(lines)} prompts but the manifest records {keep} encoded samples; the "
                           f"cache is damaged: rerun with overwrite=true")
     lines = lines[:keep]
-    path.write_text("".join(line + "\n" for line in lines))
+    write_text(path, "".join(line + "\n" for line in lines))
     return lines
+
+
+def open_map(path: Path, fresh: bool, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A writable memory map of a cache file: created with all its blocks reserved when ``fresh`` (a full disk then
+    fails here, in one line, instead of killing the process with SIGBUS at a later write into a sparse file), else
+    the existing file. A symbolic link at ``path`` is refused."""
+    if not fresh:
+        return np.lib.format.open_memmap(not_a_link(path), mode="r+")
+    array = np.lib.format.open_memmap(not_a_link(path), mode="w+", dtype=dtype, shape=shape)
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as err:
+        del array
+        path.unlink(missing_ok=True)
+        if is_disk_full(err):
+            raise disk_full(path, err) from None
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate: sparse as before
+            raise
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    return array
 
 
 def encode_split(autoencoder, dataset: Dataset, out_dir: Path, split: str, manifest: dict, *, batch_size: int,
@@ -142,18 +159,17 @@ def encode_split(autoencoder, dataset: Dataset, out_dir: Path, split: str, manif
     if n and done >= n and (not info["has_text"] or (sdir / TEXTS).is_file()):
         return  # finished earlier
     fresh = done == 0  # nothing recorded yet: (re)create the files
-    mode = "w+" if fresh else "r+"
     for path, needed in ((lat_path, True), (lab_path, info["has_label"])):
         if not fresh and needed and not path.is_file():
             raise ConfigError(f"{path} is missing but the manifest records {done} encoded samples: the cache is "
                               f"damaged, rerun with overwrite=true")
-    latents = np.lib.format.open_memmap(lat_path, mode=mode, dtype=DTYPES[dtype], shape=shape if fresh else None)
+    latents = open_map(lat_path, fresh, DTYPES[dtype], shape)
     if latents.shape != shape or latents.dtype != DTYPES[dtype]:
         raise ConfigError(f"{lat_path} has shape {latents.shape} {latents.dtype}, expected {shape} {dtype}: the cache "
                           f"is damaged, rerun with overwrite=true")
     labels = None
     if info["has_label"]:
-        labels = np.lib.format.open_memmap(lab_path, mode=mode, dtype=np.int64, shape=(n,) if fresh else None)
+        labels = open_map(lab_path, fresh, np.int64, (n,))
     if info["has_text"]:
         _open_text_log(txt_path, done)
     task = progress.add_task(split, total=n, completed=done) if progress is not None else None
@@ -169,7 +185,7 @@ def encode_split(autoencoder, dataset: Dataset, out_dir: Path, split: str, manif
                 labels[done:done + b] = np.asarray(batch["label"], dtype=np.int64)
                 labels.flush()
             if info["has_text"]:
-                with open(txt_path, "a") as f:
+                with open(not_a_link(txt_path), "a") as f:
                     f.writelines(json.dumps(t) + "\n" for t in batch["text"])
             done += b
             info["done"] = done
@@ -179,7 +195,7 @@ def encode_split(autoencoder, dataset: Dataset, out_dir: Path, split: str, manif
     del latents, labels
     if info["has_text"] and txt_path.is_file():
         texts = [json.loads(line) for line in txt_path.read_text().splitlines()]
-        (sdir / TEXTS).write_text(json.dumps(texts))
+        write_text(sdir / TEXTS, json.dumps(texts))
         txt_path.unlink()
 
 
@@ -207,7 +223,7 @@ def encode_dataset(autoencoder, datamodule, out_dir: str | Path, *, identity: di
 
     old = read_manifest(out_dir) if out_dir.exists() else None
     if old is not None and overwrite:
-        _clear(out_dir, old)
+        clear_cache(out_dir, old)
         old = None
     elif old is None and out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir} exists, is not empty and holds no {MANIFEST}: choose a new or empty out_dir "

@@ -36,9 +36,11 @@ import numpy as np
 import torch
 
 from difflab.latents.cache import (FORMAT, MANIFEST, STATUS_COMPLETE, STATUS_IN_PROGRESS, VERSION, LatentCache,
-                                   channel_moments, new_manifest, normalisation, now, read_manifest, split_dir,
-                                   write_manifest)
-from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
+                                   channel_moments, check_manifest_data, clear_cache, new_manifest, normalisation, now,
+                                   read_manifest, split_dir, write_manifest)
+from difflab.trust import bare_name
+from difflab.utils.errors import (ConfigError, CorruptDataError, DataNotFoundError, UntrustedFileError, disk_full,
+                                  is_disk_full)
 
 LAYOUT = "shards"
 SHARD_FORMAT = "difflab-latent-shards"
@@ -46,6 +48,10 @@ SHARD_VERSION = 1
 INDEX = "index.json"                      # litdata's index of a split's shards
 SHARD_BYTES = 64 * 2**20                  # default shard size: litdata's recommended ~64 MB chunks
 URL_PREFIXES = ("s3://", "gs://", "gcs://", "azure://", "r2://", "hf://", "local:")
+# What each record field is stored as (litdata's data_format names). The reader refuses any other format before
+# litdata decodes a byte: litdata picks each field's decoder from the index, and "pickle" would run code.
+FIELD_FORMATS = {"z": "numpy", "video": "numpy", "index": "int", "label": "int", "text": "str"}
+CHUNK_NAME = r"chunk-[0-9]+-[0-9]+\.bin"   # litdata's names for difflab's shards (no compression)
 INSTALL = "pip install 'difflab[stream]'"
 
 
@@ -181,7 +187,7 @@ def check_shard_manifest(manifest: dict | None, location: str) -> dict:
                           f"write shards with encode_latents.py format=shards")
     check_shards_complete(manifest, location, SHARD_FORMAT, SHARD_VERSION, rewrite, what="sharded latent dataset",
                           rerun=f"encode_latents.py with format=shards out_dir={location}")
-    return manifest
+    return check_manifest_data(manifest, join(location, MANIFEST))
 
 
 def check_shards_complete(manifest: dict, location: str, shard_format: str, shard_version: int, rewrite: str,
@@ -220,7 +226,27 @@ def check_split_index(manifest: dict, location: str, split: str, storage_options
     if keys is not None and keys != _expected_keys(info):
         raise CorruptDataError(f"{where} stores records {keys}, the manifest expects {_expected_keys(info)}: rewrite "
                                f"the shards with {writer} overwrite=true")
+    check_index_safe(index, keys or _expected_keys(info), where)
     return index
+
+
+def check_index_safe(index: dict, keys: list[str], where: str) -> None:
+    """Refuse a litdata index that would make the reader run code or leave the split's directory: a field stored
+    in a format difflab does not write (``FIELD_FORMATS``; "pickle" unpickles), encryption, or a chunk file name
+    that is not a bare ``chunk-<p>-<n>.bin``."""
+    config = index.get("config") if isinstance(index.get("config"), dict) else {}
+    formats = config.get("data_format")
+    if not isinstance(formats, list) or len(formats) != len(keys):
+        raise UntrustedFileError(f"refusing {where}: its data_format {formats!r} does not describe the fields {keys}")
+    for key, fmt in zip(keys, formats):
+        if FIELD_FORMATS.get(key) != fmt:
+            raise UntrustedFileError(f"refusing {where}: field {key!r} is stored as {fmt!r}; difflab writes "
+                                     f"{FIELD_FORMATS.get(key, 'no such field')!r} and decodes nothing else")
+    if config.get("encryption"):
+        raise UntrustedFileError(f"refusing {where}: its shards are encrypted, which difflab never writes")
+    for chunk in index["chunks"]:
+        bare_name(chunk.get("filename") if isinstance(chunk, dict) else None, where, "chunks[].filename",
+                  pattern=CHUNK_NAME)
 
 
 class LatentShards(LatentCache):
@@ -284,24 +310,45 @@ def write_shard(split_path: Path, shard: int, samples_per_shard: int, z: np.ndar
     if not 0 < n <= samples_per_shard:
         raise ValueError(f"a shard holds 1 to {samples_per_shard} samples, got {n}")
     z = np.ascontiguousarray(z)
-    writer = BinaryWriter(str(split_path), chunk_size=int(samples_per_shard))  # the same config for every shard
+    writer = BinaryWriter(str(split_path), chunk_size=int(samples_per_shard),  # the same config for every shard
+                          serializers={"str": _text_serializer()})
     writer._rank = int(shard)  # names the shard's files; litdata merges the per-rank indexes in rank order
-    for i in range(n):
-        record = {key: z[i], "index": int(index[i])}
-        if labels is not None:
-            record["label"] = int(labels[i])
-        if texts is not None:
-            record["text"] = str(texts[i])
-        writer[i] = record
-    writer.done()
+    try:
+        for i in range(n):
+            record = {key: z[i], "index": int(index[i])}
+            if labels is not None:
+                record["label"] = int(labels[i])
+            if texts is not None:
+                record["text"] = str(texts[i])
+            writer[i] = record
+        writer.done()
+    except OSError as err:  # nothing of this shard is kept; the manifest still records the shards before it
+        _drop_unfinished(split_path, int(shard), keep_index=True)
+        if is_disk_full(err):
+            raise disk_full(split_path / f"chunk-{int(shard)}-0.bin", err) from None
+        raise
     return _moments_of(z) if moments else {"n": int(n)}
 
 
-def _drop_unfinished(split_path: Path, finished: int) -> None:
-    """Remove files of shards >= ``finished`` (left by an interrupted run) and a stale merged index."""
+def _text_serializer():
+    """litdata's string serializer for every text: its own refuses a text that names an existing file, and litdata
+    then stores the field as a pickle, which the reader refuses."""
+    from litdata.streaming.serializers import StringSerializer
+
+    class AnyText(StringSerializer):
+        def can_serialize(self, data) -> bool:
+            return isinstance(data, str)
+
+    return AnyText()
+
+
+def _drop_unfinished(split_path: Path, finished: int, keep_index: bool = False) -> None:
+    """Remove files of shards >= ``finished`` (left by an interrupted run or a failed write) and a stale merged index
+    (unless ``keep_index``)."""
     if not split_path.is_dir():
         return
-    (split_path / INDEX).unlink(missing_ok=True)
+    if not keep_index:
+        (split_path / INDEX).unlink(missing_ok=True)
     for f in split_path.iterdir():
         name = f.name
         shard = None
@@ -404,11 +451,9 @@ def shard_manifest(base: dict, *, samples_per_shard: int, order_seed: int | None
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> dict | None:
     """The existing manifest of ``out_dir`` to resume (None: start fresh); clears it with ``overwrite``."""
-    from difflab.latents.encode import _clear
-
     old = read_manifest(out_dir) if out_dir.exists() else None
     if old is not None and overwrite:
-        _clear(out_dir, old)
+        clear_cache(out_dir, old)
         return None
     if old is None and out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir} exists, is not empty and holds no {MANIFEST}: choose a new or empty out_dir "

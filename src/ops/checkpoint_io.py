@@ -2,7 +2,8 @@
 
 Lightning's own ``TorchCheckpointIO`` writes through an fsspec transaction whose temporary file lives in the system
 temp directory; on another filesystem the final "move" is a copy, so a kill during it can truncate ``last.ckpt``.
-Here the temporary file sits next to the target and is renamed over it (see ``difflab.ops.atomic``).
+Here the temporary file sits next to the target and is renamed over it (see ``difflab.ops.atomic``); a full disk
+raises ``DiskFullError`` (one line naming the file, the previous one intact, no temporary left), which ends the fit.
 Wire it with ``trainer.plugins: [{_target_: difflab.ops.checkpoint_io.AtomicCheckpointIO}]`` (the default trainer does).
 """
 from __future__ import annotations

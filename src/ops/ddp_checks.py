@@ -69,7 +69,9 @@ class RankConsistencyCheck(L.Callback):
         equal = all(report[n]["equal"] for n in models)
         if trainer.is_global_zero and self.report_file:
             path = Path(trainer.default_root_dir) / self.report_file
-            path.write_text(json.dumps(self.reports, indent=1))
+            from difflab.ops.atomic import write_text
+
+            write_text(path, json.dumps(self.reports, indent=1))
         if not equal:
             diffs = ", ".join(f"{n} max diff {report[n]['max_abs_diff']:.3g}" for n in models)
             msg = f"step {trainer.global_step}: DDP ranks hold different weights ({diffs})"

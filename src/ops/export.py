@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from difflab.checkpoints import EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_WEIGHTS, drop_compiled_aliases, load_weights
 from difflab.ops.atomic import atomic_write
+from difflab.trust import check_config
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,9 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, weights: str =
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights={weights!r}: use ema or raw")
     src = load_weights(ckpt_path)
-    tensors = _tensors_for_safetensors(src[weights])
     config = src["config"]
+    check_config(config, ckpt_path)  # nothing the loaders would refuse is copied into a file that looks safe
+    tensors = _tensors_for_safetensors(src[weights])
     metadata = {"format": EXPORT_FORMAT, "weights": weights, "global_step": str(src.get("step")),
                 "source": str(Path(ckpt_path).resolve()), "difflab_config": json.dumps(config)}
     out_dir = Path(out_dir)

@@ -24,7 +24,10 @@ layout (``state_dict`` = EMA weights when EMA was on, ``current_model_state`` = 
 from __future__ import annotations
 
 import glob
+import importlib
+import io
 import logging
+import re
 import shutil
 import uuid
 import warnings
@@ -35,7 +38,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from difflab.utils.errors import CheckpointError, ConfigError
+from difflab.trust import bare_name, child_path, is_trusted, restricted_load
+from difflab.utils.errors import CheckpointError, ConfigError, UntrustedFileError, disk_full, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,8 @@ SHARDED_KEY = "difflab_sharded"        # in a committed checkpoint file: where i
 SHARDS_DIR_KEY = "difflab_shards_dir"  # in a loaded checkpoint dict: the shard directory (for callbacks' own shards)
 SHARDED_ENTRIES = ("ema_state_dict",)  # checkpoint entries of sharded tensors written by DCP next to the model's
 META_FILE = "meta.pt"                  # Lightning's metadata file in a sharded checkpoint directory
+DCP_METADATA = ".metadata"             # torch.distributed.checkpoint's index of a shard directory (a pickle)
+SHARD_FILE = r"__[0-9]+_[0-9]+\.distcp"  # the files DCP's FileSystemWriter names in its index
 STRATEGY_TARGET = "difflab.ops.fsdp.FSDPStrategy"
 PRECISIONS = ("32-true", "bf16-mixed")  # what trainer=fsdp trains in (ModelParallelStrategy refuses 16-mixed)
 BLOCK_CONTAINERS = ("blocks", "transformer", "down", "mid", "up")  # denoiser ModuleLists whose entries are blocks
@@ -268,6 +274,7 @@ class FSDPStrategy(_strategy_base()):
         if shards is None:
             raise CheckpointError(f"trainer=fsdp resumes from the sharded checkpoints it writes; {path} is a "
                                   f"single-file checkpoint: start a new run from its weights with init_from={path}")
+        verify_shards(shards)  # Lightning's DCP reader unpickles the index and non-tensor entries without a check
         metadata = super().load_checkpoint(shards, weights_only=weights_only)
         metadata.pop(SHARDED_KEY, None)
         metadata[SHARDS_DIR_KEY] = str(shards)
@@ -311,7 +318,14 @@ def write_sharded_checkpoint(checkpoint: dict[str, Any], filepath, global_rank: 
     if global_rank == 0:
         shards.mkdir(parents=True, exist_ok=True)
     barrier()
-    dcp.save(state, checkpoint_id=shards)  # collective; returns when every rank's shards are written
+    try:
+        dcp.save(state, checkpoint_id=shards)  # collective; returns when every rank's shards are written
+    except Exception as err:  # the previous checkpoint and its shards stay; this save leaves nothing behind
+        if global_rank == 0:
+            shutil.rmtree(shards, ignore_errors=True)
+        if is_disk_full(err):
+            raise disk_full(shards, err) from None
+        raise
     if global_rank == 0:
         previous = _referenced_shards(path)
         torch.save(checkpoint, shards / META_FILE)
@@ -332,11 +346,16 @@ def _read_record(path: Path) -> dict | None:
 
 
 def _referenced_shards(path: Path) -> Path | None:
-    """The shard directory a committed checkpoint file points to (None for anything else)."""
+    """The shard directory a committed checkpoint file points to (None for anything else): only a bare
+    ``<name>.shards-<token>`` beside the file; any other pointer (absolute, ``..``, a symlink) is refused, since
+    difflab reads that directory and removes it when the checkpoint is replaced."""
     if not path.is_file():
         return None
     record = _read_record(path)
-    return path.parent / record["dir"] if record else None
+    if not record:
+        return None
+    name = record.get("dir") if isinstance(record, dict) else None
+    return child_path(path.parent, name, path, f"{SHARDED_KEY}.dir", pattern=re.escape(path.name) + r"\.shards-[\w-]+")
 
 
 def _stale_shard_dirs(path: Path, keep: Path, previous: Path | None) -> Iterable[Path]:
@@ -372,7 +391,7 @@ def read_sharded_checkpoint(path: str | Path, entries: tuple[str, ...] = ("state
     """Consolidate a sharded checkpoint (its committed file or its directory) on this process, on the CPU, without
     a process group: the single-file layout (``state_dict`` = the EMA weights when the run had EMA, else the raw
     ones; ``current_model_state`` = raw when there is EMA; every metadata entry). Optimizer states are not read."""
-    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path = Path(path)
@@ -381,7 +400,7 @@ def read_sharded_checkpoint(path: str | Path, entries: tuple[str, ...] = ("state
         raise FileNotFoundError(f"{path} is not a sharded checkpoint (no shard directory with {META_FILE})")
     if metadata is None:
         metadata = torch.load(path if path.is_file() else shards / META_FILE, map_location="cpu", weights_only=True)
-    reader = FileSystemReader(str(shards))
+    reader = shard_reader(shards)
     wanted: dict[str, dict[str, torch.Tensor]] = {}
     for fqn, md in reader.read_metadata().state_dict_metadata.items():
         entry, _, key = fqn.partition(".")
@@ -398,3 +417,64 @@ def read_sharded_checkpoint(path: str | Path, entries: tuple[str, ...] = ("state
     else:
         ckpt["state_dict"] = wanted["state_dict"]
     return ckpt
+
+
+# --------------------------------------------------------------------------------------------------- trust
+def _dcp_global_allowed(module: str, name: str) -> bool:
+    """The globals a DCP index may name: its own metadata classes, torch sizes, dtypes and layouts, paths."""
+    if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"):
+        return isinstance(getattr(importlib.import_module(module), name, None), type)
+    if module == "torch":
+        return name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                         torch.memory_format))
+    return (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                              ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+
+
+def verify_shards(shards: Path, trusted: bool | None = None):
+    """The DCP index of a shard directory, read without running code: only metadata classes unpickled, every data
+    file a bare ``__<rank>_<n>.distcp`` inside ``shards``, every non-tensor entry loadable with ``weights_only``
+    (DCP's own loader unpickles those without a check). Unless trusted; refusals name the flag."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+    index = Path(shards) / DCP_METADATA
+    with open(index, "rb") as f:
+        metadata = restricted_load(f, _dcp_global_allowed, index, trusted=trusted)
+    if not isinstance(metadata, Metadata):
+        raise UntrustedFileError(f"refusing {index}: not a torch.distributed.checkpoint index")
+    if is_trusted(trusted):
+        return metadata
+    infos = metadata.storage_data or {}
+    for info in infos.values():
+        bare_name(getattr(info, "relative_path", None), index, "storage_data.relative_path", pattern=SHARD_FILE)
+        if getattr(info, "transform_descriptors", None):
+            raise UntrustedFileError(f"refusing {index}: it stores transformed entries, which difflab never writes")
+    for key, info in infos.items():
+        if isinstance(metadata.state_dict_metadata.get(key.fqn), BytesStorageMetadata):
+            with open(Path(shards) / info.relative_path, "rb") as f:
+                f.seek(info.offset)
+                blob = f.read(info.length)
+            try:
+                torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - any refusal by the safe loader
+                first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+                raise UntrustedFileError(f"refusing {shards}: entry {key.fqn} is a pickle that weights_only loading "
+                                         f"refuses ({first}); if you trust the file's author, rerun with "
+                                         f"trust_stored_code=true") from None
+    return metadata
+
+
+def shard_reader(shards: Path, trusted: bool | None = None):
+    """A DCP ``FileSystemReader`` of ``shards`` that serves the index ``verify_shards`` read."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    metadata = verify_shards(shards, trusted)
+
+    class VerifiedReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            metadata.storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return VerifiedReader(str(shards))

@@ -4,8 +4,15 @@ A single NaN batch (a corrupt sample, an fp overflow) should cost one step, not 
 the loss (``on_before_backward``) and the gradient norm (``on_before_optimizer_step``, after DDP's all-reduce) and,
 for a bad step, drops every gradient (``grad = None``) so the optimizer leaves weights and moments untouched.
 Skipped steps are counted (``train/skipped_steps``) and saved in checkpoints. After ``max_consecutive`` bad steps
-in a row training stops with ``TrainingDivergedError`` naming the step and the last good checkpoint.
-Under fp16 mixed precision the GradScaler already skips overflowing steps; the guard then only counts.
+in a row (``callbacks.nonfinite_guard.max_consecutive``, default 5) training stops with ``TrainingDivergedError``
+(``training diverged: ... at step N; the last good checkpoint is <path>``), which the console prints as one line with
+exit status 2. Under fp16 mixed precision the GradScaler already skips overflowing steps; the guard then only counts.
+
+A checkpoint never holds non-finite weights: every save (periodic, ``last.ckpt``, the final one, the one on SIGTERM)
+first checks the raw and EMA weights (``on_save_checkpoint``, on every rank, before anything is written) and stops
+training with the same error when one is NaN / inf, so ``last.ckpt`` keeps the last good weights. (Weights go
+non-finite through a step whose loss and gradients were finite but whose update overflowed, or with the guard's
+skipping off; skipped steps leave them untouched.)
 """
 from __future__ import annotations
 
@@ -35,6 +42,20 @@ def grads_finite_tensor(params) -> torch.Tensor:
     return torch.isfinite(torch.stack(norms).sum())
 
 
+def tensors_finite(tensors) -> bool:
+    """Every element of every floating-point tensor is finite (the local shard of a DTensor); one host sync per
+    device. Used on weights, where a fused norm could overflow fp16 and report a false non-finite."""
+    from difflab.ops.fsdp import local
+
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if torch.is_tensor(t) and t.is_floating_point():
+            t = local(t.detach())
+            if t.numel() and t.device.type != "meta":
+                flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(fs).all()) for fs in flags.values())
+
+
 def last_checkpoint(trainer: L.Trainer) -> str | None:
     """The newest checkpoint this run has written (ModelCheckpoint's last / best path, else the newest *.ckpt)."""
     cb = trainer.checkpoint_callback
@@ -49,8 +70,18 @@ def last_checkpoint(trainer: L.Trainer) -> str | None:
     return None
 
 
+def diverged(trainer: L.Trainer, what: str) -> TrainingDivergedError:
+    """The one-line error that stops a diverging run: what happened, at which step, and the newest checkpoint on
+    disk, which holds finite weights (saving non-finite ones is refused)."""
+    ckpt = last_checkpoint(trainer)
+    where = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written before it"
+    return TrainingDivergedError(f"training diverged: {what}; {where}; lower model.lr or check the data, then "
+                                 f"resume with ckpt_path=<that checkpoint>")
+
+
 class NonFiniteGuard(L.Callback):
-    """Skip steps with non-finite loss/gradients; raise after ``max_consecutive`` of them in a row (0: never)."""
+    """Skip steps with non-finite loss/gradients; raise after ``max_consecutive`` of them in a row (0: never); refuse
+    to save non-finite weights."""
 
     def __init__(self, max_consecutive: int = 5, check_loss: bool = True):
         if max_consecutive < 0:
@@ -89,11 +120,19 @@ class NonFiniteGuard(L.Callback):
         log.warning("step %d: non-finite loss or gradients, optimizer step skipped (%d in a row, %d in total)",
                     step, self.consecutive, self.skipped_total)
         if self.max_consecutive and self.consecutive >= self.max_consecutive:
-            ckpt = last_checkpoint(trainer)
-            raise TrainingDivergedError(
-                f"training stopped at step {step}: {self.consecutive} consecutive steps with non-finite loss or "
-                f"gradients ({self.skipped_total} skipped in total); last good checkpoint: "
-                f"{ckpt or 'none written yet'}. Lower model.lr, check the data, then resume with ckpt_path=<that file>")
+            raise diverged(trainer, f"{self.consecutive} consecutive steps with non-finite loss or gradients "
+                                    f"({self.skipped_total} skipped in total), stopped at step {step}")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Refuse to save non-finite weights (raw or EMA): training stops and the previous checkpoints stay as they
+        are. Runs on every rank (Lightning builds the checkpoint everywhere), so the ranks agree."""
+        weights = [*pl_module.parameters(), *(checkpoint.get("state_dict") or {}).values(),
+                   *(checkpoint.get("current_model_state") or {}).values()]
+        bad = not tensors_finite(weights)
+        if trainer.world_size > 1:  # FSDP: each rank checked its own shards
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise diverged(trainer, f"NaN or inf weights, not saved, at step {trainer.global_step}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % max(1, trainer.log_every_n_steps) and not self.consecutive:

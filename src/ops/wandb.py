@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from difflab.trust import config_target
+
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_run_id.txt"
@@ -98,10 +100,13 @@ def run_id(save_dir: str | Path) -> str:
 
     if rank_zero_only.rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(rid + "\n")
+        from difflab.ops.atomic import write_text
+
+        write_text(path, rid + "\n")
     return rid
 
 
+@config_target
 def wandb_logger(save_dir: str, project: str = "difflab", name: str | None = None, group: str | None = None,
                  entity: str | None = None, tags: Sequence[str] | None = None, job_type: str = "train",
                  log_model: bool | str = False, mode: str | None = None, **kwargs: Any):

@@ -14,14 +14,28 @@ def fail(message: str) -> None:
     sys.exit(USER_ERROR_EXIT)
 
 
+def worker_error_line(err: BaseException) -> str:
+    """The error's own message: a user error raised in a DataLoader worker (a corrupt image) reaches the main process
+    re-raised by torch with the worker's whole traceback in its text (``Caught CorruptDataError in DataLoader worker
+    process 0. Original Traceback ...``); its last line is the message."""
+    text = str(err)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        for line in reversed(text.splitlines()):
+            head, sep, message = line.partition(": ")
+            if sep and head.rsplit(".", 1)[-1] == type(err).__name__:
+                return message
+    return text
+
+
 def run_reporting_errors(fn: Callable[..., Any], *args: Any, extra: tuple[type[BaseException], ...] = ()) -> Any:
-    """Call ``fn(*args)``; a ``DifflabError`` (or one of ``extra``) becomes one ``error:`` line and exit status 2."""
+    """Call ``fn(*args)``; a ``DifflabError`` (or one of ``extra``) becomes one ``error:`` line and exit status 2,
+    also when a DataLoader worker raised it."""
     from difflab.utils.errors import DifflabError
 
     try:
         return fn(*args)
     except (DifflabError, *extra) as err:
-        fail(str(err))
+        fail(worker_error_line(err))
 
 
 def console_command(hydra_main: Callable[[], Any]) -> Callable[[], Any]:

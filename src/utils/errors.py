@@ -1,4 +1,7 @@
 """Exceptions with one-line messages that tell the user what went wrong and what to do."""
+import errno
+import os
+from pathlib import Path
 from typing import Any
 
 
@@ -20,6 +23,48 @@ class CheckpointError(DifflabError):
 
 class ConfigError(DifflabError):
     """A configuration value is invalid or inconsistent."""
+
+
+class UntrustedFileError(DifflabError):
+    """A file difflab did not write in this run asks for something a data file may not: code to run (a
+    ``_target_`` outside the allowlist, a pickle) or a path outside its own directory."""
+
+
+class DiskFullError(DifflabError, OSError):
+    """The disk (or quota) filled while a file was written: the message names the file; its previous version is
+    intact and no temporary file is left. Also an ``OSError`` (errno ENOSPC), so writers of optional caches that
+    fall back on an ``OSError`` still do."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# how writers that keep only the text of the OS error say it (safetensors' Rust writer: "No space left on device
+# (os error 28)"); Python's own OSErrors carry the errno
+_NO_SPACE_TEXT = tuple(os.strerror(code) for code in sorted(NO_SPACE_ERRNOS))
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it wraps) says the disk or the quota is full: by its errno, or by the OS error's
+    text for writers that keep only that."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS:
+            return True
+        if any(text in str(err) for text in _NO_SPACE_TEXT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def disk_full(path: str | Path, err: BaseException | None = None) -> DiskFullError:
+    """The one-line error for a write to ``path`` that ran out of space (``err``: the error, or one wrapping it)."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    why = f" ({err.strerror})" if isinstance(err, OSError) and err.strerror else ""
+    return DiskFullError(f"no space left on the device while writing {path}{why}: its previous version (if any) is "
+                         f"intact and nothing partial was kept; free space or write elsewhere, then rerun")
 
 
 def instantiate_reporting(cfg: Any) -> Any:

@@ -50,8 +50,10 @@ def append_figure_index(log_dir: Path, key: str, step: int, path: str | Path) ->
     """Append a row (step, key, path) to the CSV logger's figures.csv index."""
     log_dir.mkdir(parents=True, exist_ok=True)
     index = log_dir / "figures.csv"
+    from difflab.trust import not_a_link
+
     new = not index.exists()
-    with open(index, "a") as f:
+    with open(not_a_link(index), "a") as f:
         if new:
             f.write("step,key,path\n")
         f.write(f"{step},{key},{path}\n")
