@@ -63,7 +63,10 @@ def main() -> None:
             target = folder / ("ablation_" + name.replace(".png", ".quick.png" if args.quick else ".png"))
             shutil.copyfile(source, target)
             pngs.append(target.name)
+    # commands a reader can run: the machine-local sweep directory is written as <sweep>
     shown = "python train.py " + " ".join(c if " " not in c else repr(c) for c in command[2:])
+    shown = shown.replace(f"hydra.sweep.dir={args.sweep_dir}", "hydra.sweep.dir=<sweep>")
+    summary = summary.replace(str(args.sweep_dir), "<sweep>")
     body = [f"Machine: {machine_description()}", "",
             f"Sweep: `{shown}`" + (f" ({elapsed / 60:.0f} min)" if elapsed else ""),
             f"Summary: `python ablate.py <sweep> --baseline process=vp --metrics {' '.join(METRICS)}`", "",

@@ -33,19 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the arm to compare against, e.g. 'process=vp' (default: the first arm of the sweep)")
     parser.add_argument("--step", type=int, metavar="N",
                         help="use the values logged at step N (default: each job's last logged value)")
+    parser.add_argument("--detect", metavar="D",
+                        help="the difference to size the sweep for: seeds per arm that would detect it with 80%% "
+                             "power, in the metric's units (3.7) or as a share of the baseline's mean (5%%); default: "
+                             "the observed difference")
     parser.add_argument("--out", type=Path, metavar="DIR", help=f"output directory (default: <sweep>/{OUT_SUBDIR})")
     return parser
 
 
 def ablate(args: argparse.Namespace) -> list[Path]:
     """Read the sweep, compute the summary, write the outputs and print summary.md; returns the files written."""
-    from difflab.ablation.summary import build_report, render_markdown, write_report
+    from difflab.ablation.summary import Detect, build_report, render_markdown, write_report
     from difflab.ablation.sweep import read_sweep
     from difflab.trust import not_a_link
 
     sweep = read_sweep(args.sweep_dir)
     out = args.out if args.out is not None else not_a_link(sweep.path / OUT_SUBDIR, "remove it or pass --out DIR")
-    report = build_report(sweep, metrics=args.metrics, baseline=args.baseline, step=args.step)
+    detect = Detect.parse(args.detect) if args.detect else None
+    report = build_report(sweep, metrics=args.metrics, baseline=args.baseline, step=args.step, detect=detect)
     markdown = render_markdown(report)
     written = write_report(report, out, markdown)
     print(markdown, end="")

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from difflab.config_checks import ensure_valid
+from difflab.metrics.protocol import write_protocol
 from difflab.ops import ddp_multirun
 from difflab.ops import wandb as wandb_ops
 from difflab.ops.atomic import atomic_write, remove_stale_temporaries
@@ -156,6 +157,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer = objs["trainer"]
             if trainer.is_global_zero:
                 remove_stale_temporaries(checkpoint_dir(trainer))
+                if hasattr(objs["model"], "evaluation_protocol"):
+                    write_protocol(cfg.paths.output_dir, objs["model"].evaluation_protocol())
             for logger in objs["loggers"]:
                 logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
             log.info("trainable parameters: %.2fM; precision: %s; output dir: %s%s",

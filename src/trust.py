@@ -160,18 +160,6 @@ def literal_string(text: str) -> str:
     return _INTERPOLATION.sub(lambda m: m.group(1) * 2 + "\\${", text)
 
 
-def literal(data: Any) -> Any:
-    """Plain data (mappings, lists, scalars) with every string escaped (``literal_string``): an OmegaConf tree made
-    of it shows ``${...}`` as written and resolves nothing, read once with ``to_container(resolve=True)``. For files
-    difflab only reads and shows (sweep directories: Hydra saves job configs unresolved); never for configs given to
-    Hydra's instantiate, which resolves twice."""
-    if isinstance(data, Mapping):
-        return {k: literal(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [literal(v) for v in data]
-    return literal_string(data) if isinstance(data, str) else data
-
-
 def no_interpolation(text: str, source: Any, where: str) -> str:
     """``text`` read from a file, refused when it holds ``${``: OmegaConf (and Hydra's instantiate, which resolves
     twice) would resolve it, reading environment variables or calling resolvers. difflab writes resolved configs."""
@@ -180,6 +168,22 @@ def no_interpolation(text: str, source: Any, where: str) -> str:
                                      f"resolves one read from a file (it could read environment variables): remove "
                                      f"it from the file", hint=False)
     return text
+
+
+_RESOLVER_CALL = re.compile(r"\$\{\s*[A-Za-z_][\w.]*\s*:")
+
+
+def without_resolvers(data: Any) -> Any:
+    """Plain data in which every string that calls a resolver (``${oc.env:...}``, ``${hydra:...}``) is escaped
+    (``literal_string``) and node references (``${process}``) are kept: an OmegaConf tree made of it resolves
+    references within the file and nothing else. For configs difflab only reads (a sweep's job configs)."""
+    if isinstance(data, Mapping):
+        return {k: without_resolvers(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [without_resolvers(v) for v in data]
+    if isinstance(data, str) and _RESOLVER_CALL.search(data):
+        return literal_string(data)
+    return data
 
 
 def check_config(config: Any, source: Any, *, trusted: bool | None = None, where: str = "") -> Any:

@@ -103,8 +103,10 @@ def make_job(sweep: Path, num: int, overrides: list[str], values: dict[str, dict
     job = sweep / str(num)
     write_yaml(job / ".hydra" / "overrides.yaml", overrides)
     seed = int(next(o for o in overrides if o.startswith("seed=")).split("=")[1])
+    process = next((o.split("=")[1] for o in overrides if o.startswith("process=")), "vp")
     write_yaml(job / ".hydra" / "config.yaml",
-               {"seed": seed, "callbacks": {"sample_metrics": {"seed": eval_seed, "n_samples": 200}}})
+               {"seed": seed, "callbacks": {"sample_metrics": {"seed": eval_seed, "n_samples": 200}},
+                **job_config(process)})
     rows = [{"epoch": 0, "step": s, "train/loss": float(rng.uniform(0.1, 1))} for s in range(10, last_step + 1, 10)]
     for s in STEPS:
         if s > last_step:
@@ -124,6 +126,17 @@ def make_job(sweep: Path, num: int, overrides: list[str], values: dict[str, dict
         final = {"status": "completed", "step": last_step, "optimized_metric": LOSS,
                  "metrics": {m: v[last_step] for m, v in values.items()}}
         (job / "final_metrics.json").write_text(json.dumps(final), encoding="utf-8")
+
+
+def job_config(process: str) -> dict:
+    """What a job's .hydra/config.yaml holds of the process and objective (as Hydra saves it: vp's process is a
+    reference to the schedule group; sampling-only keys such as spacing do not change the loss)."""
+    if process == "vp":
+        return {"schedule": {"_target_": "difflab.diffusion.schedules.DiscreteSchedule", "kind": "cosine",
+                             "spacing": "trailing"},
+                "process": "${schedule}", "objective": {"prediction": "v", "weighting": "uniform", "x0_clip": "static"}}
+    return {"process": {"_target_": f"difflab.diffusion.processes.{process.upper()}Process"},
+            "objective": {"prediction": process, "weighting": "uniform", "x0_clip": "static"}}
 
 
 def random_values(rng: np.random.Generator, shift: float) -> dict[str, dict[int, float]]:
@@ -196,7 +209,8 @@ def test_partial_sweep_summary_matches_scipy(partial_sweep, monkeypatch, capsys)
     assert summary[("process=vp", LOSS)]["floor"] == ""
 
     diffs = {r["metric"]: r for r in read_csv(result / "differences.csv")}
-    for metric in (LOSS, FD, ACC):
+    assert set(diffs) == {FD, ACC}  # val/loss is each process's own objective: shown, not differenced
+    for metric in (FD, ACC):
         a = last_values(values, "edm", metric, (0, 1))  # seed 2 of edm is missing: pairs on seeds 0 and 1 only
         b = last_values(values, "vp", metric, (0, 1), step_of)
         ref = sps.ttest_rel([a[0], a[1]], [b[0], b[1]])
@@ -214,7 +228,9 @@ def test_partial_sweep_summary_matches_scipy(partial_sweep, monkeypatch, capsys)
     unfinished_line = next(line for line in md.splitlines() if line.startswith("- unfinished"))
     assert "job 1 (process=vp, seed=1), last logged step 40" in unfinished_line
     assert "6 in the grid, 5 found, 4 finished" in md
-    assert "eval seed 0, n 200" in md and "paired: every arm sampled the same evaluation noise" in md
+    assert "paired: every arm was evaluated on the same noise (eval seed 0, n 200)" in md
+    assert (f"- not compared: `{LOSS}` is a training loss in each arm's own units (process and objective), and "
+            f"those differ between arms (`objective.prediction`, `process._target_`") in md
     assert "digit-classifier-128" in md and "0123456789ab" in md and "ddim(steps=8)" in md
     for metric in (LOSS, FD, ACC):
         png = result / (metric.replace("/", "_") + ".png")
@@ -238,9 +254,11 @@ def test_best_arm_follows_metric_direction(partial_sweep, monkeypatch, capsys):
     assert code == 0
     summary = read_csv(sweep / "report" / "summary.csv")
     mean = {(r["arm"], r["metric"]): float(r["mean"]) for r in summary}
-    for metric, pick in ((LOSS, min), (FD, min), (ACC, max)):
+    for metric, pick in ((FD, min), (ACC, max)):
         expected = pick(("process=vp", "process=edm"), key=lambda arm: mean[(arm, metric)])
         assert best_arm(out, metric) == expected
+    section = out.split(f"### `{LOSS}` (not compared)")[1].split("###")[0]
+    assert "**best**" not in section and "not comparable across arms" in section
     assert "(higher is better)" in out.split(f"### `{ACC}`")[1].splitlines()[0]
     assert not (sweep / "ablation").exists()
 
@@ -325,3 +343,140 @@ def test_shim_and_light_import():
     proc = subprocess.run([sys.executable, str(ROOT / "ablate.py"), "/nonexistent/sweep"], capture_output=True,
                           text=True, cwd=ROOT)
     assert_one_error_line(proc.returncode, proc.stderr, "does not exist")
+
+
+# ------------------------------------------------------------------------------- comparable metrics, many arms, power
+
+def three_process_sweep(tmp_path: Path, protocol_change: dict | None = None, key: str = "process",
+                        values=("vp", "edm", "flow")) -> Path:
+    """``-m <key>=a,b,c seed=0,1,2``, all finished; ``protocol_change`` edits the FD protocol of the last arm."""
+    rng = np.random.default_rng(5)
+    sweep = tmp_path / "sweep"
+    write_yaml(sweep / "multirun.yaml", {"hydra": {"overrides": {"task": [f"{key}={','.join(values)}",
+                                                                          "seed=0,1,2"]}}})
+    num = 0
+    for i, value in enumerate(values):
+        for seed in (0, 1, 2):
+            overrides = [f"{key}={value}", f"seed={seed}"]
+            make_job(sweep, num, overrides, random_values(rng, 0.1 * i), last_step=80, finished=True, rng=rng)
+            if protocol_change and i == len(values) - 1:
+                path = sweep / str(num) / "metrics" / "protocol.json"
+                protocol = json.loads(path.read_text())
+                protocol[FD].update(protocol_change)
+                path.write_text(json.dumps(protocol))
+            num += 1
+    return sweep
+
+
+def test_holm_matches_a_hand_computed_table():
+    from difflab.ablation.stats import holm
+
+    # sorted 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> kept at 0.06 (monotone)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02], rel=1e-12)
+    assert holm([0.9, 0.6]) == [1.0, 1.0]                          # capped at 1
+    adjusted = holm([0.5, math.nan, 0.4])                           # NaN is no comparison: m = 2
+    assert adjusted[0] == pytest.approx(0.8) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.8)
+    assert holm([0.02]) == [0.02]
+
+
+@pytest.mark.parametrize("df", [2, 4, 9, 40])  # scipy.stats.nct returns NaN for the lower tail at df 1
+def test_power_and_detectable_difference_match_scipy_noncentral_t(df):
+    from difflab.ablation.stats import detectable_difference, t_test_power
+
+    se = 0.7
+    crit = sps.t.ppf(0.975, df)
+    for delta in (0.05, 0.9, 3.0, -2.0):
+        nc = abs(delta) / se
+        reference = sps.nct.sf(crit, df, nc) + sps.nct.cdf(-crit, df, nc)
+        assert t_test_power(delta, se, df) == pytest.approx(reference, abs=1e-6)
+    d = detectable_difference(se, df)
+    assert sps.nct.sf(crit, df, d / se) + sps.nct.cdf(-crit, df, d / se) == pytest.approx(0.8, abs=1e-6)
+
+
+@pytest.mark.parametrize("design", ["paired", "welch"])
+def test_seeds_needed_is_the_smallest_count_reaching_80_percent_power(design):
+    from difflab.ablation.stats import paired_design, seeds_needed, welch_design
+
+    delta = 1.3
+    if design == "paired":
+        make = lambda n: paired_design(1.7, n)  # noqa: E731
+    else:
+        make = lambda n: welch_design(1.0, 2.5, n, n)  # noqa: E731
+
+    def scipy_power(n):
+        se, df = make(n)
+        crit = sps.t.ppf(0.975, df)
+        return sps.nct.sf(crit, df, delta / se) + sps.nct.cdf(-crit, df, delta / se)
+
+    n = seeds_needed(delta, make)
+    assert n is not None and n > 2
+    assert scipy_power(n) >= 0.8 - 1e-9 and scipy_power(n - 1) < 0.8
+    assert seeds_needed(1e-6, make, most=50) is None
+
+
+def test_a_process_sweep_does_not_rank_val_loss_but_ranks_sample_metrics(tmp_path, monkeypatch, capsys):
+    sweep = three_process_sweep(tmp_path)
+    code, out, _ = run_cli([sweep, "--metrics", LOSS, FD], monkeypatch, capsys)   # named explicitly: same line
+    assert code == 0
+    assert "not comparable across arms:** `val/loss` is a training loss in each arm's own units" in out
+    diffs = read_csv(sweep / "ablation" / "differences.csv")
+    assert {d["metric"] for d in diffs} == {FD} and len(diffs) == 2
+    # three arms: two comparisons, Holm-adjusted, both p-values shown
+    from difflab.ablation.stats import holm
+
+    assert [float(d["p_holm"]) for d in diffs] == pytest.approx(holm([float(d["p_value"]) for d in diffs]))
+    assert "p (Holm)" in out and "Holm-adjusted over 2 comparisons" in out
+    assert "**best**" in out.split(f"### `{FD}`")[1].split("##")[0]
+
+
+def test_a_sweep_of_the_learning_rate_ranks_val_loss(tmp_path, monkeypatch, capsys):
+    sweep = three_process_sweep(tmp_path, key="model.lr", values=("1e-4", "2e-4", "4e-4"))
+    code, out, _ = run_cli([sweep, "--metrics", LOSS], monkeypatch, capsys)
+    assert code == 0 and "not compared" not in out
+    assert len(read_csv(sweep / "ablation" / "differences.csv")) == 2
+    assert "**best**" in out
+
+
+def test_sample_metrics_measured_differently_are_not_ranked(tmp_path, monkeypatch, capsys):
+    sweep = three_process_sweep(tmp_path, protocol_change={"n_samples": 500})
+    code, out, _ = run_cli([sweep, "--metrics", FD], monkeypatch, capsys)
+    assert code == 0
+    assert (f"`{FD}` was measured differently in different arms (n_samples 200 (process=vp) vs 200 (process=edm) "
+            f"vs 500 (process=flow))") in out
+    assert read_csv(sweep / "ablation" / "differences.csv") == []
+    # a sampler that differs because the sweep swept it is the treatment, not a measurement difference
+    swept = three_process_sweep(tmp_path / "s", protocol_change={"sampler": "heun(steps=10)"},
+                                key="callbacks.sample_metrics.sampler", values=("ddim", "euler", "heun"))
+    code, out, _ = run_cli([swept, "--metrics", FD], monkeypatch, capsys)
+    assert code == 0 and "not compared" not in out
+    unswept = three_process_sweep(tmp_path / "u", protocol_change={"sampler": "heun(steps=10)"}, key="model.lr",
+                                  values=("1", "2", "3"))
+    code, out, _ = run_cli([unswept, "--metrics", FD], monkeypatch, capsys)
+    assert code == 0 and "measured differently" in out and "sampler" in out
+
+
+def test_verdicts_read_as_sentences_and_detect_sizes_the_sweep(tmp_path, monkeypatch, capsys):
+    import re
+
+    from difflab.ablation.stats import paired_design, seeds_needed
+
+    sweep = three_process_sweep(tmp_path)
+    code, out, _ = run_cli([sweep, "--metrics", FD, "--detect", "5%"], monkeypatch, capsys)
+    assert code == 0
+    verdicts = out.split("## Verdicts")[1].strip().splitlines()
+    assert len(verdicts) == 2
+    pattern = (r"- `process=(edm|flow)` is (lower|higher) in `metrics/fd_digit200` than `process=vp` by [\d.e-]+ "
+               r"\[-?[\d.e-]+, -?[\d.e-]+\] \((better|worse)\), p = [^,]+ \(Holm-adjusted over 2 comparisons; "
+               r"unadjusted [^)]+\), (resolved with 3 seeds\.|not resolved with 3 seeds.*\.)$")
+    for line in verdicts:
+        assert re.match(pattern, line), line
+    diffs = read_csv(sweep / "ablation" / "differences.csv")
+    baseline = [r for r in read_csv(sweep / "ablation" / "summary.csv") if r["arm"] == "process=vp"
+                and r["metric"] == FD][0]
+    for d in diffs:
+        target = 0.05 * abs(float(baseline["mean"]))
+        assert float(d["target"]) == pytest.approx(target, rel=1e-12)
+        expected = seeds_needed(target, lambda n, sd=float(d["sd"]): paired_design(sd, n))
+        assert d["seeds_for_target"] == ("" if expected is None else str(expected))
+    code, _, err = run_cli([sweep, "--detect", "lots"], monkeypatch, capsys)
+    assert_one_error_line(code, err, "--detect 'lots'", "5%")

@@ -88,6 +88,27 @@ def test_protocol_records_how_each_metric_was_measured_and_its_floor(tracked_run
     assert f"metrics/kd_digit{N}" in protocol
 
 
+def test_every_logged_evaluation_records_its_seed(tracked_run):
+    """Each metric a sweep compares says which noise it was evaluated on (so ablate.py pairs by it): the sample
+    metrics (FD, KID, digit accuracy), the scored grid and the validation losses."""
+    from difflab.ablation.comparable import protocol_entry
+    from difflab.ablation.sweep import read_job
+    from difflab.lit_modules.diffusion_module import VALIDATION_SEED
+
+    run, objs = tracked_run
+    protocol = json.loads((run / "metrics" / "protocol.json").read_text())
+    assert protocol["metrics/digit_accuracy"]["eval_seed"] == 0
+    assert protocol["metrics/digit_accuracy"]["n_samples"] == N
+    assert protocol["metrics/digit_accuracy"]["weights_sha256"] == protocol[FD]["weights_sha256"]
+    grid = protocol["metrics/grid_agreement"]
+    assert grid["eval_seed"] == 0                                      # callbacks.class_grid.seed
+    assert grid["feature"] and grid["sampler"] == objs["model"].describe_sampler()
+    assert protocol["val/loss"]["eval_seed"] == VALIDATION_SEED
+    job = read_job(run, [])
+    for metric in ("val/loss", "val_loss_t/bucket_03", FD, "metrics/digit_accuracy", "metrics/grid_agreement"):
+        assert protocol_entry(job, metric)["eval_seed"] is not None, metric
+
+
 def test_floor_is_fd_of_unseen_real_items_against_the_reference(tmp_path):
     """The floor equals an FD computed by hand: reference = the first n_real items of the seeded order of the train
     split, floor items = the next n_samples."""

@@ -19,8 +19,8 @@ import torch
 from omegaconf import OmegaConf
 
 from difflab.ops.testing import ROOT, run_hydra_main
-from difflab.trust import (ALLOWLIST, TRUST_KEY, build_stored, check_config, data_strings, literal, literal_string,
-                           trusting, why_not_allowed)
+from difflab.trust import (ALLOWLIST, TRUST_KEY, build_stored, check_config, data_strings, literal_string,
+                           trusting, why_not_allowed, without_resolvers)
 from difflab.utils.errors import UntrustedFileError
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"   # written by difflab before the gate (make_legacy_fixtures.py)
@@ -139,7 +139,7 @@ def test_targets_nested_in_lists_args_and_partials_are_checked(tmp_path):
 
 def test_stored_interpolations_are_refused_and_shown_configs_stay_literal(monkeypatch):
     """Hydra's instantiate resolves a config twice, so no escaping makes a stored ``${...}`` safe to build: it is
-    refused. Configs that difflab only shows (sweep job configs) are escaped, and read back exactly."""
+    refused. Configs that difflab only reads (sweep job configs) keep resolver calls as text, references resolve."""
     monkeypatch.setenv(SECRET_VAR, "hunter2")
     interpolation = f"${{oc.env:{SECRET_VAR}}}"
     with pytest.raises(UntrustedFileError, match=r"f.ckpt: model.net.name holds the interpolation"):
@@ -152,8 +152,10 @@ def test_stored_interpolations_are_refused_and_shown_configs_stay_literal(monkey
     texts += [interpolation, "\\" + interpolation, "\\\\" + interpolation]
     for text in texts:
         assert OmegaConf.create({"v": literal_string(text)}).v == text
-    shown = OmegaConf.to_container(OmegaConf.create(literal({"seed": [interpolation]})), resolve=True)
-    assert shown == {"seed": [interpolation]}
+    shown = OmegaConf.create(without_resolvers({"seed": [interpolation], "a": 3, "b": "${a}",
+                                                 "c": f"${{a}}-${{oc.env:{SECRET_VAR}}}"}))
+    assert OmegaConf.to_container(shown, resolve=True) == {"seed": [interpolation], "a": 3, "b": 3,
+                                                           "c": f"${{a}}-${{oc.env:{SECRET_VAR}}}"}
 
 
 def test_every_config_difflab_composes_passes_the_gate():

@@ -152,3 +152,80 @@ def welch_difference(a: Sequence[float], b: Sequence[float], level: float = 0.95
 def _t_zero_se_p(mean: float) -> float:
     """p-value when both samples are constant: 0 if their means differ, undefined (NaN) if they are equal."""
     return math.nan if mean == 0 else 0.0
+
+
+# ------------------------------------------------------------------------------------------------- many arms, power
+POWER = 0.8
+ALPHA = 0.05
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (one per comparison against the baseline): the i-th
+    smallest is multiplied by (m - i), made non-decreasing and capped at 1. Controls the chance of any false
+    "resolved" among the m comparisons at alpha, without Bonferroni's full factor m on every one. NaN stays NaN and
+    does not count in m."""
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    idx = np.flatnonzero(~np.isnan(p))
+    m = idx.size
+    running = 0.0
+    for rank, i in enumerate(idx[np.argsort(p[idx], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * float(p[i])))
+        out[i] = running
+    return out.tolist()
+
+
+def t_test_power(delta: float, se: float, df: float, alpha: float = ALPHA) -> float:
+    """Chance that a two-sided t test at ``alpha`` rejects "no difference" when the true difference is ``delta`` and
+    its estimate has standard error ``se`` on ``df`` degrees of freedom (the noncentral t with noncentrality
+    delta / se, both tails)."""
+    from scipy.special import nctdtr
+
+    if se <= 0 or not math.isfinite(se) or not df > 0:
+        return math.nan
+    crit = t_quantile(1 - alpha, df)
+    nc = abs(delta) / se
+    return float(1.0 - nctdtr(df, nc, crit) + nctdtr(df, nc, -crit))
+
+
+def detectable_difference(se: float, df: float, power: float = POWER, alpha: float = ALPHA) -> float:
+    """The smallest true difference a two-sided t test with this standard error and df detects with ``power``
+    (solved by bisection on the noncentrality; NaN when the spread is unknown)."""
+    if se <= 0 or not math.isfinite(se) or not df > 0:
+        return math.nan
+    lo, hi = 0.0, 1.0
+    while t_test_power(hi, 1.0, df, alpha) < power:
+        hi *= 2
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_test_power(mid, 1.0, df, alpha) < power:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * hi:
+            break
+    return hi * se
+
+
+def paired_design(sd: float, n: int) -> tuple[float, float]:
+    """(standard error, df) of a paired mean difference over ``n`` pairs with per-pair sd ``sd``."""
+    return sd / math.sqrt(n), float(n - 1)
+
+
+def welch_design(var_a: float, var_b: float, n_a: int, n_b: int) -> tuple[float, float]:
+    """(standard error, Welch df) of a difference of two independent means."""
+    return math.sqrt(var_a / n_a + var_b / n_b), welch_df(var_a, n_a, var_b, n_b)
+
+
+def seeds_needed(delta: float, design, power: float = POWER, alpha: float = ALPHA, most: int = 1000) -> int | None:
+    """The fewest seeds per arm (``n`` for which ``design(n) -> (se, df)``) whose t test detects a true difference
+    ``delta`` with ``power``; None when even ``most`` seeds would not (or the spread is unknown)."""
+    if not math.isfinite(delta) or delta == 0:
+        return None
+    for n in range(2, most + 1):
+        se, df = design(n)
+        if se == 0:
+            return n
+        if t_test_power(delta, se, df, alpha) >= power:
+            return n
+    return None

@@ -3,7 +3,10 @@
 An *arm* is the set of jobs that share every swept value except the seed; its seeds are the replicates. Each job
 contributes one value per metric (its last logged value, or the one logged at ``--step``); an arm's row is the mean
 of those values with a Student-t interval, and arms are compared to the baseline seed by seed (paired t) when at
-least two seeds match, else by Welch's unpaired t.
+least two seeds match, else by Welch's unpaired t. A metric whose arms measured different things
+(``difflab.ablation.comparable``) is shown but neither ranked nor differenced. With more than one comparison per
+metric the p-values are Holm-adjusted; each comparison states the smallest difference it could detect (80% power)
+and the seeds that would detect the observed (or ``--detect``) difference, and ends in a one-sentence verdict.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from difflab.ablation.stats import Difference, Interval, mean_ci, paired_difference, welch_difference
+from difflab.ablation.comparable import incomparable_reason, protocol_entry
+from difflab.ablation.stats import (ALPHA, POWER, Difference, Interval, detectable_difference, holm, mean_ci,
+                                    paired_design, paired_difference, seeds_needed, welch_design, welch_difference)
 from difflab.ablation.sweep import SEED_KEY, Job, Sweep
 from difflab.utils.errors import ConfigError, DataNotFoundError
 
@@ -30,7 +35,9 @@ AUXILIARY_SUFFIXES = ("_floor", "_std")
 UNSET = "default"
 SUMMARY_COLUMNS = ["arm", "metric", "n", "mean", "sd", "ci_low", "ci_high", "step_min", "step_max", "floor"]
 DIFFERENCE_COLUMNS = ["arm", "baseline", "metric", "kind", "n", "mean_diff", "sd", "ci_low", "ci_high", "p_value",
-                      "n_arm", "n_baseline", "se", "df", "seeds"]
+                      "p_holm", "detectable_80", "target", "seeds_for_target", "n_arm", "n_baseline", "se", "df",
+                      "seeds"]
+MOST_SEEDS = 1000
 PROTOCOL_FIELDS = ("n_samples", "feature", "weights_sha256", "resize", "reference", "eval_seed", "sampler",
                    "guidance")
 PROTOCOL_SKIP = frozenset({"floor", "floor_metric", "weights"})
@@ -60,7 +67,9 @@ class MetricRow:
 
 @dataclass
 class DifferenceRow:
-    """One arm against the baseline for one metric: the estimate, or None with the reason none could be made."""
+    """One arm against the baseline for one metric: the estimate, or None with the reason none could be made; the
+    Holm-adjusted p-value (None for a single comparison), the smallest true difference this design detects with 80%
+    power, and the seeds per arm that would detect ``target`` (the observed difference, or ``--detect``)."""
 
     arm: Arm
     baseline: Arm
@@ -68,6 +77,39 @@ class DifferenceRow:
     result: Difference | None
     seeds: list[str] = field(default_factory=list)
     reason: str = ""
+    p_adjusted: float | None = None
+    detectable: float = math.nan
+    target: float = math.nan
+    target_text: str = ""
+    needed: int | None = None
+
+
+@dataclass(frozen=True)
+class Detect:
+    """The difference to size a sweep for (``--detect``): absolute, or a fraction of the baseline's mean."""
+
+    value: float
+    relative: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "Detect":
+        """``5%`` (of the baseline's mean) or ``3.7`` (in the metric's units)."""
+        raw = text.strip()
+        try:
+            value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"--detect {text!r}: give a positive difference, in the metric's units (3.7) or as a "
+                              f"percentage of the baseline's mean (5%)")
+        return cls(value, raw.endswith("%"))
+
+    def absolute(self, baseline_mean: float) -> float:
+        return self.value * abs(baseline_mean) if self.relative else self.value
+
+    def describe(self, baseline_mean: float) -> str:
+        size = fmt(self.absolute(baseline_mean))
+        return f"{100 * self.value:.3g}% ({size})" if self.relative else size
 
 
 @dataclass
@@ -81,6 +123,8 @@ class Report:
     baseline: Arm
     rows: list[MetricRow]
     differences: list[DifferenceRow]
+    incomparable: dict[str, str] = field(default_factory=dict)   # metric -> why its arms cannot be ranked
+    detect: Detect | None = None
 
 
 # ------------------------------------------------------------------------------------------------------------- arms
@@ -274,40 +318,67 @@ def _seed_sort(seed: str) -> tuple:
         return (1, 0.0, seed)
 
 
-def compare(arm: Arm, baseline: Arm, metric: str, step: int | None) -> DifferenceRow:
+def compare(arm: Arm, baseline: Arm, metric: str, step: int | None, detect: Detect | None = None) -> DifferenceRow:
     """``arm − baseline`` for one metric: paired over matching seeds when ≥ 2 match, else Welch when both arms have
-    ≥ 2 values, else no estimate."""
+    ≥ 2 values, else no estimate; with the design's detectable difference and the seeds that would detect the
+    target difference (``detect``, else the observed one), both at 80% power and alpha 0.05."""
     a, b = seed_values(arm, metric, step), seed_values(baseline, metric, step)
     matched = sorted(set(a) & set(b), key=_seed_sort)
-    if len(matched) >= 2:
-        result = paired_difference([a[s] for s in matched], [b[s] for s in matched], LEVEL)
-        return DifferenceRow(arm, baseline, metric, result, seeds=matched)
     all_a = [sv[1] for sv in (job_value(j, metric, step) for j in arm.jobs) if sv is not None]
     all_b = [sv[1] for sv in (job_value(j, metric, step) for j in baseline.jobs) if sv is not None]
-    if len(all_a) >= 2 and len(all_b) >= 2:
-        return DifferenceRow(arm, baseline, metric, welch_difference(all_a, all_b, LEVEL),
-                             reason=f"{len(matched)} matched seed(s)")
-    return DifferenceRow(arm, baseline, metric, None,
-                         reason=f"{len(matched)} matched seed(s) and {len(all_a)} vs {len(all_b)} values: "
-                                f"too few to estimate")
+    if len(matched) >= 2:
+        result = paired_difference([a[s] for s in matched], [b[s] for s in matched], LEVEL)
+        row = DifferenceRow(arm, baseline, metric, result, seeds=matched)
+        design = lambda n: paired_design(result.sd, n)  # noqa: E731
+    elif len(all_a) >= 2 and len(all_b) >= 2:
+        result = welch_difference(all_a, all_b, LEVEL)
+        row = DifferenceRow(arm, baseline, metric, result, reason=f"{len(matched)} matched seed(s)")
+        var_a, var_b = float(np.var(all_a, ddof=1)), float(np.var(all_b, ddof=1))
+        design = lambda n: welch_design(var_a, var_b, n, n)  # noqa: E731
+    else:
+        return DifferenceRow(arm, baseline, metric, None,
+                             reason=f"{len(matched)} matched seed(s) and {len(all_a)} vs {len(all_b)} values: "
+                                    f"too few to estimate")
+    row.detectable = detectable_difference(result.se, result.df)
+    row.target = detect.absolute(float(np.mean(all_b))) if detect else abs(result.mean)
+    row.target_text = detect.describe(float(np.mean(all_b))) if detect else fmt(row.target)
+    row.needed = seeds_needed(row.target, design, most=MOST_SEEDS)
+    return row
+
+
+def adjust(rows: list[DifferenceRow]) -> None:
+    """Holm-adjust the p-values of one metric's comparisons against the baseline when there is more than one."""
+    scored = [r for r in rows if r.result is not None and not math.isnan(r.result.p_value)]
+    if len(scored) < 2:
+        return
+    for row, p in zip(scored, holm([r.result.p_value for r in scored])):
+        row.p_adjusted = p
 
 
 def build_report(sweep: Sweep, metrics: list[str] | None = None, baseline: str | None = None,
-                 step: int | None = None) -> Report:
-    """All statistics of a sweep: rows per metric × arm (best marked) and differences against the baseline arm."""
+                 step: int | None = None, detect: Detect | None = None) -> Report:
+    """All statistics of a sweep: rows per metric × arm and, for metrics the arms measured alike, the best arm and
+    the differences against the baseline arm (Holm-adjusted, with their power)."""
     chosen = select_metrics(sweep, metrics)
     check_step(sweep, chosen, step)
     arms = group_arms(sweep)
     base = find_arm(arms, baseline) if baseline else arms[0]
     rows: list[MetricRow] = []
     differences: list[DifferenceRow] = []
+    incomparable: dict[str, str] = {}
     for metric in chosen:
         metric_rows = [metric_row(arm, metric, step) for arm in arms]
-        mark_best(metric_rows)
         rows.extend(metric_rows)
-        differences.extend(compare(arm, base, metric, step) for arm in arms if arm is not base)
+        reason = incomparable_reason(metric, arms, sweep.swept_keys)
+        if reason is not None:
+            incomparable[metric] = reason
+            continue
+        mark_best(metric_rows)
+        compared = [compare(arm, base, metric, step, detect) for arm in arms if arm is not base]
+        adjust(compared)
+        differences.extend(compared)
     return Report(sweep=sweep, arms=arms, metrics=chosen, step=step, baseline=base, rows=rows,
-                  differences=differences)
+                  differences=differences, incomparable=incomparable, detect=detect)
 
 
 # ------------------------------------------------------------------------------------------------------------ text
@@ -385,19 +456,28 @@ def _hashable(value: Any) -> Any:
     return value if value is None or isinstance(value, (int, float, str, bool)) else str(value)
 
 
-def evaluation_line(jobs: list[Job]) -> str:
-    """Whether differences are paired by evaluation noise: every job sampled with the same eval seed and count."""
-    settings = {(_hashable(j.eval_seed), _hashable(j.eval_n)) for j in jobs if j.eval_seed is not None}
-    if not settings:
-        return ("no evaluation seed recorded (no callbacks.sample_metrics.seed or protocol eval_seed): cannot tell "
+def _evaluation_setting(job: Job, metric: str | None) -> tuple:
+    """(eval seed, sample count) a job evaluated ``metric`` with: its protocol entry, else the job's own record."""
+    entry = protocol_entry(job, metric) if metric else None
+    if entry is not None and entry.get("eval_seed") is not None:
+        return _hashable(entry.get("eval_seed")), _hashable(entry.get("n_samples"))
+    return _hashable(job.eval_seed), _hashable(job.eval_n)
+
+
+def evaluation_line(jobs: list[Job], metric: str | None = None) -> str:
+    """Whether differences are paired by evaluation noise: every job evaluated ``metric`` (or its sample metrics)
+    with the same eval seed and count."""
+    settings = {_evaluation_setting(j, metric) for j in jobs}
+    settings.discard((None, None))
+    if not settings or any(s is None for s, _ in settings):
+        return ("no evaluation seed recorded (no protocol eval_seed, no callbacks.sample_metrics.seed): cannot tell "
                 "whether arms were evaluated on the same noise")
     if len(settings) == 1 and "mixed" not in next(iter(settings)):
         seed, n = next(iter(settings))
-        return (f"paired: every arm sampled the same evaluation noise and labels (eval seed {seed}, "
-                f"n {n if n is not None else 'unknown'})")
-    shown = "; ".join(f"seed {s}, n {n}: jobs " + ", ".join(j.name for j in jobs
-                                                          if (_hashable(j.eval_seed), _hashable(j.eval_n)) == (s, n))
-                      for s, n in sorted(settings, key=str))
+        count = f", n {n}" if n is not None else ""
+        return f"paired: every arm was evaluated on the same noise (eval seed {seed}{count})"
+    shown = "; ".join(f"seed {s}, n {n}: jobs " + ", ".join(j.name for j in jobs if _evaluation_setting(j, metric)
+                                                          == (s, n)) for s, n in sorted(settings, key=str))
     return f"evaluation seeds differ between jobs ({shown}): differences are not paired by evaluation noise"
 
 
@@ -449,7 +529,14 @@ def header_lines(report: Report) -> list[str]:
     lines.append("- values: " + ("each job's last logged value" if report.step is None
                                  else f"the value each job logged at step {report.step}"))
     lines.append(f"- intervals: {LEVEL:.0%} Student-t over an arm's seeds (mean ± t·sd/√n); n = 1 gives no sd or CI")
-    lines.append(f"- evaluation: {evaluation_line(sweep.jobs)}")
+    detect = report.detect
+    target = ("the observed difference (`--detect 5%` sizes the sweep for another)" if detect is None else
+              f"{100 * detect.value:.3g}% of the baseline's mean" if detect.relative else
+              f"a difference of {fmt(detect.value)}")
+    lines.append(f"- power: each comparison states the smallest difference it detects with {POWER:.0%} power at "
+                 f"alpha {ALPHA}, and the seeds per arm that would detect {target}")
+    for metric, reason in report.incomparable.items():
+        lines.append(f"- not compared: {reason}; its values are shown per arm, not ranked or differenced")
     protocol = [p for p in (protocol_line(m, sweep.jobs) for m in report.metrics) if p]
     if protocol:
         lines += ["", "## Metric protocol", "", *protocol]
@@ -467,14 +554,22 @@ def metric_table(report: Report, metric: str) -> list[str]:
     rows = [r for r in report.rows if r.metric == metric]
     direction = "higher is better" if higher_is_better(metric) else "lower is better"
     with_floor = any(r.floor is not None for r in rows)
-    header = ["arm", "n", "mean", "sd", f"{LEVEL:.0%} CI", "step"] + (["floor"] if with_floor else []) + ["best"]
+    ranked = metric not in report.incomparable
+    header = ["arm", "n", "mean", "sd", f"{LEVEL:.0%} CI", "step"] + (["floor"] if with_floor else []) \
+        + (["best"] if ranked else [])
     body = []
     for r in rows:
         iv = r.interval
         cells = [r.arm.label, str(iv.n), fmt(iv.mean), fmt(iv.sd), fmt_interval(iv.low, iv.high), fmt_steps(r.steps)]
         cells += [fmt(r.floor)] if with_floor else []
-        body.append(cells + ["**best**" if r.best else ""])
-    lines = ["", f"### `{metric}` ({direction})", "", *_table(header, body)]
+        body.append(cells + (["**best**" if r.best else ""] if ranked else []))
+    if ranked:
+        lines = ["", f"### `{metric}` ({direction})", "", f"evaluation: {evaluation_line(report.sweep.jobs, metric)}",
+                 "", *_table(header, body)]
+    else:
+        lines = ["", f"### `{metric}` (not compared)", "",
+                 f"> **not comparable across arms:** {report.incomparable[metric]}; the values below are each arm's "
+                 f"own, not ranked or differenced.", "", *_table(header, body)]
     steps = sorted({s for r in rows for s in r.steps})
     if report.step is None and len(steps) > 1:
         lines.append(f"\nnote: the values come from different steps ({fmt_steps(steps)}); "
@@ -489,21 +584,69 @@ def metric_table(report: Report, metric: str) -> list[str]:
     return lines
 
 
+def _seeds_text(needed: int | None) -> str:
+    return str(needed) if needed is not None else f"> {MOST_SEEDS}"
+
+
 def difference_table(report: Report, metric: str) -> list[str]:
-    """One metric's differences against the baseline (one row per other arm)."""
-    header = ["arm", "kind", "n", "mean diff", "sd", f"{LEVEL:.0%} CI", "p", "seeds"]
+    """One metric's differences against the baseline (one row per other arm), with the Holm-adjusted p-value when
+    there is more than one comparison, the detectable difference and the seeds for the target difference."""
+    rows = [d for d in report.differences if d.metric == metric]
+    adjusted = any(d.p_adjusted is not None for d in rows)
+    header = ["arm", "kind", "n", "mean diff", "sd", f"{LEVEL:.0%} CI", "p"] + (["p (Holm)"] if adjusted else []) \
+        + [f"detectable ({POWER:.0%})", "target", "seeds for target", "seeds"]
     body = []
-    for d in (d for d in report.differences if d.metric == metric):
+    for d in rows:
         r = d.result
         if r is None:
-            body.append([d.arm.label, DASH, DASH, DASH, DASH, DASH, DASH, d.reason])
+            body.append([d.arm.label] + [DASH] * (len(header) - 2) + [d.reason])
             continue
         kind = "paired t" if r.kind == "paired" else "unpaired (Welch)"
         n = str(r.n) if r.kind == "paired" else f"{r.n_a} vs {r.n_b}"
         seeds = ", ".join(d.seeds) if d.seeds else d.reason
-        body.append([d.arm.label, kind, n, fmt(r.mean), fmt(r.sd), fmt_interval(r.low, r.high), fmt_p(r.p_value),
-                     seeds])
+        body.append([d.arm.label, kind, n, fmt(r.mean), fmt(r.sd), fmt_interval(r.low, r.high), fmt_p(r.p_value)]
+                    + ([fmt_p(d.p_adjusted) if d.p_adjusted is not None else DASH] if adjusted else [])
+                    + [fmt(d.detectable), fmt(d.target), _seeds_text(d.needed) if d.target else DASH, seeds])
     return ["", f"### `{metric}`", "", *_table(header, body)] if body else []
+
+
+def verdict(d: DifferenceRow, comparisons: int) -> str:
+    """One sentence a reviewer would accept: the arm's difference from the baseline with its interval, p-value
+    (Holm-adjusted when several comparisons), whether the sweep resolves it, and what more seeds would do."""
+    r = d.result
+    name, base = f"`{d.arm.label}`", f"`{d.baseline.label}`"
+    seeds = f"{r.n} seeds" if r.kind == "paired" else f"{r.n_a} and {r.n_b} seeds"
+    if r.mean == 0 and (r.sd == 0 or math.isnan(r.p_value)):
+        return f"{name} gives the same `{d.metric}` as {base} in every seed (difference 0 over {seeds})."
+    lower = r.mean < 0
+    low, high = (-r.high, -r.low) if lower else (r.low, r.high)
+    better = lower != higher_is_better(d.metric)
+    p = d.p_adjusted if d.p_adjusted is not None else r.p_value
+    p_text = f"p = {fmt_p(p)}" + (f" (Holm-adjusted over {comparisons} comparisons; unadjusted {fmt_p(r.p_value)})"
+                                  if d.p_adjusted is not None else "")
+    text = (f"{name} is {'lower' if lower else 'higher'} in `{d.metric}` than {base} by {fmt(abs(r.mean))} "
+            f"[{fmt(low)}, {fmt(high)}] ({'better' if better else 'worse'}), {p_text}, ")
+    if p < ALPHA:
+        return text + f"resolved with {seeds}."
+    text += f"not resolved with {seeds}"
+    if math.isfinite(d.detectable) and abs(r.mean) < d.detectable:
+        text += (f"; it is below the smallest difference this sweep detects with {POWER:.0%} power "
+                 f"({fmt(d.detectable)})")
+    if d.needed is not None:
+        text += f"; {d.needed} seeds would detect a {d.target_text} difference at {POWER:.0%} power"
+    else:
+        text += (f"; more than {MOST_SEEDS} seeds would be needed to detect a {d.target_text} difference at "
+                 f"{POWER:.0%} power")
+    return text + "."
+
+
+def verdict_lines(report: Report) -> list[str]:
+    """The verdict of every comparison, per metric."""
+    lines = []
+    for metric in report.metrics:
+        rows = [d for d in report.differences if d.metric == metric and d.result is not None]
+        lines += [f"- {verdict(d, len(rows))}" for d in rows]
+    return lines
 
 
 def render_markdown(report: Report) -> str:
@@ -516,7 +659,11 @@ def render_markdown(report: Report) -> str:
     if diff_lines:
         lines += ["", f"## Differences against `{report.baseline.label}` (arm − baseline)", "",
                   f"Paired by training seed where ≥ 2 seeds match (paired t), else unpaired (Welch) when both arms "
-                  f"have ≥ 2 values. Evaluation: {evaluation_line(report.sweep.jobs)}.", *diff_lines]
+                  f"have ≥ 2 values. With more than one comparison per metric, p (Holm) controls the chance of any "
+                  f"false difference among them at {ALPHA}; the intervals are not adjusted. `detectable`: the "
+                  f"smallest true difference this design detects with {POWER:.0%} power at alpha {ALPHA}; `seeds for "
+                  f"target`: seeds per arm that would detect the target difference.", *diff_lines,
+                  "", "## Verdicts", "", *verdict_lines(report)]
     if report.sweep.warnings:
         lines += ["", "## Warnings", "", *(f"- {w}" for w in report.sweep.warnings)]
     return "\n".join(lines) + "\n"
@@ -548,8 +695,10 @@ def difference_records(report: Report) -> list[dict[str, Any]]:
             continue
         out.append({"arm": d.arm.label, "baseline": d.baseline.label, "metric": d.metric, "kind": r.kind,
                     "n": r.n, "mean_diff": _num(r.mean), "sd": _num(r.sd), "ci_low": _num(r.low),
-                    "ci_high": _num(r.high), "p_value": _num(r.p_value), "n_arm": r.n_a, "n_baseline": r.n_b,
-                    "se": _num(r.se), "df": _num(r.df), "seeds": " ".join(d.seeds)})
+                    "ci_high": _num(r.high), "p_value": _num(r.p_value), "p_holm": _num(d.p_adjusted),
+                    "detectable_80": _num(d.detectable), "target": _num(d.target),
+                    "seeds_for_target": d.needed if d.needed is not None else "", "n_arm": r.n_a,
+                    "n_baseline": r.n_b, "se": _num(r.se), "df": _num(r.df), "seeds": " ".join(d.seeds)})
     return out
 
 

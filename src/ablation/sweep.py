@@ -48,6 +48,7 @@ class Job:
     seed: str | None
     eval_seed: Any = None
     eval_n: Any = None
+    config: dict | None = None   # the job's composed config: references resolved, resolver calls kept as text
 
     @property
     def finished(self) -> bool:
@@ -206,16 +207,17 @@ def _read_json(path: Path, warnings: list[str]) -> Any:
 
 
 def _read_yaml(path: Path, warnings: list[str]):
-    """An OmegaConf tree of a YAML file whose strings stay as written: a ``${oc.env:...}`` in someone's job config
-    is shown as text, never resolved (``difflab.trust.literal``); None if absent or unreadable."""
+    """An OmegaConf tree of a YAML file in which references to other keys of the file resolve, and resolver calls
+    (``${oc.env:...}`` in someone's job config) stay text, never run (``difflab.trust.without_resolvers``); None if
+    absent or unreadable."""
     if not path.is_file():
         return None
     from omegaconf import OmegaConf
 
-    from difflab.trust import literal
+    from difflab.trust import without_resolvers
 
     try:
-        return OmegaConf.create(literal(OmegaConf.to_container(OmegaConf.load(path), resolve=False)))
+        return OmegaConf.create(without_resolvers(OmegaConf.to_container(OmegaConf.load(path), resolve=False)))
     except Exception as err:  # noqa: BLE001 - a damaged file must not hide the rest of the sweep
         warnings.append(f"{path} could not be read ({err.__class__.__name__}); treated as absent")
         return None
@@ -234,7 +236,8 @@ def _read_override_lines(path: Path, warnings: list[str]) -> list[str]:
 
 
 def _select(cfg, key: str) -> Any:
-    """``cfg[key]`` (dotted) as written in the file (``_read_yaml`` keeps every string literal), or None."""
+    """``cfg[key]`` (dotted; references within the file resolved, ``_read_yaml`` keeps resolver calls as text), or
+    None when absent or unresolvable."""
     if cfg is None:
         return None
     from omegaconf import OmegaConf
@@ -246,7 +249,7 @@ def _select(cfg, key: str) -> Any:
     if not OmegaConf.is_config(value):
         return value
     try:
-        return OmegaConf.to_container(value, resolve=True)  # undoes the escaping only
+        return OmegaConf.to_container(value, resolve=True)
     except Exception:  # noqa: BLE001
         return None
 
@@ -304,7 +307,15 @@ def read_job(path: Path, warnings: list[str]) -> Job:
     return Job(name=path.name, path=path, overrides=overrides, status=_job_status(final), series=series,
                protocol=protocol, seed=seed,
                eval_seed=_eval_setting(protocol, cfg, "eval_seed", "callbacks.sample_metrics.seed"),
-               eval_n=_eval_setting(protocol, cfg, "n_samples", "callbacks.sample_metrics.n_samples"))
+               eval_n=_eval_setting(protocol, cfg, "n_samples", "callbacks.sample_metrics.n_samples"),
+               config=_plain(cfg))
+
+
+def _plain(cfg) -> dict | None:
+    """The job config as plain data (each key resolved on its own: one dangling reference hides only itself)."""
+    if cfg is None:
+        return None
+    return {str(k): _select(cfg, str(k)) for k in cfg.keys()}
 
 
 # ---------------------------------------------------------------------------------------------------------- the sweep

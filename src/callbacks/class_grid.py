@@ -11,6 +11,7 @@ from difflab.callbacks.ema import ema_module
 from difflab.callbacks.figures import captioned_grid, condition_key, log_scalars, publish_metrics
 from difflab.callbacks.schedule import is_scheduled
 from difflab.eval.grid_judge import agreement_rate, build_judge
+from difflab.metrics.protocol import write_protocol
 from difflab.utils.images import auto_upscale, make_grid, save_png, to_uint8
 from difflab.utils.logging import figure_path, log_image
 
@@ -104,6 +105,7 @@ class ClassGridCallback(L.Callback):
         self.judge_kind, self.clip_model, self.digit_weights = judge, clip_model, digit_classifier_weights
         self._judge = None
         self._judge_built = False
+        self._protocol_written = False
         self.written: list[Path] = []
         self.published: dict[str, float] = {}
 
@@ -130,6 +132,11 @@ class ClassGridCallback(L.Callback):
             path, agreement = render_scored_grid(module, judge, path, self.n_cols, self.guidance_scale, self.seed,
                                                  guidance=self.guidance)
             scalars = {"metrics/grid_agreement": agreement}
+            if not self._protocol_written:
+                self._protocol_written = True
+                write_protocol(trainer.default_root_dir, {"metrics/grid_agreement": {
+                    "eval_seed": self.seed, "n_cols": self.n_cols, "feature": judge.name,
+                    "guidance": f"{g.get('method', 'cfg')} {scale}", "sampler": module.describe_sampler()}})
             caption += f", judge {judge.name}: agreement {agreement:.0%}"
             log_scalars(trainer, scalars, step)
         else:

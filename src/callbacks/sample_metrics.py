@@ -348,18 +348,36 @@ class SampleMetrics:
         from difflab.metrics.protocol import describe_feature
 
         fd_name, kd_name = self.names
-        g = module.guidance_settings(self.guidance) if hasattr(module, "guidance_settings") else {}
-        scale = self.guidance_scale if self.guidance_scale is not None else g.get("scale")
-        common = {"n_samples": self.n_samples, "feature": self.metric.feature_name,
+        common = {**self.generation(module), "feature": self.metric.feature_name,
                   **describe_feature(self.metric._feature.module), "reference": reference,
-                  "floor_real_items_overlap_reference": floor_overlaps, "eval_seed": self.seed,
-                  "sampler": _describe_sampler(self.sampler) or "the model's sampler",
-                  "guidance": f"{g.get('method', 'cfg')} {scale}" if g or scale is not None else "none"}
+                  "floor_real_items_overlap_reference": floor_overlaps}
         self.protocol = {f"metrics/{fd_name}": {**common, "floor": self.floor.get("frechet"),
                                                  "floor_metric": f"metrics/{fd_name}_floor"}}
         if "kid" in self.floor:
             self.protocol[f"metrics/{kd_name}"] = {**common, "floor": self.floor["kid"],
                                                     "floor_metric": f"metrics/{kd_name}_floor"}
+
+    def generation(self, module) -> dict[str, Any]:
+        """How the evaluated samples are drawn: their number, evaluation seed (the same noise and labels in every
+        run with this seed, so a sweep's arms are compared on the same noise), sampler and guidance."""
+        g = module.guidance_settings(self.guidance) if hasattr(module, "guidance_settings") else {}
+        scale = self.guidance_scale if self.guidance_scale is not None else g.get("scale")
+        return {"n_samples": self.n_samples, "eval_seed": self.seed,
+                "sampler": _describe_sampler(self.sampler) or "the model's sampler",
+                "guidance": f"{g.get('method', 'cfg')} {scale}" if g or scale is not None else "none"}
+
+    def scored_protocol(self, module, names) -> dict[str, dict[str, Any]]:
+        """Protocol entries for the metrics in ``names`` that score samples without a reference set (digit accuracy,
+        CLIP score, LPIPS diversity) and have none yet: how the samples were drawn and which network judged them."""
+        from difflab.metrics.protocol import describe_feature
+
+        judges = {"metrics/digit_accuracy": lambda: {"feature": self.metric.feature_name,
+                                                     **describe_feature(self.metric._feature.module)},
+                  "metrics/clip_score": lambda: {"feature": f"clip {self.clip_model or 'default'}"},
+                  "metrics/lpips_diversity": lambda: {"feature": f"lpips {self.lpips_net}",
+                                                      "pairs": self.lpips_pairs}}
+        return {name: {**self.generation(module), **judges[name]()} for name in names
+                if name in judges and name not in self.protocol}
 
     # ------------------------------------------------------------------ evaluation
     def _noise(self, indices: list[int], shape) -> torch.Tensor:
@@ -468,6 +486,13 @@ class SampleMetricsCallback(DiagnosticCallback):
             for name, entry in self.metrics.protocol.items():
                 log.info("metric protocol (%s): %s", path, protocol_line(name, entry))
         self.last = self.metrics.evaluate(module)
+        scored = self.metrics.scored_protocol(module, self.last)
+        if scored:
+            self.metrics.protocol.update(scored)
+            if trainer is None or trainer.global_rank == 0:
+                from difflab.metrics.protocol import write_protocol
+
+                write_protocol(run_dir, scored)
         if self.last and (trainer is None or trainer.global_rank == 0):
             log.info("sample metrics at step %s: %s", context.get("step"),
                      ", ".join(f"{k}={v:.4g}" for k, v in sorted(self.last.items())))

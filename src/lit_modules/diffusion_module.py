@@ -23,6 +23,8 @@ from difflab.utils.frozen import Frozen
 
 log = logging.getLogger(__name__)
 
+VALIDATION_SEED = 1234  # validation noise and times: seed + batch index, the same in every run and every arm
+
 
 class DiffusionModule(L.LightningModule):
     """Denoiser + noise process + objective + conditioner + sampler, with classifier-free guidance and AdamW.
@@ -162,7 +164,7 @@ class DiffusionModule(L.LightningModule):
         comparable over training) and for every process: log-SNRs stratified over the bucket range
         (``objectives.LOG_SNR_BUCKET_RANGE``, one stratum per sample), mapped to the process's times; with each
         sample's log-SNR bucket."""
-        g = torch.Generator().manual_seed(1234 + batch_idx)
+        g = torch.Generator().manual_seed(VALIDATION_SEED + batch_idx)
         n = batch["x"].shape[0]
         lo, hi = LOG_SNR_BUCKET_RANGE
         frac = (torch.arange(n, dtype=torch.float64) + torch.rand(n, generator=g, dtype=torch.float64)) / n
@@ -170,6 +172,14 @@ class DiffusionModule(L.LightningModule):
         out = self.diffusion_losses(batch, drop_conditions=False, t=t, generator=g)
         out["bucket"] = log_snr_buckets(out["log_snr"], self.loss_buckets)
         return out
+
+    def evaluation_protocol(self) -> dict[str, dict]:
+        """How the validation losses are measured (``metrics/protocol.json``): on fixed noise and log-SNR levels,
+        so two runs' values differ only by their models, and in the objective's own units."""
+        entry = {"eval_seed": VALIDATION_SEED, "noise": "fixed per validation batch (seed + batch index)",
+                 "levels": f"log-SNR stratified over {list(LOG_SNR_BUCKET_RANGE)}", "units": "the objective's "
+                 f"raw loss ({self.objective.prediction} target, {self.objective.loss})"}
+        return {"val/loss": entry, "val_loss_t/bucket_*": entry}
 
     # ---------------------------------------------------------------- Lightning hooks
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
