@@ -73,6 +73,19 @@ def test_coefficients_sum_to_one_and_combination_is_linear():
     assert out["w"][0].item() == pytest.approx(float(np.dot(x, np.arange(len(x)))), rel=1e-5)
 
 
+def test_a_parameter_that_never_changes_is_reconstructed_exactly():
+    """The case of the report: snapshots every 150 steps up to 1500 at sigma_rel 0.15 gave raw least-squares
+    coefficients whose sum missed 1 by 2.5e-3, scaling a constant parameter by it. Rescaled as EDM2's
+    solve_posthoc_coefficients does, the constant comes back unchanged."""
+    gammas = [sigma_rel_to_gamma(s) for s in TRACKED] * 10
+    steps = [t for t in range(150, 1501, 150) for _ in TRACKED]
+    x, residual = solve_coefficients(gammas, steps, sigma_rel_to_gamma(0.15), 1500)
+    assert float(x.sum()) == pytest.approx(1.0, abs=1e-12) and residual < 0.05
+    constant = torch.tensor([0.3, -1.7, 2.5e4], dtype=torch.float32)
+    out = combine_state_dicts(iter([{"w": constant.clone()} for _ in x]), x)
+    torch.testing.assert_close(out["w"], constant, rtol=1e-6, atol=0)
+
+
 def test_thinning_keeps_first_and_last_and_spreads_the_rest():
     steps = list(range(250, 10_001, 250))
     dropped = thin_evenly(steps, 8)
