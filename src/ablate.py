@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
         prog="difflab-ablate",
-        description="Summarize a Hydra multirun sweep: per-arm means with 95%% t intervals over seeds, the best arm, "
+        description="Summarize a Hydra multirun sweep: per-arm means with 95% t intervals over seeds, the best arm, "
                     "and paired differences against a baseline arm.")
     parser.add_argument("sweep_dir", type=Path, help="the multirun directory printed by `python train.py -m ...`")
     parser.add_argument("--metrics", nargs="+", metavar="M",
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "power, in the metric's units (3.7) or as a share of the baseline's mean (5%%); default: "
                              "the observed difference")
     parser.add_argument("--out", type=Path, metavar="DIR", help=f"output directory (default: <sweep>/{OUT_SUBDIR})")
+    parser.add_argument("--validate", action="store_true",
+                        help="read the sweep and check the arguments, print what the summary would hold, write nothing")
     return parser
 
 
@@ -51,6 +53,13 @@ def ablate(args: argparse.Namespace) -> list[Path]:
     out = args.out if args.out is not None else not_a_link(sweep.path / OUT_SUBDIR, "remove it or pass --out DIR")
     detect = Detect.parse(args.detect) if args.detect else None
     report = build_report(sweep, metrics=args.metrics, baseline=args.baseline, step=args.step, detect=detect)
+    if args.validate:
+        from difflab.ablation.summary import header_lines
+
+        print("\n".join(header_lines(report)))
+        print(f"metrics: {', '.join(report.metrics)}; baseline: {report.baseline.label}")
+        print(f"nothing was written (--validate); the summary would go to {out}")
+        return []
     markdown = render_markdown(report)
     written = write_report(report, out, markdown)
     print(markdown, end="")

@@ -6,7 +6,7 @@ vp's ``process: ${schedule}``). A choice or key of a source group can therefore 
 ``process=flow`` (flow does not read the schedule tables), ``objective=eps`` under ``process=flow`` (the process sets
 the prediction itself). The *effective config* is the resolved config without the source groups (and without
 ``hydra``); an override is inert when another value in its place leaves the effective config unchanged, and a sweep
-is degenerate when two of its jobs have the same effective config (``seed`` apart). Both are refused at start in one
+is degenerate when two of its jobs have the same effective config (same seed included). Both are refused at start in one
 line, before Hydra writes anything (``difflab.config_checks.ValidateConfig``).
 
 Only source-group overrides are probed (each probe is one composition, about 0.1 s): every other key is read by the
@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from omegaconf import DictConfig
 
 SOURCE_GROUPS = ("process", "schedule", "objective", "sampler", "conditioning", "autoencoder")
 PROBE = "__difflab_probe__"   # a value no config uses: if it reaches the effective config, the key is read
+PROBE_DIR = "/difflab-probe"  # the run directory of probe compositions (Hydra's default holds the time)
 
 Compose = Callable[[Sequence[str]], DictConfig]
 
@@ -111,21 +112,44 @@ def inert_overrides(overrides: Sequence[str], compose: Compose, config_dir: str 
             for i in candidates if is_inert(overrides, i, compose, config_dir, baseline)]
 
 
-def identical_jobs(jobs: Iterable[Sequence[str]], compose: Compose, ignore: Sequence[str] = ("seed",)
-                   ) -> tuple[int, int] | None:
-    """The first pair of jobs (indices) of a sweep whose effective configs are equal once ``ignore`` keys are
-    dropped from both; None when every job differs."""
+def identical_jobs(jobs: Iterable[Sequence[str]], compose: Compose) -> tuple[int, int] | None:
+    """The first pair of jobs (indices) of a sweep whose effective configs are equal (replicates differ in their
+    seed, so they are not); None when every job differs."""
     seen: dict[str, int] = {}
     for i, overrides in enumerate(jobs):
-        kept = [o for o in overrides if o.split("=")[0].lstrip("+~") not in ignore]
-        key = effective(compose(kept))
+        key = effective(compose(overrides))
         if key in seen:
             return seen[key], i
         seen[key] = i
     return None
 
 
-def _value_of(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = cfg.get(part) if hasattr(cfg, "get") else None
-    return cfg
+def hydra_composer(config_name: str) -> Compose:
+    """Compose ``config_name`` with overrides inside a running Hydra app (or an initialised ``GlobalHydra``), the
+    run and sweep directories pinned so that compositions a second apart compare equal."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from difflab.configs import CONFIG_DIR
+
+    pinned = [f"hydra.run.dir={PROBE_DIR}", f"hydra.sweep.dir={PROBE_DIR}"]
+
+    def composed(overrides: Sequence[str]) -> DictConfig:
+        if GlobalHydra.instance().is_initialized():
+            return compose(config_name, overrides=[*overrides, *pinned], return_hydra_config=True)
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):   # called outside an app
+            return compose(config_name, overrides=[*overrides, *pinned], return_hydra_config=True)
+
+    return composed
+
+
+def job_overrides(task: Sequence[str]) -> list[list[str]]:
+    """Every job's overrides of a basic-sweeper sweep (the cartesian product of its ``a=1,2`` overrides, first key
+    outermost, as Hydra numbers the jobs); [] when a swept value cannot be enumerated here (``glob``, ``interval``)."""
+    from difflab.ablation.sweep import grid_points, sweep_axes
+
+    axes, note = sweep_axes(list(task))
+    if note or any(v is None for v in axes.values()):
+        return []
+    fixed = [o for o in task if not _parse(o).is_sweep_override()]
+    return [[*fixed, *(f"{k}={v}" for k, v in point.items())] for point in grid_points(axes)]  # type: ignore[arg-type]

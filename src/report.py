@@ -4,7 +4,7 @@
 
 Writes <dir>/<kind>.png per diagnostic (the same drawing code as the training callbacks, settings from
 configs/callbacks/diagnostics.yaml), <dir>/class_grid.png, and <dir>/report.json + <dir>/report.md (figures, scalars,
-sample metrics). Real data come from the checkpoint's stored datamodule config (``datamodule.<key>=`` overrides it).
+sample metrics). Real data come from the checkpoint's stored datamodule config (``+datamodule.<key>=`` overrides it).
 """
 from __future__ import annotations
 

@@ -40,12 +40,15 @@ def run_reporting_errors(fn: Callable[..., Any], *args: Any, extra: tuple[type[B
 
 def console_command(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
     """Wrap a ``@hydra.main`` function as a console command: checks that must run before Hydra composes (an
-    optional launcher plugin named on the command line) fail as one ``error:`` line too."""
+    optional launcher plugin named on the command line) fail as one ``error:`` line too, and ``--validate``
+    (``difflab.validate_mode``) is taken off the command line before Hydra parses it."""
 
     @functools.wraps(hydra_main)
     def main() -> Any:
         from difflab.utils.extras import check_command_line
+        from difflab.validate_mode import take_flag
 
+        sys.argv = take_flag(sys.argv)   # --validate: check, describe the run, write nothing
         run_reporting_errors(check_command_line, sys.argv[1:])
         return hydra_main()
 
