@@ -49,7 +49,10 @@ def console_command(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
         from difflab.validate_mode import take_flag
 
         sys.argv = take_flag(sys.argv)   # --validate: check, describe the run, write nothing
-        run_reporting_errors(check_command_line, sys.argv[1:])
-        return hydra_main()
+        try:
+            run_reporting_errors(check_command_line, sys.argv[1:])
+            return hydra_main()
+        finally:
+            take_flag([])                # validate mode ends with the command (in-process callers run several)
 
     return main
