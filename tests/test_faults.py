@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -395,3 +396,26 @@ def test_diverging_run_stops_in_one_line_and_never_saves_nan_weights(tmp_path, c
     assert ckpt["global_step"] == 2
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point())
     assert not (run / "checkpoints" / "step_0000004.ckpt").exists() and not _temporaries(run)
+
+
+def test_disk_full_while_creating_a_latent_memory_map_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
+    """The map's blocks are reserved when it is created, so a full disk fails there (not with SIGBUS at a later
+    write into a sparse file); a file system without fallocate keeps the sparse map."""
+    import errno
+
+    from difflab.latents.encode import open_map
+    from difflab.utils.errors import DiskFullError
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(DiskFullError, match=r"latents.npy \(No space left on device\)"):
+        open_map(tmp_path / "latents.npy", True, np.float16, (8, 4))
+    assert not (tmp_path / "latents.npy").exists()
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    assert open_map(tmp_path / "latents.npy", True, np.float16, (8, 4)).shape == (8, 4)

@@ -138,13 +138,13 @@ def open_map(path: Path, fresh: bool, dtype, shape: tuple[int, ...]) -> np.ndarr
         with open(path, "r+b") as f:
             os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
     except OSError as err:
-        del array
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate: sparse, as before
+            return array
+        array = None   # unmap before removing the file
         path.unlink(missing_ok=True)
         if is_disk_full(err):
             raise disk_full(path, err) from None
-        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate: sparse as before
-            raise
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        raise
     return array
 
 
