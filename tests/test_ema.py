@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from difflab.callbacks.ema import EMA, ema_decay
+from difflab.callbacks.ema_shadow import AveragedShadow
 
 
 def test_decay_warmup_formula():
@@ -52,11 +53,17 @@ class _Regression(__import__("lightning").LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class _TorchPathShadow(AveragedShadow):
+    def _tensor_pairs(self, pl_module):
+        return None
+
+
 class _TorchPathEMA(EMA):
     """The same callback forced onto AveragedModel.update_parameters (the reference path)."""
 
-    def _tensor_pairs(self, pl_module):
-        return None
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        self.store.__class__ = _TorchPathShadow
 
 
 def _fit_ema(ema_cls, steps=7):
@@ -74,7 +81,7 @@ def _fit_ema(ema_cls, steps=7):
 
 def test_cached_update_matches_averaged_model_path():
     fast, ref = _fit_ema(EMA), _fit_ema(_TorchPathEMA)
-    assert fast._pairs is not None  # the cached path ran
+    assert fast.store._pairs is not None  # the cached path ran
     assert fast.num_updates == ref.num_updates == 4  # steps 0, 2, 4, 6
     a, b = fast._average_model.state_dict(), ref._average_model.state_dict()
     assert a.keys() == b.keys()

@@ -191,16 +191,18 @@ def test_figures_without_ema_are_refused_before_training():
 def test_ema_module_refuses_a_copy_gathered_at_another_step():
     from types import SimpleNamespace
 
-    from difflab.callbacks.ema import EMA, ema_module
+    from difflab.callbacks.ema import EMA
+    from difflab.ops.ema_weights import ema_module
+    from difflab.ops.fsdp_ema import ShardedShadow
 
     ema = EMA()
-    ema.sharded, ema._trainer = True, SimpleNamespace(global_step=5)
-    ema._replica, ema._replica_step = torch.nn.Linear(1, 1), 4
+    ema.store, ema._trainer = ShardedShadow(), SimpleNamespace(global_step=5)
+    ema.store.replica, ema.store.replica_step = torch.nn.Linear(1, 1), 4
     trainer = SimpleNamespace(callbacks=[ema], global_step=5)
     with pytest.raises(RuntimeError, match="gathered at step 4, sampling asked at step 5"):
         ema_module(trainer, None)
-    ema._replica_step = 5
-    assert ema_module(trainer, None) is ema._replica
+    ema.store.replica_step = 5
+    assert ema_module(trainer, None) is ema.store.replica
 
 
 @pytest.fixture

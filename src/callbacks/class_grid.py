@@ -7,7 +7,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from difflab.callbacks.ema import ema_module
+from difflab.ops.ema_weights import ema_module, prepare_ema_weights
 from difflab.callbacks.figures import captioned_grid, condition_key, log_scalars, publish_metrics
 from difflab.callbacks.schedule import is_scheduled
 from difflab.eval.grid_judge import agreement_rate, build_judge
@@ -95,6 +95,8 @@ class ClassGridCallback(L.Callback):
     directory) each cell is labelled with the judge's predicted class and score, and the agreement rate is logged
     as ``metrics/grid_agreement`` (also in ``trainer.callback_metrics``, so checkpoints can monitor it)."""
 
+    samples_ema_weights = True  # difflab.ops.ema_weights: draws from the EMA weights
+
     def __init__(self, every_n_steps: int = 500, n_cols: int = 8, seed: int = 0, guidance_scale: float | None = None,
                  dense_early: bool = False, at_end: bool = True, tag_suffix: str = "", guidance: dict | None = None,
                  judge: str = "none", clip_model: str | None = None, digit_classifier_weights: str | None = None):
@@ -148,6 +150,7 @@ class ClassGridCallback(L.Callback):
     def _render_everywhere(self, trainer, pl_module, in_loop: bool, tag: str | None = None) -> None:
         """Render on rank 0; every rank then holds rank 0's agreement rate (DDP ranks must agree on monitored
         metrics)."""
+        prepare_ema_weights(trainer, pl_module)  # every rank: under FSDP they gather the EMA weights together
         scalars = self._render(trainer, pl_module, tag=tag)
         if trainer.world_size > 1:
             scalars = trainer.strategy.broadcast(scalars, src=0)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from difflab.callbacks.ema import ema_module
+from difflab.ops.ema_weights import ema_module, prepare_ema_weights
 from difflab.callbacks.schedule import is_scheduled
 from difflab.ops.atomic import atomic_write
 from difflab.utils.images import make_grid, to_uint8
@@ -72,6 +72,7 @@ class DiagnosticCallback(L.Callback):
 
     kind = "diagnostic"
     all_ranks = False
+    samples_ema_weights = True  # difflab.ops.ema_weights: draws from the EMA weights
 
     def __init__(self, every_n_steps: int = 1000, dense_early: bool = True, at_end: bool = True):
         if every_n_steps < 0:
@@ -101,6 +102,7 @@ class DiagnosticCallback(L.Callback):
         """Draw (on rank 0, or on every rank when ``all_ranks``), log figure and scalars from rank 0, and return
         rank 0's scalars on every rank (for ``trainer.callback_metrics``)."""
         scalars = None
+        prepare_ema_weights(trainer, pl_module)  # every rank: under FSDP they gather the EMA weights together
         if self.all_ranks or trainer.global_rank == 0:
             module = ema_module(trainer, pl_module)
             path = figure_path(trainer.default_root_dir, self.kind, step)

@@ -30,6 +30,7 @@ import torch
 
 from difflab.diffusion.posthoc_ema import power_ema_beta, sigma_rel_to_gamma
 from difflab.ops.atomic import atomic_write
+from difflab.ops.fsdp import is_sharding
 from difflab.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,9 @@ class PostHocEMA(L.Callback):
         return [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if is_sharding(trainer):
+            raise ConfigError("trainer=fsdp does not support callbacks=posthoc yet: PostHocEMA keeps whole-model "
+                              "averages and writes them from rank 0, but under FSDP each rank holds only its shards")
         if self.dir is None:
             self.dir = str(Path(trainer.default_root_dir) / "posthoc_ema")
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from difflab.callbacks.ema import ema_module
+from difflab.ops.ema_weights import ema_module, prepare_ema_weights
 from difflab.callbacks.schedule import is_scheduled
 from difflab.datamodules.video_io import to_uint8_video, video_grid, write_gif, write_mp4
 from difflab.ops.atomic import write_text
@@ -134,6 +134,8 @@ class VideoGridCallback(L.Callback):
     (e.g. 25 DDIM steps); null keeps the model's sampler.
     """
 
+    samples_ema_weights = True  # difflab.ops.ema_weights: draws from the EMA weights
+
     def __init__(self, every_n_steps: int = 1000, n_cols: int = 4, max_prompts: int = 8, include_uncond: bool = True,
                  seed: int = 0, guidance_scale: float | None = None, fps: float = 8.0, min_size: int = 64,
                  formats: Sequence[str] = ("mp4", "gif"), sampler_steps: int | None = None,
@@ -181,6 +183,7 @@ class VideoGridCallback(L.Callback):
         step = trainer.global_step
         if self._last_step != step and is_scheduled(step, self.every_n_steps, self.dense_early):
             self._last_step = step
+            prepare_ema_weights(trainer, pl_module)  # every rank: under FSDP they gather the EMA weights together
             self._render(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -189,6 +192,7 @@ class VideoGridCallback(L.Callback):
         if self._last_step == trainer.global_step and self.written:
             self._copy_final(trainer)  # the grid of this very step exists: do not sample it again
         else:
+            prepare_ema_weights(trainer, pl_module)
             self._render(trainer, pl_module, tag="final")
 
     @rank_zero_only

@@ -14,6 +14,9 @@ import lightning as L
 import torch
 from torch import nn
 
+from difflab.ops.atomic import write_text
+from difflab.ops.ema_weights import ema_provider
+from difflab.ops.fsdp import is_sharding
 from difflab.utils.errors import DifflabError
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,12 @@ class RankConsistencyCheck(L.Callback):
                  report_file: str | None = "ddp_check.json"):
         self.every_n_steps, self.at_end, self.strict, self.report_file = every_n_steps, at_end, strict, report_file
         self.reports: list[dict] = []
+        self.active = True
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if is_sharding(trainer):  # it compares whole weights across ranks; under FSDP each rank holds its own shards
+            self.active = False
+            log.info("trainer=fsdp: the DDP rank-consistency check is off (each rank holds its own shards)")
 
     def _due(self, trainer: L.Trainer) -> bool:
         step = trainer.global_step
@@ -44,20 +53,14 @@ class RankConsistencyCheck(L.Callback):
         return (self.every_n_steps > 0 and step % self.every_n_steps == 0) or (self.at_end and last)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.world_size > 1 and self._due(trainer) and getattr(self, "_last", -1) != trainer.global_step:
+        if self.active and trainer.world_size > 1 and self._due(trainer) and getattr(self, "_last", -1) != trainer.global_step:
             self._last = trainer.global_step
             self.check(trainer, pl_module)
 
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         """Gather fingerprints of the raw and EMA weights from all ranks and compare them to rank 0 (collective)."""
-        from difflab.callbacks.ema import find_ema
-
-        ema = find_ema(trainer)
-        models = {"raw": pl_module}
-        if ema is not None and getattr(ema, "_average_model", None) is not None:
-            models["ema"] = ema._average_model.module
-            if getattr(ema, "swapped", False):  # EMA weights currently live in pl_module
-                models = {"raw": ema._average_model.module, "ema": pl_module}
+        provider = ema_provider(trainer)
+        models = {"raw": pl_module} if provider is None else provider.whole_copies(pl_module)
         report = {"step": trainer.global_step, "world_size": trainer.world_size}
         for name, module in models.items():
             fp = fingerprint(module).to(trainer.strategy.root_device)
@@ -69,8 +72,6 @@ class RankConsistencyCheck(L.Callback):
         equal = all(report[n]["equal"] for n in models)
         if trainer.is_global_zero and self.report_file:
             path = Path(trainer.default_root_dir) / self.report_file
-            from difflab.ops.atomic import write_text
-
             write_text(path, json.dumps(self.reports, indent=1))
         if not equal:
             diffs = ", ".join(f"{n} max diff {report[n]['max_abs_diff']:.3g}" for n in models)

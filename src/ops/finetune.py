@@ -14,6 +14,7 @@ import lightning as L
 from torch import nn
 
 from difflab.checkpoints import format_key_table, load_state_dict_checked, load_weights
+from difflab.ops.ema_weights import ema_provider
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +51,10 @@ class InitEMAWeights(L.Callback):
         self.ema_state, self.strict, self.num_updates, self.source = ema_state, strict, num_updates, source
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from difflab.callbacks.ema import find_ema
-
-        ema = find_ema(trainer)
-        if ema is not None and getattr(ema, "sharded", False):  # trainer=fsdp: the EMA lives in shards
-            ema.load_full_state(self.ema_state)
-            self.ema_state = {}
+        provider = ema_provider(trainer)
+        if provider is None:
             return
-        if ema is None or getattr(ema, "_average_model", None) is None:
-            return
-        load_state_dict_checked(ema._average_model.module, self.ema_state, self.source, strict=self.strict)
-        if self.num_updates is not None:
-            ema.num_updates = self.num_updates  # keep the decay where the source run left it (no new warm-up)
+        provider.load_full_state(self.ema_state, strict=self.strict, source=self.source, num_updates=self.num_updates)
         log.info("EMA initialised from %s", self.source)
         self.ema_state = {}  # free the copy
 

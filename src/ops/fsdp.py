@@ -15,7 +15,7 @@ Checkpoints (``FSDPStrategy.save_checkpoint``): each rank writes its shards with
 metadata as ``meta.pt`` plus ``checkpoint[SHARDED_KEY] = {"dir": <shard dir name>, ...}``. That small file is the
 commit point (a kill during a save leaves the previous ``last.ckpt`` and its shards intact) and keeps every tool that
 looks for ``*.ckpt`` files working. DCP entries: ``state_dict`` (the raw weights, what resume loads into the model),
-``optimizer_<i>`` and ``ema_state_dict`` (the EMA shards, ``difflab.callbacks.ema.EMA``).
+``optimizer_<i>`` and ``ema_state_dict`` (the EMA shards, ``difflab.ops.fsdp_ema``).
 
 ``read_sharded_checkpoint`` consolidates such a checkpoint on one process (no process group; CPU) into the single-file
 layout (``state_dict`` = EMA weights when EMA was on, ``current_model_state`` = raw), so ``difflab.checkpoints``
@@ -38,6 +38,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from difflab.ops.ema_weights import check_sampling_has_ema
 from difflab.trust import bare_name, child_path, is_trusted, restricted_load
 from difflab.utils.errors import CheckpointError, ConfigError, UntrustedFileError, disk_full, is_disk_full
 
@@ -109,6 +110,14 @@ def block_units(net: nn.Module) -> list[nn.Module]:
             parts = list(entry) if isinstance(entry, nn.ModuleList) else [entry]
             units += [m for m in parts if m is not None and _trainable(m)]
     return units
+
+
+def is_sharding(trainer: Any) -> bool:
+    """True under a strategy that shards parameters as DTensors (``trainer=fsdp``: Lightning's ModelParallelStrategy);
+    callbacks that need whole weights ask this in their ``setup``."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy)
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -237,26 +246,7 @@ class FSDPStrategy(_strategy_base()):
         super().setup_environment()
 
     def setup(self, trainer) -> None:
-        from difflab.callbacks.ema import find_ema, sampling_callbacks
-
-        samplers = sampling_callbacks(trainer)
-        if samplers and find_ema(trainer) is None:
-            names = ", ".join(sorted({type(cb).__name__ for cb in samplers}))
-            raise ConfigError(f"trainer=fsdp: {names} sample from the whole model, which under FSDP only the EMA "
-                             "callback gathers (to rank 0, at their schedule): keep callbacks.ema (decay=0 follows "
-                             "the raw weights) or remove those callbacks")
-        from difflab.callbacks.posthoc_ema import PostHocEMA
-
-        if any(isinstance(cb, PostHocEMA) for cb in trainer.callbacks):
-            raise ConfigError("trainer=fsdp does not support callbacks=posthoc yet: PostHocEMA keeps whole-model "
-                             "averages and writes them from rank 0, but under FSDP each rank holds only its shards")
-        from difflab.ops.ddp_checks import RankConsistencyCheck
-
-        checks = [cb for cb in trainer.callbacks if isinstance(cb, RankConsistencyCheck)]
-        for cb in checks:  # it compares whole weights across ranks; under FSDP each rank holds different shards
-            trainer.callbacks.remove(cb)
-        if checks:
-            log.info("trainer=fsdp: the DDP rank-consistency check is off (each rank holds its own shards)")
+        check_sampling_has_ema(trainer, "trainer=fsdp")  # sampling callbacks need whole weights, gathered by the EMA
         super().setup(trainer)
 
     # ------------------------------------------------------------------ checkpoints
