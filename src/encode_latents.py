@@ -28,7 +28,8 @@ def run(cfg: DictConfig) -> dict:
     write = encode_dataset
     extra = {}
     if fmt == "shards":
-        from difflab.latents.shards import encode_dataset_shards, require_litdata
+        from difflab.latents.shards import encode_dataset_shards
+        from difflab.storage.location import require_litdata
 
         require_litdata("encode_latents.py format=shards")  # before the datamodule is built
         write = encode_dataset_shards

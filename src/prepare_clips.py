@@ -14,7 +14,7 @@ def run(cfg: DictConfig) -> dict:
     """Build the datamodule from ``cfg`` and write/finish its clip shards; returns the manifest."""
     from difflab.datamodules.streaming_clips import prepare_clip_shards
     from difflab.latents.encode import describe_datamodule
-    from difflab.latents.shards import require_litdata
+    from difflab.storage.location import require_litdata
 
     require_litdata("prepare_clips.py")  # before the datamodule is built (it may download or generate data)
     datamodule = hydra.utils.instantiate(cfg.datamodule)

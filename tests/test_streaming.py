@@ -288,7 +288,7 @@ def test_resume_on_other_shards_is_refused_in_one_line(shards, tmp_path):
 
 def test_missing_litdata_names_the_extra(monkeypatch):
     import difflab.datamodules.streaming_latents as sl
-    from difflab.latents.shards import require_litdata
+    from difflab.storage.location import require_litdata
 
     monkeypatch.setitem(sys.modules, "litdata", None)  # import litdata -> ImportError
     with pytest.raises(ConfigError) as e:
@@ -304,9 +304,10 @@ def test_missing_litdata_names_the_extra(monkeypatch):
 @needs_litdata
 def test_interrupted_shard_writing_resumes_to_the_same_shards(shards, tmp_path, monkeypatch):
     import difflab.latents.shards as sh
+    import difflab.storage.litdata_shards as storage_shards
 
     cache, ref = shards
-    real, calls = sh.write_shard, {"n": 0}
+    real, calls = storage_shards.write_shard, {"n": 0}
 
     def failing(*args, **kw):
         calls["n"] += 1
@@ -316,7 +317,7 @@ def test_interrupted_shard_writing_resumes_to_the_same_shards(shards, tmp_path, 
             raise RuntimeError("killed")
         return real(*args, **kw)
 
-    monkeypatch.setattr(sh, "write_shard", failing)
+    monkeypatch.setattr(storage_shards, "write_shard", failing)
     out = tmp_path / "s"
     with pytest.raises(RuntimeError, match="killed"):
         sh.cache_to_shards(cache, out, samples_per_shard=128)

@@ -159,7 +159,7 @@ def test_loader_resumes_mid_epoch(prepared):
 
 
 def test_interrupted_preparation_resumes_to_the_same_shards(prepared, tmp_path, monkeypatch):
-    import difflab.latents.shards as sh
+    import difflab.storage.litdata_shards as sh
     from difflab.datamodules.streaming_clips import prepare_clip_shards
     from difflab.latents.encode import describe_datamodule
 

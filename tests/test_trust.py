@@ -450,7 +450,7 @@ def test_a_class_name_that_is_an_interpolation_is_refused(tmp_path, monkeypatch)
 # ------------------------------------------------------------------------------------------------ 5. shards
 def test_the_shard_writer_never_writes_pickle(tmp_path, monkeypatch):
     """litdata stores a text that names an existing file as a pickle: difflab's writer stores it as text."""
-    from difflab.latents.shards import write_shard
+    from difflab.storage.litdata_shards import write_shard
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "exists.txt").write_text("x")
@@ -492,7 +492,7 @@ def test_a_shard_field_stored_as_pickle_is_refused_before_decoding(tmp_path):
 
 
 def test_chunk_names_must_be_bare(tmp_path):
-    from difflab.latents.shards import open_shards
+    from difflab.latents.shard_reader import open_shards
 
     shards = tmp_path / "shards"
     shutil.copytree(LEGACY / "shards", shards)

@@ -20,7 +20,7 @@ traded for one fixed window per clip: shards hold only the frames a model sees, 
 no per-clip seeking (see the README). Unreadable source clips are replaced by the datamodule's own rule (the next
 readable clip) and counted in the manifest's ``data_report``.
 
-Writing order, resume and shard size come from ``difflab.latents.shards.write_split``: a seeded permutation of the
+Writing order, resume and shard size come from ``difflab.storage.litdata_shards.write_split``: a seeded permutation of the
 split, a manifest update after every shard, a rerun of the same command continues an interrupted one. Reading uses
 the latent reader's loader (``difflab.datamodules.streaming_latents``): seeded per-epoch shuffles, DDP ranks and
 workers without overlap, mid-epoch resume from Lightning checkpoints.
@@ -38,13 +38,17 @@ import lightning as L
 import numpy as np
 import torch
 
-from difflab.latents.cache import (MANIFEST, STATUS_COMPLETE, STATUS_IN_PROGRESS, check_manifest_data, clear_cache,
-                                   now, write_manifest)
-from difflab.latents.shards import (INSTALL, _fetch_json, auto_samples_per_shard, check_shards_complete,
-                                    check_split_index, is_url, join,
-                                    require_litdata, shard_info, shard_manifest, write_order, write_split)
+from difflab.autoencoders.loading import to_plain
+from difflab.datamodules.streaming_latents import (HAVE_LITDATA, LatentStreamingDataset, ShardLoader, ShardSplitLoaders,
+                                                stream_seed, world_size)
+from difflab.latents.encode import describe_datamodule, split_dataset
+from difflab.storage.litdata_shards import (auto_samples_per_shard, check_shards_complete, check_split_index,
+                                            shard_info, shard_manifest, write_order, write_split)
+from difflab.storage.location import INSTALL, fetch_json, is_url, join, require_litdata
+from difflab.storage.manifest import (MANIFEST, STATUS_COMPLETE, STATUS_IN_PROGRESS, check_manifest_data, clear_cache,
+                                      now, write_manifest)
+from difflab.storage.progress import progress_bar
 from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
-from difflab.datamodules.streaming_latents import ShardSplitLoaders
 from difflab.utils.images import to_uint8
 
 CLIP_FORMAT = "difflab-clip-shards"
@@ -85,7 +89,7 @@ class ClipShards:
     def __init__(self, location: str | Path, storage_options: dict | None = None, check_index: bool = True):
         self.location = str(location) if is_url(location) else str(Path(location).expanduser())
         self.storage_options = storage_options
-        self.manifest = check_clip_manifest(_fetch_json(self.location, MANIFEST, storage_options), self.location)
+        self.manifest = check_clip_manifest(fetch_json(self.location, MANIFEST, storage_options), self.location)
         if check_index:
             for split in self.splits:
                 check_split_index(self.manifest, self.location, split, storage_options, writer=WRITER)
@@ -166,8 +170,6 @@ def _check_resumable(out_dir: Path, old: dict, dataset: dict, samples_per_shard:
 
 def _split_dataset(datamodule: Any, split: str):
     """The split's dataset, serving the fixed (centred) ``num_frames`` window of every clip."""
-    from difflab.latents.encode import split_dataset
-
     get = getattr(datamodule, "split_dataset", None)
     ds = get(split) if callable(get) else split_dataset(datamodule, split)
     if ds is None:
@@ -200,9 +202,6 @@ def prepare_clip_shards(datamodule: Any, out_dir: str | Path, *, dataset: dict |
     """
     from torch.utils.data import DataLoader, Subset
     from torch.utils.data._utils.collate import default_collate
-
-    from difflab.autoencoders.loading import to_plain
-    from difflab.latents.encode import _progress, describe_datamodule
 
     require_litdata(f"{WRITER} (clip shards)")
     splits = list(splits)
@@ -250,7 +249,7 @@ def prepare_clip_shards(datamodule: Any, out_dir: str | Path, *, dataset: dict |
     def collate(items: list[dict]) -> dict:
         return {"x": default_collate([it["x"] for it in items]), "text": [str(it["text"]) for it in items]}
 
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         for name in splits:
             ds, info = datasets[name], manifest["splits"][name]
             order = write_order(info["count"], shard_info(manifest).get("order_seed"))
@@ -261,7 +260,7 @@ def prepare_clip_shards(datamodule: Any, out_dir: str | Path, *, dataset: dict |
                 for batch in loader:
                     yield clip_frames(batch["x"]), None, batch["text"]
 
-            write_split(out_dir, manifest, name, blocks, dtype="uint8", progress=bar, key="video", moments=False)
+            write_split(out_dir, manifest, name, blocks, dtype="uint8", progress=bar, key="video")
     report = getattr(datamodule, "data_report", None)
     if callable(report):
         manifest["data_report"] = to_plain(report())
@@ -311,8 +310,6 @@ class StreamingClipDataModule(ShardSplitLoaders, L.LightningDataModule):
                  seed: int | None = None, download_dir: str | None = None, max_cache_size: str | None = "50GB",
                  storage_options: dict | None = None, return_index: bool = False, **expected: Any):
         super().__init__()
-        from difflab.datamodules.streaming_latents import HAVE_LITDATA
-
         if not HAVE_LITDATA:
             raise ConfigError(f"datamodule=clips_stream needs the optional package litdata: {INSTALL} (or pip "
                               f"install litdata)")
@@ -332,8 +329,6 @@ class StreamingClipDataModule(ShardSplitLoaders, L.LightningDataModule):
         self.num_classes, self.class_names = None, None
 
     def _check_expected(self, expected: dict) -> None:
-        from difflab.autoencoders.loading import to_plain
-
         recorded = self.shards.manifest.get("dataset", {}) or {}
         args = recorded.get("args", {}) or {}
         for key, value in expected.items():
@@ -351,8 +346,6 @@ class StreamingClipDataModule(ShardSplitLoaders, L.LightningDataModule):
 
     def dataset(self, split: str, train: bool | None = None):
         """A fresh streaming dataset over ``split`` (shuffled when ``train`` and ``shuffle``)."""
-        from difflab.datamodules.streaming_latents import LatentStreamingDataset, stream_seed, world_size
-
         train = split == "train" if train is None else train
         location = self.shards.split_location(split)
         return LatentStreamingDataset(
@@ -362,8 +355,6 @@ class StreamingClipDataModule(ShardSplitLoaders, L.LightningDataModule):
             tag_epoch=False)
 
     def loader(self, split: str, train: bool):
-        from difflab.datamodules.streaming_latents import ShardLoader, stream_seed, world_size
-
         ds = self.dataset(split, train)
         drop_last = True if world_size() > 1 else bool(self.drop_last and train)
         generator = torch.Generator().manual_seed(stream_seed(self.seed))  # never the global RNG (see the latents)

@@ -41,8 +41,10 @@ import lightning as L
 import numpy as np
 import torch
 
+from difflab.autoencoders.loading import load_autoencoder
 from difflab.latents.cache import NormalisedAutoencoder, normalise
-from difflab.latents.shards import INSTALL, LatentShards, is_url, open_shards
+from difflab.latents.shard_reader import LatentShards, open_shards
+from difflab.storage.location import INSTALL, is_url
 from difflab.utils.errors import ConfigError
 
 try:  # optional extra: the classes below need litdata's bases; the datamodule reports a missing litdata in one line
@@ -285,8 +287,6 @@ class StreamingLatentDataModule(ShardSplitLoaders, L.LightningDataModule):
 
     def load_autoencoder(self):
         """Reload the autoencoder from its recorded spec (frozen), checked against the recorded hash."""
-        from difflab.autoencoders.loading import load_autoencoder
-
         if not self.autoencoder_spec["spec"]:
             raise ConfigError(f"sharded latents {self.shards.location} record no reload spec for their autoencoder "
                               f"(encoded from an in-memory model): pass the autoencoder explicitly")

@@ -2,7 +2,8 @@
 ``difflab.latents.shards``), read it back."""
 from difflab.latents.cache import LatentCache, NormalisedAutoencoder, denormalise, normalise
 from difflab.latents.encode import describe_datamodule, encode_dataset
-from difflab.latents.shards import LatentShards, cache_to_shards, encode_dataset_shards, open_shards
+from difflab.latents.shard_reader import LatentShards, open_shards
+from difflab.latents.shards import cache_to_shards, encode_dataset_shards
 
 __all__ = ["LatentCache", "NormalisedAutoencoder", "denormalise", "normalise", "describe_datamodule",
            "encode_dataset", "LatentShards", "cache_to_shards", "encode_dataset_shards", "open_shards"]

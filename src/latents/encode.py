@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,9 +18,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data._utils.collate import default_collate
 
 from difflab.autoencoders.loading import class_path, known_identity, to_plain
-from difflab.latents.cache import (LABELS, LATENTS, MANIFEST, STATUS_COMPLETE, STATUS_IN_PROGRESS, TEXTS, TEXTS_PARTIAL,
-                                   channel_moments, clear_cache, new_manifest, normalisation, now, read_manifest,
-                                   split_dir, write_manifest)
+from difflab.latents.format import LABELS, LATENTS, TEXTS, TEXTS_PARTIAL, new_manifest, read_manifest
+from difflab.latents.normalisation import channel_moments, normalisation
+from difflab.storage.manifest import (MANIFEST, STATUS_COMPLETE, STATUS_IN_PROGRESS, clear_cache, now, split_dir,
+                                      write_manifest)
+from difflab.storage.progress import progress_bar
 from difflab.ops.atomic import write_text
 from difflab.trust import not_a_link
 from difflab.utils.errors import ConfigError, disk_full, is_disk_full
@@ -86,7 +87,7 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_compatible(out_dir: Path, old: dict, identity: dict, dataset: dict, dtype: str) -> None:
+def check_compatible(out_dir: Path, old: dict, identity: dict, dataset: dict, dtype: str) -> None:
     """ConfigError naming what differs between an existing cache and this run."""
     hint = "use a new out_dir or overwrite=true"
     if old["autoencoder"]["hash"] != identity["hash"]:
@@ -101,16 +102,8 @@ def _check_compatible(out_dir: Path, old: dict, identity: dict, dataset: dict, d
                           f"{hint}")
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("encoding {task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn())
-
-
-def _encode(autoencoder, x: torch.Tensor, device: torch.device) -> np.ndarray:
+def encode_batch(autoencoder, x: torch.Tensor, device: torch.device) -> np.ndarray:
+    """Raw latents of one pixel batch as a float32 array (no gradients)."""
     with torch.inference_mode():
         z = autoencoder.encode(x.to(device, non_blocking=True))
     return z.float().cpu().numpy()
@@ -177,7 +170,7 @@ def encode_split(autoencoder, dataset: Dataset, out_dir: Path, split: str, manif
         loader = DataLoader(Subset(dataset, range(done, n)), batch_size=batch_size, shuffle=False,
                             num_workers=num_workers, collate_fn=default_collate)
         for batch in loader:
-            z = _encode(autoencoder, batch["x"], device)
+            z = encode_batch(autoencoder, batch["x"], device)
             b = len(z)
             latents[done:done + b] = z.astype(latents.dtype)
             latents.flush()
@@ -229,7 +222,7 @@ def encode_dataset(autoencoder, datamodule, out_dir: str | Path, *, identity: di
         raise ConfigError(f"{out_dir} exists, is not empty and holds no {MANIFEST}: choose a new or empty out_dir "
                           f"for the latent cache")
     if old is not None:
-        _check_compatible(out_dir, old, identity, dataset, dtype)
+        check_compatible(out_dir, old, identity, dataset, dtype)
         if old["status"] == STATUS_COMPLETE and set(splits) <= set(old["splits"]) and \
                 same_normalisation(old, target_std, per_channel):
             return old  # nothing to do
@@ -241,7 +234,7 @@ def encode_dataset(autoencoder, datamodule, out_dir: str | Path, *, identity: di
     if "latent_shape" not in manifest:
         first = default_collate([datasets["train"][0]])
         manifest["pixel_shape"] = list(first["x"].shape[1:])
-        manifest["latent_shape"] = list(_encode(autoencoder, first["x"], device).shape[1:])
+        manifest["latent_shape"] = list(encode_batch(autoencoder, first["x"], device).shape[1:])
         for key in ("num_classes", "class_names", "prompts"):
             manifest[key] = to_plain(getattr(datamodule, key, None))
     for s, ds in datasets.items():
@@ -257,7 +250,7 @@ def encode_dataset(autoencoder, datamodule, out_dir: str | Path, *, identity: di
     manifest["status"] = STATUS_IN_PROGRESS
     write_manifest(out_dir, manifest)
 
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         for s in splits:
             split_dir(out_dir, s).mkdir(exist_ok=True)
             encode_split(autoencoder, datasets[s], out_dir, s, manifest, batch_size=batch_size, dtype=dtype,
