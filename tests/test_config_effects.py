@@ -42,7 +42,7 @@ def test_overrides_the_run_uses_validate(train_main, tmp_path, capsys, overrides
 def test_validate_block_names_what_would_run(train_main, capsys):
     assert train_main(["process=vp", "schedule=linear", "sampler=ddim", "sampler.steps=12", "--validate"]) == 0
     out = capsys.readouterr().out
-    for line in ("process:      DiscreteSchedule (kind linear", "objective:    prediction v",
+    for line in ("process:      VPProcess (kind linear", "objective:    prediction v",
                  "sampler:      ddim (steps 12", "denoiser:     UNet2D", "precision:    32-true (auto:",
                  "output dir:   "):
         assert line in out, out

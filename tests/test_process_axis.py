@@ -38,7 +38,7 @@ def test_multirun_over_processes_trains_one_job_each(tmp_path):
         cfg = ckpt["difflab"]["config"]
         targets.add((cfg["model"]["process"]["_target_"].rsplit(".", 1)[-1], cfg["model"]["objective"]["prediction"]))
         assert cfg["model"]["net"]["base_channels"] == 8  # the same denoiser in every job
-    assert targets == {("DiscreteSchedule", "v"), ("EDMProcess", "edm"), ("FlowProcess", "flow")}
+    assert targets == {("VPProcess", "v"), ("EDMProcess", "edm"), ("FlowProcess", "flow")}
 
 
 @pytest.mark.parametrize("args, names", [(["process=edm", "sampler=ddpm"], "ddpm needs process=vp"),
@@ -50,7 +50,7 @@ def test_undefined_sampler_process_pairs_fail_at_start_and_write_nothing(tmp_pat
     assert "Traceback" not in r.stderr and not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("process, cls, prediction, weighting", [("vp", "DiscreteSchedule", "v", "uniform"),
+@pytest.mark.parametrize("process, cls, prediction, weighting", [("vp", "VPProcess", "v", "uniform"),
                                                                  ("edm", "EDMProcess", "edm", "edm"),
                                                                  ("flow", "FlowProcess", "flow", "uniform")])
 def test_each_process_config_builds_its_module(tmp_path, process, cls, prediction, weighting):

@@ -340,29 +340,21 @@ def test_flow_grid_matches_diffusers_without_shift(n):
     assert torch.equal(ours.float(), sched.sigmas)
 
 
-@pytest.mark.parametrize("shift", [3.0, 0.5])
-@pytest.mark.parametrize("n", [5, 28])
-def test_flow_shifted_grid_matches_diffusers(shift, n):
-    """shift != 1. Given difflab's unshifted points u = linspace(1, t_min, n) as ``sigmas``, diffusers shifts them
-    to difflab's sampling_times (float32 round-off).
-
-    diffusers' *default* grid differs: it spaces points from 1 down to its ``sigma_min``, which its constructor has
-    already shifted, and then shifts the points again, so its lowest nonzero sigma is shift(shift(1/1000))
-    (0.00893 for shift 3) where difflab's is shift(1/1000) (0.00299). That double shift of the lower end is the only
-    difference: difflab's grid with t_min = shift(1/1000) reproduces diffusers' default grid.
-    """
-    process = FlowProcess(shift=shift)
-    u = torch.linspace(1.0, process.t_min, n, dtype=torch.float64)
-    sched = _flow_scheduler(shift)
-    sched.set_timesteps(sigmas=u.tolist())
-    assert _max_diff(sched.sigmas, process.sampling_times(n)) <= 2e-7
-    default = _flow_scheduler(shift)
-    default.set_timesteps(n)
-    assert _max_diff(default.sigmas, process.sampling_times(n)) > 1e-4  # the documented difference is real
-    double_shift_t_min = float(shift_time(torch.tensor(process.t_min, dtype=torch.float64), shift))
-    assert _max_diff(default.sigmas, FlowProcess(shift=shift, t_min=double_shift_t_min).sampling_times(n)) <= 2e-7
-    assert float(default.sigmas[-2]) == pytest.approx(float(shift_time(torch.tensor(double_shift_t_min), shift)),
-                                                      rel=1e-6)
+@pytest.mark.parametrize("shift", [1.0, 3.0, 0.5, None])
+@pytest.mark.parametrize("n", [1, 5, 10, 28])
+def test_flow_grid_matches_diffusers_default_grid(shift, n):
+    """FlowProcess(shift).sampling_times(n) is diffusers' FlowMatchEulerDiscreteScheduler(shift=shift)
+    .set_timesteps(n) grid (None: both classes' defaults), lower end included: diffusers spaces points down to its
+    already shifted sigma_min and shifts them again, so the lowest nonzero time is shift(shift(1/1000)), 0.00893 at
+    shift 3 (float32 round-off)."""
+    diffusers = pytest.importorskip("diffusers")
+    kwargs = {} if shift is None else {"shift": shift}
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(**kwargs)
+    sched.set_timesteps(n)
+    ours = FlowProcess(**kwargs).sampling_times(n)
+    assert sched.sigmas.shape == ours.shape and _max_diff(sched.sigmas, ours) <= 2e-7
+    if shift == 3.0 and n > 1:
+        assert float(ours[-2]) == pytest.approx(0.0089286, abs=1e-6)
 
 
 def velocity(x: torch.Tensor, t) -> torch.Tensor:
@@ -379,7 +371,7 @@ def velocity_net(x_in, t_net, cond):
 @pytest.mark.parametrize("n", [5, 28])
 def test_flow_euler_matches_diffusers_steps(shift, n):
     """difflab euler (network v -> guided_model_fn(prediction='flow') -> x0, eps -> DDIM-form step) against
-    diffusers' scheduler.step(v, timestep, sample) loop, same v and same x_T, on the same grid.
+    diffusers' scheduler.step(v, timestep, sample) loop, same v and same x_T, on diffusers' own default grid.
 
     diffusers keeps sigmas, timesteps and the sample in float32, so both run on float32 inputs; each step carries
     float32 round-off (~6e-8 relative) in the grid, the time input and the update, and difflab converts through
@@ -387,9 +379,8 @@ def test_flow_euler_matches_diffusers_steps(shift, n):
     ~1e-6 observed.
     """
     process = FlowProcess(shift=shift)
-    u = torch.linspace(1.0, process.t_min, n, dtype=torch.float64)
     sched = _flow_scheduler(shift)
-    sched.set_timesteps(sigmas=u.tolist())
+    sched.set_timesteps(n)
     x = torch.randn(4, DIM, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     theirs = x.clone()
     for timestep in sched.timesteps:

@@ -1,9 +1,12 @@
-"""Allowed values of the process group (configs/process/*.yaml, `# @package _global_`: each option sets `process`
-and the objective it needs; src/diffusion/processes.py), checked by difflab.config_checks before a job starts.
-process=vp is `${schedule}` (checked in configs/schedule/schema.py); the rules below are edm's and flow's keys."""
+"""Allowed values of the process group (configs/process/*.yaml; src/diffusion/processes.py), checked by
+difflab.config_checks before a job starts. process=vp is `${schedule}` (checked in configs/schedule/schema.py); the
+rules below are edm's and flow's keys."""
 from difflab.config_checks import integer, number, one_of, optional, positive
 
 RULES = {
+    # the objective the process trains (configs/objective/*.yaml interpolate them)
+    "prediction": one_of(["eps", "x0", "v", "flow", "edm"]),
+    "weighting": one_of(["uniform", "min_snr", "inv_snr_clamped", "edm"]),
     # edm (EDMProcess)
     "sigma_min": positive(),
     "sigma_max": positive(),

@@ -7,7 +7,7 @@ is one class here plus one ``configs/process/<name>.yaml``.
 
 Time runs from ``clean_time`` (data) to the noise end; sampling grids descend and end at ``clean_time``.
 
-- ``vp`` (:class:`difflab.diffusion.schedules.DiscreteSchedule`): DDPM-family discrete tables; t is the integer
+- ``vp`` (:class:`VPProcess`, beta tables from ``difflab.diffusion.schedules``): DDPM-family; t is the integer
   training step in [0, T) (clean data is t = -1), alpha = sqrt(alpha_bar[t]), sigma = sqrt(1 - alpha_bar[t]).
 - ``edm`` (:class:`EDMProcess`, Karras et al. 2022): t is sigma itself, alpha = 1, sigma = t in
   [sigma_min, sigma_max]; log-normal training sigmas, Karras rho grid.
@@ -23,26 +23,14 @@ import math
 
 import torch
 
+from difflab.diffusion.draws import rng_device, standard_normal, standard_uniform
+from difflab.diffusion.schedules import (BETA_SCHEDULES, SPACINGS, VP_DENSITIES, check_kind_kwargs,
+                                        rescale_zero_terminal_snr, sample_timesteps, spaced_timesteps)
+
 Tensor = torch.Tensor
+__all__ = ["NoiseProcess", "VPProcess", "EDMProcess", "FlowProcess", "PROCESSES", "rng_device", "standard_normal",
+           "standard_uniform"]
 ODE_FRAMES = ("sigma", "t")
-
-
-def rng_device(generator: torch.Generator | None, device) -> torch.device | str | None:
-    """Where random numbers are drawn: on the generator's device when one is given (seeded runs replay exactly on any
-    device), else on ``device``."""
-    return generator.device if generator is not None else device
-
-
-def standard_normal(n: int, generator=None, device=None) -> Tensor:
-    """``n`` float64 N(0, 1) draws, on ``device``."""
-    dev = rng_device(generator, device)
-    return torch.randn(n, generator=generator, device=dev, dtype=torch.float64).to(device or dev)
-
-
-def standard_uniform(n: int, generator=None, device=None) -> Tensor:
-    """``n`` float64 U(0, 1) draws, on ``device``."""
-    dev = rng_device(generator, device)
-    return torch.rand(n, generator=generator, device=dev, dtype=torch.float64).to(device or dev)
 
 
 class NoiseProcess:
@@ -57,6 +45,10 @@ class NoiseProcess:
     continuous = True       # whether coefficients exist between grid points (stochastic churn needs it)
     prior_std = 1.0         # samplers start from N(0, prior_std^2 I)
     reaches_pure_noise = False  # alpha = 0 at the noise end (x0 is not identifiable from an eps prediction there)
+    # The objective this process trains unless the objective states its own (configs/objective/*.yaml interpolate
+    # them): None where the objective group chooses (vp).
+    prediction: str | None = None
+    weighting: str | None = None
 
     def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(alpha(t), sigma(t)) as float64 tensors shaped like ``t``."""
@@ -117,6 +109,138 @@ class NoiseProcess:
         return repr(self)
 
 
+class VPProcess(NoiseProcess):
+    """The ``vp`` process: a T-step noise schedule holding float64 alpha-bar, with SNR, log-SNR and sigmas from it.
+
+    Process time is the integer training step t in [0, T) (clean data: -1); the denoiser sees t itself.
+    ``spacing`` is the default timestep spacing samplers use: ``trailing`` (the default) starts at t = T - 1, the
+    noise end, which sampling from pure noise needs (and zero terminal SNR requires, Lin et al.); ``leading`` starts
+    at T - T / steps. ``density`` draws training timesteps (uniform, or logit-normal with ``logit_mean/std``).
+    """
+
+    name = "vp"
+    clean_time = -1.0
+    has_ancestral = True
+    continuous = False
+
+    def __init__(self, kind: str = "cosine", num_timesteps: int = 1000, zero_terminal_snr: bool = False,
+                 spacing: str = "trailing", steps_offset: int = 0, density: str = "uniform",
+                 logit_mean: float = 0.0, logit_std: float = 1.0, **kind_kwargs):
+        if kind not in BETA_SCHEDULES:
+            raise ValueError(f"unknown schedule kind '{kind}': choose one of {sorted(BETA_SCHEDULES)}")
+        if int(num_timesteps) < 2:
+            raise ValueError(f"schedule.num_timesteps must be >= 2, got {num_timesteps}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"schedule.spacing='{spacing}' is unknown: choose one of {SPACINGS}")
+        if density not in VP_DENSITIES:
+            raise ValueError(f"schedule.density='{density}' is unknown: choose one of {VP_DENSITIES}")
+        check_kind_kwargs(kind, kind_kwargs)
+        self.density, self.logit_mean, self.logit_std = density, float(logit_mean), float(logit_std)
+        betas = BETA_SCHEDULES[kind](int(num_timesteps), **kind_kwargs)
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        self.kind = kind
+        self.kind_kwargs = dict(kind_kwargs)
+        self.num_timesteps = int(num_timesteps)
+        self.zero_terminal_snr = bool(zero_terminal_snr)
+        self.spacing = spacing
+        self.steps_offset = int(steps_offset)
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0)
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod, spacing: str = "trailing", steps_offset: int = 0) -> "VPProcess":
+        """A schedule from given alpha-bars (e.g. another library's scheduler), kept exactly as given (float64)."""
+        ab = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).flatten()
+        if ab.numel() < 2 or not bool(((ab >= 0) & (ab < 1)).all()):
+            raise ValueError("alphas_cumprod must hold at least 2 values in [0, 1)")
+        self = cls.__new__(cls)
+        self.kind, self.kind_kwargs = "custom", {}
+        self.num_timesteps = ab.numel()
+        self.zero_terminal_snr = bool(ab[-1] == 0)
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing='{spacing}' is unknown: choose one of {SPACINGS}")
+        self.spacing, self.steps_offset = spacing, int(steps_offset)
+        self.density, self.logit_mean, self.logit_std = "uniform", 0.0, 1.0
+        self.alphas_cumprod = ab.clone()
+        self.betas = 1 - torch.cat([ab[:1], ab[1:] / ab[:-1].clamp(min=1e-300)])
+        return self
+
+    @property
+    def snr(self) -> Tensor:
+        """alpha_bar / (1 - alpha_bar) per timestep (0 at the end with zero terminal SNR)."""
+        ab = self.alphas_cumprod
+        return ab / (1 - ab)
+
+    @property
+    def log_snr(self) -> Tensor:
+        """log SNR per timestep (-inf at the end with zero terminal SNR)."""
+        ab = self.alphas_cumprod
+        return ab.log() - torch.log1p(-ab)
+
+    @property
+    def sigmas(self) -> Tensor:
+        """Variance-exploding noise level sqrt((1 - ab) / ab) per timestep (inf at the end with zero terminal SNR)."""
+        ab = self.alphas_cumprod
+        return ((1 - ab) / ab).sqrt()
+
+    def alpha_bar(self, t: Tensor, like: Tensor | None = None) -> Tensor:
+        """alpha-bar at integer timesteps ``t``, shaped to broadcast against ``like`` (B x ...) if given."""
+        t = torch.as_tensor(t)
+        ab = self.alphas_cumprod.to(t.device)[t.long()]
+        if like is not None:
+            ab = ab.to(like.dtype if like.is_floating_point() else torch.float32).reshape(-1, *([1] * (like.ndim - 1)))
+        return ab
+
+    def sampling_timesteps(self, steps: int, spacing: str | None = None, exclude_zero: bool = False) -> Tensor:
+        """Descending timesteps for a ``steps``-step sampler, using this schedule's spacing unless one is given."""
+        return spaced_timesteps(self.num_timesteps, int(steps), spacing or self.spacing, self.steps_offset,
+                                exclude_zero=exclude_zero)
+
+    # ---- the process interface ----
+    def coefficients(self, t):
+        """(sqrt(alpha_bar[t]), sqrt(1 - alpha_bar[t])) at integer steps t; (1, 0) at the clean end t < 0."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        table = self.alphas_cumprod.to(t.device)
+        ab = table[t.round().long().clamp(0, self.num_timesteps - 1)]
+        ab = torch.where(t < 0, torch.ones_like(ab), ab)
+        return ab.sqrt(), (1 - ab).sqrt()
+
+    def net_time(self, t):
+        return torch.as_tensor(t).float()
+
+    def time_from_net_time(self, t_net):
+        return torch.as_tensor(t_net).double()
+
+    def sample_times(self, n, device=None, generator=None):
+        return sample_timesteps(n, self.num_timesteps, self.density, self.logit_mean, self.logit_std, device=device,
+                                generator=generator).double()
+
+    def sampling_times(self, steps, spacing=None, multistep=False):
+        """The spaced timesteps (multistep solvers: the ``exclude_zero`` grid, as diffusers), then clean (-1)."""
+        ts = self.sampling_timesteps(steps, spacing, exclude_zero=multistep).double()
+        return torch.cat([ts, ts.new_full((1,), self.clean_time)])
+
+    def time_at_fraction(self, frac):
+        return float(min(self.num_timesteps - 1, max(0, round(float(frac) * self.num_timesteps))))
+
+    def time_from_log_snr(self, log_snr):
+        """The step whose log-SNR is nearest (log-SNR falls with t)."""
+        target = torch.as_tensor(log_snr, dtype=torch.float64)
+        table = self.log_snr.to(target.device)
+        return (table[None, :] - target.reshape(-1, 1)).abs().argmin(dim=1).reshape(target.shape).double()
+
+    @property
+    def reaches_pure_noise(self) -> bool:
+        """With zero terminal SNR the last step has alpha = 0."""
+        return self.zero_terminal_snr
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v}" for k, v in self.kind_kwargs.items())
+        return (f"VPProcess(kind={self.kind}, T={self.num_timesteps}, "
+                f"zero_terminal_snr={self.zero_terminal_snr}, spacing={self.spacing}{extra})")
+
+
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
     """Karras et al.'s grid sigma_i = (smax^(1/rho) + i / (N - 1) (smin^(1/rho) - smax^(1/rho)))^rho, then 0."""
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
@@ -135,7 +259,7 @@ class EDMProcess(NoiseProcess):
     name = "edm"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, p_mean: float = -1.2,
-                 p_std: float = 1.2, time_scale: float = 1000.0):
+                 p_std: float = 1.2, time_scale: float = 1000.0, prediction: str = "edm", weighting: str = "edm"):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"process.sigma_min / sigma_max need 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}")
         if rho <= 0 or p_std <= 0:
@@ -143,6 +267,7 @@ class EDMProcess(NoiseProcess):
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.prior_std = self.sigma_max
         self.p_mean, self.p_std, self.time_scale = float(p_mean), float(p_std), float(time_scale)
+        self.prediction, self.weighting = prediction, weighting
 
     def coefficients(self, t):
         t = torch.as_tensor(t, dtype=torch.float64)
@@ -237,9 +362,10 @@ class FlowProcess(NoiseProcess):
     """Rectified flow / flow matching on the linear path x_t = (1 - t) x0 + t eps (t = 1 is noise, SD3's direction).
 
     Training times come from ``density`` (uniform, logit_normal(mean, std), mode(mode_scale), cosmap), then the
-    resolution ``shift``. The sampling grid is ``shift`` applied to ``steps`` points spaced evenly from 1 down to
-    ``t_min`` (default 1 / 1000, diffusers' FlowMatchEulerDiscreteScheduler convention), then 0. The denoiser sees
-    ``time_scale * t`` (1000 t, as SD3).
+    resolution ``shift``. The sampling grid is diffusers' FlowMatchEulerDiscreteScheduler's (and SD3.5's reference
+    sampler's): ``shift`` applied to ``steps`` points spaced evenly from 1 down to shift(``t_min``) (default t_min
+    1 / 1000), then 0; its lowest nonzero time is shift(shift(t_min)) (0.00893 at shift 3; t_min itself at shift 1).
+    The denoiser sees ``time_scale * t`` (1000 t, as SD3).
     """
 
     name = "flow"
@@ -248,7 +374,7 @@ class FlowProcess(NoiseProcess):
 
     def __init__(self, density: str = "logit_normal", mean: float = 0.0, std: float = 1.0, mode_scale: float = 1.29,
                  shift: float = 1.0, t_min: float = 1e-3, time_scale: float = 1000.0,
-                 frame_shift_base: int | None = None):
+                 frame_shift_base: int | None = None, prediction: str = "flow", weighting: str = "uniform"):
         if density not in FLOW_DENSITIES:
             raise ValueError(f"process.density='{density}' is unknown: choose one of {FLOW_DENSITIES}")
         if shift <= 0 or std <= 0 or not 0 < t_min < 1:
@@ -259,6 +385,7 @@ class FlowProcess(NoiseProcess):
         self.shift, self.t_min, self.time_scale = float(shift), float(t_min), float(time_scale)
         # training times of a video batch of T frames use frame_shift(shift, T, frame_shift_base) (None: shift)
         self.frame_shift_base = None if frame_shift_base is None else int(frame_shift_base)
+        self.prediction, self.weighting = prediction, weighting
 
     def coefficients(self, t):
         t = torch.as_tensor(t, dtype=torch.float64)
@@ -284,7 +411,10 @@ class FlowProcess(NoiseProcess):
         return shift_time(t, self.shift if shift is None else shift).clamp(0, 1)
 
     def sampling_times(self, steps, spacing=None, multistep=False):
-        u = torch.linspace(1.0, self.t_min, int(steps), dtype=torch.float64)
+        """``steps`` points evenly spaced from 1 down to shift(t_min), shifted, then 0: diffusers'
+        FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(steps) grid, whose lower end is shifted twice."""
+        lowest = float(shift_time(torch.tensor(self.t_min, dtype=torch.float64), self.shift))
+        u = torch.linspace(1.0, lowest, int(steps), dtype=torch.float64)
         return torch.cat([shift_time(u, self.shift), u.new_zeros(1)])
 
     def time_from_sigma_ve(self, sigma_ve):
@@ -301,4 +431,4 @@ class FlowProcess(NoiseProcess):
         return f"FlowProcess(density={self.density}, shift={self.shift}{per_frames})"
 
 
-PROCESSES = {"edm": EDMProcess, "flow": FlowProcess}  # "vp": difflab.diffusion.schedules.DiscreteSchedule
+PROCESSES = {"vp": VPProcess, "edm": EDMProcess, "flow": FlowProcess}

@@ -1,5 +1,5 @@
-"""Discrete noise schedules (the ``vp`` process): beta / alpha-bar profiles, zero-terminal-SNR rescaling, timestep
-spacing and the training-timestep density.
+"""The beta tables of the ``vp`` process (``difflab.diffusion.processes.VPProcess``): beta / alpha-bar profiles,
+zero-terminal-SNR rescaling, timestep spacing and the discrete training-timestep density.
 
 Conventions: ``alphas_cumprod[t]`` (alpha-bar) is the signal fraction at training step ``t`` in ``[0, T)``;
 ``x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps``. SNR = alpha_bar / (1 - alpha_bar), log-SNR its log, and
@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from difflab.diffusion.processes import NoiseProcess, rng_device, standard_normal
+from difflab.diffusion.draws import rng_device, standard_normal
 
 Tensor = torch.Tensor
 SPACINGS = ("leading", "trailing", "linspace")
@@ -115,7 +115,8 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading", o
     return ts.flip(0)
 
 
-def _check_kind_kwargs(kind: str, kwargs: dict) -> None:
+def check_kind_kwargs(kind: str, kwargs: dict) -> None:
+    """Refuse settings the beta profile ``kind`` does not take (a key left over from another schedule=)."""
     allowed = [p for p in inspect.signature(BETA_SCHEDULES[kind]).parameters if p != "num_timesteps"]
     bad = sorted(set(kwargs) - set(allowed))
     if bad:
@@ -137,133 +138,10 @@ def sample_timesteps(n: int, num_timesteps: int, kind: str = "uniform", mean: fl
     return t.to(device) if device is not None else t
 
 
-class DiscreteSchedule(NoiseProcess):
-    """The ``vp`` process: a T-step noise schedule holding float64 alpha-bar, with SNR, log-SNR and sigmas from it.
+def __getattr__(name: str):
+    """The vp process's old name and place (``difflab.diffusion.schedules.DiscreteSchedule``, stored configs)."""
+    if name == "DiscreteSchedule":
+        from difflab.diffusion.processes import VPProcess
 
-    Process time is the integer training step t in [0, T) (clean data: -1); the denoiser sees t itself.
-    ``spacing`` is the default timestep spacing samplers use: ``trailing`` (the default) starts at t = T - 1, the
-    noise end, which sampling from pure noise needs (and zero terminal SNR requires, Lin et al.); ``leading`` starts
-    at T - T / steps. ``density`` draws training timesteps (uniform, or logit-normal with ``logit_mean/std``).
-    """
-
-    name = "vp"
-    clean_time = -1.0
-    has_ancestral = True
-    continuous = False
-
-    def __init__(self, kind: str = "cosine", num_timesteps: int = 1000, zero_terminal_snr: bool = False,
-                 spacing: str = "trailing", steps_offset: int = 0, density: str = "uniform",
-                 logit_mean: float = 0.0, logit_std: float = 1.0, **kind_kwargs):
-        if kind not in BETA_SCHEDULES:
-            raise ValueError(f"unknown schedule kind '{kind}': choose one of {sorted(BETA_SCHEDULES)}")
-        if int(num_timesteps) < 2:
-            raise ValueError(f"schedule.num_timesteps must be >= 2, got {num_timesteps}")
-        if spacing not in SPACINGS:
-            raise ValueError(f"schedule.spacing='{spacing}' is unknown: choose one of {SPACINGS}")
-        if density not in VP_DENSITIES:
-            raise ValueError(f"schedule.density='{density}' is unknown: choose one of {VP_DENSITIES}")
-        _check_kind_kwargs(kind, kind_kwargs)
-        self.density, self.logit_mean, self.logit_std = density, float(logit_mean), float(logit_std)
-        betas = BETA_SCHEDULES[kind](int(num_timesteps), **kind_kwargs)
-        if zero_terminal_snr:
-            betas = rescale_zero_terminal_snr(betas)
-        self.kind = kind
-        self.kind_kwargs = dict(kind_kwargs)
-        self.num_timesteps = int(num_timesteps)
-        self.zero_terminal_snr = bool(zero_terminal_snr)
-        self.spacing = spacing
-        self.steps_offset = int(steps_offset)
-        self.betas = betas
-        self.alphas_cumprod = torch.cumprod(1 - betas, 0)
-
-    @classmethod
-    def from_alphas_cumprod(cls, alphas_cumprod, spacing: str = "trailing", steps_offset: int = 0) -> "DiscreteSchedule":
-        """A schedule from given alpha-bars (e.g. another library's scheduler), kept exactly as given (float64)."""
-        ab = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).flatten()
-        if ab.numel() < 2 or not bool(((ab >= 0) & (ab < 1)).all()):
-            raise ValueError("alphas_cumprod must hold at least 2 values in [0, 1)")
-        self = cls.__new__(cls)
-        self.kind, self.kind_kwargs = "custom", {}
-        self.num_timesteps = ab.numel()
-        self.zero_terminal_snr = bool(ab[-1] == 0)
-        if spacing not in SPACINGS:
-            raise ValueError(f"spacing='{spacing}' is unknown: choose one of {SPACINGS}")
-        self.spacing, self.steps_offset = spacing, int(steps_offset)
-        self.density, self.logit_mean, self.logit_std = "uniform", 0.0, 1.0
-        self.alphas_cumprod = ab.clone()
-        self.betas = 1 - torch.cat([ab[:1], ab[1:] / ab[:-1].clamp(min=1e-300)])
-        return self
-
-    @property
-    def snr(self) -> Tensor:
-        """alpha_bar / (1 - alpha_bar) per timestep (0 at the end with zero terminal SNR)."""
-        ab = self.alphas_cumprod
-        return ab / (1 - ab)
-
-    @property
-    def log_snr(self) -> Tensor:
-        """log SNR per timestep (-inf at the end with zero terminal SNR)."""
-        ab = self.alphas_cumprod
-        return ab.log() - torch.log1p(-ab)
-
-    @property
-    def sigmas(self) -> Tensor:
-        """Variance-exploding noise level sqrt((1 - ab) / ab) per timestep (inf at the end with zero terminal SNR)."""
-        ab = self.alphas_cumprod
-        return ((1 - ab) / ab).sqrt()
-
-    def alpha_bar(self, t: Tensor, like: Tensor | None = None) -> Tensor:
-        """alpha-bar at integer timesteps ``t``, shaped to broadcast against ``like`` (B x ...) if given."""
-        t = torch.as_tensor(t)
-        ab = self.alphas_cumprod.to(t.device)[t.long()]
-        if like is not None:
-            ab = ab.to(like.dtype if like.is_floating_point() else torch.float32).reshape(-1, *([1] * (like.ndim - 1)))
-        return ab
-
-    def sampling_timesteps(self, steps: int, spacing: str | None = None, exclude_zero: bool = False) -> Tensor:
-        """Descending timesteps for a ``steps``-step sampler, using this schedule's spacing unless one is given."""
-        return spaced_timesteps(self.num_timesteps, int(steps), spacing or self.spacing, self.steps_offset,
-                                exclude_zero=exclude_zero)
-
-    # ---- the process interface ----
-    def coefficients(self, t):
-        """(sqrt(alpha_bar[t]), sqrt(1 - alpha_bar[t])) at integer steps t; (1, 0) at the clean end t < 0."""
-        t = torch.as_tensor(t, dtype=torch.float64)
-        table = self.alphas_cumprod.to(t.device)
-        ab = table[t.round().long().clamp(0, self.num_timesteps - 1)]
-        ab = torch.where(t < 0, torch.ones_like(ab), ab)
-        return ab.sqrt(), (1 - ab).sqrt()
-
-    def net_time(self, t):
-        return torch.as_tensor(t).float()
-
-    def time_from_net_time(self, t_net):
-        return torch.as_tensor(t_net).double()
-
-    def sample_times(self, n, device=None, generator=None):
-        return sample_timesteps(n, self.num_timesteps, self.density, self.logit_mean, self.logit_std, device=device,
-                                generator=generator).double()
-
-    def sampling_times(self, steps, spacing=None, multistep=False):
-        """The spaced timesteps (multistep solvers: the ``exclude_zero`` grid, as diffusers), then clean (-1)."""
-        ts = self.sampling_timesteps(steps, spacing, exclude_zero=multistep).double()
-        return torch.cat([ts, ts.new_full((1,), self.clean_time)])
-
-    def time_at_fraction(self, frac):
-        return float(min(self.num_timesteps - 1, max(0, round(float(frac) * self.num_timesteps))))
-
-    def time_from_log_snr(self, log_snr):
-        """The step whose log-SNR is nearest (log-SNR falls with t)."""
-        target = torch.as_tensor(log_snr, dtype=torch.float64)
-        table = self.log_snr.to(target.device)
-        return (table[None, :] - target.reshape(-1, 1)).abs().argmin(dim=1).reshape(target.shape).double()
-
-    @property
-    def reaches_pure_noise(self) -> bool:
-        """With zero terminal SNR the last step has alpha = 0."""
-        return self.zero_terminal_snr
-
-    def __repr__(self) -> str:
-        extra = "".join(f", {k}={v}" for k, v in self.kind_kwargs.items())
-        return (f"DiscreteSchedule(vp, kind={self.kind}, T={self.num_timesteps}, "
-                f"zero_terminal_snr={self.zero_terminal_snr}, spacing={self.spacing}{extra})")
+        return VPProcess
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

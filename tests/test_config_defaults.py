@@ -1,0 +1,82 @@
+"""train.yaml says what runs: its defaults list is what `python train.py --cfg job` composes (the default experiment
+changes no group), and the objective's target comes from the process through the objective configs' interpolation,
+never from a process file writing into another group."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from difflab.configs import CONFIG_DIR
+from difflab.ops.testing import ROOT
+
+
+def listed_defaults() -> dict[str, str | None]:
+    """``{group: option}`` of train.yaml's defaults list."""
+    entries = yaml.safe_load((CONFIG_DIR / "train.yaml").read_text())["defaults"]
+    return {k: v for entry in entries if isinstance(entry, dict) for k, v in entry.items()}
+
+
+def composed(overrides=()):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_the_default_experiment_keeps_every_group_train_yaml_lists():
+    cfg = composed()
+    choices = cfg.hydra.runtime.choices
+    listed = {g: o for g, o in listed_defaults().items() if o is not None}
+    assert {g: choices[g] for g in listed} == listed
+    assert listed["process"] == "flow" and listed["sampler"] == "heun" and listed["model"] == "unet2d_small"
+
+
+def test_cfg_job_shows_the_listed_defaults():
+    """The printed job config: the process, sampler and denoiser train.yaml lists, and the process's own target."""
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--cfg", "job", "--resolve"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    job = yaml.safe_load(out.stdout)
+    assert job["process"]["_target_"] == "difflab.diffusion.processes.FlowProcess"
+    assert job["sampler"]["_target_"].endswith(".heun")
+    assert (job["objective"]["prediction"], job["objective"]["weighting"]) == ("flow", "uniform")
+    assert first(job["model"], "net")["base_channels"] == 16   # unet2d_small's width
+
+
+def first(tree: dict, key: str):
+    """The first node named ``key`` in a nested config (the model's denoiser, wherever the module nests it)."""
+    if key in tree:
+        return tree[key]
+    for value in tree.values():
+        if isinstance(value, dict) and (found := first(value, key)) is not None:
+            return found
+    return None
+
+
+@pytest.mark.parametrize("process, objective, prediction, weighting", [
+    ("vp", "natural", "v", "uniform"), ("vp", "eps", "eps", "uniform"), ("vp", "x0", "x0", "uniform"),
+    ("vp", "v", "v", "uniform"), ("edm", "natural", "edm", "edm"), ("edm", "eps", "edm", "edm"),
+    ("flow", "natural", "flow", "uniform"), ("flow", "x0", "flow", "uniform")])
+def test_the_objective_trains_the_process_target(process, objective, prediction, weighting):
+    """vp states no target: objective=eps|x0|v choose it; edm and flow state theirs (process.prediction)."""
+    obj = composed([f"process={process}", f"objective={objective}"]).objective
+    assert (obj.prediction, obj.weighting) == (prediction, weighting)
+
+
+def test_an_explicit_objective_value_wins_on_any_process():
+    obj = composed(["process=flow", "objective.prediction=eps", "objective.weighting=min_snr"]).objective
+    assert (obj.prediction, obj.weighting) == ("eps", "min_snr")
+    assert composed(["process=edm", "process.prediction=v"]).objective.prediction == "v"
+
+
+def test_process_files_write_only_the_process():
+    """edm and flow are files of the process package; vp's file sets `process` alone (to the schedule's node)."""
+    for path in sorted((CONFIG_DIR / "process").glob("*.yaml")):
+        text = path.read_text()
+        body = yaml.safe_load(text)
+        if "@package _global_" in text:
+            assert set(body) == {"process"}, path.name
+        else:
+            assert "_target_" in body and "objective" not in body, path.name
