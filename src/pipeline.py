@@ -26,6 +26,7 @@ from difflab.ops.resume import resolve_resume
 from difflab.ops.run_lock import run_dir_lock
 from difflab.ops.signals import GracefulShutdown, checkpoint_dir, find_shutdown
 from difflab.ops.slurm import cluster_plugins
+from difflab.run_bounds import stopping_bound
 from difflab.trust import data_strings
 from difflab.utils.errors import ConfigError, instantiate_reporting
 from difflab.utils.logging import print_lightning_lines_once
@@ -165,6 +166,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                      trainable_parameters(objs["model"]) / 1e6, trainer.precision, cfg.paths.output_dir,
                      f"; resuming from {ckpt}" if ckpt else "")
             trainer.fit(objs["model"], datamodule=objs["datamodule"], ckpt_path=ckpt, weights_only=True)
+            log.info("training stopped by %s", stopping_bound(trainer))
             objs["metrics"] = final_metrics(trainer)
             shutdown = find_shutdown(trainer)
             objs["stopped_by_signal"] = bool(shutdown and shutdown.stopped)
