@@ -48,7 +48,7 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
-    from difflab.ops.testing import compose_train
+    from difflab.utils.compose import compose_train
     from difflab.pipeline import build
 
     out = Path(args.out_dir)

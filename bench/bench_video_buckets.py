@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import interleaved, machine_description, md_table, median, set_threads, write_result  # noqa: E402
 from difflab.datamodules.buckets import Bucket  # noqa: E402
 from difflab.datamodules.sign_video import SignVideoDataModule  # noqa: E402
-from difflab.datamodules.video_io import write_mp4  # noqa: E402
+from difflab.video.io import write_mp4  # noqa: E402
 
 HEADER = "VIDEO_ID\tVIDEO_NAME\tSENTENCE_ID\tSENTENCE_NAME\tSTART\tEND\tSENTENCE"
 

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from difflab.datamodules.sign_video import SignVideoDataModule  # noqa: E402
-from difflab.datamodules.video_io import mp4_encoder, write_mp4  # noqa: E402
+from difflab.video.io import mp4_encoder, write_mp4  # noqa: E402
 
 HEADER = "VIDEO_ID\tVIDEO_NAME\tSENTENCE_ID\tSENTENCE_NAME\tSTART\tEND\tSENTENCE"
 

@@ -129,6 +129,6 @@ def git_revision() -> str:
 
 def compose_train(overrides: Sequence[str] = (), output_dir: str | Path = "/tmp/difflab_bench_run"):
     """The training config (``configs/train.yaml``) composed by Hydra as train.py would, plus overrides."""
-    from difflab.ops.testing import compose_train as compose
+    from difflab.utils.compose import compose_train as compose
 
     return compose(output_dir, [f"paths.root_dir={REPO}", *overrides])

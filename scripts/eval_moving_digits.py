@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         (out / "result.json").write_text(json.dumps(result, indent=2))
         if samples is not None:
             from difflab.callbacks.video_grid import video_fps, write_sample_videos
-            from difflab.datamodules.video_io import to_uint8_video
+            from difflab.video.io import to_uint8_video
 
             u8 = to_uint8_video(samples)  # N x T x H x W x C -> sample.py's N x T x C x H x W
             np.savez(out / "samples.npz", videos=u8.transpose(0, 1, 4, 2, 3), prompts=np.array(prompts, dtype=str))

@@ -21,7 +21,7 @@ def run_dir(tmp_path_factory):
     """`python train.py` (in-process, real Hydra CLI parsing) on tiny digits: 4 steps, a checkpoint and a grid every
     2 steps, CSV logs; one run per test module that asks for it."""
     import train
-    from difflab.ops.testing import run_hydra_main, tiny_overrides
+    from tests.helpers import run_hydra_main, tiny_overrides
 
     out = tmp_path_factory.mktemp("train_run")
     code = run_hydra_main(train.main, [*tiny_overrides(max_steps=4, save_every=2), "logger=csv",

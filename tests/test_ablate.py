@@ -15,7 +15,7 @@ import yaml
 from scipy import stats as sps
 
 from difflab.ablation.stats import mean_ci, paired_difference, welch_difference
-from difflab.ops.testing import ROOT
+from tests.helpers import ROOT
 
 FD = "metrics/fd_digit200"
 ACC = "metrics/digit_accuracy"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from difflab.ops.testing import run_hydra_main
+from tests.helpers import run_hydra_main
 
 
 @pytest.fixture

@@ -294,7 +294,7 @@ def test_first_problem_is_the_value_set_not_those_derived_from_it(paths):
 def test_in_process_pipeline_path(tmp_path):
     """The tests' path (compose_train -> difflab.pipeline) composes without a hydra node: ensure_valid raises a
     one-line ConfigError there."""
-    from difflab.ops.testing import compose_train
+    from tests.helpers import compose_train
 
     assert check_config(compose_train(tmp_path, []), "train") == []
     cfg = compose_train(tmp_path, ["datamodule.batch_size=0"])

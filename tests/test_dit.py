@@ -286,7 +286,7 @@ TINY_DIT = ["model=dit", "datamodule.image_size=8", "model.net.depth=2", "model.
 
 
 def _tiny(extra=()):
-    from difflab.ops.testing import TINY, tiny_overrides
+    from tests.helpers import TINY, tiny_overrides
 
     keep = [o for o in tiny_overrides(max_steps=4, save_every=2) if not o.startswith("model.net.")]
     assert len(keep) == len(tiny_overrides(max_steps=4, save_every=2)) - sum(o.startswith("model.net.") for o in TINY)
@@ -294,7 +294,7 @@ def _tiny(extra=()):
 
 
 def _compose(overrides, tmp_path):
-    from difflab.ops.testing import compose_train
+    from tests.helpers import compose_train
 
     return compose_train(tmp_path, list(overrides))
 
@@ -334,7 +334,7 @@ def test_transformer_recipes_repeat_their_unet_recipe_but_the_denoiser(dit, base
 
 def test_cli_patch_size_that_does_not_divide_the_image_fails_in_one_line(tmp_path, capsys):
     import train
-    from difflab.ops.testing import run_hydra_main
+    from tests.helpers import run_hydra_main
 
     code = run_hydra_main(train.main, [*_tiny(["model.net.patch_size=3"]), f"hydra.run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -345,7 +345,7 @@ def test_cli_patch_size_that_does_not_divide_the_image_fails_in_one_line(tmp_pat
 
 def test_cli_more_frames_than_the_temporal_positions_fails_in_one_line(tmp_path, capsys):
     import train
-    from difflab.ops.testing import run_hydra_main
+    from tests.helpers import run_hydra_main
 
     args = ["experiment=moving_digits_t2v_dit", "model.net.max_frames=4", f"paths.data_dir={tmp_path / 'data'}",
             "trainer=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
@@ -375,7 +375,7 @@ def test_train_and_sample_a_dit_with_every_process(process, sampler, tmp_path):
     import sample
     import train
     from difflab.checkpoints import load_checkpoint, module_from_checkpoint
-    from difflab.ops.testing import run_hydra_main
+    from tests.helpers import run_hydra_main
 
     run = tmp_path / "run"
     assert run_hydra_main(train.main, [*_tiny([f"process={process}", f"sampler={sampler}"]), "logger=csv",
@@ -430,7 +430,7 @@ def test_ddp_cpu_run_of_a_dit_keeps_ranks_in_sync(tmp_path):
     import subprocess
     import sys
 
-    from difflab.ops.testing import ROOT
+    from tests.helpers import ROOT
 
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
@@ -445,7 +445,7 @@ def test_keys_set_for_another_denoiser_fail_at_start_in_one_line(tmp_path, capsy
     """experiment=stl10_latent sets UNet channels; with model=dit they are no DiT arguments: refused before anything
     is written, naming the key and how to drop it."""
     import train
-    from difflab.ops.testing import run_hydra_main
+    from tests.helpers import run_hydra_main
 
     code = run_hydra_main(train.main, ["experiment=stl10_latent", "model=dit", f"hydra.run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip().splitlines()

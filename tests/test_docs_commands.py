@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from difflab.ops.testing import ROOT, run_hydra_main
+from tests.helpers import ROOT, run_hydra_main
 from tests.docs_commands import Command, documented_commands
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"

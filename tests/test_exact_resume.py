@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from difflab.checkpoints import load_checkpoint
-from difflab.ops.testing import ROOT, compose_train, tiny_overrides
+from tests.helpers import ROOT, compose_train, tiny_overrides
 from difflab.pipeline import train
 
 torch.set_num_threads(1)  # 2 shared cores: one thread per process

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from difflab.ops.testing import compose_train
+from tests.helpers import compose_train
 from difflab.pipeline import train
 from tests.test_image_datamodules import write_cifar10, write_stl10
 

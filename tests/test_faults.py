@@ -26,7 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
-from difflab.ops.testing import compose_train, run_hydra_main, tiny_overrides
+from tests.helpers import compose_train, run_hydra_main, tiny_overrides
 
 torch.set_num_threads(1)  # 2 shared cores
 

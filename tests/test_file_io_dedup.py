@@ -133,7 +133,7 @@ def test_to_uint8_keeps_shape_and_quantises_low_precision_in_float32():
 
 def test_video_and_metric_paths_give_the_same_bytes_as_the_image_quantiser():
     import difflab.metrics.common as mc
-    from difflab.datamodules.video_io import to_uint8_video
+    from difflab.video.io import to_uint8_video
 
     g = torch.Generator().manual_seed(0)
     videos = torch.rand(2, 3, 4, 6, 5, generator=g) * 2.2 - 1.1  # B x C x T x H x W, some values out of range
@@ -147,7 +147,7 @@ def test_video_and_metric_paths_give_the_same_bytes_as_the_image_quantiser():
 
 def test_uint8_resizers_share_the_rounding():
     from difflab.datamodules.sign_video import crop_resize
-    from difflab.datamodules.video_io import resize_uint8
+    from difflab.video.io import resize_uint8
 
     frames = np.random.default_rng(0).integers(0, 256, (2, 12, 16, 3), dtype=np.uint8)
     got = crop_resize(frames, (6, 8))  # same aspect: no crop, only the resize

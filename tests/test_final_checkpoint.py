@@ -29,7 +29,7 @@ from difflab.callbacks.ema import find_ema
 from difflab.checkpoints import load_checkpoint, module_from_checkpoint
 from difflab.ops.final_checkpoint import RunCheckpoint
 from difflab.ops.resume import resolve_resume
-from difflab.ops.testing import compose_train, tiny_overrides
+from tests.helpers import compose_train, tiny_overrides
 from difflab.pipeline import build
 
 torch.set_num_threads(1)  # 2 shared cores: one thread per process
@@ -351,7 +351,7 @@ def test_ddp_cpu_final_checkpoint_and_resume_from_first_periodic(tmp_path):
     import subprocess
     import sys
 
-    from difflab.ops.testing import ROOT
+    from tests.helpers import ROOT
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            "HYDRA_FULL_ERROR": "1"}

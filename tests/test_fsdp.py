@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from difflab.ops.testing import ROOT, compose_train, tiny_overrides
+from tests.helpers import ROOT, compose_train, tiny_overrides
 
 torch.set_num_threads(1)
 

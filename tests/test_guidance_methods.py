@@ -16,7 +16,7 @@ from difflab.diffusion.objectives import Objective
 from difflab.diffusion.processes import FlowProcess
 from difflab.diffusion.samplers import SAMPLERS, ddim, sampling_grid
 from difflab.diffusion.schedules import DiscreteSchedule
-from difflab.ops.testing import CONFIG_DIR, compose_train, run_hydra_main
+from tests.helpers import CONFIG_DIR, compose_train, run_hydra_main
 from difflab.utils.errors import ConfigError
 
 torch.set_num_threads(1)

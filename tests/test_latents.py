@@ -362,7 +362,7 @@ def test_train_a_dit_on_cached_latents(tmp_path, ae_ckpt):
     autoencoder, and its checkpoint samples pixels."""
     from difflab.checkpoints import module_from_checkpoint
     from difflab.encode_latents import run
-    from difflab.ops.testing import compose_train
+    from tests.helpers import compose_train
     from difflab.pipeline import train
 
     cache = tmp_path / "cache"

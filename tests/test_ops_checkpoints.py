@@ -16,7 +16,7 @@ import torch
 from difflab.checkpoints import load_checkpoint, load_export, load_weights, module_from_checkpoint
 from difflab.ops.atomic import atomic_torch_save, remove_stale_temporaries
 from difflab.ops.checkpoint_io import AtomicCheckpointIO
-from difflab.ops.testing import ROOT, compose_train, run_hydra_main, tiny_overrides
+from tests.helpers import ROOT, compose_train, run_hydra_main, tiny_overrides
 from difflab.utils.errors import CheckpointError
 
 torch.set_num_threads(1)

@@ -14,7 +14,7 @@ import torch
 
 from difflab.ops import ddp_multirun
 from difflab.ops import wandb as wandb_ops
-from difflab.ops.testing import ROOT, compose_train, tiny_overrides
+from tests.helpers import ROOT, compose_train, tiny_overrides
 
 torch.set_num_threads(1)
 

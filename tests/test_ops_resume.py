@@ -24,7 +24,7 @@ import torch
 
 from difflab.checkpoints import load_checkpoint
 from difflab.lit_modules.lr_schedules import resolve_steps, warmup_cosine
-from difflab.ops.testing import ROOT, compose_train, tiny_overrides
+from tests.helpers import ROOT, compose_train, tiny_overrides
 from difflab.pipeline import build, train
 
 torch.set_num_threads(1)  # 2 shared cores: one thread per process is ~10x faster than two contending ones

@@ -14,7 +14,7 @@ import torch
 from difflab.ops.resume import find_latest_checkpoint, resolve_resume
 from difflab.ops.signals import GracefulShutdown
 from difflab.ops.slurm import REQUEUE_SIGNAL, cluster_plugins
-from difflab.ops.testing import compose_train, tiny_overrides
+from tests.helpers import compose_train, tiny_overrides
 from difflab.utils.errors import CheckpointError
 
 torch.set_num_threads(1)
@@ -25,7 +25,7 @@ def test_slurm_launcher_config_composes_when_submitit_is_installed(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from difflab.ops.testing import CONFIG_DIR
+    from tests.helpers import CONFIG_DIR
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from difflab.ops.testing import ROOT
+from tests.helpers import ROOT
 
 COMMANDS = {"difflab-train": "difflab.train:main", "difflab-sample": "difflab.sample:main",
             "difflab-export": "difflab.export:main", "difflab-report": "difflab.report:main",

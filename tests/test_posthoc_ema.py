@@ -17,7 +17,7 @@ from difflab.callbacks.posthoc_ema import PostHocEMA, list_snapshots, read_snaps
 from difflab.diffusion.posthoc_ema import (SIGMA_REL_MAX, check_expressible, combine_state_dicts, gamma_to_sigma_rel,
                                            power_ema_beta, profile_inner_products, sigma_rel_to_gamma,
                                            solve_coefficients)
-from difflab.ops.testing import compose_train, run_hydra_main, tiny_overrides
+from tests.helpers import compose_train, run_hydra_main, tiny_overrides
 from difflab.reconstruct_ema import reconstruct_weights
 from difflab.utils.errors import ConfigError
 
@@ -285,7 +285,7 @@ def test_ddp_run_writes_each_snapshot_once_and_it_reconstructs(tmp_path):
     import sys
 
     from difflab.checkpoints import module_from_checkpoint
-    from difflab.ops.testing import ROOT
+    from tests.helpers import ROOT
 
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}

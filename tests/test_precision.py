@@ -8,7 +8,7 @@ import torch
 
 from difflab.ops import precision as prec
 from difflab.ops.hardware import fit_accelerator
-from difflab.ops.testing import compose_train, tiny_overrides
+from tests.helpers import compose_train, tiny_overrides
 
 
 def machine(monkeypatch, *, cuda: bool, gpu_native_bf16: bool = False, cpu_flags=(), arch="x86_64"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from difflab.lit_modules.lr_schedules import time_progress, warmup_cosine, warmup_cosine_progress
-from difflab.ops.testing import compose_train, tiny_overrides
+from tests.helpers import compose_train, tiny_overrides
 
 FAST = ["debug=fast", "logger=csv", "trainer.enable_progress_bar=false", "datamodule.image_size=8",
         "model.net.base_channels=8", "model.net.channel_mults=[1,2]", "model.net.attention_levels=[]",

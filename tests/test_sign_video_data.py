@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from difflab.datamodules import video_io as vio
+from difflab.video import io as vio
 from difflab.datamodules.moving_digits import (
     DIRECTIONS,
     MovingDigitsDataModule,

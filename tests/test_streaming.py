@@ -429,7 +429,7 @@ def test_encode_latents_shards_on_digits_then_train_and_resume(tmp_path, ae_ckpt
     import train
     from difflab.checkpoints import load_checkpoint
     from difflab.datamodules.streaming_latents import STATE_KEY
-    from difflab.ops.testing import run_hydra_main
+    from tests.helpers import run_hydra_main
 
     # one batch per split (1617, 180 digits) in both layouts: CPU kernels round differently with the batch size (not
     # with the batch's members), so equal batch sizes make the two layouts hold bitwise equal latents

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from difflab.checkpoints import load_checkpoint, module_from_checkpoint
-from difflab.ops.testing import CONFIG_DIR, compose_train, run_hydra_main
+from tests.helpers import CONFIG_DIR, compose_train, run_hydra_main
 
 torch.set_num_threads(1)
 

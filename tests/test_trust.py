@@ -18,7 +18,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from difflab.ops.testing import ROOT, run_hydra_main
+from tests.helpers import ROOT, run_hydra_main
 from difflab.trust import (ALLOWLIST, TRUST_KEY, build_stored, check_config, data_strings, literal_string,
                            trusting, why_not_allowed, without_resolvers)
 from difflab.utils.errors import UntrustedFileError
@@ -161,7 +161,7 @@ def test_stored_interpolations_are_refused_and_shown_configs_stay_literal(monkey
 def test_every_config_difflab_composes_passes_the_gate():
     """What train.py stores in checkpoints, for every experiment and every option of the groups users swap."""
     from difflab.configs import CONFIG_DIR
-    from difflab.ops.testing import compose_train
+    from tests.helpers import compose_train
 
     experiments = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
     swaps = [f"{g}={p.stem}" for g in ("model", "sampler", "guidance", "callbacks", "logger", "trainer", "process")
@@ -424,7 +424,7 @@ def test_a_class_name_that_is_an_interpolation_is_refused(tmp_path, monkeypatch)
     built and saved: refused in one line, the secret never read."""
     from types import SimpleNamespace
 
-    from difflab.ops.testing import compose_train
+    from tests.helpers import compose_train
     from difflab.pipeline import fill_from_datamodule
     from difflab.utils.errors import instantiate_reporting
 

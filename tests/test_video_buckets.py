@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from difflab.datamodules import video_io as vio
+from difflab.video import io as vio
 from difflab.datamodules.buckets import (
     Bucket,
     BucketBatchSampler,
@@ -366,7 +366,7 @@ def test_how2sign_bucket_longer_than_every_clip_fails_at_setup(how2sign_lengths_
 
 def test_bucket_config_keys_compose_and_are_checked(tmp_path):
     from difflab.config_checks import check_config
-    from difflab.ops.testing import compose_train
+    from tests.helpers import compose_train
 
     ok = compose_train(tmp_path, ["experiment=sign_text2video", "datamodule.buckets=[16,32]"])
     assert check_config(ok, "train") == []
@@ -382,7 +382,7 @@ def test_tiny_bucketed_training_run_sees_several_frame_counts(tmp_path, monkeypa
     """experiment=moving_digits_t2v with variable-length clips (4-8 frames), buckets [4, 8], process=flow with the
     frame shift: batches of both lengths reach the training step, each with its own time shift."""
     from difflab.lit_modules.diffusion_module import DiffusionModule
-    from difflab.ops.testing import compose_train
+    from tests.helpers import compose_train
     from difflab.pipeline import train
 
     seen = []

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from difflab.callbacks.video_grid import VideoGridCallback, log_video, video_fps, write_sample_videos
-from difflab.datamodules import video_io as vio
+from difflab.video import io as vio
 from difflab.models.unet3d import UNet3D, depth_to_space, space_to_depth
 from difflab.models.video_layers import FrameAttention, RelativePositionBias, SpaceTimeBlock, TemporalAttention
 from difflab.models.vivit import ViViT

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from difflab.ops.ema_weights import ema_module, prepare_ema_weights
 from difflab.callbacks.schedule import is_scheduled
-from difflab.datamodules.video_io import to_uint8_video, video_grid, write_gif, write_mp4
+from difflab.video.io import to_uint8_video, video_grid, write_gif, write_mp4
 from difflab.ops.atomic import write_text
 from difflab.trust import not_a_link
 from difflab.utils.logging import append_figure_index, figure_path

@@ -50,7 +50,9 @@ import torch.distributed as dist
 from torch.utils.data import BatchSampler, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
 
+from difflab.ops.atomic import atomic_write
 from difflab.utils.errors import ConfigError, DataNotFoundError
+from difflab.video.io import list_frame_files, probe_video
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +226,6 @@ def summarize(buckets: Sequence[Bucket], batch_sizes: dict[Bucket, int]) -> str:
 
 # ---------------------------------------------------------------------------------------------- clip probing
 def _frames_in_folder(source: str) -> list[str]:
-    from difflab.datamodules.video_io import list_frame_files
-
     return list_frame_files(source)
 
 
@@ -246,8 +246,6 @@ def _probe_one(rec: Any, backend: str, default_fps: float) -> ClipInfo | None:
                 return None
             with Image.open(files[0]) as im:
                 return ClipInfo(len(files), fps, im.height, im.width)
-        from difflab.datamodules.video_io import probe_video
-
         info = probe_video(rec.source, backend)
         if rec.start is None and rec.end is None:
             n = info.num_frames
@@ -304,8 +302,6 @@ def probe_clips(records: Sequence[Any], *, backend: str = "pyav", default_fps: f
             cache[k] = {"stamp": stamps[r.source], "info": None if info is None else list(vars(info).values())}
         if cache_file is not None:
             try:
-                from difflab.ops.atomic import atomic_write
-
                 payload = json.dumps(cache)
                 atomic_write(cache_file, lambda tmp: Path(tmp).write_text(payload))
             except OSError as e:

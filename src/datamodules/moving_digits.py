@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from difflab.datamodules.digits import DIGIT_NAMES
 from difflab.datamodules.sign_video import HOW2SIGN_CLIPS_DIR, SignVideoDataModule
-from difflab.datamodules.video_io import mp4_encoder, write_mp4
+from difflab.video.io import mp4_encoder, write_mp4
 from difflab.utils.errors import ConfigError, disk_full, is_disk_full
 from difflab.utils.images import round_to_uint8
 

@@ -43,7 +43,7 @@ from difflab.datamodules.buckets import (
     usable_frames,
 )
 from difflab.datamodules.image_common import ImageDataModule
-from difflab.datamodules.video_io import BACKENDS, list_frame_files, open_video, read_frame_files, resize_uint8
+from difflab.video.io import BACKENDS, list_frame_files, open_video, read_frame_files, resize_uint8
 from difflab.ops.rng import WorkerRNGState
 from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
 

@@ -1,14 +1,13 @@
-"""Helpers for tests and smoke runs of the training configs: tiny-model overrides and in-process composition."""
+"""Helpers shared by the tests: the repository root, tiny-model overrides and running a Hydra entry point in-process."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-from omegaconf import DictConfig, open_dict
+from difflab.configs import CONFIG_DIR  # noqa: F401 - tests take it from here
+from difflab.utils.compose import compose_train  # noqa: F401 - tests take it from here
 
-from difflab.configs import CONFIG_DIR
-
-ROOT = Path(__file__).resolve().parents[2]  # the source checkout (tests and benchmarks run from one)
+ROOT = Path(__file__).resolve().parents[1]  # the source checkout
 
 # A model and schedule small enough for CPU tests: 8x8 digits, two UNet levels of 8/16 channels, no attention.
 TINY = [
@@ -34,24 +33,6 @@ def tiny_overrides(max_steps: int = 4, save_every: int = 2, extra: Sequence[str]
     return TINY + [f"trainer.max_steps={max_steps}",
                    f"callbacks.model_checkpoint.every_n_train_steps={save_every}",
                    f"callbacks.class_grid.every_n_steps={save_every}", *extra]
-
-
-def compose_train(output_dir: str | Path, overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
-    """Compose ``configs/train.yaml`` in-process like ``train.py`` does, with ``paths.output_dir`` set and Hydra's
-    runtime info (``${hydra:...}``) available; the returned config can go straight to ``difflab.pipeline.train``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name, overrides=[*overrides], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        del cfg["hydra"]
-    return cfg
 
 
 def run_hydra_main(main, argv: Sequence[str]) -> int:

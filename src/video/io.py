@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from difflab.ops.atomic import atomic_path
+from difflab.utils.extras import install_hint
 from difflab.utils.images import round_to_uint8, to_uint8
 
 BACKENDS = ("pyav", "torchcodec")
@@ -136,8 +137,6 @@ class TorchCodecReader:
         try:
             from torchcodec.decoders import VideoDecoder
         except ImportError as e:  # also a torchcodec that cannot find FFmpeg's shared libraries
-            from difflab.utils.extras import install_hint
-
             # stays an ImportError: datasets re-raise it instead of skipping every clip as unreadable
             raise ImportError(
                 f"backend='torchcodec' needs the torchcodec package and a system FFmpeg ({e}); "
