@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from difflab.ops.testing import TINY, compose_train, run_hydra_main
+from tests.helpers import TINY, compose_train, run_hydra_main
 
 torch.set_num_threads(1)
 
@@ -268,7 +268,7 @@ def test_tsne_and_mean_cosine():
 
 
 def test_metric_names_carry_sample_and_frame_counts():
-    from difflab.callbacks.sample_metrics import metric_names, resolve_feature_kind
+    from difflab.metrics.sample_metrics import metric_names, resolve_feature_kind
 
     assert metric_names("i3d", 256, (3, 16, 64, 64)) == ("fvd256_16f", "kvd256_16f")
     assert metric_names("inception", 1000, (3, 32, 32)) == ("fid1000", "kid1000")
@@ -324,7 +324,7 @@ def _digits_datamodule():
 
 
 def test_digit_fd_via_sample_metrics_on_a_few_samples(tmp_path):
-    from difflab.callbacks.sample_metrics import SampleMetrics
+    from difflab.metrics.sample_metrics import SampleMetrics
 
     dm = _digits_datamodule()
     x, y = dm.train_set.x, dm.train_set.labels
@@ -344,7 +344,7 @@ def test_digit_fd_via_sample_metrics_on_a_few_samples(tmp_path):
 
 
 def test_missing_weights_skip_the_metric_with_one_warning(tmp_path):
-    from difflab.callbacks.sample_metrics import SampleMetrics
+    from difflab.metrics.sample_metrics import SampleMetrics
     from difflab.metrics import common
 
     common._WARNED.clear()
@@ -379,7 +379,7 @@ class FakeI3D(nn.Module):
 def test_fvd_for_video_samples_with_a_local_i3d_file(tmp_path):
     from torch.utils.data import DataLoader
 
-    from difflab.callbacks.sample_metrics import SampleMetrics
+    from difflab.metrics.sample_metrics import SampleMetrics
     from difflab.datamodules.digits import TensorDictDataset
 
     torch.manual_seed(0)
@@ -423,7 +423,7 @@ def _tiny_clip(folder: Path) -> Path:
 
 
 def test_clip_score_for_text_models(tmp_path):
-    from difflab.callbacks.sample_metrics import SampleMetrics
+    from difflab.metrics.sample_metrics import SampleMetrics
     from difflab.metrics.clip_score import load_clip_scorer
 
     clip_dir = _tiny_clip(tmp_path)
@@ -440,7 +440,7 @@ def test_clip_score_for_text_models(tmp_path):
 
 
 def test_sample_noise_depends_only_on_the_global_index():
-    from difflab.callbacks.sample_metrics import SampleMetrics
+    from difflab.metrics.sample_metrics import SampleMetrics
 
     m = SampleMetrics(n_samples=10, seed=3)
     whole = m._noise(list(range(10)), (1, 4, 4))
@@ -453,7 +453,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from difflab.callbacks.sample_metrics import SampleMetrics
+    from difflab.metrics.sample_metrics import SampleMetrics
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -477,7 +477,7 @@ def test_sharded_sample_metrics_under_ddp_equal_single_process(tmp_path):
 
     import torch.multiprocessing as mp
 
-    from difflab.callbacks.sample_metrics import SampleMetrics
+    from difflab.metrics.sample_metrics import SampleMetrics
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

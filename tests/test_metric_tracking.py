@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from difflab.ops.testing import compose_train, tiny_overrides
+from tests.helpers import compose_train, tiny_overrides
 
 N = 20  # generated samples per evaluation: metric names carry it (metrics/fd_digit20)
 FD = f"metrics/fd_digit{N}"
@@ -112,7 +112,7 @@ def test_every_logged_evaluation_records_its_seed(tracked_run):
 def test_floor_is_fd_of_unseen_real_items_against_the_reference(tmp_path):
     """The floor equals an FD computed by hand: reference = the first n_real items of the seeded order of the train
     split, floor items = the next n_samples."""
-    from difflab.callbacks.sample_metrics import DigitFeatures, SampleMetrics
+    from difflab.metrics.sample_metrics import DigitFeatures, SampleMetrics
     from difflab.datamodules.digits import DigitsDataModule
     from difflab.metrics.frechet import frechet_distance, gaussian_stats
 
@@ -209,7 +209,7 @@ def test_optuna_search_of_four_trials_reports_the_best(tmp_path):
     import yaml
 
     import train
-    from difflab.ops.testing import run_hydra_main
+    from tests.helpers import run_hydra_main
 
     sweep = tmp_path / "sweep"
     code = run_hydra_main(train.main, [
@@ -254,7 +254,7 @@ def test_ddp_ranks_agree_on_monitored_sample_metric(tmp_path):
     import subprocess
     import sys
 
-    from difflab.ops.testing import ROOT
+    from tests.helpers import ROOT
 
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), *tiny_overrides(max_steps=4, save_every=2), "trainer=ddp_cpu",

@@ -118,7 +118,7 @@ class ReconstructionCallback(DiagnosticCallback):
 
     def _lpips_model(self):
         if not self._lpips_tried and self.lpips_net:
-            from difflab.callbacks.sample_metrics import load_lpips
+            from difflab.metrics.sample_metrics import load_lpips
 
             self._lpips = load_lpips(self.lpips_net, self.lpips_backbone)
             self._lpips_tried = True

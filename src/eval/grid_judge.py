@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from difflab.eval.digit_classifier import WEIGHTS, load_digit_classifier
+from difflab.metrics.clip_score import load_clip_scorer
+
 JUDGES = ("auto", "digit_classifier", "clip", "none")
 
 
@@ -37,8 +40,6 @@ class DigitJudge:
     score_name = "p"
 
     def __init__(self, weights: str | os.PathLike | None = None):
-        from difflab.eval.digit_classifier import WEIGHTS, load_digit_classifier
-
         self.classifier = load_digit_classifier(Path(weights) if weights else WEIGHTS).eval()
 
     @torch.no_grad()
@@ -89,8 +90,6 @@ def build_judge(kind: str, module, clip_model: str | None = None, digit_weights:
         return DigitJudge(digit_weights)
     if key not in ("label", "text") or not clip_model:
         return None
-    from difflab.metrics.clip_score import load_clip_scorer
-
     scorer = load_clip_scorer(clip_model)
     return None if scorer is None else ClipJudge(scorer)
 

@@ -19,7 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from difflab.datamodules.moving_digits import DIRECTIONS, parse_caption
+from difflab.datamodules.moving_digits import DIRECTIONS, parse_caption, read_manifest
+from difflab.datamodules.sign_video import HOW2SIGN_CLIPS_DIR
+from difflab.eval.digit_classifier import judge
+from difflab.utils.errors import DataNotFoundError
+from difflab.video.io import read_video
 
 CROP_MODES = ("bbox", "com", "whole")
 _AXIS = {"left": (1, -1), "right": (1, 1), "up": (0, -1), "down": (0, 1)}  # (axis: 0 rows / 1 cols, sign)
@@ -106,8 +110,6 @@ def digit_crops(frames: torch.Tensor, digit_size: int, mode: str = "bbox", out: 
 @torch.no_grad()
 def classify_frames(frames: torch.Tensor, digit_size: int, mode: str = "bbox", model=None) -> torch.Tensor:
     """Predicted digit for every frame: ``N x T`` int64, for ``N x T x H x W`` frames in [0, 1]."""
-    from difflab.eval.digit_classifier import judge
-
     n, t = frames.shape[:2]
     return judge(digit_crops(frames, digit_size, mode), model=model)["pred"].reshape(n, t)
 
@@ -200,11 +202,6 @@ def load_real_clips(data_dir, split: str = "test", max_clips: int | None = None)
     """Decoded clips of a generated moving-digits folder (uint8 ``N x T x H x W x 3``), their captions and the
     generator parameters, read through the manifest (to check the judge on real data)."""
     from pathlib import Path
-
-    from difflab.datamodules.moving_digits import read_manifest
-    from difflab.datamodules.sign_video import HOW2SIGN_CLIPS_DIR
-    from difflab.datamodules.video_io import read_video
-    from difflab.utils.errors import DataNotFoundError
 
     m = read_manifest(data_dir)
     if m is None:

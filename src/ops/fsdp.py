@@ -38,6 +38,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from difflab.ops.atomic import atomic_torch_save
 from difflab.ops.ema_weights import check_sampling_has_ema
 from difflab.trust import bare_name, child_path, is_trusted, restricted_load
 from difflab.utils.errors import CheckpointError, ConfigError, UntrustedFileError, disk_full, is_disk_full
@@ -291,8 +292,6 @@ def write_sharded_checkpoint(checkpoint: dict[str, Any], filepath, global_rank: 
     then the shard directories the file no longer points to are removed. Collective: every rank calls it.
     ``checkpoint`` loses its tensor entries (as Lightning's strategies do)."""
     import torch.distributed.checkpoint as dcp
-
-    from difflab.ops.atomic import atomic_torch_save
 
     path = Path(broadcast(str(filepath)))
     if path.is_dir():

@@ -22,6 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from difflab.ops.fsdp import local
 from difflab.utils.errors import DifflabError
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,6 @@ def grads_finite_tensor(params) -> torch.Tensor:
 def tensors_finite(tensors) -> bool:
     """Every element of every floating-point tensor is finite (the local shard of a DTensor); one host sync per
     device. Used on weights, where a fused norm could overflow fp16 and report a false non-finite."""
-    from difflab.ops.fsdp import local
-
     flags: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
         if torch.is_tensor(t) and t.is_floating_point():

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from difflab.ops.atomic import write_text
 from difflab.trust import config_target
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,6 @@ def run_id(save_dir: str | Path) -> str:
 
     if rank_zero_only.rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        from difflab.ops.atomic import write_text
-
         write_text(path, rid + "\n")
     return rid
 
