@@ -11,7 +11,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from difflab.configs import CONFIG_DIR
-from difflab.ops.testing import ROOT
+from tests.helpers import ROOT
 
 
 def listed_defaults() -> dict[str, str | None]:
