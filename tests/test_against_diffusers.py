@@ -5,7 +5,7 @@ same deterministic fake model function and the same noise. Relative error = max 
 
 Precision notes: diffusers keeps its schedule in float32 (difflab in float64), so schedule-level comparisons carry
 float32 round-off; the sampling-loop tests therefore give difflab the very alpha-bars diffusers uses
-(``DiscreteSchedule.from_alphas_cumprod``) to compare the algorithms on the same inputs, and separate tests compare
+(``VPProcess.from_alphas_cumprod``) to compare the algorithms on the same inputs, and separate tests compare
 the native float64 schedules end to end. With ``rescale_betas_zero_snr=True``, diffusers' DPM-Solver and Euler
 replace the terminal alpha-bar 0 by 2**-24; difflab keeps 0 and takes the exact limit (tested separately: the two
 differ by ~1e-4 relative).
@@ -25,7 +25,7 @@ from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as hf
 from difflab.diffusion.guidance import guided_model_fn, rescale_guidance  # noqa: E402
 from difflab.diffusion.objectives import add_noise, clip_x0, training_target  # noqa: E402
 from difflab.diffusion.samplers import ddim, ddpm, dpmpp_2m, euler, heun  # noqa: E402
-from difflab.diffusion.schedules import DiscreteSchedule  # noqa: E402
+from difflab.diffusion.processes import VPProcess  # noqa: E402
 
 T = 1000
 HF_KIND = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid"}
@@ -59,7 +59,7 @@ def x_T(dtype=torch.float64):
 @pytest.mark.parametrize("n", [100, 500, 1000])
 @pytest.mark.parametrize("zero", [False, True])
 def test_alphas_cumprod(kind, n, zero):
-    ours = DiscreteSchedule(kind, n, zero_terminal_snr=zero, **KIND_KW.get(kind, {}))
+    ours = VPProcess(kind, n, zero_terminal_snr=zero, **KIND_KW.get(kind, {}))
     hf = DDPMScheduler(num_train_timesteps=n, beta_schedule=HF_KIND[kind], rescale_betas_zero_snr=zero,
                        **KIND_KW.get(kind, {}))
     theirs = hf.alphas_cumprod.double()
@@ -71,7 +71,7 @@ def test_alphas_cumprod(kind, n, zero):
         assert ((ours.alphas_cumprod - theirs).abs() / theirs)[big].max().item() < TOL
     else:
         # ... and diffusers' own rescaling function run in float64 on our betas agrees to round-off
-        plain = DiscreteSchedule(kind, n, **KIND_KW.get(kind, {}))
+        plain = VPProcess(kind, n, **KIND_KW.get(kind, {}))
         ref = torch.cumprod(1 - hf_rescale(plain.betas.clone()), 0)
         torch.testing.assert_close(ours.alphas_cumprod, ref, rtol=1e-12, atol=1e-15)
         assert ours.alphas_cumprod[-1] == 0 and theirs[-1] == 0
@@ -79,7 +79,7 @@ def test_alphas_cumprod(kind, n, zero):
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_noising_and_v_target(kind):
-    ours = DiscreteSchedule(kind, T)
+    ours = VPProcess(kind, T)
     hf = DDPMScheduler(num_train_timesteps=T, beta_schedule=HF_KIND[kind])
     g = torch.Generator().manual_seed(1)
     x0, eps = torch.randn(8, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(8, 2, 4, 4, generator=g,
@@ -94,7 +94,7 @@ def test_noising_and_v_target(kind):
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("steps", [7, 10, 20, 25, 50])
 def test_timestep_grids(spacing, steps):
-    sch = DiscreteSchedule("cosine", T)
+    sch = VPProcess("cosine", T)
     for cls in (DDPMScheduler, DDIMScheduler):
         hf = cls(num_train_timesteps=T, timestep_spacing=spacing)
         hf.set_timesteps(steps)
@@ -139,9 +139,9 @@ def _hf(cls, kind, zero, spacing, pred, **kw):
                timestep_spacing=spacing, **kw)
 
 
-def _same(hf, spacing) -> DiscreteSchedule:
+def _same(hf, spacing) -> VPProcess:
     """difflab schedule holding exactly the alpha-bars the diffusers scheduler uses."""
-    return DiscreteSchedule.from_alphas_cumprod(hf.alphas_cumprod, spacing=spacing)
+    return VPProcess.from_alphas_cumprod(hf.alphas_cumprod, spacing=spacing)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
@@ -211,7 +211,7 @@ def test_dpmpp_2m_loop(case, steps):
 def test_native_float64_schedules_end_to_end(spacing):
     """difflab's own schedules (no alpha-bars shared) against diffusers: DDIM, DDPM and DPM-Solver++ loops."""
     for kind, pred in (("cosine", "v"), ("linear", "eps")):
-        sch = DiscreteSchedule(kind, T, spacing=spacing)
+        sch = VPProcess(kind, T, spacing=spacing)
         mf = guided_model_fn(net, sch, pred, {}, None)
         hf = _hf(DDIMScheduler, kind, False, spacing, pred, clip_sample=False)
         hf.set_timesteps(25)
@@ -221,7 +221,7 @@ def test_native_float64_schedules_end_to_end(spacing):
         assert rel_err(ddim(mf, x_T(), sch, steps=25), x) < TOL
         _, x = _hf_dpm(kind, False, spacing, pred, 20)
         assert rel_err(dpmpp_2m(mf, x_T(), sch, steps=20), x) < TOL
-    sch = DiscreteSchedule("cosine", T, zero_terminal_snr=True, spacing="trailing")
+    sch = VPProcess("cosine", T, zero_terminal_snr=True, spacing="trailing")
     hf = _hf(DDPMScheduler, "cosine", True, "trailing", "v", clip_sample=False)
     hf.set_timesteps(20)
     x, g = x_T(), torch.Generator().manual_seed(4)
@@ -235,7 +235,7 @@ def test_native_float64_schedules_end_to_end(spacing):
 def test_dpmpp_exact_zero_snr_limit_vs_diffusers_floor():
     """difflab keeps alpha_bar(T-1) = 0 (exact limit); diffusers uses 2**-24: close, and both finite."""
     hf, x = _hf_dpm("cosine", True, "trailing", "v", 20)
-    sch = DiscreteSchedule("cosine", T, zero_terminal_snr=True, spacing="trailing")
+    sch = VPProcess("cosine", T, zero_terminal_snr=True, spacing="trailing")
     ours = dpmpp_2m(guided_model_fn(net, sch, "v", {}, None), x_T(), sch, steps=20)
     assert torch.isfinite(ours).all() and rel_err(ours, x) < 2e-3
 

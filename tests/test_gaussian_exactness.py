@@ -12,7 +12,7 @@ from difflab.diffusion.gaussian import (GaussianMixture, affine_moments, exact_m
                                     sample_moments)
 from difflab.diffusion.guidance import guided_model_fn
 from difflab.diffusion.samplers import SAMPLERS
-from difflab.diffusion.schedules import DiscreteSchedule
+from difflab.diffusion.processes import VPProcess
 
 COV = torch.tensor([[0.30, 0.12, 0.0], [0.12, 0.10, 0.02], [0.0, 0.02, 0.01]], dtype=torch.float64)
 GAUSS = GaussianMixture.gaussian([0.5, -0.3, 0.2], COV)
@@ -55,7 +55,7 @@ def test_mixture_moments_and_sampling():
 @pytest.mark.parametrize("name", DETERMINISTIC)
 @pytest.mark.parametrize("zero", [False, True])
 def test_deterministic_samplers_converge_to_the_data_moments(name, zero):
-    sch = DiscreteSchedule("cosine", 1000, zero_terminal_snr=zero, spacing="trailing")
+    sch = VPProcess("cosine", 1000, zero_terminal_snr=zero, spacing="trailing")
     errs = [_exact(name, GAUSS, sch, steps) for steps in (5, 10, 20, 40, 100)]
     cov = [e[1] for e in errs]
     assert all(b < a for a, b in zip(cov, cov[1:])), f"{name}: covariance error must shrink with steps: {cov}"
@@ -71,7 +71,7 @@ def test_deterministic_samplers_converge_to_the_data_moments(name, zero):
 
 
 def test_every_prediction_type_gives_the_same_sampler():
-    sch = DiscreteSchedule("cosine", 1000, spacing="trailing")
+    sch = VPProcess("cosine", 1000, spacing="trailing")
     ref = _exact("dpmpp_2m", GAUSS, sch, 10, prediction="v")
     for p in ("eps", "x0"):
         assert _exact("dpmpp_2m", GAUSS, sch, 10, prediction=p) == pytest.approx(ref, rel=1e-6, abs=1e-9)
@@ -82,7 +82,7 @@ def test_every_prediction_type_gives_the_same_sampler():
 
 def test_leading_spacing_has_a_mean_error_floor_trailing_does_not():
     """'leading' starts below T - 1, where x_T ~ N(0, I) is not the marginal: more steps do not fix the mean."""
-    sch = DiscreteSchedule("cosine", 1000)
+    sch = VPProcess("cosine", 1000)
     lead = [_exact("ddim", GAUSS, sch, s, "leading")[0] for s in (10, 50)]
     trail = [_exact("ddim", GAUSS, sch, s, "trailing")[0] for s in (10, 50)]
     assert lead[0] > 0.02 and lead[1] > 0.005 and max(trail) < 1e-4
@@ -95,7 +95,7 @@ def _mc(name, data, sch, steps, n=10000, **kw):
 
 
 def test_ddpm_monte_carlo_converges():
-    sch = DiscreteSchedule("cosine", 1000, spacing="trailing")
+    sch = VPProcess("cosine", 1000, spacing="trailing")
     _, (m20, c20) = _mc("ddpm", GAUSS, sch, 20)
     _, (m100, c100) = _mc("ddpm", GAUSS, sch, 100)
     se_mean = math.sqrt(GAUSS.cov.trace().item() / 10000)
@@ -104,7 +104,7 @@ def test_ddpm_monte_carlo_converges():
 
 @pytest.mark.parametrize("name,steps", [("dpmpp_2m", 20), ("heun", 20), ("ddim", 50), ("ddpm", 100)])
 def test_mixture_of_gaussians(name, steps):
-    sch = DiscreteSchedule("cosine", 1000, zero_terminal_snr=True, spacing="trailing")
+    sch = VPProcess("cosine", 1000, zero_terminal_snr=True, spacing="trailing")
     x, (me, ce) = _mc(name, MIX, sch, steps, n=4000)
     assert me < 0.03 and ce < 0.06, (name, me, ce)  # Monte Carlo SE of the mean ~0.008 at N = 4000
     nearest = torch.cdist(x, MIX.means).argmin(1)  # modes are well separated: the mixture weights come back

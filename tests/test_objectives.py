@@ -20,11 +20,11 @@ from difflab.diffusion.objectives import (ALPHA_BAR_FLOOR, LOSS_WEIGHTINGS, PRED
                                           eps_to_target_units, inv_snr_clamped_weight, log_snr_buckets,
                                           min_snr_weight, offset_noise_like, predictions_from_output,
                                           training_target)
-from difflab.diffusion.processes import EDMProcess, FlowProcess
-from difflab.diffusion.schedules import DiscreteSchedule, sample_timesteps
+from difflab.diffusion.processes import EDMProcess, FlowProcess, VPProcess
+from difflab.diffusion.schedules import sample_timesteps
 
 ROOT = Path(__file__).resolve().parents[1]
-PROCESSES = {"vp": lambda: DiscreteSchedule("cosine", 1000), "edm": EDMProcess, "flow": FlowProcess}
+PROCESSES = {"vp": lambda: VPProcess("cosine", 1000), "edm": EDMProcess, "flow": FlowProcess}
 
 
 def _data(shape=(6, 2, 4, 4), seed=0):
@@ -196,7 +196,7 @@ class TinyNet(nn.Module):
 @pytest.mark.parametrize("prediction", [p for p in PREDICTIONS if p != "flow"])
 @pytest.mark.parametrize("weighting", sorted(w for w in LOSS_WEIGHTINGS if w != "edm"))
 def test_zero_terminal_snr_with_every_weighting_has_no_nan(prediction, weighting):
-    sch = DiscreteSchedule("cosine", 100, zero_terminal_snr=True)
+    sch = VPProcess("cosine", 100, zero_terminal_snr=True)
     obj = Objective(prediction=prediction, weighting=weighting)
     net = TinyNet()
     x0 = torch.rand(8, 1, 8, 8) * 2 - 1
@@ -211,7 +211,7 @@ def test_zero_terminal_snr_with_every_weighting_has_no_nan(prediction, weighting
 
 
 def test_eps_with_zero_terminal_snr_warns_once():
-    sch = DiscreteSchedule("cosine", 50, zero_terminal_snr=True)
+    sch = VPProcess("cosine", 50, zero_terminal_snr=True)
     obj = Objective(prediction="eps")
     with pytest.warns(UserWarning, match="zero terminal SNR") as rec:
         obj.losses(TinyNet(), torch.zeros(2, 1, 4, 4), sch)
@@ -220,7 +220,7 @@ def test_eps_with_zero_terminal_snr_warns_once():
 
 
 def test_losses_weight_and_report_what_the_module_needs():
-    sch = DiscreteSchedule("linear", 100)
+    sch = VPProcess("linear", 100)
     obj = Objective(prediction="v", weighting="min_snr", min_snr_gamma=2.0)
     x0 = torch.rand(4, 1, 8, 8)
     t = torch.tensor([0, 10, 50, 99])
@@ -265,11 +265,11 @@ def test_objective_trains_on_continuous_processes(process_name, prediction):
 
 def test_velocity_target_needs_a_continuous_process():
     with pytest.raises(ValueError, match="continuous process"):
-        Objective(prediction="flow").check_process(DiscreteSchedule("cosine", 100))
+        Objective(prediction="flow").check_process(VPProcess("cosine", 100))
 
 
 def test_lpips_term_adds_to_the_loss_and_trains_the_prediction(squeeze_backbone):
-    sch = DiscreteSchedule("cosine", 100)
+    sch = VPProcess("cosine", 100)
     obj = Objective(prediction="x0", lpips_weight=0.5, lpips_net="squeeze", lpips_backbone=str(squeeze_backbone))
     net = TinyNet(3)
     x0 = torch.rand(3, 3, 16, 16) * 2 - 1
@@ -303,7 +303,7 @@ def test_lpips_on_videos_is_the_mean_over_frames(squeeze_backbone):
 
 def test_missing_lpips_weights_disable_the_term_with_one_warning(tmp_path):
     obj = Objective(prediction="v", lpips_weight=1.0, lpips_backbone=str(tmp_path / "alexnet-owt-7be5be79.pth"))
-    sch = DiscreteSchedule("cosine", 50)
+    sch = VPProcess("cosine", 50)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         outs = [obj.losses(TinyNet(3), torch.zeros(2, 3, 8, 8), sch) for _ in range(3)]

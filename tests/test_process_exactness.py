@@ -36,9 +36,8 @@ from difflab.diffusion.gaussian import (GaussianMixture, affine_moments, exact_n
                                         sample_moments)
 from difflab.diffusion.guidance import guided_model_fn
 from difflab.diffusion.objectives import Objective
-from difflab.diffusion.processes import EDMProcess, FlowProcess
+from difflab.diffusion.processes import EDMProcess, FlowProcess, VPProcess
 from difflab.diffusion.samplers import ddim, ddpm, dpmpp_2m, euler, heun
-from difflab.diffusion.schedules import DiscreteSchedule
 
 torch.set_num_threads(1)  # tiny tensors: extra threads only contend with other work (as other CPU-bound test modules)
 
@@ -48,7 +47,7 @@ MIX = GaussianMixture([0.45, 0.35, 0.2], [[-0.7, -0.3], [0.6, -0.4], [0.1, 0.7]]
                       [[[0.03, 0.01], [0.01, 0.02]], [[0.02, -0.008], [-0.008, 0.025]], [[0.015, 0.0], [0.0, 0.04]]])
 
 PROCESSES = {
-    "vp": lambda: DiscreteSchedule("cosine", 1000, spacing="trailing"),
+    "vp": lambda: VPProcess("cosine", 1000, spacing="trailing"),
     "edm": lambda: EDMProcess(),
     "flow": lambda: FlowProcess(shift=1.0),
     "flow3": lambda: FlowProcess(shift=3.0),

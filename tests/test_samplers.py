@@ -17,10 +17,9 @@ from torch import nn
 from difflab.configs import CONFIG_DIR
 from difflab.diffusion.guidance import guided_model_fn
 from difflab.diffusion.objectives import Objective, X0Clip
-from difflab.diffusion.processes import EDMProcess, FlowProcess
+from difflab.diffusion.processes import EDMProcess, FlowProcess, VPProcess
 from difflab.diffusion.samplers import (SAMPLERS, check_sampler, ddim, ddpm, dpmpp_2m, euler, heun, model_evaluations,
                                         sampler_name, times_used)
-from difflab.diffusion.schedules import DiscreteSchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULES = {
@@ -46,7 +45,7 @@ def _noise(shape=(2, 1, 4, 4), dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 def test_every_sampler_target_schedule_and_spacing(sampler, prediction, schedule, spacing):
-    sch = DiscreteSchedule(num_timesteps=100, **SCHEDULES[schedule])
+    sch = VPProcess(num_timesteps=100, **SCHEDULES[schedule])
     clip = "none" if prediction == "eps" and "zsnr" in schedule else "static"
     mf = guided_model_fn(fake_net, sch, prediction, {}, None, x0_clip=X0Clip(clip))
     steps = 10 if sampler != "ddpm" else 20
@@ -62,7 +61,7 @@ def _consistent_fn(sch, prediction="v"):
 @pytest.mark.parametrize("zero", [False, True])
 def test_euler_equals_ddim_eta0(zero):
     """Euler in sigma space with d = (z - x0) / sigma is DDIM with eps taken from x0 (Karras et al., Sec. 4)."""
-    sch = DiscreteSchedule("cosine", 100, zero_terminal_snr=zero, spacing="trailing")
+    sch = VPProcess("cosine", 100, zero_terminal_snr=zero, spacing="trailing")
     x = _noise(dtype=torch.float64)
     a = euler(_consistent_fn(sch), x, sch, steps=12)
     b = ddim(_consistent_fn(sch), x, sch, steps=12)
@@ -70,7 +69,7 @@ def test_euler_equals_ddim_eta0(zero):
 
 
 def test_ddim_eta1_equals_ddpm_ancestral():
-    sch = DiscreteSchedule("linear", 100)
+    sch = VPProcess("linear", 100)
     x = _noise(dtype=torch.float64)
     a = ddim(_consistent_fn(sch, "eps"), x, sch, steps=10, eta=1.0, generator=torch.Generator().manual_seed(3))
     b = ddpm(_consistent_fn(sch, "eps"), x, sch, steps=10, generator=torch.Generator().manual_seed(3))
@@ -80,7 +79,7 @@ def test_ddim_eta1_equals_ddpm_ancestral():
 def test_first_order_steps_agree_and_second_order_differs():
     """Two-step runs: DPM++(2M)'s steps are both first order (first and last) = DDIM on the same grid; with more
     steps the multistep correction changes the result."""
-    sch = DiscreteSchedule("cosine", 100, spacing="trailing")
+    sch = VPProcess("cosine", 100, spacing="trailing")
     x = _noise(dtype=torch.float64)
     grid = times_used(dpmpp_2m, sch, 2)
     assert grid == [99, 49]
@@ -105,7 +104,7 @@ class Counter:
 @pytest.mark.parametrize("name,steps", [("ddpm", None), ("ddpm", 7), ("ddim", 9), ("dpmpp_2m", 9), ("euler", 6),
                                         ("heun", 6)])
 def test_model_evaluation_counts(name, steps, zero):
-    sch = DiscreteSchedule("cosine", 50, zero_terminal_snr=zero, spacing="trailing")
+    sch = VPProcess("cosine", 50, zero_terminal_snr=zero, spacing="trailing")
     fn = Counter(_consistent_fn(sch))
     SAMPLERS[name](fn, _noise(), sch, steps=steps, generator=torch.Generator().manual_seed(0))
     assert len(fn.calls) == model_evaluations(SAMPLERS[name], sch, steps)
@@ -116,7 +115,7 @@ def test_model_evaluation_counts(name, steps, zero):
 
 
 def test_heun_euler_above():
-    sch = DiscreteSchedule("linear", 100, spacing="trailing")
+    sch = VPProcess("linear", 100, spacing="trailing")
     sig = [float(sch.sigmas[t]) for t in sch.sampling_timesteps(5)]  # 1.32, 0.95, 0.66, ...
     assert model_evaluations(functools.partial(heun, steps=5), sch) == 9
     below_first = (sig[0] + sig[1]) / 2  # only the first step is Euler
@@ -127,7 +126,7 @@ def test_heun_euler_above():
 
 
 def test_ddpm_is_reproducible_and_uses_the_generator():
-    sch = DiscreteSchedule("cosine", 50)
+    sch = VPProcess("cosine", 50)
     mf = _consistent_fn(sch)
     a = ddpm(mf, _noise(), sch, generator=torch.Generator().manual_seed(0))
     b = ddpm(mf, _noise(), sch, generator=torch.Generator().manual_seed(0))
@@ -152,7 +151,7 @@ class TinyDenoiser(nn.Module):
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_zero_terminal_snr_and_min_snr_never_nan(prediction):
     """Training loss (incl. gradients) and every sampler, eps and v targets, zero terminal SNR + min-SNR."""
-    sch = DiscreteSchedule("cosine", 100, zero_terminal_snr=True, spacing="trailing")
+    sch = VPProcess("cosine", 100, zero_terminal_snr=True, spacing="trailing")
     obj = Objective(prediction=prediction, weighting="min_snr", min_snr_gamma=5.0, x0_clip="static")
     net = TinyDenoiser()
     x0 = torch.rand(6, 1, 8, 8) * 2 - 1
@@ -230,10 +229,10 @@ def test_undefined_combinations_fail_with_what_is_allowed():
     with pytest.raises(ValueError, match="sampler=ddpm needs a discrete process.*ddim, euler, heun, dpmpp_2m"):
         check_sampler(functools.partial(ddpm), EDMProcess())
     with pytest.raises(ValueError, match="s_churn > 0 needs a continuous process"):
-        check_sampler(functools.partial(heun, s_churn=10.0), DiscreteSchedule("cosine", 50))
+        check_sampler(functools.partial(heun, s_churn=10.0), VPProcess("cosine", 50))
     check_sampler(functools.partial(heun, s_churn=10.0), EDMProcess())  # defined there
     with pytest.raises(ValueError, match="discrete process"):
-        ddpm(_consistent_fn(DiscreteSchedule("cosine", 50)), _noise(), FlowProcess())
+        ddpm(_consistent_fn(VPProcess("cosine", 50)), _noise(), FlowProcess())
 
 
 def test_churn_adds_noise_only_inside_its_sigma_range():

@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from difflab.configs import CONFIG_DIR
-from difflab.diffusion.schedules import (BETA_SCHEDULES, DiscreteSchedule, cosine_alpha_bar, rescale_zero_terminal_snr,
-                                     spaced_timesteps)
+from difflab.diffusion.processes import VPProcess
+from difflab.diffusion.schedules import BETA_SCHEDULES, cosine_alpha_bar, rescale_zero_terminal_snr, spaced_timesteps
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = sorted(BETA_SCHEDULES)
@@ -19,7 +19,7 @@ KINDS = sorted(BETA_SCHEDULES)
 
 def test_cosine_matches_improved_ddpm_closed_form():
     T, s = 1000, 0.008
-    sch = DiscreteSchedule("cosine", T)
+    sch = VPProcess("cosine", T)
     f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
     expected = torch.tensor([f(t + 1) / f(0) for t in range(T)], dtype=torch.float64)
     # the cap only binds at the very end (beta 0.999): compare before it, and check the cap itself
@@ -36,18 +36,18 @@ def test_cosine_offset_and_shift_change_the_schedule_as_documented():
     shifted = cosine_alpha_bar(t, 0.008, logsnr_shift=-2.0)
     logsnr = lambda ab: torch.log(ab / (1 - ab))  # noqa: E731
     assert torch.allclose(logsnr(shifted[1:-1]), logsnr(base[1:-1]) - 2.0, atol=1e-9)
-    a = DiscreteSchedule("cosine", 100, offset=0.05)
+    a = VPProcess("cosine", 100, offset=0.05)
     b = instantiate_schedule("cosine_offset", ["schedule.offset=0.05", "schedule.num_timesteps=100"])
     assert torch.equal(a.alphas_cumprod, b.alphas_cumprod)
 
 
 def test_linear_scaled_linear_sigmoid_betas():
-    assert torch.allclose(DiscreteSchedule("linear", 5).betas, torch.tensor([1e-4, 0.0050750, 0.01005, 0.0150250, 0.02],
+    assert torch.allclose(VPProcess("linear", 5).betas, torch.tensor([1e-4, 0.0050750, 0.01005, 0.0150250, 0.02],
                                                                             dtype=torch.float64), atol=1e-12)
-    sl = DiscreteSchedule("scaled_linear", 3).betas
+    sl = VPProcess("scaled_linear", 3).betas
     assert torch.allclose(sl.sqrt(), torch.tensor([0.00085**0.5, (0.00085**0.5 + 0.012**0.5) / 2, 0.012**0.5],
                                                   dtype=torch.float64))
-    sg = DiscreteSchedule("sigmoid", 3).betas
+    sg = VPProcess("sigmoid", 3).betas
     assert sg[1].item() == pytest.approx(1e-4 + 0.5 * (0.02 - 1e-4))
     assert sg[0].item() == pytest.approx(1e-4 + (0.02 - 1e-4) / (1 + math.exp(6)))
 
@@ -56,7 +56,7 @@ def test_linear_scaled_linear_sigmoid_betas():
 @pytest.mark.parametrize("T", [100, 500, 1000])
 @pytest.mark.parametrize("zero", [False, True])
 def test_every_schedule_is_valid(kind, T, zero):
-    sch = DiscreteSchedule(kind, T, zero_terminal_snr=zero)
+    sch = VPProcess(kind, T, zero_terminal_snr=zero)
     ab = sch.alphas_cumprod
     assert ab.dtype == torch.float64 and ab.shape == (T,)
     assert bool((ab[1:] < ab[:-1]).all()) and 0 < ab[0] < 1
@@ -67,14 +67,14 @@ def test_every_schedule_is_valid(kind, T, zero):
     assert torch.allclose(sch.sigmas[:-1], snr[:-1].rsqrt())
     if zero:
         assert ab[-1] == 0 and snr[-1] == 0 and sch.log_snr[-1] == -math.inf and sch.sigmas[-1] == math.inf
-        plain = DiscreteSchedule(kind, T)
+        plain = VPProcess(kind, T)
         assert ab[0].item() == pytest.approx(plain.alphas_cumprod[0].item(), rel=1e-12), "first step unchanged"
     else:
         assert torch.isfinite(sch.log_snr).all()
 
 
 def test_zero_terminal_snr_rescale_is_affine_in_sqrt_alpha_bar():
-    betas = DiscreteSchedule("linear", 1000).betas
+    betas = VPProcess("linear", 1000).betas
     old = torch.cumprod(1 - betas, 0).sqrt()
     new = torch.cumprod(1 - rescale_zero_terminal_snr(betas), 0).sqrt()
     scale = (old[0]) / (old[0] - old[-1])
@@ -82,7 +82,7 @@ def test_zero_terminal_snr_rescale_is_affine_in_sqrt_alpha_bar():
 
 
 def test_alpha_bar_gathers_and_broadcasts():
-    sch = DiscreteSchedule("cosine", 100)
+    sch = VPProcess("cosine", 100)
     x = torch.zeros(3, 2, 4, 4)
     ab = sch.alpha_bar(torch.tensor([0, 50, 99]), like=x)
     assert ab.shape == (3, 1, 1, 1) and ab.dtype == torch.float32
@@ -109,7 +109,7 @@ def test_spacing_grids_for_multistep_solvers_and_odd_counts():
 
 
 def test_schedule_spacing_default_and_override():
-    sch = DiscreteSchedule("linear", 100, spacing="trailing")
+    sch = VPProcess("linear", 100, spacing="trailing")
     assert sch.sampling_timesteps(4).tolist() == [99, 74, 49, 24]
     assert sch.sampling_timesteps(4, "leading").tolist() == [75, 50, 25, 0]
 
@@ -123,11 +123,11 @@ def test_schedule_spacing_default_and_override():
 ])
 def test_bad_schedule_settings_fail_clearly(bad, match):
     with pytest.raises(ValueError, match=match):
-        DiscreteSchedule(**bad)
+        VPProcess(**bad)
 
 
 def test_bad_step_counts_fail_clearly():
-    sch = DiscreteSchedule("cosine", 100)
+    sch = VPProcess("cosine", 100)
     with pytest.raises(ValueError, match="steps must be in"):
         sch.sampling_timesteps(101)
     with pytest.raises(ValueError, match="steps must be in"):
@@ -137,14 +137,14 @@ def test_bad_step_counts_fail_clearly():
 
 
 def test_from_alphas_cumprod_keeps_values():
-    ab = DiscreteSchedule("linear", 50, zero_terminal_snr=True).alphas_cumprod.float()
-    sch = DiscreteSchedule.from_alphas_cumprod(ab, spacing="trailing")
+    ab = VPProcess("linear", 50, zero_terminal_snr=True).alphas_cumprod.float()
+    sch = VPProcess.from_alphas_cumprod(ab, spacing="trailing")
     assert torch.equal(sch.alphas_cumprod, ab.double()) and sch.zero_terminal_snr and sch.num_timesteps == 50
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        DiscreteSchedule.from_alphas_cumprod([1.0, 0.5])
+        VPProcess.from_alphas_cumprod([1.0, 0.5])
 
 
-def instantiate_schedule(name: str, overrides: list[str] | None = None) -> DiscreteSchedule:
+def instantiate_schedule(name: str, overrides: list[str] | None = None) -> VPProcess:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"schedule={name}", *(overrides or [])])
     return instantiate(cfg.schedule)
@@ -154,6 +154,12 @@ def instantiate_schedule(name: str, overrides: list[str] | None = None) -> Discr
 def test_schedule_configs_compose_with_every_option(name):
     sch = instantiate_schedule(name, ["schedule.zero_terminal_snr=true", "schedule.num_timesteps=500",
                                       "schedule.spacing=trailing"])
-    assert isinstance(sch, DiscreteSchedule) and sch.num_timesteps == 500 and sch.zero_terminal_snr
+    assert isinstance(sch, VPProcess) and sch.num_timesteps == 500 and sch.zero_terminal_snr
     assert sch.snr[-1] == 0 and sch.spacing == "trailing"
     assert sch.kind == ("cosine" if name == "cosine_offset" else name)
+
+
+def test_the_old_vp_target_still_builds():
+    """Stored configs name the vp process by its old place, difflab.diffusion.schedules.DiscreteSchedule."""
+    old = instantiate({"_target_": "difflab.diffusion.schedules.DiscreteSchedule", "kind": "cosine", "num_timesteps": 10})
+    assert type(old) is VPProcess and old.num_timesteps == 10
