@@ -15,6 +15,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
+from difflab.checkpoints import load_checkpoint as load_safely  # one place for safe loading and its messages
 from difflab.ops.atomic import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                              f"tensors and plain containers")
         if not _is_local(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        from difflab.checkpoints import load_checkpoint  # one place for safe loading and its error messages
-
         if not get_filesystem(path).exists(path):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        return load_checkpoint(str(path).removeprefix("file://"), map_location=map_location or "cpu")
+        return load_safely(str(path).removeprefix("file://"), map_location=map_location or "cpu")

@@ -19,7 +19,9 @@ import logging
 import os
 from pathlib import Path
 
+from difflab.checkpoints import load_checkpoint
 from difflab.ops.atomic import TMP_SUFFIX
+from difflab.ops.fsdp import sharded_checkpoint_dir
 from difflab.utils.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,9 +52,6 @@ def check_readable(path: str | Path) -> None:
     read (truncated, corrupt, not a checkpoint, unsafe). Loaded on the meta device: the zip directory and the pickled
     structure are read, no tensor data. A sharded checkpoint (``trainer=fsdp``) is readable when its committed file
     points to a complete shard directory; the shards themselves are not read."""
-    from difflab.checkpoints import load_checkpoint
-    from difflab.ops.fsdp import sharded_checkpoint_dir
-
     path = Path(path)
     shards_beside = any(path.parent.glob(f"{glob.escape(path.name)}.shards-*"))
     if (shards_beside or path.is_dir()) and sharded_checkpoint_dir(path) is not None:
