@@ -26,8 +26,8 @@ ARMS = {
     "digits": {"unet2d_small": ["experiment=digits", "model=unet2d_small"],
                "dit": ["experiment=digits", "model=dit"]},
     # the recipes' 100 warm-up steps become 5% of the time budget (a time-bounded run needs a fraction)
-    "video": {"unet3d": ["experiment=moving_digits_t2v", "model.warmup_steps=0.05"],
-              "video_dit": ["experiment=moving_digits_t2v_dit", "model.warmup_steps=0.05"]},
+    "video": {"unet3d": ["experiment=moving_digits_t2v", "lr_schedule.warmup=0.05"],
+              "video_dit": ["experiment=moving_digits_t2v_dit", "lr_schedule.warmup=0.05"]},
 }
 QUIET = ["~callbacks.progress_bar", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
          "logger=csv"]
@@ -57,7 +57,7 @@ def judge_video(module, args) -> dict:
     from difflab.eval.video_eval import digit_geometry, evaluate_videos, sample_prompts
 
     digit_size, canvas = digit_geometry(module.run_config)
-    samples, raw = sample_prompts(module, list(module.prompts), args.n_per_prompt, None, None, 0, 64)
+    samples, raw = sample_prompts(module, list(module.diffusion.prompts), args.n_per_prompt, None, None, 0, 64)
     result = evaluate_videos(samples, raw, digit_size, canvas)
     return result["overall"]
 

@@ -66,7 +66,7 @@ def evaluate(module, methods: list[str], strengths: dict, args) -> list[dict]:
     from difflab.eval.digits_eval import evaluate_module
 
     sampler = functools.partial(S.SAMPLERS[args.sampler], steps=args.steps)
-    steps_nfe = S.model_evaluations(sampler, module.process)
+    steps_nfe = S.model_evaluations(sampler, module.diffusion.process)
     rows = []
     for method in methods:
         for strength in strengths[method]:
@@ -152,8 +152,8 @@ def render(rows: list[dict], args, module) -> str:
         "# Guidance methods on digits: FD and accuracy against strength at equal NFE" + (" (quick)" if args.quick
                                                                                             else ""), "",
         f"`{' '.join(['python', 'bench/bench_guidance.py', *sys.argv[1:]])}`", "",
-        f"Checkpoint `{args.ckpt}` (EMA weights; process {module.process.name}, prediction "
-        f"{module.objective.prediction}); autoguidance's guide `{args.guide}`. {args.n} balanced samples per row, "
+        f"Checkpoint `{args.ckpt}` (EMA weights; process {module.diffusion.process.name}, prediction "
+        f"{module.diffusion.objective.prediction}); autoguidance's guide `{args.guide}`. {args.n} balanced samples per row, "
         f"sampler {args.sampler} with {args.steps} steps and the same initial noise for every row; NFE = network "
         f"evaluations per sample (two per step for every guided row). Strength = `guidance.scale`: s for cfg and apg, "
         f"w for autoguidance, lambda for cfgpp. APG with eta {args.apg_eta:g}, norm_threshold "

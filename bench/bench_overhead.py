@@ -79,7 +79,7 @@ def bare_run(steps: int, skip: int, out_dir: str, extra: list[str] = ()) -> dict
     from hydra.utils import instantiate
 
     from difflab.callbacks.ema import ema_decay
-    from difflab.lit_modules.lr_schedules import resolve_steps, warmup_cosine
+    from difflab.optim.lr_schedules import resolve_steps, warmup_cosine
     from difflab.pipeline import fill_from_datamodule
 
     cfg = compose_train([*RUN_OVERRIDES, f"trainer.max_steps={steps}", *extra], out_dir)

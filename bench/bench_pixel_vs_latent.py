@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 
 from difflab.configs import CONFIG_DIR
 from difflab.diffusion.objectives import Objective
-from difflab.diffusion.schedules import DiscreteSchedule
+from difflab.diffusion.processes import VPProcess
 from difflab.models.unet2d import UNet2D
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def recipe_net(experiment: str, quick: bool) -> tuple[UNet2D, tuple[int, ...]]:
 def step_seconds(net: UNet2D, shape, batch: int, steps: int) -> list[float]:
     """Seconds per full training step."""
     opt = torch.optim.AdamW(net.parameters(), 2e-4)
-    sched, obj = DiscreteSchedule("cosine", 500), Objective("v")
+    sched, obj = VPProcess("cosine", 500), Objective("v")
     x0, cond = torch.randn(batch, *shape), torch.randn(batch, 128)
     out = []
     for i in range(steps + 1):

@@ -51,7 +51,7 @@ def step_fn(module, shape, batch: int, bf16: bool):
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = module.diffusion_losses(data, drop_conditions=True)["loss"].float().mean()
+            loss = module.diffusion.losses(module, data, drop_conditions=True)["loss"].float().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

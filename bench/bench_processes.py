@@ -60,7 +60,7 @@ def evaluate(module, n: int) -> list[dict]:
             sampler = functools.partial(S.SAMPLERS[name], steps=steps_for(name, nfe))
             t0 = time.perf_counter()
             ev = evaluate_module(module, n=n, sampler=sampler, batch_size=250)
-            rows.append({"sampler": name, "nfe": S.model_evaluations(sampler, module.process), "fd": ev["fd"],
+            rows.append({"sampler": name, "nfe": S.model_evaluations(sampler, module.diffusion.process), "fd": ev["fd"],
                          "accuracy": ev["accuracy"], "sample_s": time.perf_counter() - t0})
             print(rows[-1], flush=True)
     return rows

@@ -39,7 +39,7 @@ def build_denoiser(experiment: str, channels: int):
         cfg = compose("train", overrides=[f"experiment={experiment}", "paths.output_dir=/tmp/unused",
                                           "paths.data_dir=/tmp/unused", f"paths.root_dir={REPO}"])
     with open_dict(cfg):
-        cfg.model.sample_shape = [channels, 1, 1, 1]  # only in_channels reads it
+        cfg.model.diffusion.sample_shape = [channels, 1, 1, 1]  # only in_channels reads it
     return instantiate(cfg.model.net)(cond_dim=TEXT_DIM, context_dim=TEXT_DIM)
 
 

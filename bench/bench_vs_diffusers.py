@@ -69,19 +69,19 @@ def run_difflab(budget: float, n: int, out_dir: Path, extra: list[str]) -> dict:
     net = OmegaConf.to_container(cfg.model.net, resolve=True)
     rows = []
     samplers = [("recipe", None)]
-    if sampler_name(module.sampler) != "ddim-25" or module.sampler.keywords.get("eta", 0.0) != 0.0:
+    if sampler_name(module.diffusion.sampler) != "ddim-25" or module.diffusion.sampler.keywords.get("eta", 0.0) != 0.0:
         samplers.append(("ddim25", functools.partial(ddim, steps=25, eta=0.0)))  # the diffusers side's sampler
     for label, sampler in samplers:
         s0 = time.perf_counter()
         ev = evaluate_module(module, n=n, sampler=sampler, batch_size=250)
-        rows.append({"sampler": sampler_name(sampler or module.sampler),
+        rows.append({"sampler": sampler_name(sampler or module.diffusion.sampler),
                      "accuracy": ev["accuracy"], "fd": ev["fd"], "sample_s": time.perf_counter() - s0, "kind": label})
     return {"side": "difflab", "steps": int(trainer.global_step), "train_s": train_s, "cpu_s": cpu_s,
             "params": sum(p.numel() for p in module.denoiser.parameters()),
             "recipe": {"net": {k: v for k, v in net.items() if not k.startswith("_")}, "lr": float(cfg.model.lr),
-                       "weight_decay": float(cfg.model.weight_decay), "max_steps": int(cfg.trainer.max_steps),
-                       "batch_size": int(cfg.datamodule.batch_size), "guidance": float(cfg.model.guidance.scale),
-                       "p_uncond": float(cfg.model.p_uncond), "ema": float(cfg.callbacks.ema.decay)},
+                       "weight_decay": float(cfg.optimizer.weight_decay), "max_steps": int(cfg.trainer.max_steps),
+                       "batch_size": int(cfg.datamodule.batch_size), "guidance": float(cfg.guidance.scale),
+                       "p_uncond": float(cfg.model.diffusion.p_uncond), "ema": float(cfg.callbacks.ema.decay)},
             "rows": rows}
 
 

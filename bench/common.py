@@ -22,6 +22,16 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as a reader can use it: relative to the repository when inside it, else ``<parent>/<name>`` (a
+    directory the reader chooses, named as the bench's docstring explains)."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return f"<{path.parent.name}>/{path.name}"
+
+
 def cpu_model() -> str:
     """The CPU model name from /proc/cpuinfo (platform.processor() as a fallback)."""
     try:

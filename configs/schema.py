@@ -155,7 +155,7 @@ def sampler_steps_fit_schedule(cfg: dict):
 def sampler_defined_on_process(cfg: dict):
     """DDPM's ancestral chain exists on the discrete vp process only; EDM's churn needs a continuous process."""
     sampler, process = cfg.get("sampler") or {}, cfg.get("process") or {}
-    discrete = str(process.get("_target_", "")).rsplit(".", 1)[-1] in ("VPProcess", "DiscreteSchedule")
+    discrete = str(process.get("_target_", "")).rsplit(".", 1)[-1] == "VPProcess"
     name = str(sampler.get("_target_", "")).rsplit(".", 1)[-1]
     if name == "ddpm" and process.get("_target_") and not discrete:
         kind = str(process["_target_"]).rsplit(".", 1)[-1]

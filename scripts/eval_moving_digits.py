@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         module = module.to(pick_device(args.device))
         digit_size, canvas = digit_geometry(module.run_config)
         if args.prompts == "model":
-            prompts = list(module.prompts or [])
+            prompts = list(module.diffusion.prompts or [])
         elif args.prompts == "all":
             prompts = [caption(d, m) for m in DIRECTIONS for d in range(10)]
         else:
@@ -84,8 +84,8 @@ def main(argv=None) -> int:
         samples, raw = sample_prompts(module, prompts, args.n_per_prompt, args.steps, args.guidance, args.seed,
                                       args.batch_size)
         result = evaluate_videos(samples, raw, digit_size, canvas, mode=args.crop, min_travel=args.min_travel)
-        result["source"] = {"ckpt": str(args.ckpt), "steps": args.steps or module.sampler.keywords.get("steps"),
-                            "guidance": args.guidance if args.guidance is not None else module.guidance["scale"],
+        result["source"] = {"ckpt": str(args.ckpt), "steps": args.steps or module.diffusion.sampler.keywords.get("steps"),
+                            "guidance": args.guidance if args.guidance is not None else module.diffusion.guidance.scale,
                             "seed": args.seed}
         prompts = raw
     result["seconds"] = round(time.time() - t0, 1)

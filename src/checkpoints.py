@@ -23,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from difflab.registry import GUIDANCE_CLASSES, GUIDANCE_SETTINGS
 from difflab.trust import check_config
 from difflab.utils.errors import CheckpointError, DifflabError, instantiate_reporting
 
@@ -99,18 +100,71 @@ def load_sharded_checkpoint(path: str | Path, metadata: dict | None = None) -> d
         raise CheckpointError(f"cannot read sharded checkpoint {path} ({shards.name}): {first}") from None
 
 
-def upgrade_targets(config: Any) -> Any:
-    """Configs stored before the package was named ``difflab`` name classes ``src.<module>``: rename those
-    ``_target_`` values (in place, recursively) so older checkpoints and exports still load."""
+MOVED_TARGETS = {   # classes (or whole modules) stored configs name by a path they no longer have
+    "difflab.lit_modules.lr_schedules": "difflab.optim.lr_schedules",
+    "difflab.diffusion.schedules.DiscreteSchedule": "difflab.diffusion.processes.VPProcess",
+}
+LEGACY_OPTIMIZER_KEYS = ("betas", "weight_decay", "eps")
+LEGACY_SCHEDULE_KEYS = {"warmup_steps": "warmup", "warmup_start_factor": "start_factor",
+                        "final_lr_fraction": "final_fraction"}
+LEGACY_DIFFUSION_KEYS = ("process", "objective", "sampler", "conditioner", "autoencoder", "sample_shape", "p_uncond",
+                         "class_names", "prompts")
+
+
+def _renamed(target: str) -> str:
+    if target.startswith("src."):   # before the package was named difflab
+        target = "difflab." + target[len("src."):]
+    module, _, name = target.rpartition(".")
+    return f"{MOVED_TARGETS[module]}.{name}" if module in MOVED_TARGETS else MOVED_TARGETS.get(target, target)
+
+
+def _rename_targets(config: Any) -> None:
     if isinstance(config, dict):
-        target = config.get("_target_")
-        if isinstance(target, str) and target.startswith("src."):
-            config["_target_"] = "difflab." + target[len("src."):]
+        if isinstance(config.get("_target_"), str):
+            config["_target_"] = _renamed(config["_target_"])
         for value in config.values():
-            upgrade_targets(value)
+            _rename_targets(value)
     elif isinstance(config, list):
         for value in config:
-            upgrade_targets(value)
+            _rename_targets(value)
+
+
+def _guidance_object(guidance: dict | None) -> dict:
+    """A guidance dict of before the guidance objects (method name and keys) as its class's config."""
+    guidance = dict(guidance or {})
+    if "_target_" in guidance:
+        return guidance
+    method = guidance.pop("method", "cfg")   # absent: saved before the method registry, so cfg
+    keys = GUIDANCE_SETTINGS[method]
+    return {"_target_": f"difflab.diffusion.guidance.{GUIDANCE_CLASSES[method]}",
+            **{k: v for k, v in guidance.items() if k in keys}}
+
+
+def _nested_diffusion_module(model: dict) -> dict:
+    """A DiffusionModule config of before the Diffusion object (22 flat keys) in today's layout."""
+    model = dict(model)
+    if "schedule" in model and model.get("process") is None:   # the process axis's first name
+        model["process"] = model.pop("schedule")
+    model.pop("schedule", None)
+    diffusion = {"_target_": "difflab.diffusion.system.Diffusion",
+                 **{k: model.pop(k) for k in LEGACY_DIFFUSION_KEYS if k in model},
+                 "guidance": _guidance_object(model.pop("guidance", None))}
+    optimizer = {"_target_": "torch.optim.AdamW", "_partial_": True,
+                 **{k: model.pop(k) for k in LEGACY_OPTIMIZER_KEYS if k in model}}
+    schedule = {"_target_": "difflab.optim.lr_schedules.WarmupCosine",
+                **{new: model.pop(old) for old, new in LEGACY_SCHEDULE_KEYS.items() if old in model}}
+    return {**model, "diffusion": diffusion, "optimizer": optimizer, "lr_schedule": schedule}
+
+
+def migrate_config(config: Any) -> Any:
+    """Bring a stored run config to today's layout (in place, and returned), so every checkpoint and export ever
+    written loads: renamed classes (``MOVED_TARGETS``, the ``src.`` package), the ``schedule`` alias of the process,
+    and the flat DiffusionModule keys of before the ``Diffusion`` object, optimizer and LR-schedule groups."""
+    _rename_targets(config)
+    model = config.get("model") if isinstance(config, dict) else None
+    if isinstance(model, dict) and str(model.get("_target_", "")).endswith(".DiffusionModule") \
+            and "diffusion" not in model:
+        config["model"] = _nested_diffusion_module(model)
     return config
 
 
@@ -119,7 +173,7 @@ def run_config(ckpt: dict, path: str | Path = "<checkpoint>") -> dict:
     cfg = (ckpt.get("difflab") or {}).get("config")
     if not cfg:
         raise CheckpointError(f"{path} has no difflab config (checkpoint['difflab']['config']); was it written by train.py?")
-    return upgrade_targets(cfg)
+    return migrate_config(cfg)
 
 
 # ---------------------------------------------------------------------------------------------- exports (safetensors)
@@ -152,7 +206,7 @@ def load_export(path: str | Path) -> dict[str, Any]:
     else:
         raise CheckpointError(f"{weights} has no difflab config (no 'difflab_config' metadata, no {EXPORT_CONFIG} "
                               f"beside it); was it written by export.py?")
-    return {"state_dict": state, "config": upgrade_targets(config), "metadata": metadata}
+    return {"state_dict": state, "config": migrate_config(config), "metadata": metadata}
 
 
 def load_weights(path: str | Path) -> dict[str, Any]:

@@ -234,6 +234,13 @@ def duration() -> Rule:
     return matches(r"\d+:\d+:\d+:\d+", "a duration DD:HH:MM:SS")
 
 
+def adam_betas() -> Rule:
+    """Adam's (beta1, beta2): two numbers in [0, 1) (torch.optim.Adam / AdamW refuse others)."""
+    return Rule(lambda v: isinstance(v, list) and len(v) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v),
+        "a list of two numbers in [0, 1), e.g. [0.9, 0.999]")
+
+
 def sigma_interval() -> Rule:
     """A guidance interval [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi (null entries: 0 / infinity)."""
     def ok(v) -> bool:
@@ -432,8 +439,9 @@ def find_problems(cfg: DictConfig, primary: str | None) -> list[tuple[str, str]]
     rules, checks = primary_schemas()
     problems = _check_tree(tree, list(rules.get(primary, {}).items()), list(checks.get(primary, [])), "")
     schemas = group_schemas()
+    own = {name.split(".")[0] for name in rules.get(primary, {})}   # keys the primary config defines itself
     for key, value in tree.items():
-        if key in schemas:
+        if key in schemas and key not in own:
             problems += _check_tree(value, *schemas[key], prefix=f"{key}.")
     derived = _interpolated(cfg)
     return sorted(problems, key=lambda problem: problem[0] in derived)

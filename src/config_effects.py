@@ -1,7 +1,8 @@
 """Overrides that change nothing: a key set on the command line (or swept) that the composed job does not use.
 
 The train config holds *source groups* (``process``, ``schedule``, ``objective``, ``sampler``, ``conditioning``,
-``autoencoder``): their values reach the run only where ``model.*`` interpolates them (``model.process: ${process}``,
+``autoencoder``, ``guidance``, ``optimizer``, ``lr_schedule``): their values reach the run only where ``model.*`` interpolates
+them (``model.diffusion.process: ${process}``,
 vp's ``process: ${schedule}``). A choice or key of a source group can therefore be inert: ``schedule=linear`` under
 ``process=flow`` (flow does not read the schedule tables), ``objective=eps`` under ``process=flow`` (the process sets
 the prediction itself). The *effective config* is the resolved config without the source groups (and without
@@ -20,7 +21,8 @@ from typing import Callable, Iterable, Sequence
 
 from omegaconf import DictConfig
 
-SOURCE_GROUPS = ("process", "schedule", "objective", "sampler", "conditioning", "autoencoder")
+SOURCE_GROUPS = ("process", "schedule", "objective", "sampler", "guidance", "conditioning", "autoencoder", "optimizer",
+                 "lr_schedule")
 PROBE = "__difflab_probe__"   # a value no config uses: if it reaches the effective config, the key is read
 PROBE_DIR = "/difflab-probe"  # the run directory of probe compositions (Hydra's default holds the time)
 
@@ -74,17 +76,19 @@ def alternatives(override: str, config_dir: str | Path) -> list[str]:
 
 def is_inert(overrides: Sequence[str], index: int, compose: Compose, config_dir: str | Path,
              baseline: str | None = None) -> bool:
-    """Whether ``overrides[index]`` leaves the effective config as it is whatever value it takes (no alternative
-    composes to another effective config; alternatives that fail to compose say nothing)."""
+    """Whether ``overrides[index]`` leaves the effective config as it is whatever value it takes (some alternative
+    composes, and none composes to another effective config; alternatives that fail to compose say nothing)."""
     baseline = baseline if baseline is not None else effective(compose(overrides))
+    composed = False
     for alternative in alternatives(overrides[index], config_dir):
         trial = [*overrides[:index], alternative, *overrides[index + 1:]]
         try:
             if effective(compose(trial)) != baseline:
                 return False
+            composed = True
         except Exception:  # noqa: BLE001 - an option that does not compose here is no evidence either way
             continue
-    return True
+    return composed
 
 
 def why_inert(override: str, cfg: DictConfig) -> str:
@@ -92,7 +96,7 @@ def why_inert(override: str, cfg: DictConfig) -> str:
     group = source_group_of(override) or ""
     process = str((cfg.get("process") or {}).get("_target_", "")).rsplit(".", 1)[-1] if isinstance(
         cfg.get("process"), DictConfig) else ""
-    if group == "schedule" and process and process != "DiscreteSchedule":
+    if group == "schedule" and process and process != "VPProcess":
         return (f"the schedule group holds the tables of process=vp, and this run's process is {process}; drop it, "
                 f"or add process=vp")
     if group == "objective":

@@ -45,7 +45,7 @@ def fill_from_datamodule(cfg: DictConfig, datamodule: L.LightningDataModule) -> 
     """Copy what the data defines (shape, classes, prompts) into the model config, so it is set in one place and
     saved with every checkpoint."""
     with open_dict(cfg):
-        model = cfg.model
+        model = cfg.model.diffusion if "diffusion" in cfg.model else cfg.model   # kl_vae: the module's own keys
         if "sample_shape" in model.keys():
             model.sample_shape = list(datamodule.sample_shape)
         # names come from files (folder names, a cache's manifest): data, refused if OmegaConf would resolve them
@@ -158,8 +158,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer = objs["trainer"]
             if trainer.is_global_zero:
                 remove_stale_temporaries(checkpoint_dir(trainer))
-                if hasattr(objs["model"], "evaluation_protocol"):
-                    write_protocol(cfg.paths.output_dir, objs["model"].evaluation_protocol())
+                if hasattr(objs["model"], "diffusion"):
+                    write_protocol(cfg.paths.output_dir, objs["model"].diffusion.evaluation_protocol())
             for logger in objs["loggers"]:
                 logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
             log.info("trainable parameters: %.2fM; precision: %s; output dir: %s%s",

@@ -1,7 +1,7 @@
 """Sample from a checkpoint: ``difflab-sample ckpt_path=PATH n=500 out_dir=DIR [sampler=ddim sampler.steps=25]
 [guidance.scale=3] [guidance.method=apg] [labels=[0,1]] [prompts='["a photo of a horse"]']``.
 
-``guidance.*`` overrides the checkpoint's ``model.guidance`` (null keys keep it): ``guidance.method`` is cfg, cfgpp
+``guidance.*`` overrides the checkpoint's guidance (null keys keep it): ``guidance.method`` is cfg, cfgpp
 (``guidance.scale`` = lambda in [0, 1]), apg (``guidance.eta``, ``norm_threshold``, ``momentum``) or autoguidance
 (``guidance.guide_ckpt=<a weaker checkpoint>``).
 

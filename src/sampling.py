@@ -32,7 +32,7 @@ def resolve_sampler(trained: dict, requested: DictConfig | dict | None, source: 
     requested = OmegaConf.to_container(requested, resolve=True) if isinstance(requested, DictConfig) else (requested or {})
     if "_target_" in requested:
         return instantiate(requested)
-    stored = check_config(trained, source, where="model.sampler")
+    stored = check_config(trained, source, where="model.diffusion.sampler")
     stored.update({k: v for k, v in requested.items() if v is not None})
     return instantiate_reporting(OmegaConf.create(stored))
 
@@ -59,7 +59,7 @@ def sample_conditions(module, n: int, labels=None, prompts=None):
         if bad:
             raise ValueError(f"labels {bad} are outside 0..{k - 1}")
         return torch.tensor([int(labels[i % len(labels)]) for i in range(n)])
-    return module.default_sample_conditions(n)
+    return module.diffusion.default_conditions(n)
 
 
 def _slice(raw, i: int, j: int):
@@ -101,23 +101,23 @@ def run_sampling(cfg: DictConfig) -> dict[str, Path]:
     """Load the checkpoint, sample ``cfg.n`` items in batches and write the outputs to ``cfg.out_dir``."""
     device = pick_device(cfg.device)
     module = module_from_checkpoint(cfg.ckpt_path).to(device)
-    trained_sampler = module.run_config["model"]["sampler"]
+    diffusion = module.diffusion
+    trained_sampler = module.run_config["model"]["diffusion"]["sampler"]
     sampler = resolve_sampler(trained_sampler, cfg.get("sampler"), str(cfg.ckpt_path))
-    g = guidance_overrides(cfg.get("guidance"))
-    module.guidance = module.guidance_settings(g)   # the checkpoint's model.guidance with the non-null keys on top
+    guidance = diffusion.guidance_for(guidance_overrides(cfg.get("guidance")))   # the checkpoint's, null keys kept
     raw = sample_conditions(module, cfg.n, cfg.get("labels"), cfg.get("prompts"))
     gen = torch.Generator().manual_seed(int(cfg.seed))
     chunks = []
     for i in range(0, cfg.n, cfg.batch_size):
         j = min(cfg.n, i + cfg.batch_size)
-        noise = torch.randn((j - i, *module.sample_shape), generator=gen)
-        chunks.append(module.sample(j - i, _slice(raw, i, j), sampler=sampler, noise=noise, generator=gen,
-                                    progress=True).cpu())
+        noise = torch.randn((j - i, *diffusion.sample_shape), generator=gen)
+        chunks.append(diffusion.sample(module, j - i, _slice(raw, i, j), sampler=sampler, guidance=guidance,
+                                       noise=noise, generator=gen, progress=True).cpu())
     samples = torch.cat(chunks)
     out = write_outputs(Path(cfg.out_dir), samples, raw)
     if samples.ndim == 5:  # videos: also an MP4 + GIF grid, one row per prompt
         from difflab.callbacks.video_grid import video_fps, write_sample_videos
         out.update(write_sample_videos(cfg.out_dir, samples, raw, fps=video_fps(module.run_config)))
-    log.info("wrote %d samples with %s, guidance %s (scale %s) to %s", cfg.n, module.describe_sampler(sampler),
-             module.guidance["method"], module.guidance["scale"], cfg.out_dir)
+    log.info("wrote %d samples with %s, guidance %s to %s", cfg.n, diffusion.describe_sampler(sampler), guidance,
+             cfg.out_dir)
     return out

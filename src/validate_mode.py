@@ -86,8 +86,9 @@ def train_block(cfg: DictConfig, output_dir: str | None = None) -> list[str]:
     with _hydra_runtime(cfg) as resolved:
         tree = _plain(resolved)
     model = tree.get("model") or {}
-    process, objective, sampler = model.get("process") or {}, model.get("objective") or {}, model.get("sampler") or {}
-    net, cond, data = model.get("net") or {}, model.get("conditioner") or {}, tree.get("datamodule") or {}
+    diffusion = model.get("diffusion") or {}
+    process, objective, sampler = (diffusion.get(k) or {} for k in ("process", "objective", "sampler"))
+    net, cond, data = model.get("net") or {}, diffusion.get("conditioner") or {}, tree.get("datamodule") or {}
     trainer = tree.get("trainer") or {}
     return [
         f"  process:      {_name(process.get('_target_'))}"
@@ -98,7 +99,8 @@ def train_block(cfg: DictConfig, output_dir: str | None = None) -> list[str]:
         f"  denoiser:     {_name(net.get('_target_'))}"
         f"{_keys(net, ('preset', 'base_channels', 'channel_mults', 'hidden_dim', 'depth', 'patch_size'))}",
         f"  conditioning: {_name(cond.get('_target_'))}{_keys(cond, ('num_classes', 'encoder'))}; guidance "
-        f"{(model.get('guidance') or {}).get('method', 'cfg')} {(model.get('guidance') or {}).get('scale')}",
+        f"{_name((diffusion.get('guidance') or {}).get('_target_'))} {(diffusion.get('guidance') or {}).get('scale')}; "
+        f"optimizer {_name((model.get('optimizer') or {}).get('_target_'))} lr {model.get('lr')}",
         f"  data:         {_name(data.get('_target_'))}{_keys(data, ('image_size', 'batch_size', 'cache_dir'))}",
         f"  precision:    {_precision(cfg, tree)}",
         f"  budget:       max_steps {trainer.get('max_steps')}, max_time {trainer.get('max_time')}",

@@ -27,12 +27,14 @@ BAD = [
     # train: model
     ("train", ["model.lr=-1"], "model.lr", "-1"),
     ("train", ["model.lr=0"], "model.lr", "0"),
-    ("train", ["model.betas=[0.9,1.5]"], "model.betas", "[0.9, 1.5]"),
-    ("train", ["model.weight_decay=-0.1"], "model.weight_decay", "-0.1"),
-    ("train", ["model.warmup_steps=-5"], "model.warmup_steps", "-5"),
-    ("train", ["model.p_uncond=1.0"], "model.p_uncond", "1.0"),
-    ("train", ["model.guidance.scale=-2"], "model.guidance.scale", "-2"),
-    ("train", ["model.guidance.interval=[5,1]"], "model.guidance.interval", "[5, 1]"),
+    ("train", ["optimizer.betas=[0.9,1.5]"], "optimizer.betas", "[0.9, 1.5]"),
+    ("train", ["optimizer.weight_decay=-0.1"], "optimizer.weight_decay", "-0.1"),
+    ("train", ["optimizer=muon", "optimizer.adjust_lr_fn=keller"], "optimizer.adjust_lr_fn", "keller"),
+    ("train", ["lr_schedule.warmup=-5"], "lr_schedule.warmup", "-5"),
+    ("train", ["lr_schedule.budget=wall"], "lr_schedule.budget", "wall"),
+    ("train", ["model.diffusion.p_uncond=1.0"], "model.diffusion.p_uncond", "1.0"),
+    ("train", ["guidance.scale=-2"], "guidance.scale", "-2"),
+    ("train", ["guidance.interval=[5,1]"], "guidance.interval", "[5, 1]"),
     ("train", ["model.net.base_channels=0"], "model.net.base_channels", "0"),
     ("train", ["model.net.channel_mults=[]"], "model.net.channel_mults", "[]"),
     ("train", ["model.net.attention_levels=[5]"], "model.net.attention_levels", "[5]"),
@@ -147,11 +149,11 @@ GOOD = [
     ("train", ["trainer=ddp", "trainer.devices=-1", "trainer.precision=16", "trainer.max_epochs=null"]),
     ("train", ["process=vp", "sampler=ddpm", "sampler.steps=null", "sampler.variance=large",
                "schedule.spacing=trailing"]),
-    ("train", ["model.guidance.scale=0", "model.guidance.interval=[null,5]", "model.guidance.per_class={{3: 4.0}}"]),
+    ("train", ["guidance.scale=0", "guidance.interval=[null,5]", "guidance.per_class={{3: 4.0}}"]),
     ("train", ["callbacks.class_grid.every_n_steps=0", "callbacks.ema.decay=0", "ckpt_path=last", "resume=never"]),
-    ("train", ["datamodule=moving_digits", "datamodule.image_size=[16,16]", "model.warmup_steps=200"]),
+    ("train", ["datamodule=moving_digits", "datamodule.image_size=[16,16]", "lr_schedule.warmup=200"]),
     ("train", ["datamodule=cifar10", "datamodule.val_split=0.1", "datamodule.image_size=null", "seed=null"]),
-    ("train", ["objective.x0_clip=null", "objective.weighting=min_snr", "conditioning=none", "model.p_uncond=0"]),
+    ("train", ["objective.x0_clip=null", "objective.weighting=min_snr", "conditioning=none", "model.diffusion.p_uncond=0"]),
     ("sample", [f"ckpt_path={FILE}", "labels=[0,3]", "device=cuda:1", "guidance.scale=null", "sampler=heun"]),
     ("sample", [f"ckpt_path={FILE}", "sampler.steps=25", "guidance.interval=[0.5,null]", "out_dir=new/dir"]),
     ("report", [f"ckpt_path={FILE}", "figures=[reconstruction,guidance_grid]", "val_batches=null", "device=cpu"]),
@@ -164,8 +166,9 @@ GROUP_OPTIONS = sorted(f"{p.parent.name}={p.stem}" for group in
                         "callbacks", "logger", "ops", "autoencoder", "process", "hparams_search")
                        for p in (CONFIG_DIR / group).glob("*.yaml"))
 # Keys no user sets: filled in from the datamodule, or interpolations of whole groups (checked in their group).
-DERIVED = ("model.sample_shape", "model.schedule", "model.process", "model.objective", "model.sampler",
-           "model.conditioner", "model.autoencoder")
+DERIVED = ("model.diffusion.sample_shape", "model.diffusion.process", "model.diffusion.objective",
+           "model.diffusion.sampler", "model.diffusion.guidance", "model.diffusion.conditioner",
+           "model.diffusion.autoencoder", "model.optimizer", "model.lr_schedule")
 
 
 @pytest.fixture(scope="module")

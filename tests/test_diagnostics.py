@@ -166,36 +166,32 @@ def test_report_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------- reconstruction
 class OracleModule:
-    """A module-like stand-in whose 'network' knows the clean data: it outputs the exact target for it, so DDIM from
-    any x_t must give back x0 exactly, on any process."""
+    """A module-like stand-in whose network knows the clean data: it outputs the exact target for it, so DDIM from
+    any x_t must give back x0 exactly, on any process. Its ``diffusion`` is the real object."""
 
     def __init__(self, x0: torch.Tensor, prediction: str = "v", process=None):
+        import functools
+
         from difflab.diffusion.objectives import Objective
-        from difflab.diffusion.schedules import DiscreteSchedule
+        from difflab.diffusion.samplers import ddim
+        from difflab.diffusion.processes import VPProcess
+        from difflab.diffusion.system import Diffusion
 
-        self.x0, self.process = x0, process or DiscreteSchedule("cosine", 1000)
-        self.objective = Objective(prediction=prediction, x0_clip="none")
-        self.guidance = {"scale": 1.0, "rescale": 0.0, "interval": None}
-        self.conditioner = SimpleNamespace(batch_key=None)
-        self.autoencoder = None
+        self.x0 = x0
+        self.diffusion = Diffusion(process or VPProcess("cosine", 1000),
+                                   Objective(prediction=prediction, x0_clip="none"), functools.partial(ddim, steps=2),
+                                   sample_shape=tuple(x0.shape[1:]))
 
-    def net(self, x_in, t_net, cond):
+    def __call__(self, x_in, t_net, vector=None, context=None, context_mask=None):
         from difflab.diffusion.objectives import input_scale, training_target
 
-        t = self.process.time_from_net_time(t_net[:1].double())
-        a, s = self.process.coefficients(t)
-        da, ds = self.process.derivatives(t) if self.objective.prediction == "flow" else (None, None)
-        x_t = x_in.double() / input_scale(a, s, self.objective.prediction)
+        process, prediction = self.diffusion.process, self.diffusion.objective.prediction
+        t = process.time_from_net_time(t_net[:1].double())
+        a, s = process.coefficients(t)
+        da, ds = process.derivatives(t) if prediction == "flow" else (None, None)
+        x_t = x_in.double() / input_scale(a, s, prediction)
         x0 = self.x0.repeat(x_t.shape[0] // self.x0.shape[0], 1, 1, 1).double()
-        return training_target(x0, (x_t - a * x0) / s, a, s, self.objective.prediction, da, ds).float()
-
-    def condition(self, raw):
-        return {"vector": None, "context": None, "context_mask": None}
-
-    def model_fn(self, cond, null=None, scale=None, interval="model"):
-        from difflab.diffusion.guidance import guided_model_fn
-
-        return guided_model_fn(self.net, self.process, self.objective.prediction, cond, null, scale=1.0)
+        return training_target(x0, (x_t - a * x0) / s, a, s, prediction, da, ds).float()
 
 
 @pytest.mark.parametrize("process_name, prediction", [("vp", "v"), ("vp", "eps"), ("edm", "edm"), ("flow", "flow")])
@@ -211,17 +207,17 @@ def test_ddim_reconstruction_of_an_oracle_denoiser_is_exact_on_every_process(pro
     x_t, rec, starts = reconstruct(module, x0, None, [0.7, 0.3, 0.005], noise=noise, steps=8)
     assert rec.shape == (9, 1, 8, 8)
     assert torch.allclose(rec, x0.repeat(3, 1, 1, 1), atol=1e-4)
-    a, s = (float(v) for v in module.process.coefficients(torch.tensor(starts[0], dtype=torch.float64)))
+    a, s = (float(v) for v in module.diffusion.process.coefficients(torch.tensor(starts[0], dtype=torch.float64)))
     assert torch.allclose(x_t[:3], a * x0 + s * noise, atol=1e-5)  # the first rows are noised to exactly starts[0]
-    assert starts[0] == module.process.time_at_fraction(0.7)
+    assert starts[0] == module.diffusion.process.time_at_fraction(0.7)
 
 
 def test_reconstruction_start_levels():
     from difflab.callbacks.reconstruction import check_fraction
     from difflab.diffusion.processes import EDMProcess, FlowProcess
-    from difflab.diffusion.schedules import DiscreteSchedule
+    from difflab.diffusion.processes import VPProcess
 
-    vp = DiscreteSchedule("cosine", 1000)
+    vp = VPProcess("cosine", 1000)
     assert vp.time_at_fraction(0.7) == 700 and vp.time_at_fraction(1.0) == 999
     assert FlowProcess().time_at_fraction(0.7) == pytest.approx(0.7)
     assert FlowProcess(shift=3.0).time_at_fraction(0.5) == pytest.approx(0.75)  # 3 * 0.5 / (1 + 2 * 0.5)
@@ -281,25 +277,27 @@ def test_metric_names_carry_sample_and_frame_counts():
 
 
 # ------------------------------------------------------------------------------------------- sample metrics
-class ReplayModule:
-    """Module-like stand-in that 'samples' given data (an image of the requested class, picked by the sample's noise,
-    which depends only on its global index) or the noise itself, so metric outcomes are known in advance."""
+class ReplayDiffusion:
+    """Diffusion-like stand-in that 'samples' given data (an image of the requested class, picked by the sample's
+    noise, which depends only on its global index) or the noise itself, so metric outcomes are known in advance."""
 
     def __init__(self, pool: torch.Tensor, labels: torch.Tensor | None, prompts=None, noise: bool = False):
+        from difflab.diffusion.guidance import CFG
+
         self.pool, self.labels, self.noise = pool, labels, noise
         self.sample_shape = tuple(pool.shape[1:])
-        self.device = torch.device("cpu")
-        self.autoencoder, self.run_config, self.prompts = None, None, prompts
-        key = "text" if prompts else ("label" if labels is not None else None)
-        self.conditioner = SimpleNamespace(batch_key=key, num_classes=10)
+        self.autoencoder, self.prompts, self.guidance = None, prompts, CFG()
         self.requests: list = []
 
-    def default_sample_conditions(self, n):
+    def default_conditions(self, n, device=None):
         if self.prompts:
             return [self.prompts[i % len(self.prompts)] for i in range(n)]
         return torch.arange(n) % 10 if self.labels is not None else None
 
-    def sample(self, n, raw=None, sampler=None, guidance_scale=None, noise=None, generator=None):
+    def guidance_for(self, overrides):
+        return self.guidance.updated(overrides)
+
+    def sample(self, net, n, raw=None, sampler=None, guidance=None, guidance_scale=None, noise=None, generator=None):
         self.requests.append(raw)
         if self.noise:
             return noise.clamp(-1, 1)
@@ -313,6 +311,21 @@ class ReplayModule:
 
     def to_pixels(self, x):
         return x
+
+
+class ReplayModule:
+    """Module-like stand-in around a ``ReplayDiffusion``."""
+
+    def __init__(self, pool: torch.Tensor, labels: torch.Tensor | None, prompts=None, noise: bool = False):
+        self.diffusion = ReplayDiffusion(pool, labels, prompts, noise)
+        self.device = torch.device("cpu")
+        self.run_config = None
+        key = "text" if prompts else ("label" if labels is not None else None)
+        self.conditioner = SimpleNamespace(batch_key=key, num_classes=10)
+
+    @property
+    def requests(self) -> list:
+        return self.diffusion.requests
 
 
 def _digits_datamodule():

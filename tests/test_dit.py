@@ -316,7 +316,7 @@ def test_model_configs_match_the_constructors_and_take_the_datas_shape(name, cls
     assert net["_target_"] == f"difflab.models.dit.{cls.__name__}"
     assert set(net) - {"_target_", "_partial_"} <= _constructor_args(cls)
     assert set(cfg.model) - {"_target_"} <= _constructor_args(DiffusionModule)
-    assert net["sample_shape"] == "${model.sample_shape}"
+    assert net["sample_shape"] == "${model.diffusion.sample_shape}"
 
 
 @pytest.mark.parametrize("dit,base", [("moving_digits_t2v_dit", "moving_digits_t2v"),
@@ -361,7 +361,7 @@ def test_size_errors_from_data_the_config_does_not_describe_reach_the_cli_as_one
     as a one-line user error, not as Hydra's InstantiationException."""
     from difflab.utils.errors import instantiate_reporting
 
-    cfg = _compose(["model=dit", "model.sample_shape=[4,6,6]", "model.net.patch_size=4", "conditioning=none"],
+    cfg = _compose(["model=dit", "model.diffusion.sample_shape=[4,6,6]", "model.net.patch_size=4", "conditioning=none"],
                    tmp_path)
     with pytest.raises(ConfigError, match="patch_size=4 does not divide the image size 6x6"):
         instantiate_reporting(cfg.model)
@@ -412,13 +412,13 @@ def test_train_a_video_dit_on_moving_digits(tmp_path):
                     "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
                     "datamodule.num_frames=4", "model.net.depth=1", "model.net.hidden_dim=32", "model.net.num_heads=2",
                     "model.net.attention=full", "model.net.text_mode=joint", "model.net.pos_embed=rope",
-                    "model.warmup_steps=1", "sampler.steps=2", "callbacks.video_grid.every_n_steps=2",
+                    "lr_schedule.warmup=1", "sampler.steps=2", "callbacks.video_grid.every_n_steps=2",
                     "callbacks.video_grid.n_cols=2", "callbacks.video_grid.max_prompts=2",
                     "callbacks.model_checkpoint.every_n_train_steps=2", "~callbacks.progress_bar",
                     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"], tmp_path)
     objs = train(cfg)
     module = objs["model"]
-    assert type(module.denoiser).__name__ == "VideoDiT" and module.sample_shape == (1, 4, 16, 16)
+    assert type(module.denoiser).__name__ == "VideoDiT" and module.diffusion.sample_shape == (1, 4, 16, 16)
     assert module.num_cross_attention == 1 and objs["trainer"].global_step == 2
     assert (tmp_path / "figures" / "video_grid" / "final.mp4").is_file()
 

@@ -39,8 +39,10 @@ from difflab.pipeline import train
 torch.set_num_threads(1)  # 2 shared cores: one thread per process
 
 BIG = 100_000  # max_steps of every run: the LR schedule is the same whether a run is killed, resumed or complete
+# budget=steps: the schedule follows the step count alone (the default follows the wall-clock too once max_time is
+# further along than max_steps, and a time-bounded run cannot repeat itself bit for bit)
 QUIET = ["callbacks.class_grid.every_n_steps=100000", "+callbacks.class_grid.at_end=false", "logger=none",
-         "trainer.deterministic=true", "model.warmup_steps=10"]
+         "trainer.deterministic=true", "lr_schedule.warmup=10", "lr_schedule.budget=steps"]
 NOT_RESUMABLE = "not resumable"
 
 
@@ -318,7 +320,7 @@ def latent_overrides(cache: Path, every: int, batch: int) -> list[str]:
     return [*tiny, "datamodule=latents", f"datamodule.cache_dir={cache}", f"datamodule.batch_size={batch}",
             "datamodule.flip=true", "datamodule.num_workers=2", "datamodule.persistent_workers=true",
             "datamodule.pin_memory=false", "model.net.in_channels=4", "objective.x0_clip=none",
-            f"model.autoencoder={{_target_:difflab.latents.cache.load_cache_autoencoder,cache_dir:{cache}}}"]
+            f"model.diffusion.autoencoder={{_target_:difflab.latents.cache.load_cache_autoencoder,cache_dir:{cache}}}"]
 
 
 def test_latent_cache_with_worker_flips_kill9_mid_epoch_resumes_bit_identical(tmp_path, latent_cache):
@@ -368,7 +370,7 @@ def video_overrides(clips: Path, every: int, batch: int) -> list[str]:
             "trainer.accumulate_grad_batches=1", "trainer.precision=32-true",
             "trainer.val_check_interval=1000000", "trainer.limit_val_batches=1", "trainer.enable_model_summary=false",
             "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "trainer.deterministic=true",
-            "logger=none", "model.warmup_steps=10", f"callbacks.model_checkpoint.every_n_train_steps={every}",
+            "logger=none", "lr_schedule.warmup=10", f"callbacks.model_checkpoint.every_n_train_steps={every}",
             "callbacks.video_grid.every_n_steps=100000", "callbacks.video_grid.at_end=false",
             "callbacks.ema.update_every=1"]
 

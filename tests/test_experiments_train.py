@@ -39,8 +39,9 @@ def test_stl10_vpred_cfg_trains_on_stl10_binaries(tmp_path):
                      ["datamodule.image_size=16", "datamodule.verify=none", "callbacks.class_grid_cfg6.every_n_steps=2",
                       "callbacks.class_grid_cfg6.n_cols=2"])
     m = objs["model"]
-    assert m.objective.prediction == "v" and m.process.num_timesteps == 500 and m.p_uncond == 0.2
-    assert m.guidance["scale"] == 3.0 and m.sample_shape == (3, 16, 16)
+    d = m.diffusion
+    assert d.objective.prediction == "v" and d.process.num_timesteps == 500 and d.p_uncond == 0.2
+    assert d.guidance.scale == 3.0 and d.sample_shape == (3, 16, 16)
     grids = tmp_path / "run" / "figures"
     assert (grids / "class_grid" / "step_0000002.png").is_file()
     assert (grids / "class_grid_cfg6" / "step_0000002.png").is_file()  # the log's second guidance scale
@@ -51,7 +52,7 @@ def test_stl10_finetune_starts_from_a_base_checkpoint(tmp_path):
     _fit(tmp_path / "base", "stl10_vpred_cfg", tmp_path / "data", ["datamodule.image_size=16", "datamodule.verify=none"])
     base = tmp_path / "base" / "run" / "checkpoints" / "last.ckpt"
     cfg, objs = _fit(tmp_path, "stl10_finetune", tmp_path / "data", ["datamodule.image_size=16", "datamodule.verify=none", f"init_from={base}"])
-    assert objs["model"].optim_cfg["lr"] == 2e-5
+    assert objs["model"].lr == 2e-5
     assert list((tmp_path / "run" / "checkpoints").glob("finetune_step_*.ckpt"))
 
 
@@ -59,8 +60,8 @@ def test_cifar10_ddim_trains_on_cifar_pickles(tmp_path):
     write_cifar10(tmp_path / "data")
     cfg, objs = _fit(tmp_path, "cifar10_ddim", tmp_path / "data", ["datamodule.image_size=16", "datamodule.verify=none"])
     m = objs["model"]
-    assert m.objective.prediction == "eps" and m.sample_shape == (3, 16, 16)
-    assert m.sampler.func.__name__ == "ddim" and m.sampler.keywords["steps"] == 2
+    assert m.diffusion.objective.prediction == "eps" and m.diffusion.sample_shape == (3, 16, 16)
+    assert m.diffusion.sampler.func.__name__ == "ddim" and m.diffusion.sampler.keywords["steps"] == 2
 
 
 def test_image_folder_datamodule_trains(tmp_path):
@@ -72,7 +73,7 @@ def test_image_folder_datamodule_trains(tmp_path):
     cfg, objs = _fit(tmp_path, "digits", tmp_path / "data",
                      ["datamodule=image_folder", f"datamodule.data_dir={tmp_path / 'data' / 'pets'}",
                       "datamodule.image_size=16", "model.net.in_channels=3"])
-    assert objs["model"].sample_shape == (3, 16, 16) and objs["model"].class_names == ["cat", "dog"]
+    assert objs["model"].diffusion.sample_shape == (3, 16, 16) and objs["model"].diffusion.class_names == ["cat", "dog"]
 
 
 @pytest.mark.parametrize("experiment", ["stl10_vpred_cfg", "cifar10_ddim"])

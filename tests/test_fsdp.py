@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 TINY_DIT = ["model=dit", "datamodule.image_size=8", "model.net.depth=2", "model.net.hidden_dim=32",
             "model.net.num_heads=2", "model.net.patch_size=2"]
 # an EMA that moves away from the raw weights within a few steps, so that comparing EMAs means something
-VISIBLE_EMA = ["callbacks.ema.warmup=false", "callbacks.ema.decay=0.5", "model.warmup_steps=0", "model.lr=0.01",
+VISIBLE_EMA = ["callbacks.ema.warmup=false", "callbacks.ema.decay=0.5", "lr_schedule.warmup=0", "model.lr=0.01",
                "trainer.precision=32-true"]
 FSDP_CPU = ["trainer=fsdp", "trainer.accelerator=cpu"]
 
@@ -111,7 +111,7 @@ def _tiny_module(tmp_path):
 
     cfg = compose_train(tmp_path, _overrides())
     with open_dict(cfg):
-        cfg.model.sample_shape = [1, 8, 8]
+        cfg.model.diffusion.sample_shape = [1, 8, 8]
         cfg.conditioning.num_classes = 10
     return instantiate(cfg.model), cfg
 
@@ -131,16 +131,16 @@ def test_shard_module_shards_trainable_parts_and_sharded_checkpoint_exports(gloo
     from difflab.utils.frozen import Frozen
 
     module, cfg = _tiny_module(tmp_path)
-    module.autoencoder = Frozen(torch.nn.Linear(3, 3))
+    module.diffusion.autoencoder = Frozen(torch.nn.Linear(3, 3))
     keys = list(module.state_dict())
     whole = {k: v.clone() for k, v in module.state_dict().items()}
     units = shard_module(module, init_device_mesh("cpu", (1,)), mixed_precision_policy("bf16-mixed"))
     assert units == ["denoiser.blocks.0", "denoiser.blocks.1", "denoiser", "conditioner"]
     assert is_sharded(module) and all(isinstance(p, DTensor) for p in module.parameters())
-    assert not any(isinstance(p, DTensor) for p in module.autoencoder.module.parameters())
+    assert not any(isinstance(p, DTensor) for p in module.diffusion.autoencoder.module.parameters())
     assert list(module.state_dict()) == keys  # names unchanged: checkpoints of DDP and FSDP runs match
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as Lightning's bf16-mixed: bf16 gathered weights + autocast
-        loss = module.diffusion_losses({"x": torch.randn(4, 1, 8, 8), "label": torch.arange(4)}, True)["loss"].mean()
+        loss = module.diffusion.losses(module, {"x": torch.randn(4, 1, 8, 8), "label": torch.arange(4)}, True)["loss"].mean()
     loss.backward()
     assert all(p.grad is not None for p in module.denoiser.parameters())
 

@@ -12,7 +12,7 @@ from difflab.diffusion.guidance import (cfg_combine, check_interval, guidance_ac
                                     rescale_guidance)
 from difflab.diffusion.objectives import Objective, X0Clip
 from difflab.diffusion.samplers import ddim
-from difflab.diffusion.schedules import DiscreteSchedule
+from difflab.diffusion.processes import VPProcess
 
 
 def _pair(seed=0, shape=(4, 2, 5, 5)):
@@ -74,7 +74,7 @@ def _conds(n):
 
 
 def test_guided_model_fn_passes_and_interval():
-    sch = DiscreteSchedule("cosine", 100)
+    sch = VPProcess("cosine", 100)
     x = torch.randn(3, 1, 4, 4)
     cond, null = _conds(3)
     net = CondNet()
@@ -97,7 +97,7 @@ def test_guided_model_fn_passes_and_interval():
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 @pytest.mark.parametrize("clip", ["static", "dynamic"])
 def test_clipped_x0_and_eps_stay_consistent_with_x_t(prediction, clip):
-    sch = DiscreteSchedule("linear", 100)
+    sch = VPProcess("linear", 100)
     x = 3 * torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(1))
     mf = guided_model_fn(lambda x_t, t, c: 2 * x_t, sch, prediction, {}, None, x0_clip=X0Clip(clip))
     for t in (5, 70):
@@ -116,19 +116,21 @@ class EmbedNet(nn.Module):
 
 def test_per_class_scales_through_the_module():
     from difflab.conditioning.base import ClassConditioner
+    from difflab.diffusion.guidance import CFG
+    from difflab.diffusion.system import Diffusion
     from difflab.lit_modules.diffusion_module import DiffusionModule
 
     torch.manual_seed(0)
     cond = ClassConditioner(3, embed_dim=4)
     with torch.no_grad():
         cond.embedding.weight.copy_(0.05 * torch.arange(16.0).view(4, 4))  # small, distinct per class
-    module = DiffusionModule(net=lambda cond_dim, context_dim: EmbedNet(), schedule=DiscreteSchedule("cosine", 50),
-                             objective=Objective(prediction="x0", x0_clip="none"),
-                             sampler=functools.partial(ddim, steps=1), conditioner=cond, sample_shape=(1, 2, 2),
-                             guidance={"scale": 2.0, "per_class": {1: 4.0}})
+    diffusion = Diffusion(VPProcess("cosine", 50), Objective(prediction="x0", x0_clip="none"),
+                          functools.partial(ddim, steps=1), guidance=CFG(scale=2.0, per_class={1: 4.0}),
+                          conditioner=cond, sample_shape=(1, 2, 2))
+    module = DiffusionModule(net=lambda cond_dim, context_dim: EmbedNet(), diffusion=diffusion)
     labels = torch.tensor([0, 1, 2, 1])
-    assert module.guidance_scales(labels).tolist() == [2.0, 4.0, 2.0, 4.0]
-    out = module.sample(4, labels, noise=torch.zeros(4, 1, 2, 2))  # one DDIM step to alpha_bar 1 returns x0_hat
+    assert diffusion.guidance.scales(labels, cond.num_classes).tolist() == [2.0, 4.0, 2.0, 4.0]
+    out = diffusion.sample(module, 4, labels, noise=torch.zeros(4, 1, 2, 2))  # one DDIM step to alpha_bar 1: x0_hat
     means = cond.embedding.weight.mean(dim=1)
     null = means[3]
     expected = torch.stack([null + s * (means[k] - null) for k, s in zip(labels.tolist(), [2.0, 4.0, 2.0, 4.0])])

@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from difflab.diffusion.guidance import GUIDANCE_METHODS, METHOD_OPTIONS, guided_model_fn
+from difflab.diffusion.guidance import CFG, GUIDANCE_METHODS, Autoguidance, guided_model_fn
 from difflab.diffusion.objectives import Objective
 from difflab.diffusion.processes import FlowProcess
 from difflab.diffusion.samplers import SAMPLERS, ddim, sampling_grid
-from difflab.diffusion.schedules import DiscreteSchedule
+from difflab.diffusion.processes import VPProcess
+from difflab.diffusion.system import Diffusion
 from tests.helpers import CONFIG_DIR, compose_train, run_hydra_main
 from difflab.utils.errors import ConfigError
 
@@ -49,7 +50,7 @@ def _x():
 
 
 def _mf(method, scale, process=None, prediction="x0", **opts):
-    process = process or DiscreteSchedule("cosine", 100)
+    process = process or VPProcess("cosine", 100)
     cond, null = _conds(SHAPE[0])
     return guided_model_fn(TableNet(), process, prediction, cond, null, scale=scale, method=method, options=opts)
 
@@ -61,19 +62,26 @@ def _ab(process, t):
 
 # ------------------------------------------------------------------------------------------- closed forms
 def test_registry_and_config_group_agree():
-    from difflab.config_checks import group_schemas
+    """Each method's class, its config file, the import-light settings table the pre-flight reads and the schema
+    name the same methods and settings."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
 
-    assert set(GUIDANCE_METHODS) == {"cfg", "cfgpp", "apg", "autoguidance"} == set(METHOD_OPTIONS)
+    from difflab.config_checks import group_schemas
+    from difflab.registry import GUIDANCE_CLASSES, GUIDANCE_SETTINGS
+
+    assert set(GUIDANCE_METHODS) == {"cfg", "cfgpp", "apg", "autoguidance"} == set(GUIDANCE_SETTINGS)
+    assert {name: cls.keys() for name, cls in GUIDANCE_METHODS.items()} == GUIDANCE_SETTINGS
+    assert {name: cls.__name__ for name, cls in GUIDANCE_METHODS.items()} == GUIDANCE_CLASSES
     files = {p.stem for p in (CONFIG_DIR / "guidance").glob("*.yaml")}
     assert files == set(GUIDANCE_METHODS)
-    rules = {k for k, _ in group_schemas()["model"][0]}
+    rules = {k for k, _ in group_schemas()["guidance"][0]}
     for path in (CONFIG_DIR / "guidance").glob("*.yaml"):
-        text = path.read_text()
-        assert text.startswith("# @package model.guidance"), path
-        from omegaconf import OmegaConf
-        keys = OmegaConf.load(path).keys()
-        assert OmegaConf.load(path).method == path.stem
-        assert {f"guidance.{k}" for k in keys} <= rules, path
+        node = OmegaConf.load(path)
+        cls = get_class(node._target_)
+        assert cls is GUIDANCE_METHODS[path.stem], path
+        keys = {k for k in node if not k.startswith("_")}
+        assert keys == set(cls.keys()) and keys <= rules, path
 
 
 def test_cfg_is_u_plus_s_times_c_minus_u():
@@ -81,13 +89,13 @@ def test_cfg_is_u_plus_s_times_c_minus_u():
     x0, eps = _mf("cfg", 3.0)(x, 40)
     c, u = _outputs(40)
     assert torch.allclose(x0.double(), u + 3.0 * (c - u), atol=1e-6)
-    a, s = _ab(DiscreteSchedule("cosine", 100), 40)
+    a, s = _ab(VPProcess("cosine", 100), 40)
     assert torch.allclose(x.float(), (a * x0 + s * eps).float(), atol=1e-5)
 
 
 def test_cfgpp_lambda_x0_and_unconditional_eps():
     """CFG++: x0 from eps_u + lambda (eps_c - eps_u), eps_hat = eps_u (eps prediction: outputs are eps)."""
-    sch = DiscreteSchedule("cosine", 100)
+    sch = VPProcess("cosine", 100)
     x = _x()
     x0, eps = _mf("cfgpp", 0.4, sch, prediction="eps")(x, 40)
     c, u = _outputs(40)
@@ -103,7 +111,7 @@ def test_cfgpp_lambda_x0_and_unconditional_eps():
 def test_cfgpp_ddim_step_matches_the_paper_update():
     """CFG++ DDIM (Chung et al. 2024, Algorithm 1): x' = sqrt(ab') x0_lambda + sqrt(1 - ab') eps_u, computed by hand
     on a 2-step grid from t = 70 (eps prediction on vp)."""
-    sch = DiscreteSchedule("linear", 100)
+    sch = VPProcess("linear", 100)
     x = _x().float()
     lam = 0.6
     out = ddim(_mf("cfgpp", lam, sch, prediction="eps"), x, sch, steps=3, start=70)
@@ -140,7 +148,7 @@ def _apg_closed_form(c, u, s, eta, r, running=None, beta=0.0):
 
 
 def test_apg_closed_form_and_consistent_eps():
-    sch = DiscreteSchedule("cosine", 100)
+    sch = VPProcess("cosine", 100)
     x = _x()
     x0, eps = _mf("apg", 4.0, sch, eta=0.3, norm_threshold=2.0)(x, 40)
     c, u = _outputs(40)
@@ -158,7 +166,7 @@ def test_apg_matches_diffusers_normalized_guidance_with_momentum():
     (momentum running average, norm clipping, eta), in the paper's formulation x0_c + (s - 1) update."""
     from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
 
-    sch = DiscreteSchedule("cosine", 100)
+    sch = VPProcess("cosine", 100)
     x = _x()
     s, eta, r, beta = 3.5, 0.2, 1.5, -0.5
     mf = _mf("apg", s, sch, eta=eta, norm_threshold=r, momentum=beta)
@@ -176,7 +184,7 @@ def test_apg_matches_diffusers_normalized_guidance_with_momentum():
 
 
 def test_autoguidance_closed_form_and_guide_equal_to_main_is_conditional():
-    sch = DiscreteSchedule("cosine", 100)
+    sch = VPProcess("cosine", 100)
     x = _x()
     cond, _ = _conds(SHAPE[0])
     net = TableNet()
@@ -192,7 +200,7 @@ def test_autoguidance_closed_form_and_guide_equal_to_main_is_conditional():
 
 
 def test_interval_gives_the_plain_conditional_outside():
-    sch = DiscreteSchedule("cosine", 100)
+    sch = VPProcess("cosine", 100)
     lo, hi = float(sch.sigmas[20]), float(sch.sigmas[60])
     x = _x()
     cond, _ = _conds(SHAPE[0])
@@ -212,7 +220,7 @@ def test_bad_settings_fail_in_one_line():
         _mf("pag", 2.0)
     cond, null = _conds(3)
     with pytest.raises(ValueError, match="needs a guide network"):
-        guided_model_fn(TableNet(), DiscreteSchedule("cosine", 100), "x0", cond, null, scale=2.0,
+        guided_model_fn(TableNet(), VPProcess("cosine", 100), "x0", cond, null, scale=2.0,
                         method="autoguidance")
 
 
@@ -235,12 +243,12 @@ def _module(process_name="vp", guidance=None, seed=0):
     from difflab.lit_modules.diffusion_module import DiffusionModule
 
     torch.manual_seed(seed)
-    process = DiscreteSchedule("cosine", 50) if process_name == "vp" else FlowProcess()
+    process = VPProcess("cosine", 50) if process_name == "vp" else FlowProcess()
     prediction = "v" if process_name == "vp" else "flow"
-    return DiffusionModule(net=functools.partial(TinyNet, seed=seed), process=process,
-                           objective=Objective(prediction=prediction, x0_clip="none"),
-                           sampler=functools.partial(ddim, steps=3), conditioner=ClassConditioner(3, embed_dim=4),
-                           sample_shape=(1, 4, 4), guidance=guidance or {"scale": 2.0})
+    diffusion = Diffusion(process, Objective(prediction=prediction, x0_clip="none"), functools.partial(ddim, steps=3),
+                          guidance=CFG(scale=2.0).updated(guidance), conditioner=ClassConditioner(3, embed_dim=4),
+                          sample_shape=(1, 4, 4))
+    return DiffusionModule(net=functools.partial(TinyNet, seed=seed), diffusion=diffusion)
 
 
 METHOD_SETTINGS = {"cfg": {"scale": 3.0}, "cfgpp": {"scale": 0.6}, "apg": {"scale": 3.0, "momentum": -0.5,
@@ -253,52 +261,63 @@ METHOD_SETTINGS = {"cfg": {"scale": 3.0}, "cfgpp": {"scale": 0.6}, "apg": {"scal
 def test_every_method_samples_with_every_sampler(process_name, sampler, monkeypatch):
     module = _module(process_name)
     guide = _module(process_name, seed=1)
-    monkeypatch.setattr(module, "guide_module", lambda path: guide)
+    monkeypatch.setattr(Autoguidance, "guide_model", lambda self, main: guide)
     labels = torch.tensor([0, 1, 2, 0])
     noise = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(3))
     fn = functools.partial(SAMPLERS[sampler], steps=3)
-    plain = module.sample(4, labels, sampler=fn, guidance_scale=1.0, noise=noise)
+    plain = module.diffusion.sample(module, 4, labels, sampler=fn, guidance_scale=1.0, noise=noise)
     for method, settings in METHOD_SETTINGS.items():
-        out = module.sample(4, labels, sampler=fn, noise=noise, guidance={"method": method, **settings})
+        out = module.diffusion.sample(module, 4, labels, sampler=fn, noise=noise, guidance={"method": method, **settings})
         assert out.shape == (4, 1, 4, 4) and torch.isfinite(out).all(), method
         assert not torch.allclose(out, plain, atol=1e-6), (method, "guidance changed nothing")
 
 
-def test_old_checkpoint_config_without_method_samples_with_cfg():
-    old = _module(guidance={"scale": 2.5, "rescale": 0.0, "interval": None, "per_class": None})
-    assert old.guidance["method"] == "cfg"
-    new = _module(guidance={"method": "cfg", "scale": 2.5, "rescale": 0.0, "interval": None, "per_class": None})
+def test_stored_guidance_dicts_migrate_to_their_classes():
+    """Checkpoints of before the guidance objects store a dict (no method: saved before the registry, so cfg)."""
+    from difflab.checkpoints import migrate_config
+
+    def migrated(guidance):
+        config = {"model": {"_target_": "difflab.lit_modules.diffusion_module.DiffusionModule", "guidance": guidance}}
+        return migrate_config(config)["model"]["diffusion"]["guidance"]
+
+    shared = {"scale": 2.5, "rescale": 0.0, "interval": None, "per_class": None}
+    assert migrated(shared) == {"_target_": "difflab.diffusion.guidance.CFG", **shared}
+    apg = migrated({**shared, "method": "apg", "eta": 0.5, "norm_threshold": 0.0, "momentum": -0.5})
+    assert apg == {"_target_": "difflab.diffusion.guidance.APG", "scale": 2.5, "interval": None, "per_class": None,
+                   "eta": 0.5, "norm_threshold": 0.0, "momentum": -0.5}   # rescale was never apg's
+    old, new = _module(guidance=shared), _module(guidance={"method": "cfg", **shared})
     labels, noise = torch.tensor([0, 1, 2]), torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(old.sample(3, labels, noise=noise), new.sample(3, labels, noise=noise))
+    assert torch.equal(old.diffusion.sample(old, 3, labels, noise=noise),
+                       new.diffusion.sample(new, 3, labels, noise=noise))
 
 
 def test_module_refuses_bad_guidance_in_one_line():
     with pytest.raises(ConfigError, match=r"^guidance.scale=2.0 is invalid for guidance.method=cfgpp") as err:
         _module(guidance={"method": "cfgpp", "scale": 2.0})
     assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match="needs model.guidance.guide_ckpt"):
+    with pytest.raises(ConfigError, match="needs guidance.guide_ckpt"):
         _module(guidance={"method": "autoguidance", "scale": 2.0})
     module = _module()
     with pytest.raises(ConfigError, match="needs guidance.guide_ckpt"):
-        module.sample(3, torch.tensor([0, 1, 2]), guidance={"method": "autoguidance"})
+        module.diffusion.sample(module, 3, torch.tensor([0, 1, 2]), guidance={"method": "autoguidance"})
 
 
 def test_mismatched_guide_refused_in_one_line():
-    from difflab.lit_modules.diffusion_module import check_guide
-
-    main = _module("vp")
-    check_guide(main, _module("vp", seed=1), "g.ckpt")   # same setup, other weights: fine
+    check_guide = _module("vp").diffusion.check_guide
+    check_guide(_module("vp", seed=1), "g.ckpt")   # same setup, other weights: fine
     with pytest.raises(ConfigError, match=r"^guidance.guide_ckpt=g.ckpt cannot guide this model: different process "
                                           r"\(guide flow, main vp\)$"):
-        check_guide(main, _module("flow"), "g.ckpt")
+        check_guide(_module("flow"), "g.ckpt")
     other = _module("vp")
-    other.sample_shape = (1, 8, 8)
+    other.diffusion.sample_shape = (1, 8, 8)
     with pytest.raises(ConfigError, match=r"different sample shape \(guide \(1, 8, 8\), main \(1, 4, 4\)\)$"):
-        check_guide(main, other, "g.ckpt")
+        check_guide(other, "g.ckpt")
     other = _module("vp")
-    other.objective = Objective(prediction="eps", x0_clip="none")
+    other.diffusion.objective = Objective(prediction="eps", x0_clip="none")
     with pytest.raises(ConfigError, match=r"different prediction \(guide eps, main v\)$"):
-        check_guide(main, other, "g.ckpt")
+        check_guide(other, "g.ckpt")
+    with pytest.raises(ConfigError, match=r"^guidance.guide_ckpt=g.ckpt is not a diffusion model checkpoint$"):
+        check_guide(nn.Linear(1, 1), "g.ckpt")
 
 
 # ------------------------------------------------------------------------------------------- configs
@@ -308,22 +327,22 @@ def _problems(tmp_path, overrides):
     return check_config(compose_train(tmp_path, overrides), "train")
 
 
-def test_guidance_group_composes_into_model_guidance(tmp_path):
-    cfg = compose_train(tmp_path, ["guidance=apg", "model.guidance.scale=4"])
-    g = cfg.model.guidance
-    assert g.method == "apg" and g.scale == 4 and g.eta == 0.0 and "rescale" in g
-    assert compose_train(tmp_path, ["guidance=cfg"]).model.guidance.method == "cfg"
-    assert "method" not in compose_train(tmp_path, []).model.guidance   # no choice: the module's default, cfg
-    assert "guidance" not in compose_train(tmp_path, ["experiment=digits_vae"]).model   # the autoencoder has none
-    assert _problems(tmp_path, ["guidance=apg", "model.guidance.scale=4"]) == []
-    assert _problems(tmp_path, ["guidance=cfgpp", "model.guidance.scale=0.6"]) == []
-    assert _problems(tmp_path, ["guidance=cfgpp"])[0].startswith("model.guidance.scale=")
+def test_guidance_group_composes_into_the_diffusion_object(tmp_path):
+    cfg = compose_train(tmp_path, ["guidance=apg", "guidance.scale=4"])
+    g = cfg.model.diffusion.guidance
+    assert g._target_.endswith(".APG") and g.scale == 4 and g.eta == 0.0 and "rescale" not in g
+    assert compose_train(tmp_path, []).model.diffusion.guidance._target_.endswith(".CFG")   # the default
+    assert "diffusion" not in compose_train(tmp_path, ["experiment=digits_vae"]).model   # the autoencoder has none
+    assert _problems(tmp_path, ["guidance=apg", "guidance.scale=4"]) == []
+    assert _problems(tmp_path, ["guidance=cfgpp", "guidance.scale=0.6"]) == []
+    assert _problems(tmp_path, ["guidance=cfgpp"]) == []   # its own default lambda, 0.6
+    assert _problems(tmp_path, ["guidance=cfgpp", "guidance.scale=2"])[0].startswith("guidance.scale=2")
     assert _problems(tmp_path, ["guidance=autoguidance"]) == [
-        "model.guidance.guide_ckpt=null is invalid: a checkpoint of the guide model with "
-        "guidance.method=autoguidance"]
-    assert _problems(tmp_path, ["guidance=apg", "model.guidance.momentum=1.5"])[0].startswith(
-        "model.guidance.momentum=1.5 is invalid")
-    assert _problems(tmp_path, ["guidance=cfg", "model.guidance.method=pag"])[0].startswith("model.guidance.method=pag is invalid")
+        "guidance.guide_ckpt=null is invalid: a checkpoint of the guide model with guidance=autoguidance"]
+    assert _problems(tmp_path, ["guidance=apg", "guidance.momentum=1.5"])[0].startswith(
+        "guidance.momentum=1.5 is invalid")
+    assert _problems(tmp_path, ["guidance=apg", "+guidance.rescale=0.5"])[0].startswith(
+        "guidance.rescale=0.5 is invalid: absent with guidance=apg")
 
 
 # ------------------------------------------------------------------------------------------- sample.py
@@ -345,16 +364,16 @@ def test_sample_cli_selects_the_method(run_dir, tmp_path, monkeypatch):
     from difflab.diffusion import guidance
 
     calls = []
-    for name, fn in list(guidance.GUIDANCE_METHODS.items()):
-        def recording(step, scale, _fn=fn, _name=name, **opts):
+    for name, cls in list(guidance.GUIDANCE_METHODS.items()):
+        def recording(step, scale, _fn=cls.combine, _name=name, **opts):
             calls.append((_name, float(scale), opts))
             return _fn(step, scale, **opts)
-        monkeypatch.setitem(guidance.GUIDANCE_METHODS, name, recording)
+        monkeypatch.setattr(cls, "combine", staticmethod(recording))
     code, images = _sample_cli(run_dir, tmp_path, "apg", ["guidance.method=apg", "guidance.scale=3",
                                                           "guidance.eta=0.5", "guidance.momentum=-0.5"])
     assert code == 0 and images.shape == (10, 1, 8, 8)
     assert calls and {c[0] for c in calls} == {"apg"} and calls[0][1] == 3.0
-    assert calls[0][2] == {"eta": 0.5, "momentum": -0.5}   # norm_threshold unset: the function default (0)
+    assert calls[0][2] == {"eta": 0.5, "momentum": -0.5, "norm_threshold": 0.0}   # unset: APG's default
     calls.clear()
     assert _sample_cli(run_dir, tmp_path, "cfgpp", ["guidance.method=cfgpp", "guidance.scale=0.6"])[0] == 0
     assert {c[0] for c in calls} == {"cfgpp"} and calls[0][1] == 0.6
@@ -373,18 +392,3 @@ def test_sample_cli_autoguidance_with_itself_is_conditional(run_dir, tmp_path):
                                                          f"guidance.guide_ckpt={earlier}"])
     assert code == 0 and not np.array_equal(auto, plain)
     assert _sample_cli(run_dir, tmp_path, "noguide", ["guidance.method=autoguidance", "guidance.scale=3"])[0] == 2
-
-
-def test_old_checkpoint_without_method_samples_with_cfg(run_dir, tmp_path):
-    from difflab.checkpoints import module_from_checkpoint
-
-    old_path = run_dir / "checkpoints" / "step_0000004.ckpt"   # no guidance= given: no method stored, as before
-    ck = torch.load(old_path, map_location="cpu", weights_only=True)
-    assert "method" not in ck["difflab"]["config"]["model"]["guidance"]
-    ck["difflab"]["config"]["model"]["guidance"]["method"] = "cfg"
-    path = tmp_path / "new.ckpt"
-    torch.save(ck, path)
-    old, new = module_from_checkpoint(old_path), module_from_checkpoint(path)
-    assert old.guidance["method"] == "cfg"
-    labels, noise = torch.arange(4) % 10, torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(old.sample(4, labels, noise=noise), new.sample(4, labels, noise=noise))

@@ -377,13 +377,13 @@ def test_train_a_dit_on_cached_latents(tmp_path, ae_ckpt):
         "datamodule=latents", f"datamodule.cache_dir={cache}", "datamodule.batch_size=8", "datamodule.num_workers=0",
         "datamodule.persistent_workers=false", "model=dit", "model.net.depth=1", "model.net.hidden_dim=32",
         "model.net.num_heads=2", "model.net.patch_size=2", "objective.x0_clip=none", "conditioning=class",
-        f"model.autoencoder={{_target_:difflab.latents.cache.load_cache_autoencoder,cache_dir:{cache}}}",
+        f"model.diffusion.autoencoder={{_target_:difflab.latents.cache.load_cache_autoencoder,cache_dir:{cache}}}",
         "trainer=cpu", "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2",
         "trainer.limit_val_batches=1", "sampler.steps=2", "callbacks.class_grid.every_n_steps=2",
         "callbacks.class_grid.n_cols=2", "callbacks.model_checkpoint.every_n_train_steps=2",
         "~callbacks.progress_bar", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"])
     objs = train(cfg)
-    assert type(objs["model"].denoiser).__name__ == "DiT" and objs["model"].sample_shape == (4, 4, 4)
+    assert type(objs["model"].denoiser).__name__ == "DiT" and objs["model"].diffusion.sample_shape == (4, 4, 4)
     assert (out / "figures" / "class_grid" / "final.png").is_file()
     module = module_from_checkpoint(out / "checkpoints" / "last.ckpt")
-    assert module.sample(3, torch.tensor([0, 1, 2])).shape == (3, 1, 16, 16)  # decoded to pixels
+    assert module.diffusion.sample(module, 3, torch.tensor([0, 1, 2])).shape == (3, 1, 16, 16)  # decoded to pixels

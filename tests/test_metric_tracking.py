@@ -93,7 +93,7 @@ def test_every_logged_evaluation_records_its_seed(tracked_run):
     metrics (FD, KID, digit accuracy), the scored grid and the validation losses."""
     from difflab.ablation.comparable import protocol_entry
     from difflab.ablation.sweep import read_job
-    from difflab.lit_modules.diffusion_module import VALIDATION_SEED
+    from difflab.diffusion.system import VALIDATION_SEED
 
     run, objs = tracked_run
     protocol = json.loads((run / "metrics" / "protocol.json").read_text())
@@ -102,7 +102,7 @@ def test_every_logged_evaluation_records_its_seed(tracked_run):
     assert protocol["metrics/digit_accuracy"]["weights_sha256"] == protocol[FD]["weights_sha256"]
     grid = protocol["metrics/grid_agreement"]
     assert grid["eval_seed"] == 0                                      # callbacks.class_grid.seed
-    assert grid["feature"] and grid["sampler"] == objs["model"].describe_sampler()
+    assert grid["feature"] and grid["sampler"] == objs["model"].diffusion.describe_sampler()
     assert protocol["val/loss"]["eval_seed"] == VALIDATION_SEED
     job = read_job(run, [])
     for metric in ("val/loss", "val_loss_t/bucket_03", FD, "metrics/digit_accuracy", "metrics/grid_agreement"):
@@ -120,14 +120,21 @@ def test_floor_is_fd_of_unseen_real_items_against_the_reference(tmp_path):
     dm.prepare_data()
     dm.setup("fit")
 
-    class Module:  # what SampleMetrics reads of a diffusion module
-        sample_shape, device, guidance = (1, 16, 16), torch.device("cpu"), {"scale": 1.0}
-        conditioner = None
-        run_config = None
+    class Diffusion:  # what SampleMetrics reads of a module's Diffusion object
+        sample_shape, autoencoder = (1, 16, 16), None
+
+        @staticmethod
+        def guidance_for(overrides):
+            from difflab.diffusion.guidance import CFG
+
+            return CFG().updated(overrides)
 
         @staticmethod
         def to_pixels(x):
             return x
+
+    class Module:  # ... and of the module
+        device, conditioner, run_config, diffusion = torch.device("cpu"), None, None, Diffusion()
 
     metrics = SampleMetrics(n_samples=40, n_real=100, kid_subsets=0, lpips_net=None, seed=3)
     metrics.prepare(Module(), dm, run_dir=tmp_path)
@@ -223,7 +230,7 @@ def test_optuna_search_of_four_trials_reports_the_best(tmp_path):
               for i in range(4)]
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert result["best_value"] == pytest.approx(min(values))
-    assert set(result["best_params"]) == {"model.lr", "model.p_uncond", "model.guidance.scale"}
+    assert set(result["best_params"]) == {"model.lr", "model.diffusion.p_uncond", "guidance.scale"}
     lrs = [yaml.safe_load((sweep / str(i) / ".hydra" / "overrides.yaml").read_text()) for i in range(4)]
     assert len({tuple(sorted(o)) for o in lrs}) == 4                   # four different trials
 
@@ -235,7 +242,8 @@ def test_build_judge_picks_the_digit_classifier_or_clip(tmp_path):
     from tests.test_metrics import _tiny_clip_dir
 
     def module(shape, key="label", classes=10):
-        return SimpleNamespace(sample_shape=shape, conditioner=SimpleNamespace(batch_key=key, num_classes=classes))
+        return SimpleNamespace(diffusion=SimpleNamespace(sample_shape=shape),
+                               conditioner=SimpleNamespace(batch_key=key, num_classes=classes))
 
     assert isinstance(build_judge("auto", module((1, 16, 16))), DigitJudge)
     assert build_judge("auto", module((3, 32, 32))) is None                  # RGB without a CLIP folder: no judge

@@ -7,7 +7,8 @@ import torch
 from difflab.conditioning.base import ClassConditioner, Conditioner, NoConditioner, cond_dict
 from difflab.diffusion.objectives import Objective
 from difflab.diffusion.samplers import ddim
-from difflab.diffusion.schedules import DiscreteSchedule
+from difflab.diffusion.processes import VPProcess
+from difflab.diffusion.system import Diffusion
 from difflab.lit_modules.diffusion_module import DiffusionModule
 from difflab.models.unet2d import UNet2D
 from difflab.utils.errors import ConfigError
@@ -69,8 +70,9 @@ class _ContextOnly(Conditioner):
 
 def _module(conditioner, **net_kw):
     net = functools.partial(tiny, **net_kw)
-    return DiffusionModule(net=net, schedule=DiscreteSchedule("cosine", 100), objective=Objective("v"),
-                           sampler=functools.partial(ddim, steps=3), conditioner=conditioner, sample_shape=(1, 8, 8))
+    return DiffusionModule(net=net, diffusion=Diffusion(VPProcess("cosine", 100), Objective("v"),
+                                                        functools.partial(ddim, steps=3), conditioner=conditioner,
+                                                        sample_shape=(1, 8, 8)))
 
 
 def test_module_derives_widths_from_conditioner():
@@ -84,11 +86,12 @@ def test_module_refuses_context_without_cross_attention():
     # The research log's incident: a network built without a context path while text conditioning is configured.
     built_without_context = tiny()
     with pytest.raises(ConfigError, match="cross-attention"):
-        DiffusionModule(net=built_without_context, schedule=DiscreteSchedule("cosine", 100), objective=Objective("v"),
-                        sampler=functools.partial(ddim, steps=3), conditioner=_ContextOnly(), sample_shape=(1, 8, 8))
+        DiffusionModule(net=built_without_context, diffusion=Diffusion(
+            VPProcess("cosine", 100), Objective("v"), functools.partial(ddim, steps=3),
+            conditioner=_ContextOnly(), sample_shape=(1, 8, 8)))
 
 
 def test_module_sample_shape_and_range():
     m = _module(NoConditioner())
-    x = m.sample(3)
+    x = m.diffusion.sample(m, 3)
     assert x.shape == (3, 1, 8, 8) and x.min() >= -1 and x.max() <= 1

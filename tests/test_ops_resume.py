@@ -23,14 +23,15 @@ import pytest
 import torch
 
 from difflab.checkpoints import load_checkpoint
-from difflab.lit_modules.lr_schedules import resolve_steps, warmup_cosine
+from difflab.optim.lr_schedules import resolve_steps, warmup_cosine
 from tests.helpers import ROOT, compose_train, tiny_overrides
 from difflab.pipeline import build, train
 
 torch.set_num_threads(1)  # 2 shared cores: one thread per process is ~10x faster than two contending ones
 
 STEPS_PER_EPOCH = 25  # 1617 training digits // batch 64 (drop_last)
-QUIET = ["callbacks.class_grid.every_n_steps=100000", "+callbacks.class_grid.at_end=false"]
+# budget=steps: the LR is the closed form of the step (the default also follows max_time when it is further along)
+QUIET = ["callbacks.class_grid.every_n_steps=100000", "+callbacks.class_grid.at_end=false", "lr_schedule.budget=steps"]
 NOLOG = ["logger=none"]
 
 
@@ -196,7 +197,7 @@ def test_init_from_loads_weights_and_ema_with_fresh_optimizer(uninterrupted, tmp
     objs = _run(tmp_path / "ft", max_steps=10, save_every=5, extra=[f"init_from={src}"], probe=probe)
     st = probe.start
     assert st["step"] == 0 and st["adam_step"] == 0.0       # new run: fresh counters and optimizer
-    base = objs["model"].optim_cfg["lr"]
+    base = objs["model"].lr
     assert st["lr"] == pytest.approx(base * warmup_cosine(0, resolve_steps(0.05, 10), 10))  # schedule restarts
     assert _max_diff(st["raw"], ck["current_model_state"]) == 0.0
     assert _max_diff(st["ema"], ck["state_dict"]) == 0.0

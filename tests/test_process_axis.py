@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from difflab.lit_modules.lr_schedules import time_progress, warmup_cosine, warmup_cosine_progress
+from difflab.optim.lr_schedules import time_progress, warmup_cosine, warmup_cosine_progress
 from tests.helpers import compose_train, tiny_overrides
 
 FAST = ["debug=fast", "logger=csv", "trainer.enable_progress_bar=false", "datamodule.image_size=8",
@@ -36,7 +36,8 @@ def test_multirun_over_processes_trains_one_job_each(tmp_path):
     for job in jobs:
         ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         cfg = ckpt["difflab"]["config"]
-        targets.add((cfg["model"]["process"]["_target_"].rsplit(".", 1)[-1], cfg["model"]["objective"]["prediction"]))
+        d = cfg["model"]["diffusion"]
+        targets.add((d["process"]["_target_"].rsplit(".", 1)[-1], d["objective"]["prediction"]))
         assert cfg["model"]["net"]["base_channels"] == 8  # the same denoiser in every job
     assert targets == {("VPProcess", "v"), ("EDMProcess", "edm"), ("FlowProcess", "flow")}
 
@@ -61,9 +62,9 @@ def test_each_process_config_builds_its_module(tmp_path, process, cls, predictio
     cfg = compose_train(tmp_path, tiny_overrides(extra=[f"process={process}"]))
     fill_from_datamodule(cfg, SimpleNamespace(sample_shape=(1, 8, 8), num_classes=10, class_names=None, prompts=None))
     module = instantiate(cfg.model)
-    assert type(module.process).__name__ == cls
-    assert (module.objective.prediction, module.objective.weighting) == (prediction, weighting)
-    x = module.sample(4, torch.arange(4), noise=torch.randn(4, 1, 8, 8))
+    assert type(module.diffusion.process).__name__ == cls
+    assert (module.diffusion.objective.prediction, module.diffusion.objective.weighting) == (prediction, weighting)
+    x = module.diffusion.sample(module, 4, torch.arange(4), noise=torch.randn(4, 1, 8, 8))
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
 
 
@@ -97,6 +98,6 @@ def test_time_budget_needs_a_fractional_warmup(tmp_path):
     from difflab.utils.errors import ConfigError
 
     cfg = compose_train(tmp_path, tiny_overrides(extra=["logger=none", "trainer.max_steps=-1",
-                                                        "++trainer.max_time=00:00:00:05", "model.warmup_steps=10"]))
+                                                        "++trainer.max_time=00:00:00:05", "lr_schedule.warmup=10"]))
     with pytest.raises(ConfigError, match="fraction of the budget"):
         train(cfg)

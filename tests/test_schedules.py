@@ -160,6 +160,11 @@ def test_schedule_configs_compose_with_every_option(name):
 
 
 def test_the_old_vp_target_still_builds():
-    """Stored configs name the vp process by its old place, difflab.diffusion.schedules.DiscreteSchedule."""
-    old = instantiate({"_target_": "difflab.diffusion.schedules.DiscreteSchedule", "kind": "cosine", "num_timesteps": 10})
+    """Stored configs name the vp process by its old place, difflab.diffusion.schedules.DiscreteSchedule: the
+    checkpoint migration maps it to VPProcess."""
+    from difflab.checkpoints import migrate_config
+
+    stored = {"model": {"process": {"_target_": "difflab.diffusion.schedules.DiscreteSchedule", "kind": "cosine",
+                                    "num_timesteps": 10}}}
+    old = instantiate(migrate_config(stored)["model"]["process"])
     assert type(old) is VPProcess and old.num_timesteps == 10

@@ -29,7 +29,7 @@ def test_checkpoint_loads_weights_only_and_ema_differs_from_raw(run_dir):
     ck = torch.load(path, map_location="cpu", weights_only=True)  # plain torch, the safe way
     assert ck["global_step"] == 4
     cfg = ck["difflab"]["config"]
-    assert cfg["model"]["net"]["base_channels"] == 8 and cfg["model"]["sample_shape"] == [1, 8, 8]
+    assert cfg["model"]["net"]["base_channels"] == 8 and cfg["model"]["diffusion"]["sample_shape"] == [1, 8, 8]
     ema, raw = ck["state_dict"], ck["current_model_state"]
     assert ema.keys() == raw.keys()
     assert max((ema[k].float() - raw[k].float()).abs().max().item() for k in ema) > 1e-5

@@ -234,7 +234,7 @@ def test_exports_with_a_planted_config_are_refused(tmp_path, form):
     else:
         meta["difflab_config"] = json.dumps(config)
     save_file(tensors, str(export / "model.safetensors"), metadata=meta)
-    with pytest.raises(UntrustedFileError, match=r"model.conditioner._target_ = os.mkdir"):
+    with pytest.raises(UntrustedFileError, match=r"model.diffusion.conditioner._target_ = os.mkdir"):
         module_from_checkpoint(export)
     assert not marker.exists()
 
@@ -262,8 +262,8 @@ def test_a_guide_checkpoint_passes_the_gate(tmp_path):
     marker = tmp_path / "marker"
     guide = planted_checkpoint(tmp_path, ("model", "objective"), mkdir_payload(marker), "guide.ckpt")
     module = module_from_checkpoint(LEGACY / "last.ckpt")
-    with pytest.raises(UntrustedFileError, match=r"guide.ckpt: model.objective._target_ = os.mkdir"):
-        module.sample(2, torch.tensor([0, 1]), guidance={"method": "autoguidance", "guide_ckpt": str(guide),
+    with pytest.raises(UntrustedFileError, match=r"guide.ckpt: model.diffusion.objective._target_ = os.mkdir"):
+        module.diffusion.sample(module, 2, torch.tensor([0, 1]), guidance={"method": "autoguidance", "guide_ckpt": str(guide),
                                                          "scale": 2.0})
     assert not marker.exists()
 
@@ -272,7 +272,7 @@ def test_the_stored_sampler_is_rebuilt_through_the_gate(tmp_path):
     from difflab.sampling import resolve_sampler
 
     marker = tmp_path / "marker"
-    with pytest.raises(UntrustedFileError, match=r"evil.ckpt: model.sampler._target_ = os.mkdir"):
+    with pytest.raises(UntrustedFileError, match=r"evil.ckpt: model.diffusion.sampler._target_ = os.mkdir"):
         resolve_sampler({"_partial_": True, **mkdir_payload(marker)}, {"steps": 3}, str(tmp_path / "evil.ckpt"))
     sampler = resolve_sampler({"_target_": "difflab.diffusion.samplers.heun", "_partial_": True, "steps": 10},
                               {"steps": 3}, "ok.ckpt")
@@ -439,7 +439,7 @@ def test_a_class_name_that_is_an_interpolation_is_refused(tmp_path, monkeypatch)
         fill_from_datamodule(cfg, dm)
     dm.class_names[0] = "zero"
     fill_from_datamodule(cfg, dm)
-    assert instantiate_reporting(cfg.model).class_names[0] == "zero"
+    assert instantiate_reporting(cfg.model).diffusion.class_names[0] == "zero"
     cache = _edited_cache(tmp_path, prompts=[name, "b", "c"])
     from difflab.datamodules.latents import LatentDataModule
 

@@ -270,23 +270,23 @@ def test_frame_shift_matches_open_soras_timestep_transform(vae):
 
 
 def test_training_times_use_the_batch_frame_count():
-    """DiffusionModule.diffusion_losses draws t through `_frame_shifted_times` when process.frame_shift_base is set:
+    """Diffusion.losses draws t through `frame_shifted_times` when process.frame_shift_base is set:
     the process's density with shift * sqrt(T / base) (x sqrt(HW / H0W0)) per sample; None otherwise."""
-    from difflab.lit_modules.diffusion_module import DiffusionModule
+    from difflab.diffusion.system import Diffusion
 
     process = FlowProcess(density="logit_normal", shift=1.5, frame_shift_base=8)
     owner = SimpleNamespace(process=process, sample_shape=(1, 8, 16, 16))
     batch = {"x": torch.zeros(6, 1, 32, 16, 16), "num_frames": torch.full((6,), 32)}
-    t = DiffusionModule._frame_shifted_times(owner, batch, torch.Generator().manual_seed(1))
+    t = Diffusion.frame_shifted_times(owner, batch, torch.Generator().manual_seed(1))
     ref = FlowProcess(density="logit_normal", shift=1.5 * 2.0).sample_times(
         6, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(t, ref)
     # without num_frames the clips' frame axis is used; a smaller resolution lowers the shift
-    t2 = DiffusionModule._frame_shifted_times(owner, {"x": torch.zeros(6, 1, 2, 8, 8)},
+    t2 = Diffusion.frame_shifted_times(owner, {"x": torch.zeros(6, 1, 2, 8, 8)},
                                               torch.Generator().manual_seed(1))
     ref2 = FlowProcess(shift=1.5 * 0.5 * 0.5).sample_times(6, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(t2, ref2)
-    assert DiffusionModule._frame_shifted_times(SimpleNamespace(process=FlowProcess(), sample_shape=(1, 8, 16, 16)),
+    assert Diffusion.frame_shifted_times(SimpleNamespace(process=FlowProcess(), sample_shape=(1, 8, 16, 16)),
                                                 batch, None) is None
     with pytest.raises(ValueError, match="frame_shift_base"):
         FlowProcess(frame_shift_base=0)
@@ -381,20 +381,19 @@ def test_bucket_config_keys_compose_and_are_checked(tmp_path):
 def test_tiny_bucketed_training_run_sees_several_frame_counts(tmp_path, monkeypatch):
     """experiment=moving_digits_t2v with variable-length clips (4-8 frames), buckets [4, 8], process=flow with the
     frame shift: batches of both lengths reach the training step, each with its own time shift."""
-    from difflab.lit_modules.diffusion_module import DiffusionModule
-    from tests.helpers import compose_train
+    from difflab.diffusion.system import Diffusion
     from difflab.pipeline import train
+    from tests.helpers import compose_train
 
     seen = []
-    original = DiffusionModule._frame_shifted_times
+    original = Diffusion.frame_shifted_times
 
-    def spy(self, batch, generator):
+    def spy(self, batch, generator):   # training steps only: validation gives its fixed times
         t = original(self, batch, generator)
-        if self.training:
-            seen.append((int(batch["x"].shape[2]), batch["num_frames"].tolist(), t))
+        seen.append((int(batch["x"].shape[2]), batch["num_frames"].tolist(), t))
         return t
 
-    monkeypatch.setattr(DiffusionModule, "_frame_shifted_times", spy)
+    monkeypatch.setattr(Diffusion, "frame_shifted_times", spy)
     torch.manual_seed(0)
     cfg = compose_train(tmp_path / "run", [
         "experiment=moving_digits_t2v", f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "logger=csv",
@@ -405,7 +404,7 @@ def test_tiny_bucketed_training_run_sees_several_frame_counts(tmp_path, monkeypa
         "trainer.accumulate_grad_batches=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "~callbacks.progress_bar", "model.net.base_channels=8", "model.net.channel_mults=[1,2]",
         "model.net.num_res_blocks=1", "model.net.attention_levels=[1]", "model.net.temporal_attention_levels=[1]",
-        "model.net.cross_attention_levels=[1]", "model.net.groups=4", "model.net.head_dim=8", "model.warmup_steps=1",
+        "model.net.cross_attention_levels=[1]", "model.net.groups=4", "model.net.head_dim=8", "lr_schedule.warmup=1",
         "sampler.steps=2", "~callbacks.video_grid",
         "callbacks.model_checkpoint.every_n_train_steps=4"])
     objs = train(cfg)
@@ -415,7 +414,7 @@ def test_tiny_bucketed_training_run_sees_several_frame_counts(tmp_path, monkeypa
     for t, nf, _ in seen:
         assert nf == [t] * len(nf)
     assert objs["datamodule"].bucket_report["clips"] == 24
-    assert objs["model"].sample_shape == (1, 8, 16, 16)  # sampling keeps the configured length
+    assert objs["model"].diffusion.sample_shape == (1, 8, 16, 16)  # sampling keeps the configured length
 
 
 def test_video_models_take_a_variable_frame_count():

@@ -224,7 +224,7 @@ def test_model_configs_replace_the_net_and_match_constructors(name, cls):
     assert set(cfg.model) - {"_target_"} <= _params(DiffusionModule)
     from omegaconf import OmegaConf
 
-    assert OmegaConf.to_container(net)["in_channels"] == "${model.sample_shape[0]}"  # from the data's shape
+    assert OmegaConf.to_container(net)["in_channels"] == "${model.diffusion.sample_shape[0]}"  # from the data's shape
 
 
 def test_experiments_compose_with_the_recipe():
@@ -235,7 +235,7 @@ def test_experiments_compose_with_the_recipe():
         assert cfg.datamodule.image_size == 64 and cfg.datamodule.batch_size == 2
         assert cfg.trainer.accumulate_grad_batches == 8 and cfg.trainer.accelerator == "gpu"
         assert (cfg.callbacks.ema.decay, cfg.callbacks.ema.update_every) == (0.9999, 10)
-        assert (cfg.model.warmup_steps, cfg.model.final_lr_fraction) == (2000, 0.01)
+        assert (cfg.lr_schedule.warmup, cfg.lr_schedule.final_fraction) == (2000, 0.01)
         assert cfg.schedule.kind == "cosine" and cfg.schedule.offset == 0.008
         assert cfg.sampler._target_.endswith(".ddim") and cfg.conditioning._target_.endswith("TextConditioner")
         assert cfg.objective.lpips_weight == 0.0 and cfg.callbacks.class_grid is None
@@ -357,19 +357,19 @@ def _check_run(objs, out):
 def test_train_sign_text2video_on_how2sign(how2sign_dir, tmp_path, caplog):
     objs, out = _train(tmp_path, ["experiment=sign_text2video", f"datamodule.data_dir={how2sign_dir}", *TINY_UNET])
     module = _check_run(objs, out)
-    assert type(module.denoiser).__name__ == "UNet3D" and module.sample_shape == (3, 4, 16, 16)
+    assert type(module.denoiser).__name__ == "UNet3D" and module.diffusion.sample_shape == (3, 4, 16, 16)
     report = objs["datamodule"].data_report()
     assert report["train"]["malformed_rows"] == 1 and report["train"]["clips"] == 5
     assert report["train"]["unreadable_files"] == 1  # the broken mp4 was met, skipped and counted
-    assert module.prompts == ["val sentence number 0", "val sentence number 1"]
+    assert module.diffusion.prompts == ["val sentence number 0", "val sentence number 1"]
 
 
 def test_train_sign_vivit_on_phoenix(phoenix_dir, tmp_path):
     objs, out = _train(tmp_path, ["experiment=sign_vivit", "datamodule=phoenix", f"datamodule.data_dir={phoenix_dir}",
                                   "datamodule.frame_stride=1", *TINY_VIVIT])
     module = _check_run(objs, out)
-    assert type(module.denoiser).__name__ == "ViViT" and module.sample_shape == (3, 4, 16, 16)
-    assert module.prompts == ["morgen regen dev 0", "morgen regen dev 1"]
+    assert type(module.denoiser).__name__ == "ViViT" and module.diffusion.sample_shape == (3, 4, 16, 16)
+    assert module.diffusion.prompts == ["morgen regen dev 0", "morgen regen dev 1"]
     assert objs["datamodule"].data_report()["train"]["clips"] == 3
 
 
@@ -424,22 +424,30 @@ def test_video_grid_samples_with_ema_weights(monkeypatch, tmp_path):
 
     import difflab.callbacks.video_grid as vg
 
-    class FakeModule:
-        prompts = ["p0", "p1", "p2"]
-        conditioner = SimpleNamespace(batch_key="text")
+    class FakeDiffusion:   # what the video grid reads of a module's Diffusion object
+        prompts, class_names, sampler = ["p0", "p1", "p2"], None, None
         sample_shape = (1, 3, 4, 6)
-        device = torch.device("cpu")
-        guidance = {"scale": 2.0}
-        sampler = None
+        guidance = SimpleNamespace(scale=2.0)
 
         def __init__(self, value):
             self.value, self.calls = value, []
 
-        def sample(self, n, raw, sampler=None, guidance_scale=None, noise=None, generator=None):
+        def sample(self, net, n, raw, sampler=None, guidance_scale=None, noise=None, generator=None):
             self.calls.append(list(raw))
             rows = torch.tensor([float(len(r)) for r in raw])  # a row's brightness encodes its prompt
             ramp = torch.linspace(0, 0.5, self.sample_shape[1]).view(1, 1, -1, 1, 1)  # frames differ
             return (torch.zeros(n, *self.sample_shape) + self.value * rows.view(-1, 1, 1, 1, 1) / 2 + ramp).clamp(-1, 1)
+
+    class FakeModule:
+        conditioner = SimpleNamespace(batch_key="text")
+        device = torch.device("cpu")
+
+        def __init__(self, value):
+            self.diffusion = FakeDiffusion(value)
+
+        @property
+        def calls(self):
+            return self.diffusion.calls
 
     raw_module, ema = FakeModule(-1.0), FakeModule(0.5)
     monkeypatch.setattr(vg, "ema_module", lambda trainer, pl_module: ema)

@@ -4,12 +4,12 @@ Lightning's ModelCheckpoint / LearningRateMonitor), checked by difflab.config_ch
 (configs/ops/) lands in `callbacks` too and has its own schema there."""
 from difflab.config_checks import (Rule, any_of, boolean, directory_path, integer, list_of, mapping, non_negative,
                                    number, one_of, optional, positive, probability, string)
+from difflab.registry import GUIDANCE_SETTINGS
 
 LPIPS_NETS = ["alex", "vgg", "squeeze"]
 
-# what a grid / metrics callback may override of model.guidance (configs/guidance/*.yaml and the model's block)
-GUIDANCE_KEYS = {"method", "scale", "rescale", "interval", "per_class", "eta", "norm_threshold", "momentum",
-                 "guide_ckpt"}
+# what a grid / metrics callback may override of the guidance group (configs/guidance/*.yaml)
+GUIDANCE_KEYS = {"method", *(k for keys in GUIDANCE_SETTINGS.values() for k in keys)}
 
 RULES = {
     # shared by the figure / grid callbacks (src/callbacks/schedule.py: 0 = only dense-early and at the end)
@@ -20,10 +20,10 @@ RULES = {
     "*.n_cols": integer(min=1),
     "*.max_rows": integer(min=1),
     "*.guidance_scale": optional(non_negative()).described_as(
-        "a number >= 0 (1: no guidance, 0: unconditional) or null (the model's guidance.scale)"),
+        "a number >= 0 (1: no guidance, 0: unconditional) or null (guidance.scale)"),
     "*.guidance": optional(Rule(
         lambda v: isinstance(v, dict) and set(v) <= GUIDANCE_KEYS,
-        f"a dict of model.guidance overrides with keys among {', '.join(sorted(GUIDANCE_KEYS))}, e.g. "
+        f"a dict of guidance overrides with keys among {', '.join(sorted(GUIDANCE_KEYS))}, e.g. "
         "{method: apg, scale: 4}")),
     "*.sampler.steps": integer(min=1),
     "*.lpips_net": optional(one_of(LPIPS_NETS)),

@@ -1,46 +1,22 @@
 """Allowed values of the model group (configs/model/*.yaml): the DiffusionModule options with their UNet2D / UNet3D /
 ViViT denoisers, and the AutoencoderModule (model=kl_vae). Checked by difflab.config_checks before a job starts; a
 rule applies only when its key is present (each option has its own keys)."""
-from difflab.config_checks import (Rule, boolean, existing_path, integer, list_of, mapping, non_negative, number,
-                                   one_of, optional, positive, probability, sigma_interval, string)
+from difflab.config_checks import (Rule, adam_betas, boolean, integer, list_of, non_negative, number, one_of, optional, positive,
+                                   probability, string)
+from difflab.registry import DIT_PRESETS
 
-# depth, width, heads of the DiT presets (src/models/dit.py PRESETS; a test keeps the two equal, and this module
-# must not import torch so that --help stays fast)
-DIT_PRESETS = {"T": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 LEVELS = list_of(integer(min=0))
-GUIDANCE_METHODS = ["cfg", "cfgpp", "apg", "autoguidance"]    # src/diffusion/guidance.py GUIDANCE_METHODS (a test)
-BETAS = Rule(lambda v: isinstance(v, list) and len(v) == 2 and all(
-    isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v),
-    "a list of two numbers in [0, 1), e.g. [0.9, 0.999]")               # torch.optim.AdamW
 
 RULES = {
-    # optimiser and LR schedule (src/lit_modules/lr_schedules.py)
+    # the training loop (src/lit_modules/diffusion_module.py); optimizer and lr_schedule are groups of their own
     "lr": positive(),
-    "betas": BETAS,
-    "weight_decay": non_negative(),
-    "eps": non_negative(),
-    "warmup_steps": non_negative().described_as("an integer number of steps >= 0 or a fraction in [0, 1) of all "
-                                                "steps"),
-    "warmup_start_factor": non_negative(),
-    "final_lr_fraction": non_negative(),
     "loss_buckets": integer(min=1),
     "compile": boolean(),
     "channels_last": boolean(),
-    "class_names": optional(list_of(string())),        # null: filled from the datamodule
-    "prompts": optional(list_of(string())),
-    # classifier-free guidance (src/diffusion/guidance.py: diffusers convention, 1 = none, 0 = unconditional)
-    "p_uncond": probability(max_open=True).described_as("a number in [0, 1) (1 would drop every condition)"),
-    "guidance.scale": non_negative(),
-    "guidance.rescale": probability(),
-    "guidance.interval": optional(sigma_interval()),
-    "guidance.per_class": optional(mapping(non_negative())),
-    # guidance methods (configs/guidance/*.yaml, merged into model.guidance; src/diffusion/guidance.py)
-    "guidance.method": one_of(GUIDANCE_METHODS),
-    "guidance.eta": number(),                                        # apg: weight of the parallel component
-    "guidance.norm_threshold": non_negative(),                       # apg: 0 = no norm clipping
-    "guidance.momentum": number(min=-1, max=1, min_open=True, max_open=True),   # apg: running-sum momentum
-    "guidance.guide_ckpt": optional(existing_path()).described_as(
-        "an existing checkpoint or export of the guide model (null unless guidance.method=autoguidance)"),
+    # the Diffusion object (src/diffusion/system.py); process, objective, sampler, guidance come from their groups
+    "diffusion.class_names": optional(list_of(string())),        # null: filled from the datamodule
+    "diffusion.prompts": optional(list_of(string())),
+    "diffusion.p_uncond": probability(max_open=True).described_as("a number in [0, 1) (1 would drop every condition)"),
     # denoisers (src/models/unet2d.py, unet3d.py, vivit.py; dit.py below)
     "net.in_channels": integer(min=1),
     "net.out_channels": optional(integer(min=1)),
@@ -69,8 +45,8 @@ RULES = {
     "net.learn_output_scale": boolean(),
     "net.output_scale_init": number(),
     # transformers (src/models/dit.py: DiT, VideoDiT)
-    "net.sample_shape": list_of(integer(min=1), min_len=3),          # ${model.sample_shape}: from the datamodule
-    "net.size": one_of(["T", "S", "B", "L", "XL"]),
+    "net.sample_shape": list_of(integer(min=1), min_len=3),   # ${model.diffusion.sample_shape}: from the datamodule
+    "net.size": one_of(list(DIT_PRESETS)),
     "net.num_heads": optional(integer(min=1)),
     "net.max_frames": integer(min=1),
     "net.attention": one_of(["factorised", "full"]),
@@ -81,7 +57,9 @@ RULES = {
     "net.compile_blocks": boolean(),
     "net.freq_dim": Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2 and v % 2 == 0,
                          "an even integer >= 2"),
-    # AutoencoderModule (model=kl_vae; src/lit_modules/autoencoder_module.py)
+    # AutoencoderModule (model=kl_vae; src/lit_modules/autoencoder_module.py, its own Adam)
+    "betas": adam_betas(),
+    "weight_decay": non_negative(),
     "kl_weight": non_negative(),
     "recon_loss": one_of(["l1", "l2"]),
     "lpips_weight": non_negative(),
@@ -135,23 +113,5 @@ def joint_text_needs_full_video_attention(model: dict):
     return None
 
 
-def guidance_method_settings(model: dict):
-    """What one guidance method needs of the shared keys: CFG++'s lambda (the scale, per-class scales too) in [0, 1],
-    autoguidance's guide checkpoint, rescale only where the method has it (cfg, autoguidance)."""
-    g = model.get("guidance") or {}
-    method = g.get("method", "cfg")
-    if method == "cfgpp":
-        if isinstance(g.get("scale"), (int, float)) and not 0 <= g["scale"] <= 1:
-            return "guidance.scale", "a number in [0, 1] with guidance.method=cfgpp (CFG++'s lambda, e.g. 0.6)"
-        per_class = g.get("per_class") or {}
-        if isinstance(per_class, dict) and any(isinstance(v, (int, float)) and v > 1 for v in per_class.values()):
-            return "guidance.per_class", "scales in [0, 1] with guidance.method=cfgpp (CFG++'s lambda)"
-    if method == "autoguidance" and not g.get("guide_ckpt"):
-        return "guidance.guide_ckpt", "a checkpoint of the guide model with guidance.method=autoguidance"
-    if method in ("cfgpp", "apg") and isinstance(g.get("rescale"), (int, float)) and g["rescale"] > 0:
-        return "guidance.rescale", f"0 with guidance.method={method} (rescale belongs to cfg and autoguidance)"
-    return None
-
-
-CHECKS = [guidance_method_settings, levels_inside_channel_mults, vivit_heads_divide_width, dit_heads_divide_width,
+CHECKS = [levels_inside_channel_mults, vivit_heads_divide_width, dit_heads_divide_width,
           joint_text_needs_full_video_attention]

@@ -124,9 +124,9 @@ def read_autoencoder_checkpoint(path: str | Path) -> tuple[dict, dict]:
     if not isinstance(state, dict):
         raise CheckpointError(f"autoencoder checkpoint {path} has no state_dict")
     sd = {k[len(STATE_PREFIX):]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
-    from difflab.checkpoints import upgrade_targets
+    from difflab.checkpoints import migrate_config
 
-    return upgrade_targets(dict(meta["config"])), sd
+    return migrate_config(dict(meta["config"])), sd
 
 
 def load_autoencoder_checkpoint(path: str | Path) -> nn.Module:

@@ -22,11 +22,11 @@ def grid_conditions(module, n_cols: int):
     if key == "label":
         k = module.conditioner.num_classes
         rows = list(range(k))
-        titles = module.class_names or [str(i) for i in rows]
+        titles = module.diffusion.class_names or [str(i) for i in rows]
         raw = torch.tensor(rows + [module.conditioner.null_index], device=module.device).repeat_interleave(n_cols)
         return raw, titles + ["(uncond)"]
     if key == "text":
-        prompts = list(module.prompts or [])[:10]
+        prompts = list(module.diffusion.prompts or [])[:10]
         rows = prompts + [""]
         return [p for p in rows for _ in range(n_cols)], prompts + ["(uncond)"]
     return None, ["samples"]
@@ -39,9 +39,10 @@ def sample_grid(module, n_cols: int = 8, guidance_scale=None, seed: int = 0, sam
     raw, titles = grid_conditions(module, n_cols)
     n_rows = len(titles) if raw is not None else 4
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n_cols, *module.sample_shape), generator=g).repeat(n_rows, *([1] * len(module.sample_shape)))
-    x = module.sample(n_rows * n_cols, raw, sampler=sampler, guidance_scale=guidance_scale, noise=noise,
-                      generator=torch.Generator().manual_seed(seed + 1), guidance=guidance)
+    shape = module.diffusion.sample_shape
+    noise = torch.randn((n_cols, *shape), generator=g).repeat(n_rows, *([1] * len(shape)))
+    x = module.diffusion.sample(module, n_rows * n_cols, raw, sampler=sampler, guidance_scale=guidance_scale,
+                                noise=noise, generator=torch.Generator().manual_seed(seed + 1), guidance=guidance)
     if x.ndim == 5:  # videos: show the middle frame in the still grid
         x = x[:, :, x.shape[2] // 2]
     return x, raw, titles
@@ -101,7 +102,7 @@ class ClassGridCallback(L.Callback):
                  dense_early: bool = False, at_end: bool = True, tag_suffix: str = "", guidance: dict | None = None,
                  judge: str = "none", clip_model: str | None = None, digit_classifier_weights: str | None = None):
         self.every_n_steps, self.n_cols, self.seed = every_n_steps, n_cols, seed
-        self.guidance = dict(guidance) if guidance else None   # overrides of model.guidance (method and its keys)
+        self.guidance = dict(guidance) if guidance else None   # overrides of the guidance group (method and its keys)
         self.kind = "class_grid" + (f"_{tag_suffix}" if tag_suffix else "")
         self.guidance_scale, self.dense_early, self.at_end = guidance_scale, dense_early, at_end
         self.judge_kind, self.clip_model, self.digit_weights = judge, clip_model, digit_classifier_weights
@@ -125,9 +126,9 @@ class ClassGridCallback(L.Callback):
         path = figure_path(trainer.default_root_dir, self.kind, step)
         if tag:
             path = path.with_name(f"{tag}.png")
-        g = module.guidance_settings(self.guidance)
-        scale = self.guidance_scale if self.guidance_scale is not None else g["scale"]
-        caption = f"step {step}, guidance {g.get('method', 'cfg')} {scale}"
+        g = module.diffusion.guidance_for(self.guidance)
+        scale = self.guidance_scale if self.guidance_scale is not None else g.scale
+        caption = f"step {step}, guidance {g.name} {scale}"
         judge = self.judge_for(module) if condition_key(module) is not None else None
         scalars: dict[str, float] = {}
         if judge is not None:
@@ -138,7 +139,7 @@ class ClassGridCallback(L.Callback):
                 self._protocol_written = True
                 write_protocol(trainer.default_root_dir, {"metrics/grid_agreement": {
                     "eval_seed": self.seed, "n_cols": self.n_cols, "feature": judge.name,
-                    "guidance": f"{g.get('method', 'cfg')} {scale}", "sampler": module.describe_sampler()}})
+                    "guidance": f"{g.name} {scale}", "sampler": module.diffusion.describe_sampler()}})
             caption += f", judge {judge.name}: agreement {agreement:.0%}"
             log_scalars(trainer, scalars, step)
         else:

@@ -19,11 +19,11 @@ def collage_conditions(module, max_rows: int, n_uncond: int = 1):
     key = condition_key(module)
     if key == "label":
         k = min(module.conditioner.num_classes, max_rows)
-        names = module.class_names or [str(i) for i in range(module.conditioner.num_classes)]
+        names = module.diffusion.class_names or [str(i) for i in range(module.conditioner.num_classes)]
         raw = torch.tensor(list(range(k)) + [module.conditioner.null_index] * n_uncond, device=module.device)
         return raw, names[:k] + ["(uncond)"] * n_uncond
     if key == "text":
-        prompts = list(module.prompts or [])[:max_rows]
+        prompts = list(module.diffusion.prompts or [])[:max_rows]
         return prompts + [""] * n_uncond, prompts + ["(uncond)"] * n_uncond
     return None, ["(uncond)"] * max(1, n_uncond)
 
@@ -55,12 +55,12 @@ def denoise_collage(module, path: Path, n_columns: int = 8, max_rows: int = 10, 
     """Sample one trajectory per row with fixed noise and draw x_t / x0_hat at ``n_columns`` points along it."""
     raw, titles = collage_conditions(module, max_rows, n_uncond)
     n = len(titles)
-    recorder = TrajectoryRecorder(sampler or module.sampler)
-    noise = torch.randn((n, *module.sample_shape), generator=torch.Generator().manual_seed(seed))
-    final = module.sample(n, raw, sampler=recorder, guidance_scale=guidance_scale, noise=noise,
+    recorder = TrajectoryRecorder(sampler or module.diffusion.sampler)
+    noise = torch.randn((n, *module.diffusion.sample_shape), generator=torch.Generator().manual_seed(seed))
+    final = module.diffusion.sample(module, n, raw, sampler=recorder, guidance_scale=guidance_scale, noise=noise,
                           generator=torch.Generator().manual_seed(seed + 1))
     cols = pick_columns(len(recorder.calls), n_columns)
-    decode = module.to_pixels if module.autoencoder is not None else (lambda z: z)
+    decode = module.diffusion.to_pixels if module.diffusion.autoencoder is not None else (lambda z: z)
     blocks, heads = [], []
     for c in cols:
         t, x_t, x0 = recorder.calls[c]
@@ -73,9 +73,9 @@ def denoise_collage(module, path: Path, n_columns: int = 8, max_rows: int = 10, 
     blocks.append(column_block(torch.stack([final, final], dim=1).flatten(0, 1), ncol=1))
     heads.append("final")
     rows = [f"{name} {kind}" for name in titles for kind in ("x_t", "x0_hat")]
-    scale = module.guidance["scale"] if guidance_scale is None else guidance_scale
+    scale = module.diffusion.guidance.scale if guidance_scale is None else guidance_scale
     labelled_mosaic(blocks, heads, rows, path,
-                    title=f"denoising trajectory ({module.describe_sampler(sampler)}, guidance {scale:g})", cell_px=40)
+                    title=f"denoising trajectory ({module.diffusion.describe_sampler(sampler)}, guidance {scale:g})", cell_px=40)
     return {}
 
 

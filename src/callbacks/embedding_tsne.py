@@ -27,10 +27,10 @@ def condition_embeddings(module, max_prompts: int = 200) -> tuple[np.ndarray, li
     if key == "label" and hasattr(cond, "embedding"):
         w = cond.embedding.weight.detach().float().cpu().numpy()
         k = cond.num_classes
-        names = list(module.class_names or [str(i) for i in range(k)])[:k]
+        names = list(module.diffusion.class_names or [str(i) for i in range(k)])[:k]
         return w, names + ["(null)"] * (w.shape[0] - k), "class embeddings (conditioner.embedding.weight)"
     if key == "text":
-        prompts = list(dict.fromkeys(module.prompts or []))[:max_prompts]
+        prompts = list(dict.fromkeys(module.diffusion.prompts or []))[:max_prompts]
         if not prompts:
             return None
         prompts = prompts + [""]

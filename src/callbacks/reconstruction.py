@@ -35,10 +35,10 @@ def reconstruct(module, x0: torch.Tensor, raw, fractions: Sequence[float], noise
     Returns (x_t, reconstructions, start times): ``len(fractions) * B`` samples ordered level-major; every level uses
     the same noise.
     """
-    cond = module.condition(raw)
-    null = module.condition(module.null_condition(raw)) if raw is not None else None
-    model_fn = module.model_fn(cond, null, guidance_scale)
-    process = module.process
+    cond = module.diffusion.condition(raw)
+    null = module.diffusion.condition(module.diffusion.null_condition(raw)) if raw is not None else None
+    model_fn = module.diffusion.model_fn(module, cond, null, guidance_scale)
+    process = module.diffusion.process
     noised, recs, starts = [], [], []
     for frac in fractions:
         t = process.time_at_fraction(check_fraction(frac))
@@ -61,13 +61,13 @@ def reconstruction_sweep(module, batch: dict, t_fractions: Sequence[float], path
     module.eval()
     device = module.device
     x0 = batch["x"].to(device)
-    raw = module.batch_condition(batch)  # labels, prompts (also labels mapped to prompts), or None
+    raw = module.diffusion.batch_condition(batch)  # labels, prompts (also labels mapped to prompts), or None
     raw = raw.to(device) if torch.is_tensor(raw) else (None if raw is None else list(raw))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
     x_t, rec, starts = reconstruct(module, x0, raw, t_fractions, noise, steps, guidance_scale)
     with torch.no_grad():
-        original = module.to_pixels(x0).clamp(-1, 1)
-        noised, rec = module.to_pixels(x_t).clamp(-1, 1), module.to_pixels(rec).clamp(-1, 1)
+        original = module.diffusion.to_pixels(x0).clamp(-1, 1)
+        noised, rec = module.diffusion.to_pixels(x_t).clamp(-1, 1), module.diffusion.to_pixels(rec).clamp(-1, 1)
     module.train(was_training)
     n = x0.shape[0]
     scalars, labels = {}, []
@@ -83,7 +83,7 @@ def reconstruction_sweep(module, batch: dict, t_fractions: Sequence[float], path
     blocks = [column_block(original.repeat(len(starts), *([1] * (original.ndim - 1))), ncol=n),
               column_block(noised, ncol=n), column_block(rec, ncol=n)]
     labelled_mosaic(blocks, ["original", "noised x_t", "reconstruction"], labels, path,
-                    title=f"reconstruction from x_t ({module.process.name}, DDIM {steps} steps from noise, "
+                    title=f"reconstruction from x_t ({module.diffusion.process.name}, DDIM {steps} steps from noise, "
                           f"guidance {guidance_scale:g})")
     return scalars
 

@@ -31,7 +31,7 @@ def bucket_losses(module, loader, max_batches: int | None = None) -> list[float]
         if max_batches is not None and batch_idx >= max_batches:
             break
         batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        out = module.validation_losses(batch, batch_idx)
+        out = module.diffusion.validation_losses(module, batch, batch_idx, module.loss_buckets)
         b = out["bucket"].cpu()
         sums[0].index_add_(0, b, out["raw"].double().cpu())
         sums[1].index_add_(0, b, torch.ones(len(b), dtype=torch.float64))

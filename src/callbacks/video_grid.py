@@ -36,12 +36,12 @@ def grid_prompts(module, max_prompts: int = 8, include_uncond: bool = True) -> t
     """
     key = module.conditioner.batch_key
     if key == "text":
-        prompts = list(module.prompts or [])[:max_prompts]
+        prompts = list(module.diffusion.prompts or [])[:max_prompts]
         rows = prompts + ([""] if include_uncond or not prompts else [])
         return rows, [p if p else "(uncond)" for p in rows]
     if key == "label":
         k = min(module.conditioner.num_classes, max_prompts)
-        titles = (module.class_names or [str(i) for i in range(k)])[:k]
+        titles = (module.diffusion.class_names or [str(i) for i in range(k)])[:k]
         return list(range(k)), list(titles)
     return None, ["samples"]
 
@@ -78,7 +78,7 @@ def sample_video_grid(module, n_cols: int = 4, max_prompts: int = 8, include_unc
     """Samples ``rows x n_cols`` (row-major, one row per prompt, the same noise in every row) and the row titles."""
     rows, titles = grid_prompts(module, max_prompts, include_uncond)
     n_rows = len(titles)
-    shape = tuple(module.sample_shape)
+    shape = tuple(module.diffusion.sample_shape)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((n_cols, *shape), generator=g).repeat(n_rows, *([1] * len(shape)))
     if rows is None:
@@ -87,7 +87,7 @@ def sample_video_grid(module, n_cols: int = 4, max_prompts: int = 8, include_unc
         raw = torch.tensor(rows, device=module.device).repeat_interleave(n_cols)
     else:
         raw = [r for r in rows for _ in range(n_cols)]
-    x = module.sample(n_rows * n_cols, raw, sampler=sampler, guidance_scale=guidance_scale, noise=noise,
+    x = module.diffusion.sample(module, n_rows * n_cols, raw, sampler=sampler, guidance_scale=guidance_scale, noise=noise,
                       generator=torch.Generator().manual_seed(seed + 1))
     if x.ndim != 5:
         raise ValueError(f"the video grid needs a video model (samples B x C x T x H x W), got {tuple(x.shape)}")
@@ -155,7 +155,7 @@ class VideoGridCallback(L.Callback):
         """Sample the grid with ``module`` and write ``stem``.{mp4,gif,prompts.txt}; returns paths and titles."""
         sampler = None
         if self.sampler_steps:
-            sampler = functools.partial(module.sampler, steps=int(self.sampler_steps))
+            sampler = functools.partial(module.diffusion.sampler, steps=int(self.sampler_steps))
         x, titles = sample_video_grid(module, self.n_cols, self.max_prompts, self.include_uncond, self.seed,
                                       self.guidance_scale, sampler)
         k = upscale_factor(x.shape[-2:], self.min_size)
@@ -173,7 +173,7 @@ class VideoGridCallback(L.Callback):
             stem = stem.with_name(tag)
         out = self.render(module, stem)
         self.written.append(out["files"])
-        scale = self.guidance_scale if self.guidance_scale is not None else module.guidance["scale"]
+        scale = self.guidance_scale if self.guidance_scale is not None else module.diffusion.guidance.scale
         caption = f"step {step}, guidance {scale}; rows: " + " | ".join(out["titles"])
         log_video(trainer, f"samples/{self.kind}", out["files"], step, caption)
 

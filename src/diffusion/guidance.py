@@ -18,13 +18,16 @@ guidance), ``autoguidance``.
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from difflab.diffusion.objectives import clip_x0, eps_from_x0, input_scale, predictions_from_output
+from difflab.utils.errors import ConfigError
 
 Tensor = torch.Tensor
 ModelFn = Callable[[Tensor, float], tuple[Tensor, Tensor]]
@@ -146,12 +149,156 @@ def autoguidance(step: GuidanceStep, scale, rescale: float = 0.0, **_) -> tuple[
     return cfg(step, scale, rescale)
 
 
-GUIDANCE_METHODS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
-    "cfg": cfg, "cfgpp": cfgpp, "apg": apg, "autoguidance": autoguidance}
-GUIDE_NETWORK_METHODS = frozenset({"autoguidance"})   # reference = a guide network, not the null condition
-OWN_EPS_METHODS = frozenset({"cfgpp"})                # eps_hat is kept after x0 clipping (not rebuilt from x0)
-METHOD_OPTIONS = {"cfg": ("rescale",), "cfgpp": (), "apg": ("eta", "norm_threshold", "momentum"),
-                  "autoguidance": ("rescale",)}
+# --------------------------------------------------------------------------------------------------- objects
+GUIDANCE_METHODS: dict[str, type["Guidance"]] = {}   # guidance.method name -> class (every subclass registers)
+
+
+class Guidance:
+    """Classifier-free guidance settings (``configs/guidance/cfg.yaml``) and the base of every method: a subclass
+    names itself (``name``), its combination of one step's outputs (``combine``) and its keyword options."""
+    name = "cfg"
+    combine = staticmethod(cfg)
+    uses_guide = False   # the reference output comes from a guide network, not the null condition
+    own_eps = False      # eps_hat is kept after x0 clipping (not rebuilt from x0)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        GUIDANCE_METHODS[cls.name] = cls
+
+    def __init__(self, scale: float = 1.0, rescale: float = 0.0, interval: Sequence[float | None] | None = None,
+                 per_class: dict | None = None):
+        self.scale, self.rescale, self.interval, self.per_class = scale, rescale, interval, per_class
+        self.check()
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The settings this method takes (its constructor's arguments)."""
+        return tuple(p for p in inspect.signature(cls.__init__).parameters if p != "self")
+
+    @property
+    def method(self) -> str:
+        return self.name
+
+    def settings(self) -> dict:
+        """The method name and every setting, as a config would write them."""
+        return {"method": self.name, **{k: getattr(self, k) for k in self.keys()}}
+
+    def options(self) -> dict:
+        """The method's own keyword options passed to ``combine`` (beyond scale, interval and per-class scales)."""
+        return {k: getattr(self, k) for k in self.keys() if k not in ("scale", "interval", "per_class", "guide_ckpt")}
+
+    def check(self) -> None:
+        """Refuse settings this method cannot use (one line, naming the key)."""
+        try:
+            check_method(self.name, self.scale)
+            check_interval(self.interval)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def updated(self, overrides: dict | None = None) -> "Guidance":
+        """A copy with the non-None entries of ``overrides`` on top; ``method`` switches to another method's class
+        (keeping the shared settings it also takes)."""
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        if not overrides:
+            return self
+        method = overrides.pop("method", self.name)
+        if method not in GUIDANCE_METHODS:
+            raise ConfigError(f"guidance.method={method!r} is unknown: one of {', '.join(GUIDANCE_METHODS)}")
+        cls = GUIDANCE_METHODS[method]
+        merged = {**self.settings(), **overrides}
+        unknown = sorted(set(overrides) - set(cls.keys()))
+        if unknown:
+            raise ConfigError(f"guidance.{unknown[0]} is not a setting of guidance.method={method} (its settings: "
+                             f"{', '.join(cls.keys())})")
+        return cls(**{k: merged[k] for k in cls.keys() if k in merged})
+
+    def scales(self, raw, num_classes: int | None, scale=None):
+        """The scale per sample: ``per_class`` overrides for labelled samples, else the global (or given) scale."""
+        scale = self.scale if scale is None else scale
+        if self.per_class and isinstance(raw, Tensor) and num_classes:
+            table = torch.full((num_classes + 1,), float(scale))
+            for k, v in dict(self.per_class).items():
+                table[int(k)] = float(v)
+            return table[raw.cpu()].to(raw.device)
+        return scale
+
+    def reference(self, raw, main) -> Callable[[Tensor, Tensor], Tensor] | None:
+        """The reference network for methods that use a guide (None: the null condition is the reference)."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items() if k != 'method')})"
+
+
+class CFG(Guidance):
+    """Classifier-free guidance (Ho & Salimans 2022): the base class under its config name."""
+
+
+class CFGpp(Guidance):
+    """CFG++ (Chung et al. 2024): lambda = scale in [0, 1], re-noised with the unconditional eps."""
+    name = "cfgpp"
+    combine = staticmethod(cfgpp)
+    own_eps = True
+
+    def __init__(self, scale: float = 0.6, interval: Sequence[float | None] | None = None,
+                 per_class: dict | None = None):
+        self.scale, self.interval, self.per_class = scale, interval, per_class
+        self.check()
+
+
+class APG(Guidance):
+    """Adaptive projected guidance (Sadat et al. 2024) on the denoised predictions."""
+    name = "apg"
+    combine = staticmethod(apg)
+
+    def __init__(self, scale: float = 1.0, eta: float = 0.0, norm_threshold: float = 0.0, momentum: float = 0.0,
+                 interval: Sequence[float | None] | None = None, per_class: dict | None = None):
+        self.scale, self.interval, self.per_class = scale, interval, per_class
+        self.eta, self.norm_threshold, self.momentum = eta, norm_threshold, momentum
+        self.check()
+
+
+class Autoguidance(Guidance):
+    """Autoguidance (Karras et al. 2024): the reference is a weaker model of the same setup, read from
+    ``guide_ckpt`` once (EMA weights), checked against the main model and kept outside its module tree."""
+    name = "autoguidance"
+    combine = staticmethod(autoguidance)
+    uses_guide = True
+
+    def __init__(self, scale: float = 1.0, guide_ckpt: str | None = None, rescale: float = 0.0,
+                 interval: Sequence[float | None] | None = None, per_class: dict | None = None):
+        self.guide_ckpt = None if guide_ckpt is None else str(guide_ckpt)
+        super().__init__(scale, rescale, interval, per_class)
+        self._held: tuple[str, Any] | None = None
+
+    def check(self) -> None:
+        super().check()
+        if not self.guide_ckpt:
+            raise ConfigError("guidance.method=autoguidance needs guidance.guide_ckpt (a weaker checkpoint of the same "
+                             "setup: an earlier step, a shorter EMA or a smaller model)")
+
+    def __deepcopy__(self, memo):   # the loaded guide is shared, never copied into an EMA
+        clone = copy.copy(self)
+        return clone
+
+    def guide_model(self, main) -> Any:
+        """The guide's LightningModule-free pair (its ``Diffusion`` and denoiser), loaded once and checked against
+        ``main`` (a ``Diffusion``); on main's device."""
+        if self._held is None or self._held[0] != self.guide_ckpt:
+            from difflab.checkpoints import module_from_checkpoint   # file IO stays out of the math's imports
+
+            guide = module_from_checkpoint(self.guide_ckpt)
+            main.check_guide(guide, self.guide_ckpt)
+            guide.requires_grad_(False)
+            self._held = (self.guide_ckpt, guide)
+        return self._held[1].to(main.device)
+
+    def reference(self, raw, main) -> Callable[[Tensor, Tensor], Tensor]:
+        guide = self.guide_model(main)
+        if raw is None and guide.diffusion.conditioner.batch_key is not None:
+            raise ValueError("autoguidance needs the raw conditions (labels / prompts) to condition its guide")
+        cond = guide.diffusion.condition(raw)
+        return lambda x_in, t_net: guide(x_in, t_net, cond["vector"], cond["context"], cond["context_mask"])
 
 
 def check_method(method: str, scale=None) -> None:
@@ -192,11 +339,13 @@ def guided_model_fn(net: Callable[[Tensor, Tensor, dict], Tensor], process, pred
     float64; outputs have x_t's dtype.
     """
     check_method(method, scale)
-    uses_guide = method in GUIDE_NETWORK_METHODS
+    rule = GUIDANCE_METHODS[method]
+    uses_guide = rule.uses_guide
     if uses_guide and guide is None and not _plain_conditional(method, scale, True):
         raise ValueError("guidance.method=autoguidance needs a guide network (guidance.guide_ckpt)")
     opts = {**(options or {}), "rescale": rescale}
-    opts = {k: opts[k] for k in METHOD_OPTIONS[method] if opts.get(k) is not None}
+    opts = {k: opts[k] for k in rule.keys() if k not in ('scale', 'interval', 'per_class', 'guide_ckpt')
+            and opts.get(k) is not None}
     single = _plain_conditional(method, scale, guide is not None if uses_guide else null_cond is not None)
     bounds = check_interval(interval)  # fail on a bad interval before sampling starts
     if callable(x0_clip):
@@ -231,8 +380,8 @@ def guided_model_fn(net: Callable[[Tensor, Tensor, dict], Tensor], process, pred
                 both = net(torch.cat([x_in, x_in]), torch.cat([t_net, t_net]), concat_cond(cond, null_cond))
                 out_c, out_r = both.chunk(2)
             step = GuidanceStep(out_c, out_r, to_x0_eps, x64, a, s, state)
-            x0, eps = GUIDANCE_METHODS[method](step, scale, **opts)
-            own_eps = method in OWN_EPS_METHODS
+            x0, eps = rule.combine(step, scale, **opts)
+            own_eps = rule.own_eps
         if clip is not None:
             x0 = clip(x0)
             if not own_eps:

@@ -20,12 +20,17 @@ noise level sigma_ve = sigma / alpha (EDM's sigma; k-diffusion's). The guidance 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.types import Device
 
 from difflab.diffusion.draws import rng_device, standard_normal, standard_uniform
 from difflab.diffusion.schedules import (BETA_SCHEDULES, SPACINGS, VP_DENSITIES, check_kind_kwargs,
                                         rescale_zero_terminal_snr, sample_timesteps, spaced_timesteps)
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 Tensor = torch.Tensor
 __all__ = ["NoiseProcess", "VPProcess", "EDMProcess", "FlowProcess", "PROCESSES", "rng_device", "standard_normal",
@@ -66,7 +71,7 @@ class NoiseProcess:
         """The inverse of ``net_time`` (float64): for reference denoisers that are handed the network's inputs."""
         raise NotImplementedError
 
-    def sample_times(self, n: int, device=None, generator: torch.Generator | None = None) -> Tensor:
+    def sample_times(self, n: int, device: Device = None, generator: torch.Generator | None = None) -> Tensor:
         """``n`` training times drawn from the process's training density."""
         raise NotImplementedError
 
@@ -93,7 +98,7 @@ class NoiseProcess:
         alpha, sigma = self.coefficients(torch.as_tensor(t, dtype=torch.float64))
         return 2 * (alpha.log() - sigma.log())
 
-    def sigma_ve_at(self, t) -> Tensor:
+    def sigma_ve_at(self, t: Tensor | float) -> Tensor:
         """sigma / alpha, the variance-exploding (EDM) noise level: inf at pure noise, 0 at clean data."""
         alpha, sigma = self.coefficients(torch.as_tensor(t, dtype=torch.float64))
         return torch.where(alpha > 0, sigma / alpha.clamp(min=1e-300), torch.full_like(sigma, math.inf))
@@ -125,7 +130,7 @@ class VPProcess(NoiseProcess):
 
     def __init__(self, kind: str = "cosine", num_timesteps: int = 1000, zero_terminal_snr: bool = False,
                  spacing: str = "trailing", steps_offset: int = 0, density: str = "uniform",
-                 logit_mean: float = 0.0, logit_std: float = 1.0, **kind_kwargs):
+                 logit_mean: float = 0.0, logit_std: float = 1.0, **kind_kwargs: Any) -> None:
         if kind not in BETA_SCHEDULES:
             raise ValueError(f"unknown schedule kind '{kind}': choose one of {sorted(BETA_SCHEDULES)}")
         if int(num_timesteps) < 2:
@@ -149,7 +154,8 @@ class VPProcess(NoiseProcess):
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)
 
     @classmethod
-    def from_alphas_cumprod(cls, alphas_cumprod, spacing: str = "trailing", steps_offset: int = 0) -> "VPProcess":
+    def from_alphas_cumprod(cls, alphas_cumprod: Tensor | npt.ArrayLike, spacing: str = "trailing",
+                            steps_offset: int = 0) -> "VPProcess":
         """A schedule from given alpha-bars (e.g. another library's scheduler), kept exactly as given (float64)."""
         ab = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).flatten()
         if ab.numel() < 2 or not bool(((ab >= 0) & (ab < 1)).all()):
@@ -198,7 +204,7 @@ class VPProcess(NoiseProcess):
                                 exclude_zero=exclude_zero)
 
     # ---- the process interface ----
-    def coefficients(self, t):
+    def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(sqrt(alpha_bar[t]), sqrt(1 - alpha_bar[t])) at integer steps t; (1, 0) at the clean end t < 0."""
         t = torch.as_tensor(t, dtype=torch.float64)
         table = self.alphas_cumprod.to(t.device)
@@ -206,32 +212,32 @@ class VPProcess(NoiseProcess):
         ab = torch.where(t < 0, torch.ones_like(ab), ab)
         return ab.sqrt(), (1 - ab).sqrt()
 
-    def net_time(self, t):
+    def net_time(self, t: Tensor) -> Tensor:
         return torch.as_tensor(t).float()
 
-    def time_from_net_time(self, t_net):
+    def time_from_net_time(self, t_net: Tensor) -> Tensor:
         return torch.as_tensor(t_net).double()
 
-    def sample_times(self, n, device=None, generator=None):
+    def sample_times(self, n: int, device: Device = None, generator: torch.Generator | None = None) -> Tensor:
         return sample_timesteps(n, self.num_timesteps, self.density, self.logit_mean, self.logit_std, device=device,
                                 generator=generator).double()
 
-    def sampling_times(self, steps, spacing=None, multistep=False):
+    def sampling_times(self, steps: int, spacing: str | None = None, multistep: bool = False) -> Tensor:
         """The spaced timesteps (multistep solvers: the ``exclude_zero`` grid, as diffusers), then clean (-1)."""
         ts = self.sampling_timesteps(steps, spacing, exclude_zero=multistep).double()
         return torch.cat([ts, ts.new_full((1,), self.clean_time)])
 
-    def time_at_fraction(self, frac):
+    def time_at_fraction(self, frac: float) -> float:
         return float(min(self.num_timesteps - 1, max(0, round(float(frac) * self.num_timesteps))))
 
-    def time_from_log_snr(self, log_snr):
+    def time_from_log_snr(self, log_snr: Tensor) -> Tensor:
         """The step whose log-SNR is nearest (log-SNR falls with t)."""
         target = torch.as_tensor(log_snr, dtype=torch.float64)
         table = self.log_snr.to(target.device)
         return (table[None, :] - target.reshape(-1, 1)).abs().argmin(dim=1).reshape(target.shape).double()
 
-    @property
-    def reaches_pure_noise(self) -> bool:
+    @property  # vp derives the class constant from its table (read-only here)
+    def reaches_pure_noise(self) -> bool:  # type: ignore[override]
         """With zero terminal SNR the last step has alpha = 0."""
         return self.zero_terminal_snr
 
@@ -259,7 +265,8 @@ class EDMProcess(NoiseProcess):
     name = "edm"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, p_mean: float = -1.2,
-                 p_std: float = 1.2, time_scale: float = 1000.0, prediction: str = "edm", weighting: str = "edm"):
+                 p_std: float = 1.2, time_scale: float = 1000.0, prediction: str = "edm",
+                 weighting: str = "edm") -> None:
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"process.sigma_min / sigma_max need 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}")
         if rho <= 0 or p_std <= 0:
@@ -269,38 +276,38 @@ class EDMProcess(NoiseProcess):
         self.p_mean, self.p_std, self.time_scale = float(p_mean), float(p_std), float(time_scale)
         self.prediction, self.weighting = prediction, weighting
 
-    def coefficients(self, t):
+    def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
         t = torch.as_tensor(t, dtype=torch.float64)
         return torch.ones_like(t), t
 
-    def derivatives(self, t):
+    def derivatives(self, t: Tensor) -> tuple[Tensor, Tensor]:
         t = torch.as_tensor(t, dtype=torch.float64)
         return torch.zeros_like(t), torch.ones_like(t)
 
-    def net_time(self, t):
+    def net_time(self, t: Tensor) -> Tensor:
         return (torch.as_tensor(t).double().log() / 4 * self.time_scale).float()
 
-    def time_from_net_time(self, t_net):
+    def time_from_net_time(self, t_net: Tensor) -> Tensor:
         return (torch.as_tensor(t_net).double() * 4 / self.time_scale).exp()
 
-    def sample_times(self, n, device=None, generator=None):
+    def sample_times(self, n: int, device: Device = None, generator: torch.Generator | None = None) -> Tensor:
         return (standard_normal(n, generator, device) * self.p_std + self.p_mean).exp()
 
-    def sampling_times(self, steps, spacing=None, multistep=False):
+    def sampling_times(self, steps: int, spacing: str | None = None, multistep: bool = False) -> Tensor:
         return karras_sigmas(int(steps), self.sigma_min, self.sigma_max, self.rho)
 
-    def time_from_sigma_ve(self, sigma_ve):
+    def time_from_sigma_ve(self, sigma_ve: float) -> float:
         return float(sigma_ve)
 
-    def time_from_log_snr(self, log_snr):
+    def time_from_log_snr(self, log_snr: Tensor) -> Tensor:
         return (-torch.as_tensor(log_snr, dtype=torch.float64) / 2).exp()
 
-    def time_at_fraction(self, frac):
+    def time_at_fraction(self, frac: float) -> float:
         """Fractions interpolate log-sigma between sigma_min (0) and sigma_max (1)."""
         lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
         return math.exp(lo + float(frac) * (hi - lo))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"EDMProcess(sigma=[{self.sigma_min}, {self.sigma_max}], rho={self.rho}, "
                 f"ln sigma ~ N({self.p_mean}, {self.p_std}^2))")
 
@@ -330,7 +337,7 @@ def frame_shift(base_shift: float | Tensor, num_frames: int | Tensor, base_frame
     the model sees them (latent frames for a temporally compressing autoencoder).
     """
     if isinstance(num_frames, Tensor):
-        ratio = (num_frames.to(torch.float64) / float(base_frames)).sqrt()
+        ratio: float | Tensor = (num_frames.to(torch.float64) / float(base_frames)).sqrt()
     else:
         ratio = math.sqrt(float(num_frames) / float(base_frames))
     if pixels is not None and base_pixels is not None:
@@ -374,7 +381,8 @@ class FlowProcess(NoiseProcess):
 
     def __init__(self, density: str = "logit_normal", mean: float = 0.0, std: float = 1.0, mode_scale: float = 1.29,
                  shift: float = 1.0, t_min: float = 1e-3, time_scale: float = 1000.0,
-                 frame_shift_base: int | None = None, prediction: str = "flow", weighting: str = "uniform"):
+                 frame_shift_base: int | None = None, prediction: str = "flow",
+                 weighting: str = "uniform") -> None:
         if density not in FLOW_DENSITIES:
             raise ValueError(f"process.density='{density}' is unknown: choose one of {FLOW_DENSITIES}")
         if shift <= 0 or std <= 0 or not 0 < t_min < 1:
@@ -387,21 +395,22 @@ class FlowProcess(NoiseProcess):
         self.frame_shift_base = None if frame_shift_base is None else int(frame_shift_base)
         self.prediction, self.weighting = prediction, weighting
 
-    def coefficients(self, t):
+    def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
         t = torch.as_tensor(t, dtype=torch.float64)
         return 1 - t, t
 
-    def derivatives(self, t):
+    def derivatives(self, t: Tensor) -> tuple[Tensor, Tensor]:
         t = torch.as_tensor(t, dtype=torch.float64)
         return -torch.ones_like(t), torch.ones_like(t)
 
-    def net_time(self, t):
+    def net_time(self, t: Tensor) -> Tensor:
         return (torch.as_tensor(t).double() * self.time_scale).float()
 
-    def time_from_net_time(self, t_net):
+    def time_from_net_time(self, t_net: Tensor) -> Tensor:
         return torch.as_tensor(t_net).double() / self.time_scale
 
-    def sample_times(self, n, device=None, generator=None, shift: float | Tensor | None = None):
+    def sample_times(self, n: int, device: Device = None, generator: torch.Generator | None = None,
+                     shift: float | Tensor | None = None) -> Tensor:
         """``n`` training times; ``shift`` (a number, or one per sample) replaces ``self.shift`` for this draw."""
         u = standard_uniform(n, generator, device)
         z = standard_normal(n, generator, device) if self.density == "logit_normal" else u
@@ -410,25 +419,25 @@ class FlowProcess(NoiseProcess):
             shift = shift.to(t.device)
         return shift_time(t, self.shift if shift is None else shift).clamp(0, 1)
 
-    def sampling_times(self, steps, spacing=None, multistep=False):
+    def sampling_times(self, steps: int, spacing: str | None = None, multistep: bool = False) -> Tensor:
         """``steps`` points evenly spaced from 1 down to shift(t_min), shifted, then 0: diffusers'
         FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(steps) grid, whose lower end is shifted twice."""
         lowest = float(shift_time(torch.tensor(self.t_min, dtype=torch.float64), self.shift))
         u = torch.linspace(1.0, lowest, int(steps), dtype=torch.float64)
         return torch.cat([shift_time(u, self.shift), u.new_zeros(1)])
 
-    def time_from_sigma_ve(self, sigma_ve):
+    def time_from_sigma_ve(self, sigma_ve: float) -> float:
         return float(sigma_ve) / (1 + float(sigma_ve)) if math.isfinite(sigma_ve) else 1.0
 
-    def time_from_log_snr(self, log_snr):
+    def time_from_log_snr(self, log_snr: Tensor) -> Tensor:
         return torch.sigmoid(-torch.as_tensor(log_snr, dtype=torch.float64) / 2)
 
-    def time_at_fraction(self, frac):
+    def time_at_fraction(self, frac: float) -> float:
         return float(shift_time(torch.tensor(float(frac), dtype=torch.float64), self.shift))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         per_frames = "" if self.frame_shift_base is None else f" x sqrt(T / {self.frame_shift_base})"
         return f"FlowProcess(density={self.density}, shift={self.shift}{per_frames})"
 
 
-PROCESSES = {"vp": VPProcess, "edm": EDMProcess, "flow": FlowProcess}
+PROCESSES: dict[str, type[NoiseProcess]] = {"vp": VPProcess, "edm": EDMProcess, "flow": FlowProcess}

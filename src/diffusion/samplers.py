@@ -20,11 +20,19 @@ with ``_partial_: true`` in ``configs/sampler/``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeVar, cast
 
 import torch
 
+if TYPE_CHECKING:
+    from difflab.diffusion.processes import NoiseProcess, VPProcess
+
 Tensor = torch.Tensor
+_T = TypeVar("_T")
+# model_fn(x_t, t) -> (x0_hat, eps_hat), consistent with x_t (see guidance.guided_model_fn)
+ModelFn = Callable[[Tensor, float], tuple[Tensor, Tensor]]
+# sampler(model_fn, x_T, process, *, steps, ..., generator) -> x_0: one of SAMPLERS or a functools.partial of one
+Sampler = Callable[..., Tensor]
 
 
 def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -33,7 +41,7 @@ def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
-def _progress(iterable, enabled: bool, desc: str):
+def _progress(iterable: Iterable[_T], enabled: bool, desc: str) -> Iterable[_T]:
     if not enabled:
         return iterable
     try:
@@ -43,7 +51,7 @@ def _progress(iterable, enabled: bool, desc: str):
         return iterable
 
 
-def sampling_grid(process, steps: int, spacing: str | None = None, multistep: bool = False,
+def sampling_grid(process: NoiseProcess, steps: int, spacing: str | None = None, multistep: bool = False,
                   start: float | None = None) -> list[tuple[float, float, float]]:
     """[(t, alpha, sigma)] along the process's descending sampling times, ending at clean data (alpha 1, sigma 0).
 
@@ -64,10 +72,11 @@ def _sigma_ve(alpha: float, sigma: float) -> float:
 
 def _ddim_step(x0: Tensor, eps: Tensor, alpha_next: float, sigma_next: float, noise_std: float = 0.0) -> Tensor:
     """x' = alpha' x0 + sqrt(sigma'^2 - s^2) eps: the DDIM update (s = 0: deterministic; the caller adds s z)."""
-    return alpha_next * x0 + max(sigma_next**2 - noise_std**2, 0.0) ** 0.5 * eps
+    scale: float = max(sigma_next**2 - noise_std**2, 0.0) ** 0.5  # float ** float is Any in typeshed
+    return alpha_next * x0 + scale * eps
 
 
-def ddpm(model_fn: Callable, x: Tensor, process, *, steps: int | None = None, spacing: str | None = None,
+def ddpm(model_fn: ModelFn, x: Tensor, process: NoiseProcess, *, steps: int | None = None, spacing: str | None = None,
          variance: str = "small", start: float | None = None, generator: torch.Generator | None = None,
          progress: bool = False) -> Tensor:
     """Ancestral DDPM (Ho et al.) on any subset of a discrete (vp) process's timesteps; ``steps=None`` uses all T.
@@ -81,7 +90,7 @@ def ddpm(model_fn: Callable, x: Tensor, process, *, steps: int | None = None, sp
     if not process.has_ancestral:
         raise ValueError(f"sampler=ddpm needs a discrete process (vp); process {process.name} has no ancestral "
                          f"chain: use ddim (eta=1 is its stochastic analogue), euler, heun or dpmpp_2m")
-    steps = steps or process.num_timesteps
+    steps = steps or cast("VPProcess", process).num_timesteps  # has_ancestral: the discrete (vp) process
     grid = sampling_grid(process, steps, spacing, start=start)
     for i in _progress(range(len(grid) - 1), progress, f"DDPM {steps}"):
         ab_t, ab_prev = grid[i][1] ** 2, grid[i + 1][1] ** 2
@@ -95,7 +104,7 @@ def ddpm(model_fn: Callable, x: Tensor, process, *, steps: int | None = None, sp
     return x
 
 
-def ddim(model_fn: Callable, x: Tensor, process, *, steps: int = 50, eta: float = 0.0, spacing: str | None = None,
+def ddim(model_fn: ModelFn, x: Tensor, process: NoiseProcess, *, steps: int = 50, eta: float = 0.0, spacing: str | None = None,
          start: float | None = None, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
     """DDIM (Song et al.): deterministic at eta=0, DDPM-like at eta=1, on any affine path.
 
@@ -123,7 +132,7 @@ def _log_alpha_sigma_ratio(alpha: float, sigma: float) -> float:
     return math.log(alpha) - math.log(sigma)
 
 
-def dpmpp_2m(model_fn: Callable, x: Tensor, process, *, steps: int = 20, spacing: str | None = None,
+def dpmpp_2m(model_fn: ModelFn, x: Tensor, process: NoiseProcess, *, steps: int = 20, spacing: str | None = None,
              start: float | None = None, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022): multistep, data prediction, midpoint form (diffusers' multistep solver,
     k-diffusion's ``sample_dpmpp_2m``).
@@ -134,7 +143,8 @@ def dpmpp_2m(model_fn: Callable, x: Tensor, process, *, steps: int = 20, spacing
     r = inf, is first order too).
     """
     grid = sampling_grid(process, steps, spacing, multistep=True, start=start)
-    prev_x0, h_prev = None, None
+    prev_x0: Tensor | None = None
+    h_prev = math.nan  # read only once prev_x0 is set
     for i in _progress(range(len(grid) - 1), progress, f"DPM++2M {steps}"):
         (t, a_s, s_s), (_, a_t, s_t) = grid[i], grid[i + 1]
         x0, _ = model_fn(x, t)
@@ -151,8 +161,8 @@ def dpmpp_2m(model_fn: Callable, x: Tensor, process, *, steps: int = 20, spacing
     return x
 
 
-def _churn(x: Tensor, process, t: float, a: float, s: float, n_steps: int, s_churn: float, s_tmin: float,
-           s_tmax: float, s_noise: float, generator) -> tuple[Tensor, float, float, float]:
+def _churn(x: Tensor, process: NoiseProcess, t: float, a: float, s: float, n_steps: int, s_churn: float, s_tmin: float,
+           s_tmax: float, s_noise: float, generator: torch.Generator | None) -> tuple[Tensor, float, float, float]:
     """EDM's stochastic churn (Karras et al. 2022, Algorithm 2): raise sigma_ve by gamma = min(S_churn / N,
     sqrt(2) - 1) inside [S_tmin, S_tmax] and add the matching fresh noise; returns (x_hat, t_hat, alpha, sigma)."""
     sve = _sigma_ve(a, s)
@@ -169,16 +179,16 @@ def _churn(x: Tensor, process, t: float, a: float, s: float, n_steps: int, s_chu
     return a_hat * z, t_hat, a_hat, s_hat
 
 
-def _ode_slope(process, x0: Tensor, eps: Tensor) -> Tensor:
+def _ode_slope(process: NoiseProcess, x0: Tensor, eps: Tensor) -> Tensor:
     """dy/dtau in the process's ODE frame: eps in the sigma frame, the velocity eps - x0 in the t frame."""
     return eps if process.ode_frame == "sigma" else eps - x0
 
 
-def _ode_time(process, t: float, a: float, s: float) -> float:
+def _ode_time(process: NoiseProcess, t: float, a: float, s: float) -> float:
     return _sigma_ve(a, s) if process.ode_frame == "sigma" else t
 
 
-def euler(model_fn: Callable, x: Tensor, process, *, steps: int = 50, spacing: str | None = None,
+def euler(model_fn: ModelFn, x: Tensor, process: NoiseProcess, *, steps: int = 50, spacing: str | None = None,
           s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
           start: float | None = None, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
     """Euler's method on the probability-flow ODE (k-diffusion ``sample_euler``; on flow, the rectified-flow
@@ -191,7 +201,7 @@ def euler(model_fn: Callable, x: Tensor, process, *, steps: int = 50, spacing: s
     return _ode_sampler(model_fn, x, process, steps, spacing, None, churn, start, generator, progress, "Euler")
 
 
-def heun(model_fn: Callable, x: Tensor, process, *, steps: int = 20, spacing: str | None = None,
+def heun(model_fn: ModelFn, x: Tensor, process: NoiseProcess, *, steps: int = 20, spacing: str | None = None,
          euler_above: float | None = 80.0, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
          s_noise: float = 1.0, start: float | None = None, generator: torch.Generator | None = None,
          progress: bool = False) -> Tensor:
@@ -204,12 +214,13 @@ def heun(model_fn: Callable, x: Tensor, process, *, steps: int = 20, spacing: st
     sigma_max: e.g. the vp cosine schedule's last step has sigma_ve ~ 2e4; None = never). NFE: ``model_evaluations``.
     """
     churn = (s_churn, s_tmin, s_tmax, s_noise)
-    corrector = {"euler_above": euler_above}
+    corrector: dict[str, float | None] = {"euler_above": euler_above}
     return _ode_sampler(model_fn, x, process, steps, spacing, corrector, churn, start, generator, progress, "Heun")
 
 
-def _ode_sampler(model_fn, x, process, steps, spacing, corrector: dict | None, churn, start, generator, progress,
-                 label) -> Tensor:
+def _ode_sampler(model_fn: ModelFn, x: Tensor, process: NoiseProcess, steps: int, spacing: str | None,
+                 corrector: dict[str, float | None] | None, churn: tuple[float, float, float, float],
+                 start: float | None, generator: torch.Generator | None, progress: bool, label: str) -> Tensor:
     """Euler steps along the process's grid, each with optional churn before it and, when ``corrector`` is given,
     Heun's trapezoid correction after it (where ``_heun_corrects`` allows)."""
     grid = sampling_grid(process, steps, spacing, start=start)
@@ -232,7 +243,7 @@ def _ode_sampler(model_fn, x, process, steps, spacing, corrector: dict | None, c
     return x
 
 
-def _heun_corrects(process, a: float, s: float, a_next: float, s_next: float, euler_above: float | None) -> bool:
+def _heun_corrects(process: NoiseProcess, a: float, s: float, a_next: float, s_next: float, euler_above: float | None) -> bool:
     """Whether Heun takes a second-order step (else a plain Euler step)."""
     if s_next <= 0.0:
         return False
@@ -243,14 +254,14 @@ def _heun_corrects(process, a: float, s: float, a_next: float, s_next: float, eu
     return euler_above is None or _sigma_ve(a, s) <= euler_above * (1 + 1e-12)  # grid round-off (80.00000000000003)
 
 
-SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "euler": euler, "heun": heun}
+SAMPLERS: dict[str, Sampler] = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "euler": euler, "heun": heun}
 
 
-def _name(sampler) -> str:
+def _name(sampler: Sampler) -> str:
     return getattr(getattr(sampler, "func", sampler), "__name__", "")
 
 
-def check_sampler(sampler, process) -> None:
+def check_sampler(sampler: Sampler, process: NoiseProcess) -> None:
     """Fail at start on a sampler the process does not define (ancestral DDPM and churn on a continuous process)."""
     name, kw = _name(sampler), getattr(sampler, "keywords", {})
     if name == "ddpm" and not process.has_ancestral:
@@ -261,11 +272,12 @@ def check_sampler(sampler, process) -> None:
                          f"set sampler.s_churn=0")
 
 
-def model_evaluations(sampler_fn: Callable, process, steps: int | None = None, spacing: str | None = None) -> int:
+def model_evaluations(sampler_fn: Sampler, process: NoiseProcess, steps: int | None = None, spacing: str | None = None) -> int:
     """Number of model_fn calls (NFE) a sampler makes for ``steps`` on ``process`` (with CFG each is one batched
     forward of the conditional and unconditional inputs)."""
     keywords = getattr(sampler_fn, "keywords", {})
-    steps = steps or keywords.get("steps") or getattr(process, "num_timesteps", None)
+    # the partial's keywords and the process's T (vp) are untyped: a sampler is configured with a step count
+    steps = cast(int, steps or keywords.get("steps") or getattr(process, "num_timesteps", None))
     spacing = spacing or keywords.get("spacing")
     if _name(sampler_fn) == "heun":
         euler_above = keywords.get("euler_above", 80.0)
@@ -275,13 +287,14 @@ def model_evaluations(sampler_fn: Callable, process, steps: int | None = None, s
     return steps
 
 
-def sampler_name(sampler) -> str:
+def sampler_name(sampler: Sampler) -> str:
     """Readable name of a configured sampler (a function or a functools.partial of one), e.g. 'ddim-50'."""
     steps = getattr(sampler, "keywords", {}).get("steps")
     return f"{_name(sampler)}-{steps}" if steps else _name(sampler)
 
 
-def times_used(sampler, process, steps: int, spacing: str | None = None) -> Sequence[float]:
+def times_used(sampler: Sampler, process: NoiseProcess, steps: int, spacing: str | None = None) -> Sequence[float]:
     """The descending process times a sampler evaluates the model at (its grid without the clean end)."""
     times = process.sampling_times(int(steps), spacing, multistep=_name(sampler) == "dpmpp_2m")
-    return times[:-1].tolist()
+    used: list[float] = times[:-1].tolist()
+    return used

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+from torch.types import Device
 
 from difflab.diffusion.draws import rng_device, standard_normal
 
@@ -115,7 +116,7 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading", o
     return ts.flip(0)
 
 
-def check_kind_kwargs(kind: str, kwargs: dict) -> None:
+def check_kind_kwargs(kind: str, kwargs: dict[str, Any]) -> None:
     """Refuse settings the beta profile ``kind`` does not take (a key left over from another schedule=)."""
     allowed = [p for p in inspect.signature(BETA_SCHEDULES[kind]).parameters if p != "num_timesteps"]
     bad = sorted(set(kwargs) - set(allowed))
@@ -125,7 +126,7 @@ def check_kind_kwargs(kind: str, kwargs: dict) -> None:
 
 
 def sample_timesteps(n: int, num_timesteps: int, kind: str = "uniform", mean: float = 0.0, std: float = 1.0,
-                     device=None, generator: torch.Generator | None = None) -> Tensor:
+                     device: Device = None, generator: torch.Generator | None = None) -> Tensor:
     """Training timesteps: uniform over [0, T) or logit-normal (SD3: t/T = sigmoid(N(mean, std))), discretised."""
     dev = rng_device(generator, device)
     if kind == "uniform":
@@ -137,11 +138,3 @@ def sample_timesteps(n: int, num_timesteps: int, kind: str = "uniform", mean: fl
         raise ValueError(f"unknown timestep density '{kind}': choose one of {VP_DENSITIES}")
     return t.to(device) if device is not None else t
 
-
-def __getattr__(name: str):
-    """The vp process's old name and place (``difflab.diffusion.schedules.DiscreteSchedule``, stored configs)."""
-    if name == "DiscreteSchedule":
-        from difflab.diffusion.processes import VPProcess
-
-        return VPProcess
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

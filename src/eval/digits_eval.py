@@ -40,7 +40,7 @@ def evaluate_module(module, n: int = 500, sampler=None, guidance_scale=None, see
                     batch_size: int = 250) -> dict:
     """Sample n balanced digits from a trained module (class or text conditioned) and judge them."""
     labels = torch.arange(n) % 10
-    raw = labels if module.conditioner.batch_key == "label" else [module.prompts[i] for i in labels.tolist()]
+    raw = labels if module.conditioner.batch_key == "label" else [module.diffusion.prompts[i] for i in labels.tolist()]
     images = _sample(module, raw, sampler, guidance_scale, seed, batch_size)
     return evaluate_samples(images, labels)
 
@@ -53,7 +53,7 @@ def conditioning_effect(module, n: int = 500, seed: int = 0, batch_size: int = 2
     images were *supposed* to show) is near chance (0.1).
     """
     labels = torch.arange(n) % 10
-    prompts = module.prompts or [f"a handwritten digit {w}" for w in DIGIT_NAMES]
+    prompts = module.diffusion.prompts or [f"a handwritten digit {w}" for w in DIGIT_NAMES]
     shift = torch.randint(1, 10, (1,), generator=torch.Generator().manual_seed(seed)).item()
     true_raw = [prompts[i] for i in labels.tolist()]
     shuffled_raw = [prompts[(i + shift) % 10] for i in labels.tolist()]
@@ -71,7 +71,7 @@ def _sample(module, raw, sampler, guidance_scale, seed, batch_size) -> torch.Ten
     out = []
     for i in range(0, n, batch_size):
         j = min(n, i + batch_size)
-        noise = torch.randn((j - i, *module.sample_shape), generator=g)
-        out.append(module.sample(j - i, raw[i:j], sampler=sampler, guidance_scale=guidance_scale, noise=noise,
+        noise = torch.randn((j - i, *module.diffusion.sample_shape), generator=g)
+        out.append(module.diffusion.sample(module, j - i, raw[i:j], sampler=sampler, guidance_scale=guidance_scale, noise=noise,
                                  generator=g).cpu())
     return torch.cat(out)

@@ -81,7 +81,7 @@ def build_judge(kind: str, module, clip_model: str | None = None, digit_weights:
         return None
     conditioner = getattr(module, "conditioner", None)
     key = getattr(conditioner, "batch_key", None)
-    shape = tuple(module.sample_shape)
+    shape = tuple(module.diffusion.sample_shape)
     digits = key == "label" and getattr(conditioner, "num_classes", None) == 10 and len(shape) == 3 and shape[0] == 1
     if kind == "digit_classifier" or (kind == "auto" and digits and not clip_model):
         if not digits:

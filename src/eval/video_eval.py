@@ -229,13 +229,13 @@ def sample_prompts(module, prompts: Sequence[str], n_per_prompt: int = 8, steps:
     """``n_per_prompt`` samples of each prompt (``N x C x T x H x W`` in [-1, 1], on the CPU) and their prompts."""
     import functools
 
-    sampler = functools.partial(module.sampler, steps=int(steps)) if steps else None
+    sampler = functools.partial(module.diffusion.sampler, steps=int(steps)) if steps else None
     raw = [p for p in prompts for _ in range(n_per_prompt)]
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, len(raw), batch_size):
         chunk = raw[i:i + batch_size]
-        noise = torch.randn((len(chunk), *module.sample_shape), generator=gen)
-        out.append(module.sample(len(chunk), chunk, sampler=sampler, guidance_scale=guidance_scale, noise=noise,
+        noise = torch.randn((len(chunk), *module.diffusion.sample_shape), generator=gen)
+        out.append(module.diffusion.sample(module, len(chunk), chunk, sampler=sampler, guidance_scale=guidance_scale, noise=noise,
                                  generator=gen).cpu())
     return torch.cat(out), raw

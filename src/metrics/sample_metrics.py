@@ -136,7 +136,7 @@ class SampleMetrics:
         self.lpips_net, self.lpips_backbone, self.lpips_pairs = lpips_net, lpips_backbone, int(lpips_pairs)
         self.clip_model = clip_model
         self.sampler, self.guidance_scale, self.seed = sampler, guidance_scale, int(seed)
-        self.guidance = dict(guidance) if guidance else None   # overrides of model.guidance (method and its keys)
+        self.guidance = dict(guidance) if guidance else None   # overrides of the guidance group (method and its keys)
         self.metric = None
         self.kind = None
         self.names: tuple[str, str] | None = None
@@ -149,7 +149,7 @@ class SampleMetrics:
 
     # ------------------------------------------------------------------ set-up
     def _build_metric(self, module) -> None:
-        shape = tuple(module.sample_shape)
+        shape = tuple(module.diffusion.sample_shape)
         self.kind = resolve_feature_kind(self.feature, shape)
         kw = dict(kid_subsets=self.kid_subsets, kid_subset_size=self.kid_subset_size, reset_real_features=False)
         if self.kind == "none":
@@ -226,7 +226,7 @@ class SampleMetrics:
         rank, world = dist_info()
         n_real, batches, _ = self._real_loader(datamodule, rank, world)
         dataset, digest = _dataset_key(module, datamodule)
-        res = "x".join(str(s) for s in module.sample_shape)
+        res = "x".join(str(s) for s in module.diffusion.sample_shape)
         cache_key = {"dataset": dataset, "config": digest, "split": self.real_split, "resolution": res, "n": n_real}
         feature = re.sub(r"[^A-Za-z0-9.-]+", "-", self.metric.feature_name)
         stats_dir = Path(self.stats_dir) if self.stats_dir else Path(run_dir) / "stats"
@@ -237,7 +237,7 @@ class SampleMetrics:
         else:
             with torch.no_grad():
                 for batch in batches:
-                    self.metric.update(module.to_pixels(batch["x"].to(module.device)).clamp(-1, 1), real=True)
+                    self.metric.update(module.diffusion.to_pixels(batch["x"].to(module.device)).clamp(-1, 1), real=True)
             try:
                 self.metric.save_real_stats(path, cache_key)
                 self.real_source = f"computed and cached in {path}"
@@ -265,7 +265,7 @@ class SampleMetrics:
                 pass  # unreadable: recompute (every rank reads the same file, so all take this branch)
         with torch.no_grad():
             for batch in batches:
-                self.metric.update(module.to_pixels(batch["x"].to(module.device)).clamp(-1, 1), real=False)
+                self.metric.update(module.diffusion.to_pixels(batch["x"].to(module.device)).clamp(-1, 1), real=False)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was called before the ``update``")
             res = self.metric.compute()
@@ -296,11 +296,10 @@ class SampleMetrics:
     def generation(self, module) -> dict[str, Any]:
         """How the evaluated samples are drawn: their number, evaluation seed (the same noise and labels in every
         run with this seed, so a sweep's arms are compared on the same noise), sampler and guidance."""
-        g = module.guidance_settings(self.guidance) if hasattr(module, "guidance_settings") else {}
-        scale = self.guidance_scale if self.guidance_scale is not None else g.get("scale")
+        g = module.diffusion.guidance_for(self.guidance)
+        scale = self.guidance_scale if self.guidance_scale is not None else g.scale
         return {"n_samples": self.n_samples, "eval_seed": self.seed,
-                "sampler": _describe_sampler(self.sampler) or "the model's sampler",
-                "guidance": f"{g.get('method', 'cfg')} {scale}" if g or scale is not None else "none"}
+                "sampler": _describe_sampler(self.sampler) or "the model's sampler", "guidance": f"{g.name} {scale}"}
 
     def scored_protocol(self, module, names) -> dict[str, dict[str, Any]]:
         """Protocol entries for the metrics in ``names`` that score samples without a reference set (digit accuracy,
@@ -325,7 +324,7 @@ class SampleMetrics:
         rank, world = dist_info()
         device = module.device
         n = self.n_samples
-        raw_all = module.default_sample_conditions(n)
+        raw_all = module.diffusion.default_conditions(n)
         mine = list(range(rank, n, world))
         gen = torch.Generator().manual_seed(self.seed + 7919 * (rank + 1))
         correct = torch.zeros(2, dtype=torch.float64, device=device)  # (agreeing, counted)
@@ -341,9 +340,9 @@ class SampleMetrics:
                 raw = [raw_all[j] for j in idx]
             else:
                 raw = None
-            overrides = {"guidance": self.guidance} if self.guidance else {}   # duck-typed modules need not take it
-            x = module.sample(len(idx), raw, sampler=self.sampler, guidance_scale=self.guidance_scale,
-                              noise=self._noise(idx, tuple(module.sample_shape)), generator=gen, **overrides)
+            x = module.diffusion.sample(module, len(idx), raw, sampler=self.sampler, guidance=self.guidance,
+                                        guidance_scale=self.guidance_scale, generator=gen,
+                                        noise=self._noise(idx, tuple(module.diffusion.sample_shape)))
             if self.metric is not None:
                 feats = self.metric.extract(x)
                 self.metric.update_features(feats, real=False)

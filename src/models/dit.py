@@ -29,19 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from difflab.registry import DIT_PRESETS
 from difflab.models.layers import CrossAttention, TimeConditionEmbedding, zero_init
 from difflab.models.video_layers import sincos_1d
 from difflab.utils.errors import ConfigError
 
-# depth, hidden width, heads. S/B/L/XL are the DiT paper's (Table 1); T ("tiny", ours) is sized for CPU runs on
-# 16x16 digits and moving digits.
-PRESETS: dict[str, tuple[int, int, int]] = {
-    "T": (6, 192, 3),
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 16),
-}
+PRESETS = DIT_PRESETS   # depth, hidden width, heads (difflab.registry)
 POS_EMBEDS = ("sincos", "rope")
 TEXT_MODES = ("cross", "joint")
 VIDEO_ATTENTION = ("factorised", "full")

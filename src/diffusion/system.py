@@ -1,0 +1,272 @@
+"""Diffusion: a noise process, an objective, a sampler, guidance, a conditioner and an optional decoder, composed
+into training losses and sampling for any denoiser, with no Lightning.
+
+``net`` below is any callable ``net(x_in, t_net, vector, context, context_mask) -> output`` (a difflab denoiser, or
+a ``DiffusionModule``, whose forward is its denoiser's): the object holds no weights of the network it trains or
+samples, so one ``Diffusion`` serves a model, its EMA copy and an autoguidance guide alike. From a notebook::
+
+    diffusion, denoiser = load_for_sampling("run/checkpoints/last.ckpt")
+    images = diffusion.sample(denoiser, 16)   # balanced labels / prompts, the checkpoint's sampler and guidance
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from difflab.conditioning.base import Conditioner, NoConditioner
+from difflab.conditioning.templates import labels_to_prompts
+from difflab.diffusion.guidance import CFG, Guidance, guided_model_fn
+from difflab.diffusion.objectives import LOG_SNR_BUCKET_RANGE, Objective, log_snr_buckets
+from difflab.diffusion.processes import NoiseProcess, frame_shift
+from difflab.diffusion.samplers import check_sampler, sampler_name
+from difflab.utils.errors import ConfigError
+from difflab.utils.frozen import Frozen
+
+log = logging.getLogger(__name__)
+
+Net = Callable[..., torch.Tensor]
+VALIDATION_SEED = 1234  # validation noise and times: seed + batch index, the same in every run and every arm
+
+
+def _device_of(net: Any, fallback: torch.device) -> torch.device:
+    if isinstance(net, nn.Module):
+        for p in net.parameters():
+            return p.device
+    return fallback
+
+
+class Diffusion:
+    """Training losses and sampling of one diffusion setup (process + objective + sampler + guidance + conditioner,
+    with the frozen autoencoder that decodes latents). Its checks run when it is built, so a bad combination fails
+    before any network exists."""
+
+    def __init__(self, process: NoiseProcess, objective: Objective, sampler: Callable,
+                 guidance: Guidance | None = None, conditioner: Conditioner | None = None, autoencoder: Any = None,
+                 sample_shape: Sequence[int] = (1, 16, 16), p_uncond: float = 0.1,
+                 class_names: Sequence[str] | None = None, prompts: Sequence[str] | None = None):
+        try:
+            objective.check_process(process)
+            check_sampler(sampler, process)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.process, self.objective, self.sampler = process, objective, sampler
+        self.guidance = guidance if guidance is not None else CFG()
+        self.conditioner = conditioner if conditioner is not None else NoConditioner()
+        self.autoencoder = Frozen(autoencoder) if isinstance(autoencoder, nn.Module) else autoencoder
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.p_uncond = p_uncond
+        self.class_names = list(class_names) if class_names else None
+        self.prompts = list(prompts) if prompts else None
+        if hasattr(self.conditioner, "prepare_table") and self.prompts:
+            self.conditioner.prepare_table(self.prompts)  # precomputed embeddings for the fixed prompt set
+
+    # ---------------------------------------------------------------- placement
+    @property
+    def device(self) -> torch.device:
+        for p in self.conditioner.parameters():
+            return p.device
+        for b in self.conditioner.buffers():
+            return b.device
+        return getattr(self, "_device", torch.device("cpu"))
+
+    def to(self, device) -> "Diffusion":
+        """Move the conditioner and the autoencoder (the networks this object holds); returns self."""
+        self.conditioner.to(device)
+        if isinstance(self.autoencoder, Frozen):
+            self.autoencoder.to(device)
+        self._device = torch.device(device)
+        return self
+
+    # ---------------------------------------------------------------- conditions
+    def condition(self, raw) -> dict:
+        """Conditioning dict (vector / context / mask) for raw conditions (labels, prompts, or None)."""
+        return self.conditioner(raw)
+
+    def batch_condition(self, batch: dict):
+        """The raw conditions of a batch (labels mapped to prompts for a text model on a class dataset)."""
+        key = self.conditioner.batch_key
+        if key is None:
+            return None
+        if key == "text" and "text" not in batch and "label" in batch and self.prompts:
+            return labels_to_prompts(batch["label"], self.prompts)
+        if key not in batch:
+            raise ConfigError(f"conditioner {type(self.conditioner).__name__} needs batch['{key}'] but the datamodule "
+                              f"yields only {sorted(batch)}; pick a matching conditioning= or datamodule=")
+        return batch[key]
+
+    def default_conditions(self, n: int, device: torch.device | None = None):
+        """Balanced raw conditions for n samples: cycling class labels, prompts, or None."""
+        key = self.conditioner.batch_key
+        if key == "label":
+            return torch.arange(n, device=device or self.device) % self.conditioner.num_classes
+        if key == "text":
+            prompts = self.prompts or [""]
+            return [prompts[i % len(prompts)] for i in range(n)]
+        return None
+
+    def null_condition(self, raw):
+        return self.conditioner.null_like(raw)
+
+    # ---------------------------------------------------------------- training
+    def losses(self, net: Net, batch: dict, drop_conditions: bool = True, t: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> dict:
+        """Per-sample losses on a batch: conditions dropped with probability ``p_uncond`` when ``drop_conditions``,
+        times from the process's density unless ``t`` is given."""
+        raw = self.batch_condition(batch)
+        if drop_conditions:
+            raw = self.conditioner.drop(raw, self.p_uncond)
+        cond = self.condition(raw)
+        if t is None:
+            t = self.frame_shifted_times(batch, generator)
+        call = lambda x_in, t_net: net(x_in, t_net, cond["vector"], cond["context"], cond["context_mask"])  # noqa: E731
+        return self.objective.losses(call, batch["x"], self.process, t=t, generator=generator)
+
+    def loss(self, net: Net, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The training loss of a batch (mean of ``losses``)."""
+        return self.losses(net, batch, generator=generator)["loss"].mean()
+
+    def frame_shifted_times(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor | None:
+        """Training times of a video batch under ``process.frame_shift_base`` (flow): the process's density with
+        ``frame_shift(shift, T, frame_shift_base, H W, H0 W0)`` per sample, T from ``batch["num_frames"]`` or the
+        clips' frame axis, H0 x W0 the configured sample size. None otherwise (the objective draws its own)."""
+        base = getattr(self.process, "frame_shift_base", None)
+        x0 = batch["x"]
+        if base is None or x0.ndim != 5:
+            return None
+        n = x0.shape[0]
+        frames = batch.get("num_frames")
+        frames = torch.full((n,), x0.shape[2]) if frames is None else torch.as_tensor(frames).reshape(-1).expand(n)
+        base_pixels = int(self.sample_shape[-2]) * int(self.sample_shape[-1]) if len(self.sample_shape) >= 2 else None
+        shift = frame_shift(self.process.shift, frames.to(device=x0.device, dtype=torch.float64), base,
+                            x0.shape[-2] * x0.shape[-1], base_pixels)
+        return self.process.sample_times(n, device=x0.device, generator=generator, shift=shift)
+
+    def validation_losses(self, net: Net, batch: dict, batch_idx: int, buckets: int = 10) -> dict:
+        """Unweighted per-sample losses at fixed noise levels and noise, the same in every run and for every process:
+        log-SNRs stratified over ``LOG_SNR_BUCKET_RANGE`` mapped to the process's times; with each sample's bucket."""
+        g = torch.Generator().manual_seed(VALIDATION_SEED + batch_idx)
+        n = batch["x"].shape[0]
+        lo, hi = LOG_SNR_BUCKET_RANGE
+        frac = (torch.arange(n, dtype=torch.float64) + torch.rand(n, generator=g, dtype=torch.float64)) / n
+        t = self.process.time_from_log_snr(hi - frac * (hi - lo)).to(batch["x"].device)
+        out = self.losses(net, batch, drop_conditions=False, t=t, generator=g)
+        out["bucket"] = log_snr_buckets(out["log_snr"], buckets)
+        return out
+
+    def evaluation_protocol(self) -> dict[str, dict]:
+        """How the validation losses are measured (``metrics/protocol.json``): fixed noise and log-SNR levels, in
+        the objective's own units, so two runs' values differ only by their models."""
+        entry = {"eval_seed": VALIDATION_SEED, "noise": "fixed per validation batch (seed + batch index)",
+                 "levels": f"log-SNR stratified over {list(LOG_SNR_BUCKET_RANGE)}", "units": "the objective's "
+                 f"raw loss ({self.objective.prediction} target, {self.objective.loss})"}
+        return {"val/loss": entry, "val_loss_t/bucket_*": entry}
+
+    # ---------------------------------------------------------------- sampling
+    def guidance_for(self, guidance: Guidance | dict | None) -> Guidance:
+        """This setup's guidance, another ``Guidance``, or this one with a dict of overrides on top."""
+        if isinstance(guidance, Guidance):
+            return guidance
+        try:
+            return self.guidance.updated(guidance)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def model_fn(self, net: Net, cond: dict, null: dict | None = None, scale=None, raw=None,
+                 guidance: Guidance | dict | None = None, interval="guidance"):
+        """The guided ``model_fn(x_t, t) -> (x0_hat, eps_hat)`` every sampler and diagnostic uses; ``interval=None``
+        guides everywhere, the default keeps the guidance's own interval."""
+        g = self.guidance_for(guidance)
+        scale = g.scale if scale is None else scale
+        plain = not isinstance(scale, torch.Tensor) and float(scale) == 1.0
+        call = lambda x_in, t_net, c: net(x_in, t_net, c["vector"], c["context"], c["context_mask"])  # noqa: E731
+        try:
+            guide = g.reference(raw, self) if g.uses_guide and not plain else None
+            return guided_model_fn(call, self.process, self.objective.prediction, cond, null, scale=scale,
+                                   rescale=getattr(g, "rescale", 0.0),
+                                   interval=g.interval if interval == "guidance" else interval,
+                                   x0_clip=self.objective.x0_clip, sigma_data=self.objective.sigma_data,
+                                   method=g.name, options=g.options(), guide=guide)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    @torch.no_grad()
+    def sample(self, net: Net, n: int, conditions=None, *, sampler: Callable | None = None,
+               guidance: Guidance | dict | None = None, guidance_scale=None, noise: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, progress: bool = False, decode: bool = True) -> torch.Tensor:
+        """n samples in [-1, 1] (decoded to pixels for latent models) for raw ``conditions`` (balanced if None),
+        with this setup's sampler and guidance unless others are given (``guidance``: a ``Guidance`` or a dict of
+        overrides such as ``{"method": "apg", "eta": 0.0}``)."""
+        was_training = net.training if isinstance(net, nn.Module) else None
+        if isinstance(net, nn.Module):
+            net.eval()
+        device = _device_of(net, self.device)
+        g = self.guidance_for(guidance)
+        raw = self.default_conditions(n, device) if conditions is None else conditions
+        cond = self.condition(raw)
+        null = self.condition(self.null_condition(raw)) if raw is not None else None
+        scale = g.scales(raw, getattr(self.conditioner, "num_classes", None),
+                         guidance_scale if guidance_scale is not None else None)
+        model_fn = self.model_fn(net, cond, null, scale, raw=raw, guidance=g)
+        if noise is None:
+            noise = torch.randn((n, *self.sample_shape), generator=generator)
+        noise = noise * self.process.prior_std
+        x = (sampler or self.sampler)(model_fn, noise.to(device), self.process, generator=generator,
+                                      progress=progress)
+        if decode:
+            x = self.to_pixels(x)
+        if was_training:
+            net.train()
+        return x.clamp(-1, 1)
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode latents to pixels for latent models; identity for pixel models."""
+        if self.autoencoder is None:
+            return x
+        with torch.no_grad():
+            return self.autoencoder.module.decode(x.float())
+
+    def describe_sampler(self, sampler=None) -> str:
+        return sampler_name(sampler or self.sampler)
+
+    # ---------------------------------------------------------------- autoguidance
+    def path(self) -> torch.Tensor:
+        """(alpha, sigma) on a 16-step sampling grid: equal processes have equal paths, whatever their spelling."""
+        times = self.process.sampling_times(16, None, False).to(torch.float64)
+        return torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in self.process.coefficients(times)])
+
+    def mismatch(self, other: "Diffusion") -> str | None:
+        """What ``other`` (a guide) does not share with this setup (None: the two combine)."""
+        if self.process.name != other.process.name:
+            return f"process (guide {other.process.name}, main {self.process.name})"
+        a, b = self.path(), other.path()
+        if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-9, atol=1e-12):
+            return f"noise schedule (both {self.process.name}, other coefficients)"
+        pm, pg = self.objective, other.objective
+        if (pm.prediction, float(pm.sigma_data)) != (pg.prediction, float(pg.sigma_data)):
+            return f"prediction (guide {pg.prediction}, main {pm.prediction})"
+        if tuple(other.sample_shape) != tuple(self.sample_shape):
+            return f"sample shape (guide {tuple(other.sample_shape)}, main {tuple(self.sample_shape)})"
+        key = lambda c: f"{type(c).__name__}({c.batch_key}, {getattr(c, 'num_classes', None)} classes)"  # noqa: E731
+        if key(self.conditioner) != key(other.conditioner):
+            return f"conditioning (guide {key(other.conditioner)}, main {key(self.conditioner)})"
+        return None
+
+    def check_guide(self, guide: Any, path) -> None:
+        """One-line refusal of an autoguidance guide (a loaded checkpoint) that cannot guide this setup."""
+        other = getattr(guide, "diffusion", None)
+        if not isinstance(other, Diffusion):
+            raise ConfigError(f"guidance.guide_ckpt={path} is not a diffusion model checkpoint")
+        problem = self.mismatch(other)
+        if problem is not None:
+            raise ConfigError(f"guidance.guide_ckpt={path} cannot guide this model: different {problem}")
+
+
+def load_for_sampling(path, device: str | torch.device = "cpu", trusted: bool | None = None) -> tuple[Diffusion, nn.Module]:
+    """The ``Diffusion`` and the EMA denoiser of a checkpoint or export, ready to sample without a Trainer."""
+    from difflab.checkpoints import module_from_checkpoint   # reading files is the caller's choice, not the math's
+
+    module = module_from_checkpoint(path, trusted=trusted).to(device)
+    return module.diffusion.to(device), module.denoiser

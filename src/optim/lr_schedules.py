@@ -1,0 +1,103 @@
+"""Learning-rate schedules (the ``lr_schedule`` config group), stepped per optimizer step.
+
+A schedule object is called with the optimizer and the trainer and returns Lightning's scheduler entry. The budget
+is ``trainer.max_steps`` (progress = step / total), the wall-clock of ``trainer.max_time`` (progress = time used /
+max_time, read from Lightning's ``Timer``), or, with both, whichever is further along: the schedule decays over
+exactly the run it gets, on a fast machine or a slow one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+
+def warmup_cosine_progress(progress: float, warmup_fraction: float, start_factor: float = 0.01,
+                           final_fraction: float = 0.1) -> float:
+    """LR multiplier at ``progress`` in [0, 1] of the budget: linear warm-up from ``start_factor`` to 1 over the
+    first ``warmup_fraction``, then cosine decay to ``final_fraction``."""
+    if warmup_fraction > 0 and progress < warmup_fraction:
+        return start_factor + (1 - start_factor) * progress / warmup_fraction
+    decay = min(1.0, max(0.0, (progress - warmup_fraction) / max(1e-12, 1 - warmup_fraction)))
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * decay))
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, start_factor: float = 0.01,
+                  final_fraction: float = 0.1) -> float:
+    """LR multiplier at ``step`` of a ``total_steps`` budget with ``warmup_steps`` of linear warm-up."""
+    total = max(1, total_steps)
+    return warmup_cosine_progress(min(1.0, step / total), warmup_steps / total, start_factor, final_fraction)
+
+
+def resolve_steps(value: float | int, total_steps: int) -> int:
+    """A step count given either as an int or as a fraction (< 1) of the total."""
+    return int(round(value * total_steps)) if isinstance(value, float) and value < 1 else int(value)
+
+
+def time_progress(timer) -> Callable[[], float]:
+    """Fraction of a Lightning ``Timer``'s training budget used so far (0 before training starts)."""
+
+    def progress() -> float:
+        elapsed, remaining = timer.time_elapsed("train"), timer.time_remaining("train")
+        total = elapsed + (remaining or 0.0)
+        return min(1.0, elapsed / total) if total > 0 else 0.0
+
+    return progress
+
+
+def budget_progress(step: int, total_steps: int | None, time_used: Callable[[], float] | None) -> float:
+    """Fraction of the training budget used: of ``total_steps`` or of the wall-clock budget, whichever is further
+    along, so the schedule ends where the run does, whichever bound stops it."""
+    fractions = [min(1.0, step / max(1, total_steps))] if total_steps else []
+    if time_used is not None:
+        fractions.append(time_used())
+    return max(fractions) if fractions else 0.0
+
+
+class WarmupCosine:
+    """``lr_schedule=warmup_cosine``: linear warm-up from ``start_factor`` then cosine decay to ``final_fraction``
+    over the run's budget: ``trainer.max_steps`` and ``trainer.max_time``, whichever runs out first (``budget:
+    auto``), or only one of them (``steps`` / ``time``). ``warmup`` is a step count or a fraction (< 1) of the budget."""
+
+    def __init__(self, warmup: float | int = 0.05, start_factor: float = 0.01, final_fraction: float = 0.1,
+                 budget: str = "auto"):
+        if budget not in ("auto", "steps", "time"):
+            raise ValueError(f"lr_schedule.budget={budget!r} is unknown: auto, steps or time")
+        self.warmup, self.start_factor, self.final_fraction, self.budget = warmup, start_factor, final_fraction, budget
+
+    def __call__(self, optimizer, trainer) -> dict:
+        """The Lightning scheduler entry (stepped every optimizer step) for ``optimizer`` under ``trainer``'s bounds."""
+        import torch
+        from lightning.pytorch.callbacks import Timer
+
+        total = trainer.estimated_stepping_batches
+        total = max(1, int(total)) if math.isfinite(total) and self.budget != "time" else None
+        timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None) if self.budget != "steps" else None
+        if total is None and timer is None:
+            raise ValueError("the LR schedule needs a budget: set trainer.max_steps or trainer.max_time")
+        if total is None and not (isinstance(self.warmup, float) and self.warmup < 1):
+            raise ValueError(f"lr_schedule.warmup={self.warmup}: a run bounded only by trainer.max_time needs the "
+                             f"warm-up as a fraction of the budget (e.g. 0.05)")
+        warmup = resolve_steps(self.warmup, total) / total if total else self.warmup   # whole steps, as step budgets
+        used = time_progress(timer) if timer is not None else None
+        if used is None:   # a step budget only: the closed form of the step (the same LR on every machine)
+            steps = resolve_steps(self.warmup, total)
+            factor = lambda step: warmup_cosine(step, steps, total, self.start_factor, self.final_fraction)  # noqa: E731
+        else:
+            factor = lambda step: warmup_cosine_progress(budget_progress(step, total, used), warmup,  # noqa: E731
+                                                         self.start_factor, self.final_fraction)
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"scheduler": sched, "interval": "step", "frequency": 1}
+
+
+class Constant:
+    """``lr_schedule=constant``: the optimizer's learning rate throughout (after an optional linear warm-up)."""
+
+    def __init__(self, warmup: int = 0, start_factor: float = 0.01):
+        self.warmup, self.start_factor = int(warmup), start_factor
+
+    def __call__(self, optimizer, trainer) -> dict:
+        import torch
+
+        w, s = self.warmup, self.start_factor
+        factor = lambda step: 1.0 if step >= w else s + (1 - s) * step / max(1, w)  # noqa: E731
+        return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step", "frequency": 1}

@@ -1,0 +1,16 @@
+"""Names and presets that both the config pre-flight (``configs/*/schema.py``, which must not import torch so
+``--help`` stays fast) and the code use: each is stated here once."""
+
+# guidance.method -> the settings its class takes (src/diffusion/guidance.py; a test keeps the two equal)
+GUIDANCE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "cfg": ("scale", "rescale", "interval", "per_class"),
+    "cfgpp": ("scale", "interval", "per_class"),
+    "apg": ("scale", "eta", "norm_threshold", "momentum", "interval", "per_class"),
+    "autoguidance": ("scale", "guide_ckpt", "rescale", "interval", "per_class"),
+}
+GUIDANCE_CLASSES = {"cfg": "CFG", "cfgpp": "CFGpp", "apg": "APG", "autoguidance": "Autoguidance"}
+GUIDANCE_TARGETS = {f"difflab.diffusion.guidance.{cls}": name for name, cls in GUIDANCE_CLASSES.items()}
+
+# DiT presets: size -> (depth, width, heads) (T is ours, CPU-sized; S, B, L, XL are the DiT paper's)
+DIT_PRESETS: dict[str, tuple[int, int, int]] = {
+    "T": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
