@@ -10,11 +10,16 @@ Everything is float64; points are rows of an N x D tensor.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from difflab.diffusion.objectives import eps_from_x0, input_scale, training_target
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    from difflab.diffusion.processes import NoiseProcess
 
 Tensor = torch.Tensor
 
@@ -22,7 +27,7 @@ Tensor = torch.Tensor
 class GaussianMixture:
     """sum_k weights[k] N(means[k], covs[k]) in D dimensions (one component: a plain Gaussian)."""
 
-    def __init__(self, weights: Sequence[float], means, covs):
+    def __init__(self, weights: Sequence[float], means: Tensor | npt.ArrayLike, covs: Tensor | npt.ArrayLike) -> None:
         self.weights = torch.as_tensor(weights, dtype=torch.float64)
         self.means = torch.as_tensor(means, dtype=torch.float64)
         self.covs = covs.to(torch.float64) if isinstance(covs, Tensor) else torch.tensor(covs, dtype=torch.float64)
@@ -35,7 +40,7 @@ class GaussianMixture:
         self.dim = d
 
     @classmethod
-    def gaussian(cls, mean, cov) -> "GaussianMixture":
+    def gaussian(cls, mean: Tensor | npt.ArrayLike, cov: Tensor | npt.ArrayLike) -> "GaussianMixture":
         """A single Gaussian N(mean, cov)."""
         mean = torch.as_tensor(mean, dtype=torch.float64)
         return cls([1.0], mean[None], torch.as_tensor(cov, dtype=torch.float64)[None])
@@ -69,7 +74,7 @@ class GaussianMixture:
         prec = torch.linalg.inv(cov_t)
         gain = a * self.covs @ prec  # K x D x D: E[x0 | x_t, k] = mu_k + gain_k (x_t - a mu_k)
         diff = (x[None, :, :] - a * self.means[:, None, :])  # K x N x D
-        cond_means = self.means[:, None, :] + diff @ gain.mT  # K x N x D
+        cond_means: Tensor = self.means[:, None, :] + diff @ gain.mT  # K x N x D
         if len(self.weights) == 1:
             return cond_means[0].to(x_t.dtype)
         maha = ((diff @ prec) * diff).sum(-1)  # K x N (prec is symmetric)
@@ -78,10 +83,10 @@ class GaussianMixture:
         return (w[..., None] * cond_means).sum(0).to(x_t.dtype)
 
 
-def exact_model_fn(data: GaussianMixture, process) -> Callable[[Tensor, float], tuple[Tensor, Tensor]]:
+def exact_model_fn(data: GaussianMixture, process: NoiseProcess) -> Callable[[Tensor, float], tuple[Tensor, Tensor]]:
     """``model_fn(x_t, t) -> (x0, eps)`` from the exact posterior mean (the optimal denoiser) on ``process``."""
 
-    def model_fn(x_t: Tensor, t) -> tuple[Tensor, Tensor]:
+    def model_fn(x_t: Tensor, t: float) -> tuple[Tensor, Tensor]:
         a, s = (float(v) for v in process.coefficients(torch.tensor(float(t), dtype=torch.float64)))
         x0 = data.posterior_mean(x_t, a, s)
         return x0, eps_from_x0(x_t, x0, a, s)
@@ -89,13 +94,13 @@ def exact_model_fn(data: GaussianMixture, process) -> Callable[[Tensor, float], 
     return model_fn
 
 
-def exact_net(data: GaussianMixture, process, prediction: str,
-              sigma_data: float = 0.5) -> Callable[[Tensor, Tensor, dict], Tensor]:
+def exact_net(data: GaussianMixture, process: NoiseProcess, prediction: str,
+              sigma_data: float = 0.5) -> Callable[[Tensor, Tensor, dict[str, Any]], Tensor]:
     """A 'network' ``net(x_in, net_time, cond)`` that outputs the exact ``prediction`` target (any of
     ``objectives.PREDICTIONS``), for ``guided_model_fn``, so the process's time input, the input scaling and the
     conversions are exercised too."""
 
-    def net(x_in: Tensor, t_net: Tensor, cond: dict) -> Tensor:
+    def net(x_in: Tensor, t_net: Tensor, cond: dict[str, Any]) -> Tensor:
         t = torch.as_tensor(process.time_from_net_time(t_net[:1].double()), dtype=torch.float64)
         a, s = process.coefficients(t)
         x_t = x_in.to(torch.float64) / input_scale(a, s, prediction, sigma_data)

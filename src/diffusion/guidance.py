@@ -22,24 +22,32 @@ import copy
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 import torch
 
 from difflab.diffusion.objectives import clip_x0, eps_from_x0, input_scale, predictions_from_output
 from difflab.utils.errors import ConfigError
 
+if TYPE_CHECKING:
+    from difflab.diffusion.processes import NoiseProcess
+    from difflab.diffusion.system import Diffusion
+
 Tensor = torch.Tensor
 ModelFn = Callable[[Tensor, float], tuple[Tensor, Tensor]]
+Scale = float | Tensor   # a guidance scale: one number, or one per sample (per-class scales)
+# net(x_in, net_time, cond) -> raw output; a guide: net(x_in, net_time) with its conditioning bound in
+CondNet = Callable[[Tensor, Tensor, dict[str, Any]], Tensor]
+GuideNet = Callable[[Tensor, Tensor], Tensor]
 
 
-def _per_sample(value, like: Tensor) -> Tensor | float:
+def _per_sample(value: Scale, like: Tensor) -> Tensor | float:
     if isinstance(value, Tensor) and value.ndim > 0:
         return value.to(like).reshape(-1, *([1] * (like.ndim - 1)))
     return float(value)
 
 
-def cfg_combine(cond: Tensor, uncond: Tensor, scale) -> Tensor:
+def cfg_combine(cond: Tensor, uncond: Tensor, scale: Scale) -> Tensor:
     """uncond + scale (cond - uncond); ``scale`` may be a float or a per-sample tensor (per-class scales)."""
     return uncond + _per_sample(scale, cond) * (cond - uncond)
 
@@ -78,7 +86,7 @@ def guidance_active(sigma: float, interval: Sequence[float | None] | None) -> bo
     return lo < sigma <= hi
 
 
-def concat_cond(a: dict, b: dict) -> dict:
+def concat_cond(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Concatenate two conditioning dicts along the batch (None entries stay None)."""
     return {k: (None if a[k] is None else torch.cat([a[k], b[k]])) for k in a}
 
@@ -95,16 +103,20 @@ class GuidanceStep:
     x_t: Tensor                      # float64
     alpha: Tensor                    # float64, broadcastable to x_t
     sigma: Tensor
-    state: dict = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
 
 
-def cfg(step: GuidanceStep, scale, rescale: float = 0.0, **_) -> tuple[Tensor, Tensor]:
+# method(step: GuidanceStep, scale: Scale, **options) -> (x0_hat, eps_hat): a Guidance class's ``combine``
+GuidanceMethod = Callable[..., tuple[Tensor, Tensor]]
+
+
+def cfg(step: GuidanceStep, scale: Scale, rescale: float = 0.0, **_: Any) -> tuple[Tensor, Tensor]:
     """Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598): u + s (c - u) on the raw output, then
     Lin et al.'s rescale (arXiv 2305.08891); the pair is the one consistent with x_t."""
     return step.to_x0_eps(rescale_guidance(cfg_combine(step.out_c, step.out_r, scale), step.out_c, rescale))
 
 
-def cfgpp(step: GuidanceStep, scale, **_) -> tuple[Tensor, Tensor]:
+def cfgpp(step: GuidanceStep, scale: Scale, **_: Any) -> tuple[Tensor, Tensor]:
     """CFG++ (Chung et al. 2024, arXiv 2406.08070): x0_hat from eps_u + lambda (eps_c - eps_u) with lambda = scale
     in [0, 1], and eps_hat = the UNCONDITIONAL eps, so a DDIM step re-noises with eps_u:
     x' = alpha' x0_lambda + sigma' eps_u. The pair is deliberately not consistent with x_t.
@@ -112,21 +124,21 @@ def cfgpp(step: GuidanceStep, scale, **_) -> tuple[Tensor, Tensor]:
     Samplers that take eps_hat from model_fn see the re-noising: ddim, euler (the same update) and heun (both slopes
     with eps_u: our extension); dpmpp_2m and ddpm use x0_hat alone, so there CFG++ acts as CFG at scale lambda (the
     paper's DPM++ variant would need a sampler change)."""
-    x0, _ = step.to_x0_eps(cfg_combine(step.out_c, step.out_r, scale))
-    _, eps_u = step.to_x0_eps(step.out_r)
+    x0, _eps = step.to_x0_eps(cfg_combine(step.out_c, step.out_r, scale))
+    _x0, eps_u = step.to_x0_eps(step.out_r)
     return x0, eps_u
 
 
-def apg(step: GuidanceStep, scale, eta: float = 0.0, norm_threshold: float = 0.0, momentum: float = 0.0,
-        **_) -> tuple[Tensor, Tensor]:
+def apg(step: GuidanceStep, scale: Scale, eta: float = 0.0, norm_threshold: float = 0.0, momentum: float = 0.0,
+        **_: Any) -> tuple[Tensor, Tensor]:
     """Adaptive projected guidance (Sadat et al. 2024, arXiv 2410.02416) on the denoised predictions:
     diff = x0_c - x0_u, with momentum a running sum diff + momentum * previous (over this sampling call's guided
     model evaluations), norm-clipped to ``norm_threshold`` (0: off; L2 over each sample), split into the parts
     parallel and orthogonal to x0_c; x0 = x0_c + (s - 1) (orthogonal + eta parallel). eps_hat is recomputed so the
     pair is consistent with x_t. Same result as diffusers' ``normalized_guidance(x0_c, x0_u, s - 1, ...,
     use_original_formulation=True)``."""
-    x0_c, _ = step.to_x0_eps(step.out_c)
-    x0_u, _ = step.to_x0_eps(step.out_r)
+    x0_c, _eps_c = step.to_x0_eps(step.out_c)
+    x0_u, _eps_u = step.to_x0_eps(step.out_r)
     dims = tuple(range(1, x0_c.ndim))
     diff = x0_c - x0_u
     if momentum != 0.0:
@@ -135,14 +147,15 @@ def apg(step: GuidanceStep, scale, eta: float = 0.0, norm_threshold: float = 0.0
     if norm_threshold > 0:
         norm = diff.norm(p=2, dim=dims, keepdim=True)
         diff = diff * torch.minimum(torch.ones_like(norm), norm_threshold / norm)
-    unit = torch.nn.functional.normalize(x0_c, dim=dims)
+    # torch's stub types normalize's dim as int; it is handed to Tensor.norm, which takes a tuple of dims
+    unit = torch.nn.functional.normalize(x0_c, dim=dims)  # type: ignore[arg-type]
     parallel = (diff * unit).sum(dim=dims, keepdim=True) * unit
     update = (diff - parallel) + eta * parallel
     x0 = x0_c + (_per_sample(scale, x0_c) - 1) * update
     return x0, eps_from_x0(step.x_t, x0, step.alpha, step.sigma)
 
 
-def autoguidance(step: GuidanceStep, scale, rescale: float = 0.0, **_) -> tuple[Tensor, Tensor]:
+def autoguidance(step: GuidanceStep, scale: Scale, rescale: float = 0.0, **_: Any) -> tuple[Tensor, Tensor]:
     """Autoguidance (Karras et al. 2024, arXiv 2406.02507): D = D_guide + w (D_main - D_guide) with both networks
     conditional and D_guide a weaker version of the main model (edm2's ``gnet(x).lerp(net(x), w)``); w = scale, on
     the raw output (linear, so the same in every parameterisation, as the guide shares process and prediction)."""
@@ -157,16 +170,16 @@ class Guidance:
     """Classifier-free guidance settings (``configs/guidance/cfg.yaml``) and the base of every method: a subclass
     names itself (``name``), its combination of one step's outputs (``combine``) and its keyword options."""
     name = "cfg"
-    combine = staticmethod(cfg)
+    combine: GuidanceMethod = staticmethod(cfg)
     uses_guide = False   # the reference output comes from a guide network, not the null condition
     own_eps = False      # eps_hat is kept after x0 clipping (not rebuilt from x0)
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         GUIDANCE_METHODS[cls.name] = cls
 
     def __init__(self, scale: float = 1.0, rescale: float = 0.0, interval: Sequence[float | None] | None = None,
-                 per_class: dict | None = None):
+                 per_class: dict[Any, float] | None = None) -> None:
         self.scale, self.rescale, self.interval, self.per_class = scale, rescale, interval, per_class
         self.check()
 
@@ -179,11 +192,11 @@ class Guidance:
     def method(self) -> str:
         return self.name
 
-    def settings(self) -> dict:
+    def settings(self) -> dict[str, Any]:
         """The method name and every setting, as a config would write them."""
         return {"method": self.name, **{k: getattr(self, k) for k in self.keys()}}
 
-    def options(self) -> dict:
+    def options(self) -> dict[str, Any]:
         """The method's own keyword options passed to ``combine`` (beyond scale, interval and per-class scales)."""
         return {k: getattr(self, k) for k in self.keys() if k not in ("scale", "interval", "per_class", "guide_ckpt")}
 
@@ -195,7 +208,7 @@ class Guidance:
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
-    def updated(self, overrides: dict | None = None) -> "Guidance":
+    def updated(self, overrides: dict[str, Any] | None = None) -> "Guidance":
         """A copy with the non-None entries of ``overrides`` on top; ``method`` switches to another method's class
         (keeping the shared settings it also takes)."""
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -212,7 +225,7 @@ class Guidance:
                              f"{', '.join(cls.keys())})")
         return cls(**{k: merged[k] for k in cls.keys() if k in merged})
 
-    def scales(self, raw, num_classes: int | None, scale=None):
+    def scales(self, raw: Any, num_classes: int | None, scale: Scale | None = None) -> Scale:
         """The scale per sample: ``per_class`` overrides for labelled samples, else the global (or given) scale."""
         scale = self.scale if scale is None else scale
         if self.per_class and isinstance(raw, Tensor) and num_classes:
@@ -222,7 +235,7 @@ class Guidance:
             return table[raw.cpu()].to(raw.device)
         return scale
 
-    def reference(self, raw, main) -> Callable[[Tensor, Tensor], Tensor] | None:
+    def reference(self, raw: Any, main: Diffusion) -> GuideNet | None:
         """The reference network for methods that use a guide (None: the null condition is the reference)."""
         return None
 
@@ -241,7 +254,7 @@ class CFGpp(Guidance):
     own_eps = True
 
     def __init__(self, scale: float = 0.6, interval: Sequence[float | None] | None = None,
-                 per_class: dict | None = None):
+                 per_class: dict[Any, float] | None = None) -> None:
         self.scale, self.interval, self.per_class = scale, interval, per_class
         self.check()
 
@@ -252,7 +265,7 @@ class APG(Guidance):
     combine = staticmethod(apg)
 
     def __init__(self, scale: float = 1.0, eta: float = 0.0, norm_threshold: float = 0.0, momentum: float = 0.0,
-                 interval: Sequence[float | None] | None = None, per_class: dict | None = None):
+                 interval: Sequence[float | None] | None = None, per_class: dict[Any, float] | None = None) -> None:
         self.scale, self.interval, self.per_class = scale, interval, per_class
         self.eta, self.norm_threshold, self.momentum = eta, norm_threshold, momentum
         self.check()
@@ -266,10 +279,10 @@ class Autoguidance(Guidance):
     uses_guide = True
 
     def __init__(self, scale: float = 1.0, guide_ckpt: str | None = None, rescale: float = 0.0,
-                 interval: Sequence[float | None] | None = None, per_class: dict | None = None):
+                 interval: Sequence[float | None] | None = None, per_class: dict[Any, float] | None = None) -> None:
         self.guide_ckpt = None if guide_ckpt is None else str(guide_ckpt)
         super().__init__(scale, rescale, interval, per_class)
-        self._held: tuple[str, Any] | None = None
+        self._held: tuple[str | None, Any] | None = None
 
     def check(self) -> None:
         super().check()
@@ -277,23 +290,24 @@ class Autoguidance(Guidance):
             raise ConfigError("guidance.method=autoguidance needs guidance.guide_ckpt (a weaker checkpoint of the same "
                              "setup: an earlier step, a shorter EMA or a smaller model)")
 
-    def __deepcopy__(self, memo):   # the loaded guide is shared, never copied into an EMA
+    # the loaded guide is shared, never copied into an EMA
+    def __deepcopy__(self, memo: dict[int, Any]) -> "Autoguidance":
         clone = copy.copy(self)
         return clone
 
-    def guide_model(self, main) -> Any:
+    def guide_model(self, main: Diffusion) -> Any:
         """The guide's LightningModule-free pair (its ``Diffusion`` and denoiser), loaded once and checked against
         ``main`` (a ``Diffusion``); on main's device."""
         if self._held is None or self._held[0] != self.guide_ckpt:
             from difflab.checkpoints import module_from_checkpoint   # file IO stays out of the math's imports
 
-            guide = module_from_checkpoint(self.guide_ckpt)
+            guide = module_from_checkpoint(cast(str, self.guide_ckpt))  # check() refused a missing guide_ckpt
             main.check_guide(guide, self.guide_ckpt)
             guide.requires_grad_(False)
             self._held = (self.guide_ckpt, guide)
         return self._held[1].to(main.device)
 
-    def reference(self, raw, main) -> Callable[[Tensor, Tensor], Tensor]:
+    def reference(self, raw: Any, main: Diffusion) -> GuideNet:
         guide = self.guide_model(main)
         if raw is None and guide.diffusion.conditioner.batch_key is not None:
             raise ValueError("autoguidance needs the raw conditions (labels / prompts) to condition its guide")
@@ -301,7 +315,7 @@ class Autoguidance(Guidance):
         return lambda x_in, t_net: guide(x_in, t_net, cond["vector"], cond["context"], cond["context_mask"])
 
 
-def check_method(method: str, scale=None) -> None:
+def check_method(method: str, scale: Scale | None = None) -> None:
     """Fail on an unknown method, or a CFG++ lambda (the scale) outside [0, 1]."""
     if method not in GUIDANCE_METHODS:
         raise ValueError(f"guidance.method={method!r} is unknown: one of {', '.join(GUIDANCE_METHODS)}")
@@ -312,7 +326,7 @@ def check_method(method: str, scale=None) -> None:
                              f"guidance.method=cfgpp: CFG++'s lambda is in [0, 1] (e.g. 0.6)")
 
 
-def _plain_conditional(method: str, scale, has_reference: bool) -> bool:
+def _plain_conditional(method: str, scale: Scale, has_reference: bool) -> bool:
     """Whether one conditional forward pass gives the method's result: no reference, or scale 1 (except CFG++,
     whose lambda = 1 still re-noises with the unconditional eps)."""
     if not has_reference:
@@ -320,12 +334,12 @@ def _plain_conditional(method: str, scale, has_reference: bool) -> bool:
     return method != "cfgpp" and not isinstance(scale, Tensor) and float(scale) == 1.0
 
 
-def guided_model_fn(net: Callable[[Tensor, Tensor, dict], Tensor], process, prediction: str, cond: dict,
-                    null_cond: dict | None = None, scale=1.0, rescale: float = 0.0,
+def guided_model_fn(net: CondNet, process: NoiseProcess, prediction: str, cond: dict[str, Any],
+                    null_cond: dict[str, Any] | None = None, scale: Scale = 1.0, rescale: float = 0.0,
                     interval: Sequence[float | None] | None = None,
                     x0_clip: str | Callable[[Tensor], Tensor] | None = None, sigma_data: float = 0.5,
-                    method: str = "cfg", options: dict | None = None,
-                    guide: Callable[[Tensor, Tensor], Tensor] | None = None) -> ModelFn:
+                    method: str = "cfg", options: dict[str, Any] | None = None,
+                    guide: GuideNet | None = None) -> ModelFn:
     """Wrap ``net(x_in, net_time, cond) -> output`` into ``model_fn(x_t, t) -> (x0_hat, eps_hat)`` with guidance.
 
     ``t`` is a scalar process time (``process.sampling_times`` entries); the process gives the path coefficients
@@ -348,15 +362,16 @@ def guided_model_fn(net: Callable[[Tensor, Tensor, dict], Tensor], process, pred
             and opts.get(k) is not None}
     single = _plain_conditional(method, scale, guide is not None if uses_guide else null_cond is not None)
     bounds = check_interval(interval)  # fail on a bad interval before sampling starts
+    clip: Callable[[Tensor], Tensor] | None
     if callable(x0_clip):
         clip = x0_clip
     elif x0_clip in (None, "none"):
         clip = None
     else:
         clip = lambda x0: clip_x0(x0, x0_clip)  # noqa: E731
-    state: dict = {}
+    state: dict[str, Any] = {}
 
-    def model_fn(x_t: Tensor, t) -> tuple[Tensor, Tensor]:
+    def model_fn(x_t: Tensor, t: float) -> tuple[Tensor, Tensor]:
         t64 = torch.full((x_t.shape[0],), float(t), dtype=torch.float64, device=x_t.device)
         alpha, sigma = process.coefficients(t64[:1])
         sigma_ve = float(sigma / alpha) if float(alpha) > 0 else math.inf
@@ -375,9 +390,11 @@ def guided_model_fn(net: Callable[[Tensor, Tensor, dict], Tensor], process, pred
             own_eps = False
         else:
             if uses_guide:
-                out_c, out_r = net(x_in, t_net, cond), guide(x_in, t_net)
+                # not single: a guide is given (the check above), and likewise a null condition below
+                out_c, out_r = net(x_in, t_net, cond), cast(GuideNet, guide)(x_in, t_net)
             else:
-                both = net(torch.cat([x_in, x_in]), torch.cat([t_net, t_net]), concat_cond(cond, null_cond))
+                both = net(torch.cat([x_in, x_in]), torch.cat([t_net, t_net]),
+                           concat_cond(cond, cast("dict[str, Any]", null_cond)))
                 out_c, out_r = both.chunk(2)
             step = GuidanceStep(out_c, out_r, to_x0_eps, x64, a, s, state)
             x0, eps = rule.combine(step, scale, **opts)

@@ -22,12 +22,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 import torch.nn.functional as F
 
-from difflab.diffusion.processes import rng_device
+from difflab.diffusion.processes import NoiseProcess, rng_device
 from difflab.utils.frozen import Frozen
 
 Tensor = torch.Tensor
@@ -130,11 +130,12 @@ def eps_to_target_units(alpha: Tensor, sigma: Tensor, prediction: str, dalpha: T
     if prediction == "v":
         return snr / (snr + 1)
     if prediction == "flow":
-        return (alpha / sigma) ** 2 / (dalpha - dsigma * alpha / sigma) ** 2
+        # flow: the caller passes the path's derivatives (training_target refuses the target without them)
+        return (alpha / sigma) ** 2 / (dalpha - dsigma * alpha / sigma) ** 2  # type: ignore[operator]
     return (alpha * sigma_data) ** 2 / (sigma**2 + (alpha * sigma_data) ** 2)  # snr c_out^2
 
 
-def eps_from_x0(x_t: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+def eps_from_x0(x_t: Tensor, x0: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
     """The noise consistent with x_t and a (possibly clipped) x0: (x_t - alpha x0) / sigma."""
     return (x_t - alpha * x0) / sigma
 
@@ -177,7 +178,7 @@ class X0Clip:
     dynamic_quantile: float = 0.995
     dynamic_max: float | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.mode not in CLIP_MODES:
             raise ValueError(f"objective.x0_clip='{self.mode}' is unknown: choose one of {CLIP_MODES}")
 
@@ -192,23 +193,24 @@ class X0Clip:
 # Each returns (weight, units): "eps" weights are converted to the target's units by ``eps_to_target_units``,
 # "target" weights apply as they are.
 
-def uniform_weight(log_snr: Tensor, **_) -> tuple[Tensor, str]:
+def uniform_weight(log_snr: Tensor, **_: float) -> tuple[Tensor, str]:
     """Every noise level weighs the same in the chosen target's own units."""
     return torch.ones_like(log_snr), "target"
 
 
-def min_snr_weight(log_snr: Tensor, gamma: float = 5.0, **_) -> tuple[Tensor, str]:
+def min_snr_weight(log_snr: Tensor, gamma: float = 5.0, **_: float) -> tuple[Tensor, str]:
     """Min-SNR-gamma (Hang et al. 2023): x0-units weight min(snr, gamma), i.e. gamma / max(snr, gamma) in eps units
     (eps: min(snr, g) / snr, v: min(snr, g) / (snr + 1)); exactly 1 in eps units at zero terminal SNR."""
     return gamma / log_snr.exp().clamp(min=gamma), "eps"
 
 
-def inv_snr_clamped_weight(log_snr: Tensor, snr_min: float = 0.1, snr_max: float = 10.0, **_) -> tuple[Tensor, str]:
+def inv_snr_clamped_weight(log_snr: Tensor, snr_min: float = 0.1, snr_max: float = 10.0,
+                           **_: float) -> tuple[Tensor, str]:
     """The research log's hand-made weighting 1 / clamp(snr, snr_min, snr_max), the same for every target."""
     return 1.0 / log_snr.exp().clamp(min=snr_min, max=snr_max), "target"
 
 
-def edm_weight(log_snr: Tensor, sigma_data: float = 0.5, **_) -> tuple[Tensor, str]:
+def edm_weight(log_snr: Tensor, sigma_data: float = 0.5, **_: float) -> tuple[Tensor, str]:
     """EDM's lambda(s) = (s^2 + sd^2) / (s sd)^2 on x0 errors (s^2 = 1 / snr), i.e. (1 + sd^2 snr) / sd^2 ... in eps
     units lambda / snr; with the ``edm`` target it is exactly 1 (Karras et al. 2022, Table 1)."""
     snr = log_snr.exp()
@@ -265,7 +267,7 @@ class PerceptualTerm:
     missing the term is disabled with one warning (per process and path). Gradients flow into the prediction.
     """
 
-    def __init__(self, net: str = "alex", backbone: str | os.PathLike | None = None):
+    def __init__(self, net: str = "alex", backbone: str | os.PathLike[str] | None = None) -> None:
         self.net, self.backbone = net, backbone
         self._holder: Frozen | None = None
         self._state = "unbuilt"
@@ -284,7 +286,8 @@ class PerceptualTerm:
                       f"from {url} and set objective.lpips_backbone=<path> (or objective.lpips_weight=0)")
             self._state = "disabled"
             return
-        self._holder = Frozen(build_lpips(self.net, backbone_weights=path))
+        # the backbone file exists (checked above), so build_lpips returns the network, not None
+        self._holder = Frozen(cast(torch.nn.Module, build_lpips(self.net, backbone_weights=path)))
         self._state = "built"
 
     @property
@@ -297,11 +300,12 @@ class PerceptualTerm:
         """Per-sample LPIPS (videos: mean over frames), or None when disabled."""
         if not self.enabled:
             return None
-        model = self._holder.module
-        if self._holder.device != x0.device:
-            self._holder.to(x0.device)
+        holder = cast(Frozen, self._holder)  # enabled: _build set it
+        model = holder.module
+        if holder.device != x0.device:
+            holder.to(x0.device)
         a, b = _lpips_frames(x0_hat), _lpips_frames(x0)
-        d = model(a, b).flatten()
+        d: Tensor = model(a, b).flatten()
         return d.view(x0.shape[0], -1).mean(dim=1)
 
 
@@ -321,7 +325,7 @@ class Objective:
                  sigma_data: float = 0.5, offset_noise: float = 0.0, x0_clip: str | None = "static",
                  clip_range: float = 1.0, dynamic_quantile: float = 0.995, dynamic_max: float | None = None,
                  lpips_weight: float = 0.0, lpips_net: str = "alex", lpips_backbone: str | None = None,
-                 timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0):
+                 timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"objective.prediction='{prediction}' is unknown: choose one of {PREDICTIONS}")
         if weighting not in LOSS_WEIGHTINGS:
@@ -348,7 +352,7 @@ class Objective:
         self.perceptual = PerceptualTerm(lpips_net, lpips_backbone) if self.lpips_weight > 0 else None
         self._warned_eps_zero_snr = False
 
-    def check_process(self, process) -> None:
+    def check_process(self, process: NoiseProcess) -> None:
         """Fail early on a target the process cannot express; warn where it is ill-posed (eps at zero SNR)."""
         if self.prediction == "flow" and not process.continuous:
             raise ValueError(f"objective.prediction=flow needs a continuous process (edm or flow: the velocity is "
@@ -361,7 +365,7 @@ class Objective:
                           f"noise end): x0 cannot be recovered there (Lin et al. 2024); use objective=v or x0, or "
                           f"the process's own target", UserWarning, stacklevel=3)
 
-    def _path(self, process, t: Tensor, like: Tensor) -> dict:
+    def _path(self, process: NoiseProcess, t: Tensor, like: Tensor) -> dict[str, Tensor]:
         """alpha, sigma (and d/dt for the flow target) at times t, broadcast against ``like``."""
         alpha, sigma = process.coefficients_like(t, like)
         path = {"alpha": alpha, "sigma": sigma}
@@ -375,12 +379,12 @@ class Objective:
         """The factor applied to x_t before the network (EDM's c_in / alpha for the edm target)."""
         return input_scale(alpha, sigma, self.prediction, self.sigma_data)
 
-    def to_x0_eps(self, out: Tensor, x_t: Tensor, path: dict) -> tuple[Tensor, Tensor]:
+    def to_x0_eps(self, out: Tensor, x_t: Tensor, path: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(x0_hat, eps_hat) from the network output at a path point (see ``predictions_from_output``)."""
         return predictions_from_output(out, x_t, path["alpha"], path["sigma"], self.prediction, path.get("dalpha"),
                                        path.get("dsigma"), self.sigma_data)
 
-    def weight(self, log_snr: Tensor, path: dict) -> Tensor:
+    def weight(self, log_snr: Tensor, path: dict[str, Tensor]) -> Tensor:
         """Per-sample loss weight in the target's units at the given log-SNRs."""
         w, units = LOSS_WEIGHTINGS[self.weighting](log_snr, **self.weight_kwargs)
         if units == "eps":
@@ -389,8 +393,8 @@ class Objective:
                                         _double(flat.get("dalpha")), _double(flat.get("dsigma")), self.sigma_data)
         return w.float()
 
-    def losses(self, net: Callable[[Tensor, Tensor], Tensor], x0: Tensor, process, t: Tensor | None = None,
-               generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def losses(self, net: Callable[[Tensor, Tensor], Tensor], x0: Tensor, process: NoiseProcess,
+               t: Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Noise x0 at process times t (drawn from the process's density if None), run ``net(x_in, net_time)`` and
         return per-sample losses.
 

@@ -14,18 +14,25 @@ functions.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence, overload
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 # sigma_rel(gamma) rises from 0 at gamma = -1 to this maximum at gamma = GAMMA_AT_MAX, then falls towards 0 as gamma
 # grows: lengths are taken on the falling branch (gamma >= GAMMA_AT_MAX), where the map is one-to-one.
 GAMMA_AT_MAX = (math.sqrt(5) - 3) / 2   # d log sigma_rel / d gamma = 0  <=>  gamma^2 + 3 gamma + 1 = 0
 DEFAULT_TOLERANCE = 0.05      # refuse a reconstruction whose profile misses the target by more (relative L2)
+# a float or an array of them (the EMA length maps work elementwise)
+FloatsLike = float | Sequence[float] | npt.NDArray[np.floating[Any]]
 
 
-def gamma_to_sigma_rel(gamma):
+@overload
+def gamma_to_sigma_rel(gamma: float) -> float: ...
+@overload
+def gamma_to_sigma_rel(gamma: FloatsLike) -> float | npt.NDArray[np.float64]: ...
+def gamma_to_sigma_rel(gamma: FloatsLike) -> float | npt.NDArray[np.float64]:
     """sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))): EDM2 Sec. 3.1 (the profile's standard deviation
     relative to its length t). Works on floats and numpy arrays."""
     g = np.asarray(gamma, dtype=np.float64)
@@ -36,7 +43,11 @@ def gamma_to_sigma_rel(gamma):
 SIGMA_REL_MAX = gamma_to_sigma_rel(GAMMA_AT_MAX)   # ~0.3003: no power-function EMA is relatively longer
 
 
-def sigma_rel_to_gamma(sigma_rel):
+@overload
+def sigma_rel_to_gamma(sigma_rel: float) -> float: ...
+@overload
+def sigma_rel_to_gamma(sigma_rel: FloatsLike) -> float | npt.NDArray[np.float64]: ...
+def sigma_rel_to_gamma(sigma_rel: FloatsLike) -> float | npt.NDArray[np.float64]:
     """The exponent gamma of a relative length (inverse of the map of EDM2 Sec. 3.1): the largest real root of
     g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0, i.e. (g + 2)^2 (g + 3) s^2 = g + 1. Needs 0 < s <= SIGMA_REL_MAX."""
     s = np.asarray(sigma_rel, dtype=np.float64)
@@ -53,10 +64,12 @@ def power_ema_beta(step: int, gamma: float) -> float:
     optimizer steps rather than images, counted from 1); beta_1 = 0 makes the first update a copy."""
     if step < 1:
         raise ValueError(f"power-function EMA steps count from 1; got {step}")
-    return (1.0 - 1.0 / step) ** (gamma + 1.0)
+    beta: float = (1.0 - 1.0 / step) ** (gamma + 1.0)  # float ** float is Any in typeshed
+    return beta
 
 
-def profile_inner_products(gamma_a, t_a, gamma_b, t_b) -> np.ndarray:
+def profile_inner_products(gamma_a: npt.ArrayLike, t_a: npt.ArrayLike, gamma_b: npt.ArrayLike,
+                           t_b: npt.ArrayLike) -> np.ndarray:
     """<p_a, p_b> = integral over tau of two power-function profiles (EDM2 Appendix C), broadcast over the inputs:
     (g_a + 1)(g_b + 1) m^(g_a + g_b + 1) / ((g_a + g_b + 1) t_a^(g_a + 1) t_b^(g_b + 1)), m = min(t_a, t_b).
     Evaluated in log space, as the powers overflow for long runs and large gamma."""

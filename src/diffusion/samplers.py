@@ -20,17 +20,16 @@ with ``_partial_: true`` in ``configs/sampler/``.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeVar, cast
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence, TypeVar, cast
 
 import torch
 
 if TYPE_CHECKING:
+    from difflab.diffusion.guidance import ModelFn  # model_fn(x_t, t) -> (x0_hat, eps_hat)
     from difflab.diffusion.processes import NoiseProcess, VPProcess
 
 Tensor = torch.Tensor
 _T = TypeVar("_T")
-# model_fn(x_t, t) -> (x0_hat, eps_hat), consistent with x_t (see guidance.guided_model_fn)
-ModelFn = Callable[[Tensor, float], tuple[Tensor, Tensor]]
 # sampler(model_fn, x_T, process, *, steps, ..., generator) -> x_0: one of SAMPLERS or a functools.partial of one
 Sampler = Callable[..., Tensor]
 

@@ -11,17 +11,18 @@ samples, so one ``Diffusion`` serves a model, its EMA copy and an autoguidance g
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence, cast
 
 import torch
 from torch import nn
 
 from difflab.conditioning.base import Conditioner, NoConditioner
 from difflab.conditioning.templates import labels_to_prompts
-from difflab.diffusion.guidance import CFG, Guidance, guided_model_fn
+from difflab.diffusion.guidance import CFG, Guidance, ModelFn, Scale, guided_model_fn
 from difflab.diffusion.objectives import LOG_SNR_BUCKET_RANGE, Objective, log_snr_buckets
-from difflab.diffusion.processes import NoiseProcess, frame_shift
-from difflab.diffusion.samplers import check_sampler, sampler_name
+from difflab.diffusion.processes import FlowProcess, NoiseProcess, frame_shift
+from difflab.diffusion.samplers import Sampler, check_sampler, sampler_name
 from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
 
@@ -43,25 +44,32 @@ class Diffusion:
     with the frozen autoencoder that decodes latents). Its checks run when it is built, so a bad combination fails
     before any network exists."""
 
-    def __init__(self, process: NoiseProcess, objective: Objective, sampler: Callable,
+    def __init__(self, process: NoiseProcess, objective: Objective, sampler: Sampler,
                  guidance: Guidance | None = None, conditioner: Conditioner | None = None, autoencoder: Any = None,
                  sample_shape: Sequence[int] = (1, 16, 16), p_uncond: float = 0.1,
-                 class_names: Sequence[str] | None = None, prompts: Sequence[str] | None = None):
-        try:
-            objective.check_process(process)
-            check_sampler(sampler, process)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+                 class_names: Sequence[str] | None = None, prompts: Sequence[str] | None = None) -> None:
+        self.check_pairing(process, objective, sampler)
         self.process, self.objective, self.sampler = process, objective, sampler
         self.guidance = guidance if guidance is not None else CFG()
         self.conditioner = conditioner if conditioner is not None else NoConditioner()
-        self.autoencoder = Frozen(autoencoder) if isinstance(autoencoder, nn.Module) else autoencoder
+        # a Frozen autoencoder, None (pixel models), or any object with the same interface (``module.decode``)
+        self.autoencoder: Any = Frozen(autoencoder) if isinstance(autoencoder, nn.Module) else autoencoder
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.p_uncond = p_uncond
         self.class_names = list(class_names) if class_names else None
         self.prompts = list(prompts) if prompts else None
         if hasattr(self.conditioner, "prepare_table") and self.prompts:
-            self.conditioner.prepare_table(self.prompts)  # precomputed embeddings for the fixed prompt set
+            # nn.Module.__getattr__ types a subclass's attributes as Tensor | Module
+            self.conditioner.prepare_table(self.prompts)  # type: ignore[operator]  # embeddings for the prompt set
+
+    @staticmethod
+    def check_pairing(process: NoiseProcess, objective: Objective, sampler: Sampler) -> None:
+        """Refuse an objective or a sampler the process does not define (one line; the pre-flight calls it too)."""
+        try:
+            objective.check_process(process)
+            check_sampler(sampler, process)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     # ---------------------------------------------------------------- placement
     @property
@@ -72,7 +80,7 @@ class Diffusion:
             return b.device
         return getattr(self, "_device", torch.device("cpu"))
 
-    def to(self, device) -> "Diffusion":
+    def to(self, device: str | torch.device) -> "Diffusion":
         """Move the conditioner and the autoencoder (the networks this object holds); returns self."""
         self.conditioner.to(device)
         if isinstance(self.autoencoder, Frozen):
@@ -81,11 +89,11 @@ class Diffusion:
         return self
 
     # ---------------------------------------------------------------- conditions
-    def condition(self, raw) -> dict:
+    def condition(self, raw: Any) -> dict[str, Any]:
         """Conditioning dict (vector / context / mask) for raw conditions (labels, prompts, or None)."""
-        return self.conditioner(raw)
+        return cast("dict[str, Any]", self.conditioner(raw))  # nn.Module.__call__ returns Any
 
-    def batch_condition(self, batch: dict):
+    def batch_condition(self, batch: dict[str, Any]) -> Any:
         """The raw conditions of a batch (labels mapped to prompts for a text model on a class dataset)."""
         key = self.conditioner.batch_key
         if key is None:
@@ -97,22 +105,24 @@ class Diffusion:
                               f"yields only {sorted(batch)}; pick a matching conditioning= or datamodule=")
         return batch[key]
 
-    def default_conditions(self, n: int, device: torch.device | None = None):
+    def default_conditions(self, n: int, device: torch.device | None = None) -> torch.Tensor | list[str] | None:
         """Balanced raw conditions for n samples: cycling class labels, prompts, or None."""
         key = self.conditioner.batch_key
         if key == "label":
-            return torch.arange(n, device=device or self.device) % self.conditioner.num_classes
+            # nn.Module.__getattr__ types num_classes (an int of the label conditioner) as Tensor | Module
+            num_classes: int = self.conditioner.num_classes  # type: ignore[assignment]
+            return torch.arange(n, device=device or self.device) % num_classes
         if key == "text":
             prompts = self.prompts or [""]
             return [prompts[i % len(prompts)] for i in range(n)]
         return None
 
-    def null_condition(self, raw):
+    def null_condition(self, raw: Any) -> Any:
         return self.conditioner.null_like(raw)
 
     # ---------------------------------------------------------------- training
-    def losses(self, net: Net, batch: dict, drop_conditions: bool = True, t: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> dict:
+    def losses(self, net: Net, batch: dict[str, Any], drop_conditions: bool = True, t: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Per-sample losses on a batch: conditions dropped with probability ``p_uncond`` when ``drop_conditions``,
         times from the process's density unless ``t`` is given."""
         raw = self.batch_condition(batch)
@@ -124,11 +134,11 @@ class Diffusion:
         call = lambda x_in, t_net: net(x_in, t_net, cond["vector"], cond["context"], cond["context_mask"])  # noqa: E731
         return self.objective.losses(call, batch["x"], self.process, t=t, generator=generator)
 
-    def loss(self, net: Net, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(self, net: Net, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """The training loss of a batch (mean of ``losses``)."""
         return self.losses(net, batch, generator=generator)["loss"].mean()
 
-    def frame_shifted_times(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor | None:
+    def frame_shifted_times(self, batch: dict[str, Any], generator: torch.Generator | None) -> torch.Tensor | None:
         """Training times of a video batch under ``process.frame_shift_base`` (flow): the process's density with
         ``frame_shift(shift, T, frame_shift_base, H W, H0 W0)`` per sample, T from ``batch["num_frames"]`` or the
         clips' frame axis, H0 x W0 the configured sample size. None otherwise (the objective draws its own)."""
@@ -140,11 +150,13 @@ class Diffusion:
         frames = batch.get("num_frames")
         frames = torch.full((n,), x0.shape[2]) if frames is None else torch.as_tensor(frames).reshape(-1).expand(n)
         base_pixels = int(self.sample_shape[-2]) * int(self.sample_shape[-1]) if len(self.sample_shape) >= 2 else None
-        shift = frame_shift(self.process.shift, frames.to(device=x0.device, dtype=torch.float64), base,
+        process = cast(FlowProcess, self.process)  # only the flow process has a frame_shift_base
+        shift = frame_shift(process.shift, frames.to(device=x0.device, dtype=torch.float64), base,
                             x0.shape[-2] * x0.shape[-1], base_pixels)
-        return self.process.sample_times(n, device=x0.device, generator=generator, shift=shift)
+        return process.sample_times(n, device=x0.device, generator=generator, shift=shift)
 
-    def validation_losses(self, net: Net, batch: dict, batch_idx: int, buckets: int = 10) -> dict:
+    def validation_losses(self, net: Net, batch: dict[str, Any], batch_idx: int,
+                          buckets: int = 10) -> dict[str, torch.Tensor]:
         """Unweighted per-sample losses at fixed noise levels and noise, the same in every run and for every process:
         log-SNRs stratified over ``LOG_SNR_BUCKET_RANGE`` mapped to the process's times; with each sample's bucket."""
         g = torch.Generator().manual_seed(VALIDATION_SEED + batch_idx)
@@ -156,7 +168,7 @@ class Diffusion:
         out["bucket"] = log_snr_buckets(out["log_snr"], buckets)
         return out
 
-    def evaluation_protocol(self) -> dict[str, dict]:
+    def evaluation_protocol(self) -> dict[str, dict[str, Any]]:
         """How the validation losses are measured (``metrics/protocol.json``): fixed noise and log-SNR levels, in
         the objective's own units, so two runs' values differ only by their models."""
         entry = {"eval_seed": VALIDATION_SEED, "noise": "fixed per validation batch (seed + batch index)",
@@ -165,7 +177,7 @@ class Diffusion:
         return {"val/loss": entry, "val_loss_t/bucket_*": entry}
 
     # ---------------------------------------------------------------- sampling
-    def guidance_for(self, guidance: Guidance | dict | None) -> Guidance:
+    def guidance_for(self, guidance: Guidance | dict[str, Any] | None) -> Guidance:
         """This setup's guidance, another ``Guidance``, or this one with a dict of overrides on top."""
         if isinstance(guidance, Guidance):
             return guidance
@@ -174,8 +186,9 @@ class Diffusion:
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
-    def model_fn(self, net: Net, cond: dict, null: dict | None = None, scale=None, raw=None,
-                 guidance: Guidance | dict | None = None, interval="guidance"):
+    def model_fn(self, net: Net, cond: dict[str, Any], null: dict[str, Any] | None = None, scale: Scale | None = None,
+                 raw: Any = None, guidance: Guidance | dict[str, Any] | None = None,
+                 interval: Sequence[float | None] | str | None = "guidance") -> ModelFn:
         """The guided ``model_fn(x_t, t) -> (x0_hat, eps_hat)`` every sampler and diagnostic uses; ``interval=None``
         guides everywhere, the default keeps the guidance's own interval."""
         g = self.guidance_for(guidance)
@@ -186,15 +199,17 @@ class Diffusion:
             guide = g.reference(raw, self) if g.uses_guide and not plain else None
             return guided_model_fn(call, self.process, self.objective.prediction, cond, null, scale=scale,
                                    rescale=getattr(g, "rescale", 0.0),
-                                   interval=g.interval if interval == "guidance" else interval,
+                                   interval=(g.interval if interval == "guidance"  # otherwise not a str
+                                             else cast("Sequence[float | None] | None", interval)),
                                    x0_clip=self.objective.x0_clip, sigma_data=self.objective.sigma_data,
                                    method=g.name, options=g.options(), guide=guide)
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
     @torch.no_grad()
-    def sample(self, net: Net, n: int, conditions=None, *, sampler: Callable | None = None,
-               guidance: Guidance | dict | None = None, guidance_scale=None, noise: torch.Tensor | None = None,
+    def sample(self, net: Net, n: int, conditions: Any = None, *, sampler: Sampler | None = None,
+               guidance: Guidance | dict[str, Any] | None = None, guidance_scale: Scale | None = None,
+               noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None, progress: bool = False, decode: bool = True) -> torch.Tensor:
         """n samples in [-1, 1] (decoded to pixels for latent models) for raw ``conditions`` (balanced if None),
         with this setup's sampler and guidance unless others are given (``guidance``: a ``Guidance`` or a dict of
@@ -218,7 +233,7 @@ class Diffusion:
         if decode:
             x = self.to_pixels(x)
         if was_training:
-            net.train()
+            cast(nn.Module, net).train()  # was_training is set only for an nn.Module
         return x.clamp(-1, 1)
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,9 +241,9 @@ class Diffusion:
         if self.autoencoder is None:
             return x
         with torch.no_grad():
-            return self.autoencoder.module.decode(x.float())
+            return cast(torch.Tensor, self.autoencoder.module.decode(x.float()))  # duck-typed autoencoder: Any
 
-    def describe_sampler(self, sampler=None) -> str:
+    def describe_sampler(self, sampler: Sampler | None = None) -> str:
         return sampler_name(sampler or self.sampler)
 
     # ---------------------------------------------------------------- autoguidance
@@ -249,12 +264,13 @@ class Diffusion:
             return f"prediction (guide {pg.prediction}, main {pm.prediction})"
         if tuple(other.sample_shape) != tuple(self.sample_shape):
             return f"sample shape (guide {tuple(other.sample_shape)}, main {tuple(self.sample_shape)})"
+        key: Callable[[Conditioner], str]
         key = lambda c: f"{type(c).__name__}({c.batch_key}, {getattr(c, 'num_classes', None)} classes)"  # noqa: E731
         if key(self.conditioner) != key(other.conditioner):
             return f"conditioning (guide {key(other.conditioner)}, main {key(self.conditioner)})"
         return None
 
-    def check_guide(self, guide: Any, path) -> None:
+    def check_guide(self, guide: Any, path: object) -> None:
         """One-line refusal of an autoguidance guide (a loaded checkpoint) that cannot guide this setup."""
         other = getattr(guide, "diffusion", None)
         if not isinstance(other, Diffusion):
@@ -264,9 +280,10 @@ class Diffusion:
             raise ConfigError(f"guidance.guide_ckpt={path} cannot guide this model: different {problem}")
 
 
-def load_for_sampling(path, device: str | torch.device = "cpu", trusted: bool | None = None) -> tuple[Diffusion, nn.Module]:
+def load_for_sampling(path: str | Path, device: str | torch.device = "cpu",
+                      trusted: bool | None = None) -> tuple[Diffusion, nn.Module]:
     """The ``Diffusion`` and the EMA denoiser of a checkpoint or export, ready to sample without a Trainer."""
     from difflab.checkpoints import module_from_checkpoint   # reading files is the caller's choice, not the math's
 
-    module = module_from_checkpoint(path, trusted=trusted).to(device)
+    module: Any = module_from_checkpoint(path, trusted=trusted).to(device)  # a DiffusionModule
     return module.diffusion.to(device), module.denoiser
