@@ -124,7 +124,7 @@ def grids(module, best: dict[str, dict], args, path: Path) -> Path:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from difflab.callbacks.class_grid import render_grid
+    from difflab.diagnostics.class_grid import render_grid
     from difflab.diffusion import samplers as S
 
     sampler = functools.partial(S.SAMPLERS[args.sampler], steps=args.steps)

@@ -124,7 +124,7 @@ def grid_cost(out_dir: str) -> tuple[float, int]:
     """Seconds to render one class grid (the callback's work) and the callback's period in steps."""
     from hydra.utils import instantiate
 
-    from difflab.callbacks.class_grid import render_grid
+    from difflab.diagnostics.class_grid import render_grid
     from difflab.pipeline import fill_from_datamodule
 
     cfg = compose_train(RUN_OVERRIDES, out_dir)

@@ -52,6 +52,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
     "ablation": ("bench_ablation.py", [], ["--quick"], ["ablation"]),
     "streaming": ("bench_streaming.py", [], ["--quick"], ["streaming"]),
     "video_buckets": ("bench_video_buckets.py", [], ["--quick", "--write-quick"], ["video_buckets"]),
+    "optimizers": ("bench_optimizers.py", [], ["--quick"], ["optimizers"]),
 }
 TITLES = {
     "vs_diffusers": "1. Quality per wall-clock on digits (difflab vs a plain diffusers loop)",
@@ -71,6 +72,7 @@ TITLES = {
     "ablation": "11. A real ablation with confidence intervals: vp vs edm vs flow on digits, three seeds",
     "streaming": "12. Streaming shards vs the memory-mapped latent cache",
     "video_buckets": "13. Variable-length video: frame buckets on the How2Sign layout",
+    "optimizers": "14. Optimizers at equal wall-clock: AdamW vs Muon on digits, three seeds",
 }
 TARGET_RE = re.compile(r"(target[^.\n]*?:\s*\**(?:met|not met)[^\n]*)", re.IGNORECASE)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from difflab.config_checks import (Rule, any_of, boolean, device, directory_path, existing_file, existing_path,
                                    integer, list_of, non_negative, number, one_of, optional, positive, probability,
                                    sigma_interval, string)
+from difflab.registry import CFGPP_LAMBDA, cfgpp_lambda_ok
 
 EXPORT_WEIGHTS = "model.safetensors"
 
@@ -133,8 +134,8 @@ def sample_guidance_settings(cfg: dict):
     checkpoint's own method and guide are known only once it is loaded: checked there)."""
     g = cfg.get("guidance") or {}
     scale = g.get("scale")
-    if g.get("method") == "cfgpp" and isinstance(scale, (int, float)) and not 0 <= scale <= 1:
-        return "guidance.scale", "a number in [0, 1] with guidance.method=cfgpp (CFG++'s lambda, e.g. 0.6)"
+    if g.get("method") == "cfgpp" and isinstance(scale, (int, float)) and not cfgpp_lambda_ok([scale]):
+        return "guidance.scale", CFGPP_LAMBDA
     return None
 
 
@@ -150,18 +151,6 @@ def sampler_steps_fit_schedule(cfg: dict):
     total = (cfg.get("process", cfg.get("schedule")) or {}).get("num_timesteps")   # discrete (vp) processes only
     if isinstance(steps, int) and isinstance(total, int) and 2 <= total < steps:
         return "sampler.steps", f"an integer in [1, {total}] (schedule.num_timesteps={total})"
-
-
-def sampler_defined_on_process(cfg: dict):
-    """DDPM's ancestral chain exists on the discrete vp process only; EDM's churn needs a continuous process."""
-    sampler, process = cfg.get("sampler") or {}, cfg.get("process") or {}
-    discrete = str(process.get("_target_", "")).rsplit(".", 1)[-1] == "VPProcess"
-    name = str(sampler.get("_target_", "")).rsplit(".", 1)[-1]
-    if name == "ddpm" and process.get("_target_") and not discrete:
-        kind = str(process["_target_"]).rsplit(".", 1)[-1]
-        return "sampler._target_", f"sampler=ddim, euler, heun or dpmpp_2m with {kind} (ddpm needs process=vp)"
-    if discrete and isinstance(sampler.get("s_churn"), (int, float)) and sampler["s_churn"] > 0:
-        return "sampler.s_churn", "0 with process=vp (churn needs a continuous process: edm or flow)"
 
 
 def patch_divides_image_size(cfg: dict):
@@ -212,13 +201,15 @@ def _node(cfg: dict, path: str):
 
 
 def targets_take_their_keys(cfg: dict):
-    """Every key of the datamodule, the model and its denoiser must be an argument of the class it builds: keys an
-    experiment set for another choice of the group (a UNet's channels under model=dit, the pixel datamodule's
-    image_size under datamodule=latents) would otherwise fail deep inside instantiation."""
+    """Every key of the datamodule, the model, its denoiser, its diffusion pieces, the optimizer and the LR schedule
+    must be an argument of the class it builds: keys an experiment set for another choice of the group (a UNet's
+    channels under model=dit, the pixel datamodule's image_size under datamodule=latents) would otherwise fail deep
+    inside instantiation."""
     import importlib
     import inspect
 
-    for path in ("datamodule", "model", "model.net"):
+    for path in ("datamodule", "model", "model.net", "model.diffusion", "process", "objective", "sampler", "guidance",
+                 "optimizer", "lr_schedule"):
         node = _node(cfg, path)
         target = node.get("_target_") if node else None
         if not isinstance(target, str) or "." not in target:
@@ -303,6 +294,6 @@ def one_ema_length(cfg: dict):
 
 
 CHECKS = {"sample": [sample_guidance_settings], "reconstruct_ema": [one_ema_length],
-          "train": [resume_xor_init, sampler_steps_fit_schedule, sampler_defined_on_process, patch_divides_image_size,
+          "train": [resume_xor_init, sampler_steps_fit_schedule, patch_divides_image_size,
                     frames_within_temporal_positions, targets_take_their_keys, monitored_metrics_are_logged,
                     dinov2_weights_exist]}

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "result.json").write_text(json.dumps(result, indent=2))
         if samples is not None:
-            from difflab.callbacks.video_grid import video_fps, write_sample_videos
+            from difflab.diagnostics.video_grid import video_fps, write_sample_videos
             from difflab.video.io import to_uint8_video
 
             u8 = to_uint8_video(samples)  # N x T x H x W x C -> sample.py's N x T x C x H x W

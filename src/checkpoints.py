@@ -26,6 +26,7 @@ from torch import nn
 from difflab.registry import GUIDANCE_CLASSES, GUIDANCE_SETTINGS
 from difflab.trust import check_config
 from difflab.utils.errors import CheckpointError, DifflabError, instantiate_reporting
+from difflab.ops.fsdp import read_sharded_checkpoint, sharded_checkpoint_dir
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
@@ -83,7 +84,6 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 def load_sharded_checkpoint(path: str | Path, metadata: dict | None = None) -> dict[str, Any]:
     """Consolidate a sharded checkpoint on the CPU, without a process group: ``state_dict`` = EMA weights (raw when
     the run had no EMA), ``current_model_state`` = raw, and every metadata entry (step, run config, ...)."""
-    from difflab.ops.fsdp import read_sharded_checkpoint, sharded_checkpoint_dir
 
     path = Path(path)
     shards = sharded_checkpoint_dir(path)

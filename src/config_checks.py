@@ -25,24 +25,20 @@ Lightning, so the callback keeps ``--help`` and ``--cfg`` fast.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import importlib.util
 import math
-import os
 import re
 import signal
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf
 
 from difflab.configs import CONFIG_DIR
+from difflab.utils.errors import fail
+from difflab.utils.resolve import MISSING, UNRESOLVED, hydra_runtime, plain
 
-MISSING = object()      # a ``???`` value
-UNRESOLVED = object()   # an interpolation that cannot be resolved before the job runs
 
 Check = Callable[[dict], "tuple[str, str] | None"]
 
@@ -313,34 +309,6 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _plain(node: Any) -> Any:
-    """``node`` as plain dicts / lists with interpolations resolved; ``???`` -> MISSING, unresolvable -> UNRESOLVED."""
-    if isinstance(node, DictConfig):
-        if node._is_none():
-            return None
-        out = {}
-        for key in node.keys():
-            if OmegaConf.is_missing(node, key):
-                out[key] = MISSING
-                continue
-            try:
-                out[key] = _plain(node[key])
-            except Exception:  # noqa: BLE001 - e.g. an interpolation to a value filled in later
-                out[key] = UNRESOLVED
-        return out
-    if isinstance(node, ListConfig):
-        if node._is_none():
-            return None
-        out = []
-        for i in range(len(node)):
-            try:
-                out.append(MISSING if OmegaConf.is_missing(node, i) else _plain(node[i]))
-            except Exception:  # noqa: BLE001
-                out.append(UNRESOLVED)
-        return out
-    return node
-
-
 def _known(tree: Any) -> Any:
     """``tree`` without MISSING / UNRESOLVED entries (for CHECKS, which then just use ``.get``)."""
     if isinstance(tree, dict):
@@ -397,44 +365,12 @@ def _check_tree(tree: Any, rules: list[tuple[str, Rule]], checks: list[Check], p
     return problems
 
 
-@contextmanager
-def _hydra_runtime(cfg: DictConfig) -> Iterator[DictConfig]:
-    """Make ``${hydra:...}`` resolve as the job will see it: HydraConfig set from (a copy of) ``cfg`` with the output
-    directory filled in, which Hydra itself does only after ``on_run_start``. Configs without a ``hydra`` node (the
-    in-process path) use whatever HydraConfig is set."""
-    if not isinstance(cfg, DictConfig) or "hydra" not in cfg:
-        yield cfg
-        return
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    instance = HydraConfig.instance()
-    saved = instance.cfg
-    cfg = copy.deepcopy(cfg)
-    try:
-        instance.set_config(cfg)
-        runtime = cfg.hydra.runtime
-        if OmegaConf.is_missing(runtime, "output_dir") or not runtime.get("output_dir"):
-            key = "hydra.sweep.dir" if cfg.hydra.get("mode") == RunMode.MULTIRUN else "hydra.run.dir"
-            try:
-                run_dir = OmegaConf.select(cfg, key)
-            except Exception:  # noqa: BLE001 - leave ${hydra:runtime.output_dir} unresolved
-                run_dir = None
-            if run_dir:
-                with read_write(runtime), open_dict(runtime):
-                    runtime.output_dir = os.path.abspath(str(run_dir))
-                instance.set_config(cfg)
-        yield cfg
-    finally:
-        instance.cfg = saved
-
-
 def find_problems(cfg: DictConfig, primary: str | None) -> list[tuple[str, str]]:
     """``(key, error line)`` for every problem of a composed config, values set directly before those derived from
     them by interpolation (paths.log_dir=<a file> before the checkpoint and logger directories under it), so that the
     first line names what the user typed."""
-    with _hydra_runtime(cfg) as resolved:
-        tree = _plain(resolved)
+    with hydra_runtime(cfg) as resolved:
+        tree = plain(resolved)
     tree.pop("hydra", None)
     rules, checks = primary_schemas()
     problems = _check_tree(tree, list(rules.get(primary, {}).items()), list(checks.get(primary, [])), "")
@@ -443,8 +379,57 @@ def find_problems(cfg: DictConfig, primary: str | None) -> list[tuple[str, str]]
     for key, value in tree.items():
         if key in schemas and key not in own:
             problems += _check_tree(value, *schemas[key], prefix=f"{key}.")
+    if not problems:   # each value is allowed on its own: now the rules the pieces' constructors state
+        problems += constructor_problems(tree)
     derived = _interpolated(cfg)
     return sorted(problems, key=lambda problem: problem[0] in derived)
+
+
+BUILT_PARTS = ("process", "objective", "sampler", "guidance")   # model.diffusion pieces that build in microseconds
+
+
+def _complete(node: Any) -> bool:
+    """No value of ``node`` is missing or unresolvable yet (those are reported, or filled in later)."""
+    if isinstance(node, dict):
+        return all(_complete(v) for v in node.values())
+    if isinstance(node, list):
+        return all(_complete(v) for v in node)
+    return node is not MISSING and node is not UNRESOLVED
+
+
+def _first_line(err: BaseException) -> str:
+    """The user's message of an error raised while Hydra built an object (Hydra wraps it in its own)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def constructor_problems(tree: dict) -> list[tuple[str, str]]:
+    """The rules the diffusion pieces' constructors own (a process's, an objective's, a sampler's or a guidance's
+    settings, and their pairing in ``Diffusion``: ddpm needs vp, churn needs a continuous process, CFG++'s lambda,
+    autoguidance's guide), checked by building those pieces, which needs no network, encoder or file. Each rule is
+    stated once, in the code, and still refused before anything is written."""
+    diffusion = (tree.get("model") or {}).get("diffusion") if isinstance(tree.get("model"), dict) else None
+    if not isinstance(diffusion, dict):
+        return []
+    from hydra.utils import instantiate
+
+    from difflab.diffusion.system import Diffusion
+
+    built = {}
+    for name in BUILT_PARTS:
+        node = diffusion.get(name)
+        if isinstance(node, dict) and "_target_" in node and _complete(node):
+            try:
+                built[name] = instantiate(node)
+            except Exception as err:  # noqa: BLE001 - any refusal of the constructor is the user's line
+                return [(name, _first_line(err))]
+    if {"process", "objective", "sampler"} <= set(built):
+        try:
+            Diffusion.check_pairing(built["process"], built["objective"], built["sampler"])
+        except Exception as err:  # noqa: BLE001
+            return [("sampler", _first_line(err))]
+    return []
 
 
 def check_config(cfg: DictConfig, primary: str | None) -> list[str]:
@@ -484,140 +469,13 @@ def validate_or_exit(cfg: DictConfig, primary: str | None, ignore: tuple[str, ..
     """Print the first problem as ``error: ...`` on stderr and exit with status 2; return when there is none.
 
     ``ignore``: keys (and everything below them) left unchecked, e.g. the swept keys of a multirun's base config."""
-    from difflab.utils.cli import fail
 
     for key, line in find_problems(cfg, primary):
         if not any(key == k or key.startswith(f"{k}.") for k in ignore):
             fail(line)
 
 
-def _config_name(config: DictConfig) -> str | None:
-    return OmegaConf.select(config, "hydra.job.config_name", default=None)
-
-
-def _swept_keys(config: DictConfig) -> tuple[str, ...]:
-    """Keys a multirun sweeps over (``key=a,b`` overrides and ``hydra.sweeper.params``): unknown before each job."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-    keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
-    keys += list(OmegaConf.select(config, "hydra.sweeper.params", default=None) or {})
-    return tuple(k.lstrip("+~") for k in keys)
-
-
-def refuse_inert_overrides(task: list[str], config_name: str = "train") -> None:
-    """Exit with one line when an override of the command line changes nothing in the composed run
-    (``difflab.config_effects``)."""
-    from difflab.config_effects import inert_overrides
-    from difflab.configs import CONFIG_DIR
-    from difflab.utils.cli import fail
-
-    inert = inert_overrides(task, hydra_composer_for(config_name), CONFIG_DIR)
-    if inert:
-        fail(inert[0][1])
-
-
-def hydra_composer_for(primary: str | None):
-    from difflab.config_effects import hydra_composer
-
-    return hydra_composer(primary or "train")
-
-
-def refuse_degenerate_sweep(jobs: list[list[str]], config_name: str = "train") -> None:
-    """Exit with one line before any job of a sweep starts: when a job sets a source-group value that changes
-    nothing in it, or when two jobs compose to the same run (the seed apart), naming the jobs."""
-    from difflab.config_effects import identical_jobs, inert_overrides
-    from difflab.configs import CONFIG_DIR
-    from difflab.utils.cli import fail
-
-    if not jobs:
-        return
-    compose = hydra_composer_for(config_name)
-    for i, overrides in enumerate(jobs):
-        inert = inert_overrides(overrides, compose, CONFIG_DIR)
-        if inert:
-            fail(f"job {i} of this sweep ({' '.join(overrides)}): {inert[0][1]}")
-    pair = identical_jobs(jobs, compose) if len(jobs) > 1 else None
-    if pair is not None:
-        a, b = pair
-        differ = [o for o in jobs[b] if o not in jobs[a] and not o.startswith("seed=")]
-        fail(f"jobs {a} and {b} of this sweep compose to the same run ({' '.join(jobs[a])} vs {' '.join(jobs[b])}): "
-             f"{', '.join(differ) or 'their overrides'} {'changes' if len(differ) == 1 else 'change'} nothing "
-             f"here, so the sweep would train identical models; sweep a key the run uses")
-
-
-@contextmanager
-def _validate_mode_cannot_be_skipped() -> Iterator[None]:
-    """Hydra turns an exception in a callback into a warning and goes on: under ``--validate`` that would start the
-    run, so any failure there ends the command in one line instead."""
-    from difflab import validate_mode
-
-    try:
-        yield
-    except Exception as err:
-        if not validate_mode.requested():
-            raise
-        from difflab.utils.cli import fail
-
-        fail(f"--validate could not finish ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-             f"nothing was started or written")
-
-
-class ValidateConfig(Callback):
-    """Hydra callback: validate the config before Hydra writes anything (``on_run_start``: no run directory, no
-    .hydra/, no log file for a bad single run); a multirun is checked once up front for its non-swept keys and then
-    per job (``on_job_start``), as each job's values are known only then."""
-
-    def __init__(self, **_: Any) -> None:
-        pass
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        with _validate_mode_cannot_be_skipped():
-            self._run_start(config)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        with _validate_mode_cannot_be_skipped():
-            self._multirun_start(config)
-
-    def _run_start(self, config: DictConfig) -> None:
-        from difflab import validate_mode
-
-        primary = _config_name(config)
-        validate_or_exit(config, primary)
-        if primary == "train":
-            from difflab.ops.run_lock import RunDirInUseError, ensure_run_dir_free
-            from difflab.utils.cli import fail
-
-            refuse_inert_overrides(list(config.hydra.overrides.task))
-            try:  # a directory a live run holds: refused before .hydra/ is rewritten
-                ensure_run_dir_free(OmegaConf.select(config, "hydra.run.dir"))
-            except RunDirInUseError as err:
-                fail(str(err))
-        if validate_mode.requested():
-            validate_mode.report(config, primary)
-
-    def _multirun_start(self, config: DictConfig) -> None:
-        from difflab import validate_mode
-        from difflab.config_effects import job_overrides
-
-        primary = _config_name(config)
-        validate_or_exit(config, primary, ignore=_swept_keys(config))
-        jobs = job_overrides(list(config.hydra.overrides.task))
-        if primary == "train":
-            refuse_degenerate_sweep(jobs)
-        if validate_mode.requested():
-            for overrides in jobs:   # every job's values, as on_job_start would check them
-                validate_or_exit(hydra_composer_for(primary)(overrides), primary)
-            validate_mode.report(config, primary, jobs)
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra.types import RunMode
-
-        if config.hydra.get("mode") == RunMode.MULTIRUN:
-            validate_or_exit(config, _config_name(config))
-
-
 __all__ = ["Rule", "number", "positive", "non_negative", "probability", "integer", "one_of", "boolean", "string",
            "matches", "mapping", "optional", "filled_later", "any_of", "list_of", "directory_path",
            "not_existing_file", "existing_file", "existing_path", "device", "duration", "sigma_interval",
-           "signal_name", "find_problems", "check_config", "ensure_valid", "validate_or_exit", "ValidateConfig"]
+           "signal_name", "find_problems", "check_config", "ensure_valid", "validate_or_exit", "adam_betas", "constructor_problems"]

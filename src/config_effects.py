@@ -8,7 +8,7 @@ vp's ``process: ${schedule}``). A choice or key of a source group can therefore 
 the prediction itself). The *effective config* is the resolved config without the source groups (and without
 ``hydra``); an override is inert when another value in its place leaves the effective config unchanged, and a sweep
 is degenerate when two of its jobs have the same effective config (same seed included). Both are refused at start in one
-line, before Hydra writes anything (``difflab.config_checks.ValidateConfig``).
+line, before Hydra writes anything (``difflab.preflight.ValidateConfig``).
 
 Only source-group overrides are probed (each probe is one composition, about 0.1 s): every other key is read by the
 code that builds the run, or refused already when its target does not take it (``configs/schema.py``).
@@ -32,10 +32,10 @@ Compose = Callable[[Sequence[str]], DictConfig]
 def effective(cfg: DictConfig) -> str:
     """The effective config of a composed train config, as canonical JSON: resolved (``${hydra:...}`` as the job
     sees it), without ``hydra`` and the source groups. Unresolvable values stay as their text."""
-    from difflab.config_checks import _hydra_runtime, _plain
+    from difflab.utils.resolve import hydra_runtime, plain
 
-    with _hydra_runtime(cfg) as resolved:
-        tree = _plain(resolved)
+    with hydra_runtime(cfg) as resolved:
+        tree = plain(resolved)
     for key in ("hydra", *SOURCE_GROUPS):
         tree.pop(key, None)
     return json.dumps(tree, sort_keys=True, default=str)

@@ -8,6 +8,14 @@ GUIDANCE_SETTINGS: dict[str, tuple[str, ...]] = {
     "apg": ("scale", "eta", "norm_threshold", "momentum", "interval", "per_class"),
     "autoguidance": ("scale", "guide_ckpt", "rescale", "interval", "per_class"),
 }
+CFGPP_LAMBDA = "a number in [0, 1] with guidance.method=cfgpp (CFG++'s lambda, e.g. 0.6)"
+
+
+def cfgpp_lambda_ok(values) -> bool:
+    """CFG++'s lambda (its guidance scale, per class too) lies in [0, 1] (Chung et al. 2024)."""
+    return all(0.0 <= float(v) <= 1.0 for v in values)
+
+
 GUIDANCE_CLASSES = {"cfg": "CFG", "cfgpp": "CFGpp", "apg": "APG", "autoguidance": "Autoguidance"}
 GUIDANCE_TARGETS = {f"difflab.diffusion.guidance.{cls}": name for name, cls in GUIDANCE_CLASSES.items()}
 

@@ -79,8 +79,8 @@ def write_markdown(path: Path, summary: dict) -> None:
 
 def run_report(cfg: DictConfig) -> dict[str, Any]:
     """Load the checkpoint (EMA weights), draw every diagnostic into ``cfg.out_dir``; returns the summary dict."""
-    from difflab.callbacks.class_grid import render_grid
-    from difflab.callbacks.timestep_loss import bucket_losses
+    from difflab.diagnostics.class_grid import render_grid
+    from difflab.diagnostics.timestep_loss import bucket_losses
     from difflab.checkpoints import load_checkpoint, module_from_checkpoint
     from difflab.ops.atomic import write_text
     from difflab.sampling import pick_device

@@ -116,7 +116,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Path]:
     samples = torch.cat(chunks)
     out = write_outputs(Path(cfg.out_dir), samples, raw)
     if samples.ndim == 5:  # videos: also an MP4 + GIF grid, one row per prompt
-        from difflab.callbacks.video_grid import video_fps, write_sample_videos
+        from difflab.diagnostics.video_grid import video_fps, write_sample_videos
         out.update(write_sample_videos(cfg.out_dir, samples, raw, fps=video_fps(module.run_config)))
     log.info("wrote %d samples with %s, guidance %s to %s", cfg.n, diffusion.describe_sampler(sampler), guidance,
              cfg.out_dir)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from difflab.utils.errors import UntrustedFileError
+from difflab.utils.errors import instantiate_reporting
 
 TRUST_KEY = "trust_stored_code"
 TRUST_HINT = f"if you trust the file's author, rerun with {TRUST_KEY}=true"
@@ -221,8 +222,6 @@ def check_config(config: Any, source: Any, *, trusted: bool | None = None, where
 def build_stored(config: Any, source: Any, *, trusted: bool | None = None, where: str = "") -> Any:
     """Instantiate a config read from a file, through the gate (``check_config``)."""
     from omegaconf import OmegaConf
-
-    from difflab.utils.errors import instantiate_reporting
 
     return instantiate_reporting(OmegaConf.create(check_config(config, source, trusted=trusted, where=where)))
 

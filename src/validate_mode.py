@@ -1,7 +1,7 @@
 """``--validate``: compose, run every start-time check, print what would run, and exit without writing anything.
 
 Every console command takes the flag (``python train.py experiment=stl10_vpred_cfg --validate``, ``-m`` sweeps too).
-The start-time checks are the ones a real start runs (``difflab.config_checks.ValidateConfig``: values, inert
+The start-time checks are the ones a real start runs (``difflab.preflight.ValidateConfig``: values, inert
 overrides, identical sweep jobs, a busy run directory); a config that passes them is described in one short block:
 for training the process, the objective's prediction, the sampler and its steps, the denoiser, the conditioning, the
 data, the precision as it resolves on this machine, the budget and the output directory. The model is built on the
@@ -13,20 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-FLAG = "--validate"
-_STATE = {"on": False}   # set by each console command from its own command line (the Hydra callback reads it)
-
-
-def take_flag(argv: list[str]) -> list[str]:
-    """``argv`` without ``--validate``; validate mode is on for this command exactly when it was there."""
-    _STATE["on"] = FLAG in argv
-    return [a for a in argv if a != FLAG]
-
-
-def requested() -> bool:
-    """Whether the running command is in validate mode."""
-    return _STATE["on"]
-
+from difflab.utils.cli import FLAG
 
 def _name(target: Any) -> str:
     return str(target or "?").rsplit(".", 1)[-1]
@@ -81,10 +68,10 @@ def trainable_parameters(cfg: DictConfig) -> int | None:
 
 def train_block(cfg: DictConfig, output_dir: str | None = None) -> list[str]:
     """What a training run would run, in a few lines (``output_dir``: shown instead of the resolved one)."""
-    from difflab.config_checks import _hydra_runtime, _plain
+    from difflab.utils.resolve import hydra_runtime, plain
 
-    with _hydra_runtime(cfg) as resolved:
-        tree = _plain(resolved)
+    with hydra_runtime(cfg) as resolved:
+        tree = plain(resolved)
     model = tree.get("model") or {}
     diffusion = model.get("diffusion") or {}
     process, objective, sampler = (diffusion.get(k) or {} for k in ("process", "objective", "sampler"))
@@ -110,10 +97,10 @@ def train_block(cfg: DictConfig, output_dir: str | None = None) -> list[str]:
 
 def generic_block(cfg: DictConfig, primary: str | None) -> list[str]:
     """The top-level values of another command's config (ckpt_path, out_dir, n, ...)."""
-    from difflab.config_checks import _hydra_runtime, _plain
+    from difflab.utils.resolve import hydra_runtime, plain
 
-    with _hydra_runtime(cfg) as resolved:
-        tree = _plain(resolved)
+    with hydra_runtime(cfg) as resolved:
+        tree = plain(resolved)
     return [f"  {k + ':':13} {v}" for k, v in tree.items()
             if k not in ("hydra", "paths", "task_name") and not isinstance(v, (dict, list)) and v is not None]
 

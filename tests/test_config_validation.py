@@ -15,8 +15,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from difflab.config_checks import ValidateConfig, check_config, ensure_valid, group_schemas, primary_schemas
+from difflab.config_checks import check_config, ensure_valid, group_schemas, primary_schemas
 from difflab.configs import CONFIG_DIR
+from difflab.preflight import ValidateConfig
 from difflab.utils.errors import ConfigError
 
 FILE = "{file}"          # an existing regular file (a stand-in checkpoint, or an output path that is a file)

@@ -196,7 +196,7 @@ class OracleModule:
 
 @pytest.mark.parametrize("process_name, prediction", [("vp", "v"), ("vp", "eps"), ("edm", "edm"), ("flow", "flow")])
 def test_ddim_reconstruction_of_an_oracle_denoiser_is_exact_on_every_process(process_name, prediction):
-    from difflab.callbacks.reconstruction import reconstruct
+    from difflab.diagnostics.reconstruction import reconstruct
     from difflab.diffusion.processes import EDMProcess, FlowProcess
 
     g = torch.Generator().manual_seed(0)
@@ -213,7 +213,7 @@ def test_ddim_reconstruction_of_an_oracle_denoiser_is_exact_on_every_process(pro
 
 
 def test_reconstruction_start_levels():
-    from difflab.callbacks.reconstruction import check_fraction
+    from difflab.diagnostics.reconstruction import check_fraction
     from difflab.diffusion.processes import EDMProcess, FlowProcess
     from difflab.diffusion.processes import VPProcess
 
@@ -254,7 +254,7 @@ def test_norms_and_ema_distance_closed_form():
 
 # ------------------------------------------------------------------------------------------- t-SNE, names
 def test_tsne_and_mean_cosine():
-    from difflab.callbacks.embedding_tsne import mean_cosine, tsne_2d
+    from difflab.diagnostics.embedding_tsne import mean_cosine, tsne_2d
 
     v = np.eye(6)[:, :4] + 0.0
     assert mean_cosine(np.ones((3, 5))) == pytest.approx(1.0)

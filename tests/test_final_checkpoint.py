@@ -140,7 +140,7 @@ def test_last_ckpt_holds_final_step_like_a_periodic_checkpoint(tmp_path, steps_p
     # the final grid was sampled from exactly these EMA weights: re-render it from last.ckpt
     from PIL import Image
 
-    from difflab.callbacks.class_grid import render_grid
+    from difflab.diagnostics.class_grid import render_grid
 
     final_grid = run / "figures" / "class_grid" / "final.png"
     again = render_grid(module_from_checkpoint(run / "checkpoints" / "last.ckpt"), tmp_path / "again.png",

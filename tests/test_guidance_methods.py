@@ -292,7 +292,7 @@ def test_stored_guidance_dicts_migrate_to_their_classes():
 
 
 def test_module_refuses_bad_guidance_in_one_line():
-    with pytest.raises(ConfigError, match=r"^guidance.scale=2.0 is invalid for guidance.method=cfgpp") as err:
+    with pytest.raises(ConfigError, match=r"^guidance.scale=2.0 is invalid: a number in \[0, 1\] with guidance.method=cfgpp") as err:
         _module(guidance={"method": "cfgpp", "scale": 2.0})
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="needs guidance.guide_ckpt"):
@@ -337,12 +337,14 @@ def test_guidance_group_composes_into_the_diffusion_object(tmp_path):
     assert _problems(tmp_path, ["guidance=cfgpp", "guidance.scale=0.6"]) == []
     assert _problems(tmp_path, ["guidance=cfgpp"]) == []   # its own default lambda, 0.6
     assert _problems(tmp_path, ["guidance=cfgpp", "guidance.scale=2"])[0].startswith("guidance.scale=2")
+    # the rules a method's constructor states reach the pre-flight by building it (config_checks.constructor_problems)
     assert _problems(tmp_path, ["guidance=autoguidance"]) == [
-        "guidance.guide_ckpt=null is invalid: a checkpoint of the guide model with guidance=autoguidance"]
+        "guidance.method=autoguidance needs guidance.guide_ckpt (a weaker checkpoint of the same setup: an earlier "
+        "step, a shorter EMA or a smaller model)"]
     assert _problems(tmp_path, ["guidance=apg", "guidance.momentum=1.5"])[0].startswith(
         "guidance.momentum=1.5 is invalid")
     assert _problems(tmp_path, ["guidance=apg", "+guidance.rescale=0.5"])[0].startswith(
-        "guidance.rescale=0.5 is invalid: absent with guidance=apg")
+        "guidance.rescale=0.5 is invalid: not an argument of APG")
 
 
 # ------------------------------------------------------------------------------------------- sample.py

@@ -163,7 +163,7 @@ def test_digit_judge_reads_real_digits_and_notices_wrong_labels():
 
 
 def test_scored_grid_colours_and_agreement():
-    from difflab.callbacks.class_grid import score_grid
+    from difflab.diagnostics.class_grid import score_grid
     from difflab.eval.grid_judge import Verdict
 
     class Fixed:  # a judge whose answers the test knows: row r predicted as r, except two cells

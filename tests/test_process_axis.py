@@ -42,8 +42,9 @@ def test_multirun_over_processes_trains_one_job_each(tmp_path):
     assert targets == {("VPProcess", "v"), ("EDMProcess", "edm"), ("FlowProcess", "flow")}
 
 
-@pytest.mark.parametrize("args, names", [(["process=edm", "sampler=ddpm"], "ddpm needs process=vp"),
-                                         (["process=vp", "sampler=heun", "sampler.s_churn=10"], "sampler.s_churn=10")])
+@pytest.mark.parametrize("args, names", [(["process=edm", "sampler=ddpm"], "sampler=ddpm needs a discrete process (vp)"),
+                                         (["process=vp", "sampler=heun", "sampler.s_churn=10"],
+                                          "sampler.s_churn > 0 needs a continuous process")])
 def test_undefined_sampler_process_pairs_fail_at_start_and_write_nothing(tmp_path, args, names):
     r = run_train(tmp_path, *args)
     lines = r.stderr.strip().splitlines()

@@ -577,7 +577,7 @@ def test_ablate_never_resolves_a_job_config_and_refuses_a_linked_output(tmp_path
 
 
 def test_writers_replace_or_refuse_a_planted_link(tmp_path):
-    from difflab.callbacks.video_grid import write_sample_videos
+    from difflab.diagnostics.video_grid import write_sample_videos
     from difflab.ops.atomic import write_text
     from difflab.utils.logging import append_figure_index
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from difflab.callbacks.video_grid import VideoGridCallback, log_video, video_fps, write_sample_videos
+from difflab.callbacks.video_grid import VideoGridCallback, log_video
+from difflab.diagnostics.video_grid import video_fps, write_sample_videos
 from difflab.video import io as vio
 from difflab.models.unet3d import UNet3D, depth_to_space, space_to_depth
 from difflab.models.video_layers import FrameAttention, RelativePositionBias, SpaceTimeBlock, TemporalAttention

@@ -25,6 +25,8 @@ from difflab.ablation.stats import (ALPHA, POWER, Difference, Interval, detectab
                                     paired_design, paired_difference, seeds_needed, welch_design, welch_difference)
 from difflab.ablation.sweep import SEED_KEY, Job, Sweep
 from difflab.utils.errors import ConfigError, DataNotFoundError
+from difflab.ops.atomic import atomic_write, write_text
+from difflab.ablation.sweep import parse_job_overrides
 
 LEVEL = 0.95
 DASH = "—"
@@ -170,7 +172,6 @@ def _split_label(text: str) -> list[str]:
 
 def find_arm(arms: list[Arm], text: str) -> Arm:
     """The arm ``--baseline`` names, by its label or by the same ``key=value`` pairs in any order and spacing."""
-    from difflab.ablation.sweep import parse_job_overrides
 
     for arm in arms:
         if arm.label == text.strip():
@@ -772,7 +773,6 @@ def write_report(report: Report, out_dir: str | Path, markdown: str | None = Non
 
     Only these files are (re)written: anything else in ``out_dir`` is left alone.
     """
-    from difflab.ops.atomic import atomic_write, write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from difflab.utils.errors import DataNotFoundError
+from difflab.trust import without_resolvers
 
 SEED_KEY = "seed"
 CSV_PATH = Path("csv") / "metrics.csv"
@@ -213,8 +214,6 @@ def _read_yaml(path: Path, warnings: list[str]):
     if not path.is_file():
         return None
     from omegaconf import OmegaConf
-
-    from difflab.trust import without_resolvers
 
     try:
         return OmegaConf.create(without_resolvers(OmegaConf.to_container(OmegaConf.load(path), resolve=False)))

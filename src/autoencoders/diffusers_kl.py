@@ -13,7 +13,7 @@ from torch import nn
 
 from difflab.autoencoders.loading import autoencoder_identity
 from difflab.utils.extras import require
-from difflab.utils.errors import CheckpointError, ConfigError
+from difflab.utils.errors import CheckpointError
 
 
 class DiffusersKL(nn.Module):

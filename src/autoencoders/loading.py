@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from difflab.utils.errors import CheckpointError, ConfigError
+from difflab.trust import build_stored
+from difflab.checkpoints import migrate_config
 
 CHECKPOINT_KIND = "autoencoder"
 STATE_PREFIX = "autoencoder."  # AutoencoderModule holds the model as ``self.autoencoder``
@@ -97,7 +99,6 @@ def to_plain(cfg: Any) -> Any:
 def _instantiate(cfg: dict, source: Any = "the autoencoder config") -> nn.Module:
     """Build ``cfg['_target_'](**rest)`` through the trust gate (``difflab.trust``): a config read from a checkpoint or
     a latent cache's manifest names a difflab class, or the user passed ``trust_stored_code=true``."""
-    from difflab.trust import build_stored
 
     target = cfg.get("_target_")
     if not isinstance(target, str) or not target:
@@ -124,7 +125,6 @@ def read_autoencoder_checkpoint(path: str | Path) -> tuple[dict, dict]:
     if not isinstance(state, dict):
         raise CheckpointError(f"autoencoder checkpoint {path} has no state_dict")
     sd = {k[len(STATE_PREFIX):]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
-    from difflab.checkpoints import migrate_config
 
     return migrate_config(dict(meta["config"])), sd
 

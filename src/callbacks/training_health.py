@@ -19,7 +19,7 @@ from collections import deque
 import lightning as L
 import torch
 
-from difflab.callbacks.ema import find_ema
+from difflab.ops.ema_weights import ema_provider
 from difflab.callbacks.figures import log_scalars
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,10 @@ class TrainingHealthCallback(L.Callback):
         if self._grad_norm is not None:
             metrics["health/grad_norm"] = self._grad_norm
             self._grad_norm = None
-        ema = find_ema(trainer)
-        if ema is not None and getattr(ema, "_average_model", None) is not None and not ema.swapped:
-            metrics["health/ema_distance"] = ema_distance(ema._average_model.module, pl_module)
+        provider = ema_provider(trainer)
+        copies = provider.whole_copies(pl_module) if provider is not None else {}
+        if "ema" in copies:   # a sharded EMA holds no whole copy on this rank: no distance
+            metrics["health/ema_distance"] = ema_distance(copies["ema"], copies["raw"])
         log_scalars(trainer, metrics, step)
 
     def _check_spikes(self, trainer) -> None:

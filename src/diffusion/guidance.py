@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 import torch
 
 from difflab.diffusion.objectives import clip_x0, eps_from_x0, input_scale, predictions_from_output
+from difflab.registry import CFGPP_LAMBDA, cfgpp_lambda_ok
 from difflab.utils.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -321,9 +322,9 @@ def check_method(method: str, scale: Scale | None = None) -> None:
         raise ValueError(f"guidance.method={method!r} is unknown: one of {', '.join(GUIDANCE_METHODS)}")
     if method == "cfgpp" and scale is not None:
         values = scale.flatten().tolist() if isinstance(scale, Tensor) else [float(scale)]
-        if not all(0.0 <= v <= 1.0 for v in values):
-            raise ValueError(f"guidance.scale={scale if not isinstance(scale, Tensor) else values} is invalid for "
-                             f"guidance.method=cfgpp: CFG++'s lambda is in [0, 1] (e.g. 0.6)")
+        if not cfgpp_lambda_ok(values):
+            shown = scale if not isinstance(scale, Tensor) else values
+            raise ValueError(f"guidance.scale={shown} is invalid: {CFGPP_LAMBDA}")
 
 
 def _plain_conditional(method: str, scale: Scale, has_reference: bool) -> bool:

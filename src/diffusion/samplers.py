@@ -86,9 +86,7 @@ def ddpm(model_fn: ModelFn, x: Tensor, process: NoiseProcess, *, steps: int | No
     """
     if variance not in ("small", "large"):
         raise ValueError(f"sampler.variance must be 'small' or 'large', got {variance!r}")
-    if not process.has_ancestral:
-        raise ValueError(f"sampler=ddpm needs a discrete process (vp); process {process.name} has no ancestral "
-                         f"chain: use ddim (eta=1 is its stochastic analogue), euler, heun or dpmpp_2m")
+    check_sampler(ddpm, process)
     steps = steps or cast("VPProcess", process).num_timesteps  # has_ancestral: the discrete (vp) process
     grid = sampling_grid(process, steps, spacing, start=start)
     for i in _progress(range(len(grid) - 1), progress, f"DDPM {steps}"):
@@ -264,8 +262,8 @@ def check_sampler(sampler: Sampler, process: NoiseProcess) -> None:
     """Fail at start on a sampler the process does not define (ancestral DDPM and churn on a continuous process)."""
     name, kw = _name(sampler), getattr(sampler, "keywords", {})
     if name == "ddpm" and not process.has_ancestral:
-        raise ValueError(f"sampler=ddpm needs a discrete process (vp); with process={process.name} use one of "
-                         f"ddim, euler, heun, dpmpp_2m")
+        raise ValueError(f"sampler=ddpm needs a discrete process (vp); process {process.name} has no ancestral chain: "
+                         f"use ddim (eta=1 is its stochastic analogue), euler, heun or dpmpp_2m")
     if (kw.get("s_churn") or 0) > 0 and not process.continuous:
         raise ValueError(f"sampler.s_churn > 0 needs a continuous process (edm or flow); process={process.name}: "
                          f"set sampler.s_churn=0")

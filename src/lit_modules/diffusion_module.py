@@ -18,7 +18,7 @@ from torch import nn
 from difflab.diffusion.system import Diffusion
 from difflab.optim.lr_schedules import WarmupCosine
 from difflab.utils.errors import ConfigError
-from difflab.utils.frozen import Frozen
+from difflab.ops.fsdp import configure_sharding
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,6 @@ class DiffusionModule(L.LightningModule):
     def configure_model(self) -> None:
         """trainer=fsdp: shard the denoiser with FSDP2 and the conditioner's trainable part; frozen encoders and
         autoencoders stay whole. A no-op under every other strategy (``difflab.ops.fsdp.configure_sharding``)."""
-        from difflab.ops.fsdp import configure_sharding
 
         configure_sharding(self)
 

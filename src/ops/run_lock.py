@@ -110,7 +110,7 @@ def acquire_run_lock(run_dir: str | Path) -> int | None:
 
 def ensure_run_dir_free(run_dir: str | Path) -> None:
     """Raise ``RunDirInUseError`` when a live run holds ``<run_dir>``'s lock; takes nothing. The start-time check
-    (``difflab.config_checks.ValidateConfig``) calls it before Hydra writes ``.hydra/`` into the directory."""
+    (``difflab.preflight.ValidateConfig``) calls it before Hydra writes ``.hydra/`` into the directory."""
     import fcntl
 
     path = Path(run_dir) / LOCK_NAME

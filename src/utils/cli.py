@@ -5,13 +5,22 @@ import functools
 import sys
 from typing import Any, Callable
 
-USER_ERROR_EXIT = 2
+from difflab.utils.errors import fail
+
+FLAG = "--validate"
+_STATE = {"on": False}   # set by each console command from its own command line (the Hydra callback reads it)
 
 
-def fail(message: str) -> None:
-    """Print ``error: message`` on stderr and exit with status 2 (a user error: bad input, missing file)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(USER_ERROR_EXIT)
+def take_flag(argv: list[str]) -> list[str]:
+    """``argv`` without ``--validate``; validate mode is on for this command exactly when it was there."""
+    _STATE["on"] = FLAG in argv
+    return [a for a in argv if a != FLAG]
+
+
+def requested() -> bool:
+    """Whether the running command is in validate mode."""
+    return _STATE["on"]
+
 
 
 def worker_error_line(err: BaseException) -> str:
@@ -46,7 +55,6 @@ def console_command(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
     @functools.wraps(hydra_main)
     def main() -> Any:
         from difflab.utils.extras import check_command_line
-        from difflab.validate_mode import take_flag
 
         sys.argv = take_flag(sys.argv)   # --validate: check, describe the run, write nothing
         try:

@@ -82,3 +82,14 @@ def instantiate_reporting(cfg: Any) -> Any:
         if cause is None:
             raise
         raise cause from None
+
+
+USER_ERROR_EXIT = 2   # exit status of a user error (bad input, missing file)
+
+
+def fail(message: str) -> None:
+    """Print ``error: message`` on stderr and exit with status 2 (a user error: bad input, missing file)."""
+    import sys
+
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT)

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from difflab.trust import not_a_link
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ def append_figure_index(log_dir: Path, key: str, step: int, path: str | Path) ->
     """Append a row (step, key, path) to the CSV logger's figures.csv index."""
     log_dir.mkdir(parents=True, exist_ok=True)
     index = log_dir / "figures.csv"
-    from difflab.trust import not_a_link
 
     new = not index.exists()
     with open(not_a_link(index), "a") as f:

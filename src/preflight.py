@@ -1,0 +1,126 @@
+"""The pre-flight every command runs before Hydra writes anything (a Hydra callback, ``hydra.callbacks`` in
+``configs/hydra/default.yaml``): the values of the composed config (``difflab.config_checks``), overrides that change
+nothing and sweeps whose jobs are one run (``difflab.config_effects``), a run directory a live run holds
+(``difflab.ops.run_lock``); under ``--validate`` it then describes the run and exits (``difflab.validate_mode``)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from difflab import validate_mode
+from difflab.config_checks import validate_or_exit
+from difflab.config_effects import hydra_composer, identical_jobs, inert_overrides, job_overrides
+from difflab.configs import CONFIG_DIR
+from difflab.utils.cli import requested
+from difflab.utils.errors import fail
+
+
+def _config_name(config: DictConfig) -> str | None:
+    return OmegaConf.select(config, "hydra.job.config_name", default=None)
+
+
+def _swept_keys(config: DictConfig) -> tuple[str, ...]:
+    """Keys a multirun sweeps over (``key=a,b`` overrides and ``hydra.sweeper.params``): unknown before each job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
+    keys += list(OmegaConf.select(config, "hydra.sweeper.params", default=None) or {})
+    return tuple(k.lstrip("+~") for k in keys)
+
+
+def refuse_inert_overrides(task: list[str], config_name: str = "train") -> None:
+    """Exit with one line when an override of the command line changes nothing in the composed run
+    (``difflab.config_effects``)."""
+    inert = inert_overrides(task, hydra_composer_for(config_name), CONFIG_DIR)
+    if inert:
+        fail(inert[0][1])
+
+
+def hydra_composer_for(primary: str | None):
+    return hydra_composer(primary or "train")
+
+
+def refuse_degenerate_sweep(jobs: list[list[str]], config_name: str = "train") -> None:
+    """Exit with one line before any job of a sweep starts: when a job sets a source-group value that changes
+    nothing in it, or when two jobs compose to the same run (the seed apart), naming the jobs."""
+    if not jobs:
+        return
+    compose = hydra_composer_for(config_name)
+    for i, overrides in enumerate(jobs):
+        inert = inert_overrides(overrides, compose, CONFIG_DIR)
+        if inert:
+            fail(f"job {i} of this sweep ({' '.join(overrides)}): {inert[0][1]}")
+    pair = identical_jobs(jobs, compose) if len(jobs) > 1 else None
+    if pair is not None:
+        a, b = pair
+        differ = [o for o in jobs[b] if o not in jobs[a] and not o.startswith("seed=")]
+        fail(f"jobs {a} and {b} of this sweep compose to the same run ({' '.join(jobs[a])} vs {' '.join(jobs[b])}): "
+             f"{', '.join(differ) or 'their overrides'} {'changes' if len(differ) == 1 else 'change'} nothing "
+             f"here, so the sweep would train identical models; sweep a key the run uses")
+
+
+@contextmanager
+def _validate_mode_cannot_be_skipped() -> Iterator[None]:
+    """Hydra turns an exception in a callback into a warning and goes on: under ``--validate`` that would start the
+    run, so any failure there ends the command in one line instead."""
+    try:
+        yield
+    except Exception as err:
+        if not requested():
+            raise
+
+        fail(f"--validate could not finish ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+             f"nothing was started or written")
+
+
+class ValidateConfig(Callback):
+    """Hydra callback: validate the config before Hydra writes anything (``on_run_start``: no run directory, no
+    .hydra/, no log file for a bad single run); a multirun is checked once up front for its non-swept keys and then
+    per job (``on_job_start``), as each job's values are known only then."""
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with _validate_mode_cannot_be_skipped():
+            self._run_start(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with _validate_mode_cannot_be_skipped():
+            self._multirun_start(config)
+
+    def _run_start(self, config: DictConfig) -> None:
+        primary = _config_name(config)
+        validate_or_exit(config, primary)
+        if primary == "train":
+            from difflab.ops.run_lock import RunDirInUseError, ensure_run_dir_free
+
+            refuse_inert_overrides(list(config.hydra.overrides.task))
+            try:  # a directory a live run holds: refused before .hydra/ is rewritten
+                ensure_run_dir_free(OmegaConf.select(config, "hydra.run.dir"))
+            except RunDirInUseError as err:
+                fail(str(err))
+        if requested():
+            validate_mode.report(config, primary)
+
+    def _multirun_start(self, config: DictConfig) -> None:
+        primary = _config_name(config)
+        validate_or_exit(config, primary, ignore=_swept_keys(config))
+        jobs = job_overrides(list(config.hydra.overrides.task))
+        if primary == "train":
+            refuse_degenerate_sweep(jobs)
+        if requested():
+            for overrides in jobs:   # every job's values, as on_job_start would check them
+                validate_or_exit(hydra_composer_for(primary)(overrides), primary)
+            validate_mode.report(config, primary, jobs)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.types import RunMode
+
+        if config.hydra.get("mode") == RunMode.MULTIRUN:
+            validate_or_exit(config, _config_name(config))
+
