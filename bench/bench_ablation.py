@@ -9,6 +9,7 @@ samples every 250 steps, the scored class grid every 250 steps), then ``python a
 ``bench/results/ablation.md`` (the summary) and copies the curves to ``bench/results/ablation_<metric>.png``.
 ``--reuse`` summarises an existing sweep directory without training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,12 +30,25 @@ METRICS = ["metrics/fd_digit200", "metrics/digit_accuracy", "metrics/grid_agreem
 def sweep_command(sweep_dir: Path, steps: int, seeds: str) -> list[str]:
     """The user's command line for the sweep."""
     every = max(1, steps // 4)
-    return [sys.executable, str(REPO / "train.py"), "-m", "process=vp,edm,flow", f"seed={seeds}", "callbacks=metrics",
-            f"trainer.max_steps={steps}", "trainer.max_time=null", f"trainer.val_check_interval={every}",
-            f"callbacks.sample_metrics.every_n_steps={every}", "callbacks.sample_metrics.n_samples=200",
-            f"callbacks.class_grid.every_n_steps={every}", f"callbacks.model_checkpoint.every_n_train_steps={2 * every}",
-            "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "logger=csv",
-            f"hydra.sweep.dir={sweep_dir}"]
+    return [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        "process=vp,edm,flow",
+        f"seed={seeds}",
+        "callbacks=metrics",
+        f"trainer.max_steps={steps}",
+        "trainer.max_time=null",
+        f"trainer.val_check_interval={every}",
+        f"callbacks.sample_metrics.every_n_steps={every}",
+        "callbacks.sample_metrics.n_samples=200",
+        f"callbacks.class_grid.every_n_steps={every}",
+        f"callbacks.model_checkpoint.every_n_train_steps={2 * every}",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        "logger=csv",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
 
 
 def main() -> None:
@@ -51,9 +65,21 @@ def main() -> None:
         start = time.perf_counter()
         subprocess.run(command, check=True, cwd=REPO)
         elapsed = time.perf_counter() - start
-    summary = subprocess.run([sys.executable, str(REPO / "ablate.py"), str(args.sweep_dir), "--baseline",
-                              "process=vp", "--metrics", *METRICS], check=True, capture_output=True, text=True,
-                             cwd=REPO).stdout
+    summary = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "ablate.py"),
+            str(args.sweep_dir),
+            "--baseline",
+            "process=vp",
+            "--metrics",
+            *METRICS,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    ).stdout
     folder = Path(os.environ.get("DIFFLAB_BENCH_RESULTS") or RESULTS)
     pngs = []
     for metric in METRICS:
@@ -67,12 +93,18 @@ def main() -> None:
     shown = "python train.py " + " ".join(c if " " not in c else repr(c) for c in command[2:])
     shown = shown.replace(f"hydra.sweep.dir={args.sweep_dir}", "hydra.sweep.dir=<sweep>")
     summary = summary.replace(str(args.sweep_dir), "<sweep>")
-    body = [f"Machine: {machine_description()}", "",
-            f"Sweep: `{shown}`" + (f" ({elapsed / 60:.0f} min)" if elapsed else ""),
-            f"Summary: `python ablate.py <sweep> --baseline process=vp --metrics {' '.join(METRICS)}`", "",
-            "Curves: " + ", ".join(f"`bench/results/{p}`" for p in pngs), "",
-            summary.replace("# Ablation summary", "### Ablation summary", 1).replace("\n## ", "\n#### ")
-            .replace("\n### ", "\n##### ")]
+    body = [
+        f"Machine: {machine_description()}",
+        "",
+        f"Sweep: `{shown}`" + (f" ({elapsed / 60:.0f} min)" if elapsed else ""),
+        f"Summary: `python ablate.py <sweep> --baseline process=vp --metrics {' '.join(METRICS)}`",
+        "",
+        "Curves: " + ", ".join(f"`bench/results/{p}`" for p in pngs),
+        "",
+        summary.replace("# Ablation summary", "### Ablation summary", 1)
+        .replace("\n## ", "\n#### ")
+        .replace("\n### ", "\n##### "),
+    ]
     path = write_result("ablation", "\n".join(body) + "\n", quick=args.quick)
     print(f"wrote {path}")
 

@@ -16,6 +16,7 @@ schedule.
 Prints a markdown table and writes bench/results/diagnostics.md (diagnostics_quick.md with --quick).
 torch runs with --threads threads (1 by default: on a shared, oversubscribed CPU more threads are slower).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,32 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DIAG_MODULES = {f"difflab.callbacks.{m}" for m in ("reconstruction", "denoise_collage", "guidance_grid", "timestep_loss",
-                                               "embedding_tsne", "training_health", "sample_metrics")}
+DIAG_MODULES = {
+    f"difflab.callbacks.{m}"
+    for m in (
+        "reconstruction",
+        "denoise_collage",
+        "guidance_grid",
+        "timestep_loss",
+        "embedding_tsne",
+        "training_health",
+        "sample_metrics",
+    )
+}
+
+
 def hook_names(cb) -> list[str]:
     """Every Lightning hook a diagnostic callback overrides (on_*, setup, teardown), so none of its work goes untimed."""
     import lightning as L
 
     base = L.Callback
-    return [n for n in dir(cb) if (n.startswith("on_") or n in ("setup", "teardown")) and callable(getattr(cb, n))
-            and getattr(type(cb), n, None) is not getattr(base, n, None)]
+    return [
+        n
+        for n in dir(cb)
+        if (n.startswith("on_") or n in ("setup", "teardown"))
+        and callable(getattr(cb, n))
+        and getattr(type(cb), n, None) is not getattr(base, n, None)
+    ]
 
 
 def child(args) -> None:
@@ -48,13 +66,19 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
-    from difflab.utils.compose import compose_train
     from difflab.pipeline import build
+    from difflab.utils.compose import compose_train
 
     out = Path(args.out_dir)
-    overrides = ["logger=default", "~callbacks.progress_bar", "trainer.enable_progress_bar=false",
-                 "trainer.enable_model_summary=false", f"trainer.max_steps={args.steps}", "trainer.max_time=null",
-                 f"paths.data_dir={out / 'data'}"]
+    overrides = [
+        "logger=default",
+        "~callbacks.progress_bar",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        f"trainer.max_steps={args.steps}",
+        "trainer.max_time=null",
+        f"paths.data_dir={out / 'data'}",
+    ]
     if args.config == "diagnostics":
         overrides.insert(0, "callbacks=diagnostics")
     objs = build(compose_train(out, overrides))
@@ -66,30 +90,53 @@ def child(args) -> None:
             if hasattr(cb, hook):
                 original = getattr(cb, hook)
 
-                def timed(*a, _orig=original, _name=type(cb).__name__, **kw):
+                def timed(*a, _orig=original, _name=cb.__class__.__name__, **kw):
                     t0 = time.perf_counter()
                     try:
                         return _orig(*a, **kw)
                     finally:
                         spent[_name] += time.perf_counter() - t0
+
                 setattr(cb, hook, timed)
     t0, c0 = time.perf_counter(), time.process_time()
     objs["trainer"].fit(objs["model"], datamodule=objs["datamodule"])
     fit_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     figures = sorted(str(p.relative_to(out)) for p in (out / "figures").rglob("*.png"))
-    print("RESULT " + json.dumps({"config": args.config, "fit_s": fit_s, "cpu_s": cpu_s, "hooks": dict(spent),
-                                  "figures": len(figures), "steps": int(objs["trainer"].global_step)}))
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "config": args.config,
+                "fit_s": fit_s,
+                "cpu_s": cpu_s,
+                "hooks": dict(spent),
+                "figures": len(figures),
+                "steps": int(objs["trainer"].global_step),
+            }
+        )
+    )
 
 
 def run_one(config: str, steps: int, threads: int, out_dir: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--config", config, "--steps", str(steps), "--threads", str(threads),
-           "--out-dir", str(out_dir)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--config",
+        config,
+        "--steps",
+        str(steps),
+        "--threads",
+        str(threads),
+        "--out-dir",
+        str(out_dir),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{config} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def main() -> None:
@@ -108,7 +155,7 @@ def main() -> None:
         child(args)
         return
 
-    rows, pairs = [], []
+    pairs = []
     with tempfile.TemporaryDirectory(prefix="difflab_diag_bench_") as tmp:
         for r in range(args.repeats):
             pair = {}
@@ -117,31 +164,45 @@ def main() -> None:
                 res = run_one(config, args.steps, args.threads, out)
                 pair[config] = res
                 detail = ", ".join(f"{k} {v:.1f}" for k, v in sorted(res["hooks"].items()))
-                print(f"repeat {r + 1} {config}: fit {res['fit_s']:.1f} s (CPU {res['cpu_s']:.1f} s), diagnostic hooks "
-                      f"{sum(res['hooks'].values()):.1f} s ({detail}), {res['figures']} figures", flush=True)
+                print(
+                    f"repeat {r + 1} {config}: fit {res['fit_s']:.1f} s (CPU {res['cpu_s']:.1f} s), diagnostic hooks "
+                    f"{sum(res['hooks'].values()):.1f} s ({detail}), {res['figures']} figures",
+                    flush=True,
+                )
                 if config == "diagnostics" and args.keep and r == args.repeats - 1:
                     shutil.rmtree(args.keep, ignore_errors=True)
                     shutil.copytree(out, args.keep, ignore=shutil.ignore_patterns("*.ckpt"))
             pairs.append(pair)
-    lines = [f"# Diagnostics overhead (`callbacks=diagnostics` vs default callbacks)", "",
-             f"Digits experiment defaults, {args.steps} steps, torch threads {args.threads}, "
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared); "
-             f"`PYTHONPATH=. python bench/bench_diagnostics.py{' --quick' if args.quick else ''}`.", "",
-             "| pair | default fit: wall / CPU (s) | diagnostics fit: wall / CPU (s) | overhead: wall | overhead: CPU "
-             "| diagnostic hooks, wall (s) | overhead: hooks / rest |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Diagnostics overhead (`callbacks=diagnostics` vs default callbacks)",
+        "",
+        f"Digits experiment defaults, {args.steps} steps, torch threads {args.threads}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared); "
+        f"`PYTHONPATH=. python bench/bench_diagnostics.py{' --quick' if args.quick else ''}`.",
+        "",
+        "| pair | default fit: wall / CPU (s) | diagnostics fit: wall / CPU (s) | overhead: wall | overhead: CPU "
+        "| diagnostic hooks, wall (s) | overhead: hooks / rest |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for i, p in enumerate(pairs, 1):
         base, diag = p["default"]["fit_s"], p["diagnostics"]["fit_s"]
         base_cpu, diag_cpu = p["default"]["cpu_s"], p["diagnostics"]["cpu_s"]
         hooks = sum(p["diagnostics"]["hooks"].values())
-        lines.append(f"| {i} | {base:.1f} / {base_cpu:.1f} | {diag:.1f} / {diag_cpu:.1f} | "
-                     f"{100 * (diag - base) / base:+.1f}% | {100 * (diag_cpu - base_cpu) / base_cpu:+.1f}% | "
-                     f"{hooks:.1f} | {100 * hooks / (diag - hooks):.1f}% |")
+        lines.append(
+            f"| {i} | {base:.1f} / {base_cpu:.1f} | {diag:.1f} / {diag_cpu:.1f} | "
+            f"{100 * (diag - base) / base:+.1f}% | {100 * (diag_cpu - base_cpu) / base_cpu:+.1f}% | "
+            f"{hooks:.1f} | {100 * hooks / (diag - hooks):.1f}% |"
+        )
         steps = {p[c]["steps"] for c in p}
         if steps != {args.steps}:
             lines.append(f"| | WARNING: runs stopped at steps {sorted(steps)}, not {args.steps} | | | | | |")
-    lines += ["", "Time per diagnostic callback (s), per pair:", "",
-              "| callback | " + " | ".join(f"pair {i}" for i in range(1, len(pairs) + 1)) + " |",
-              "|---|" + "---|" * len(pairs)]
+    lines += [
+        "",
+        "Time per diagnostic callback (s), per pair:",
+        "",
+        "| callback | " + " | ".join(f"pair {i}" for i in range(1, len(pairs) + 1)) + " |",
+        "|---|" + "---|" * len(pairs),
+    ]
     names = sorted({n for p in pairs for n in p["diagnostics"]["hooks"]})
     for n in names:
         lines.append(f"| {n} | " + " | ".join(f"{p['diagnostics']['hooks'].get(n, 0):.1f}" for p in pairs) + " |")

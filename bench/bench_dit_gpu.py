@@ -8,6 +8,7 @@ MFU = model FLOPs per training step (counted by ``torch.utils.flop_counter.FlopC
 forward + backward matmuls and attention) x steps per second / the GPU's peak dense bf16 FLOP/s (a table of common
 GPUs; ``--peak-tflops`` for others). Writes bench/results/dit_gpu.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine_description, md_table, sync, write_result  # noqa: E402
 
 # dense bf16 tensor-core peak, TFLOP/s (vendor data sheets, SXM parts without sparsity)
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0,
-                    "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+    "L4": 121.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "V100": 125.0,
+}
 
 
 def peak_tflops(name: str, override: float | None) -> float | None:
@@ -37,8 +47,9 @@ def build(args, device):
     from difflab.models.dit import PRESETS, DiT
 
     hidden = PRESETS[args.size][1]
-    net = DiT((4, args.latent, args.latent), size=args.size, patch_size=args.patch, cond_dim=hidden,
-              compile_blocks=False)
+    net = DiT(
+        (4, args.latent, args.latent), size=args.size, patch_size=args.patch, cond_dim=hidden, compile_blocks=False
+    )
     labels = ClassConditioner(num_classes=1000, embed_dim=hidden)
     return net.to(device), labels.to(device)
 
@@ -105,18 +116,45 @@ def main() -> None:
     achieved = flops / per_step / 1e12
     mfu = f"{100 * achieved / peak:.1f}%" if peak else "n/a (pass --peak-tflops)"
     mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "n/a"
-    row = [f"DiT-{args.size}/{args.patch}", f"{params / 1e6:.1f}M", f"{args.latent}x{args.latent}x4", args.batch,
-           "bf16 + regional compile" if not args.no_compile else "bf16 eager", f"{args.batch / per_step:.3g}",
-           f"{flops / args.batch / 1e9:.1f}", f"{achieved:.1f}", mfu, mem]
-    text = "\n".join([
-        "# DiT training throughput and MFU on a GPU" + (" (smoke run on CPU)" if args.smoke else ""), "",
-        f"`python bench/bench_dit_gpu.py --size {args.size} --patch {args.patch} --batch {args.batch} --steps "
-        f"{args.steps}` on {name}; compile time {compile_s:.0f} s (not in the timing). Model FLOPs per training step "
-        f"by FlopCounterMode (forward + backward); MFU against a peak of {peak or 'unknown'} TFLOP/s dense bf16.", "",
-        md_table(["model", "params", "input", "batch", "mode", "img/s", "GFLOP/img (train)", "TFLOP/s", "MFU",
-                  "peak memory"], [row]), "",
-        f"Machine: {machine_description()}",
-    ])
+    row = [
+        f"DiT-{args.size}/{args.patch}",
+        f"{params / 1e6:.1f}M",
+        f"{args.latent}x{args.latent}x4",
+        args.batch,
+        "bf16 + regional compile" if not args.no_compile else "bf16 eager",
+        f"{args.batch / per_step:.3g}",
+        f"{flops / args.batch / 1e9:.1f}",
+        f"{achieved:.1f}",
+        mfu,
+        mem,
+    ]
+    text = "\n".join(
+        [
+            "# DiT training throughput and MFU on a GPU" + (" (smoke run on CPU)" if args.smoke else ""),
+            "",
+            f"`python bench/bench_dit_gpu.py --size {args.size} --patch {args.patch} --batch {args.batch} --steps "
+            f"{args.steps}` on {name}; compile time {compile_s:.0f} s (not in the timing). Model FLOPs per training step "
+            f"by FlopCounterMode (forward + backward); MFU against a peak of {peak or 'unknown'} TFLOP/s dense bf16.",
+            "",
+            md_table(
+                [
+                    "model",
+                    "params",
+                    "input",
+                    "batch",
+                    "mode",
+                    "img/s",
+                    "GFLOP/img (train)",
+                    "TFLOP/s",
+                    "MFU",
+                    "peak memory",
+                ],
+                [row],
+            ),
+            "",
+            f"Machine: {machine_description()}",
+        ]
+    )
     print(text)
     print(write_result("dit_gpu", text, quick=args.smoke))
 

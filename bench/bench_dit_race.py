@@ -10,6 +10,7 @@ judged with the recipe's own sampler and guidance: digits by the repo's digit cl
 for every arm); moving digits by ``scripts/eval_moving_digits.py``'s judge (digit recognised per frame, direction of
 motion per video, ``--n-per-prompt`` videos for each of the recipe's grid prompts).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,14 +24,19 @@ from bench.bench_vs_diffusers import hms  # noqa: E402
 from bench.common import compose_train, machine_description, md_table, set_threads, write_result  # noqa: E402
 
 ARMS = {
-    "digits": {"unet2d_small": ["experiment=digits", "model=unet2d_small"],
-               "dit": ["experiment=digits", "model=dit"]},
+    "digits": {"unet2d_small": ["experiment=digits", "model=unet2d_small"], "dit": ["experiment=digits", "model=dit"]},
     # the recipes' 100 warm-up steps become 5% of the time budget (a time-bounded run needs a fraction)
-    "video": {"unet3d": ["experiment=moving_digits_t2v", "lr_schedule.warmup=0.05"],
-              "video_dit": ["experiment=moving_digits_t2v_dit", "lr_schedule.warmup=0.05"]},
+    "video": {
+        "unet3d": ["experiment=moving_digits_t2v", "lr_schedule.warmup=0.05"],
+        "video_dit": ["experiment=moving_digits_t2v_dit", "lr_schedule.warmup=0.05"],
+    },
 }
-QUIET = ["~callbacks.progress_bar", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-         "logger=csv"]
+QUIET = [
+    "~callbacks.progress_bar",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "logger=csv",
+]
 
 
 def train_arm(overrides: list[str], budget: float, out_dir: Path) -> dict:
@@ -38,13 +44,19 @@ def train_arm(overrides: list[str], budget: float, out_dir: Path) -> dict:
     from difflab.callbacks.ema import ema_module
     from difflab.pipeline import train, trainable_parameters
 
-    cfg = compose_train([*overrides, f"++trainer.max_time='{hms(budget)}'", "trainer.max_steps=-1", *QUIET],
-                        output_dir=out_dir)
+    cfg = compose_train(
+        [*overrides, f"++trainer.max_time='{hms(budget)}'", "trainer.max_steps=-1", *QUIET], output_dir=out_dir
+    )
     t0 = time.perf_counter()
     objs = train(cfg)
     module = ema_module(objs["trainer"], objs["model"])
-    return {"module": module, "steps": int(objs["trainer"].global_step), "train_s": time.perf_counter() - t0,
-            "params_m": trainable_parameters(objs["model"]) / 1e6, "precision": str(objs["trainer"].precision)}
+    return {
+        "module": module,
+        "steps": int(objs["trainer"].global_step),
+        "train_s": time.perf_counter() - t0,
+        "params_m": trainable_parameters(objs["model"]) / 1e6,
+        "precision": str(objs["trainer"].precision),
+    }
 
 
 def judge_digits(module, args) -> dict:
@@ -65,27 +77,65 @@ def judge_video(module, args) -> dict:
 def render(task: str, results: dict, args) -> str:
     if task == "digits":
         header = ["model", "params", "precision", "optimizer steps", "FD", "accuracy"]
-        rows = [[arm, f"{r['params_m']:.2f}M", r["precision"], f"{r['steps']} ({r['steps'] / r['train_s']:.1f}/s)",
-                 f"{r['eval']['fd']:.2f}", f"{r['eval']['accuracy']:.3f}"] for arm, r in results.items()]
-        how = (f"`python bench/bench_dit_race.py digits --budget {args.budget:g} --n {args.n}`: `experiment=digits` "
-               f"with `model=unet2d_small` (the recipe's) and `model=dit` (DiT-T/4), {args.budget:g} s of training "
-               f"each; the recipe's sampler (Heun, 10 steps) and guidance (2); {args.n} balanced samples, the same "
-               f"initial noise; FD in the digit classifier's features to the 1797 real digits (real-vs-real floor "
-               f"at n = 500: 3.14, BENCHMARKS.md), accuracy by the same classifier.")
+        rows = [
+            [
+                arm,
+                f"{r['params_m']:.2f}M",
+                r["precision"],
+                f"{r['steps']} ({r['steps'] / r['train_s']:.1f}/s)",
+                f"{r['eval']['fd']:.2f}",
+                f"{r['eval']['accuracy']:.3f}",
+            ]
+            for arm, r in results.items()
+        ]
+        how = (
+            f"`python bench/bench_dit_race.py digits --budget {args.budget:g} --n {args.n}`: `experiment=digits` "
+            f"with `model=unet2d_small` (the recipe's) and `model=dit` (DiT-T/4), {args.budget:g} s of training "
+            f"each; the recipe's sampler (Heun, 10 steps) and guidance (2); {args.n} balanced samples, the same "
+            f"initial noise; FD in the digit classifier's features to the 1797 real digits (real-vs-real floor "
+            f"at n = 500: 3.14, BENCHMARKS.md), accuracy by the same classifier."
+        )
     else:
-        header = ["model", "params", "precision", "optimizer steps", "prompts passed", "digit (frames)",
-                  "direction (videos)"]
-        rows = [[arm, f"{r['params_m']:.2f}M", r["precision"], f"{r['steps']} ({r['steps'] / r['train_s']:.2f}/s)",
-                 f"{r['eval']['prompts_passed']}/{r['eval']['prompts']}", f"{r['eval']['digit_frame_acc']:.2f}",
-                 f"{r['eval']['direction_acc']:.2f}"] for arm, r in results.items()]
-        how = (f"`python bench/bench_dit_race.py video --budget {args.budget:g} --n-per-prompt {args.n_per_prompt}`: "
-               f"`experiment=moving_digits_t2v` (UNet3D) and `experiment=moving_digits_t2v_dit` (VideoDiT-T/4, "
-               f"factorised attention), identical apart from the denoiser and its learning rate, {args.budget:g} s of "
-               f"training each; DDIM 50 steps, guidance 3 (the recipes'); {args.n_per_prompt} videos for each of the "
-               f"recipe's grid prompts, judged by scripts/eval_moving_digits.py (a prompt passes when the digit is "
-               f"right in > 50% of frames and the direction in > 50% of videos).")
-    return "\n".join([f"# Transformers vs UNets at equal wall-clock: {task}" + (" (quick)" if args.quick else ""), "",
-                      how, "", md_table(header, rows), "", f"Machine: {machine_description()}"])
+        header = [
+            "model",
+            "params",
+            "precision",
+            "optimizer steps",
+            "prompts passed",
+            "digit (frames)",
+            "direction (videos)",
+        ]
+        rows = [
+            [
+                arm,
+                f"{r['params_m']:.2f}M",
+                r["precision"],
+                f"{r['steps']} ({r['steps'] / r['train_s']:.2f}/s)",
+                f"{r['eval']['prompts_passed']}/{r['eval']['prompts']}",
+                f"{r['eval']['digit_frame_acc']:.2f}",
+                f"{r['eval']['direction_acc']:.2f}",
+            ]
+            for arm, r in results.items()
+        ]
+        how = (
+            f"`python bench/bench_dit_race.py video --budget {args.budget:g} --n-per-prompt {args.n_per_prompt}`: "
+            f"`experiment=moving_digits_t2v` (UNet3D) and `experiment=moving_digits_t2v_dit` (VideoDiT-T/4, "
+            f"factorised attention), identical apart from the denoiser and its learning rate, {args.budget:g} s of "
+            f"training each; DDIM 50 steps, guidance 3 (the recipes'); {args.n_per_prompt} videos for each of the "
+            f"recipe's grid prompts, judged by scripts/eval_moving_digits.py (a prompt passes when the digit is "
+            f"right in > 50% of frames and the direction in > 50% of videos)."
+        )
+    return "\n".join(
+        [
+            f"# Transformers vs UNets at equal wall-clock: {task}" + (" (quick)" if args.quick else ""),
+            "",
+            how,
+            "",
+            md_table(header, rows),
+            "",
+            f"Machine: {machine_description()}",
+        ]
+    )
 
 
 def main() -> None:

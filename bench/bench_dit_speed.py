@@ -12,6 +12,7 @@
    ``torch.autograd.graph.saved_tensors_hooks``, exact), and the step-time cost.
 4. Fused QKV: one projection against three, per-step time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import has_native_bf16, interleaved, machine_description, md_table, median, set_threads, \
-    time_calls, write_result  # noqa: E402
+from bench.common import (
+    has_native_bf16,
+    interleaved,
+    machine_description,
+    md_table,
+    median,
+    set_threads,
+    time_calls,  # noqa: E402
+    write_result,
+)
 
 
 def ours(size: str, patch: int, latent: int, **kw):
@@ -45,9 +54,17 @@ def theirs(size: str, patch: int, latent: int):
     from difflab.models.dit import PRESETS
 
     depth, hidden, heads = PRESETS[size]
-    net = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4,
-                                out_channels=4, num_layers=depth, sample_size=latent, patch_size=patch,
-                                num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
+    net = DiTTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=hidden // heads,
+        in_channels=4,
+        out_channels=4,
+        num_layers=depth,
+        sample_size=latent,
+        patch_size=patch,
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_zero",
+    )
     return (lambda x, t, y: net(x, timestep=t, class_labels=y).sample), net
 
 
@@ -93,8 +110,16 @@ def throughput(args, device) -> tuple[list, list]:
         res = interleaved({"difflab": time_a, "diffusers": time_b}, args.repeats)
         a, b = median(res["difflab"]), median(res["diffusers"])
         ratios.append((label, b / a))
-        rows.append([label, f"{n_params(ma):.2f}M", f"{args.batch / a:.2f}", f"{n_params(mb):.2f}M",
-                     f"{args.batch / b:.2f}", f"**{b / a:.2f}x**"])
+        rows.append(
+            [
+                label,
+                f"{n_params(ma):.2f}M",
+                f"{args.batch / a:.2f}",
+                f"{n_params(mb):.2f}M",
+                f"{args.batch / b:.2f}",
+                f"**{b / a:.2f}x**",
+            ]
+        )
         print(rows[-1], flush=True)
     return rows, ratios
 
@@ -105,9 +130,11 @@ def options(args, device) -> list:
     torch.manual_seed(0)
     fa, ma = ours(args.size, args.patch, args.latent)
     # activation memory: bytes saved for backward during one forward
-    for label, kw in (("activation checkpointing", {"checkpoint_activations": True}),
-                      ("separate q, k, v projections", {"fused_qkv": False}),
-                      ("regional compile (compile_blocks)", {"compile_blocks": True})):
+    for label, kw in (
+        ("activation checkpointing", {"checkpoint_activations": True}),
+        ("separate q, k, v projections", {"fused_qkv": False}),
+        ("regional compile (compile_blocks)", {"compile_blocks": True}),
+    ):
         if label.startswith("regional") and args.no_compile:
             continue
         torch.manual_seed(0)
@@ -166,23 +193,40 @@ def main() -> None:
     rows, ratios = throughput(args, device)
     opt_rows = options(args, device)
     met = all(r >= 1.0 for _, r in ratios)
-    text = "\n".join([
-        f"# DiT training throughput vs diffusers, and the transformer switches" + (" (quick)" if args.quick else ""),
-        "",
-        f"`python bench/bench_dit_speed.py --size {args.size} --patch {args.patch} --latent {args.latent} --batch "
-        f"{args.batch} --repeats {args.repeats}` on {device.type}: DiT-{args.size}/{args.patch} on {args.latent}x"
-        f"{args.latent}x4 latents, 1000 classes, batch {args.batch}; one training step = forward, MSE backward, AdamW. "
-        f"Medians of {args.repeats} interleaved rounds.", "",
-        md_table(["precision", "difflab params", "difflab img/s", "diffusers params", "diffusers img/s",
-                  "difflab speed-up"], rows), "",
-        "diffusers' DiT has more parameters at the same size because every block carries its own timestep and "
-        "class embedders (`AdaLayerNormZero`); difflab embeds once and shares it, as the DiT paper does.", "",
-        "Target training-step throughput >= 1.0x diffusers' DiTTransformer2DModel (every precision): "
-        f"{'met' if met else 'not met'} ({', '.join(f'{k} {v:.2f}x' for k, v in ratios)}).", "",
-        "Switches (fp32, per training step, same model, back to back):", "",
-        md_table(["option", "default ms", "option ms", "speed vs default", "note"], opt_rows), "",
-        f"Machine: {machine_description()}",
-    ])
+    text = "\n".join(
+        [
+            "# DiT training throughput vs diffusers, and the transformer switches" + (" (quick)" if args.quick else ""),
+            "",
+            f"`python bench/bench_dit_speed.py --size {args.size} --patch {args.patch} --latent {args.latent} --batch "
+            f"{args.batch} --repeats {args.repeats}` on {device.type}: DiT-{args.size}/{args.patch} on {args.latent}x"
+            f"{args.latent}x4 latents, 1000 classes, batch {args.batch}; one training step = forward, MSE backward, AdamW. "
+            f"Medians of {args.repeats} interleaved rounds.",
+            "",
+            md_table(
+                [
+                    "precision",
+                    "difflab params",
+                    "difflab img/s",
+                    "diffusers params",
+                    "diffusers img/s",
+                    "difflab speed-up",
+                ],
+                rows,
+            ),
+            "",
+            "diffusers' DiT has more parameters at the same size because every block carries its own timestep and "
+            "class embedders (`AdaLayerNormZero`); difflab embeds once and shares it, as the DiT paper does.",
+            "",
+            "Target training-step throughput >= 1.0x diffusers' DiTTransformer2DModel (every precision): "
+            f"{'met' if met else 'not met'} ({', '.join(f'{k} {v:.2f}x' for k, v in ratios)}).",
+            "",
+            "Switches (fp32, per training step, same model, back to back):",
+            "",
+            md_table(["option", "default ms", "option ms", "speed vs default", "note"], opt_rows),
+            "",
+            f"Machine: {machine_description()}",
+        ]
+    )
     print(write_result("dit_speed", text, args.quick), flush=True)
 
 

@@ -8,6 +8,7 @@ loss, backward, grad clipping, AdamW) runs in the same process; the two are time
 
     PYTHONPATH=. python bench/bench_ema.py [--quick] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,16 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (compose_train, interleaved, machine_description, md_table, median, set_threads,  # noqa: E402
-                          time_calls, write_result)
+from bench.common import (  # noqa: E402
+    compose_train,
+    interleaved,
+    machine_description,
+    md_table,
+    median,
+    set_threads,
+    time_calls,
+    write_result,
+)
 
 
 def build(out_dir: str):
@@ -53,11 +62,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_ema_") as d:
         model, ema, batch, clip = build(d)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, **model.optim_cfg)
+    opt = model.optimizer_factory(params, lr=model.lr)
     trainer = SimpleNamespace(global_step=0)
 
     def train_step():
-        loss = model.diffusion_losses(batch, drop_conditions=True)["loss"].mean()
+        loss = model.diffusion.loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if clip:
@@ -70,10 +79,12 @@ def main() -> None:
 
     train_step()
     ema_update()
-    times = interleaved({"step": lambda: time_calls(train_step, n_step), "ema": lambda: time_calls(ema_update, n_ema)},
-                        repeats)
+    times = interleaved(
+        {"step": lambda: time_calls(train_step, n_step), "ema": lambda: time_calls(ema_update, n_ema)}, repeats
+    )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
+
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(20):
                 ema_update()
@@ -82,23 +93,33 @@ def main() -> None:
     frac = ema_s / step_s
     n_tensors = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())
     n_el = sum(p.numel() for p in model.parameters())
-    rows = [["training step (loss, backward, clip, AdamW)", f"{step_s * 1e3:.1f}",
-             " / ".join(f"{x * 1e3:.0f}" for x in times["step"])],
-            [f"EMA update (callback path; {n_tensors} tensors, {n_el / 1e6:.2f}M params)", f"{ema_s * 1e3:.2f}",
-             " / ".join(f"{x * 1e3:.2f}" for x in times["ema"])]]
-    text = "\n".join([
-        "# EMA update cost" + (" (quick)" if args.quick else ""),
-        "",
-        f"`PYTHONPATH=. python bench/bench_ema.py{' --quick' if args.quick else ''}`: digits recipe, batch "
-        f"{batch['x'].shape[0]}, EMA decay {ema.decay}, update every {ema.update_every} step(s); "
-        f"{repeats} alternating rounds ({n_step} steps / {n_ema} EMA updates each), medians, {args.threads} torch thread(s).",
-        "",
-        md_table(["work", "ms (median)", "per round (ms)"], rows),
-        "",
-        f"EMA cost = {frac:.2%} of the training step; target <= 2%: {'met' if frac <= 0.02 else 'not met'}.",
-        "",
-        f"Machine: {machine_description()}",
-    ])
+    rows = [
+        [
+            "training step (loss, backward, clip, AdamW)",
+            f"{step_s * 1e3:.1f}",
+            " / ".join(f"{x * 1e3:.0f}" for x in times["step"]),
+        ],
+        [
+            f"EMA update (callback path; {n_tensors} tensors, {n_el / 1e6:.2f}M params)",
+            f"{ema_s * 1e3:.2f}",
+            " / ".join(f"{x * 1e3:.2f}" for x in times["ema"]),
+        ],
+    ]
+    text = "\n".join(
+        [
+            "# EMA update cost" + (" (quick)" if args.quick else ""),
+            "",
+            f"`PYTHONPATH=. python bench/bench_ema.py{' --quick' if args.quick else ''}`: digits recipe, batch "
+            f"{batch['x'].shape[0]}, EMA decay {ema.decay}, update every {ema.update_every} step(s); "
+            f"{repeats} alternating rounds ({n_step} steps / {n_ema} EMA updates each), medians, {args.threads} torch thread(s).",
+            "",
+            md_table(["work", "ms (median)", "per round (ms)"], rows),
+            "",
+            f"EMA cost = {frac:.2%} of the training step; target <= 2%: {'met' if frac <= 0.02 else 'not met'}.",
+            "",
+            f"Machine: {machine_description()}",
+        ]
+    )
     print(text)
     print("wrote", write_result("ema", text, args.quick))
 

@@ -12,6 +12,7 @@ fp32 reductions (as ``trainer=fsdp`` with ``precision=bf16-mixed``), the EMA kep
 peak memory allocated on the busiest GPU and the memory held between steps (weights, gradients, optimizer state,
 EMA). Writes bench/results/fsdp_gpu.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,15 @@ def build(args):
     torch.manual_seed(0)
     hidden = args.hidden or PRESETS[args.size][1]
     holder = Holder()
-    holder.denoiser = DiT((4, args.latent, args.latent), size=args.size, patch_size=args.patch, cond_dim=hidden,
-                          depth=args.depth, hidden_dim=args.hidden, num_heads=args.heads)
+    holder.denoiser = DiT(
+        (4, args.latent, args.latent),
+        size=args.size,
+        patch_size=args.patch,
+        cond_dim=hidden,
+        depth=args.depth,
+        hidden_dim=args.hidden,
+        num_heads=args.heads,
+    )
     holder.conditioner = ClassConditioner(num_classes=1000, embed_dim=hidden)
     return holder
 
@@ -90,6 +98,7 @@ def worker(rank: int, mode: str, args, port: int, out: str) -> None:
 
             def current():
                 return [p.detach() for p in holder.parameters()]
+
         opt = torch.optim.AdamW([p for p in holder.parameters()], lr=1e-4, foreach=True)
         g = torch.Generator(device=device).manual_seed(rank)
         x = torch.randn(args.batch, 4, args.latent, args.latent, generator=g, device=device)
@@ -144,8 +153,12 @@ def run_mode(mode: str, args) -> dict:
         mp.spawn(worker, args=(mode, args, free_port(), out), nprocs=args.world, join=True)
         stats = json.loads(Path(out).read_text())
     per_step = max(s["per_step"] for s in stats)
-    return {"img_s": args.world * args.batch / per_step, "peak": max(s["peak"] for s in stats),
-            "held": max(s["held"] for s in stats), "params": stats[0]["params"]}
+    return {
+        "img_s": args.world * args.batch / per_step,
+        "peak": max(s["peak"] for s in stats),
+        "held": max(s["held"] for s in stats),
+        "params": stats[0]["params"],
+    }
 
 
 def main() -> None:
@@ -173,22 +186,54 @@ def main() -> None:
         sys.exit(f"error: --modes takes ddp and/or fsdp, not {', '.join(bad)}")
     results = {m: run_mode(m, args) for m in modes}
     gib = (lambda b: f"{b / 2**30:.2f} GiB") if not args.smoke else (lambda b: "n/a (CPU)")
-    rows = [[m, f"DiT-{args.size}/{args.patch}", f"{r['params'] / 1e6:.1f}M", args.world, args.batch,
-             f"{r['img_s']:.3g}", gib(r["held"]), gib(r["peak"])] for m, r in results.items()]
+    rows = [
+        [
+            m,
+            f"DiT-{args.size}/{args.patch}",
+            f"{r['params'] / 1e6:.1f}M",
+            args.world,
+            args.batch,
+            f"{r['img_s']:.3g}",
+            gib(r["held"]),
+            gib(r["peak"]),
+        ]
+        for m, r in results.items()
+    ]
     name = torch.cuda.get_device_name(0) if not args.smoke else "CPU (smoke run, gloo)"
-    text = "\n".join([
-        "# DDP vs FSDP2: memory per GPU and throughput" + (" (smoke run on CPU)" if args.smoke else ""), "",
-        f"`python bench/bench_fsdp_gpu.py --size {args.size} --patch {args.patch} --batch {args.batch} --steps "
-        f"{args.steps} --world {args.world}` on {args.world} x {name}; {args.latent}x{args.latent}x4 latents, "
-        "class-conditional, AdamW + EMA, " + ("fp32 (smoke run)" if args.smoke else
-                                              "bf16 (DDP: autocast; FSDP: bf16 gathered weights, fp32 reductions)")
-        + ".", "",
-        md_table(["mode", "model", "params", "GPUs", "batch/GPU", "img/s (all GPUs)", "held between steps",
-                  "peak allocated"], rows), "",
-        "held between steps = weights + gradients + AdamW state + EMA (+ allocator caches of the last step) on the "
-        "busiest GPU.", "",
-        f"Machine: {machine_description()}",
-    ])
+    text = "\n".join(
+        [
+            "# DDP vs FSDP2: memory per GPU and throughput" + (" (smoke run on CPU)" if args.smoke else ""),
+            "",
+            f"`python bench/bench_fsdp_gpu.py --size {args.size} --patch {args.patch} --batch {args.batch} --steps "
+            f"{args.steps} --world {args.world}` on {args.world} x {name}; {args.latent}x{args.latent}x4 latents, "
+            "class-conditional, AdamW + EMA, "
+            + (
+                "fp32 (smoke run)"
+                if args.smoke
+                else "bf16 (DDP: autocast; FSDP: bf16 gathered weights, fp32 reductions)"
+            )
+            + ".",
+            "",
+            md_table(
+                [
+                    "mode",
+                    "model",
+                    "params",
+                    "GPUs",
+                    "batch/GPU",
+                    "img/s (all GPUs)",
+                    "held between steps",
+                    "peak allocated",
+                ],
+                rows,
+            ),
+            "",
+            "held between steps = weights + gradients + AdamW state + EMA (+ allocator caches of the last step) on the "
+            "busiest GPU.",
+            "",
+            f"Machine: {machine_description()}",
+        ]
+    )
     print(text)
     print(write_result("fsdp_gpu", text, quick=args.smoke))
 

@@ -14,6 +14,7 @@ to all 1797 real digits, and accuracy against the requested label.
 Writes bench/results/guidance.md (table), guidance.png (FD and accuracy vs strength, one line per method) and
 guidance_grids.png (a class grid per method at its lowest-FD strength); ``--quick``: *_quick.* files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, machine_description, md_table, set_threads, write_result  # noqa: E402
 
-STRENGTHS = {"cfg": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0], "cfgpp": [0.2, 0.4, 0.6, 0.8, 1.0],
-             "apg": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0], "autoguidance": [1.0, 1.5, 2.0, 2.5, 3.0, 4.0]}
+STRENGTHS = {
+    "cfg": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
+    "cfgpp": [0.2, 0.4, 0.6, 0.8, 1.0],
+    "apg": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
+    "autoguidance": [1.0, 1.5, 2.0, 2.5, 3.0, 4.0],
+}
 QUICK_STRENGTHS = {"cfg": [1.0, 3.0], "cfgpp": [0.3, 0.8], "apg": [1.0, 3.0], "autoguidance": [1.0, 2.0]}
 APG_OPTIONS = {"eta": 0.0, "norm_threshold": 0.0, "momentum": 0.0}
 
@@ -41,13 +46,18 @@ def results_folder() -> Path:
 
 @contextlib.contextmanager
 def guidance_as(module, overrides: dict):
-    """The module's guidance settings with ``overrides`` on top (None values included), restored afterwards."""
-    saved = dict(module.guidance)
-    module.guidance = {**saved, **overrides}
+    """The module's guidance with ``overrides`` on top (None values clear a setting), restored afterwards."""
+    from difflab.diffusion.guidance import GUIDANCE_METHODS
+
+    saved = module.diffusion.guidance
+    settings = {**{k: v for k, v in saved.settings().items() if k != "scale"}, **overrides}  # the strength: per call
+    method = settings.pop("method")
+    cls = GUIDANCE_METHODS[method]
+    module.diffusion.guidance = cls(**{k: v for k, v in settings.items() if k in cls.keys() and v is not None})
     try:
         yield module
     finally:
-        module.guidance = saved
+        module.diffusion.guidance = saved
 
 
 def method_settings(method: str, args) -> dict:
@@ -74,8 +84,16 @@ def evaluate(module, methods: list[str], strengths: dict, args) -> list[dict]:
             with guidance_as(module, method_settings(method, args)):
                 ev = evaluate_module(module, n=args.n, sampler=sampler, guidance_scale=strength, batch_size=250)
             single = strength == 1.0 and method != "cfgpp"
-            rows.append({"method": method, "strength": strength, "nfe": steps_nfe * (1 if single else 2),
-                         "fd": ev["fd"], "accuracy": ev["accuracy"], "seconds": time.perf_counter() - t0})
+            rows.append(
+                {
+                    "method": method,
+                    "strength": strength,
+                    "nfe": steps_nfe * (1 if single else 2),
+                    "fd": ev["fd"],
+                    "accuracy": ev["accuracy"],
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -145,25 +163,35 @@ def grids(module, best: dict[str, dict], args, path: Path) -> Path:
 
 def render(rows: list[dict], args, module) -> str:
     best = best_rows(rows)
-    table = [[r["method"], f"{r['strength']:g}", r["nfe"], f"{r['fd']:.2f}", f"{r['accuracy']:.3f}",
-              f"{r['seconds']:.0f}"] for r in rows]
+    table = [
+        [r["method"], f"{r['strength']:g}", r["nfe"], f"{r['fd']:.2f}", f"{r['accuracy']:.3f}", f"{r['seconds']:.0f}"]
+        for r in rows
+    ]
     ranked = sorted(best, key=lambda m: best[m]["fd"])
     lines = [
-        "# Guidance methods on digits: FD and accuracy against strength at equal NFE" + (" (quick)" if args.quick
-                                                                                            else ""), "",
-        f"`{' '.join(['python', 'bench/bench_guidance.py', *sys.argv[1:]])}`", "",
+        "# Guidance methods on digits: FD and accuracy against strength at equal NFE"
+        + (" (quick)" if args.quick else ""),
+        "",
+        f"`{' '.join(['python', 'bench/bench_guidance.py', *sys.argv[1:]])}`",
+        "",
         f"Checkpoint `{args.ckpt}` (EMA weights; process {module.diffusion.process.name}, prediction "
         f"{module.diffusion.objective.prediction}); autoguidance's guide `{args.guide}`. {args.n} balanced samples per row, "
         f"sampler {args.sampler} with {args.steps} steps and the same initial noise for every row; NFE = network "
         f"evaluations per sample (two per step for every guided row). Strength = `guidance.scale`: s for cfg and apg, "
         f"w for autoguidance, lambda for cfgpp. APG with eta {args.apg_eta:g}, norm_threshold "
         f"{args.apg_norm_threshold:g}, momentum {args.apg_momentum:g}. FD in the digit classifier's 128-d features "
-        f"to all 1797 real digits; accuracy = agreement with the requested label.", "",
-        md_table(["method", "strength", "NFE", "FD", "accuracy", "seconds"], table), "",
-        "Best strength per method (lowest FD): " + "; ".join(
-            f"{m} {best[m]['strength']:g}: FD {best[m]['fd']:.2f} (accuracy {best[m]['accuracy']:.3f})"
-            for m in ranked) + ".", "",
-        "Plot: `guidance.png`; grids at each method's best strength: `guidance_grids.png`.", "",
+        f"to all 1797 real digits; accuracy = agreement with the requested label.",
+        "",
+        md_table(["method", "strength", "NFE", "FD", "accuracy", "seconds"], table),
+        "",
+        "Best strength per method (lowest FD): "
+        + "; ".join(
+            f"{m} {best[m]['strength']:g}: FD {best[m]['fd']:.2f} (accuracy {best[m]['accuracy']:.3f})" for m in ranked
+        )
+        + ".",
+        "",
+        "Plot: `guidance.png`; grids at each method's best strength: `guidance_grids.png`.",
+        "",
         f"Machine: {machine_description()}",
     ]
     return "\n".join(lines)
@@ -172,8 +200,12 @@ def render(rows: list[dict], args, module) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="a trained digits checkpoint (class-conditional)")
-    p.add_argument("--guide", default=None, help="autoguidance's guide: a weaker checkpoint of the same setup, e.g. "
-                                                 "an earlier step of the same run (absent: autoguidance skipped)")
+    p.add_argument(
+        "--guide",
+        default=None,
+        help="autoguidance's guide: a weaker checkpoint of the same setup, e.g. "
+        "an earlier step of the same run (absent: autoguidance skipped)",
+    )
     p.add_argument("--n", type=int, default=None, help="samples per row (500; 40 --quick)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "euler", "heun", "dpmpp_2m"])
     p.add_argument("--steps", type=int, default=None, help="sampler steps, the same for every method (16; 4 --quick)")

@@ -16,6 +16,7 @@ Prints a markdown table and writes bench/results/latent_loader.md (latent_loader
 
 (The pixel-vs-latent training-speed comparison is a separate part, not in this file.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,17 @@ def write_synthetic_cache(root: Path, n: int, n_val: int = 1000, seed: int = 0) 
     """A complete latent cache of n random float16 latents (plus n_val for val) in the real on-disk format."""
     import numpy as np
 
-    from difflab.latents.cache import (LABELS, LATENTS, STATUS_COMPLETE, channel_moments, new_manifest, normalisation,
-                                   read_manifest, split_dir, write_manifest)
+    from difflab.latents.cache import (
+        LABELS,
+        LATENTS,
+        STATUS_COMPLETE,
+        channel_moments,
+        new_manifest,
+        normalisation,
+        read_manifest,
+        split_dir,
+        write_manifest,
+    )
 
     out = root / f"n{n}"
     old = read_manifest(out) if out.exists() else None
@@ -46,8 +56,13 @@ def write_synthetic_cache(root: Path, n: int, n_val: int = 1000, seed: int = 0) 
         return out
     identity = {"class": "bench.synthetic", "config": {}, "hash": "0" * 64, "spec": None}
     manifest = new_manifest(identity, {"target": "bench.synthetic", "args": {"n": n, "seed": seed}}, "float16", 4096)
-    manifest.update(latent_shape=list(SHAPE), pixel_shape=[3, 192, 192], num_classes=10,
-                    class_names=[f"c{i}" for i in range(10)], prompts=None)
+    manifest.update(
+        latent_shape=list(SHAPE),
+        pixel_shape=[3, 192, 192],
+        num_classes=10,
+        class_names=[f"c{i}" for i in range(10)],
+        prompts=None,
+    )
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     for split, count in (("train", n), ("val", n_val)):
@@ -57,7 +72,7 @@ def write_synthetic_cache(root: Path, n: int, n_val: int = 1000, seed: int = 0) 
         for i in range(0, count, 4096):
             m = min(4096, count - i)  # channel-dependent mean/std so normalisation is not the identity
             block = rng.standard_normal((m, *SHAPE), dtype=np.float32) * np.array([1, 2, 3, 4])[:, None, None]
-            lat[i:i + m] = block + np.array([0.5, -1, 0, 2])[:, None, None]
+            lat[i : i + m] = block + np.array([0.5, -1, 0, 2])[:, None, None]
         lat.flush()
         np.save(d / LABELS, rng.integers(0, 10, size=count).astype(np.int64))
         manifest["splits"][split] = {"count": count, "done": count, "has_label": True, "has_text": False}
@@ -68,8 +83,10 @@ def write_synthetic_cache(root: Path, n: int, n_val: int = 1000, seed: int = 0) 
     manifest["status"] = STATUS_COMPLETE
     write_manifest(out, manifest)
     size = (split_dir(out, "train") / LATENTS).stat().st_size
-    print(f"wrote synthetic cache {out} ({size / 1e6:.0f} MB train latents) in {time.perf_counter() - t0:.1f} s",
-          file=sys.stderr)
+    print(
+        f"wrote synthetic cache {out} ({size / 1e6:.0f} MB train latents) in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
     return out
 
 
@@ -116,14 +133,21 @@ def run_worker(cache: Path, workers: int, batch_size: int, max_batches: int | No
     torch.manual_seed(0)
     torch.set_num_threads(1)  # loading is memory/IO work; avoid oversubscribing the shared cores
     base = proc_mem()
-    dm = LatentDataModule(str(cache), batch_size=batch_size, flip=True, num_workers=workers,
-                          persistent_workers=workers > 0)
+    dm = LatentDataModule(
+        str(cache), batch_size=batch_size, flip=True, num_workers=workers, persistent_workers=workers > 0
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     if reference:
-        loader = DataLoader(RandomLatents(len(dm.dataset("train"))), batch_size=batch_size, shuffle=True,
-                            drop_last=True, num_workers=workers, persistent_workers=workers > 0,
-                            collate_fn=collate_batches)
+        loader = DataLoader(
+            RandomLatents(len(dm.dataset("train"))),
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=collate_batches,
+        )
     n_batches = len(loader) if max_batches is None else min(max_batches, len(loader))
     t0 = time.perf_counter()
     it = iter(loader)
@@ -139,12 +163,20 @@ def run_worker(cache: Path, workers: int, batch_size: int, max_batches: int | No
     del it
     samples = n_batches * batch_size
     return {
-        "n": len(dm.dataset("train")), "workers": workers, "batches": n_batches, "batch_size": batch_size,
-        "reference": reference, "first_batch_s": first_s, "elapsed_s": elapsed,
-        "batches_per_s": n_batches / elapsed, "samples_per_s": samples / elapsed,
+        "n": len(dm.dataset("train")),
+        "workers": workers,
+        "batches": n_batches,
+        "batch_size": batch_size,
+        "reference": reference,
+        "first_batch_s": first_s,
+        "elapsed_s": elapsed,
+        "batches_per_s": n_batches / elapsed,
+        "samples_per_s": samples / elapsed,
         "mb_per_s": samples * 2 * math.prod(SHAPE) / 1e6 / elapsed,
-        "rss_base": base["VmRSS"], "anon_main": end["RssAnon"] - base["RssAnon"],
-        "file_main": end["RssFile"] - base["RssFile"], "peak_main": end["VmHWM"] - base["VmRSS"],
+        "rss_base": base["VmRSS"],
+        "anon_main": end["RssAnon"] - base["RssAnon"],
+        "file_main": end["RssFile"] - base["RssFile"],
+        "peak_main": end["VmHWM"] - base["VmRSS"],
         "anon_workers": sum(kids[p]["RssAnon"] - kids0[p]["RssAnon"] for p in kids),
         "file_workers": sum(kids[p]["RssFile"] - kids0[p]["RssFile"] for p in kids),
         "anon_workers_total": sum(k["RssAnon"] for k in kids.values()),
@@ -152,9 +184,20 @@ def run_worker(cache: Path, workers: int, batch_size: int, max_batches: int | No
 
 
 def spawn(cache: Path, workers: int, args, reference: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--worker", str(cache), "--workers", str(workers), "--batch-size",
-           str(args.batch_size)] + (["--max-batches", str(args.max_batches)] if args.max_batches else []) \
+    cmd = (
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            str(cache),
+            "--workers",
+            str(workers),
+            "--batch-size",
+            str(args.batch_size),
+        ]
+        + (["--max-batches", str(args.max_batches)] if args.max_batches else [])
         + (["--reference"] if reference else [])
+    )
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode:
@@ -171,26 +214,29 @@ def _label(r: dict) -> str:
 def table(rows: list[dict], args) -> str:
     import torch
 
-    head = ("| cache (N x 4x24x24 fp16) | workers | batches | batches/s | samples/s | MB/s | first batch (s) "
-            "| +private RSS main (MiB) | +file RSS main (MiB) | +private RSS workers (MiB) | +file RSS workers (MiB) |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = (
+        "| cache (N x 4x24x24 fp16) | workers | batches | batches/s | samples/s | MB/s | first batch (s) "
+        "| +private RSS main (MiB) | +file RSS main (MiB) | +private RSS workers (MiB) | +file RSS workers (MiB) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
     body = "".join(
         f"| {_label(r)} | {r['workers']} | {r['batches']} "
         f"| {r['batches_per_s']:.1f} | {r['samples_per_s']:,.0f} | {r['mb_per_s']:.0f} | {r['first_batch_s']:.3f} "
         f"| {r['anon_main']:.0f} | {r['file_main']:.0f} | {r['anon_workers']:.0f} | {r['file_workers']:.0f} |\n"
-        for r in rows)
+        for r in rows
+    )
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     try:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
     notes = f"""
-One shuffled epoch{'' if not args.max_batches else f' (at most {args.max_batches} batches)'} of
+One shuffled epoch{"" if not args.max_batches else f" (at most {args.max_batches} batches)"} of
 `LatentDataModule(batch_size={args.batch_size}, flip=True).train_dataloader()` per row, each in a fresh process;
 page cache warm (caches written just before). Machine: {os.cpu_count()} CPU cores (shared; 1-min load average
 {load:.1f} at the end), {mem_gib:.0f} GiB RAM, Python {platform.python_version()}, torch {torch.__version__}.
 "+" columns are growth over the process just before the datamodule was built (baseline VmRSS about
-{rows[0]['rss_base']:.0f} MiB after imports); worker columns are growth from the first batch (workers started) to
+{rows[0]["rss_base"]:.0f} MiB after imports); worker columns are growth from the first batch (workers started) to
 the end of the epoch, summed over the loader workers (forked workers also show the parent's pages they share, not
 counted here).
 
@@ -214,8 +260,7 @@ def main() -> None:
     p.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker is not None:
-        print(json.dumps(run_worker(args.worker, args.workers[0], args.batch_size, args.max_batches,
-                                    args.reference)))
+        print(json.dumps(run_worker(args.worker, args.workers[0], args.batch_size, args.max_batches, args.reference)))
         return
     sizes = [10_000] if args.quick else [10_000, 100_000]
     workers = args.workers or ([0] if args.quick else [0, 2])
@@ -224,8 +269,10 @@ def main() -> None:
         cache = write_synthetic_cache(args.dir, n)
         for w in workers:
             r = spawn(cache, w, args)
-            print(f"n={n} workers={w}: {r['samples_per_s']:,.0f} samples/s, +RssAnon {r['anon_main']:.0f} MiB",
-                  file=sys.stderr)
+            print(
+                f"n={n} workers={w}: {r['samples_per_s']:,.0f} samples/s, +RssAnon {r['anon_main']:.0f} MiB",
+                file=sys.stderr,
+            )
             rows.append(r)
     for w in workers:  # same loader settings over random tensors: what the DataLoader machinery alone costs
         rows.append(spawn(cache, w, args, reference=True))

@@ -9,6 +9,7 @@ seeds outermost, so the two optimizers alternate and share whatever else the mac
 samples at the end, then ``python ablate.py <sweep> --baseline optimizer=adamw``. Writes
 ``bench/results/optimizers.md``. ``--reuse`` summarises an existing sweep directory without training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,24 @@ METRICS = ["metrics/fd_digit500", "metrics/digit_accuracy", "val/loss"]
 def sweep_command(sweep_dir: Path, minutes: float, seeds: str) -> list[str]:
     """The user's command line for the sweep."""
     budget = f"00:00:{int(minutes):02d}:{int(round(60 * (minutes % 1))):02d}"
-    return [sys.executable, str(REPO / "train.py"), "-m", f"seed={seeds}", "optimizer=adamw,muon", "callbacks=metrics",
-            "trainer.max_steps=-1", f"trainer.max_time={budget}", "trainer.val_check_interval=250",
-            "callbacks.sample_metrics.every_n_steps=0", "callbacks.sample_metrics.n_samples=500",
-            "callbacks.class_grid.every_n_steps=0", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
-            "logger=csv", f"hydra.sweep.dir={sweep_dir}"]
+    return [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        f"seed={seeds}",
+        "optimizer=adamw,muon",
+        "callbacks=metrics",
+        "trainer.max_steps=-1",
+        f"trainer.max_time={budget}",
+        "trainer.val_check_interval=250",
+        "callbacks.sample_metrics.every_n_steps=0",
+        "callbacks.sample_metrics.n_samples=500",
+        "callbacks.class_grid.every_n_steps=0",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        "logger=csv",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
 
 
 def main() -> None:
@@ -50,9 +64,21 @@ def main() -> None:
         start = time.perf_counter()
         subprocess.run(command, check=True, cwd=REPO)
         elapsed = time.perf_counter() - start
-    summary = subprocess.run([sys.executable, str(REPO / "ablate.py"), str(args.sweep_dir), "--baseline",
-                              "optimizer=adamw", "--metrics", *METRICS], check=True, capture_output=True, text=True,
-                             cwd=REPO).stdout
+    summary = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "ablate.py"),
+            str(args.sweep_dir),
+            "--baseline",
+            "optimizer=adamw",
+            "--metrics",
+            *METRICS,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    ).stdout
     folder = Path(os.environ.get("DIFFLAB_BENCH_RESULTS") or RESULTS)
     pngs = []
     for metric in METRICS:
@@ -65,13 +91,20 @@ def main() -> None:
     shown = "python train.py " + " ".join(c if " " not in c else repr(c) for c in command[2:])
     shown = shown.replace(f"hydra.sweep.dir={args.sweep_dir}", "hydra.sweep.dir=<sweep>")
     summary = summary.replace(str(args.sweep_dir), "<sweep>")
-    body = [f"Machine: {machine_description()}", "",
-            f"Sweep: `{shown}`" + (f" ({elapsed / 60:.0f} min)" if elapsed else ""),
-            f"Summary: `python ablate.py <sweep> --baseline optimizer=adamw --metrics {' '.join(METRICS)}`", "",
-            "`<sweep>` is the sweep directory you choose, e.g. `logs/bench_optimizers` (the default).", "",
-            "Curves: " + ", ".join(f"`bench/results/{p}`" for p in pngs), "",
-            summary.replace("# Ablation summary", "### Ablation summary", 1).replace("\n## ", "\n#### ")
-            .replace("\n### ", "\n##### ")]
+    body = [
+        f"Machine: {machine_description()}",
+        "",
+        f"Sweep: `{shown}`" + (f" ({elapsed / 60:.0f} min)" if elapsed else ""),
+        f"Summary: `python ablate.py <sweep> --baseline optimizer=adamw --metrics {' '.join(METRICS)}`",
+        "",
+        "`<sweep>` is the sweep directory you choose, e.g. `logs/bench_optimizers` (the default).",
+        "",
+        "Curves: " + ", ".join(f"`bench/results/{p}`" for p in pngs),
+        "",
+        summary.replace("# Ablation summary", "### Ablation summary", 1)
+        .replace("\n## ", "\n#### ")
+        .replace("\n### ", "\n##### "),
+    ]
     path = write_result("optimizers", "\n".join(body) + "\n", quick=args.quick)
     print(f"wrote {path}")
 

@@ -4,7 +4,7 @@
   TensorBoard loggers, LR monitor, ops callbacks, class-grid callback at its default schedule), without validation,
   periodic checkpoints or the progress bar (not part of a training step). Time per step is measured between
   ``on_train_batch_end`` hooks (after the EMA update), skipping ``--skip`` warm-up steps.
-- Bare side: the same DiffusionModule's ``diffusion_losses`` (label dropout, objective, denoiser), the same AdamW and
+- Bare side: the same DiffusionModule's ``diffusion.loss`` (label dropout, objective, denoiser), the same AdamW and
   warm-up-cosine LambdaLR, gradient-norm clipping at the trainer's value, the same DataLoader (batch 64), and the same
   EMA math (``torch._foreach_lerp_`` on a copy of parameters and buffers, decay with warm-up).
 - The class grid fires every ``every_n_steps`` (1000): its cost (one grid rendered with EMA weights) is measured
@@ -14,6 +14,7 @@ The two sides alternate, ``--repeats`` rounds, medians reported.
 
     PYTHONPATH=. python bench/bench_overhead.py [--quick] [--steps 60] [--repeats 3] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,12 +29,17 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (compose_train, interleaved, machine_description, md_table, median, set_threads,  # noqa: E402
-                          write_result)
+from bench.common import compose_train, interleaved, machine_description, md_table, median, set_threads, write_result  # noqa: E402
 
-RUN_OVERRIDES = ["experiment=digits", "~callbacks.progress_bar", "trainer.enable_progress_bar=false",
-                 "trainer.enable_model_summary=false", "~callbacks.model_checkpoint", "trainer.limit_val_batches=0",
-                 "++trainer.max_time=null"]
+RUN_OVERRIDES = [
+    "experiment=digits",
+    "~callbacks.progress_bar",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "~callbacks.model_checkpoint",
+    "trainer.limit_val_batches=0",
+    "++trainer.max_time=null",
+]
 
 
 def stamp() -> tuple[float, float]:
@@ -58,8 +64,14 @@ def per_step(ends: list[tuple[float, float]], skip: int) -> dict[str, float]:
 
 
 # A denoiser with almost no compute: what is left of a step is the framework's own per-step cost.
-NEAR_ZERO_NET = ["model.net.base_channels=8", "model.net.channel_mults=[1]", "model.net.attention_levels=[]",
-                 "model.net.groups=4", "datamodule.batch_size=4", "datamodule.image_size=8"]
+NEAR_ZERO_NET = [
+    "model.net.base_channels=8",
+    "model.net.channel_mults=[1]",
+    "model.net.attention_levels=[]",
+    "model.net.groups=4",
+    "datamodule.batch_size=4",
+    "datamodule.image_size=8",
+]
 
 
 def lightning_run(steps: int, skip: int, out_dir: str, extra: list[str] = ()) -> dict[str, float]:
@@ -90,10 +102,18 @@ def bare_run(steps: int, skip: int, out_dir: str, extra: list[str] = ()) -> dict
     model = instantiate(cfg.model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, **model.optim_cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
-        warmup_cosine, warmup_steps=resolve_steps(model.lr_cfg["warmup_steps"], steps), total_steps=steps,
-        start_factor=model.lr_cfg["start_factor"], final_fraction=model.lr_cfg["final_fraction"]))
+    opt = model.optimizer_factory(params, lr=model.lr)
+    schedule = model.lr_schedule
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        functools.partial(
+            warmup_cosine,
+            warmup_steps=resolve_steps(schedule.warmup, steps),
+            total_steps=steps,
+            start_factor=schedule.start_factor,
+            final_fraction=schedule.final_fraction,
+        ),
+    )
     ema_cfg = cfg.callbacks.ema
     avg = copy.deepcopy(model)
     avg_t = [*avg.parameters(), *avg.buffers()]
@@ -103,7 +123,7 @@ def bare_run(steps: int, skip: int, out_dir: str, extra: list[str] = ()) -> dict
     ends, n = [], 0
     while n < steps:
         for batch in dm.train_dataloader():
-            loss = model.diffusion_losses(batch, drop_conditions=True)["loss"].mean()
+            loss = model.diffusion.loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if clip:
@@ -150,16 +170,26 @@ def main() -> None:
     skip = args.skip or (4 if args.quick else 10)
     repeats = args.repeats or (1 if args.quick else 3)
     import logging
+
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench_overhead_") as d:
-        k = iter(range(10 ** 6))
-        times = interleaved({"lightning": lambda: lightning_run(steps, skip, f"{d}/l{next(k)}"),
-                             "bare": lambda: bare_run(steps, skip, f"{d}/b{next(k)}")}, repeats)
+        k = iter(range(10**6))
+        times = interleaved(
+            {
+                "lightning": lambda: lightning_run(steps, skip, f"{d}/l{next(k)}"),
+                "bare": lambda: bare_run(steps, skip, f"{d}/b{next(k)}"),
+            },
+            repeats,
+        )
         grid_s, every = grid_cost(f"{d}/grid")
         fixed_steps, fixed_skip = (60, 20) if args.quick else (300, 50)
-        fixed = interleaved({"lightning": lambda: lightning_run(fixed_steps, fixed_skip, f"{d}/l{next(k)}", NEAR_ZERO_NET),
-                             "bare": lambda: bare_run(fixed_steps, fixed_skip, f"{d}/b{next(k)}", NEAR_ZERO_NET)},
-                            1 if args.quick else 3)
+        fixed = interleaved(
+            {
+                "lightning": lambda: lightning_run(fixed_steps, fixed_skip, f"{d}/l{next(k)}", NEAR_ZERO_NET),
+                "bare": lambda: bare_run(fixed_steps, fixed_skip, f"{d}/b{next(k)}", NEAR_ZERO_NET),
+            },
+            1 if args.quick else 3,
+        )
     stats = {}
     for clock in ("wall", "cpu"):
         lt = median([t[clock] for t in times["lightning"]])
@@ -181,37 +211,72 @@ def main() -> None:
     def per_round(side, clock):
         return " / ".join(f"{x[clock] * 1e3:.0f}" for x in times[side])
 
-    rows = [["bare PyTorch loop", f"{bt * 1e3:.1f}", per_round("bare", "wall"), "", f"{bc * 1e3:.1f}",
-             per_round("bare", "cpu"), ""],
-            ["Lightning DiffusionModule (hooks, EMA callback, loggers)", f"{lt * 1e3:.1f}",
-             per_round("lightning", "wall"), f"{(lt - bt) / bt:+.1%} (paired {paired:+.1%})", f"{lc * 1e3:.1f}",
-             per_round("lightning", "cpu"), f"{(lc - bc) / bc:+.1%} (paired {paired_c:+.1%})"],
-            [f"+ class grid amortised ({grid_s:.1f} s every {every} steps)", f"{total * 1e3:.1f}", "",
-             f"{overhead:+.1%}", f"{(lc + amort) * 1e3:.1f}", "", f"{overhead_c:+.1%}"]]
-    text = "\n".join([
-        "# Framework overhead: Lightning DiffusionModule step vs a bare PyTorch loop" + (" (quick)" if args.quick else ""),
-        "",
-        f"`PYTHONPATH=. python bench/bench_overhead.py{' --quick' if args.quick else ''}`: digits recipe, batch 64, "
-        f"{steps} steps per run ({skip} warm-up steps not timed), {repeats} alternating round(s), median; "
-        f"{args.threads} torch thread(s). Same DiffusionModule math, AdamW + LR schedule, grad clipping and EMA lerp on both sides.",
-        "",
-        md_table(["loop", "wall ms / step (median)", "per round (ms)", "overhead vs bare", "CPU ms / step (median)",
-                  "per round (ms)", "CPU overhead vs bare"], rows),
-        "",
-        "Paired: the median over rounds of (Lightning / bare - 1) within a round. CPU time is the process's own time, "
-        "so it leaves out time the VM's other tenants take; on a shared machine it is the steadier of the two.",
-        "",
-        f"Framework cost per step, measured directly with a near-zero-compute denoiser (8 channels, one level, batch "
-        f"4 of 8x8; {fixed_steps} steps, paired rounds, CPU time): Lightning {fixed_l:.1f} ms vs bare {fixed_b:.1f} ms "
-        f"per step, i.e. **{fixed_ms:.1f} ms per step**, {fixed_ms / (bc * 1e3):.1%} of the recipe's {bc * 1e3:.0f} ms "
-        f"step. This is the steadier estimate: the recipe-step medians above swing by +-15% between rounds.",
-        "",
-        f"Target framework overhead <= 5% of step time: {'met' if direct <= 0.05 else 'not met'}: "
-        f"{direct:.1%} from the direct per-step cost plus the amortised class grid ({amort * 1e3:.1f} ms / step); the "
-        f"recipe-step medians give wall {overhead:+.1%}, CPU {overhead_c:+.1%} (class grid included).",
-        "",
-        f"Machine: {machine_description()}",
-    ])
+    rows = [
+        [
+            "bare PyTorch loop",
+            f"{bt * 1e3:.1f}",
+            per_round("bare", "wall"),
+            "",
+            f"{bc * 1e3:.1f}",
+            per_round("bare", "cpu"),
+            "",
+        ],
+        [
+            "Lightning DiffusionModule (hooks, EMA callback, loggers)",
+            f"{lt * 1e3:.1f}",
+            per_round("lightning", "wall"),
+            f"{(lt - bt) / bt:+.1%} (paired {paired:+.1%})",
+            f"{lc * 1e3:.1f}",
+            per_round("lightning", "cpu"),
+            f"{(lc - bc) / bc:+.1%} (paired {paired_c:+.1%})",
+        ],
+        [
+            f"+ class grid amortised ({grid_s:.1f} s every {every} steps)",
+            f"{total * 1e3:.1f}",
+            "",
+            f"{overhead:+.1%}",
+            f"{(lc + amort) * 1e3:.1f}",
+            "",
+            f"{overhead_c:+.1%}",
+        ],
+    ]
+    text = "\n".join(
+        [
+            "# Framework overhead: Lightning DiffusionModule step vs a bare PyTorch loop"
+            + (" (quick)" if args.quick else ""),
+            "",
+            f"`PYTHONPATH=. python bench/bench_overhead.py{' --quick' if args.quick else ''}`: digits recipe, batch 64, "
+            f"{steps} steps per run ({skip} warm-up steps not timed), {repeats} alternating round(s), median; "
+            f"{args.threads} torch thread(s). Same DiffusionModule math, AdamW + LR schedule, grad clipping and EMA lerp on both sides.",
+            "",
+            md_table(
+                [
+                    "loop",
+                    "wall ms / step (median)",
+                    "per round (ms)",
+                    "overhead vs bare",
+                    "CPU ms / step (median)",
+                    "per round (ms)",
+                    "CPU overhead vs bare",
+                ],
+                rows,
+            ),
+            "",
+            "Paired: the median over rounds of (Lightning / bare - 1) within a round. CPU time is the process's own time, "
+            "so it leaves out time the VM's other tenants take; on a shared machine it is the steadier of the two.",
+            "",
+            f"Framework cost per step, measured directly with a near-zero-compute denoiser (8 channels, one level, batch "
+            f"4 of 8x8; {fixed_steps} steps, paired rounds, CPU time): Lightning {fixed_l:.1f} ms vs bare {fixed_b:.1f} ms "
+            f"per step, i.e. **{fixed_ms:.1f} ms per step**, {fixed_ms / (bc * 1e3):.1%} of the recipe's {bc * 1e3:.0f} ms "
+            f"step. This is the steadier estimate: the recipe-step medians above swing by +-15% between rounds.",
+            "",
+            f"Target framework overhead <= 5% of step time: {'met' if direct <= 0.05 else 'not met'}: "
+            f"{direct:.1%} from the direct per-step cost plus the amortised class grid ({amort * 1e3:.1f} ms / step); the "
+            f"recipe-step medians give wall {overhead:+.1%}, CPU {overhead_c:+.1%} (class grid included).",
+            "",
+            f"Machine: {machine_description()}",
+        ]
+    )
     print(text)
     print("wrote", write_result("overhead", text, args.quick))
 

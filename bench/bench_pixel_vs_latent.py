@@ -5,6 +5,7 @@ Pixel: the stl10_vpred_cfg UNet on 3x96x96 images. Latent: the stl10_latent UNet
 sides take the same full training step (forward, v-prediction loss, backward, AdamW), alternating, medians reported.
 `python bench/bench_pixel_vs_latent.py [--quick] [--batch 8] [--steps 3]`
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,14 +72,24 @@ def main() -> None:
     rows = []
     for name, (net, shape) in nets.items():
         med = statistics.median(times[name])
-        rows.append((name, "x".join(map(str, shape)), sum(p.numel() for p in net.parameters()) / 1e6, med, args.batch / med))
+        rows.append(
+            (name, "x".join(map(str, shape)), sum(p.numel() for p in net.parameters()) / 1e6, med, args.batch / med)
+        )
     speedup = rows[1][4] / rows[0][4]
-    lines = [f"# Pixel vs latent diffusion training speed at STL10 shape{' (quick: quarter width)' if args.quick else ''}", "",
-             f"`python bench/bench_pixel_vs_latent.py`: batch {args.batch}, {args.steps} steps x {args.rounds} alternating "
-             f"rounds, median; torch threads {torch.get_num_threads()}, CPU.", "",
-             "| recipe | input | params (M) | s / step | images / s |", "|---|---|---:|---:|---:|"]
+    lines = [
+        f"# Pixel vs latent diffusion training speed at STL10 shape{' (quick: quarter width)' if args.quick else ''}",
+        "",
+        f"`python bench/bench_pixel_vs_latent.py`: batch {args.batch}, {args.steps} steps x {args.rounds} alternating "
+        f"rounds, median; torch threads {torch.get_num_threads()}, CPU.",
+        "",
+        "| recipe | input | params (M) | s / step | images / s |",
+        "|---|---|---:|---:|---:|",
+    ]
     lines += [f"| {n} | {s} | {p:.1f} | {m:.3f} | {ips:.2f} |" for n, s, p, m, ips in rows]
-    lines += ["", f"Latent training throughput = {speedup:.1f}x pixel (the latent cache is read, never encoded, while training)."]
+    lines += [
+        "",
+        f"Latent training throughput = {speedup:.1f}x pixel (the latent cache is read, never encoded, while training).",
+    ]
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

@@ -11,6 +11,7 @@ balanced samples with the recipe's sampler and guidance and the same initial noi
 classifier's features to the 1797 real digits, accuracy by the same classifier. Writes
 ``bench/results/posthoc_ema.md`` and ``bench/results/posthoc_ema.png``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,15 +21,24 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, compose_train, machine_description, md_table, median, set_threads, \
-    write_result  # noqa: E402
+from bench.common import (
+    RESULTS,
+    compose_train,
+    machine_description,
+    md_table,
+    median,
+    set_threads,
+    write_result,  # noqa: E402
+)
 
 SIGMA_RELS = (0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.17, 0.22)
-QUIET = ["~callbacks.progress_bar", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-         "logger=csv"]
+QUIET = [
+    "~callbacks.progress_bar",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "logger=csv",
+]
 
 
 def train_run(out: Path, extra: list[str]) -> Path:
@@ -53,7 +63,7 @@ def quality_rows(run: Path, sigma_rels, n: int) -> tuple[list[dict], dict]:
     from difflab.utils.errors import ConfigError
 
     last = run / "checkpoints" / "last.ckpt"
-    module = module_from_checkpoint(last)             # the fixed-decay EMA weights
+    module = module_from_checkpoint(last)  # the fixed-decay EMA weights
     fixed = {"ema": judge(module, n)}
     load_state_dict_checked(module, load_checkpoint(last)["current_model_state"], last)
     fixed["raw"] = judge(module, n)
@@ -82,13 +92,17 @@ def snapshot_cost(recipe: list[str], label: str, snapshot_every: int, repeats: i
     cfg = compose_train([*recipe, "callbacks=posthoc"], output_dir=tempfile.mkdtemp())
     fill_from_datamodule(cfg, instantiate(cfg.datamodule))
     module = instantiate(cfg.model)
-    cb = PostHocEMA(sigma_rels=list(cfg.callbacks.posthoc_ema.sigma_rels), snapshot_every=snapshot_every,
-                    max_snapshots=None, dir=tempfile.mkdtemp())
+    cb = PostHocEMA(
+        sigma_rels=list(cfg.callbacks.posthoc_ema.sigma_rels),
+        snapshot_every=snapshot_every,
+        max_snapshots=None,
+        dir=tempfile.mkdtemp(),
+    )
     params = cb._trainable(module)
     cb.names, cb._params = [n for n, _ in params], [p for _, p in params]
     cb.emas = [[p.detach().float().clone() for _, p in params] for _ in cb.gammas]
     update = []
-    for r in range(repeats):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         for t in range(1, 21):
             cb._update(t)
@@ -103,9 +117,16 @@ def snapshot_cost(recipe: list[str], label: str, snapshot_every: int, repeats: i
         writes.append(time.perf_counter() - t0)
         size = path.stat().st_size
     per_k = 1000 / snapshot_every
-    return [label, f"{trainable_parameters(module) / 1e6:.2f}M", snapshot_every, f"{size / 1e6:.1f}",
-            f"{per_k * size / 1e6:.0f}", f"{median(update) * 1e3:.2f}", f"{median(writes) * 1e3:.0f}",
-            f"{1000 * median(update) + per_k * median(writes):.1f}"]
+    return [
+        label,
+        f"{trainable_parameters(module) / 1e6:.2f}M",
+        snapshot_every,
+        f"{size / 1e6:.1f}",
+        f"{per_k * size / 1e6:.0f}",
+        f"{median(update) * 1e3:.2f}",
+        f"{median(writes) * 1e3:.0f}",
+        f"{1000 * median(update) + per_k * median(writes):.1f}",
+    ]
 
 
 def plot(rows: list[dict], fixed: dict, path: Path) -> None:
@@ -139,8 +160,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="smoke run: 40 training steps, n 50, 3 lengths")
-    p.add_argument("--keep-quality", action="store_true",
-                   help="re-measure only the snapshot cost; keep the quality table of the last full run")
+    p.add_argument(
+        "--keep-quality",
+        action="store_true",
+        help="re-measure only the snapshot cost; keep the quality table of the last full run",
+    )
     args = p.parse_args()
     set_threads(args.threads)
     extra = []
@@ -159,30 +183,56 @@ def main() -> None:
     plot(rows, fixed, png)
     cost = [snapshot_cost(["experiment=digits"], "digits", 150, args.repeats)]
     if not args.quick:
-        cost.append(snapshot_cost(["experiment=stl10_vpred_cfg", "trainer=cpu", "datamodule.download=false"],
-                                  "stl10_vpred_cfg", 150, args.repeats))
+        cost.append(
+            snapshot_cost(
+                ["experiment=stl10_vpred_cfg", "trainer=cpu", "datamodule.download=false"],
+                "stl10_vpred_cfg",
+                150,
+                args.repeats,
+            )
+        )
     table = [[f"{r['sigma_rel']:.3f}", f"{r['residual']:.2%}", f"{r['fd']:.2f}", f"{r['accuracy']:.3f}"] for r in rows]
-    table += [[f"fixed EMA, decay {fixed['decay']}", "", f"{fixed['ema']['fd']:.2f}",
-               f"{fixed['ema']['accuracy']:.3f}"],
-              ["raw weights (no EMA)", "", f"{fixed['raw']['fd']:.2f}", f"{fixed['raw']['accuracy']:.3f}"]]
-    text = "\n".join([
-        "# Post-hoc EMA on digits: quality against the relative EMA length" + (" (quick)" if args.quick else ""), "",
-        f"`python bench/bench_posthoc_ema.py --n {args.n}`: one `experiment=digits callbacks=posthoc` run "
-        f"({fixed['steps']} steps, snapshots of sigma_rel 0.05 and 0.10 every 150 steps, plus the default EMA with "
-        f"decay {fixed['decay']}); each length reconstructed at the last snapshot (profile residual: how far the "
-        f"least-squares combination is from the wanted power-function profile, relative L2); {args.n} balanced "
-        f"samples with the recipe's Heun-10 sampler and guidance 2, the same initial noise for every row; FD in the "
-        f"digit classifier's features to the 1797 real digits (real-vs-real floor at n = 500: 3.14), accuracy by "
-        f"the same classifier. Plot: `bench/results/posthoc_ema.png`.", "",
-        md_table(["sigma_rel", "profile residual", "FD", "accuracy"], table), "",
-        f"Best length: sigma_rel {best['sigma_rel']:.3f} (FD {best['fd']:.2f}, accuracy {best['accuracy']:.3f}) "
-        f"against the fixed-decay EMA's FD {fixed['ema']['fd']:.2f}.", "",
-        "Cost of the snapshots (two profiles, float32, no thinning), per 1000 optimizer steps: the EMA updates of "
-        "every step (timed on the recipe's model) and the snapshot writes (safetensors to the local disk):", "",
-        md_table(["recipe", "trainable params", "snapshot every", "MB per snapshot", "MB per 1000 steps",
-                  "update ms per step", "write ms per snapshot", "s per 1000 steps"], cost), "",
-        f"Machine: {machine_description()}",
-    ])
+    table += [
+        [f"fixed EMA, decay {fixed['decay']}", "", f"{fixed['ema']['fd']:.2f}", f"{fixed['ema']['accuracy']:.3f}"],
+        ["raw weights (no EMA)", "", f"{fixed['raw']['fd']:.2f}", f"{fixed['raw']['accuracy']:.3f}"],
+    ]
+    text = "\n".join(
+        [
+            "# Post-hoc EMA on digits: quality against the relative EMA length" + (" (quick)" if args.quick else ""),
+            "",
+            f"`python bench/bench_posthoc_ema.py --n {args.n}`: one `experiment=digits callbacks=posthoc` run "
+            f"({fixed['steps']} steps, snapshots of sigma_rel 0.05 and 0.10 every 150 steps, plus the default EMA with "
+            f"decay {fixed['decay']}); each length reconstructed at the last snapshot (profile residual: how far the "
+            f"least-squares combination is from the wanted power-function profile, relative L2); {args.n} balanced "
+            f"samples with the recipe's Heun-10 sampler and guidance 2, the same initial noise for every row; FD in the "
+            f"digit classifier's features to the 1797 real digits (real-vs-real floor at n = 500: 3.14), accuracy by "
+            f"the same classifier. Plot: `bench/results/posthoc_ema.png`.",
+            "",
+            md_table(["sigma_rel", "profile residual", "FD", "accuracy"], table),
+            "",
+            f"Best length: sigma_rel {best['sigma_rel']:.3f} (FD {best['fd']:.2f}, accuracy {best['accuracy']:.3f}) "
+            f"against the fixed-decay EMA's FD {fixed['ema']['fd']:.2f}.",
+            "",
+            "Cost of the snapshots (two profiles, float32, no thinning), per 1000 optimizer steps: the EMA updates of "
+            "every step (timed on the recipe's model) and the snapshot writes (safetensors to the local disk):",
+            "",
+            md_table(
+                [
+                    "recipe",
+                    "trainable params",
+                    "snapshot every",
+                    "MB per snapshot",
+                    "MB per 1000 steps",
+                    "update ms per step",
+                    "write ms per snapshot",
+                    "s per 1000 steps",
+                ],
+                cost,
+            ),
+            "",
+            f"Machine: {machine_description()}",
+        ]
+    )
     print(write_result("posthoc_ema", text, args.quick), flush=True)
 
 

@@ -10,6 +10,7 @@ digit classifier.
 
     python bench/bench_precision.py [--quick] [--threads 2] [--recipe]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,18 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS as RESULTS_DIR, compose_train, has_native_bf16, interleaved,  # noqa: E402
-                          machine_description, md_table, median, set_threads, time_calls, write_result)
+from bench.common import RESULTS as RESULTS_DIR  # noqa: E402
+from bench.common import (
+    compose_train,
+    has_native_bf16,
+    interleaved,
+    machine_description,
+    md_table,
+    median,
+    set_threads,
+    time_calls,
+    write_result,
+)
 
 # (experiment, batch for the timing; the recipe's own batch where it fits the 2-core machine)
 RECIPES = [("digits", 64), ("cifar10_ddim", 8), ("stl10_vpred_cfg", 4)]
@@ -55,6 +66,7 @@ def step_fn(module, shape, batch: int, bf16: bool):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
     return step
 
 
@@ -68,8 +80,17 @@ def measure_steps(args) -> list[list]:
             f()  # warm-up: oneDNN primitive caches for both precisions
         times = interleaved({k: (lambda f=f: time_calls(f, args.steps)) for k, f in fns.items()}, args.repeats)
         fp32, bf16 = median(times["fp32"]), median(times["bf16"])
-        rows.append([experiment, "x".join(map(str, shape)), batch, f"{params / 1e6:.2f}M", f"{fp32 * 1e3:.0f}",
-                     f"{bf16 * 1e3:.0f}", f"{fp32 / bf16:.2f}x"])
+        rows.append(
+            [
+                experiment,
+                "x".join(map(str, shape)),
+                batch,
+                f"{params / 1e6:.2f}M",
+                f"{fp32 * 1e3:.0f}",
+                f"{bf16 * 1e3:.0f}",
+                f"{fp32 / bf16:.2f}x",
+            ]
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -81,21 +102,32 @@ def run_recipe(precision: str, out: Path, steps: int) -> dict:
 
     shutil.rmtree(out, ignore_errors=True)  # a stale last.ckpt in a reused run dir would be judged instead
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "difflab.train", f"trainer.precision={precision}", f"trainer.max_steps={steps}",
-           "trainer.max_time=null",
-           "logger=csv", "trainer.enable_progress_bar=false", f"hydra.run.dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "difflab.train",
+        f"trainer.precision={precision}",
+        f"trainer.max_steps={steps}",
+        "trainer.max_time=null",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={out}",
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     wall = time.perf_counter() - t0
-    from difflab.checkpoints import module_from_checkpoint
+    from difflab.checkpoints import load_checkpoint, module_from_checkpoint
     from difflab.eval.digits_eval import evaluate_module
-
-    from difflab.checkpoints import load_checkpoint
 
     ckpt = out / "checkpoints" / "last.ckpt"
     res = evaluate_module(module_from_checkpoint(ckpt), n=500)
     nan = "nan" in (out / "csv" / "metrics.csv").read_text().lower()
-    return {"wall": wall, "fd": res["fd"], "acc": res["accuracy"], "nan": nan,
-            "step": int(load_checkpoint(ckpt)["global_step"])}
+    return {
+        "wall": wall,
+        "fd": res["fd"],
+        "acc": res["accuracy"],
+        "nan": nan,
+        "step": int(load_checkpoint(ckpt)["global_step"]),
+    }
 
 
 def main() -> None:
@@ -115,29 +147,39 @@ def main() -> None:
 
     previous = (RESULTS_DIR / "precision.md").read_text() if (RESULTS_DIR / "precision.md").is_file() else ""
     if args.recipe_only and "| recipe |" in previous:
-        table = previous[previous.index("| recipe |"):].split("\n\n")[0]
+        table = previous[previous.index("| recipe |") :].split("\n\n")[0]
     else:
-        table = md_table(["recipe", "shape", "batch", "trainable params", "fp32 ms", "bf16 ms", "bf16 speed-up"],
-                         measure_steps(args))
-    lines = ["# Precision on CPU: fp32 vs bf16 autocast" + (" (quick)" if args.quick else ""), "",
-             f"`python bench/bench_precision.py{' --quick' if args.quick else ''}`: ms per training step of each "
-             f"recipe's DiffusionModule (its loss + backward + AdamW), median of {args.repeats} alternating rounds of "
-             f"{args.steps} steps, {args.threads} torch threads. Speed-up > 1 means bf16 is faster.", "",
-             table,
-             "", f"Rule in `trainer.precision=auto`: bf16-mixed on a native-bf16 CPU from "
-             f"{CPU_BF16_MIN_PARAMS / 1e6:.0f}M trainable parameters. This CPU: "
-             f"{'native bf16' if has_native_bf16() else 'no native bf16 (auto always picks 32-true here)'}."]
+        table = md_table(
+            ["recipe", "shape", "batch", "trainable params", "fp32 ms", "bf16 ms", "bf16 speed-up"], measure_steps(args)
+        )
+    lines = [
+        "# Precision on CPU: fp32 vs bf16 autocast" + (" (quick)" if args.quick else ""),
+        "",
+        f"`python bench/bench_precision.py{' --quick' if args.quick else ''}`: ms per training step of each "
+        f"recipe's DiffusionModule (its loss + backward + AdamW), median of {args.repeats} alternating rounds of "
+        f"{args.steps} steps, {args.threads} torch threads. Speed-up > 1 means bf16 is faster.",
+        "",
+        table,
+        "",
+        f"Rule in `trainer.precision=auto`: bf16-mixed on a native-bf16 CPU from "
+        f"{CPU_BF16_MIN_PARAMS / 1e6:.0f}M trainable parameters. This CPU: "
+        f"{'native bf16' if has_native_bf16() else 'no native bf16 (auto always picks 32-true here)'}.",
+    ]
     if args.recipe:
         recipe_rows = []
         for prec in ("32-true", "bf16-mixed"):
             r = run_recipe(prec, Path(f"/tmp/difflab_bench_precision/{prec}"), args.recipe_steps)
-            recipe_rows.append([prec, r["step"], f"{r['wall']:.0f}", f"{r['fd']:.2f}", f"{r['acc']:.3f}",
-                                "yes" if r["nan"] else "no"])
+            recipe_rows.append(
+                [prec, r["step"], f"{r['wall']:.0f}", f"{r['fd']:.2f}", f"{r['acc']:.3f}", "yes" if r["nan"] else "no"]
+            )
             print(recipe_rows[-1], flush=True)
-        lines += ["", f"Whole digits recipe ({args.recipe_steps} steps, then 500 samples judged by the repo's digit "
-                  "classifier; FD in its features, real-vs-real floor in BENCHMARKS.md):", "",
-                  md_table(["precision", "steps", "wall s (train + figures)", "FD", "accuracy", "NaN in log"],
-                           recipe_rows)]
+        lines += [
+            "",
+            f"Whole digits recipe ({args.recipe_steps} steps, then 500 samples judged by the repo's digit "
+            "classifier; FD in its features, real-vs-real floor in BENCHMARKS.md):",
+            "",
+            md_table(["precision", "steps", "wall s (train + figures)", "FD", "accuracy", "NaN in log"], recipe_rows),
+        ]
     lines += ["", f"Machine: {machine_description()}"]
     print(write_result("precision", "\n".join(lines), args.quick))
 

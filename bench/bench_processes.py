@@ -10,6 +10,7 @@ initial noise, judged by the repo's digit classifier: FD in its 128-d features t
 
     python bench/bench_processes.py [--budget 300] [--n 500] [--threads 2] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_vs_diffusers import hms  # noqa: E402
-from bench.common import REPO, compose_train, machine_description, md_table, set_threads, write_result  # noqa: E402
+from bench.common import compose_train, machine_description, md_table, set_threads, write_result  # noqa: E402
 
 PROCESSES = ("vp", "edm", "flow")
 NFES = (10, 20, 50)
@@ -40,13 +39,27 @@ def train_one(process: str, budget: float, out_dir: Path, extra: list[str]) -> d
     from difflab.callbacks.ema import ema_module
     from difflab.pipeline import train
 
-    cfg = compose_train(["experiment=digits", f"process={process}", f"++trainer.max_time='{hms(budget)}'",
-                         "trainer.max_steps=-1", "~callbacks.progress_bar", "trainer.enable_progress_bar=false",
-                         "trainer.enable_model_summary=false", "logger=csv", *extra], output_dir=out_dir)
+    cfg = compose_train(
+        [
+            "experiment=digits",
+            f"process={process}",
+            f"++trainer.max_time='{hms(budget)}'",
+            "trainer.max_steps=-1",
+            "~callbacks.progress_bar",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+            "logger=csv",
+            *extra,
+        ],
+        output_dir=out_dir,
+    )
     t0 = time.perf_counter()
     objs = train(cfg)
-    return {"module": ema_module(objs["trainer"], objs["model"]), "steps": int(objs["trainer"].global_step),
-            "train_s": time.perf_counter() - t0}
+    return {
+        "module": ema_module(objs["trainer"], objs["model"]),
+        "steps": int(objs["trainer"].global_step),
+        "train_s": time.perf_counter() - t0,
+    }
 
 
 def evaluate(module, n: int) -> list[dict]:
@@ -60,8 +73,15 @@ def evaluate(module, n: int) -> list[dict]:
             sampler = functools.partial(S.SAMPLERS[name], steps=steps_for(name, nfe))
             t0 = time.perf_counter()
             ev = evaluate_module(module, n=n, sampler=sampler, batch_size=250)
-            rows.append({"sampler": name, "nfe": S.model_evaluations(sampler, module.diffusion.process), "fd": ev["fd"],
-                         "accuracy": ev["accuracy"], "sample_s": time.perf_counter() - t0})
+            rows.append(
+                {
+                    "sampler": name,
+                    "nfe": S.model_evaluations(sampler, module.diffusion.process),
+                    "fd": ev["fd"],
+                    "accuracy": ev["accuracy"],
+                    "sample_s": time.perf_counter() - t0,
+                }
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -70,14 +90,23 @@ def render(results: dict, args) -> str:
     table = []
     for process, res in results.items():
         for r in res["rows"]:
-            table.append([process, f"{res['steps']} ({res['steps'] / res['train_s']:.1f}/s)", r["sampler"], r["nfe"],
-                          f"{r['fd']:.2f}", f"{r['accuracy']:.3f}"])
+            table.append(
+                [
+                    process,
+                    f"{res['steps']} ({res['steps'] / res['train_s']:.1f}/s)",
+                    r["sampler"],
+                    r["nfe"],
+                    f"{r['fd']:.2f}",
+                    f"{r['accuracy']:.3f}",
+                ]
+            )
     best = {p: min(res["rows"], key=lambda r: r["fd"]) for p, res in results.items()}
     winner = min(best, key=lambda p: best[p]["fd"])
     ranked = sorted(best, key=lambda p: best[p]["fd"])
     margin = best[ranked[1]]["fd"] / best[winner]["fd"] if len(ranked) > 1 else float("inf")
     lines = [
-        "# Noise processes on digits: vp vs edm vs flow at equal wall-clock" + (" (quick)" if args.quick else ""), "",
+        "# Noise processes on digits: vp vs edm vs flow at equal wall-clock" + (" (quick)" if args.quick else ""),
+        "",
         f"`python bench/bench_processes.py --budget {args.budget:g} --n {args.n} --threads {args.threads}`: the digits "
         f"recipe (`experiment=digits`) under `process=vp|edm|flow` with each process's default settings, each trained "
         f"for {args.budget:g} s of wall-clock (`trainer.max_steps=-1`, LR warm-up + cosine over the time budget), one "
@@ -85,11 +114,19 @@ def render(results: dict, args) -> str:
         f"same initial noise, guidance scale 2 (the recipe's); FD in the digit classifier's features to all 1797 real "
         f"digits (real-vs-real floor at n = 500 in BENCHMARKS.md), accuracy = agreement with the requested label. "
         f"euler = DDIM with eta 0 on every process; NFE = network evaluations (each a batched conditional + "
-        f"unconditional forward).", "",
-        md_table(["process", "optimizer steps", "sampler", "NFE", "FD", "accuracy"], table), "",
-        "Best row per process: " + "; ".join(f"{p}: {best[p]['sampler']} NFE {best[p]['nfe']} FD {best[p]['fd']:.2f} "
-                                              f"(accuracy {best[p]['accuracy']:.3f})" for p in ranked) + ".",
-        f"Lowest FD: {winner} ({margin:.2f}x better than the next process's best row).", "",
+        f"unconditional forward).",
+        "",
+        md_table(["process", "optimizer steps", "sampler", "NFE", "FD", "accuracy"], table),
+        "",
+        "Best row per process: "
+        + "; ".join(
+            f"{p}: {best[p]['sampler']} NFE {best[p]['nfe']} FD {best[p]['fd']:.2f} "
+            f"(accuracy {best[p]['accuracy']:.3f})"
+            for p in ranked
+        )
+        + ".",
+        f"Lowest FD: {winner} ({margin:.2f}x better than the next process's best row).",
+        "",
         f"Machine: {machine_description()}",
     ]
     return "\n".join(lines)
@@ -103,8 +140,11 @@ def main() -> None:
     p.add_argument("--processes", nargs="+", default=list(PROCESSES), choices=PROCESSES)
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for every run")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--merge", action="store_true", help="keep the other processes' results of an earlier run "
-                                                         "(rerun one process that was disturbed by other load)")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other processes' results of an earlier run (rerun one process that was disturbed by other load)",
+    )
     args = p.parse_args()
     args.budget = args.budget or (40.0 if args.quick else 300.0)
     args.n = args.n or (100 if args.quick else 500)

@@ -24,6 +24,7 @@ Prints a markdown table and writes bench/results/streaming.md (streaming_quick.m
 
     PYTHONPATH=. python bench/bench_streaming.py [--quick] [--dir /tmp/difflab_stream_bench] [--workers 0 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,17 @@ def write_cache(root: Path, n: int, n_val: int = 1000, seed: int = 0) -> Path:
     """A complete memory-mapped latent cache of n random float16 latents (plus n_val for val)."""
     import numpy as np
 
-    from difflab.latents.cache import (LABELS, LATENTS, STATUS_COMPLETE, channel_moments, new_manifest,
-                                       normalisation, read_manifest, split_dir, write_manifest)
+    from difflab.latents.cache import (
+        LABELS,
+        LATENTS,
+        STATUS_COMPLETE,
+        channel_moments,
+        new_manifest,
+        normalisation,
+        read_manifest,
+        split_dir,
+        write_manifest,
+    )
 
     out = root / f"cache_n{n}"
     old = read_manifest(out) if out.exists() else None
@@ -57,8 +67,13 @@ def write_cache(root: Path, n: int, n_val: int = 1000, seed: int = 0) -> Path:
         return out
     identity = {"class": "bench.synthetic", "config": {}, "hash": "0" * 64, "spec": None}
     manifest = new_manifest(identity, {"target": "bench.synthetic", "args": {"n": n, "seed": seed}}, "float16", 4096)
-    manifest.update(latent_shape=list(SHAPE), pixel_shape=[3, 64, 64], num_classes=10,
-                    class_names=[f"c{i}" for i in range(10)], prompts=None)
+    manifest.update(
+        latent_shape=list(SHAPE),
+        pixel_shape=[3, 64, 64],
+        num_classes=10,
+        class_names=[f"c{i}" for i in range(10)],
+        prompts=None,
+    )
     rng = np.random.default_rng(seed)
     for split, count in (("train", n), ("val", n_val)):
         d = split_dir(out, split)
@@ -67,7 +82,7 @@ def write_cache(root: Path, n: int, n_val: int = 1000, seed: int = 0) -> Path:
         for i in range(0, count, 65536):
             m = min(65536, count - i)  # channel-dependent mean/std: the normalisation is not the identity
             block = rng.standard_normal((m, *SHAPE), dtype=np.float32) * np.array([1, 2, 3, 4])[:, None, None]
-            lat[i:i + m] = block + np.array([0.5, -1, 0, 2])[:, None, None]
+            lat[i : i + m] = block + np.array([0.5, -1, 0, 2])[:, None, None]
         lat.flush()
         del lat
         np.save(d / LABELS, rng.integers(0, 10, size=count).astype(np.int64))
@@ -137,16 +152,37 @@ def measure(fmt: str, path: Path, workers: int, batch_size: int, max_batches: in
 
     gc.collect()
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB -> MiB, joined workers only
-    return {"format": fmt, "n": int(dm.cache.count("train")), "workers": workers, "batch_size": batch_size,
-            "batches": n_batches, "samples": samples, "open_s": open_s, "first_batch_s": first_s,
-            "elapsed_s": elapsed, "samples_per_s": samples / elapsed, "base_rss": base["VmRSS"],
-            "peak_main": end["VmHWM"], "peak_worker": children if workers else None,
-            "anon_growth": end["RssAnon"] - base["RssAnon"], "file_rss": end["RssFile"] - base["RssFile"]}
+    return {
+        "format": fmt,
+        "n": int(dm.cache.count("train")),
+        "workers": workers,
+        "batch_size": batch_size,
+        "batches": n_batches,
+        "samples": samples,
+        "open_s": open_s,
+        "first_batch_s": first_s,
+        "elapsed_s": elapsed,
+        "samples_per_s": samples / elapsed,
+        "base_rss": base["VmRSS"],
+        "peak_main": end["VmHWM"],
+        "peak_worker": children if workers else None,
+        "anon_growth": end["RssAnon"] - base["RssAnon"],
+        "file_rss": end["RssFile"] - base["RssFile"],
+    }
 
 
 def spawn(fmt: str, path: Path, workers: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--measure", fmt, str(path), "--workers", str(workers), "--batch-size",
-           str(args.batch_size)] + (["--max-batches", str(args.max_batches)] if args.max_batches else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--measure",
+        fmt,
+        str(path),
+        "--workers",
+        str(workers),
+        "--batch-size",
+        str(args.batch_size),
+    ] + (["--max-batches", str(args.max_batches)] if args.max_batches else [])
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode:
@@ -160,24 +196,50 @@ def table(rows: list[dict], writes: dict, args) -> str:
     body = []
     for r in rows:
         peak_worker = "-" if r["peak_worker"] is None else f"{r['peak_worker']:.0f}"
-        body.append([f"{r['n']:,} ({r['n'] * BYTES / 1e6:.0f} MB)", "litdata shards" if r["format"] == "shards"
-                     else "memory map", r["workers"], f"{r['open_s']:.3f}", f"{r['first_batch_s']:.3f}",
-                     f"{r['samples_per_s']:,.0f}", f"{r['peak_main']:.0f}", peak_worker,
-                     f"{r['anon_growth']:.0f}", f"{r['file_rss']:.0f}", f"{r['base_rss']:.0f}"])
-    head = ["train latents (4x8x8 fp16)", "layout", "workers", "open (s)", "first batch (s)", "samples/s",
-            "peak RSS main (MiB)", "peak RSS worker (MiB)", "+private main (MiB)", "+file-backed main (MiB)",
-            "RSS after imports (MiB)"]
+        body.append(
+            [
+                f"{r['n']:,} ({r['n'] * BYTES / 1e6:.0f} MB)",
+                "litdata shards" if r["format"] == "shards" else "memory map",
+                r["workers"],
+                f"{r['open_s']:.3f}",
+                f"{r['first_batch_s']:.3f}",
+                f"{r['samples_per_s']:,.0f}",
+                f"{r['peak_main']:.0f}",
+                peak_worker,
+                f"{r['anon_growth']:.0f}",
+                f"{r['file_rss']:.0f}",
+                f"{r['base_rss']:.0f}",
+            ]
+        )
+    head = [
+        "train latents (4x8x8 fp16)",
+        "layout",
+        "workers",
+        "open (s)",
+        "first batch (s)",
+        "samples/s",
+        "peak RSS main (MiB)",
+        "peak RSS worker (MiB)",
+        "+private main (MiB)",
+        "+file-backed main (MiB)",
+        "RSS after imports (MiB)",
+    ]
     ratios = []
     for n in sorted({r["n"] for r in rows}):
         for w in sorted({r["workers"] for r in rows}):
             pair = {r["format"]: r for r in rows if r["n"] == n and r["workers"] == w}
             if len(pair) == 2:
-                ratios.append(f"- {n:,} latents, {w} workers: shards read at "
-                              f"{pair['shards']['samples_per_s'] / pair['mmap']['samples_per_s']:.2f}x the memory "
-                              f"map's samples/s; first batch {pair['shards']['first_batch_s']:.3f} s vs "
-                              f"{pair['mmap']['first_batch_s']:.3f} s.")
-    write_lines = [f"- {n:,} latents: shards written in {s:.1f} s ({n / s:,.0f} latents/s) from the cache"
-                   for n, s in sorted(writes.items()) if s is not None]
+                ratios.append(
+                    f"- {n:,} latents, {w} workers: shards read at "
+                    f"{pair['shards']['samples_per_s'] / pair['mmap']['samples_per_s']:.2f}x the memory "
+                    f"map's samples/s; first batch {pair['shards']['first_batch_s']:.3f} s vs "
+                    f"{pair['mmap']['first_batch_s']:.3f} s."
+                )
+    write_lines = [
+        f"- {n:,} latents: shards written in {s:.1f} s ({n / s:,.0f} latents/s) from the cache"
+        for n, s in sorted(writes.items())
+        if s is not None
+    ]
     scope = f"at most {args.max_batches} batches" if args.max_batches else "one shuffled epoch"
     notes = f"""
 Each row is a fresh Python process reading {scope} of the train loader (batch {args.batch_size}, shuffled,
@@ -219,14 +281,18 @@ def main() -> None:
         for w in workers:
             for fmt, path in (("mmap", cache), ("shards", shards)):
                 r = spawn(fmt, path, w, args)
-                print(f"n={n:,} {fmt} workers={w}: {r['samples_per_s']:,.0f} samples/s, first batch "
-                      f"{r['first_batch_s']:.3f} s, peak RSS {r['peak_main']:.0f} MiB", file=sys.stderr)
+                print(
+                    f"n={n:,} {fmt} workers={w}: {r['samples_per_s']:,.0f} samples/s, first batch "
+                    f"{r['first_batch_s']:.3f} s, peak RSS {r['peak_main']:.0f} MiB",
+                    file=sys.stderr,
+                )
                 rows.append(r)
     from bench.common import write_result
 
     title = "# Streaming shards vs memory-mapped latent cache" + (" (quick)" if args.quick else "")
-    md = f"{title}\n\nGenerated by `python bench/bench_streaming.py{' --quick' if args.quick else ''}`.\n\n" \
-         + table(rows, writes, args)
+    md = f"{title}\n\nGenerated by `python bench/bench_streaming.py{' --quick' if args.quick else ''}`.\n\n" + table(
+        rows, writes, args
+    )
     print(md)
     print(f"wrote {write_result('streaming', md, quick=args.quick)}", file=sys.stderr)
 

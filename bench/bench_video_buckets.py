@@ -19,6 +19,7 @@ Measured:
 
 Writes bench/results/video_buckets.md (``--quick``: prints only, unless --write-quick).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,16 +61,26 @@ def build_how2sign(root: Path, seconds: np.ndarray, fps: float, size: tuple[int,
             ramp = (np.arange(n, dtype=np.int64) * 7 % 200 + 20).astype(np.uint8)
             frames = np.broadcast_to(ramp[:, None, None, None], (n, h, w, 3)).copy()
             write_mp4(clips / f"{vid}_0-rgb_front.mp4", frames, fps=fps, codec="mpeg4")
-            rows.append(f"{vid}\t{vid}-rgb_front\t{vid}_0\t{vid}_0-rgb_front\t0.00\t{n / fps:.2f}\t"
-                        f"{split} sentence {i}")
+            rows.append(
+                f"{vid}\t{vid}-rgb_front\t{vid}_0\t{vid}_0-rgb_front\t0.00\t{n / fps:.2f}\t{split} sentence {i}"
+            )
         (root / f"how2sign_{split}.csv").write_text("\n".join(rows) + "\n")
     return time.perf_counter() - t0
 
 
 def datamodule(root: Path, args, max_frames: int | None) -> SignVideoDataModule:
-    return SignVideoDataModule(dataset="how2sign", data_dir=str(root), num_frames=args.num_frames,
-                               image_size=args.image_size, target_fps=args.target_fps, batch_size=args.batch_size,
-                               num_workers=0, pin_memory=False, persistent_workers=False, max_frames=max_frames)
+    return SignVideoDataModule(
+        dataset="how2sign",
+        data_dir=str(root),
+        num_frames=args.num_frames,
+        image_size=args.image_size,
+        target_fps=args.target_fps,
+        batch_size=args.batch_size,
+        num_workers=0,
+        pin_memory=False,
+        persistent_workers=False,
+        max_frames=max_frames,
+    )
 
 
 def usage_rows(root: Path, args) -> tuple[list[list[str]], dict]:
@@ -80,16 +91,31 @@ def usage_rows(root: Path, args) -> tuple[list[list[str]], dict]:
         rep = dm.bucket_report
         sampler = dm.bucket_sampler()
         details[most] = (buckets, sizes, rep, len(sampler))
-        rows.append([f"{args.num_frames}..{most} step {args.num_frames}", f"{100 * rep['frames_used_fixed']:.1f}%",
-                     f"{100 * rep['frames_used_buckets']:.1f}%", str(len(sampler)), rep["buckets"]])
+        rows.append(
+            [
+                f"{args.num_frames}..{most} step {args.num_frames}",
+                f"{100 * rep['frames_used_fixed']:.1f}%",
+                f"{100 * rep['frames_used_buckets']:.1f}%",
+                str(len(sampler)),
+                rep["buckets"],
+            ]
+        )
     return rows, details
 
 
 def tiny_unet(args):
     from difflab.models.unet3d import UNet3D
 
-    return UNet3D(in_channels=3, base_channels=args.base_channels, channel_mults=(1, 2), num_res_blocks=1,
-                  attention_levels=(1,), temporal_attention_levels=(1,), groups=4, head_dim=8)
+    return UNet3D(
+        in_channels=3,
+        base_channels=args.base_channels,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        temporal_attention_levels=(1,),
+        groups=4,
+        head_dim=8,
+    )
 
 
 def step_times(sizes: dict[Bucket, int], args) -> list[list[str]]:
@@ -110,6 +136,7 @@ def step_times(sizes: dict[Bucket, int], args) -> list[list[str]]:
             loss.backward()
             opt.step()
             return time.perf_counter() - t0
+
         return run
 
     fns = {b: timer(b) for b in sizes}
@@ -118,8 +145,15 @@ def step_times(sizes: dict[Bucket, int], args) -> list[list[str]]:
     rows = []
     for b in sorted(sizes):
         s = median(got[b])
-        rows.append([str(b), str(sizes[b]), str(sizes[b] * b.frames), f"{1000 * s:.0f}",
-                     f"{1000 * s / (sizes[b] * b.frames):.2f}"])
+        rows.append(
+            [
+                str(b),
+                str(sizes[b]),
+                str(sizes[b] * b.frames),
+                f"{1000 * s:.0f}",
+                f"{1000 * s / (sizes[b] * b.frames):.2f}",
+            ]
+        )
     return rows
 
 
@@ -159,33 +193,44 @@ def main() -> None:
         usage, details = usage_rows(root, args)
         step_sizes = details.get(args.step_max_frames, (None, None))[1] or first.train_buckets()[1]
         steps = step_times(step_sizes, args)
-    text = "\n".join([
-        "# Variable-length video buckets (How2Sign layout)",
-        "",
-        machine_description(),
-        "",
-        f"Synthetic How2Sign train split: {args.clips} sentence clips, durations log-normal (median 5 s, sigma 0.6) "
-        f"cut to [1, 30] s (min {seconds.min():.1f} s, median {np.median(seconds):.1f} s, mean {seconds.mean():.1f} s, "
-        f"max {seconds.max():.1f} s), written at {args.fps:g} fps {args.image_size}x{args.image_size} "
-        f"({write_s:.1f} s to write); read at target_fps={args.target_fps:g}, image_size={args.image_size}, "
-        f"batch_size={args.batch_size}.",
-        "",
-        "## Fraction of usable frames fed to the model (one epoch)",
-        "",
-        md_table(["buckets (max_frames)", f"fixed {args.num_frames}-frame crop", "buckets", "batches/epoch",
-                  "clips x batch size per bucket"], usage, ["l", "r", "r", "r", "l"]),
-        "",
-        f"Reading the {args.clips} clip lengths from the containers: {cold:.2f} s cold (includes building the index), "
-        f"{warm:.2f} s with the JSON cache.",
-        "",
-        f"## Step time per bucket: tiny UNet3D (base {args.base_channels}, mults [1, 2]), AdamW, "
-        f"{args.threads} threads, median of {args.repeats} after {args.warmup} untimed rounds",
-        "",
-        md_table(["bucket TxHxW", "batch", "clip-frames / step", "ms / step", "ms / clip-frame"], steps),
-        "",
-        "Batch size per bucket: max(1, floor(batch_size x num_frames x image_size^2 / (T x H x W))) "
-        "(datamodule.bucket_batch=scale).",
-    ])
+    text = "\n".join(
+        [
+            "# Variable-length video buckets (How2Sign layout)",
+            "",
+            machine_description(),
+            "",
+            f"Synthetic How2Sign train split: {args.clips} sentence clips, durations log-normal (median 5 s, sigma 0.6) "
+            f"cut to [1, 30] s (min {seconds.min():.1f} s, median {np.median(seconds):.1f} s, mean {seconds.mean():.1f} s, "
+            f"max {seconds.max():.1f} s), written at {args.fps:g} fps {args.image_size}x{args.image_size} "
+            f"({write_s:.1f} s to write); read at target_fps={args.target_fps:g}, image_size={args.image_size}, "
+            f"batch_size={args.batch_size}.",
+            "",
+            "## Fraction of usable frames fed to the model (one epoch)",
+            "",
+            md_table(
+                [
+                    "buckets (max_frames)",
+                    f"fixed {args.num_frames}-frame crop",
+                    "buckets",
+                    "batches/epoch",
+                    "clips x batch size per bucket",
+                ],
+                usage,
+                ["l", "r", "r", "r", "l"],
+            ),
+            "",
+            f"Reading the {args.clips} clip lengths from the containers: {cold:.2f} s cold (includes building the index), "
+            f"{warm:.2f} s with the JSON cache.",
+            "",
+            f"## Step time per bucket: tiny UNet3D (base {args.base_channels}, mults [1, 2]), AdamW, "
+            f"{args.threads} threads, median of {args.repeats} after {args.warmup} untimed rounds",
+            "",
+            md_table(["bucket TxHxW", "batch", "clip-frames / step", "ms / step", "ms / clip-frame"], steps),
+            "",
+            "Batch size per bucket: max(1, floor(batch_size x num_frames x image_size^2 / (T x H x W))) "
+            "(datamodule.bucket_batch=scale).",
+        ]
+    )
     print(text)
     if not args.quick or args.write_quick:
         print(f"wrote {write_result('video_buckets', text, quick=args.quick)}")

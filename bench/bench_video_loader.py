@@ -9,6 +9,7 @@ blobs, then times full passes over the training loader (random windows, decode +
 
 Writes a markdown table to stdout and to bench/results/video_loader.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ def synthetic_clip(rng: np.random.Generator, t: int, h: int, w: int) -> np.ndarr
     end = rng.random(2) * [h - 2 * r - 1, w - 2 * r - 1]
     for k in range(t):
         y, x = (start + (end - start) * k / max(1, t - 1)).astype(int)
-        patch = frames[k, y:y + 2 * r + 1, x:x + 2 * r + 1]
+        patch = frames[k, y : y + 2 * r + 1, x : x + 2 * r + 1]
         patch[:] = patch * (1 - blob) + colour * blob
     frames += rng.integers(-6, 7, (t, h, w, 1)).astype(np.float32)
     return np.clip(frames, 0, 255).astype(np.uint8)
@@ -58,8 +59,11 @@ def build_dataset(root: Path, clips: int, frames: int, size: tuple[int, int], fp
         for i in range(n):
             vid = f"bench{split}{i:04d}"
             name = f"{vid}_0-rgb_front"
-            write_mp4(root / f"{split}_rgb_front_clips" / "raw_videos" / f"{name}.mp4",
-                      synthetic_clip(rng, frames, *size), fps)
+            write_mp4(
+                root / f"{split}_rgb_front_clips" / "raw_videos" / f"{name}.mp4",
+                synthetic_clip(rng, frames, *size),
+                fps,
+            )
             rows.append(f"{vid}\t{vid}-rgb_front\t{vid}_0\t{name}\t0.0\t{frames / fps:.2f}\tclip number {i}")
         (root / f"how2sign_{split}.csv").write_text("\n".join(rows) + "\n")
     return time.perf_counter() - t0
@@ -67,9 +71,17 @@ def build_dataset(root: Path, clips: int, frames: int, size: tuple[int, int], fp
 
 def time_loader(root: Path, workers: int, epochs: int, args) -> tuple[float, int]:
     """Seconds for ``epochs`` passes over the train loader (persistent workers; start-up included) and clip count."""
-    dm = SignVideoDataModule(dataset="how2sign", data_dir=str(root), num_frames=args.num_frames,
-                             image_size=args.image_size, batch_size=args.batch_size, num_workers=workers,
-                             pin_memory=False, persistent_workers=workers > 0, backend=args.backend)
+    dm = SignVideoDataModule(
+        dataset="how2sign",
+        data_dir=str(root),
+        num_frames=args.num_frames,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        num_workers=workers,
+        pin_memory=False,
+        persistent_workers=workers > 0,
+        backend=args.backend,
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     n = 0

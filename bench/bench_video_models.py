@@ -10,6 +10,7 @@ steps after --warmup untimed ones, parameters, and peak GPU memory on CUDA.
 
     PYTHONPATH=. python bench/bench_video_models.py [--quick] [--device auto|cpu|cuda] [--steps 5] [--warmup 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,15 @@ def build_denoiser(experiment: str, channels: int):
     from omegaconf import open_dict
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}", "paths.output_dir=/tmp/unused",
-                                          "paths.data_dir=/tmp/unused", f"paths.root_dir={REPO}"])
+        cfg = compose(
+            "train",
+            overrides=[
+                f"experiment={experiment}",
+                "paths.output_dir=/tmp/unused",
+                "paths.data_dir=/tmp/unused",
+                f"paths.root_dir={REPO}",
+            ],
+        )
     with open_dict(cfg):
         cfg.model.diffusion.sample_shape = [channels, 1, 1, 1]  # only in_channels reads it
     return instantiate(cfg.model.net)(cond_dim=TEXT_DIM, context_dim=TEXT_DIM)
@@ -53,7 +61,7 @@ def time_steps(net, shape, device, steps: int, warmup: int) -> dict:
     cond = torch.randn(b, TEXT_DIM, generator=g).to(device)
     ctx = torch.randn(b, TEXT_TOKENS, TEXT_DIM, generator=g).to(device)
     mask = torch.ones(b, TEXT_TOKENS, dtype=torch.bool, device=device)
-    mask[:, TEXT_TOKENS // 2:] = False  # half padding, as for a typical sentence
+    mask[:, TEXT_TOKENS // 2 :] = False  # half padding, as for a typical sentence
     net = net.to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     if device.type == "cuda":
@@ -73,7 +81,7 @@ def time_steps(net, shape, device, steps: int, warmup: int) -> dict:
             times.append(time.perf_counter() - t0)
     out = {"median_s": statistics.median(times), "min_s": min(times), "steps": steps}
     if device.type == "cuda":
-        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
 
 
@@ -96,10 +104,16 @@ def main(argv=None) -> int:
         n_params = sum(p.numel() for p in net.parameters())
         r = time_steps(net, shape, device, steps, warmup)
         rows.append((name, experiment, n_params, r))
-        print(f"{name:7s} ({experiment}): {n_params / 1e6:.1f}M params, {r['median_s'] * 1000:.0f} ms/step "
-              f"(min {r['min_s'] * 1000:.0f})" + (f", peak {r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else ""),
-              flush=True)
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+        print(
+            f"{name:7s} ({experiment}): {n_params / 1e6:.1f}M params, {r['median_s'] * 1000:.0f} ms/step "
+            f"(min {r['min_s'] * 1000:.0f})" + (f", peak {r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else ""),
+            flush=True,
+        )
+    dev = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()})"
+    )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         f"# Video denoisers: training step time{' (quick)' if args.quick else ''}",
@@ -111,7 +125,11 @@ def main(argv=None) -> int:
         "",
         f"Device: {dev}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
         f"1-min load average at the end {load:.1f} on {os.cpu_count()} cores"
-        + (" (shared machine: absolute CPU times are noisy, the ratio is the useful number)" if device.type == "cpu" else "")
+        + (
+            " (shared machine: absolute CPU times are noisy, the ratio is the useful number)"
+            if device.type == "cpu"
+            else ""
+        )
         + ".",
         "",
         "| denoiser | experiment | params | ms / step (median) | ms / step (min) | peak GPU memory |",
@@ -119,11 +137,15 @@ def main(argv=None) -> int:
     ]
     for name, experiment, n_params, r in rows:
         mem = f"{r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else "-"
-        lines.append(f"| {name} | {experiment} | {n_params / 1e6:.1f}M | {r['median_s'] * 1000:.0f} | "
-                     f"{r['min_s'] * 1000:.0f} | {mem} |")
+        lines.append(
+            f"| {name} | {experiment} | {n_params / 1e6:.1f}M | {r['median_s'] * 1000:.0f} | "
+            f"{r['min_s'] * 1000:.0f} | {mem} |"
+        )
     ratio = rows[1][3]["median_s"] / rows[0][3]["median_s"]
     lines += ["", f"ViViT / UNet3D step-time ratio: {ratio:.2f}.", ""]
-    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"video_models{'_quick' if args.quick else ''}.md"
+    out = (
+        Path(args.out) if args.out else REPO / "bench" / "results" / f"video_models{'_quick' if args.quick else ''}.md"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     print(f"wrote {out}")

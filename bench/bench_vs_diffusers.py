@@ -18,6 +18,7 @@ both alike; CPU seconds used are reported to show it); ``--sequential`` runs the
 
     PYTHONPATH=. python bench/bench_vs_diffusers.py [--budget 300] [--n 500] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,9 +56,17 @@ def run_difflab(budget: float, n: int, out_dir: Path, extra: list[str]) -> dict:
     from difflab.eval.digits_eval import evaluate_module
     from difflab.pipeline import train
 
-    overrides = ["experiment=digits", f"paths.output_dir={out_dir}", f"paths.root_dir={REPO}",
-                 f"++trainer.max_time='{hms(budget)}'", "trainer.max_steps=-1", "~callbacks.progress_bar", "trainer.enable_progress_bar=false",
-                 "trainer.enable_model_summary=false", *extra]
+    overrides = [
+        "experiment=digits",
+        f"paths.output_dir={out_dir}",
+        f"paths.root_dir={REPO}",
+        f"++trainer.max_time='{hms(budget)}'",
+        "trainer.max_steps=-1",
+        "~callbacks.progress_bar",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        *extra,
+    ]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     t0 = time.perf_counter()
@@ -74,15 +83,33 @@ def run_difflab(budget: float, n: int, out_dir: Path, extra: list[str]) -> dict:
     for label, sampler in samplers:
         s0 = time.perf_counter()
         ev = evaluate_module(module, n=n, sampler=sampler, batch_size=250)
-        rows.append({"sampler": sampler_name(sampler or module.diffusion.sampler),
-                     "accuracy": ev["accuracy"], "fd": ev["fd"], "sample_s": time.perf_counter() - s0, "kind": label})
-    return {"side": "difflab", "steps": int(trainer.global_step), "train_s": train_s, "cpu_s": cpu_s,
-            "params": sum(p.numel() for p in module.denoiser.parameters()),
-            "recipe": {"net": {k: v for k, v in net.items() if not k.startswith("_")}, "lr": float(cfg.model.lr),
-                       "weight_decay": float(cfg.optimizer.weight_decay), "max_steps": int(cfg.trainer.max_steps),
-                       "batch_size": int(cfg.datamodule.batch_size), "guidance": float(cfg.guidance.scale),
-                       "p_uncond": float(cfg.model.diffusion.p_uncond), "ema": float(cfg.callbacks.ema.decay)},
-            "rows": rows}
+        rows.append(
+            {
+                "sampler": sampler_name(sampler or module.diffusion.sampler),
+                "accuracy": ev["accuracy"],
+                "fd": ev["fd"],
+                "sample_s": time.perf_counter() - s0,
+                "kind": label,
+            }
+        )
+    return {
+        "side": "difflab",
+        "steps": int(trainer.global_step),
+        "train_s": train_s,
+        "cpu_s": cpu_s,
+        "params": sum(p.numel() for p in module.denoiser.parameters()),
+        "recipe": {
+            "net": {k: v for k, v in net.items() if not k.startswith("_")},
+            "lr": float(cfg.model.lr),
+            "weight_decay": float(cfg.optimizer.weight_decay),
+            "max_steps": int(cfg.trainer.max_steps),
+            "batch_size": int(cfg.datamodule.batch_size),
+            "guidance": float(cfg.guidance.scale),
+            "p_uncond": float(cfg.model.diffusion.p_uncond),
+            "ema": float(cfg.callbacks.ema.decay),
+        },
+        "rows": rows,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- diffusers side
@@ -90,16 +117,24 @@ def diffusers_unet(layers_per_block: int = 2):
     """The baseline network: UNet2DModel 16x16x1, widths (32, 64, 64), attention at the lowest level, 11 classes."""
     from diffusers import UNet2DModel
 
-    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
-                       layers_per_block=layers_per_block,
-                       down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8, attention_head_dim=32, num_class_embeds=NULL_CLASS + 1)
+    return UNet2DModel(
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=layers_per_block,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=32,
+        num_class_embeds=NULL_CLASS + 1,
+    )
 
 
 @torch.no_grad()
-def diffusers_sample(unet, train_scheduler, labels: torch.Tensor, steps: int, scale: float, seed: int,
-                     batch_size: int = 250) -> torch.Tensor:
+def diffusers_sample(
+    unet, train_scheduler, labels: torch.Tensor, steps: int, scale: float, seed: int, batch_size: int = 250
+) -> torch.Tensor:
     """DDIM (eta 0) samples with classifier-free guidance: out = u + scale (c - u), the null class as u."""
     from diffusers import DDIMScheduler
 
@@ -108,7 +143,7 @@ def diffusers_sample(unet, train_scheduler, labels: torch.Tensor, steps: int, sc
     out = []
     unet.eval()
     for i in range(0, len(labels), batch_size):
-        y = labels[i:i + batch_size]
+        y = labels[i : i + batch_size]
         x = torch.randn((len(y), 1, 16, 16), generator=g)
         sched.set_timesteps(steps)
         both = torch.cat([y, torch.full_like(y, NULL_CLASS)])
@@ -134,7 +169,9 @@ def run_diffusers(budget: float, n: int, layers_per_block: int, seed: int = 42) 
     dm.setup("fit")
     loader = dm.train_dataloader()
     unet = diffusers_unet(layers_per_block)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
+    )
     opt = torch.optim.AdamW(unet.parameters(), lr=2e-4)
     ema = EMAModel(unet.parameters(), decay=0.999)
     steps = 0
@@ -164,10 +201,22 @@ def run_diffusers(budget: float, n: int, layers_per_block: int, seed: int = 42) 
     s0 = time.perf_counter()
     images = diffusers_sample(unet, scheduler, labels, steps=25, scale=2.0, seed=0)
     ev = evaluate_samples(images, labels)
-    return {"side": "diffusers", "steps": steps, "train_s": train_s, "cpu_s": cpu_s,
-            "params": sum(p.numel() for p in unet.parameters()),
-            "rows": [{"sampler": "DDIM-25 (DDIMScheduler)", "accuracy": ev["accuracy"], "fd": ev["fd"],
-                      "sample_s": time.perf_counter() - s0, "kind": "ddim25"}]}
+    return {
+        "side": "diffusers",
+        "steps": steps,
+        "train_s": train_s,
+        "cpu_s": cpu_s,
+        "params": sum(p.numel() for p in unet.parameters()),
+        "rows": [
+            {
+                "sampler": "DDIM-25 (DDIMScheduler)",
+                "accuracy": ev["accuracy"],
+                "fd": ev["fd"],
+                "sample_s": time.perf_counter() - s0,
+                "kind": "ddim25",
+            }
+        ],
+    }
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -179,8 +228,22 @@ def real_floor(n: int) -> float:
 
 
 def spawn(side: str, args, out_json: Path) -> subprocess.Popen:
-    cmd = [sys.executable, __file__, "--child", side, "--budget", str(args.budget), "--n", str(args.n),
-           "--threads", str(args.threads), "--json", str(out_json), "--diffusers-layers", str(args.diffusers_layers)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        side,
+        "--budget",
+        str(args.budget),
+        "--n",
+        str(args.n),
+        "--threads",
+        str(args.threads),
+        "--json",
+        str(out_json),
+        "--diffusers-layers",
+        str(args.diffusers_layers),
+    ]
     for o in args.override:
         cmd += ["--override", o]
     return subprocess.Popen(cmd, cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
@@ -192,37 +255,64 @@ def report(res: dict, floor: float, args) -> str:
     rows = []
     for side in (dl, df):
         for r in side["rows"]:
-            rows.append([side["side"], f"{side['params'] / 1e6:.2f}M", side["steps"], f"{side['steps'] / args.budget:.2f}",
-                         f"{side['cpu_s']:.0f}", r["sampler"], f"{r['accuracy']:.3f}", f"{r['fd']:.2f}",
-                         f"{r['fd'] / base_fd:.2f}", f"{r['sample_s']:.0f}"])
+            rows.append(
+                [
+                    side["side"],
+                    f"{side['params'] / 1e6:.2f}M",
+                    side["steps"],
+                    f"{side['steps'] / args.budget:.2f}",
+                    f"{side['cpu_s']:.0f}",
+                    r["sampler"],
+                    f"{r['accuracy']:.3f}",
+                    f"{r['fd']:.2f}",
+                    f"{r['fd'] / base_fd:.2f}",
+                    f"{r['sample_s']:.0f}",
+                ]
+            )
     rows.append([f"real digits ({args.n})", "", "", "", "", "", "", f"{floor:.2f}", f"{floor / base_fd:.2f}", ""])
     rec = dl["recipe"]
     best = min(dl["rows"], key=lambda r: r["fd"])
     recipe_row = dl["rows"][0]
     met = recipe_row["fd"] <= TARGET_RATIO * base_fd and recipe_row["accuracy"] >= 0.99
-    return "\n".join([
-        "# Quality per wall-clock on digits: difflab vs a plain diffusers loop" + (" (quick)" if args.quick else ""),
-        "",
-        f"`PYTHONPATH=. python bench/bench_vs_diffusers.py --budget {args.budget:g} --n {args.n}`"
-        f"{' --sequential' if args.sequential else ''}; each side trained for {args.budget:g} s of wall-clock with "
-        f"{args.threads} torch thread(s), {'one after the other' if args.sequential else 'both at the same time (one process each)'}; "
-        f"{args.n} balanced samples judged by the digit classifier (FD to all 1797 real digits).",
-        "",
-        md_table(["side", "params", "optimizer steps", "steps/s", "CPU s (train)", "sampler", "accuracy", "FD",
-                  "FD / diffusers FD", "sampling s"], rows),
-        "",
-        f"difflab recipe as run: net {rec['net']}, lr {rec['lr']:g}, weight decay {rec['weight_decay']:g}, "
-        f"max_steps {rec['max_steps']} (-1: bounded by the time budget alone; warm-up + cosine LR over the wall-clock), "
-        f"batch {rec['batch_size']}, p_uncond {rec['p_uncond']}, guidance {rec['guidance']}, EMA {rec['ema']}. "
-        f"diffusers: UNet2DModel layers_per_block {args.diffusers_layers}, AdamW lr 2e-4 (weight decay 0.01, torch's "
-        f"default), no LR schedule. difflab's budget includes its validation, sample-grid and checkpoint callbacks.",
-        "",
-        f"Target (difflab recipe FD <= {TARGET_RATIO} x diffusers FD with accuracy >= 0.99): "
-        f"{'met' if met else 'not met'} (recipe sampler: FD ratio {recipe_row['fd'] / base_fd:.2f}, accuracy "
-        f"{recipe_row['accuracy']:.3f}; best difflab row {best['sampler']}: ratio {best['fd'] / base_fd:.2f}).",
-        "",
-        f"Machine: {machine_description()}",
-    ])
+    return "\n".join(
+        [
+            "# Quality per wall-clock on digits: difflab vs a plain diffusers loop"
+            + (" (quick)" if args.quick else ""),
+            "",
+            f"`PYTHONPATH=. python bench/bench_vs_diffusers.py --budget {args.budget:g} --n {args.n}`"
+            f"{' --sequential' if args.sequential else ''}; each side trained for {args.budget:g} s of wall-clock with "
+            f"{args.threads} torch thread(s), {'one after the other' if args.sequential else 'both at the same time (one process each)'}; "
+            f"{args.n} balanced samples judged by the digit classifier (FD to all 1797 real digits).",
+            "",
+            md_table(
+                [
+                    "side",
+                    "params",
+                    "optimizer steps",
+                    "steps/s",
+                    "CPU s (train)",
+                    "sampler",
+                    "accuracy",
+                    "FD",
+                    "FD / diffusers FD",
+                    "sampling s",
+                ],
+                rows,
+            ),
+            "",
+            f"difflab recipe as run: net {rec['net']}, lr {rec['lr']:g}, weight decay {rec['weight_decay']:g}, "
+            f"max_steps {rec['max_steps']} (-1: bounded by the time budget alone; warm-up + cosine LR over the wall-clock), "
+            f"batch {rec['batch_size']}, p_uncond {rec['p_uncond']}, guidance {rec['guidance']}, EMA {rec['ema']}. "
+            f"diffusers: UNet2DModel layers_per_block {args.diffusers_layers}, AdamW lr 2e-4 (weight decay 0.01, torch's "
+            f"default), no LR schedule. difflab's budget includes its validation, sample-grid and checkpoint callbacks.",
+            "",
+            f"Target (difflab recipe FD <= {TARGET_RATIO} x diffusers FD with accuracy >= 0.99): "
+            f"{'met' if met else 'not met'} (recipe sampler: FD ratio {recipe_row['fd'] / base_fd:.2f}, accuracy "
+            f"{recipe_row['accuracy']:.3f}; best difflab row {best['sampler']}: ratio {best['fd'] / base_fd:.2f}).",
+            "",
+            f"Machine: {machine_description()}",
+        ]
+    )
 
 
 def main() -> None:
@@ -231,7 +321,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=None, help="samples per side (500; 100 with --quick)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per side")
     p.add_argument("--sequential", action="store_true", help="train one side after the other instead of together")
-    p.add_argument("--diffusers-layers", type=int, default=2, help="UNet2DModel layers_per_block (diffusers' default 2)")
+    p.add_argument(
+        "--diffusers-layers", type=int, default=2, help="UNet2DModel layers_per_block (diffusers' default 2)"
+    )
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for the difflab side")
     p.add_argument("--quick", action="store_true", help="30 s budget, 100 samples")
     p.add_argument("--child", choices=["difflab", "diffusers"], help=argparse.SUPPRESS)

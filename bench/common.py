@@ -3,6 +3,7 @@
 Every bench script measures both sides of a comparison in the same process or on the same cores, back to back and
 alternating, and reports medians, because the 2-core development machine is shared and timings are noisy.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,10 +63,12 @@ def machine_description() -> str:
     """One paragraph describing where the numbers were measured."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     bf16 = "native bf16 (avx512_bf16/amx)" if has_native_bf16() else "no native bf16 (no avx512_bf16 / amx flags)"
-    return (f"{cpu_model()}, {os.cpu_count()} logical CPUs visible, {bf16}, {gpu}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, torch threads {torch.get_num_threads()}; 1-min load average "
-            f"{load_average()} when written (the machine is shared, so absolute timings are noisy; ratios are "
-            f"measured back to back).")
+    return (
+        f"{cpu_model()}, {os.cpu_count()} logical CPUs visible, {bf16}, {gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, torch threads {torch.get_num_threads()}; 1-min load average "
+        f"{load_average()} when written (the machine is shared, so absolute timings are noisy; ratios are "
+        f"measured back to back)."
+    )
 
 
 def set_threads(n: int | None) -> None:
@@ -97,7 +100,7 @@ def interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, 
     out: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for r in range(repeats):
-        for k in (names if r % 2 == 0 else names[::-1]):
+        for k in names if r % 2 == 0 else names[::-1]:
             out[k].append(fns[k]())
     return out
 
@@ -110,8 +113,10 @@ def median(xs: Sequence[float]) -> float:
 def md_table(header: Sequence[str], rows: Sequence[Sequence[object]], align: Sequence[str] | None = None) -> str:
     """A GitHub markdown table; align entries are 'l' or 'r' (default: first column left, others right)."""
     align = align or ["l"] + ["r"] * (len(header) - 1)
-    lines = ["| " + " | ".join(map(str, header)) + " |",
-             "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+    lines = [
+        "| " + " | ".join(map(str, header)) + " |",
+        "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|",
+    ]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -131,8 +136,12 @@ def write_result(name: str, text: str, quick: bool = False) -> Path:
 def git_revision() -> str:
     """Short git revision of the repo (or 'unknown'), recorded next to the numbers."""
     try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -9,6 +9,7 @@ Scripts that are not in the tree (another engineer's, not written yet) are skipp
 
 ``--quick`` runs only print the table unless ``--write-quick`` is given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,20 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
     "denoiser": ("bench_denoiser.py", [], ["--quick"], ["denoiser"]),
     "ema": ("bench_ema.py", [], ["--quick"], ["ema"]),
     "samplers_gaussian": ("bench_samplers.py", ["--gaussian"], ["--gaussian", "--quick"], ["samplers_gaussian"]),
-    "samplers_digits": ("bench_samplers.py", ["--ckpt", DIGITS_CKPT], ["--ckpt", DIGITS_CKPT, "--quick"],
-                        ["samplers_digits"]),
+    "samplers_digits": (
+        "bench_samplers.py",
+        ["--ckpt", DIGITS_CKPT],
+        ["--ckpt", DIGITS_CKPT, "--quick"],
+        ["samplers_digits"],
+    ),
     "stl10_loader": ("bench_stl10_loader.py", [], ["--quick"], ["stl10_loader"]),
     "latent_loader": ("bench_latent.py", [], ["--quick"], ["latent_loader"]),
-    "video_loader": ("bench_video_loader.py", [], ["--quick", "--out", str(RESULTS / "video_loader_quick.md")],
-                     ["video_loader"]),
+    "video_loader": (
+        "bench_video_loader.py",
+        [],
+        ["--quick", "--out", str(RESULTS / "video_loader_quick.md")],
+        ["video_loader"],
+    ),
     "video_models": ("bench_video_models.py", [], ["--quick"], ["video_models"]),
     "diagnostics": ("bench_diagnostics.py", [], ["--quick"], ["diagnostics"]),
     "processes": ("bench_processes.py", [], ["--quick"], ["processes"]),
@@ -56,10 +65,15 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
 }
 TITLES = {
     "vs_diffusers": "1. Quality per wall-clock on digits (difflab vs a plain diffusers loop)",
-    "overhead": "2. Framework overhead", "denoiser": "3. Denoiser throughput", "ema": "4. EMA cost",
+    "overhead": "2. Framework overhead",
+    "denoiser": "3. Denoiser throughput",
+    "ema": "4. EMA cost",
     "samplers_digits": "5. Sampler quality per NFE (trained digits model)",
-    "samplers_gaussian": "5b. Sampler exactness on closed-form data", "stl10_loader": "STL10 loader",
-    "latent_loader": "Latent loader", "video_loader": "Video loader", "video_models": "Video denoisers",
+    "samplers_gaussian": "5b. Sampler exactness on closed-form data",
+    "stl10_loader": "STL10 loader",
+    "latent_loader": "Latent loader",
+    "video_loader": "Video loader",
+    "video_models": "Video denoisers",
     "diagnostics": "Diagnostics callbacks overhead",
     "processes": "6. Noise processes on digits (vp vs edm vs flow, equal wall-clock)",
     "samplers_processes": "6b. Samplers on every process (exact moments) and the default spacing",
@@ -79,7 +93,7 @@ TARGET_RE = re.compile(r"(target[^.\n]*?:\s*\**(?:met|not met)[^\n]*)", re.IGNOR
 
 def result_path(name: str, quick: bool) -> Path | None:
     """The result file to show: the quick one for --quick runs if present, else the full one (or None)."""
-    for cand in ([f"{name}_quick.md", f"{name}.md"] if quick else [f"{name}.md"]):
+    for cand in [f"{name}_quick.md", f"{name}.md"] if quick else [f"{name}.md"]:
         if (RESULTS / cand).is_file():
             return RESULTS / cand
     return None
@@ -149,9 +163,12 @@ def main() -> None:
     p.add_argument("--no-run", action="store_true", help="only rebuild BENCHMARKS.md from existing result files")
     p.add_argument("--timeout", type=float, default=None, help="seconds per script")
     p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
-    p.add_argument("--write-quick", action="store_true",
-                   help="with --quick, also write the quick results into BENCHMARKS.md (off: a smoke run never "
-                        "replaces real numbers)")
+    p.add_argument(
+        "--write-quick",
+        action="store_true",
+        help="with --quick, also write the quick results into BENCHMARKS.md (off: a smoke run never "
+        "replaces real numbers)",
+    )
     args = p.parse_args()
     names = [n for n in (args.only or BENCHES) if n not in args.skip]
     rows = []

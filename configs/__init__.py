@@ -1,5 +1,6 @@
 """difflab's Hydra configs, shipped inside the package (``difflab.configs``) so the console commands find them from
 any directory. ``CONFIG_DIR`` is their folder on disk; Hydra reads them as ``pkg://difflab.configs``."""
+
 import os
 from pathlib import Path
 

@@ -1,12 +1,29 @@
 """Allowed values of the top-level keys of each primary config (train.yaml, sample.yaml, export.yaml, report.yaml,
 encode_latents.yaml), checked by difflab.config_checks before a job starts. Groups have their own
 configs/<group>/schema.py; `sample.yaml`'s `guidance` block is no group, so its rules are here."""
+
 import re
 from pathlib import Path
 
-from difflab.config_checks import (Rule, any_of, boolean, device, directory_path, existing_file, existing_path,
-                                   integer, list_of, non_negative, number, one_of, optional, positive, probability,
-                                   sigma_interval, string)
+from difflab.config_checks import (
+    Rule,
+    any_of,
+    boolean,
+    device,
+    directory_path,
+    existing_file,
+    existing_path,
+    integer,
+    list_of,
+    non_negative,
+    number,
+    one_of,
+    optional,
+    positive,
+    probability,
+    sigma_interval,
+    string,
+)
 from difflab.registry import CFGPP_LAMBDA, cfgpp_lambda_ok
 
 EXPORT_WEIGHTS = "model.safetensors"
@@ -32,25 +49,28 @@ def _not_found(key: str, value) -> str:
     return f"checkpoint not found: {path} (check ckpt_path)"
 
 
-CHECKPOINT = Rule(_checkpoint_found, "an existing checkpoint (*.ckpt), export directory or model.safetensors") \
-    .reported_as(_not_found)
+CHECKPOINT = Rule(
+    _checkpoint_found, "an existing checkpoint (*.ckpt), export directory or model.safetensors"
+).reported_as(_not_found)
 SPLITS = ("train", "val", "test")
 
 TRAIN = {
     "task_name": string(nonempty=True),
     "tags": optional(list_of(string())),
-    "seed": optional(integer(min=0, max=2**32 - 1)),       # Lightning's seed_everything bounds
+    "seed": optional(integer(min=0, max=2**32 - 1)),  # Lightning's seed_everything bounds
     # `last`: <run>/checkpoints/last.ckpt of hydra.run.dir (src/ops/resume.py reports a missing one in one line)
-    "ckpt_path": optional(any_of(one_of(["last", ""]), existing_file())).described_as(
-        "last, an existing checkpoint file or null").reported_as(
-        lambda key, value: f"ckpt_path={value}: no checkpoint at {Path(str(value))}"),   # src/ops/resume.py's line
+    "ckpt_path": optional(any_of(one_of(["last", ""]), existing_file()))
+    .described_as("last, an existing checkpoint file or null")
+    .reported_as(
+        lambda key, value: f"ckpt_path={value}: no checkpoint at {Path(str(value))}"
+    ),  # src/ops/resume.py's line
     "resume": optional(one_of(["auto", "never"])),
-    "init_from": optional(existing_path()).described_as("an existing checkpoint or export (file or directory) "
-                                                         "or null"),
+    "init_from": optional(existing_path()).described_as("an existing checkpoint or export (file or directory) or null"),
     "init_strict": boolean(),
     "optimized_metric": optional(string(nonempty=True)).described_as(
-        "the name of a logged metric (val/loss, metrics/fd_digit200, ...) or null"),
-    "trust_stored_code": boolean(),                          # difflab.trust
+        "the name of a logged metric (val/loss, metrics/fd_digit200, ...) or null"
+    ),
+    "trust_stored_code": boolean(),  # difflab.trust
 }
 
 SAMPLE = {
@@ -59,7 +79,7 @@ SAMPLE = {
     "n": integer(min=1),
     "out_dir": directory_path(),
     "batch_size": integer(min=1),
-    "labels": optional(list_of(integer(min=0))),            # upper bound: the checkpoint's classes (checked on load)
+    "labels": optional(list_of(integer(min=0))),  # upper bound: the checkpoint's classes (checked on load)
     "prompts": optional(list_of(string())),
     "seed": integer(),
     "device": device(),
@@ -67,13 +87,14 @@ SAMPLE = {
     "guidance.scale": optional(non_negative()),
     "guidance.rescale": optional(probability()),
     "guidance.interval": optional(sigma_interval()),
-    "guidance.method": optional(one_of(["cfg", "cfgpp", "apg", "autoguidance"])),   # src/diffusion/guidance.py
+    "guidance.method": optional(one_of(["cfg", "cfgpp", "apg", "autoguidance"])),  # src/diffusion/guidance.py
     "guidance.eta": optional(number()),
     "guidance.norm_threshold": optional(non_negative()),
     "guidance.momentum": optional(number(min=-1, max=1, min_open=True, max_open=True)),
-    "guidance.guide_ckpt": optional(Rule(_checkpoint_found, "an existing checkpoint (*.ckpt) or export of the guide "
-                                              "model")),
-    "trust_stored_code": boolean(),                          # difflab.trust
+    "guidance.guide_ckpt": optional(
+        Rule(_checkpoint_found, "an existing checkpoint (*.ckpt) or export of the guide model")
+    ),
+    "trust_stored_code": boolean(),  # difflab.trust
 }
 
 EXPORT = {
@@ -81,7 +102,7 @@ EXPORT = {
     "ckpt_path": CHECKPOINT,
     "out_dir": directory_path(),
     "weights": one_of(["ema", "raw"]),
-    "trust_stored_code": boolean(),                          # difflab.trust
+    "trust_stored_code": boolean(),  # difflab.trust
 }
 
 REPORT = {
@@ -93,10 +114,10 @@ REPORT = {
     "class_grid": boolean(),
     "metrics": boolean(),
     "val_batches": optional(integer(min=1)),
-    "trust_stored_code": boolean(),                          # difflab.trust
+    "trust_stored_code": boolean(),  # difflab.trust
 }
 
-RECONSTRUCT_EMA = {   # src/reconstruct_ema.py; exactly one of sigma_rel / gamma: one_ema_length below
+RECONSTRUCT_EMA = {  # src/reconstruct_ema.py; exactly one of sigma_rel / gamma: one_ema_length below
     "task_name": string(nonempty=True),
     "run_dir": existing_path().described_as("an existing run directory (trained with callbacks=posthoc)"),
     "sigma_rel": optional(number(min=0, max=0.3, min_open=True)),
@@ -106,14 +127,16 @@ RECONSTRUCT_EMA = {   # src/reconstruct_ema.py; exactly one of sigma_rel / gamma
     "out": optional(string(nonempty=True)),
     "overwrite": boolean(),
     "tolerance": number(min=0, max=1, min_open=True),
-    "trust_stored_code": boolean(),                          # difflab.trust
+    "trust_stored_code": boolean(),  # difflab.trust
 }
 
 ENCODE_LATENTS = {
     "task_name": string(nonempty=True),
     "out_dir": directory_path(),
-    "splits": Rule(lambda v: isinstance(v, list) and "train" in v and all(s in SPLITS for s in v),
-                   "a list of splits from train, val, test that includes train (normalisation comes from it)"),
+    "splits": Rule(
+        lambda v: isinstance(v, list) and "train" in v and all(s in SPLITS for s in v),
+        "a list of splits from train, val, test that includes train (normalisation comes from it)",
+    ),
     "batch_size": integer(min=1),
     "num_workers": integer(min=0),
     "dtype": one_of(["float16", "float32"]),
@@ -122,10 +145,10 @@ ENCODE_LATENTS = {
     "overwrite": boolean(),
     "device": device(),
     "progress": boolean(),
-    "format": one_of(["mmap", "shards"]),                  # src/latents/shards.py
+    "format": one_of(["mmap", "shards"]),  # src/latents/shards.py
     "shard_samples": optional(integer(min=1)),
     "shard_seed": optional(integer(min=0)),
-    "trust_stored_code": boolean(),                          # difflab.trust
+    "trust_stored_code": boolean(),  # difflab.trust
 }
 
 
@@ -148,7 +171,7 @@ def resume_xor_init(cfg: dict):
 def sampler_steps_fit_schedule(cfg: dict):
     """A sampler cannot take more steps than the schedule has timesteps."""
     steps = (cfg.get("sampler") or {}).get("steps")
-    total = (cfg.get("process", cfg.get("schedule")) or {}).get("num_timesteps")   # discrete (vp) processes only
+    total = (cfg.get("process", cfg.get("schedule")) or {}).get("num_timesteps")  # discrete (vp) processes only
     if isinstance(steps, int) and isinstance(total, int) and 2 <= total < steps:
         return "sampler.steps", f"an integer in [1, {total}] (schedule.num_timesteps={total})"
 
@@ -171,18 +194,24 @@ def frames_within_temporal_positions(cfg: dict):
     if isinstance(most, int) and isinstance(frames, int) and frames > most:
         return "model.net.max_frames", f"at least the clips' frame count (datamodule.num_frames={frames})"
     buckets = data.get("buckets")
-    longest = max(buckets) if isinstance(buckets, list) and buckets and all(isinstance(b, int) for b in buckets) \
+    longest = (
+        max(buckets)
+        if isinstance(buckets, list) and buckets and all(isinstance(b, int) for b in buckets)
         else data.get("max_frames")
+    )
     if isinstance(most, int) and isinstance(longest, int) and longest > most:
-        return "model.net.max_frames", (f"at least the longest frame bucket ({longest}: datamodule.buckets / "
-                                        f"datamodule.max_frames)")
+        return "model.net.max_frames", (
+            f"at least the longest frame bucket ({longest}: datamodule.buckets / datamodule.max_frames)"
+        )
 
 
-PREPARE_CLIPS = {   # src/prepare_clips.py -> src/datamodules/streaming_clips.py
+PREPARE_CLIPS = {  # src/prepare_clips.py -> src/datamodules/streaming_clips.py
     "task_name": string(nonempty=True),
     "out_dir": directory_path(),
-    "splits": Rule(lambda v: isinstance(v, list) and len(v) > 0 and len(set(v)) == len(v) and
-                   all(s in SPLITS for s in v), "a non-empty list of distinct splits from train, val, test"),
+    "splits": Rule(
+        lambda v: isinstance(v, list) and len(v) > 0 and len(set(v)) == len(v) and all(s in SPLITS for s in v),
+        "a non-empty list of distinct splits from train, val, test",
+    ),
     "batch_size": integer(min=1),
     "num_workers": integer(min=0),
     "overwrite": boolean(),
@@ -192,8 +221,17 @@ PREPARE_CLIPS = {   # src/prepare_clips.py -> src/datamodules/streaming_clips.py
 }
 
 
-RULES = {"train": TRAIN, "sample": SAMPLE, "export": EXPORT, "report": REPORT, "encode_latents": ENCODE_LATENTS,
-         "reconstruct_ema": RECONSTRUCT_EMA, "prepare_clips": PREPARE_CLIPS}
+RULES = {
+    "train": TRAIN,
+    "sample": SAMPLE,
+    "export": EXPORT,
+    "report": REPORT,
+    "encode_latents": ENCODE_LATENTS,
+    "reconstruct_ema": RECONSTRUCT_EMA,
+    "prepare_clips": PREPARE_CLIPS,
+}
+
+
 def _node(cfg: dict, path: str):
     for part in path.split("."):
         cfg = cfg.get(part) if isinstance(cfg, dict) else None
@@ -208,8 +246,18 @@ def targets_take_their_keys(cfg: dict):
     import importlib
     import inspect
 
-    for path in ("datamodule", "model", "model.net", "model.diffusion", "process", "objective", "sampler", "guidance",
-                 "optimizer", "lr_schedule"):
+    for path in (
+        "datamodule",
+        "model",
+        "model.net",
+        "model.diffusion",
+        "process",
+        "objective",
+        "sampler",
+        "guidance",
+        "optimizer",
+        "lr_schedule",
+    ):
         node = _node(cfg, path)
         target = node.get("_target_") if node else None
         if not isinstance(target, str) or "." not in target:
@@ -223,9 +271,11 @@ def targets_take_their_keys(cfg: dict):
             continue
         unknown = sorted(k for k in node if not str(k).startswith("_") and k not in params)
         if unknown:
-            return f"{path}.{unknown[0]}", (f"not an argument of {name} ({path}._target_); it was set for another "
-                                            f"{path.split('.')[-1]} choice (e.g. by the experiment): drop it with "
-                                            f"~{path}.{unknown[0]} or pick matching options")
+            return f"{path}.{unknown[0]}", (
+                f"not an argument of {name} ({path}._target_); it was set for another "
+                f"{path.split('.')[-1]} choice (e.g. by the experiment): drop it with "
+                f"~{path}.{unknown[0]} or pick matching options"
+            )
 
 
 # Which callback logs a metrics/* name (src/callbacks/sample_metrics.py, src/callbacks/class_grid.py).
@@ -248,10 +298,12 @@ def _metric_source(cfg: dict, name: str):
         found = _SAMPLE_COUNT.match(name)
         n = metrics.get("n_samples")
         if found and isinstance(n, int) and int(found.group(1)) != n:
-            return None, (f"callbacks.sample_metrics.n_samples={n} names its metrics with {n} "
-                          f"(e.g. {name.replace(found.group(1), str(n), 1)})")
+            return None, (
+                f"callbacks.sample_metrics.n_samples={n} names its metrics with {n} "
+                f"(e.g. {name.replace(found.group(1), str(n), 1)})"
+            )
         return "sample_metrics", metrics
-    return "", None   # val/loss, val_loss_t/*, train/*: logged by the module itself
+    return "", None  # val/loss, val_loss_t/*, train/*: logged by the module itself
 
 
 def monitored_metrics_are_logged(cfg: dict):
@@ -260,7 +312,10 @@ def monitored_metrics_are_logged(cfg: dict):
     with an error when a monitored metric is missing after validation has run)."""
     checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint")
     monitor = checkpoint.get("monitor") if isinstance(checkpoint, dict) else None
-    for key, name in (("callbacks.model_checkpoint.monitor", monitor), ("optimized_metric", cfg.get("optimized_metric"))):
+    for key, name in (
+        ("callbacks.model_checkpoint.monitor", monitor),
+        ("optimized_metric", cfg.get("optimized_metric")),
+    ):
         if not isinstance(name, str) or not name.startswith("metrics/"):
             continue
         source, why = _metric_source(cfg, name)
@@ -271,8 +326,8 @@ def monitored_metrics_are_logged(cfg: dict):
             ckpt_every = checkpoint.get("every_n_train_steps")
             if isinstance(every, int) and isinstance(ckpt_every, int) and every > 0 and ckpt_every % every:
                 return "callbacks.model_checkpoint.every_n_train_steps", (
-                    f"a multiple of callbacks.{source}.every_n_steps={every} (the monitored {name} is measured "
-                    f"then)")
+                    f"a multiple of callbacks.{source}.every_n_steps={every} (the monitored {name} is measured then)"
+                )
 
 
 def dinov2_weights_exist(cfg: dict):
@@ -284,7 +339,8 @@ def dinov2_weights_exist(cfg: dict):
         if not (isinstance(path, str) and (Path(path) / "config.json").is_file()):
             return "callbacks.sample_metrics.dinov2_weights", (
                 "a local DINOv2 folder in Hugging Face format (config.json + model.safetensors; get it with "
-                "`hf download facebook/dinov2-large --local-dir <dir>` where there is internet)")
+                "`hf download facebook/dinov2-large --local-dir <dir>` where there is internet)"
+            )
 
 
 def one_ema_length(cfg: dict):
@@ -293,7 +349,16 @@ def one_ema_length(cfg: dict):
         return "sigma_rel", "a number in (0, 0.3] (e.g. 0.07) when gamma is null, null when gamma is set (give one)"
 
 
-CHECKS = {"sample": [sample_guidance_settings], "reconstruct_ema": [one_ema_length],
-          "train": [resume_xor_init, sampler_steps_fit_schedule, patch_divides_image_size,
-                    frames_within_temporal_positions, targets_take_their_keys, monitored_metrics_are_logged,
-                    dinov2_weights_exist]}
+CHECKS = {
+    "sample": [sample_guidance_settings],
+    "reconstruct_ema": [one_ema_length],
+    "train": [
+        resume_xor_init,
+        sampler_steps_fit_schedule,
+        patch_divides_image_size,
+        frames_within_temporal_positions,
+        targets_take_their_keys,
+        monitored_metrics_are_logged,
+        dinov2_weights_exist,
+    ],
+}

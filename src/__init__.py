@@ -5,6 +5,7 @@ Importing the package is cheap (no torch, no Lightning); the pieces live in its 
 entry points ``difflab.train``, ``difflab.sample``, ``difflab.export``, ``difflab.report``,
 ``difflab.encode_latents`` (console commands ``difflab-train``, ...).
 """
+
 from importlib.metadata import PackageNotFoundError, version
 
 try:

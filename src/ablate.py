@@ -9,6 +9,7 @@ and one ``<metric>.png`` per metric into ``<sweep>/ablation/`` (or ``--out``), a
 
 This module imports nothing heavy at import time, so ``--help`` answers at once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,21 +26,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="difflab-ablate",
         description="Summarize a Hydra multirun sweep: per-arm means with 95% t intervals over seeds, the best arm, "
-                    "and paired differences against a baseline arm.")
+        "and paired differences against a baseline arm.",
+    )
     parser.add_argument("sweep_dir", type=Path, help="the multirun directory printed by `python train.py -m ...`")
-    parser.add_argument("--metrics", nargs="+", metavar="M",
-                        help="metrics to summarize (default: val/loss and every metrics/* column but floors)")
-    parser.add_argument("--baseline", metavar="ARM",
-                        help="the arm to compare against, e.g. 'process=vp' (default: the first arm of the sweep)")
-    parser.add_argument("--step", type=int, metavar="N",
-                        help="use the values logged at step N (default: each job's last logged value)")
-    parser.add_argument("--detect", metavar="D",
-                        help="the difference to size the sweep for: seeds per arm that would detect it with 80%% "
-                             "power, in the metric's units (3.7) or as a share of the baseline's mean (5%%); default: "
-                             "the observed difference")
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        metavar="M",
+        help="metrics to summarize (default: val/loss and every metrics/* column but floors)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="ARM",
+        help="the arm to compare against, e.g. 'process=vp' (default: the first arm of the sweep)",
+    )
+    parser.add_argument(
+        "--step", type=int, metavar="N", help="use the values logged at step N (default: each job's last logged value)"
+    )
+    parser.add_argument(
+        "--detect",
+        metavar="D",
+        help="the difference to size the sweep for: seeds per arm that would detect it with 80%% "
+        "power, in the metric's units (3.7) or as a share of the baseline's mean (5%%); default: "
+        "the observed difference",
+    )
     parser.add_argument("--out", type=Path, metavar="DIR", help=f"output directory (default: <sweep>/{OUT_SUBDIR})")
-    parser.add_argument("--validate", action="store_true",
-                        help="read the sweep and check the arguments, print what the summary would hold, write nothing")
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="read the sweep and check the arguments, print what the summary would hold, write nothing",
+    )
     return parser
 
 

@@ -11,6 +11,7 @@ Two on-disk formats are read:
 A stored config is data written by someone else: ``module_from_checkpoint`` builds it through the trust gate
 (``difflab.trust.check_config``), which refuses targets outside the allowlist and interpolations (``${...}``).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,10 +24,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from difflab.ops.fsdp import read_sharded_checkpoint, sharded_checkpoint_dir
 from difflab.registry import GUIDANCE_CLASSES, GUIDANCE_SETTINGS
 from difflab.trust import check_config
 from difflab.utils.errors import CheckpointError, DifflabError, instantiate_reporting
-from difflab.ops.fsdp import read_sharded_checkpoint, sharded_checkpoint_dir
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
@@ -48,13 +49,16 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         msg = str(err)
         if "GLOBAL" in msg or "Unsupported global" in msg or "global" in msg.lower():
             what = next((ln.strip() for ln in msg.splitlines() if "GLOBAL" in ln or "global" in ln.lower()), "")
-            raise CheckpointError(f"refusing to load {path}: it pickles arbitrary objects that could run code, and was "
-                                  f"not executed ({what[:160]}); only load checkpoints you trust with other tools") from None
+            raise CheckpointError(
+                f"refusing to load {path}: it pickles arbitrary objects that could run code, and was "
+                f"not executed ({what[:160]}); only load checkpoints you trust with other tools"
+            ) from None
         raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint, or corrupt") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         first = str(err).splitlines()[0][:120] if str(err) else ""
-        raise CheckpointError(f"cannot read checkpoint {path}: corrupt or truncated file "
-                              f"({type(err).__name__}: {first})") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: corrupt or truncated file ({type(err).__name__}: {first})"
+        ) from None
     if isinstance(ckpt, dict) and SHARDED_KEY in ckpt:
         return load_sharded_checkpoint(path, ckpt)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -89,8 +93,10 @@ def load_sharded_checkpoint(path: str | Path, metadata: dict | None = None) -> d
     shards = sharded_checkpoint_dir(path)
     if shards is None:
         where = (metadata or {}).get(SHARDED_KEY, {}).get("dir", "?")
-        raise CheckpointError(f"cannot read sharded checkpoint {path}: its shard directory {path.parent / where} "
-                              f"is missing or incomplete (copy it along with the .ckpt file)")
+        raise CheckpointError(
+            f"cannot read sharded checkpoint {path}: its shard directory {path.parent / where} "
+            f"is missing or incomplete (copy it along with the .ckpt file)"
+        )
     try:
         return read_sharded_checkpoint(path, metadata=metadata)
     except DifflabError:
@@ -100,20 +106,32 @@ def load_sharded_checkpoint(path: str | Path, metadata: dict | None = None) -> d
         raise CheckpointError(f"cannot read sharded checkpoint {path} ({shards.name}): {first}") from None
 
 
-MOVED_TARGETS = {   # classes (or whole modules) stored configs name by a path they no longer have
+MOVED_TARGETS = {  # classes (or whole modules) stored configs name by a path they no longer have
     "difflab.lit_modules.lr_schedules": "difflab.optim.lr_schedules",
     "difflab.diffusion.schedules.DiscreteSchedule": "difflab.diffusion.processes.VPProcess",
 }
 LEGACY_OPTIMIZER_KEYS = ("betas", "weight_decay", "eps")
-LEGACY_SCHEDULE_KEYS = {"warmup_steps": "warmup", "warmup_start_factor": "start_factor",
-                        "final_lr_fraction": "final_fraction"}
-LEGACY_DIFFUSION_KEYS = ("process", "objective", "sampler", "conditioner", "autoencoder", "sample_shape", "p_uncond",
-                         "class_names", "prompts")
+LEGACY_SCHEDULE_KEYS = {
+    "warmup_steps": "warmup",
+    "warmup_start_factor": "start_factor",
+    "final_lr_fraction": "final_fraction",
+}
+LEGACY_DIFFUSION_KEYS = (
+    "process",
+    "objective",
+    "sampler",
+    "conditioner",
+    "autoencoder",
+    "sample_shape",
+    "p_uncond",
+    "class_names",
+    "prompts",
+)
 
 
 def _renamed(target: str) -> str:
-    if target.startswith("src."):   # before the package was named difflab
-        target = "difflab." + target[len("src."):]
+    if target.startswith("src."):  # before the package was named difflab
+        target = "difflab." + target[len("src.") :]
     module, _, name = target.rpartition(".")
     return f"{MOVED_TARGETS[module]}.{name}" if module in MOVED_TARGETS else MOVED_TARGETS.get(target, target)
 
@@ -134,25 +152,34 @@ def _guidance_object(guidance: dict | None) -> dict:
     guidance = dict(guidance or {})
     if "_target_" in guidance:
         return guidance
-    method = guidance.pop("method", "cfg")   # absent: saved before the method registry, so cfg
+    method = guidance.pop("method", "cfg")  # absent: saved before the method registry, so cfg
     keys = GUIDANCE_SETTINGS[method]
-    return {"_target_": f"difflab.diffusion.guidance.{GUIDANCE_CLASSES[method]}",
-            **{k: v for k, v in guidance.items() if k in keys}}
+    return {
+        "_target_": f"difflab.diffusion.guidance.{GUIDANCE_CLASSES[method]}",
+        **{k: v for k, v in guidance.items() if k in keys},
+    }
 
 
 def _nested_diffusion_module(model: dict) -> dict:
     """A DiffusionModule config of before the Diffusion object (22 flat keys) in today's layout."""
     model = dict(model)
-    if "schedule" in model and model.get("process") is None:   # the process axis's first name
+    if "schedule" in model and model.get("process") is None:  # the process axis's first name
         model["process"] = model.pop("schedule")
     model.pop("schedule", None)
-    diffusion = {"_target_": "difflab.diffusion.system.Diffusion",
-                 **{k: model.pop(k) for k in LEGACY_DIFFUSION_KEYS if k in model},
-                 "guidance": _guidance_object(model.pop("guidance", None))}
-    optimizer = {"_target_": "torch.optim.AdamW", "_partial_": True,
-                 **{k: model.pop(k) for k in LEGACY_OPTIMIZER_KEYS if k in model}}
-    schedule = {"_target_": "difflab.optim.lr_schedules.WarmupCosine",
-                **{new: model.pop(old) for old, new in LEGACY_SCHEDULE_KEYS.items() if old in model}}
+    diffusion = {
+        "_target_": "difflab.diffusion.system.Diffusion",
+        **{k: model.pop(k) for k in LEGACY_DIFFUSION_KEYS if k in model},
+        "guidance": _guidance_object(model.pop("guidance", None)),
+    }
+    optimizer = {
+        "_target_": "torch.optim.AdamW",
+        "_partial_": True,
+        **{k: model.pop(k) for k in LEGACY_OPTIMIZER_KEYS if k in model},
+    }
+    schedule = {
+        "_target_": "difflab.optim.lr_schedules.WarmupCosine",
+        **{new: model.pop(old) for old, new in LEGACY_SCHEDULE_KEYS.items() if old in model},
+    }
     return {**model, "diffusion": diffusion, "optimizer": optimizer, "lr_schedule": schedule}
 
 
@@ -162,8 +189,11 @@ def migrate_config(config: Any) -> Any:
     and the flat DiffusionModule keys of before the ``Diffusion`` object, optimizer and LR-schedule groups."""
     _rename_targets(config)
     model = config.get("model") if isinstance(config, dict) else None
-    if isinstance(model, dict) and str(model.get("_target_", "")).endswith(".DiffusionModule") \
-            and "diffusion" not in model:
+    if (
+        isinstance(model, dict)
+        and str(model.get("_target_", "")).endswith(".DiffusionModule")
+        and "diffusion" not in model
+    ):
         config["model"] = _nested_diffusion_module(model)
     return config
 
@@ -172,7 +202,9 @@ def run_config(ckpt: dict, path: str | Path = "<checkpoint>") -> dict:
     """The resolved training config stored in a difflab checkpoint."""
     cfg = (ckpt.get("difflab") or {}).get("config")
     if not cfg:
-        raise CheckpointError(f"{path} has no difflab config (checkpoint['difflab']['config']); was it written by train.py?")
+        raise CheckpointError(
+            f"{path} has no difflab config (checkpoint['difflab']['config']); was it written by train.py?"
+        )
     return migrate_config(cfg)
 
 
@@ -185,8 +217,7 @@ def is_export(path: str | Path) -> bool:
 
 def load_export(path: str | Path) -> dict[str, Any]:
     """Read an export: ``{"state_dict": EMA weights, "config": run config, "metadata": header strings}``."""
-    from safetensors import SafetensorError
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     weights = path / EXPORT_WEIGHTS if path.is_dir() else path
@@ -197,15 +228,19 @@ def load_export(path: str | Path) -> dict[str, Any]:
             metadata = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read {weights}: corrupt or truncated safetensors file "
-                              f"({str(err).splitlines()[0][:120] if str(err) else type(err).__name__})") from None
+        raise CheckpointError(
+            f"cannot read {weights}: corrupt or truncated safetensors file "
+            f"({str(err).splitlines()[0][:120] if str(err) else type(err).__name__})"
+        ) from None
     if "difflab_config" in metadata:
         config = json.loads(metadata["difflab_config"])
     elif (weights.parent / EXPORT_CONFIG).is_file():
         config = OmegaConf.to_container(OmegaConf.load(weights.parent / EXPORT_CONFIG), resolve=False)
     else:
-        raise CheckpointError(f"{weights} has no difflab config (no 'difflab_config' metadata, no {EXPORT_CONFIG} "
-                              f"beside it); was it written by export.py?")
+        raise CheckpointError(
+            f"{weights} has no difflab config (no 'difflab_config' metadata, no {EXPORT_CONFIG} "
+            f"beside it); was it written by export.py?"
+        )
     return {"state_dict": state, "config": migrate_config(config), "metadata": metadata}
 
 
@@ -215,12 +250,23 @@ def load_weights(path: str | Path) -> dict[str, Any]:
     if is_export(path):
         exp = load_export(path)
         step = exp["metadata"].get("global_step")
-        return {"raw": exp["state_dict"], "ema": exp["state_dict"], "config": exp["config"],
-                "step": int(step) if step is not None else None, "path": str(path)}
+        return {
+            "raw": exp["state_dict"],
+            "ema": exp["state_dict"],
+            "config": exp["config"],
+            "step": int(step) if step is not None else None,
+            "path": str(path),
+        }
     ckpt = load_checkpoint(path)
     raw = drop_compiled_aliases(ckpt.get("current_model_state") or ckpt["state_dict"])
-    return {"raw": raw, "ema": drop_compiled_aliases(ckpt["state_dict"]), "config": run_config(ckpt, path), "step": ckpt.get("global_step"),
-            "path": str(path), "checkpoint": ckpt}
+    return {
+        "raw": raw,
+        "ema": drop_compiled_aliases(ckpt["state_dict"]),
+        "config": run_config(ckpt, path),
+        "step": ckpt.get("global_step"),
+        "path": str(path),
+        "checkpoint": ckpt,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- state-dict matching
@@ -228,12 +274,16 @@ def drop_compiled_aliases(state_dict: dict) -> dict:
     """Drop alias entries (a ``torch.compile`` wrapper's ``*._orig_mod.*`` or an older ``_net.*`` alias of the
     denoiser) that share storage with a canonical entry, so checkpoints of compiled and eager models load into each
     other and into the current module layout."""
+
     def is_alias(k: str) -> bool:
         return "_orig_mod." in k or k.startswith("_net.")
 
     ptrs = {v.data_ptr() for k, v in state_dict.items() if not is_alias(k) and torch.is_tensor(v) and v.numel()}
-    return {k: v for k, v in state_dict.items()
-            if not (is_alias(k) and torch.is_tensor(v) and v.numel() and v.data_ptr() in ptrs)}
+    return {
+        k: v
+        for k, v in state_dict.items()
+        if not (is_alias(k) and torch.is_tensor(v) and v.numel() and v.data_ptr() in ptrs)
+    }
 
 
 def _aliases(module: nn.Module) -> dict[str, set[str]]:
@@ -253,9 +303,14 @@ def compare_state_dict(module: nn.Module, state_dict: dict) -> dict[str, list]:
     def shape(v):
         return tuple(v.shape) if hasattr(v, "shape") else None
 
-    mismatched = [(k, shape(v), shape(own[k])) for k, v in state_dict.items()
-                  if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
-    missing = [(k, shape(own[k])) for k in own if k not in state_dict and not (aliases.get(k, set()) & state_dict.keys())]
+    mismatched = [
+        (k, shape(v), shape(own[k]))
+        for k, v in state_dict.items()
+        if k in own and hasattr(v, "shape") and v.shape != own[k].shape
+    ]
+    missing = [
+        (k, shape(own[k])) for k in own if k not in state_dict and not (aliases.get(k, set()) & state_dict.keys())
+    ]
     unexpected = [(k, shape(v)) for k, v in state_dict.items() if k not in own]
     return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
 
@@ -277,20 +332,24 @@ def format_key_table(report: dict[str, list], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def load_state_dict_checked(module: nn.Module, state_dict: dict, path: str | Path = "<checkpoint>",
-                            strict: bool = True) -> dict[str, list]:
+def load_state_dict_checked(
+    module: nn.Module, state_dict: dict, path: str | Path = "<checkpoint>", strict: bool = True
+) -> dict[str, list]:
     """Load weights. Strict: any missing / unexpected / shape-mismatched key raises a CheckpointError listing them.
     Non-strict: load the tensors that match and return the report (``format_key_table`` prints it)."""
     report = compare_state_dict(module, state_dict)
     missing, unexpected, mismatched = report["missing"], report["unexpected"], report["mismatched"]
     if strict and (missing or unexpected or mismatched):
+
         def show(items):
             keys = [f"{it[0]} {it[1]} vs model {it[2]}" if len(it) == 3 else it[0] for it in items]
             return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+
         raise CheckpointError(
             f"{path} does not match the model architecture: missing {len(missing)} [{show(missing)}]; "
             f"unexpected {len(unexpected)} [{show(unexpected)}]; shape-mismatched {len(mismatched)} [{show(mismatched)}]"
-            f"; use a checkpoint of the same model config (or init_strict=false to load what matches)")
+            f"; use a checkpoint of the same model config (or init_strict=false to load what matches)"
+        )
     own = module.state_dict()
     ok = {k: v for k, v in state_dict.items() if k in own and not (hasattr(v, "shape") and v.shape != own[k].shape)}
     module.load_state_dict(ok, strict=False)
@@ -299,8 +358,9 @@ def load_state_dict_checked(module: nn.Module, state_dict: dict, path: str | Pat
 
 
 # ---------------------------------------------------------------------------------------------- rebuilding models
-def module_from_checkpoint(path: str | Path, overrides: dict | None = None, map_location="cpu",
-                           trusted: bool | None = None) -> nn.Module:
+def module_from_checkpoint(
+    path: str | Path, overrides: dict | None = None, map_location="cpu", trusted: bool | None = None
+) -> nn.Module:
     """Rebuild the LightningModule a checkpoint (or an export) was trained with and load its EMA weights. The stored
     config passes the trust gate first (``trusted``: see ``difflab.trust``); ``overrides`` are the caller's own."""
     weights = load_weights(path)

@@ -20,9 +20,10 @@ Where the code already reported a bad value in one line of its own (a missing ch
 (``Rule.reported_as``); it now comes before anything is written.
 
 Interpolations are resolved first (``${hydra:...}`` as the job will see them); a value that cannot be resolved yet
-(e.g. ``${model.sample_shape[0]}``, filled from the datamodule later) is skipped. This module imports no torch or
+(e.g. ``${model.diffusion.sample_shape[0]}``, filled from the datamodule later) is skipped. This module imports no torch or
 Lightning, so the callback keeps ``--help`` and ``--cfg`` fast.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,7 +40,6 @@ from difflab.configs import CONFIG_DIR
 from difflab.utils.errors import fail
 from difflab.utils.resolve import MISSING, UNRESOLVED, hydra_runtime, plain
 
-
 Check = Callable[[dict], "tuple[str, str] | None"]
 
 
@@ -47,8 +47,14 @@ Check = Callable[[dict], "tuple[str, str] | None"]
 class Rule:
     """What one key may hold: ``ok(value)`` says whether a (non-null) value passes, ``allowed`` says what passes."""
 
-    def __init__(self, ok: Callable[[Any], bool], allowed: str, nullable: bool = False, missing_ok: bool = False,
-                 message: Callable[[str, Any], str] | None = None):
+    def __init__(
+        self,
+        ok: Callable[[Any], bool],
+        allowed: str,
+        nullable: bool = False,
+        missing_ok: bool = False,
+        message: Callable[[str, Any], str] | None = None,
+    ):
         self.ok, self.allowed, self.nullable, self.missing_ok = ok, allowed, nullable, missing_ok
         self.message = message
 
@@ -101,12 +107,12 @@ def _range_text(lo, hi, lo_open: bool, hi_open: bool) -> str:
 
 
 def _in_range(v, lo, hi, lo_open: bool, hi_open: bool) -> bool:
-    return ((lo is None or (v > lo if lo_open else v >= lo)) and
-            (hi is None or (v < hi if hi_open else v <= hi)))
+    return (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
 
 
-def number(min: float | None = None, max: float | None = None, *, min_open: bool = False,
-           max_open: bool = False) -> Rule:
+def number(
+    min: float | None = None, max: float | None = None, *, min_open: bool = False, max_open: bool = False
+) -> Rule:
     """A finite int or float, optionally bounded (``min_open`` / ``max_open`` exclude the bound)."""
     text = " ".join(filter(None, ["a number", _range_text(min, max, min_open, max_open)]))
     return Rule(lambda v: _is_number(v) and _in_range(v, min, max, min_open, max_open), text)
@@ -147,8 +153,9 @@ def boolean() -> Rule:
 
 def string(nonempty: bool = False) -> Rule:
     """A string (optionally non-empty)."""
-    return Rule(lambda v: isinstance(v, str) and (bool(v) or not nonempty),
-                "a non-empty string" if nonempty else "a string")
+    return Rule(
+        lambda v: isinstance(v, str) and (bool(v) or not nonempty), "a non-empty string" if nonempty else "a string"
+    )
 
 
 def matches(pattern: str, allowed: str) -> Rule:
@@ -160,8 +167,9 @@ def matches(pattern: str, allowed: str) -> Rule:
 def mapping(values: Rule | None = None) -> Rule:
     """A mapping (e.g. a ``_target_`` config), each value passing ``values`` if given."""
     text = "a mapping" + (f" of values each {values.allowed}" if values else "")
-    return Rule(lambda v: isinstance(v, dict) and (values is None or all(values.problem(x) is None
-                                                                          for x in v.values())), text)
+    return Rule(
+        lambda v: isinstance(v, dict) and (values is None or all(values.problem(x) is None for x in v.values())), text
+    )
 
 
 def optional(rule: Rule) -> Rule:
@@ -176,8 +184,9 @@ def filled_later(rule: Rule) -> Rule:
 
 def any_of(*rules: Rule) -> Rule:
     """A value passing at least one of ``rules``."""
-    text = rules[0].allowed if len(rules) == 1 else \
-        ", ".join(r.allowed for r in rules[:-1]) + f" or {rules[-1].allowed}"
+    text = (
+        rules[0].allowed if len(rules) == 1 else ", ".join(r.allowed for r in rules[:-1]) + f" or {rules[-1].allowed}"
+    )
     return Rule(lambda v: any(r.problem(v) is None for r in rules), text)
 
 
@@ -187,8 +196,15 @@ def list_of(item: Rule, min_len: int = 0, length: int | None = None) -> Rule:
     text = f"a {size}list of items each {item.allowed}"
     if min_len > 1:
         text += f" (at least {min_len})"
-    return Rule(lambda v: isinstance(v, list) and len(v) >= min_len and (length is None or len(v) == length)
-                and all(item.problem(x) is None for x in v), text)
+    return Rule(
+        lambda v: (
+            isinstance(v, list)
+            and len(v) >= min_len
+            and (length is None or len(v) == length)
+            and all(item.problem(x) is None for x in v)
+        ),
+        text,
+    )
 
 
 # ---- paths: an output location must not be a file (mkdir would fail after Hydra has started writing)
@@ -202,8 +218,10 @@ def _blocked_by_file(path: Path) -> bool:
 
 def directory_path() -> Rule:
     """An output directory: a path that is not an existing file (nor inside one); it may not exist yet."""
-    return Rule(lambda v: isinstance(v, str) and bool(v) and not _blocked_by_file(Path(v).expanduser()),
-                "a directory path, not an existing file")
+    return Rule(
+        lambda v: isinstance(v, str) and bool(v) and not _blocked_by_file(Path(v).expanduser()),
+        "a directory path, not an existing file",
+    )
 
 
 not_existing_file = directory_path
@@ -232,36 +250,74 @@ def duration() -> Rule:
 
 def adam_betas() -> Rule:
     """Adam's (beta1, beta2): two numbers in [0, 1) (torch.optim.Adam / AdamW refuse others)."""
-    return Rule(lambda v: isinstance(v, list) and len(v) == 2 and all(
-        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v),
-        "a list of two numbers in [0, 1), e.g. [0.9, 0.999]")
+    return Rule(
+        lambda v: (
+            isinstance(v, list)
+            and len(v) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v)
+        ),
+        "a list of two numbers in [0, 1), e.g. [0.9, 0.999]",
+    )
 
 
 def sigma_interval() -> Rule:
     """A guidance interval [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi (null entries: 0 / infinity)."""
+
     def ok(v) -> bool:
         if not isinstance(v, list) or len(v) != 2 or not all(x is None or _is_number(x) for x in v):
             return False
         lo = 0.0 if v[0] is None else v[0]
         hi = math.inf if v[1] is None else v[1]
         return 0 <= lo < hi
+
     return Rule(ok, "a list [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi (null entries: 0 / infinity)")
 
 
-_POSIX_SIGNALS = {"HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2", "PIPE",
-                  "ALRM", "TERM", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG", "XCPU", "XFSZ", "VTALRM",
-                  "PROF", "WINCH", "IO", "PWR", "SYS"}
+_POSIX_SIGNALS = {
+    "HUP",
+    "INT",
+    "QUIT",
+    "ILL",
+    "TRAP",
+    "ABRT",
+    "BUS",
+    "FPE",
+    "KILL",
+    "USR1",
+    "SEGV",
+    "USR2",
+    "PIPE",
+    "ALRM",
+    "TERM",
+    "CHLD",
+    "CONT",
+    "STOP",
+    "TSTP",
+    "TTIN",
+    "TTOU",
+    "URG",
+    "XCPU",
+    "XFSZ",
+    "VTALRM",
+    "PROF",
+    "WINCH",
+    "IO",
+    "PWR",
+    "SYS",
+}
 
 
 def signal_name() -> Rule:
     """A signal by name (SIGTERM or TERM) or number; POSIX names pass on every platform (unknown ones are skipped
     there at run time)."""
+
     def ok(v) -> bool:
         if _is_int(v):
             return v > 0
         name = str(v).upper() if isinstance(v, str) else ""
         name = name[3:] if name.startswith("SIG") else name
         return name in _POSIX_SIGNALS or hasattr(signal, f"SIG{name}")
+
     return Rule(ok, "a signal name such as SIGTERM or SIGUSR2")
 
 
@@ -375,17 +431,17 @@ def find_problems(cfg: DictConfig, primary: str | None) -> list[tuple[str, str]]
     rules, checks = primary_schemas()
     problems = _check_tree(tree, list(rules.get(primary, {}).items()), list(checks.get(primary, [])), "")
     schemas = group_schemas()
-    own = {name.split(".")[0] for name in rules.get(primary, {})}   # keys the primary config defines itself
+    own = {name.split(".")[0] for name in rules.get(primary, {})}  # keys the primary config defines itself
     for key, value in tree.items():
         if key in schemas and key not in own:
             problems += _check_tree(value, *schemas[key], prefix=f"{key}.")
-    if not problems:   # each value is allowed on its own: now the rules the pieces' constructors state
+    if not problems:  # each value is allowed on its own: now the rules the pieces' constructors state
         problems += constructor_problems(tree)
     derived = _interpolated(cfg)
     return sorted(problems, key=lambda problem: problem[0] in derived)
 
 
-BUILT_PARTS = ("process", "objective", "sampler", "guidance")   # model.diffusion pieces that build in microseconds
+BUILT_PARTS = ("process", "objective", "sampler", "guidance")  # model.diffusion pieces that build in microseconds
 
 
 def _complete(node: Any) -> bool:
@@ -475,7 +531,34 @@ def validate_or_exit(cfg: DictConfig, primary: str | None, ignore: tuple[str, ..
             fail(line)
 
 
-__all__ = ["Rule", "number", "positive", "non_negative", "probability", "integer", "one_of", "boolean", "string",
-           "matches", "mapping", "optional", "filled_later", "any_of", "list_of", "directory_path",
-           "not_existing_file", "existing_file", "existing_path", "device", "duration", "sigma_interval",
-           "signal_name", "find_problems", "check_config", "ensure_valid", "validate_or_exit", "adam_betas", "constructor_problems"]
+__all__ = [
+    "Rule",
+    "number",
+    "positive",
+    "non_negative",
+    "probability",
+    "integer",
+    "one_of",
+    "boolean",
+    "string",
+    "matches",
+    "mapping",
+    "optional",
+    "filled_later",
+    "any_of",
+    "list_of",
+    "directory_path",
+    "not_existing_file",
+    "existing_file",
+    "existing_path",
+    "device",
+    "duration",
+    "sigma_interval",
+    "signal_name",
+    "find_problems",
+    "check_config",
+    "ensure_valid",
+    "validate_or_exit",
+    "adam_betas",
+    "constructor_problems",
+]

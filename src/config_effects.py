@@ -13,6 +13,7 @@ line, before Hydra writes anything (``difflab.preflight.ValidateConfig``).
 Only source-group overrides are probed (each probe is one composition, about 0.1 s): every other key is read by the
 code that builds the run, or refused already when its target does not take it (``configs/schema.py``).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,18 @@ from typing import Callable, Iterable, Sequence
 
 from omegaconf import DictConfig
 
-SOURCE_GROUPS = ("process", "schedule", "objective", "sampler", "guidance", "conditioning", "autoencoder", "optimizer",
-                 "lr_schedule")
-PROBE = "__difflab_probe__"   # a value no config uses: if it reaches the effective config, the key is read
+SOURCE_GROUPS = (
+    "process",
+    "schedule",
+    "objective",
+    "sampler",
+    "guidance",
+    "conditioning",
+    "autoencoder",
+    "optimizer",
+    "lr_schedule",
+)
+PROBE = "__difflab_probe__"  # a value no config uses: if it reaches the effective config, the key is read
 PROBE_DIR = "/difflab-probe"  # the run directory of probe compositions (Hydra's default holds the time)
 
 Compose = Callable[[Sequence[str]], DictConfig]
@@ -69,19 +79,20 @@ def alternatives(override: str, config_dir: str | Path) -> list[str]:
     parsed = _parse(override)
     key = parsed.get_key_element()
     value = parsed.get_value_element_as_str()
-    if "." not in key.lstrip("+~"):   # a group choice
+    if "." not in key.lstrip("+~"):  # a group choice
         return [f"{key}={o}" for o in group_options(config_dir, key.lstrip("+~")) if o != value]
     return [f"{key}={PROBE}"]
 
 
-def is_inert(overrides: Sequence[str], index: int, compose: Compose, config_dir: str | Path,
-             baseline: str | None = None) -> bool:
+def is_inert(
+    overrides: Sequence[str], index: int, compose: Compose, config_dir: str | Path, baseline: str | None = None
+) -> bool:
     """Whether ``overrides[index]`` leaves the effective config as it is whatever value it takes (some alternative
     composes, and none composes to another effective config; alternatives that fail to compose say nothing)."""
     baseline = baseline if baseline is not None else effective(compose(overrides))
     composed = False
     for alternative in alternatives(overrides[index], config_dir):
-        trial = [*overrides[:index], alternative, *overrides[index + 1:]]
+        trial = [*overrides[:index], alternative, *overrides[index + 1 :]]
         try:
             if effective(compose(trial)) != baseline:
                 return False
@@ -94,15 +105,24 @@ def is_inert(overrides: Sequence[str], index: int, compose: Compose, config_dir:
 def why_inert(override: str, cfg: DictConfig) -> str:
     """A reason a user can act on, from the composed config."""
     group = source_group_of(override) or ""
-    process = str((cfg.get("process") or {}).get("_target_", "")).rsplit(".", 1)[-1] if isinstance(
-        cfg.get("process"), DictConfig) else ""
+    process = (
+        str((cfg.get("process") or {}).get("_target_", "")).rsplit(".", 1)[-1]
+        if isinstance(cfg.get("process"), DictConfig)
+        else ""
+    )
     if group == "schedule" and process and process != "VPProcess":
-        return (f"the schedule group holds the tables of process=vp, and this run's process is {process}; drop it, "
-                f"or add process=vp")
+        return (
+            f"the schedule group holds the tables of process=vp, and this run's process is {process}; drop it, "
+            f"or add process=vp"
+        )
     if group == "objective":
-        return ("this run's process sets the objective's prediction and the rest of the objective is the same for "
-                "every choice; drop it, or choose a process that uses it (process=vp)")
-    return f"nothing in this run reads `{override.split('=')[0].lstrip('+~')}` (its value is replaced or unused); drop it"
+        return (
+            "this run's process sets the objective's prediction and the rest of the objective is the same for "
+            "every choice; drop it, or choose a process that uses it (process=vp)"
+        )
+    return (
+        f"nothing in this run reads `{override.split('=')[0].lstrip('+~')}` (its value is replaced or unused); drop it"
+    )
 
 
 def inert_overrides(overrides: Sequence[str], compose: Compose, config_dir: str | Path) -> list[tuple[str, str]]:
@@ -112,8 +132,11 @@ def inert_overrides(overrides: Sequence[str], compose: Compose, config_dir: str 
         return []
     cfg = compose(overrides)
     baseline = effective(cfg)
-    return [(overrides[i], f"{overrides[i]} changes nothing in this run: {why_inert(overrides[i], cfg)}")
-            for i in candidates if is_inert(overrides, i, compose, config_dir, baseline)]
+    return [
+        (overrides[i], f"{overrides[i]} changes nothing in this run: {why_inert(overrides[i], cfg)}")
+        for i in candidates
+        if is_inert(overrides, i, compose, config_dir, baseline)
+    ]
 
 
 def identical_jobs(jobs: Iterable[Sequence[str]], compose: Compose) -> tuple[int, int] | None:
@@ -141,7 +164,7 @@ def hydra_composer(config_name: str) -> Compose:
     def composed(overrides: Sequence[str]) -> DictConfig:
         if GlobalHydra.instance().is_initialized():
             return compose(config_name, overrides=[*overrides, *pinned], return_hydra_config=True)
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):   # called outside an app
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):  # called outside an app
             return compose(config_name, overrides=[*overrides, *pinned], return_hydra_config=True)
 
     return composed

@@ -2,6 +2,7 @@
 datamodule=digits out_dir=...` (rerun the same command to resume; see configs/encode_latents.yaml). `format=shards`
 writes litdata shards instead of one memory-mapped file (difflab.latents.shards; read with datamodule=latents_stream).
 """
+
 import hydra
 from omegaconf import DictConfig
 
@@ -19,8 +20,10 @@ def run(cfg: DictConfig) -> dict:
 
     autoencoder, identity = load_autoencoder(cfg.autoencoder)
     if autoencoder is None:
-        raise DifflabError("autoencoder=none: choose an autoencoder to encode with (autoencoder=kl_vae "
-                           "autoencoder.ckpt_path=... or autoencoder=diffusers_kl)")
+        raise DifflabError(
+            "autoencoder=none: choose an autoencoder to encode with (autoencoder=kl_vae "
+            "autoencoder.ckpt_path=... or autoencoder=diffusers_kl)"
+        )
     device = cfg.get("device", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,16 +40,29 @@ def run(cfg: DictConfig) -> dict:
     elif fmt != "mmap":
         raise DifflabError(f"format={fmt}: choose mmap (one memory-mapped cache) or shards (litdata shards)")
     datamodule = hydra.utils.instantiate(cfg.datamodule)
-    manifest = write(autoencoder, datamodule, cfg.out_dir, identity=identity,
-                     dataset=describe_datamodule(cfg.datamodule), splits=list(cfg.splits),
-                     batch_size=cfg.batch_size, dtype=cfg.dtype, target_std=cfg.target_std,
-                     per_channel=cfg.per_channel, overwrite=cfg.overwrite, num_workers=cfg.num_workers,
-                     device=device, progress=cfg.progress, **extra)
+    manifest = write(
+        autoencoder,
+        datamodule,
+        cfg.out_dir,
+        identity=identity,
+        dataset=describe_datamodule(cfg.datamodule),
+        splits=list(cfg.splits),
+        batch_size=cfg.batch_size,
+        dtype=cfg.dtype,
+        target_std=cfg.target_std,
+        per_channel=cfg.per_channel,
+        overwrite=cfg.overwrite,
+        num_workers=cfg.num_workers,
+        device=device,
+        progress=cfg.progress,
+        **extra,
+    )
     counts = ", ".join(f"{s}={v['count']}" for s, v in manifest["splits"].items())
-    kind = "latent cache" if fmt == "mmap" else \
-        f"sharded latents ({manifest['shards']['samples_per_shard']} per shard)"
-    print(f"{kind} {cfg.out_dir}: {manifest['status']} ({counts}; latents {manifest['latent_shape']} "
-          f"{manifest['latent_dtype']}; std {['%.3g' % s for s in manifest['transform']['std']]})")
+    kind = "latent cache" if fmt == "mmap" else f"sharded latents ({manifest['shards']['samples_per_shard']} per shard)"
+    print(
+        f"{kind} {cfg.out_dir}: {manifest['status']} ({counts}; latents {manifest['latent_shape']} "
+        f"{manifest['latent_dtype']}; std {['%.3g' % s for s in manifest['transform']['std']]})"
+    )
     return manifest
 
 

@@ -3,6 +3,7 @@
 Writes DIR/model.safetensors + DIR/config.yaml + DIR/config.json; ``difflab-sample ckpt_path=DIR`` samples from it.
 A sharded checkpoint of ``trainer=fsdp`` (``last.ckpt`` beside its ``last.ckpt.shards-*`` directory) is consolidated on
 this process (CPU, no GPUs or process group needed) and exported as the same single file."""
+
 import hydra
 from omegaconf import DictConfig
 

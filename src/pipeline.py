@@ -1,4 +1,5 @@
 """Compose-once, instantiate-everything training pipeline shared by ``train.py`` and the tests."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,7 @@ def fill_from_datamodule(cfg: DictConfig, datamodule: L.LightningDataModule) -> 
     """Copy what the data defines (shape, classes, prompts) into the model config, so it is set in one place and
     saved with every checkpoint."""
     with open_dict(cfg):
-        model = cfg.model.diffusion if "diffusion" in cfg.model else cfg.model   # kl_vae: the module's own keys
+        model = cfg.model.diffusion if "diffusion" in cfg.model else cfg.model  # kl_vae: the module's own keys
         if "sample_shape" in model.keys():
             model.sample_shape = list(datamodule.sample_shape)
         # names come from files (folder names, a cache's manifest): data, refused if OmegaConf would resolve them
@@ -57,8 +58,10 @@ def fill_from_datamodule(cfg: DictConfig, datamodule: L.LightningDataModule) -> 
         cond = cfg.get("conditioning")
         if cond is not None and "num_classes" in cond.keys() and OmegaConf.is_missing(cond, "num_classes"):
             if getattr(datamodule, "num_classes", None) is None:
-                raise ValueError(f"conditioning={cond._target_.rsplit('.', 1)[-1]} needs class labels but datamodule "
-                                 f"{type(datamodule).__name__} has none; use conditioning=none or a labelled dataset")
+                raise ValueError(
+                    f"conditioning={cond._target_.rsplit('.', 1)[-1]} needs class labels but datamodule "
+                    f"{type(datamodule).__name__} has none; use conditioning=none or a labelled dataset"
+                )
             cond.num_classes = datamodule.num_classes
 
 
@@ -77,7 +80,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, trainable_par
     shutdown = next((cb for cb in callbacks if isinstance(cb, GracefulShutdown)), None)
     plugins += cluster_plugins(shutdown.requeue_signal if shutdown else None, handled_elsewhere=shutdown is not None)
     tcfg["precision"] = resolve_precision(tcfg.get("precision"), tcfg.get("accelerator"), trainable_params)
-    tcfg = fit_precision(tcfg)   # trainer=fsdp: a precision FSDP2 takes (16-mixed on old GPUs -> 32-true)
+    tcfg = fit_precision(tcfg)  # trainer=fsdp: a precision FSDP2 takes (16-mixed on old GPUs -> 32-true)
     if tcfg.get("enable_progress_bar") is False:  # `trainer.enable_progress_bar=false` drops the bar callback too
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     return instantiate(tcfg, callbacks=callbacks, logger=loggers or False, plugins=plugins or None)
@@ -122,8 +125,12 @@ def write_final_metrics(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, 
     """``<run>/final_metrics.json``: the run's end state (finished or stopped by a signal), last step and metrics;
     its presence tells ``ablate.py`` that the job ended (a job directory without it is running or failed)."""
     name = cfg.get("optimized_metric")
-    record = {"status": "stopped" if stopped else "completed", "step": int(trainer.global_step),
-              "optimized_metric": name, "metrics": dict(sorted(metrics.items()))}
+    record = {
+        "status": "stopped" if stopped else "completed",
+        "step": int(trainer.global_step),
+        "optimized_metric": name,
+        "metrics": dict(sorted(metrics.items())),
+    }
     text = json.dumps(record, indent=2) + "\n"
     atomic_write(Path(cfg.paths.output_dir) / "final_metrics.json", lambda tmp: Path(tmp).write_text(text))
 
@@ -162,9 +169,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     write_protocol(cfg.paths.output_dir, objs["model"].diffusion.evaluation_protocol())
             for logger in objs["loggers"]:
                 logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-            log.info("trainable parameters: %.2fM; precision: %s; output dir: %s%s",
-                     trainable_parameters(objs["model"]) / 1e6, trainer.precision, cfg.paths.output_dir,
-                     f"; resuming from {ckpt}" if ckpt else "")
+            log.info(
+                "trainable parameters: %.2fM; precision: %s; output dir: %s%s",
+                trainable_parameters(objs["model"]) / 1e6,
+                trainer.precision,
+                cfg.paths.output_dir,
+                f"; resuming from {ckpt}" if ckpt else "",
+            )
             trainer.fit(objs["model"], datamodule=objs["datamodule"], ckpt_path=ckpt, weights_only=True)
             log.info("training stopped by %s", stopping_bound(trainer))
             objs["metrics"] = final_metrics(trainer)

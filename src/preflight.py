@@ -2,6 +2,7 @@
 ``configs/hydra/default.yaml``): the values of the composed config (``difflab.config_checks``), overrides that change
 nothing and sweeps whose jobs are one run (``difflab.config_effects``), a run directory a live run holds
 (``difflab.ops.run_lock``); under ``--validate`` it then describes the run and exits (``difflab.validate_mode``)."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -58,9 +59,11 @@ def refuse_degenerate_sweep(jobs: list[list[str]], config_name: str = "train") -
     if pair is not None:
         a, b = pair
         differ = [o for o in jobs[b] if o not in jobs[a] and not o.startswith("seed=")]
-        fail(f"jobs {a} and {b} of this sweep compose to the same run ({' '.join(jobs[a])} vs {' '.join(jobs[b])}): "
-             f"{', '.join(differ) or 'their overrides'} {'changes' if len(differ) == 1 else 'change'} nothing "
-             f"here, so the sweep would train identical models; sweep a key the run uses")
+        fail(
+            f"jobs {a} and {b} of this sweep compose to the same run ({' '.join(jobs[a])} vs {' '.join(jobs[b])}): "
+            f"{', '.join(differ) or 'their overrides'} {'changes' if len(differ) == 1 else 'change'} nothing "
+            f"here, so the sweep would train identical models; sweep a key the run uses"
+        )
 
 
 @contextmanager
@@ -73,8 +76,10 @@ def _validate_mode_cannot_be_skipped() -> Iterator[None]:
         if not requested():
             raise
 
-        fail(f"--validate could not finish ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-             f"nothing was started or written")
+        fail(
+            f"--validate could not finish ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            f"nothing was started or written"
+        )
 
 
 class ValidateConfig(Callback):
@@ -114,7 +119,7 @@ class ValidateConfig(Callback):
         if primary == "train":
             refuse_degenerate_sweep(jobs)
         if requested():
-            for overrides in jobs:   # every job's values, as on_job_start would check them
+            for overrides in jobs:  # every job's values, as on_job_start would check them
                 validate_or_exit(hydra_composer_for(primary)(overrides), primary)
             validate_mode.report(config, primary, jobs)
 
@@ -123,4 +128,3 @@ class ValidateConfig(Callback):
 
         if config.hydra.get("mode") == RunMode.MULTIRUN:
             validate_or_exit(config, _config_name(config))
-

@@ -3,6 +3,7 @@ out_dir=data/clips/moving_digits` (how2sign, phoenix and sign_video too; rerun t
 configs/prepare_clips.yaml). Train on them with datamodule=clips_stream datamodule.cache_dir=<out_dir or its URL>
 (difflab.datamodules.streaming_clips).
 """
+
 import hydra
 from omegaconf import DictConfig
 
@@ -18,13 +19,23 @@ def run(cfg: DictConfig) -> dict:
 
     require_litdata("prepare_clips.py")  # before the datamodule is built (it may download or generate data)
     datamodule = hydra.utils.instantiate(cfg.datamodule)
-    manifest = prepare_clip_shards(datamodule, cfg.out_dir, dataset=describe_datamodule(cfg.datamodule),
-                                   splits=list(cfg.splits), samples_per_shard=cfg.shard_samples,
-                                   order_seed=cfg.shard_seed, overwrite=cfg.overwrite, batch_size=cfg.batch_size,
-                                   num_workers=cfg.num_workers, progress=cfg.progress)
+    manifest = prepare_clip_shards(
+        datamodule,
+        cfg.out_dir,
+        dataset=describe_datamodule(cfg.datamodule),
+        splits=list(cfg.splits),
+        samples_per_shard=cfg.shard_samples,
+        order_seed=cfg.shard_seed,
+        overwrite=cfg.overwrite,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        progress=cfg.progress,
+    )
     counts = ", ".join(f"{s}={v['count']}" for s, v in manifest["splits"].items())
-    print(f"clip shards {cfg.out_dir}: {manifest['status']} ({counts}; clips {manifest['sample_shape']} C x T x H x W "
-          f"uint8, {manifest['shards']['samples_per_shard']} per shard)")
+    print(
+        f"clip shards {cfg.out_dir}: {manifest['status']} ({counts}; clips {manifest['sample_shape']} C x T x H x W "
+        f"uint8, {manifest['shards']['samples_per_shard']} per shard)"
+    )
     return manifest
 
 

@@ -8,6 +8,7 @@ its EMA weights (default ``RUN/posthoc_ema/reconstructed/sigma_rel_<value>_step_
 file unless ``overwrite=true``), which ``difflab-sample``, ``difflab-export``, ``difflab-report`` and
 ``init_from=`` read. A sweep writes one file per value: ``-m run_dir=RUN sigma_rel=0.03,0.05,0.08,0.12``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,9 @@ from omegaconf import DictConfig
 from difflab.configs import CONFIG_PATH
 from difflab.utils.cli import console_command
 
-HOW_TO_TRAIN = ("train with callbacks=posthoc (or "
-                "+callbacks.posthoc_ema._target_=difflab.callbacks.posthoc_ema.PostHocEMA)")
+HOW_TO_TRAIN = (
+    "train with callbacks=posthoc (or +callbacks.posthoc_ema._target_=difflab.callbacks.posthoc_ema.PostHocEMA)"
+)
 
 
 def _show(value) -> str:
@@ -32,8 +34,10 @@ def target_gamma(sigma_rel: float | None, gamma: float | None) -> tuple[float, s
     from difflab.utils.errors import ConfigError
 
     if (sigma_rel is None) == (gamma is None):
-        raise ConfigError(f"give exactly one of sigma_rel (EMA length relative to training time, e.g. 0.07) or "
-                          f"gamma (power-function exponent); got sigma_rel={_show(sigma_rel)}, gamma={_show(gamma)}")
+        raise ConfigError(
+            f"give exactly one of sigma_rel (EMA length relative to training time, e.g. 0.07) or "
+            f"gamma (power-function exponent); got sigma_rel={_show(sigma_rel)}, gamma={_show(gamma)}"
+        )
     if gamma is not None:
         return float(gamma), f"gamma_{float(gamma):.3f}"
     if not 0 < sigma_rel <= SIGMA_REL_MAX:
@@ -89,9 +93,15 @@ def reconstruct_weights(directory: Path, gamma: float, step: int | None = None, 
     infos, step = select_snapshots(directory, step)
     pairs = [(info, i) for info in infos for i in range(len(info["gammas"]))]
     tracked = sorted({s for info in infos for s in info["sigma_rels"]})
-    coeffs, residual = check_expressible([info["gammas"][i] for info, i in pairs], [info["t"] for info, _ in pairs],
-                                         gamma, step - infos[-1]["origin"], tolerance, tracked=tracked,
-                                         where=str(directory))
+    coeffs, residual = check_expressible(
+        [info["gammas"][i] for info, i in pairs],
+        [info["t"] for info, _ in pairs],
+        gamma,
+        step - infos[-1]["origin"],
+        tolerance,
+        tracked=tracked,
+        where=str(directory),
+    )
 
     def weighted():  # one snapshot in memory at a time
         for info in infos:
@@ -99,8 +109,14 @@ def reconstruct_weights(directory: Path, gamma: float, step: int | None = None, 
 
     weights = combine_state_dicts(weighted(), coeffs)
     rest = read_snapshot_tensors(infos[-1]["path"])[1]
-    return {"state_dict": {**rest, **weights}, "infos": infos, "step": step, "coefficients": coeffs,
-            "residual": residual, "tracked": tracked}
+    return {
+        "state_dict": {**rest, **weights},
+        "infos": infos,
+        "step": step,
+        "coefficients": coeffs,
+        "residual": residual,
+        "tracked": tracked,
+    }
 
 
 def reconstruct(cfg: DictConfig) -> Path:
@@ -115,24 +131,38 @@ def reconstruct(cfg: DictConfig) -> Path:
     directory = Path(cfg.snapshot_dir).expanduser() if cfg.get("snapshot_dir") else run_dir / "posthoc_ema"
     gamma, label = target_gamma(cfg.get("sigma_rel"), cfg.get("gamma"))
     infos, step = select_snapshots(directory, cfg.get("step"))
-    out = Path(cfg.out).expanduser() if cfg.get("out") else \
-        directory / "reconstructed" / f"{label}_step_{step:07d}.ckpt"
+    out = (
+        Path(cfg.out).expanduser() if cfg.get("out") else directory / "reconstructed" / f"{label}_step_{step:07d}.ckpt"
+    )
     if out.exists() and not cfg.overwrite:
         raise ConfigError(f"{out} exists; pass overwrite=true or another out=")
     section = run_section(infos, run_dir)
     rec = reconstruct_weights(directory, gamma, step, float(cfg.tolerance))
     sigma_rel, coeffs = gamma_to_sigma_rel(gamma), rec["coefficients"]
-    checkpoint = {"state_dict": rec["state_dict"], "global_step": step, "epoch": None, "difflab": section,
-                  "posthoc_ema": {"sigma_rel": sigma_rel, "gamma": gamma, "step": step,
-                                  "tolerance": float(cfg.tolerance), "residual": rec["residual"],
-                                  "snapshots": [i["path"].name for i in rec["infos"]],
-                                  "coefficients": [float(c) for c in coeffs]}}
+    checkpoint = {
+        "state_dict": rec["state_dict"],
+        "global_step": step,
+        "epoch": None,
+        "difflab": section,
+        "posthoc_ema": {
+            "sigma_rel": sigma_rel,
+            "gamma": gamma,
+            "step": step,
+            "tolerance": float(cfg.tolerance),
+            "residual": rec["residual"],
+            "snapshots": [i["path"].name for i in rec["infos"]],
+            "coefficients": [float(c) for c in coeffs],
+        },
+    }
     atomic_torch_save(checkpoint, out)
-    logging.getLogger(__name__).info("post-hoc EMA coefficients %s (sum %.6f)", [round(float(c), 4) for c in coeffs],
-                                     float(sum(coeffs)))
-    print(f"reconstructed sigma_rel={sigma_rel:.4g} (gamma={gamma:.4g}) at step {step} from {len(rec['infos'])} "
-          f"snapshots (tracked sigma_rel {', '.join(f'{s:g}' for s in rec['tracked'])}; profile residual "
-          f"{rec['residual']:.2%}) -> {out}")
+    logging.getLogger(__name__).info(
+        "post-hoc EMA coefficients %s (sum %.6f)", [round(float(c), 4) for c in coeffs], float(sum(coeffs))
+    )
+    print(
+        f"reconstructed sigma_rel={sigma_rel:.4g} (gamma={gamma:.4g}) at step {step} from {len(rec['infos'])} "
+        f"snapshots (tracked sigma_rel {', '.join(f'{s:g}' for s in rec['tracked'])}; profile residual "
+        f"{rec['residual']:.2%}) -> {out}"
+    )
     return out
 
 

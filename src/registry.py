@@ -21,4 +21,9 @@ GUIDANCE_TARGETS = {f"difflab.diffusion.guidance.{cls}": name for name, cls in G
 
 # DiT presets: size -> (depth, width, heads) (T is ours, CPU-sized; S, B, L, XL are the DiT paper's)
 DIT_PRESETS: dict[str, tuple[int, int, int]] = {
-    "T": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+    "T": (6, 192, 3),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}

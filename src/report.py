@@ -6,6 +6,7 @@ Writes <dir>/<kind>.png per diagnostic (the same drawing code as the training ca
 configs/callbacks/diagnostics.yaml), <dir>/class_grid.png, and <dir>/report.json + <dir>/report.md (figures, scalars,
 sample metrics). Real data come from the checkpoint's stored datamodule config (``+datamodule.<key>=`` overrides it).
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,12 @@ def diagnostics(cfg: DictConfig, wanted) -> dict[str, Any]:
 def write_markdown(path: Path, summary: dict) -> None:
     from difflab.ops.atomic import write_text
 
-    lines = [f"# Report for {summary['checkpoint']}", "", f"step {summary['step']}, EMA weights, device "
-             f"{summary['device']}", ""]
+    lines = [
+        f"# Report for {summary['checkpoint']}",
+        "",
+        f"step {summary['step']}, EMA weights, device {summary['device']}",
+        "",
+    ]
     if summary["scalars"]:
         lines += ["| scalar | value |", "|---|---|"]
         lines += [f"| {k} | {v:.6g} |" for k, v in sorted(summary["scalars"].items())]
@@ -79,9 +84,9 @@ def write_markdown(path: Path, summary: dict) -> None:
 
 def run_report(cfg: DictConfig) -> dict[str, Any]:
     """Load the checkpoint (EMA weights), draw every diagnostic into ``cfg.out_dir``; returns the summary dict."""
+    from difflab.checkpoints import load_checkpoint, module_from_checkpoint
     from difflab.diagnostics.class_grid import render_grid
     from difflab.diagnostics.timestep_loss import bucket_losses
-    from difflab.checkpoints import load_checkpoint, module_from_checkpoint
     from difflab.ops.atomic import write_text
     from difflab.sampling import pick_device
     from difflab.utils.errors import UntrustedFileError
@@ -93,8 +98,14 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)  # after the checks: a refused checkpoint leaves nothing behind
     step = int(ckpt.get("global_step", 0))
     wanted = None if cfg.get("figures") is None else [str(f) for f in cfg.figures]
-    summary: dict[str, Any] = {"checkpoint": str(cfg.ckpt_path), "step": step, "device": str(device),
-                               "figures": {}, "scalars": {}, "failed": {}}
+    summary: dict[str, Any] = {
+        "checkpoint": str(cfg.ckpt_path),
+        "step": step,
+        "device": str(device),
+        "figures": {},
+        "scalars": {},
+        "failed": {},
+    }
 
     dm, data_error = None, None
     try:
@@ -135,8 +146,14 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
 
     write_text(out_dir / "report.json", json.dumps(summary, indent=2))
     write_markdown(out_dir / "report.md", summary)
-    log.info("report of %s (step %d) in %s: %d figures, %d failed", cfg.ckpt_path, step, out_dir,
-             len(summary["figures"]), len(summary["failed"]))
+    log.info(
+        "report of %s (step %d) in %s: %d figures, %d failed",
+        cfg.ckpt_path,
+        step,
+        out_dir,
+        len(summary["figures"]),
+        len(summary["failed"]),
+    )
     return summary
 
 
@@ -149,8 +166,9 @@ def main(cfg: DictConfig) -> None:
     with trust_from(cfg):
         summary = run_reporting_errors(run_report, cfg, extra=(ValueError,))
     if summary["failed"]:
-        print(f"error: diagnostics failed: {', '.join(summary['failed'])} (see {cfg.out_dir}/report.md)",
-              file=sys.stderr)
+        print(
+            f"error: diagnostics failed: {', '.join(summary['failed'])} (see {cfg.out_dir}/report.md)", file=sys.stderr
+        )
         sys.exit(1)
 
 

@@ -1,5 +1,6 @@
 """Which bound ended a training run: a signal, max_steps, max_time, early stopping or max_epochs, named in one log
 line at the end of fit (a time-budgeted run that stopped before its step budget says so)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,8 +26,9 @@ def stopping_bound(trainer: Any) -> str:
     timer = _callback(trainer, Timer)
     remaining = timer.time_remaining("train") if timer is not None else None
     if remaining is not None and remaining <= 0:
-        return f"max_time ({timer.time_elapsed('train'):.0f} s; step {trainer.global_step}" + \
-            (f" of {steps})" if steps is not None and steps > 0 else ")")
+        return f"max_time ({timer.time_elapsed('train'):.0f} s; step {trainer.global_step}" + (
+            f" of {steps})" if steps is not None and steps > 0 else ")"
+        )
     early = _callback(trainer, EarlyStopping)
     if early is not None and early.stopped_epoch > 0:
         return f"early stopping on {early.monitor} (step {trainer.global_step})"

@@ -7,6 +7,7 @@
 
 PATH: a training checkpoint (*.ckpt, loaded with weights_only=True; its EMA weights are used) or an export written
 by ``difflab-export`` (its directory or its model.safetensors)."""
+
 import hydra
 from omegaconf import DictConfig
 

@@ -1,4 +1,5 @@
 """Sample from a trained checkpoint: balanced labels or given prompts, written as samples.npz + grid.png."""
+
 from __future__ import annotations
 
 import logging
@@ -29,7 +30,9 @@ def pick_device(name: str = "auto") -> torch.device:
 def resolve_sampler(trained: dict, requested: DictConfig | dict | None, source: str = "the checkpoint"):
     """The sampler to use: ``requested`` if it names a ``_target_``, else the trained one (read from ``source``, so
     through the trust gate) with the requested non-null keys."""
-    requested = OmegaConf.to_container(requested, resolve=True) if isinstance(requested, DictConfig) else (requested or {})
+    requested = (
+        OmegaConf.to_container(requested, resolve=True) if isinstance(requested, DictConfig) else (requested or {})
+    )
     if "_target_" in requested:
         return instantiate(requested)
     stored = check_config(trained, source, where="model.diffusion.sampler")
@@ -48,8 +51,10 @@ def sample_conditions(module, n: int, labels=None, prompts=None):
     """Raw conditions for n samples: given labels / prompts (cycled to n), else balanced over classes / prompts."""
     if prompts:
         if module.conditioner.batch_key != "text":
-            raise ValueError("prompts=[...] needs a text-conditioned checkpoint; this one is conditioned on "
-                             f"{module.conditioner.batch_key or 'nothing'}")
+            raise ValueError(
+                "prompts=[...] needs a text-conditioned checkpoint; this one is conditioned on "
+                f"{module.conditioner.batch_key or 'nothing'}"
+            )
         return [list(prompts)[i % len(prompts)] for i in range(n)]
     if labels:
         if module.conditioner.batch_key != "label":
@@ -104,20 +109,32 @@ def run_sampling(cfg: DictConfig) -> dict[str, Path]:
     diffusion = module.diffusion
     trained_sampler = module.run_config["model"]["diffusion"]["sampler"]
     sampler = resolve_sampler(trained_sampler, cfg.get("sampler"), str(cfg.ckpt_path))
-    guidance = diffusion.guidance_for(guidance_overrides(cfg.get("guidance")))   # the checkpoint's, null keys kept
+    guidance = diffusion.guidance_for(guidance_overrides(cfg.get("guidance")))  # the checkpoint's, null keys kept
     raw = sample_conditions(module, cfg.n, cfg.get("labels"), cfg.get("prompts"))
     gen = torch.Generator().manual_seed(int(cfg.seed))
     chunks = []
     for i in range(0, cfg.n, cfg.batch_size):
         j = min(cfg.n, i + cfg.batch_size)
         noise = torch.randn((j - i, *diffusion.sample_shape), generator=gen)
-        chunks.append(diffusion.sample(module, j - i, _slice(raw, i, j), sampler=sampler, guidance=guidance,
-                                       noise=noise, generator=gen, progress=True).cpu())
+        chunks.append(
+            diffusion.sample(
+                module,
+                j - i,
+                _slice(raw, i, j),
+                sampler=sampler,
+                guidance=guidance,
+                noise=noise,
+                generator=gen,
+                progress=True,
+            ).cpu()
+        )
     samples = torch.cat(chunks)
     out = write_outputs(Path(cfg.out_dir), samples, raw)
     if samples.ndim == 5:  # videos: also an MP4 + GIF grid, one row per prompt
         from difflab.diagnostics.video_grid import video_fps, write_sample_videos
+
         out.update(write_sample_videos(cfg.out_dir, samples, raw, fps=video_fps(module.run_config)))
-    log.info("wrote %d samples with %s, guidance %s to %s", cfg.n, diffusion.describe_sampler(sampler), guidance,
-             cfg.out_dir)
+    log.info(
+        "wrote %d samples with %s, guidance %s to %s", cfg.n, diffusion.describe_sampler(sampler), guidance, cfg.out_dir
+    )
     return out

@@ -5,6 +5,7 @@ Sweeps: ``-m model.lr=1e-4,2e-4 [trainer=ddp]`` (each job once, in its own direc
 Resume: ``ckpt_path=last hydra.run.dir=<run dir>`` or ``resume=auto hydra.run.dir=<run dir>``; fine-tune:
 ``init_from=PATH``. Heavy modules (torch, Lightning) are imported inside ``main`` so ``--help`` and ``--cfg`` are fast.
 """
+
 import sys
 
 import hydra

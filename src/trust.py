@@ -14,6 +14,7 @@ A user who trusts a file's author opts in with ``trust_stored_code=true`` (every
 (a context) or ``trusted=True`` (the loaders' argument): then any importable ``_target_`` and any pickle are
 accepted. Paths stay confined and stored interpolations are refused either way.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from difflab.utils.errors import UntrustedFileError
-from difflab.utils.errors import instantiate_reporting
+from difflab.utils.errors import UntrustedFileError, instantiate_reporting
 
 TRUST_KEY = "trust_stored_code"
 TRUST_HINT = f"if you trust the file's author, rerun with {TRUST_KEY}=true"
@@ -38,13 +38,18 @@ CONFIG_TARGET = "__difflab_config_target__"
 # What a stored _target_ may build. Judged on the resolved object: its own __module__, its kind and its bases.
 FUNCTION_PACKAGES = ("difflab.diffusion.",)  # plain math on tensors: samplers, schedules, objectives
 EXTERNAL_BASES = {  # outside difflab: classes deriving from these (import path of the base)
-    "lightning.pytorch.": ("lightning.pytorch.callbacks.Callback", "lightning.pytorch.loggers.Logger",
-                           "lightning.pytorch.Trainer"),
+    "lightning.pytorch.": (
+        "lightning.pytorch.callbacks.Callback",
+        "lightning.pytorch.loggers.Logger",
+        "lightning.pytorch.Trainer",
+    ),
     "torch.optim.": ("torch.optim.Optimizer", "torch.optim.lr_scheduler.LRScheduler"),
 }
 ROOTS = ("difflab", "lightning", "torch")  # nothing else is imported to resolve a stored target
-ALLOWLIST = ("difflab classes; functions in difflab.diffusion and difflab functions marked @config_target; "
-             "Lightning callbacks, loggers and Trainer; torch optimizers and LR schedulers")
+ALLOWLIST = (
+    "difflab classes; functions in difflab.diffusion and difflab functions marked @config_target; "
+    "Lightning callbacks, loggers and Trainer; torch optimizers and LR schedulers"
+)
 
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
 _TRUSTED: contextvars.ContextVar[bool] = contextvars.ContextVar("difflab_trusted", default=False)
@@ -71,8 +76,11 @@ def trust_from(cfg: Any) -> Iterator[None]:
     """A console command's choice: ``trust_stored_code`` of its composed config (logged when on)."""
     trusted = bool(cfg.get(TRUST_KEY, False)) if cfg is not None else False
     if trusted:
-        logging.getLogger(__name__).warning("%s=true: the checkpoints, exports and caches this command reads may "
-                                            "name any importable class and unpickle anything", TRUST_KEY)
+        logging.getLogger(__name__).warning(
+            "%s=true: the checkpoints, exports and caches this command reads may "
+            "name any importable class and unpickle anything",
+            TRUST_KEY,
+        )
     with trusting(trusted):
         yield
 
@@ -144,8 +152,9 @@ def check_target(target: Any, source: Any, where: str, trusted: bool | None = No
     try:
         obj = resolve_target(target)
     except (ImportError, AttributeError) as err:
-        raise _refuse(source, where, f"= {target} cannot be imported ({type(err).__name__}: {err})", hint=False) \
-            from None
+        raise _refuse(
+            source, where, f"= {target} cannot be imported ({type(err).__name__}: {err})", hint=False
+        ) from None
     reason = why_not_allowed(obj)
     if reason is not None:
         raise _refuse(source, where, f"= {target} {reason}, outside difflab's allowlist ({ALLOWLIST})")
@@ -165,9 +174,14 @@ def no_interpolation(text: str, source: Any, where: str) -> str:
     """``text`` read from a file, refused when it holds ``${``: OmegaConf (and Hydra's instantiate, which resolves
     twice) would resolve it, reading environment variables or calling resolvers. difflab writes resolved configs."""
     if "${" in text:
-        raise _refuse(source, where, f"holds the interpolation {text!r}; difflab writes resolved configs and never "
-                                     f"resolves one read from a file (it could read environment variables): remove "
-                                     f"it from the file", hint=False)
+        raise _refuse(
+            source,
+            where,
+            f"holds the interpolation {text!r}; difflab writes resolved configs and never "
+            f"resolves one read from a file (it could read environment variables): remove "
+            f"it from the file",
+            hint=False,
+        )
     return text
 
 
@@ -232,8 +246,11 @@ def data_strings(value: Any, source: Any, key: str) -> list[str] | None:
     if value is None:
         return None
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        shown = type(value).__name__ if not isinstance(value, (list, tuple)) else \
-            next(type(v).__name__ for v in value if not isinstance(v, str))
+        shown = (
+            type(value).__name__
+            if not isinstance(value, (list, tuple))
+            else next(type(v).__name__ for v in value if not isinstance(v, str))
+        )
         raise _refuse(source, key, f"must be a list of strings, found a {shown}", hint=False)
     return [no_interpolation(v, source, f"{key}[{i}]") for i, v in enumerate(value)]
 
@@ -241,8 +258,9 @@ def data_strings(value: Any, source: Any, key: str) -> list[str] | None:
 def split_name(name: Any, source: Any, key: str = "splits") -> str:
     """A split name read from a file: one of ``SPLITS`` (it becomes a directory that may be removed)."""
     if name not in SPLITS:
-        raise _refuse(source, key, f"names the split {name!r}; difflab reads and writes only {', '.join(SPLITS)}",
-                      hint=False)
+        raise _refuse(
+            source, key, f"names the split {name!r}; difflab reads and writes only {', '.join(SPLITS)}", hint=False
+        )
     return name
 
 
@@ -262,8 +280,12 @@ def child_path(directory: str | Path, name: Any, source: Any, key: str, pattern:
     """``directory / name`` for a name read from a file: a bare name (``bare_name``) that is not a symbolic link."""
     path = Path(directory) / bare_name(name, source, key, pattern)
     if path.is_symlink():
-        raise _refuse(source, key, f"names {path}, a symbolic link; difflab follows none inside a directory it "
-                                   f"reads from others", hint=False)
+        raise _refuse(
+            source,
+            key,
+            f"names {path}, a symbolic link; difflab follows none inside a directory it reads from others",
+            hint=False,
+        )
     return path
 
 
@@ -289,8 +311,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise _refuse(self._source, "its pickle", f"asks for {module}.{name}, which it may not load")
 
 
-def restricted_load(file: IO[bytes], allowed: Callable[[str, str], bool], source: Any,
-                    trusted: bool | None = None) -> Any:
+def restricted_load(
+    file: IO[bytes], allowed: Callable[[str, str], bool], source: Any, trusted: bool | None = None
+) -> Any:
     """``pickle.load`` that imports only the globals ``allowed(module, name)`` accepts (any, when trusted)."""
     if is_trusted(trusted):
         return pickle.load(file)  # noqa: S301 - the user said they trust this file

@@ -7,6 +7,7 @@ for training the process, the objective's prediction, the sampler and its steps,
 data, the precision as it resolves on this machine, the budget and the output directory. The model is built on the
 ``meta`` device to count its parameters (the CPU precision rule needs them), so no weights are allocated or loaded.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.utils.cli import FLAG
+
 
 def _name(target: Any) -> str:
     return str(target or "?").rsplit(".", 1)[-1]
@@ -46,14 +48,15 @@ def _precision(cfg: DictConfig, tree: dict) -> str:
 
 def trainable_parameters(cfg: DictConfig) -> int | None:
     """Trainable parameters of the run's model, built on the ``meta`` device (None when it cannot be built so)."""
+    import logging
+
     import torch
     from hydra.utils import instantiate
 
-    from difflab.pipeline import fill_from_datamodule, trainable_parameters as count
+    from difflab.pipeline import fill_from_datamodule
+    from difflab.pipeline import trainable_parameters as count
 
-    import logging
-
-    logging.disable(logging.INFO)   # the start-up lines of a real build would interleave with the block
+    logging.disable(logging.INFO)  # the start-up lines of a real build would interleave with the block
     try:
         local = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
         local.pop("hydra", None)
@@ -101,8 +104,11 @@ def generic_block(cfg: DictConfig, primary: str | None) -> list[str]:
 
     with hydra_runtime(cfg) as resolved:
         tree = plain(resolved)
-    return [f"  {k + ':':13} {v}" for k, v in tree.items()
-            if k not in ("hydra", "paths", "task_name") and not isinstance(v, (dict, list)) and v is not None]
+    return [
+        f"  {k + ':':13} {v}"
+        for k, v in tree.items()
+        if k not in ("hydra", "paths", "task_name") and not isinstance(v, (dict, list)) and v is not None
+    ]
 
 
 def report(cfg: DictConfig, primary: str | None, jobs: list[list[str]] | None = None) -> None:
@@ -118,8 +124,11 @@ def report(cfg: DictConfig, primary: str | None, jobs: list[list[str]] | None = 
         for i, overrides in enumerate(jobs):
             job_cfg = compose(overrides)
             print(f"valid: job {i}: {command} {' '.join(overrides)}")
-            print("\n".join(train_block(job_cfg, f"{sweep_dir}/{i}") if primary == "train"
-                            else generic_block(job_cfg, primary)))
+            print(
+                "\n".join(
+                    train_block(job_cfg, f"{sweep_dir}/{i}") if primary == "train" else generic_block(job_cfg, primary)
+                )
+            )
     else:
         print(f"valid: {command} {' '.join(cfg.hydra.overrides.task)}".rstrip())
         print("\n".join(train_block(cfg) if primary == "train" else generic_block(cfg, primary)))

@@ -1,4 +1,5 @@
 """Fixtures shared by several test modules."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,7 +25,8 @@ def run_dir(tmp_path_factory):
     from tests.helpers import run_hydra_main, tiny_overrides
 
     out = tmp_path_factory.mktemp("train_run")
-    code = run_hydra_main(train.main, [*tiny_overrides(max_steps=4, save_every=2), "logger=csv",
-                                       f"hydra.run.dir={out}"])
+    code = run_hydra_main(
+        train.main, [*tiny_overrides(max_steps=4, save_every=2), "logger=csv", f"hydra.run.dir={out}"]
+    )
     assert code == 0
     return out

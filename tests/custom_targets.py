@@ -1,5 +1,6 @@
 """Objects the trust-gate tests name from stored files: a benign denoiser from outside difflab (what a researcher's own
 package holds) and a pickle payload that leaves a marker when it is unpickled."""
+
 from __future__ import annotations
 
 import os

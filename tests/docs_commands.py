@@ -11,6 +11,7 @@ directory), ``<dir>``, ``<sweep>`` or ``<How2Sign root>`` (spaces allowed). The 
 friends, a run directory for ``run_dir`` and paths under ``<run>``, fresh directories for outputs, a latent cache for
 ``cache_dir``, a sweep for ``ablate.py``. ``...`` is not a placeholder: documented commands are complete.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,17 +22,22 @@ from pathlib import Path
 ENTRIES = ("train", "sample", "export", "report", "encode_latents", "reconstruct_ema", "prepare_clips", "ablate")
 CONSOLE = {f"difflab-{e.replace('_', '-')}": e for e in ENTRIES}
 _ANYWHERE = re.compile(r"(?:[A-Z_]+=\S+\s+)*(?:python\s+(?:" + "|".join(ENTRIES) + r")\.py|difflab-[a-z-]+)(?=\s|$).*")
-_START = re.compile(r"^(?:[A-Z_]+=\S+\s+)*(python\s+(" + "|".join(ENTRIES) + r")\.py|(" +
-                    "|".join(re.escape(c) for c in CONSOLE) + r"))(?=\s|$)")
+_START = re.compile(
+    r"^(?:[A-Z_]+=\S+\s+)*(python\s+("
+    + "|".join(ENTRIES)
+    + r")\.py|("
+    + "|".join(re.escape(c) for c in CONSOLE)
+    + r"))(?=\s|$)"
+)
 
 
 @dataclass(frozen=True)
 class Command:
     """One documented command: where it is written and its arguments (after the entry point)."""
 
-    source: str      # file:line
-    entry: str       # train, sample, ...
-    text: str        # as written (continuations joined, comment dropped)
+    source: str  # file:line
+    entry: str  # train, sample, ...
+    text: str  # as written (continuations joined, comment dropped)
     argv: tuple[str, ...]
 
     def __str__(self) -> str:
@@ -68,21 +74,21 @@ def _candidate_lines(path: Path) -> list[tuple[int, str]]:
             if "#" not in raw:
                 i += 1
                 continue
-            text = raw[raw.index("#") + 1:].strip()
-        while text.rstrip().endswith("\\") and i + 1 < len(lines):   # a continued command
+            text = raw[raw.index("#") + 1 :].strip()
+        while text.rstrip().endswith("\\") and i + 1 < len(lines):  # a continued command
             i += 1
             nxt = lines[i]
-            nxt = nxt[nxt.index("#") + 1:] if path.suffix in (".yaml", ".yml") and "#" in nxt else nxt
+            nxt = nxt[nxt.index("#") + 1 :] if path.suffix in (".yaml", ".yml") and "#" in nxt else nxt
             text = text.rstrip()[:-1] + " " + nxt.strip()
         if path.suffix == ".md" and in_code:
             out.append((number, text.strip()))
         else:
             spans = re.findall(r"`([^`]+)`", text)
-            if text.lstrip().startswith("|"):   # a table names commands: only spans with arguments are commands
+            if text.lstrip().startswith("|"):  # a table names commands: only spans with arguments are commands
                 spans = [sp for sp in spans if len(sp.split()) > (1 if sp.startswith("difflab-") else 2)]
             out += [(number, span) for span in spans]
             if path.suffix in (".yaml", ".yml"):
-                bare = _ANYWHERE.search(text)   # a comment writes commands without backticks too
+                bare = _ANYWHERE.search(text)  # a comment writes commands without backticks too
                 if bare:
                     out.append((number, bare.group(0).split(";")[0].split("`")[0]))
         i += 1
@@ -98,12 +104,12 @@ def commands_in(path: Path, root: Path) -> list[Command]:
         if not match:
             continue
         entry = match.group(2) or CONSOLE[match.group(3)]
-        rest = re.sub(r"<[^<>]*>", lambda m: m.group(0).replace(" ", "_"), text[match.end():])  # <How2Sign root>
+        rest = re.sub(r"<[^<>]*>", lambda m: m.group(0).replace(" ", "_"), text[match.end() :])  # <How2Sign root>
         try:
             argv = tuple(shlex.split(rest))
         except ValueError:
             argv = tuple(rest.split())
-        if not argv and entry != "train":   # a bare name in prose names the command (it needs arguments)
+        if not argv and entry != "train":  # a bare name in prose names the command (it needs arguments)
             continue
         cmd = Command(f"{path.relative_to(root)}:{number}", entry, text, argv)
         found.setdefault(f"{cmd.entry} {' '.join(argv)}", cmd)

@@ -1,4 +1,5 @@
 """Helpers shared by the tests: the repository root, tiny-model overrides and running a Hydra entry point in-process."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,9 +31,12 @@ TINY = [
 
 def tiny_overrides(max_steps: int = 4, save_every: int = 2, extra: Sequence[str] = ()) -> list[str]:
     """CLI-style overrides for a tiny CPU run of ``max_steps`` steps saving a checkpoint + grid every ``save_every``."""
-    return TINY + [f"trainer.max_steps={max_steps}",
-                   f"callbacks.model_checkpoint.every_n_train_steps={save_every}",
-                   f"callbacks.class_grid.every_n_steps={save_every}", *extra]
+    return TINY + [
+        f"trainer.max_steps={max_steps}",
+        f"callbacks.model_checkpoint.every_n_train_steps={save_every}",
+        f"callbacks.class_grid.every_n_steps={save_every}",
+        *extra,
+    ]
 
 
 def run_hydra_main(main, argv: Sequence[str]) -> int:

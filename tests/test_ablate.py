@@ -1,5 +1,6 @@
 """difflab-ablate (src/ablate.py, src/ablation/): statistics against scipy.stats, a synthetic partial sweep read end
 to end (tables, differences, plots, --step, best arm, protocol), and the one-line errors of the CLI."""
+
 from __future__ import annotations
 
 import csv
@@ -21,13 +22,22 @@ FD = "metrics/fd_digit200"
 ACC = "metrics/digit_accuracy"
 LOSS = "val/loss"
 STEPS = (20, 40, 60, 80)
-PROTOCOL = {"n_samples": 200, "feature": "digit-classifier-128", "weights": "/w/digits.pt",
-            "weights_sha256": "0123456789ab", "resize": "none",
-            "reference": {"dataset": "DigitsDataModule", "config": "ab12cd34", "split": "train", "n": 1024},
-            "floor_metric": f"{FD}_floor", "eval_seed": 0, "sampler": "ddim(steps=8)", "guidance": "cfg 2.0"}
+PROTOCOL = {
+    "n_samples": 200,
+    "feature": "digit-classifier-128",
+    "weights": "/w/digits.pt",
+    "weights_sha256": "0123456789ab",
+    "resize": "none",
+    "reference": {"dataset": "DigitsDataModule", "config": "ab12cd34", "split": "train", "n": 1024},
+    "floor_metric": f"{FD}_floor",
+    "eval_seed": 0,
+    "sampler": "ddim(steps=8)",
+    "guidance": "cfg 2.0",
+}
 
 
 # ------------------------------------------------------------------------------------------------------- statistics
+
 
 @pytest.mark.parametrize("n", [2, 3, 5, 17])
 def test_mean_ci_matches_scipy_t_interval(n):
@@ -82,6 +92,7 @@ def test_differences_refuse_too_few_values():
 
 # ------------------------------------------------------------------------------------------------ synthetic sweeps
 
+
 def write_yaml(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(obj), encoding="utf-8")
@@ -96,25 +107,36 @@ def write_sparse_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
         writer.writerows(rows)
 
 
-def make_job(sweep: Path, num: int, overrides: list[str], values: dict[str, dict[int, float]], *, last_step: int,
-             finished: bool, eval_seed: int = 0, rng: np.random.Generator) -> None:
+def make_job(
+    sweep: Path,
+    num: int,
+    overrides: list[str],
+    values: dict[str, dict[int, float]],
+    *,
+    last_step: int,
+    finished: bool,
+    eval_seed: int = 0,
+    rng: np.random.Generator,
+) -> None:
     """One job directory: overrides, config, a sparse metrics.csv with shuffled columns and a duplicated step (the
     earlier row must lose), protocol.json, and final_metrics.json if it finished."""
     job = sweep / str(num)
     write_yaml(job / ".hydra" / "overrides.yaml", overrides)
     seed = int(next(o for o in overrides if o.startswith("seed=")).split("=")[1])
     process = next((o.split("=")[1] for o in overrides if o.startswith("process=")), "vp")
-    write_yaml(job / ".hydra" / "config.yaml",
-               {"seed": seed, "callbacks": {"sample_metrics": {"seed": eval_seed, "n_samples": 200}},
-                **job_config(process)})
+    write_yaml(
+        job / ".hydra" / "config.yaml",
+        {"seed": seed, "callbacks": {"sample_metrics": {"seed": eval_seed, "n_samples": 200}}, **job_config(process)},
+    )
     rows = [{"epoch": 0, "step": s, "train/loss": float(rng.uniform(0.1, 1))} for s in range(10, last_step + 1, 10)]
     for s in STEPS:
         if s > last_step:
             continue
         rows.append({"epoch": 0, "step": s, LOSS: 99.0})  # superseded by the next row of the same step
         rows.append({"epoch": 0, "step": s, LOSS: values[LOSS][s], "val_loss_t/bucket_00": 0.5})
-        rows.append({"epoch": 0, "step": s, FD: values[FD][s], f"{FD}_floor": 3.0, ACC: values[ACC][s],
-                     f"{FD}_std": 0.1})
+        rows.append(
+            {"epoch": 0, "step": s, FD: values[FD][s], f"{FD}_floor": 3.0, ACC: values[ACC][s], f"{FD}_std": 0.1}
+        )
     columns = ["epoch", "step", "train/loss", LOSS, FD, f"{FD}_floor", ACC, f"{FD}_std", "val_loss_t/bucket_00"]
     rng.shuffle(columns)
     write_sparse_csv(job / "csv" / "metrics.csv", rows, columns)
@@ -123,8 +145,12 @@ def make_job(sweep: Path, num: int, overrides: list[str], values: dict[str, dict
     (job / "metrics").mkdir(parents=True, exist_ok=True)
     (job / "metrics" / "protocol.json").write_text(json.dumps(protocol), encoding="utf-8")
     if finished:
-        final = {"status": "completed", "step": last_step, "optimized_metric": LOSS,
-                 "metrics": {m: v[last_step] for m, v in values.items()}}
+        final = {
+            "status": "completed",
+            "step": last_step,
+            "optimized_metric": LOSS,
+            "metrics": {m: v[last_step] for m, v in values.items()},
+        }
         (job / "final_metrics.json").write_text(json.dumps(final), encoding="utf-8")
 
 
@@ -132,17 +158,27 @@ def job_config(process: str) -> dict:
     """What a job's .hydra/config.yaml holds of the process and objective (as Hydra saves it: vp's process is a
     reference to the schedule group; sampling-only keys such as spacing do not change the loss)."""
     if process == "vp":
-        return {"schedule": {"_target_": "difflab.diffusion.schedules.DiscreteSchedule", "kind": "cosine",
-                             "spacing": "trailing"},
-                "process": "${schedule}", "objective": {"prediction": "v", "weighting": "uniform", "x0_clip": "static"}}
-    return {"process": {"_target_": f"difflab.diffusion.processes.{process.upper()}Process"},
-            "objective": {"prediction": process, "weighting": "uniform", "x0_clip": "static"}}
+        return {
+            "schedule": {
+                "_target_": "difflab.diffusion.schedules.DiscreteSchedule",
+                "kind": "cosine",
+                "spacing": "trailing",
+            },
+            "process": "${schedule}",
+            "objective": {"prediction": "v", "weighting": "uniform", "x0_clip": "static"},
+        }
+    return {
+        "process": {"_target_": f"difflab.diffusion.processes.{process.upper()}Process"},
+        "objective": {"prediction": process, "weighting": "uniform", "x0_clip": "static"},
+    }
 
 
 def random_values(rng: np.random.Generator, shift: float) -> dict[str, dict[int, float]]:
-    return {LOSS: {s: float(rng.normal(0.3 + shift, 0.05)) for s in STEPS},
-            FD: {s: float(rng.normal(6.0 + 10 * shift, 0.5)) for s in STEPS},
-            ACC: {s: float(rng.uniform(0.5, 0.9)) for s in STEPS}}
+    return {
+        LOSS: {s: float(rng.normal(0.3 + shift, 0.05)) for s in STEPS},
+        FD: {s: float(rng.normal(6.0 + 10 * shift, 0.5)) for s in STEPS},
+        ACC: {s: float(rng.uniform(0.5, 0.9)) for s in STEPS},
+    }
 
 
 @pytest.fixture
@@ -150,17 +186,30 @@ def partial_sweep(tmp_path):
     """`-m process=vp,edm seed=0,1,2`: job 5 (edm, seed 2) missing, job 1 (vp, seed 1) unfinished at step 40."""
     rng = np.random.default_rng(123)
     sweep = tmp_path / "multirun"
-    write_yaml(sweep / "multirun.yaml",
-               {"hydra": {"overrides": {"task": ["process=vp,edm", "seed=0,1,2", "trainer.max_steps=80"]},
-                          "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"}}})
+    write_yaml(
+        sweep / "multirun.yaml",
+        {
+            "hydra": {
+                "overrides": {"task": ["process=vp,edm", "seed=0,1,2", "trainer.max_steps=80"]},
+                "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"},
+            }
+        },
+    )
     values = {}
     for num, (process, seed) in enumerate((p, s) for p in ("vp", "edm") for s in (0, 1, 2)):
         if num == 5:
             continue
         values[(process, seed)] = random_values(rng, shift=0.0 if process == "vp" else 0.1)
         last = 40 if num == 1 else 80
-        make_job(sweep, num, [f"process={process}", f"seed={seed}", "trainer.max_steps=80"],
-                 values[(process, seed)], last_step=last, finished=num != 1, rng=rng)
+        make_job(
+            sweep,
+            num,
+            [f"process={process}", f"seed={seed}", "trainer.max_steps=80"],
+            values[(process, seed)],
+            last_step=last,
+            finished=num != 1,
+            rng=rng,
+        )
     return sweep, values
 
 
@@ -229,8 +278,10 @@ def test_partial_sweep_summary_matches_scipy(partial_sweep, monkeypatch, capsys)
     assert "job 1 (process=vp, seed=1), last logged step 40" in unfinished_line
     assert "6 in the grid, 5 found, 4 finished" in md
     assert "paired: every arm was evaluated on the same noise (eval seed 0, n 200)" in md
-    assert (f"- not compared: `{LOSS}` is a training loss in each arm's own units (process and objective), and "
-            f"those differ between arms (`objective.prediction`, `process._target_`") in md
+    assert (
+        f"- not compared: `{LOSS}` is a training loss in each arm's own units (process and objective), and "
+        f"those differ between arms (`objective.prediction`, `process._target_`"
+    ) in md
     assert "digit-classifier-128" in md and "0123456789ab" in md and "ddim(steps=8)" in md
     for metric in (LOSS, FD, ACC):
         png = result / (metric.replace("/", "_") + ".png")
@@ -288,13 +339,30 @@ def test_sweep_without_grid_uses_keys_that_differ(tmp_path, monkeypatch, capsys)
     """An Optuna sweep: no grid, no missing points; arms from the differing override values."""
     rng = np.random.default_rng(7)
     sweep = tmp_path / "optuna"
-    write_yaml(sweep / "multirun.yaml", {"hydra": {"overrides": {"task": []}, "sweeper": {
-        "_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
-        "params": {"lr": "interval(0.0001, 0.01)"}}}})
+    write_yaml(
+        sweep / "multirun.yaml",
+        {
+            "hydra": {
+                "overrides": {"task": []},
+                "sweeper": {
+                    "_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
+                    "params": {"lr": "interval(0.0001, 0.01)"},
+                },
+            }
+        },
+    )
     jobs = [("0.001", 0), ("0.001", 1), ("0.003", 2)]
     for num, (lr, seed) in enumerate(jobs):
-        make_job(sweep, num, [f"lr={lr}", f"seed={seed}"], random_values(rng, 0.0), last_step=80, finished=True,
-                 eval_seed=num, rng=rng)
+        make_job(
+            sweep,
+            num,
+            [f"lr={lr}", f"seed={seed}"],
+            random_values(rng, 0.0),
+            last_step=80,
+            finished=True,
+            eval_seed=num,
+            rng=rng,
+        )
     code, out, _ = run_cli([sweep, "--metrics", LOSS], monkeypatch, capsys)
     assert code == 0
     assert "Optuna" in out and "missing" not in out
@@ -306,6 +374,7 @@ def test_sweep_without_grid_uses_keys_that_differ(tmp_path, monkeypatch, capsys)
 
 
 # ------------------------------------------------------------------------------------------------------- CLI errors
+
 
 def assert_one_error_line(code: int, err: str, *needles: str) -> None:
     assert code == 2
@@ -319,13 +388,22 @@ def test_errors_are_one_line_with_status_2(partial_sweep, tmp_path, monkeypatch,
     sweep, _ = partial_sweep
     empty = tmp_path / "not_a_sweep"
     empty.mkdir()
-    assert_one_error_line(*run_cli([empty], monkeypatch, capsys)[::2], "not a Hydra multirun directory",
-                          "multirun.yaml", "python train.py -m")
+    assert_one_error_line(
+        *run_cli([empty], monkeypatch, capsys)[::2],
+        "not a Hydra multirun directory",
+        "multirun.yaml",
+        "python train.py -m",
+    )
     assert_one_error_line(*run_cli([tmp_path / "nope"], monkeypatch, capsys)[::2], "does not exist")
-    assert_one_error_line(*run_cli([sweep, "--metrics", "metrics/fid"], monkeypatch, capsys)[::2],
-                          "metrics/fid", FD, LOSS)
-    assert_one_error_line(*run_cli([sweep, "--baseline", "process=flow"], monkeypatch, capsys)[::2],
-                          "process=flow", "'process=vp'", "'process=edm'")
+    assert_one_error_line(
+        *run_cli([sweep, "--metrics", "metrics/fid"], monkeypatch, capsys)[::2], "metrics/fid", FD, LOSS
+    )
+    assert_one_error_line(
+        *run_cli([sweep, "--baseline", "process=flow"], monkeypatch, capsys)[::2],
+        "process=flow",
+        "'process=vp'",
+        "'process=edm'",
+    )
     assert_one_error_line(*run_cli([sweep, "--step", 55], monkeypatch, capsys)[::2], "--step 55", "20, 40, 60, 80")
     silent = tmp_path / "silent"
     write_yaml(silent / "multirun.yaml", {"hydra": {"overrides": {"task": ["seed=0,1"]}}})
@@ -336,24 +414,28 @@ def test_errors_are_one_line_with_status_2(partial_sweep, tmp_path, monkeypatch,
 
 def test_shim_and_light_import():
     """`python ablate.py` runs the command, and importing the module loads neither torch nor Lightning."""
-    code = ("import sys, difflab.ablate; "
-            "print([m for m in ('torch', 'lightning', 'matplotlib', 'scipy') if m in sys.modules])")
+    code = (
+        "import sys, difflab.ablate; "
+        "print([m for m in ('torch', 'lightning', 'matplotlib', 'scipy') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True).stdout
     assert out.strip() == "[]"
-    proc = subprocess.run([sys.executable, str(ROOT / "ablate.py"), "/nonexistent/sweep"], capture_output=True,
-                          text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "ablate.py"), "/nonexistent/sweep"], capture_output=True, text=True, cwd=ROOT
+    )
     assert_one_error_line(proc.returncode, proc.stderr, "does not exist")
 
 
 # ------------------------------------------------------------------------------- comparable metrics, many arms, power
 
-def three_process_sweep(tmp_path: Path, protocol_change: dict | None = None, key: str = "process",
-                        values=("vp", "edm", "flow")) -> Path:
+
+def three_process_sweep(
+    tmp_path: Path, protocol_change: dict | None = None, key: str = "process", values=("vp", "edm", "flow")
+) -> Path:
     """``-m <key>=a,b,c seed=0,1,2``, all finished; ``protocol_change`` edits the FD protocol of the last arm."""
     rng = np.random.default_rng(5)
     sweep = tmp_path / "sweep"
-    write_yaml(sweep / "multirun.yaml", {"hydra": {"overrides": {"task": [f"{key}={','.join(values)}",
-                                                                          "seed=0,1,2"]}}})
+    write_yaml(sweep / "multirun.yaml", {"hydra": {"overrides": {"task": [f"{key}={','.join(values)}", "seed=0,1,2"]}}})
     num = 0
     for i, value in enumerate(values):
         for seed in (0, 1, 2):
@@ -373,8 +455,8 @@ def test_holm_matches_a_hand_computed_table():
 
     # sorted 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> kept at 0.06 (monotone)
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02], rel=1e-12)
-    assert holm([0.9, 0.6]) == [1.0, 1.0]                          # capped at 1
-    adjusted = holm([0.5, math.nan, 0.4])                           # NaN is no comparison: m = 2
+    assert holm([0.9, 0.6]) == [1.0, 1.0]  # capped at 1
+    adjusted = holm([0.5, math.nan, 0.4])  # NaN is no comparison: m = 2
     assert adjusted[0] == pytest.approx(0.8) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.8)
     assert holm([0.02]) == [0.02]
 
@@ -416,7 +498,7 @@ def test_seeds_needed_is_the_smallest_count_reaching_80_percent_power(design):
 
 def test_a_process_sweep_does_not_rank_val_loss_but_ranks_sample_metrics(tmp_path, monkeypatch, capsys):
     sweep = three_process_sweep(tmp_path)
-    code, out, _ = run_cli([sweep, "--metrics", LOSS, FD], monkeypatch, capsys)   # named explicitly: same line
+    code, out, _ = run_cli([sweep, "--metrics", LOSS, FD], monkeypatch, capsys)  # named explicitly: same line
     assert code == 0
     assert "not comparable across arms:** `val/loss` is a training loss in each arm's own units" in out
     diffs = read_csv(sweep / "ablation" / "differences.csv")
@@ -441,16 +523,23 @@ def test_sample_metrics_measured_differently_are_not_ranked(tmp_path, monkeypatc
     sweep = three_process_sweep(tmp_path, protocol_change={"n_samples": 500})
     code, out, _ = run_cli([sweep, "--metrics", FD], monkeypatch, capsys)
     assert code == 0
-    assert (f"`{FD}` was measured differently in different arms (n_samples 200 (process=vp) vs 200 (process=edm) "
-            f"vs 500 (process=flow))") in out
+    assert (
+        f"`{FD}` was measured differently in different arms (n_samples 200 (process=vp) vs 200 (process=edm) "
+        f"vs 500 (process=flow))"
+    ) in out
     assert read_csv(sweep / "ablation" / "differences.csv") == []
     # a sampler that differs because the sweep swept it is the treatment, not a measurement difference
-    swept = three_process_sweep(tmp_path / "s", protocol_change={"sampler": "heun(steps=10)"},
-                                key="callbacks.sample_metrics.sampler", values=("ddim", "euler", "heun"))
+    swept = three_process_sweep(
+        tmp_path / "s",
+        protocol_change={"sampler": "heun(steps=10)"},
+        key="callbacks.sample_metrics.sampler",
+        values=("ddim", "euler", "heun"),
+    )
     code, out, _ = run_cli([swept, "--metrics", FD], monkeypatch, capsys)
     assert code == 0 and "not compared" not in out
-    unswept = three_process_sweep(tmp_path / "u", protocol_change={"sampler": "heun(steps=10)"}, key="model.lr",
-                                  values=("1", "2", "3"))
+    unswept = three_process_sweep(
+        tmp_path / "u", protocol_change={"sampler": "heun(steps=10)"}, key="model.lr", values=("1", "2", "3")
+    )
     code, out, _ = run_cli([unswept, "--metrics", FD], monkeypatch, capsys)
     assert code == 0 and "measured differently" in out and "sampler" in out
 
@@ -465,14 +554,17 @@ def test_verdicts_read_as_sentences_and_detect_sizes_the_sweep(tmp_path, monkeyp
     assert code == 0
     verdicts = out.split("## Verdicts")[1].strip().splitlines()
     assert len(verdicts) == 2
-    pattern = (r"- `process=(edm|flow)` is (lower|higher) in `metrics/fd_digit200` than `process=vp` by [\d.e-]+ "
-               r"\[-?[\d.e-]+, -?[\d.e-]+\] \((better|worse)\), p = [^,]+ \(Holm-adjusted over 2 comparisons; "
-               r"unadjusted [^)]+\), (resolved with 3 seeds\.|not resolved with 3 seeds.*\.)$")
+    pattern = (
+        r"- `process=(edm|flow)` is (lower|higher) in `metrics/fd_digit200` than `process=vp` by [\d.e-]+ "
+        r"\[-?[\d.e-]+, -?[\d.e-]+\] \((better|worse)\), p = [^,]+ \(Holm-adjusted over 2 comparisons; "
+        r"unadjusted [^)]+\), (resolved with 3 seeds\.|not resolved with 3 seeds.*\.)$"
+    )
     for line in verdicts:
         assert re.match(pattern, line), line
     diffs = read_csv(sweep / "ablation" / "differences.csv")
-    baseline = [r for r in read_csv(sweep / "ablation" / "summary.csv") if r["arm"] == "process=vp"
-                and r["metric"] == FD][0]
+    baseline = [
+        r for r in read_csv(sweep / "ablation" / "summary.csv") if r["arm"] == "process=vp" and r["metric"] == FD
+    ][0]
     for d in diffs:
         target = 0.05 * abs(float(baseline["mean"]))
         assert float(d["target"]) == pytest.approx(target, rel=1e-12)

@@ -10,6 +10,7 @@ the native float64 schedules end to end. With ``rescale_betas_zero_snr=True``, d
 replace the terminal alpha-bar 0 by 2**-24; difflab keeps 0 and takes the exact limit (tested separately: the two
 differ by ~1e-4 relative).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,14 +19,19 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
-                       EulerDiscreteScheduler, HeunDiscreteScheduler)
+from diffusers import (  # noqa: E402
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+)
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as hf_rescale  # noqa: E402
 
 from difflab.diffusion.guidance import guided_model_fn, rescale_guidance  # noqa: E402
 from difflab.diffusion.objectives import add_noise, clip_x0, training_target  # noqa: E402
-from difflab.diffusion.samplers import ddim, ddpm, dpmpp_2m, euler, heun  # noqa: E402
 from difflab.diffusion.processes import VPProcess  # noqa: E402
+from difflab.diffusion.samplers import ddim, ddpm, dpmpp_2m, euler, heun  # noqa: E402
 
 T = 1000
 HF_KIND = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid"}
@@ -55,13 +61,15 @@ def x_T(dtype=torch.float64):
 
 # ------------------------------------------------------------------ schedules, targets, grids
 
+
 @pytest.mark.parametrize("kind", sorted(HF_KIND))
 @pytest.mark.parametrize("n", [100, 500, 1000])
 @pytest.mark.parametrize("zero", [False, True])
 def test_alphas_cumprod(kind, n, zero):
     ours = VPProcess(kind, n, zero_terminal_snr=zero, **KIND_KW.get(kind, {}))
-    hf = DDPMScheduler(num_train_timesteps=n, beta_schedule=HF_KIND[kind], rescale_betas_zero_snr=zero,
-                       **KIND_KW.get(kind, {}))
+    hf = DDPMScheduler(
+        num_train_timesteps=n, beta_schedule=HF_KIND[kind], rescale_betas_zero_snr=zero, **KIND_KW.get(kind, {})
+    )
     theirs = hf.alphas_cumprod.double()
     # relative 1e-5, with an absolute 1e-8 for the tiny alpha-bars where diffusers' float32 round-off dominates (the
     # cosine cap 0.999 is 0.99900001 in float32; zero-SNR rescaling subtracts nearly equal float32 numbers)
@@ -82,8 +90,10 @@ def test_noising_and_v_target(kind):
     ours = VPProcess(kind, T)
     hf = DDPMScheduler(num_train_timesteps=T, beta_schedule=HF_KIND[kind])
     g = torch.Generator().manual_seed(1)
-    x0, eps = torch.randn(8, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(8, 2, 4, 4, generator=g,
-                                                                                     dtype=torch.float64)
+    x0, eps = (
+        torch.randn(8, 2, 4, 4, generator=g, dtype=torch.float64),
+        torch.randn(8, 2, 4, 4, generator=g, dtype=torch.float64),
+    )
     t = torch.tensor([0, 1, 10, 250, 500, 750, 998, 999])
     a, s = ours.coefficients_like(t, x0)
     assert rel_err(add_noise(x0, eps, a, s), hf.add_noise(x0, eps, t)) < TOL
@@ -123,8 +133,14 @@ def test_guidance_rescale():
 
 # ------------------------------------------------------------------ full sampling loops
 
-CASES = [(kind, zero, spacing, pred) for kind in ("linear", "cosine") for zero in (False, True)
-         for spacing in ("leading", "trailing") for pred in ("eps", "v", "x0") if not (zero and pred == "eps")]
+CASES = [
+    (kind, zero, spacing, pred)
+    for kind in ("linear", "cosine")
+    for zero in (False, True)
+    for spacing in ("leading", "trailing")
+    for pred in ("eps", "v", "x0")
+    if not (zero and pred == "eps")
+]
 
 
 def _ids(case):
@@ -135,8 +151,13 @@ def _ids(case):
 def _hf(cls, kind, zero, spacing, pred, **kw):
     if zero:
         kw["rescale_betas_zero_snr"] = True
-    return cls(num_train_timesteps=T, beta_schedule=HF_KIND[kind], prediction_type=HF_PRED[pred],
-               timestep_spacing=spacing, **kw)
+    return cls(
+        num_train_timesteps=T,
+        beta_schedule=HF_KIND[kind],
+        prediction_type=HF_PRED[pred],
+        timestep_spacing=spacing,
+        **kw,
+    )
 
 
 def _same(hf, spacing) -> VPProcess:
@@ -154,8 +175,14 @@ def test_ddim_loop(case, eta):
     for t in hf.timesteps:
         x = hf.step(fake(x, t), t, x, eta=eta, generator=g).prev_sample
     sch = _same(hf, spacing)
-    ours = ddim(guided_model_fn(net, sch, pred, {}, None), x_T(), sch, steps=10, eta=eta,
-                generator=torch.Generator().manual_seed(7))
+    ours = ddim(
+        guided_model_fn(net, sch, pred, {}, None),
+        x_T(),
+        sch,
+        steps=10,
+        eta=eta,
+        generator=torch.Generator().manual_seed(7),
+    )
     assert rel_err(ours, x) < TOL
 
 
@@ -168,8 +195,9 @@ def test_ddpm_loop(case):
     for t in hf.timesteps:
         x = hf.step(fake(x, t), t, x, generator=g).prev_sample  # one noise draw per step with t > 0, replayed below
     sch = _same(hf, spacing)
-    ours = ddpm(guided_model_fn(net, sch, pred, {}, None), x_T(), sch, steps=10,
-                generator=torch.Generator().manual_seed(5))
+    ours = ddpm(
+        guided_model_fn(net, sch, pred, {}, None), x_T(), sch, steps=10, generator=torch.Generator().manual_seed(5)
+    )
     assert rel_err(ours, x) < TOL
 
 
@@ -188,8 +216,16 @@ def test_ddpm_all_1000_steps_zero_snr_v():
 
 
 def _hf_dpm(kind, zero, spacing, pred, steps, order=2):
-    hf = _hf(DPMSolverMultistepScheduler, kind, zero, spacing, pred, algorithm_type="dpmsolver++",
-             solver_order=order, solver_type="midpoint")
+    hf = _hf(
+        DPMSolverMultistepScheduler,
+        kind,
+        zero,
+        spacing,
+        pred,
+        algorithm_type="dpmsolver++",
+        solver_order=order,
+        solver_type="midpoint",
+    )
     hf.set_timesteps(steps)
     x = x_T()
     for t in hf.timesteps:
@@ -227,8 +263,9 @@ def test_native_float64_schedules_end_to_end(spacing):
     x, g = x_T(), torch.Generator().manual_seed(4)
     for t in hf.timesteps:
         x = hf.step(fake(x, t), t, x, generator=g).prev_sample
-    ours = ddpm(guided_model_fn(net, sch, "v", {}, None), x_T(), sch, steps=20,
-                generator=torch.Generator().manual_seed(4))
+    ours = ddpm(
+        guided_model_fn(net, sch, "v", {}, None), x_T(), sch, steps=20, generator=torch.Generator().manual_seed(4)
+    )
     assert rel_err(ours, x) < TOL
 
 
@@ -243,8 +280,9 @@ def test_dpmpp_exact_zero_snr_limit_vs_diffusers_floor():
 def test_ddim_on_linspace_grid_matches_first_order_dpm_solver():
     """diffusers' DDIM steps to t - T // steps, which is not the next linspace timestep; difflab steps to the next
     grid point. DPM-Solver++ order 1 is DDIM and accepts the exact grid: compare with that."""
-    hf = _hf(DPMSolverMultistepScheduler, "cosine", False, "linspace", "v", algorithm_type="dpmsolver++",
-             solver_order=1)
+    hf = _hf(
+        DPMSolverMultistepScheduler, "cosine", False, "linspace", "v", algorithm_type="dpmsolver++", solver_order=1
+    )
     sch = _same(hf, "linspace")
     hf.set_timesteps(timesteps=sch.sampling_timesteps(10).tolist())
     x = x_T()
@@ -263,8 +301,9 @@ def _hf_sigma_loop(cls, kind, spacing, pred, steps):
     return hf, x
 
 
-@pytest.mark.parametrize("kind,spacing,pred", [("linear", "leading", "eps"), ("cosine", "leading", "v"),
-                                               ("linear", "trailing", "x0")])
+@pytest.mark.parametrize(
+    "kind,spacing,pred", [("linear", "leading", "eps"), ("cosine", "leading", "v"), ("linear", "trailing", "x0")]
+)
 def test_euler_and_heun_loops(kind, spacing, pred):
     """diffusers' Euler / Heun step in float32 in the variance-exploding space z = x / sqrt(alpha_bar); with the
     cosine schedule's sigma_max ~ 2e4 (trailing) that alone costs ~1e-4 relative, so those cases use sigma_max

@@ -1,4 +1,5 @@
 """Autoencoders: KL VAE shapes and maths, AutoencoderModule training + checkpoint reload, diffusers wrapper, loading."""
+
 from __future__ import annotations
 
 import shutil
@@ -11,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from difflab.autoencoders.kl_vae import KLAutoencoder, gaussian_kl
-from difflab.autoencoders.loading import (autoencoder_identity, build_autoencoder, load_autoencoder, state_dict_sha256)
+from difflab.autoencoders.loading import autoencoder_identity, build_autoencoder, load_autoencoder, state_dict_sha256
 from difflab.lit_modules.autoencoder_module import AutoencoderModule, psnr
 from difflab.utils.errors import CheckpointError, ConfigError
 
@@ -29,8 +30,15 @@ def _one_thread():
 
 def tiny_vae(seed: int = 0, **kw) -> KLAutoencoder:
     torch.manual_seed(seed)
-    args = dict(in_channels=1, latent_channels=4, base_channels=8, channel_mults=[1, 2], num_res_blocks=1,
-                norm_groups=4, mid_attention=True)
+    args = dict(
+        in_channels=1,
+        latent_channels=4,
+        base_channels=8,
+        channel_mults=[1, 2],
+        num_res_blocks=1,
+        norm_groups=4,
+        mid_attention=True,
+    )
     args.update(kw)
     return KLAutoencoder(**args)
 
@@ -117,9 +125,18 @@ def test_identity_hash_is_deterministic_and_sensitive():
 
 # ---------------------------------------------------------------------------------------------- training + ckpt
 def _trainer(tmp_path, steps):
-    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
-                     num_sanity_val_steps=0, default_root_dir=tmp_path)
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
 
 
 def test_autoencoder_module_trains_and_checkpoint_reloads(tmp_path):
@@ -152,8 +169,9 @@ def test_autoencoder_module_trains_and_checkpoint_reloads(tmp_path):
         assert torch.equal(loaded.encode(x), z)
         assert torch.equal(loaded.decode(z), module.autoencoder.decode(z))
     # via a config (what configs/autoencoder/kl_vae.yaml + autoencoder.ckpt_path=... gives)
-    again, ident2 = load_autoencoder({"_target_": "difflab.autoencoders.kl_vae.KLAutoencoder", "in_channels": 1,
-                                      "ckpt_path": str(ckpt)})
+    again, ident2 = load_autoencoder(
+        {"_target_": "difflab.autoencoders.kl_vae.KLAutoencoder", "in_channels": 1, "ckpt_path": str(ckpt)}
+    )
     assert ident2["hash"] == identity["hash"]
     # build_autoencoder gives a trainable copy initialised from the checkpoint (fine-tuning)
     trainable = build_autoencoder({"ckpt_path": str(ckpt)})
@@ -230,10 +248,18 @@ def test_lpips_without_weights_warns_and_disables(tmp_path):
 def _tiny_diffusers_vae(seed=0):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(seed)
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                                   layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
-                                   scaling_factor=0.25)
+    return diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.25,
+    )
 
 
 def test_diffusers_kl_local_round_trip(tmp_path):
@@ -251,8 +277,9 @@ def test_diffusers_kl_local_round_trip(tmp_path):
         assert torch.allclose(z, vae.encode(x).latent_dist.mean * 0.25, atol=1e-6)
         assert torch.allclose(ae.decode(z), vae.decode(z / 0.25).sample.clamp(-1, 1), atol=1e-6)
 
-    loaded, ident = load_autoencoder({"_target_": "difflab.autoencoders.diffusers_kl.DiffusersKL",
-                                      "pretrained": str(tmp_path / "vae")})
+    loaded, ident = load_autoencoder(
+        {"_target_": "difflab.autoencoders.diffusers_kl.DiffusersKL", "pretrained": str(tmp_path / "vae")}
+    )
     assert ident["hash"] == ae.identity()["hash"] and ident["spec"]["pretrained"] == str(tmp_path / "vae")
     # the same files elsewhere give the same hash (location is not identity); another scaling does not
     shutil.copytree(tmp_path / "vae", tmp_path / "moved")

@@ -1,4 +1,5 @@
 """Benchmark suite: the markdown plumbing of run_all / common (fast), and the cheapest scripts' --quick runs (slow)."""
+
 from __future__ import annotations
 
 import os
@@ -59,14 +60,23 @@ def test_matched_denoisers_have_equal_parameter_counts():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script,args,name", [
-    ("bench_ema.py", ["--quick", "--repeats", "1"], "ema_quick.md"),
-    ("bench_denoiser.py", ["--quick", "--no-bf16", "--steps", "1", "--repeats", "1"], "denoiser_quick.md"),
-])
+@pytest.mark.parametrize(
+    "script,args,name",
+    [
+        ("bench_ema.py", ["--quick", "--repeats", "1"], "ema_quick.md"),
+        ("bench_denoiser.py", ["--quick", "--no-bf16", "--steps", "1", "--repeats", "1"], "denoiser_quick.md"),
+    ],
+)
 def test_quick_scripts_run(tmp_path, script, args, name):
     env = {**os.environ, "PYTHONPATH": str(REPO), "DIFFLAB_BENCH_RESULTS": str(tmp_path)}
-    r = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     text = (tmp_path / name).read_text()
     assert re.search(r"target[^\n]*: (met|not met)", text, re.IGNORECASE), text
@@ -76,8 +86,14 @@ def test_quick_scripts_run(tmp_path, script, args, name):
 def test_dit_gpu_benchmark_code_path_runs_on_cpu(tmp_path):
     """bench_dit_gpu.py is meant for a GPU; --smoke runs its whole code path (FLOP count, timing, MFU table) here."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "DIFFLAB_BENCH_RESULTS": str(tmp_path)}
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "bench_dit_gpu.py"), "--smoke"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_dit_gpu.py"), "--smoke"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     text = (tmp_path / "dit_gpu_quick.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| DiT-T/4"))
@@ -88,8 +104,14 @@ def test_dit_gpu_benchmark_code_path_runs_on_cpu(tmp_path):
 @pytest.mark.slow
 def test_dit_speed_benchmark_quick_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "DIFFLAB_BENCH_RESULTS": str(tmp_path)}
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "bench_dit_speed.py"), "--quick", "--no-compile"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_dit_speed.py"), "--quick", "--no-compile"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     text = (tmp_path / "dit_speed_quick.md").read_text()
     assert re.search(r"target[^\n]*: (met|not met)", text, re.IGNORECASE) and "activations saved" in text

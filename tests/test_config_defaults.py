@@ -1,6 +1,7 @@
 """train.yaml says what runs: its defaults list is what `python train.py --cfg job` composes (the default experiment
 changes no group), and the objective's target comes from the process through the objective configs' interpolation,
 never from a process file writing into another group."""
+
 from __future__ import annotations
 
 import subprocess
@@ -35,14 +36,19 @@ def test_the_default_experiment_keeps_every_group_train_yaml_lists():
 
 def test_cfg_job_shows_the_listed_defaults():
     """The printed job config: the process, sampler and denoiser train.yaml lists, and the process's own target."""
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--cfg", "job", "--resolve"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--cfg", "job", "--resolve"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     job = yaml.safe_load(out.stdout)
     assert job["process"]["_target_"] == "difflab.diffusion.processes.FlowProcess"
     assert job["sampler"]["_target_"].endswith(".heun")
     assert (job["objective"]["prediction"], job["objective"]["weighting"]) == ("flow", "uniform")
-    assert first(job["model"], "net")["base_channels"] == 16   # unet2d_small's width
+    assert first(job["model"], "net")["base_channels"] == 16  # unet2d_small's width
 
 
 def first(tree: dict, key: str):
@@ -55,10 +61,19 @@ def first(tree: dict, key: str):
     return None
 
 
-@pytest.mark.parametrize("process, objective, prediction, weighting", [
-    ("vp", "natural", "v", "uniform"), ("vp", "eps", "eps", "uniform"), ("vp", "x0", "x0", "uniform"),
-    ("vp", "v", "v", "uniform"), ("edm", "natural", "edm", "edm"), ("edm", "eps", "edm", "edm"),
-    ("flow", "natural", "flow", "uniform"), ("flow", "x0", "flow", "uniform")])
+@pytest.mark.parametrize(
+    "process, objective, prediction, weighting",
+    [
+        ("vp", "natural", "v", "uniform"),
+        ("vp", "eps", "eps", "uniform"),
+        ("vp", "x0", "x0", "uniform"),
+        ("vp", "v", "v", "uniform"),
+        ("edm", "natural", "edm", "edm"),
+        ("edm", "eps", "edm", "edm"),
+        ("flow", "natural", "flow", "uniform"),
+        ("flow", "x0", "flow", "uniform"),
+    ],
+)
 def test_the_objective_trains_the_process_target(process, objective, prediction, weighting):
     """vp states no target: objective=eps|x0|v choose it; edm and flow state theirs (process.prediction)."""
     obj = composed([f"process={process}", f"objective={objective}"]).objective

@@ -2,6 +2,7 @@
 in configs/<group>/schema.py and configs/schema.py). A bad one is one line `error: <key>=<value> is invalid: <what
 is allowed>`, exit status 2, no traceback, nothing written. Most cases compose in-process (fast); a few run the real
 console commands."""
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,8 @@ from difflab.configs import CONFIG_DIR
 from difflab.preflight import ValidateConfig
 from difflab.utils.errors import ConfigError
 
-FILE = "{file}"          # an existing regular file (a stand-in checkpoint, or an output path that is a file)
-NOWHERE = "{nowhere}"    # a path that does not exist
+FILE = "{file}"  # an existing regular file (a stand-in checkpoint, or an output path that is a file)
+NOWHERE = "{nowhere}"  # a path that does not exist
 
 # (entry point, overrides, the key and value the error line must name). One bad value per case.
 BAD = [
@@ -88,14 +89,29 @@ BAD = [
     ("train", ["experiment=moving_digits_t2v_dit", "datamodule.max_frames=64"], "model.net.max_frames", "16"),
     ("train", ["callbacks.model_checkpoint.mode=best"], "callbacks.model_checkpoint.mode", "best"),
     # metrics that no configured callback logs (configs/schema.py monitored_metrics_are_logged)
-    ("train", ["callbacks.model_checkpoint.monitor=metrics/fd_digit100"], "callbacks.model_checkpoint.monitor",
-     "metrics/fd_digit100"),
+    (
+        "train",
+        ["callbacks.model_checkpoint.monitor=metrics/fd_digit100"],
+        "callbacks.model_checkpoint.monitor",
+        "metrics/fd_digit100",
+    ),
     ("train", ["callbacks=metrics", "optimized_metric=metrics/fd_digit500"], "optimized_metric", "metrics/fd_digit500"),
-    ("train", ["callbacks.class_grid.judge=none", "optimized_metric=metrics/grid_agreement"], "optimized_metric",
-     "metrics/grid_agreement"),
-    ("train", ["callbacks=metrics", "callbacks.model_checkpoint.monitor=metrics/fd_digit100",
-               "callbacks.model_checkpoint.every_n_train_steps=300"],
-     "callbacks.model_checkpoint.every_n_train_steps", "300"),
+    (
+        "train",
+        ["callbacks.class_grid.judge=none", "optimized_metric=metrics/grid_agreement"],
+        "optimized_metric",
+        "metrics/grid_agreement",
+    ),
+    (
+        "train",
+        [
+            "callbacks=metrics",
+            "callbacks.model_checkpoint.monitor=metrics/fd_digit100",
+            "callbacks.model_checkpoint.every_n_train_steps=300",
+        ],
+        "callbacks.model_checkpoint.every_n_train_steps",
+        "300",
+    ),
     ("train", ["callbacks.model_checkpoint.save_top_k=-2"], "callbacks.model_checkpoint.save_top_k", "-2"),
     ("train", ["callbacks=diagnostics", "callbacks.guidance_grid.scales=[]"], "callbacks.guidance_grid.scales", "[]"),
     ("train", ["callbacks.nonfinite_guard.max_consecutive=-1"], "callbacks.nonfinite_guard.max_consecutive", "-1"),
@@ -142,19 +158,31 @@ BAD = [
 
 # Values the rules must let through (special meanings documented in the configs and the code).
 GOOD = [
-    ("train", ["callbacks=metrics", "callbacks.model_checkpoint.monitor=metrics/fd_digit100",
-               "callbacks.model_checkpoint.save_top_k=1", "optimized_metric=metrics/digit_accuracy"]),
+    (
+        "train",
+        [
+            "callbacks=metrics",
+            "callbacks.model_checkpoint.monitor=metrics/fd_digit100",
+            "callbacks.model_checkpoint.save_top_k=1",
+            "optimized_metric=metrics/digit_accuracy",
+        ],
+    ),
     ("train", ["optimized_metric=metrics/grid_agreement", "callbacks.model_checkpoint.monitor=val_loss_t/bucket_03"]),
     ("train", ["trainer.precision=bf16-mixed", "trainer.devices=[0,1]", "trainer.log_every_n_steps=0"]),
     ("train", ["trainer.val_check_interval=0.5", "trainer.check_val_every_n_epoch=1", "trainer.max_time=00:01:00:00"]),
     ("train", ["trainer=ddp", "trainer.devices=-1", "trainer.precision=16", "trainer.max_epochs=null"]),
-    ("train", ["process=vp", "sampler=ddpm", "sampler.steps=null", "sampler.variance=large",
-               "schedule.spacing=trailing"]),
+    (
+        "train",
+        ["process=vp", "sampler=ddpm", "sampler.steps=null", "sampler.variance=large", "schedule.spacing=trailing"],
+    ),
     ("train", ["guidance.scale=0", "guidance.interval=[null,5]", "guidance.per_class={{3: 4.0}}"]),
     ("train", ["callbacks.class_grid.every_n_steps=0", "callbacks.ema.decay=0", "ckpt_path=last", "resume=never"]),
     ("train", ["datamodule=moving_digits", "datamodule.image_size=[16,16]", "lr_schedule.warmup=200"]),
     ("train", ["datamodule=cifar10", "datamodule.val_split=0.1", "datamodule.image_size=null", "seed=null"]),
-    ("train", ["objective.x0_clip=null", "objective.weighting=min_snr", "conditioning=none", "model.diffusion.p_uncond=0"]),
+    (
+        "train",
+        ["objective.x0_clip=null", "objective.weighting=min_snr", "conditioning=none", "model.diffusion.p_uncond=0"],
+    ),
     ("sample", [f"ckpt_path={FILE}", "labels=[0,3]", "device=cuda:1", "guidance.scale=null", "sampler=heun"]),
     ("sample", [f"ckpt_path={FILE}", "sampler.steps=25", "guidance.interval=[0.5,null]", "out_dir=new/dir"]),
     ("report", [f"ckpt_path={FILE}", "figures=[reconstruction,guidance_grid]", "val_batches=null", "device=cpu"]),
@@ -162,14 +190,37 @@ GOOD = [
 ]
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
-GROUP_OPTIONS = sorted(f"{p.parent.name}={p.stem}" for group in
-                       ("model", "datamodule", "trainer", "sampler", "schedule", "objective", "conditioning",
-                        "callbacks", "logger", "ops", "autoencoder", "process", "hparams_search")
-                       for p in (CONFIG_DIR / group).glob("*.yaml"))
+GROUP_OPTIONS = sorted(
+    f"{p.parent.name}={p.stem}"
+    for group in (
+        "model",
+        "datamodule",
+        "trainer",
+        "sampler",
+        "schedule",
+        "objective",
+        "conditioning",
+        "callbacks",
+        "logger",
+        "ops",
+        "autoencoder",
+        "process",
+        "hparams_search",
+    )
+    for p in (CONFIG_DIR / group).glob("*.yaml")
+)
 # Keys no user sets: filled in from the datamodule, or interpolations of whole groups (checked in their group).
-DERIVED = ("model.diffusion.sample_shape", "model.diffusion.process", "model.diffusion.objective",
-           "model.diffusion.sampler", "model.diffusion.guidance", "model.diffusion.conditioner",
-           "model.diffusion.autoencoder", "model.optimizer", "model.lr_schedule")
+DERIVED = (
+    "model.diffusion.sample_shape",
+    "model.diffusion.process",
+    "model.diffusion.objective",
+    "model.diffusion.sampler",
+    "model.diffusion.guidance",
+    "model.diffusion.conditioner",
+    "model.diffusion.autoencoder",
+    "model.optimizer",
+    "model.lr_schedule",
+)
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +259,7 @@ def test_bad_value_is_one_problem_naming_key_value_and_allowed(case, paths):
     assert len(problems) == 1, problems
     line, value = problems[0], value.format(**paths)
     assert "\n" not in line and key in line and value in line, line
-    if not ("not found:" in line or ": no checkpoint at " in line):    # the lines kept from the loaders
+    if not ("not found:" in line or ": no checkpoint at " in line):  # the lines kept from the loaders
         expected = f"{key}={value} is invalid: "
         assert line.startswith(expected) and len(line) > len(expected) + 3, line
 
@@ -219,9 +270,11 @@ def test_missing_checkpoints_keep_the_loaders_lines(paths):
     nowhere = paths["nowhere"]
     for primary in ("sample", "export", "report"):
         assert problems_of(primary, [f"ckpt_path={nowhere}"], paths) == [
-            f"checkpoint not found: {nowhere} (check ckpt_path)"]
+            f"checkpoint not found: {nowhere} (check ckpt_path)"
+        ]
     assert problems_of("sample", [f"ckpt_path={nowhere}.safetensors"], paths) == [
-        f"export not found: {nowhere}.safetensors (ckpt_path must be an export dir or a .safetensors file)"]
+        f"export not found: {nowhere}.safetensors (ckpt_path must be an export dir or a .safetensors file)"
+    ]
     assert problems_of("train", [f"ckpt_path={nowhere}"], paths) == [f"ckpt_path={nowhere}: no checkpoint at {nowhere}"]
 
 
@@ -232,18 +285,28 @@ def test_good_values_pass(case, paths):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_shipped_experiments_pass(experiment, paths):
-    extra = ["init_from={file}"] if experiment == "stl10_finetune" else []   # the recipe asks for init_from=???
+    extra = ["init_from={file}"] if experiment == "stl10_finetune" else []  # the recipe asks for init_from=???
     assert problems_of("train", [f"experiment={experiment}", *extra], paths) == []
 
 
 def _shipped() -> list[tuple[str, list[str]]]:
-    required = {"datamodule=latents": ["datamodule.cache_dir=data/latents"],
-                "datamodule=latents_stream": ["datamodule.cache_dir=data/latents"],
-                "datamodule=clips_stream": ["datamodule.cache_dir=data/clips"],     # ??? in the yaml: a user gives it
-                "sampler=ddpm": ["process=vp"]}  # the default digits recipe is flow; ddpm is vp's ancestral chain
-    return ([("train", [])] + [("train", [option, *required.get(option, [])]) for option in GROUP_OPTIONS] +
-            [("sample", ["ckpt_path={file}"]), ("export", ["ckpt_path={file}"]), ("report", ["ckpt_path={file}"]),
-             ("encode_latents", ["out_dir=lat"]), ("prepare_clips", ["out_dir=clips"])])
+    required = {
+        "datamodule=latents": ["datamodule.cache_dir=data/latents"],
+        "datamodule=latents_stream": ["datamodule.cache_dir=data/latents"],
+        "datamodule=clips_stream": ["datamodule.cache_dir=data/clips"],  # ??? in the yaml: a user gives it
+        "sampler=ddpm": ["process=vp"],
+    }  # the default digits recipe is flow; ddpm is vp's ancestral chain
+    return (
+        [("train", [])]
+        + [("train", [option, *required.get(option, [])]) for option in GROUP_OPTIONS]
+        + [
+            ("sample", ["ckpt_path={file}"]),
+            ("export", ["ckpt_path={file}"]),
+            ("report", ["ckpt_path={file}"]),
+            ("encode_latents", ["out_dir=lat"]),
+            ("prepare_clips", ["out_dir=clips"]),
+        ]
+    )
 
 
 def test_default_configs_and_group_options_pass(paths):
@@ -255,7 +318,7 @@ def _leaves(tree, prefix=()):
     if isinstance(tree, dict) and tree:
         for key, value in tree.items():
             yield from _leaves(value, (*prefix, str(key)))
-    elif tree is not None and tree != {} and not re.fullmatch(r"\$\{\w+\}", str(tree)):   # ${group}: checked there
+    elif tree is not None and tree != {} and not re.fullmatch(r"\$\{\w+\}", str(tree)):  # ${group}: checked there
         yield prefix
 
 
@@ -282,8 +345,11 @@ def test_every_user_settable_value_has_a_rule(paths):
                 continue
             if any(".".join(path) == d or ".".join(path).startswith(d + ".") for d in DERIVED):
                 continue
-            if not (_covered(path, rules.get(primary, {})) or
-                    path[0] in groups and _covered(path[1:], [p for p, _ in groups[path[0]][0]])):
+            if not (
+                _covered(path, rules.get(primary, {}))
+                or path[0] in groups
+                and _covered(path[1:], [p for p, _ in groups[path[0]][0]])
+            ):
                 uncovered.add(f"{primary}: {'.'.join(path)}")
     assert not uncovered, sorted(uncovered)
 
@@ -321,11 +387,11 @@ def test_multirun_job_is_checked_and_swept_keys_wait_for_their_job(paths):
     with pytest.raises(SystemExit) as exit_:
         ValidateConfig().on_job_start(config=cfg)
     assert exit_.value.code == 2
-    ValidateConfig().on_multirun_start(config=cfg)   # model.lr is swept: left to each job
+    ValidateConfig().on_multirun_start(config=cfg)  # model.lr is swept: left to each job
     with read_write(cfg), open_dict(cfg):
         cfg.hydra.overrides.task = ["model.lr=-1", "trainer.max_steps=1,2"]
     with pytest.raises(SystemExit) as exit_:
-        ValidateConfig().on_multirun_start(config=cfg)   # not swept: refused before the sweep writes anything
+        ValidateConfig().on_multirun_start(config=cfg)  # not swept: refused before the sweep writes anything
     assert exit_.value.code == 2
 
 
@@ -351,24 +417,37 @@ def test_console_command_rejects_bad_value_writing_nothing(argv, message, tmp_pa
     (tmp_path / "ckpt.ckpt").write_text("x")
     (tmp_path / "taken.txt").write_text("x")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}     # a traceback would show in full
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}  # a traceback would show in full
     env.pop("DIFFLAB_ROOT", None)
-    proc = subprocess.run([*_command(argv[0]), *argv[1:]], cwd=tmp_path, capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = subprocess.run(
+        [*_command(argv[0]), *argv[1:]], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before     # nothing written
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
 
 
 def test_cfg_and_help_are_not_validated(tmp_path):
     """--cfg shows a config as composed, bad values included; --help stays fast (no torch import on the way)."""
-    proc = subprocess.run([*_command("difflab-train"), "--cfg", "job", "model.lr=-1"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*_command("difflab-train"), "--cfg", "job", "model.lr=-1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "lr: -1" in proc.stdout, proc.stderr
-    proc = subprocess.run([sys.executable, "-c", "import sys, difflab.config_checks; "
-                           "sys.exit(any(m in sys.modules for m in ('torch', 'lightning')))"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, difflab.config_checks; sys.exit(any(m in sys.modules for m in ('torch', 'lightning')))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, "difflab.config_checks must not import torch or lightning"
     assert list(tmp_path.iterdir()) == []

@@ -1,6 +1,7 @@
 """Diagnostics and metrics callbacks: a training run with `callbacks=diagnostics` writes every figure and scalar,
 report.py redraws them from the checkpoint, and the pieces (DDIM reconstruction, spikes, norms, sample metrics with
 the digit classifier, FVD / CLIP score paths, missing weights) are checked against closed forms."""
+
 from __future__ import annotations
 
 import csv
@@ -35,17 +36,32 @@ def squeeze_backbone(folder: Path) -> Path:
 
 def run_overrides(tmp: Path, backbone: Path) -> list[str]:
     lp = [f"lpips_backbone={backbone}", "lpips_net=squeeze"]
-    return ["callbacks=diagnostics", "debug=fast", *TINY, "logger=default", "trainer.val_check_interval=2",
-            "trainer.max_steps=4", f"paths.data_dir={tmp / 'data'}", "conditioning.embed_dim=16",
-            "callbacks.reconstruction.n_images=4", "callbacks.reconstruction.steps=4",
-            *[f"callbacks.reconstruction.{x}" for x in lp],
-            "callbacks.guidance_grid.dense_early=true", "callbacks.guidance_grid.scales=[1,3]",
-            "callbacks.guidance_grid.sampler.steps=2",
-            "callbacks.denoise_collage.max_rows=4", "callbacks.denoise_collage.dense_early=true",
-            "callbacks.denoise_collage.sampler.steps=4", "callbacks.sample_metrics.sampler.steps=2",
-            "callbacks.sample_metrics.every_n_steps=4", f"callbacks.sample_metrics.n_samples={N_SAMPLES}",
-            "callbacks.sample_metrics.n_real=128", "callbacks.sample_metrics.kid_subset_size=16",
-            "callbacks.sample_metrics.lpips_pairs=8", *[f"callbacks.sample_metrics.{x}" for x in lp]]
+    return [
+        "callbacks=diagnostics",
+        "debug=fast",
+        *TINY,
+        "logger=default",
+        "trainer.val_check_interval=2",
+        "trainer.max_steps=4",
+        f"paths.data_dir={tmp / 'data'}",
+        "conditioning.embed_dim=16",
+        "callbacks.reconstruction.n_images=4",
+        "callbacks.reconstruction.steps=4",
+        *[f"callbacks.reconstruction.{x}" for x in lp],
+        "callbacks.guidance_grid.dense_early=true",
+        "callbacks.guidance_grid.scales=[1,3]",
+        "callbacks.guidance_grid.sampler.steps=2",
+        "callbacks.denoise_collage.max_rows=4",
+        "callbacks.denoise_collage.dense_early=true",
+        "callbacks.denoise_collage.sampler.steps=4",
+        "callbacks.sample_metrics.sampler.steps=2",
+        "callbacks.sample_metrics.every_n_steps=4",
+        f"callbacks.sample_metrics.n_samples={N_SAMPLES}",
+        "callbacks.sample_metrics.n_real=128",
+        "callbacks.sample_metrics.kid_subset_size=16",
+        "callbacks.sample_metrics.lpips_pairs=8",
+        *[f"callbacks.sample_metrics.{x}" for x in lp],
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +100,10 @@ def test_run_writes_every_figure_grouped_by_step(diag_run):
     figs = diag_run / "figures"
     for kind in KINDS_DENSE:  # dense early: steps 1, 2, 4
         assert sorted(p.name for p in (figs / kind).glob("*.png")) == [
-            "step_0000001.png", "step_0000002.png", "step_0000004.png"], kind
+            "step_0000001.png",
+            "step_0000002.png",
+            "step_0000004.png",
+        ], kind
     assert sorted(p.name for p in (figs / "timestep_loss").glob("*.png")) == ["step_0000002.png", "step_0000004.png"]
     for kind in [*KINDS_DENSE, "timestep_loss"]:
         assert_real_picture(figs / kind / "step_0000004.png")
@@ -108,12 +127,23 @@ def test_run_sends_figures_to_tensorboard(diag_run):
 def test_run_logs_every_scalar(diag_run):
     cols = csv_columns(diag_run)
     expected = {
-        *(f"recon/mse_t{f:.2f}" for f in (0.7, 0.5, 0.3, 0.2)), *(f"recon/lpips_t{f:.2f}" for f in (0.7, 0.2)),
-        "guidance/sample_std_s1", "guidance/sample_std_s3", "embeddings/mean_cosine",
-        "val_loss_t/bucket_00", "val_loss_t/worst_bucket", "val_loss_t/low_t_ratio",
-        "health/grad_norm", "health/param_norm", "health/ema_distance", "train/lr", "health/loss_spikes",
+        *(f"recon/mse_t{f:.2f}" for f in (0.7, 0.5, 0.3, 0.2)),
+        *(f"recon/lpips_t{f:.2f}" for f in (0.7, 0.2)),
+        "guidance/sample_std_s1",
+        "guidance/sample_std_s3",
+        "embeddings/mean_cosine",
+        "val_loss_t/bucket_00",
+        "val_loss_t/worst_bucket",
+        "val_loss_t/low_t_ratio",
+        "health/grad_norm",
+        "health/param_norm",
+        "health/ema_distance",
+        "train/lr",
+        "health/loss_spikes",
         "health/loss_median",
-        f"metrics/fd_digit{N_SAMPLES}", f"metrics/kd_digit{N_SAMPLES}", "metrics/digit_accuracy",
+        f"metrics/fd_digit{N_SAMPLES}",
+        f"metrics/kd_digit{N_SAMPLES}",
+        "metrics/digit_accuracy",
         "metrics/lpips_diversity",
     }
     assert expected <= cols, sorted(expected - cols)
@@ -140,27 +170,44 @@ def test_report_command_redraws_every_figure_from_the_checkpoint(diag_run, tmp_p
 
     out = tmp_path / "report"
     backbone = squeeze_backbone(diag_run)
-    args = [f"ckpt_path={diag_run / 'checkpoints' / 'last.ckpt'}", f"out_dir={out}", f"hydra.run.dir={tmp_path / 'h'}",
-            "device=cpu", f"paths.data_dir={diag_run / 'data'}", "callbacks.sample_metrics.n_samples=16",
-            "callbacks.sample_metrics.n_real=128", "callbacks.sample_metrics.kid_subset_size=8",
-            "callbacks.sample_metrics.lpips_net=squeeze", f"callbacks.sample_metrics.lpips_backbone={backbone}",
-            "callbacks.guidance_grid.scales=[1,3]", "callbacks.class_grid.n_cols=2", "val_batches=1"]
+    args = [
+        f"ckpt_path={diag_run / 'checkpoints' / 'last.ckpt'}",
+        f"out_dir={out}",
+        f"hydra.run.dir={tmp_path / 'h'}",
+        "device=cpu",
+        f"paths.data_dir={diag_run / 'data'}",
+        "callbacks.sample_metrics.n_samples=16",
+        "callbacks.sample_metrics.n_real=128",
+        "callbacks.sample_metrics.kid_subset_size=8",
+        "callbacks.sample_metrics.lpips_net=squeeze",
+        f"callbacks.sample_metrics.lpips_backbone={backbone}",
+        "callbacks.guidance_grid.scales=[1,3]",
+        "callbacks.class_grid.n_cols=2",
+        "val_batches=1",
+    ]
     assert run_hydra_main(report.main, args) == 0
     summary = json.loads((out / "report.json").read_text())
     assert summary["failed"] == {} and summary["step"] == 4
     for name in [*KINDS_DENSE, "timestep_loss", "class_grid"]:
         assert Path(summary["figures"][name]) == out / f"{name}.png"
         assert_real_picture(out / f"{name}.png")
-    assert {"metrics/fd_digit16", "metrics/digit_accuracy", "metrics/lpips_diversity", "recon/mse_t0.70",
-            "embeddings/mean_cosine"} <= set(summary["scalars"])
+    assert {
+        "metrics/fd_digit16",
+        "metrics/digit_accuracy",
+        "metrics/lpips_diversity",
+        "recon/mse_t0.70",
+        "embeddings/mean_cosine",
+    } <= set(summary["scalars"])
     assert "![reconstruction](reconstruction.png)" in (out / "report.md").read_text()
 
 
 def test_report_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     import report
 
-    code = run_hydra_main(report.main, [f"ckpt_path={tmp_path / 'nope.ckpt'}", f"out_dir={tmp_path / 'o'}",
-                                        f"hydra.run.dir={tmp_path / 'h'}"])
+    code = run_hydra_main(
+        report.main,
+        [f"ckpt_path={tmp_path / 'nope.ckpt'}", f"out_dir={tmp_path / 'o'}", f"hydra.run.dir={tmp_path / 'h'}"],
+    )
     assert code == 2 and "checkpoint not found" in capsys.readouterr().err
 
 
@@ -173,14 +220,17 @@ class OracleModule:
         import functools
 
         from difflab.diffusion.objectives import Objective
-        from difflab.diffusion.samplers import ddim
         from difflab.diffusion.processes import VPProcess
+        from difflab.diffusion.samplers import ddim
         from difflab.diffusion.system import Diffusion
 
         self.x0 = x0
-        self.diffusion = Diffusion(process or VPProcess("cosine", 1000),
-                                   Objective(prediction=prediction, x0_clip="none"), functools.partial(ddim, steps=2),
-                                   sample_shape=tuple(x0.shape[1:]))
+        self.diffusion = Diffusion(
+            process or VPProcess("cosine", 1000),
+            Objective(prediction=prediction, x0_clip="none"),
+            functools.partial(ddim, steps=2),
+            sample_shape=tuple(x0.shape[1:]),
+        )
 
     def __call__(self, x_in, t_net, vector=None, context=None, context_mask=None):
         from difflab.diffusion.objectives import input_scale, training_target
@@ -214,14 +264,15 @@ def test_ddim_reconstruction_of_an_oracle_denoiser_is_exact_on_every_process(pro
 
 def test_reconstruction_start_levels():
     from difflab.diagnostics.reconstruction import check_fraction
-    from difflab.diffusion.processes import EDMProcess, FlowProcess
-    from difflab.diffusion.processes import VPProcess
+    from difflab.diffusion.processes import EDMProcess, FlowProcess, VPProcess
 
     vp = VPProcess("cosine", 1000)
     assert vp.time_at_fraction(0.7) == 700 and vp.time_at_fraction(1.0) == 999
     assert FlowProcess().time_at_fraction(0.7) == pytest.approx(0.7)
     assert FlowProcess(shift=3.0).time_at_fraction(0.5) == pytest.approx(0.75)  # 3 * 0.5 / (1 + 2 * 0.5)
-    assert EDMProcess().time_at_fraction(0.0) == pytest.approx(0.002) and EDMProcess().time_at_fraction(1) == pytest.approx(80)
+    assert EDMProcess().time_at_fraction(0.0) == pytest.approx(0.002) and EDMProcess().time_at_fraction(
+        1
+    ) == pytest.approx(80)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         check_fraction(1.5)
 
@@ -341,8 +392,15 @@ def test_digit_fd_via_sample_metrics_on_a_few_samples(tmp_path):
 
     dm = _digits_datamodule()
     x, y = dm.train_set.x, dm.train_set.labels
-    kw = dict(n_samples=40, n_real=300, batch_size=16, stats_dir=str(tmp_path / "stats"), lpips_net=None,
-              kid_subsets=5, kid_subset_size=20)
+    kw = dict(
+        n_samples=40,
+        n_real=300,
+        batch_size=16,
+        stats_dir=str(tmp_path / "stats"),
+        lpips_net=None,
+        kid_subsets=5,
+        kid_subset_size=20,
+    )
     real_like = SampleMetrics(**kw)
     real_like.prepare(ReplayModule(x, y), dm, tmp_path)
     good = real_like.evaluate(ReplayModule(x, y))
@@ -357,15 +415,20 @@ def test_digit_fd_via_sample_metrics_on_a_few_samples(tmp_path):
 
 
 def test_missing_weights_skip_the_metric_with_one_warning(tmp_path):
-    from difflab.metrics.sample_metrics import SampleMetrics
     from difflab.metrics import common
+    from difflab.metrics.sample_metrics import SampleMetrics
 
     common._WARNED.clear()
     dm = _digits_datamodule()
     x, y = dm.train_set.x, dm.train_set.labels
     module = ReplayModule(x, y)
-    metrics = SampleMetrics(n_samples=8, feature="inception", inception_weights=str(tmp_path / "inception.pth"),
-                            lpips_net="alex", lpips_backbone=str(tmp_path / "alexnet.pth"))
+    metrics = SampleMetrics(
+        n_samples=8,
+        feature="inception",
+        inception_weights=str(tmp_path / "inception.pth"),
+        lpips_net="alex",
+        lpips_backbone=str(tmp_path / "alexnet.pth"),
+    )
     with pytest.warns(UserWarning) as rec:
         metrics.prepare(module, dm, tmp_path)
         first = metrics.evaluate(module)
@@ -392,16 +455,17 @@ class FakeI3D(nn.Module):
 def test_fvd_for_video_samples_with_a_local_i3d_file(tmp_path):
     from torch.utils.data import DataLoader
 
-    from difflab.metrics.sample_metrics import SampleMetrics
     from difflab.datamodules.digits import TensorDictDataset
+    from difflab.metrics.sample_metrics import SampleMetrics
 
     torch.manual_seed(0)
     path = tmp_path / "i3d_torchscript.pt"
     torch.jit.save(torch.jit.script(FakeI3D()), str(path))
     videos = torch.rand(60, 1, 4, 8, 8) * 2 - 1
     dm = SimpleNamespace(train_dataloader=lambda: DataLoader(TensorDictDataset(videos), batch_size=16))
-    metrics = SampleMetrics(n_samples=24, n_real=60, i3d_weights=str(path), lpips_net=None, kid_subsets=0,
-                            stats_dir=str(tmp_path))
+    metrics = SampleMetrics(
+        n_samples=24, n_real=60, i3d_weights=str(path), lpips_net=None, kid_subsets=0, stats_dir=str(tmp_path)
+    )
     module = ReplayModule(videos, None)
     metrics.prepare(module, dm, tmp_path)
     out = metrics.evaluate(module)
@@ -421,11 +485,20 @@ def _tiny_clip(folder: Path) -> Path:
     vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
     tok = CLIPTokenizer(vocab=vocab, merges=[])
     eos = vocab["<|endoftext|>"]
-    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=32, eos_token_id=eos, pad_token_id=eos,
-                bos_token_id=vocab["<|startoftext|>"])
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
-                  patch_size=8)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        bos_token_id=vocab["<|startoftext|>"],
+    )
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8
+    )
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
     proc = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}), tok)
@@ -436,8 +509,8 @@ def _tiny_clip(folder: Path) -> Path:
 
 
 def test_clip_score_for_text_models(tmp_path):
-    from difflab.metrics.sample_metrics import SampleMetrics
     from difflab.metrics.clip_score import load_clip_scorer
+    from difflab.metrics.sample_metrics import SampleMetrics
 
     clip_dir = _tiny_clip(tmp_path)
     images = torch.rand(6, 3, 16, 16) * 2 - 1
@@ -474,8 +547,14 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         dm = _digits_datamodule()
         module = ReplayModule(dm.train_set.x, dm.train_set.labels)
-        metrics = SampleMetrics(n_samples=30, n_real=200, batch_size=8, stats_dir=os.path.join(out_dir, "ddp_stats"),
-                                lpips_net=None, kid_subsets=0)
+        metrics = SampleMetrics(
+            n_samples=30,
+            n_real=200,
+            batch_size=8,
+            stats_dir=os.path.join(out_dir, "ddp_stats"),
+            lpips_net=None,
+            kid_subsets=0,
+        )
         metrics.prepare(module, dm, out_dir)
         out = metrics.evaluate(module)
         out["requested"] = sum(len(r) for r in module.requests)
@@ -498,8 +577,9 @@ def test_sharded_sample_metrics_under_ddp_equal_single_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     dm = _digits_datamodule()
     module = ReplayModule(dm.train_set.x, dm.train_set.labels)
-    single = SampleMetrics(n_samples=30, n_real=200, batch_size=8, stats_dir=str(tmp_path / "single_stats"),
-                           lpips_net=None, kid_subsets=0)
+    single = SampleMetrics(
+        n_samples=30, n_real=200, batch_size=8, stats_dir=str(tmp_path / "single_stats"), lpips_net=None, kid_subsets=0
+    )
     single.prepare(module, dm, tmp_path)
     want = single.evaluate(module)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

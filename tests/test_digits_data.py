@@ -1,4 +1,5 @@
 """The embedded digits data and the repo's digit classifier."""
+
 import torch
 
 from difflab.datamodules.digits import DigitsDataModule, load_digits_tensors
@@ -19,6 +20,7 @@ def test_digits_datamodule_batches():
 def test_classifier_recognises_real_validation_digits_and_not_noise():
     x, y = load_digits_tensors(16)
     from difflab.datamodules.digits import split_indices
+
     _, va = split_indices(len(x), 0.1, 0)
     assert judge(x[va], y[va])["accuracy"] > 0.97
     noise = torch.rand(200, 1, 16, 16) * 2 - 1

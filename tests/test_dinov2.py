@@ -4,6 +4,7 @@ The reference preprocessing here is written independently of the module from the
 (dgm-eval: PIL bicubic resize to 224x224, no crop, /255, ImageNet mean/std; hub models: CLS after final norm,
 positional embeddings resized with scale_factor (grid + 0.1) / M); one test also checks it against PIL itself.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,9 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 def _tiny_config(image_size: int) -> Dinov2Config:
     # Dinov2Config sizes its MLP with mlp_ratio (it has no intermediate_size field): 2 * 32 = 64.
-    return Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14,
-                        image_size=image_size)
+    return Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14, image_size=image_size
+    )
 
 
 def _save_tiny(path, image_size: int, seed: int):
@@ -159,14 +161,19 @@ def test_features_are_the_layernormed_cls_token(feat224, hf224):
 # ------------------------------------------------------------------ preprocessing vs PIL (what dgm-eval runs)
 @pytest.mark.parametrize("size", [16, 32, 100, 256])
 def test_preprocessing_matches_dgm_eval_pil_transform(feat224, size):
-    from PIL import Image
     import torchvision.transforms as T
+    from PIL import Image
 
     feat = feat224
     x = _images(2, 3, size, seed=size)
     u8 = torch.round((x + 1) * 127.5).to(torch.uint8)
-    dgm_eval = T.Compose([T.Resize((224, 224), T.InterpolationMode.BICUBIC), T.ToTensor(),
-                          T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    dgm_eval = T.Compose(
+        [
+            T.Resize((224, 224), T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     ref = torch.stack([dgm_eval(Image.fromarray(np.ascontiguousarray(im.permute(1, 2, 0).numpy()))) for im in u8])
     ours = feat.preprocess(x)
     levels = ((ours - ref) * STD * 255).abs()  # difference in 8-bit levels
@@ -266,8 +273,9 @@ def test_non_dinov2_config_raises_corrupt(tmp_path, kind):
     if kind == "bert":
         from transformers import BertConfig, BertModel
 
-        BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                             vocab_size=50)).save_pretrained(tmp_path)
+        BertModel(
+            BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=50)
+        ).save_pretrained(tmp_path)
     elif kind == "clip":
         from transformers import CLIPConfig
 

@@ -1,5 +1,6 @@
 """Diffusion transformers (src/models/dit.py): sizes against the DiT paper, positions against reference formulas,
 adaLN-Zero identity at init, text paths, run options that must not change the function, errors, and end-to-end runs."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from difflab.models.dit import (PRESETS, DiT, JointBlock, VideoDiT, apply_rope, rope_tables, sincos_grid)
+from difflab.models.dit import PRESETS, DiT, JointBlock, VideoDiT, apply_rope, rope_tables, sincos_grid
 from difflab.utils.errors import ConfigError
 
 torch.set_num_threads(1)
@@ -29,8 +30,9 @@ def tiny_dit(**kw):
 
 
 def tiny_video(**kw):
-    args = dict(sample_shape=(2, 4, 8, 8), size="T", patch_size=4, depth=2, hidden_dim=32, num_heads=2,
-                max_frames=6, cond_dim=6)
+    args = dict(
+        sample_shape=(2, 4, 8, 8), size="T", patch_size=4, depth=2, hidden_dim=32, num_heads=2, max_frames=6, cond_dim=6
+    )
     args.update(kw)
     return VideoDiT(**args)
 
@@ -116,14 +118,23 @@ def test_rope_2d_shares_the_pairs_between_rows_and_columns():
 
 
 # ------------------------------------------------------------------------------------------------- behaviour
-@pytest.mark.parametrize("make,shape", [(tiny_dit, (3, 2, 8, 8)), (tiny_video, (3, 2, 4, 8, 8)),
-                                        (lambda **k: tiny_video(attention="full", **k), (3, 2, 4, 8, 8))])
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (tiny_dit, (3, 2, 8, 8)),
+        (tiny_video, (3, 2, 4, 8, 8)),
+        (lambda **k: tiny_video(attention="full", **k), (3, 2, 4, 8, 8)),
+    ],
+)
 def test_adaln_zero_starts_as_zero_output_and_identity_blocks(make, shape):
     net = make()
     x, t, cond, *_ = _inputs(shape)
     assert torch.count_nonzero(net(x, t, cond)) == 0  # zero head
-    tokens = torch.randn(3, 4, 2, 32) if isinstance(net, VideoDiT) and net.attention == "factorised" \
+    tokens = (
+        torch.randn(3, 4, 2, 32)
+        if isinstance(net, VideoDiT) and net.attention == "factorised"
         else torch.randn(3, 16, 32)
+    )
     emb = net.embed(t, cond)
     for block in net.blocks:
         assert torch.equal(block(tokens, emb), tokens)  # gated branches start closed
@@ -156,8 +167,10 @@ def test_shapes_gradients_and_every_input_is_used(kind, pos, text_mode):
     assert net.count_cross_attention() == (2 if text_mode else 0)
 
 
-@pytest.mark.parametrize("make,shape", [(lambda **k: tiny_dit(**k), (2, 2, 8, 8)),
-                                        (lambda **k: tiny_video(attention="full", **k), (2, 2, 4, 8, 8))])
+@pytest.mark.parametrize(
+    "make,shape",
+    [(lambda **k: tiny_dit(**k), (2, 2, 8, 8)), (lambda **k: tiny_video(attention="full", **k), (2, 2, 4, 8, 8))],
+)
 @pytest.mark.parametrize("text_mode", ["cross", "joint"])
 def test_padded_text_tokens_do_not_change_the_output(make, shape, text_mode):
     net = _perturb(make(text_mode=text_mode, context_dim=12))
@@ -190,8 +203,8 @@ def test_factorised_video_mixes_frames_only_through_temporal_attention():
         torch.nn.init.zeros_(block.ada.linear.weight)
         with torch.no_grad():
             block.ada.linear.bias.zero_()
-            block.ada.linear.bias[2 * 32:3 * 32] = 1.0   # spatial gate open
-            block.ada.linear.bias[8 * 32:] = 1.0          # MLP gate open; temporal gate (5) stays closed
+            block.ada.linear.bias[2 * 32 : 3 * 32] = 1.0  # spatial gate open
+            block.ada.linear.bias[8 * 32 :] = 1.0  # MLP gate open; temporal gate (5) stays closed
     with torch.no_grad():
         base = net(x, t, cond)
         x2 = x.clone()
@@ -281,8 +294,14 @@ def test_bad_sizes_fail_at_build_naming_both_values():
 
 
 # ------------------------------------------------------------------------------------------------- configs and runs
-TINY_DIT = ["model=dit", "datamodule.image_size=8", "model.net.depth=2", "model.net.hidden_dim=32",
-            "model.net.num_heads=2", "model.net.patch_size=2"]
+TINY_DIT = [
+    "model=dit",
+    "datamodule.image_size=8",
+    "model.net.depth=2",
+    "model.net.hidden_dim=32",
+    "model.net.num_heads=2",
+    "model.net.patch_size=2",
+]
 
 
 def _tiny(extra=()):
@@ -319,15 +338,17 @@ def test_model_configs_match_the_constructors_and_take_the_datas_shape(name, cls
     assert net["sample_shape"] == "${model.diffusion.sample_shape}"
 
 
-@pytest.mark.parametrize("dit,base", [("moving_digits_t2v_dit", "moving_digits_t2v"),
-                                      ("sign_text2video_dit", "sign_text2video")])
+@pytest.mark.parametrize(
+    "dit,base", [("moving_digits_t2v_dit", "moving_digits_t2v"), ("sign_text2video_dit", "sign_text2video")]
+)
 def test_transformer_recipes_repeat_their_unet_recipe_but_the_denoiser(dit, base, tmp_path):
     from omegaconf import OmegaConf
 
     a, b = (OmegaConf.to_container(_compose([f"experiment={e}"], tmp_path)) for e in (dit, base))
     assert a["model"]["net"]["_target_"].endswith("VideoDiT")
-    assert {k: v for k, v in a.items() if k not in ("model", "tags")} == \
-        {k: v for k, v in b.items() if k not in ("model", "tags")}
+    assert {k: v for k, v in a.items() if k not in ("model", "tags")} == {
+        k: v for k, v in b.items() if k not in ("model", "tags")
+    }
     differ = {k for k in a["model"] if a["model"][k] != b["model"].get(k)}
     assert differ <= {"net", "lr", "_target_"}, differ
 
@@ -338,8 +359,9 @@ def test_cli_patch_size_that_does_not_divide_the_image_fails_in_one_line(tmp_pat
 
     code = run_hydra_main(train.main, [*_tiny(["model.net.patch_size=3"]), f"hydra.run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1] == ("error: model.net.patch_size=3 is invalid: a divisor of the image size "
-                                     "(datamodule.image_size=8)")
+    assert code == 2 and err[-1] == (
+        "error: model.net.patch_size=3 is invalid: a divisor of the image size (datamodule.image_size=8)"
+    )
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
@@ -347,12 +369,18 @@ def test_cli_more_frames_than_the_temporal_positions_fails_in_one_line(tmp_path,
     import train
     from tests.helpers import run_hydra_main
 
-    args = ["experiment=moving_digits_t2v_dit", "model.net.max_frames=4", f"paths.data_dir={tmp_path / 'data'}",
-            "trainer=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [
+        "experiment=moving_digits_t2v_dit",
+        "model.net.max_frames=4",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "trainer=cpu",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     code = run_hydra_main(train.main, args)
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1] == ("error: model.net.max_frames=4 is invalid: at least the clips' frame count "
-                                     "(datamodule.num_frames=8)")
+    assert code == 2 and err[-1] == (
+        "error: model.net.max_frames=4 is invalid: at least the clips' frame count (datamodule.num_frames=8)"
+    )
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
 
 
@@ -361,8 +389,9 @@ def test_size_errors_from_data_the_config_does_not_describe_reach_the_cli_as_one
     as a one-line user error, not as Hydra's InstantiationException."""
     from difflab.utils.errors import instantiate_reporting
 
-    cfg = _compose(["model=dit", "model.diffusion.sample_shape=[4,6,6]", "model.net.patch_size=4", "conditioning=none"],
-                   tmp_path)
+    cfg = _compose(
+        ["model=dit", "model.diffusion.sample_shape=[4,6,6]", "model.net.patch_size=4", "conditioning=none"], tmp_path
+    )
     with pytest.raises(ConfigError, match="patch_size=4 does not divide the image size 6x6"):
         instantiate_reporting(cfg.model)
 
@@ -378,18 +407,37 @@ def test_train_and_sample_a_dit_with_every_process(process, sampler, tmp_path):
     from tests.helpers import run_hydra_main
 
     run = tmp_path / "run"
-    assert run_hydra_main(train.main, [*_tiny([f"process={process}", f"sampler={sampler}"]), "logger=csv",
-                                       f"hydra.run.dir={run}"]) == 0
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step_0000002.ckpt",
-                                                                       "step_0000004.ckpt"]
+    assert (
+        run_hydra_main(
+            train.main, [*_tiny([f"process={process}", f"sampler={sampler}"]), "logger=csv", f"hydra.run.dir={run}"]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "last.ckpt",
+        "step_0000002.ckpt",
+        "step_0000004.ckpt",
+    ]
     module = module_from_checkpoint(run / "checkpoints" / "last.ckpt")
     assert type(module.denoiser).__name__ == "DiT" and module.denoiser.patch == 2
     ck = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert all(torch.equal(ck["state_dict"][k], module.state_dict()[k]) for k in ck["state_dict"])  # EMA weights
     assert any(not torch.equal(ck["current_model_state"][k], module.state_dict()[k]) for k in ck["state_dict"])
     out = tmp_path / "samples"
-    assert run_hydra_main(sample.main, [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "n=10", "device=cpu",
-                                        "sampler.steps=2", f"out_dir={out}", f"hydra.run.dir={tmp_path / 'h'}"]) == 0
+    assert (
+        run_hydra_main(
+            sample.main,
+            [
+                f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+                "n=10",
+                "device=cpu",
+                "sampler.steps=2",
+                f"out_dir={out}",
+                f"hydra.run.dir={tmp_path / 'h'}",
+            ],
+        )
+        == 0
+    )
     images = np.load(out / "samples.npz")["images"]
     assert images.shape == (10, 1, 8, 8) and images.dtype == np.uint8
 
@@ -408,14 +456,34 @@ def test_train_a_text_conditioned_or_unconditional_dit(conditioning, text_mode, 
 def test_train_a_video_dit_on_moving_digits(tmp_path):
     from difflab.pipeline import train
 
-    cfg = _compose(["experiment=moving_digits_t2v_dit", f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu",
-                    "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-                    "datamodule.num_frames=4", "model.net.depth=1", "model.net.hidden_dim=32", "model.net.num_heads=2",
-                    "model.net.attention=full", "model.net.text_mode=joint", "model.net.pos_embed=rope",
-                    "lr_schedule.warmup=1", "sampler.steps=2", "callbacks.video_grid.every_n_steps=2",
-                    "callbacks.video_grid.n_cols=2", "callbacks.video_grid.max_prompts=2",
-                    "callbacks.model_checkpoint.every_n_train_steps=2", "~callbacks.progress_bar",
-                    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"], tmp_path)
+    cfg = _compose(
+        [
+            "experiment=moving_digits_t2v_dit",
+            f"paths.data_dir={tmp_path / 'data'}",
+            "trainer=cpu",
+            "logger=csv",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1",
+            "datamodule.num_frames=4",
+            "model.net.depth=1",
+            "model.net.hidden_dim=32",
+            "model.net.num_heads=2",
+            "model.net.attention=full",
+            "model.net.text_mode=joint",
+            "model.net.pos_embed=rope",
+            "lr_schedule.warmup=1",
+            "sampler.steps=2",
+            "callbacks.video_grid.every_n_steps=2",
+            "callbacks.video_grid.n_cols=2",
+            "callbacks.video_grid.max_prompts=2",
+            "callbacks.model_checkpoint.every_n_train_steps=2",
+            "~callbacks.progress_bar",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+        ],
+        tmp_path,
+    )
     objs = train(cfg)
     module = objs["model"]
     assert type(module.denoiser).__name__ == "VideoDiT" and module.diffusion.sample_shape == (1, 4, 16, 16)
@@ -434,8 +502,14 @@ def test_ddp_cpu_run_of_a_dit_keeps_ranks_in_sync(tmp_path):
 
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *_tiny(), "trainer=ddp_cpu", "logger=csv",
-                        f"hydra.run.dir={run}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *_tiny(), "trainer=ddp_cpu", "logger=csv", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     report = json.loads((run / "ddp_check.json").read_text())[-1]
     assert report["world_size"] == 2 and report["raw"]["equal"] and report["ema"]["equal"]
@@ -449,6 +523,7 @@ def test_keys_set_for_another_denoiser_fail_at_start_in_one_line(tmp_path, capsy
 
     code = run_hydra_main(train.main, ["experiment=stl10_latent", "model=dit", f"hydra.run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("error: model.net.attention_levels=[1, 2] is invalid: not an argument of "
-                                            "DiT (model.net._target_)")
+    assert code == 2 and err[-1].startswith(
+        "error: model.net.attention_levels=[1, 2] is invalid: not an argument of DiT (model.net._target_)"
+    )
     assert "~model.net.attention_levels" in err[-1] and not (tmp_path / "run").exists()

@@ -2,6 +2,7 @@
 would run it (``--validate``: composed, every start-time check, nothing written), with its placeholders filled
 (tests/docs_commands.py states the convention). A command that fails, or a sweep whose jobs compose to the same run,
 fails the test with the file and line it is written at."""
+
 from __future__ import annotations
 
 import importlib
@@ -14,11 +15,11 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import ROOT, run_hydra_main
 from tests.docs_commands import Command, documented_commands
+from tests.helpers import ROOT, run_hydra_main
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
-NEEDS_EXTRA = {"hydra/launcher=slurm": "hydra-submitit-launcher"}   # optional plugins not in the dev extra
+NEEDS_EXTRA = {"hydra/launcher=slurm": "hydra-submitit-launcher"}  # optional plugins not in the dev extra
 CHECKPOINT_KEYS = ("ckpt_path", "init_from", "guide_ckpt", "autoencoder.ckpt_path")
 COMMANDS = documented_commands(ROOT)
 
@@ -27,8 +28,9 @@ def _sweep(path: Path) -> Path:
     """A finished ``-m process=vp,edm,flow seed=0,1`` sweep logging what the documented summaries ask for."""
     rng = np.random.default_rng(0)
     path.mkdir(parents=True)
-    (path / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": ["process=vp,edm,flow",
-                                                                                         "seed=0,1"]}}}))
+    (path / "multirun.yaml").write_text(
+        yaml.safe_dump({"hydra": {"overrides": {"task": ["process=vp,edm,flow", "seed=0,1"]}}})
+    )
     num = 0
     for process in ("vp", "edm", "flow"):
         for seed in (0, 1):
@@ -37,8 +39,10 @@ def _sweep(path: Path) -> Path:
             (job / "csv").mkdir()
             (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"process={process}", f"seed={seed}"]))
             rows = ["step,val/loss,metrics/fd_digit200,metrics/digit_accuracy"]
-            rows += [f"{s},{rng.uniform(0.1, 0.3)},{rng.uniform(10, 20)},{rng.uniform(0.9, 1)}"
-                     for s in (250, 500, 750, 1000)]
+            rows += [
+                f"{s},{rng.uniform(0.1, 0.3)},{rng.uniform(10, 20)},{rng.uniform(0.9, 1)}"
+                for s in (250, 500, 750, 1000)
+            ]
             (job / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
             (job / "final_metrics.json").write_text(json.dumps({"status": "completed", "step": 1000, "metrics": {}}))
             num += 1
@@ -77,11 +81,10 @@ def fill(cmd: Command, place: dict) -> list[str]:
             argv.append(arg)
             continue
         bare = key.lstrip("+~")
-        if re.match(r"<[^>]*>/", value):        # a path under a run directory: <run>/checkpoints/step_<step>.ckpt
+        if re.match(r"<[^>]*>/", value):  # a path under a run directory: <run>/checkpoints/step_<step>.ckpt
             value = re.sub(r"^<[^>]*>", str(run), value)
-            if "<" in value:                     # a file name with a placeholder: the run's file that matches it
-                value = str(next(iter(sorted(run.glob(re.sub(r"<[^>]*>", "*", value[len(str(run)) + 1:])))),
-                                 value))
+            if "<" in value:  # a file name with a placeholder: the run's file that matches it
+                value = str(next(iter(sorted(run.glob(re.sub(r"<[^>]*>", "*", value[len(str(run)) + 1 :])))), value))
         elif bare.endswith(CHECKPOINT_KEYS) or bare.endswith("ckpt"):
             value = str(run / "checkpoints" / "last.ckpt")
         elif bare.endswith(("run_dir", "hydra.run.dir")):
@@ -90,7 +93,7 @@ def fill(cmd: Command, place: dict) -> list[str]:
             value = str(root / "data" / "latents" / "digits")
         elif bare.endswith("data_dir"):
             value = str(root / "raw")
-        else:                                    # an output: a fresh directory
+        else:  # an output: a fresh directory
             value = str(root / "out" / re.sub(r"\W+", "_", bare))
         argv.append(f"{key}={value}")
     return argv
@@ -141,8 +144,16 @@ def test_enough_documented_commands_are_found():
     """The collector sees the docs (a broken extractor must not pass by finding nothing)."""
     assert len(COMMANDS) >= 60
     entries = {c.entry for c in COMMANDS}
-    assert entries >= {"train", "sample", "export", "report", "encode_latents", "reconstruct_ema", "prepare_clips",
-                       "ablate"}
+    assert entries >= {
+        "train",
+        "sample",
+        "export",
+        "report",
+        "encode_latents",
+        "reconstruct_ema",
+        "prepare_clips",
+        "ablate",
+    }
     assert any(c.argv[:1] == ("-m",) for c in COMMANDS)
 
 
@@ -171,5 +182,5 @@ def test_a_sweep_whose_values_collapse_is_refused_naming_the_jobs(tmp_path, monk
     code = run_hydra_main(train.main, ["-m", "model.lr=0.001,1e-3", "--validate"])
     err = capsys.readouterr().err
     assert code == 2 and "jobs 0 and 1 of this sweep compose to the same run" in err, err
-    code = run_hydra_main(train.main, ["-m", "seed=0,1", "--validate"])   # replicates are not duplicates
+    code = run_hydra_main(train.main, ["-m", "seed=0,1", "--validate"])  # replicates are not duplicates
     assert code == 0, capsys.readouterr().err

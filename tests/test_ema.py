@@ -1,4 +1,5 @@
 """EMA callback: decay warm-up, update schedule, and the EMA-module lookup used by samplers."""
+
 import torch
 from torch import nn
 
@@ -30,6 +31,7 @@ def test_lerp_matches_closed_form():
 
 def test_rejects_bad_decay():
     import pytest
+
     with pytest.raises(ValueError, match="decay"):
         EMA(decay=1.5)
 
@@ -68,13 +70,21 @@ class _TorchPathEMA(EMA):
 
 def _fit_ema(ema_cls, steps=7):
     import lightning as L
+
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g))
     L.seed_everything(0)
     model = _Regression()
     ema = ema_cls(decay=0.8, update_every=2, warmup=True)
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[ema])
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ema],
+    )
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
     return ema
 

@@ -18,6 +18,7 @@ the main process's RNG (training noise and timesteps).
 Every run trains with ``max_steps`` far away (the killed run never finishes before the kill) and ``CaptureAt`` saves
 the weights at step ``M`` and stops there.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,16 +34,22 @@ import pytest
 import torch
 
 from difflab.checkpoints import load_checkpoint
-from tests.helpers import ROOT, compose_train, tiny_overrides
 from difflab.pipeline import train
+from tests.helpers import ROOT, compose_train, tiny_overrides
 
 torch.set_num_threads(1)  # 2 shared cores: one thread per process
 
 BIG = 100_000  # max_steps of every run: the LR schedule is the same whether a run is killed, resumed or complete
 # budget=steps: the schedule follows the step count alone (the default follows the wall-clock too once max_time is
 # further along than max_steps, and a time-bounded run cannot repeat itself bit for bit)
-QUIET = ["callbacks.class_grid.every_n_steps=100000", "+callbacks.class_grid.at_end=false", "logger=none",
-         "trainer.deterministic=true", "lr_schedule.warmup=10", "lr_schedule.budget=steps"]
+QUIET = [
+    "callbacks.class_grid.every_n_steps=100000",
+    "+callbacks.class_grid.at_end=false",
+    "logger=none",
+    "trainer.deterministic=true",
+    "lr_schedule.warmup=10",
+    "lr_schedule.budget=steps",
+]
 NOT_RESUMABLE = "not resumable"
 
 
@@ -67,8 +74,11 @@ class CaptureAt(L.Callback):
 
 def capture(step: int, path: Path) -> list[str]:
     target = f"{CaptureAt.__module__}.CaptureAt"
-    return [f"+callbacks.capture_at._target_={target}", f"+callbacks.capture_at.step={step}",
-            f"+callbacks.capture_at.path={path}"]
+    return [
+        f"+callbacks.capture_at._target_={target}",
+        f"+callbacks.capture_at.step={step}",
+        f"+callbacks.capture_at.path={path}",
+    ]
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -92,8 +102,13 @@ def fit(out: Path, overrides: list[str]) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1",
-            "WANDB_MODE": "disabled"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "HYDRA_FULL_ERROR": "1",
+        "WANDB_MODE": "disabled",
+    }
 
 
 def kill_after_checkpoint(overrides: list[str], run_dir: Path, step: int, timeout: float = 600) -> Path:
@@ -103,14 +118,21 @@ def kill_after_checkpoint(overrides: list[str], run_dir: Path, step: int, timeou
     log = run_dir.parent / f"{run_dir.name}.log"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"],
-                                cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"],
+            cwd=ROOT,
+            env=_env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     t0 = time.time()
     try:
         while not ckpt.is_file():
             if proc.poll() is not None:
-                raise AssertionError(f"training exited ({proc.returncode}) before step {step}:\n"
-                                     f"{log.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"training exited ({proc.returncode}) before step {step}:\n{log.read_text()[-3000:]}"
+                )
             if time.time() - t0 > timeout:
                 raise AssertionError(f"no step-{step} checkpoint after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.05)
@@ -177,8 +199,13 @@ def test_loader_resumes_distributed_sampler_epoch_and_epoch_end_where_plain_stat
     ds = TensorDictDataset(torch.arange(100)[:, None])
 
     def loader(cls):
-        return cls(ds, batch_size=10, num_workers=num_workers, generator=torch.Generator().manual_seed(0),
-                   sampler=DistributedSampler(ds, num_replicas=2, rank=0, shuffle=True, seed=0))  # 5 batches/epoch
+        return cls(
+            ds,
+            batch_size=10,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(0),
+            sampler=DistributedSampler(ds, num_replicas=2, rank=0, shuffle=True, seed=0),
+        )  # 5 batches/epoch
 
     for cls, exact in ((ResumableDataLoader, True), (StatefulDataLoader, False)):
         full, _ = _lightning_epochs(loader(cls), 3)
@@ -216,9 +243,9 @@ def test_digits_kill9_mid_epoch_resumes_bit_identical_and_plain_loader_does_not(
 
     every = 8
     epoch = epoch_length(DigitsDataModule(image_size=8, batch_size=64))  # 25: 1617 training digits // 64
-    k = mid_epoch_step(epoch, every)                                     # 32: batch 7 of epoch 1
-    early = every                                                        # 8: batch 8 of epoch 0
-    m = k + every                                                        # 40
+    k = mid_epoch_step(epoch, every)  # 32: batch 7 of epoch 1
+    early = every  # 8: batch 8 of epoch 0
+    m = k + every  # 40
     base = [*tiny_overrides(max_steps=BIG, save_every=every, extra=QUIET), "datamodule.num_workers=2"]
 
     ref = tmp_path / "ref.pt"
@@ -233,17 +260,21 @@ def test_digits_kill9_mid_epoch_resumes_bit_identical_and_plain_loader_does_not(
         msgs = fit(tmp_path / f"resumed_{start}", [*base, *capture(m, got), f"ckpt_path={start_ckpt}"])
         assert not [w for w in msgs if NOT_RESUMABLE in w]
         raw, ema = compare(ref, got)
-        print(f"digits: resumed at step {start} (epoch {start // epoch}, batch {start % epoch}), at step {m}: "
-              f"max |raw diff| {raw}, max |EMA diff| {ema}")
+        print(
+            f"digits: resumed at step {start} (epoch {start // epoch}, batch {start % epoch}), at step {m}: "
+            f"max |raw diff| {raw}, max |EMA diff| {ema}"
+        )
         assert raw == 0.0 and ema == 0.0
 
     # negative control: a plain DataLoader (its checkpoints hold no loader state) restarts the epoch's data order
-    import difflab.datamodules.digits as digits_mod
     from torch.utils.data import DataLoader
 
+    import difflab.datamodules.digits as digits_mod
+
     def plain_loader(dataset, *, persistent_workers=False, num_workers=0, **kw):
-        return DataLoader(dataset, num_workers=num_workers, persistent_workers=persistent_workers and num_workers > 0,
-                          **kw)
+        return DataLoader(
+            dataset, num_workers=num_workers, persistent_workers=persistent_workers and num_workers > 0, **kw
+        )
 
     monkeypatch.setattr(digits_mod, "make_loader", plain_loader)
     plain_ckpt = strip_loader_state(ckpt, tmp_path / "no_loader_state.ckpt")
@@ -297,30 +328,62 @@ def latent_cache(tmp_path_factory) -> Path:
 
     tmp = tmp_path_factory.mktemp("latents")
     torch.manual_seed(0)
-    vae = KLAutoencoder(in_channels=1, latent_channels=4, base_channels=8, channel_mults=[1, 2], norm_groups=4,
-                        mid_attention=False)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
+    vae = KLAutoencoder(
+        in_channels=1, latent_channels=4, base_channels=8, channel_mults=[1, 2], norm_groups=4, mid_attention=False
+    )
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp,
+    )
     dm = LatentSourceDM()
     dm.setup()
     trainer.fit(AutoencoderModule(vae), DataLoader(dm.train_set, batch_size=8))
     trainer.save_checkpoint(tmp / "ae.ckpt")
-    run(OmegaConf.create({
-        "autoencoder": {"_target_": "difflab.autoencoders.kl_vae.KLAutoencoder", "ckpt_path": str(tmp / "ae.ckpt")},
-        "datamodule": {"_target_": f"{LatentSourceDM.__module__}.LatentSourceDM"},
-        "out_dir": str(tmp / "cache"), "splits": ["train", "val"], "batch_size": 16, "num_workers": 0,
-        "dtype": "float16", "target_std": 0.5, "per_channel": True, "overwrite": False, "device": "auto",
-        "progress": False}))
+    run(
+        OmegaConf.create(
+            {
+                "autoencoder": {
+                    "_target_": "difflab.autoencoders.kl_vae.KLAutoencoder",
+                    "ckpt_path": str(tmp / "ae.ckpt"),
+                },
+                "datamodule": {"_target_": f"{LatentSourceDM.__module__}.LatentSourceDM"},
+                "out_dir": str(tmp / "cache"),
+                "splits": ["train", "val"],
+                "batch_size": 16,
+                "num_workers": 0,
+                "dtype": "float16",
+                "target_std": 0.5,
+                "per_channel": True,
+                "overwrite": False,
+                "device": "auto",
+                "progress": False,
+            }
+        )
+    )
     return tmp / "cache"
 
 
 def latent_overrides(cache: Path, every: int, batch: int) -> list[str]:
     """A tiny UNet on the cache's latents, random flips drawn in 2 persistent loader workers."""
     tiny = [o for o in tiny_overrides(max_steps=BIG, save_every=every, extra=QUIET) if not o.startswith("datamodule.")]
-    return [*tiny, "datamodule=latents", f"datamodule.cache_dir={cache}", f"datamodule.batch_size={batch}",
-            "datamodule.flip=true", "datamodule.num_workers=2", "datamodule.persistent_workers=true",
-            "datamodule.pin_memory=false", "model.net.in_channels=4", "objective.x0_clip=none",
-            f"model.diffusion.autoencoder={{_target_:difflab.latents.cache.load_cache_autoencoder,cache_dir:{cache}}}"]
+    return [
+        *tiny,
+        "datamodule=latents",
+        f"datamodule.cache_dir={cache}",
+        f"datamodule.batch_size={batch}",
+        "datamodule.flip=true",
+        "datamodule.num_workers=2",
+        "datamodule.persistent_workers=true",
+        "datamodule.pin_memory=false",
+        "model.net.in_channels=4",
+        "objective.x0_clip=none",
+        f"model.diffusion.autoencoder={{_target_:difflab.latents.cache.load_cache_autoencoder,cache_dir:{cache}}}",
+    ]
 
 
 def test_latent_cache_with_worker_flips_kill9_mid_epoch_resumes_bit_identical(tmp_path, latent_cache):
@@ -328,7 +391,7 @@ def test_latent_cache_with_worker_flips_kill9_mid_epoch_resumes_bit_identical(tm
 
     every, batch = 4, 8
     epoch = epoch_length(LatentDataModule(str(latent_cache), batch_size=batch))  # 12: 96 latents // 8
-    k = mid_epoch_step(epoch, every)                                              # 16: batch 4 of epoch 1
+    k = mid_epoch_step(epoch, every)  # 16: batch 4 of epoch 1
     m = k + every
     base = latent_overrides(latent_cache, every, batch)
     ref = tmp_path / "ref.pt"
@@ -338,16 +401,26 @@ def test_latent_cache_with_worker_flips_kill9_mid_epoch_resumes_bit_identical(tm
     msgs = fit(tmp_path / "resumed", [*base, *capture(m, got), f"ckpt_path={ckpt}"])
     assert not [w for w in msgs if NOT_RESUMABLE in w]
     raw, ema = compare(ref, got)
-    print(f"latents: resumed at step {k} (epoch {k // epoch}, batch {k % epoch}), at step {m}: "
-          f"max |raw diff| {raw}, max |EMA diff| {ema}")
+    print(
+        f"latents: resumed at step {k} (epoch {k // epoch}, batch {k % epoch}), at step {m}: "
+        f"max |raw diff| {raw}, max |EMA diff| {ema}"
+    )
     assert raw == 0.0 and ema == 0.0
 
 
 # ------------------------------------------------------------------------------------------------------- video
-TINY_UNET3D = ["model.net.base_channels=8", "model.net.channel_mults=[1,2]", "model.net.num_res_blocks=1",
-               "model.net.attention_levels=[1]", "model.net.temporal_attention_levels=[0,1]",
-               "model.net.cross_attention_levels=[1]", "model.net.num_transformer_blocks=1",
-               "model.net.transformer_head_dim=8", "model.net.head_dim=8", "model.net.groups=4"]
+TINY_UNET3D = [
+    "model.net.base_channels=8",
+    "model.net.channel_mults=[1,2]",
+    "model.net.num_res_blocks=1",
+    "model.net.attention_levels=[1]",
+    "model.net.temporal_attention_levels=[0,1]",
+    "model.net.cross_attention_levels=[1]",
+    "model.net.num_transformer_blocks=1",
+    "model.net.transformer_head_dim=8",
+    "model.net.head_dim=8",
+    "model.net.groups=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -356,33 +429,56 @@ def clips_dir(tmp_path_factory) -> Path:
     from difflab.datamodules.moving_digits import MovingDigitsParams, generate_moving_digits
 
     root = tmp_path_factory.mktemp("clips") / "moving_digits"
-    generate_moving_digits(root, MovingDigitsParams(canvas_size=16, digit_size=8, num_frames=8, num_train=48,
-                                                    num_val=4, num_test=4))
+    generate_moving_digits(
+        root, MovingDigitsParams(canvas_size=16, digit_size=8, num_frames=8, num_train=48, num_val=4, num_test=4)
+    )
     return root
 
 
 def video_overrides(clips: Path, every: int, batch: int) -> list[str]:
-    return ["experiment=sign_text2video", "trainer=cpu", f"datamodule.data_dir={clips}", "datamodule.num_frames=4",
-            "datamodule.image_size=16", "datamodule.channels=1", "datamodule.target_fps=null",
-            "datamodule.cache=true", f"datamodule.batch_size={batch}", "datamodule.num_workers=2",
-            "datamodule.persistent_workers=false", "datamodule.pin_memory=false", *TINY_UNET3D,
-            "conditioning.max_length=8", "sampler.steps=2", "trainer.max_steps=100000",
-            "trainer.accumulate_grad_batches=1", "trainer.precision=32-true",
-            "trainer.val_check_interval=1000000", "trainer.limit_val_batches=1", "trainer.enable_model_summary=false",
-            "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "trainer.deterministic=true",
-            "logger=none", "lr_schedule.warmup=10", f"callbacks.model_checkpoint.every_n_train_steps={every}",
-            "callbacks.video_grid.every_n_steps=100000", "callbacks.video_grid.at_end=false",
-            "callbacks.ema.update_every=1"]
+    return [
+        "experiment=sign_text2video",
+        "trainer=cpu",
+        f"datamodule.data_dir={clips}",
+        "datamodule.num_frames=4",
+        "datamodule.image_size=16",
+        "datamodule.channels=1",
+        "datamodule.target_fps=null",
+        "datamodule.cache=true",
+        f"datamodule.batch_size={batch}",
+        "datamodule.num_workers=2",
+        "datamodule.persistent_workers=false",
+        "datamodule.pin_memory=false",
+        *TINY_UNET3D,
+        "conditioning.max_length=8",
+        "sampler.steps=2",
+        "trainer.max_steps=100000",
+        "trainer.accumulate_grad_batches=1",
+        "trainer.precision=32-true",
+        "trainer.val_check_interval=1000000",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_model_summary=false",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        "trainer.deterministic=true",
+        "logger=none",
+        "lr_schedule.warmup=10",
+        f"callbacks.model_checkpoint.every_n_train_steps={every}",
+        "callbacks.video_grid.every_n_steps=100000",
+        "callbacks.video_grid.at_end=false",
+        "callbacks.ema.update_every=1",
+    ]
 
 
 def test_video_clips_with_random_windows_kill9_mid_epoch_resume_bit_identical(tmp_path, clips_dir, monkeypatch):
     from difflab.datamodules.sign_video import SignVideoDataModule
 
     every, batch = 4, 4
-    dm = SignVideoDataModule(data_dir=str(clips_dir), num_frames=4, image_size=16, channels=1, batch_size=batch,
-                             num_workers=0, cache=True)
-    epoch = epoch_length(dm)                # 12: 48 clips // 4
-    k = mid_epoch_step(epoch, every)        # 16: batch 4 of epoch 1
+    dm = SignVideoDataModule(
+        data_dir=str(clips_dir), num_frames=4, image_size=16, channels=1, batch_size=batch, num_workers=0, cache=True
+    )
+    epoch = epoch_length(dm)  # 12: 48 clips // 4
+    k = mid_epoch_step(epoch, every)  # 16: batch 4 of epoch 1
     m = k + every
     base = video_overrides(clips_dir, every, batch)
     ref = tmp_path / "ref.pt"
@@ -392,8 +488,10 @@ def test_video_clips_with_random_windows_kill9_mid_epoch_resume_bit_identical(tm
     msgs = fit(tmp_path / "resumed", [*base, *capture(m, got), f"ckpt_path={ckpt}"])
     assert not [w for w in msgs if NOT_RESUMABLE in w]
     raw, ema = compare(ref, got)
-    print(f"video: resumed at step {k} (epoch {k // epoch}, batch {k % epoch}), at step {m}: "
-          f"max |raw diff| {raw}, max |EMA diff| {ema}")
+    print(
+        f"video: resumed at step {k} (epoch {k // epoch}, batch {k % epoch}), at step {m}: "
+        f"max |raw diff| {raw}, max |EMA diff| {ema}"
+    )
     assert raw == 0.0 and ema == 0.0
 
     # control: workers that do not get their RNG states back draw other clip windows
@@ -416,13 +514,19 @@ def test_ddp_cpu_kill9_mid_epoch_resumes_bit_identical(tmp_path, latent_cache):
 
     every, batch, world = 4, 8, 2
     epoch = epoch_length(LatentDataModule(str(latent_cache), batch_size=batch)) // world  # 6 per rank: 48 // 8
-    k = mid_epoch_step(epoch, every)                                                       # 8: batch 2 of epoch 1
+    k = mid_epoch_step(epoch, every)  # 8: batch 2 of epoch 1
     m = k + every
     base = [*latent_overrides(latent_cache, every, batch), "trainer=ddp_cpu"]
 
     def cli(run_dir: Path, extra: list[str]) -> str:
-        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *base, *extra, f"hydra.run.dir={run_dir}"],
-                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *base, *extra, f"hydra.run.dir={run_dir}"],
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
         return r.stdout + r.stderr
 
@@ -438,6 +542,8 @@ def test_ddp_cpu_kill9_mid_epoch_resumes_bit_identical(tmp_path, latent_cache):
     out = cli(tmp_path / "resumed", [*capture(m, got), f"ckpt_path={ckpt}"])
     assert NOT_RESUMABLE not in out
     raw, ema = compare(ref, got)
-    print(f"DDP: resumed at step {k} (epoch 1, batch {k - epoch}), at step {m}: max |raw diff| {raw}, "
-          f"max |EMA diff| {ema}")
+    print(
+        f"DDP: resumed at step {k} (epoch 1, batch {k - epoch}), at step {m}: max |raw diff| {raw}, "
+        f"max |EMA diff| {ema}"
+    )
     assert raw == 0.0 and ema == 0.0

@@ -9,6 +9,7 @@ on) and nothing already saved is lost, overwritten or left half-written.
 4. a corrupt image or annotation row: one line naming the file (and line), or skipped and counted;
 5. a diverging run: non-finite weights are never saved; the run stops naming the last good checkpoint.
 """
+
 from __future__ import annotations
 
 import errno
@@ -89,8 +90,9 @@ def _hold_lock(run: Path) -> subprocess.Popen:
     from difflab.ops.run_lock import RANK_VARIABLES
 
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -104,8 +106,9 @@ def test_second_run_of_a_directory_is_refused_while_the_first_holds_it(trained, 
     try:
         code, errors, out = _console([*_tiny(run, max_steps=6), "resume=auto", "logger=csv"], capsys)
         assert code == 2 and len(errors) == 1, errors
-        assert errors[0].startswith(f"error: run directory {run} is in use by another training run (pid {holder.pid} "
-                                    f"on host ")
+        assert errors[0].startswith(
+            f"error: run directory {run} is in use by another training run (pid {holder.pid} on host "
+        )
         assert "wait for it to end" in errors[0] and "GPU available" not in out  # refused before anything was built
         # nothing of the first run was touched, and the refused run wrote none of its own files (no csv/ logs)
         assert _run_files(run) == before
@@ -178,7 +181,7 @@ def test_sharded_checkpoint_is_readable_without_reading_its_shards(tmp_path):
     ckpts = tmp_path / "checkpoints"
     shards = ckpts / "last.ckpt.shards-0000004-abcd1234"
     shards.mkdir(parents=True)
-    (shards / "meta.pt").write_bytes(b"not read")       # garbage: reading the shards would fail
+    (shards / "meta.pt").write_bytes(b"not read")  # garbage: reading the shards would fail
     (shards / ".metadata").write_bytes(b"not read")
     torch.save({"global_step": 4, SHARDED_KEY: {"dir": shards.name, "world_size": 2}}, ckpts / "last.ckpt")
     check_readable(ckpts / "last.ckpt")
@@ -196,9 +199,11 @@ def test_sharded_checkpoint_is_readable_without_reading_its_shards(tmp_path):
 # ---------------------------------------------------------------------------------------------- 3. disk full
 def _fill_disk_after(nbytes: int):
     """A writer's stand-in that writes ``nbytes`` (a partial file) and then fails like a full disk."""
+
     def write(f, *args, **kwargs):
         f.write(b"\0" * nbytes)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     return write
 
 
@@ -222,7 +227,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_last_ckpt(tmp_path, capsys, 
     monkeypatch.setattr(torch, "save", save)
     code, errors, out = _console([*_tiny(run, max_steps=6), "logger=none"], capsys)
     assert code == 2 and errors == [f"error: {disk_full(last, ENOSPC)}"]
-    assert load_checkpoint(last)["global_step"] == 2            # the previous last.ckpt, whole
+    assert load_checkpoint(last)["global_step"] == 2  # the previous last.ckpt, whole
     assert not _temporaries(run) and not (run / "final_metrics.json").exists()
 
 
@@ -278,8 +283,10 @@ def test_disk_full_while_writing_sample_files_keeps_the_previous_ones(tmp_path, 
     monkeypatch.setattr(np, "savez", _fill_disk_after(1000))
     with pytest.raises(DiskFullError) as err:
         write_outputs(tmp_path, samples.flip(0), torch.arange(4))
-    assert str(err.value).startswith(f"no space left on the device while writing {tmp_path / 'samples.npz'} (No "
-                                     f"space left on device): its previous version (if any) is intact")
+    assert str(err.value).startswith(
+        f"no space left on the device while writing {tmp_path / 'samples.npz'} (No "
+        f"space left on device): its previous version (if any) is intact"
+    )
     assert _snapshot(tmp_path / "samples.npz") == kept and not _temporaries(tmp_path)
 
 
@@ -328,7 +335,7 @@ def test_corrupt_image_is_one_line_or_skipped_and_counted(tmp_path, caplog):
     dm.setup("fit")
     with caplog.at_level(logging.WARNING):
         batch = next(iter(dm.train_dataloader()))
-    assert batch["x"].shape == (6, 3, 8, 8)                    # the bad image was replaced, the batch is whole
+    assert batch["x"].shape == (6, 3, 8, 8)  # the bad image was replaced, the batch is whole
     assert dm.data_report() == {"train": {"images": 6, "unreadable_files": 1}}
     assert f"datamodule.on_bad_item=skip: skipping {expected}" in caplog.text
 
@@ -337,8 +344,12 @@ def test_on_bad_item_is_checked_at_start(tmp_path):
     from difflab.config_checks import ensure_valid
     from difflab.utils.errors import ConfigError
 
-    cfg = compose_train(tmp_path, tiny_overrides(extra=["datamodule=image_folder", "datamodule.image_size=8",
-                                                        "datamodule.on_bad_item=sometimes"]))
+    cfg = compose_train(
+        tmp_path,
+        tiny_overrides(
+            extra=["datamodule=image_folder", "datamodule.image_size=8", "datamodule.on_bad_item=sometimes"]
+        ),
+    )
     with pytest.raises(ConfigError, match=r"datamodule\.on_bad_item=sometimes is invalid: .*error.*skip"):
         ensure_valid(cfg, "train")
 
@@ -364,7 +375,9 @@ def test_malformed_annotation_row_is_skipped_and_counted_or_one_line(tmp_path):
     report = read_how2sign_index(tmp_path, "train")
     assert [r.text for r in report.records] == ["sentence 0", "sentence 2"]
     assert [(line, why) for _, line, why in report.malformed] == [
-        (3, "not UTF-8 text"), (5, "unreadable row (field larger than field limit (131072))")]
+        (3, "not UTF-8 text"),
+        (5, "unreadable row (field larger than field limit (131072))"),
+    ]
     with pytest.raises(CorruptDataError) as err:
         read_how2sign_index(tmp_path, "train", strict=True)
     assert str(err.value) == f"{csv_path}:3: not UTF-8 text; fix the row or set strict=false to skip it"
@@ -387,11 +400,13 @@ def test_diverging_run_stops_in_one_line_and_never_saves_nan_weights(tmp_path, c
 
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"
-    code, errors, out = _console([*_tiny(run, max_steps=8), "logger=none",
-                             f"+callbacks.poison._target_={__name__}.PoisonWeights"], capsys)
+    code, errors, out = _console(
+        [*_tiny(run, max_steps=8), "logger=none", f"+callbacks.poison._target_={__name__}.PoisonWeights"], capsys
+    )
     assert code == 2 and len(errors) == 1, errors
-    assert errors[0].startswith(f"error: training diverged: NaN or inf weights, not saved, at step 4; the last good "
-                                f"checkpoint is {last}; ")
+    assert errors[0].startswith(
+        f"error: training diverged: NaN or inf weights, not saved, at step 4; the last good checkpoint is {last}; "
+    )
     ckpt = load_checkpoint(last)
     assert ckpt["global_step"] == 2
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point())

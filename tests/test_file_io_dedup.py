@@ -1,5 +1,6 @@
 """One writer, one quantiser, one LPIPS frame preparation: atomic writes honour the umask, every [-1, 1] -> uint8
 conversion gives the same bytes, and every LPIPS caller prepares frames the same way."""
+
 from __future__ import annotations
 
 import os
@@ -151,12 +152,18 @@ def test_uint8_resizers_share_the_rounding():
 
     frames = np.random.default_rng(0).integers(0, 256, (2, 12, 16, 3), dtype=np.uint8)
     got = crop_resize(frames, (6, 8))  # same aspect: no crop, only the resize
-    x = torch.nn.functional.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float(), size=(6, 8),
-                                        mode="bilinear", antialias=True, align_corners=False)
+    x = torch.nn.functional.interpolate(
+        torch.from_numpy(frames).permute(0, 3, 1, 2).float(),
+        size=(6, 8),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )
     expected = round_to_uint8(x).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(got, expected)
-    assert np.array_equal(resize_uint8(torch.from_numpy(frames).permute(0, 3, 1, 2), (6, 8)).permute(0, 2, 3, 1)
-                          .numpy(), expected)
+    assert np.array_equal(
+        resize_uint8(torch.from_numpy(frames).permute(0, 3, 1, 2), (6, 8)).permute(0, 2, 3, 1).numpy(), expected
+    )
 
 
 # ------------------------------------------------------------------------------------------ LPIPS frame preparation

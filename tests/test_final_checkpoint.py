@@ -11,6 +11,7 @@
   ``on_train_end`` fallback keeps EMA in ``state_dict`` and raw weights in ``current_model_state``;
 - the private Lightning API the module relies on is still there (pinned lightning 2.6).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -29,8 +30,8 @@ from difflab.callbacks.ema import find_ema
 from difflab.checkpoints import load_checkpoint, module_from_checkpoint
 from difflab.ops.final_checkpoint import RunCheckpoint
 from difflab.ops.resume import resolve_resume
-from tests.helpers import compose_train, tiny_overrides
 from difflab.pipeline import build
+from tests.helpers import compose_train, tiny_overrides
 
 torch.set_num_threads(1)  # 2 shared cores: one thread per process
 
@@ -65,8 +66,12 @@ class Probe(L.Callback):
 
 
 def _cfg(out: Path, max_steps: int, save_every: int, extra=(), grid_at_end: bool = False):
-    return compose_train(out, tiny_overrides(max_steps=max_steps, save_every=save_every,
-                                             extra=[*QUIET, *([] if grid_at_end else NO_GRID_AT_END), *extra]))
+    return compose_train(
+        out,
+        tiny_overrides(
+            max_steps=max_steps, save_every=save_every, extra=[*QUIET, *([] if grid_at_end else NO_GRID_AT_END), *extra]
+        ),
+    )
 
 
 def _fit(out: Path, max_steps: int, save_every: int, extra=(), callbacks=(), grid_at_end: bool = False) -> dict:
@@ -103,8 +108,12 @@ def _equal(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
     if torch.is_tensor(a):
-        return (torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype
-                and bool(((a == b) | (torch.isnan(a) & torch.isnan(b)) if a.is_floating_point() else a == b).all()))
+        return (
+            torch.is_tensor(b)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(((a == b) | (torch.isnan(a) & torch.isnan(b)) if a.is_floating_point() else a == b).all())
+        )
     return a == b
 
 
@@ -143,15 +152,25 @@ def test_last_ckpt_holds_final_step_like_a_periodic_checkpoint(tmp_path, steps_p
     from difflab.diagnostics.class_grid import render_grid
 
     final_grid = run / "figures" / "class_grid" / "final.png"
-    again = render_grid(module_from_checkpoint(run / "checkpoints" / "last.ckpt"), tmp_path / "again.png",
-                        n_cols=2, seed=0)
+    again = render_grid(
+        module_from_checkpoint(run / "checkpoints" / "last.ckpt"), tmp_path / "again.png", n_cols=2, seed=0
+    )
     assert np.array_equal(np.asarray(Image.open(final_grid)), np.asarray(Image.open(again)))
 
     # the same run checkpointing every 15 steps has a periodic checkpoint at 45: the final one is that checkpoint
-    periodic = load_checkpoint(_fit(tmp_path / "every15", 45, 15)["trainer"].checkpoint_callback.dirpath
-                               + "/step_0000045.ckpt")
-    for key in ("global_step", "epoch", "loops", "optimizer_states", "lr_schedulers", "state_dict",
-                "current_model_state", "averaging_state"):
+    periodic = load_checkpoint(
+        _fit(tmp_path / "every15", 45, 15)["trainer"].checkpoint_callback.dirpath + "/step_0000045.ckpt"
+    )
+    for key in (
+        "global_step",
+        "epoch",
+        "loops",
+        "optimizer_states",
+        "lr_schedulers",
+        "state_dict",
+        "current_model_state",
+        "averaging_state",
+    ):
         assert _equal(last[key], periodic[key]), key
     others = [k for k in last["callbacks"] if not k.startswith(("ModelCheckpoint", "Timer"))]  # paths, wall-clock
     assert "RNGState" in others and "EMA" in others
@@ -183,7 +202,7 @@ def test_resume_chain_ends_at_true_last_step_and_matches_uninterrupted_run(tmp_p
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
     _fit(run, total, every, callbacks=[StopAt(stop1)])
-    assert _step(ckpts / "last.ckpt") == stop1                       # the final step, not the periodic 2e
+    assert _step(ckpts / "last.ckpt") == stop1  # the final step, not the periodic 2e
     second = _fit(run, total, every, extra=["ckpt_path=last"], callbacks=[StopAt(stop2)])
     assert second["probe"].first_batch[2] == stop1
     assert _step(ckpts / "last.ckpt") == stop2
@@ -261,10 +280,13 @@ def test_max_time_early_stopping_and_max_epochs_end_with_last_at_final_step(tmp_
         extra, callbacks = ["trainer.max_time='00:00:10:00'"], [JumpClock(clock, 7)]
         final, at = 7, "the last training batch"
     elif ending == "early_stopping":
-        extra = ["trainer.val_check_interval=7",
-                 "+callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping",
-                 "+callbacks.early_stopping.monitor=val/loss", "+callbacks.early_stopping.mode=min",
-                 "+callbacks.early_stopping.stopping_threshold=1e9"]  # stops at the first validation
+        extra = [
+            "trainer.val_check_interval=7",
+            "+callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping",
+            "+callbacks.early_stopping.monitor=val/loss",
+            "+callbacks.early_stopping.mode=min",
+            "+callbacks.early_stopping.stopping_threshold=1e9",
+        ]  # stops at the first validation
         final, at = 7, "validation end"
     else:
         extra, steps, every = ["trainer.max_epochs=2", "trainer.limit_train_batches=4"], -1, 3  # 2 epochs of 4
@@ -273,8 +295,11 @@ def test_max_time_early_stopping_and_max_epochs_end_with_last_at_final_step(tmp_
     trainer = objs["trainer"]
     assert trainer.global_step == final
     assert _step(tmp_path / "checkpoints" / "last.ckpt") == final
-    assert trainer.checkpoint_callback.final_checkpoint == {"path": str(tmp_path / "checkpoints" / "last.ckpt"),
-                                                            "step": final, "at": at}
+    assert trainer.checkpoint_callback.final_checkpoint == {
+        "path": str(tmp_path / "checkpoints" / "last.ckpt"),
+        "step": final,
+        "at": at,
+    }
     assert objs["probe"].saves[final] == 1
     assert not [n for n in _names(tmp_path) if n.startswith("last-")]
 
@@ -290,7 +315,7 @@ def test_sigterm_checkpoint_is_not_written_twice(tmp_path):
     objs = _fit(tmp_path, 100, 5, callbacks=[Signal()])
     assert objs["trainer"].global_step == 7
     assert _step(tmp_path / "checkpoints" / "last.ckpt") == 7
-    assert objs["probe"].saves[7] == 1                       # GracefulShutdown's save only
+    assert objs["probe"].saves[7] == 1  # GracefulShutdown's save only
     assert objs["trainer"].checkpoint_callback.final_checkpoint is None
 
 
@@ -334,12 +359,26 @@ def test_lightning_private_api_used_by_run_checkpoint():
     assert "self._last_checkpoint_saved" in inspect.getsource(ModelCheckpoint.on_train_end)
 
     # takes every ModelCheckpoint argument, keeps its state key
-    kwargs = dict(dirpath="/tmp/x", filename="step_{step:07d}", monitor="val/loss", mode="max", save_top_k=2,
-                  save_last="link", every_n_train_steps=5, auto_insert_metric_name=False, save_on_exception=True,
-                  save_on_train_epoch_end=False, enable_version_counter=False, verbose=True, save_weights_only=False)
+    kwargs = dict(
+        dirpath="/tmp/x",
+        filename="step_{step:07d}",
+        monitor="val/loss",
+        mode="max",
+        save_top_k=2,
+        save_last="link",
+        every_n_train_steps=5,
+        auto_insert_metric_name=False,
+        save_on_exception=True,
+        save_on_train_epoch_end=False,
+        enable_version_counter=False,
+        verbose=True,
+        save_weights_only=False,
+    )
     assert RunCheckpoint(**kwargs).state_key == ModelCheckpoint(**kwargs).state_key
     assert set(inspect.signature(ModelCheckpoint.__init__).parameters) - {"self"} == set(kwargs) | {
-        "train_time_interval", "every_n_epochs"}
+        "train_time_interval",
+        "every_n_epochs",
+    }
 
 
 # ---------------------------------------------------------------------------------------------- DDP
@@ -353,13 +392,26 @@ def test_ddp_cpu_final_checkpoint_and_resume_from_first_periodic(tmp_path):
 
     from tests.helpers import ROOT
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "HYDRA_FULL_ERROR": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+        "HYDRA_FULL_ERROR": "1",
+    }
     run = tmp_path / "run"
 
     def train_py(max_steps: int, *extra: str) -> None:
-        cmd = [sys.executable, str(ROOT / "train.py"), *tiny_overrides(max_steps=max_steps, save_every=2),
-               *QUIET, *NO_GRID_AT_END, "trainer=ddp_cpu", f"hydra.run.dir={run}", *extra]
+        cmd = [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *tiny_overrides(max_steps=max_steps, save_every=2),
+            *QUIET,
+            *NO_GRID_AT_END,
+            "trainer=ddp_cpu",
+            f"hydra.run.dir={run}",
+            *extra,
+        ]
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
 

@@ -1,6 +1,7 @@
 """trainer=fsdp: FSDP2 sharding of the denoiser, the sharded EMA, sharded checkpoints (commit, resume, consolidation,
 single-file export) and the config. FSDP2 runs on the CPU over gloo in this torch, so everything here runs without a
 GPU: single-rank runs in-process, 2-rank runs as ``train.py`` subprocesses (the DDP comparison is marked slow)."""
+
 from __future__ import annotations
 
 import os
@@ -15,11 +16,22 @@ from tests.helpers import ROOT, compose_train, tiny_overrides
 
 torch.set_num_threads(1)
 
-TINY_DIT = ["model=dit", "datamodule.image_size=8", "model.net.depth=2", "model.net.hidden_dim=32",
-            "model.net.num_heads=2", "model.net.patch_size=2"]
+TINY_DIT = [
+    "model=dit",
+    "datamodule.image_size=8",
+    "model.net.depth=2",
+    "model.net.hidden_dim=32",
+    "model.net.num_heads=2",
+    "model.net.patch_size=2",
+]
 # an EMA that moves away from the raw weights within a few steps, so that comparing EMAs means something
-VISIBLE_EMA = ["callbacks.ema.warmup=false", "callbacks.ema.decay=0.5", "lr_schedule.warmup=0", "model.lr=0.01",
-               "trainer.precision=32-true"]
+VISIBLE_EMA = [
+    "callbacks.ema.warmup=false",
+    "callbacks.ema.decay=0.5",
+    "lr_schedule.warmup=0",
+    "model.lr=0.01",
+    "trainer.precision=32-true",
+]
 FSDP_CPU = ["trainer=fsdp", "trainer.accelerator=cpu"]
 
 
@@ -51,8 +63,9 @@ def test_config_composes_and_refuses_precisions_fsdp_cannot_train_in(tmp_path):
     cfg = compose_train(tmp_path, ["trainer=fsdp"])
     assert cfg.trainer.strategy._target_ == STRATEGY_TARGET and cfg.trainer.devices == -1
     assert check_config(cfg, "train") == []
-    bad = compose_train(tmp_path, ["trainer=fsdp", "trainer.precision=16-mixed",
-                                   "trainer.strategy.reshard_after_forward=maybe"])
+    bad = compose_train(
+        tmp_path, ["trainer=fsdp", "trainer.precision=16-mixed", "trainer.strategy.reshard_after_forward=maybe"]
+    )
     problems = check_config(bad, "train")
     assert any(p.startswith("trainer.precision=16-mixed is invalid: auto, 32-true or bf16-mixed") for p in problems)
     assert any(p.startswith("trainer.strategy.reshard_after_forward=maybe is invalid") for p in problems)
@@ -140,15 +153,21 @@ def test_shard_module_shards_trainable_parts_and_sharded_checkpoint_exports(gloo
     assert not any(isinstance(p, DTensor) for p in module.diffusion.autoencoder.module.parameters())
     assert list(module.state_dict()) == keys  # names unchanged: checkpoints of DDP and FSDP runs match
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as Lightning's bf16-mixed: bf16 gathered weights + autocast
-        loss = module.diffusion.losses(module, {"x": torch.randn(4, 1, 8, 8), "label": torch.arange(4)}, True)["loss"].mean()
+        loss = module.diffusion.losses(module, {"x": torch.randn(4, 1, 8, 8), "label": torch.arange(4)}, True)[
+            "loss"
+        ].mean()
     loss.backward()
     assert all(p.grad is not None for p in module.denoiser.parameters())
 
     raw = get_model_state_dict(module)
     ema = {k: v.detach() * 2 for k, v in raw.items()}
     run_config = OmegaConf.to_container(cfg, resolve=True)
-    ckpt = {"state_dict": raw, "ema_state_dict": ema, "global_step": 7,
-            "difflab": {"config": run_config, "kind": "diffusion", "sample_shape": [1, 8, 8]}}
+    ckpt = {
+        "state_dict": raw,
+        "ema_state_dict": ema,
+        "global_step": 7,
+        "difflab": {"config": run_config, "kind": "diffusion", "sample_shape": [1, 8, 8]},
+    }
     path = write_sharded_checkpoint(ckpt, tmp_path / "ckpts" / "last.ckpt")
     assert path.is_file() and _shard_dirs(path.parent) == ["last.ckpt"]
     loaded = load_checkpoint(path)
@@ -290,16 +309,24 @@ def test_two_rank_fsdp_matches_ddp_and_resumes_like_it(tmp_path):
     weights (<= 1e-5) and the same validation loss (EMA swapped in on sharded weights); each resumed from its step-2
     checkpoint they agree again. (RNG states are not restored here, in both: src/ops/rng.py segfaults restoring rank
     1's torch state from a view, see the report; the comparison is between the two strategies.)"""
-    extra = ["trainer.devices=2", "logger=csv", "~callbacks.rng_state", "trainer.limit_train_batches=2",
-             "trainer.val_check_interval=2", "trainer.check_val_every_n_epoch=null"]
+    extra = [
+        "trainer.devices=2",
+        "logger=csv",
+        "~callbacks.rng_state",
+        "trainer.limit_train_batches=2",
+        "trainer.val_check_interval=2",
+        "trainer.check_val_every_n_epoch=null",
+    ]
     runs = {"fsdp": [*FSDP_CPU, *extra], "ddp": ["trainer=ddp_cpu", *extra]}
     for name, args in runs.items():
         _train(tmp_path / name, args, tmp_path)
     for name, args in runs.items():
         ckpt = tmp_path / name / "checkpoints" / "step_0000002.ckpt"
         _train(tmp_path / f"{name}_resumed", [*args, f"ckpt_path={ckpt}"], tmp_path)
-    w = {n: _weights(tmp_path / n / "checkpoints" / "step_0000004.ckpt")
-         for n in ("fsdp", "ddp", "fsdp_resumed", "ddp_resumed")}
+    w = {
+        n: _weights(tmp_path / n / "checkpoints" / "step_0000004.ckpt")
+        for n in ("fsdp", "ddp", "fsdp_resumed", "ddp_resumed")
+    }
     assert _max_diff(w["fsdp"]["ema"], w["fsdp"]["raw"]) > 1e-3
     for kind in ("ema", "raw"):
         assert _max_diff(w["fsdp"][kind], w["ddp"][kind]) <= 1e-5
@@ -317,8 +344,14 @@ def test_two_rank_fsdp_matches_ddp_and_resumes_like_it(tmp_path):
 @pytest.mark.slow
 def test_bench_smoke_runs_ddp_and_fsdp_on_two_cpu_processes(tmp_path):
     env = {**os.environ, "DIFFLAB_BENCH_RESULTS": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_fsdp_gpu.py"), "--smoke"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_fsdp_gpu.py"), "--smoke"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     text = (tmp_path / "fsdp_gpu_quick.md").read_text()
     assert "| ddp | DiT-T/4 |" in text and "| fsdp | DiT-T/4 |" in text

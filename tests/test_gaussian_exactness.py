@@ -1,5 +1,6 @@
 """Samplers driven by the exact denoiser of data with known moments (Gaussian, mixture of Gaussians) reproduce the
 data mean and covariance, and their error shrinks as steps increase (at the order each method should have)."""
+
 from __future__ import annotations
 
 import functools
@@ -8,16 +9,25 @@ import math
 import pytest
 import torch
 
-from difflab.diffusion.gaussian import (GaussianMixture, affine_moments, exact_model_fn, exact_net, moment_errors,
-                                    sample_moments)
+from difflab.diffusion.gaussian import (
+    GaussianMixture,
+    affine_moments,
+    exact_model_fn,
+    exact_net,
+    moment_errors,
+    sample_moments,
+)
 from difflab.diffusion.guidance import guided_model_fn
-from difflab.diffusion.samplers import SAMPLERS
 from difflab.diffusion.processes import VPProcess
+from difflab.diffusion.samplers import SAMPLERS
 
 COV = torch.tensor([[0.30, 0.12, 0.0], [0.12, 0.10, 0.02], [0.0, 0.02, 0.01]], dtype=torch.float64)
 GAUSS = GaussianMixture.gaussian([0.5, -0.3, 0.2], COV)
-MIX = GaussianMixture([0.5, 0.3, 0.2], [[-0.6, -0.4], [0.5, -0.3], [0.0, 0.6]],
-                      [[[0.02, 0.0], [0.0, 0.01]], [[0.015, 0.005], [0.005, 0.02]], [[0.01, 0.0], [0.0, 0.03]]])
+MIX = GaussianMixture(
+    [0.5, 0.3, 0.2],
+    [[-0.6, -0.4], [0.5, -0.3], [0.0, 0.6]],
+    [[[0.02, 0.0], [0.0, 0.01]], [[0.015, 0.005], [0.005, 0.02]], [[0.01, 0.0], [0.0, 0.03]]],
+)
 DETERMINISTIC = ["ddim", "euler", "dpmpp_2m", "heun"]
 SECOND_ORDER = {"dpmpp_2m", "heun"}
 
@@ -35,8 +45,10 @@ def _exact(name, data, sch, steps, spacing=None, prediction="v"):
 def test_posterior_mean_matches_quadrature_1d_mixture():
     mix = GaussianMixture([0.3, 0.7], [[-1.0], [0.8]], [[[0.05]], [[0.2]]])
     grid = torch.linspace(-5, 5, 40001, dtype=torch.float64)
-    prior = sum(w * torch.exp(-0.5 * (grid - m[0]) ** 2 / c[0, 0]) / math.sqrt(2 * math.pi * c[0, 0])
-                for w, m, c in zip(mix.weights, mix.means, mix.covs))
+    prior = sum(
+        w * torch.exp(-0.5 * (grid - m[0]) ** 2 / c[0, 0]) / math.sqrt(2 * math.pi * c[0, 0])
+        for w, m, c in zip(mix.weights, mix.means, mix.covs)
+    )
     x_t = torch.tensor([[-2.0], [-0.3], [0.0], [0.9], [2.5]], dtype=torch.float64)
     for ab in (0.95, 0.5, 0.1, 0.0):
         a, s2 = math.sqrt(ab), 1 - ab

@@ -1,5 +1,6 @@
 """Classifier-free guidance: the scale convention (scale = 1 + w), per-class scales, rescale phi, the sigma interval
 and the guided model function's (x0, eps) pair."""
+
 from __future__ import annotations
 
 import functools
@@ -8,11 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from difflab.diffusion.guidance import (cfg_combine, check_interval, guidance_active, guided_model_fn,
-                                    rescale_guidance)
+from difflab.diffusion.guidance import cfg_combine, check_interval, guidance_active, guided_model_fn, rescale_guidance
 from difflab.diffusion.objectives import Objective, X0Clip
-from difflab.diffusion.samplers import ddim
 from difflab.diffusion.processes import VPProcess
+from difflab.diffusion.samplers import ddim
 
 
 def _pair(seed=0, shape=(4, 2, 5, 5)):
@@ -69,8 +69,11 @@ class CondNet:
 
 
 def _conds(n):
-    return {"vector": torch.ones(n), "context": None, "context_mask": None}, \
-        {"vector": -torch.ones(n), "context": None, "context_mask": None}
+    return {"vector": torch.ones(n), "context": None, "context_mask": None}, {
+        "vector": -torch.ones(n),
+        "context": None,
+        "context_mask": None,
+    }
 
 
 def test_guided_model_fn_passes_and_interval():
@@ -124,9 +127,14 @@ def test_per_class_scales_through_the_module():
     cond = ClassConditioner(3, embed_dim=4)
     with torch.no_grad():
         cond.embedding.weight.copy_(0.05 * torch.arange(16.0).view(4, 4))  # small, distinct per class
-    diffusion = Diffusion(VPProcess("cosine", 50), Objective(prediction="x0", x0_clip="none"),
-                          functools.partial(ddim, steps=1), guidance=CFG(scale=2.0, per_class={1: 4.0}),
-                          conditioner=cond, sample_shape=(1, 2, 2))
+    diffusion = Diffusion(
+        VPProcess("cosine", 50),
+        Objective(prediction="x0", x0_clip="none"),
+        functools.partial(ddim, steps=1),
+        guidance=CFG(scale=2.0, per_class={1: 4.0}),
+        conditioner=cond,
+        sample_shape=(1, 2, 2),
+    )
     module = DiffusionModule(net=lambda cond_dim, context_dim: EmbedNet(), diffusion=diffusion)
     labels = torch.tensor([0, 1, 2, 1])
     assert diffusion.guidance.scales(labels, cond.num_classes).tolist() == [2.0, 4.0, 2.0, 4.0]

@@ -1,10 +1,10 @@
 """The guidance registry (src/diffusion/guidance.py): cfg, cfgpp, apg and autoguidance against their closed forms,
 APG against diffusers, CFG++ through a DDIM step, autoguidance's guide checks, every method through the module's
 samplers on vp and flow, the configs/guidance group and `sample.py guidance.method=...` on a tiny trained run."""
+
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,20 +13,21 @@ from torch import nn
 
 from difflab.diffusion.guidance import CFG, GUIDANCE_METHODS, Autoguidance, guided_model_fn
 from difflab.diffusion.objectives import Objective
-from difflab.diffusion.processes import FlowProcess
+from difflab.diffusion.processes import FlowProcess, VPProcess
 from difflab.diffusion.samplers import SAMPLERS, ddim, sampling_grid
-from difflab.diffusion.processes import VPProcess
 from difflab.diffusion.system import Diffusion
-from tests.helpers import CONFIG_DIR, compose_train, run_hydra_main
 from difflab.utils.errors import ConfigError
+from tests.helpers import CONFIG_DIR, compose_train, run_hydra_main
 
 torch.set_num_threads(1)
 SHAPE = (3, 1, 4, 4)
 
 
 def _conds(n):
-    return ({"vector": torch.ones(n), "context": None, "context_mask": None},
-            {"vector": -torch.ones(n), "context": None, "context_mask": None})
+    return (
+        {"vector": torch.ones(n), "context": None, "context_mask": None},
+        {"vector": -torch.ones(n), "context": None, "context_mask": None},
+    )
 
 
 def _outputs(t, seed=0):
@@ -41,7 +42,7 @@ class TableNet:
     def __call__(self, x_in, t_net, cond):
         n = x_in.shape[0] // SHAPE[0]
         c, u = _outputs(t_net[0])
-        rows = [c if v > 0 else u for v in cond["vector"][::SHAPE[0]].tolist()]
+        rows = [c if v > 0 else u for v in cond["vector"][:: SHAPE[0]].tolist()]
         return torch.cat(rows[:n]).to(x_in.dtype)
 
 
@@ -126,8 +127,9 @@ def test_cfgpp_ddim_step_matches_the_paper_update():
         expected = ab_next**0.5 * x0 + (1 - ab_next) ** 0.5 * u
     assert torch.allclose(out.double(), expected, atol=1e-4)
     # the same grid with CFG at scale lambda re-noises with eps_lambda instead: a different result
-    assert not torch.allclose(ddim(_mf("cfg", lam, sch, prediction="eps"), x, sch, steps=3, start=70).double(),
-                              expected, atol=1e-3)
+    assert not torch.allclose(
+        ddim(_mf("cfg", lam, sch, prediction="eps"), x, sch, steps=3, start=70).double(), expected, atol=1e-3
+    )
     # Euler takes the model function's eps (no longer rebuilt from x0), so it is CFG++'s DDIM update as well
     from difflab.diffusion.samplers import euler
 
@@ -207,21 +209,21 @@ def test_interval_gives_the_plain_conditional_outside():
     plain = guided_model_fn(TableNet(), sch, "x0", cond, None)(x, 80)
     for method in ("cfg", "cfgpp", "apg"):
         scale = 0.5 if method == "cfgpp" else 3.0
-        out = guided_model_fn(TableNet(), sch, "x0", cond, _conds(SHAPE[0])[1], scale=scale, interval=[lo, hi],
-                              method=method)
+        out = guided_model_fn(
+            TableNet(), sch, "x0", cond, _conds(SHAPE[0])[1], scale=scale, interval=[lo, hi], method=method
+        )
         assert torch.equal(out(x, 80)[0], plain[0]), method
         assert not torch.allclose(out(x, 40)[0], plain[0]), method
 
 
 def test_bad_settings_fail_in_one_line():
-    with pytest.raises(ValueError, match=r"cfgpp: CFG\+\+'s lambda is in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"a number in \[0, 1\] with guidance.method=cfgpp"):
         _mf("cfgpp", 2.0)
     with pytest.raises(ValueError, match="unknown"):
         _mf("pag", 2.0)
     cond, null = _conds(3)
     with pytest.raises(ValueError, match="needs a guide network"):
-        guided_model_fn(TableNet(), VPProcess("cosine", 100), "x0", cond, null, scale=2.0,
-                        method="autoguidance")
+        guided_model_fn(TableNet(), VPProcess("cosine", 100), "x0", cond, null, scale=2.0, method="autoguidance")
 
 
 # ------------------------------------------------------------------------------------------- the module
@@ -245,15 +247,23 @@ def _module(process_name="vp", guidance=None, seed=0):
     torch.manual_seed(seed)
     process = VPProcess("cosine", 50) if process_name == "vp" else FlowProcess()
     prediction = "v" if process_name == "vp" else "flow"
-    diffusion = Diffusion(process, Objective(prediction=prediction, x0_clip="none"), functools.partial(ddim, steps=3),
-                          guidance=CFG(scale=2.0).updated(guidance), conditioner=ClassConditioner(3, embed_dim=4),
-                          sample_shape=(1, 4, 4))
+    diffusion = Diffusion(
+        process,
+        Objective(prediction=prediction, x0_clip="none"),
+        functools.partial(ddim, steps=3),
+        guidance=CFG(scale=2.0).updated(guidance),
+        conditioner=ClassConditioner(3, embed_dim=4),
+        sample_shape=(1, 4, 4),
+    )
     return DiffusionModule(net=functools.partial(TinyNet, seed=seed), diffusion=diffusion)
 
 
-METHOD_SETTINGS = {"cfg": {"scale": 3.0}, "cfgpp": {"scale": 0.6}, "apg": {"scale": 3.0, "momentum": -0.5,
-                                                                              "norm_threshold": 1.0},
-                   "autoguidance": {"scale": 2.0, "guide_ckpt": "in-memory"}}
+METHOD_SETTINGS = {
+    "cfg": {"scale": 3.0},
+    "cfgpp": {"scale": 0.6},
+    "apg": {"scale": 3.0, "momentum": -0.5, "norm_threshold": 1.0},
+    "autoguidance": {"scale": 2.0, "guide_ckpt": "in-memory"},
+}
 
 
 @pytest.mark.parametrize("process_name", ["vp", "flow"])
@@ -267,7 +277,9 @@ def test_every_method_samples_with_every_sampler(process_name, sampler, monkeypa
     fn = functools.partial(SAMPLERS[sampler], steps=3)
     plain = module.diffusion.sample(module, 4, labels, sampler=fn, guidance_scale=1.0, noise=noise)
     for method, settings in METHOD_SETTINGS.items():
-        out = module.diffusion.sample(module, 4, labels, sampler=fn, noise=noise, guidance={"method": method, **settings})
+        out = module.diffusion.sample(
+            module, 4, labels, sampler=fn, noise=noise, guidance={"method": method, **settings}
+        )
         assert out.shape == (4, 1, 4, 4) and torch.isfinite(out).all(), method
         assert not torch.allclose(out, plain, atol=1e-6), (method, "guidance changed nothing")
 
@@ -283,16 +295,26 @@ def test_stored_guidance_dicts_migrate_to_their_classes():
     shared = {"scale": 2.5, "rescale": 0.0, "interval": None, "per_class": None}
     assert migrated(shared) == {"_target_": "difflab.diffusion.guidance.CFG", **shared}
     apg = migrated({**shared, "method": "apg", "eta": 0.5, "norm_threshold": 0.0, "momentum": -0.5})
-    assert apg == {"_target_": "difflab.diffusion.guidance.APG", "scale": 2.5, "interval": None, "per_class": None,
-                   "eta": 0.5, "norm_threshold": 0.0, "momentum": -0.5}   # rescale was never apg's
+    assert apg == {
+        "_target_": "difflab.diffusion.guidance.APG",
+        "scale": 2.5,
+        "interval": None,
+        "per_class": None,
+        "eta": 0.5,
+        "norm_threshold": 0.0,
+        "momentum": -0.5,
+    }  # rescale was never apg's
     old, new = _module(guidance=shared), _module(guidance={"method": "cfg", **shared})
     labels, noise = torch.tensor([0, 1, 2]), torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(old.diffusion.sample(old, 3, labels, noise=noise),
-                       new.diffusion.sample(new, 3, labels, noise=noise))
+    assert torch.equal(
+        old.diffusion.sample(old, 3, labels, noise=noise), new.diffusion.sample(new, 3, labels, noise=noise)
+    )
 
 
 def test_module_refuses_bad_guidance_in_one_line():
-    with pytest.raises(ConfigError, match=r"^guidance.scale=2.0 is invalid: a number in \[0, 1\] with guidance.method=cfgpp") as err:
+    with pytest.raises(
+        ConfigError, match=r"^guidance.scale=2.0 is invalid: a number in \[0, 1\] with guidance.method=cfgpp"
+    ) as err:
         _module(guidance={"method": "cfgpp", "scale": 2.0})
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="needs guidance.guide_ckpt"):
@@ -304,9 +326,12 @@ def test_module_refuses_bad_guidance_in_one_line():
 
 def test_mismatched_guide_refused_in_one_line():
     check_guide = _module("vp").diffusion.check_guide
-    check_guide(_module("vp", seed=1), "g.ckpt")   # same setup, other weights: fine
-    with pytest.raises(ConfigError, match=r"^guidance.guide_ckpt=g.ckpt cannot guide this model: different process "
-                                          r"\(guide flow, main vp\)$"):
+    check_guide(_module("vp", seed=1), "g.ckpt")  # same setup, other weights: fine
+    with pytest.raises(
+        ConfigError,
+        match=r"^guidance.guide_ckpt=g.ckpt cannot guide this model: different process "
+        r"\(guide flow, main vp\)$",
+    ):
         check_guide(_module("flow"), "g.ckpt")
     other = _module("vp")
     other.diffusion.sample_shape = (1, 8, 8)
@@ -331,20 +356,23 @@ def test_guidance_group_composes_into_the_diffusion_object(tmp_path):
     cfg = compose_train(tmp_path, ["guidance=apg", "guidance.scale=4"])
     g = cfg.model.diffusion.guidance
     assert g._target_.endswith(".APG") and g.scale == 4 and g.eta == 0.0 and "rescale" not in g
-    assert compose_train(tmp_path, []).model.diffusion.guidance._target_.endswith(".CFG")   # the default
-    assert "diffusion" not in compose_train(tmp_path, ["experiment=digits_vae"]).model   # the autoencoder has none
+    assert compose_train(tmp_path, []).model.diffusion.guidance._target_.endswith(".CFG")  # the default
+    assert "diffusion" not in compose_train(tmp_path, ["experiment=digits_vae"]).model  # the autoencoder has none
     assert _problems(tmp_path, ["guidance=apg", "guidance.scale=4"]) == []
     assert _problems(tmp_path, ["guidance=cfgpp", "guidance.scale=0.6"]) == []
-    assert _problems(tmp_path, ["guidance=cfgpp"]) == []   # its own default lambda, 0.6
+    assert _problems(tmp_path, ["guidance=cfgpp"]) == []  # its own default lambda, 0.6
     assert _problems(tmp_path, ["guidance=cfgpp", "guidance.scale=2"])[0].startswith("guidance.scale=2")
     # the rules a method's constructor states reach the pre-flight by building it (config_checks.constructor_problems)
     assert _problems(tmp_path, ["guidance=autoguidance"]) == [
         "guidance.method=autoguidance needs guidance.guide_ckpt (a weaker checkpoint of the same setup: an earlier "
-        "step, a shorter EMA or a smaller model)"]
+        "step, a shorter EMA or a smaller model)"
+    ]
     assert _problems(tmp_path, ["guidance=apg", "guidance.momentum=1.5"])[0].startswith(
-        "guidance.momentum=1.5 is invalid")
+        "guidance.momentum=1.5 is invalid"
+    )
     assert _problems(tmp_path, ["guidance=apg", "+guidance.rescale=0.5"])[0].startswith(
-        "guidance.rescale=0.5 is invalid: not an argument of APG")
+        "guidance.rescale=0.5 is invalid: not an argument of APG"
+    )
 
 
 # ------------------------------------------------------------------------------------------- sample.py
@@ -354,8 +382,16 @@ def test_guidance_group_composes_into_the_diffusion_object(tmp_path):
 def _sample_cli(run_dir, tmp_path, name, extra):
     import sample
 
-    args = [f"ckpt_path={run_dir / 'checkpoints' / 'step_0000004.ckpt'}", "n=10", "batch_size=10", "device=cpu",
-            "sampler=ddim", "sampler.steps=2", f"out_dir={tmp_path / name}", f"hydra.run.dir={tmp_path / ('h' + name)}"]
+    args = [
+        f"ckpt_path={run_dir / 'checkpoints' / 'step_0000004.ckpt'}",
+        "n=10",
+        "batch_size=10",
+        "device=cpu",
+        "sampler=ddim",
+        "sampler.steps=2",
+        f"out_dir={tmp_path / name}",
+        f"hydra.run.dir={tmp_path / ('h' + name)}",
+    ]
     code = run_hydra_main(sample.main, [*args, *extra])
     return code, (np.load(tmp_path / name / "samples.npz")["images"] if code == 0 else None)
 
@@ -367,15 +403,21 @@ def test_sample_cli_selects_the_method(run_dir, tmp_path, monkeypatch):
 
     calls = []
     for name, cls in list(guidance.GUIDANCE_METHODS.items()):
+
         def recording(step, scale, _fn=cls.combine, _name=name, **opts):
             calls.append((_name, float(scale), opts))
             return _fn(step, scale, **opts)
+
         monkeypatch.setattr(cls, "combine", staticmethod(recording))
-    code, images = _sample_cli(run_dir, tmp_path, "apg", ["guidance.method=apg", "guidance.scale=3",
-                                                          "guidance.eta=0.5", "guidance.momentum=-0.5"])
+    code, images = _sample_cli(
+        run_dir,
+        tmp_path,
+        "apg",
+        ["guidance.method=apg", "guidance.scale=3", "guidance.eta=0.5", "guidance.momentum=-0.5"],
+    )
     assert code == 0 and images.shape == (10, 1, 8, 8)
     assert calls and {c[0] for c in calls} == {"apg"} and calls[0][1] == 3.0
-    assert calls[0][2] == {"eta": 0.5, "momentum": -0.5, "norm_threshold": 0.0}   # unset: APG's default
+    assert calls[0][2] == {"eta": 0.5, "momentum": -0.5, "norm_threshold": 0.0}  # unset: APG's default
     calls.clear()
     assert _sample_cli(run_dir, tmp_path, "cfgpp", ["guidance.method=cfgpp", "guidance.scale=0.6"])[0] == 0
     assert {c[0] for c in calls} == {"cfgpp"} and calls[0][1] == 0.6
@@ -386,11 +428,19 @@ def test_sample_cli_autoguidance_with_itself_is_conditional(run_dir, tmp_path):
     main = run_dir / "checkpoints" / "step_0000004.ckpt"
     code, plain = _sample_cli(run_dir, tmp_path, "plain", ["guidance.scale=1"])
     assert code == 0
-    code, same = _sample_cli(run_dir, tmp_path, "auto_same", ["guidance.method=autoguidance", "guidance.scale=3",
-                                                              f"guidance.guide_ckpt={main}"])
-    assert code == 0 and np.abs(same.astype(int) - plain.astype(int)).max() <= 1   # uint8 rounding
+    code, same = _sample_cli(
+        run_dir,
+        tmp_path,
+        "auto_same",
+        ["guidance.method=autoguidance", "guidance.scale=3", f"guidance.guide_ckpt={main}"],
+    )
+    assert code == 0 and np.abs(same.astype(int) - plain.astype(int)).max() <= 1  # uint8 rounding
     earlier = run_dir / "checkpoints" / "step_0000002.ckpt"
-    code, auto = _sample_cli(run_dir, tmp_path, "auto", ["guidance.method=autoguidance", "guidance.scale=3",
-                                                         f"guidance.guide_ckpt={earlier}"])
+    code, auto = _sample_cli(
+        run_dir,
+        tmp_path,
+        "auto",
+        ["guidance.method=autoguidance", "guidance.scale=3", f"guidance.guide_ckpt={earlier}"],
+    )
     assert code == 0 and not np.array_equal(auto, plain)
     assert _sample_cli(run_dir, tmp_path, "noguide", ["guidance.method=autoguidance", "guidance.scale=3"])[0] == 2

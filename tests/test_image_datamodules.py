@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from difflab.datamodules import image_common, stl10
-from difflab.datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule, CIFAR100_CLASSES, load_cifar_pickle
+from difflab.datamodules.cifar import CIFAR100_CLASSES, CIFAR10DataModule, CIFAR100DataModule, load_cifar_pickle
 from difflab.datamodules.image_common import ImageTransform, class_prompts, resize_shorter_side
 from difflab.datamodules.image_folder import ImageFolderDataModule
 from difflab.datamodules.stl10 import STL10DataModule
@@ -189,7 +189,9 @@ def test_stl10_official_sizes_are_checked_by_default(tmp_path):
 def test_stl10_md5_checked_once_then_remembered(tmp_path, monkeypatch):
     write_stl10(tmp_path)
     folder = tmp_path / "stl10_binary"
-    table = {n: (p.stat().st_size, hashlib.md5(p.read_bytes()).hexdigest()) for n in stl10.STL10_FILES for p in [folder / n]}
+    table = {
+        n: (p.stat().st_size, hashlib.md5(p.read_bytes()).hexdigest()) for n in stl10.STL10_FILES for p in [folder / n]
+    }
     monkeypatch.setattr(stl10, "STL10_FILES", table)
     hashed: list[str] = []
     real_md5 = image_common.file_md5
@@ -219,7 +221,9 @@ def test_marker_falls_back_to_user_cache_when_data_dir_is_not_writable(tmp_path,
     folder = tmp_path / "data" / "stl10_binary"
     (folder / image_common.MARKER_NAME).mkdir()  # the marker path cannot be written (even as root)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    table = {n: (p.stat().st_size, hashlib.md5(p.read_bytes()).hexdigest()) for n in stl10.STL10_FILES for p in [folder / n]}
+    table = {
+        n: (p.stat().st_size, hashlib.md5(p.read_bytes()).hexdigest()) for n in stl10.STL10_FILES for p in [folder / n]
+    }
     monkeypatch.setattr(stl10, "STL10_FILES", table)
     hashed: list[str] = []
     real_md5 = image_common.file_md5
@@ -233,8 +237,9 @@ def test_marker_falls_back_to_user_cache_when_data_dir_is_not_writable(tmp_path,
 @pytest.mark.parametrize("reader", ["pread", "memmap"])
 def test_stl10_dataset_pickles_without_image_data_and_works_in_workers(tmp_path, reader):
     data = write_stl10(tmp_path, n_train=16)
-    dm = STL10DataModule(tmp_path, verify="none", flip=False, batch_size=8, num_workers=2, pin_memory=False,
-                         reader=reader)
+    dm = STL10DataModule(
+        tmp_path, verify="none", flip=False, batch_size=8, num_workers=2, pin_memory=False, reader=reader
+    )
     dm.setup("fit")
     ds = dm.train_set
     ds[0]  # opens the memory map in this process
@@ -281,16 +286,25 @@ def write_cifar10(root: Path, per_batch=2, n_test=3, seed=0, names=None) -> dict
     for i in range(1, 6):
         x = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
         y = rng.integers(0, 10, size=per_batch).tolist()
-        dump_py2({b"batch_label": b"training batch %d of 5" % i, b"labels": y, b"data": x, b"filenames": [b"a.png"] * per_batch},
-                 folder / f"data_batch_{i}")
+        dump_py2(
+            {
+                b"batch_label": b"training batch %d of 5" % i,
+                b"labels": y,
+                b"data": x,
+                b"filenames": [b"a.png"] * per_batch,
+            },
+            folder / f"data_batch_{i}",
+        )
         xs.append(x)
         ys += y
     tx = rng.integers(0, 256, size=(n_test, 3072), dtype=np.uint8)
     ty = rng.integers(0, 10, size=n_test).tolist()
     dump_py2({b"batch_label": b"testing batch 1 of 1", b"labels": ty, b"data": tx}, folder / "test_batch")
     names = names or ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    dump_py2({b"num_cases_per_batch": 10000, b"label_names": [n.encode() for n in names], b"num_vis": 3072},
-             folder / "batches.meta")
+    dump_py2(
+        {b"num_cases_per_batch": 10000, b"label_names": [n.encode() for n in names], b"num_vis": 3072},
+        folder / "batches.meta",
+    )
     return {"train_x": np.concatenate(xs), "train_y": np.array(ys), "test_x": tx, "test_y": np.array(ty)}
 
 
@@ -307,8 +321,14 @@ def write_cifar100(root: Path, n_train=7, n_test=3, seed=1) -> dict[str, np.ndar
             pickle.dump({b"data": x, b"fine_labels": fine, b"coarse_labels": [f // 5 for f in fine]}, f, protocol=4)
         out[f"{name}_x"], out[f"{name}_y"] = x, np.array(fine)
     with open(folder / "meta", "wb") as f:
-        pickle.dump({b"fine_label_names": [n.encode() for n in CIFAR100_CLASSES],
-                     b"coarse_label_names": [b"c%d" % i for i in range(20)]}, f, protocol=4)
+        pickle.dump(
+            {
+                b"fine_label_names": [n.encode() for n in CIFAR100_CLASSES],
+                b"coarse_label_names": [b"c%d" % i for i in range(20)],
+            },
+            f,
+            protocol=4,
+        )
     return out
 
 
@@ -328,7 +348,9 @@ def test_cifar10_images_labels_and_meta_names(tmp_path):
     dm.setup("fit")
     assert len(dm.train_set) == 10 and len(dm.val_set) == 3
     for i in (0, 3, 9):
-        torch.testing.assert_close(dm.train_set[i]["x"], signed(data["train_x"][i].reshape(3, 32, 32)), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            dm.train_set[i]["x"], signed(data["train_x"][i].reshape(3, 32, 32)), rtol=0, atol=1e-6
+        )
         assert dm.train_set[i]["label"] == data["train_y"][i]
     # row-major planes: pixel (row 1, col 0) of the red plane is byte 32
     assert dm.train_set[0]["x"][0, 1, 0] == pytest.approx(data["train_x"][0][32] / 127.5 - 1)
@@ -472,7 +494,9 @@ def test_transform_flip_and_resize():
     assert lefts == {True, False}  # both orientations occur
     for o in outs:
         assert o.shape == (3, 10, 10)
-        torch.testing.assert_close(o if o[0, 0, 0] > 0 else o.flip(-1), outs[0] if outs[0][0, 0, 0] > 0 else outs[0].flip(-1))
+        torch.testing.assert_close(
+            o if o[0, 0, 0] > 0 else o.flip(-1), outs[0] if outs[0][0, 0, 0] > 0 else outs[0].flip(-1)
+        )
     assert resize_shorter_side(torch.ones(1, 8, 16), 4).shape == (1, 4, 8)
     assert class_prompts(None) is None
 

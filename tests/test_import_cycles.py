@@ -5,6 +5,7 @@ The graph is read from the source with ``ast``: an edge for every ``import diffl
 that which module loads first decides whether the other finds its names; the fix is to move the shared code down
 into a module both can import, not to hide one import inside a function.
 """
+
 from __future__ import annotations
 
 import ast
@@ -31,7 +32,7 @@ def imported_modules(node: ast.Import | ast.ImportFrom, importer: str, is_packag
         return {alias.name for alias in node.names if alias.name.split(".")[0] == PACKAGE}
     if node.level:
         base = importer.split(".") if is_package else importer.split(".")[:-1]
-        base = base[:len(base) - (node.level - 1)]
+        base = base[: len(base) - (node.level - 1)]
         target = ".".join([*base, *([node.module] if node.module else [])])
     else:
         target = node.module or ""
@@ -45,8 +46,9 @@ def is_type_checking(node: ast.AST) -> bool:
     return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
 
 
-def module_level_imports(tree: ast.Module, importer: str, is_package: bool, known: set[str],
-                         in_functions: bool = False) -> set[str]:
+def module_level_imports(
+    tree: ast.Module, importer: str, is_package: bool, known: set[str], in_functions: bool = False
+) -> set[str]:
     """What ``importer`` imports when it loads: imports outside functions and ``if TYPE_CHECKING:`` blocks (with
     ``in_functions``, also those inside functions: what it may import when called)."""
     found: set[str] = set()
@@ -71,9 +73,12 @@ def import_graph(in_functions: bool = False) -> dict[str, set[str]]:
     functions too)."""
     modules = difflab_modules()
     known = set(modules)
-    return {name: module_level_imports(ast.parse(path.read_text(), str(path)), name, path.name == "__init__.py",
-                                       known, in_functions)
-            for name, path in modules.items()}
+    return {
+        name: module_level_imports(
+            ast.parse(path.read_text(), str(path)), name, path.name == "__init__.py", known, in_functions
+        )
+        for name, path in modules.items()
+    }
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -90,7 +95,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 state[path.pop()] = 2
                 stack.pop()
             elif state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             elif not state.get(nxt):
                 state[nxt] = 1
                 path.append(nxt)
@@ -104,8 +109,10 @@ def test_the_checker_finds_a_cycle():
 
 
 def test_function_and_type_checking_imports_are_not_edges():
-    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import difflab.b\n"
-                     "def f():\n    import difflab.c\nimport difflab.d\n")
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import difflab.b\n"
+        "def f():\n    import difflab.c\nimport difflab.d\n"
+    )
     assert module_level_imports(tree, "difflab.a", False, {"difflab.b", "difflab.c", "difflab.d"}) == {"difflab.d"}
 
 

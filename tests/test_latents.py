@@ -1,4 +1,5 @@
 """Latent cache: files and manifest, normalisation, refusal to mix caches, resume after interruption, datamodule."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,9 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from difflab.configs import CONFIG_DIR
 import difflab.latents.encode as encode_mod
 from difflab.autoencoders.kl_vae import KLAutoencoder
+from difflab.configs import CONFIG_DIR
 from difflab.datamodules.latents import LatentDataModule
 from difflab.latents import encode_dataset
 from difflab.latents.cache import LatentCache, read_manifest
@@ -51,8 +52,15 @@ class DictSet(Dataset):
 class TinyDM(L.LightningDataModule):
     """40 train / 12 val smooth 1 x 16 x 16 images with 3 classes (and prompts with ``text=True``)."""
 
-    def __init__(self, n_train: int = 40, n_val: int = 12, text: bool = False, seed: int = 0, batch_size: int = 8,
-                 num_workers: int = 0):
+    def __init__(
+        self,
+        n_train: int = 40,
+        n_val: int = 12,
+        text: bool = False,
+        seed: int = 0,
+        batch_size: int = 8,
+        num_workers: int = 0,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.num_classes, self.class_names = 3, ["a", "b", "c"]
@@ -78,8 +86,9 @@ TINY_DM = f"{TinyDM.__module__}.TinyDM"  # importable name under pytest's import
 
 def tiny_vae(seed: int = 0) -> KLAutoencoder:
     torch.manual_seed(seed)
-    return KLAutoencoder(in_channels=1, latent_channels=4, base_channels=8, channel_mults=[1, 2], norm_groups=4,
-                         mid_attention=False).eval()
+    return KLAutoencoder(
+        in_channels=1, latent_channels=4, base_channels=8, channel_mults=[1, 2], norm_groups=4, mid_attention=False
+    ).eval()
 
 
 def encode(ae, dm, out, **kw):
@@ -128,8 +137,9 @@ def test_normalised_latents_have_target_std(tmp_path, per_channel):
     ds = LatentDataModule(str(tmp_path / "c"), batch_size=8).dataset("train")
     x = ds.__getitems__(range(len(ds)))["x"].double()
     if per_channel:
-        assert torch.allclose(x.std(dim=(0, 2, 3), unbiased=False), torch.full((4,), 0.7, dtype=torch.float64),
-                              atol=1e-5)
+        assert torch.allclose(
+            x.std(dim=(0, 2, 3), unbiased=False), torch.full((4,), 0.7, dtype=torch.float64), atol=1e-5
+        )
         assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(4, dtype=torch.float64), atol=1e-5)
     else:
         scale = LatentCache(tmp_path / "c").scale
@@ -240,7 +250,7 @@ def test_latent_datamodule_batches(tmp_path):
     assert b["x"].shape == (8, 4, 4, 4) and b["x"].dtype == torch.float32
     assert b["label"].shape == (8,) and b["label"].dtype == torch.int64
     assert isinstance(b["text"], list) and len(b["text"]) == 8
-    for x, y, t in zip(b["x"], b["label"], b["text"]):  # rows stay aligned: text names the label's class
+    for _x, y, t in zip(b["x"], b["label"], b["text"]):  # rows stay aligned: text names the label's class
         assert t.startswith(dm.prompts[int(y)])
     seen = torch.cat([bb["label"] for bb in batches])
     assert sorted(seen.tolist()) == sorted((np.arange(40) % 3).tolist())
@@ -278,6 +288,7 @@ def test_decode_latents_checks_the_autoencoder(tmp_path):
         assert torch.allclose(wrapped.decode(x), ae.decode(raw), atol=1e-5)
         assert torch.allclose(wrapped.encode(TinyDM()._make(40, 0).x[:8]), x, atol=1e-5)
     from difflab.utils.frozen import Frozen
+
     assert torch.allclose(dm.decode_latents(Frozen(ae), x), ae.decode(raw), atol=1e-5)
     with pytest.raises(ConfigError, match="differs"):
         dm.decode_latents(tiny_vae(seed=3), x)
@@ -300,8 +311,15 @@ def ae_ckpt(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("ae")
     module = AutoencoderModule(tiny_vae().train())
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp,
+    )
     dm = TinyDM()
     dm.setup()
     trainer.fit(module, DataLoader(dm.train_set, batch_size=8))
@@ -313,12 +331,22 @@ def test_encode_latents_run_and_reload(tmp_path, ae_ckpt):
     sys.path.insert(0, str(ROOT))
     from difflab.encode_latents import run
 
-    cfg = OmegaConf.create({
-        "autoencoder": {"_target_": "difflab.autoencoders.kl_vae.KLAutoencoder", "ckpt_path": str(ae_ckpt)},
-        "datamodule": {"_target_": TINY_DM, "n_train": 40, "batch_size": 4, "num_workers": 0},
-        "out_dir": str(tmp_path / "c"), "splits": ["train", "val"], "batch_size": 16, "num_workers": 0,
-        "dtype": "float16", "target_std": 0.5, "per_channel": True, "overwrite": False, "device": "auto",
-        "progress": False})
+    cfg = OmegaConf.create(
+        {
+            "autoencoder": {"_target_": "difflab.autoencoders.kl_vae.KLAutoencoder", "ckpt_path": str(ae_ckpt)},
+            "datamodule": {"_target_": TINY_DM, "n_train": 40, "batch_size": 4, "num_workers": 0},
+            "out_dir": str(tmp_path / "c"),
+            "splits": ["train", "val"],
+            "batch_size": 16,
+            "num_workers": 0,
+            "dtype": "float16",
+            "target_std": 0.5,
+            "per_channel": True,
+            "overwrite": False,
+            "device": "auto",
+            "progress": False,
+        }
+    )
     m = run(cfg)
     assert m["dataset"] == {"target": TINY_DM, "args": {"n_train": 40}}
     assert m["autoencoder"]["spec"] == {"ckpt_path": str(ae_ckpt.resolve())}
@@ -343,17 +371,23 @@ def test_encode_latents_config_composes():
 def test_encode_latents_cli_on_digits(tmp_path, ae_ckpt):
     """The real command line on the embedded digits dataset; a second run resumes/no-ops, a wrong AE is refused."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "encode_latents.py"), "autoencoder=kl_vae",
-           f"autoencoder.ckpt_path={ae_ckpt}", "datamodule=digits", f"out_dir={tmp_path / 'digits'}",
-           f"hydra.run.dir={tmp_path / 'run'}", "progress=false"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "encode_latents.py"),
+        "autoencoder=kl_vae",
+        f"autoencoder.ckpt_path={ae_ckpt}",
+        "datamodule=digits",
+        f"out_dir={tmp_path / 'digits'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "progress=false",
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     m = read_manifest(tmp_path / "digits")
     assert m["status"] == "complete" and m["splits"]["train"]["count"] + m["splits"]["val"]["count"] == 1797
     assert m["dataset"]["target"] == "difflab.datamodules.digits.DigitsDataModule"
     assert "batch_size" not in m["dataset"]["args"] and m["latent_shape"] == [4, 4, 4]
-    bad = subprocess.run(cmd + ["datamodule.seed=1"], env=env, capture_output=True,
-                         text=True, timeout=300)
+    bad = subprocess.run(cmd + ["datamodule.seed=1"], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "dataset" in bad.stderr and "overwrite=true" in bad.stderr
 
 
@@ -362,26 +396,59 @@ def test_train_a_dit_on_cached_latents(tmp_path, ae_ckpt):
     autoencoder, and its checkpoint samples pixels."""
     from difflab.checkpoints import module_from_checkpoint
     from difflab.encode_latents import run
-    from tests.helpers import compose_train
     from difflab.pipeline import train
+    from tests.helpers import compose_train
 
     cache = tmp_path / "cache"
-    run(OmegaConf.create({
-        "autoencoder": {"_target_": "difflab.autoencoders.kl_vae.KLAutoencoder", "ckpt_path": str(ae_ckpt)},
-        "datamodule": {"_target_": TINY_DM, "n_train": 40, "batch_size": 4, "num_workers": 0},
-        "out_dir": str(cache), "splits": ["train", "val"], "batch_size": 16, "num_workers": 0,
-        "dtype": "float16", "target_std": 0.5, "per_channel": True, "overwrite": False, "device": "auto",
-        "progress": False}))
+    run(
+        OmegaConf.create(
+            {
+                "autoencoder": {"_target_": "difflab.autoencoders.kl_vae.KLAutoencoder", "ckpt_path": str(ae_ckpt)},
+                "datamodule": {"_target_": TINY_DM, "n_train": 40, "batch_size": 4, "num_workers": 0},
+                "out_dir": str(cache),
+                "splits": ["train", "val"],
+                "batch_size": 16,
+                "num_workers": 0,
+                "dtype": "float16",
+                "target_std": 0.5,
+                "per_channel": True,
+                "overwrite": False,
+                "device": "auto",
+                "progress": False,
+            }
+        )
+    )
     out = tmp_path / "run"
-    cfg = compose_train(out, [
-        "datamodule=latents", f"datamodule.cache_dir={cache}", "datamodule.batch_size=8", "datamodule.num_workers=0",
-        "datamodule.persistent_workers=false", "model=dit", "model.net.depth=1", "model.net.hidden_dim=32",
-        "model.net.num_heads=2", "model.net.patch_size=2", "objective.x0_clip=none", "conditioning=class",
-        f"model.diffusion.autoencoder={{_target_:difflab.latents.cache.load_cache_autoencoder,cache_dir:{cache}}}",
-        "trainer=cpu", "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2",
-        "trainer.limit_val_batches=1", "sampler.steps=2", "callbacks.class_grid.every_n_steps=2",
-        "callbacks.class_grid.n_cols=2", "callbacks.model_checkpoint.every_n_train_steps=2",
-        "~callbacks.progress_bar", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"])
+    cfg = compose_train(
+        out,
+        [
+            "datamodule=latents",
+            f"datamodule.cache_dir={cache}",
+            "datamodule.batch_size=8",
+            "datamodule.num_workers=0",
+            "datamodule.persistent_workers=false",
+            "model=dit",
+            "model.net.depth=1",
+            "model.net.hidden_dim=32",
+            "model.net.num_heads=2",
+            "model.net.patch_size=2",
+            "objective.x0_clip=none",
+            "conditioning=class",
+            f"model.diffusion.autoencoder={{_target_:difflab.latents.cache.load_cache_autoencoder,cache_dir:{cache}}}",
+            "trainer=cpu",
+            "logger=csv",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1",
+            "sampler.steps=2",
+            "callbacks.class_grid.every_n_steps=2",
+            "callbacks.class_grid.n_cols=2",
+            "callbacks.model_checkpoint.every_n_train_steps=2",
+            "~callbacks.progress_bar",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+        ],
+    )
     objs = train(cfg)
     assert type(objs["model"].denoiser).__name__ == "DiT" and objs["model"].diffusion.sample_shape == (4, 4, 4)
     assert (out / "figures" / "class_grid" / "final.png").is_file()

@@ -1,5 +1,6 @@
 """Sample metrics as Lightning metrics (callback_metrics, ModelCheckpoint monitor, optimized_metric), the metric
 protocol record with its real-vs-real floor, and the scored class grid."""
+
 from __future__ import annotations
 
 import csv
@@ -33,12 +34,26 @@ def tracked_run(tmp_path_factory):
     from difflab.pipeline import train
 
     out = tmp_path_factory.mktemp("tracked")
-    cfg = compose_train(out, tiny_overrides(max_steps=8, save_every=2, extra=[
-        "callbacks=metrics", "logger=csv", "callbacks.sample_metrics.every_n_steps=2",
-        f"callbacks.sample_metrics.n_samples={N}", "callbacks.sample_metrics.n_real=64",
-        "callbacks.sample_metrics.lpips_net=null", f"callbacks.sample_metrics.stats_dir={out}/stats",
-        f"callbacks.model_checkpoint.monitor={FD}", "callbacks.model_checkpoint.save_top_k=1",
-        f"optimized_metric={FD}", "model.lr=3e-3"]))
+    cfg = compose_train(
+        out,
+        tiny_overrides(
+            max_steps=8,
+            save_every=2,
+            extra=[
+                "callbacks=metrics",
+                "logger=csv",
+                "callbacks.sample_metrics.every_n_steps=2",
+                f"callbacks.sample_metrics.n_samples={N}",
+                "callbacks.sample_metrics.n_real=64",
+                "callbacks.sample_metrics.lpips_net=null",
+                f"callbacks.sample_metrics.stats_dir={out}/stats",
+                f"callbacks.model_checkpoint.monitor={FD}",
+                "callbacks.model_checkpoint.save_top_k=1",
+                f"optimized_metric={FD}",
+                "model.lr=3e-3",
+            ],
+        ),
+    )
     objs = train(cfg)
     return out, objs
 
@@ -46,10 +61,10 @@ def tracked_run(tmp_path_factory):
 def test_checkpoint_monitoring_a_sample_metric_keeps_the_best(tracked_run):
     run, objs = tracked_run
     fd = _csv_series(run, FD)
-    assert sorted(fd) == [2, 4, 6, 8]                        # measured at each scheduled step, logged once per step
+    assert sorted(fd) == [2, 4, 6, 8]  # measured at each scheduled step, logged once per step
     best_step = min(fd, key=fd.get)
     kept = sorted(p.name for p in (run / "checkpoints").glob("step_*.ckpt"))
-    assert kept == [f"step_{best_step:07d}.ckpt"]            # save_top_k=1 by FD: only the best one is left
+    assert kept == [f"step_{best_step:07d}.ckpt"]  # save_top_k=1 by FD: only the best one is left
     mc = objs["trainer"].checkpoint_callback
     assert Path(mc.best_model_path).name == kept[0]
     assert float(mc.best_model_score) == pytest.approx(fd[best_step], rel=1e-6)
@@ -83,7 +98,7 @@ def test_protocol_records_how_each_metric_was_measured_and_its_floor(tracked_run
     assert entry["eval_seed"] == 0 and "16x16" in entry["resize"]
     assert entry["floor_real_items_overlap_reference"] is False
     floors = _csv_series(run, FD + "_floor")
-    assert sorted(floors) == [2, 4, 6, 8]                              # the floor next to every measurement
+    assert sorted(floors) == [2, 4, 6, 8]  # the floor next to every measurement
     assert list(floors.values()) == pytest.approx([entry["floor"]] * 4)
     assert f"metrics/kd_digit{N}" in protocol
 
@@ -101,7 +116,7 @@ def test_every_logged_evaluation_records_its_seed(tracked_run):
     assert protocol["metrics/digit_accuracy"]["n_samples"] == N
     assert protocol["metrics/digit_accuracy"]["weights_sha256"] == protocol[FD]["weights_sha256"]
     grid = protocol["metrics/grid_agreement"]
-    assert grid["eval_seed"] == 0                                      # callbacks.class_grid.seed
+    assert grid["eval_seed"] == 0  # callbacks.class_grid.seed
     assert grid["feature"] and grid["sampler"] == objs["model"].diffusion.describe_sampler()
     assert protocol["val/loss"]["eval_seed"] == VALIDATION_SEED
     job = read_job(run, [])
@@ -112,9 +127,9 @@ def test_every_logged_evaluation_records_its_seed(tracked_run):
 def test_floor_is_fd_of_unseen_real_items_against_the_reference(tmp_path):
     """The floor equals an FD computed by hand: reference = the first n_real items of the seeded order of the train
     split, floor items = the next n_samples."""
-    from difflab.metrics.sample_metrics import DigitFeatures, SampleMetrics
     from difflab.datamodules.digits import DigitsDataModule
     from difflab.metrics.frechet import frechet_distance, gaussian_stats
+    from difflab.metrics.sample_metrics import DigitFeatures, SampleMetrics
 
     dm = DigitsDataModule(image_size=16, batch_size=32)
     dm.prepare_data()
@@ -170,12 +185,12 @@ def test_scored_grid_colours_and_agreement():
         name = "fixed"
 
         def judge(self, images, candidates, as_prompts=False):
-            pred = torch.arange(3).repeat_interleave(2)      # 2 classes x 2 columns + the unconditional row
-            pred[1], pred[2], pred[4:] = 0, 0, 1             # class 0 cell right, class 1 cell wrong
+            pred = torch.arange(3).repeat_interleave(2)  # 2 classes x 2 columns + the unconditional row
+            pred[1], pred[2], pred[4:] = 0, 0, 1  # class 0 cell right, class 1 cell wrong
             return Verdict(pred, torch.full((6,), 0.5), "p")
 
     captions, colours, agreement = score_grid(Fixed(), torch.zeros(6, 1, 4, 4), ["zero", "one", "(uncond)"], 2)
-    assert agreement == pytest.approx(0.75)                  # 3 of the 4 conditional cells
+    assert agreement == pytest.approx(0.75)  # 3 of the 4 conditional cells
     assert colours[:4] == ["#1a7f37", "#1a7f37", "#cf222e", "#1a7f37"] and colours[4:] == ["#777777"] * 2
     assert captions[2] == "zero 0.50"
 
@@ -193,7 +208,7 @@ def test_clip_zero_shot_matrix_agrees_with_pair_scores(tmp_path):
     assert torch.allclose(matrix.diagonal(), scorer.scores(images, texts), atol=1e-4)
     verdict = ClipJudge(scorer).judge(images, texts, as_prompts=True)
     assert torch.equal(verdict.predicted, matrix.argmax(dim=1)) and torch.allclose(verdict.score, matrix.amax(1))
-    classes = ClipJudge(scorer).judge(images, ["cat", "dog"])          # class names go through the template
+    classes = ClipJudge(scorer).judge(images, ["cat", "dog"])  # class names go through the template
     ref = scorer.similarity_matrix(images, ["a photo of a cat", "a photo of a dog"])
     assert torch.equal(classes.predicted, ref.argmax(dim=1))
 
@@ -205,7 +220,7 @@ def test_scored_grid_of_the_tracked_run_is_written(tracked_run):
     agreement = _csv_series(run, "metrics/grid_agreement")
     assert sorted(agreement) == [2, 4, 6, 8] and all(0 <= v <= 1 for v in agreement.values())
     final = Image.open(run / "figures" / "class_grid" / "final.png")
-    assert final.width > 100 and final.height > 11 * 8           # 11 labelled rows of captioned cells
+    assert final.width > 100 and final.height > 11 * 8  # 11 labelled rows of captioned cells
     assert not math.isnan(agreement[8])
 
 
@@ -219,20 +234,32 @@ def test_optuna_search_of_four_trials_reports_the_best(tmp_path):
     from tests.helpers import run_hydra_main
 
     sweep = tmp_path / "sweep"
-    code = run_hydra_main(train.main, [
-        "hparams_search=digits_optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.n_startup_trials=4",
-        *tiny_overrides(max_steps=4, save_every=4), "callbacks.sample_metrics.every_n_steps=4",
-        "callbacks.sample_metrics.n_samples=200", "callbacks.sample_metrics.n_real=256",
-        "callbacks.sample_metrics.lpips_net=null", f"callbacks.sample_metrics.stats_dir={tmp_path}/stats",
-        "logger=csv", f"hydra.sweep.dir={sweep}"])
+    code = run_hydra_main(
+        train.main,
+        [
+            "hparams_search=digits_optuna",
+            "hydra.sweeper.n_trials=4",
+            "hydra.sweeper.sampler.n_startup_trials=4",
+            *tiny_overrides(max_steps=4, save_every=4),
+            "callbacks.sample_metrics.every_n_steps=4",
+            "callbacks.sample_metrics.n_samples=200",
+            "callbacks.sample_metrics.n_real=256",
+            "callbacks.sample_metrics.lpips_net=null",
+            f"callbacks.sample_metrics.stats_dir={tmp_path}/stats",
+            "logger=csv",
+            f"hydra.sweep.dir={sweep}",
+        ],
+    )
     assert code == 0
-    values = [json.loads((sweep / str(i) / "final_metrics.json").read_text())["metrics"]["metrics/fd_digit200"]
-              for i in range(4)]
+    values = [
+        json.loads((sweep / str(i) / "final_metrics.json").read_text())["metrics"]["metrics/fd_digit200"]
+        for i in range(4)
+    ]
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert result["best_value"] == pytest.approx(min(values))
     assert set(result["best_params"]) == {"model.lr", "model.diffusion.p_uncond", "guidance.scale"}
     lrs = [yaml.safe_load((sweep / str(i) / ".hydra" / "overrides.yaml").read_text()) for i in range(4)]
-    assert len({tuple(sorted(o)) for o in lrs}) == 4                   # four different trials
+    assert len({tuple(sorted(o)) for o in lrs}) == 4  # four different trials
 
 
 def test_build_judge_picks_the_digit_classifier_or_clip(tmp_path):
@@ -242,11 +269,13 @@ def test_build_judge_picks_the_digit_classifier_or_clip(tmp_path):
     from tests.test_metrics import _tiny_clip_dir
 
     def module(shape, key="label", classes=10):
-        return SimpleNamespace(diffusion=SimpleNamespace(sample_shape=shape),
-                               conditioner=SimpleNamespace(batch_key=key, num_classes=classes))
+        return SimpleNamespace(
+            diffusion=SimpleNamespace(sample_shape=shape),
+            conditioner=SimpleNamespace(batch_key=key, num_classes=classes),
+        )
 
     assert isinstance(build_judge("auto", module((1, 16, 16))), DigitJudge)
-    assert build_judge("auto", module((3, 32, 32))) is None                  # RGB without a CLIP folder: no judge
+    assert build_judge("auto", module((3, 32, 32))) is None  # RGB without a CLIP folder: no judge
     assert build_judge("none", module((1, 16, 16))) is None
     clip = _tiny_clip_dir(tmp_path)
     assert isinstance(build_judge("auto", module((3, 32, 32), classes=4), clip_model=str(clip)), ClipJudge)
@@ -265,12 +294,23 @@ def test_ddp_ranks_agree_on_monitored_sample_metric(tmp_path):
     from tests.helpers import ROOT
 
     run = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "train.py"), *tiny_overrides(max_steps=4, save_every=2), "trainer=ddp_cpu",
-           "callbacks=metrics", "callbacks.sample_metrics.every_n_steps=2", f"callbacks.sample_metrics.n_samples={N}",
-           "callbacks.sample_metrics.n_real=64", "callbacks.sample_metrics.lpips_net=null",
-           f"callbacks.sample_metrics.stats_dir={tmp_path}/stats", f"callbacks.model_checkpoint.monitor={FD}",
-           "callbacks.model_checkpoint.save_top_k=1", f"optimized_metric={FD}", "logger=csv",
-           f"hydra.run.dir={run}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *tiny_overrides(max_steps=4, save_every=2),
+        "trainer=ddp_cpu",
+        "callbacks=metrics",
+        "callbacks.sample_metrics.every_n_steps=2",
+        f"callbacks.sample_metrics.n_samples={N}",
+        "callbacks.sample_metrics.n_real=64",
+        "callbacks.sample_metrics.lpips_net=null",
+        f"callbacks.sample_metrics.stats_dir={tmp_path}/stats",
+        f"callbacks.model_checkpoint.monitor={FD}",
+        "callbacks.model_checkpoint.save_top_k=1",
+        f"optimized_metric={FD}",
+        "logger=csv",
+        f"hydra.run.dir={run}",
+    ]
     subprocess.run(cmd, check=True, timeout=600, cwd=tmp_path, capture_output=True)
     fd = _csv_series(run, FD)
     assert sorted(fd) == [2, 4]
@@ -285,8 +325,11 @@ def test_hparams_search_without_the_optuna_plugin_is_one_line(monkeypatch):
     from difflab.utils.errors import ConfigError
 
     monkeypatch.setattr(extras, "is_installed", lambda module: module != "hydra_plugins.hydra_optuna_sweeper")
-    with pytest.raises(ConfigError, match=r"^hparams_search=digits_optuna needs the optional package "
-                                          r"hydra-optuna-sweeper: pip install hydra-optuna-sweeper \(the extra "
-                                          r"difflab\[optuna\]\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^hparams_search=digits_optuna needs the optional package "
+        r"hydra-optuna-sweeper: pip install hydra-optuna-sweeper \(the extra "
+        r"difflab\[optuna\]\)$",
+    ):
         extras.check_command_line(["hparams_search=digits_optuna", "trainer.max_steps=4"])
     extras.check_command_line(["hparams_search=null"])

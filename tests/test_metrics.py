@@ -1,5 +1,6 @@
 """Sample-quality metrics: Frechet distance / KID math, the streaming metric and its real-stats cache, and the
 weight loaders (Inception, I3D, LPIPS backbone, CLIP) on tiny random models saved in the users' on-disk formats."""
+
 from __future__ import annotations
 
 import sys
@@ -151,8 +152,9 @@ KEY = {"dataset": "toy", "split": "train", "resolution": 8, "n": 64}
 
 def _filled(kid: bool = False, feature_name: str = "lin") -> tuple[FrechetMetric, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(5)
-    metric = FrechetMetric(linear_feature(6, 4), 4, feature_name=feature_name, kid_subsets=3 if kid else 0,
-                           kid_subset_size=16)
+    metric = FrechetMetric(
+        linear_feature(6, 4), 4, feature_name=feature_name, kid_subsets=3 if kid else 0, kid_subset_size=16
+    )
     real, fake = torch.randn(64, 6, generator=gen, dtype=f64), torch.randn(48, 6, generator=gen, dtype=f64) + 0.2
     return metric, real, fake
 
@@ -361,7 +363,7 @@ def test_lpips_random_backbone_zero_for_identical():
     videos = torch.stack([x, y], dim=2)  # B x C x T x H x W, frames (x, y)
     assert torch.allclose(lpips_distance(model, videos, videos.flip(2)), d, atol=1e-6)
     # diversity = mean over the 3 pairs
-    pair = [lpips_distance(model, x[i:i + 1], x[j:j + 1]) for i, j in ((0, 1), (0, 2), (1, 2))]
+    pair = [lpips_distance(model, x[i : i + 1], x[j : j + 1]) for i, j in ((0, 1), (0, 2), (1, 2))]
     assert float(lpips_diversity(model, x)) == pytest.approx(float(torch.cat(pair).mean()), rel=1e-5)
     assert float(lpips_diversity(model, x[:1].expand(4, -1, -1, -1))) == 0.0
 
@@ -398,11 +400,20 @@ def _tiny_clip_dir(tmp_path):
     vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
     tok = CLIPTokenizer(vocab=vocab, merges=[])
     eos = vocab["<|endoftext|>"]
-    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=16, eos_token_id=eos, pad_token_id=eos,
-                bos_token_id=vocab["<|startoftext|>"])
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                  patch_size=8)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        bos_token_id=vocab["<|startoftext|>"],
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
     proc = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tok)
@@ -424,8 +435,9 @@ def test_clip_score_tiny_local_model(tmp_path):
 
     # reference: the projection heads called separately, cosine x 100
     model, proc = scorer.model.module, scorer.processor
-    inputs = proc(text=texts, images=list(to_uint8(images)), return_tensors="pt", padding=True, truncation=True,
-                  max_length=16)
+    inputs = proc(
+        text=texts, images=list(to_uint8(images)), return_tensors="pt", padding=True, truncation=True, max_length=16
+    )
     with torch.no_grad():
         vis = model.vision_model(pixel_values=inputs["pixel_values"]).pooler_output
         txt = model.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output

@@ -1,5 +1,6 @@
 """FrechetMetric under DDP: 2 CPU processes (gloo) each stream half the data; the synced FD / KID and the saved
 real-stats cache equal the single-process results over the whole data."""
+
 from __future__ import annotations
 
 import os
@@ -44,7 +45,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         real, fake = _data()
         # contiguous shards in rank order, so the gathered KID features keep the single-process order
-        my_real = real[: N_REAL // 2] if rank == 0 else real[N_REAL // 2:]
+        my_real = real[: N_REAL // 2] if rank == 0 else real[N_REAL // 2 :]
         my_fake = fake[:FAKE_SPLIT] if rank == 0 else fake[FAKE_SPLIT:]
         metric = _metric()
         for chunk in my_real.split(12):

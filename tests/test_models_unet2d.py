@@ -1,4 +1,5 @@
 """UNet2D: shapes, conditioning paths, cross-attention wiring, and the module's refusal of unconsumed conditioning."""
+
 import functools
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 
 from difflab.conditioning.base import ClassConditioner, Conditioner, NoConditioner, cond_dict
 from difflab.diffusion.objectives import Objective
-from difflab.diffusion.samplers import ddim
 from difflab.diffusion.processes import VPProcess
+from difflab.diffusion.samplers import ddim
 from difflab.diffusion.system import Diffusion
 from difflab.lit_modules.diffusion_module import DiffusionModule
 from difflab.models.unet2d import UNet2D
@@ -17,7 +18,15 @@ torch.set_num_threads(1)
 
 
 def tiny(**kw):
-    base = dict(in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), groups=4, head_dim=8)
+    base = dict(
+        in_channels=1,
+        base_channels=8,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        groups=4,
+        head_dim=8,
+    )
     base.update(kw)
     return UNet2D(**base)
 
@@ -70,9 +79,16 @@ class _ContextOnly(Conditioner):
 
 def _module(conditioner, **net_kw):
     net = functools.partial(tiny, **net_kw)
-    return DiffusionModule(net=net, diffusion=Diffusion(VPProcess("cosine", 100), Objective("v"),
-                                                        functools.partial(ddim, steps=3), conditioner=conditioner,
-                                                        sample_shape=(1, 8, 8)))
+    return DiffusionModule(
+        net=net,
+        diffusion=Diffusion(
+            VPProcess("cosine", 100),
+            Objective("v"),
+            functools.partial(ddim, steps=3),
+            conditioner=conditioner,
+            sample_shape=(1, 8, 8),
+        ),
+    )
 
 
 def test_module_derives_widths_from_conditioner():
@@ -86,9 +102,16 @@ def test_module_refuses_context_without_cross_attention():
     # The research log's incident: a network built without a context path while text conditioning is configured.
     built_without_context = tiny()
     with pytest.raises(ConfigError, match="cross-attention"):
-        DiffusionModule(net=built_without_context, diffusion=Diffusion(
-            VPProcess("cosine", 100), Objective("v"), functools.partial(ddim, steps=3),
-            conditioner=_ContextOnly(), sample_shape=(1, 8, 8)))
+        DiffusionModule(
+            net=built_without_context,
+            diffusion=Diffusion(
+                VPProcess("cosine", 100),
+                Objective("v"),
+                functools.partial(ddim, steps=3),
+                conditioner=_ContextOnly(),
+                sample_shape=(1, 8, 8),
+            ),
+        )
 
 
 def test_module_sample_shape_and_range():

@@ -1,5 +1,6 @@
 """Objectives: target conversions on every process's path, loss weightings on log-SNR (min-SNR per target, EDM's),
 losses, training-time densities, noise sampling, x0 clipping, the LPIPS perceptual term and the objective configs."""
+
 from __future__ import annotations
 
 import copy
@@ -15,11 +16,25 @@ from hydra.utils import instantiate
 from torch import nn
 
 from difflab.configs import CONFIG_DIR
-from difflab.diffusion.objectives import (ALPHA_BAR_FLOOR, LOSS_WEIGHTINGS, PREDICTIONS, Objective, X0Clip, add_noise,
-                                          bucket_edges, clip_x0, edm_coefficients, elementwise_loss,
-                                          eps_to_target_units, inv_snr_clamped_weight, log_snr_buckets,
-                                          min_snr_weight, offset_noise_like, predictions_from_output,
-                                          training_target)
+from difflab.diffusion.objectives import (
+    ALPHA_BAR_FLOOR,
+    LOSS_WEIGHTINGS,
+    PREDICTIONS,
+    Objective,
+    X0Clip,
+    add_noise,
+    bucket_edges,
+    clip_x0,
+    edm_coefficients,
+    elementwise_loss,
+    eps_to_target_units,
+    inv_snr_clamped_weight,
+    log_snr_buckets,
+    min_snr_weight,
+    offset_noise_like,
+    predictions_from_output,
+    training_target,
+)
 from difflab.diffusion.processes import EDMProcess, FlowProcess, VPProcess
 from difflab.diffusion.schedules import sample_timesteps
 
@@ -74,15 +89,18 @@ def test_closed_forms_of_the_targets():
     x_t = 0.7 * x0 + 0.3 * eps  # flow: x0 = x_t - t u, eps = x_t + (1 - t) u (the SD3 formulas)
     u = torch.tensor([-3.0], dtype=torch.float64)
     got = predictions_from_output(u, x_t, 1 - t, t, "flow", -torch.ones(1), torch.ones(1))
-    assert got[0].item() == pytest.approx((x_t - t * u).item()) and got[1].item() == pytest.approx((x_t + 0.7 * u).item())
+    assert got[0].item() == pytest.approx((x_t - t * u).item()) and got[1].item() == pytest.approx(
+        (x_t + 0.7 * u).item()
+    )
     sig, sd = torch.tensor([1.5], dtype=torch.float64), 0.5  # EDM Table 1 at alpha = 1
     c_skip, c_out, c_in = edm_coefficients(torch.ones(1, dtype=torch.float64), sig, sd)
-    assert c_skip.item() == pytest.approx(0.25 / (2.25 + 0.25)) and c_in.item() == pytest.approx(1 / 2.5 ** 0.5)
+    assert c_skip.item() == pytest.approx(0.25 / (2.25 + 0.25)) and c_in.item() == pytest.approx(1 / 2.5**0.5)
     assert all(torch.isfinite(c).all() for c in edm_coefficients(torch.zeros(1), torch.ones(1), sd))  # alpha = 0
-    assert c_out.item() == pytest.approx(1.5 * 0.5 / 2.5 ** 0.5)
+    assert c_out.item() == pytest.approx(1.5 * 0.5 / 2.5**0.5)
     # eps prediction at alpha = 0: x0 = (x - out) / sqrt(floor), finite
-    x0_hat, _ = predictions_from_output(torch.tensor([0.5]), torch.tensor([1.0]), torch.tensor([0.0]),
-                                        torch.tensor([1.0]), "eps")
+    x0_hat, _ = predictions_from_output(
+        torch.tensor([0.5]), torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([1.0]), "eps"
+    )
     assert x0_hat.item() == pytest.approx(0.5 / math.sqrt(ALPHA_BAR_FLOOR))
 
 
@@ -99,15 +117,23 @@ def test_min_snr_and_edm_weights_are_one_x0_space_weight_for_every_target(proces
     x0_hat = x0 + 0.1 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     eps_hat = (x_t - a * x0_hat) / s
     x0_err = elementwise_loss(x0_hat, x0).double()
-    expected = {"min_snr": snr.clamp(max=5.0) * x0_err,
-                "edm": (1 / snr + 0.25) / (0.25 / snr) * x0_err}  # lambda = (s^2 + sd^2) / (s sd)^2, s^2 = 1 / snr
+    expected = {
+        "min_snr": snr.clamp(max=5.0) * x0_err,
+        "edm": (1 / snr + 0.25) / (0.25 / snr) * x0_err,
+    }  # lambda = (s^2 + sd^2) / (s sd)^2, s^2 = 1 / snr
     for p in PREDICTIONS:
         if p == "flow" and da is None:
             continue
-        raw = elementwise_loss(training_target(x0_hat, eps_hat, a, s, p, da, ds),
-                               training_target(x0, eps, a, s, p, da, ds)).double()
-        units = eps_to_target_units(a.flatten(), s.flatten(), p, *(None if v is None else v.flatten() for v in (da, ds)))
-        for name, fn in (("min_snr", lambda ls: min_snr_weight(ls, gamma=5.0)), ("edm", lambda ls: LOSS_WEIGHTINGS["edm"](ls, sigma_data=0.5))):
+        raw = elementwise_loss(
+            training_target(x0_hat, eps_hat, a, s, p, da, ds), training_target(x0, eps, a, s, p, da, ds)
+        ).double()
+        units = eps_to_target_units(
+            a.flatten(), s.flatten(), p, *(None if v is None else v.flatten() for v in (da, ds))
+        )
+        for name, fn in (
+            ("min_snr", lambda ls: min_snr_weight(ls, gamma=5.0)),
+            ("edm", lambda ls: LOSS_WEIGHTINGS["edm"](ls, sigma_data=0.5)),
+        ):
             w, kind = fn(log_snr)
             assert kind == "eps"
             assert torch.allclose(raw * w * units, expected[name], rtol=1e-6), (p, name)
@@ -138,8 +164,11 @@ def test_min_snr_limits_and_inverse_snr_weighting():
 def test_elementwise_losses_match_torch(kind):
     a, b = _data((3, 2, 5, 5))
     b = 3 * b
-    ref = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": lambda x, y, reduction: F.huber_loss(x, y, reduction=reduction,
-                                                                                             delta=0.5)}[kind]
+    ref = {
+        "mse": F.mse_loss,
+        "l1": F.l1_loss,
+        "huber": lambda x, y, reduction: F.huber_loss(x, y, reduction=reduction, delta=0.5),
+    }[kind]
     got = elementwise_loss(a, b, kind, huber_delta=0.5)
     assert torch.allclose(got, torch.stack([ref(a[i], b[i], reduction="mean") for i in range(3)]).float())
 
@@ -315,10 +344,18 @@ def test_missing_lpips_weights_disable_the_term_with_one_warning(tmp_path):
 @pytest.mark.parametrize("name", ["eps", "x0", "v"])
 def test_objective_configs_compose(name):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["process=vp", f"objective={name}", "objective.weighting=min_snr",
-                                          "objective.loss=huber",
-                                          "schedule.density=logit_normal", "objective.offset_noise=0.1",
-                                          "objective.x0_clip=dynamic"])
+        cfg = compose(
+            "train",
+            overrides=[
+                "process=vp",
+                f"objective={name}",
+                "objective.weighting=min_snr",
+                "objective.loss=huber",
+                "schedule.density=logit_normal",
+                "objective.offset_noise=0.1",
+                "objective.x0_clip=dynamic",
+            ],
+        )
     assert instantiate(cfg.schedule).density == "logit_normal"
     obj = instantiate(cfg.objective)
     assert isinstance(obj, Objective) and obj.prediction == name and obj.weighting == "min_snr"

@@ -1,4 +1,5 @@
 """Checkpoint safety: atomic writes survive kill -9 mid-write, pickled code is never executed, exports round-trip."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,8 @@ import torch
 from difflab.checkpoints import load_checkpoint, load_export, load_weights, module_from_checkpoint
 from difflab.ops.atomic import atomic_torch_save, remove_stale_temporaries
 from difflab.ops.checkpoint_io import AtomicCheckpointIO
-from tests.helpers import ROOT, compose_train, run_hydra_main, tiny_overrides
 from difflab.utils.errors import CheckpointError
+from tests.helpers import ROOT, compose_train, run_hydra_main, tiny_overrides
 
 torch.set_num_threads(1)
 
@@ -139,8 +140,7 @@ def test_training_resume_from_malicious_checkpoint_is_refused(tmp_path):
     from difflab.pipeline import train
 
     path, marker = _malicious(tmp_path, "resume")
-    cfg = compose_train(tmp_path / "run", tiny_overrides(extra=["logger=none",
-                                                                f"ckpt_path={path}"]))
+    cfg = compose_train(tmp_path / "run", tiny_overrides(extra=["logger=none", f"ckpt_path={path}"]))
     with pytest.raises(CheckpointError, match="refusing to load"):
         train(cfg)
     assert not marker.exists()
@@ -152,16 +152,22 @@ def trained(tmp_path_factory) -> Path:
     from difflab.pipeline import train
 
     out = tmp_path_factory.mktemp("trained")
-    train(compose_train(out, tiny_overrides(max_steps=3, save_every=3, extra=[
-        "logger=none", "+callbacks.class_grid.at_end=false"])))
+    train(
+        compose_train(
+            out, tiny_overrides(max_steps=3, save_every=3, extra=["logger=none", "+callbacks.class_grid.at_end=false"])
+        )
+    )
     return out / "checkpoints" / "step_0000003.ckpt"
 
 
 def _sample(tmp_path: Path, ckpt: str, name: str) -> dict:
     from difflab.sampling import run_sampling
 
-    cfg = compose_train(tmp_path / name, [f"ckpt_path={ckpt}", f"out_dir={tmp_path / name}", "n=6",
-                                          "batch_size=6", "device=cpu", "sampler.steps=2"], config_name="sample")
+    cfg = compose_train(
+        tmp_path / name,
+        [f"ckpt_path={ckpt}", f"out_dir={tmp_path / name}", "n=6", "batch_size=6", "device=cpu", "sampler.steps=2"],
+        config_name="sample",
+    )
     run_sampling(cfg)
     return dict(np.load(tmp_path / name / "samples.npz"))
 
@@ -177,7 +183,7 @@ def test_export_writes_ema_safetensors_and_config_and_samples_the_same(trained, 
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.yaml", "config.json"}
     tensors = load_file(paths["weights"])
     assert tensors.keys() == ck["state_dict"].keys()
-    assert all(torch.equal(tensors[k], ck["state_dict"][k]) for k in tensors)           # the EMA weights
+    assert all(torch.equal(tensors[k], ck["state_dict"][k]) for k in tensors)  # the EMA weights
     assert any(not torch.equal(tensors[k], ck["current_model_state"][k]) for k in tensors)  # not the raw ones
     exp = load_export(out)
     assert exp["config"]["model"]["net"]["base_channels"] == 8 and exp["metadata"]["global_step"] == "3"
@@ -202,7 +208,9 @@ def test_export_cli_writes_export_and_fails_in_one_line_naming_the_path(trained,
     import export
 
     out = tmp_path / "cli_export"
-    assert run_hydra_main(export.main, [f"ckpt_path={trained}", f"out_dir={out}", f"hydra.run.dir={tmp_path / 'h1'}"]) == 0
+    assert (
+        run_hydra_main(export.main, [f"ckpt_path={trained}", f"out_dir={out}", f"hydra.run.dir={tmp_path / 'h1'}"]) == 0
+    )
     assert (out / "model.safetensors").is_file()
     capsys.readouterr()
     missing = tmp_path / "nope.ckpt"
@@ -233,7 +241,7 @@ def test_compiled_and_eager_state_dicts_load_into_each_other():
     assert "_net._orig_mod.weight" in sd
     clean = drop_compiled_aliases(sd)
     assert sorted(clean) == ["denoiser.bias", "denoiser.weight"]
-    load_state_dict_checked(eager, clean)                 # compiled -> eager
+    load_state_dict_checked(eager, clean)  # compiled -> eager
     assert torch.equal(eager.denoiser.weight, compiled.denoiser.weight)
     fresh = Net(True)
     assert compare_state_dict(fresh, clean)["missing"] == []  # eager -> compiled: aliases are not "missing"
@@ -257,7 +265,11 @@ def test_checkpoint_figure_and_export_follow_the_umask(tmp_path):
         paths = export_checkpoint(out / "checkpoints" / "last.ckpt", tmp_path / "export")
     finally:
         os.umask(old)
-    files = [out / "checkpoints" / "last.ckpt", *sorted((out / "figures").rglob("*.png"))[:1], paths["weights"],
-             paths["config"]]
+    files = [
+        out / "checkpoints" / "last.ckpt",
+        *sorted((out / "figures").rglob("*.png"))[:1],
+        paths["weights"],
+        paths["config"],
+    ]
     assert len(files) == 4 and all(p.is_file() for p in files)
     assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {"0o644"}

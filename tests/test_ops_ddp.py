@@ -1,4 +1,5 @@
 """DDP + Hydra multirun (Lightning#11300 fix) and W&B naming; the end-to-end 2-job ddp_cpu sweep is marked slow."""
+
 from __future__ import annotations
 
 import json
@@ -27,15 +28,19 @@ def test_fix_is_installed_in_both_lightning_launchers():
     assert lightning.__version__.startswith("2.6."), "the fix patches private API: re-check it when lightning moves"
     ddp_multirun.install()
     assert ddp_multirun.is_installed()
-    for name in ("lightning.fabric.strategies.launchers.subprocess_script",
-                 "lightning.pytorch.strategies.launchers.subprocess_script"):
+    for name in (
+        "lightning.fabric.strategies.launchers.subprocess_script",
+        "lightning.pytorch.strategies.launchers.subprocess_script",
+    ):
         mod = importlib.import_module(name)
         assert mod._hydra_subprocess_cmd is ddp_multirun._child_command_hook
     # the pytorch launcher looks the name up at call time, so the patched builder is the one it uses
     src = importlib.import_module("lightning.pytorch.strategies.launchers.subprocess_script")
     import inspect
 
-    assert "_hydra_subprocess_cmd(local_rank)" in inspect.getsource(src._SubprocessScriptLauncher._call_children_scripts)
+    assert "_hydra_subprocess_cmd(local_rank)" in inspect.getsource(
+        src._SubprocessScriptLauncher._call_children_scripts
+    )
 
 
 def test_child_command_runs_only_the_current_sweep_job(tmp_path, monkeypatch):
@@ -45,8 +50,9 @@ def test_child_command_runs_only_the_current_sweep_job(tmp_path, monkeypatch):
     job_dir = tmp_path / "multiruns" / "2026-01-01_00-00-00" / "1 a=b,c"  # characters Hydra's grammar needs quoted
     compose_train(job_dir, ["trainer=ddp_cpu", "model.lr=0.0002"])
     name = HydraConfig.get().job.name
-    monkeypatch.setattr(sys, "argv", ["train.py", "-m", "--config-name", "train", "trainer=ddp_cpu",
-                                      "model.lr=1e-4,2e-4"])
+    monkeypatch.setattr(
+        sys, "argv", ["train.py", "-m", "--config-name", "train", "trainer=ddp_cpu", "model.lr=1e-4,2e-4"]
+    )
     monkeypatch.setattr(ddp_multirun, "script_command", lambda: ["python", "train.py"])
     cmd, cwd = ddp_multirun.child_command(local_rank=1)
     assert cmd[:4] == ["python", "train.py", "--config-name", "train"]
@@ -83,12 +89,23 @@ def test_wandb_names_groups_and_persistent_run_id(tmp_path, monkeypatch):
     monkeypatch.setattr(wandb_ops, "_hydra_info", lambda: {"experiment": "digits", "multirun": False})
     assert wandb_ops.run_names(None, None) == ("digits", "digits")
     assert wandb_ops.run_names("mine", "g") == ("mine", "g")
-    monkeypatch.setattr(wandb_ops, "_hydra_info", lambda: {
-        "experiment": "digits", "multirun": True, "sweep": "2026-01-01_10-00-00", "job_num": 1,
-        "swept": {"model.lr"}, "job_overrides": "model.lr=0.0002"})
+    monkeypatch.setattr(
+        wandb_ops,
+        "_hydra_info",
+        lambda: {
+            "experiment": "digits",
+            "multirun": True,
+            "sweep": "2026-01-01_10-00-00",
+            "job_num": 1,
+            "swept": {"model.lr"},
+            "job_overrides": "model.lr=0.0002",
+        },
+    )
     assert wandb_ops.run_names(None, None) == ("digits/model.lr=0.0002", "digits-sweep-2026-01-01_10-00-00")
-    assert wandb_ops.swept_keys(["-m", "model.lr=1e-4,2e-4", "experiment=glob(*)", "trainer=ddp_cpu"]) == \
-        {"model.lr", "experiment"}
+    assert wandb_ops.swept_keys(["-m", "model.lr=1e-4,2e-4", "experiment=glob(*)", "trainer=ddp_cpu"]) == {
+        "model.lr",
+        "experiment",
+    }
 
     rid = wandb_ops.run_id(tmp_path)
     assert re.fullmatch(r"[a-z0-9]{8}", rid)
@@ -105,10 +122,24 @@ def _strings(path: Path) -> str:
 @pytest.mark.slow
 def test_ddp_cpu_sweep_runs_each_job_once_in_its_own_dir_with_synced_ema_and_wandb_runs(tmp_path):
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
-           "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *tiny_overrides(max_steps=4, save_every=2),
-           "trainer=ddp_cpu", "logger=wandb", "model.lr=1e-4,2e-4", f"hydra.sweep.dir={sweep}"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "HYDRA_FULL_ERROR": "1",
+    }
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        *tiny_overrides(max_steps=4, save_every=2),
+        "trainer=ddp_cpu",
+        "logger=wandb",
+        "model.lr=1e-4,2e-4",
+        f"hydra.sweep.dir={sweep}",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
@@ -120,10 +151,16 @@ def test_ddp_cpu_sweep_runs_each_job_once_in_its_own_dir_with_synced_ema_and_wan
     for job, lr in (("0", 1e-4), ("1", 2e-4)):
         d = sweep / job
         # rank 0 writes one checkpoint and one grid per save; rank 1 logged into the same job directory
-        assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["last.ckpt", "step_0000002.ckpt",
-                                                                         "step_0000004.ckpt"]
-        assert sorted(p.name for p in (d / "figures" / "class_grid").iterdir()) == ["final.png", "step_0000002.png",
-                                                                                     "step_0000004.png"]
+        assert sorted(p.name for p in (d / "checkpoints").iterdir()) == [
+            "last.ckpt",
+            "step_0000002.ckpt",
+            "step_0000004.ckpt",
+        ]
+        assert sorted(p.name for p in (d / "figures" / "class_grid").iterdir()) == [
+            "final.png",
+            "step_0000002.png",
+            "step_0000004.png",
+        ]
         assert (d / "train_rank1.log").is_file()
         ck = torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)
         assert ck["global_step"] == 4 and ck["difflab"]["config"]["model"]["lr"] == lr

@@ -8,6 +8,7 @@
 - NaN guard: injected non-finite loss / gradients skip the step (weights untouched), are counted, and K in a row
   stop training with a message naming the step and the last good checkpoint.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,8 @@ import torch
 
 from difflab.checkpoints import load_checkpoint
 from difflab.optim.lr_schedules import resolve_steps, warmup_cosine
-from tests.helpers import ROOT, compose_train, tiny_overrides
 from difflab.pipeline import build, train
+from tests.helpers import ROOT, compose_train, tiny_overrides
 
 torch.set_num_threads(1)  # 2 shared cores: one thread per process is ~10x faster than two contending ones
 
@@ -41,8 +42,12 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def _run(out: Path, max_steps: int, save_every: int, extra=(), probe: L.Callback | None = None) -> dict:
-    cfg = compose_train(out, tiny_overrides(max_steps=max_steps, save_every=save_every,
-                                            extra=[*QUIET, *NOLOG, "trainer.deterministic=true", *extra]))
+    cfg = compose_train(
+        out,
+        tiny_overrides(
+            max_steps=max_steps, save_every=save_every, extra=[*QUIET, *NOLOG, "trainer.deterministic=true", *extra]
+        ),
+    )
     if probe is None:
         return train(cfg)
     objs = build(cfg)
@@ -70,7 +75,9 @@ def test_resume_from_epoch_boundary_matches_uninterrupted_run(uninterrupted, tmp
     assert a["global_step"] == b["global_step"] == 30
     raw_diff = _max_diff(a["current_model_state"], b["current_model_state"])
     ema_diff = _max_diff(a["state_dict"], b["state_dict"])
-    print(f"exact resume after {30 - STEPS_PER_EPOCH} steps: max |raw diff| {raw_diff:.3g}, max |EMA diff| {ema_diff:.3g}")
+    print(
+        f"exact resume after {30 - STEPS_PER_EPOCH} steps: max |raw diff| {raw_diff:.3g}, max |EMA diff| {ema_diff:.3g}"
+    )
     assert raw_diff <= 1e-6 and ema_diff <= 1e-6
     # the EMA is a real average, not a copy of the raw weights
     assert _max_diff(a["state_dict"], a["current_model_state"]) > 1e-5
@@ -94,10 +101,14 @@ class ResumeProbe(L.Callback):
         ema = find_ema(trainer)
         opt = trainer.optimizers[0]
         first = next(iter(pl_module.parameters()))
-        self.start = {"step": trainer.global_step, "lr": opt.param_groups[0]["lr"],
-                      "raw": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
-                      "ema": {k: v.detach().clone() for k, v in ema._average_model.module.state_dict().items()},
-                      "ema_updates": ema.num_updates, "adam_step": float(opt.state[first].get("step", 0))}
+        self.start = {
+            "step": trainer.global_step,
+            "lr": opt.param_groups[0]["lr"],
+            "raw": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+            "ema": {k: v.detach().clone() for k, v in ema._average_model.module.state_dict().items()},
+            "ema_updates": ema.num_updates,
+            "adam_step": float(opt.state[first].get("step", 0)),
+        }
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step >= self.start["step"] + self.n_steps:
@@ -105,8 +116,13 @@ class ResumeProbe(L.Callback):
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1",
-            "WANDB_MODE": "disabled"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "HYDRA_FULL_ERROR": "1",
+        "WANDB_MODE": "disabled",
+    }
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
@@ -129,18 +145,28 @@ def _wait_for(pred, proc: subprocess.Popen, timeout: float, what: str, log: Path
 
 def _steps(ckpt_dir: Path, newer_than: float = 0.0) -> list[int]:
     """Steps of the step_*.ckpt files written after `newer_than`; Lightning names a repeat "step_0000015-v1"."""
-    return sorted(int(re.match(r"step_(\d+)", p.stem).group(1)) for p in ckpt_dir.glob("step_*.ckpt")
-                  if p.stat().st_mtime > newer_than)
+    return sorted(
+        int(re.match(r"step_(\d+)", p.stem).group(1))
+        for p in ckpt_dir.glob("step_*.ckpt")
+        if p.stat().st_mtime > newer_than
+    )
 
 
 def test_kill9_resume_continues_step_lr_ema_then_sigterm_saves_and_exits_0(tmp_path):
     run_dir = tmp_path / "run"
     ckpt_dir = run_dir / "checkpoints"
-    args = [sys.executable, str(ROOT / "train.py"), *tiny_overrides(max_steps=100000, save_every=5, extra=QUIET),
-            "logger=csv", f"hydra.run.dir={run_dir}"]
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *tiny_overrides(max_steps=100000, save_every=5, extra=QUIET),
+        "logger=csv",
+        f"hydra.run.dir={run_dir}",
+    ]
     # 1) a long run, SIGKILLed once it has written the step-10 checkpoint
     p1 = _start(args, tmp_path / "p1.log")
-    _wait_for(lambda: (ckpt_dir / "step_0000010.ckpt").is_file(), p1, 400, "the step-10 checkpoint", tmp_path / "p1.log")
+    _wait_for(
+        lambda: (ckpt_dir / "step_0000010.ckpt").is_file(), p1, 400, "the step-10 checkpoint", tmp_path / "p1.log"
+    )
     p1.send_signal(signal.SIGKILL)
     p1.wait()
     last = load_checkpoint(ckpt_dir / "last.ckpt")  # still loads after kill -9 (atomic writes)
@@ -170,8 +196,13 @@ def test_kill9_resume_continues_step_lr_ema_then_sigterm_saves_and_exits_0(tmp_p
     log2 = tmp_path / "p2.log"
     t_start = time.time()
     p2 = _start([*args, "ckpt_path=last"], log2)
-    _wait_for(lambda: any(p.stat().st_mtime > t_start for p in ckpt_dir.glob("step_*.ckpt")), p2, 400,
-              "a checkpoint written by the resumed run", log2)
+    _wait_for(
+        lambda: any(p.stat().st_mtime > t_start for p in ckpt_dir.glob("step_*.ckpt")),
+        p2,
+        400,
+        "a checkpoint written by the resumed run",
+        log2,
+    )
     before = (ckpt_dir / "last.ckpt").stat().st_mtime_ns
     p2.send_signal(signal.SIGTERM)
     p2.wait(timeout=300)
@@ -196,7 +227,7 @@ def test_init_from_loads_weights_and_ema_with_fresh_optimizer(uninterrupted, tmp
     probe = ResumeProbe(n_steps=1)
     objs = _run(tmp_path / "ft", max_steps=10, save_every=5, extra=[f"init_from={src}"], probe=probe)
     st = probe.start
-    assert st["step"] == 0 and st["adam_step"] == 0.0       # new run: fresh counters and optimizer
+    assert st["step"] == 0 and st["adam_step"] == 0.0  # new run: fresh counters and optimizer
     base = objs["model"].lr
     assert st["lr"] == pytest.approx(base * warmup_cosine(0, resolve_steps(0.05, 10), 10))  # schedule restarts
     assert _max_diff(st["raw"], ck["current_model_state"]) == 0.0
@@ -209,14 +240,19 @@ def test_init_from_loads_weights_and_ema_with_fresh_optimizer(uninterrupted, tmp
     with pytest.raises(CheckpointError, match=r"shape-mismatched [1-9]\d* \[.*weight"):
         build(compose_train(tmp_path / "strict", tiny_overrides(extra=[*QUIET, *NOLOG, *wider, f"init_from={src}"])))
     capsys.readouterr()
-    objs = build(compose_train(tmp_path / "loose", tiny_overrides(
-        extra=[*QUIET, *NOLOG, *wider, f"init_from={src}", "init_strict=false"])))
+    objs = build(
+        compose_train(
+            tmp_path / "loose", tiny_overrides(extra=[*QUIET, *NOLOG, *wider, f"init_from={src}", "init_strict=false"])
+        )
+    )
     table = capsys.readouterr().out
     assert "mismatched" in table and "checkpoint" in table and "model" in table
     rows = [re.split(r"\s{2,}", line) for line in table.splitlines() if line.startswith("mismatched")]
     assert rows and all(len(r) == 4 and r[2] != r[3] for r in rows)  # status, key, checkpoint shape, model shape
     loaded = objs["model"].state_dict()
-    same = [k for k in ck["current_model_state"] if k in loaded and loaded[k].shape == ck["current_model_state"][k].shape]
+    same = [
+        k for k in ck["current_model_state"] if k in loaded and loaded[k].shape == ck["current_model_state"][k].shape
+    ]
     assert same and all(torch.equal(loaded[k], ck["current_model_state"][k]) for k in same)
 
 
@@ -253,8 +289,12 @@ def test_nan_guard_skips_counts_and_stops_after_k_in_a_row(tmp_path):
     from difflab.ops.nan_guard import NonFiniteGuard, TrainingDivergedError
 
     inject = Inject(nan_loss_steps={2, 6, 7, 8}, nan_grad_steps={4})
-    cfg = compose_train(tmp_path, tiny_overrides(max_steps=20, save_every=2, extra=[
-        *QUIET, *NOLOG, "callbacks.nonfinite_guard.max_consecutive=3"]))
+    cfg = compose_train(
+        tmp_path,
+        tiny_overrides(
+            max_steps=20, save_every=2, extra=[*QUIET, *NOLOG, "callbacks.nonfinite_guard.max_consecutive=3"]
+        ),
+    )
     objs = build(cfg)
     objs["trainer"].callbacks.insert(0, inject)
     with pytest.raises(TrainingDivergedError) as err:
@@ -264,7 +304,7 @@ def test_nan_guard_skips_counts_and_stops_after_k_in_a_row(tmp_path):
     assert guard.skipped_total == 5
     for s in (2, 4, 6, 7):  # skipped steps leave every weight exactly as it was
         assert all(torch.equal(a, b) for a, b in zip(inject.before[s], inject.after[s]))
-    for s in (1, 3, 5):     # good steps train
+    for s in (1, 3, 5):  # good steps train
         assert not all(torch.equal(a, b) for a, b in zip(inject.before[s], inject.after[s]))
     assert all(torch.isfinite(p).all() for p in objs["model"].parameters())
     msg = str(err.value)

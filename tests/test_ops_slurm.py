@@ -1,5 +1,6 @@
 """SLURM: the launcher config (when hydra-submitit-launcher is installed), the agreed requeue signal, the requeue
 hand-over after a checkpoint, and automatic resume of a requeued job."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,8 @@ import torch
 from difflab.ops.resume import find_latest_checkpoint, resolve_resume
 from difflab.ops.signals import GracefulShutdown
 from difflab.ops.slurm import REQUEUE_SIGNAL, cluster_plugins
-from tests.helpers import compose_train, tiny_overrides
 from difflab.utils.errors import CheckpointError
+from tests.helpers import compose_train, tiny_overrides
 
 torch.set_num_threads(1)
 
@@ -28,8 +29,11 @@ def test_slurm_launcher_config_composes_when_submitit_is_installed(tmp_path):
     from tests.helpers import CONFIG_DIR
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
-                                          "trainer.num_nodes=2"], return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"],
+            return_hydra_config=True,
+        )
     from hydra.core.hydra_config import HydraConfig
 
     HydraConfig.instance().set_config(cfg)
@@ -41,11 +45,21 @@ def test_slurm_launcher_config_composes_when_submitit_is_installed(tmp_path):
 
 def test_one_requeue_signal_everywhere(monkeypatch, tmp_path):
     cfg = compose_train(tmp_path, [])
-    assert GracefulShutdown(requeue_signal=cfg.callbacks.graceful_shutdown.requeue_signal).requeue_signal == REQUEUE_SIGNAL
+    assert (
+        GracefulShutdown(requeue_signal=cfg.callbacks.graceful_shutdown.requeue_signal).requeue_signal == REQUEUE_SIGNAL
+    )
     assert REQUEUE_SIGNAL == signal.SIGUSR2  # submitit's default preemption signal (SUBMITIT_PREEMPT_SIGNAL=USR2)
-    assert cluster_plugins() == []           # not on SLURM: nothing to add
-    for k, v in {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "123", "SLURM_PROCID": "0",
-                 "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "node1"}.items():
+    assert cluster_plugins() == []  # not on SLURM: nothing to add
+    for k, v in {
+        "SLURM_NTASKS": "4",
+        "SLURM_NTASKS_PER_NODE": "4",
+        "SLURM_JOB_NAME": "train",
+        "SLURM_JOB_ID": "123",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "node1",
+    }.items():
         monkeypatch.setenv(k, v)
     (env,) = cluster_plugins(REQUEUE_SIGNAL, handled_elsewhere=True)
     assert env.requeue_signal == signal.SIGUSR2 and env.auto_requeue is False  # Lightning's own handler stays off
@@ -63,8 +77,8 @@ class SendSignal(L.Callback):
 
 
 def test_requeue_signal_saves_checkpoint_then_hands_over_to_previous_handler(tmp_path):
-    from difflab.pipeline import build
     from difflab.ops.signals import find_shutdown
+    from difflab.pipeline import build
 
     calls = []
 
@@ -73,21 +87,23 @@ def test_requeue_signal_saves_checkpoint_then_hands_over_to_previous_handler(tmp
 
     previous = signal.signal(signal.SIGUSR2, submitit_like)
     try:
-        cfg = compose_train(tmp_path, tiny_overrides(max_steps=50, save_every=100, extra=[
-            "logger=none", "+callbacks.class_grid.at_end=false"]))
+        cfg = compose_train(
+            tmp_path,
+            tiny_overrides(max_steps=50, save_every=100, extra=["logger=none", "+callbacks.class_grid.at_end=false"]),
+        )
         objs = build(cfg)
         objs["trainer"].callbacks.append(SendSignal(at_step=3, sig=signal.SIGUSR2))
         objs["trainer"].fit(objs["model"], datamodule=objs["datamodule"])
         shutdown = find_shutdown(objs["trainer"])
         assert shutdown.stopped and shutdown.requeue
-        assert objs["trainer"].global_step == 4              # stopped after the signalled batch
+        assert objs["trainer"].global_step == 4  # stopped after the signalled batch
         ck = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
         assert ck["global_step"] == 4
         # raw and EMA weights both kept (the file was not rewritten after the EMA copy at train end)
         assert any(not torch.equal(ck["state_dict"][k], ck["current_model_state"][k]) for k in ck["state_dict"])
-        assert calls == []                                   # not during training ...
+        assert calls == []  # not during training ...
         shutdown.after_fit(objs["trainer"])
-        assert calls == [(signal.SIGUSR2, True)]             # ... but after the checkpoint was written
+        assert calls == [(signal.SIGUSR2, True)]  # ... but after the checkpoint was written
         assert signal.getsignal(signal.SIGUSR2) is submitit_like  # our handler is gone again
     finally:
         signal.signal(signal.SIGUSR2, previous)
@@ -108,10 +124,10 @@ def test_resume_auto_and_requeue_pick_the_newest_checkpoint(tmp_path, monkeypatc
     _touch(tmp_path / "checkpoints" / ".last.ckpt.abc.tmp", now)  # a write killed half-way: ignored
     assert find_latest_checkpoint(tmp_path) == last
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
-    assert resolve_resume(None, None, tmp_path) is None          # a plain new run starts fresh
+    assert resolve_resume(None, None, tmp_path) is None  # a plain new run starts fresh
     assert resolve_resume(None, "auto", tmp_path) == str(last)
     assert resolve_resume(None, "never", tmp_path) is None
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")                # SLURM requeued this job
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # SLURM requeued this job
     assert resolve_resume(None, None, tmp_path) == str(last)
     assert resolve_resume(None, "never", tmp_path) is None
     assert resolve_resume(None, "auto", tmp_path / "empty") is None
@@ -125,8 +141,10 @@ def test_sigint_saves_checkpoint_and_stops_without_requeue(tmp_path, monkeypatch
     from difflab.pipeline import train
 
     before = signal.getsignal(signal.SIGINT)
-    cfg = compose_train(tmp_path, tiny_overrides(max_steps=50, save_every=100, extra=[
-        "logger=none", "+callbacks.class_grid.at_end=false"]))
+    cfg = compose_train(
+        tmp_path,
+        tiny_overrides(max_steps=50, save_every=100, extra=["logger=none", "+callbacks.class_grid.at_end=false"]),
+    )
     import difflab.pipeline as pipeline
 
     real_build = pipeline.build

@@ -1,5 +1,6 @@
 """Optimizers and LR schedules as config groups: Muon's split, the budget the schedule decays over, and each
 group option building an optimizer the module trains with."""
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,13 @@ from tests.helpers import CONFIG_DIR
 
 def _net() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Flatten(),
-                               torch.nn.Linear(4 * 6 * 6, 8), torch.nn.Linear(8, 3))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.GroupNorm(2, 4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 8),
+        torch.nn.Linear(8, 3),
+    )
 
 
 def _steps(net, opt, n: int, seed: int = 1) -> None:
@@ -36,7 +42,7 @@ def test_muon_takes_the_matrices_and_adamw_the_rest_exactly_as_the_two_torch_opt
     combined = MuonAdamW(a.parameters(), lr=0.01, weight_decay=0.1)
     matrices = [p for p in b.parameters() if p.ndim == 2]
     rest = [p for p in b.parameters() if p.ndim != 2]
-    assert len(matrices) == 2 and len(rest) == 6   # two Linear weights; conv kernel, biases, norm gains
+    assert len(matrices) == 2 and len(rest) == 6  # two Linear weights; conv kernel, biases, norm gains
     muon = torch.optim.Muon(matrices, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     adamw = torch.optim.AdamW(rest, lr=0.01, weight_decay=0.1)
     _steps(a, combined, 3)
@@ -53,7 +59,7 @@ def test_muon_takes_the_matrices_and_adamw_the_rest_exactly_as_the_two_torch_opt
 def test_muon_state_round_trips_and_an_lr_schedule_scales_both_halves():
     a = _net()
     opt = MuonAdamW(a.parameters(), lr=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
     _steps(a, opt, 2)
     sched.step()
     assert [g["lr"] for g in opt.param_groups] == [0.005, 0.005]
@@ -88,8 +94,8 @@ def _trainer(total_steps: float, time_used: float | None):
 
 def test_budget_progress_is_the_bound_further_along():
     assert budget_progress(50, 100, None) == 0.5
-    assert budget_progress(50, 100, lambda: 0.8) == 0.8     # the time budget runs out first
-    assert budget_progress(90, 100, lambda: 0.2) == 0.9     # the step budget runs out first
+    assert budget_progress(50, 100, lambda: 0.8) == 0.8  # the time budget runs out first
+    assert budget_progress(90, 100, lambda: 0.2) == 0.9  # the step budget runs out first
     assert budget_progress(50, None, lambda: 0.3) == 0.3
 
 
@@ -101,10 +107,13 @@ def test_warmup_cosine_follows_whichever_budget_runs_out_first(time_used):
     assert entry["interval"] == "step"
     for step in (0, 50, 400, 999):
         progress = max(step / 1000, time_used or 0.0)
-        expected = warmup_cosine(step, 100, 1000, 0.01, 0.1) if time_used is None else \
-            warmup_cosine_progress(progress, 0.1, 0.01, 0.1)
+        expected = (
+            warmup_cosine(step, 100, 1000, 0.01, 0.1)
+            if time_used is None
+            else warmup_cosine_progress(progress, 0.1, 0.01, 0.1)
+        )
         assert math.isclose(factor(step), expected, rel_tol=1e-12), (step, time_used)
-    if time_used == 0.9:   # 90% of the time is gone at step 400: the rate is near its end value, not its peak
+    if time_used == 0.9:  # 90% of the time is gone at step 400: the rate is near its end value, not its peak
         assert factor(400) < 0.15
 
 

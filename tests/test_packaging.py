@@ -1,4 +1,5 @@
 """The package as users install it: `import difflab`, configs shipped inside it, console commands, light imports."""
+
 from __future__ import annotations
 
 import os
@@ -12,11 +13,16 @@ import pytest
 
 from tests.helpers import ROOT
 
-COMMANDS = {"difflab-train": "difflab.train:main", "difflab-sample": "difflab.sample:main",
-            "difflab-export": "difflab.export:main", "difflab-report": "difflab.report:main",
-            "difflab-encode-latents": "difflab.encode_latents:main",
-            "difflab-reconstruct-ema": "difflab.reconstruct_ema:main",
-            "difflab-ablate": "difflab.ablate:main", "difflab-prepare-clips": "difflab.prepare_clips:main"}
+COMMANDS = {
+    "difflab-train": "difflab.train:main",
+    "difflab-sample": "difflab.sample:main",
+    "difflab-export": "difflab.export:main",
+    "difflab-report": "difflab.report:main",
+    "difflab-encode-latents": "difflab.encode_latents:main",
+    "difflab-reconstruct-ema": "difflab.reconstruct_ema:main",
+    "difflab-ablate": "difflab.ablate:main",
+    "difflab-prepare-clips": "difflab.prepare_clips:main",
+}
 
 
 def pyproject() -> dict:
@@ -25,16 +31,21 @@ def pyproject() -> dict:
 
 def test_every_code_folder_is_a_listed_package():
     listed = set(pyproject()["tool"]["setuptools"]["packages"])
-    folders = {"difflab" + ("." + ".".join(p.parent.relative_to(ROOT / "src").parts) if p.parent != ROOT / "src" else "")
-               for p in (ROOT / "src").rglob("*.py") if "__pycache__" not in p.parts}
+    folders = {
+        "difflab" + ("." + ".".join(p.parent.relative_to(ROOT / "src").parts) if p.parent != ROOT / "src" else "")
+        for p in (ROOT / "src").rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
     assert folders <= listed, f"add to [tool.setuptools] packages: {sorted(folders - listed)}"
     assert pyproject()["project"]["scripts"] == COMMANDS
 
 
 def test_importing_difflab_and_its_entry_modules_loads_neither_torch_nor_lightning():
-    code = ("import sys, difflab, difflab.train, difflab.sample, difflab.export, difflab.report, "
-            "difflab.encode_latents, difflab.reconstruct_ema, difflab.ablate, difflab.prepare_clips, difflab.configs; "
-            "heavy = [m for m in ('torch', 'lightning') if m in sys.modules]; print(heavy)")
+    code = (
+        "import sys, difflab, difflab.train, difflab.sample, difflab.export, difflab.report, "
+        "difflab.encode_latents, difflab.reconstruct_ema, difflab.ablate, difflab.prepare_clips, difflab.configs; "
+        "heavy = [m for m in ('torch', 'lightning') if m in sys.modules]; print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True).stdout
     assert out.strip() == "[]"  # so --help and --cfg answer without paying for torch
 
@@ -43,11 +54,39 @@ def test_importing_difflab_and_its_entry_modules_loads_neither_torch_nor_lightni
 def installed(tmp_path_factory):
     """A regular (non-editable) install of this checkout's wheel into a fresh folder, without dependencies."""
     tmp = tmp_path_factory.mktemp("pkg")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp / "dist"), str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp / "dist"),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next((tmp / "dist").glob("difflab-*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",
-                    str(tmp / "site"), str(wheel)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-compile",
+            "--target",
+            str(tmp / "site"),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return {"wheel": wheel, "site": tmp / "site", "cwd": tmp_path_factory.mktemp("elsewhere")}
 
 
@@ -65,13 +104,15 @@ def test_wheel_ships_configs_classifier_weights_and_commands(installed):
 def run_installed(installed, *args: str) -> subprocess.CompletedProcess:
     """Run Python from another directory with only the installed copy of difflab on the path."""
     env = {**os.environ, "PYTHONPATH": str(installed["site"])}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                          cwd=installed["cwd"], env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=installed["cwd"], env=env, timeout=600
+    )
 
 
 def test_installed_copy_is_what_imports_and_trains_from_another_directory(installed):
-    r = run_installed(installed, "-c", "import difflab, difflab.configs; print(difflab.__file__); "
-                                       "print(difflab.configs.CONFIG_DIR)")
+    r = run_installed(
+        installed, "-c", "import difflab, difflab.configs; print(difflab.__file__); print(difflab.configs.CONFIG_DIR)"
+    )
     assert r.returncode == 0, r.stderr
     module_file, config_dir = r.stdout.split()
     assert Path(module_file).is_relative_to(installed["site"]) and Path(config_dir).is_relative_to(installed["site"])

@@ -2,6 +2,7 @@
 snapshot callback (src/callbacks/posthoc_ema.py) on a synthetic trajectory and in a tiny training run with resume,
 and the reconstruct command (src/reconstruct_ema.py): its checkpoints load and sample, sweeps write one file per
 value, bad input is one ``error:`` line."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,14 +13,26 @@ import pytest
 import torch
 from torch import nn
 
-from difflab.callbacks.posthoc_ema import PostHocEMA, list_snapshots, read_snapshot_info, read_snapshot_tensors, \
-    thin_evenly
-from difflab.diffusion.posthoc_ema import (SIGMA_REL_MAX, check_expressible, combine_state_dicts, gamma_to_sigma_rel,
-                                           power_ema_beta, profile_inner_products, sigma_rel_to_gamma,
-                                           solve_coefficients)
-from tests.helpers import compose_train, run_hydra_main, tiny_overrides
+from difflab.callbacks.posthoc_ema import (
+    PostHocEMA,
+    list_snapshots,
+    read_snapshot_info,
+    read_snapshot_tensors,
+    thin_evenly,
+)
+from difflab.diffusion.posthoc_ema import (
+    SIGMA_REL_MAX,
+    check_expressible,
+    combine_state_dicts,
+    gamma_to_sigma_rel,
+    power_ema_beta,
+    profile_inner_products,
+    sigma_rel_to_gamma,
+    solve_coefficients,
+)
 from difflab.reconstruct_ema import reconstruct_weights
 from difflab.utils.errors import ConfigError
+from tests.helpers import compose_train, run_hydra_main, tiny_overrides
 
 torch.set_num_threads(1)
 
@@ -53,8 +66,10 @@ def test_beta_gives_the_binned_power_profile_and_inner_products_match_integratio
     np.testing.assert_allclose(ema.numpy(), (i ** (g + 1) - (i - 1) ** (g + 1)) / t ** (g + 1), rtol=1e-10)
 
     tau = np.linspace(0, 900, 2_000_001)
+
     def profile(gamma, t_):
-        return np.where(tau <= t_, (gamma + 1) * tau ** gamma / t_ ** (gamma + 1), 0.0)
+        return np.where(tau <= t_, (gamma + 1) * tau**gamma / t_ ** (gamma + 1), 0.0)
+
     for (ga, ta), (gb, tb) in [((6.94, 900), (16.97, 600)), ((16.97, 300), (3.0, 900))]:
         numeric = np.trapezoid(profile(ga, ta) * profile(gb, tb), tau)
         assert profile_inner_products(ga, ta, gb, tb) == pytest.approx(numeric, rel=1e-4)
@@ -176,9 +191,15 @@ def test_check_expressible_names_range_when_nothing_fits():
 
 
 # ---------------------------------------------------------------------------------------------- (d) training
-QUIET = ["callbacks.class_grid.every_n_steps=100000", "+callbacks.class_grid.at_end=false", "logger=none",
-         "callbacks=posthoc", "callbacks.posthoc_ema.snapshot_every=2", "callbacks.posthoc_ema.max_snapshots=null",
-         "trainer.deterministic=true"]
+QUIET = [
+    "callbacks.class_grid.every_n_steps=100000",
+    "+callbacks.class_grid.at_end=false",
+    "logger=none",
+    "callbacks=posthoc",
+    "callbacks.posthoc_ema.snapshot_every=2",
+    "callbacks.posthoc_ema.max_snapshots=null",
+    "trainer.deterministic=true",
+]
 
 
 @pytest.fixture(scope="module")
@@ -228,13 +249,27 @@ def test_reconstructed_checkpoint_loads_samples_exports_and_sweeps(trained, tmp_
     module = module_from_checkpoint(out)
     tracked = read_snapshot_tensors(list_snapshots(trained / "posthoc_ema")[6])[0][1]
     own = module.state_dict()
-    assert max((own[k] - v).abs().max().item() for k, v in tracked.items()) < 1e-5   # = the 0.10 average
+    assert max((own[k] - v).abs().max().item() for k, v in tracked.items()) < 1e-5  # = the 0.10 average
 
-    assert run_hydra_main(sample.main, [f"ckpt_path={out}", "n=4", "batch_size=4", "device=cpu", "sampler.steps=2",
-                                        f"out_dir={tmp_path / 's'}", f"hydra.run.dir={tmp_path / 'hs'}"]) == 0
+    assert (
+        run_hydra_main(
+            sample.main,
+            [
+                f"ckpt_path={out}",
+                "n=4",
+                "batch_size=4",
+                "device=cpu",
+                "sampler.steps=2",
+                f"out_dir={tmp_path / 's'}",
+                f"hydra.run.dir={tmp_path / 'hs'}",
+            ],
+        )
+        == 0
+    )
     assert np.load(tmp_path / "s" / "samples.npz")["images"].shape == (4, 1, 8, 8)
     from difflab.ops.export import export_checkpoint
-    assert export_checkpoint(out, tmp_path / "export")["weights"].is_file()   # export.py's path
+
+    assert export_checkpoint(out, tmp_path / "export")["weights"].is_file()  # export.py's path
 
     sweep = ["-m", f"run_dir={trained}", "sigma_rel=0.06,0.08", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     assert run_hydra_main(reconstruct_ema.main, sweep) == 0
@@ -267,12 +302,14 @@ def test_bad_input_is_one_error_line_naming_what_is_available(trained, tmp_path,
     err = _one_error_line(capsys, [f"run_dir={trained}", "gamma=7", "step=5", h])
     assert "step=5 has no snapshot" in err and "snapshots at steps 2, 4, 6" in err
     assert _one_error_line(capsys, [f"run_dir={trained}", "sigma_rel=0.5", h]).startswith(
-        "error: sigma_rel=0.5 is invalid: a number in (0, 0.3]")
+        "error: sigma_rel=0.5 is invalid: a number in (0, 0.3]"
+    )
     existing = trained / "posthoc_ema" / "reconstructed" / "taken.ckpt"
     existing.parent.mkdir(parents=True, exist_ok=True)
     existing.write_bytes(b"x")
     assert "exists; pass overwrite=true" in _one_error_line(
-        capsys, [f"run_dir={trained}", "sigma_rel=0.07", f"out={existing}", h])
+        capsys, [f"run_dir={trained}", "sigma_rel=0.07", f"out={existing}", h]
+    )
     assert existing.read_bytes() == b"x"
 
 
@@ -289,13 +326,28 @@ def test_ddp_run_writes_each_snapshot_once_and_it_reconstructs(tmp_path):
 
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_overrides(max_steps=4, save_every=2),
-                        "callbacks=posthoc", "callbacks.posthoc_ema.snapshot_every=2", "trainer=ddp_cpu",
-                        "logger=csv", f"hydra.run.dir={run}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *tiny_overrides(max_steps=4, save_every=2),
+            "callbacks=posthoc",
+            "callbacks.posthoc_ema.snapshot_every=2",
+            "trainer=ddp_cpu",
+            "logger=csv",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert sorted(p.name for p in (run / "posthoc_ema").iterdir()) == ["snapshot_0000002.safetensors",
-                                                                       "snapshot_0000004.safetensors"]
+    assert sorted(p.name for p in (run / "posthoc_ema").iterdir()) == [
+        "snapshot_0000002.safetensors",
+        "snapshot_0000004.safetensors",
+    ]
     rec = reconstruct_weights(run / "posthoc_ema", sigma_rel_to_gamma(0.05))
     module = module_from_checkpoint(run / "checkpoints" / "last.ckpt")
     assert set(rec["state_dict"]) == set(module.state_dict())

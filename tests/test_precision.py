@@ -1,4 +1,5 @@
 """trainer.precision=auto and the hardware fallbacks, with the hardware detection mocked."""
+
 from __future__ import annotations
 
 import logging
@@ -26,15 +27,18 @@ def machine(monkeypatch, *, cuda: bool, gpu_native_bf16: bool = False, cpu_flags
 BIG, SMALL = 20_000_000, 740_000
 
 
-@pytest.mark.parametrize("case, expected", [
-    (dict(cuda=True, gpu_native_bf16=True), "bf16-mixed"),            # A100 / H100
-    (dict(cuda=True, gpu_native_bf16=False), "16-mixed"),             # V100 / T4: emulated bf16 is not asked for
-    (dict(cuda=False, cpu_flags={"avx512f", "amx_bf16", "amx_tile"}), "bf16-mixed"),  # Sapphire Rapids
-    (dict(cuda=False, cpu_flags={"avx512f", "avx512_bf16"}), "bf16-mixed"),           # Zen 4 / Cooper Lake
-    (dict(cuda=False, cpu_flags={"avx2", "fma"}), "32-true"),                         # no native bf16
-    (dict(cuda=False, cpu_flags={"fp", "asimd", "bf16"}, arch="aarch64"), "bf16-mixed"),  # Graviton 3
-    (dict(cuda=False, cpu_flags={"fp", "asimd"}, arch="aarch64"), "32-true"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        (dict(cuda=True, gpu_native_bf16=True), "bf16-mixed"),  # A100 / H100
+        (dict(cuda=True, gpu_native_bf16=False), "16-mixed"),  # V100 / T4: emulated bf16 is not asked for
+        (dict(cuda=False, cpu_flags={"avx512f", "amx_bf16", "amx_tile"}), "bf16-mixed"),  # Sapphire Rapids
+        (dict(cuda=False, cpu_flags={"avx512f", "avx512_bf16"}), "bf16-mixed"),  # Zen 4 / Cooper Lake
+        (dict(cuda=False, cpu_flags={"avx2", "fma"}), "32-true"),  # no native bf16
+        (dict(cuda=False, cpu_flags={"fp", "asimd", "bf16"}, arch="aarch64"), "bf16-mixed"),  # Graviton 3
+        (dict(cuda=False, cpu_flags={"fp", "asimd"}, arch="aarch64"), "32-true"),
+    ],
+)
 def test_auto_resolves_by_hardware_for_a_large_model(monkeypatch, case, expected):
     machine(monkeypatch, **case)
     assert prec.resolve_precision("auto", "auto", BIG) == expected

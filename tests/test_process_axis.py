@@ -1,6 +1,7 @@
 """The formulation as a config axis: `-m process=vp,edm,flow` from the command line, one job per process with the
 same denoiser and data; undefined sampler / process pairs refused before anything is written; the process's settings
 reach the model; a time-budgeted run's learning rate follows the wall-clock."""
+
 from __future__ import annotations
 
 import os
@@ -15,15 +16,24 @@ import torch
 from difflab.optim.lr_schedules import time_progress, warmup_cosine, warmup_cosine_progress
 from tests.helpers import compose_train, tiny_overrides
 
-FAST = ["debug=fast", "logger=csv", "trainer.enable_progress_bar=false", "datamodule.image_size=8",
-        "model.net.base_channels=8", "model.net.channel_mults=[1,2]", "model.net.attention_levels=[]",
-        "model.net.groups=4", "sampler.steps=2"]
+FAST = [
+    "debug=fast",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "datamodule.image_size=8",
+    "model.net.base_channels=8",
+    "model.net.channel_mults=[1,2]",
+    "model.net.attention_levels=[]",
+    "model.net.groups=4",
+    "sampler.steps=2",
+]
 
 
 def run_train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "difflab.train", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "difflab.train", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def test_multirun_over_processes_trains_one_job_each(tmp_path):
@@ -42,9 +52,13 @@ def test_multirun_over_processes_trains_one_job_each(tmp_path):
     assert targets == {("VPProcess", "v"), ("EDMProcess", "edm"), ("FlowProcess", "flow")}
 
 
-@pytest.mark.parametrize("args, names", [(["process=edm", "sampler=ddpm"], "sampler=ddpm needs a discrete process (vp)"),
-                                         (["process=vp", "sampler=heun", "sampler.s_churn=10"],
-                                          "sampler.s_churn > 0 needs a continuous process")])
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["process=edm", "sampler=ddpm"], "sampler=ddpm needs a discrete process (vp)"),
+        (["process=vp", "sampler=heun", "sampler.s_churn=10"], "sampler.s_churn > 0 needs a continuous process"),
+    ],
+)
 def test_undefined_sampler_process_pairs_fail_at_start_and_write_nothing(tmp_path, args, names):
     r = run_train(tmp_path, *args)
     lines = r.stderr.strip().splitlines()
@@ -52,9 +66,14 @@ def test_undefined_sampler_process_pairs_fail_at_start_and_write_nothing(tmp_pat
     assert "Traceback" not in r.stderr and not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("process, cls, prediction, weighting", [("vp", "VPProcess", "v", "uniform"),
-                                                                 ("edm", "EDMProcess", "edm", "edm"),
-                                                                 ("flow", "FlowProcess", "flow", "uniform")])
+@pytest.mark.parametrize(
+    "process, cls, prediction, weighting",
+    [
+        ("vp", "VPProcess", "v", "uniform"),
+        ("edm", "EDMProcess", "edm", "edm"),
+        ("flow", "FlowProcess", "flow", "uniform"),
+    ],
+)
 def test_each_process_config_builds_its_module(tmp_path, process, cls, prediction, weighting):
     from hydra.utils import instantiate
 
@@ -98,7 +117,11 @@ def test_time_budget_needs_a_fractional_warmup(tmp_path):
     from difflab.pipeline import train
     from difflab.utils.errors import ConfigError
 
-    cfg = compose_train(tmp_path, tiny_overrides(extra=["logger=none", "trainer.max_steps=-1",
-                                                        "++trainer.max_time=00:00:00:05", "lr_schedule.warmup=10"]))
+    cfg = compose_train(
+        tmp_path,
+        tiny_overrides(
+            extra=["logger=none", "trainer.max_steps=-1", "++trainer.max_time=00:00:00:05", "lr_schedule.warmup=10"]
+        ),
+    )
     with pytest.raises(ConfigError, match="fraction of the budget"):
         train(cfg)

@@ -23,6 +23,7 @@ Observed relative covariance errors (||cov - Sigma||_F / ||Sigma||_F) on the 3-D
           dpmpp_2m   9.27e-1 1.47e+0 6.04e-1 1.08e-1 2.59e-2
 The Gaussian has one small eigenvalue (0.0048, next to 0.085 and 0.51); its direction dominates these numbers.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,8 +33,7 @@ import warnings
 import pytest
 import torch
 
-from difflab.diffusion.gaussian import (GaussianMixture, affine_moments, exact_net, moment_errors,
-                                        sample_moments)
+from difflab.diffusion.gaussian import GaussianMixture, affine_moments, exact_net, moment_errors, sample_moments
 from difflab.diffusion.guidance import guided_model_fn
 from difflab.diffusion.objectives import Objective
 from difflab.diffusion.processes import EDMProcess, FlowProcess, VPProcess
@@ -43,8 +43,11 @@ torch.set_num_threads(1)  # tiny tensors: extra threads only contend with other 
 
 _L = torch.tensor([[0.6, 0.0, 0.0], [0.35, 0.3, 0.0], [-0.1, 0.12, 0.08]], dtype=torch.float64)
 GAUSS = GaussianMixture.gaussian([0.4, -0.25, 0.15], _L @ _L.T)  # eigenvalues 0.0048, 0.085, 0.51
-MIX = GaussianMixture([0.45, 0.35, 0.2], [[-0.7, -0.3], [0.6, -0.4], [0.1, 0.7]],
-                      [[[0.03, 0.01], [0.01, 0.02]], [[0.02, -0.008], [-0.008, 0.025]], [[0.015, 0.0], [0.0, 0.04]]])
+MIX = GaussianMixture(
+    [0.45, 0.35, 0.2],
+    [[-0.7, -0.3], [0.6, -0.4], [0.1, 0.7]],
+    [[[0.03, 0.01], [0.01, 0.02]], [[0.02, -0.008], [-0.008, 0.025]], [[0.015, 0.0], [0.0, 0.04]]],
+)
 
 PROCESSES = {
     "vp": lambda: VPProcess("cosine", 1000, spacing="trailing"),
@@ -53,8 +56,12 @@ PROCESSES = {
     "flow3": lambda: FlowProcess(shift=3.0),
 }
 NATURAL = {"vp": "v", "edm": "edm", "flow": "flow", "flow3": "flow"}
-OTHER_TARGETS = {"vp": ["eps", "x0"], "edm": ["eps", "x0", "v"], "flow": ["x0", "v", "edm"],
-                 "flow3": ["x0", "v", "edm"]}
+OTHER_TARGETS = {
+    "vp": ["eps", "x0"],
+    "edm": ["eps", "x0", "v"],
+    "flow": ["x0", "v", "edm"],
+    "flow3": ["x0", "v", "edm"],
+}
 DETERMINISTIC = {"ddim": functools.partial(ddim, eta=0.0), "euler": euler, "heun": heun, "dpmpp_2m": dpmpp_2m}
 STEPS = (5, 10, 20, 50, 100)
 # DPM-Solver++(2M) is not monotone between 5 and 10 steps on these two grids (edm: 0.23 -> 0.35; flow shift 3:
@@ -118,8 +125,8 @@ def test_deterministic_samplers_converge_on_a_gaussian(pkey, name):
         disc.append(float((cov - lim_cov).norm() / GAUSS.cov.norm()))
     cov_err = [e[1] for e in errs]
     first = 1 if (pkey, name) in MONOTONE_FROM_5_EXCEPT else 0
-    assert all(b < a for a, b in zip(cov_err[first:], cov_err[first + 1:])), (pkey, name, cov_err)
-    assert all(b < a for a, b in zip(disc[first:], disc[first + 1:])), (pkey, name, disc)
+    assert all(b < a for a, b in zip(cov_err[first:], cov_err[first + 1 :])), (pkey, name, cov_err)
+    assert all(b < a for a, b in zip(disc[first:], disc[first + 1 :])), (pkey, name, disc)
     assert cov_err[STEPS.index(50)] < COV_AT_50[pkey][name], (pkey, name, cov_err)
     assert cov_err[-1] > floor_cov  # the start floor never hides the discretisation error here
     mean_err = [e[0] for e in errs[1:]]  # from 10 steps
@@ -221,8 +228,9 @@ def test_stochastic_samplers_on_vp(name):
     x_T = torch.randn(N_STOCH, GAUSS.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     errs = []
     for steps in (20, 50, 100):
-        x = sampler(_model_fn(GAUSS, process, "v"), x_T, process, steps=steps,
-                    generator=torch.Generator().manual_seed(1))
+        x = sampler(
+            _model_fn(GAUSS, process, "v"), x_T, process, steps=steps, generator=torch.Generator().manual_seed(1)
+        )
         errs.append(moment_errors(*sample_moments(x), GAUSS))
     cov = [e[1] for e in errs]
     assert cov[0] > cov[1] > cov[2] and cov[2] < 0.07 and cov[0] / cov[2] > 3, cov

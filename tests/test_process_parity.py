@@ -12,6 +12,7 @@ References (test-only dependencies; each part skips cleanly when its reference i
 The k-diffusion comparisons run in float64, so the tolerance (1e-6) is far above the round-off we observe (~1e-15);
 diffusers keeps its sigmas and steps in float32, so those comparisons allow float32 round-off.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,6 +35,7 @@ STEP_COUNTS = [5, 18, 40]
 
 
 # ------------------------------------------------------------------ helpers
+
 
 def _load_k_diffusion():
     """Import ``k_diffusion.sampling`` without running ``k_diffusion/__init__.py``.
@@ -102,6 +104,7 @@ def _max_diff(a, b) -> float:
 
 
 # ------------------------------------------------------------------ (a) EDM vs k-diffusion
+
 
 @pytest.mark.parametrize("rho", [7.0, 3.0])
 @pytest.mark.parametrize("n", STEP_COUNTS)
@@ -324,6 +327,7 @@ def test_full_stack_edm_sampling_matches_k_diffusion(kd, name):
 
 # ------------------------------------------------------------------ (c) flow vs diffusers
 
+
 def _flow_scheduler(shift):
     diffusers = pytest.importorskip("diffusers")
     return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
@@ -419,8 +423,9 @@ def test_flow_target_path_and_conversions_are_sd3s():
         seen.update(x_in=x_in, t_net=t_net)
         return velocity(x_in, t_net.double() / 1000)
 
-    out = Objective(prediction="flow", weighting="uniform").losses(net, x0, process, t=t,
-                                                                    generator=torch.Generator().manual_seed(9))
+    out = Objective(prediction="flow", weighting="uniform").losses(
+        net, x0, process, t=t, generator=torch.Generator().manual_seed(9)
+    )
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(9), dtype=x0.dtype)
     expected_x_t = (1 - tc) * x0 + tc * noise
     assert torch.allclose(seen["x_in"], expected_x_t, atol=1e-14)
@@ -454,7 +459,8 @@ def test_logit_normal_density_is_sigmoid_of_a_normal(mean, std):
     """FlowProcess(density='logit_normal', mean, std, shift=1).sample_times: logit(t) ~ N(mean, std^2).
     Quantiles within 5 standard errors at N = 200000 (the standard error is ~0.003 std at the median)."""
     t = FlowProcess(density="logit_normal", mean=mean, std=std, shift=1.0).sample_times(
-        N_DENSITY, generator=torch.Generator().manual_seed(0))
+        N_DENSITY, generator=torch.Generator().manual_seed(0)
+    )
     assert t.dtype == torch.float64 and bool(((t > 0) & (t < 1)).all())
     _quantile_check(torch.logit(t), mean, std)
 
@@ -501,7 +507,8 @@ def test_mode_and_cosmap_densities_are_sd3s():
         return 1 - (lo + hi) / 2
 
     mode_t = FlowProcess(density="mode", mode_scale=1.29, shift=1.0).sample_times(
-        N_DENSITY, generator=torch.Generator().manual_seed(2))
+        N_DENSITY, generator=torch.Generator().manual_seed(2)
+    )
     assert _ks_distance(mode_t, mode_cdf, grid) < limit
 
 
@@ -524,6 +531,7 @@ def test_shift_formula_moves_mass_toward_noise():
 
 
 # ------------------------------------------------------------------ (d) EDM training density and loss
+
 
 @pytest.mark.parametrize("p_mean,p_std", [(-1.2, 1.2), (0.4, 0.6)])
 def test_edm_training_sigmas_are_log_normal(p_mean, p_std):

@@ -1,4 +1,5 @@
 """Noise schedules: closed forms, zero terminal SNR, spacing grids, derived quantities and the schedule configs."""
+
 from __future__ import annotations
 
 import math
@@ -42,11 +43,15 @@ def test_cosine_offset_and_shift_change_the_schedule_as_documented():
 
 
 def test_linear_scaled_linear_sigmoid_betas():
-    assert torch.allclose(VPProcess("linear", 5).betas, torch.tensor([1e-4, 0.0050750, 0.01005, 0.0150250, 0.02],
-                                                                            dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(
+        VPProcess("linear", 5).betas,
+        torch.tensor([1e-4, 0.0050750, 0.01005, 0.0150250, 0.02], dtype=torch.float64),
+        atol=1e-12,
+    )
     sl = VPProcess("scaled_linear", 3).betas
-    assert torch.allclose(sl.sqrt(), torch.tensor([0.00085**0.5, (0.00085**0.5 + 0.012**0.5) / 2, 0.012**0.5],
-                                                  dtype=torch.float64))
+    assert torch.allclose(
+        sl.sqrt(), torch.tensor([0.00085**0.5, (0.00085**0.5 + 0.012**0.5) / 2, 0.012**0.5], dtype=torch.float64)
+    )
     sg = VPProcess("sigmoid", 3).betas
     assert sg[1].item() == pytest.approx(1e-4 + 0.5 * (0.02 - 1e-4))
     assert sg[0].item() == pytest.approx(1e-4 + (0.02 - 1e-4) / (1 + math.exp(6)))
@@ -89,11 +94,14 @@ def test_alpha_bar_gathers_and_broadcasts():
     assert ab.flatten()[1].item() == pytest.approx(sch.alphas_cumprod[50].item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("spacing,expected", [
-    ("leading", [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]),
-    ("trailing", [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]),
-    ("linspace", [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]),
-])
+@pytest.mark.parametrize(
+    "spacing,expected",
+    [
+        ("leading", [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]),
+        ("trailing", [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]),
+        ("linspace", [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]),
+    ],
+)
 def test_spacing_grids(spacing, expected):
     assert spaced_timesteps(1000, 10, spacing).tolist() == expected
 
@@ -114,13 +122,16 @@ def test_schedule_spacing_default_and_override():
     assert sch.sampling_timesteps(4, "leading").tolist() == [75, 50, 25, 0]
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(kind="quadratic"), "unknown schedule kind"),
-    (dict(kind="linear", offset=0.1), "does not take"),
-    (dict(kind="cosine", spacing="middle"), "spacing"),
-    (dict(kind="cosine", num_timesteps=1), "num_timesteps"),
-    (dict(kind="cosine", offset=-0.1), "offset"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(kind="quadratic"), "unknown schedule kind"),
+        (dict(kind="linear", offset=0.1), "does not take"),
+        (dict(kind="cosine", spacing="middle"), "spacing"),
+        (dict(kind="cosine", num_timesteps=1), "num_timesteps"),
+        (dict(kind="cosine", offset=-0.1), "offset"),
+    ],
+)
 def test_bad_schedule_settings_fail_clearly(bad, match):
     with pytest.raises(ValueError, match=match):
         VPProcess(**bad)
@@ -152,8 +163,9 @@ def instantiate_schedule(name: str, overrides: list[str] | None = None) -> VPPro
 
 @pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine", "cosine_offset", "sigmoid"])
 def test_schedule_configs_compose_with_every_option(name):
-    sch = instantiate_schedule(name, ["schedule.zero_terminal_snr=true", "schedule.num_timesteps=500",
-                                      "schedule.spacing=trailing"])
+    sch = instantiate_schedule(
+        name, ["schedule.zero_terminal_snr=true", "schedule.num_timesteps=500", "schedule.spacing=trailing"]
+    )
     assert isinstance(sch, VPProcess) and sch.num_timesteps == 500 and sch.zero_terminal_snr
     assert sch.snr[-1] == 0 and sch.spacing == "trailing"
     assert sch.kind == ("cosine" if name == "cosine_offset" else name)
@@ -164,7 +176,14 @@ def test_the_old_vp_target_still_builds():
     checkpoint migration maps it to VPProcess."""
     from difflab.checkpoints import migrate_config
 
-    stored = {"model": {"process": {"_target_": "difflab.diffusion.schedules.DiscreteSchedule", "kind": "cosine",
-                                    "num_timesteps": 10}}}
+    stored = {
+        "model": {
+            "process": {
+                "_target_": "difflab.diffusion.schedules.DiscreteSchedule",
+                "kind": "cosine",
+                "num_timesteps": 10,
+            }
+        }
+    }
     old = instantiate(migrate_config(stored)["model"]["process"])
     assert type(old) is VPProcess and old.num_timesteps == 10

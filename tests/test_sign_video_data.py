@@ -1,5 +1,6 @@
 """Video I/O, the How2Sign / PHOENIX readers, the clip dataset and the moving-digits generator, on tiny files
 written here in the exact on-disk formats of the real datasets."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from difflab.video import io as vio
 from difflab.datamodules.moving_digits import (
     DIRECTIONS,
     MovingDigitsDataModule,
@@ -34,6 +34,7 @@ from difflab.datamodules.sign_video import (
     window_indices,
 )
 from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
+from difflab.video import io as vio
 
 H2S_HEADER = "VIDEO_ID\tVIDEO_NAME\tSENTENCE_ID\tSENTENCE_NAME\tSTART\tEND\tSENTENCE"
 LEVEL = 12  # frame k of a test video is a flat grey image of value LEVEL * k: decoded frames identify themselves
@@ -80,10 +81,12 @@ def how2sign_raw_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("how2sign_raw")
     vio.write_mp4(root / "val_raw_videos" / "raw_videos" / "long-rgb_front.mp4", coded_frames(40, level=6), fps=10)
     header = "VIDEO_ID\tVIDEO_NAME\tSENTENCE_ID\tSENTENCE_NAME\tSTART_REALIGNED\tEND_REALIGNED\tSENTENCE"
-    rows = [header,
-            "long\tlong-rgb_front\tlong_0\tlong_0-rgb_front\t1.0\t2.0\tfirst sentence",
-            "long\tlong-rgb_front\tlong_1\tlong_1-rgb_front\t2.5\t3.5\tsecond sentence",
-            "long\tlong-rgb_front\tlong_2\tlong_2-rgb_front\tabc\t3.5\tnon-numeric start"]
+    rows = [
+        header,
+        "long\tlong-rgb_front\tlong_0\tlong_0-rgb_front\t1.0\t2.0\tfirst sentence",
+        "long\tlong-rgb_front\tlong_1\tlong_1-rgb_front\t2.5\t3.5\tsecond sentence",
+        "long\tlong-rgb_front\tlong_2\tlong_2-rgb_front\tabc\t3.5\tnon-numeric start",
+    ]
     (root / "how2sign_realigned_val.csv").write_text("\n".join(rows) + "\n")
     return root
 
@@ -253,15 +256,26 @@ def test_truncated_video_skipped(tmp_path):
     good = vio.write_mp4(tmp_path / "good.mp4", coded_frames(10), fps=10)
     data = good.read_bytes()
     (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])  # the mp4 index (moov) is at the end: now gone
-    recs = [ClipRecord(str(tmp_path / "cut.mp4"), None, None, "cut", "train", "video"),
-            ClipRecord(str(good), None, None, "good", "train", "video")]
+    recs = [
+        ClipRecord(str(tmp_path / "cut.mp4"), None, None, "cut", "train", "video"),
+        ClipRecord(str(good), None, None, "good", "train", "video"),
+    ]
     ds = SignVideoDataset(recs, num_frames=2, image_size=8, train=False)
     assert ds[0]["text"] == "good" and ds.unreadable_files == [str(tmp_path / "cut.mp4")]
 
 
 def test_datamodule_batches_prompts_and_counts_across_workers(how2sign_dir):
-    dm = SignVideoDataModule(dataset="how2sign", data_dir=str(how2sign_dir), num_frames=4, image_size=16,
-                             batch_size=5, num_workers=1, persistent_workers=False, pin_memory=False, num_prompts=5)
+    dm = SignVideoDataModule(
+        dataset="how2sign",
+        data_dir=str(how2sign_dir),
+        num_frames=4,
+        image_size=16,
+        batch_size=5,
+        num_workers=1,
+        persistent_workers=False,
+        pin_memory=False,
+        num_prompts=5,
+    )
     assert dm.num_classes is None and dm.class_names is None
     assert dm.sample_shape == (3, 4, 16, 16)
     assert dm.prompts == ["val sentence 0", "val sentence 1"]  # distinct, in file order
@@ -323,8 +337,15 @@ def test_phoenix_index_and_clips(phoenix_dir):
     ds = SignVideoDataset(rep.records, num_frames=3, target_fps=12.5, image_size=32, train=False)
     x = ds[0]["x"]
     assert x.shape == (3, 3, 32, 32) and frame_ids(x) == [3, 5, 7]  # 12 frames, step 2, centred
-    dm = SignVideoDataModule(dataset="phoenix", data_dir=str(phoenix_dir), num_frames=3, image_size=24,
-                             text_field="orth", batch_size=2, num_workers=0)
+    dm = SignVideoDataModule(
+        dataset="phoenix",
+        data_dir=str(phoenix_dir),
+        num_frames=3,
+        image_size=24,
+        text_field="orth",
+        batch_size=2,
+        num_workers=0,
+    )
     assert dm.prompts == ["REGEN 0 MORGEN"]  # from the dev split
     dm.setup("fit")
     b = next(iter(dm.train_dataloader()))
@@ -396,8 +417,9 @@ def test_moving_digits_regenerates_only_on_change(tmp_path):
 
 
 def test_moving_digits_datamodule(tmp_path):
-    dm = MovingDigitsDataModule(data_dir=str(tmp_path / "md"), **SMALL, batch_size=8,
-                                prompt_pairs=[[3, "left"], [7, "up"]])
+    dm = MovingDigitsDataModule(
+        data_dir=str(tmp_path / "md"), **SMALL, batch_size=8, prompt_pairs=[[3, "left"], [7, "up"]]
+    )
     assert dm.prompts == ["the digit three moving left", "the digit seven moving up"]
     assert dm.sample_shape == (1, 6, 24, 24)
     dm.prepare_data()
@@ -418,8 +440,12 @@ def test_configs_compose_and_match_constructors(how2sign_dir, tmp_path):
     from difflab.datamodules import moving_digits, sign_video
 
     cfg_dir = Path(__file__).resolve().parents[1] / "configs" / "datamodule"
-    targets = {"sign_video": sign_video.SignVideoDataModule, "how2sign": sign_video.SignVideoDataModule,
-               "phoenix": sign_video.SignVideoDataModule, "moving_digits": moving_digits.MovingDigitsDataModule}
+    targets = {
+        "sign_video": sign_video.SignVideoDataModule,
+        "how2sign": sign_video.SignVideoDataModule,
+        "phoenix": sign_video.SignVideoDataModule,
+        "moving_digits": moving_digits.MovingDigitsDataModule,
+    }
     with initialize_config_dir(config_dir=str(cfg_dir), version_base="1.3"):
         for name, cls in targets.items():
             cfg = compose(config_name=name)

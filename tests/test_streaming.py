@@ -2,6 +2,7 @@
 format=shards``, reading them back with ``datamodule=latents_stream``: the same samples as the memory-mapped cache, a
 seeded order that changes every epoch, ranks x workers without overlap, exact mid-epoch resume (in the loader and
 through Lightning checkpoints), and one-line errors for foreign shard directories."""
+
 from __future__ import annotations
 
 import io
@@ -15,8 +16,19 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.latents.cache import (LABELS, LATENTS, MANIFEST, STATUS_COMPLETE, TEXTS, channel_moments, new_manifest,
-                                   normalisation, read_manifest, split_dir, write_manifest)
+from difflab.latents.cache import (
+    LABELS,
+    LATENTS,
+    MANIFEST,
+    STATUS_COMPLETE,
+    TEXTS,
+    channel_moments,
+    new_manifest,
+    normalisation,
+    read_manifest,
+    split_dir,
+    write_manifest,
+)
 from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
 from difflab.utils.extras import is_installed
 
@@ -34,10 +46,13 @@ def _one_thread():
 
 def synthetic_cache(out: Path, n_train: int = 600, n_val: int = 90, text: bool = True, seed: int = 0) -> Path:
     """A complete memory-mapped latent cache of random 4x4x4 float16 latents, labels (and prompts)."""
-    m = new_manifest({"class": "tests.synthetic", "config": {}, "hash": "ab" * 32, "spec": None},
-                     {"target": "tests.synthetic", "args": {"seed": seed}}, "float16", 64)
-    m.update(latent_shape=[4, 4, 4], pixel_shape=[1, 16, 16], num_classes=3, class_names=["a", "b", "c"],
-             prompts=None)
+    m = new_manifest(
+        {"class": "tests.synthetic", "config": {}, "hash": "ab" * 32, "spec": None},
+        {"target": "tests.synthetic", "args": {"seed": seed}},
+        "float16",
+        64,
+    )
+    m.update(latent_shape=[4, 4, 4], pixel_shape=[1, 16, 16], num_classes=3, class_names=["a", "b", "c"], prompts=None)
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("val", n_val)):
         d = split_dir(out, split)
@@ -183,7 +198,7 @@ def test_resume_mid_epoch_continues_the_order(shards, tmp_path, monkeypatch, wor
     resumed = dm_for(moved, num_workers=workers).train_dataloader()
     resumed.load_state_dict(state)
     got = want[:7] + rows(resumed)
-    assert got == want[:len(want) // 2]  # the rest of the interrupted epoch
+    assert got == want[: len(want) // 2]  # the rest of the interrupted epoch
     got += rows(resumed)
     assert got == want  # and the next epoch
     if world == 1:  # a state saved at the end of an epoch resumes with the next epoch
@@ -191,7 +206,7 @@ def test_resume_mid_epoch_continues_the_order(shards, tmp_path, monkeypatch, wor
         rows(end)
         again = dm_for(path, num_workers=workers).train_dataloader()
         again.load_state_dict(end.state_dict())
-        assert rows(again) == want[len(want) // 2:]
+        assert rows(again) == want[len(want) // 2 :]
 
 
 @needs_litdata
@@ -224,8 +239,9 @@ def test_flip_is_deterministic_and_resumable(shards):
     e1, e2 = torch.cat([t["x"] for t in loader]), torch.cat([t["x"] for t in loader])
     assert not torch.equal(e1, e2)  # other flips next epoch (same order: shuffle=False)
     assert torch.equal(torch.cat([t["x"] for t in flipped.train_dataloader()]), e1)
-    assert torch.equal(torch.cat([t["x"] for t in flipped.val_dataloader()]),
-                       torch.cat([t["x"] for t in plain.val_dataloader()]))  # val is never flipped
+    assert torch.equal(
+        torch.cat([t["x"] for t in flipped.val_dataloader()]), torch.cat([t["x"] for t in plain.val_dataloader()])
+    )  # val is never flipped
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -256,8 +272,11 @@ def test_foreign_shard_directories_fail_in_one_line(shards, tmp_path):
     for bad, kind, words in [
         (edited("v0", lambda m: m.update(version=0)), CorruptDataError, "version 0"),
         (edited("shards_v9", lambda m: m["shards"].update(version=9)), CorruptDataError, "version 9"),
-        (edited("other_index", lambda i: i["chunks"].pop(), file="train/index.json"), CorruptDataError,
-         "lists 512 samples"),
+        (
+            edited("other_index", lambda i: i["chunks"].pop(), file="train/index.json"),
+            CorruptDataError,
+            "lists 512 samples",
+        ),
         (edited("other_manifest", lambda m: m["splits"]["val"].update(count=91)), CorruptDataError, "records 91"),
         (edited("texts", lambda m: m["splits"]["val"].update(has_text=False)), CorruptDataError, "records"),
         (edited("partial", lambda m: m.update(status="in_progress")), ConfigError, "incomplete"),
@@ -331,8 +350,10 @@ def test_interrupted_shard_writing_resumes_to_the_same_shards(shards, tmp_path, 
     for split in ("train", "val"):
         for f in sorted((ref / split).glob("chunk-*.bin")):
             assert (out / split / f.name).read_bytes() == f.read_bytes()
-        assert json.loads((out / split / "index.json").read_text())["chunks"] == \
-            json.loads((ref / split / "index.json").read_text())["chunks"]
+        assert (
+            json.loads((out / split / "index.json").read_text())["chunks"]
+            == json.loads((ref / split / "index.json").read_text())["chunks"]
+        )
     with pytest.raises(ConfigError, match="samples per shard"):
         sh.cache_to_shards(cache, out, samples_per_shard=64)
     # killed while merging the shard indexes (litdata removes each shard's index as it merges): the split is redone
@@ -342,8 +363,10 @@ def test_interrupted_shard_writing_resumes_to_the_same_shards(shards, tmp_path, 
     (out / "val" / "index.json").unlink()
     assert not (out / "val" / "0.index.json").exists()
     assert sh.cache_to_shards(cache, out, samples_per_shard=128)["status"] == "complete"
-    assert json.loads((out / "val" / "index.json").read_text())["chunks"] == \
-        json.loads((ref / "val" / "index.json").read_text())["chunks"]
+    assert (
+        json.loads((out / "val" / "index.json").read_text())["chunks"]
+        == json.loads((ref / "val" / "index.json").read_text())["chunks"]
+    )
 
 
 @needs_litdata
@@ -355,8 +378,9 @@ def test_encode_dataset_shards_match_the_cache(tmp_path):
     # batch 4 divides both splits (40, 12): every latent is encoded in a batch of the same size in both layouts (CPU
     # kernels round differently with the batch size, not with the batch's members), so the latents are bitwise equal
     mm = encode_dataset(tiny_vae(), TinyDM(text=True), tmp_path / "mm", batch_size=4, progress=False)
-    sh = encode_dataset_shards(tiny_vae(), TinyDM(text=True), tmp_path / "sh", batch_size=4, progress=False,
-                               samples_per_shard=16)
+    sh = encode_dataset_shards(
+        tiny_vae(), TinyDM(text=True), tmp_path / "sh", batch_size=4, progress=False, samples_per_shard=16
+    )
     assert sh["dataset"] == mm["dataset"] and sh["autoencoder"] == mm["autoencoder"]
     assert [len(sh["splits"][s]["shards"]) for s in ("train", "val")] == [3, 1]
     assert np.allclose(sh["transform"]["scale"], mm["transform"]["scale"], rtol=1e-9)
@@ -366,8 +390,9 @@ def test_encode_dataset_shards_match_the_cache(tmp_path):
     assert sorted(r["index"] for r in recs) == list(range(40))
     for r in recs:
         assert np.array_equal(r["z"], z[r["index"]]) and r["text"] == texts[r["index"]]
-    again = encode_dataset_shards(tiny_vae(), TinyDM(text=True), tmp_path / "sh", batch_size=4, progress=False,
-                                  target_std=1.0)  # only the normalisation changes, from the recorded moments
+    again = encode_dataset_shards(
+        tiny_vae(), TinyDM(text=True), tmp_path / "sh", batch_size=4, progress=False, target_std=1.0
+    )  # only the normalisation changes, from the recorded moments
     assert np.allclose(again["transform"]["scale"], 2 * np.asarray(sh["transform"]["scale"]))
     with pytest.raises(ConfigError, match="autoencoder"):
         encode_dataset_shards(tiny_vae(1), TinyDM(text=True), tmp_path / "sh", progress=False)
@@ -386,8 +411,15 @@ def ae_ckpt(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("ae")
     module = AutoencoderModule(tiny_vae().train())
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp,
+    )
     dm = TinyDM()
     dm.setup()
     trainer.fit(module, DataLoader(dm.train_set, batch_size=8))
@@ -399,8 +431,16 @@ def _records(location: str) -> list[dict]:
     """Every record of a shard split as stored (raw latents), in write order."""
     from difflab.datamodules.streaming_latents import LatentStreamingDataset
 
-    ds = LatentStreamingDataset(location, shuffle=False, seed=0, drop_last=False, cache_dir=None,
-                                max_cache_size=None, storage_options=None, tag_epoch=False)
+    ds = LatentStreamingDataset(
+        location,
+        shuffle=False,
+        seed=0,
+        drop_last=False,
+        cache_dir=None,
+        max_cache_size=None,
+        storage_options=None,
+        tag_epoch=False,
+    )
     return [ds[i] for i in range(len(ds))]
 
 
@@ -408,15 +448,34 @@ QUIET = ["callbacks.class_grid.every_n_steps=100000", "+callbacks.class_grid.at_
 
 
 def _train_argv(shard_dir: Path, run: Path, steps: int, extra=()) -> list[str]:
-    return ["experiment=digits_latent", "datamodule=latents_stream", f"datamodule.cache_dir={shard_dir}",
-            "datamodule.batch_size=16", "datamodule.num_workers=0", "datamodule.persistent_workers=false",
-            "datamodule.pin_memory=false", "trainer=cpu", "trainer.precision=32-true", "trainer.deterministic=true",
-            f"trainer.max_steps={steps}", "trainer.val_check_interval=1000000", "trainer.limit_val_batches=1",
-            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "~callbacks.progress_bar",
-            "logger=none", "model.net.base_channels=8", "model.net.channel_mults=[1,2]",
-            "model.net.attention_levels=[]", "model.net.groups=4", "sampler.steps=2",
-            "callbacks.class_grid.n_cols=2", "callbacks.model_checkpoint.every_n_train_steps=2",
-            f"hydra.run.dir={run}", *extra]
+    return [
+        "experiment=digits_latent",
+        "datamodule=latents_stream",
+        f"datamodule.cache_dir={shard_dir}",
+        "datamodule.batch_size=16",
+        "datamodule.num_workers=0",
+        "datamodule.persistent_workers=false",
+        "datamodule.pin_memory=false",
+        "trainer=cpu",
+        "trainer.precision=32-true",
+        "trainer.deterministic=true",
+        f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=1000000",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "~callbacks.progress_bar",
+        "logger=none",
+        "model.net.base_channels=8",
+        "model.net.channel_mults=[1,2]",
+        "model.net.attention_levels=[]",
+        "model.net.groups=4",
+        "sampler.steps=2",
+        "callbacks.class_grid.n_cols=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        f"hydra.run.dir={run}",
+        *extra,
+    ]
 
 
 @needs_litdata
@@ -434,10 +493,23 @@ def test_encode_latents_shards_on_digits_then_train_and_resume(tmp_path, ae_ckpt
     # one batch per split (1617, 180 digits) in both layouts: CPU kernels round differently with the batch size (not
     # with the batch's members), so equal batch sizes make the two layouts hold bitwise equal latents
     base = [f"autoencoder.ckpt_path={ae_ckpt}", "datamodule=digits", "progress=false", "batch_size=2048"]
-    assert run_hydra_main(encode_latents.main, [*base, f"out_dir={tmp_path / 'mm'}",
-                                                f"hydra.run.dir={tmp_path / 'h1'}"]) == 0
-    assert run_hydra_main(encode_latents.main, [*base, f"out_dir={tmp_path / 'sh'}", "format=shards",
-                                                "shard_samples=500", f"hydra.run.dir={tmp_path / 'h2'}"]) == 0
+    assert (
+        run_hydra_main(encode_latents.main, [*base, f"out_dir={tmp_path / 'mm'}", f"hydra.run.dir={tmp_path / 'h1'}"])
+        == 0
+    )
+    assert (
+        run_hydra_main(
+            encode_latents.main,
+            [
+                *base,
+                f"out_dir={tmp_path / 'sh'}",
+                "format=shards",
+                "shard_samples=500",
+                f"hydra.run.dir={tmp_path / 'h2'}",
+            ],
+        )
+        == 0
+    )
     mm, sh = read_manifest(tmp_path / "mm"), read_manifest(tmp_path / "sh")
     assert sh["layout"] == "shards" and sh["shards"]["samples_per_shard"] == 500
     assert sh["autoencoder"] == mm["autoencoder"] and sh["dataset"] == mm["dataset"] and sh["count"] == mm["count"]
@@ -451,12 +523,18 @@ def test_encode_latents_shards_on_digits_then_train_and_resume(tmp_path, ae_ckpt
         for r in recs:
             assert r["z"].dtype == np.float16 and np.array_equal(r["z"], z[r["index"]])
             assert r["label"] == labels[r["index"]]
-        assert sorted((r["z"].tobytes(), r["label"]) for r in recs) == \
-            sorted((zz.tobytes(), int(y)) for zz, y in zip(z, labels))
+        assert sorted((r["z"].tobytes(), r["label"]) for r in recs) == sorted(
+            (zz.tobytes(), int(y)) for zz, y in zip(z, labels)
+        )
     capsys.readouterr()
     # a second run finds the shards complete and leaves them
-    assert run_hydra_main(encode_latents.main, [*base, f"out_dir={tmp_path / 'sh'}", "format=shards",
-                                                f"hydra.run.dir={tmp_path / 'h3'}"]) == 0
+    assert (
+        run_hydra_main(
+            encode_latents.main,
+            [*base, f"out_dir={tmp_path / 'sh'}", "format=shards", f"hydra.run.dir={tmp_path / 'h3'}"],
+        )
+        == 0
+    )
     assert read_manifest(tmp_path / "sh")["updated"] == sh["updated"]
 
     # train: 4 steps with the class grid decoded through the shards' autoencoder
@@ -468,9 +546,15 @@ def test_encode_latents_shards_on_digits_then_train_and_resume(tmp_path, ae_ckpt
     assert state["num_samples_yielded"] == 2 * 16 and state[STATE_KEY]["count"] == sh["count"]["train"]
     # resume from step 2: the same weights at step 4
     resumed = tmp_path / "resumed"
-    assert run_hydra_main(train.main, _train_argv(tmp_path / "sh", resumed, 4,
-                                                  [f"ckpt_path={full / 'checkpoints' / 'step_0000002.ckpt'}",
-                                                   *QUIET])) == 0
+    assert (
+        run_hydra_main(
+            train.main,
+            _train_argv(
+                tmp_path / "sh", resumed, 4, [f"ckpt_path={full / 'checkpoints' / 'step_0000002.ckpt'}", *QUIET]
+            ),
+        )
+        == 0
+    )
     a = load_checkpoint(full / "checkpoints" / "step_0000004.ckpt")["current_model_state"]
     b = load_checkpoint(resumed / "checkpoints" / "step_0000004.ckpt")["current_model_state"]
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()) <= 1e-6

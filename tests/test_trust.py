@@ -3,6 +3,7 @@ shard sets, sweep directories) run no code and make difflab delete or write noth
 
 Each hole gets a planted payload: a marker that must never appear, or a directory that must survive. Payloads are
 shown to be live first (plain Hydra / pickle runs them), so a test cannot pass because its payload was broken."""
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,21 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers import ROOT, run_hydra_main
-from difflab.trust import (ALLOWLIST, TRUST_KEY, build_stored, check_config, data_strings, literal_string,
-                           trusting, why_not_allowed, without_resolvers)
+from difflab.trust import (
+    ALLOWLIST,
+    TRUST_KEY,
+    build_stored,
+    check_config,
+    data_strings,
+    literal_string,
+    trusting,
+    why_not_allowed,
+    without_resolvers,
+)
 from difflab.utils.errors import UntrustedFileError
+from tests.helpers import ROOT, run_hydra_main
 
-LEGACY = Path(__file__).parent / "fixtures" / "legacy"   # written by difflab before the gate (make_legacy_fixtures.py)
+LEGACY = Path(__file__).parent / "fixtures" / "legacy"  # written by difflab before the gate (make_legacy_fixtures.py)
 SECRET_VAR = "DIFFLAB_TEST_SECRET"
 
 
@@ -33,9 +43,12 @@ def mkdir_payload(marker: Path) -> dict:
 
 def spawn_payload(marker: Path) -> dict:
     """The exploit of the report: Hydra's blocklist stops os.system and subprocess.run, not this."""
-    return {"_target_": "multiprocessing.util.spawnv_passfds",
-            "path": {"_target_": "os.fsencode", "filename": shutil.which("touch")},
-            "args": ["touch", str(marker)], "passfds": []}
+    return {
+        "_target_": "multiprocessing.util.spawnv_passfds",
+        "path": {"_target_": "os.fsencode", "filename": shutil.which("touch")},
+        "args": ["touch", str(marker)],
+        "passfds": [],
+    }
 
 
 PAYLOADS = {
@@ -44,8 +57,11 @@ PAYLOADS = {
     # a string that starts with difflab. but resolves to subprocess.Popen (the old autoencoder prefix check)
     "difflab-prefix": lambda m: {"_target_": "difflab.ops.signals.subprocess.Popen", "args": ["touch", str(m)]},
     # a difflab function that is no config target: it removes the directories a manifest names
-    "difflab-function": lambda m: {"_target_": "difflab.latents.cache.clear_cache", "cache_dir": str(m),
-                                   "manifest": {}},
+    "difflab-function": lambda m: {
+        "_target_": "difflab.latents.cache.clear_cache",
+        "cache_dir": str(m),
+        "manifest": {},
+    },
 }
 
 
@@ -107,17 +123,20 @@ def test_check_config_refuses_each_payload_naming_file_key_and_target(tmp_path, 
     wait_absent(marker)
 
 
-@pytest.mark.parametrize("target, allowed", [
-    ("difflab.models.unet2d.UNet2D", True),
-    ("difflab.diffusion.samplers.heun", True),                  # a function in the math package
-    ("difflab.latents.cache.load_cache_autoencoder", True),     # a marked builder
-    ("lightning.pytorch.callbacks.RichProgressBar", True),
-    ("torch.optim.AdamW", True),
-    ("torch.nn.Linear", False),
-    ("builtins.eval", False),
-    ("difflab.trust.literal_string", False),                    # a difflab function that is not a config target
-    ("lightning.pytorch.utilities.rank_zero.rank_zero_only", False),
-])
+@pytest.mark.parametrize(
+    "target, allowed",
+    [
+        ("difflab.models.unet2d.UNet2D", True),
+        ("difflab.diffusion.samplers.heun", True),  # a function in the math package
+        ("difflab.latents.cache.load_cache_autoencoder", True),  # a marked builder
+        ("lightning.pytorch.callbacks.RichProgressBar", True),
+        ("torch.optim.AdamW", True),
+        ("torch.nn.Linear", False),
+        ("builtins.eval", False),
+        ("difflab.trust.literal_string", False),  # a difflab function that is not a config target
+        ("lightning.pytorch.utilities.rank_zero.rank_zero_only", False),
+    ],
+)
 def test_allowlist_judges_the_resolved_object(target, allowed):
     from difflab.trust import resolve_target
 
@@ -126,8 +145,10 @@ def test_allowlist_judges_the_resolved_object(target, allowed):
 
 def test_targets_nested_in_lists_args_and_partials_are_checked(tmp_path):
     marker = tmp_path / "m"
-    for config in ({"a": [{"b": mkdir_payload(marker)}]}, {"_target_": "difflab.models.unet2d.UNet2D",
-                                                             "_args_": [mkdir_payload(marker)]}):
+    for config in (
+        {"a": [{"b": mkdir_payload(marker)}]},
+        {"_target_": "difflab.models.unet2d.UNet2D", "_args_": [mkdir_payload(marker)]},
+    ):
         with pytest.raises(UntrustedFileError, match=r"_target_ = os.mkdir"):
             check_config(config, "f.yaml")
     with pytest.raises(UntrustedFileError, match="not a dotted import path"):
@@ -152,10 +173,15 @@ def test_stored_interpolations_are_refused_and_shown_configs_stay_literal(monkey
     texts += [interpolation, "\\" + interpolation, "\\\\" + interpolation]
     for text in texts:
         assert OmegaConf.create({"v": literal_string(text)}).v == text
-    shown = OmegaConf.create(without_resolvers({"seed": [interpolation], "a": 3, "b": "${a}",
-                                                 "c": f"${{a}}-${{oc.env:{SECRET_VAR}}}"}))
-    assert OmegaConf.to_container(shown, resolve=True) == {"seed": [interpolation], "a": 3, "b": 3,
-                                                           "c": f"${{a}}-${{oc.env:{SECRET_VAR}}}"}
+    shown = OmegaConf.create(
+        without_resolvers({"seed": [interpolation], "a": 3, "b": "${a}", "c": f"${{a}}-${{oc.env:{SECRET_VAR}}}"})
+    )
+    assert OmegaConf.to_container(shown, resolve=True) == {
+        "seed": [interpolation],
+        "a": 3,
+        "b": 3,
+        "c": f"${{a}}-${{oc.env:{SECRET_VAR}}}",
+    }
 
 
 def test_every_config_difflab_composes_passes_the_gate():
@@ -164,8 +190,11 @@ def test_every_config_difflab_composes_passes_the_gate():
     from tests.helpers import compose_train
 
     experiments = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
-    swaps = [f"{g}={p.stem}" for g in ("model", "sampler", "guidance", "callbacks", "logger", "trainer", "process")
-             for p in sorted((Path(CONFIG_DIR) / g).glob("*.yaml"))]
+    swaps = [
+        f"{g}={p.stem}"
+        for g in ("model", "sampler", "guidance", "callbacks", "logger", "trainer", "process")
+        for p in sorted((Path(CONFIG_DIR) / g).glob("*.yaml"))
+    ]
     checked = 0
     for overrides in [[f"experiment={e}"] for e in experiments] + [[s] for s in swaps]:
         try:
@@ -182,7 +211,6 @@ def test_files_written_before_the_gate_load_without_the_flag_and_sample_the_same
     from difflab.checkpoints import module_from_checkpoint
     from difflab.datamodules.latents import LatentDataModule
     from difflab.datamodules.streaming_latents import StreamingLatentDataModule
-
     from tests.fixtures.make_legacy_fixtures import reference_samples
 
     expected = torch.load(LEGACY / "samples.pt", weights_only=True)
@@ -204,9 +232,20 @@ def test_sample_cli_refuses_a_planted_checkpoint_in_one_line(tmp_path):
     marker = tmp_path / "marker"
     evil = planted_checkpoint(tmp_path, ("model", "net"), {"_partial_": True, **spawn_payload(marker)})
     out = tmp_path / "samples"
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"ckpt_path={evil}", f"out_dir={out}", "n=2",
-                        f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "sample.py"),
+            f"ckpt_path={evil}",
+            f"out_dir={out}",
+            "n=2",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     line = one_line(r.stderr)
     assert f"refusing {evil}: model.net._target_ = multiprocessing.util.spawnv_passfds" in line
@@ -263,8 +302,9 @@ def test_a_guide_checkpoint_passes_the_gate(tmp_path):
     guide = planted_checkpoint(tmp_path, ("model", "objective"), mkdir_payload(marker), "guide.ckpt")
     module = module_from_checkpoint(LEGACY / "last.ckpt")
     with pytest.raises(UntrustedFileError, match=r"guide.ckpt: model.diffusion.objective._target_ = os.mkdir"):
-        module.diffusion.sample(module, 2, torch.tensor([0, 1]), guidance={"method": "autoguidance", "guide_ckpt": str(guide),
-                                                         "scale": 2.0})
+        module.diffusion.sample(
+            module, 2, torch.tensor([0, 1]), guidance={"method": "autoguidance", "guide_ckpt": str(guide), "scale": 2.0}
+        )
     assert not marker.exists()
 
 
@@ -274,8 +314,9 @@ def test_the_stored_sampler_is_rebuilt_through_the_gate(tmp_path):
     marker = tmp_path / "marker"
     with pytest.raises(UntrustedFileError, match=r"evil.ckpt: model.diffusion.sampler._target_ = os.mkdir"):
         resolve_sampler({"_partial_": True, **mkdir_payload(marker)}, {"steps": 3}, str(tmp_path / "evil.ckpt"))
-    sampler = resolve_sampler({"_target_": "difflab.diffusion.samplers.heun", "_partial_": True, "steps": 10},
-                              {"steps": 3}, "ok.ckpt")
+    sampler = resolve_sampler(
+        {"_target_": "difflab.diffusion.samplers.heun", "_partial_": True, "steps": 10}, {"steps": 3}, "ok.ckpt"
+    )
     assert sampler.keywords["steps"] == 3 and not marker.exists()
 
 
@@ -289,8 +330,13 @@ def test_report_export_and_eval_refuse_a_planted_checkpoint(tmp_path, capsys):
         code = run_hydra_main(main, [f"ckpt_path={evil}", f"out_dir={out}", f"hydra.run.dir={tmp_path / 'run'}"])
         assert code == 2 and "datamodule._target_ = os.mkdir" in one_line(capsys.readouterr().err)
         assert not out.exists()
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_digits.py"), str(evil), "--n", "10"],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "eval_digits.py"), str(evil), "--n", "10"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 2 and "--trust-stored-code" not in r.stderr and "datamodule._target_" in one_line(r.stderr)
     assert not marker.exists()
 
@@ -358,8 +404,11 @@ def test_a_pickle_payload_in_a_non_tensor_shard_entry_is_refused(tmp_path):
     from tests.custom_targets import Payload
 
     marker = tmp_path / "marker"
-    dcp.save({"state_dict": {"w": torch.ones(2)}, "optimizer_0": {"x": Payload(str(marker))}},
-             checkpoint_id=tmp_path / "shards", no_dist=True)
+    dcp.save(
+        {"state_dict": {"w": torch.ones(2)}, "optimizer_0": {"x": Payload(str(marker))}},
+        checkpoint_id=tmp_path / "shards",
+        no_dist=True,
+    )
     assert not marker.exists()
     with pytest.raises(UntrustedFileError, match=r"entry optimizer_0.x is a pickle"):
         verify_shards(tmp_path / "shards")
@@ -378,11 +427,21 @@ def test_autoencoder_checkpoints_and_cache_manifests_cannot_name_a_prefixed_pope
     payload = {"_target_": "difflab.ops.signals.subprocess.Popen", "args": ["touch", str(marker)]}
     ae = tmp_path / "ae.ckpt"
     torch.save({"difflab": {"kind": "autoencoder", "config": payload}, "state_dict": {}}, ae)
-    with pytest.raises(UntrustedFileError, match=r"autoencoder._target_ = difflab.ops.signals.subprocess.Popen "
-                                                  r"resolves to subprocess.Popen"):
+    with pytest.raises(
+        UntrustedFileError,
+        match=r"autoencoder._target_ = difflab.ops.signals.subprocess.Popen "
+        r"resolves to subprocess.Popen",
+    ):
         load_autoencoder({"ckpt_path": str(ae)})
-    code = run_hydra_main(encode_cmd.main, ["autoencoder=kl_vae", f"autoencoder.ckpt_path={ae}",
-                                            f"out_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"])
+    code = run_hydra_main(
+        encode_cmd.main,
+        [
+            "autoencoder=kl_vae",
+            f"autoencoder.ckpt_path={ae}",
+            f"out_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+    )
     assert code == 2 and "subprocess.Popen" in one_line(capsys.readouterr().err)
     cache = tmp_path / "legacy_cache"
     shutil.copytree(LEGACY / "cache", cache)
@@ -412,8 +471,9 @@ def test_manifest_values_must_be_data(tmp_path):
     cache = _edited_cache(tmp_path, class_names=mkdir_payload(marker))
     with pytest.raises(UntrustedFileError, match=r"manifest.json: class_names must be a list of strings"):
         LatentDataModule(str(cache))
-    (cache / "manifest.json").write_text(json.dumps({**json.loads((cache / "manifest.json").read_text()),
-                                                     "class_names": ["a", 3], "prompts": None}))
+    (cache / "manifest.json").write_text(
+        json.dumps({**json.loads((cache / "manifest.json").read_text()), "class_names": ["a", 3], "prompts": None})
+    )
     with pytest.raises(UntrustedFileError, match="found a int"):
         LatentDataModule(str(cache))
     assert not marker.exists()
@@ -424,17 +484,25 @@ def test_a_class_name_that_is_an_interpolation_is_refused(tmp_path, monkeypatch)
     built and saved: refused in one line, the secret never read."""
     from types import SimpleNamespace
 
-    from tests.helpers import compose_train
     from difflab.pipeline import fill_from_datamodule
     from difflab.utils.errors import instantiate_reporting
+    from tests.helpers import compose_train
 
     monkeypatch.setenv(SECRET_VAR, "hunter2")
     name = f"${{oc.env:{SECRET_VAR}}}"
-    cfg = compose_train(tmp_path, ["datamodule.image_size=8", "model.net.base_channels=8",
-                                   "model.net.channel_mults=[1,2]", "model.net.attention_levels=[]",
-                                   "model.net.groups=4"])
-    dm = SimpleNamespace(sample_shape=(1, 8, 8), class_names=[name] + [str(i) for i in range(1, 10)], prompts=None,
-                         num_classes=10)
+    cfg = compose_train(
+        tmp_path,
+        [
+            "datamodule.image_size=8",
+            "model.net.base_channels=8",
+            "model.net.channel_mults=[1,2]",
+            "model.net.attention_levels=[]",
+            "model.net.groups=4",
+        ],
+    )
+    dm = SimpleNamespace(
+        sample_shape=(1, 8, 8), class_names=[name] + [str(i) for i in range(1, 10)], prompts=None, num_classes=10
+    )
     with pytest.raises(UntrustedFileError, match=r"refusing SimpleNamespace: class_names\[0\] holds the interp"):
         fill_from_datamodule(cfg, dm)
     dm.class_names[0] = "zero"
@@ -551,11 +619,17 @@ def test_ablate_never_resolves_a_job_config_and_refuses_a_linked_output(tmp_path
         job = sweep / str(num)
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"model.lr={lr}"]))
-        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
-            {"seed": f"${{oc.env:{SECRET_VAR}}}",
-             "callbacks": {"sample_metrics": {"seed": f"${{oc.env:{SECRET_VAR}}}", "n_samples": 100}}}))
-        (job / "final_metrics.json").write_text(json.dumps({"status": "completed", "step": 10,
-                                                            "metrics": {"val/loss": 0.5 + lr}}))
+        (job / ".hydra" / "config.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "seed": f"${{oc.env:{SECRET_VAR}}}",
+                    "callbacks": {"sample_metrics": {"seed": f"${{oc.env:{SECRET_VAR}}}", "n_samples": 100}},
+                }
+            )
+        )
+        (job / "final_metrics.json").write_text(
+            json.dumps({"status": "completed", "step": 10, "metrics": {"val/loss": 0.5 + lr}})
+        )
 
     def run(*argv):
         monkeypatch.setattr(sys, "argv", ["difflab-ablate", *map(str, argv)])
@@ -586,7 +660,7 @@ def test_writers_replace_or_refuse_a_planted_link(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "report.json").symlink_to(victim)
-    write_text(out / "report.json", "{}")                       # report.py, ablate.py, encode.py's texts.json
+    write_text(out / "report.json", "{}")  # report.py, ablate.py, encode.py's texts.json
     assert victim.read_text() == "precious" and not (out / "report.json").is_symlink()
     (out / "figures.csv").symlink_to(victim)
     with pytest.raises(UntrustedFileError, match="symbolic link"):

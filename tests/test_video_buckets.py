@@ -1,5 +1,6 @@
 """Variable-length video (issue 18): bucket assignment, the DDP-aware resumable bucket batch sampler, the How2Sign
 datamodule with buckets, Open-Sora's frame-dependent time shift and a tiny bucketed training run."""
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,6 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from difflab.video import io as vio
 from difflab.datamodules.buckets import (
     Bucket,
     BucketBatchSampler,
@@ -25,6 +25,7 @@ from difflab.datamodules.buckets import (
 )
 from difflab.diffusion.processes import FlowProcess, frame_shift, shift_time
 from difflab.utils.errors import ConfigError
+from difflab.video import io as vio
 
 H2S_HEADER = "VIDEO_ID\tVIDEO_NAME\tSENTENCE_ID\tSENTENCE_NAME\tSTART\tEND\tSENTENCE"
 
@@ -144,8 +145,9 @@ def test_order_is_deterministic_per_seed_and_changes_per_epoch():
     s = BucketBatchSampler(None, buckets, sizes, seed=3)
     assert s.sampler.epoch == 0
     s.sampler.set_epoch(5)  # what Lightning calls (loader.batch_sampler.sampler.set_epoch)
-    assert [[k.index for k in b] for b in s] == [[k.index for k in b] for b in _rank_batches(
-        buckets, sizes, 1, epoch=5)[0]]
+    assert [[k.index for k in b] for b in s] == [
+        [k.index for k in b] for b in _rank_batches(buckets, sizes, 1, epoch=5)[0]
+    ]
 
 
 def test_a_distributed_sampler_injected_by_lightning_sets_the_ranks():
@@ -204,8 +206,13 @@ def test_stateful_dataloader_saves_and_resumes_the_bucket_sampler(workers):
 
     def loader():
         s = BucketBatchSampler(None, buckets, sizes, seed=7)
-        return StatefulDataLoader(_Clips(len(buckets)), batch_sampler=s, collate_fn=collate_buckets,
-                                  num_workers=workers, multiprocessing_context="fork" if workers else None)
+        return StatefulDataLoader(
+            _Clips(len(buckets)),
+            batch_sampler=s,
+            collate_fn=collate_buckets,
+            num_workers=workers,
+            multiprocessing_context="fork" if workers else None,
+        )
 
     def ids(batch):
         return batch["x"][:, 0, 0, 0, 0].long().tolist()
@@ -233,8 +240,17 @@ def test_collate_refuses_mixed_shapes():
 
 
 # ---------------------------------------------------------------------------------------------------- frame shift
-def _open_sora_timestep_transform(t, height, width, num_frames, base_resolution=512 * 512, base_num_frames=1,
-                                  scale=1.0, num_timesteps=1000, vae="v1.2"):
+def _open_sora_timestep_transform(
+    t,
+    height,
+    width,
+    num_frames,
+    base_resolution=512 * 512,
+    base_num_frames=1,
+    scale=1.0,
+    num_timesteps=1000,
+    vae="v1.2",
+):
     """Open-Sora's training time transform, re-typed from hpcaitech/Open-Sora v1.2.0
     (17cce908b22283acc3c946816c81f46dd442a453) opensora/schedulers/rf/rectified_flow.py lines 10-33 and v1.3
     (b096aa3c1c59de663f1f40bf091945ee3f9ec455) opensora/schedulers/rf/time_sampler.py lines 7-57."""
@@ -279,15 +295,17 @@ def test_training_times_use_the_batch_frame_count():
     batch = {"x": torch.zeros(6, 1, 32, 16, 16), "num_frames": torch.full((6,), 32)}
     t = Diffusion.frame_shifted_times(owner, batch, torch.Generator().manual_seed(1))
     ref = FlowProcess(density="logit_normal", shift=1.5 * 2.0).sample_times(
-        6, generator=torch.Generator().manual_seed(1))
+        6, generator=torch.Generator().manual_seed(1)
+    )
     torch.testing.assert_close(t, ref)
     # without num_frames the clips' frame axis is used; a smaller resolution lowers the shift
-    t2 = Diffusion.frame_shifted_times(owner, {"x": torch.zeros(6, 1, 2, 8, 8)},
-                                              torch.Generator().manual_seed(1))
+    t2 = Diffusion.frame_shifted_times(owner, {"x": torch.zeros(6, 1, 2, 8, 8)}, torch.Generator().manual_seed(1))
     ref2 = FlowProcess(shift=1.5 * 0.5 * 0.5).sample_times(6, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(t2, ref2)
-    assert Diffusion.frame_shifted_times(SimpleNamespace(process=FlowProcess(), sample_shape=(1, 8, 16, 16)),
-                                                batch, None) is None
+    assert (
+        Diffusion.frame_shifted_times(SimpleNamespace(process=FlowProcess(), sample_shape=(1, 8, 16, 16)), batch, None)
+        is None
+    )
     with pytest.raises(ValueError, match="frame_shift_base"):
         FlowProcess(frame_shift_base=0)
 
@@ -311,7 +329,7 @@ def how2sign_lengths_dir(tmp_path_factory) -> Path:
             rows.append(f"{vid}\t{vid}-rgb_front\t{vid}_0\t{vid}_0-rgb_front\t0.00\t{n / 10:.2f}\t{split} sentence {i}")
             vio.write_mp4(clips / f"{vid}_0-rgb_front.mp4", _flat(n), fps=10)
         if split == "train":
-            rows.append(f"bad\tbad-rgb_front\tbad_0\tbad_0-rgb_front\t0.00\t1.00\tbroken clip")
+            rows.append("bad\tbad-rgb_front\tbad_0\tbad_0-rgb_front\t0.00\t1.00\tbroken clip")
             (clips / "bad_0-rgb_front.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
         (root / f"how2sign_{split}.csv").write_text("\n".join(rows) + "\n")
     return root
@@ -320,8 +338,16 @@ def how2sign_lengths_dir(tmp_path_factory) -> Path:
 def _dm(root, **kw):
     from difflab.datamodules.sign_video import SignVideoDataModule
 
-    args = dict(dataset="how2sign", data_dir=str(root), num_frames=8, image_size=16, batch_size=4, num_workers=0,
-                pin_memory=False, persistent_workers=False)
+    args = dict(
+        dataset="how2sign",
+        data_dir=str(root),
+        num_frames=8,
+        image_size=16,
+        batch_size=4,
+        num_workers=0,
+        pin_memory=False,
+        persistent_workers=False,
+    )
     return SignVideoDataModule(**{**args, **kw})
 
 
@@ -370,11 +396,19 @@ def test_bucket_config_keys_compose_and_are_checked(tmp_path):
 
     ok = compose_train(tmp_path, ["experiment=sign_text2video", "datamodule.buckets=[16,32]"])
     assert check_config(ok, "train") == []
-    bad = compose_train(tmp_path, ["experiment=sign_text2video", "datamodule.buckets=[16,64]",
-                                   "datamodule.max_frames=32"])
+    bad = compose_train(
+        tmp_path, ["experiment=sign_text2video", "datamodule.buckets=[16,64]", "datamodule.max_frames=32"]
+    )
     assert any("datamodule.buckets" in p for p in check_config(bad, "train"))
-    assert check_config(compose_train(tmp_path, ["experiment=moving_digits_t2v", "datamodule.min_frames=4",
-                                                 "datamodule.max_frames=16"]), "train") == []
+    assert (
+        check_config(
+            compose_train(
+                tmp_path, ["experiment=moving_digits_t2v", "datamodule.min_frames=4", "datamodule.max_frames=16"]
+            ),
+            "train",
+        )
+        == []
+    )
 
 
 # --------------------------------------------------------------------------------------------------- training run
@@ -388,25 +422,50 @@ def test_tiny_bucketed_training_run_sees_several_frame_counts(tmp_path, monkeypa
     seen = []
     original = Diffusion.frame_shifted_times
 
-    def spy(self, batch, generator):   # training steps only: validation gives its fixed times
+    def spy(self, batch, generator):  # training steps only: validation gives its fixed times
         t = original(self, batch, generator)
         seen.append((int(batch["x"].shape[2]), batch["num_frames"].tolist(), t))
         return t
 
     monkeypatch.setattr(Diffusion, "frame_shifted_times", spy)
     torch.manual_seed(0)
-    cfg = compose_train(tmp_path / "run", [
-        "experiment=moving_digits_t2v", f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "logger=csv",
-        "process=flow", "process.frame_shift_base=8", "sampler=euler",
-        "datamodule.num_train=24", "datamodule.num_val=4", "datamodule.num_test=4", "datamodule.min_frames=4",
-        "datamodule.buckets=[4,8]", "datamodule.batch_size=4",
-        "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
-        "trainer.accumulate_grad_batches=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "~callbacks.progress_bar", "model.net.base_channels=8", "model.net.channel_mults=[1,2]",
-        "model.net.num_res_blocks=1", "model.net.attention_levels=[1]", "model.net.temporal_attention_levels=[1]",
-        "model.net.cross_attention_levels=[1]", "model.net.groups=4", "model.net.head_dim=8", "lr_schedule.warmup=1",
-        "sampler.steps=2", "~callbacks.video_grid",
-        "callbacks.model_checkpoint.every_n_train_steps=4"])
+    cfg = compose_train(
+        tmp_path / "run",
+        [
+            "experiment=moving_digits_t2v",
+            f"paths.data_dir={tmp_path / 'data'}",
+            "trainer=cpu",
+            "logger=csv",
+            "process=flow",
+            "process.frame_shift_base=8",
+            "sampler=euler",
+            "datamodule.num_train=24",
+            "datamodule.num_val=4",
+            "datamodule.num_test=4",
+            "datamodule.min_frames=4",
+            "datamodule.buckets=[4,8]",
+            "datamodule.batch_size=4",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            "trainer.limit_val_batches=1",
+            "trainer.accumulate_grad_batches=1",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+            "~callbacks.progress_bar",
+            "model.net.base_channels=8",
+            "model.net.channel_mults=[1,2]",
+            "model.net.num_res_blocks=1",
+            "model.net.attention_levels=[1]",
+            "model.net.temporal_attention_levels=[1]",
+            "model.net.cross_attention_levels=[1]",
+            "model.net.groups=4",
+            "model.net.head_dim=8",
+            "lr_schedule.warmup=1",
+            "sampler.steps=2",
+            "~callbacks.video_grid",
+            "callbacks.model_checkpoint.every_n_train_steps=4",
+        ],
+    )
     objs = train(cfg)
     assert objs["trainer"].global_step == 4
     frames = {t for t, _, _ in seen}
@@ -425,11 +484,19 @@ def test_video_models_take_a_variable_frame_count():
     from difflab.models.vivit import ViViT
 
     torch.manual_seed(0)
-    unet = UNet3D(in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                  groups=4, head_dim=8)
+    unet = UNet3D(
+        in_channels=1,
+        base_channels=8,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        groups=4,
+        head_dim=8,
+    )
     vivit = ViViT(in_channels=1, patch_size=4, tubelet_size=2, hidden_dim=32, depth=1, head_dim=16)
-    dit = VideoDiT(sample_shape=(1, 8, 8, 8), patch_size=4, tubelet_size=2, max_frames=16, depth=1, hidden_dim=32,
-                   num_heads=2)
+    dit = VideoDiT(
+        sample_shape=(1, 8, 8, 8), patch_size=4, tubelet_size=2, max_frames=16, depth=1, hidden_dim=32, num_heads=2
+    )
     t = torch.tensor([10.0, 500.0])
     for frames in (2, 4, 6, 16, 4):
         x = torch.randn(2, 1, frames, 8, 8)
@@ -470,6 +537,7 @@ def test_lightning_ddp_rebuild_of_the_bucketed_loader(how2sign_lengths_dir):
 def test_bucketed_resumable_loader_continues_mid_epoch(how2sign_lengths_dir, workers):
     """The datamodule's training loader (difflab's ResumableDataLoader over the bucket sampler): a state taken after
     3 batches of epoch 1 resumes in a fresh datamodule with the rest of that epoch, same clips and lengths."""
+
     def loader():
         dm = _dm(how2sign_lengths_dir, buckets=[4, 8, 16, 32], num_workers=workers)
         dm.setup("fit")

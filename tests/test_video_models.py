@@ -1,6 +1,7 @@
 """Video denoisers (UNet3D, ViViT), their configs and experiments, the video grid callback and the moving-digits
 judge; end-to-end training through the real Hydra config path on tiny How2Sign (mp4 + TSV, with a malformed row
 and a broken file) and PHOENIX (PNG frames + '|' CSV) folders written here."""
+
 from __future__ import annotations
 
 import inspect
@@ -14,10 +15,10 @@ from PIL import Image
 
 from difflab.callbacks.video_grid import VideoGridCallback, log_video
 from difflab.diagnostics.video_grid import video_fps, write_sample_videos
-from difflab.video import io as vio
 from difflab.models.unet3d import UNet3D, depth_to_space, space_to_depth
 from difflab.models.video_layers import FrameAttention, RelativePositionBias, SpaceTimeBlock, TemporalAttention
 from difflab.models.vivit import ViViT
+from difflab.video import io as vio
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -43,15 +44,27 @@ def _inputs(b=2, c=1, t=4, h=16, w=16, cond_dim=8, ctx_dim=12, seed=0):
 
 
 def small_unet(**kw):
-    args = dict(in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                num_transformer_blocks=1, transformer_head_dim=8, groups=4, head_dim=8, cond_dim=8, context_dim=12)
+    args = dict(
+        in_channels=1,
+        base_channels=8,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        num_transformer_blocks=1,
+        transformer_head_dim=8,
+        groups=4,
+        head_dim=8,
+        cond_dim=8,
+        context_dim=12,
+    )
     args.update(kw)
     return UNet3D(**args)
 
 
 def small_vivit(**kw):
-    args = dict(in_channels=1, patch_size=4, tubelet_size=2, hidden_dim=32, depth=2, head_dim=16, cond_dim=8,
-                context_dim=12)
+    args = dict(
+        in_channels=1, patch_size=4, tubelet_size=2, hidden_dim=32, depth=2, head_dim=16, cond_dim=8, context_dim=12
+    )
     args.update(kw)
     return ViViT(**args)
 
@@ -205,8 +218,11 @@ def _compose(overrides):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=list(overrides) + ["paths.output_dir=/tmp/unused", "paths.data_dir=/tmp/d",
-                                                             "paths.root_dir=/tmp"])
+        return compose(
+            "train",
+            overrides=list(overrides)
+            + ["paths.output_dir=/tmp/unused", "paths.data_dir=/tmp/d", "paths.root_dir=/tmp"],
+        )
 
 
 def _params(cls) -> set[str]:
@@ -249,8 +265,9 @@ def test_experiments_compose_with_the_recipe():
 
     a, b = (OmegaConf.to_container(c) for c in (t2v, vivit))
     assert {k: v for k, v in a.items() if k not in strip} == {k: v for k, v in b.items() if k not in strip}
-    assert {k: v for k, v in a["model"].items() if k not in ("net", "_target_")} == \
-        {k: v for k, v in b["model"].items() if k not in ("net", "_target_")}
+    assert {k: v for k, v in a["model"].items() if k not in ("net", "_target_")} == {
+        k: v for k, v in b["model"].items() if k not in ("net", "_target_")
+    }
     phoenix = _compose(["experiment=sign_text2video", "datamodule=phoenix"])
     assert phoenix.datamodule.dataset == "phoenix" and phoenix.datamodule.num_frames == 16
     md = _compose(["experiment=moving_digits_t2v"])
@@ -264,7 +281,7 @@ def _moving_square(n: int, h: int, w: int, shade: int) -> np.ndarray:
     f = np.full((n, h, w, 3), shade, np.uint8)
     for k in range(n):
         x0 = (k * 2) % (w - 8)
-        f[k, h // 3:h // 3 + 8, x0:x0 + 8] = 230
+        f[k, h // 3 : h // 3 + 8, x0 : x0 + 8] = 230
     return f
 
 
@@ -308,27 +325,58 @@ def phoenix_dir(tmp_path_factory) -> Path:
     return root
 
 
-TINY_UNET = ["model.net.base_channels=8", "model.net.channel_mults=[1,2]", "model.net.num_res_blocks=1",
-             "model.net.attention_levels=[1]", "model.net.temporal_attention_levels=[0,1]",
-             "model.net.cross_attention_levels=[1]", "model.net.num_transformer_blocks=1",
-             "model.net.transformer_head_dim=8", "model.net.head_dim=8", "model.net.groups=4"]
-TINY_VIVIT = ["model.net.hidden_dim=32", "model.net.depth=2", "model.net.head_dim=16", "model.net.patch_size=4",
-              "model.net.tubelet_size=2"]
+TINY_UNET = [
+    "model.net.base_channels=8",
+    "model.net.channel_mults=[1,2]",
+    "model.net.num_res_blocks=1",
+    "model.net.attention_levels=[1]",
+    "model.net.temporal_attention_levels=[0,1]",
+    "model.net.cross_attention_levels=[1]",
+    "model.net.num_transformer_blocks=1",
+    "model.net.transformer_head_dim=8",
+    "model.net.head_dim=8",
+    "model.net.groups=4",
+]
+TINY_VIVIT = [
+    "model.net.hidden_dim=32",
+    "model.net.depth=2",
+    "model.net.head_dim=16",
+    "model.net.patch_size=4",
+    "model.net.tubelet_size=2",
+]
 
 
 def _train(tmp_path, overrides):
     from difflab.pipeline import train
 
     out = tmp_path / "run"
-    common = [f"paths.output_dir={out}", f"paths.data_dir={tmp_path}", f"paths.root_dir={ROOT}",
-              f"paths.log_dir={tmp_path / 'logs'}", "trainer=cpu", "logger=default",
-              "trainer.max_steps=3", "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=2",
-              "trainer.limit_val_batches=1", "trainer.enable_model_summary=false", "trainer.enable_progress_bar=false",
-              "~callbacks.progress_bar", "datamodule.num_frames=4", "datamodule.image_size=16",
-              "datamodule.num_workers=0", "datamodule.pin_memory=false", "datamodule.persistent_workers=false",
-              "conditioning.max_length=16", "sampler.steps=2", "callbacks.model_checkpoint.every_n_train_steps=2",
-              "callbacks.video_grid.every_n_steps=2", "callbacks.video_grid.n_cols=2",
-              "callbacks.video_grid.max_prompts=2", "callbacks.ema.update_every=1"]
+    common = [
+        f"paths.output_dir={out}",
+        f"paths.data_dir={tmp_path}",
+        f"paths.root_dir={ROOT}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "trainer=cpu",
+        "logger=default",
+        "trainer.max_steps=3",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_model_summary=false",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        "datamodule.num_frames=4",
+        "datamodule.image_size=16",
+        "datamodule.num_workers=0",
+        "datamodule.pin_memory=false",
+        "datamodule.persistent_workers=false",
+        "conditioning.max_length=16",
+        "sampler.steps=2",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.video_grid.every_n_steps=2",
+        "callbacks.video_grid.n_cols=2",
+        "callbacks.video_grid.max_prompts=2",
+        "callbacks.ema.update_every=1",
+    ]
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
@@ -366,8 +414,16 @@ def test_train_sign_text2video_on_how2sign(how2sign_dir, tmp_path, caplog):
 
 
 def test_train_sign_vivit_on_phoenix(phoenix_dir, tmp_path):
-    objs, out = _train(tmp_path, ["experiment=sign_vivit", "datamodule=phoenix", f"datamodule.data_dir={phoenix_dir}",
-                                  "datamodule.frame_stride=1", *TINY_VIVIT])
+    objs, out = _train(
+        tmp_path,
+        [
+            "experiment=sign_vivit",
+            "datamodule=phoenix",
+            f"datamodule.data_dir={phoenix_dir}",
+            "datamodule.frame_stride=1",
+            *TINY_VIVIT,
+        ],
+    )
     module = _check_run(objs, out)
     assert type(module.denoiser).__name__ == "ViViT" and module.diffusion.sample_shape == (3, 4, 16, 16)
     assert module.diffusion.prompts == ["morgen regen dev 0", "morgen regen dev 1"]
@@ -380,8 +436,13 @@ def test_train_cross_combinations(which, how2sign_dir, phoenix_dir, tmp_path):
     if which == "how2sign_vivit":
         ov = ["experiment=sign_vivit", f"datamodule.data_dir={how2sign_dir}", *TINY_VIVIT]
     else:
-        ov = ["experiment=sign_text2video", "datamodule=phoenix", f"datamodule.data_dir={phoenix_dir}",
-              "datamodule.frame_stride=1", *TINY_UNET]
+        ov = [
+            "experiment=sign_text2video",
+            "datamodule=phoenix",
+            f"datamodule.data_dir={phoenix_dir}",
+            "datamodule.frame_stride=1",
+            *TINY_UNET,
+        ]
     _check_run(*_train(tmp_path, ov))
 
 
@@ -425,7 +486,7 @@ def test_video_grid_samples_with_ema_weights(monkeypatch, tmp_path):
 
     import difflab.callbacks.video_grid as vg
 
-    class FakeDiffusion:   # what the video grid reads of a module's Diffusion object
+    class FakeDiffusion:  # what the video grid reads of a module's Diffusion object
         prompts, class_names, sampler = ["p0", "p1", "p2"], None, None
         sample_shape = (1, 3, 4, 6)
         guidance = SimpleNamespace(scale=2.0)

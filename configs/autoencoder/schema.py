@@ -1,5 +1,6 @@
 """Allowed values of the autoencoder group (configs/autoencoder/*.yaml: difflab's KL autoencoder or a diffusers
 AutoencoderKL), checked by difflab.config_checks before a job starts."""
+
 from difflab.config_checks import boolean, existing_file, integer, list_of, optional, positive, probability, string
 
 RULES = {

@@ -2,8 +2,23 @@
 Lightning's ModelCheckpoint / LearningRateMonitor), checked by difflab.config_checks before a job starts.
 `*` matches any callback name (renamed or added ones included); an exact key wins over a `*` one. The ops group
 (configs/ops/) lands in `callbacks` too and has its own schema there."""
-from difflab.config_checks import (Rule, any_of, boolean, directory_path, integer, list_of, mapping, non_negative,
-                                   number, one_of, optional, positive, probability, string)
+
+from difflab.config_checks import (
+    Rule,
+    any_of,
+    boolean,
+    directory_path,
+    integer,
+    list_of,
+    mapping,
+    non_negative,
+    number,
+    one_of,
+    optional,
+    positive,
+    probability,
+    string,
+)
 from difflab.registry import GUIDANCE_SETTINGS
 
 LPIPS_NETS = ["alex", "vgg", "squeeze"]
@@ -20,11 +35,15 @@ RULES = {
     "*.n_cols": integer(min=1),
     "*.max_rows": integer(min=1),
     "*.guidance_scale": optional(non_negative()).described_as(
-        "a number >= 0 (1: no guidance, 0: unconditional) or null (guidance.scale)"),
-    "*.guidance": optional(Rule(
-        lambda v: isinstance(v, dict) and set(v) <= GUIDANCE_KEYS,
-        f"a dict of guidance overrides with keys among {', '.join(sorted(GUIDANCE_KEYS))}, e.g. "
-        "{method: apg, scale: 4}")),
+        "a number >= 0 (1: no guidance, 0: unconditional) or null (guidance.scale)"
+    ),
+    "*.guidance": optional(
+        Rule(
+            lambda v: isinstance(v, dict) and set(v) <= GUIDANCE_KEYS,
+            f"a dict of guidance overrides with keys among {', '.join(sorted(GUIDANCE_KEYS))}, e.g. "
+            "{method: apg, scale: 4}",
+        )
+    ),
     "*.sampler.steps": integer(min=1),
     "*.lpips_net": optional(one_of(LPIPS_NETS)),
     "*.lpips_backbone": optional(string()),
@@ -53,7 +72,8 @@ RULES = {
     "model_checkpoint.save_on_train_epoch_end": optional(boolean()),
     "model_checkpoint.auto_insert_metric_name": boolean(),
     "model_checkpoint.monitor": optional(string(nonempty=True)).described_as(
-        "a logged metric (val/loss, metrics/fd_digit200, metrics/grid_agreement, ...) or null (no ranking)"),
+        "a logged metric (val/loss, metrics/fd_digit200, metrics/grid_agreement, ...) or null (no ranking)"
+    ),
     "model_checkpoint.mode": one_of(["min", "max"]),
     "lr_monitor.logging_interval": optional(one_of(["step", "epoch"])),
     "*.tag_suffix": string(),
@@ -68,14 +88,16 @@ RULES = {
     "timestep_loss.every_n_validations": integer(min=1),
     "embedding_tsne.max_prompts": integer(min=1),
     "training_health.every_n_steps": optional(integer(min=0)).described_as(
-        "an integer >= 0 or null (the trainer's log_every_n_steps)"),
+        "an integer >= 0 or null (the trainer's log_every_n_steps)"
+    ),
     "training_health.spike_factor": number(min=1, min_open=True),
     "training_health.spike_window": integer(min=1),
     "training_health.spike_min_history": integer(min=0),
     "sample_metrics.n_samples": integer(min=2),
     "sample_metrics.batch_size": integer(min=1),
-    "sample_metrics.feature": any_of(one_of(["auto", "digit_classifier", "inception", "dinov2", "i3d", "none"]),
-                                     mapping()),
+    "sample_metrics.feature": any_of(
+        one_of(["auto", "digit_classifier", "inception", "dinov2", "i3d", "none"]), mapping()
+    ),
     "sample_metrics.dinov2_weights": optional(string()),
     "sample_metrics.kid_subsets": integer(min=1),
     "sample_metrics.kid_subset_size": integer(min=1),

@@ -1,5 +1,6 @@
 """Allowed values of the conditioning group (configs/conditioning/*.yaml; src/conditioning/), checked by
 difflab.config_checks before a job starts. num_classes is usually ??? and filled in from the datamodule."""
+
 from difflab.config_checks import boolean, filled_later, integer, list_of, one_of, optional, string
 
 RULES = {

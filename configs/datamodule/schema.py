@@ -1,14 +1,26 @@
 """Allowed values of the datamodule group (configs/datamodule/*.yaml), checked by difflab.config_checks before a job
 starts; a rule applies only when its key is present (each datamodule has its own keys). Also checks the datamodule
 overrides of report.yaml. Data locations are not checked here: the datamodules report missing data in one line."""
-from difflab.config_checks import (any_of, boolean, integer, list_of, number, one_of, optional, positive,
-                                   probability, string, Rule)
+
+from difflab.config_checks import (
+    Rule,
+    any_of,
+    boolean,
+    integer,
+    list_of,
+    number,
+    one_of,
+    optional,
+    positive,
+    probability,
+    string,
+)
 
 SIZE = integer(min=1)
 HW = list_of(integer(min=1), length=2)
-DIRECTIONS = ("left", "right", "up", "down")               # src/datamodules/moving_digits.py
+DIRECTIONS = ("left", "right", "up", "down")  # src/datamodules/moving_digits.py
 VIDEO_TARGETS = ("MovingDigitsDataModule", "SignVideoDataModule")
-NATIVE_SIZE = ("CIFAR10DataModule", "CIFAR100DataModule", "STL10DataModule")   # image_size null: native
+NATIVE_SIZE = ("CIFAR10DataModule", "CIFAR100DataModule", "STL10DataModule")  # image_size null: native
 
 RULES = {
     # loaders (src/datamodules/image_common.py and the others)
@@ -29,20 +41,22 @@ RULES = {
     "val_split": optional(any_of(string(nonempty=True), number(min=0, max=1, max_open=True))),
     "train_split": optional(string(nonempty=True)),
     "test_split": optional(string(nonempty=True)),
-    "split": one_of(["train", "unlabeled", "train+unlabeled", "test"]),    # stl10
+    "split": one_of(["train", "unlabeled", "train+unlabeled", "test"]),  # stl10
     "fold": optional(integer(min=0, max=9)),
     "reader": one_of(["pread", "memmap"]),
     "channels": one_of([1, 3, 4]),
     "class_folders": optional(boolean()),
     "extensions": optional(list_of(string(nonempty=True), min_len=1)),
-    "on_bad_item": one_of(["error", "skip"]),                               # image_folder: unreadable images
+    "on_bad_item": one_of(["error", "skip"]),  # image_folder: unreadable images
     "data_dir": string(nonempty=True),
     "cache_dir": string(nonempty=True).described_as(
-        "a latent cache, latent shards or clip shards directory (difflab-encode-latents / difflab-prepare-clips)"),
+        "a latent cache, latent shards or clip shards directory (difflab-encode-latents / difflab-prepare-clips)"
+    ),
     # sharded latents (src/datamodules/streaming_latents.py)
     "download_dir": optional(string(nonempty=True)),
     "max_cache_size": optional(any_of(integer(min=1), string(nonempty=True))).described_as(
-        "a size such as 50GB, a number of bytes, or null"),
+        "a size such as 50GB, a number of bytes, or null"
+    ),
     "storage_options": optional(Rule(lambda v: isinstance(v, dict), "a mapping of options for the storage")),
     "return_index": boolean(),
     # videos (moving_digits, sign_video)
@@ -56,9 +70,15 @@ RULES = {
     "canvas_size": integer(min=4),
     "digit_size": integer(min=4),
     "codec": string(),
-    "prompt_pairs": optional(list_of(Rule(
-        lambda p: isinstance(p, list) and len(p) == 2 and p[0] in range(10) and p[1] in DIRECTIONS,
-        "[digit 0-9, left|right|up|down]"), min_len=1)),
+    "prompt_pairs": optional(
+        list_of(
+            Rule(
+                lambda p: isinstance(p, list) and len(p) == 2 and p[0] in range(10) and p[1] in DIRECTIONS,
+                "[digit 0-9, left|right|up|down]",
+            ),
+            min_len=1,
+        )
+    ),
     "cache": boolean(),
     "backend": one_of(["pyav", "torchcodec"]),
     "strict": boolean(),

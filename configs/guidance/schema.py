@@ -1,6 +1,7 @@
 """Allowed values of the guidance group (configs/guidance/*.yaml: src/diffusion/guidance.py's classes), checked by
 difflab.config_checks before a job starts. What a method needs of its settings together (CFG++'s lambda in [0, 1],
 autoguidance's guide) its class's constructor states; the pre-flight builds it (config_checks.constructor_problems)."""
+
 from difflab.config_checks import existing_path, mapping, non_negative, number, optional, probability, sigma_interval
 
 RULES = {
@@ -9,10 +10,10 @@ RULES = {
     "rescale": probability(),
     "interval": optional(sigma_interval()),
     "per_class": optional(mapping(non_negative())),
-    "eta": number(),                                                 # apg: weight of the parallel component
-    "norm_threshold": non_negative(),                                # apg: 0 = no norm clipping
+    "eta": number(),  # apg: weight of the parallel component
+    "norm_threshold": non_negative(),  # apg: 0 = no norm clipping
     "momentum": number(min=-1, max=1, min_open=True, max_open=True),  # apg: running-sum momentum
     "guide_ckpt": optional(existing_path()).described_as(
-        "an existing checkpoint or export of the guide model (null unless guidance=autoguidance)"),
+        "an existing checkpoint or export of the guide model (null unless guidance=autoguidance)"
+    ),
 }
-

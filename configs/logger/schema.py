@@ -1,5 +1,6 @@
 """Allowed values of the logger group (configs/logger/*.yaml, a dict of logger configs), checked by
 difflab.config_checks before a job starts. `*` matches any logger name."""
+
 from difflab.config_checks import any_of, boolean, directory_path, integer, list_of, one_of, optional, string
 
 RULES = {

@@ -1,5 +1,6 @@
 """Allowed values of the lr_schedule group (configs/lr_schedule/*.yaml: src/optim/lr_schedules.py), checked by
 difflab.config_checks before a job starts."""
+
 from difflab.config_checks import non_negative, one_of
 
 RULES = {

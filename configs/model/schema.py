@@ -1,8 +1,21 @@
 """Allowed values of the model group (configs/model/*.yaml): the DiffusionModule options with their UNet2D / UNet3D /
 ViViT denoisers, and the AutoencoderModule (model=kl_vae). Checked by difflab.config_checks before a job starts; a
 rule applies only when its key is present (each option has its own keys)."""
-from difflab.config_checks import (Rule, adam_betas, boolean, integer, list_of, non_negative, number, one_of, optional, positive,
-                                   probability, string)
+
+from difflab.config_checks import (
+    Rule,
+    adam_betas,
+    boolean,
+    integer,
+    list_of,
+    non_negative,
+    number,
+    one_of,
+    optional,
+    positive,
+    probability,
+    string,
+)
 from difflab.registry import DIT_PRESETS
 
 LEVELS = list_of(integer(min=0))
@@ -14,7 +27,7 @@ RULES = {
     "compile": boolean(),
     "channels_last": boolean(),
     # the Diffusion object (src/diffusion/system.py); process, objective, sampler, guidance come from their groups
-    "diffusion.class_names": optional(list_of(string())),        # null: filled from the datamodule
+    "diffusion.class_names": optional(list_of(string())),  # null: filled from the datamodule
     "diffusion.prompts": optional(list_of(string())),
     "diffusion.p_uncond": probability(max_open=True).described_as("a number in [0, 1) (1 would drop every condition)"),
     # denoisers (src/models/unet2d.py, unet3d.py, vivit.py; dit.py below)
@@ -32,8 +45,9 @@ RULES = {
     "net.num_transformer_blocks": integer(min=0),
     "net.transformer_head_dim": integer(min=1),
     "net.mlp_ratio": positive(),
-    "net.temporal_kernel": Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1 and v % 2 == 1,
-                                "an odd integer >= 1"),
+    "net.temporal_kernel": Rule(
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1 and v % 2 == 1, "an odd integer >= 1"
+    ),
     "net.max_distance": integer(min=1),
     "net.frame_embedding": boolean(),
     "net.patch_size": integer(min=1),
@@ -45,7 +59,7 @@ RULES = {
     "net.learn_output_scale": boolean(),
     "net.output_scale_init": number(),
     # transformers (src/models/dit.py: DiT, VideoDiT)
-    "net.sample_shape": list_of(integer(min=1), min_len=3),   # ${model.diffusion.sample_shape}: from the datamodule
+    "net.sample_shape": list_of(integer(min=1), min_len=3),  # ${model.diffusion.sample_shape}: from the datamodule
     "net.size": one_of(list(DIT_PRESETS)),
     "net.num_heads": optional(integer(min=1)),
     "net.max_frames": integer(min=1),
@@ -55,8 +69,9 @@ RULES = {
     "net.fused_qkv": boolean(),
     "net.checkpoint_activations": boolean(),
     "net.compile_blocks": boolean(),
-    "net.freq_dim": Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2 and v % 2 == 0,
-                         "an even integer >= 2"),
+    "net.freq_dim": Rule(
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2 and v % 2 == 0, "an even integer >= 2"
+    ),
     # AutoencoderModule (model=kl_vae; src/lit_modules/autoencoder_module.py, its own Adam)
     "betas": adam_betas(),
     "weight_decay": non_negative(),
@@ -73,7 +88,7 @@ def levels_inside_channel_mults(model: dict):
     """UNet attention levels index channel_mults (src/models/unet2d.py raises otherwise)."""
     net = model.get("net") or {}
     mults = net.get("channel_mults")
-    if not isinstance(mults, list) or not mults:      # an empty list is reported by its own rule
+    if not isinstance(mults, list) or not mults:  # an empty list is reported by its own rule
         return None
     for key in ("attention_levels", "cross_attention_levels", "temporal_attention_levels"):
         levels = net.get(key)
@@ -113,5 +128,9 @@ def joint_text_needs_full_video_attention(model: dict):
     return None
 
 
-CHECKS = [levels_inside_channel_mults, vivit_heads_divide_width, dit_heads_divide_width,
-          joint_text_needs_full_video_attention]
+CHECKS = [
+    levels_inside_channel_mults,
+    vivit_heads_divide_width,
+    dit_heads_divide_width,
+    joint_text_needs_full_video_attention,
+]

@@ -1,5 +1,6 @@
 """Allowed values of the objective group (configs/objective/*.yaml; src/diffusion/objectives.py), checked by
 difflab.config_checks before a job starts."""
+
 from difflab.config_checks import non_negative, number, one_of, optional, positive, string
 
 RULES = {

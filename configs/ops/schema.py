@@ -1,5 +1,6 @@
 """Allowed values of the ops group (configs/ops/*.yaml, merged into `callbacks` by `# @package callbacks`; src/ops/),
 checked by difflab.config_checks before a job starts."""
+
 from difflab.config_checks import boolean, integer, list_of, optional, signal_name, string
 
 PACKAGE = "callbacks"

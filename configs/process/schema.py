@@ -1,6 +1,7 @@
 """Allowed values of the process group (configs/process/*.yaml; src/diffusion/processes.py), checked by
 difflab.config_checks before a job starts. process=vp is `${schedule}` (checked in configs/schedule/schema.py); the
 rules below are edm's and flow's keys."""
+
 from difflab.config_checks import integer, number, one_of, optional, positive
 
 RULES = {
@@ -22,7 +23,8 @@ RULES = {
     "shift": positive(),
     "t_min": number(min=0, max=1, min_open=True, max_open=True),
     "frame_shift_base": optional(integer(min=1)).described_as(
-        "null (off) or the frame count at which the video time shift is `shift`"),
+        "null (off) or the frame count at which the video time shift is `shift`"
+    ),
 }
 
 

@@ -1,6 +1,7 @@
 """Allowed values of the sampler group (configs/sampler/*.yaml; src/diffusion/samplers.py), checked by
 difflab.config_checks before a job starts. sampler=checkpoint (sample.yaml's default) has no _target_: its nulls
 mean "the checkpoint's value"."""
+
 from difflab.config_checks import Rule, integer, non_negative, one_of, optional
 
 RULES = {
@@ -12,8 +13,10 @@ RULES = {
     # EDM stochastic churn (euler, heun; continuous processes)
     "s_churn": non_negative(),
     "s_tmin": non_negative(),
-    "s_tmax": Rule(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
-                   "a number >= 0 (.inf: no upper limit)"),
+    "s_tmax": Rule(
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+        "a number >= 0 (.inf: no upper limit)",
+    ),
     "s_noise": non_negative(),
 }
 

@@ -1,21 +1,71 @@
 """Allowed values of the trainer group (configs/trainer/*.yaml: Lightning Trainer arguments), checked by
 difflab.config_checks before a job starts, so a bad one is one line instead of a Lightning traceback after setup."""
-from difflab.config_checks import (Rule, any_of, boolean, directory_path, duration, integer, list_of, mapping,
-                                   matches, number, one_of, optional)
+
+from difflab.config_checks import (
+    Rule,
+    any_of,
+    boolean,
+    directory_path,
+    duration,
+    integer,
+    list_of,
+    mapping,
+    matches,
+    number,
+    one_of,
+    optional,
+)
 
 # Lightning 2.6's registries (lightning.pytorch.accelerators / strategies), plus `auto` and `gpu`
 ACCELERATORS = ["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
-STRATEGIES = ["auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_true",
-              "ddp_find_unused_parameters_false", "ddp_spawn_find_unused_parameters_true",
-              "ddp_spawn_find_unused_parameters_false", "ddp_fork_find_unused_parameters_true",
-              "ddp_fork_find_unused_parameters_false", "ddp_notebook_find_unused_parameters_true",
-              "ddp_notebook_find_unused_parameters_false", "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2",
-              "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload",
-              "deepspeed_stage_3_offload_nvme", "fsdp", "fsdp_cpu_offload", "single_device", "single_tpu",
-              "single_xla", "xla", "xla_debug"]
+STRATEGIES = [
+    "auto",
+    "ddp",
+    "ddp_spawn",
+    "ddp_fork",
+    "ddp_notebook",
+    "ddp_find_unused_parameters_true",
+    "ddp_find_unused_parameters_false",
+    "ddp_spawn_find_unused_parameters_true",
+    "ddp_spawn_find_unused_parameters_false",
+    "ddp_fork_find_unused_parameters_true",
+    "ddp_fork_find_unused_parameters_false",
+    "ddp_notebook_find_unused_parameters_true",
+    "ddp_notebook_find_unused_parameters_false",
+    "deepspeed",
+    "deepspeed_stage_1",
+    "deepspeed_stage_2",
+    "deepspeed_stage_2_offload",
+    "deepspeed_stage_3",
+    "deepspeed_stage_3_offload",
+    "deepspeed_stage_3_offload_nvme",
+    "fsdp",
+    "fsdp_cpu_offload",
+    "single_device",
+    "single_tpu",
+    "single_xla",
+    "xla",
+    "xla_debug",
+]
 # Lightning's _PRECISION_INPUT, plus `auto` (resolved per machine by src/ops/precision.py)
-PRECISIONS = ["auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine",
-              "transformer-engine-float16", 64, 32, 16, "64", "32", "16", "bf16"]
+PRECISIONS = [
+    "auto",
+    "32-true",
+    "16-mixed",
+    "bf16-mixed",
+    "16-true",
+    "bf16-true",
+    "64-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+    64,
+    32,
+    16,
+    "64",
+    "32",
+    "16",
+    "bf16",
+]
 
 
 def _batches(v) -> bool:
@@ -27,16 +77,22 @@ BATCH_LIMIT = optional(Rule(_batches, "an integer >= 0 (batches) or a fraction i
 
 RULES = {
     "accelerator": any_of(one_of(ACCELERATORS), mapping()).described_as(
-        "one of " + ", ".join(ACCELERATORS) + " (or a _target_ mapping)"),
-    "devices": any_of(integer(min=1), one_of([-1, "auto"]), list_of(integer(min=0), min_len=1),
-                      matches(r"-1|\d+|\d+(\s*,\s*\d+)*\s*,?", "")).described_as(
-        "auto, -1 (all), a count >= 1, a list of device indices or a string such as '0,1'"),
+        "one of " + ", ".join(ACCELERATORS) + " (or a _target_ mapping)"
+    ),
+    "devices": any_of(
+        integer(min=1),
+        one_of([-1, "auto"]),
+        list_of(integer(min=0), min_len=1),
+        matches(r"-1|\d+|\d+(\s*,\s*\d+)*\s*,?", ""),
+    ).described_as("auto, -1 (all), a count >= 1, a list of device indices or a string such as '0,1'"),
     "num_nodes": integer(min=1),
     "strategy": any_of(one_of(STRATEGIES), mapping()).described_as(
-        "auto, ddp, ddp_spawn, fsdp, deepspeed ... (a Lightning strategy name) or a _target_ mapping"),
+        "auto, ddp, ddp_spawn, fsdp, deepspeed ... (a Lightning strategy name) or a _target_ mapping"
+    ),
     "precision": one_of(PRECISIONS).described_as(
         "auto, 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, 64-true, transformer-engine[-float16] or 64, 32, 16, "
-        "bf16"),
+        "bf16"
+    ),
     "max_steps": integer(min=-1).described_as("an integer >= -1 (-1: no limit)"),
     "min_steps": optional(integer(min=0)),
     "max_epochs": optional(integer(min=-1)).described_as("an integer >= -1 (-1: no limit) or null"),
@@ -45,9 +101,9 @@ RULES = {
     "accumulate_grad_batches": integer(min=1),
     "gradient_clip_val": optional(number(min=0)),
     "gradient_clip_algorithm": optional(one_of(["norm", "value"])),
-    "val_check_interval": optional(any_of(integer(min=1), number(min=0, max=1, min_open=True),
-                                          duration())).described_as(
-        "an integer >= 1 (batches), a fraction in (0, 1] of an epoch, a duration DD:HH:MM:SS or null"),
+    "val_check_interval": optional(
+        any_of(integer(min=1), number(min=0, max=1, min_open=True), duration())
+    ).described_as("an integer >= 1 (batches), a fraction in (0, 1] of an epoch, a duration DD:HH:MM:SS or null"),
     "check_val_every_n_epoch": optional(integer(min=1)),
     "limit_train_batches": BATCH_LIMIT,
     "limit_val_batches": BATCH_LIMIT,
@@ -70,8 +126,10 @@ RULES = {
 def fraction_needs_epochs(trainer: dict):
     """Lightning takes a fractional val_check_interval only with check_val_every_n_epoch set."""
     if isinstance(trainer.get("val_check_interval"), float) and trainer.get("check_val_every_n_epoch") is None:
-        return "val_check_interval", ("an integer >= 1 (batches) or a duration DD:HH:MM:SS; a fraction of an epoch "
-                                      "needs trainer.check_val_every_n_epoch")
+        return "val_check_interval", (
+            "an integer >= 1 (batches) or a duration DD:HH:MM:SS; a fraction of an epoch "
+            "needs trainer.check_val_every_n_epoch"
+        )
     return None
 
 
@@ -89,8 +147,11 @@ def fsdp_precision(trainer: dict):
     """FSDP2 through Lightning's ModelParallelStrategy trains in 32-true or bf16-mixed (no fp16 gradient scaler, and
     16-true / bf16-true would cast the sharded master weights)."""
     strategy = trainer.get("strategy")
-    if isinstance(strategy, dict) and strategy.get("_target_") == FSDP_STRATEGY \
-            and trainer.get("precision") not in FSDP_PRECISIONS:
+    if (
+        isinstance(strategy, dict)
+        and strategy.get("_target_") == FSDP_STRATEGY
+        and trainer.get("precision") not in FSDP_PRECISIONS
+    ):
         return "precision", "auto, 32-true or bf16-mixed with trainer=fsdp (bf16 gathered weights, fp32 reductions)"
     return None
 

@@ -12,6 +12,7 @@ A number ranks arms only when the arms measured the same thing the same way. Two
 Every other metric depends on nothing declared and is compared as logged. The evaluation seed is not a dependency
 (other noise gives a valid but unpaired comparison); it decides whether differences are paired by evaluation noise.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -26,7 +27,7 @@ SAMPLING_ONLY = frozenset({"spacing", "x0_clip", "clip_range", "dynamic_quantile
 SAMPLE_PREFIX = "metrics/"
 MEASUREMENT_FIELDS = ("n_samples", "feature", "weights_sha256", "resize", "reference", "n_cols", "pairs")
 GENERATION_FIELDS = ("sampler", "guidance")
-GENERATION_KEYS = ("sampler", "guidance")   # swept keys whose path names one of these change how samples are drawn
+GENERATION_KEYS = ("sampler", "guidance")  # swept keys whose path names one of these change how samples are drawn
 
 
 def is_loss(metric: str) -> bool:
@@ -89,15 +90,20 @@ def loss_reason(metric: str, arms, swept_keys: Iterable[str]) -> str | None:
     if not differing and unknown:
         swept = [k for k in swept_keys if k.split(".")[0] in (*LOSS_CONFIG, "schedule", "experiment")]
         if swept:
-            return (f"`{metric}` is a training loss in each arm's own units and the sweep changes "
-                    f"{', '.join(f'`{k}`' for k in swept)}, on which it depends (the job configs are unreadable)")
+            return (
+                f"`{metric}` is a training loss in each arm's own units and the sweep changes "
+                f"{', '.join(f'`{k}`' for k in swept)}, on which it depends (the job configs are unreadable)"
+            )
         return None
     if not differing:
         return None
-    shown = ", ".join(f"`{k}`" for k in differing[:4]) + (f" and {len(differing) - 4} more" if len(differing) > 4
-                                                          else "")
-    return (f"`{metric}` is a training loss in each arm's own units (process and objective), and those differ "
-            f"between arms ({shown})")
+    shown = ", ".join(f"`{k}`" for k in differing[:4]) + (
+        f" and {len(differing) - 4} more" if len(differing) > 4 else ""
+    )
+    return (
+        f"`{metric}` is a training loss in each arm's own units (process and objective), and those differ "
+        f"between arms ({shown})"
+    )
 
 
 def sample_reason(metric: str, arms, swept_keys: Iterable[str]) -> str | None:
@@ -119,8 +125,10 @@ def sample_reason(metric: str, arms, swept_keys: Iterable[str]) -> str | None:
     differing = _differing({k: v for k, v in per_arm.items() if v})
     if not differing:
         return None
-    shown = "; ".join(f"{field} " + " vs ".join(f"{per_arm[a.label].get(field, '?')} ({a.label})" for a in arms
-                                                  if per_arm[a.label]) for field in differing[:2])
+    shown = "; ".join(
+        f"{field} " + " vs ".join(f"{per_arm[a.label].get(field, '?')} ({a.label})" for a in arms if per_arm[a.label])
+        for field in differing[:2]
+    )
     return f"`{metric}` was measured differently in different arms ({shown})"
 
 

@@ -5,6 +5,7 @@ Student t inverse CDF and CDF) rather than ``scipy.stats``, which keeps the impo
 free to serve as an independent reference in the tests. With a handful of seeds per arm the t distribution (not
 the normal) is what makes an interval honest: at n = 2 its 97.5% quantile is 12.7, not 1.96.
 """
+
 from __future__ import annotations
 
 import math

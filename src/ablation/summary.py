@@ -8,6 +8,7 @@ least two seeds match, else by Welch's unpaired t. A metric whose arms measured 
 metric the p-values are Holm-adjusted; each comparison states the smallest difference it could detect (80% power)
 and the seeds that would detect the observed (or ``--detect``) difference, and ends in a one-sentence verdict.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,12 +22,23 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from difflab.ablation.comparable import incomparable_reason, protocol_entry
-from difflab.ablation.stats import (ALPHA, POWER, Difference, Interval, detectable_difference, holm, mean_ci,
-                                    paired_design, paired_difference, seeds_needed, welch_design, welch_difference)
-from difflab.ablation.sweep import SEED_KEY, Job, Sweep
-from difflab.utils.errors import ConfigError, DataNotFoundError
+from difflab.ablation.stats import (
+    ALPHA,
+    POWER,
+    Difference,
+    Interval,
+    detectable_difference,
+    holm,
+    mean_ci,
+    paired_design,
+    paired_difference,
+    seeds_needed,
+    welch_design,
+    welch_difference,
+)
+from difflab.ablation.sweep import SEED_KEY, Job, Sweep, parse_job_overrides
 from difflab.ops.atomic import atomic_write, write_text
-from difflab.ablation.sweep import parse_job_overrides
+from difflab.utils.errors import ConfigError, DataNotFoundError
 
 LEVEL = 0.95
 DASH = "—"
@@ -36,12 +48,29 @@ METRIC_PREFIX = "metrics/"
 AUXILIARY_SUFFIXES = ("_floor", "_std")
 UNSET = "default"
 SUMMARY_COLUMNS = ["arm", "metric", "n", "mean", "sd", "ci_low", "ci_high", "step_min", "step_max", "floor"]
-DIFFERENCE_COLUMNS = ["arm", "baseline", "metric", "kind", "n", "mean_diff", "sd", "ci_low", "ci_high", "p_value",
-                      "p_holm", "detectable_80", "target", "seeds_for_target", "n_arm", "n_baseline", "se", "df",
-                      "seeds"]
+DIFFERENCE_COLUMNS = [
+    "arm",
+    "baseline",
+    "metric",
+    "kind",
+    "n",
+    "mean_diff",
+    "sd",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "p_holm",
+    "detectable_80",
+    "target",
+    "seeds_for_target",
+    "n_arm",
+    "n_baseline",
+    "se",
+    "df",
+    "seeds",
+]
 MOST_SEEDS = 1000
-PROTOCOL_FIELDS = ("n_samples", "feature", "weights_sha256", "resize", "reference", "eval_seed", "sampler",
-                   "guidance")
+PROTOCOL_FIELDS = ("n_samples", "feature", "weights_sha256", "resize", "reference", "eval_seed", "sampler", "guidance")
 PROTOCOL_SKIP = frozenset({"floor", "floor_metric", "weights"})
 
 
@@ -102,8 +131,10 @@ class Detect:
         except ValueError:
             value = math.nan
         if not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"--detect {text!r}: give a positive difference, in the metric's units (3.7) or as a "
-                              f"percentage of the baseline's mean (5%)")
+            raise ConfigError(
+                f"--detect {text!r}: give a positive difference, in the metric's units (3.7) or as a "
+                f"percentage of the baseline's mean (5%)"
+            )
         return cls(value, raw.endswith("%"))
 
     def absolute(self, baseline_mean: float) -> float:
@@ -125,11 +156,12 @@ class Report:
     baseline: Arm
     rows: list[MetricRow]
     differences: list[DifferenceRow]
-    incomparable: dict[str, str] = field(default_factory=dict)   # metric -> why its arms cannot be ranked
+    incomparable: dict[str, str] = field(default_factory=dict)  # metric -> why its arms cannot be ranked
     detect: Detect | None = None
 
 
 # ------------------------------------------------------------------------------------------------------------- arms
+
 
 def arm_keys(sweep: Sweep) -> list[str]:
     """The swept keys that define arms: all of them except the seed, which indexes the replicates."""
@@ -143,12 +175,14 @@ def arm_label(values: dict[str, str]) -> str:
 
 def _sweep_order(sweep: Sweep, keys: list[str]) -> Callable[[dict[str, str]], tuple]:
     """Sort key putting arms in the order their values were given on the command line (unknown values last)."""
+
     def key(values: dict[str, str]) -> tuple:
         out = []
         for k in keys:
             listed = sweep.sweep_values.get(k) or []
             out.append(listed.index(values[k]) if values[k] in listed else len(listed))
         return tuple(out)
+
     return key
 
 
@@ -186,6 +220,7 @@ def find_arm(arms: list[Arm], text: str) -> Arm:
 
 # ---------------------------------------------------------------------------------------------------------- metrics
 
+
 def is_auxiliary(metric: str) -> bool:
     """Floors and spreads logged next to a metric (``*_floor``, ``*_std``): shown with it, not as metrics."""
     return metric.endswith(AUXILIARY_SUFFIXES)
@@ -220,9 +255,11 @@ def select_metrics(sweep: Sweep, requested: list[str] | None) -> list[str]:
 def _nothing_logged(sweep: Sweep) -> str:
     """The error message for a sweep without a single logged value."""
     if not sweep.jobs:
-        return (f"no job in {sweep.path} has started yet (no <n>/.hydra/overrides.yaml): nothing to summarize")
-    return (f"no job in {sweep.path} logged any metric ({len(sweep.jobs)} job directories, none with rows in "
-            f"csv/metrics.csv or metrics in final_metrics.json; train with logger=csv)")
+        return f"no job in {sweep.path} has started yet (no <n>/.hydra/overrides.yaml): nothing to summarize"
+    return (
+        f"no job in {sweep.path} logged any metric ({len(sweep.jobs)} job directories, none with rows in "
+        f"csv/metrics.csv or metrics in final_metrics.json; train with logger=csv)"
+    )
 
 
 def higher_is_better(metric: str) -> bool:
@@ -260,8 +297,10 @@ def check_step(sweep: Sweep, metrics: list[str], step: int | None) -> None:
     if any(job_value(j, m, step) for j in sweep.jobs for m in metrics):
         return
     steps = sorted({s for j in sweep.jobs for m in metrics for s, _ in j.series.get(m, [])})
-    raise ConfigError(f"--step {step}: no job logged {', '.join(metrics)} at that step; steps logged: "
-                      f"{_shorten([str(s) for s in steps])}")
+    raise ConfigError(
+        f"--step {step}: no job logged {', '.join(metrics)} at that step; steps logged: "
+        f"{_shorten([str(s) for s in steps])}"
+    )
 
 
 def _shorten(items: list[str], limit: int = 12) -> str:
@@ -272,6 +311,7 @@ def _shorten(items: list[str], limit: int = 12) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- analysis
 
+
 def metric_row(arm: Arm, metric: str, step: int | None) -> MetricRow:
     """One arm's statistics for one metric."""
     found = [(job, job_value(job, metric, step)) for job in arm.jobs]
@@ -279,9 +319,14 @@ def metric_row(arm: Arm, metric: str, step: int | None) -> MetricRow:
     floors = [f for f in (job_floor(job, metric, step) for job, _ in used) if f is not None]
     if not used:  # no value, but the jobs may still have measured the floor
         floors = [f for f in (job_floor(job, metric, step) for job in arm.jobs) if f is not None]
-    return MetricRow(arm=arm, metric=metric, interval=mean_ci([v for _, (_, v) in used], LEVEL),
-                     steps=sorted({s for _, (s, _) in used}), floor=float(np.mean(floors)) if floors else None,
-                     left_out=[job for job, sv in found if sv is None])
+    return MetricRow(
+        arm=arm,
+        metric=metric,
+        interval=mean_ci([v for _, (_, v) in used], LEVEL),
+        steps=sorted({s for _, (s, _) in used}),
+        floor=float(np.mean(floors)) if floors else None,
+        left_out=[job for job, sv in found if sv is None],
+    )
 
 
 def mark_best(rows: list[MetricRow]) -> None:
@@ -337,9 +382,13 @@ def compare(arm: Arm, baseline: Arm, metric: str, step: int | None, detect: Dete
         var_a, var_b = float(np.var(all_a, ddof=1)), float(np.var(all_b, ddof=1))
         design = lambda n: welch_design(var_a, var_b, n, n)  # noqa: E731
     else:
-        return DifferenceRow(arm, baseline, metric, None,
-                             reason=f"{len(matched)} matched seed(s) and {len(all_a)} vs {len(all_b)} values: "
-                                    f"too few to estimate")
+        return DifferenceRow(
+            arm,
+            baseline,
+            metric,
+            None,
+            reason=f"{len(matched)} matched seed(s) and {len(all_a)} vs {len(all_b)} values: too few to estimate",
+        )
     row.detectable = detectable_difference(result.se, result.df)
     row.target = detect.absolute(float(np.mean(all_b))) if detect else abs(result.mean)
     row.target_text = detect.describe(float(np.mean(all_b))) if detect else fmt(row.target)
@@ -356,8 +405,13 @@ def adjust(rows: list[DifferenceRow]) -> None:
         row.p_adjusted = p
 
 
-def build_report(sweep: Sweep, metrics: list[str] | None = None, baseline: str | None = None,
-                 step: int | None = None, detect: Detect | None = None) -> Report:
+def build_report(
+    sweep: Sweep,
+    metrics: list[str] | None = None,
+    baseline: str | None = None,
+    step: int | None = None,
+    detect: Detect | None = None,
+) -> Report:
     """All statistics of a sweep: rows per metric × arm and, for metrics the arms measured alike, the best arm and
     the differences against the baseline arm (Holm-adjusted, with their power)."""
     chosen = select_metrics(sweep, metrics)
@@ -378,11 +432,21 @@ def build_report(sweep: Sweep, metrics: list[str] | None = None, baseline: str |
         compared = [compare(arm, base, metric, step, detect) for arm in arms if arm is not base]
         adjust(compared)
         differences.extend(compared)
-    return Report(sweep=sweep, arms=arms, metrics=chosen, step=step, baseline=base, rows=rows,
-                  differences=differences, incomparable=incomparable, detect=detect)
+    return Report(
+        sweep=sweep,
+        arms=arms,
+        metrics=chosen,
+        step=step,
+        baseline=base,
+        rows=rows,
+        differences=differences,
+        incomparable=incomparable,
+        detect=detect,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ text
+
 
 def fmt(value: Any, digits: int = 4) -> str:
     """A number for the tables: ``digits`` significant digits, ``—`` for missing/NaN."""
@@ -440,14 +504,21 @@ def job_count_lines(sweep: Sweep) -> list[str]:
     unfinished = [j for j in jobs if not j.finished]
     expected = f"{len(sweep.grid)} in the grid, " if sweep.grid is not None else ""
     how = ", ".join(f"{n} {s}" for s, n in statuses.items())
-    lines = [f"- jobs: {expected}{len(jobs)} found, {len(finished)} finished" + (f" ({how})" if how else "")
-             + f", {len(unfinished)} unfinished" + (f", {len(missing)} missing" if sweep.grid is not None else "")]
+    lines = [
+        f"- jobs: {expected}{len(jobs)} found, {len(finished)} finished"
+        + (f" ({how})" if how else "")
+        + f", {len(unfinished)} unfinished"
+        + (f", {len(missing)} missing" if sweep.grid is not None else "")
+    ]
     if missing:
         named = "; ".join(f"job {i} ({', '.join(f'{k}={v}' for k, v in p.items())})" for i, p in missing)
         lines.append(f"- missing (no job directory): {named}")
     if unfinished:
-        named = "; ".join(describe_job(j, keys) + (f", last logged step {j.last_step}" if j.last_step is not None
-                                                   else ", nothing logged") for j in unfinished)
+        named = "; ".join(
+            describe_job(j, keys)
+            + (f", last logged step {j.last_step}" if j.last_step is not None else ", nothing logged")
+            for j in unfinished
+        )
         lines.append(f"- unfinished (no final_metrics.json: still running or failed): {named}")
     return lines
 
@@ -471,14 +542,18 @@ def evaluation_line(jobs: list[Job], metric: str | None = None) -> str:
     settings = {_evaluation_setting(j, metric) for j in jobs}
     settings.discard((None, None))
     if not settings or any(s is None for s, _ in settings):
-        return ("no evaluation seed recorded (no protocol eval_seed, no callbacks.sample_metrics.seed): cannot tell "
-                "whether arms were evaluated on the same noise")
+        return (
+            "no evaluation seed recorded (no protocol eval_seed, no callbacks.sample_metrics.seed): cannot tell "
+            "whether arms were evaluated on the same noise"
+        )
     if len(settings) == 1 and "mixed" not in next(iter(settings)):
         seed, n = next(iter(settings))
         count = f", n {n}" if n is not None else ""
         return f"paired: every arm was evaluated on the same noise (eval seed {seed}{count})"
-    shown = "; ".join(f"seed {s}, n {n}: jobs " + ", ".join(j.name for j in jobs if _evaluation_setting(j, metric)
-                                                          == (s, n)) for s, n in sorted(settings, key=str))
+    shown = "; ".join(
+        f"seed {s}, n {n}: jobs " + ", ".join(j.name for j in jobs if _evaluation_setting(j, metric) == (s, n))
+        for s, n in sorted(settings, key=str)
+    )
     return f"evaluation seeds differ between jobs ({shown}): differences are not paired by evaluation noise"
 
 
@@ -504,8 +579,10 @@ def protocol_line(metric: str, jobs: list[Job]) -> str | None:
         if len(shown) == 1:
             parts.append(f"{key.replace('_', ' ')} {next(iter(shown))}")
         else:
-            parts.append(f"{key.replace('_', ' ')} DIFFERS: " +
-                         " / ".join(f"{v} (jobs {', '.join(names)})" for v, names in shown.items()))
+            parts.append(
+                f"{key.replace('_', ' ')} DIFFERS: "
+                + " / ".join(f"{v} (jobs {', '.join(names)})" for v, names in shown.items())
+            )
     floors = [e["floor"] for _, e in entries if isinstance(e.get("floor"), (int, float))]
     if floors:
         parts.append(f"real-vs-real floor {fmt(float(np.mean(floors)))}")
@@ -520,23 +597,39 @@ def header_lines(report: Report) -> list[str]:
     """The summary's header: what was read, what is missing, how values were chosen and evaluated."""
     sweep = report.sweep
     keys = arm_keys(sweep)
-    lines = [f"# Ablation summary: {sweep.path.name}", "", f"- sweep: `{sweep.path}`",
-             f"- sweeper: {sweep.sweeper}; swept keys: {_grid_line(sweep)}"]
+    lines = [
+        f"# Ablation summary: {sweep.path.name}",
+        "",
+        f"- sweep: `{sweep.path}`",
+        f"- sweeper: {sweep.sweeper}; swept keys: {_grid_line(sweep)}",
+    ]
     if sweep.grid_note:
         lines.append(f"- note: {sweep.grid_note}")
     by = ", ".join(f"`{k}`" for k in keys) or "nothing (only the seed varies)"
     lines.append(f"- arms: {len(report.arms)}, by {by}; replicates: `{SEED_KEY}`")
     lines += job_count_lines(sweep)
-    lines.append("- values: " + ("each job's last logged value" if report.step is None
-                                 else f"the value each job logged at step {report.step}"))
+    lines.append(
+        "- values: "
+        + (
+            "each job's last logged value"
+            if report.step is None
+            else f"the value each job logged at step {report.step}"
+        )
+    )
     lines.append(f"- intervals: {LEVEL:.0%} Student-t over an arm's seeds (mean ± t·sd/√n); n = 1 gives no sd or CI")
     detect = report.detect
-    target = ("the observed difference (`--detect 5%` sizes the sweep for another)" if detect is None else
-              f"{100 * detect.value:.3g}% of the baseline's mean" if detect.relative else
-              f"a difference of {fmt(detect.value)}")
-    lines.append(f"- power: each comparison states the smallest difference it detects with {POWER:.0%} power at "
-                 f"alpha {ALPHA}, and the seeds per arm that would detect {target}")
-    for metric, reason in report.incomparable.items():
+    target = (
+        "the observed difference (`--detect 5%` sizes the sweep for another)"
+        if detect is None
+        else f"{100 * detect.value:.3g}% of the baseline's mean"
+        if detect.relative
+        else f"a difference of {fmt(detect.value)}"
+    )
+    lines.append(
+        f"- power: each comparison states the smallest difference it detects with {POWER:.0%} power at "
+        f"alpha {ALPHA}, and the seeds per arm that would detect {target}"
+    )
+    for reason in report.incomparable.values():
         lines.append(f"- not compared: {reason}; its values are shown per arm, not ranked or differenced")
     protocol = [p for p in (protocol_line(m, sweep.jobs) for m in report.metrics) if p]
     if protocol:
@@ -556,8 +649,11 @@ def metric_table(report: Report, metric: str) -> list[str]:
     direction = "higher is better" if higher_is_better(metric) else "lower is better"
     with_floor = any(r.floor is not None for r in rows)
     ranked = metric not in report.incomparable
-    header = ["arm", "n", "mean", "sd", f"{LEVEL:.0%} CI", "step"] + (["floor"] if with_floor else []) \
+    header = (
+        ["arm", "n", "mean", "sd", f"{LEVEL:.0%} CI", "step"]
+        + (["floor"] if with_floor else [])
         + (["best"] if ranked else [])
+    )
     body = []
     for r in rows:
         iv = r.interval
@@ -565,22 +661,39 @@ def metric_table(report: Report, metric: str) -> list[str]:
         cells += [fmt(r.floor)] if with_floor else []
         body.append(cells + (["**best**" if r.best else ""] if ranked else []))
     if ranked:
-        lines = ["", f"### `{metric}` ({direction})", "", f"evaluation: {evaluation_line(report.sweep.jobs, metric)}",
-                 "", *_table(header, body)]
+        lines = [
+            "",
+            f"### `{metric}` ({direction})",
+            "",
+            f"evaluation: {evaluation_line(report.sweep.jobs, metric)}",
+            "",
+            *_table(header, body),
+        ]
     else:
-        lines = ["", f"### `{metric}` (not compared)", "",
-                 f"> **not comparable across arms:** {report.incomparable[metric]}; the values below are each arm's "
-                 f"own, not ranked or differenced.", "", *_table(header, body)]
+        lines = [
+            "",
+            f"### `{metric}` (not compared)",
+            "",
+            f"> **not comparable across arms:** {report.incomparable[metric]}; the values below are each arm's "
+            f"own, not ranked or differenced.",
+            "",
+            *_table(header, body),
+        ]
     steps = sorted({s for r in rows for s in r.steps})
     if report.step is None and len(steps) > 1:
-        lines.append(f"\nnote: the values come from different steps ({fmt_steps(steps)}); "
-                     f"`--step N` compares every job at one step")
+        lines.append(
+            f"\nnote: the values come from different steps ({fmt_steps(steps)}); "
+            f"`--step N` compares every job at one step"
+        )
     where = "no value logged" if report.step is None else f"no value at step {report.step}"
     keys = report.sweep.swept_keys
     for r in rows:
         if r.left_out:
-            named = "; ".join(describe_job(j, keys) + (f" (last logged step {j.series[metric][-1][0]})"
-                                                       if j.series.get(metric) else "") for j in r.left_out)
+            named = "; ".join(
+                describe_job(j, keys)
+                + (f" (last logged step {j.series[metric][-1][0]})" if j.series.get(metric) else "")
+                for j in r.left_out
+            )
             lines.append(f"\nleft out of `{r.arm.label}` ({where}): {named}")
     return lines
 
@@ -594,8 +707,11 @@ def difference_table(report: Report, metric: str) -> list[str]:
     there is more than one comparison, the detectable difference and the seeds for the target difference."""
     rows = [d for d in report.differences if d.metric == metric]
     adjusted = any(d.p_adjusted is not None for d in rows)
-    header = ["arm", "kind", "n", "mean diff", "sd", f"{LEVEL:.0%} CI", "p"] + (["p (Holm)"] if adjusted else []) \
+    header = (
+        ["arm", "kind", "n", "mean diff", "sd", f"{LEVEL:.0%} CI", "p"]
+        + (["p (Holm)"] if adjusted else [])
         + [f"detectable ({POWER:.0%})", "target", "seeds for target", "seeds"]
+    )
     body = []
     for d in rows:
         r = d.result
@@ -605,9 +721,11 @@ def difference_table(report: Report, metric: str) -> list[str]:
         kind = "paired t" if r.kind == "paired" else "unpaired (Welch)"
         n = str(r.n) if r.kind == "paired" else f"{r.n_a} vs {r.n_b}"
         seeds = ", ".join(d.seeds) if d.seeds else d.reason
-        body.append([d.arm.label, kind, n, fmt(r.mean), fmt(r.sd), fmt_interval(r.low, r.high), fmt_p(r.p_value)]
-                    + ([fmt_p(d.p_adjusted) if d.p_adjusted is not None else DASH] if adjusted else [])
-                    + [fmt(d.detectable), fmt(d.target), _seeds_text(d.needed) if d.target else DASH, seeds])
+        body.append(
+            [d.arm.label, kind, n, fmt(r.mean), fmt(r.sd), fmt_interval(r.low, r.high), fmt_p(r.p_value)]
+            + ([fmt_p(d.p_adjusted) if d.p_adjusted is not None else DASH] if adjusted else [])
+            + [fmt(d.detectable), fmt(d.target), _seeds_text(d.needed) if d.target else DASH, seeds]
+        )
     return ["", f"### `{metric}`", "", *_table(header, body)] if body else []
 
 
@@ -623,21 +741,27 @@ def verdict(d: DifferenceRow, comparisons: int) -> str:
     low, high = (-r.high, -r.low) if lower else (r.low, r.high)
     better = lower != higher_is_better(d.metric)
     p = d.p_adjusted if d.p_adjusted is not None else r.p_value
-    p_text = f"p = {fmt_p(p)}" + (f" (Holm-adjusted over {comparisons} comparisons; unadjusted {fmt_p(r.p_value)})"
-                                  if d.p_adjusted is not None else "")
-    text = (f"{name} is {'lower' if lower else 'higher'} in `{d.metric}` than {base} by {fmt(abs(r.mean))} "
-            f"[{fmt(low)}, {fmt(high)}] ({'better' if better else 'worse'}), {p_text}, ")
+    p_text = f"p = {fmt_p(p)}" + (
+        f" (Holm-adjusted over {comparisons} comparisons; unadjusted {fmt_p(r.p_value)})"
+        if d.p_adjusted is not None
+        else ""
+    )
+    text = (
+        f"{name} is {'lower' if lower else 'higher'} in `{d.metric}` than {base} by {fmt(abs(r.mean))} "
+        f"[{fmt(low)}, {fmt(high)}] ({'better' if better else 'worse'}), {p_text}, "
+    )
     if p < ALPHA:
         return text + f"resolved with {seeds}."
     text += f"not resolved with {seeds}"
     if math.isfinite(d.detectable) and abs(r.mean) < d.detectable:
-        text += (f"; it is below the smallest difference this sweep detects with {POWER:.0%} power "
-                 f"({fmt(d.detectable)})")
+        text += f"; it is below the smallest difference this sweep detects with {POWER:.0%} power ({fmt(d.detectable)})"
     if d.needed is not None:
         text += f"; {d.needed} seeds would detect a {d.target_text} difference at {POWER:.0%} power"
     else:
-        text += (f"; more than {MOST_SEEDS} seeds would be needed to detect a {d.target_text} difference at "
-                 f"{POWER:.0%} power")
+        text += (
+            f"; more than {MOST_SEEDS} seeds would be needed to detect a {d.target_text} difference at "
+            f"{POWER:.0%} power"
+        )
     return text + "."
 
 
@@ -658,19 +782,28 @@ def render_markdown(report: Report) -> str:
         lines += metric_table(report, metric)
     diff_lines = [line for m in report.metrics for line in difference_table(report, m)]
     if diff_lines:
-        lines += ["", f"## Differences against `{report.baseline.label}` (arm − baseline)", "",
-                  f"Paired by training seed where ≥ 2 seeds match (paired t), else unpaired (Welch) when both arms "
-                  f"have ≥ 2 values. With more than one comparison per metric, p (Holm) controls the chance of any "
-                  f"false difference among them at {ALPHA}; the intervals are not adjusted. `detectable`: the "
-                  f"smallest true difference this design detects with {POWER:.0%} power at alpha {ALPHA}; `seeds for "
-                  f"target`: seeds per arm that would detect the target difference.", *diff_lines,
-                  "", "## Verdicts", "", *verdict_lines(report)]
+        lines += [
+            "",
+            f"## Differences against `{report.baseline.label}` (arm − baseline)",
+            "",
+            f"Paired by training seed where ≥ 2 seeds match (paired t), else unpaired (Welch) when both arms "
+            f"have ≥ 2 values. With more than one comparison per metric, p (Holm) controls the chance of any "
+            f"false difference among them at {ALPHA}; the intervals are not adjusted. `detectable`: the "
+            f"smallest true difference this design detects with {POWER:.0%} power at alpha {ALPHA}; `seeds for "
+            f"target`: seeds per arm that would detect the target difference.",
+            *diff_lines,
+            "",
+            "## Verdicts",
+            "",
+            *verdict_lines(report),
+        ]
     if report.sweep.warnings:
         lines += ["", "## Warnings", "", *(f"- {w}" for w in report.sweep.warnings)]
     return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------------------- CSV
+
 
 def _num(value: Any) -> Any:
     """A CSV cell: full-precision number, empty for missing/NaN."""
@@ -681,10 +814,21 @@ def _num(value: Any) -> Any:
 
 def summary_records(report: Report) -> list[dict[str, Any]]:
     """summary.csv rows: one per arm × metric."""
-    return [{"arm": r.arm.label, "metric": r.metric, "n": r.interval.n, "mean": _num(r.interval.mean),
-             "sd": _num(r.interval.sd), "ci_low": _num(r.interval.low), "ci_high": _num(r.interval.high),
-             "step_min": r.steps[0] if r.steps else "", "step_max": r.steps[-1] if r.steps else "",
-             "floor": _num(r.floor)} for r in report.rows]
+    return [
+        {
+            "arm": r.arm.label,
+            "metric": r.metric,
+            "n": r.interval.n,
+            "mean": _num(r.interval.mean),
+            "sd": _num(r.interval.sd),
+            "ci_low": _num(r.interval.low),
+            "ci_high": _num(r.interval.high),
+            "step_min": r.steps[0] if r.steps else "",
+            "step_max": r.steps[-1] if r.steps else "",
+            "floor": _num(r.floor),
+        }
+        for r in report.rows
+    ]
 
 
 def difference_records(report: Report) -> list[dict[str, Any]]:
@@ -694,12 +838,29 @@ def difference_records(report: Report) -> list[dict[str, Any]]:
         r = d.result
         if r is None:
             continue
-        out.append({"arm": d.arm.label, "baseline": d.baseline.label, "metric": d.metric, "kind": r.kind,
-                    "n": r.n, "mean_diff": _num(r.mean), "sd": _num(r.sd), "ci_low": _num(r.low),
-                    "ci_high": _num(r.high), "p_value": _num(r.p_value), "p_holm": _num(d.p_adjusted),
-                    "detectable_80": _num(d.detectable), "target": _num(d.target),
-                    "seeds_for_target": d.needed if d.needed is not None else "", "n_arm": r.n_a,
-                    "n_baseline": r.n_b, "se": _num(r.se), "df": _num(r.df), "seeds": " ".join(d.seeds)})
+        out.append(
+            {
+                "arm": d.arm.label,
+                "baseline": d.baseline.label,
+                "metric": d.metric,
+                "kind": r.kind,
+                "n": r.n,
+                "mean_diff": _num(r.mean),
+                "sd": _num(r.sd),
+                "ci_low": _num(r.low),
+                "ci_high": _num(r.high),
+                "p_value": _num(r.p_value),
+                "p_holm": _num(d.p_adjusted),
+                "detectable_80": _num(d.detectable),
+                "target": _num(d.target),
+                "seeds_for_target": d.needed if d.needed is not None else "",
+                "n_arm": r.n_a,
+                "n_baseline": r.n_b,
+                "se": _num(r.se),
+                "df": _num(r.df),
+                "seeds": " ".join(d.seeds),
+            }
+        )
     return out
 
 
@@ -713,6 +874,7 @@ def csv_text(columns: list[str], records: list[dict[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------ plots
+
 
 def plot_file_name(metric: str) -> str:
     """``metrics/fd_digit200`` -> ``metrics_fd_digit200.png``."""
@@ -731,8 +893,13 @@ def arm_curve(arm: Arm, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
             by_step.setdefault(step, []).append(value)
     steps = np.array(sorted(by_step), dtype=np.int64)
     stats = [mean_ci(by_step[s], LEVEL) for s in steps]
-    return (steps, np.array([c.mean for c in stats]), np.array([c.low for c in stats]),
-            np.array([c.high for c in stats]), jobs)
+    return (
+        steps,
+        np.array([c.mean for c in stats]),
+        np.array([c.low for c in stats]),
+        np.array([c.high for c in stats]),
+        jobs,
+    )
 
 
 def draw_metric(report: Report, metric: str):
@@ -750,8 +917,15 @@ def draw_metric(report: Report, metric: str):
         (line,) = ax.plot(steps, mean, marker="o" if len(steps) < 12 else None, ms=3, label=f"{arm.label} (n={n})")
         band = np.isfinite(low) & np.isfinite(high)
         if band.any():
-            ax.fill_between(steps, np.where(band, low, np.nan), np.where(band, high, np.nan), where=band,
-                            color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.fill_between(
+                steps,
+                np.where(band, low, np.nan),
+                np.where(band, high, np.nan),
+                where=band,
+                color=line.get_color(),
+                alpha=0.2,
+                linewidth=0,
+            )
     floors = [r.floor for r in report.rows if r.metric == metric and r.floor is not None]
     if floors:
         ax.axhline(float(np.mean(floors)), color="gray", linestyle="--", linewidth=1, label="real-vs-real floor")
@@ -767,6 +941,7 @@ def draw_metric(report: Report, metric: str):
 
 
 # ----------------------------------------------------------------------------------------------------------- output
+
 
 def write_report(report: Report, out_dir: str | Path, markdown: str | None = None) -> list[Path]:
     """Write summary.md, summary.csv, differences.csv and one PNG per metric into ``out_dir``; returns the paths.

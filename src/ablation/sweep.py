@@ -12,6 +12,7 @@ Layout (``python train.py -m process=vp,edm seed=0,1,2``; configs/hydra/default.
 Overrides are parsed with Hydra's own override grammar, so the expected grid is the cartesian product that Hydra's
 basic sweeper launched, in the same order (job ``n`` is grid point ``n``).
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from difflab.utils.errors import DataNotFoundError
 from difflab.trust import without_resolvers
+from difflab.utils.errors import DataNotFoundError
 
 SEED_KEY = "seed"
 CSV_PATH = Path("csv") / "metrics.csv"
@@ -49,7 +50,7 @@ class Job:
     seed: str | None
     eval_seed: Any = None
     eval_n: Any = None
-    config: dict | None = None   # the job's composed config: references resolved, resolver calls kept as text
+    config: dict | None = None  # the job's composed config: references resolved, resolver calls kept as text
 
     @property
     def finished(self) -> bool:
@@ -90,6 +91,7 @@ def _point_key(values: dict[str, str], keys: list[str]) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------------------- overrides
+
 
 def _parser():
     """Hydra's override parser (imported here: the CLI module must stay light)."""
@@ -163,6 +165,7 @@ def differing_keys(jobs: list[Job]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------- job files
+
 
 def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
     """Per metric column, the sorted ``(step, value)`` pairs of a CSVLogger file.
@@ -275,8 +278,11 @@ def _final_series(final: Any) -> dict[str, list[tuple[int, float]]]:
 
 def _eval_setting(protocol: dict, cfg, field_name: str, config_key: str) -> Any:
     """An evaluation setting (seed / sample count) from the metric protocol, else from the job's config."""
-    values = {json.dumps(entry.get(field_name)) for entry in protocol.values()
-              if isinstance(entry, dict) and entry.get(field_name) is not None}
+    values = {
+        json.dumps(entry.get(field_name))
+        for entry in protocol.values()
+        if isinstance(entry, dict) and entry.get(field_name) is not None
+    }
     if len(values) == 1:
         return json.loads(values.pop())
     if len(values) > 1:
@@ -303,11 +309,18 @@ def read_job(path: Path, warnings: list[str]) -> Job:
     seed = overrides.get(SEED_KEY)
     if seed is None and _select(cfg, SEED_KEY) is not None:
         seed = str(_select(cfg, SEED_KEY))
-    return Job(name=path.name, path=path, overrides=overrides, status=_job_status(final), series=series,
-               protocol=protocol, seed=seed,
-               eval_seed=_eval_setting(protocol, cfg, "eval_seed", "callbacks.sample_metrics.seed"),
-               eval_n=_eval_setting(protocol, cfg, "n_samples", "callbacks.sample_metrics.n_samples"),
-               config=_plain(cfg))
+    return Job(
+        name=path.name,
+        path=path,
+        overrides=overrides,
+        status=_job_status(final),
+        series=series,
+        protocol=protocol,
+        seed=seed,
+        eval_seed=_eval_setting(protocol, cfg, "eval_seed", "callbacks.sample_metrics.seed"),
+        eval_n=_eval_setting(protocol, cfg, "n_samples", "callbacks.sample_metrics.n_samples"),
+        config=_plain(cfg),
+    )
 
 
 def _plain(cfg) -> dict | None:
@@ -357,8 +370,10 @@ def check_is_sweep(path: Path) -> None:
     hint = ""
     if (path / OVERRIDES_PATH).is_file():
         hint = f" ({path} is one job of a sweep or a single run: give its parent directory)"
-    raise DataNotFoundError(f"{path} is not a Hydra multirun directory: no multirun.yaml and no "
-                            f"<n>/.hydra/overrides.yaml{hint}; {HOW_TO_SWEEP}")
+    raise DataNotFoundError(
+        f"{path} is not a Hydra multirun directory: no multirun.yaml and no "
+        f"<n>/.hydra/overrides.yaml{hint}; {HOW_TO_SWEEP}"
+    )
 
 
 def read_sweep(path: str | Path) -> Sweep:
@@ -387,4 +402,3 @@ def read_sweep(path: str | Path) -> Sweep:
     if multirun is None and sweeper != "optuna":
         sweep.grid_note = "no multirun.yaml: swept keys taken from the values that differ between jobs"
     return sweep
-

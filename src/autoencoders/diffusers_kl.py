@@ -4,6 +4,7 @@ diffusers is an optional extra (``pip install 'difflab[latent]'``) and is import
 Latents follow the diffusers convention: ``z = (mean - shift_factor) * scaling_factor`` on encode and the inverse
 before decoding, so a latent cache or a diffusion model sees the same numbers a diffusers pipeline would.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,8 @@ import torch
 from torch import nn
 
 from difflab.autoencoders.loading import autoencoder_identity
-from difflab.utils.extras import require
 from difflab.utils.errors import CheckpointError
+from difflab.utils.extras import require
 
 
 class DiffusersKL(nn.Module):
@@ -27,17 +28,26 @@ class DiffusersKL(nn.Module):
 
     hash_exclude = ("pretrained", "subfolder", "local_files_only")  # locations, not behaviour
 
-    def __init__(self, pretrained: str = "stabilityai/sd-vae-ft-mse", subfolder: str | None = None,
-                 scaling_factor: float | None = None, local_files_only: bool = False):
+    def __init__(
+        self,
+        pretrained: str = "stabilityai/sd-vae-ft-mse",
+        subfolder: str | None = None,
+        scaling_factor: float | None = None,
+        local_files_only: bool = False,
+    ):
         super().__init__()
         AutoencoderKL = require("diffusers", "autoencoder=diffusers_kl").AutoencoderKL
         where = f"{pretrained}" + (f" (subfolder {subfolder})" if subfolder else "")
         try:
-            self.vae = AutoencoderKL.from_pretrained(str(pretrained), subfolder=subfolder,
-                                                     local_files_only=local_files_only)
+            self.vae = AutoencoderKL.from_pretrained(
+                str(pretrained), subfolder=subfolder, local_files_only=local_files_only
+            )
         except (OSError, ValueError, EnvironmentError) as e:
-            hint = "" if Path(str(pretrained)).exists() else " (a Hub id needs network access once; or give a " \
-                                                             "local directory written by save_pretrained)"
+            hint = (
+                ""
+                if Path(str(pretrained)).exists()
+                else " (a Hub id needs network access once; or give a local directory written by save_pretrained)"
+            )
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"cannot load diffusers AutoencoderKL from {where}: {msg}{hint}") from e
         cfg = self.vae.config
@@ -47,8 +57,12 @@ class DiffusersKL(nn.Module):
         self.in_channels = int(cfg.in_channels)
         self.latent_channels = int(cfg.latent_channels)
         self.downsample_factor = 2 ** (len(cfg.block_out_channels) - 1)
-        self.config = dict(pretrained=str(pretrained), subfolder=subfolder, scaling_factor=scaling_factor,
-                           local_files_only=bool(local_files_only))
+        self.config = dict(
+            pretrained=str(pretrained),
+            subfolder=subfolder,
+            scaling_factor=scaling_factor,
+            local_files_only=bool(local_files_only),
+        )
         self.vae.eval()
 
     def encode(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -5,6 +5,7 @@ Gaussian posterior (mean, logvar) with ``latent_channels`` channels. Decoder mir
 upsampling. Every level halves the resolution, so ``len(channel_mults)`` levels give a down-sampling factor of
 ``2 ** len(channel_mults)`` (2 levels -> 4x, 3 -> 8x).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -69,8 +70,9 @@ def _mid_block(channels: int, groups: int, attention: bool, dropout: float) -> n
 class Encoder(nn.Module):
     """Pixels (B x in_channels x H x W) -> 2*latent_channels moments at H/f x W/f."""
 
-    def __init__(self, in_channels, latent_channels, base_channels, channel_mults, num_res_blocks, groups,
-                 attention, dropout):
+    def __init__(
+        self, in_channels, latent_channels, base_channels, channel_mults, num_res_blocks, groups, attention, dropout
+    ):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         blocks, ch = [], base_channels
@@ -93,8 +95,9 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latents (B x latent_channels x h x w) -> pixels at h*f x w*f (unbounded; ``decode`` clamps)."""
 
-    def __init__(self, out_channels, latent_channels, base_channels, channel_mults, num_res_blocks, groups,
-                 attention, dropout):
+    def __init__(
+        self, out_channels, latent_channels, base_channels, channel_mults, num_res_blocks, groups, attention, dropout
+    ):
         super().__init__()
         ch = base_channels * channel_mults[-1]
         self.conv_in = nn.Conv2d(latent_channels, ch, 3, padding=1)
@@ -126,17 +129,31 @@ class KLAutoencoder(nn.Module):
     Pixel inputs and decoded outputs live in [-1, 1]. ``downsample_factor`` = 2 ** len(channel_mults).
     """
 
-    def __init__(self, in_channels: int = 3, latent_channels: int = 4, base_channels: int = 64,
-                 channel_mults: Sequence[int] = (1, 2, 4), num_res_blocks: int = 1, norm_groups: int = 32,
-                 mid_attention: bool = True, dropout: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        latent_channels: int = 4,
+        base_channels: int = 64,
+        channel_mults: Sequence[int] = (1, 2, 4),
+        num_res_blocks: int = 1,
+        norm_groups: int = 32,
+        mid_attention: bool = True,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if len(channel_mults) < 1:
             raise ValueError("KLAutoencoder: channel_mults needs at least one level (each level halves H and W)")
         channel_mults = [int(m) for m in channel_mults]
-        self.config = dict(in_channels=int(in_channels), latent_channels=int(latent_channels),
-                           base_channels=int(base_channels), channel_mults=channel_mults,
-                           num_res_blocks=int(num_res_blocks), norm_groups=int(norm_groups),
-                           mid_attention=bool(mid_attention), dropout=float(dropout))
+        self.config = dict(
+            in_channels=int(in_channels),
+            latent_channels=int(latent_channels),
+            base_channels=int(base_channels),
+            channel_mults=channel_mults,
+            num_res_blocks=int(num_res_blocks),
+            norm_groups=int(norm_groups),
+            mid_attention=bool(mid_attention),
+            dropout=float(dropout),
+        )
         self.in_channels = int(in_channels)
         self.latent_channels = int(latent_channels)
         self.downsample_factor = 2 ** len(channel_mults)
@@ -148,8 +165,9 @@ class KLAutoencoder(nn.Module):
         """(mean, logvar) of q(z | x), each B x latent_channels x H/f x W/f."""
         f = self.downsample_factor
         if x.shape[-1] % f or x.shape[-2] % f:
-            raise ValueError(f"KLAutoencoder: image size {tuple(x.shape[-2:])} must be divisible by the "
-                             f"down-sampling factor {f}")
+            raise ValueError(
+                f"KLAutoencoder: image size {tuple(x.shape[-2:])} must be divisible by the down-sampling factor {f}"
+            )
         mean, logvar = self.encoder(x).chunk(2, dim=1)
         return mean, logvar.clamp(*LOGVAR_RANGE)
 

@@ -9,6 +9,7 @@
   and every state-dict tensor (name, dtype, shape, bytes), so a latent cache can tell whether the autoencoder given
   later is the one that produced it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from difflab.utils.errors import CheckpointError, ConfigError
-from difflab.trust import build_stored
 from difflab.checkpoints import migrate_config
+from difflab.trust import build_stored
+from difflab.utils.errors import CheckpointError, ConfigError
 
 CHECKPOINT_KIND = "autoencoder"
 STATE_PREFIX = "autoencoder."  # AutoencoderModule holds the model as ``self.autoencoder``
@@ -110,8 +111,10 @@ def read_autoencoder_checkpoint(path: str | Path) -> tuple[dict, dict]:
     """(config, autoencoder state dict) from a ``.ckpt`` written by ``AutoencoderModule`` (weights_only load)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"autoencoder checkpoint not found: {path} (set autoencoder.ckpt_path to a .ckpt "
-                              f"written by AutoencoderModule)")
+        raise CheckpointError(
+            f"autoencoder checkpoint not found: {path} (set autoencoder.ckpt_path to a .ckpt "
+            f"written by AutoencoderModule)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -119,12 +122,14 @@ def read_autoencoder_checkpoint(path: str | Path) -> tuple[dict, dict]:
     meta = ckpt.get("difflab") if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict) or meta.get("kind") != CHECKPOINT_KIND or not isinstance(meta.get("config"), dict):
         kind = meta.get("kind") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{path} is not a difflab autoencoder checkpoint (checkpoint['difflab']['kind'] is "
-                              f"{kind!r}, expected 'autoencoder'); give a .ckpt written by AutoencoderModule")
+        raise CheckpointError(
+            f"{path} is not a difflab autoencoder checkpoint (checkpoint['difflab']['kind'] is "
+            f"{kind!r}, expected 'autoencoder'); give a .ckpt written by AutoencoderModule"
+        )
     state = ckpt.get("state_dict")
     if not isinstance(state, dict):
         raise CheckpointError(f"autoencoder checkpoint {path} has no state_dict")
-    sd = {k[len(STATE_PREFIX):]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
+    sd = {k[len(STATE_PREFIX) :]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
 
     return migrate_config(dict(meta["config"])), sd
 
@@ -138,8 +143,10 @@ def load_autoencoder_checkpoint(path: str | Path) -> nn.Module:
         raise CheckpointError(f"autoencoder checkpoint {path}: {e}") from e
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"autoencoder checkpoint {path} does not match {config['_target_']}: missing "
-                              f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+        raise CheckpointError(
+            f"autoencoder checkpoint {path} does not match {config['_target_']}: missing "
+            f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
     return model
 
 
@@ -169,8 +176,9 @@ def build_autoencoder(cfg_or_spec: Any) -> nn.Module | None:
     return _instantiate({k: v for k, v in spec.items() if k != "ckpt_path"})
 
 
-def load_autoencoder(cfg_or_spec: Any, require_weights: bool = True,
-                     source: Any = "the autoencoder config") -> tuple[nn.Module | None, dict | None]:
+def load_autoencoder(
+    cfg_or_spec: Any, require_weights: bool = True, source: Any = "the autoencoder config"
+) -> tuple[nn.Module | None, dict | None]:
     """(frozen eval autoencoder, identity) from a checkpoint path, a diffusers id/path or a config mapping.
 
     A config whose class needs trained weights (``KLAutoencoder``) must name ``ckpt_path`` unless
@@ -185,14 +193,18 @@ def load_autoencoder(cfg_or_spec: Any, require_weights: bool = True,
         model = load_autoencoder_checkpoint(ckpt)
         target = spec.get("_target_")
         if target and target != class_path(model):
-            raise ConfigError(f"autoencoder config names {target} but {ckpt} holds a {class_path(model)}; fix "
-                              f"autoencoder=... or autoencoder.ckpt_path")
+            raise ConfigError(
+                f"autoencoder config names {target} but {ckpt} holds a {class_path(model)}; fix "
+                f"autoencoder=... or autoencoder.ckpt_path"
+            )
         reload_spec = {"ckpt_path": str(Path(ckpt).expanduser().resolve())}
     else:
         target = str(spec.get("_target_", ""))
         if require_weights and target.endswith("kl_vae.KLAutoencoder"):
-            raise ConfigError("autoencoder.ckpt_path is null: a KLAutoencoder needs trained weights; train one with "
-                              "AutoencoderModule and set autoencoder.ckpt_path=<run>/checkpoints/last.ckpt")
+            raise ConfigError(
+                "autoencoder.ckpt_path is null: a KLAutoencoder needs trained weights; train one with "
+                "AutoencoderModule and set autoencoder.ckpt_path=<run>/checkpoints/last.ckpt"
+            )
         model = _instantiate({k: v for k, v in spec.items() if k != "ckpt_path"}, source)
         reload_spec = {k: v for k, v in spec.items() if k != "ckpt_path"}
     model.eval().requires_grad_(False)

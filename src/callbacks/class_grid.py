@@ -1,17 +1,20 @@
 """Fixed-seed sample grid: one row per class (or prompt) plus an unconditional row, the same noise in each column."""
+
 from __future__ import annotations
 
 from pathlib import Path
+
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
-from difflab.ops.ema_weights import ema_module, prepare_ema_weights
-from difflab.utils.conditions import condition_key
+
 from difflab.callbacks.figures import log_scalars, publish_metrics
 from difflab.callbacks.schedule import is_scheduled
+from difflab.diagnostics.class_grid import render_grid, render_scored_grid
 from difflab.eval.grid_judge import build_judge
 from difflab.metrics.protocol import write_protocol
+from difflab.ops.ema_weights import ema_module, prepare_ema_weights
+from difflab.utils.conditions import condition_key
 from difflab.utils.logging import figure_path, log_image
-from difflab.diagnostics.class_grid import render_grid, render_scored_grid
 
 
 class ClassGridCallback(L.Callback):
@@ -23,11 +26,22 @@ class ClassGridCallback(L.Callback):
 
     samples_ema_weights = True  # difflab.ops.ema_weights: draws from the EMA weights
 
-    def __init__(self, every_n_steps: int = 500, n_cols: int = 8, seed: int = 0, guidance_scale: float | None = None,
-                 dense_early: bool = False, at_end: bool = True, tag_suffix: str = "", guidance: dict | None = None,
-                 judge: str = "none", clip_model: str | None = None, digit_classifier_weights: str | None = None):
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        n_cols: int = 8,
+        seed: int = 0,
+        guidance_scale: float | None = None,
+        dense_early: bool = False,
+        at_end: bool = True,
+        tag_suffix: str = "",
+        guidance: dict | None = None,
+        judge: str = "none",
+        clip_model: str | None = None,
+        digit_classifier_weights: str | None = None,
+    ):
         self.every_n_steps, self.n_cols, self.seed = every_n_steps, n_cols, seed
-        self.guidance = dict(guidance) if guidance else None   # overrides of the guidance group (method and its keys)
+        self.guidance = dict(guidance) if guidance else None  # overrides of the guidance group (method and its keys)
         self.kind = "class_grid" + (f"_{tag_suffix}" if tag_suffix else "")
         self.guidance_scale, self.dense_early, self.at_end = guidance_scale, dense_early, at_end
         self.judge_kind, self.clip_model, self.digit_weights = judge, clip_model, digit_classifier_weights
@@ -57,14 +71,24 @@ class ClassGridCallback(L.Callback):
         judge = self.judge_for(module) if condition_key(module) is not None else None
         scalars: dict[str, float] = {}
         if judge is not None:
-            path, agreement = render_scored_grid(module, judge, path, self.n_cols, self.guidance_scale, self.seed,
-                                                 guidance=self.guidance)
+            path, agreement = render_scored_grid(
+                module, judge, path, self.n_cols, self.guidance_scale, self.seed, guidance=self.guidance
+            )
             scalars = {"metrics/grid_agreement": agreement}
             if not self._protocol_written:
                 self._protocol_written = True
-                write_protocol(trainer.default_root_dir, {"metrics/grid_agreement": {
-                    "eval_seed": self.seed, "n_cols": self.n_cols, "feature": judge.name,
-                    "guidance": f"{g.name} {scale}", "sampler": module.diffusion.describe_sampler()}})
+                write_protocol(
+                    trainer.default_root_dir,
+                    {
+                        "metrics/grid_agreement": {
+                            "eval_seed": self.seed,
+                            "n_cols": self.n_cols,
+                            "feature": judge.name,
+                            "guidance": f"{g.name} {scale}",
+                            "sampler": module.diffusion.describe_sampler(),
+                        }
+                    },
+                )
             caption += f", judge {judge.name}: agreement {agreement:.0%}"
             log_scalars(trainer, scalars, step)
         else:

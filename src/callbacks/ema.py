@@ -10,6 +10,7 @@ The callback is the trainer's EMA provider (``difflab.ops.ema_weights``): sampli
 ``ema_weights(trainer, pl_module)`` on every rank, which brings the average up to date for the step (whatever the
 callback order) and, under FSDP, gathers it into a whole copy of the module.
 """
+
 from __future__ import annotations
 
 import lightning as L
@@ -41,8 +42,14 @@ class EMA(WeightAveraging):
 
     provides_ema_weights = True
 
-    def __init__(self, decay: float = 0.999, update_every: int = 1, start_step: int = 0, warmup: bool = True,
-                 device: str | None = None):
+    def __init__(
+        self,
+        decay: float = 0.999,
+        update_every: int = 1,
+        start_step: int = 0,
+        warmup: bool = True,
+        device: str | None = None,
+    ):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1]; got {decay}")
         if update_every < 1:
@@ -70,7 +77,11 @@ class EMA(WeightAveraging):
                 a.copy_(c)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
-        return step_idx is not None and step_idx >= self.start_step and (step_idx - self.start_step) % self.update_every == 0
+        return (
+            step_idx is not None
+            and step_idx >= self.start_step
+            and (step_idx - self.start_step) % self.update_every == 0
+        )
 
     # ------------------------------------------------------------------ training
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -79,8 +90,9 @@ class EMA(WeightAveraging):
             return
         if is_sharding(trainer):
             if self._device is not None:
-                raise ConfigError("callbacks.ema.device is not supported under trainer=fsdp: the average is sharded "
-                                  "like the model")
+                raise ConfigError(
+                    "callbacks.ema.device is not supported under trainer=fsdp: the average is sharded like the model"
+                )
             self.store = ShardedShadow(pl_module, keep_copy=keeps_sampling_copy(trainer))
         else:
             # as WeightAveraging.setup, without its warning about configure_model: DiffusionModule's only shards
@@ -147,8 +159,9 @@ class EMA(WeightAveraging):
         """``{"raw": module, "ema": module}``: the whole modules this rank holds (only ``raw`` when sharded)."""
         return {"raw": pl_module} if self.store is None else self.store.whole_copies(pl_module, self.swapped)
 
-    def load_full_state(self, state_dict: dict[str, torch.Tensor], strict: bool = True, source: str = "",
-                        num_updates: int | None = None) -> None:
+    def load_full_state(
+        self, state_dict: dict[str, torch.Tensor], strict: bool = True, source: str = "", num_updates: int | None = None
+    ) -> None:
         """Start the average from whole (unsharded) weights, e.g. ``init_from``'s EMA; with ``num_updates`` the
         decay continues where the source run left it (no new warm-up)."""
         if self.store is None:

@@ -5,6 +5,7 @@
 (one DTensor per parameter, ``trainer=fsdp``). Checkpoints of the plain store keep Lightning's ``WeightAveraging``
 layout: ``state_dict`` = EMA, ``current_model_state`` = raw, ``averaging_state`` = the average's counters.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,7 @@ class ShadowStore(Protocol):
     def copy_into(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
         """Put the average into the module at the end of training; returns the raw state it replaced."""
 
-    def save(self, checkpoint: dict, pl_module: L.LightningModule, swapped: bool,
-             raw_at_end: dict | None) -> None:
+    def save(self, checkpoint: dict, pl_module: L.LightningModule, swapped: bool, raw_at_end: dict | None) -> None:
         """Write the average (and the raw weights) into a checkpoint being saved."""
 
     def load(self, checkpoint: dict, pl_module: L.LightningModule) -> None:
@@ -80,8 +80,9 @@ class AveragedShadow:
     sharded = False
 
     def __init__(self, pl_module: L.LightningModule, device: torch.device | str | None, multi_avg_fn: Lerp):
-        self.averaged = AveragedModel(model=pl_module, device=device or pl_module.device, use_buffers=True,
-                                      multi_avg_fn=multi_avg_fn)
+        self.averaged = AveragedModel(
+            model=pl_module, device=device or pl_module.device, use_buffers=True, multi_avg_fn=multi_avg_fn
+        )
         self.follow_module_device = device is None
         self._pairs_key = None
         self._pairs = None
@@ -132,7 +133,7 @@ class AveragedShadow:
     def save(self, checkpoint, pl_module, swapped, raw_at_end):
         average = self.averaged.state_dict()
         checkpoint["current_model_state"] = checkpoint["state_dict"] if raw_at_end is None else raw_at_end
-        checkpoint["state_dict"] = {n[len("module."):]: v for n, v in average.items() if n.startswith("module.")}
+        checkpoint["state_dict"] = {n[len("module.") :]: v for n, v in average.items() if n.startswith("module.")}
         checkpoint["averaging_state"] = {n: v for n, v in average.items() if not n.startswith("module.")}
 
     def load(self, checkpoint, pl_module):

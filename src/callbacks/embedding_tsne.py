@@ -6,10 +6,12 @@ the pooled embedding itself when there is no projection), plus the empty prompt.
 the conditioning carries no information (the research log's "labels were ignored"). Scalar:
 ``embeddings/mean_cosine``, the mean pairwise cosine similarity of the (non-null) embeddings.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
 from difflab.callbacks.figures import DiagnosticCallback
 from difflab.diagnostics.embedding_tsne import embedding_tsne
 
@@ -19,8 +21,14 @@ class EmbeddingTSNECallback(DiagnosticCallback):
 
     kind = "embedding_tsne"
 
-    def __init__(self, seed: int = 0, max_prompts: int = 200, every_n_steps: int = 1000, dense_early: bool = True,
-                 at_end: bool = True):
+    def __init__(
+        self,
+        seed: int = 0,
+        max_prompts: int = 200,
+        every_n_steps: int = 1000,
+        dense_early: bool = True,
+        at_end: bool = True,
+    ):
         super().__init__(every_n_steps, dense_early, at_end)
         self.seed, self.max_prompts = int(seed), int(max_prompts)
 

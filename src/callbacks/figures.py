@@ -4,17 +4,19 @@
 Every diagnostic draws from a module alone (a plain function per figure), so the callbacks (during training, EMA
 weights) and ``report.py`` (from a checkpoint) produce the same pictures.
 """
+
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import Any
+
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
-from difflab.ops.ema_weights import ema_module, prepare_ema_weights
-from difflab.callbacks.schedule import is_scheduled
-from difflab.utils.logging import figure_path, log_image
 
+from difflab.callbacks.schedule import is_scheduled
+from difflab.ops.ema_weights import ema_module, prepare_ema_weights
+from difflab.utils.logging import figure_path, log_image
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,13 @@ def log_scalars(trainer: L.Trainer, metrics: dict[str, float], step: int) -> Non
             log.warning("could not log %s to %s: %s", sorted(clean), type(logger).__name__, err)
 
 
-def publish_metrics(trainer: L.Trainer, pl_module: L.LightningModule, scalars: dict[str, float] | None,
-                    published: dict[str, float], in_loop: bool) -> None:
+def publish_metrics(
+    trainer: L.Trainer,
+    pl_module: L.LightningModule,
+    scalars: dict[str, float] | None,
+    published: dict[str, float],
+    in_loop: bool,
+) -> None:
     """Make a callback's scalars visible to Lightning: ``trainer.callback_metrics`` (so that
     ``ModelCheckpoint(monitor=...)``, ``EarlyStopping`` and the sweeper's ``optimized_metric`` can use sample metrics),
     and remember them in ``published`` (read by the training pipeline after ``fit``).
@@ -69,11 +76,12 @@ class DiagnosticCallback(L.Callback):
 
     def __init__(self, every_n_steps: int = 1000, dense_early: bool = True, at_end: bool = True):
         if every_n_steps < 0:
-            raise ValueError(f"{type(self).__name__}: every_n_steps must be >= 0 (0: only dense-early / at end); "
-                             f"got {every_n_steps}")
+            raise ValueError(
+                f"{type(self).__name__}: every_n_steps must be >= 0 (0: only dense-early / at end); got {every_n_steps}"
+            )
         self.every_n_steps, self.dense_early, self.at_end = int(every_n_steps), bool(dense_early), bool(at_end)
         self.written: list[Path] = []
-        self.published: dict[str, float] = {}   # the latest scalars, as put into trainer.callback_metrics
+        self.published: dict[str, float] = {}  # the latest scalars, as put into trainer.callback_metrics
         self._last_step = -1
 
     # hooks
@@ -88,8 +96,9 @@ class DiagnosticCallback(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self.at_end and self._last_step != trainer.global_step:
             self._last_step = trainer.global_step
-            publish_metrics(trainer, pl_module, self._run(trainer, pl_module, trainer.global_step), self.published,
-                            in_loop=False)
+            publish_metrics(
+                trainer, pl_module, self._run(trainer, pl_module, trainer.global_step), self.published, in_loop=False
+            )
 
     def _run(self, trainer, pl_module, step: int) -> dict[str, float] | None:
         """Draw (on rank 0, or on every rank when ``all_ranks``), log figure and scalars from rank 0, and return

@@ -2,10 +2,12 @@
 3 / 6 / 9). The same noise is used in every panel, so a column shows one sample as guidance grows: too little looks
 like another class, too much is over-saturated or over-stylised.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
+
 from difflab.callbacks.figures import DiagnosticCallback
 from difflab.diagnostics.guidance_grid import guidance_grid
 
@@ -19,9 +21,17 @@ class GuidanceGridCallback(DiagnosticCallback):
 
     kind = "guidance_grid"
 
-    def __init__(self, scales: Sequence[float] = (1.0, 3.0, 6.0, 9.0), n_cols: int = 2, max_rows: int = 10,
-                 sampler=None, seed: int = 0, every_n_steps: int = 1000, dense_early: bool = False,
-                 at_end: bool = True):
+    def __init__(
+        self,
+        scales: Sequence[float] = (1.0, 3.0, 6.0, 9.0),
+        n_cols: int = 2,
+        max_rows: int = 10,
+        sampler=None,
+        seed: int = 0,
+        every_n_steps: int = 1000,
+        dense_early: bool = False,
+        at_end: bool = True,
+    ):
         super().__init__(every_n_steps, dense_early, at_end)
         if not scales:
             raise ValueError("guidance_grid.scales is empty: give at least one guidance scale, e.g. [1, 3, 6, 9]")

@@ -1,5 +1,6 @@
 """The training progress bar labelled with the run's budget: epoch (of max_epochs when it bounds the run), optimizer
 step of max_steps, and wall-clock of max_time, instead of Lightning's ``Epoch 0/-2`` when max_epochs is -1."""
+
 from __future__ import annotations
 
 import datetime

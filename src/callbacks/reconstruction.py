@@ -7,10 +7,12 @@ terminal-SNR problem). Logged scalars: the pixel MSE between original and recons
 (``recon/mse_t0.70``), and LPIPS per level when an LPIPS backbone is available. The noising, the guided model function
 and the sampler (started from the intermediate time) are the library's.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
+
 from difflab.callbacks.figures import DiagnosticCallback
 from difflab.diagnostics.figures import fixed_real_batch
 from difflab.diagnostics.reconstruction import check_fraction, reconstruction_sweep
@@ -31,10 +33,19 @@ class ReconstructionCallback(DiagnosticCallback):
 
     kind = "reconstruction"
 
-    def __init__(self, t_fractions: Sequence[float] = (0.7, 0.5, 0.3, 0.2), n_images: int = 6, steps: int = 8,
-                 guidance_scale: float = 1.0, seed: int = 0, lpips_net: str | None = None,
-                 lpips_backbone: str | None = None, every_n_steps: int = 1000, dense_early: bool = True,
-                 at_end: bool = True):
+    def __init__(
+        self,
+        t_fractions: Sequence[float] = (0.7, 0.5, 0.3, 0.2),
+        n_images: int = 6,
+        steps: int = 8,
+        guidance_scale: float = 1.0,
+        seed: int = 0,
+        lpips_net: str | None = None,
+        lpips_backbone: str | None = None,
+        every_n_steps: int = 1000,
+        dense_early: bool = True,
+        at_end: bool = True,
+    ):
         super().__init__(every_n_steps, dense_early, at_end)
         for f in t_fractions:
             check_fraction(f)  # validates the range early
@@ -47,7 +58,6 @@ class ReconstructionCallback(DiagnosticCallback):
 
     def _lpips_model(self):
         if not self._lpips_tried and self.lpips_net:
-
             self._lpips = load_lpips(self.lpips_net, self.lpips_backbone)
             self._lpips_tried = True
         return self._lpips
@@ -55,5 +65,6 @@ class ReconstructionCallback(DiagnosticCallback):
     def draw(self, module, path: Path, context: dict[str, Any]) -> dict[str, float]:
         if self._batch is None:
             self._batch = fixed_real_batch(context.get("datamodule"), self.n_images, split="val")
-        return reconstruction_sweep(module, self._batch, self.t_fractions, path, self.steps, self.guidance_scale,
-                                    self.seed, self._lpips_model())
+        return reconstruction_sweep(
+            module, self._batch, self.t_fractions, path, self.steps, self.guidance_scale, self.seed, self._lpips_model()
+        )

@@ -1,5 +1,6 @@
 """The sample-metrics callback: ``difflab.metrics.sample_metrics.SampleMetrics`` with the EMA weights on the
 diagnostics schedule (every ``every_n_steps`` and at the end), every rank sampling its share."""
+
 from __future__ import annotations
 
 import logging
@@ -44,6 +45,9 @@ class SampleMetricsCallback(DiagnosticCallback):
             if trainer is None or trainer.global_rank == 0:
                 write_protocol(run_dir, scored)
         if self.last and (trainer is None or trainer.global_rank == 0):
-            log.info("sample metrics at step %s: %s", context.get("step"),
-                     ", ".join(f"{k}={v:.4g}" for k, v in sorted(self.last.items())))
+            log.info(
+                "sample metrics at step %s: %s",
+                context.get("step"),
+                ", ".join(f"{k}={v:.4g}" for k, v in sorted(self.last.items())),
+            )
         return self.last

@@ -1,4 +1,5 @@
 """When diagnostics run: densely early (1, 2, 4, 8, ...) then every N steps, and at the end."""
+
 from __future__ import annotations
 
 

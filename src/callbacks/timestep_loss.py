@@ -7,14 +7,17 @@ checkpoints, so ``report.py`` can redraw it) and plots it: left, loss against lo
 (darker = earlier); right, each bucket's loss against the training step. The research log found a model that was
 bad at low noise levels this way.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
+
 import lightning as L
+
 from difflab.callbacks.figures import log_scalars
-from difflab.utils.logging import figure_path, log_image
 from difflab.diagnostics.timestep_loss import timestep_loss_figure
+from difflab.utils.logging import figure_path, log_image
 
 
 class TimestepLossCallback(L.Callback):
@@ -42,8 +45,10 @@ class TimestepLossCallback(L.Callback):
         mean = sum(seen) / len(seen) if seen else 0.0
         worst = max(range(len(losses)), key=lambda i: losses[i])
         first = seen[0] if seen else 0.0  # the least noisy bucket with samples
-        return {"val_loss_t/worst_bucket": float(worst),
-                "val_loss_t/low_t_ratio": first / mean if mean and first > 0 else float("nan")}
+        return {
+            "val_loss_t/worst_bucket": float(worst),
+            "val_loss_t/low_t_ratio": first / mean if mean and first > 0 else float("nan"),
+        }
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Runs after the module's on_validation_epoch_end, which fills val_loss_per_bucket.
@@ -79,6 +84,9 @@ class TimestepLossCallback(L.Callback):
                 history.append((step, list(losses)))
         if not history:
             return {}
-        timestep_loss_figure(history, Path(out_dir) / f"{self.kind}.png", title="validation loss per timestep "
-                             "bucket (history from the checkpoint, last point: these EMA weights)")
+        timestep_loss_figure(
+            history,
+            Path(out_dir) / f"{self.kind}.png",
+            title="validation loss per timestep bucket (history from the checkpoint, last point: these EMA weights)",
+        )
         return self.scalars(history[-1][1])

@@ -10,6 +10,7 @@ Every ``every_n_steps`` optimizer steps it logs
 The learning rate is logged once, as ``train/lr`` by the DiffusionModule.
 Losses are buffered as tensors and inspected at logging steps, so there is no per-step device sync.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,8 @@ from collections import deque
 import lightning as L
 import torch
 
-from difflab.ops.ema_weights import ema_provider
 from difflab.callbacks.figures import log_scalars
+from difflab.ops.ema_weights import ema_provider
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,13 @@ class SpikeDetector:
 class TrainingHealthCallback(L.Callback):
     """Logs the health scalars above every ``every_n_steps`` optimizer steps (null: the trainer's log_every_n_steps)."""
 
-    def __init__(self, every_n_steps: int | None = None, spike_factor: float = 3.0, spike_window: int = 200,
-                 spike_min_history: int = 50):
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        spike_factor: float = 3.0,
+        spike_window: int = 200,
+        spike_min_history: int = 50,
+    ):
         self.every_n_steps = every_n_steps
         self.spikes = SpikeDetector(spike_factor, spike_window, spike_min_history)
         self._pending: list[tuple[int, torch.Tensor]] = []
@@ -101,14 +107,17 @@ class TrainingHealthCallback(L.Callback):
             return
         self._last_logged = step
         self._check_spikes(trainer)
-        metrics = {"health/param_norm": global_norm([p for p in pl_module.parameters() if p.requires_grad]),
-                   "health/loss_spikes": float(self.spikes.count), "health/loss_median": self.spikes.median()}
+        metrics = {
+            "health/param_norm": global_norm([p for p in pl_module.parameters() if p.requires_grad]),
+            "health/loss_spikes": float(self.spikes.count),
+            "health/loss_median": self.spikes.median(),
+        }
         if self._grad_norm is not None:
             metrics["health/grad_norm"] = self._grad_norm
             self._grad_norm = None
         provider = ema_provider(trainer)
         copies = provider.whole_copies(pl_module) if provider is not None else {}
-        if "ema" in copies:   # a sharded EMA holds no whole copy on this rank: no distance
+        if "ema" in copies:  # a sharded EMA holds no whole copy on this rank: no distance
             metrics["health/ema_distance"] = ema_distance(copies["ema"], copies["raw"])
         log_scalars(trainer, metrics, step)
 
@@ -121,8 +130,14 @@ class TrainingHealthCallback(L.Callback):
         for s, v in zip(steps, values):
             median = self.spikes.median()
             if self.spikes.add(v) and trainer.global_rank == 0:
-                log.warning("loss spike at step %d: loss %.4g > %.1f x running median %.4g (spikes so far: %d)",
-                            s, v, self.spikes.factor, median, self.spikes.count)
+                log.warning(
+                    "loss spike at step %d: loss %.4g > %.1f x running median %.4g (spikes so far: %d)",
+                    s,
+                    v,
+                    self.spikes.factor,
+                    median,
+                    self.spikes.count,
+                )
 
     def state_dict(self) -> dict:
         return {"spike_count": self.spikes.count, "losses": list(self.spikes.values)}

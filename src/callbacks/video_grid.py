@@ -7,21 +7,23 @@ moviepy dependency), CSV gets the file paths in ``figures.csv``.
 
 The grid itself is drawn by ``difflab.diagnostics.video_grid`` (also ``sample.py``'s ``write_sample_videos``).
 """
+
 from __future__ import annotations
 
 import functools
 import logging
 from pathlib import Path
 from typing import Any, Sequence
+
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
-from difflab.ops.ema_weights import ema_module, prepare_ema_weights
-from difflab.callbacks.schedule import is_scheduled
-from difflab.video.io import to_uint8_video, video_grid
-from difflab.ops.atomic import write_text
-from difflab.utils.logging import append_figure_index, figure_path
-from difflab.diagnostics.video_grid import upscale_factor, upscale_frames, write_video_files, sample_video_grid
 
+from difflab.callbacks.schedule import is_scheduled
+from difflab.diagnostics.video_grid import sample_video_grid, upscale_factor, upscale_frames, write_video_files
+from difflab.ops.atomic import write_text
+from difflab.ops.ema_weights import ema_module, prepare_ema_weights
+from difflab.utils.logging import append_figure_index, figure_path
+from difflab.video.io import to_uint8_video, video_grid
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +70,22 @@ class VideoGridCallback(L.Callback):
 
     samples_ema_weights = True  # difflab.ops.ema_weights: draws from the EMA weights
 
-    def __init__(self, every_n_steps: int = 1000, n_cols: int = 4, max_prompts: int = 8, include_uncond: bool = True,
-                 seed: int = 0, guidance_scale: float | None = None, fps: float = 8.0, min_size: int = 64,
-                 formats: Sequence[str] = ("mp4", "gif"), sampler_steps: int | None = None,
-                 dense_early: bool = False, at_end: bool = True, kind: str = "video_grid"):
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        n_cols: int = 4,
+        max_prompts: int = 8,
+        include_uncond: bool = True,
+        seed: int = 0,
+        guidance_scale: float | None = None,
+        fps: float = 8.0,
+        min_size: int = 64,
+        formats: Sequence[str] = ("mp4", "gif"),
+        sampler_steps: int | None = None,
+        dense_early: bool = False,
+        at_end: bool = True,
+        kind: str = "video_grid",
+    ):
         if n_cols < 1:
             raise ValueError(f"video grid n_cols must be >= 1, got {n_cols}")
         if fps <= 0:
@@ -88,8 +102,9 @@ class VideoGridCallback(L.Callback):
         sampler = None
         if self.sampler_steps:
             sampler = functools.partial(module.diffusion.sampler, steps=int(self.sampler_steps))
-        x, titles = sample_video_grid(module, self.n_cols, self.max_prompts, self.include_uncond, self.seed,
-                                      self.guidance_scale, sampler)
+        x, titles = sample_video_grid(
+            module, self.n_cols, self.max_prompts, self.include_uncond, self.seed, self.guidance_scale, sampler
+        )
         k = upscale_factor(x.shape[-2:], self.min_size)
         frames = upscale_frames(video_grid(to_uint8_video(x), nrow=self.n_cols), k)
         files = write_video_files(frames, stem, self.fps, self.formats)

@@ -1,4 +1,5 @@
 """The conditioner interface and the two simplest conditioners (none, class labels)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -80,5 +81,7 @@ class ClassConditioner(Conditioner):
 
     def forward(self, raw: torch.Tensor) -> dict:
         if raw.min() < 0 or raw.max() > self.num_classes:
-            raise ValueError(f"class labels must be in [0, {self.num_classes - 1}] (or {self.null_index} for null); got {raw.tolist()}")
+            raise ValueError(
+                f"class labels must be in [0, {self.num_classes - 1}] (or {self.null_index} for null); got {raw.tolist()}"
+            )
         return cond_dict(vector=self.embedding(raw.long()))

@@ -1,4 +1,5 @@
 """Learned pooling of text token states into one conditioning vector."""
+
 from __future__ import annotations
 
 import torch

@@ -15,6 +15,7 @@ Command line (this module is the entry point; there is no separate script)::
 ``verify`` re-encodes every prompt with the encoder, prints the minimum cosine similarity (tokens and pooled, over
 all prompts) and exits 1 when it is below the threshold (2 on a configuration error).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,13 +54,22 @@ class PromptTable:
     Immutable; ``copy.deepcopy`` returns the same object so an EMA copy of a model does not duplicate it.
     """
 
-    def __init__(self, prompts: list[str], tokens: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor,
-                 meta: dict, path: str | None = None):
+    def __init__(
+        self,
+        prompts: list[str],
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        pooled: torch.Tensor,
+        meta: dict,
+        path: str | None = None,
+    ):
         n = len(prompts)
         if not (tokens.shape[0] == mask.shape[0] == pooled.shape[0] == n) or tokens.shape[:2] != mask.shape:
-            raise ConfigError(f"prompt table {path or '<memory>'} is inconsistent: {n} prompts, tokens "
-                              f"{tuple(tokens.shape)}, mask {tuple(mask.shape)}, pooled {tuple(pooled.shape)}: "
-                              "rebuild it")
+            raise ConfigError(
+                f"prompt table {path or '<memory>'} is inconsistent: {n} prompts, tokens "
+                f"{tuple(tokens.shape)}, mask {tuple(mask.shape)}, pooled {tuple(pooled.shape)}: "
+                "rebuild it"
+            )
         self.prompts = list(prompts)
         self.tokens, self.mask, self.pooled = tokens, mask.bool(), pooled
         self.meta = dict(meta)
@@ -89,15 +99,21 @@ class PromptTable:
 
     def to_dict(self) -> dict:
         """Plain-tensor payload saved to disk."""
-        return {"format": FORMAT_VERSION, "prompts": self.prompts, "tokens": self.tokens, "mask": self.mask,
-                "pooled": self.pooled, "meta": self.meta}
+        return {
+            "format": FORMAT_VERSION,
+            "prompts": self.prompts,
+            "tokens": self.tokens,
+            "mask": self.mask,
+            "pooled": self.pooled,
+            "meta": self.meta,
+        }
 
 
 def encode_prompts(encoder, prompts: list[str], batch_size: int = 128) -> tuple[torch.Tensor, ...]:
     """Encode prompts in chunks with ``encoder`` (a TextEncoder); returns float32 CPU ``(tokens, mask, pooled)``."""
     toks, masks, pooled = [], [], []
     for i in range(0, len(prompts), batch_size):
-        t, m, p = encoder(prompts[i:i + batch_size])
+        t, m, p = encoder(prompts[i : i + batch_size])
         toks.append(t.float().cpu())
         masks.append(m.bool().cpu())
         pooled.append(p.float().cpu())
@@ -110,10 +126,16 @@ def encoder_meta(encoder) -> dict:
     """Metadata that identifies the encoder and its settings (stored in every table)."""
     import transformers
 
-    return {"encoder_name": encoder.name, "encoder_source": encoder.source, "encoder_kind": encoder.kind,
-            "encoder_fingerprint": encoder.fingerprint(), "encoder_config_sha256": encoder.config_sha256(),
-            "max_length": encoder.max_length, "hidden_size": encoder.hidden_size,
-            "transformers_version": transformers.__version__}
+    return {
+        "encoder_name": encoder.name,
+        "encoder_source": encoder.source,
+        "encoder_kind": encoder.kind,
+        "encoder_fingerprint": encoder.fingerprint(),
+        "encoder_config_sha256": encoder.config_sha256(),
+        "max_length": encoder.max_length,
+        "hidden_size": encoder.hidden_size,
+        "transformers_version": transformers.__version__,
+    }
 
 
 def save_prompt_table(table: PromptTable, path: str | os.PathLike) -> Path:
@@ -126,14 +148,16 @@ def save_prompt_table(table: PromptTable, path: str | os.PathLike) -> Path:
     return path
 
 
-def build_prompt_table(encoder, prompts, path: str | os.PathLike | None = None,
-                       batch_size: int = 128) -> PromptTable:
+def build_prompt_table(encoder, prompts, path: str | os.PathLike | None = None, batch_size: int = 128) -> PromptTable:
     """Encode the unique prompts once and return the table; also save it to ``path`` when given."""
     uniq = unique_prompts(prompts)
     tokens, mask, pooled = encode_prompts(encoder, uniq, batch_size)
     meta = encoder_meta(encoder)
-    meta.update(prompts_sha256=prompts_sha256(uniq), num_prompts=len(uniq),
-                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    meta.update(
+        prompts_sha256=prompts_sha256(uniq),
+        num_prompts=len(uniq),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
     table = PromptTable(uniq, tokens, mask, pooled, meta)
     if path is not None:
         save_prompt_table(table, path)
@@ -142,16 +166,20 @@ def build_prompt_table(encoder, prompts, path: str | os.PathLike | None = None,
 
 def _rebuild_hint(path, meta: dict) -> str:
     enc = meta.get("encoder_name", "ENCODER")
-    return (f"delete it to rebuild automatically, or run "
-            f"`python -m difflab.conditioning.prompt_table build --encoder {enc} --out {path} ...`")
+    return (
+        f"delete it to rebuild automatically, or run "
+        f"`python -m difflab.conditioning.prompt_table build --encoder {enc} --out {path} ...`"
+    )
 
 
 def read_prompt_table(path: str | os.PathLike) -> PromptTable:
     """Load a table file without staleness checks (ConfigError naming the file if missing or unreadable)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"prompt table {path} does not exist: build it with "
-                          f"`python -m difflab.conditioning.prompt_table build --encoder NAME --out {path} ...`")
+        raise ConfigError(
+            f"prompt table {path} does not exist: build it with "
+            f"`python -m difflab.conditioning.prompt_table build --encoder NAME --out {path} ...`"
+        )
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
@@ -160,13 +188,20 @@ def read_prompt_table(path: str | os.PathLike) -> PromptTable:
     if not isinstance(data, dict) or not keys <= set(data):
         raise ConfigError(f"prompt table {path} is not a difflab prompt table (needs keys {sorted(keys)}): rebuild it")
     if data["format"] != FORMAT_VERSION:
-        raise ConfigError(f"prompt table {path} has format {data['format']}, this code reads {FORMAT_VERSION}: "
-                          + _rebuild_hint(path, data["meta"]))
+        raise ConfigError(
+            f"prompt table {path} has format {data['format']}, this code reads {FORMAT_VERSION}: "
+            + _rebuild_hint(path, data["meta"])
+        )
     return PromptTable(data["prompts"], data["tokens"], data["mask"], data["pooled"], data["meta"], str(path))
 
 
-def load_prompt_table(path: str | os.PathLike, encoder_name: str | None = None, prompts=None,
-                      max_length: int | None = None, encoder_fingerprint: str | None = None) -> PromptTable:
+def load_prompt_table(
+    path: str | os.PathLike,
+    encoder_name: str | None = None,
+    prompts=None,
+    max_length: int | None = None,
+    encoder_fingerprint: str | None = None,
+) -> PromptTable:
     """Load a table and refuse it when stale: other encoder, other prompt set or other max_length.
 
     The encoder matches when its fingerprint (weights + config) equals the stored one if ``encoder_fingerprint`` is
@@ -180,19 +215,25 @@ def load_prompt_table(path: str | os.PathLike, encoder_name: str | None = None, 
     stored_fp = meta.get("encoder_fingerprint")
     if encoder_fingerprint is not None and stored_fp is not None:
         if encoder_fingerprint != stored_fp:
-            raise ConfigError(f"prompt table {path} is stale: built with encoder '{meta.get('encoder_name')}' whose "
-                              f"weights/config differ from the current encoder's; {hint}")
+            raise ConfigError(
+                f"prompt table {path} is stale: built with encoder '{meta.get('encoder_name')}' whose "
+                f"weights/config differ from the current encoder's; {hint}"
+            )
     elif encoder_name is not None:
         try:
             wanted = resolve_encoder(encoder_name)[0]
         except ConfigError:
             wanted = str(encoder_name)
         if wanted != meta.get("encoder_name"):
-            raise ConfigError(f"prompt table {path} is stale: built with encoder '{meta.get('encoder_name')}', "
-                              f"current encoder is '{wanted}'; {hint}")
+            raise ConfigError(
+                f"prompt table {path} is stale: built with encoder '{meta.get('encoder_name')}', "
+                f"current encoder is '{wanted}'; {hint}"
+            )
     if max_length is not None and int(max_length) != table.max_length:
-        raise ConfigError(f"prompt table {path} is stale: built with max_length={table.max_length}, current "
-                          f"max_length={max_length}; {hint}")
+        raise ConfigError(
+            f"prompt table {path} is stale: built with max_length={table.max_length}, current "
+            f"max_length={max_length}; {hint}"
+        )
     if prompts is not None:
         want = unique_prompts(prompts)
         if prompts_sha256(want) != meta.get("prompts_sha256"):
@@ -200,8 +241,10 @@ def load_prompt_table(path: str | os.PathLike, encoder_name: str | None = None, 
             missing = [p for p in want if p not in have]
             extra = [p for p in table.prompts if p not in set(want)]
             example = f" (e.g. missing {missing[0]!r})" if missing else (f" (e.g. extra {extra[0]!r})" if extra else "")
-            raise ConfigError(f"prompt table {path} is stale: its prompt set differs from the current one "
-                              f"({len(missing)} missing, {len(extra)} extra{example}); {hint}")
+            raise ConfigError(
+                f"prompt table {path} is stale: its prompt set differs from the current one "
+                f"({len(missing)} missing, {len(extra)} extra{example}); {hint}"
+            )
     return table
 
 
@@ -218,8 +261,10 @@ def table_cosines(table: PromptTable, encoder, batch_size: int = 128) -> torch.T
     """
     tokens, mask, pooled = encode_prompts(encoder, table.prompts, batch_size)
     if tokens.shape != table.tokens.shape:
-        raise ConfigError(f"prompt table {table.path or '<memory>'} has tokens {tuple(table.tokens.shape)} but the "
-                          f"encoder gives {tuple(tokens.shape)}: wrong encoder or max_length")
+        raise ConfigError(
+            f"prompt table {table.path or '<memory>'} has tokens {tuple(table.tokens.shape)} but the "
+            f"encoder gives {tuple(tokens.shape)}: wrong encoder or max_length"
+        )
     w = mask.unsqueeze(-1).double()
     tok_cos = _cosine_rows((table.tokens.double() * w).flatten(1), (tokens.double() * w).flatten(1))
     pool_cos = _cosine_rows(table.pooled, pooled)
@@ -235,9 +280,11 @@ def verify_prompt_table(table_or_path, encoder, threshold: float = DEFAULT_THRES
     worst = int(cos.argmin())
     min_cos = float(cos[worst])
     if min_cos < threshold:
-        raise ConfigError(f"prompt table {table.path or '<memory>'} does not match encoder '{encoder.name}': "
-                          f"min cosine {min_cos:.6f} < {threshold} (worst prompt {table.prompts[worst]!r}); "
-                          + _rebuild_hint(table.path or "TABLE.pt", table.meta))
+        raise ConfigError(
+            f"prompt table {table.path or '<memory>'} does not match encoder '{encoder.name}': "
+            f"min cosine {min_cos:.6f} < {threshold} (worst prompt {table.prompts[worst]!r}); "
+            + _rebuild_hint(table.path or "TABLE.pt", table.meta)
+        )
     return min_cos
 
 
@@ -300,8 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         cos = table_cosines(t, enc)
         min_cos = float(cos.min())
         ok = min_cos >= args.threshold
-        print(f"{args.table}: {len(t)} prompts, encoder {enc.name}, min cosine {min_cos:.6f} "
-              f"(threshold {args.threshold}) -> {'OK' if ok else 'FAILED'}")
+        print(
+            f"{args.table}: {len(t)} prompts, encoder {enc.name}, min cosine {min_cos:.6f} "
+            f"(threshold {args.threshold}) -> {'OK' if ok else 'FAILED'}"
+        )
         if not ok:
             print(f"worst prompt: {t.prompts[int(cos.argmin())]!r}", file=sys.stderr)
         return 0 if ok else 1

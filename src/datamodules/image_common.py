@@ -157,8 +157,13 @@ class DictDataset(WorkerRNGState, Dataset):
     and replaced by the next readable item of this view: the same replacement on every run, so resume stays exact.
     """
 
-    def __init__(self, source: ImageSource, transform: ImageTransform, indices: np.ndarray | None = None,
-                 on_bad_item: str = "error") -> None:
+    def __init__(
+        self,
+        source: ImageSource,
+        transform: ImageTransform,
+        indices: np.ndarray | None = None,
+        on_bad_item: str = "error",
+    ) -> None:
         self.source = source
         self.transform = transform
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
@@ -195,8 +200,10 @@ class DictDataset(WorkerRNGState, Dataset):
             except CorruptDataError as err:
                 self._bad[i] = True
                 log.warning("datamodule.on_bad_item=skip: skipping %s", str(err).split("; ")[0])
-        raise CorruptDataError(f"none of the {n} items of this split could be read (datamodule.on_bad_item=skip); "
-                               "check datamodule.data_dir")
+        raise CorruptDataError(
+            f"none of the {n} items of this split could be read (datamodule.on_bad_item=skip); "
+            "check datamodule.data_dir"
+        )
 
 
 def holdout_split(candidates: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -250,7 +257,7 @@ def _write_marker(folder: Path, files: dict[str, dict[str, Any]]) -> None:
             return
         except (OSError, DiskFullError):
             continue  # read-only (or full) data folder: try the user cache
-    warnings.warn(f"could not write a verification marker for {folder}; md5 checks will repeat next time")
+    warnings.warn(f"could not write a verification marker for {folder}; md5 checks will repeat next time", stacklevel=2)
 
 
 def verify_files(folder: Path, expected: Mapping[str, tuple[int | None, str | None]], *, check_md5: bool) -> None:
@@ -414,10 +421,11 @@ def parse_val_split(val_split: Any) -> str | float | None:
         try:
             val_split = float(val_split)
         except ValueError:
-            raise ConfigError(f"datamodule.val_split must be 'test', a fraction in (0, 1) or null, got {val_split!r}")
+            raise ConfigError(
+                f"datamodule.val_split must be 'test', a fraction in (0, 1) or null, got {val_split!r}"
+            ) from None
     if isinstance(val_split, (int, float)) and not isinstance(val_split, bool) and 0.0 < float(val_split) < 1.0:
         return float(val_split)
     if isinstance(val_split, (int, float)) and not isinstance(val_split, bool) and float(val_split) == 0.0:
         return None
     raise ConfigError(f"datamodule.val_split must be 'test', a fraction in (0, 1) or null, got {val_split!r}")
-

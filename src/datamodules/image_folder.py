@@ -20,8 +20,14 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from difflab.datamodules.image_common import (DictDataset, ImageDataModule, ImageTransform, check_on_bad_item,
-                                              class_prompts, holdout_split)
+from difflab.datamodules.image_common import (
+    DictDataset,
+    ImageDataModule,
+    ImageTransform,
+    check_on_bad_item,
+    class_prompts,
+    holdout_split,
+)
 from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -38,7 +44,11 @@ def list_images(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
 
 
 def _direct_images(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
-    return [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(extensions)]
+    return [
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(extensions)
+    ]
 
 
 def scan_image_folder(
@@ -58,7 +68,9 @@ def scan_image_folder(
             raise DataNotFoundError(f"no images ({', '.join(extensions)}) found under {root}; {hint}")
         return files, None, None
     if loose:
-        warnings.warn(f"{len(loose)} images directly in {root} are ignored: class mode uses sub-folders only")
+        warnings.warn(
+            f"{len(loose)} images directly in {root} are ignored: class mode uses sub-folders only", stacklevel=2
+        )
     files, labels, names = [], [], []
     for subdir in subdirs:
         class_files = list_images(subdir, extensions)
@@ -93,8 +105,10 @@ class ImageFileSource:
             with Image.open(path) as im:
                 arr = np.asarray(ImageOps.exif_transpose(im).convert(self.mode))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # truncated / unknown / huge
-            raise CorruptDataError(f"{path}: cannot decode image ({exc}); delete or replace the file, or set "
-                                   f"datamodule.on_bad_item=skip to skip unreadable images") from None
+            raise CorruptDataError(
+                f"{path}: cannot decode image ({exc}); delete or replace the file, or set "
+                f"datamodule.on_bad_item=skip to skip unreadable images"
+            ) from None
         if arr.ndim == 2:
             arr = arr[:, :, None]
         img = torch.from_numpy(np.array(arr.transpose(2, 0, 1), order="C"))  # writable C x H x W copy
@@ -145,7 +159,9 @@ class ImageFolderDataModule(ImageDataModule):
         self.channels = int(channels)
         self.flip = bool(flip)
         self.val_fraction = float(val_fraction)
-        exts = IMAGE_EXTENSIONS if extensions is None else tuple(e if e.startswith(".") else f".{e}" for e in extensions)
+        exts = (
+            IMAGE_EXTENSIONS if extensions is None else tuple(e if e.startswith(".") else f".{e}" for e in extensions)
+        )
         self.extensions = tuple(e.lower() for e in exts)
 
         files, labels, names = scan_image_folder(self.data_dir, class_folders, self.extensions)
@@ -162,18 +178,23 @@ class ImageFolderDataModule(ImageDataModule):
 
     def _build_split(self, name: str) -> Dataset | None:
         if name == "train":
-            return DictDataset(self.source, ImageTransform(self.image_size, flip=self.flip), self._train_idx,
-                               self.on_bad_item)
+            return DictDataset(
+                self.source, ImageTransform(self.image_size, flip=self.flip), self._train_idx, self.on_bad_item
+            )
         if name in ("val", "test"):
             if self._val_idx is None:
                 return None
             if name == "test":
                 return self.split_dataset("val")
-            return DictDataset(self.source, ImageTransform(self.image_size, flip=False), self._val_idx,
-                               self.on_bad_item)
+            return DictDataset(
+                self.source, ImageTransform(self.image_size, flip=False), self._val_idx, self.on_bad_item
+            )
         raise ValueError(f"unknown split {name!r}")
 
     def data_report(self) -> dict[str, dict[str, int]]:
         """Per built split: image count and images found unreadable and skipped so far (``on_bad_item=skip``)."""
-        return {name: {"images": len(ds), "unreadable_files": ds.num_unreadable}
-                for name, ds in self._splits.items() if ds is not None}
+        return {
+            name: {"images": len(ds), "unreadable_files": ds.num_unreadable}
+            for name, ds in self._splits.items()
+            if ds is not None
+        }

@@ -4,6 +4,7 @@ Batches: ``{"x": B x C x h x w float32 normalised latents, "label": int64 B?, "t
 on disk (read-only memory maps opened lazily in each worker); a batch reads only its own rows, so process memory
 does not grow with the cache size (mapped pages are shared, reclaimable page cache).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,11 +16,11 @@ import torch
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from difflab.autoencoders.loading import load_autoencoder
 from difflab.datamodules.loaders import make_loader
 from difflab.latents.cache import LatentCache, NormalisedAutoencoder, normalise, open_array
 from difflab.ops.rng import WorkerRNGState
 from difflab.utils.errors import ConfigError
-from difflab.autoencoders.loading import load_autoencoder
 
 
 class LatentDataset(WorkerRNGState, Dataset):
@@ -28,8 +29,15 @@ class LatentDataset(WorkerRNGState, Dataset):
     Implements ``__getitems__`` so a DataLoader fetches a whole batch with one vectorised read.
     """
 
-    def __init__(self, latents_path: str | Path, scale: torch.Tensor, shift: torch.Tensor,
-                 labels_path: str | Path | None = None, texts: list[str] | None = None, flip: bool = False):
+    def __init__(
+        self,
+        latents_path: str | Path,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        labels_path: str | Path | None = None,
+        texts: list[str] | None = None,
+        flip: bool = False,
+    ):
         self.latents_path, self.labels_path = Path(latents_path), Path(labels_path) if labels_path else None
         self.scale, self.shift = scale.float(), shift.float()
         self.texts, self.flip = texts, flip
@@ -84,9 +92,17 @@ class LatentDataModule(L.LightningDataModule):
     ``normalised_autoencoder`` for the diffusion module.
     """
 
-    def __init__(self, cache_dir: str, batch_size: int = 128, flip: bool = False, num_workers: int = 0,
-                 pin_memory: bool = False, persistent_workers: bool = False, shuffle: bool = True,
-                 drop_last: bool = True):
+    def __init__(
+        self,
+        cache_dir: str,
+        batch_size: int = 128,
+        flip: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
         super().__init__()
         self.cache = LatentCache(cache_dir)
         m = self.cache.manifest
@@ -107,9 +123,13 @@ class LatentDataModule(L.LightningDataModule):
         for split in self.cache.splits:
             if split not in self.datasets:
                 self.datasets[split] = LatentDataset(
-                    self.cache.latents_path(split), self.latent_scale, self.latent_shift,
-                    labels_path=self.cache.labels_path(split), texts=self.cache.texts(split),
-                    flip=self.flip and split == "train")
+                    self.cache.latents_path(split),
+                    self.latent_scale,
+                    self.latent_shift,
+                    labels_path=self.cache.labels_path(split),
+                    texts=self.cache.texts(split),
+                    flip=self.flip and split == "train",
+                )
 
     def dataset(self, split: str) -> LatentDataset:
         """The dataset of ``split`` (after ``setup``)."""
@@ -119,10 +139,16 @@ class LatentDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool):
         if split not in self.cache.splits:
             return []
-        return make_loader(self.dataset(split), batch_size=self.batch_size, shuffle=self.shuffle and train,
-                           drop_last=self.drop_last and train, num_workers=self.num_workers,
-                           pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
-                           collate_fn=collate_batches)
+        return make_loader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=self.shuffle and train,
+            drop_last=self.drop_last and train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            collate_fn=collate_batches,
+        )
 
     def train_dataloader(self):
         return self._loader("train", train=True)
@@ -147,8 +173,10 @@ class LatentDataModule(L.LightningDataModule):
         """Reload the cache's autoencoder from its recorded spec (frozen), checked against the recorded hash."""
 
         if not self.autoencoder_spec["spec"]:
-            raise ConfigError(f"latent cache {self.cache.dir} records no reload spec for its autoencoder (it was "
-                              f"encoded from an in-memory model): pass the autoencoder explicitly")
+            raise ConfigError(
+                f"latent cache {self.cache.dir} records no reload spec for its autoencoder (it was "
+                f"encoded from an in-memory model): pass the autoencoder explicitly"
+            )
         module, _ = load_autoencoder(self.autoencoder_spec["spec"], source=f"{self.cache.dir}/manifest.json")
         self.cache.check_autoencoder(module)
         return module

@@ -25,6 +25,7 @@ order with the same augmentations as the uninterrupted run:
 Limits: resuming with a different ``num_workers`` or world size restarts the interrupted epoch from its first batch
 (with a warning) instead of continuing mid-epoch.
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,9 +45,9 @@ log = logging.getLogger(__name__)
 # torchdata 0.11 calls torch.set_vital in every StatefulDataLoader constructor, which torch >= 2.9 deprecates
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
-STATE_KEY = "difflab"              # our part of the loader state (sampler epoch/seed, base-seed generator)
-_RANKS_KEY = "difflab_ranks"       # the per-rank loader states of a DDP checkpoint
-_FINISHED = "_iterator_finished"   # torchdata's flag: the saved iterator was exhausted
+STATE_KEY = "difflab"  # our part of the loader state (sampler epoch/seed, base-seed generator)
+_RANKS_KEY = "difflab_ranks"  # the per-rank loader states of a DDP checkpoint
+_FINISHED = "_iterator_finished"  # torchdata's flag: the saved iterator was exhausted
 
 
 def loader_seed(seed: int | None = None) -> int:
@@ -167,16 +168,24 @@ class ResumableDataLoader(StatefulDataLoader):
         states = state_dict[_RANKS_KEY] if _RANKS_KEY in state_dict else [state_dict]
         rank, world = _world()
         if len(states) != world:
-            log.warning("data loader state was saved with %d ranks, resuming with %d: the interrupted epoch "
-                        "restarts from its first batch", len(states), world)
+            log.warning(
+                "data loader state was saved with %d ranks, resuming with %d: the interrupted epoch "
+                "restarts from its first batch",
+                len(states),
+                world,
+            )
             self._restart_epoch(states[0] or {})
             return
         sd = copy.copy(states[rank])
         ours = sd.pop(STATE_KEY, None) or {}
         saved_workers = _saved_num_workers(sd)
         if saved_workers != int(self.num_workers):
-            log.warning("data loader state was saved with num_workers=%s, resuming with %d: the interrupted epoch "
-                        "restarts from its first batch", saved_workers, self.num_workers)
+            log.warning(
+                "data loader state was saved with num_workers=%s, resuming with %d: the interrupted epoch "
+                "restarts from its first batch",
+                saved_workers,
+                self.num_workers,
+            )
             self._restart_epoch({**sd, STATE_KEY: ours})
             return
         super().load_state_dict(sd)
@@ -214,9 +223,19 @@ class ResumableDataLoader(StatefulDataLoader):
         return it
 
 
-def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool = False, drop_last: bool = False,
-                num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
-                collate_fn: Callable | None = None, seed: int | None = None, **kwargs: Any) -> ResumableDataLoader:
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+    collate_fn: Callable | None = None,
+    seed: int | None = None,
+    **kwargs: Any,
+) -> ResumableDataLoader:
     """The one loader constructor of the datamodules: ``DataLoader`` arguments, resumable mid-epoch.
 
     ``shuffle`` uses an ``EpochShuffleSampler`` (seed ``seed`` or the run's global seed); the workers' base seeds

@@ -6,6 +6,7 @@ edge to the opposite one, captioned "the digit three moving left". Clips are wri
 header), so training on them runs the real How2Sign reader. ``manifest.json`` records the generation parameters
 (the data are regenerated when they change) and the ground truth (digit, direction) of every clip.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,9 @@ import torch.nn.functional as F
 
 from difflab.datamodules.digits import DIGIT_NAMES
 from difflab.datamodules.sign_video import HOW2SIGN_CLIPS_DIR, SignVideoDataModule
-from difflab.video.io import mp4_encoder, write_mp4
 from difflab.utils.errors import ConfigError, disk_full, is_disk_full
 from difflab.utils.images import round_to_uint8
+from difflab.video.io import mp4_encoder, write_mp4
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,16 @@ GENERATOR = "difflab.moving_digits"
 FORMAT_VERSION = 1
 HOW2SIGN_HEADER = ("VIDEO_ID", "VIDEO_NAME", "SENTENCE_ID", "SENTENCE_NAME", "START", "END", "SENTENCE")
 # two prompts per direction, eight different digits: the default sample grid
-DEFAULT_PROMPT_PAIRS = ((0, "right"), (1, "left"), (2, "down"), (3, "up"),
-                        (4, "right"), (5, "left"), (6, "down"), (7, "up"))
+DEFAULT_PROMPT_PAIRS = (
+    (0, "right"),
+    (1, "left"),
+    (2, "down"),
+    (3, "up"),
+    (4, "right"),
+    (5, "left"),
+    (6, "down"),
+    (7, "up"),
+)
 
 
 def caption(digit: int, direction: str) -> str:
@@ -79,13 +88,15 @@ class MovingDigitsParams:
     def resolved(self) -> "MovingDigitsParams":
         """The same parameters with the encoder name filled in and checked."""
         if self.digit_size > self.canvas_size or self.digit_size < 4:
-            raise ConfigError(f"moving digits: digit_size must be in [4, canvas_size={self.canvas_size}], "
-                              f"got {self.digit_size}")
+            raise ConfigError(
+                f"moving digits: digit_size must be in [4, canvas_size={self.canvas_size}], got {self.digit_size}"
+            )
         if self.num_frames < 2:
             raise ConfigError(f"moving digits: num_frames must be >= 2 to show motion, got {self.num_frames}")
         if self.min_frames is not None and not 2 <= self.min_frames <= self.num_frames:
-            raise ConfigError(f"moving digits: min_frames must be in [2, num_frames={self.num_frames}] or null, "
-                              f"got {self.min_frames}")
+            raise ConfigError(
+                f"moving digits: min_frames must be in [2, num_frames={self.num_frames}] or null, got {self.min_frames}"
+            )
         if min(self.num_train, self.num_val, self.num_test) < 1:
             raise ConfigError("moving digits: num_train, num_val and num_test must be >= 1")
         return self if self.codec else MovingDigitsParams(**{**asdict(self), "codec": mp4_encoder()})
@@ -114,7 +125,7 @@ def render_clip(sprite: np.ndarray, direction: str, cross: int, canvas: int, num
     out = np.zeros((num_frames, canvas, canvas), np.uint8)
     for t, p in enumerate(pos):
         y, x = (cross, p) if direction in ("left", "right") else (p, cross)
-        out[t, y:y + d, x:x + d] = sprite
+        out[t, y : y + d, x : x + d] = sprite
     return out
 
 
@@ -170,8 +181,16 @@ def _up_to_date(data_dir: Path, params: MovingDigitsParams) -> bool:
     return m is not None and m.get("version") == FORMAT_VERSION and m.get("params") == _manifest_params(params)
 
 
-def _write_split(root: Path, split: str, n: int, pool: np.ndarray, sprites: np.ndarray, labels: np.ndarray,
-                 p: MovingDigitsParams, rng: np.random.Generator) -> list[dict]:
+def _write_split(
+    root: Path,
+    split: str,
+    n: int,
+    pool: np.ndarray,
+    sprites: np.ndarray,
+    labels: np.ndarray,
+    p: MovingDigitsParams,
+    rng: np.random.Generator,
+) -> list[dict]:
     """Render and write ``n`` clips of one split plus its How2Sign CSV; returns the manifest entries."""
     clips_dir = root / HOW2SIGN_CLIPS_DIR.format(split=split)
     clips_dir.mkdir(parents=True)
@@ -188,16 +207,28 @@ def _write_split(root: Path, split: str, n: int, pool: np.ndarray, sprites: np.n
         name = f"{video_id}_0-rgb_front"
         write_mp4(clips_dir / f"{name}.mp4", frames[..., None], p.fps, codec=p.codec, crf=12)
         text = caption(digit, direction)
-        lines.append("\t".join([video_id, f"{video_id}-rgb_front", f"{video_id}_0", name, "0.00",
-                                f"{duration:.2f}", text]))
-        entries.append({"name": name, "split": split, "digit": digit, "direction": direction, "text": text,
-                        "image_index": image, "cross": cross, **({} if p.min_frames is None else {"frames": length})})
+        lines.append(
+            "\t".join([video_id, f"{video_id}-rgb_front", f"{video_id}_0", name, "0.00", f"{duration:.2f}", text])
+        )
+        entries.append(
+            {
+                "name": name,
+                "split": split,
+                "digit": digit,
+                "direction": direction,
+                "text": text,
+                "image_index": image,
+                "cross": cross,
+                **({} if p.min_frames is None else {"frames": length}),
+            }
+        )
     (root / f"how2sign_{split}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return entries
 
 
-def generate_moving_digits(data_dir: str | os.PathLike, params: MovingDigitsParams | None = None, *,
-                           force: bool = False) -> Path:
+def generate_moving_digits(
+    data_dir: str | os.PathLike, params: MovingDigitsParams | None = None, *, force: bool = False
+) -> Path:
     """Write the moving-digits dataset under ``data_dir`` unless an identical one is already there.
 
     Source digit images are split 80/10/10 into train/val/test pools, so validation and test clips show unseen
@@ -210,13 +241,15 @@ def generate_moving_digits(data_dir: str | os.PathLike, params: MovingDigitsPara
     if not force and _up_to_date(data_dir, p):
         return data_dir
     if data_dir.exists() and any(data_dir.iterdir()) and read_manifest(data_dir) is None:
-        raise ConfigError(f"{data_dir} exists and is not a moving-digits folder (no {MANIFEST}); "
-                          "choose another datamodule.data_dir or empty that folder")
+        raise ConfigError(
+            f"{data_dir} exists and is not a moving-digits folder (no {MANIFEST}); "
+            "choose another datamodule.data_dir or empty that folder"
+        )
     sprites, labels = digit_sprites(p.digit_size)
     rng = np.random.default_rng(p.seed)
     perm = rng.permutation(len(sprites))
     n_val = n_test = len(perm) // 10
-    pools = {"val": perm[:n_val], "test": perm[n_val:n_val + n_test], "train": perm[n_val + n_test:]}
+    pools = {"val": perm[:n_val], "test": perm[n_val : n_val + n_test], "train": perm[n_val + n_test :]}
     # the whole folder is published by one directory rename (not a file write, so not difflab.ops.atomic); mkdir and
     # the files inside honour the umask already
     tmp = data_dir.parent / f".{data_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -225,8 +258,13 @@ def generate_moving_digits(data_dir: str | os.PathLike, params: MovingDigitsPara
         clips = []
         for split, n in (("train", p.num_train), ("val", p.num_val), ("test", p.num_test)):
             clips += _write_split(tmp, split, n, pools[split], sprites, labels, p, rng)
-        manifest = {"generator": GENERATOR, "version": FORMAT_VERSION, "params": _manifest_params(p),
-                    "directions": list(DIRECTIONS), "clips": clips}
+        manifest = {
+            "generator": GENERATOR,
+            "version": FORMAT_VERSION,
+            "params": _manifest_params(p),
+            "directions": list(DIRECTIONS),
+            "clips": clips,
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=0))
         if data_dir.exists():
             if _up_to_date(data_dir, p) and not force:  # another process finished first
@@ -261,24 +299,69 @@ class MovingDigitsDataModule(SignVideoDataModule):
     ``buckets`` / ``max_frames`` (see `SignVideoDataModule`).
     """
 
-    def __init__(self, data_dir: str = "data/moving_digits", num_train: int = 2000, num_val: int = 200,
-                 num_test: int = 200, canvas_size: int = 32, digit_size: int = 14, num_frames: int = 8,
-                 fps: float = 8.0, seed: int = 0, codec: str = "mpeg4", channels: int = 1,
-                 image_size: int | Sequence[int] | None = None, prompt_pairs: Sequence[Sequence[Any]] | None = None,
-                 cache: bool = True, backend: str = "pyav", strict: bool = False, batch_size: int = 32,
-                 num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
-                 drop_last: bool = False, min_frames: int | None = None, buckets: Sequence[int] | None = None,
-                 max_frames: int | None = None, bucket_batch: str = "scale"):
-        self.params = MovingDigitsParams(int(canvas_size), int(digit_size), int(num_frames), float(fps),
-                                         int(num_train), int(num_val), int(num_test), int(seed), str(codec or ""),
-                                         None if min_frames is None else int(min_frames))
+    def __init__(
+        self,
+        data_dir: str = "data/moving_digits",
+        num_train: int = 2000,
+        num_val: int = 200,
+        num_test: int = 200,
+        canvas_size: int = 32,
+        digit_size: int = 14,
+        num_frames: int = 8,
+        fps: float = 8.0,
+        seed: int = 0,
+        codec: str = "mpeg4",
+        channels: int = 1,
+        image_size: int | Sequence[int] | None = None,
+        prompt_pairs: Sequence[Sequence[Any]] | None = None,
+        cache: bool = True,
+        backend: str = "pyav",
+        strict: bool = False,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        drop_last: bool = False,
+        min_frames: int | None = None,
+        buckets: Sequence[int] | None = None,
+        max_frames: int | None = None,
+        bucket_batch: str = "scale",
+    ):
+        self.params = MovingDigitsParams(
+            int(canvas_size),
+            int(digit_size),
+            int(num_frames),
+            float(fps),
+            int(num_train),
+            int(num_val),
+            int(num_test),
+            int(seed),
+            str(codec or ""),
+            None if min_frames is None else int(min_frames),
+        )
         self.prompt_pairs = [(int(d), str(m)) for d, m in (prompt_pairs or DEFAULT_PROMPT_PAIRS)]
-        super().__init__(dataset="how2sign", data_dir=data_dir, num_frames=num_frames,
-                         image_size=image_size or canvas_size, frame_stride=1, channels=channels, layout="clips",
-                         strict=strict, backend=backend, cache=cache, prompts=prompts_for(self.prompt_pairs),
-                         batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                         persistent_workers=persistent_workers, drop_last=drop_last, seed=seed, buckets=buckets,
-                         max_frames=max_frames, bucket_batch=bucket_batch)
+        super().__init__(
+            dataset="how2sign",
+            data_dir=data_dir,
+            num_frames=num_frames,
+            image_size=image_size or canvas_size,
+            frame_stride=1,
+            channels=channels,
+            layout="clips",
+            strict=strict,
+            backend=backend,
+            cache=cache,
+            prompts=prompts_for(self.prompt_pairs),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            drop_last=drop_last,
+            seed=seed,
+            buckets=buckets,
+            max_frames=max_frames,
+            bucket_batch=bucket_batch,
+        )
 
     def prepare_data(self) -> None:
         """Generate the clips (Lightning calls this on one process per node)."""

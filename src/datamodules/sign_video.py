@@ -13,6 +13,7 @@ are not UTF-8, rows the csv module rejects; logged with file and line), listed f
 fail to decode (logged once per file, replaced by another clip). With ``strict=True`` each of these raises instead:
 one line naming the file (and line).
 """
+
 from __future__ import annotations
 
 import csv
@@ -42,12 +43,11 @@ from difflab.datamodules.buckets import (
     summarize,
     usable_frames,
 )
-from difflab.datamodules.image_common import ImageDataModule
-from difflab.video.io import BACKENDS, list_frame_files, open_video, read_frame_files, resize_uint8
+from difflab.datamodules.image_common import ImageDataModule, _accelerator_available
+from difflab.datamodules.loaders import ResumableDataLoader, _mix
 from difflab.ops.rng import WorkerRNGState
 from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
-from difflab.datamodules.loaders import ResumableDataLoader, _mix
-from difflab.datamodules.image_common import _accelerator_available
+from difflab.video.io import BACKENDS, list_frame_files, open_video, read_frame_files, resize_uint8
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,10 @@ class IndexReport:
 
     def summary(self) -> str:
         """One line for the start-up log."""
-        return (f"{len(self.records)} clips from {self.annotation_file} ({len(self.malformed)} malformed rows "
-                f"skipped, {len(self.missing)} listed files missing)")
+        return (
+            f"{len(self.records)} clips from {self.annotation_file} ({len(self.malformed)} malformed rows "
+            f"skipped, {len(self.missing)} listed files missing)"
+        )
 
 
 class _RowSkipper:
@@ -132,8 +134,9 @@ def _existing_names(folder: Path) -> set[str] | None:
         return None
 
 
-def _filter_missing(records: list[ClipRecord], names: set[str], report: IndexReport, strict: bool,
-                    what: str) -> list[ClipRecord]:
+def _filter_missing(
+    records: list[ClipRecord], names: set[str], report: IndexReport, strict: bool, what: str
+) -> list[ClipRecord]:
     """Drop records whose source is not in ``names``, count them, warn once (or raise when strict)."""
     kept = []
     for r in records:
@@ -141,12 +144,19 @@ def _filter_missing(records: list[ClipRecord], names: set[str], report: IndexRep
             kept.append(r)
         else:
             if strict:
-                raise DataNotFoundError(f"{r.source} is listed in {report.annotation_file} but does not exist; "
-                                        f"download the missing {what} or set strict=false to skip it")
+                raise DataNotFoundError(
+                    f"{r.source} is listed in {report.annotation_file} but does not exist; "
+                    f"download the missing {what} or set strict=false to skip it"
+                )
             report.missing.append(r.source)
     if report.missing:
-        log.warning("%s: %d listed %s do not exist and are skipped (first: %s)", report.annotation_file,
-                    len(report.missing), what, report.missing[0])
+        log.warning(
+            "%s: %d listed %s do not exist and are skipped (first: %s)",
+            report.annotation_file,
+            len(report.missing),
+            what,
+            report.missing[0],
+        )
     return kept
 
 
@@ -178,9 +188,16 @@ def find_how2sign_csv(data_dir: str | os.PathLike, split: str, csv_name: str | N
     )
 
 
-def read_how2sign_index(data_dir: str | os.PathLike, split: str, *, layout: str = "clips",
-                        clips_dir: str = HOW2SIGN_CLIPS_DIR, raw_dir: str = HOW2SIGN_RAW_DIR,
-                        csv_name: str | None = None, strict: bool = False) -> IndexReport:
+def read_how2sign_index(
+    data_dir: str | os.PathLike,
+    split: str,
+    *,
+    layout: str = "clips",
+    clips_dir: str = HOW2SIGN_CLIPS_DIR,
+    raw_dir: str = HOW2SIGN_RAW_DIR,
+    csv_name: str | None = None,
+    strict: bool = False,
+) -> IndexReport:
     """Records of a How2Sign split from its tab-separated CSV.
 
     ``layout="clips"``: one file per sentence, ``<clips_dir>/<SENTENCE_NAME>.mp4`` (whole file).
@@ -204,8 +221,10 @@ def read_how2sign_index(data_dir: str | os.PathLike, split: str, *, layout: str 
     needed = ["VIDEO_NAME", "SENTENCE_NAME", "SENTENCE"] + ([start_key, end_key] if layout == "raw" else [])
     lacking = [k for k in needed if k not in col]
     if lacking:
-        raise CorruptDataError(f"{path}: header lacks column(s) {', '.join(lacking)} (got {', '.join(header)}); "
-                               "is this a tab-separated How2Sign CSV?")
+        raise CorruptDataError(
+            f"{path}: header lacks column(s) {', '.join(lacking)} (got {', '.join(header)}); "
+            "is this a tab-separated How2Sign CSV?"
+        )
     has_times = start_key in col and end_key in col
     folder = data_dir / (clips_dir if layout == "clips" else raw_dir).format(split=split)
     records = []
@@ -238,9 +257,11 @@ def read_how2sign_index(data_dir: str | os.PathLike, split: str, *, layout: str 
     report = IndexReport([], str(path), malformed=skip.rows)
     names = _existing_names(folder)
     if names is None:
-        raise DataNotFoundError(f"How2Sign {split} videos not found: {folder} does not exist; download the "
-                                f"{'rgb_front clips' if layout == 'clips' else 'raw videos'} from {HOW2SIGN_URL} "
-                                f"or set datamodule.{'clips_dir' if layout == 'clips' else 'raw_dir'}")
+        raise DataNotFoundError(
+            f"How2Sign {split} videos not found: {folder} does not exist; download the "
+            f"{'rgb_front clips' if layout == 'clips' else 'raw videos'} from {HOW2SIGN_URL} "
+            f"or set datamodule.{'clips_dir' if layout == 'clips' else 'raw_dir'}"
+        )
     report.records = _filter_missing(records, names, report, strict, "videos")
     return report
 
@@ -265,8 +286,9 @@ def find_phoenix_root(data_dir: str | os.PathLike) -> Path:
     )
 
 
-def read_phoenix_index(data_dir: str | os.PathLike, split: str, *, text_field: str = "translation",
-                       strict: bool = False) -> IndexReport:
+def read_phoenix_index(
+    data_dir: str | os.PathLike, split: str, *, text_field: str = "translation", strict: bool = False
+) -> IndexReport:
     """Records of a PHOENIX-2014-T split (train/dev/test) from its ``|``-separated corpus file.
 
     Frames are read from ``features/fullFrame-210x260px/<split>/<name>/`` (the ``video`` column's
@@ -277,8 +299,10 @@ def read_phoenix_index(data_dir: str | os.PathLike, split: str, *, text_field: s
     root = find_phoenix_root(data_dir)
     path = root / "annotations" / "manual" / f"PHOENIX-2014-T.{split}.corpus.csv"
     if not path.is_file():
-        raise DataNotFoundError(f"PHOENIX-2014-T {split} annotations not found at {path}; splits are train/dev/test "
-                                f"(download from {PHOENIX_URL})")
+        raise DataNotFoundError(
+            f"PHOENIX-2014-T {split} annotations not found at {path}; splits are train/dev/test "
+            f"(download from {PHOENIX_URL})"
+        )
     skip = _RowSkipper(path, strict)
     rows = _read_rows(path, "|", skip)
     try:
@@ -289,8 +313,10 @@ def read_phoenix_index(data_dir: str | os.PathLike, split: str, *, text_field: s
     col = {h: i for i, h in enumerate(header)}
     lacking = [k for k in ("name", text_field) if k not in col]
     if lacking:
-        raise CorruptDataError(f"{path}: header lacks column(s) {', '.join(lacking)} (got {'|'.join(header)}); "
-                               "expected name|video|start|end|speaker|orth|translation")
+        raise CorruptDataError(
+            f"{path}: header lacks column(s) {', '.join(lacking)} (got {'|'.join(header)}); "
+            "expected name|video|start|end|speaker|orth|translation"
+        )
     frames_dir = root / PHOENIX_FRAMES / split
     records = []
     for line, row in rows:
@@ -308,8 +334,10 @@ def read_phoenix_index(data_dir: str | os.PathLike, split: str, *, text_field: s
     report = IndexReport([], str(path), malformed=skip.rows)
     names = _existing_names(frames_dir)
     if names is None:
-        raise DataNotFoundError(f"PHOENIX-2014-T {split} frames not found: {frames_dir} does not exist; extract the "
-                                f"full release (with features/) from {PHOENIX_URL}")
+        raise DataNotFoundError(
+            f"PHOENIX-2014-T {split} frames not found: {frames_dir} does not exist; extract the "
+            f"full release (with features/) from {PHOENIX_URL}"
+        )
     report.records = _filter_missing(records, names, report, strict, "frame folders")
     return report
 
@@ -322,8 +350,9 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return h, w
 
 
-def window_indices(n: int, num_frames: int, step: float, *, random: bool,
-                   generator: torch.Generator | None = None) -> np.ndarray:
+def window_indices(
+    n: int, num_frames: int, step: float, *, random: bool, generator: torch.Generator | None = None
+) -> np.ndarray:
     """Indices of ``num_frames`` frames spaced ``step`` apart (fractional for fps resampling) in a clip of ``n``.
 
     The window starts at a random frame (training) or is centred (evaluation). Clips shorter than the window
@@ -357,7 +386,7 @@ def crop_resize(frames: np.ndarray, out: tuple[int, int]) -> np.ndarray:
     s = min(h / out[0], w / out[1])
     ch, cw = min(h, round(out[0] * s)), min(w, round(out[1] * s))
     top, left = (h - ch) // 2, (w - cw) // 2
-    frames = frames[:, top:top + ch, left:left + cw]
+    frames = frames[:, top : top + ch, left : left + cw]
     if (ch, cw) != tuple(out):
         x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
         frames = resize_uint8(x, out).permute(0, 2, 3, 1).numpy()
@@ -396,10 +425,21 @@ class SignVideoDataset(WorkerRNGState, Dataset):
     workers) and replaced by the next readable clip; ``strict=True`` raises `CorruptDataError` instead.
     """
 
-    def __init__(self, records: Sequence[ClipRecord], *, num_frames: int = 16, frame_stride: int = 1,
-                 target_fps: float | None = None, image_size: int | Sequence[int] = 64, channels: int = 3,
-                 train: bool = True, backend: str = "pyav", strict: bool = False, cache: bool = False,
-                 default_fps: float = 25.0):
+    def __init__(
+        self,
+        records: Sequence[ClipRecord],
+        *,
+        num_frames: int = 16,
+        frame_stride: int = 1,
+        target_fps: float | None = None,
+        image_size: int | Sequence[int] = 64,
+        channels: int = 3,
+        train: bool = True,
+        backend: str = "pyav",
+        strict: bool = False,
+        cache: bool = False,
+        default_fps: float = 25.0,
+    ):
         if not records:
             raise ConfigError("SignVideoDataset needs at least one clip record")
         if int(num_frames) < 1 or int(frame_stride) < 1:
@@ -442,8 +482,9 @@ class SignVideoDataset(WorkerRNGState, Dataset):
         """uint8 T x H x W x 3 -> uint8 T x h x w x C at the output size (``size`` or ``image_size``) and channels."""
         return np.ascontiguousarray(to_channels(crop_resize(frames, size or self.image_size), self.channels))
 
-    def _read_video(self, rec: ClipRecord, whole: bool, num_frames: int | None = None,
-                    size: tuple[int, int] | None = None) -> tuple[np.ndarray, float]:
+    def _read_video(
+        self, rec: ClipRecord, whole: bool, num_frames: int | None = None, size: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, float]:
         num_frames, size = num_frames or self.num_frames, size or self.image_size
         with open_video(rec.source, self.backend) as reader:
             info = reader.info
@@ -458,15 +499,17 @@ class SignVideoDataset(WorkerRNGState, Dataset):
                 n = max(1, int(math.floor((c1 - c0) * fps + 1e-6)))
             idx = np.arange(n) if whole else window_indices(n, num_frames, self._step(fps), random=self.train)
             want = c0 + idx / fps
-            frames, times = reader.frames_in_range(want.min() - 0.5 / fps, want.max() + 0.5 / fps,
-                                                   fit_size(info.height, info.width, size))
+            frames, times = reader.frames_in_range(
+                want.min() - 0.5 / fps, want.max() + 0.5 / fps, fit_size(info.height, info.width, size)
+            )
         if len(frames) == 0:
             raise ValueError(f"no frames decoded in [{want.min():.2f}s, {want.max():.2f}s]")
         pick = np.abs(times[None, :] - want[:, None]).argmin(1)
         return self._finish(frames[pick], size), fps
 
-    def _read_frames(self, rec: ClipRecord, whole: bool, num_frames: int | None = None,
-                     size: tuple[int, int] | None = None) -> tuple[np.ndarray, float]:
+    def _read_frames(
+        self, rec: ClipRecord, whole: bool, num_frames: int | None = None, size: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, float]:
         from PIL import Image
 
         num_frames, size = num_frames or self.num_frames, size or self.image_size
@@ -519,8 +562,10 @@ class SignVideoDataset(WorkerRNGState, Dataset):
             except Exception as e:  # decoders raise many types (av.error.*, OSError, ValueError, PIL errors)
                 rec = self.records[i]
                 if self.strict:
-                    raise CorruptDataError(f"{rec.source}: cannot read clip ({type(e).__name__}: {e}); replace the "
-                                           "file or set strict=false to skip unreadable clips") from e
+                    raise CorruptDataError(
+                        f"{rec.source}: cannot read clip ({type(e).__name__}: {e}); replace the "
+                        "file or set strict=false to skip unreadable clips"
+                    ) from e
                 if i not in self._warned and not self._bad[i]:
                     log.warning("skipping unreadable clip %s (%s: %s)", rec.source, type(e).__name__, e)
                 self._warned.add(i)
@@ -531,9 +576,9 @@ class SignVideoDataset(WorkerRNGState, Dataset):
             if frames is not None:
                 sample["num_frames"] = int(x.shape[1])
             return sample
-        raise CorruptDataError(f"none of the {n} clips could be read (last error {last_error}); check the video files "
-                               "and the backend")
-
+        raise CorruptDataError(
+            f"none of the {n} clips could be read (last error {last_error}); check the video files and the backend"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------- datamodule
@@ -575,18 +620,47 @@ class SignVideoDataModule(ImageDataModule):
     frames used with buckets and with one ``num_frames`` crop.
     """
 
-    def __init__(self, dataset: str = "how2sign", data_dir: str = "data/how2sign", num_frames: int = 16,
-                 image_size: int | Sequence[int] = 64, frame_stride: int = 1, target_fps: float | None = None,
-                 channels: int = 3, text_field: str | None = None, layout: str = "clips",
-                 clips_dir: str = HOW2SIGN_CLIPS_DIR, raw_dir: str = HOW2SIGN_RAW_DIR, csv_name: str | None = None,
-                 train_split: str | None = None, val_split: str | None = None, test_split: str | None = None,
-                 strict: bool = False, backend: str = "pyav", cache: bool = False, num_prompts: int = 8,
-                 prompts: Sequence[str] | None = None, batch_size: int = 8, num_workers: int = 4,
-                 pin_memory: bool = True, persistent_workers: bool = True, drop_last: bool = False, seed: int = 0,
-                 buckets: Sequence[int] | None = None, max_frames: int | None = None,
-                 bucket_resolutions: Sequence[Any] | None = None, bucket_batch: str = "scale"):
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                         persistent_workers=persistent_workers, drop_last=drop_last, seed=seed)
+    def __init__(
+        self,
+        dataset: str = "how2sign",
+        data_dir: str = "data/how2sign",
+        num_frames: int = 16,
+        image_size: int | Sequence[int] = 64,
+        frame_stride: int = 1,
+        target_fps: float | None = None,
+        channels: int = 3,
+        text_field: str | None = None,
+        layout: str = "clips",
+        clips_dir: str = HOW2SIGN_CLIPS_DIR,
+        raw_dir: str = HOW2SIGN_RAW_DIR,
+        csv_name: str | None = None,
+        train_split: str | None = None,
+        val_split: str | None = None,
+        test_split: str | None = None,
+        strict: bool = False,
+        backend: str = "pyav",
+        cache: bool = False,
+        num_prompts: int = 8,
+        prompts: Sequence[str] | None = None,
+        batch_size: int = 8,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        buckets: Sequence[int] | None = None,
+        max_frames: int | None = None,
+        bucket_resolutions: Sequence[Any] | None = None,
+        bucket_batch: str = "scale",
+    ):
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            drop_last=drop_last,
+            seed=seed,
+        )
         if dataset not in SIGN_DATASETS:
             raise ConfigError(f"datamodule.dataset must be one of {sorted(SIGN_DATASETS)}, got {dataset!r}")
         (tr, va, te), default_text = SIGN_DATASETS[dataset]
@@ -600,9 +674,16 @@ class SignVideoDataModule(ImageDataModule):
         self.text_field = text_field or default_text
         self.split_names = {"train": train_split or tr, "val": val_split or va, "test": test_split or te}
         self.layout, self.clips_dir, self.raw_dir, self.csv_name = layout, clips_dir, raw_dir, csv_name
-        self.clip_args = dict(num_frames=int(num_frames), frame_stride=int(frame_stride), target_fps=target_fps,
-                              image_size=_pair(image_size), channels=int(channels), backend=backend,
-                              strict=bool(strict), cache=bool(cache))
+        self.clip_args = dict(
+            num_frames=int(num_frames),
+            frame_stride=int(frame_stride),
+            target_fps=target_fps,
+            image_size=_pair(image_size),
+            channels=int(channels),
+            backend=backend,
+            strict=bool(strict),
+            cache=bool(cache),
+        )
         self.strict = bool(strict)
         self._reports: dict[str, IndexReport] = {}
         h, w = self.clip_args["image_size"]
@@ -628,21 +709,31 @@ class SignVideoDataModule(ImageDataModule):
         if name not in self._reports:
             split = self.split_names[name]
             if self.dataset == "how2sign":
-                rep = read_how2sign_index(self.data_dir, split, layout=self.layout, clips_dir=self.clips_dir,
-                                          raw_dir=self.raw_dir, csv_name=self.csv_name, strict=self.strict)
+                rep = read_how2sign_index(
+                    self.data_dir,
+                    split,
+                    layout=self.layout,
+                    clips_dir=self.clips_dir,
+                    raw_dir=self.raw_dir,
+                    csv_name=self.csv_name,
+                    strict=self.strict,
+                )
             else:
                 rep = read_phoenix_index(self.data_dir, split, text_field=self.text_field, strict=self.strict)
             if not rep.records:
-                raise DataNotFoundError(f"{rep.annotation_file}: no usable clips ({len(rep.malformed)} malformed "
-                                        f"rows, {len(rep.missing)} missing files); check datamodule.data_dir and "
-                                        "the download")
+                raise DataNotFoundError(
+                    f"{rep.annotation_file}: no usable clips ({len(rep.malformed)} malformed "
+                    f"rows, {len(rep.missing)} missing files); check datamodule.data_dir and "
+                    "the download"
+                )
             log.info("%s %s: %s", self.dataset, split, rep.summary())
             self._reports[name] = rep
         return self._reports[name]
 
     def _build_split(self, name: str) -> Dataset | None:
-        return SignVideoDataset(self.index(name).records, train=(name == "train"),
-                                default_fps=PHOENIX_FPS, **self.clip_args)
+        return SignVideoDataset(
+            self.index(name).records, train=(name == "train"), default_fps=PHOENIX_FPS, **self.clip_args
+        )
 
     # ---- variable-length training clips ---------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -667,25 +758,37 @@ class SignVideoDataModule(ImageDataModule):
         if self._train_buckets is None:
             ds = self.split_dataset("train")
             split = self.split_names["train"]
-            infos = probe_clips(ds.records, backend=self.clip_args["backend"], default_fps=PHOENIX_FPS,
-                                cache_file=self._clip_info_cache(split))
+            infos = probe_clips(
+                ds.records,
+                backend=self.clip_args["backend"],
+                default_fps=PHOENIX_FPS,
+                cache_file=self._clip_info_cache(split),
+            )
             lengths = [0 if c is None else usable_frames(c.num_frames, ds._step(c.fps)) for c in infos]
             sizes = [(0, 0) if c is None else (c.height, c.width) for c in infos]
             what = f"{self.dataset} {split} clips"
             buckets = assign_buckets(lengths, self.frame_buckets, self.bucket_resolutions, sizes, what)
-            sizes_per_bucket = bucket_batch_sizes(buckets, self.batch_size, self.clip_args["num_frames"],
-                                                  self.clip_args["image_size"], self.bucket_batch)
+            sizes_per_bucket = bucket_batch_sizes(
+                buckets, self.batch_size, self.clip_args["num_frames"], self.clip_args["image_size"], self.bucket_batch
+            )
             known = [k for k, n in enumerate(lengths) if n > 0]
             self.bucket_report = {
-                "clips": len(lengths), "unmeasured": len(lengths) - len(known),
-                "frames_used_fixed": frame_usage([lengths[k] for k in known],
-                                                 [self.clip_args["num_frames"]] * len(known)),
+                "clips": len(lengths),
+                "unmeasured": len(lengths) - len(known),
+                "frames_used_fixed": frame_usage(
+                    [lengths[k] for k in known], [self.clip_args["num_frames"]] * len(known)
+                ),
                 "frames_used_buckets": frame_usage([lengths[k] for k in known], [buckets[k].frames for k in known]),
                 "buckets": summarize(buckets, sizes_per_bucket),
             }
-            log.info("%s: buckets %s; frames used %.1f%% (fixed %d-frame crops: %.1f%%)", what,
-                     self.bucket_report["buckets"], 100 * self.bucket_report["frames_used_buckets"],
-                     self.clip_args["num_frames"], 100 * self.bucket_report["frames_used_fixed"])
+            log.info(
+                "%s: buckets %s; frames used %.1f%% (fixed %d-frame crops: %.1f%%)",
+                what,
+                self.bucket_report["buckets"],
+                100 * self.bucket_report["frames_used_buckets"],
+                self.clip_args["num_frames"],
+                100 * self.bucket_report["frames_used_fixed"],
+            )
             self._train_buckets = (buckets, sizes_per_bucket)
         return self._train_buckets
 
@@ -706,17 +809,25 @@ class SignVideoDataModule(ImageDataModule):
         generator = torch.Generator()
         generator.manual_seed(_mix(sampler.seed, 1))
         workers = self.num_workers
-        return ResumableDataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                   pin_memory=self.pin_memory and _accelerator_available(),
-                                   persistent_workers=self.persistent_workers and workers > 0,
-                                   collate_fn=collate_buckets, generator=generator)
+        return ResumableDataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.pin_memory and _accelerator_available(),
+            persistent_workers=self.persistent_workers and workers > 0,
+            collate_fn=collate_buckets,
+            generator=generator,
+        )
 
     def data_report(self) -> dict[str, dict[str, int]]:
         """Per built split: clip count, malformed rows skipped, listed files missing, videos found unreadable."""
         out = {}
         for name, rep in self._reports.items():
             ds = self._splits.get(name)
-            out[name] = {"clips": len(rep.records), "malformed_rows": len(rep.malformed),
-                         "missing_files": len(rep.missing),
-                         "unreadable_files": ds.num_unreadable if ds is not None else 0}
+            out[name] = {
+                "clips": len(rep.records),
+                "malformed_rows": len(rep.malformed),
+                "missing_files": len(rep.missing),
+                "unreadable_files": ds.num_unreadable if ds is not None else 0,
+            }
         return out

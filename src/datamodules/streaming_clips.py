@@ -27,6 +27,7 @@ workers without overlap, mid-epoch resume from Lightning checkpoints.
 
 litdata is an optional extra: ``pip install 'difflab[stream]'``.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,24 +40,44 @@ import numpy as np
 import torch
 
 from difflab.autoencoders.loading import to_plain
-from difflab.datamodules.streaming_latents import (HAVE_LITDATA, LatentStreamingDataset, ShardLoader, ShardSplitLoaders,
-                                                stream_seed, world_size)
+from difflab.datamodules.streaming_latents import (
+    HAVE_LITDATA,
+    LatentStreamingDataset,
+    ShardLoader,
+    ShardSplitLoaders,
+    stream_seed,
+    world_size,
+)
 from difflab.latents.encode import describe_datamodule, split_dataset
-from difflab.storage.litdata_shards import (auto_samples_per_shard, check_shards_complete, check_split_index,
-                                            shard_info, shard_manifest, write_order, write_split)
+from difflab.storage.litdata_shards import (
+    auto_samples_per_shard,
+    check_shards_complete,
+    check_split_index,
+    shard_info,
+    shard_manifest,
+    write_order,
+    write_split,
+)
 from difflab.storage.location import INSTALL, fetch_json, is_url, join, require_litdata
-from difflab.storage.manifest import (MANIFEST, STATUS_COMPLETE, STATUS_IN_PROGRESS, check_manifest_data, clear_cache,
-                                      now, write_manifest)
+from difflab.storage.manifest import (
+    MANIFEST,
+    STATUS_COMPLETE,
+    STATUS_IN_PROGRESS,
+    check_manifest_data,
+    clear_cache,
+    now,
+    write_manifest,
+)
 from difflab.storage.progress import progress_bar
 from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
 from difflab.utils.images import to_uint8
 
 CLIP_FORMAT = "difflab-clip-shards"
 CLIP_VERSION = 1
-VIDEO_LAYOUT = "THWC"                      # each record's "video": uint8 frames x height x width x channels
+VIDEO_LAYOUT = "THWC"  # each record's "video": uint8 frames x height x width x channels
 RECORD_KEYS = ["video", "index", "text"]
 WRITER = "prepare_clips.py"
-LOCATION_KEYS = frozenset({"data_dir"})    # source settings that say where the data was, not what it is
+LOCATION_KEYS = frozenset({"data_dir"})  # source settings that say where the data was, not what it is
 
 
 # ---------------------------------------------------------------------------------------------- manifest
@@ -64,22 +85,36 @@ def check_clip_manifest(manifest: dict | None, location: str) -> dict:
     """The manifest of a finished clip-shard directory, or a one-line error saying why it cannot be read."""
     rewrite = f"rewrite it with python {WRITER} datamodule=... out_dir={location} overwrite=true"
     if manifest is None:
-        raise DataNotFoundError(f"no clip shards at {location} ({MANIFEST} missing): write them with python "
-                                f"{WRITER} datamodule=<moving_digits|how2sign|phoenix|sign_video> out_dir={location}")
+        raise DataNotFoundError(
+            f"no clip shards at {location} ({MANIFEST} missing): write them with python "
+            f"{WRITER} datamodule=<moving_digits|how2sign|phoenix|sign_video> out_dir={location}"
+        )
     if not isinstance(manifest, dict):
         raise CorruptDataError(f"{join(location, MANIFEST)} is not a difflab clip-shard manifest")
     fmt = manifest.get("format")
     if fmt == "difflab-latent-cache":
-        raise ConfigError(f"{location} holds latents, not video clips: read it with datamodule=latents_stream (or "
-                          f"datamodule=latents)")
+        raise ConfigError(
+            f"{location} holds latents, not video clips: read it with datamodule=latents_stream (or datamodule=latents)"
+        )
     if fmt != CLIP_FORMAT:
-        raise CorruptDataError(f"{join(location, MANIFEST)} is not a difflab clip-shard manifest (format {fmt!r}, "
-                               f"expected {CLIP_FORMAT!r})")
+        raise CorruptDataError(
+            f"{join(location, MANIFEST)} is not a difflab clip-shard manifest (format {fmt!r}, "
+            f"expected {CLIP_FORMAT!r})"
+        )
     if manifest.get("version") != CLIP_VERSION:
-        raise CorruptDataError(f"{location} holds clip shards of format version {manifest.get('version')}, this "
-                               f"difflab reads version {CLIP_VERSION}: {rewrite}")
-    check_shards_complete(manifest, location, CLIP_FORMAT, CLIP_VERSION, rewrite, what="clip shards",
-                          rerun=f"python {WRITER} with out_dir={location}")
+        raise CorruptDataError(
+            f"{location} holds clip shards of format version {manifest.get('version')}, this "
+            f"difflab reads version {CLIP_VERSION}: {rewrite}"
+        )
+    check_shards_complete(
+        manifest,
+        location,
+        CLIP_FORMAT,
+        CLIP_VERSION,
+        rewrite,
+        what="clip shards",
+        rerun=f"python {WRITER} with out_dir={location}",
+    )
     return check_manifest_data(manifest, join(location, MANIFEST))
 
 
@@ -109,8 +144,12 @@ class ClipShards:
     def layout_identity(self, split: str) -> dict:
         """What a saved reading position depends on: the split's size and shard layout."""
         info = shard_info(self.manifest)
-        return {"split": split, "count": self.count(split), "samples_per_shard": info["samples_per_shard"],
-                "order_seed": info.get("order_seed")}
+        return {
+            "split": split,
+            "count": self.count(split),
+            "samples_per_shard": info["samples_per_shard"],
+            "order_seed": info.get("order_seed"),
+        }
 
 
 def open_clip_shards(location: str | Path, storage_options: dict | None = None) -> ClipShards:
@@ -140,32 +179,40 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> dict | None:
     """The existing manifest of ``out_dir`` to resume (None: start fresh); clears it with ``overwrite``."""
     old = _read_clip_manifest(out_dir) if out_dir.exists() else None
     if old is not None and (not isinstance(old, dict) or old.get("format") != CLIP_FORMAT):
-        raise ConfigError(f"{out_dir} holds a {MANIFEST} that is not of clip shards: write the clips to a new or "
-                          f"empty out_dir")
+        raise ConfigError(
+            f"{out_dir} holds a {MANIFEST} that is not of clip shards: write the clips to a new or empty out_dir"
+        )
     if old is not None and overwrite:
         clear_cache(out_dir, old)
         return None
     if old is None and out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"{out_dir} exists, is not empty and holds no {MANIFEST}: choose a new or empty out_dir "
-                          f"for the clip shards")
+        raise ConfigError(
+            f"{out_dir} exists, is not empty and holds no {MANIFEST}: choose a new or empty out_dir for the clip shards"
+        )
     return old
 
 
-def _check_resumable(out_dir: Path, old: dict, dataset: dict, samples_per_shard: int | None,
-                     order_seed: int | None) -> None:
+def _check_resumable(
+    out_dir: Path, old: dict, dataset: dict, samples_per_shard: int | None, order_seed: int | None
+) -> None:
     hint = "use a new out_dir or overwrite=true"
     info = shard_info(old)
     if old.get("version") != CLIP_VERSION or info.get("version") != CLIP_VERSION:
         raise ConfigError(f"{out_dir} holds clip shards of format version {old.get('version')}: {hint}")
     if old.get("dataset") != dataset:
-        raise ConfigError(f"{out_dir} holds clips of another dataset ({old.get('dataset', {}).get('target')} "
-                          f"with other settings): {hint}")
+        raise ConfigError(
+            f"{out_dir} holds clips of another dataset ({old.get('dataset', {}).get('target')} "
+            f"with other settings): {hint}"
+        )
     if samples_per_shard is not None and int(samples_per_shard) != info["samples_per_shard"]:
-        raise ConfigError(f"{out_dir} was written with {info['samples_per_shard']} clips per shard, this run asks "
-                          f"for {samples_per_shard}: {hint}")
+        raise ConfigError(
+            f"{out_dir} was written with {info['samples_per_shard']} clips per shard, this run asks "
+            f"for {samples_per_shard}: {hint}"
+        )
     if order_seed != info.get("order_seed"):
-        raise ConfigError(f"{out_dir} was written with shard_seed={info.get('order_seed')}, this run uses "
-                          f"{order_seed}: {hint}")
+        raise ConfigError(
+            f"{out_dir} was written with shard_seed={info.get('order_seed')}, this run uses {order_seed}: {hint}"
+        )
 
 
 def _split_dataset(datamodule: Any, split: str):
@@ -184,15 +231,32 @@ def _geometry(datamodule: Any, first: dict) -> dict:
     args = getattr(datamodule, "clip_args", {}) or {}
     params = getattr(datamodule, "params", None)
     fps = args.get("target_fps") or getattr(params, "fps", None)
-    return {"video_layout": VIDEO_LAYOUT, "sample_shape": [c, t, h, w], "frames": t, "height": h, "width": w,
-            "channels": c, "fps": None if fps is None else float(fps),  # null: the source videos' own rates
-            "frame_stride": args.get("frame_stride"), "window": "centre"}
+    return {
+        "video_layout": VIDEO_LAYOUT,
+        "sample_shape": [c, t, h, w],
+        "frames": t,
+        "height": h,
+        "width": w,
+        "channels": c,
+        "fps": None if fps is None else float(fps),  # null: the source videos' own rates
+        "frame_stride": args.get("frame_stride"),
+        "window": "centre",
+    }
 
 
-def prepare_clip_shards(datamodule: Any, out_dir: str | Path, *, dataset: dict | None = None,
-                        splits: Sequence[str] = ("train", "val"), samples_per_shard: int | None = None,
-                        order_seed: int | None = 0, overwrite: bool = False, batch_size: int = 32,
-                        num_workers: int = 0, progress: bool = True) -> dict:
+def prepare_clip_shards(
+    datamodule: Any,
+    out_dir: str | Path,
+    *,
+    dataset: dict | None = None,
+    splits: Sequence[str] = ("train", "val"),
+    samples_per_shard: int | None = None,
+    order_seed: int | None = 0,
+    overwrite: bool = False,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict:
     """Write (or finish) the clip shards of ``datamodule``'s ``splits`` under ``out_dir``; returns the manifest.
 
     ``dataset``: the datamodule's description (``difflab.latents.encode.describe_datamodule`` of its config),
@@ -225,23 +289,41 @@ def prepare_clip_shards(datamodule: Any, out_dir: str | Path, *, dataset: dict |
         manifest = old
     else:
         first = datasets[splits[0]][0]
-        manifest = {"format": CLIP_FORMAT, "version": CLIP_VERSION, "status": STATUS_IN_PROGRESS, "created": now(),
-                    "dataset": dataset, **_geometry(datamodule, first), "splits": {}, "count": {},
-                    "prompts": to_plain(getattr(datamodule, "prompts", None)),
-                    "num_classes": None, "class_names": None}
+        manifest = {
+            "format": CLIP_FORMAT,
+            "version": CLIP_VERSION,
+            "status": STATUS_IN_PROGRESS,
+            "created": now(),
+            "dataset": dataset,
+            **_geometry(datamodule, first),
+            "splits": {},
+            "count": {},
+            "prompts": to_plain(getattr(datamodule, "prompts", None)),
+            "num_classes": None,
+            "class_names": None,
+        }
         c, t, h, w = manifest["sample_shape"]
         s = samples_per_shard or auto_samples_per_shard((t, h, w, c), "uint8")
-        manifest = shard_manifest(manifest, samples_per_shard=s, order_seed=order_seed, shard_format=CLIP_FORMAT,
-                                  shard_version=CLIP_VERSION)
+        manifest = shard_manifest(
+            manifest, samples_per_shard=s, order_seed=order_seed, shard_format=CLIP_FORMAT, shard_version=CLIP_VERSION
+        )
     for name, ds in datasets.items():
         n = len(ds)
         if name in manifest["splits"]:
             if manifest["splits"][name]["count"] != n:
-                raise ConfigError(f"clip shards {out_dir} split {name!r} have {manifest['splits'][name]['count']} "
-                                  f"clips, the dataset now has {n}: use a new out_dir or overwrite=true")
+                raise ConfigError(
+                    f"clip shards {out_dir} split {name!r} have {manifest['splits'][name]['count']} "
+                    f"clips, the dataset now has {n}: use a new out_dir or overwrite=true"
+                )
             continue
-        manifest["splits"][name] = {"count": n, "done": 0, "has_label": False, "has_text": True,
-                                    "record_keys": list(RECORD_KEYS), "shards": []}
+        manifest["splits"][name] = {
+            "count": n,
+            "done": 0,
+            "has_label": False,
+            "has_text": True,
+            "record_keys": list(RECORD_KEYS),
+            "shards": [],
+        }
         manifest["count"][name] = n
     manifest["status"] = STATUS_IN_PROGRESS
     write_manifest(out_dir, manifest)
@@ -255,8 +337,13 @@ def prepare_clip_shards(datamodule: Any, out_dir: str | Path, *, dataset: dict |
             order = write_order(info["count"], shard_info(manifest).get("order_seed"))
 
             def blocks(start: int, ds=ds, order=order):
-                loader = DataLoader(Subset(ds, order[start:].tolist()), batch_size=int(batch_size), shuffle=False,
-                                    num_workers=int(num_workers), collate_fn=collate)
+                loader = DataLoader(
+                    Subset(ds, order[start:].tolist()),
+                    batch_size=int(batch_size),
+                    shuffle=False,
+                    num_workers=int(num_workers),
+                    collate_fn=collate,
+                )
                 for batch in loader:
                     yield clip_frames(batch["x"]), None, batch["text"]
 
@@ -279,7 +366,7 @@ class ClipCollate:
         self.return_index = return_index
 
     def __call__(self, items: list[dict]) -> dict:
-        v = np.stack([it["video"] for it in items])                        # B x T x H x W x C uint8
+        v = np.stack([it["video"] for it in items])  # B x T x H x W x C uint8
         x = np.ascontiguousarray(v.transpose(0, 4, 1, 2, 3), dtype=np.float32)
         x /= 127.5
         x -= 1.0
@@ -305,14 +392,27 @@ class StreamingClipDataModule(ShardSplitLoaders, L.LightningDataModule):
     ``data_dir`` (where the source data was) is ignored.
     """
 
-    def __init__(self, cache_dir: str, batch_size: int = 8, num_workers: int = 2, pin_memory: bool = False,
-                 persistent_workers: bool = False, shuffle: bool = True, drop_last: bool = True,
-                 seed: int | None = None, download_dir: str | None = None, max_cache_size: str | None = "50GB",
-                 storage_options: dict | None = None, return_index: bool = False, **expected: Any):
+    def __init__(
+        self,
+        cache_dir: str,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int | None = None,
+        download_dir: str | None = None,
+        max_cache_size: str | None = "50GB",
+        storage_options: dict | None = None,
+        return_index: bool = False,
+        **expected: Any,
+    ):
         super().__init__()
         if not HAVE_LITDATA:
-            raise ConfigError(f"datamodule=clips_stream needs the optional package litdata: {INSTALL} (or pip "
-                              f"install litdata)")
+            raise ConfigError(
+                f"datamodule=clips_stream needs the optional package litdata: {INSTALL} (or pip install litdata)"
+            )
         self.storage_options = dict(storage_options) if storage_options else None
         self.shards = open_clip_shards(cache_dir, self.storage_options)
         m = self.shards.manifest
@@ -335,31 +435,46 @@ class StreamingClipDataModule(ShardSplitLoaders, L.LightningDataModule):
             if key in LOCATION_KEYS:
                 continue
             if key not in args:
-                raise ConfigError(f"datamodule.{key} is neither a setting of StreamingClipDataModule nor one the clip "
-                                  f"shards at {self.shards.location} were prepared with (from "
-                                  f"{recorded.get('target')}): drop it with ~datamodule.{key}")
+                raise ConfigError(
+                    f"datamodule.{key} is neither a setting of StreamingClipDataModule nor one the clip "
+                    f"shards at {self.shards.location} were prepared with (from "
+                    f"{recorded.get('target')}): drop it with ~datamodule.{key}"
+                )
             want = json.loads(json.dumps(to_plain(value), default=str))
             if want != args[key]:
-                raise ConfigError(f"datamodule.{key}={json.dumps(want)} but the clip shards at "
-                                  f"{self.shards.location} were prepared with {key}={json.dumps(args[key])}: prepare "
-                                  f"shards with that setting (python {WRITER} ...) or drop it with ~datamodule.{key}")
+                raise ConfigError(
+                    f"datamodule.{key}={json.dumps(want)} but the clip shards at "
+                    f"{self.shards.location} were prepared with {key}={json.dumps(args[key])}: prepare "
+                    f"shards with that setting (python {WRITER} ...) or drop it with ~datamodule.{key}"
+                )
 
     def dataset(self, split: str, train: bool | None = None):
         """A fresh streaming dataset over ``split`` (shuffled when ``train`` and ``shuffle``)."""
         train = split == "train" if train is None else train
         location = self.shards.split_location(split)
         return LatentStreamingDataset(
-            location if is_url(location) else os.path.abspath(location), shuffle=bool(self.shuffle and train),
-            seed=stream_seed(self.seed), drop_last=True if world_size() > 1 else None,
-            cache_dir=self.download_dir, max_cache_size=self.max_cache_size, storage_options=self.storage_options,
-            tag_epoch=False)
+            location if is_url(location) else os.path.abspath(location),
+            shuffle=bool(self.shuffle and train),
+            seed=stream_seed(self.seed),
+            drop_last=True if world_size() > 1 else None,
+            cache_dir=self.download_dir,
+            max_cache_size=self.max_cache_size,
+            storage_options=self.storage_options,
+            tag_epoch=False,
+        )
 
     def loader(self, split: str, train: bool):
         ds = self.dataset(split, train)
         drop_last = True if world_size() > 1 else bool(self.drop_last and train)
         generator = torch.Generator().manual_seed(stream_seed(self.seed))  # never the global RNG (see the latents)
-        return ShardLoader(ds, layout=self.shards.layout_identity(split), batch_size=self.batch_size,
-                           num_workers=self.num_workers, pin_memory=self.pin_memory,
-                           persistent_workers=self.persistent_workers, drop_last=drop_last,
-                           collate_fn=ClipCollate(self.return_index), generator=generator)
-
+        return ShardLoader(
+            ds,
+            layout=self.shards.layout_identity(split),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            drop_last=drop_last,
+            collate_fn=ClipCollate(self.return_index),
+            generator=generator,
+        )

@@ -31,6 +31,7 @@ position is tied to the shard layout (split size, samples per shard, write order
 
 litdata is an optional extra: ``pip install 'difflab[stream]'``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,13 +52,14 @@ try:  # optional extra: the classes below need litdata's bases; the datamodule r
     from litdata import StreamingDataLoader, StreamingDataset
     from litdata.streaming.item_loader import PyTreeLoader as _PyTreeLoader
     from litdata.utilities.env import _DistributedEnv
+
     HAVE_LITDATA = True
 except ImportError:  # pragma: no cover - exercised only without the extra
     StreamingDataLoader = StreamingDataset = _PyTreeLoader = object  # type: ignore[misc,assignment]
     _DistributedEnv = None
     HAVE_LITDATA = False
 
-STATE_KEY = "difflab_shards"   # our part of the loader state: the shard layout the position refers to
+STATE_KEY = "difflab_shards"  # our part of the loader state: the shard layout the position refers to
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -104,11 +106,30 @@ class PyTreeLoader(_PyTreeLoader):
 class LatentStreamingDataset(StreamingDataset):
     """One split of a shard directory; records gain the epoch they are read in (for ``flip``)."""
 
-    def __init__(self, location: str, *, shuffle: bool, seed: int, drop_last: bool | None, cache_dir: str | None,
-                 max_cache_size: int | str | None, storage_options: dict | None, tag_epoch: bool):
-        super().__init__(location, cache_dir=cache_dir, item_loader=PyTreeLoader(), shuffle=shuffle,
-                         drop_last=drop_last, seed=seed, max_cache_size=max_cache_size,
-                         storage_options=storage_options, item_shuffle_window=0, batch_decode=0)
+    def __init__(
+        self,
+        location: str,
+        *,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool | None,
+        cache_dir: str | None,
+        max_cache_size: int | str | None,
+        storage_options: dict | None,
+        tag_epoch: bool,
+    ):
+        super().__init__(
+            location,
+            cache_dir=cache_dir,
+            item_loader=PyTreeLoader(),
+            shuffle=shuffle,
+            drop_last=drop_last,
+            seed=seed,
+            max_cache_size=max_cache_size,
+            storage_options=storage_options,
+            item_shuffle_window=0,
+            batch_decode=0,
+        )
         self.tag_epoch = tag_epoch
         if self.posix_fast is not None and self.posix_fast.window_shuffle:
             # the same order on every file system: litdata picks a windowed shuffle on NFS/Lustre/GPFS/...
@@ -183,16 +204,23 @@ class ShardLoader(StreamingDataLoader):
         state = dict(state)
         saved = state.pop(STATE_KEY, None)
         if saved is not None and saved != self.layout:
-            raise ConfigError(f"the checkpoint's data position refers to shards {saved}, the datamodule reads "
-                              f"{self.layout}: resume with the same shard directory, or start a new run from the "
-                              f"weights (init_from=...)")
+            raise ConfigError(
+                f"the checkpoint's data position refers to shards {saved}, the datamodule reads "
+                f"{self.layout}: resume with the same shard directory, or start a new run from the "
+                f"weights (init_from=...)"
+            )
         ds_state = dict(state["dataset"])
         if ds_state.get("shuffle") != self.dataset.shuffle:
-            raise ConfigError(f"the checkpoint's data position was saved with shuffle={ds_state.get('shuffle')}, "
-                              f"this run has shuffle={self.dataset.shuffle}: resume with the same setting")
+            raise ConfigError(
+                f"the checkpoint's data position was saved with shuffle={ds_state.get('shuffle')}, "
+                f"this run has shuffle={self.dataset.shuffle}: resume with the same setting"
+            )
         # the position is tied to the shard layout, not to where the shards are now
-        ds_state.update(input_dir_path=self.dataset.input_dir.path, input_dir_url=self.dataset.input_dir.url,
-                        cache_dir_path=self.dataset.cache_dir.path)
+        ds_state.update(
+            input_dir_path=self.dataset.input_dir.path,
+            input_dir_url=self.dataset.input_dir.url,
+            cache_dir_path=self.dataset.cache_dir.path,
+        )
         state["dataset"] = ds_state
         super().load_state_dict(state)
         self._epoch_complete = True
@@ -224,15 +252,27 @@ class StreamingLatentDataModule(ShardSplitLoaders, L.LightningDataModule):
     docstring) and ``return_index`` (add each sample's source row as ``"index"``).
     """
 
-    def __init__(self, cache_dir: str, batch_size: int = 128, flip: bool = False, num_workers: int = 0,
-                 pin_memory: bool = False, persistent_workers: bool = False, shuffle: bool = True,
-                 drop_last: bool = True, seed: int | None = None, download_dir: str | None = None,
-                 max_cache_size: str | None = "50GB", storage_options: dict | None = None,
-                 return_index: bool = False):
+    def __init__(
+        self,
+        cache_dir: str,
+        batch_size: int = 128,
+        flip: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int | None = None,
+        download_dir: str | None = None,
+        max_cache_size: str | None = "50GB",
+        storage_options: dict | None = None,
+        return_index: bool = False,
+    ):
         super().__init__()
         if not HAVE_LITDATA:
-            raise ConfigError(f"datamodule=latents_stream needs the optional package litdata: {INSTALL} (or pip "
-                              f"install litdata)")
+            raise ConfigError(
+                f"datamodule=latents_stream needs the optional package litdata: {INSTALL} (or pip install litdata)"
+            )
         self.storage_options = dict(storage_options) if storage_options else None
         self.shards: LatentShards = open_shards(cache_dir, self.storage_options)
         self.cache = self.shards  # the name LatentDataModule uses
@@ -257,23 +297,36 @@ class StreamingLatentDataModule(ShardSplitLoaders, L.LightningDataModule):
         train = split == "train" if train is None else train
         location = self.shards.split_location(split)
         return LatentStreamingDataset(
-            location if is_url(location) else os.path.abspath(location), shuffle=bool(self.shuffle and train),
-            seed=stream_seed(self.seed), drop_last=True if world_size() > 1 else None,
-            cache_dir=self.download_dir, max_cache_size=self.max_cache_size, storage_options=self.storage_options,
-            tag_epoch=self.flip and train)
+            location if is_url(location) else os.path.abspath(location),
+            shuffle=bool(self.shuffle and train),
+            seed=stream_seed(self.seed),
+            drop_last=True if world_size() > 1 else None,
+            cache_dir=self.download_dir,
+            max_cache_size=self.max_cache_size,
+            storage_options=self.storage_options,
+            tag_epoch=self.flip and train,
+        )
 
     def loader(self, split: str, train: bool) -> ShardLoader:
         ds = self.dataset(split, train)
         drop_last = True if world_size() > 1 else bool(self.drop_last and train)
-        collate = LatentCollate(self.latent_scale, self.latent_shift, self.flip and train, stream_seed(self.seed),
-                                self.return_index)
+        collate = LatentCollate(
+            self.latent_scale, self.latent_shift, self.flip and train, stream_seed(self.seed), self.return_index
+        )
         # the loader's own generator: torch draws the workers' base seed from the global RNG otherwise, once per
         # epoch, so a resumed run (a new iterator after the RNG states were restored) would draw other training noise
         generator = torch.Generator().manual_seed(stream_seed(self.seed))
-        return ShardLoader(ds, layout=self.shards.layout_identity(split), batch_size=self.batch_size,
-                           num_workers=self.num_workers, pin_memory=self.pin_memory,
-                           persistent_workers=self.persistent_workers, drop_last=drop_last, collate_fn=collate,
-                           generator=generator)
+        return ShardLoader(
+            ds,
+            layout=self.shards.layout_identity(split),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            drop_last=drop_last,
+            collate_fn=collate,
+            generator=generator,
+        )
 
     # ---------------------------------------------------------------- decoding (as LatentDataModule)
     def decode_latents(self, autoencoder: Any, z_normalised: torch.Tensor) -> torch.Tensor:
@@ -288,8 +341,10 @@ class StreamingLatentDataModule(ShardSplitLoaders, L.LightningDataModule):
     def load_autoencoder(self):
         """Reload the autoencoder from its recorded spec (frozen), checked against the recorded hash."""
         if not self.autoencoder_spec["spec"]:
-            raise ConfigError(f"sharded latents {self.shards.location} record no reload spec for their autoencoder "
-                              f"(encoded from an in-memory model): pass the autoencoder explicitly")
+            raise ConfigError(
+                f"sharded latents {self.shards.location} record no reload spec for their autoencoder "
+                f"(encoded from an in-memory model): pass the autoencoder explicitly"
+            )
         module, _ = load_autoencoder(self.autoencoder_spec["spec"], source=f"{self.cache.dir}/manifest.json")
         self.shards.check_autoencoder(module)
         return module

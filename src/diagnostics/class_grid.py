@@ -1,11 +1,14 @@
 """The class / prompt grid: fixed-noise samples, one row per condition, optionally scored by a judge."""
+
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
+
 from difflab.diagnostics.figures import captioned_grid
-from difflab.utils.conditions import condition_key
 from difflab.eval.grid_judge import agreement_rate
+from difflab.utils.conditions import condition_key
 from difflab.utils.images import auto_upscale, make_grid, save_png, to_uint8
 
 
@@ -25,8 +28,9 @@ def grid_conditions(module, n_cols: int):
     return None, ["samples"]
 
 
-def sample_grid(module, n_cols: int = 8, guidance_scale=None, seed: int = 0, sampler=None,
-                guidance: dict | None = None):
+def sample_grid(
+    module, n_cols: int = 8, guidance_scale=None, seed: int = 0, sampler=None, guidance: dict | None = None
+):
     """The fixed-noise grid samples (one row per class / prompt, then the unconditional row; the same noise in each
     column), with the raw conditions and row titles."""
     raw, titles = grid_conditions(module, n_cols)
@@ -34,15 +38,30 @@ def sample_grid(module, n_cols: int = 8, guidance_scale=None, seed: int = 0, sam
     g = torch.Generator().manual_seed(seed)
     shape = module.diffusion.sample_shape
     noise = torch.randn((n_cols, *shape), generator=g).repeat(n_rows, *([1] * len(shape)))
-    x = module.diffusion.sample(module, n_rows * n_cols, raw, sampler=sampler, guidance_scale=guidance_scale,
-                                noise=noise, generator=torch.Generator().manual_seed(seed + 1), guidance=guidance)
+    x = module.diffusion.sample(
+        module,
+        n_rows * n_cols,
+        raw,
+        sampler=sampler,
+        guidance_scale=guidance_scale,
+        noise=noise,
+        generator=torch.Generator().manual_seed(seed + 1),
+        guidance=guidance,
+    )
     if x.ndim == 5:  # videos: show the middle frame in the still grid
         x = x[:, :, x.shape[2] // 2]
     return x, raw, titles
 
 
-def render_grid(module, out_path: Path, n_cols: int = 8, guidance_scale=None, seed: int = 0,
-                sampler=None, guidance: dict | None = None) -> Path:
+def render_grid(
+    module,
+    out_path: Path,
+    n_cols: int = 8,
+    guidance_scale=None,
+    seed: int = 0,
+    sampler=None,
+    guidance: dict | None = None,
+) -> Path:
     """Sample the class/prompt grid with fixed noise and write it as a PNG; returns the path. ``guidance``:
     overrides of the module's guidance settings (e.g. ``{"method": "apg"}``)."""
     x, _, _ = sample_grid(module, n_cols, guidance_scale, seed, sampler, guidance)
@@ -54,7 +73,7 @@ def score_grid(judge, x: torch.Tensor, titles: list[str], n_cols: int, as_prompt
     """Judge every cell of a grid from ``sample_grid``: (captions, colours, agreement rate over the conditional
     rows). A cell is green when the judge's prediction is its row's class / prompt, red when not, grey in the
     unconditional row."""
-    candidates = titles[:-1]                      # the last row is "(uncond)"
+    candidates = titles[:-1]  # the last row is "(uncond)"
     n_cond = len(candidates) * n_cols
     verdict = judge.judge(x, candidates, as_prompts=as_prompts)
     wanted = torch.arange(len(candidates)).repeat_interleave(n_cols)
@@ -69,8 +88,16 @@ def score_grid(judge, x: torch.Tensor, titles: list[str], n_cols: int, as_prompt
     return captions, colours, agreement_rate(predicted[:n_cond], wanted)
 
 
-def render_scored_grid(module, judge, out_path: Path, n_cols: int = 8, guidance_scale=None, seed: int = 0,
-                       sampler=None, guidance: dict | None = None) -> tuple[Path, float]:
+def render_scored_grid(
+    module,
+    judge,
+    out_path: Path,
+    n_cols: int = 8,
+    guidance_scale=None,
+    seed: int = 0,
+    sampler=None,
+    guidance: dict | None = None,
+) -> tuple[Path, float]:
     """The class grid with each cell labelled by ``judge`` (predicted class and score); returns the PNG's path and
     the agreement rate (fraction of conditional cells showing their requested class)."""
     x, raw, titles = sample_grid(module, n_cols, guidance_scale, seed, sampler, guidance)

@@ -1,8 +1,11 @@
 """The denoising trajectory: the sampler's x0 prediction at chosen steps, one row per condition."""
+
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
+
 from difflab.diagnostics.figures import column_block, labelled_mosaic
 from difflab.utils.conditions import condition_key
 
@@ -33,6 +36,7 @@ class TrajectoryRecorder:
             x0, eps = model_fn(x_t, t)
             self.calls.append((float(t), x_t.detach().cpu(), x0.detach().cpu()))
             return x0, eps
+
         return self.sampler(recording, x, process, **kwargs)
 
 
@@ -43,15 +47,30 @@ def pick_columns(n_calls: int, n_columns: int) -> list[int]:
     return sorted({round(i * (n_calls - 1) / (n_columns - 1)) for i in range(n_columns)})
 
 
-def denoise_collage(module, path: Path, n_columns: int = 8, max_rows: int = 10, n_uncond: int = 1,
-                    guidance_scale: float | None = None, sampler=None, seed: int = 0) -> dict[str, float]:
+def denoise_collage(
+    module,
+    path: Path,
+    n_columns: int = 8,
+    max_rows: int = 10,
+    n_uncond: int = 1,
+    guidance_scale: float | None = None,
+    sampler=None,
+    seed: int = 0,
+) -> dict[str, float]:
     """Sample one trajectory per row with fixed noise and draw x_t / x0_hat at ``n_columns`` points along it."""
     raw, titles = collage_conditions(module, max_rows, n_uncond)
     n = len(titles)
     recorder = TrajectoryRecorder(sampler or module.diffusion.sampler)
     noise = torch.randn((n, *module.diffusion.sample_shape), generator=torch.Generator().manual_seed(seed))
-    final = module.diffusion.sample(module, n, raw, sampler=recorder, guidance_scale=guidance_scale, noise=noise,
-                          generator=torch.Generator().manual_seed(seed + 1))
+    final = module.diffusion.sample(
+        module,
+        n,
+        raw,
+        sampler=recorder,
+        guidance_scale=guidance_scale,
+        noise=noise,
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
     cols = pick_columns(len(recorder.calls), n_columns)
     decode = module.diffusion.to_pixels if module.diffusion.autoencoder is not None else (lambda z: z)
     blocks, heads = [], []
@@ -67,6 +86,12 @@ def denoise_collage(module, path: Path, n_columns: int = 8, max_rows: int = 10, 
     heads.append("final")
     rows = [f"{name} {kind}" for name in titles for kind in ("x_t", "x0_hat")]
     scale = module.diffusion.guidance.scale if guidance_scale is None else guidance_scale
-    labelled_mosaic(blocks, heads, rows, path,
-                    title=f"denoising trajectory ({module.diffusion.describe_sampler(sampler)}, guidance {scale:g})", cell_px=40)
+    labelled_mosaic(
+        blocks,
+        heads,
+        rows,
+        path,
+        title=f"denoising trajectory ({module.diffusion.describe_sampler(sampler)}, guidance {scale:g})",
+        cell_px=40,
+    )
     return {}

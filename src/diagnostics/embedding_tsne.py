@@ -1,13 +1,16 @@
 """The conditioning embeddings in 2-D (t-SNE) with their mean cosine similarity."""
+
 from __future__ import annotations
 
 from pathlib import Path
+
 import numpy as np
 import torch
-from difflab.utils.conditions import condition_key
+
+from difflab.diagnostics.figures import font
 from difflab.metrics.common import warn_once
 from difflab.ops.atomic import atomic_write
-from difflab.diagnostics.figures import font
+from difflab.utils.conditions import condition_key
 
 
 @torch.no_grad()
@@ -45,8 +48,9 @@ def tsne_2d(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
     from sklearn.manifold import TSNE
 
     perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed,
-                max_iter=250).fit_transform(x.astype(np.float64))
+    return TSNE(
+        n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed, max_iter=250
+    ).fit_transform(x.astype(np.float64))
 
 
 def mean_cosine(vectors: np.ndarray) -> float:
@@ -57,8 +61,7 @@ def mean_cosine(vectors: np.ndarray) -> float:
     return float((sim.sum() - np.trace(sim)) / max(1, n * (n - 1)))
 
 
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf"]
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
 NULL_NAMES = ("(null)", "(empty prompt)")

@@ -1,13 +1,15 @@
 """Drawing helpers every diagnostic shares: image mosaics with titles, captioned grids, figure files."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
+
 import numpy as np
 import torch
+
 from difflab.ops.atomic import atomic_write
 from difflab.utils.images import make_grid, to_uint8
-
 
 PAD = 1  # pixels between cells in every mosaic
 
@@ -46,8 +48,14 @@ def font(size: int):
     return ImageFont.load_default(size=size)
 
 
-def labelled_mosaic(blocks: Sequence[np.ndarray], block_titles: Sequence[str], row_labels: Sequence[str],
-                    path: str | Path, title: str | None = None, cell_px: int = 48) -> Path:
+def labelled_mosaic(
+    blocks: Sequence[np.ndarray],
+    block_titles: Sequence[str],
+    row_labels: Sequence[str],
+    path: str | Path,
+    title: str | None = None,
+    cell_px: int = 48,
+) -> Path:
     """Image blocks of equal height side by side, each titled, with a label per row of cells on the left.
 
     Blocks come from ``column_block`` (square cells, ``PAD`` apart); cells are enlarged (nearest neighbour) to about
@@ -73,8 +81,10 @@ def labelled_mosaic(blocks: Sequence[np.ndarray], block_titles: Sequence[str], r
     label_w = max((text_w(t, f_text) for t in row_labels), default=0) + (12 if row_labels else 0)
     slots = [max(b.shape[1], text_w(t, f_text) + 8) for b, t in zip(big, block_titles)]
     top = margin + (24 if title else 0) + 20
-    width = max(margin + label_w + sum(slots) + gap * (len(big) - 1) + margin,
-                text_w(title, f_title) + 2 * margin if title else 0)
+    width = max(
+        margin + label_w + sum(slots) + gap * (len(big) - 1) + margin,
+        text_w(title, f_title) + 2 * margin if title else 0,
+    )
     height = top + big[0].shape[0] + margin
     canvas = Image.new("RGB", (int(width), int(height)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -93,8 +103,16 @@ def labelled_mosaic(blocks: Sequence[np.ndarray], block_titles: Sequence[str], r
     return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
-def captioned_grid(images: torch.Tensor, n_cols: int, captions: Sequence[str], colours: Sequence[str],
-                   row_labels: Sequence[str], path: str | Path, title: str | None = None, cell_px: int = 64) -> Path:
+def captioned_grid(
+    images: torch.Tensor,
+    n_cols: int,
+    captions: Sequence[str],
+    colours: Sequence[str],
+    row_labels: Sequence[str],
+    path: str | Path,
+    title: str | None = None,
+    cell_px: int = 64,
+) -> Path:
     """A grid of [-1, 1] images with a short caption under every cell (its own colour) and a label per row.
 
     Used by the scored class grid: each cell says what a judge saw in it (``7 p.98`` in green when it is the
@@ -129,8 +147,9 @@ def captioned_grid(images: torch.Tensor, n_cols: int, captions: Sequence[str], c
         if i < len(captions):
             draw.text((x0 + cw / 2, y0 + ch + 1), captions[i], fill=colours[i], font=f_text, anchor="ma")
     for r, label in enumerate(row_labels):
-        draw.text((margin + label_w - 8, top + r * (ch + cap_h + gap) + ch / 2), label, fill="black", font=f_text,
-                  anchor="rm")
+        draw.text(
+            (margin + label_w - 8, top + r * (ch + cap_h + gap) + ch / 2), label, fill="black", font=f_text, anchor="rm"
+        )
     return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
@@ -142,8 +161,10 @@ def fixed_real_batch(datamodule, n: int, split: str = "val") -> dict[str, Any]:
     "fixed batch of real images" for reconstructions. The datamodule must be set up (the trainer or report.py did).
     """
     if datamodule is None:
-        raise ValueError("this diagnostic needs real data: run it inside trainer.fit(datamodule=...) or give report.py "
-                         "a checkpoint whose run_config has a datamodule")
+        raise ValueError(
+            "this diagnostic needs real data: run it inside trainer.fit(datamodule=...) or give report.py "
+            "a checkpoint whose run_config has a datamodule"
+        )
     loader = datamodule.val_dataloader() if split == "val" else datamodule.train_dataloader()
     xs, rest = [], {}
     count = 0
@@ -152,8 +173,9 @@ def fixed_real_batch(datamodule, n: int, split: str = "val") -> dict[str, Any]:
         xs.append(batch["x"][:k].cpu())
         for key in ("label", "text"):
             if key in batch:
-                rest.setdefault(key, []).extend(batch[key][:k].tolist() if torch.is_tensor(batch[key])
-                                                else list(batch[key][:k]))
+                rest.setdefault(key, []).extend(
+                    batch[key][:k].tolist() if torch.is_tensor(batch[key]) else list(batch[key][:k])
+                )
         count += k
         if count >= n:
             break

@@ -1,9 +1,12 @@
 """Noise real data to chosen levels and denoise it back with DDIM: what the model keeps per level."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
+
 import torch
+
 from difflab.diagnostics.figures import column_block, labelled_mosaic
 from difflab.diffusion.objectives import add_noise
 from difflab.diffusion.samplers import ddim
@@ -18,8 +21,15 @@ def check_fraction(fraction: float) -> float:
 
 
 @torch.no_grad()
-def reconstruct(module, x0: torch.Tensor, raw, fractions: Sequence[float], noise: torch.Tensor, steps: int = 10,
-                guidance_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+def reconstruct(
+    module,
+    x0: torch.Tensor,
+    raw,
+    fractions: Sequence[float],
+    noise: torch.Tensor,
+    steps: int = 10,
+    guidance_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Noise x0 (model space: latents for latent models) to each level in ``fractions`` and denoise it back with
     deterministic DDIM started there, on the grid of a ``steps``-step sampler (a start halfway uses about half of them).
 
@@ -41,8 +51,16 @@ def reconstruct(module, x0: torch.Tensor, raw, fractions: Sequence[float], noise
     return torch.cat(noised), torch.cat(recs), starts
 
 
-def reconstruction_sweep(module, batch: dict, t_fractions: Sequence[float], path: Path, steps: int = 10,
-                         guidance_scale: float = 1.0, seed: int = 0, lpips_model=None) -> dict[str, float]:
+def reconstruction_sweep(
+    module,
+    batch: dict,
+    t_fractions: Sequence[float],
+    path: Path,
+    steps: int = 10,
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+    lpips_model=None,
+) -> dict[str, float]:
     """Draw the sweep figure for a real ``batch`` and return per-level MSE (and LPIPS) scalars.
 
     ``steps`` is the DDIM step count of a full trajectory from pure noise; the same noise is used at every level, so
@@ -64,15 +82,22 @@ def reconstruction_sweep(module, batch: dict, t_fractions: Sequence[float], path
     scalars, labels = {}, []
     for i, (frac, t) in enumerate(zip(t_fractions, starts)):
         labels.append(f"{float(frac):.2f} (t={t:.4g})")
-        rec_i = rec[i * n:(i + 1) * n]
+        rec_i = rec[i * n : (i + 1) * n]
         name = f"t{float(frac):.2f}"
         scalars[f"recon/mse_{name}"] = float(((rec_i - original) ** 2).flatten(1).mean(1).mean())
         if lpips_model is not None:
-
             scalars[f"recon/lpips_{name}"] = float(lpips_distance(lpips_model, rec_i, original).mean())
-    blocks = [column_block(original.repeat(len(starts), *([1] * (original.ndim - 1))), ncol=n),
-              column_block(noised, ncol=n), column_block(rec, ncol=n)]
-    labelled_mosaic(blocks, ["original", "noised x_t", "reconstruction"], labels, path,
-                    title=f"reconstruction from x_t ({module.diffusion.process.name}, DDIM {steps} steps from noise, "
-                          f"guidance {guidance_scale:g})")
+    blocks = [
+        column_block(original.repeat(len(starts), *([1] * (original.ndim - 1))), ncol=n),
+        column_block(noised, ncol=n),
+        column_block(rec, ncol=n),
+    ]
+    labelled_mosaic(
+        blocks,
+        ["original", "noised x_t", "reconstruction"],
+        labels,
+        path,
+        title=f"reconstruction from x_t ({module.diffusion.process.name}, DDIM {steps} steps from noise, "
+        f"guidance {guidance_scale:g})",
+    )
     return scalars

@@ -1,9 +1,12 @@
 """Validation loss per log-SNR bucket, measured without a trainer, and its curve over training."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
+
 import torch
+
 from difflab.diagnostics.figures import new_figure, save_figure
 from difflab.diffusion.objectives import bucket_edges
 
@@ -27,8 +30,11 @@ def bucket_losses(module, loader, max_batches: int | None = None) -> list[float]
     return (sums[0] / sums[1].clamp(min=1)).tolist()
 
 
-def timestep_loss_figure(history: Sequence[tuple[int, Sequence[float]]], path: Path,
-                         title: str = "validation loss per noise-level (log-SNR) bucket") -> Path:
+def timestep_loss_figure(
+    history: Sequence[tuple[int, Sequence[float]]],
+    path: Path,
+    title: str = "validation loss per noise-level (log-SNR) bucket",
+) -> Path:
     """Plot a history of ``(step, per-bucket losses)`` as the two-panel figure described above."""
     import matplotlib
 
@@ -55,8 +61,14 @@ def timestep_loss_figure(history: Sequence[tuple[int, Sequence[float]]], path: P
     bucket_cmap = matplotlib.colormaps["coolwarm"]
     for b in range(n_b):
         ys = [losses[b] if b < len(losses) else float("nan") for _, losses in history]
-        ax_s.plot(steps, ys, "-o", ms=3, color=bucket_cmap(b / max(1, n_b - 1)),
-                  label=f"log-SNR {edges[b][0]:+.0f}..{edges[b][1]:+.0f}")
+        ax_s.plot(
+            steps,
+            ys,
+            "-o",
+            ms=3,
+            color=bucket_cmap(b / max(1, n_b - 1)),
+            label=f"log-SNR {edges[b][0]:+.0f}..{edges[b][1]:+.0f}",
+        )
     ax_s.set_xlabel("training step")
     ax_s.set_yscale("log")
     ax_s.set_title("loss per bucket over training")

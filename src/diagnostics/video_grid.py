@@ -1,13 +1,16 @@
 """The video grid: fixed-noise clips per prompt, written as MP4 / GIF files."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
+
 import numpy as np
 import torch
-from difflab.video.io import to_uint8_video, video_grid, write_gif, write_mp4
+
 from difflab.ops.atomic import write_text
 from difflab.trust import not_a_link
+from difflab.video.io import to_uint8_video, video_grid, write_gif, write_mp4
 
 
 def grid_prompts(module, max_prompts: int = 8, include_uncond: bool = True) -> tuple[list[str] | None, list[str]]:
@@ -38,8 +41,9 @@ def upscale_frames(frames: np.ndarray, k: int) -> np.ndarray:
     return frames if k <= 1 else frames.repeat(k, axis=1).repeat(k, axis=2)
 
 
-def write_video_files(frames: np.ndarray, stem: str | Path, fps: float,
-                      formats: Sequence[str] = ("mp4", "gif")) -> dict[str, Path]:
+def write_video_files(
+    frames: np.ndarray, stem: str | Path, fps: float, formats: Sequence[str] = ("mp4", "gif")
+) -> dict[str, Path]:
     """Write uint8 ``T x H x W x C`` frames to ``<stem>.mp4`` / ``<stem>.gif``; returns {format: path}."""
     stem = Path(stem)
     out = {}
@@ -54,8 +58,15 @@ def write_video_files(frames: np.ndarray, stem: str | Path, fps: float,
 
 
 @torch.no_grad()
-def sample_video_grid(module, n_cols: int = 4, max_prompts: int = 8, include_uncond: bool = True, seed: int = 0,
-                      guidance_scale: float | None = None, sampler=None) -> tuple[torch.Tensor, list[str]]:
+def sample_video_grid(
+    module,
+    n_cols: int = 4,
+    max_prompts: int = 8,
+    include_uncond: bool = True,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    sampler=None,
+) -> tuple[torch.Tensor, list[str]]:
     """Samples ``rows x n_cols`` (row-major, one row per prompt, the same noise in every row) and the row titles."""
     rows, titles = grid_prompts(module, max_prompts, include_uncond)
     n_rows = len(titles)
@@ -68,8 +79,15 @@ def sample_video_grid(module, n_cols: int = 4, max_prompts: int = 8, include_unc
         raw = torch.tensor(rows, device=module.device).repeat_interleave(n_cols)
     else:
         raw = [r for r in rows for _ in range(n_cols)]
-    x = module.diffusion.sample(module, n_rows * n_cols, raw, sampler=sampler, guidance_scale=guidance_scale, noise=noise,
-                      generator=torch.Generator().manual_seed(seed + 1))
+    x = module.diffusion.sample(
+        module,
+        n_rows * n_cols,
+        raw,
+        sampler=sampler,
+        guidance_scale=guidance_scale,
+        noise=noise,
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
     if x.ndim != 5:
         raise ValueError(f"the video grid needs a video model (samples B x C x T x H x W), got {tuple(x.shape)}")
     return x, titles
@@ -88,16 +106,29 @@ def video_fps(run_config: dict | None, default: float = 8.0) -> float:
     return float(default)
 
 
-def write_sample_videos(out_dir: str | Path, samples: torch.Tensor, raw=None, fps: float = 8.0,
-                        max_per_row: int = 8, max_rows: int = 16, min_size: int = 64) -> dict[str, Path]:
+def write_sample_videos(
+    out_dir: str | Path,
+    samples: torch.Tensor,
+    raw=None,
+    fps: float = 8.0,
+    max_per_row: int = 8,
+    max_rows: int = 16,
+    min_size: int = 64,
+) -> dict[str, Path]:
     """``videos.mp4`` / ``videos.gif`` in ``out_dir``: one row per distinct condition (prompt or label) in order of
     first appearance, up to ``max_per_row`` samples each (short rows padded with black), and ``videos.txt`` with
     the row titles. ``samples``: ``N x C x T x H x W`` in [-1, 1]. Returns {mp4, gif, titles: path}."""
     if samples.ndim != 5:
         raise ValueError(f"write_sample_videos needs N x C x T x H x W samples, got {tuple(samples.shape)}")
     u8 = to_uint8_video(samples)  # N x T x H x W x C
-    keys = ["samples"] * len(u8) if raw is None else [str(int(r)) if isinstance(raw, torch.Tensor) else str(r)
-                                                       for r in (raw.tolist() if isinstance(raw, torch.Tensor) else raw)]
+    keys = (
+        ["samples"] * len(u8)
+        if raw is None
+        else [
+            str(int(r)) if isinstance(raw, torch.Tensor) else str(r)
+            for r in (raw.tolist() if isinstance(raw, torch.Tensor) else raw)
+        ]
+    )
     groups: dict[str, list[int]] = {}
     for i, k in enumerate(keys):
         groups.setdefault(k, []).append(i)

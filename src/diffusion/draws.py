@@ -1,5 +1,6 @@
 """Seeded float64 draws for the processes' training densities: on the generator's device, so a seeded run replays
 exactly on any device."""
+
 from __future__ import annotations
 
 import torch

@@ -7,9 +7,9 @@ posterior mean (the MMSE denoiser every diffusion objective converges to) is
 Driving a sampler with it isolates the sampler's own error from the network's (tests and bench_samplers).
 Everything is float64; points are rows of an N x D tensor.
 """
+
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -33,8 +33,10 @@ class GaussianMixture:
         self.covs = covs.to(torch.float64) if isinstance(covs, Tensor) else torch.tensor(covs, dtype=torch.float64)
         k, d = self.means.shape
         if self.weights.shape != (k,) or self.covs.shape != (k, d, d):
-            raise ValueError(f"mixture needs weights K, means K x D, covs K x D x D; got {tuple(self.weights.shape)}, "
-                             f"{tuple(self.means.shape)}, {tuple(self.covs.shape)}")
+            raise ValueError(
+                f"mixture needs weights K, means K x D, covs K x D x D; got {tuple(self.weights.shape)}, "
+                f"{tuple(self.means.shape)}, {tuple(self.covs.shape)}"
+            )
         if not torch.isclose(self.weights.sum(), torch.tensor(1.0, dtype=torch.float64)):
             raise ValueError(f"mixture weights must sum to 1, got {self.weights.sum().item()}")
         self.dim = d
@@ -73,7 +75,7 @@ class GaussianMixture:
         cov_t = a * a * self.covs + s2 * eye  # K x D x D, covariance of x_t given the component
         prec = torch.linalg.inv(cov_t)
         gain = a * self.covs @ prec  # K x D x D: E[x0 | x_t, k] = mu_k + gain_k (x_t - a mu_k)
-        diff = (x[None, :, :] - a * self.means[:, None, :])  # K x N x D
+        diff = x[None, :, :] - a * self.means[:, None, :]  # K x N x D
         cond_means: Tensor = self.means[:, None, :] + diff @ gain.mT  # K x N x D
         if len(self.weights) == 1:
             return cond_means[0].to(x_t.dtype)
@@ -94,8 +96,9 @@ def exact_model_fn(data: GaussianMixture, process: NoiseProcess) -> Callable[[Te
     return model_fn
 
 
-def exact_net(data: GaussianMixture, process: NoiseProcess, prediction: str,
-              sigma_data: float = 0.5) -> Callable[[Tensor, Tensor, dict[str, Any]], Tensor]:
+def exact_net(
+    data: GaussianMixture, process: NoiseProcess, prediction: str, sigma_data: float = 0.5
+) -> Callable[[Tensor, Tensor, dict[str, Any]], Tensor]:
     """A 'network' ``net(x_in, net_time, cond)`` that outputs the exact ``prediction`` target (any of
     ``objectives.PREDICTIONS``), for ``guided_model_fn``, so the process's time input, the input scaling and the
     conversions are exercised too."""

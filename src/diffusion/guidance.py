@@ -16,6 +16,7 @@ or a per-sample tensor (per-class scales). Outside the interval every method ret
 prediction (one forward pass). ``cfg`` (classifier-free guidance), ``cfgpp`` (CFG++), ``apg`` (adaptive projected
 guidance), ``autoguidance``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 Tensor = torch.Tensor
 ModelFn = Callable[[Tensor, float], tuple[Tensor, Tensor]]
-Scale = float | Tensor   # a guidance scale: one number, or one per sample (per-class scales)
+Scale = float | Tensor  # a guidance scale: one number, or one per sample (per-class scales)
 # net(x_in, net_time, cond) -> raw output; a guide: net(x_in, net_time) with its conditioning bound in
 CondNet = Callable[[Tensor, Tensor, dict[str, Any]], Tensor]
 GuideNet = Callable[[Tensor, Tensor], Tensor]
@@ -98,11 +99,12 @@ class GuidanceStep:
     """One guided step: the raw network outputs (conditional ``out_c``, reference ``out_r``: unconditional, or the
     guide's for autoguidance), their conversion to float64 (x0, eps) at this x_t, and the per-sampling-call state
     (APG's momentum)."""
+
     out_c: Tensor
     out_r: Tensor
     to_x0_eps: Callable[[Tensor], tuple[Tensor, Tensor]]
-    x_t: Tensor                      # float64
-    alpha: Tensor                    # float64, broadcastable to x_t
+    x_t: Tensor  # float64
+    alpha: Tensor  # float64, broadcastable to x_t
     sigma: Tensor
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -130,8 +132,9 @@ def cfgpp(step: GuidanceStep, scale: Scale, **_: Any) -> tuple[Tensor, Tensor]:
     return x0, eps_u
 
 
-def apg(step: GuidanceStep, scale: Scale, eta: float = 0.0, norm_threshold: float = 0.0, momentum: float = 0.0,
-        **_: Any) -> tuple[Tensor, Tensor]:
+def apg(
+    step: GuidanceStep, scale: Scale, eta: float = 0.0, norm_threshold: float = 0.0, momentum: float = 0.0, **_: Any
+) -> tuple[Tensor, Tensor]:
     """Adaptive projected guidance (Sadat et al. 2024, arXiv 2410.02416) on the denoised predictions:
     diff = x0_c - x0_u, with momentum a running sum diff + momentum * previous (over this sampling call's guided
     model evaluations), norm-clipped to ``norm_threshold`` (0: off; L2 over each sample), split into the parts
@@ -164,23 +167,29 @@ def autoguidance(step: GuidanceStep, scale: Scale, rescale: float = 0.0, **_: An
 
 
 # --------------------------------------------------------------------------------------------------- objects
-GUIDANCE_METHODS: dict[str, type["Guidance"]] = {}   # guidance.method name -> class (every subclass registers)
+GUIDANCE_METHODS: dict[str, type["Guidance"]] = {}  # guidance.method name -> class (every subclass registers)
 
 
 class Guidance:
     """Classifier-free guidance settings (``configs/guidance/cfg.yaml``) and the base of every method: a subclass
     names itself (``name``), its combination of one step's outputs (``combine``) and its keyword options."""
+
     name = "cfg"
     combine: GuidanceMethod = staticmethod(cfg)
-    uses_guide = False   # the reference output comes from a guide network, not the null condition
-    own_eps = False      # eps_hat is kept after x0 clipping (not rebuilt from x0)
+    uses_guide = False  # the reference output comes from a guide network, not the null condition
+    own_eps = False  # eps_hat is kept after x0 clipping (not rebuilt from x0)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         GUIDANCE_METHODS[cls.name] = cls
 
-    def __init__(self, scale: float = 1.0, rescale: float = 0.0, interval: Sequence[float | None] | None = None,
-                 per_class: dict[Any, float] | None = None) -> None:
+    def __init__(
+        self,
+        scale: float = 1.0,
+        rescale: float = 0.0,
+        interval: Sequence[float | None] | None = None,
+        per_class: dict[Any, float] | None = None,
+    ) -> None:
         self.scale, self.rescale, self.interval, self.per_class = scale, rescale, interval, per_class
         self.check()
 
@@ -222,8 +231,10 @@ class Guidance:
         merged = {**self.settings(), **overrides}
         unknown = sorted(set(overrides) - set(cls.keys()))
         if unknown:
-            raise ConfigError(f"guidance.{unknown[0]} is not a setting of guidance.method={method} (its settings: "
-                             f"{', '.join(cls.keys())})")
+            raise ConfigError(
+                f"guidance.{unknown[0]} is not a setting of guidance.method={method} (its settings: "
+                f"{', '.join(cls.keys())})"
+            )
         return cls(**{k: merged[k] for k in cls.keys() if k in merged})
 
     def scales(self, raw: Any, num_classes: int | None, scale: Scale | None = None) -> Scale:
@@ -250,23 +261,36 @@ class CFG(Guidance):
 
 class CFGpp(Guidance):
     """CFG++ (Chung et al. 2024): lambda = scale in [0, 1], re-noised with the unconditional eps."""
+
     name = "cfgpp"
     combine = staticmethod(cfgpp)
     own_eps = True
 
-    def __init__(self, scale: float = 0.6, interval: Sequence[float | None] | None = None,
-                 per_class: dict[Any, float] | None = None) -> None:
+    def __init__(
+        self,
+        scale: float = 0.6,
+        interval: Sequence[float | None] | None = None,
+        per_class: dict[Any, float] | None = None,
+    ) -> None:
         self.scale, self.interval, self.per_class = scale, interval, per_class
         self.check()
 
 
 class APG(Guidance):
     """Adaptive projected guidance (Sadat et al. 2024) on the denoised predictions."""
+
     name = "apg"
     combine = staticmethod(apg)
 
-    def __init__(self, scale: float = 1.0, eta: float = 0.0, norm_threshold: float = 0.0, momentum: float = 0.0,
-                 interval: Sequence[float | None] | None = None, per_class: dict[Any, float] | None = None) -> None:
+    def __init__(
+        self,
+        scale: float = 1.0,
+        eta: float = 0.0,
+        norm_threshold: float = 0.0,
+        momentum: float = 0.0,
+        interval: Sequence[float | None] | None = None,
+        per_class: dict[Any, float] | None = None,
+    ) -> None:
         self.scale, self.interval, self.per_class = scale, interval, per_class
         self.eta, self.norm_threshold, self.momentum = eta, norm_threshold, momentum
         self.check()
@@ -275,12 +299,19 @@ class APG(Guidance):
 class Autoguidance(Guidance):
     """Autoguidance (Karras et al. 2024): the reference is a weaker model of the same setup, read from
     ``guide_ckpt`` once (EMA weights), checked against the main model and kept outside its module tree."""
+
     name = "autoguidance"
     combine = staticmethod(autoguidance)
     uses_guide = True
 
-    def __init__(self, scale: float = 1.0, guide_ckpt: str | None = None, rescale: float = 0.0,
-                 interval: Sequence[float | None] | None = None, per_class: dict[Any, float] | None = None) -> None:
+    def __init__(
+        self,
+        scale: float = 1.0,
+        guide_ckpt: str | None = None,
+        rescale: float = 0.0,
+        interval: Sequence[float | None] | None = None,
+        per_class: dict[Any, float] | None = None,
+    ) -> None:
         self.guide_ckpt = None if guide_ckpt is None else str(guide_ckpt)
         super().__init__(scale, rescale, interval, per_class)
         self._held: tuple[str | None, Any] | None = None
@@ -288,8 +319,10 @@ class Autoguidance(Guidance):
     def check(self) -> None:
         super().check()
         if not self.guide_ckpt:
-            raise ConfigError("guidance.method=autoguidance needs guidance.guide_ckpt (a weaker checkpoint of the same "
-                             "setup: an earlier step, a shorter EMA or a smaller model)")
+            raise ConfigError(
+                "guidance.method=autoguidance needs guidance.guide_ckpt (a weaker checkpoint of the same "
+                "setup: an earlier step, a shorter EMA or a smaller model)"
+            )
 
     # the loaded guide is shared, never copied into an EMA
     def __deepcopy__(self, memo: dict[int, Any]) -> "Autoguidance":
@@ -300,7 +333,7 @@ class Autoguidance(Guidance):
         """The guide's LightningModule-free pair (its ``Diffusion`` and denoiser), loaded once and checked against
         ``main`` (a ``Diffusion``); on main's device."""
         if self._held is None or self._held[0] != self.guide_ckpt:
-            from difflab.checkpoints import module_from_checkpoint   # file IO stays out of the math's imports
+            from difflab.checkpoints import module_from_checkpoint  # file IO stays out of the math's imports
 
             guide = module_from_checkpoint(cast(str, self.guide_ckpt))  # check() refused a missing guide_ckpt
             main.check_guide(guide, self.guide_ckpt)
@@ -335,12 +368,21 @@ def _plain_conditional(method: str, scale: Scale, has_reference: bool) -> bool:
     return method != "cfgpp" and not isinstance(scale, Tensor) and float(scale) == 1.0
 
 
-def guided_model_fn(net: CondNet, process: NoiseProcess, prediction: str, cond: dict[str, Any],
-                    null_cond: dict[str, Any] | None = None, scale: Scale = 1.0, rescale: float = 0.0,
-                    interval: Sequence[float | None] | None = None,
-                    x0_clip: str | Callable[[Tensor], Tensor] | None = None, sigma_data: float = 0.5,
-                    method: str = "cfg", options: dict[str, Any] | None = None,
-                    guide: GuideNet | None = None) -> ModelFn:
+def guided_model_fn(
+    net: CondNet,
+    process: NoiseProcess,
+    prediction: str,
+    cond: dict[str, Any],
+    null_cond: dict[str, Any] | None = None,
+    scale: Scale = 1.0,
+    rescale: float = 0.0,
+    interval: Sequence[float | None] | None = None,
+    x0_clip: str | Callable[[Tensor], Tensor] | None = None,
+    sigma_data: float = 0.5,
+    method: str = "cfg",
+    options: dict[str, Any] | None = None,
+    guide: GuideNet | None = None,
+) -> ModelFn:
     """Wrap ``net(x_in, net_time, cond) -> output`` into ``model_fn(x_t, t) -> (x0_hat, eps_hat)`` with guidance.
 
     ``t`` is a scalar process time (``process.sampling_times`` entries); the process gives the path coefficients
@@ -359,8 +401,11 @@ def guided_model_fn(net: CondNet, process: NoiseProcess, prediction: str, cond: 
     if uses_guide and guide is None and not _plain_conditional(method, scale, True):
         raise ValueError("guidance.method=autoguidance needs a guide network (guidance.guide_ckpt)")
     opts = {**(options or {}), "rescale": rescale}
-    opts = {k: opts[k] for k in rule.keys() if k not in ('scale', 'interval', 'per_class', 'guide_ckpt')
-            and opts.get(k) is not None}
+    opts = {
+        k: opts[k]
+        for k in rule.keys()
+        if k not in ("scale", "interval", "per_class", "guide_ckpt") and opts.get(k) is not None
+    }
     single = _plain_conditional(method, scale, guide is not None if uses_guide else null_cond is not None)
     bounds = check_interval(interval)  # fail on a bad interval before sampling starts
     clip: Callable[[Tensor], Tensor] | None
@@ -394,8 +439,11 @@ def guided_model_fn(net: CondNet, process: NoiseProcess, prediction: str, cond: 
                 # not single: a guide is given (the check above), and likewise a null condition below
                 out_c, out_r = net(x_in, t_net, cond), cast(GuideNet, guide)(x_in, t_net)
             else:
-                both = net(torch.cat([x_in, x_in]), torch.cat([t_net, t_net]),
-                           concat_cond(cond, cast("dict[str, Any]", null_cond)))
+                both = net(
+                    torch.cat([x_in, x_in]),
+                    torch.cat([t_net, t_net]),
+                    concat_cond(cond, cast("dict[str, Any]", null_cond)),
+                )
                 out_c, out_r = both.chunk(2)
             step = GuidanceStep(out_c, out_r, to_x0_eps, x64, a, s, state)
             x0, eps = rule.combine(step, scale, **opts)

@@ -16,6 +16,7 @@ target's error is a multiple of the x0 error, |target err|^2 = k |x0 err|^2 with
 stated once in eps units and converted by snr / k (``eps_to_target_units``), which is why min-SNR-gamma takes a
 different form per target (Hang et al. 2023).
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,16 @@ def _check_prediction(prediction: str) -> None:
         raise ValueError(f"unknown prediction '{prediction}': choose one of {PREDICTIONS}")
 
 
-def training_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction: str,
-                    dalpha: Tensor | None = None, dsigma: Tensor | None = None, sigma_data: float = 0.5) -> Tensor:
+def training_target(
+    x0: Tensor,
+    eps: Tensor,
+    alpha: Tensor,
+    sigma: Tensor,
+    prediction: str,
+    dalpha: Tensor | None = None,
+    dsigma: Tensor | None = None,
+    sigma_data: float = 0.5,
+) -> Tensor:
     """What the network regresses for (x0, eps) at (alpha, sigma); also the output a ``prediction``-type network
     gives for that pair (the inverse of ``predictions_from_output``). ``flow`` needs the path's derivatives."""
     _check_prediction(prediction)
@@ -89,9 +98,16 @@ def training_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, predi
     return (x0 - _edm_skip(alpha, sigma, sigma_data) * x_t) / c_out
 
 
-def predictions_from_output(out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction: str,
-                            dalpha: Tensor | None = None, dsigma: Tensor | None = None,
-                            sigma_data: float = 0.5) -> tuple[Tensor, Tensor]:
+def predictions_from_output(
+    out: Tensor,
+    x_t: Tensor,
+    alpha: Tensor,
+    sigma: Tensor,
+    prediction: str,
+    dalpha: Tensor | None = None,
+    dsigma: Tensor | None = None,
+    sigma_data: float = 0.5,
+) -> tuple[Tensor, Tensor]:
     """(x0_hat, eps_hat) from a network output of the given prediction type, consistent with x_t.
 
     Finite at both ends: eps-prediction at alpha = 0 exactly (zero terminal SNR, where x0 is not identifiable from
@@ -117,8 +133,14 @@ def predictions_from_output(out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tens
     return x0, (x_t - alpha * x0) / sigma
 
 
-def eps_to_target_units(alpha: Tensor, sigma: Tensor, prediction: str, dalpha: Tensor | None = None,
-                        dsigma: Tensor | None = None, sigma_data: float = 0.5) -> Tensor:
+def eps_to_target_units(
+    alpha: Tensor,
+    sigma: Tensor,
+    prediction: str,
+    dalpha: Tensor | None = None,
+    dsigma: Tensor | None = None,
+    sigma_data: float = 0.5,
+) -> Tensor:
     """|eps err|^2 / |target err|^2 at fixed x_t (= snr / k, see the module docstring): converts a loss weighting
     stated in eps units into the target's units. Finite everywhere a process reaches (1 for eps, 0 for v at snr 0)."""
     _check_prediction(prediction)
@@ -149,8 +171,13 @@ def _abs_quantile(x: Tensor, q: float) -> Tensor:
     return flat.kthvalue(k, dim=1).values
 
 
-def clip_x0(x0: Tensor, mode: str | None = "static", clip_range: float = 1.0, dynamic_quantile: float = 0.995,
-            dynamic_max: float | None = None) -> Tensor:
+def clip_x0(
+    x0: Tensor,
+    mode: str | None = "static",
+    clip_range: float = 1.0,
+    dynamic_quantile: float = 0.995,
+    dynamic_max: float | None = None,
+) -> Tensor:
     """Static clipping to [-clip_range, clip_range] or dynamic thresholding (Imagen, Saharia et al. 2022).
 
     Dynamic: s = per-sample ``dynamic_quantile`` of |x0|, s = max(s, 1) (and min(s, dynamic_max) if given, which
@@ -193,6 +220,7 @@ class X0Clip:
 # Each returns (weight, units): "eps" weights are converted to the target's units by ``eps_to_target_units``,
 # "target" weights apply as they are.
 
+
 def uniform_weight(log_snr: Tensor, **_: float) -> tuple[Tensor, str]:
     """Every noise level weighs the same in the chosen target's own units."""
     return torch.ones_like(log_snr), "target"
@@ -204,8 +232,9 @@ def min_snr_weight(log_snr: Tensor, gamma: float = 5.0, **_: float) -> tuple[Ten
     return gamma / log_snr.exp().clamp(min=gamma), "eps"
 
 
-def inv_snr_clamped_weight(log_snr: Tensor, snr_min: float = 0.1, snr_max: float = 10.0,
-                           **_: float) -> tuple[Tensor, str]:
+def inv_snr_clamped_weight(
+    log_snr: Tensor, snr_min: float = 0.1, snr_max: float = 10.0, **_: float
+) -> tuple[Tensor, str]:
     """The research log's hand-made weighting 1 / clamp(snr, snr_min, snr_max), the same for every target."""
     return 1.0 / log_snr.exp().clamp(min=snr_min, max=snr_max), "target"
 
@@ -250,6 +279,7 @@ def offset_noise_like(x: Tensor, strength: float, generator: torch.Generator | N
 
 # ---- optional perceptual term ----
 
+
 def _lpips_frames(x: Tensor) -> Tensor:
     """``prepare_lpips_frames`` (the one LPIPS frame preparation) with this term's configuration hint on bad input."""
     from difflab.metrics.lpips_metric import prepare_lpips_frames
@@ -281,9 +311,11 @@ class PerceptualTerm:
         path = Path(self.backbone) if self.backbone else default_backbone_path(self.net)
         if not path.is_file():
             filename, url = BACKBONE_FILES[self.net]
-            warn_once(f"objective-lpips-missing:{path}",
-                      f"LPIPS loss term disabled: {self.net} backbone weights not found at {path}; download {filename} "
-                      f"from {url} and set objective.lpips_backbone=<path> (or objective.lpips_weight=0)")
+            warn_once(
+                f"objective-lpips-missing:{path}",
+                f"LPIPS loss term disabled: {self.net} backbone weights not found at {path}; download {filename} "
+                f"from {url} and set objective.lpips_backbone=<path> (or objective.lpips_weight=0)",
+            )
             self._state = "disabled"
             return
         # the backbone file exists (checked above), so build_lpips returns the network, not None
@@ -320,12 +352,28 @@ class Objective:
     moved to the process (``schedule.density`` for vp) and only warn when not uniform.
     """
 
-    def __init__(self, prediction: str = "eps", loss: str = "mse", weighting: str = "uniform",
-                 min_snr_gamma: float = 5.0, snr_min: float = 0.1, snr_max: float = 10.0, huber_delta: float = 1.0,
-                 sigma_data: float = 0.5, offset_noise: float = 0.0, x0_clip: str | None = "static",
-                 clip_range: float = 1.0, dynamic_quantile: float = 0.995, dynamic_max: float | None = None,
-                 lpips_weight: float = 0.0, lpips_net: str = "alex", lpips_backbone: str | None = None,
-                 timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0) -> None:
+    def __init__(
+        self,
+        prediction: str = "eps",
+        loss: str = "mse",
+        weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
+        snr_min: float = 0.1,
+        snr_max: float = 10.0,
+        huber_delta: float = 1.0,
+        sigma_data: float = 0.5,
+        offset_noise: float = 0.0,
+        x0_clip: str | None = "static",
+        clip_range: float = 1.0,
+        dynamic_quantile: float = 0.995,
+        dynamic_max: float | None = None,
+        lpips_weight: float = 0.0,
+        lpips_net: str = "alex",
+        lpips_backbone: str | None = None,
+        timestep_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+    ) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"objective.prediction='{prediction}' is unknown: choose one of {PREDICTIONS}")
         if weighting not in LOSS_WEIGHTINGS:
@@ -333,15 +381,21 @@ class Objective:
         if loss not in LOSSES:
             raise ValueError(f"objective.loss='{loss}' is unknown: choose one of {LOSSES}")
         if min_snr_gamma <= 0 or not 0 < snr_min <= snr_max or sigma_data <= 0:
-            raise ValueError(f"need objective.min_snr_gamma > 0, 0 < snr_min <= snr_max and sigma_data > 0; got "
-                             f"{min_snr_gamma}, {snr_min}, {snr_max}, {sigma_data}")
+            raise ValueError(
+                f"need objective.min_snr_gamma > 0, 0 < snr_min <= snr_max and sigma_data > 0; got "
+                f"{min_snr_gamma}, {snr_min}, {snr_max}, {sigma_data}"
+            )
         if lpips_weight < 0:
             raise ValueError(f"objective.lpips_weight must be >= 0, got {lpips_weight}")
         if timestep_sampling != "uniform":
             import warnings
 
-            warnings.warn(f"objective.timestep_sampling={timestep_sampling} is ignored: the training density belongs "
-                          f"to the process now (schedule.density=logit_normal for vp)", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"objective.timestep_sampling={timestep_sampling} is ignored: the training density belongs "
+                f"to the process now (schedule.density=logit_normal for vp)",
+                UserWarning,
+                stacklevel=2,
+            )
         self.prediction, self.loss, self.weighting = prediction, loss, weighting
         self.sigma_data = float(sigma_data)
         self.weight_kwargs = dict(gamma=min_snr_gamma, snr_min=snr_min, snr_max=snr_max, sigma_data=self.sigma_data)
@@ -355,15 +409,21 @@ class Objective:
     def check_process(self, process: NoiseProcess) -> None:
         """Fail early on a target the process cannot express; warn where it is ill-posed (eps at zero SNR)."""
         if self.prediction == "flow" and not process.continuous:
-            raise ValueError(f"objective.prediction=flow needs a continuous process (edm or flow: the velocity is "
-                             f"d x_t / dt); process {process.name} is discrete: use eps, x0, v or edm")
+            raise ValueError(
+                f"objective.prediction=flow needs a continuous process (edm or flow: the velocity is "
+                f"d x_t / dt); process {process.name} is discrete: use eps, x0, v or edm"
+            )
         if self.prediction == "eps" and process.reaches_pure_noise and not self._warned_eps_zero_snr:
             import warnings
 
             self._warned_eps_zero_snr = True
-            warnings.warn(f"eps-prediction on a path that reaches zero terminal SNR ({process.name}: alpha = 0 at the "
-                          f"noise end): x0 cannot be recovered there (Lin et al. 2024); use objective=v or x0, or "
-                          f"the process's own target", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"eps-prediction on a path that reaches zero terminal SNR ({process.name}: alpha = 0 at the "
+                f"noise end): x0 cannot be recovered there (Lin et al. 2024); use objective=v or x0, or "
+                f"the process's own target",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _path(self, process: NoiseProcess, t: Tensor, like: Tensor) -> dict[str, Tensor]:
         """alpha, sigma (and d/dt for the flow target) at times t, broadcast against ``like``."""
@@ -381,20 +441,40 @@ class Objective:
 
     def to_x0_eps(self, out: Tensor, x_t: Tensor, path: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(x0_hat, eps_hat) from the network output at a path point (see ``predictions_from_output``)."""
-        return predictions_from_output(out, x_t, path["alpha"], path["sigma"], self.prediction, path.get("dalpha"),
-                                       path.get("dsigma"), self.sigma_data)
+        return predictions_from_output(
+            out,
+            x_t,
+            path["alpha"],
+            path["sigma"],
+            self.prediction,
+            path.get("dalpha"),
+            path.get("dsigma"),
+            self.sigma_data,
+        )
 
     def weight(self, log_snr: Tensor, path: dict[str, Tensor]) -> Tensor:
         """Per-sample loss weight in the target's units at the given log-SNRs."""
         w, units = LOSS_WEIGHTINGS[self.weighting](log_snr, **self.weight_kwargs)
         if units == "eps":
             flat = {k: v.flatten() for k, v in path.items()}
-            w = w * eps_to_target_units(flat["alpha"].double(), flat["sigma"].double(), self.prediction,
-                                        _double(flat.get("dalpha")), _double(flat.get("dsigma")), self.sigma_data)
+            w = w * eps_to_target_units(
+                flat["alpha"].double(),
+                flat["sigma"].double(),
+                self.prediction,
+                _double(flat.get("dalpha")),
+                _double(flat.get("dsigma")),
+                self.sigma_data,
+            )
         return w.float()
 
-    def losses(self, net: Callable[[Tensor, Tensor], Tensor], x0: Tensor, process: NoiseProcess,
-               t: Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def losses(
+        self,
+        net: Callable[[Tensor, Tensor], Tensor],
+        x0: Tensor,
+        process: NoiseProcess,
+        t: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
         """Noise x0 at process times t (drawn from the process's density if None), run ``net(x_in, net_time)`` and
         return per-sample losses.
 
@@ -409,8 +489,16 @@ class Objective:
         path = self._path(process, t, x0)
         x_t = add_noise(x0, eps, path["alpha"], path["sigma"])
         out = net(x_t * self.input_scale(path["alpha"], path["sigma"]), process.net_time(t).to(x0.device))
-        target = training_target(x0, eps, path["alpha"], path["sigma"], self.prediction, path.get("dalpha"),
-                                 path.get("dsigma"), self.sigma_data)
+        target = training_target(
+            x0,
+            eps,
+            path["alpha"],
+            path["sigma"],
+            self.prediction,
+            path.get("dalpha"),
+            path.get("dsigma"),
+            self.sigma_data,
+        )
         raw = elementwise_loss(out.float(), target.float(), self.loss, self.huber_delta)
         log_snr = process.log_snr_at(t.double()).to(x0.device)
         loss = raw * self.weight(log_snr, path)
@@ -434,15 +522,18 @@ def _double(x: Tensor | None) -> Tensor | None:
 LOG_SNR_BUCKET_RANGE = (-10.0, 10.0)
 
 
-def log_snr_buckets(log_snr: Tensor, num_buckets: int = 10,
-                    bounds: tuple[float, float] = LOG_SNR_BUCKET_RANGE) -> Tensor:
+def log_snr_buckets(
+    log_snr: Tensor, num_buckets: int = 10, bounds: tuple[float, float] = LOG_SNR_BUCKET_RANGE
+) -> Tensor:
     """Bucket index in [0, num_buckets) for each log-SNR: bucket 0 = log-SNR near the top of ``bounds`` (clean)."""
     lo, hi = bounds
     frac = ((hi - log_snr.double()) / (hi - lo)).clamp(0, 1)  # +-inf log-SNR land in the end buckets
     return (frac * num_buckets).floor().long().clamp(0, num_buckets - 1)
 
 
-def bucket_edges(num_buckets: int = 10, bounds: tuple[float, float] = LOG_SNR_BUCKET_RANGE) -> list[tuple[float, float]]:
+def bucket_edges(
+    num_buckets: int = 10, bounds: tuple[float, float] = LOG_SNR_BUCKET_RANGE
+) -> list[tuple[float, float]]:
     """(high, low) log-SNR edges of each bucket, in bucket order (for plot labels)."""
     lo, hi = bounds
     width = (hi - lo) / num_buckets

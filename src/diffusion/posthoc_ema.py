@@ -11,6 +11,7 @@ closest (in L2 over tau) to the profile of the wanted (gamma, t) is a linear com
 coefficients solving A x = b, A and b being inner products of profiles (Sec. 3.2, Appendix C). Plain numpy / torch
 functions.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,8 @@ import torch
 
 # sigma_rel(gamma) rises from 0 at gamma = -1 to this maximum at gamma = GAMMA_AT_MAX, then falls towards 0 as gamma
 # grows: lengths are taken on the falling branch (gamma >= GAMMA_AT_MAX), where the map is one-to-one.
-GAMMA_AT_MAX = (math.sqrt(5) - 3) / 2   # d log sigma_rel / d gamma = 0  <=>  gamma^2 + 3 gamma + 1 = 0
-DEFAULT_TOLERANCE = 0.05      # refuse a reconstruction whose profile misses the target by more (relative L2)
+GAMMA_AT_MAX = (math.sqrt(5) - 3) / 2  # d log sigma_rel / d gamma = 0  <=>  gamma^2 + 3 gamma + 1 = 0
+DEFAULT_TOLERANCE = 0.05  # refuse a reconstruction whose profile misses the target by more (relative L2)
 # a float or an array of them (the EMA length maps work elementwise)
 FloatsLike = float | Sequence[float] | npt.NDArray[np.floating[Any]]
 
@@ -40,7 +41,7 @@ def gamma_to_sigma_rel(gamma: FloatsLike) -> float | npt.NDArray[np.float64]:
     return float(out) if out.ndim == 0 else out
 
 
-SIGMA_REL_MAX = gamma_to_sigma_rel(GAMMA_AT_MAX)   # ~0.3003: no power-function EMA is relatively longer
+SIGMA_REL_MAX = gamma_to_sigma_rel(GAMMA_AT_MAX)  # ~0.3003: no power-function EMA is relatively longer
 
 
 @overload
@@ -53,9 +54,10 @@ def sigma_rel_to_gamma(sigma_rel: FloatsLike) -> float | npt.NDArray[np.float64]
     s = np.asarray(sigma_rel, dtype=np.float64)
     if np.any(~np.isfinite(s)) or np.any(s <= 0) or np.any(s > SIGMA_REL_MAX + 1e-12):
         raise ValueError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}]; got {sigma_rel}")
-    roots = [np.roots([1.0, 7.0, 16.0 - v ** -2, 12.0 - v ** -2]) for v in s.ravel()]
-    gammas = np.array([r[np.abs(r.imag) < 1e-7].real.max() if np.any(np.abs(r.imag) < 1e-7) else GAMMA_AT_MAX
-                       for r in roots]).reshape(s.shape)
+    roots = [np.roots([1.0, 7.0, 16.0 - v**-2, 12.0 - v**-2]) for v in s.ravel()]
+    gammas = np.array(
+        [r[np.abs(r.imag) < 1e-7].real.max() if np.any(np.abs(r.imag) < 1e-7) else GAMMA_AT_MAX for r in roots]
+    ).reshape(s.shape)
     return float(gammas) if gammas.ndim == 0 else gammas
 
 
@@ -68,20 +70,28 @@ def power_ema_beta(step: int, gamma: float) -> float:
     return beta
 
 
-def profile_inner_products(gamma_a: npt.ArrayLike, t_a: npt.ArrayLike, gamma_b: npt.ArrayLike,
-                           t_b: npt.ArrayLike) -> np.ndarray:
+def profile_inner_products(
+    gamma_a: npt.ArrayLike, t_a: npt.ArrayLike, gamma_b: npt.ArrayLike, t_b: npt.ArrayLike
+) -> np.ndarray:
     """<p_a, p_b> = integral over tau of two power-function profiles (EDM2 Appendix C), broadcast over the inputs:
     (g_a + 1)(g_b + 1) m^(g_a + g_b + 1) / ((g_a + g_b + 1) t_a^(g_a + 1) t_b^(g_b + 1)), m = min(t_a, t_b).
     Evaluated in log space, as the powers overflow for long runs and large gamma."""
     ga, ta, gb, tb = (np.asarray(v, dtype=np.float64) for v in (gamma_a, t_a, gamma_b, t_b))
     m = np.minimum(ta, tb)
-    log = (np.log(ga + 1) + np.log(gb + 1) - np.log(ga + gb + 1) + (ga + gb + 1) * np.log(m)
-           - (ga + 1) * np.log(ta) - (gb + 1) * np.log(tb))
+    log = (
+        np.log(ga + 1)
+        + np.log(gb + 1)
+        - np.log(ga + gb + 1)
+        + (ga + gb + 1) * np.log(m)
+        - (ga + 1) * np.log(ta)
+        - (gb + 1) * np.log(tb)
+    )
     return np.exp(log)
 
 
-def solve_coefficients(gammas: Sequence[float], steps: Sequence[float], gamma_out: float,
-                       step_out: float) -> tuple[np.ndarray, float]:
+def solve_coefficients(
+    gammas: Sequence[float], steps: Sequence[float], gamma_out: float, step_out: float
+) -> tuple[np.ndarray, float]:
     """Coefficients x of the snapshots (gamma_i taken at step t_i) whose combination sum_i x_i p_i is the closest
     to the profile of (gamma_out, step_out) in L2 (EDM2 Sec. 3.2 and Appendix C: A x = b with A_ij = <p_i, p_j>,
     b_i = <p_i, p_out>), and the residual ||sum_i x_i p_i - p_out|| / ||p_out||. Least squares through an SVD with
@@ -98,9 +108,14 @@ def solve_coefficients(gammas: Sequence[float], steps: Sequence[float], gamma_ou
     return x, math.sqrt(err2 / target)
 
 
-def reconstructable_range(gammas: Sequence[float], steps: Sequence[float], step_out: float,
-                          tolerance: float = DEFAULT_TOLERANCE, lo: float = 1e-3, n: int = 200
-                          ) -> tuple[float, float] | None:
+def reconstructable_range(
+    gammas: Sequence[float],
+    steps: Sequence[float],
+    step_out: float,
+    tolerance: float = DEFAULT_TOLERANCE,
+    lo: float = 1e-3,
+    n: int = 200,
+) -> tuple[float, float] | None:
     """The sigma_rel interval (on a log grid from ``lo`` to SIGMA_REL_MAX) that the snapshots reconstruct at
     ``step_out`` within ``tolerance`` (relative L2 of the profile); None when no length passes. For error lines."""
     grid = np.geomspace(lo, SIGMA_REL_MAX, n)
@@ -108,9 +123,15 @@ def reconstructable_range(gammas: Sequence[float], steps: Sequence[float], step_
     return (float(min(ok)), float(max(ok))) if ok else None
 
 
-def check_expressible(gammas: Sequence[float], steps: Sequence[float], gamma_out: float, step_out: float,
-                      tolerance: float = DEFAULT_TOLERANCE, tracked: Sequence[float] = (),
-                      where: str = "the snapshots") -> tuple[np.ndarray, float]:
+def check_expressible(
+    gammas: Sequence[float],
+    steps: Sequence[float],
+    gamma_out: float,
+    step_out: float,
+    tolerance: float = DEFAULT_TOLERANCE,
+    tracked: Sequence[float] = (),
+    where: str = "the snapshots",
+) -> tuple[np.ndarray, float]:
     """Coefficients for (gamma_out, step_out) and their relative residual, or a one-line ConfigError when the
     snapshots cannot express that profile within ``tolerance`` (relative L2 residual of EDM2's Sec. 3.2 fit); the line
     names the tracked sigma_rels and the range of lengths that can be reconstructed at that step."""
@@ -125,11 +146,13 @@ def check_expressible(gammas: Sequence[float], steps: Sequence[float], gamma_out
         f"sigma_rel={gamma_to_sigma_rel(gamma_out):.4g} (gamma={gamma_out:.4g}) at step {int(step_out)} cannot be "
         f"reconstructed from {where}: the closest combination misses its profile by {residual:.1%} (tolerance "
         f"{tolerance:.0%}); tracked sigma_rel {', '.join(f'{s:g}' for s in tracked) or '?'} over "
-        f"snapshots at t={int(min(steps))}..{int(max(steps))} ({len(set(steps))} steps); reconstructable: {can}")
+        f"snapshots at t={int(min(steps))}..{int(max(steps))} ({len(set(steps))} steps); reconstructable: {can}"
+    )
 
 
-def combine_state_dicts(state_dicts: Iterable[dict[str, torch.Tensor]], coeffs: Sequence[float]
-                        ) -> dict[str, torch.Tensor]:
+def combine_state_dicts(
+    state_dicts: Iterable[dict[str, torch.Tensor]], coeffs: Sequence[float]
+) -> dict[str, torch.Tensor]:
     """sum_i coeffs_i * state_dicts_i, key by key (EDM2 Sec. 3.2: the fitted combination applied to the
     weights), accumulated in
     float64 (the coefficients of close snapshots can be large with alternating signs) and returned in each tensor's

@@ -17,6 +17,7 @@ Time runs from ``clean_time`` (data) to the noise end; sampling grids descend an
 Two derived quantities make every process comparable: log-SNR = 2 log(alpha / sigma), and the variance-exploding
 noise level sigma_ve = sigma / alpha (EDM's sigma; k-diffusion's). The guidance interval is stated in sigma_ve.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,15 +27,30 @@ import torch
 from torch.types import Device
 
 from difflab.diffusion.draws import rng_device, standard_normal, standard_uniform
-from difflab.diffusion.schedules import (BETA_SCHEDULES, SPACINGS, VP_DENSITIES, check_kind_kwargs,
-                                        rescale_zero_terminal_snr, sample_timesteps, spaced_timesteps)
+from difflab.diffusion.schedules import (
+    BETA_SCHEDULES,
+    SPACINGS,
+    VP_DENSITIES,
+    check_kind_kwargs,
+    rescale_zero_terminal_snr,
+    sample_timesteps,
+    spaced_timesteps,
+)
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
 Tensor = torch.Tensor
-__all__ = ["NoiseProcess", "VPProcess", "EDMProcess", "FlowProcess", "PROCESSES", "rng_device", "standard_normal",
-           "standard_uniform"]
+__all__ = [
+    "NoiseProcess",
+    "VPProcess",
+    "EDMProcess",
+    "FlowProcess",
+    "PROCESSES",
+    "rng_device",
+    "standard_normal",
+    "standard_uniform",
+]
 ODE_FRAMES = ("sigma", "t")
 
 
@@ -46,9 +62,9 @@ class NoiseProcess:
     # Coordinates in which Euler / Heun integrate the probability-flow ODE: "sigma" = state x / alpha over
     # sigma_ve (k-diffusion / EDM), "t" = state x over t (flow matching, needs alpha + sigma = 1).
     ode_frame = "sigma"
-    has_ancestral = False   # whether DDPM's ancestral sampler is defined (a Markov chain of discrete steps)
-    continuous = True       # whether coefficients exist between grid points (stochastic churn needs it)
-    prior_std = 1.0         # samplers start from N(0, prior_std^2 I)
+    has_ancestral = False  # whether DDPM's ancestral sampler is defined (a Markov chain of discrete steps)
+    continuous = True  # whether coefficients exist between grid points (stochastic churn needs it)
+    prior_std = 1.0  # samplers start from N(0, prior_std^2 I)
     reaches_pure_noise = False  # alpha = 0 at the noise end (x0 is not identifiable from an eps prediction there)
     # The objective this process trains unless the objective states its own (configs/objective/*.yaml interpolate
     # them): None where the objective group chooses (vp).
@@ -128,9 +144,18 @@ class VPProcess(NoiseProcess):
     has_ancestral = True
     continuous = False
 
-    def __init__(self, kind: str = "cosine", num_timesteps: int = 1000, zero_terminal_snr: bool = False,
-                 spacing: str = "trailing", steps_offset: int = 0, density: str = "uniform",
-                 logit_mean: float = 0.0, logit_std: float = 1.0, **kind_kwargs: Any) -> None:
+    def __init__(
+        self,
+        kind: str = "cosine",
+        num_timesteps: int = 1000,
+        zero_terminal_snr: bool = False,
+        spacing: str = "trailing",
+        steps_offset: int = 0,
+        density: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        **kind_kwargs: Any,
+    ) -> None:
         if kind not in BETA_SCHEDULES:
             raise ValueError(f"unknown schedule kind '{kind}': choose one of {sorted(BETA_SCHEDULES)}")
         if int(num_timesteps) < 2:
@@ -154,8 +179,9 @@ class VPProcess(NoiseProcess):
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)
 
     @classmethod
-    def from_alphas_cumprod(cls, alphas_cumprod: Tensor | npt.ArrayLike, spacing: str = "trailing",
-                            steps_offset: int = 0) -> "VPProcess":
+    def from_alphas_cumprod(
+        cls, alphas_cumprod: Tensor | npt.ArrayLike, spacing: str = "trailing", steps_offset: int = 0
+    ) -> "VPProcess":
         """A schedule from given alpha-bars (e.g. another library's scheduler), kept exactly as given (float64)."""
         ab = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).flatten()
         if ab.numel() < 2 or not bool(((ab >= 0) & (ab < 1)).all()):
@@ -200,8 +226,9 @@ class VPProcess(NoiseProcess):
 
     def sampling_timesteps(self, steps: int, spacing: str | None = None, exclude_zero: bool = False) -> Tensor:
         """Descending timesteps for a ``steps``-step sampler, using this schedule's spacing unless one is given."""
-        return spaced_timesteps(self.num_timesteps, int(steps), spacing or self.spacing, self.steps_offset,
-                                exclude_zero=exclude_zero)
+        return spaced_timesteps(
+            self.num_timesteps, int(steps), spacing or self.spacing, self.steps_offset, exclude_zero=exclude_zero
+        )
 
     # ---- the process interface ----
     def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -219,8 +246,9 @@ class VPProcess(NoiseProcess):
         return torch.as_tensor(t_net).double()
 
     def sample_times(self, n: int, device: Device = None, generator: torch.Generator | None = None) -> Tensor:
-        return sample_timesteps(n, self.num_timesteps, self.density, self.logit_mean, self.logit_std, device=device,
-                                generator=generator).double()
+        return sample_timesteps(
+            n, self.num_timesteps, self.density, self.logit_mean, self.logit_std, device=device, generator=generator
+        ).double()
 
     def sampling_times(self, steps: int, spacing: str | None = None, multistep: bool = False) -> Tensor:
         """The spaced timesteps (multistep solvers: the ``exclude_zero`` grid, as diffusers), then clean (-1)."""
@@ -243,8 +271,10 @@ class VPProcess(NoiseProcess):
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v}" for k, v in self.kind_kwargs.items())
-        return (f"VPProcess(kind={self.kind}, T={self.num_timesteps}, "
-                f"zero_terminal_snr={self.zero_terminal_snr}, spacing={self.spacing}{extra})")
+        return (
+            f"VPProcess(kind={self.kind}, T={self.num_timesteps}, "
+            f"zero_terminal_snr={self.zero_terminal_snr}, spacing={self.spacing}{extra})"
+        )
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
@@ -264,11 +294,21 @@ class EDMProcess(NoiseProcess):
 
     name = "edm"
 
-    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, p_mean: float = -1.2,
-                 p_std: float = 1.2, time_scale: float = 1000.0, prediction: str = "edm",
-                 weighting: str = "edm") -> None:
+    def __init__(
+        self,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+        time_scale: float = 1000.0,
+        prediction: str = "edm",
+        weighting: str = "edm",
+    ) -> None:
         if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"process.sigma_min / sigma_max need 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}")
+            raise ValueError(
+                f"process.sigma_min / sigma_max need 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}"
+            )
         if rho <= 0 or p_std <= 0:
             raise ValueError(f"process.rho and process.p_std must be > 0; got {rho}, {p_std}")
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
@@ -308,8 +348,10 @@ class EDMProcess(NoiseProcess):
         return math.exp(lo + float(frac) * (hi - lo))
 
     def __repr__(self) -> str:
-        return (f"EDMProcess(sigma=[{self.sigma_min}, {self.sigma_max}], rho={self.rho}, "
-                f"ln sigma ~ N({self.p_mean}, {self.p_std}^2))")
+        return (
+            f"EDMProcess(sigma=[{self.sigma_min}, {self.sigma_max}], rho={self.rho}, "
+            f"ln sigma ~ N({self.p_mean}, {self.p_std}^2))"
+        )
 
 
 FLOW_DENSITIES = ("uniform", "logit_normal", "mode", "cosmap")
@@ -324,8 +366,13 @@ def shift_time(t: Tensor, shift: float | Tensor) -> Tensor:
     return shift * t / (1 + (shift - 1) * t) if shift != 1.0 else t
 
 
-def frame_shift(base_shift: float | Tensor, num_frames: int | Tensor, base_frames: int,
-                pixels: int | Tensor | None = None, base_pixels: int | None = None) -> float | Tensor:
+def frame_shift(
+    base_shift: float | Tensor,
+    num_frames: int | Tensor,
+    base_frames: int,
+    pixels: int | Tensor | None = None,
+    base_pixels: int | None = None,
+) -> float | Tensor:
     """The flow time shift of a clip of ``num_frames`` frames: ``base_shift * sqrt(num_frames / base_frames)``, and
     times ``sqrt(pixels / base_pixels)`` when both are given.
 
@@ -348,7 +395,9 @@ def frame_shift(base_shift: float | Tensor, num_frames: int | Tensor, base_frame
     return base_shift * ratio
 
 
-def flow_density(u: Tensor, n: Tensor, kind: str, mean: float = 0.0, std: float = 1.0, mode_scale: float = 1.29) -> Tensor:
+def flow_density(
+    u: Tensor, n: Tensor, kind: str, mean: float = 0.0, std: float = 1.0, mode_scale: float = 1.29
+) -> Tensor:
     """Map uniform ``u`` / standard normal ``n`` draws to t in [0, 1] with one of SD3's densities (Esser et al. 2024).
 
     logit_normal: t = sigmoid(mean + std n); mode: t = 1 - u - s (cos^2(pi u / 2) - 1 + u);
@@ -379,10 +428,19 @@ class FlowProcess(NoiseProcess):
     ode_frame = "t"
     reaches_pure_noise = True  # t = 1: alpha = 0
 
-    def __init__(self, density: str = "logit_normal", mean: float = 0.0, std: float = 1.0, mode_scale: float = 1.29,
-                 shift: float = 1.0, t_min: float = 1e-3, time_scale: float = 1000.0,
-                 frame_shift_base: int | None = None, prediction: str = "flow",
-                 weighting: str = "uniform") -> None:
+    def __init__(
+        self,
+        density: str = "logit_normal",
+        mean: float = 0.0,
+        std: float = 1.0,
+        mode_scale: float = 1.29,
+        shift: float = 1.0,
+        t_min: float = 1e-3,
+        time_scale: float = 1000.0,
+        frame_shift_base: int | None = None,
+        prediction: str = "flow",
+        weighting: str = "uniform",
+    ) -> None:
         if density not in FLOW_DENSITIES:
             raise ValueError(f"process.density='{density}' is unknown: choose one of {FLOW_DENSITIES}")
         if shift <= 0 or std <= 0 or not 0 < t_min < 1:
@@ -409,8 +467,13 @@ class FlowProcess(NoiseProcess):
     def time_from_net_time(self, t_net: Tensor) -> Tensor:
         return torch.as_tensor(t_net).double() / self.time_scale
 
-    def sample_times(self, n: int, device: Device = None, generator: torch.Generator | None = None,
-                     shift: float | Tensor | None = None) -> Tensor:
+    def sample_times(
+        self,
+        n: int,
+        device: Device = None,
+        generator: torch.Generator | None = None,
+        shift: float | Tensor | None = None,
+    ) -> Tensor:
         """``n`` training times; ``shift`` (a number, or one per sample) replaces ``self.shift`` for this draw."""
         u = standard_uniform(n, generator, device)
         z = standard_normal(n, generator, device) if self.density == "logit_normal" else u

@@ -17,6 +17,7 @@ In both frames an Euler step is x' = alpha' x0_hat + sigma' eps_hat (= DDIM with
 of a step that starts at pure noise (alpha = 0: sigma_ve = inf, log-SNR = -inf, zero terminal SNR). Configure one
 with ``_partial_: true`` in ``configs/sampler/``.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,13 +46,15 @@ def _progress(iterable: Iterable[_T], enabled: bool, desc: str) -> Iterable[_T]:
         return iterable
     try:
         from rich.progress import track
+
         return track(iterable, description=desc, transient=True)
     except ImportError:  # pragma: no cover
         return iterable
 
 
-def sampling_grid(process: NoiseProcess, steps: int, spacing: str | None = None, multistep: bool = False,
-                  start: float | None = None) -> list[tuple[float, float, float]]:
+def sampling_grid(
+    process: NoiseProcess, steps: int, spacing: str | None = None, multistep: bool = False, start: float | None = None
+) -> list[tuple[float, float, float]]:
     """[(t, alpha, sigma)] along the process's descending sampling times, ending at clean data (alpha 1, sigma 0).
 
     ``start``: begin at that time instead (later grid times only); ``multistep``: the grid of multistep solvers
@@ -75,9 +78,18 @@ def _ddim_step(x0: Tensor, eps: Tensor, alpha_next: float, sigma_next: float, no
     return alpha_next * x0 + scale * eps
 
 
-def ddpm(model_fn: ModelFn, x: Tensor, process: NoiseProcess, *, steps: int | None = None, spacing: str | None = None,
-         variance: str = "small", start: float | None = None, generator: torch.Generator | None = None,
-         progress: bool = False) -> Tensor:
+def ddpm(
+    model_fn: ModelFn,
+    x: Tensor,
+    process: NoiseProcess,
+    *,
+    steps: int | None = None,
+    spacing: str | None = None,
+    variance: str = "small",
+    start: float | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Tensor:
     """Ancestral DDPM (Ho et al.) on any subset of a discrete (vp) process's timesteps; ``steps=None`` uses all T.
 
     x_prev ~ N(posterior mean(x0_hat, x_t), var) with var the posterior 'fixed small' variance
@@ -101,8 +113,18 @@ def ddpm(model_fn: ModelFn, x: Tensor, process: NoiseProcess, *, steps: int | No
     return x
 
 
-def ddim(model_fn: ModelFn, x: Tensor, process: NoiseProcess, *, steps: int = 50, eta: float = 0.0, spacing: str | None = None,
-         start: float | None = None, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+def ddim(
+    model_fn: ModelFn,
+    x: Tensor,
+    process: NoiseProcess,
+    *,
+    steps: int = 50,
+    eta: float = 0.0,
+    spacing: str | None = None,
+    start: float | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Tensor:
     """DDIM (Song et al.): deterministic at eta=0, DDPM-like at eta=1, on any affine path.
 
     Noise std s = eta sigma' sqrt(1 - (alpha sigma' / (alpha' sigma))^2), which is Song et al.'s
@@ -129,8 +151,17 @@ def _log_alpha_sigma_ratio(alpha: float, sigma: float) -> float:
     return math.log(alpha) - math.log(sigma)
 
 
-def dpmpp_2m(model_fn: ModelFn, x: Tensor, process: NoiseProcess, *, steps: int = 20, spacing: str | None = None,
-             start: float | None = None, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+def dpmpp_2m(
+    model_fn: ModelFn,
+    x: Tensor,
+    process: NoiseProcess,
+    *,
+    steps: int = 20,
+    spacing: str | None = None,
+    start: float | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022): multistep, data prediction, midpoint form (diffusers' multistep solver,
     k-diffusion's ``sample_dpmpp_2m``).
 
@@ -158,8 +189,19 @@ def dpmpp_2m(model_fn: ModelFn, x: Tensor, process: NoiseProcess, *, steps: int 
     return x
 
 
-def _churn(x: Tensor, process: NoiseProcess, t: float, a: float, s: float, n_steps: int, s_churn: float, s_tmin: float,
-           s_tmax: float, s_noise: float, generator: torch.Generator | None) -> tuple[Tensor, float, float, float]:
+def _churn(
+    x: Tensor,
+    process: NoiseProcess,
+    t: float,
+    a: float,
+    s: float,
+    n_steps: int,
+    s_churn: float,
+    s_tmin: float,
+    s_tmax: float,
+    s_noise: float,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, float, float, float]:
     """EDM's stochastic churn (Karras et al. 2022, Algorithm 2): raise sigma_ve by gamma = min(S_churn / N,
     sqrt(2) - 1) inside [S_tmin, S_tmax] and add the matching fresh noise; returns (x_hat, t_hat, alpha, sigma)."""
     sve = _sigma_ve(a, s)
@@ -167,8 +209,10 @@ def _churn(x: Tensor, process: NoiseProcess, t: float, a: float, s: float, n_ste
     if gamma <= 0 or not math.isfinite(sve):
         return x, t, a, s
     if not process.continuous:
-        raise ValueError(f"sampler.s_churn > 0 needs a continuous process (edm, flow); process {process.name} is "
-                         f"discrete: set sampler.s_churn=0")
+        raise ValueError(
+            f"sampler.s_churn > 0 needs a continuous process (edm, flow); process {process.name} is "
+            f"discrete: set sampler.s_churn=0"
+        )
     sve_hat = sve * (1 + gamma)
     t_hat = process.time_from_sigma_ve(sve_hat)
     a_hat, s_hat = (float(v) for v in process.coefficients(torch.tensor(t_hat, dtype=torch.float64)))
@@ -185,9 +229,21 @@ def _ode_time(process: NoiseProcess, t: float, a: float, s: float) -> float:
     return _sigma_ve(a, s) if process.ode_frame == "sigma" else t
 
 
-def euler(model_fn: ModelFn, x: Tensor, process: NoiseProcess, *, steps: int = 50, spacing: str | None = None,
-          s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
-          start: float | None = None, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+def euler(
+    model_fn: ModelFn,
+    x: Tensor,
+    process: NoiseProcess,
+    *,
+    steps: int = 50,
+    spacing: str | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    start: float | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Tensor:
     """Euler's method on the probability-flow ODE (k-diffusion ``sample_euler``; on flow, the rectified-flow
     sampler x' = x + (t' - t) v), with optional EDM churn (``s_churn``, continuous processes).
 
@@ -198,10 +254,22 @@ def euler(model_fn: ModelFn, x: Tensor, process: NoiseProcess, *, steps: int = 5
     return _ode_sampler(model_fn, x, process, steps, spacing, None, churn, start, generator, progress, "Euler")
 
 
-def heun(model_fn: ModelFn, x: Tensor, process: NoiseProcess, *, steps: int = 20, spacing: str | None = None,
-         euler_above: float | None = 80.0, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
-         s_noise: float = 1.0, start: float | None = None, generator: torch.Generator | None = None,
-         progress: bool = False) -> Tensor:
+def heun(
+    model_fn: ModelFn,
+    x: Tensor,
+    process: NoiseProcess,
+    *,
+    steps: int = 20,
+    spacing: str | None = None,
+    euler_above: float | None = 80.0,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    start: float | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Tensor:
     """Heun's second-order method (EDM Algorithm 1; with ``s_churn`` > 0 Algorithm 2) in the process's ODE frame.
 
     Predictor: an Euler step; corrector: average the slopes at both ends, y' = y + (tau' - tau)(d + d') / 2 with
@@ -215,9 +283,19 @@ def heun(model_fn: ModelFn, x: Tensor, process: NoiseProcess, *, steps: int = 20
     return _ode_sampler(model_fn, x, process, steps, spacing, corrector, churn, start, generator, progress, "Heun")
 
 
-def _ode_sampler(model_fn: ModelFn, x: Tensor, process: NoiseProcess, steps: int, spacing: str | None,
-                 corrector: dict[str, float | None] | None, churn: tuple[float, float, float, float],
-                 start: float | None, generator: torch.Generator | None, progress: bool, label: str) -> Tensor:
+def _ode_sampler(
+    model_fn: ModelFn,
+    x: Tensor,
+    process: NoiseProcess,
+    steps: int,
+    spacing: str | None,
+    corrector: dict[str, float | None] | None,
+    churn: tuple[float, float, float, float],
+    start: float | None,
+    generator: torch.Generator | None,
+    progress: bool,
+    label: str,
+) -> Tensor:
     """Euler steps along the process's grid, each with optional churn before it and, when ``corrector`` is given,
     Heun's trapezoid correction after it (where ``_heun_corrects`` allows)."""
     grid = sampling_grid(process, steps, spacing, start=start)
@@ -240,7 +318,9 @@ def _ode_sampler(model_fn: ModelFn, x: Tensor, process: NoiseProcess, steps: int
     return x
 
 
-def _heun_corrects(process: NoiseProcess, a: float, s: float, a_next: float, s_next: float, euler_above: float | None) -> bool:
+def _heun_corrects(
+    process: NoiseProcess, a: float, s: float, a_next: float, s_next: float, euler_above: float | None
+) -> bool:
     """Whether Heun takes a second-order step (else a plain Euler step)."""
     if s_next <= 0.0:
         return False
@@ -262,14 +342,20 @@ def check_sampler(sampler: Sampler, process: NoiseProcess) -> None:
     """Fail at start on a sampler the process does not define (ancestral DDPM and churn on a continuous process)."""
     name, kw = _name(sampler), getattr(sampler, "keywords", {})
     if name == "ddpm" and not process.has_ancestral:
-        raise ValueError(f"sampler=ddpm needs a discrete process (vp); process {process.name} has no ancestral chain: "
-                         f"use ddim (eta=1 is its stochastic analogue), euler, heun or dpmpp_2m")
+        raise ValueError(
+            f"sampler=ddpm needs a discrete process (vp); process {process.name} has no ancestral chain: "
+            f"use ddim (eta=1 is its stochastic analogue), euler, heun or dpmpp_2m"
+        )
     if (kw.get("s_churn") or 0) > 0 and not process.continuous:
-        raise ValueError(f"sampler.s_churn > 0 needs a continuous process (edm or flow); process={process.name}: "
-                         f"set sampler.s_churn=0")
+        raise ValueError(
+            f"sampler.s_churn > 0 needs a continuous process (edm or flow); process={process.name}: "
+            f"set sampler.s_churn=0"
+        )
 
 
-def model_evaluations(sampler_fn: Sampler, process: NoiseProcess, steps: int | None = None, spacing: str | None = None) -> int:
+def model_evaluations(
+    sampler_fn: Sampler, process: NoiseProcess, steps: int | None = None, spacing: str | None = None
+) -> int:
     """Number of model_fn calls (NFE) a sampler makes for ``steps`` on ``process`` (with CFG each is one batched
     forward of the conditional and unconditional inputs)."""
     keywords = getattr(sampler_fn, "keywords", {})
@@ -279,8 +365,11 @@ def model_evaluations(sampler_fn: Sampler, process: NoiseProcess, steps: int | N
     if _name(sampler_fn) == "heun":
         euler_above = keywords.get("euler_above", 80.0)
         grid = sampling_grid(process, steps, spacing)
-        return len(grid) - 1 + sum(_heun_corrects(process, a, s, a2, s2, euler_above)
-                                   for (_, a, s), (_, a2, s2) in zip(grid, grid[1:]))
+        return (
+            len(grid)
+            - 1
+            + sum(_heun_corrects(process, a, s, a2, s2, euler_above) for (_, a, s), (_, a2, s2) in zip(grid, grid[1:]))
+        )
     return steps
 
 

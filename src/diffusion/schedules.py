@@ -7,6 +7,7 @@ sigma (EDM / k-diffusion, variance-exploding units) = sqrt(1 / SNR). Everything 
 gather and cast. With zero terminal SNR the last alpha-bar is exactly 0 (SNR 0, log-SNR -inf, sigma inf): samplers
 handle that limit explicitly instead of clamping it away.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -53,8 +54,9 @@ def cosine_alpha_bar(t: Tensor, offset: float = 0.008, logsnr_shift: float = 0.0
     return ab
 
 
-def cosine_betas(num_timesteps: int, offset: float = 0.008, max_beta: float = 0.999,
-                 logsnr_shift: float = 0.0) -> Tensor:
+def cosine_betas(
+    num_timesteps: int, offset: float = 0.008, max_beta: float = 0.999, logsnr_shift: float = 0.0
+) -> Tensor:
     """Improved-DDPM cosine schedule (diffusers' squaredcos_cap_v2 at the defaults), with a configurable offset s."""
     if offset < 0:
         raise ValueError(f"schedule.offset must be >= 0 (the cosine schedule's s, usually 0.008); got {offset}")
@@ -85,8 +87,9 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     return 1 - alphas
 
 
-def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading", offset: int = 0,
-                     exclude_zero: bool = False) -> Tensor:
+def spaced_timesteps(
+    num_timesteps: int, steps: int, spacing: str = "leading", offset: int = 0, exclude_zero: bool = False
+) -> Tensor:
     """Descending subset of ``steps`` training timesteps, spaced as in diffusers ('leading', 'trailing', 'linspace').
 
     ``exclude_zero`` is the multistep-solver (DPM-Solver) convention: leading / linspace place ``steps + 1`` points
@@ -97,8 +100,10 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading", o
         raise ValueError(f"unknown timestep spacing '{spacing}': choose one of {SPACINGS}")
     extra = 1 if exclude_zero and spacing != "trailing" else 0
     if not 1 <= steps + extra <= num_timesteps:
-        raise ValueError(f"sampler steps must be in [1, {num_timesteps - extra}] for a schedule with num_timesteps="
-                         f"{num_timesteps} and spacing '{spacing}'; got {steps}")
+        raise ValueError(
+            f"sampler steps must be in [1, {num_timesteps - extra}] for a schedule with num_timesteps="
+            f"{num_timesteps} and spacing '{spacing}'; got {steps}"
+        )
     n = steps + extra
     if spacing == "leading":
         ts = torch.arange(n, dtype=torch.float64) * (num_timesteps // n) + offset
@@ -121,12 +126,21 @@ def check_kind_kwargs(kind: str, kwargs: dict[str, Any]) -> None:
     allowed = [p for p in inspect.signature(BETA_SCHEDULES[kind]).parameters if p != "num_timesteps"]
     bad = sorted(set(kwargs) - set(allowed))
     if bad:
-        raise ValueError(f"schedule kind '{kind}' does not take {bad}; its settings are {allowed} "
-                         f"(remove the key or pick another schedule=)")
+        raise ValueError(
+            f"schedule kind '{kind}' does not take {bad}; its settings are {allowed} "
+            f"(remove the key or pick another schedule=)"
+        )
 
 
-def sample_timesteps(n: int, num_timesteps: int, kind: str = "uniform", mean: float = 0.0, std: float = 1.0,
-                     device: Device = None, generator: torch.Generator | None = None) -> Tensor:
+def sample_timesteps(
+    n: int,
+    num_timesteps: int,
+    kind: str = "uniform",
+    mean: float = 0.0,
+    std: float = 1.0,
+    device: Device = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Training timesteps: uniform over [0, T) or logit-normal (SD3: t/T = sigmoid(N(mean, std))), discretised."""
     dev = rng_device(generator, device)
     if kind == "uniform":
@@ -137,4 +151,3 @@ def sample_timesteps(n: int, num_timesteps: int, kind: str = "uniform", mean: fl
     else:
         raise ValueError(f"unknown timestep density '{kind}': choose one of {VP_DENSITIES}")
     return t.to(device) if device is not None else t
-

@@ -8,6 +8,7 @@ samples, so one ``Diffusion`` serves a model, its EMA copy and an autoguidance g
     diffusion, denoiser = load_for_sampling("run/checkpoints/last.ckpt")
     images = diffusion.sample(denoiser, 16)   # balanced labels / prompts, the checkpoint's sampler and guidance
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,10 +45,19 @@ class Diffusion:
     with the frozen autoencoder that decodes latents). Its checks run when it is built, so a bad combination fails
     before any network exists."""
 
-    def __init__(self, process: NoiseProcess, objective: Objective, sampler: Sampler,
-                 guidance: Guidance | None = None, conditioner: Conditioner | None = None, autoencoder: Any = None,
-                 sample_shape: Sequence[int] = (1, 16, 16), p_uncond: float = 0.1,
-                 class_names: Sequence[str] | None = None, prompts: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        process: NoiseProcess,
+        objective: Objective,
+        sampler: Sampler,
+        guidance: Guidance | None = None,
+        conditioner: Conditioner | None = None,
+        autoencoder: Any = None,
+        sample_shape: Sequence[int] = (1, 16, 16),
+        p_uncond: float = 0.1,
+        class_names: Sequence[str] | None = None,
+        prompts: Sequence[str] | None = None,
+    ) -> None:
         self.check_pairing(process, objective, sampler)
         self.process, self.objective, self.sampler = process, objective, sampler
         self.guidance = guidance if guidance is not None else CFG()
@@ -101,8 +111,10 @@ class Diffusion:
         if key == "text" and "text" not in batch and "label" in batch and self.prompts:
             return labels_to_prompts(batch["label"], self.prompts)
         if key not in batch:
-            raise ConfigError(f"conditioner {type(self.conditioner).__name__} needs batch['{key}'] but the datamodule "
-                              f"yields only {sorted(batch)}; pick a matching conditioning= or datamodule=")
+            raise ConfigError(
+                f"conditioner {type(self.conditioner).__name__} needs batch['{key}'] but the datamodule "
+                f"yields only {sorted(batch)}; pick a matching conditioning= or datamodule="
+            )
         return batch[key]
 
     def default_conditions(self, n: int, device: torch.device | None = None) -> torch.Tensor | list[str] | None:
@@ -121,8 +133,14 @@ class Diffusion:
         return self.conditioner.null_like(raw)
 
     # ---------------------------------------------------------------- training
-    def losses(self, net: Net, batch: dict[str, Any], drop_conditions: bool = True, t: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def losses(
+        self,
+        net: Net,
+        batch: dict[str, Any],
+        drop_conditions: bool = True,
+        t: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Per-sample losses on a batch: conditions dropped with probability ``p_uncond`` when ``drop_conditions``,
         times from the process's density unless ``t`` is given."""
         raw = self.batch_condition(batch)
@@ -151,12 +169,18 @@ class Diffusion:
         frames = torch.full((n,), x0.shape[2]) if frames is None else torch.as_tensor(frames).reshape(-1).expand(n)
         base_pixels = int(self.sample_shape[-2]) * int(self.sample_shape[-1]) if len(self.sample_shape) >= 2 else None
         process = cast(FlowProcess, self.process)  # only the flow process has a frame_shift_base
-        shift = frame_shift(process.shift, frames.to(device=x0.device, dtype=torch.float64), base,
-                            x0.shape[-2] * x0.shape[-1], base_pixels)
+        shift = frame_shift(
+            process.shift,
+            frames.to(device=x0.device, dtype=torch.float64),
+            base,
+            x0.shape[-2] * x0.shape[-1],
+            base_pixels,
+        )
         return process.sample_times(n, device=x0.device, generator=generator, shift=shift)
 
-    def validation_losses(self, net: Net, batch: dict[str, Any], batch_idx: int,
-                          buckets: int = 10) -> dict[str, torch.Tensor]:
+    def validation_losses(
+        self, net: Net, batch: dict[str, Any], batch_idx: int, buckets: int = 10
+    ) -> dict[str, torch.Tensor]:
         """Unweighted per-sample losses at fixed noise levels and noise, the same in every run and for every process:
         log-SNRs stratified over ``LOG_SNR_BUCKET_RANGE`` mapped to the process's times; with each sample's bucket."""
         g = torch.Generator().manual_seed(VALIDATION_SEED + batch_idx)
@@ -171,9 +195,12 @@ class Diffusion:
     def evaluation_protocol(self) -> dict[str, dict[str, Any]]:
         """How the validation losses are measured (``metrics/protocol.json``): fixed noise and log-SNR levels, in
         the objective's own units, so two runs' values differ only by their models."""
-        entry = {"eval_seed": VALIDATION_SEED, "noise": "fixed per validation batch (seed + batch index)",
-                 "levels": f"log-SNR stratified over {list(LOG_SNR_BUCKET_RANGE)}", "units": "the objective's "
-                 f"raw loss ({self.objective.prediction} target, {self.objective.loss})"}
+        entry = {
+            "eval_seed": VALIDATION_SEED,
+            "noise": "fixed per validation batch (seed + batch index)",
+            "levels": f"log-SNR stratified over {list(LOG_SNR_BUCKET_RANGE)}",
+            "units": f"the objective's raw loss ({self.objective.prediction} target, {self.objective.loss})",
+        }
         return {"val/loss": entry, "val_loss_t/bucket_*": entry}
 
     # ---------------------------------------------------------------- sampling
@@ -186,9 +213,16 @@ class Diffusion:
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
-    def model_fn(self, net: Net, cond: dict[str, Any], null: dict[str, Any] | None = None, scale: Scale | None = None,
-                 raw: Any = None, guidance: Guidance | dict[str, Any] | None = None,
-                 interval: Sequence[float | None] | str | None = "guidance") -> ModelFn:
+    def model_fn(
+        self,
+        net: Net,
+        cond: dict[str, Any],
+        null: dict[str, Any] | None = None,
+        scale: Scale | None = None,
+        raw: Any = None,
+        guidance: Guidance | dict[str, Any] | None = None,
+        interval: Sequence[float | None] | str | None = "guidance",
+    ) -> ModelFn:
         """The guided ``model_fn(x_t, t) -> (x0_hat, eps_hat)`` every sampler and diagnostic uses; ``interval=None``
         guides everywhere, the default keeps the guidance's own interval."""
         g = self.guidance_for(guidance)
@@ -197,20 +231,43 @@ class Diffusion:
         call = lambda x_in, t_net, c: net(x_in, t_net, c["vector"], c["context"], c["context_mask"])  # noqa: E731
         try:
             guide = g.reference(raw, self) if g.uses_guide and not plain else None
-            return guided_model_fn(call, self.process, self.objective.prediction, cond, null, scale=scale,
-                                   rescale=getattr(g, "rescale", 0.0),
-                                   interval=(g.interval if interval == "guidance"  # otherwise not a str
-                                             else cast("Sequence[float | None] | None", interval)),
-                                   x0_clip=self.objective.x0_clip, sigma_data=self.objective.sigma_data,
-                                   method=g.name, options=g.options(), guide=guide)
+            return guided_model_fn(
+                call,
+                self.process,
+                self.objective.prediction,
+                cond,
+                null,
+                scale=scale,
+                rescale=getattr(g, "rescale", 0.0),
+                interval=(
+                    g.interval
+                    if interval == "guidance"  # otherwise not a str
+                    else cast("Sequence[float | None] | None", interval)
+                ),
+                x0_clip=self.objective.x0_clip,
+                sigma_data=self.objective.sigma_data,
+                method=g.name,
+                options=g.options(),
+                guide=guide,
+            )
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
     @torch.no_grad()
-    def sample(self, net: Net, n: int, conditions: Any = None, *, sampler: Sampler | None = None,
-               guidance: Guidance | dict[str, Any] | None = None, guidance_scale: Scale | None = None,
-               noise: torch.Tensor | None = None,
-               generator: torch.Generator | None = None, progress: bool = False, decode: bool = True) -> torch.Tensor:
+    def sample(
+        self,
+        net: Net,
+        n: int,
+        conditions: Any = None,
+        *,
+        sampler: Sampler | None = None,
+        guidance: Guidance | dict[str, Any] | None = None,
+        guidance_scale: Scale | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        decode: bool = True,
+    ) -> torch.Tensor:
         """n samples in [-1, 1] (decoded to pixels for latent models) for raw ``conditions`` (balanced if None),
         with this setup's sampler and guidance unless others are given (``guidance``: a ``Guidance`` or a dict of
         overrides such as ``{"method": "apg", "eta": 0.0}``)."""
@@ -222,14 +279,14 @@ class Diffusion:
         raw = self.default_conditions(n, device) if conditions is None else conditions
         cond = self.condition(raw)
         null = self.condition(self.null_condition(raw)) if raw is not None else None
-        scale = g.scales(raw, getattr(self.conditioner, "num_classes", None),
-                         guidance_scale if guidance_scale is not None else None)
+        scale = g.scales(
+            raw, getattr(self.conditioner, "num_classes", None), guidance_scale if guidance_scale is not None else None
+        )
         model_fn = self.model_fn(net, cond, null, scale, raw=raw, guidance=g)
         if noise is None:
             noise = torch.randn((n, *self.sample_shape), generator=generator)
         noise = noise * self.process.prior_std
-        x = (sampler or self.sampler)(model_fn, noise.to(device), self.process, generator=generator,
-                                      progress=progress)
+        x = (sampler or self.sampler)(model_fn, noise.to(device), self.process, generator=generator, progress=progress)
         if decode:
             x = self.to_pixels(x)
         if was_training:
@@ -280,10 +337,11 @@ class Diffusion:
             raise ConfigError(f"guidance.guide_ckpt={path} cannot guide this model: different {problem}")
 
 
-def load_for_sampling(path: str | Path, device: str | torch.device = "cpu",
-                      trusted: bool | None = None) -> tuple[Diffusion, nn.Module]:
+def load_for_sampling(
+    path: str | Path, device: str | torch.device = "cpu", trusted: bool | None = None
+) -> tuple[Diffusion, nn.Module]:
     """The ``Diffusion`` and the EMA denoiser of a checkpoint or export, ready to sample without a Trainer."""
-    from difflab.checkpoints import module_from_checkpoint   # reading files is the caller's choice, not the math's
+    from difflab.checkpoints import module_from_checkpoint  # reading files is the caller's choice, not the math's
 
     module: Any = module_from_checkpoint(path, trusted=trusted).to(device)  # a DiffusionModule
     return module.diffusion.to(device), module.denoiser

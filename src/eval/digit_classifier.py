@@ -3,6 +3,7 @@
 The weights file ``digit_classifier.pt`` next to this module is produced by ``python -m difflab.eval.digit_classifier``
 (trained on the scikit-learn digits train split, with small random shifts) and loads with ``weights_only=True``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,10 +23,15 @@ class DigitClassifier(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, 128, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(128, 10)
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,13 +57,17 @@ def load_digit_classifier(path: str | Path = WEIGHTS, device="cpu") -> DigitClas
 
 
 @torch.no_grad()
-def judge(images: torch.Tensor, labels: torch.Tensor | None = None, model: DigitClassifier | None = None,
-          batch_size: int = 500) -> dict:
+def judge(
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    model: DigitClassifier | None = None,
+    batch_size: int = 500,
+) -> dict:
     """Predicted labels, features and (if labels are given) accuracy for images (uint8 or [-1, 1] floats)."""
     model = model or load_digit_classifier()
     feats, preds = [], []
     for i in range(0, len(images), batch_size):
-        f = model.features(images[i:i + batch_size])
+        f = model.features(images[i : i + batch_size])
         feats.append(f)
         preds.append(model.head(f).argmax(1))
     out = {"pred": torch.cat(preds), "features": torch.cat(feats).double()}
@@ -83,7 +93,7 @@ def train_classifier(epochs: int = 40, seed: int = 0) -> tuple[DigitClassifier, 
     for _ in range(epochs):
         perm = torch.from_numpy(tr)[torch.randperm(len(tr))]
         for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
+            idx = perm[i : i + 64]
             loss = F.cross_entropy(model(_random_shift(x[idx])), y[idx])
             opt.zero_grad()
             loss.backward()

@@ -2,6 +2,7 @@
 
 Used by the README's quality claims, the benchmarks and the conditioning-effect check of text models.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,9 @@ def evaluate_samples(images: torch.Tensor, labels: torch.Tensor, real: torch.Ten
 
 
 @torch.no_grad()
-def evaluate_module(module, n: int = 500, sampler=None, guidance_scale=None, seed: int = 0,
-                    batch_size: int = 250) -> dict:
+def evaluate_module(
+    module, n: int = 500, sampler=None, guidance_scale=None, seed: int = 0, batch_size: int = 250
+) -> dict:
     """Sample n balanced digits from a trained module (class or text conditioned) and judge them."""
     labels = torch.arange(n) % 10
     raw = labels if module.conditioner.batch_key == "label" else [module.diffusion.prompts[i] for i in labels.tolist()]
@@ -60,9 +62,13 @@ def conditioning_effect(module, n: int = 500, seed: int = 0, batch_size: int = 2
     true_imgs = _sample(module, true_raw, None, None, seed, batch_size)
     shuf_imgs = _sample(module, shuffled_raw, None, None, seed, batch_size)
     clf = load_digit_classifier()
-    return {"true_prompt_accuracy": judge(true_imgs, labels, clf)["accuracy"],
-            "shuffled_prompt_accuracy": judge(shuf_imgs, labels, clf)["accuracy"],
-            "per_class_true_accuracy": [judge(true_imgs[labels == c], labels[labels == c], clf)["accuracy"] for c in range(10)]}
+    return {
+        "true_prompt_accuracy": judge(true_imgs, labels, clf)["accuracy"],
+        "shuffled_prompt_accuracy": judge(shuf_imgs, labels, clf)["accuracy"],
+        "per_class_true_accuracy": [
+            judge(true_imgs[labels == c], labels[labels == c], clf)["accuracy"] for c in range(10)
+        ],
+    }
 
 
 def _sample(module, raw, sampler, guidance_scale, seed, batch_size) -> torch.Tensor:
@@ -72,6 +78,9 @@ def _sample(module, raw, sampler, guidance_scale, seed, batch_size) -> torch.Ten
     for i in range(0, n, batch_size):
         j = min(n, i + batch_size)
         noise = torch.randn((j - i, *module.diffusion.sample_shape), generator=g)
-        out.append(module.diffusion.sample(module, j - i, raw[i:j], sampler=sampler, guidance_scale=guidance_scale, noise=noise,
-                                 generator=g).cpu())
+        out.append(
+            module.diffusion.sample(
+                module, j - i, raw[i:j], sampler=sampler, guidance_scale=guidance_scale, noise=noise, generator=g
+            ).cpu()
+        )
     return torch.cat(out)

@@ -9,6 +9,7 @@ the requested class) becomes a logged metric, so a conditioning regression shows
 - ``ClipJudge``: CLIP from a local directory (``callbacks.class_grid.clip_model``); candidates are the class names
   (as "a photo of a {name}") or the grid's prompts; score = CLIP score (100 x cosine) of the predicted candidate.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,9 +29,9 @@ JUDGES = ("auto", "digit_classifier", "clip", "none")
 class Verdict:
     """A judge's answer for a batch: predicted candidate index and its score per image."""
 
-    predicted: Tensor   # B, long: index into the candidates
-    score: Tensor       # B, float
-    score_name: str     # what the score is ("p" = probability, "clip" = 100 x cosine)
+    predicted: Tensor  # B, long: index into the candidates
+    score: Tensor  # B, float
+    score_name: str  # what the score is ("p" = probability, "clip" = 100 x cosine)
 
 
 class DigitJudge:
@@ -67,7 +68,7 @@ class ClipJudge:
     def judge(self, images: Tensor, candidates: list[str], as_prompts: bool = False) -> Verdict:
         """The candidate with the highest CLIP similarity per image, and that similarity (100 x cosine)."""
         texts = list(candidates) if as_prompts else [self.template.format(c) for c in candidates]
-        sims = self.scorer.similarity_matrix(images, texts)          # B x K
+        sims = self.scorer.similarity_matrix(images, texts)  # B x K
         score, predicted = sims.max(dim=1)
         return Verdict(predicted.cpu(), score.cpu(), self.score_name)
 
@@ -85,8 +86,10 @@ def build_judge(kind: str, module, clip_model: str | None = None, digit_weights:
     digits = key == "label" and getattr(conditioner, "num_classes", None) == 10 and len(shape) == 3 and shape[0] == 1
     if kind == "digit_classifier" or (kind == "auto" and digits and not clip_model):
         if not digits:
-            raise ValueError("class_grid.judge=digit_classifier needs a 1-channel image model with 10 classes; "
-                             "use judge=clip with a clip_model, or none")
+            raise ValueError(
+                "class_grid.judge=digit_classifier needs a 1-channel image model with 10 classes; "
+                "use judge=clip with a clip_model, or none"
+            )
         return DigitJudge(digit_weights)
     if key not in ("label", "text") or not clip_model:
         return None

@@ -11,6 +11,7 @@ clip travels (``frame size - digit size``), so a digit that only jitters does no
 whose majority of frames show it, the fraction of samples moving the named direction, and pass/fail
 (digit in most frames AND most samples move the right way).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -32,7 +33,11 @@ _AXIS = {"left": (1, -1), "right": (1, 1), "up": (0, -1), "down": (0, 1)}  # (ax
 def to_grey01(videos) -> torch.Tensor:
     """Videos as float ``N x T x H x W`` in [0, 1] from uint8 ``N x T x H x W (x C)`` / ``N x T x C x H x W``
     (sample.py's layout) or model-space float ``N x C x T x H x W`` in [-1, 1]."""
-    v = torch.from_numpy(np.ascontiguousarray(videos)) if not isinstance(videos, torch.Tensor) else videos.detach().cpu()
+    v = (
+        torch.from_numpy(np.ascontiguousarray(videos))
+        if not isinstance(videos, torch.Tensor)
+        else videos.detach().cpu()
+    )
     if v.dtype == torch.uint8:
         v = v.float() / 255.0
         if v.ndim == 5 and v.shape[2] in (1, 3) and v.shape[-1] not in (1, 3):  # N x T x C x H x W
@@ -69,7 +74,7 @@ def bbox_centres(fg: torch.Tensor, rel_threshold: float = 0.25) -> torch.Tensor:
     rows_on, cols_on = on.any(-1), on.any(-2)
     r = torch.arange(h).expand_as(rows_on)
     c = torch.arange(w).expand_as(cols_on)
-    big = 10 ** 6
+    big = 10**6
     r0 = torch.where(rows_on, r, big).min(-1).values
     r1 = torch.where(rows_on, r, -big).max(-1).values
     c0 = torch.where(cols_on, c, big).min(-1).values
@@ -135,8 +140,15 @@ def motion(frames: torch.Tensor) -> tuple[list[str], torch.Tensor]:
     return dirs, disp
 
 
-def evaluate_videos(videos, prompts: Sequence[str], digit_size: int, canvas_size: int | None = None,
-                    mode: str = "bbox", min_travel: float = 0.25, model=None) -> dict:
+def evaluate_videos(
+    videos,
+    prompts: Sequence[str],
+    digit_size: int,
+    canvas_size: int | None = None,
+    mode: str = "bbox",
+    min_travel: float = 0.25,
+    model=None,
+) -> dict:
     """Per-prompt digit and motion scores for moving-digit videos with their captions.
 
     ``videos``: any layout `to_grey01` accepts; ``digit_size`` and ``canvas_size`` are the generator's (pixels of
@@ -168,33 +180,48 @@ def evaluate_videos(videos, prompts: Sequence[str], digit_size: int, canvas_size
         majority = (hit.mean(1) > 0.5).float().mean().item()
         direction_acc = moved.float().mean().item()
         per_prompt[prompt] = {
-            "digit": digit, "direction": direction, "n": len(idx),
-            "digit_frame_acc": frame_acc, "digit_majority": majority, "direction_acc": direction_acc,
-            "mean_displacement": along.mean().item(), "expected_displacement": float(travel),
+            "digit": digit,
+            "direction": direction,
+            "n": len(idx),
+            "digit_frame_acc": frame_acc,
+            "digit_majority": majority,
+            "direction_acc": direction_acc,
+            "mean_displacement": along.mean().item(),
+            "expected_displacement": float(travel),
             "passed": bool(frame_acc > 0.5 and direction_acc > 0.5),
             "predicted_directions": {k: sum(dirs[i] == k for i in idx) for k in DIRECTIONS},
         }
     rows = list(per_prompt.values())
     overall = {
-        "prompts": len(rows), "prompts_passed": sum(r["passed"] for r in rows), "videos": n,
+        "prompts": len(rows),
+        "prompts_passed": sum(r["passed"] for r in rows),
+        "videos": n,
         "digit_frame_acc": float(np.mean([r["digit_frame_acc"] for r in rows])),
         "direction_acc": float(np.mean([r["direction_acc"] for r in rows])),
-        "crop_mode": mode, "digit_size_px": d, "frame_size": [h, w],
+        "crop_mode": mode,
+        "digit_size_px": d,
+        "frame_size": [h, w],
     }
     return {"per_prompt": per_prompt, "overall": overall}
 
 
 def format_report(result: dict) -> str:
     """A plain-text table of `evaluate_videos` results (one line per prompt plus a summary)."""
-    lines = [f"{'prompt':34s} {'n':>3s} {'digit/frame':>11s} {'digit/maj':>9s} {'direction':>9s} "
-             f"{'disp px':>8s} {'pass':>5s}"]
+    lines = [
+        f"{'prompt':34s} {'n':>3s} {'digit/frame':>11s} {'digit/maj':>9s} {'direction':>9s} "
+        f"{'disp px':>8s} {'pass':>5s}"
+    ]
     for prompt, r in result["per_prompt"].items():
-        lines.append(f"{prompt:34s} {r['n']:3d} {r['digit_frame_acc']:11.2f} {r['digit_majority']:9.2f} "
-                     f"{r['direction_acc']:9.2f} {r['mean_displacement']:8.1f} {'yes' if r['passed'] else 'NO':>5s}")
+        lines.append(
+            f"{prompt:34s} {r['n']:3d} {r['digit_frame_acc']:11.2f} {r['digit_majority']:9.2f} "
+            f"{r['direction_acc']:9.2f} {r['mean_displacement']:8.1f} {'yes' if r['passed'] else 'NO':>5s}"
+        )
     o = result["overall"]
-    lines.append(f"passed {o['prompts_passed']}/{o['prompts']} prompts; mean digit/frame {o['digit_frame_acc']:.2f}, "
-                 f"mean direction {o['direction_acc']:.2f} ({o['videos']} videos, crop={o['crop_mode']}, "
-                 f"digit {o['digit_size_px']} px in {o['frame_size'][0]}x{o['frame_size'][1]})")
+    lines.append(
+        f"passed {o['prompts_passed']}/{o['prompts']} prompts; mean digit/frame {o['digit_frame_acc']:.2f}, "
+        f"mean direction {o['direction_acc']:.2f} ({o['videos']} videos, crop={o['crop_mode']}, "
+        f"digit {o['digit_size_px']} px in {o['frame_size'][0]}x{o['frame_size'][1]})"
+    )
     return "\n".join(lines)
 
 
@@ -205,9 +232,11 @@ def load_real_clips(data_dir, split: str = "test", max_clips: int | None = None)
 
     m = read_manifest(data_dir)
     if m is None:
-        raise DataNotFoundError(f"{data_dir}: no moving-digits manifest.json; generate the data first "
-                                "(train once with datamodule=moving_digits, or difflab.datamodules.moving_digits."
-                                "generate_moving_digits)")
+        raise DataNotFoundError(
+            f"{data_dir}: no moving-digits manifest.json; generate the data first "
+            "(train once with datamodule=moving_digits, or difflab.datamodules.moving_digits."
+            "generate_moving_digits)"
+        )
     clips = [c for c in m["clips"] if c["split"] == split][:max_clips]
     folder = Path(data_dir) / HOW2SIGN_CLIPS_DIR.format(split=split)
     videos = np.stack([read_video(folder / f"{c['name']}.mp4") for c in clips])
@@ -218,14 +247,23 @@ def digit_geometry(run_config: dict) -> tuple[int, int]:
     """``(digit_size, canvas_size)`` of the moving-digits data a checkpoint was trained on (from its run config)."""
     dm = (run_config or {}).get("datamodule") or {}
     if "digit_size" not in dm:
-        raise ValueError("this checkpoint was not trained on moving digits (its datamodule config has no digit_size); "
-                         "pass digit_size / canvas_size explicitly")
+        raise ValueError(
+            "this checkpoint was not trained on moving digits (its datamodule config has no digit_size); "
+            "pass digit_size / canvas_size explicitly"
+        )
     return int(dm["digit_size"]), int(dm.get("canvas_size") or dm["digit_size"])
 
 
 @torch.no_grad()
-def sample_prompts(module, prompts: Sequence[str], n_per_prompt: int = 8, steps: int | None = None,
-                   guidance_scale: float | None = None, seed: int = 0, batch_size: int = 64) -> tuple[torch.Tensor, list[str]]:
+def sample_prompts(
+    module,
+    prompts: Sequence[str],
+    n_per_prompt: int = 8,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> tuple[torch.Tensor, list[str]]:
     """``n_per_prompt`` samples of each prompt (``N x C x T x H x W`` in [-1, 1], on the CPU) and their prompts."""
     import functools
 
@@ -234,8 +272,11 @@ def sample_prompts(module, prompts: Sequence[str], n_per_prompt: int = 8, steps:
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, len(raw), batch_size):
-        chunk = raw[i:i + batch_size]
+        chunk = raw[i : i + batch_size]
         noise = torch.randn((len(chunk), *module.diffusion.sample_shape), generator=gen)
-        out.append(module.diffusion.sample(module, len(chunk), chunk, sampler=sampler, guidance_scale=guidance_scale, noise=noise,
-                                 generator=gen).cpu())
+        out.append(
+            module.diffusion.sample(
+                module, len(chunk), chunk, sampler=sampler, guidance_scale=guidance_scale, noise=noise, generator=gen
+            ).cpu()
+        )
     return torch.cat(out), raw

@@ -14,6 +14,7 @@ normalisation is an affine map per channel recorded in the manifest (EDM2 style)
 
 with mean/std computed over the train split, so diffusion trains on latents with mean 0 and std ``target_std``.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,15 +25,22 @@ import torch
 from torch import nn
 
 from difflab.autoencoders.loading import known_identity, load_autoencoder
-from difflab.latents.format import (FORMAT, LABELS, LATENTS, TEXTS, TEXTS_PARTIAL, VERSION,  # noqa: F401 - the format
-                                    new_manifest, read_manifest)
+from difflab.latents.format import FORMAT, LABELS, LATENTS, TEXTS, TEXTS_PARTIAL, VERSION, new_manifest, read_manifest  # noqa: F401 - the format
 from difflab.latents.latent_set import LatentSet
 from difflab.latents.normalisation import channel_moments, denormalise, normalisation, normalise  # noqa: F401
 from difflab.latents.shard_reader import LatentShards
 from difflab.storage.litdata_shards import LAYOUT
 from difflab.storage.location import is_url
-from difflab.storage.manifest import (MANIFEST, STATUS_COMPLETE, STATUS_IN_PROGRESS,  # noqa: F401
-                                      check_manifest_data, clear_cache, now, split_dir, write_manifest)
+from difflab.storage.manifest import (  # noqa: F401
+    MANIFEST,
+    STATUS_COMPLETE,
+    STATUS_IN_PROGRESS,
+    check_manifest_data,
+    clear_cache,
+    now,
+    split_dir,
+    write_manifest,
+)
 from difflab.trust import config_target
 from difflab.utils.errors import ConfigError, CorruptDataError, DataNotFoundError
 
@@ -69,15 +77,20 @@ class LatentCache(LatentSet):
         self.dir = Path(cache_dir).expanduser()
         manifest = read_manifest(self.dir)
         if manifest is None:
-            raise DataNotFoundError(f"no latent cache at {self.dir} ({MANIFEST} missing): create it with "
-                                    f"python encode_latents.py autoencoder=... datamodule=... out_dir={self.dir}")
+            raise DataNotFoundError(
+                f"no latent cache at {self.dir} ({MANIFEST} missing): create it with "
+                f"python encode_latents.py autoencoder=... datamodule=... out_dir={self.dir}"
+            )
         if manifest.get("layout", "mmap") != "mmap":  # difflab.latents.shards
-            raise ConfigError(f"{self.dir} holds sharded latents, not a memory-mapped cache: read it with "
-                              f"datamodule=latents_stream")
+            raise ConfigError(
+                f"{self.dir} holds sharded latents, not a memory-mapped cache: read it with datamodule=latents_stream"
+            )
         if manifest.get("status") != STATUS_COMPLETE:
             done = {s: f"{v.get('done', 0)}/{v.get('count', '?')}" for s, v in manifest.get("splits", {}).items()}
-            raise ConfigError(f"latent cache {self.dir} is incomplete ({done}): rerun encode_latents.py with "
-                              f"out_dir={self.dir} to finish it")
+            raise ConfigError(
+                f"latent cache {self.dir} is incomplete ({done}): rerun encode_latents.py with "
+                f"out_dir={self.dir} to finish it"
+            )
         self.use_manifest(manifest)
 
     def latents_path(self, split: str) -> Path:
@@ -100,13 +113,15 @@ class LatentCache(LatentSet):
         """The split's raw latents as a read-only memory map (nothing is read until indexed)."""
         return open_array(self.latents_path(split))
 
+
 def open_array(path: Path) -> np.ndarray:
     """np.load(mmap_mode='r') with a one-line CorruptDataError naming the file."""
     try:
         return np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
-        raise CorruptDataError(f"cannot memory-map latent cache file {path} ({e}); rerun encode_latents.py with "
-                               f"overwrite=true") from e
+        raise CorruptDataError(
+            f"cannot memory-map latent cache file {path} ({e}); rerun encode_latents.py with overwrite=true"
+        ) from e
 
 
 def open_latent_set(cache_dir: str | Path) -> LatentSet:
@@ -127,8 +142,10 @@ def load_cache_autoencoder(cache_dir: str | Path) -> NormalisedAutoencoder:
     cache = open_latent_set(cache_dir)
     spec = (cache.manifest.get("autoencoder") or {}).get("spec")
     if not spec:
-        raise ConfigError(f"latent cache {cache.dir} records no reload spec for its autoencoder; re-encode it with "
-                          f"encode_latents.py from a saved autoencoder checkpoint")
+        raise ConfigError(
+            f"latent cache {cache.dir} records no reload spec for its autoencoder; re-encode it with "
+            f"encode_latents.py from a saved autoencoder checkpoint"
+        )
     module, _ = load_autoencoder(spec, source=f"{cache.dir}/{MANIFEST}")
     cache.check_autoencoder(module)
     return NormalisedAutoencoder(module, cache.scale, cache.shift)

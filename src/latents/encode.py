@@ -4,6 +4,7 @@
 manifest after every chunk, so an interrupted run continues where it stopped when rerun with the same arguments.
 It refuses to add to a cache written by another autoencoder or from another dataset.
 """
+
 from __future__ import annotations
 
 import errno
@@ -20,15 +21,24 @@ from torch.utils.data._utils.collate import default_collate
 from difflab.autoencoders.loading import class_path, known_identity, to_plain
 from difflab.latents.format import LABELS, LATENTS, TEXTS, TEXTS_PARTIAL, new_manifest, read_manifest
 from difflab.latents.normalisation import channel_moments, normalisation
-from difflab.storage.manifest import (MANIFEST, STATUS_COMPLETE, STATUS_IN_PROGRESS, clear_cache, now, split_dir,
-                                      write_manifest)
-from difflab.storage.progress import progress_bar
 from difflab.ops.atomic import write_text
+from difflab.storage.manifest import (
+    MANIFEST,
+    STATUS_COMPLETE,
+    STATUS_IN_PROGRESS,
+    clear_cache,
+    now,
+    split_dir,
+    write_manifest,
+)
+from difflab.storage.progress import progress_bar
 from difflab.trust import not_a_link
 from difflab.utils.errors import ConfigError, disk_full, is_disk_full
 
 # Datamodule arguments that change how data is loaded, not what the data is: not part of the dataset identity.
-LOADER_KEYS = frozenset({"batch_size", "num_workers", "pin_memory", "persistent_workers", "data_dir", "prefetch_factor"})
+LOADER_KEYS = frozenset(
+    {"batch_size", "num_workers", "pin_memory", "persistent_workers", "data_dir", "prefetch_factor"}
+)
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -50,8 +60,11 @@ def describe_datamodule(cfg_or_dm: Any) -> dict:
 def same_normalisation(manifest: dict, target_std: float, per_channel: bool) -> bool:
     """Whether a written cache's normalisation is the one asked for (else only the transform is recomputed)."""
     transform = manifest.get("transform")
-    return bool(transform) and transform["target_std"] == float(target_std) \
+    return (
+        bool(transform)
+        and transform["target_std"] == float(target_std)
         and transform["per_channel"] == bool(per_channel)
+    )
 
 
 def ready_to_encode(autoencoder: Any, datamodule: Any, splits: Sequence[str], device=None):
@@ -77,8 +90,10 @@ def split_dataset(datamodule: Any, split: str) -> Dataset:
         ds = getattr(datamodule, name, None)
         if ds is not None:
             return ds
-    raise ConfigError(f"{class_path(datamodule)} exposes no dataset for split {split!r}: give it a "
-                      f"'{split}_set' attribute (set in setup) or a dataset(split) method")
+    raise ConfigError(
+        f"{class_path(datamodule)} exposes no dataset for split {split!r}: give it a "
+        f"'{split}_set' attribute (set in setup) or a dataset(split) method"
+    )
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -91,15 +106,20 @@ def check_compatible(out_dir: Path, old: dict, identity: dict, dataset: dict, dt
     """ConfigError naming what differs between an existing cache and this run."""
     hint = "use a new out_dir or overwrite=true"
     if old["autoencoder"]["hash"] != identity["hash"]:
-        raise ConfigError(f"latent cache {out_dir} was written with autoencoder {old['autoencoder']['class']} hash "
-                          f"{old['autoencoder']['hash'][:12]}, this run's is {identity['class']} hash "
-                          f"{identity['hash'][:12]}: {hint}")
+        raise ConfigError(
+            f"latent cache {out_dir} was written with autoencoder {old['autoencoder']['class']} hash "
+            f"{old['autoencoder']['hash'][:12]}, this run's is {identity['class']} hash "
+            f"{identity['hash'][:12]}: {hint}"
+        )
     if old["dataset"] != dataset:
-        raise ConfigError(f"latent cache {out_dir} was written from dataset {json.dumps(old['dataset'])}, this run "
-                          f"uses {json.dumps(dataset)}: {hint}")
+        raise ConfigError(
+            f"latent cache {out_dir} was written from dataset {json.dumps(old['dataset'])}, this run "
+            f"uses {json.dumps(dataset)}: {hint}"
+        )
     if old["latent_dtype"] != dtype:
-        raise ConfigError(f"latent cache {out_dir} stores {old['latent_dtype']} latents, this run asks for {dtype}: "
-                          f"{hint}")
+        raise ConfigError(
+            f"latent cache {out_dir} stores {old['latent_dtype']} latents, this run asks for {dtype}: {hint}"
+        )
 
 
 def encode_batch(autoencoder, x: torch.Tensor, device: torch.device) -> np.ndarray:
@@ -113,8 +133,10 @@ def _open_text_log(path: Path, keep: int) -> list[str]:
     """Lines of the partial text log truncated to the first ``keep`` (entries past the recorded progress)."""
     lines = path.read_text().splitlines() if path.is_file() else []
     if len(lines) < keep:
-        raise ConfigError(f"{path} holds {len(lines)} prompts but the manifest records {keep} encoded samples; the "
-                          f"cache is damaged: rerun with overwrite=true")
+        raise ConfigError(
+            f"{path} holds {len(lines)} prompts but the manifest records {keep} encoded samples; the "
+            f"cache is damaged: rerun with overwrite=true"
+        )
     lines = lines[:keep]
     write_text(path, "".join(line + "\n" for line in lines))
     return lines
@@ -133,7 +155,7 @@ def open_map(path: Path, fresh: bool, dtype, shape: tuple[int, ...]) -> np.ndarr
     except OSError as err:
         if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate: sparse, as before
             return array
-        array = None   # unmap before removing the file
+        array = None  # unmap before removing the file
         path.unlink(missing_ok=True)
         if is_disk_full(err):
             raise disk_full(path, err) from None
@@ -141,8 +163,19 @@ def open_map(path: Path, fresh: bool, dtype, shape: tuple[int, ...]) -> np.ndarr
     return array
 
 
-def encode_split(autoencoder, dataset: Dataset, out_dir: Path, split: str, manifest: dict, *, batch_size: int,
-                 dtype: str, num_workers: int, device: torch.device, progress=None) -> None:
+def encode_split(
+    autoencoder,
+    dataset: Dataset,
+    out_dir: Path,
+    split: str,
+    manifest: dict,
+    *,
+    batch_size: int,
+    dtype: str,
+    num_workers: int,
+    device: torch.device,
+    progress=None,
+) -> None:
     """Encode samples [done, N) of one split into its memory maps, saving progress after every chunk."""
     info = manifest["splits"][split]
     n, done = info["count"], info["done"]
@@ -154,12 +187,16 @@ def encode_split(autoencoder, dataset: Dataset, out_dir: Path, split: str, manif
     fresh = done == 0  # nothing recorded yet: (re)create the files
     for path, needed in ((lat_path, True), (lab_path, info["has_label"])):
         if not fresh and needed and not path.is_file():
-            raise ConfigError(f"{path} is missing but the manifest records {done} encoded samples: the cache is "
-                              f"damaged, rerun with overwrite=true")
+            raise ConfigError(
+                f"{path} is missing but the manifest records {done} encoded samples: the cache is "
+                f"damaged, rerun with overwrite=true"
+            )
     latents = open_map(lat_path, fresh, DTYPES[dtype], shape)
     if latents.shape != shape or latents.dtype != DTYPES[dtype]:
-        raise ConfigError(f"{lat_path} has shape {latents.shape} {latents.dtype}, expected {shape} {dtype}: the cache "
-                          f"is damaged, rerun with overwrite=true")
+        raise ConfigError(
+            f"{lat_path} has shape {latents.shape} {latents.dtype}, expected {shape} {dtype}: the cache "
+            f"is damaged, rerun with overwrite=true"
+        )
     labels = None
     if info["has_label"]:
         labels = open_map(lab_path, fresh, np.int64, (n,))
@@ -167,15 +204,20 @@ def encode_split(autoencoder, dataset: Dataset, out_dir: Path, split: str, manif
         _open_text_log(txt_path, done)
     task = progress.add_task(split, total=n, completed=done) if progress is not None else None
     if done < n:
-        loader = DataLoader(Subset(dataset, range(done, n)), batch_size=batch_size, shuffle=False,
-                            num_workers=num_workers, collate_fn=default_collate)
+        loader = DataLoader(
+            Subset(dataset, range(done, n)),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=default_collate,
+        )
         for batch in loader:
             z = encode_batch(autoencoder, batch["x"], device)
             b = len(z)
-            latents[done:done + b] = z.astype(latents.dtype)
+            latents[done : done + b] = z.astype(latents.dtype)
             latents.flush()
             if labels is not None:
-                labels[done:done + b] = np.asarray(batch["label"], dtype=np.int64)
+                labels[done : done + b] = np.asarray(batch["label"], dtype=np.int64)
                 labels.flush()
             if info["has_text"]:
                 with open(not_a_link(txt_path), "a") as f:
@@ -192,10 +234,23 @@ def encode_split(autoencoder, dataset: Dataset, out_dir: Path, split: str, manif
         txt_path.unlink()
 
 
-def encode_dataset(autoencoder, datamodule, out_dir: str | Path, *, identity: dict | None = None,
-                   dataset: dict | None = None, splits: Sequence[str] = ("train", "val"), batch_size: int = 256,
-                   dtype: str = "float16", target_std: float = 0.5, per_channel: bool = True, overwrite: bool = False,
-                   num_workers: int = 0, device: str | torch.device | None = None, progress: bool = True) -> dict:
+def encode_dataset(
+    autoencoder,
+    datamodule,
+    out_dir: str | Path,
+    *,
+    identity: dict | None = None,
+    dataset: dict | None = None,
+    splits: Sequence[str] = ("train", "val"),
+    batch_size: int = 256,
+    dtype: str = "float16",
+    target_std: float = 0.5,
+    per_channel: bool = True,
+    overwrite: bool = False,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict:
     """Write (or finish) the latent cache of ``datamodule``'s splits in ``out_dir``; returns the manifest.
 
     ``identity`` defaults to the autoencoder's (``load_autoencoder`` attaches one with a reload ``spec``);
@@ -219,12 +274,17 @@ def encode_dataset(autoencoder, datamodule, out_dir: str | Path, *, identity: di
         clear_cache(out_dir, old)
         old = None
     elif old is None and out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"{out_dir} exists, is not empty and holds no {MANIFEST}: choose a new or empty out_dir "
-                          f"for the latent cache")
+        raise ConfigError(
+            f"{out_dir} exists, is not empty and holds no {MANIFEST}: choose a new or empty out_dir "
+            f"for the latent cache"
+        )
     if old is not None:
         check_compatible(out_dir, old, identity, dataset, dtype)
-        if old["status"] == STATUS_COMPLETE and set(splits) <= set(old["splits"]) and \
-                same_normalisation(old, target_std, per_channel):
+        if (
+            old["status"] == STATUS_COMPLETE
+            and set(splits) <= set(old["splits"])
+            and same_normalisation(old, target_std, per_channel)
+        ):
             return old  # nothing to do
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -241,8 +301,10 @@ def encode_dataset(autoencoder, datamodule, out_dir: str | Path, *, identity: di
         n = len(ds)
         if s in manifest["splits"]:
             if manifest["splits"][s]["count"] != n:
-                raise ConfigError(f"latent cache {out_dir} split {s!r} has {manifest['splits'][s]['count']} samples, "
-                                  f"the dataset now has {n}: use a new out_dir or overwrite=true")
+                raise ConfigError(
+                    f"latent cache {out_dir} split {s!r} has {manifest['splits'][s]['count']} samples, "
+                    f"the dataset now has {n}: use a new out_dir or overwrite=true"
+                )
             continue
         item = ds[0]
         manifest["splits"][s] = {"count": n, "done": 0, "has_label": "label" in item, "has_text": "text" in item}
@@ -253,8 +315,18 @@ def encode_dataset(autoencoder, datamodule, out_dir: str | Path, *, identity: di
     with progress_bar(progress) as bar:
         for s in splits:
             split_dir(out_dir, s).mkdir(exist_ok=True)
-            encode_split(autoencoder, datasets[s], out_dir, s, manifest, batch_size=batch_size, dtype=dtype,
-                         num_workers=num_workers, device=device, progress=bar)
+            encode_split(
+                autoencoder,
+                datasets[s],
+                out_dir,
+                s,
+                manifest,
+                batch_size=batch_size,
+                dtype=dtype,
+                num_workers=num_workers,
+                device=device,
+                progress=bar,
+            )
 
     train = np.load(split_dir(out_dir, "train") / LATENTS, mmap_mode="r")
     mean, var, _ = channel_moments(train)

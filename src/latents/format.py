@@ -1,4 +1,5 @@
 """The latent cache's manifest: its format name and version, file names, and reading and checking it."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ def read_manifest(cache_dir: str | Path) -> dict | None:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise CorruptDataError(f"latent cache manifest {path} is unreadable ({e}); delete the directory or rerun "
-                               f"encode_latents.py with overwrite=true") from e
+        raise CorruptDataError(
+            f"latent cache manifest {path} is unreadable ({e}); delete the directory or rerun "
+            f"encode_latents.py with overwrite=true"
+        ) from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CorruptDataError(f"{path} is not a difflab latent cache manifest (format != {FORMAT!r})")
     return check_manifest_data(manifest, path)
@@ -29,6 +32,16 @@ def read_manifest(cache_dir: str | Path) -> dict | None:
 
 def new_manifest(identity: dict, dataset: dict, dtype: str, chunk_size: int) -> dict:
     """A fresh in-progress manifest; ``latent_shape``, ``pixel_shape``, splits and ``transform`` are filled later."""
-    return {"format": FORMAT, "version": VERSION, "status": STATUS_IN_PROGRESS, "created": now(),
-            "autoencoder": identity, "dataset": dataset, "latent_dtype": dtype, "chunk_size": int(chunk_size),
-            "splits": {}, "count": {}, "transform": None}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "status": STATUS_IN_PROGRESS,
+        "created": now(),
+        "autoencoder": identity,
+        "dataset": dataset,
+        "latent_dtype": dtype,
+        "chunk_size": int(chunk_size),
+        "splits": {},
+        "count": {},
+        "transform": None,
+    }

@@ -1,5 +1,6 @@
 """What a finished latent dataset offers whatever its layout (memory maps or shards): manifest accessors, the
 normalisation tensors, the autoencoder check and decoding."""
+
 from __future__ import annotations
 
 import json
@@ -59,9 +60,11 @@ class LatentSet:
             self._verified.add(module)
         else:
             spec = self.manifest["autoencoder"].get("spec")
-            raise ConfigError(f"autoencoder hash {got[:12]} differs from the one latent cache {self.dir} was encoded "
-                              f"with ({want[:12]}, spec {json.dumps(spec)}): decode with that autoencoder or "
-                              f"re-encode the cache with this one")
+            raise ConfigError(
+                f"autoencoder hash {got[:12]} differs from the one latent cache {self.dir} was encoded "
+                f"with ({want[:12]}, spec {json.dumps(spec)}): decode with that autoencoder or "
+                f"re-encode the cache with this one"
+            )
 
     def decode_latents(self, autoencoder: Any, z_normalised: torch.Tensor) -> torch.Tensor:
         """Undo the normalisation and decode to pixels in [-1, 1] (checks the autoencoder hash first)."""

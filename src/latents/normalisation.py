@@ -1,4 +1,5 @@
 """Latent normalisation: per-channel statistics streamed over a memory map, and the affine map to a target std."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,7 +16,7 @@ def channel_moments(latents: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray,
     c = latents.shape[1]
     n, mean, m2 = 0, np.zeros(c), np.zeros(c)
     for i in range(0, len(latents), chunk):
-        block = np.asarray(latents[i:i + chunk], dtype=np.float64)
+        block = np.asarray(latents[i : i + chunk], dtype=np.float64)
         block = np.moveaxis(block, 1, 0).reshape(c, -1)
         nb = block.shape[1]
         mb = block.mean(1)
@@ -23,7 +24,7 @@ def channel_moments(latents: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray,
         delta = mb - mean
         tot = n + nb
         mean = mean + delta * nb / tot
-        m2 = m2 + m2b + delta ** 2 * n * nb / tot
+        m2 = m2 + m2b + delta**2 * n * nb / tot
         n = tot
     if n == 0:
         raise ConfigError("cannot compute latent statistics over an empty train split")
@@ -42,12 +43,21 @@ def normalisation(mean: np.ndarray, var: np.ndarray, target_std: float, per_chan
         mean, var = np.full_like(mean, pooled_mean), np.full_like(var, pooled_var)
     std = np.sqrt(var)
     if np.any(std <= 0) or not np.all(np.isfinite(std)):
-        raise ConfigError(f"latent std per channel is {std.tolist()}: a channel is constant or not finite, cannot "
-                          f"normalise (is the autoencoder trained?)")
+        raise ConfigError(
+            f"latent std per channel is {std.tolist()}: a channel is constant or not finite, cannot "
+            f"normalise (is the autoencoder trained?)"
+        )
     scale = float(target_std) / std
     shift = -mean * scale
-    return {"type": "affine", "target_std": float(target_std), "per_channel": bool(per_channel),
-            "mean": mean.tolist(), "std": std.tolist(), "scale": scale.tolist(), "shift": shift.tolist()}
+    return {
+        "type": "affine",
+        "target_std": float(target_std),
+        "per_channel": bool(per_channel),
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "scale": scale.tolist(),
+        "shift": shift.tolist(),
+    }
 
 
 def _channel_view(v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

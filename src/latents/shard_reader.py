@@ -1,6 +1,7 @@
 """Reading a sharded latent dataset (written by ``difflab.latents.shards``): its manifest checked, split locations
 and the shard layout a saved reading position depends on; the data itself is read by
 ``difflab.datamodules.streaming_latents``."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,22 +21,36 @@ def check_shard_manifest(manifest: dict | None, location: str) -> dict:
     """The manifest of a finished shard directory, or a one-line error saying why it cannot be read."""
     rewrite = "rewrite it with encode_latents.py format=shards overwrite=true"
     if manifest is None:
-        raise DataNotFoundError(f"no sharded latent dataset at {location} ({MANIFEST} missing): write one with "
-                                f"python encode_latents.py autoencoder=... datamodule=... format=shards "
-                                f"out_dir={location}")
+        raise DataNotFoundError(
+            f"no sharded latent dataset at {location} ({MANIFEST} missing): write one with "
+            f"python encode_latents.py autoencoder=... datamodule=... format=shards "
+            f"out_dir={location}"
+        )
     if isinstance(manifest, dict) and manifest.get("format") == "difflab-clip-shards":  # prepare_clips.py
         raise ConfigError(f"{location} holds video clips, not latents: read it with datamodule=clips_stream")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CorruptDataError(f"{join(location, MANIFEST)} is not a difflab latent cache manifest "
-                               f"(format != {FORMAT!r})")
+        raise CorruptDataError(
+            f"{join(location, MANIFEST)} is not a difflab latent cache manifest (format != {FORMAT!r})"
+        )
     if manifest.get("version") != VERSION:
-        raise CorruptDataError(f"{location} is a latent cache of format version {manifest.get('version')}, this "
-                               f"difflab reads version {VERSION}: {rewrite}")
+        raise CorruptDataError(
+            f"{location} is a latent cache of format version {manifest.get('version')}, this "
+            f"difflab reads version {VERSION}: {rewrite}"
+        )
     if manifest.get("layout") != LAYOUT:
-        raise ConfigError(f"{location} is a memory-mapped latent cache, not shards: use datamodule=latents, or "
-                          f"write shards with encode_latents.py format=shards")
-    check_shards_complete(manifest, location, SHARD_FORMAT, SHARD_VERSION, rewrite, what="sharded latent dataset",
-                          rerun=f"encode_latents.py with format=shards out_dir={location}")
+        raise ConfigError(
+            f"{location} is a memory-mapped latent cache, not shards: use datamodule=latents, or "
+            f"write shards with encode_latents.py format=shards"
+        )
+    check_shards_complete(
+        manifest,
+        location,
+        SHARD_FORMAT,
+        SHARD_VERSION,
+        rewrite,
+        what="sharded latent dataset",
+        rerun=f"encode_latents.py with format=shards out_dir={location}",
+    )
     return check_manifest_data(manifest, join(location, MANIFEST))
 
 
@@ -66,9 +81,12 @@ class LatentShards(LatentSet):
     def layout_identity(self, split: str) -> dict:
         """What a saved reading position depends on: the split's size and shard layout."""
         info = shard_info(self.manifest)
-        return {"split": split, "count": self.count(split), "samples_per_shard": info["samples_per_shard"],
-                "order_seed": info.get("order_seed")}
-
+        return {
+            "split": split,
+            "count": self.count(split),
+            "samples_per_shard": info["samples_per_shard"],
+            "order_seed": info.get("order_seed"),
+        }
 
 
 def open_shards(location: str | Path, storage_options: dict | None = None) -> LatentShards:

@@ -23,6 +23,7 @@ version, or whose shard index disagrees with its manifest, in one line.
 
 litdata is an optional extra: ``pip install 'difflab[stream]'``.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,13 +37,25 @@ from torch.utils.data._utils.collate import default_collate
 
 from difflab.autoencoders.loading import known_identity, to_plain
 from difflab.latents.cache import LatentCache
-from difflab.latents.encode import (DTYPES, check_compatible, describe_datamodule, encode_batch, ready_to_encode,
-                                    same_normalisation)
+from difflab.latents.encode import (
+    DTYPES,
+    check_compatible,
+    describe_datamodule,
+    encode_batch,
+    ready_to_encode,
+    same_normalisation,
+)
 from difflab.latents.format import VERSION, new_manifest, read_manifest
 from difflab.latents.normalisation import channel_moments, normalisation
 from difflab.latents.shard_reader import SHARD_FORMAT, SHARD_VERSION
-from difflab.storage.litdata_shards import (LAYOUT, auto_samples_per_shard, shard_info, shard_manifest, write_order,
-                                            write_split)
+from difflab.storage.litdata_shards import (
+    LAYOUT,
+    auto_samples_per_shard,
+    shard_info,
+    shard_manifest,
+    write_order,
+    write_split,
+)
 from difflab.storage.location import require_litdata
 from difflab.storage.manifest import MANIFEST, STATUS_COMPLETE, STATUS_IN_PROGRESS, clear_cache, now, write_manifest
 from difflab.storage.progress import progress_bar
@@ -67,7 +80,7 @@ def combine_moments(parts: Iterable[dict]) -> tuple[np.ndarray, np.ndarray, int]
         tot = n + nb
         delta = mb - mean
         mean = mean + delta * nb / tot
-        m2 = m2 + m2b + delta ** 2 * n * nb / tot
+        m2 = m2 + m2b + delta**2 * n * nb / tot
         n = tot
     if not n:
         raise ConfigError("cannot compute latent statistics over an empty train split")
@@ -81,11 +94,13 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> dict | None:
         clear_cache(out_dir, old)
         return None
     if old is None and out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"{out_dir} exists, is not empty and holds no {MANIFEST}: choose a new or empty out_dir "
-                          f"for the shards")
+        raise ConfigError(
+            f"{out_dir} exists, is not empty and holds no {MANIFEST}: choose a new or empty out_dir for the shards"
+        )
     if old is not None and old.get("layout") != LAYOUT:
-        raise ConfigError(f"{out_dir} holds a memory-mapped latent cache: write the shards to another out_dir (or "
-                          f"overwrite=true)")
+        raise ConfigError(
+            f"{out_dir} holds a memory-mapped latent cache: write the shards to another out_dir (or overwrite=true)"
+        )
     return old
 
 
@@ -95,11 +110,14 @@ def _check_layout(out_dir: Path, old: dict, samples_per_shard: int | None, order
     if info.get("version") != SHARD_VERSION or old.get("version") != VERSION:
         raise ConfigError(f"{out_dir} holds shards of another format version: {hint}")
     if samples_per_shard is not None and int(samples_per_shard) != info["samples_per_shard"]:
-        raise ConfigError(f"{out_dir} was written with {info['samples_per_shard']} samples per shard, this run asks "
-                          f"for {samples_per_shard}: {hint}")
+        raise ConfigError(
+            f"{out_dir} was written with {info['samples_per_shard']} samples per shard, this run asks "
+            f"for {samples_per_shard}: {hint}"
+        )
     if order_seed != info.get("order_seed"):
-        raise ConfigError(f"{out_dir} was written with shard_seed={info.get('order_seed')}, this run uses "
-                          f"{order_seed}: {hint}")
+        raise ConfigError(
+            f"{out_dir} was written with shard_seed={info.get('order_seed')}, this run uses {order_seed}: {hint}"
+        )
 
 
 def _finish(out_dir: Path, manifest: dict, target_std: float, per_channel: bool) -> dict:
@@ -111,8 +129,15 @@ def _finish(out_dir: Path, manifest: dict, target_std: float, per_channel: bool)
     return manifest
 
 
-def cache_to_shards(cache_dir: str | Path, out_dir: str | Path, *, samples_per_shard: int | None = None,
-                    order_seed: int | None = 0, overwrite: bool = False, progress: bool = False) -> dict:
+def cache_to_shards(
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    samples_per_shard: int | None = None,
+    order_seed: int | None = 0,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict:
     """Write the content of a finished memory-mapped cache as shards (same manifest, same normalisation); returns
     the shard manifest. Resumable like ``encode_dataset_shards``."""
     cache = LatentCache(cache_dir)
@@ -125,8 +150,13 @@ def cache_to_shards(cache_dir: str | Path, out_dir: str | Path, *, samples_per_s
         manifest = old
     else:
         s = samples_per_shard or auto_samples_per_shard(cache.latent_shape, cache.manifest["latent_dtype"])
-        manifest = shard_manifest(cache.manifest, samples_per_shard=s, order_seed=order_seed,
-                                  shard_format=SHARD_FORMAT, shard_version=SHARD_VERSION)
+        manifest = shard_manifest(
+            cache.manifest,
+            samples_per_shard=s,
+            order_seed=order_seed,
+            shard_format=SHARD_FORMAT,
+            shard_version=SHARD_VERSION,
+        )
         manifest.update(status=STATUS_IN_PROGRESS, created=now(), source_cache=str(cache.dir))
         for info in manifest["splits"].values():
             info.update(done=0, shards=[])
@@ -141,27 +171,44 @@ def cache_to_shards(cache_dir: str | Path, out_dir: str | Path, *, samples_per_s
 
             def blocks(start: int, lat=lat, labels=labels, texts=texts, order=order):
                 for i in range(start, len(order), s):
-                    idx = order[i:i + s]
+                    idx = order[i : i + s]
                     rows = np.sort(idx)  # read the rows in file order, then put them in write order
                     pos = np.searchsorted(rows, idx)
                     z = np.asarray(lat[rows])[pos]
-                    yield (z, None if labels is None else np.asarray(labels[rows])[pos],
-                           None if texts is None else [texts[j] for j in idx.tolist()])
+                    yield (
+                        z,
+                        None if labels is None else np.asarray(labels[rows])[pos],
+                        None if texts is None else [texts[j] for j in idx.tolist()],
+                    )
 
-            write_split(out_dir, manifest, split, blocks, dtype=manifest["latent_dtype"], progress=bar,
-                        stats=moments_of)
+            write_split(
+                out_dir, manifest, split, blocks, dtype=manifest["latent_dtype"], progress=bar, stats=moments_of
+            )
     manifest["status"] = STATUS_COMPLETE
     manifest["completed"] = now()
     write_manifest(out_dir, manifest)  # the cache's own normalisation, unchanged
     return manifest
 
 
-def encode_dataset_shards(autoencoder, datamodule, out_dir: str | Path, *, identity: dict | None = None,
-                          dataset: dict | None = None, splits: Sequence[str] = ("train", "val"), batch_size: int = 256,
-                          dtype: str = "float16", target_std: float = 0.5, per_channel: bool = True,
-                          overwrite: bool = False, num_workers: int = 0, device: str | torch.device | None = None,
-                          progress: bool = True, samples_per_shard: int | None = None,
-                          order_seed: int | None = 0) -> dict:
+def encode_dataset_shards(
+    autoencoder,
+    datamodule,
+    out_dir: str | Path,
+    *,
+    identity: dict | None = None,
+    dataset: dict | None = None,
+    splits: Sequence[str] = ("train", "val"),
+    batch_size: int = 256,
+    dtype: str = "float16",
+    target_std: float = 0.5,
+    per_channel: bool = True,
+    overwrite: bool = False,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    samples_per_shard: int | None = None,
+    order_seed: int | None = 0,
+) -> dict:
     """``encode_dataset`` writing shards instead of memory maps (see the module docstring); returns the manifest.
 
     Same arguments and rules as ``difflab.latents.encode.encode_dataset`` (identity, dataset description, resume,
@@ -202,18 +249,26 @@ def encode_dataset_shards(autoencoder, datamodule, out_dir: str | Path, *, ident
         for key in ("num_classes", "class_names", "prompts"):
             manifest[key] = to_plain(getattr(datamodule, key, None))
         s = samples_per_shard or auto_samples_per_shard(manifest["latent_shape"], dtype)
-        manifest = shard_manifest(manifest, samples_per_shard=s, order_seed=order_seed,
-                                  shard_format=SHARD_FORMAT, shard_version=SHARD_VERSION)
+        manifest = shard_manifest(
+            manifest, samples_per_shard=s, order_seed=order_seed, shard_format=SHARD_FORMAT, shard_version=SHARD_VERSION
+        )
     for s_name, ds in datasets.items():
         n = len(ds)
         if s_name in manifest["splits"]:
             if manifest["splits"][s_name]["count"] != n:
-                raise ConfigError(f"shards {out_dir} split {s_name!r} have {manifest['splits'][s_name]['count']} "
-                                  f"samples, the dataset now has {n}: use a new out_dir or overwrite=true")
+                raise ConfigError(
+                    f"shards {out_dir} split {s_name!r} have {manifest['splits'][s_name]['count']} "
+                    f"samples, the dataset now has {n}: use a new out_dir or overwrite=true"
+                )
             continue
         item = ds[0]
-        manifest["splits"][s_name] = {"count": n, "done": 0, "has_label": "label" in item, "has_text": "text" in item,
-                                      "shards": []}
+        manifest["splits"][s_name] = {
+            "count": n,
+            "done": 0,
+            "has_label": "label" in item,
+            "has_text": "text" in item,
+            "shards": [],
+        }
         manifest["count"][s_name] = n
     manifest["status"] = STATUS_IN_PROGRESS
     write_manifest(out_dir, manifest)
@@ -224,8 +279,13 @@ def encode_dataset_shards(autoencoder, datamodule, out_dir: str | Path, *, ident
             order = write_order(info["count"], shard_info(manifest).get("order_seed"))
 
             def blocks(start: int, ds=ds, order=order):
-                loader = DataLoader(Subset(ds, order[start:].tolist()), batch_size=batch_size, shuffle=False,
-                                    num_workers=num_workers, collate_fn=default_collate)
+                loader = DataLoader(
+                    Subset(ds, order[start:].tolist()),
+                    batch_size=batch_size,
+                    shuffle=False,
+                    num_workers=num_workers,
+                    collate_fn=default_collate,
+                )
                 for batch in loader:
                     z = encode_batch(autoencoder, batch["x"], device)
                     yield z, batch.get("label"), batch.get("text")

@@ -5,6 +5,7 @@ meaning, typically 1e-6):  recon + lpips_weight * LPIPS + kl_weight * KL_per_sam
 Checkpoints store ``checkpoint["difflab"] = {"kind": "autoencoder", "config": {_target_, ctor args}}`` so
 ``difflab.autoencoders.loading.load_autoencoder(path)`` rebuilds the model from the file alone (weights_only load).
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,16 +31,27 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class AutoencoderModule(L.LightningModule):
     """Train a KL autoencoder on dict batches ``{"x": B x C x H x W in [-1, 1], ...}``."""
 
-    def __init__(self, autoencoder: Any, lr: float = 1e-4, betas: Sequence[float] = (0.5, 0.9),
-                 weight_decay: float = 0.0, kl_weight: float = 1e-6, recon_loss: str = "l1",
-                 lpips_weight: float = 0.0, lpips_net: str = "alex", lpips_backbone_weights: str | None = None):
+    def __init__(
+        self,
+        autoencoder: Any,
+        lr: float = 1e-4,
+        betas: Sequence[float] = (0.5, 0.9),
+        weight_decay: float = 0.0,
+        kl_weight: float = 1e-6,
+        recon_loss: str = "l1",
+        lpips_weight: float = 0.0,
+        lpips_net: str = "alex",
+        lpips_backbone_weights: str | None = None,
+    ):
         super().__init__()
         if recon_loss not in ("l1", "l2"):
             raise ConfigError(f"recon_loss must be 'l1' or 'l2'; got {recon_loss!r}")
         self.autoencoder = autoencoder if isinstance(autoencoder, nn.Module) else build_autoencoder(autoencoder)
         if not hasattr(self.autoencoder, "config"):
-            raise ConfigError(f"{class_path(self.autoencoder)} has no .config dict of constructor args; checkpoints "
-                              f"could not rebuild it")
+            raise ConfigError(
+                f"{class_path(self.autoencoder)} has no .config dict of constructor args; checkpoints "
+                f"could not rebuild it"
+            )
         betas = tuple(float(b) for b in betas)  # plain values: checkpoints must load with weights_only=True
         lpips_backbone_weights = str(lpips_backbone_weights) if lpips_backbone_weights else None
         self.save_hyperparameters(ignore=["autoencoder"])
@@ -81,8 +93,9 @@ class AutoencoderModule(L.LightningModule):
         losses = self.losses(x, out)
         self.log("val/loss", losses["loss"], sync_dist=True, batch_size=len(x))
         self.log("val/recon", losses["recon"], sync_dist=True, batch_size=len(x))
-        self.log("val/psnr", psnr(out["recon"].clamp(-1, 1), x).mean(), sync_dist=True, prog_bar=True,
-                 batch_size=len(x))
+        self.log(
+            "val/psnr", psnr(out["recon"].clamp(-1, 1), x).mean(), sync_dist=True, prog_bar=True, batch_size=len(x)
+        )
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -5,6 +5,7 @@ The module owns what only training needs: the network's weights, the optimizer a
 guidance are the ``Diffusion`` object's; its forward is the denoiser's, so ``module.diffusion.sample(module, n)``
 samples with the module's (EMA-swapped) weights.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,9 +17,9 @@ import torch
 from torch import nn
 
 from difflab.diffusion.system import Diffusion
+from difflab.ops.fsdp import configure_sharding
 from difflab.optim.lr_schedules import WarmupCosine
 from difflab.utils.errors import ConfigError
-from difflab.ops.fsdp import configure_sharding
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +29,20 @@ class DiffusionModule(L.LightningModule):
     ``diffusion``'s process, objective and conditioning, with ``optimizer`` (a partial taking the parameters and
     ``lr``, the rate tuned for this network) and ``lr_schedule`` (``difflab.optim.lr_schedules``)."""
 
-    def __init__(self, net: Callable[..., nn.Module] | nn.Module, diffusion: Diffusion,
-                 optimizer: Callable[..., torch.optim.Optimizer] | None = None, lr_schedule: Callable | None = None,
-                 lr: float = 2e-4, loss_buckets: int = 10, compile: bool = False, channels_last: bool = False):
+    def __init__(
+        self,
+        net: Callable[..., nn.Module] | nn.Module,
+        diffusion: Diffusion,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_schedule: Callable | None = None,
+        lr: float = 2e-4,
+        loss_buckets: int = 10,
+        compile: bool = False,
+        channels_last: bool = False,
+    ):
         super().__init__()
         self.diffusion = diffusion
-        self.conditioner = diffusion.conditioner   # registered here so its trainable part is saved and optimised
+        self.conditioner = diffusion.conditioner  # registered here so its trainable part is saved and optimised
         c = self.conditioner
         self.denoiser = net if isinstance(net, nn.Module) else net(cond_dim=c.vector_dim, context_dim=c.context_dim)
         self.optimizer_factory = optimizer or torch.optim.AdamW
@@ -94,8 +103,11 @@ class DiffusionModule(L.LightningModule):
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["difflab"] = {"config": copy.deepcopy(self.run_config), "kind": "diffusion",
-                                 "sample_shape": list(self.diffusion.sample_shape)}
+        checkpoint["difflab"] = {
+            "config": copy.deepcopy(self.run_config),
+            "kind": "diffusion",
+            "sample_shape": list(self.diffusion.sample_shape),
+        }
 
     def configure_model(self) -> None:
         """trainer=fsdp: shard the denoiser with FSDP2 and the conditioner's trainable part; frozen encoders and
@@ -105,7 +117,7 @@ class DiffusionModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.diffusion.to(self.device)
-        if self.diffusion.guidance.uses_guide:   # refuse a mismatched guide now, not at the first grid
+        if self.diffusion.guidance.uses_guide:  # refuse a mismatched guide now, not at the first grid
             try:
                 self.diffusion.guidance.guide_model(self.diffusion)
             except ValueError as err:
@@ -118,11 +130,12 @@ def check_conditioning_is_consumed(denoiser: nn.Module, conditioner: Any) -> int
     c = conditioner
     n_xattn = denoiser.count_cross_attention() if hasattr(denoiser, "count_cross_attention") else None
     if c.context_dim and n_xattn == 0:
-        raise ConfigError(f"conditioner {type(c).__name__} produces context tokens (width {c.context_dim}) but the "
-                          f"denoiser has no cross-attention: set model.net.cross_attention_levels")
+        raise ConfigError(
+            f"conditioner {type(c).__name__} produces context tokens (width {c.context_dim}) but the "
+            f"denoiser has no cross-attention: set model.net.cross_attention_levels"
+        )
     if c.vector_dim and getattr(getattr(denoiser, "embed", None), "cond_proj", True) is None:
         raise ConfigError(f"conditioner {type(c).__name__} produces a vector but the denoiser ignores it")
     ctx = f"B x {getattr(c, 'max_length', 'L')} x {c.context_dim}" if c.context_dim else "none"
-    log.info("conditioning: %s; context shape: %s; active cross-attention modules: %d", c.describe(), ctx,
-             n_xattn or 0)
+    log.info("conditioning: %s; context shape: %s; active cross-attention modules: %d", c.describe(), ctx, n_xattn or 0)
     return n_xattn or 0

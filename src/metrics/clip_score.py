@@ -3,6 +3,7 @@
 The CLIP model and processor load with transformers from a local directory or a hub name (hub names need the
 files in the local HF cache when offline). If they cannot be loaded the metric is skipped with one warning.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,7 +54,11 @@ class ClipScorer:
             raise ValueError(f"CLIP score expects B x 1|3 x H x W images, got {tuple(images.shape)}")
         pixels = to_uint8(images).expand(-1, 3, -1, -1).cpu()
         inputs = self.processor(
-            text=list(texts), images=list(pixels), return_tensors="pt", padding=True, truncation=True,
+            text=list(texts),
+            images=list(pixels),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
             max_length=self.max_length,
         )
         if self.model.device != images.device:

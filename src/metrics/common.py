@@ -1,5 +1,6 @@
 """Small helpers shared by the metric modules: one-time warnings and pixel conversion (``to_uint8``, re-exported from
 ``difflab.utils.images`` so that metric inputs are quantised exactly like saved images)."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """The repo's digit classifier as a feature network for Frechet / KID metrics on digits (128-d features)."""
+
 from __future__ import annotations
 
 import os

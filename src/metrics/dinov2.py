@@ -46,6 +46,7 @@ Not reproduced: Pillow >= 13 runs the vertical pass first when the height shrink
 (Pillow PR #9549), so for such non-square inputs PIL 13 and this module differ slightly; square images, the usual
 case, are unaffected. dgm-eval's optional ``--clean_resize`` (float, per-channel PIL resize) is not offered.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,13 +73,19 @@ RESIZE_DESCRIPTION = (
 )
 # (hidden_size, num_hidden_layers) -> the arch letter of the official DINOv2 backbones (ViT-S/B/L/g).
 _ARCH_LETTERS = {(384, 12): "s", (768, 12): "b", (1024, 24): "l", (1536, 40): "g"}
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def _how_to_get(path: Path) -> str:
-    return (f"on a machine with internet run `hf download {DINOV2_REPO_ID} --local-dir {path}` (older huggingface_hub: "
-            f"`huggingface-cli download ...`) and copy that folder here")
+    return (
+        f"on a machine with internet run `hf download {DINOV2_REPO_ID} --local-dir {path}` (older huggingface_hub: "
+        f"`huggingface-cli download ...`) and copy that folder here"
+    )
 
 
 def _one_line(err: BaseException) -> str:

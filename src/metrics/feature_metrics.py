@@ -9,6 +9,7 @@ Real statistics can be cached per dataset / split / resolution / feature network
 ``torch.load(weights_only=True)``) holding the mean, covariance, count (and features for KID) plus a key; a cache
 whose key does not match the run's key is refused with ``StaleCacheError``.
 """
+
 from __future__ import annotations
 
 import os
@@ -126,9 +127,7 @@ class FrechetMetric(Metric):
     def update_features(self, features: Tensor, real: bool) -> None:
         """Accumulate precomputed ``B x D`` features (e.g. extracted elsewhere) for the real or fake side."""
         if features.dim() != 2 or features.shape[1] != self.num_features:
-            raise ValueError(
-                f"FrechetMetric expects B x {self.num_features} features, got {tuple(features.shape)}"
-            )
+            raise ValueError(f"FrechetMetric expects B x {self.num_features} features, got {tuple(features.shape)}")
         if real and self._cached_real is not None:
             raise RuntimeError(
                 f"real statistics were loaded from {self._cache_source}; do not also update with real data "
@@ -172,8 +171,12 @@ class FrechetMetric(Metric):
         if self.kid_enabled:
             gen = torch.Generator().manual_seed(self.kid_seed)
             kid_mean, kid_std = kernel_inception_distance(
-                real["features"], dim_zero_cat(self.fake_features), self.kid_subsets, self.kid_subset_size,
-                self.kid_degree, generator=gen,
+                real["features"],
+                dim_zero_cat(self.fake_features),
+                self.kid_subsets,
+                self.kid_subset_size,
+                self.kid_degree,
+                generator=gen,
             )
             out["kid_mean"], out["kid_std"] = kid_mean, kid_std
         return out
@@ -204,9 +207,7 @@ class FrechetMetric(Metric):
         full.update(feature=self.feature_name, num_features=self.num_features)
         for k, v in full.items():
             if not isinstance(k, str) or not isinstance(v, _KEY_TYPES):
-                raise ValueError(
-                    f"real-stats cache key entry {k!r}={v!r} must map a str to str/int/float/bool/None"
-                )
+                raise ValueError(f"real-stats cache key entry {k!r}={v!r} must map a str to str/int/float/bool/None")
         return full
 
     def save_real_stats(self, path: str | os.PathLike, key: Mapping[str, Any]) -> None:

@@ -3,6 +3,7 @@
 The one place for this math. FID (Inception features), FD in classifier features (digits) and FVD (I3D features)
 all call these functions; they only differ in the feature network. Everything is computed in float64.
 """
+
 from __future__ import annotations
 
 import torch

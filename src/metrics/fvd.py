@@ -8,6 +8,7 @@ returns the 400-d pre-softmax features. This is the call in StyleGAN-V's ``src/m
 common_metrics_on_video_quality) instead resize / rescale themselves and pass ``rescale=False, resize=False``.
 The FVD number depends on the sample count and frame count: name it with ``fvd_metric_name``.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ original FID uses, with TF1-compatible bilinear resizing to 299). Its weights fi
 ``weights-inception-2015-12-05-6726825d.pth`` from torch-fidelity's releases; pytorch-fid's
 ``pt_inception-2015-12-05-6726825d.pth`` has the same parameter names and the same hash prefix, so either file works.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ which torchvision would download. Here the backbone comes from ``backbone_weight
 file, e.g. ``alexnet-owt-7be5be79.pth``) or from torch hub's cache; missing -> None with one warning.
 ``pnet_rand=True`` builds a random backbone without any file (tests only: the numbers mean nothing).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -110,8 +111,10 @@ def prepare_lpips_frames(x: Tensor) -> Tensor:
     if x.dim() == 5:
         x = x.transpose(1, 2).flatten(0, 1)
     if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"LPIPS compares pixel frames (B x 1|3 x H x W images or B x 1|3 x T x H x W videos), "
-                         f"got shape {shape}: latents or other channel counts cannot be compared")
+        raise ValueError(
+            f"LPIPS compares pixel frames (B x 1|3 x H x W images or B x 1|3 x T x H x W videos), "
+            f"got shape {shape}: latents or other channel counts cannot be compared"
+        )
     if not x.is_floating_point():
         raise TypeError(f"LPIPS frames must be float pixels in [-1, 1], got dtype {x.dtype}")
     x = x.float()
@@ -136,9 +139,9 @@ def lpips_distance(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 64)
     n = x.shape[0]
     fx, fy = prepare_lpips_frames(x), prepare_lpips_frames(y)
     model.to(x.device)
-    out = torch.cat([
-        model(fx[i:i + batch_size], fy[i:i + batch_size]).flatten() for i in range(0, fx.shape[0], batch_size)
-    ])
+    out = torch.cat(
+        [model(fx[i : i + batch_size], fy[i : i + batch_size]).flatten() for i in range(0, fx.shape[0], batch_size)]
+    )
     return out.view(n, -1).mean(dim=1)
 
 

@@ -7,6 +7,7 @@ match the paper" reports come down to one of these. Every run that computes samp
 count (the floor: what a perfect generator would score with that many samples). ``ablate.py`` prints it and warns
 when the arms of a sweep were not measured alike. The protocol per dataset is in ``docs/METRICS.md``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,11 @@ def describe_feature(feature: Any) -> dict[str, Any]:
 
     Feature modules state ``weights_path`` and ``resize``; a custom module without them is recorded as unknown."""
     path = getattr(feature, "weights_path", None)
-    return {"weights": None if path is None else str(path), "weights_sha256": weights_digest(path),
-            "resize": getattr(feature, "resize", "unknown (the feature module does not say)")}
+    return {
+        "weights": None if path is None else str(path),
+        "weights_sha256": weights_digest(path),
+        "resize": getattr(feature, "resize", "unknown (the feature module does not say)"),
+    }
 
 
 def write_protocol(run_dir: str | os.PathLike, entries: dict[str, dict[str, Any]]) -> Path:
@@ -78,9 +82,13 @@ def protocol_line(name: str, entry: dict[str, Any]) -> str:
     """One human-readable line: how ``name`` was measured."""
     ref = entry.get("reference") or {}
     floor = entry.get("floor")
-    parts = [f"{name}: {entry.get('n_samples')} samples", f"features {entry.get('feature')}",
-             f"weights sha256 {entry.get('weights_sha256') or 'n/a'}", f"resize: {entry.get('resize')}",
-             f"reference {ref.get('dataset')} {ref.get('split')} n={ref.get('n')}",
-             "real-vs-real floor " + ("n/a" if floor is None else f"{float(floor):.4g}"),
-             f"eval seed {entry.get('eval_seed')}"]
+    parts = [
+        f"{name}: {entry.get('n_samples')} samples",
+        f"features {entry.get('feature')}",
+        f"weights sha256 {entry.get('weights_sha256') or 'n/a'}",
+        f"resize: {entry.get('resize')}",
+        f"reference {ref.get('dataset')} {ref.get('split')} n={ref.get('n')}",
+        "real-vs-real floor " + ("n/a" if floor is None else f"{float(floor):.4g}"),
+        f"eval seed {entry.get('eval_seed')}",
+    ]
     return "; ".join(parts)

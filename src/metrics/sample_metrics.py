@@ -17,6 +17,7 @@ drawn within each rank's samples. Real statistics are computed once from ``n_rea
 ``real_split`` and cached in ``stats_dir`` (per dataset config / split / resolution / feature network / N).
 Missing weights: that metric is skipped with one warning naming the file to provide; training continues.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,13 +34,13 @@ from torch import nn
 
 from difflab.metrics.clip_score import ClipScoreMetric, load_clip_scorer
 from difflab.metrics.common import warn_once
+from difflab.metrics.digit_features import DigitFeatures
 from difflab.metrics.dinov2 import build_dinov2_metric
 from difflab.metrics.feature_metrics import FrechetMetric
 from difflab.metrics.fvd import build_fvd_metric, fvd_metric_name
 from difflab.metrics.inception import build_fid_metric
 from difflab.metrics.lpips_metric import build_lpips, lpips_distance
 from difflab.metrics.protocol import describe_feature
-from difflab.metrics.digit_features import DigitFeatures
 from difflab.ops.atomic import atomic_write
 from difflab.ops.distributed import all_sum, barrier, broadcast_flag, dist_info
 from difflab.utils.conditions import condition_key
@@ -114,14 +115,29 @@ class SampleMetrics:
     """Generates ``n_samples`` with a module and computes every metric that its data and the available weights
     allow. ``prepare`` (real statistics, once) and ``evaluate`` must be called on every DDP rank."""
 
-    def __init__(self, n_samples: int = 100, batch_size: int = 128, feature: Any = "auto",
-                 inception_weights: str | None = None, i3d_weights: str | None = None,
-                 dinov2_weights: str | None = None,
-                 digit_classifier_weights: str | None = None, kid_subsets: int = 10, kid_subset_size: int = 50,
-                 n_real: int = 1024, real_split: str = "train", stats_dir: str | None = None,
-                 lpips_net: str | None = "alex", lpips_backbone: str | None = None, lpips_pairs: int = 32,
-                 clip_model: str | None = None, sampler=None, guidance_scale: float | None = None, seed: int = 0,
-                 guidance: dict | None = None):
+    def __init__(
+        self,
+        n_samples: int = 100,
+        batch_size: int = 128,
+        feature: Any = "auto",
+        inception_weights: str | None = None,
+        i3d_weights: str | None = None,
+        dinov2_weights: str | None = None,
+        digit_classifier_weights: str | None = None,
+        kid_subsets: int = 10,
+        kid_subset_size: int = 50,
+        n_real: int = 1024,
+        real_split: str = "train",
+        stats_dir: str | None = None,
+        lpips_net: str | None = "alex",
+        lpips_backbone: str | None = None,
+        lpips_pairs: int = 32,
+        clip_model: str | None = None,
+        sampler=None,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        guidance: dict | None = None,
+    ):
         if n_samples < 2:
             raise ValueError(f"sample_metrics.n_samples must be >= 2; got {n_samples}")
         if real_split not in ("train", "val"):
@@ -136,13 +152,13 @@ class SampleMetrics:
         self.lpips_net, self.lpips_backbone, self.lpips_pairs = lpips_net, lpips_backbone, int(lpips_pairs)
         self.clip_model = clip_model
         self.sampler, self.guidance_scale, self.seed = sampler, guidance_scale, int(seed)
-        self.guidance = dict(guidance) if guidance else None   # overrides of the guidance group (method and its keys)
+        self.guidance = dict(guidance) if guidance else None  # overrides of the guidance group (method and its keys)
         self.metric = None
         self.kind = None
         self.names: tuple[str, str] | None = None
         self.real_source: str | None = None
-        self.floor: dict[str, float] = {}        # real-vs-real values at n_samples (FD, and KID when on)
-        self.protocol: dict[str, dict[str, Any]] = {}   # metric name -> how it is measured (metrics/protocol.py)
+        self.floor: dict[str, float] = {}  # real-vs-real values at n_samples (FD, and KID when on)
+        self.protocol: dict[str, dict[str, Any]] = {}  # metric name -> how it is measured (metrics/protocol.py)
         self._prepared = False
         self._lpips = None
         self._clip = None
@@ -157,8 +173,9 @@ class SampleMetrics:
         elif self.kind == "digit_classifier":
             if len(shape) != 3:
                 raise ValueError(f"sample_metrics.feature=digit_classifier needs images, got sample shape {shape}")
-            self.metric = FrechetMetric(DigitFeatures(self.digit_classifier_weights),
-                                        feature_name="digit-classifier-128", **kw)
+            self.metric = FrechetMetric(
+                DigitFeatures(self.digit_classifier_weights), feature_name="digit-classifier-128", **kw
+            )
         elif self.kind == "inception":
             self.metric = build_fid_metric(self.inception_weights, **kw)
         elif self.kind == "dinov2":
@@ -186,15 +203,27 @@ class SampleMetrics:
         count = self.n_real if count is None else count
         loader = datamodule.train_dataloader() if self.real_split == "train" else datamodule.val_dataloader()
         dataset = getattr(loader, "dataset", None)
-        if dataset is not None and hasattr(dataset, "__len__") and not isinstance(
-                dataset, torch.utils.data.IterableDataset):
+        if (
+            dataset is not None
+            and hasattr(dataset, "__len__")
+            and not isinstance(dataset, torch.utils.data.IterableDataset)
+        ):
             size = len(dataset)
             start = min(start, max(0, size - count))
-            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))[start:start + count]
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))[start : start + count]
             mine = order[rank::world].tolist()
-            overlap = start < min(self.n_real, size)   # only meaningful for the floor's items
-            return len(order), DataLoader(Subset(dataset, mine), batch_size=self.batch_size, shuffle=False,
-                                          collate_fn=loader.collate_fn, num_workers=0), overlap
+            overlap = start < min(self.n_real, size)  # only meaningful for the floor's items
+            return (
+                len(order),
+                DataLoader(
+                    Subset(dataset, mine),
+                    batch_size=self.batch_size,
+                    shuffle=False,
+                    collate_fn=loader.collate_fn,
+                    num_workers=0,
+                ),
+                overlap,
+            )
 
         def strided():  # iterable datasets: items start .. start + count in loader order, dealt out to ranks
             i = 0
@@ -206,6 +235,7 @@ class SampleMetrics:
                 i += b
                 if i >= start + count:
                     return
+
         return count, strided(), False
 
     def prepare(self, module, datamodule, run_dir: str | os.PathLike) -> None:
@@ -242,8 +272,11 @@ class SampleMetrics:
                 self.metric.save_real_stats(path, cache_key)
                 self.real_source = f"computed and cached in {path}"
             except OSError as err:
-                warn_once(f"stats-cache:{path}", f"could not write the real-statistics cache {path} ({err}); "
-                                                 "they are recomputed in every run: set sample_metrics.stats_dir")
+                warn_once(
+                    f"stats-cache:{path}",
+                    f"could not write the real-statistics cache {path} ({err}); "
+                    "they are recomputed in every run: set sample_metrics.stats_dir",
+                )
                 self.real_source = "computed (not cached)"
             barrier()
         log.info("sample metrics: real statistics %s", self.real_source)
@@ -284,39 +317,62 @@ class SampleMetrics:
     def _describe(self, module, reference: dict[str, Any], floor_overlaps: bool) -> None:
         """Fill ``self.protocol``: how each Frechet / KID metric of this run is measured (metrics/protocol.py)."""
         fd_name, kd_name = self.names
-        common = {**self.generation(module), "feature": self.metric.feature_name,
-                  **describe_feature(self.metric._feature.module), "reference": reference,
-                  "floor_real_items_overlap_reference": floor_overlaps}
-        self.protocol = {f"metrics/{fd_name}": {**common, "floor": self.floor.get("frechet"),
-                                                 "floor_metric": f"metrics/{fd_name}_floor"}}
+        common = {
+            **self.generation(module),
+            "feature": self.metric.feature_name,
+            **describe_feature(self.metric._feature.module),
+            "reference": reference,
+            "floor_real_items_overlap_reference": floor_overlaps,
+        }
+        self.protocol = {
+            f"metrics/{fd_name}": {
+                **common,
+                "floor": self.floor.get("frechet"),
+                "floor_metric": f"metrics/{fd_name}_floor",
+            }
+        }
         if "kid" in self.floor:
-            self.protocol[f"metrics/{kd_name}"] = {**common, "floor": self.floor["kid"],
-                                                    "floor_metric": f"metrics/{kd_name}_floor"}
+            self.protocol[f"metrics/{kd_name}"] = {
+                **common,
+                "floor": self.floor["kid"],
+                "floor_metric": f"metrics/{kd_name}_floor",
+            }
 
     def generation(self, module) -> dict[str, Any]:
         """How the evaluated samples are drawn: their number, evaluation seed (the same noise and labels in every
         run with this seed, so a sweep's arms are compared on the same noise), sampler and guidance."""
         g = module.diffusion.guidance_for(self.guidance)
         scale = self.guidance_scale if self.guidance_scale is not None else g.scale
-        return {"n_samples": self.n_samples, "eval_seed": self.seed,
-                "sampler": _describe_sampler(self.sampler) or "the model's sampler", "guidance": f"{g.name} {scale}"}
+        return {
+            "n_samples": self.n_samples,
+            "eval_seed": self.seed,
+            "sampler": _describe_sampler(self.sampler) or "the model's sampler",
+            "guidance": f"{g.name} {scale}",
+        }
 
     def scored_protocol(self, module, names) -> dict[str, dict[str, Any]]:
         """Protocol entries for the metrics in ``names`` that score samples without a reference set (digit accuracy,
         CLIP score, LPIPS diversity) and have none yet: how the samples were drawn and which network judged them."""
-        judges = {"metrics/digit_accuracy": lambda: {"feature": self.metric.feature_name,
-                                                     **describe_feature(self.metric._feature.module)},
-                  "metrics/clip_score": lambda: {"feature": f"clip {self.clip_model or 'default'}"},
-                  "metrics/lpips_diversity": lambda: {"feature": f"lpips {self.lpips_net}",
-                                                      "pairs": self.lpips_pairs}}
-        return {name: {**self.generation(module), **judges[name]()} for name in names
-                if name in judges and name not in self.protocol}
+        judges = {
+            "metrics/digit_accuracy": lambda: {
+                "feature": self.metric.feature_name,
+                **describe_feature(self.metric._feature.module),
+            },
+            "metrics/clip_score": lambda: {"feature": f"clip {self.clip_model or 'default'}"},
+            "metrics/lpips_diversity": lambda: {"feature": f"lpips {self.lpips_net}", "pairs": self.lpips_pairs},
+        }
+        return {
+            name: {**self.generation(module), **judges[name]()}
+            for name in names
+            if name in judges and name not in self.protocol
+        }
 
     # ------------------------------------------------------------------ evaluation
     def _noise(self, indices: list[int], shape) -> torch.Tensor:
         """Noise of each sample from its global index alone (the same set for any number of ranks)."""
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + i))
-                            for i in indices])
+        return torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + i)) for i in indices]
+        )
 
     @torch.no_grad()
     def evaluate(self, module) -> dict[str, float]:
@@ -330,19 +386,29 @@ class SampleMetrics:
         correct = torch.zeros(2, dtype=torch.float64, device=device)  # (agreeing, counted)
         kept: list[torch.Tensor] = []
         keep_n = 2 * self.lpips_pairs if self._lpips is not None else 0
-        check_labels = self.kind == "digit_classifier" and condition_key(module) == "label" \
+        check_labels = (
+            self.kind == "digit_classifier"
+            and condition_key(module) == "label"
             and getattr(module.conditioner, "num_classes", None) == 10
+        )
         for i in range(0, len(mine), self.batch_size):
-            idx = mine[i:i + self.batch_size]
+            idx = mine[i : i + self.batch_size]
             if torch.is_tensor(raw_all):
                 raw = raw_all[torch.tensor(idx, device=raw_all.device)]
             elif raw_all is not None:
                 raw = [raw_all[j] for j in idx]
             else:
                 raw = None
-            x = module.diffusion.sample(module, len(idx), raw, sampler=self.sampler, guidance=self.guidance,
-                                        guidance_scale=self.guidance_scale, generator=gen,
-                                        noise=self._noise(idx, tuple(module.diffusion.sample_shape)))
+            x = module.diffusion.sample(
+                module,
+                len(idx),
+                raw,
+                sampler=self.sampler,
+                guidance=self.guidance,
+                guidance_scale=self.guidance_scale,
+                generator=gen,
+                noise=self._noise(idx, tuple(module.diffusion.sample_shape)),
+            )
             if self.metric is not None:
                 feats = self.metric.extract(x)
                 self.metric.update_features(feats, real=False)

@@ -20,6 +20,7 @@ code, so one compilation serves all). bf16 is the trainer's precision setting.
 
 ``forward(x, t, cond=None, context=None, context_mask=None)`` follows the denoiser contract (docs/ARCHITECTURE.md).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -29,12 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from difflab.registry import DIT_PRESETS
 from difflab.models.layers import CrossAttention, TimeConditionEmbedding, zero_init
 from difflab.models.video_layers import sincos_1d
+from difflab.registry import DIT_PRESETS
 from difflab.utils.errors import ConfigError
 
-PRESETS = DIT_PRESETS   # depth, hidden width, heads (difflab.registry)
+PRESETS = DIT_PRESETS  # depth, hidden width, heads (difflab.registry)
 POS_EMBEDS = ("sincos", "rope")
 TEXT_MODES = ("cross", "joint")
 VIDEO_ATTENTION = ("factorised", "full")
@@ -164,8 +165,9 @@ def expand_to(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class DiTBlock(nn.Module):
     """adaLN-Zero block on ``B x L x D`` tokens: self-attention, optional cross-attention to text, MLP."""
 
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 4.0, context_dim: int | None = None,
-                 fused_qkv: bool = True):
+    def __init__(
+        self, dim: int, n_heads: int, mlp_ratio: float = 4.0, context_dim: int | None = None, fused_qkv: bool = True
+    ):
         super().__init__()
         self.norm1, self.attn = layer_norm(dim), SelfAttention(dim, n_heads, fused_qkv)
         self.cross = CrossAttention(dim, context_dim, n_heads) if context_dim else None
@@ -188,8 +190,9 @@ class JointBlock(nn.Module):
     only provides keys and values (SD3's ``context_pre_only``).
     """
 
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 4.0, fused_qkv: bool = True,
-                 update_text: bool = True):
+    def __init__(
+        self, dim: int, n_heads: int, mlp_ratio: float = 4.0, fused_qkv: bool = True, update_text: bool = True
+    ):
         super().__init__()
         self.update_text = update_text
         self.x_norm1, self.x_qkv, self.x_proj = layer_norm(dim), QKV(dim, n_heads, fused_qkv), nn.Linear(dim, dim)
@@ -230,8 +233,9 @@ class SpaceTimeDiTBlock(nn.Module):
     """Factorised video block on ``B x T x N x D`` tokens: attention within each frame, then across frames at each
     token position, optional cross-attention to text (all tokens), MLP; each branch modulated and gated (adaLN-Zero)."""
 
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 4.0, context_dim: int | None = None,
-                 fused_qkv: bool = True):
+    def __init__(
+        self, dim: int, n_heads: int, mlp_ratio: float = 4.0, context_dim: int | None = None, fused_qkv: bool = True
+    ):
         super().__init__()
         self.norm_s, self.attn_s = layer_norm(dim), SelfAttention(dim, n_heads, fused_qkv)
         self.norm_t, self.attn_t = layer_norm(dim), SelfAttention(dim, n_heads, fused_qkv)
@@ -270,8 +274,22 @@ class FinalLayer(nn.Module):
 class _TransformerBase(nn.Module):
     """What the image and video DiTs share: sizes, time/condition embedding, block stack and its run options."""
 
-    def _setup(self, size, depth, hidden_dim, num_heads, mlp_ratio, pos_embed, text_mode, fused_qkv,
-               checkpoint_activations, compile_blocks, freq_dim, cond_dim, context_dim):
+    def _setup(
+        self,
+        size,
+        depth,
+        hidden_dim,
+        num_heads,
+        mlp_ratio,
+        pos_embed,
+        text_mode,
+        fused_qkv,
+        checkpoint_activations,
+        compile_blocks,
+        freq_dim,
+        cond_dim,
+        context_dim,
+    ):
         if pos_embed not in POS_EMBEDS:
             raise ConfigError(f"model.net.pos_embed={pos_embed!r}: choose one of {', '.join(POS_EMBEDS)}")
         if text_mode not in TEXT_MODES:
@@ -348,22 +366,52 @@ class DiT(_TransformerBase):
     (``PRESETS``); ``depth`` / ``hidden_dim`` / ``num_heads`` override it.
     """
 
-    def __init__(self, sample_shape: Sequence[int] = (4, 32, 32), out_channels: int | None = None,
-                 size: str = "S", patch_size: int = 2, depth: int | None = None, hidden_dim: int | None = None,
-                 num_heads: int | None = None, mlp_ratio: float = 4.0, pos_embed: str = "sincos",
-                 text_mode: str = "cross", fused_qkv: bool = True, checkpoint_activations: bool = False,
-                 compile_blocks: bool = False, freq_dim: int = 256, cond_dim: int = 0,
-                 context_dim: int | None = None):
+    def __init__(
+        self,
+        sample_shape: Sequence[int] = (4, 32, 32),
+        out_channels: int | None = None,
+        size: str = "S",
+        patch_size: int = 2,
+        depth: int | None = None,
+        hidden_dim: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        pos_embed: str = "sincos",
+        text_mode: str = "cross",
+        fused_qkv: bool = True,
+        checkpoint_activations: bool = False,
+        compile_blocks: bool = False,
+        freq_dim: int = 256,
+        cond_dim: int = 0,
+        context_dim: int | None = None,
+    ):
         super().__init__()
         if len(sample_shape) != 3:
-            raise ConfigError(f"DiT takes images C x H x W, but the data's sample shape is {list(sample_shape)} "
-                              "(videos: model=video_dit)")
+            raise ConfigError(
+                f"DiT takes images C x H x W, but the data's sample shape is {list(sample_shape)} "
+                "(videos: model=video_dit)"
+            )
         c, h, w = (int(s) for s in sample_shape)
         if patch_size < 1 or h % patch_size or w % patch_size:
-            raise ConfigError(f"model.net.patch_size={patch_size} does not divide the image size {h}x{w}: choose a "
-                              "patch size that divides both sides (or change the data's image size)")
-        self._setup(size, depth, hidden_dim, num_heads, mlp_ratio, pos_embed, text_mode, fused_qkv,
-                    checkpoint_activations, compile_blocks, freq_dim, cond_dim, context_dim)
+            raise ConfigError(
+                f"model.net.patch_size={patch_size} does not divide the image size {h}x{w}: choose a "
+                "patch size that divides both sides (or change the data's image size)"
+            )
+        self._setup(
+            size,
+            depth,
+            hidden_dim,
+            num_heads,
+            mlp_ratio,
+            pos_embed,
+            text_mode,
+            fused_qkv,
+            checkpoint_activations,
+            compile_blocks,
+            freq_dim,
+            cond_dim,
+            context_dim,
+        )
         self.in_channels, self.out_channels, self.patch = c, out_channels or c, int(patch_size)
         d = self.hidden_dim
         self.patch_embed = nn.Conv2d(c, d, self.patch, stride=self.patch)
@@ -374,13 +422,20 @@ class DiT(_TransformerBase):
 
     def _positions(self, gh: int, gw: int, device):
         if self.pos_embed == "rope":
-            return None, self._cached(("rope", gh, gw, str(device)),
-                                      lambda: rope_tables((gh, gw), self.hidden_dim // self.num_heads, device))
+            return None, self._cached(
+                ("rope", gh, gw, str(device)), lambda: rope_tables((gh, gw), self.hidden_dim // self.num_heads, device)
+            )
         table = self._cached(("sincos", gh, gw, str(device)), lambda: sincos_grid((gh, gw), self.hidden_dim, device))
         return table, None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, c, h, w = x.shape
         p = self.patch
         if h % p or w % p:
@@ -405,30 +460,64 @@ class VideoDiT(_TransformerBase):
     number of frames up to ``max_frames``; more fail with a message naming both numbers.
     """
 
-    def __init__(self, sample_shape: Sequence[int] = (3, 16, 32, 32), out_channels: int | None = None,
-                 size: str = "S", patch_size: int = 2, tubelet_size: int = 1, max_frames: int = 32,
-                 attention: str = "factorised", depth: int | None = None, hidden_dim: int | None = None,
-                 num_heads: int | None = None, mlp_ratio: float = 4.0, pos_embed: str = "sincos",
-                 text_mode: str = "cross", fused_qkv: bool = True, checkpoint_activations: bool = False,
-                 compile_blocks: bool = False, freq_dim: int = 256, cond_dim: int = 0,
-                 context_dim: int | None = None):
+    def __init__(
+        self,
+        sample_shape: Sequence[int] = (3, 16, 32, 32),
+        out_channels: int | None = None,
+        size: str = "S",
+        patch_size: int = 2,
+        tubelet_size: int = 1,
+        max_frames: int = 32,
+        attention: str = "factorised",
+        depth: int | None = None,
+        hidden_dim: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        pos_embed: str = "sincos",
+        text_mode: str = "cross",
+        fused_qkv: bool = True,
+        checkpoint_activations: bool = False,
+        compile_blocks: bool = False,
+        freq_dim: int = 256,
+        cond_dim: int = 0,
+        context_dim: int | None = None,
+    ):
         super().__init__()
         if len(sample_shape) != 4:
-            raise ConfigError(f"VideoDiT takes videos C x T x H x W, but the data's sample shape is "
-                              f"{list(sample_shape)} (images: model=dit)")
+            raise ConfigError(
+                f"VideoDiT takes videos C x T x H x W, but the data's sample shape is "
+                f"{list(sample_shape)} (images: model=dit)"
+            )
         if attention not in VIDEO_ATTENTION:
             raise ConfigError(f"model.net.attention={attention!r}: choose one of {', '.join(VIDEO_ATTENTION)}")
         if context_dim and text_mode == "joint" and attention != "full":
-            raise ConfigError("model.net.text_mode=joint joins the text to the whole clip: it needs "
-                              "model.net.attention=full (or use text_mode=cross)")
+            raise ConfigError(
+                "model.net.text_mode=joint joins the text to the whole clip: it needs "
+                "model.net.attention=full (or use text_mode=cross)"
+            )
         c, nt, h, w = (int(s) for s in sample_shape)
         self.patch, self.tubelet, self.max_frames = int(patch_size), int(tubelet_size), int(max_frames)
         if self.patch < 1 or h % self.patch or w % self.patch:
-            raise ConfigError(f"model.net.patch_size={patch_size} does not divide the frame size {h}x{w}: choose a "
-                              "patch size that divides both sides")
+            raise ConfigError(
+                f"model.net.patch_size={patch_size} does not divide the frame size {h}x{w}: choose a "
+                "patch size that divides both sides"
+            )
         self.check_frames(nt)
-        self._setup(size, depth, hidden_dim, num_heads, mlp_ratio, pos_embed, text_mode, fused_qkv,
-                    checkpoint_activations, compile_blocks, freq_dim, cond_dim, context_dim)
+        self._setup(
+            size,
+            depth,
+            hidden_dim,
+            num_heads,
+            mlp_ratio,
+            pos_embed,
+            text_mode,
+            fused_qkv,
+            checkpoint_activations,
+            compile_blocks,
+            freq_dim,
+            cond_dim,
+            context_dim,
+        )
         self.attention = attention
         self.in_channels, self.out_channels = c, out_channels or c
         d = self.hidden_dim
@@ -442,25 +531,38 @@ class VideoDiT(_TransformerBase):
     def check_frames(self, frames: int) -> None:
         """Fail unless ``frames`` is a multiple of the tubelet and within the temporal positions."""
         if frames > self.max_frames:
-            raise ConfigError(f"the clips have {frames} frames but model.net.max_frames={self.max_frames}: raise "
-                              "model.net.max_frames or use shorter clips (datamodule.num_frames)")
+            raise ConfigError(
+                f"the clips have {frames} frames but model.net.max_frames={self.max_frames}: raise "
+                "model.net.max_frames or use shorter clips (datamodule.num_frames)"
+            )
         if frames % self.tubelet:
-            raise ConfigError(f"the clips have {frames} frames, not a multiple of model.net.tubelet_size="
-                              f"{self.tubelet}")
+            raise ConfigError(
+                f"the clips have {frames} frames, not a multiple of model.net.tubelet_size={self.tubelet}"
+            )
 
     def _positions(self, gt: int, gh: int, gw: int, device):
         head = self.hidden_dim // self.num_heads
         if self.pos_embed == "rope":
             if self.attention == "factorised":
-                return None, self._cached(("rope", gt, gh, gw, str(device)), lambda: (
-                    rope_tables((gh, gw), head, device), rope_tables((gt,), head, device)))
-            return None, self._cached(("rope", gt, gh, gw, str(device)),
-                                      lambda: rope_tables((gt, gh, gw), head, device))
-        return self._cached(("sincos", gt, gh, gw, str(device)),
-                            lambda: sincos_grid((gt, gh, gw), self.hidden_dim, device)), None
+                return None, self._cached(
+                    ("rope", gt, gh, gw, str(device)),
+                    lambda: (rope_tables((gh, gw), head, device), rope_tables((gt,), head, device)),
+                )
+            return None, self._cached(
+                ("rope", gt, gh, gw, str(device)), lambda: rope_tables((gt, gh, gw), head, device)
+            )
+        return self._cached(
+            ("sincos", gt, gh, gw, str(device)), lambda: sincos_grid((gt, gh, gw), self.hidden_dim, device)
+        ), None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if x.ndim != 5:
             raise ValueError(f"VideoDiT expects videos B x C x T x H x W, got shape {tuple(x.shape)}")
         b, c, nt, h, w = x.shape
@@ -476,8 +578,11 @@ class VideoDiT(_TransformerBase):
         table, rope = self._positions(gt, gh, gw, x.device)
         if table is not None:
             tokens = tokens + table.view(gt, gh, gw, -1).to(tokens.dtype)
-        shape = (b, gt, gh * gw, self.hidden_dim) if self.attention == "factorised" and self.text_mode != "joint" \
+        shape = (
+            (b, gt, gh * gw, self.hidden_dim)
+            if self.attention == "factorised" and self.text_mode != "joint"
             else (b, gt * gh * gw, self.hidden_dim)
+        )
         out = self.final(self._run_blocks(tokens.reshape(shape), emb, context, context_mask, rope), emb)
         out = out.reshape(b, gt, gh, gw, self.tubelet, self.patch, self.patch, self.out_channels)
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, self.out_channels, nt, h, w)

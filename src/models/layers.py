@@ -1,4 +1,5 @@
 """Building blocks shared by the denoisers: time embedding, conditioned residual blocks, attention."""
+
 from __future__ import annotations
 
 import math
@@ -79,8 +80,9 @@ class AttentionBlock(nn.Module):
         self.proj = zero_init(nn.Linear(channels, channels))
         self.cross = CrossAttention(channels, context_dim, self.n_heads) if context_dim else None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)
         q, k, v = (_heads(z, self.n_heads) for z in self.qkv(tokens).chunk(3, dim=-1))
@@ -89,8 +91,11 @@ class AttentionBlock(nn.Module):
         if self.cross is not None:
             out = out + self.cross(out, context, context_mask)
         # A transposed view would make every following convolution run in a slow layout: copy into x's format.
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        fmt = (
+            torch.channels_last
+            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
             else torch.contiguous_format
+        )
         return out.transpose(1, 2).reshape(b, c, h, w).contiguous(memory_format=fmt)
 
 

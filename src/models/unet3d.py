@@ -8,6 +8,7 @@ blocks"). Only H and W are downsampled; the frame count is kept at every level.
 ``forward(x_t, t, cond=None, context=None, context_mask=None)`` with ``x_t``: ``B x C x T x H x W`` returns a tensor
 of the same shape; ``cond_dim`` and ``context_dim`` come from the conditioner (the DiffusionModule passes them).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -69,27 +70,47 @@ class UNet3D(nn.Module):
     every level then runs at 1/p of the resolution, a large saving for small CPU models.
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int | None = None, base_channels: int = 64,
-                 channel_mults: Sequence[int] = (1, 2, 2), num_res_blocks: int = 2,
-                 attention_levels: Sequence[int] = (1,), temporal_attention_levels: Sequence[int] | None = None,
-                 cross_attention_levels: Sequence[int] | None = None, num_transformer_blocks: int = 0,
-                 transformer_head_dim: int = 64, mlp_ratio: float = 4.0, temporal_kernel: int = 3,
-                 max_distance: int = 32, dropout: float = 0.0, groups: int = 32, head_dim: int = 32,
-                 patch_size: int = 1, frame_embedding: bool = True, cond_dim: int = 0,
-                 context_dim: int | None = None):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int | None = None,
+        base_channels: int = 64,
+        channel_mults: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_levels: Sequence[int] = (1,),
+        temporal_attention_levels: Sequence[int] | None = None,
+        cross_attention_levels: Sequence[int] | None = None,
+        num_transformer_blocks: int = 0,
+        transformer_head_dim: int = 64,
+        mlp_ratio: float = 4.0,
+        temporal_kernel: int = 3,
+        max_distance: int = 32,
+        dropout: float = 0.0,
+        groups: int = 32,
+        head_dim: int = 32,
+        patch_size: int = 1,
+        frame_embedding: bool = True,
+        cond_dim: int = 0,
+        context_dim: int | None = None,
+    ):
         super().__init__()
         out_channels = out_channels or in_channels
         if patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {patch_size}")
         self.patch, self.out_channels = int(patch_size), out_channels
-        in_channels, out_channels = in_channels * self.patch ** 2, out_channels * self.patch ** 2
+        in_channels, out_channels = in_channels * self.patch**2, out_channels * self.patch**2
         n_levels = len(channel_mults)
         spatial = _check_levels("attention_levels", attention_levels, n_levels)
-        temporal = _check_levels("temporal_attention_levels",
-                                 attention_levels if temporal_attention_levels is None else temporal_attention_levels,
-                                 n_levels)
-        xattn = _check_levels("cross_attention_levels",
-                              attention_levels if cross_attention_levels is None else cross_attention_levels, n_levels)
+        temporal = _check_levels(
+            "temporal_attention_levels",
+            attention_levels if temporal_attention_levels is None else temporal_attention_levels,
+            n_levels,
+        )
+        xattn = _check_levels(
+            "cross_attention_levels",
+            attention_levels if cross_attention_levels is None else cross_attention_levels,
+            n_levels,
+        )
         xattn = xattn if context_dim else set()
         emb_dim = 4 * base_channels
         self.embed = TimeConditionEmbedding(base_channels, emb_dim, cond_dim)
@@ -99,8 +120,11 @@ class UNet3D(nn.Module):
         rb = dict(emb_dim=emb_dim, dropout=dropout, groups=groups, temporal_kernel=temporal_kernel)
 
         def level_block(level: int, ch_in: int, ch: int) -> nn.ModuleList:
-            frame = FrameAttention(ch, head_dim, groups, context_dim if level in xattn else None) \
-                if (level in spatial or level in xattn) else None
+            frame = (
+                FrameAttention(ch, head_dim, groups, context_dim if level in xattn else None)
+                if (level in spatial or level in xattn)
+                else None
+            )
             temp = TemporalAttention(ch, head_dim, groups, max_distance) if level in temporal else None
             return nn.ModuleList([ResBlock3D(ch_in, ch, **rb), frame, temp])
 
@@ -121,9 +145,12 @@ class UNet3D(nn.Module):
         heads = max(1, ch // transformer_head_dim)
         if num_transformer_blocks and ch % heads:
             raise ValueError(f"bottleneck width {ch} is not divisible into heads of {transformer_head_dim}")
-        self.transformer = nn.ModuleList([
-            SpaceTimeBlock(ch, heads, emb_dim, context_dim or None, mlp_ratio, max_distance, dropout)
-            for _ in range(num_transformer_blocks)])
+        self.transformer = nn.ModuleList(
+            [
+                SpaceTimeBlock(ch, heads, emb_dim, context_dim or None, mlp_ratio, max_distance, dropout)
+                for _ in range(num_transformer_blocks)
+            ]
+        )
         self.mid_out = ResBlock3D(ch, ch, **rb)
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mults))):
@@ -157,12 +184,20 @@ class UNet3D(nn.Module):
             x = block(x, emb, context, context_mask)
         return x.reshape(b, t, hh, ww, c).permute(0, 4, 1, 2, 3)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         check_video(x, "UNet3D")
         if x.shape[-1] % self.downsampling or x.shape[-2] % self.downsampling:
-            raise ValueError(f"UNet3D: H x W = {x.shape[-2]} x {x.shape[-1]} must be divisible by "
-                             f"{self.downsampling} (2^(len(channel_mults) - 1))")
+            raise ValueError(
+                f"UNet3D: H x W = {x.shape[-2]} x {x.shape[-1]} must be divisible by "
+                f"{self.downsampling} (2^(len(channel_mults) - 1))"
+            )
         emb = self.embed(t, cond)
         h = self.conv_in(space_to_depth(x, self.patch))
         if self.frame_embed is not None:

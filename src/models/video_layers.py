@@ -5,6 +5,7 @@ pixel (or token) across frames, so a video model costs little more than an image
 Temporal attention knows frame offsets through a learned relative position bias (one scalar per head and offset,
 offsets clamped to ``max_distance``), so it works for any number of frames.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,10 @@ from difflab.models.layers import AttentionBlock, CrossAttention, _heads, zero_i
 def check_video(x: torch.Tensor, name: str) -> None:
     """Fail with a one-line message unless ``x`` is a ``B x C x T x H x W`` video batch."""
     if x.ndim != 5:
-        raise ValueError(f"{name} expects videos B x C x T x H x W, got a tensor of shape {tuple(x.shape)}; "
-                         "images need a frame axis (x[:, :, None])")
+        raise ValueError(
+            f"{name} expects videos B x C x T x H x W, got a tensor of shape {tuple(x.shape)}; "
+            "images need a frame axis (x[:, :, None])"
+        )
 
 
 class RelativePositionBias(nn.Module):
@@ -68,8 +71,9 @@ class ResBlock3D(nn.Module):
     """Factorised residual block: two per-frame 3x3 convs with scale-shift conditioning (as the 2D ResBlock), then a
     residual temporal conv (kernel ``temporal_kernel`` over T, zero-initialised so a new block starts per-frame)."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, groups: int = 32,
-                 temporal_kernel: int = 3):
+    def __init__(
+        self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, groups: int = 32, temporal_kernel: int = 3
+    ):
         super().__init__()
         if temporal_kernel < 1 or temporal_kernel % 2 == 0:
             raise ValueError(f"temporal_kernel must be an odd number >= 1, got {temporal_kernel}")
@@ -81,7 +85,9 @@ class ResBlock3D(nn.Module):
         self.conv2 = zero_init(nn.Conv3d(out_ch, out_ch, (1, 3, 3), padding=(0, 1, 1)))
         self.skip = nn.Conv3d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         self.norm_t = nn.GroupNorm(min(groups, out_ch), out_ch)
-        self.conv_t = zero_init(nn.Conv3d(out_ch, out_ch, (temporal_kernel, 1, 1), padding=(temporal_kernel // 2, 0, 0)))
+        self.conv_t = zero_init(
+            nn.Conv3d(out_ch, out_ch, (temporal_kernel, 1, 1), padding=(temporal_kernel // 2, 0, 0))
+        )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -103,8 +109,9 @@ class FrameAttention(nn.Module):
     def cross(self) -> CrossAttention | None:
         return self.block.cross
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         b, c, t, h, w = x.shape
         frames = x.transpose(1, 2).reshape(b * t, c, h, w)
         if self.block.cross is not None and context is not None:
@@ -121,8 +128,9 @@ class TemporalAttention(nn.Module):
     def __init__(self, channels: int, head_dim: int = 32, groups: int = 32, max_distance: int = 32):
         super().__init__()
         self.norm = nn.GroupNorm(min(groups, channels), channels)
-        self.attn = TokenSelfAttention(channels, max(1, channels // head_dim), relative_bias=True,
-                                       max_distance=max_distance)
+        self.attn = TokenSelfAttention(
+            channels, max(1, channels // head_dim), relative_bias=True, max_distance=max_distance
+        )
         zero_init(self.attn.proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,8 +176,16 @@ class SpaceTimeBlock(nn.Module):
     zero-initialised gate, so a new block is the identity (Peebles & Xie 2023).
     """
 
-    def __init__(self, dim: int, n_heads: int, emb_dim: int, context_dim: int | None = None, mlp_ratio: float = 4.0,
-                 max_distance: int = 32, dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        emb_dim: int,
+        context_dim: int | None = None,
+        mlp_ratio: float = 4.0,
+        max_distance: int = 32,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.norm_s = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn_s = TokenSelfAttention(dim, n_heads)
@@ -178,12 +194,18 @@ class SpaceTimeBlock(nn.Module):
         self.cross = CrossAttention(dim, context_dim, n_heads) if context_dim else None
         self.norm_m = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
-                                 nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout), nn.Linear(hidden, dim)
+        )
         self.ada = zero_init(nn.Linear(emb_dim, 9 * dim))
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, t, n, d = x.shape
         mods = self.ada(F.silu(emb))[:, None, None, :].chunk(9, dim=-1)
         sh_s, sc_s, g_s, sh_t, sc_t, g_t, sh_m, sc_m, g_m = mods

@@ -12,6 +12,7 @@ output scale is learnable (the zero-initialised head plus a free per-channel sca
 target's magnitude quickly).
 ``input_residual=True`` restores the old behaviour for ablations.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,11 +30,25 @@ class ViViT(nn.Module):
     conditioner provides them (1 = every block, 0 = none, which fails loudly upstream when text is configured).
     """
 
-    def __init__(self, in_channels: int = 3, out_channels: int | None = None, patch_size: int = 4,
-                 tubelet_size: int = 1, hidden_dim: int = 256, depth: int = 8, head_dim: int = 64,
-                 mlp_ratio: float = 4.0, cross_attention_every: int = 1, max_distance: int = 32,
-                 dropout: float = 0.0, input_residual: bool = False, learn_output_scale: bool = True,
-                 output_scale_init: float = 1.0, cond_dim: int = 0, context_dim: int | None = None):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        patch_size: int = 4,
+        tubelet_size: int = 1,
+        hidden_dim: int = 256,
+        depth: int = 8,
+        head_dim: int = 64,
+        mlp_ratio: float = 4.0,
+        cross_attention_every: int = 1,
+        max_distance: int = 32,
+        dropout: float = 0.0,
+        input_residual: bool = False,
+        learn_output_scale: bool = True,
+        output_scale_init: float = 1.0,
+        cond_dim: int = 0,
+        context_dim: int | None = None,
+    ):
         super().__init__()
         if hidden_dim % head_dim:
             raise ValueError(f"hidden_dim={hidden_dim} must be a multiple of head_dim={head_dim}")
@@ -46,15 +61,28 @@ class ViViT(nn.Module):
         self.patch, self.tubelet, self.hidden_dim = patch_size, tubelet_size, hidden_dim
         self.input_residual = bool(input_residual)
         self.embed = TimeConditionEmbedding(hidden_dim, hidden_dim, cond_dim)
-        self.patch_embed = nn.Conv3d(in_channels, hidden_dim, (tubelet_size, patch_size, patch_size),
-                                     stride=(tubelet_size, patch_size, patch_size))
+        self.patch_embed = nn.Conv3d(
+            in_channels,
+            hidden_dim,
+            (tubelet_size, patch_size, patch_size),
+            stride=(tubelet_size, patch_size, patch_size),
+        )
         n_heads = hidden_dim // head_dim
         every = int(cross_attention_every)
-        self.blocks = nn.ModuleList([
-            SpaceTimeBlock(hidden_dim, n_heads, hidden_dim,
-                           context_dim if (context_dim and every > 0 and i % every == 0) else None,
-                           mlp_ratio, max_distance, dropout)
-            for i in range(depth)])
+        self.blocks = nn.ModuleList(
+            [
+                SpaceTimeBlock(
+                    hidden_dim,
+                    n_heads,
+                    hidden_dim,
+                    context_dim if (context_dim and every > 0 and i % every == 0) else None,
+                    mlp_ratio,
+                    max_distance,
+                    dropout,
+                )
+                for i in range(depth)
+            ]
+        )
         self.norm_out = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
         self.ada_out = zero_init(nn.Linear(hidden_dim, 2 * hidden_dim))
         self.head = zero_init(nn.Linear(hidden_dim, tubelet_size * patch_size * patch_size * out_channels))
@@ -77,13 +105,21 @@ class ViViT(nn.Module):
             self._pos_cache = {key: pos}  # one entry: shapes do not change during a run
         return self._pos_cache[key]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         check_video(x, "ViViT")
         b, c, nt, nh, nw = x.shape
         if nt % self.tubelet or nh % self.patch or nw % self.patch:
-            raise ValueError(f"ViViT: T x H x W = {nt} x {nh} x {nw} must be divisible by tubelet_size={self.tubelet} "
-                             f"and patch_size={self.patch}")
+            raise ValueError(
+                f"ViViT: T x H x W = {nt} x {nh} x {nw} must be divisible by tubelet_size={self.tubelet} "
+                f"and patch_size={self.patch}"
+            )
         emb = self.embed(t, cond)
         tokens = self.patch_embed(x)  # B x D x T' x H' x W'
         _, d, tt, th, tw = tokens.shape

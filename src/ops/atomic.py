@@ -8,6 +8,7 @@ a group on a shared cluster. A write that fills the disk (or the quota) raises `
 one line naming the target, whose previous version is intact, and no temporary file is left. This module imports only
 torch and ``difflab.utils.errors``, so a small helper process can use it without importing Lightning.
 """
+
 from __future__ import annotations
 
 import contextlib

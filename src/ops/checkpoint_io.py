@@ -6,6 +6,7 @@ Here the temporary file sits next to the target and is renamed over it (see ``di
 raises ``DiskFullError`` (one line naming the file, the previous one intact, no temporary left), which ends the fit.
 Wire it with ``trainer.plugins: [{_target_: difflab.ops.checkpoint_io.AtomicCheckpointIO}]`` (the default trainer does).
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,11 +37,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
         log.debug("saved checkpoint %s", path)
 
-    def load_checkpoint(self, path: _PATH, map_location: Optional[Callable] = None,
-                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: _PATH, map_location: Optional[Callable] = None, weights_only: Optional[bool] = None
+    ) -> dict[str, Any]:
         if weights_only is False:
-            raise ValueError(f"refusing to load {path} with weights_only=False: difflab only loads checkpoints as "
-                             f"tensors and plain containers")
+            raise ValueError(
+                f"refusing to load {path} with weights_only=False: difflab only loads checkpoints as "
+                f"tensors and plain containers"
+            )
         if not _is_local(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         if not get_filesystem(path).exists(path):

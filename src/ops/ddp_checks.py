@@ -4,6 +4,7 @@
 the fingerprints and compares them to rank 0's exactly. Results are logged, written by rank 0 to
 ``<run>/ddp_check.json`` and, with ``strict``, a mismatch stops training. Single-process runs skip the check.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,16 +29,24 @@ class RankMismatchError(DifflabError):
 
 def fingerprint(module: nn.Module) -> torch.Tensor:
     """Per-tensor float64 (sum, sum of squares) of all floating parameters and buffers, concatenated."""
-    parts = [torch.stack([t.detach().double().sum(), t.detach().double().square().sum()])
-             for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
+    parts = [
+        torch.stack([t.detach().double().sum(), t.detach().double().square().sum()])
+        for t in list(module.parameters()) + list(module.buffers())
+        if t.is_floating_point()
+    ]
     return torch.cat(parts) if parts else torch.zeros(2, dtype=torch.float64)
 
 
 class RankConsistencyCheck(L.Callback):
     """Every ``every_n_steps`` optimizer steps (0: never) and at the last step, compare weights across ranks."""
 
-    def __init__(self, every_n_steps: int = 1000, at_end: bool = True, strict: bool = True,
-                 report_file: str | None = "ddp_check.json"):
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        at_end: bool = True,
+        strict: bool = True,
+        report_file: str | None = "ddp_check.json",
+    ):
         self.every_n_steps, self.at_end, self.strict, self.report_file = every_n_steps, at_end, strict, report_file
         self.reports: list[dict] = []
         self.active = True
@@ -53,7 +62,12 @@ class RankConsistencyCheck(L.Callback):
         return (self.every_n_steps > 0 and step % self.every_n_steps == 0) or (self.at_end and last)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.active and trainer.world_size > 1 and self._due(trainer) and getattr(self, "_last", -1) != trainer.global_step:
+        if (
+            self.active
+            and trainer.world_size > 1
+            and self._due(trainer)
+            and getattr(self, "_last", -1) != trainer.global_step
+        ):
             self._last = trainer.global_step
             self.check(trainer, pl_module)
 
@@ -66,8 +80,11 @@ class RankConsistencyCheck(L.Callback):
             fp = fingerprint(module).to(trainer.strategy.root_device)
             allfp = trainer.strategy.all_gather(fp).reshape(trainer.world_size, -1).cpu()
             diff = (allfp - allfp[0]).abs().max().item()
-            report[name] = {"max_abs_diff": diff, "equal": diff == 0.0,
-                            "rank_checksums": [float(r.sum()) for r in allfp]}
+            report[name] = {
+                "max_abs_diff": diff,
+                "equal": diff == 0.0,
+                "rank_checksums": [float(r.sum()) for r in allfp],
+            }
         self.reports.append(report)
         equal = all(report[n]["equal"] for n in models)
         if trainer.is_global_zero and self.report_file:

@@ -12,6 +12,7 @@ and replays it, so jobs hang or ranks train different configs. The fix, applied 
 This patches the private ``_hydra_subprocess_cmd`` of ``lightning.fabric`` and ``lightning.pytorch``'s
 ``subprocess_script`` launchers; lightning is pinned to 2.6.x and ``tests/test_ops_ddp.py`` checks the hook.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,10 @@ from typing import Any, Sequence
 log = logging.getLogger(__name__)
 
 LAUNCHER_ENV_VARS = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-_PATCHED_MODULES = ("lightning.fabric.strategies.launchers.subprocess_script",
-                    "lightning.pytorch.strategies.launchers.subprocess_script")
+_PATCHED_MODULES = (
+    "lightning.fabric.strategies.launchers.subprocess_script",
+    "lightning.pytorch.strategies.launchers.subprocess_script",
+)
 # Hydra flags that choose the primary config; a child must see the same ones.
 _CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
 
@@ -70,9 +73,11 @@ def child_command(local_rank: int) -> tuple[list[str], str]:
     hc = HydraConfig.get()
     out_dir = str(hc.runtime.output_dir)
     cmd = script_command() + _config_flags(sys.argv[1:]) + list(hc.overrides.task)
-    cmd += [f"hydra.run.dir={_quote(out_dir)}",
-            f"hydra.job.name={hc.job.name}_rank{local_rank}",
-            "hydra.output_subdir=null"]  # rank 0 already wrote <out>/.hydra
+    cmd += [
+        f"hydra.run.dir={_quote(out_dir)}",
+        f"hydra.job.name={hc.job.name}_rank{local_rank}",
+        "hydra.output_subdir=null",
+    ]  # rank 0 already wrote <out>/.hydra
     handlers = (hc.job_logging or {}).get("handlers") or {}
     if "filename" in (handlers.get("file") or {}):  # one log file per rank instead of all ranks appending to one
         log_file = os.path.join(out_dir, f"{hc.job.name}_rank{local_rank}.log")
@@ -93,16 +98,20 @@ def install() -> None:
         if not hasattr(mod, "_hydra_subprocess_cmd"):
             import lightning
 
-            raise RuntimeError(f"lightning {lightning.__version__}: {name} has no _hydra_subprocess_cmd any more; "
-                               f"update src/ops/ddp_multirun.py (the DDP + multirun fix) for this version")
+            raise RuntimeError(
+                f"lightning {lightning.__version__}: {name} has no _hydra_subprocess_cmd any more; "
+                f"update src/ops/ddp_multirun.py (the DDP + multirun fix) for this version"
+            )
         mod._hydra_subprocess_cmd = _child_command_hook
 
 
 def is_installed() -> bool:
     import importlib
 
-    return all(getattr(importlib.import_module(n), "_hydra_subprocess_cmd", None) is _child_command_hook
-               for n in _PATCHED_MODULES)
+    return all(
+        getattr(importlib.import_module(n), "_hydra_subprocess_cmd", None) is _child_command_hook
+        for n in _PATCHED_MODULES
+    )
 
 
 def end_job(trainer: Any = None, timeout_s: float = 120.0) -> None:

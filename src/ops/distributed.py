@@ -1,4 +1,5 @@
 """Collectives that work with or without a process group: rank and world size, sums over ranks, rank 0's flag."""
+
 from __future__ import annotations
 
 import torch

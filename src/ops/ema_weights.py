@@ -9,6 +9,7 @@ A callback that samples from the EMA weights sets ``samples_ema_weights = True``
 enters ``ema_weights(trainer, pl_module)`` (or calls ``prepare_ema_weights`` and later ``ema_module``). Under FSDP
 entering is a collective: every rank helps gather the sharded average, whichever ranks then draw.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -28,8 +29,9 @@ class EMAWeightsProvider(Protocol):
 
     def whole_copies(self, pl_module: Any) -> dict[str, Any]: ...
 
-    def load_full_state(self, state_dict: dict, strict: bool = True, source: str = "",
-                        num_updates: int | None = None) -> None: ...
+    def load_full_state(
+        self, state_dict: dict, strict: bool = True, source: str = "", num_updates: int | None = None
+    ) -> None: ...
 
 
 def ema_provider(trainer: Any) -> EMAWeightsProvider | None:
@@ -62,5 +64,7 @@ def check_sampling_has_ema(trainer: Any, why: str) -> None:
     samplers = [cb for cb in getattr(trainer, "callbacks", ()) if getattr(cb, "samples_ema_weights", False)]
     if samplers and ema_provider(trainer) is None:
         names = ", ".join(sorted({type(cb).__name__ for cb in samplers}))
-        raise ConfigError(f"{why}: {names} sample from the whole model, which only the EMA callback gathers: keep "
-                          "callbacks.ema (decay=0 follows the raw weights) or remove those callbacks")
+        raise ConfigError(
+            f"{why}: {names} sample from the whole model, which only the EMA callback gathers: keep "
+            "callbacks.ema (decay=0 follows the raw weights) or remove those callbacks"
+        )

@@ -4,6 +4,7 @@ Layout of ``out_dir``: ``model.safetensors`` (EMA weights; header metadata: form
 JSON), ``config.yaml`` (the same run config, readable) and ``config.json`` (the model section only). ``sample.py
 ckpt_path=<out_dir or out_dir/model.safetensors>`` samples from it; ``init_from=`` fine-tunes from it.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,11 @@ log = logging.getLogger(__name__)
 
 def _tensors_for_safetensors(state_dict: dict) -> dict[str, torch.Tensor]:
     """Contiguous CPU copies (safetensors refuses shared or strided storage); non-tensor entries dropped."""
-    return {k: v.detach().cpu().contiguous().clone() for k, v in drop_compiled_aliases(state_dict).items()
-            if torch.is_tensor(v)}
+    return {
+        k: v.detach().cpu().contiguous().clone()
+        for k, v in drop_compiled_aliases(state_dict).items()
+        if torch.is_tensor(v)
+    }
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, weights: str = "ema") -> dict[str, Path]:
@@ -39,15 +43,30 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, weights: str =
     config = src["config"]
     check_config(config, ckpt_path)  # nothing the loaders would refuse is copied into a file that looks safe
     tensors = _tensors_for_safetensors(src[weights])
-    metadata = {"format": EXPORT_FORMAT, "weights": weights, "global_step": str(src.get("step")),
-                "source": str(Path(ckpt_path).resolve()), "difflab_config": json.dumps(config)}
+    metadata = {
+        "format": EXPORT_FORMAT,
+        "weights": weights,
+        "global_step": str(src.get("step")),
+        "source": str(Path(ckpt_path).resolve()),
+        "difflab_config": json.dumps(config),
+    }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"weights": out_dir / EXPORT_WEIGHTS, "config": out_dir / EXPORT_CONFIG, "model_json": out_dir / "config.json"}
+    paths = {
+        "weights": out_dir / EXPORT_WEIGHTS,
+        "config": out_dir / EXPORT_CONFIG,
+        "model_json": out_dir / "config.json",
+    }
     atomic_write(paths["weights"], lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     atomic_write(paths["config"], lambda tmp: tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(config))))
     atomic_write(paths["model_json"], lambda tmp: tmp.write_text(json.dumps(config.get("model", {}), indent=1)))
     n = sum(t.numel() for t in tensors.values())
-    log.info("exported %s weights (%d tensors, %.2fM values, step %s) to %s", weights, len(tensors), n / 1e6,
-             src.get("step"), out_dir)
+    log.info(
+        "exported %s weights (%d tensors, %.2fM values, step %s) to %s",
+        weights,
+        len(tensors),
+        n / 1e6,
+        src.get("step"),
+        out_dir,
+    )
     return paths

@@ -40,6 +40,7 @@ Wire it with ``callbacks.model_checkpoint._target_: difflab.ops.final_checkpoint
 argument of ``ModelCheckpoint`` and keeps its checkpoint state key, so runs written by either class resume with the
 other.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,8 +66,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._held_step = -1            # the global step whose state last.ckpt holds (-1: unknown / none this fit)
-        self._shutdown_seen = False     # GracefulShutdown's save of this fit has been accounted for
+        self._held_step = -1  # the global step whose state last.ckpt holds (-1: unknown / none this fit)
+        self._shutdown_seen = False  # GracefulShutdown's save of this fit has been accounted for
         self.final_checkpoint: dict[str, Any] | None = None  # {"path", "step", "at"} of the final save of this fit
 
     # ------------------------------------------------------------------ identity
@@ -75,7 +76,7 @@ class RunCheckpoint(ModelCheckpoint):
         """``ModelCheckpoint``'s key (``ModelCheckpoint{'monitor': ..., ...}``): checkpoints of runs trained with plain
         ``ModelCheckpoint`` restore into this class (top-k bookkeeping included) and the other way round."""
         key = super().state_key
-        return ModelCheckpoint.__qualname__ + key[len(type(self).__qualname__):]
+        return ModelCheckpoint.__qualname__ + key[len(type(self).__qualname__) :]
 
     # ------------------------------------------------------------------ paths and state
     def last_checkpoint_path(self, trainer: L.Trainer) -> str:
@@ -124,8 +125,12 @@ class RunCheckpoint(ModelCheckpoint):
         batches = loop.epoch_loop.batch_progress
         epoch_done = batches.is_last_batch or batches.current.ready >= trainer.num_training_batches
         max_epochs = loop.max_epochs
-        if epoch_done and max_epochs is not None and max_epochs != -1 \
-                and loop.epoch_progress.current.processed + 1 >= max_epochs:
+        if (
+            epoch_done
+            and max_epochs is not None
+            and max_epochs != -1
+            and loop.epoch_progress.current.processed + 1 >= max_epochs
+        ):
             return True
         return bool(trainer.should_stop) and self._can_stop_early(trainer)
 
@@ -142,9 +147,14 @@ class RunCheckpoint(ModelCheckpoint):
     def _may_save(self, trainer: L.Trainer) -> bool:
         from lightning.pytorch.trainer.states import TrainerFn
 
-        return (bool(self.save_last) and not trainer.fast_dev_run and trainer.state.fn == TrainerFn.FITTING
-                and not trainer.sanity_checking and trainer.global_step > 0
-                and trainer.global_step != self._held_step)
+        return (
+            bool(self.save_last)
+            and not trainer.fast_dev_run
+            and trainer.state.fn == TrainerFn.FITTING
+            and not trainer.sanity_checking
+            and trainer.global_step > 0
+            and trainer.global_step != self._held_step
+        )
 
     # ------------------------------------------------------------------ the final save
     def save_final(self, trainer: L.Trainer, at: str) -> str | None:
@@ -185,8 +195,11 @@ class RunCheckpoint(ModelCheckpoint):
             # after the checkpoint state was restored: an empty or versioned path there would make Lightning write
             # last-v1.ckpt next to this directory's last.ckpt
             if self.file_exists(path, trainer) and trainer.ckpt_path is None and trainer.is_global_zero:
-                log.warning("%s exists and this fit does not resume from a checkpoint: it will be overwritten "
-                            "(resume with ckpt_path=last to continue that run)", path)
+                log.warning(
+                    "%s exists and this fit does not resume from a checkpoint: it will be overwritten "
+                    "(resume with ckpt_path=last to continue that run)",
+                    path,
+                )
             self.last_model_path = path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -5,6 +5,7 @@ LR schedule and step counter (unlike ``ckpt_path``, which resumes the old run).
 loads the tensors that match and prints the others as a table (e.g. a new class embedding, a wider output layer).
 PATH may be a Lightning checkpoint or an export (directory or ``.safetensors``; exports hold EMA weights only).
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,9 @@ def load_initial_weights(module: nn.Module, path: str, strict: bool = True) -> d
     weights = load_weights(path)
     report = load_state_dict_checked(module, weights["raw"], path, strict=strict)
     if not strict:
-        table = format_key_table(report, title=f"init_from={path} (init_strict=false): "
-                                                f"{len(report['loaded'])} tensors loaded; not loaded:\n")
+        table = format_key_table(
+            report, title=f"init_from={path} (init_strict=false): {len(report['loaded'])} tensors loaded; not loaded:\n"
+        )
         print(table)
         log.info(table)
     weights["report"] = report
@@ -65,5 +67,8 @@ def init_callbacks(module: nn.Module, path: str | None, strict: bool = True) -> 
         return []
     weights = load_initial_weights(module, path, strict=strict)
     log.info("initialised weights from %s (step %s)", path, weights.get("step"))
-    return [InitEMAWeights(weights["ema"], strict=strict, num_updates=_ema_num_updates(weights.get("checkpoint")),
-                           source=str(path))]
+    return [
+        InitEMAWeights(
+            weights["ema"], strict=strict, num_updates=_ema_num_updates(weights.get("checkpoint")), source=str(path)
+        )
+    ]

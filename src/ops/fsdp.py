@@ -21,6 +21,7 @@ looks for ``*.ckpt`` files working. DCP entries: ``state_dict`` (the raw weights
 layout (``state_dict`` = EMA weights when EMA was on, ``current_model_state`` = raw), so ``difflab.checkpoints``
 (``sample.py``, ``export.py``, ``init_from=``) reads sharded checkpoints like any other.
 """
+
 from __future__ import annotations
 
 import glob
@@ -45,11 +46,11 @@ from difflab.utils.errors import CheckpointError, ConfigError, UntrustedFileErro
 
 log = logging.getLogger(__name__)
 
-SHARDED_KEY = "difflab_sharded"        # in a committed checkpoint file: where its shards are
+SHARDED_KEY = "difflab_sharded"  # in a committed checkpoint file: where its shards are
 SHARDS_DIR_KEY = "difflab_shards_dir"  # in a loaded checkpoint dict: the shard directory (for callbacks' own shards)
 SHARDED_ENTRIES = ("ema_state_dict",)  # checkpoint entries of sharded tensors written by DCP next to the model's
-META_FILE = "meta.pt"                  # Lightning's metadata file in a sharded checkpoint directory
-DCP_METADATA = ".metadata"             # torch.distributed.checkpoint's index of a shard directory (a pickle)
+META_FILE = "meta.pt"  # Lightning's metadata file in a sharded checkpoint directory
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a shard directory (a pickle)
 SHARD_FILE = r"__[0-9]+_[0-9]+\.distcp"  # the files DCP's FileSystemWriter names in its index
 STRATEGY_TARGET = "difflab.ops.fsdp.FSDPStrategy"
 PRECISIONS = ("32-true", "bf16-mixed")  # what trainer=fsdp trains in (ModelParallelStrategy refuses 16-mixed)
@@ -70,9 +71,12 @@ def fit_precision(tcfg: dict[str, Any]) -> dict[str, Any]:
         return tcfg
     precision = str(tcfg.get("precision"))
     if precision in ("16-mixed", "16"):
-        log.warning("trainer=fsdp: precision %s (fp16 autocast) needs a sharded gradient scaler that Lightning's "
-                    "ModelParallelStrategy does not have: training in 32-true instead (bf16-mixed needs a GPU with "
-                    "bf16: Ampere or newer)", precision)
+        log.warning(
+            "trainer=fsdp: precision %s (fp16 autocast) needs a sharded gradient scaler that Lightning's "
+            "ModelParallelStrategy does not have: training in 32-true instead (bf16-mixed needs a GPU with "
+            "bf16: Ampere or newer)",
+            precision,
+        )
         return {**tcfg, "precision": "32-true"}
     return tcfg
 
@@ -164,8 +168,10 @@ def shard_module(pl_module: nn.Module, mesh, mp_policy=None, reshard_after_forwa
     covered = {id(p) for u in units for p in u.parameters()}
     left = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in covered]
     if left:
-        raise ConfigError(f"trainer=fsdp shards the denoiser and the conditioner; these trainable parameters are "
-                         f"outside both: {', '.join(left[:6])}{' ...' if len(left) > 6 else ''}")
+        raise ConfigError(
+            f"trainer=fsdp shards the denoiser and the conditioner; these trainable parameters are "
+            f"outside both: {', '.join(left[:6])}{' ...' if len(left) > 6 else ''}"
+        )
     return [names.get(id(u), type(u).__name__) for u in units]
 
 
@@ -183,11 +189,17 @@ def configure_sharding(pl_module) -> list[str]:
     if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
         raise ValueError("difflab shards with FSDP only: use tensor_parallel_size=1 (trainer=fsdp does)")
     dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-    units = shard_module(pl_module, dp_mesh, mixed_precision_policy(trainer.precision),
-                         getattr(strategy, "reshard_after_forward", True))
-    log.info("FSDP2: %d units over %d ranks (%d denoiser blocks + denoiser root%s); precision %s", len(units),
-             dp_mesh.size(), len(units) - 1 - (units[-1] == "conditioner"),
-             " + conditioner" if units[-1] == "conditioner" else "", trainer.precision)
+    units = shard_module(
+        pl_module, dp_mesh, mixed_precision_policy(trainer.precision), getattr(strategy, "reshard_after_forward", True)
+    )
+    log.info(
+        "FSDP2: %d units over %d ranks (%d denoiser blocks + denoiser root%s); precision %s",
+        len(units),
+        dp_mesh.size(),
+        len(units) - 1 - (units[-1] == "conditioner"),
+        " + conditioner" if units[-1] == "conditioner" else "",
+        trainer.precision,
+    )
     return units
 
 
@@ -213,8 +225,9 @@ def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
     if not isinstance(like, DTensor):
         return whole
-    part = distribute_tensor(whole.to(device=like.device, dtype=like.dtype), like.device_mesh, like.placements,
-                             src_data_rank=None)
+    part = distribute_tensor(
+        whole.to(device=like.device, dtype=like.dtype), like.device_mesh, like.placements, src_data_rank=None
+    )
     return part.to_local()
 
 
@@ -233,12 +246,21 @@ class FSDPStrategy(_strategy_base()):
     backward (ZeRO-3, least memory); False keeps them until the backward (fewer all-gathers, more memory).
     """
 
-    def __init__(self, reshard_after_forward: bool = True, process_group_backend: Optional[str] = None,
-                 timeout: Optional[timedelta] = None):
+    def __init__(
+        self,
+        reshard_after_forward: bool = True,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = None,
+    ):
         from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 
-        super().__init__(data_parallel_size="auto", tensor_parallel_size="auto", save_distributed_checkpoint=True,
-                         process_group_backend=process_group_backend, timeout=timeout or default_pg_timeout)
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size="auto",
+            save_distributed_checkpoint=True,
+            process_group_backend=process_group_backend,
+            timeout=timeout or default_pg_timeout,
+        )
         self.reshard_after_forward = bool(reshard_after_forward)
 
     def setup_environment(self) -> None:
@@ -260,11 +282,14 @@ class FSDPStrategy(_strategy_base()):
         path = Path(self.broadcast(str(checkpoint_path)))
         shards = sharded_checkpoint_dir(path)
         if shards is None and _referenced_shards(path) is not None:
-            raise CheckpointError(f"cannot resume from {path}: its shard directory {_referenced_shards(path)} is "
-                                  "missing or incomplete")
+            raise CheckpointError(
+                f"cannot resume from {path}: its shard directory {_referenced_shards(path)} is missing or incomplete"
+            )
         if shards is None:
-            raise CheckpointError(f"trainer=fsdp resumes from the sharded checkpoints it writes; {path} is a "
-                                  f"single-file checkpoint: start a new run from its weights with init_from={path}")
+            raise CheckpointError(
+                f"trainer=fsdp resumes from the sharded checkpoints it writes; {path} is a "
+                f"single-file checkpoint: start a new run from its weights with init_from={path}"
+            )
         verify_shards(shards)  # Lightning's DCP reader unpickles the index and non-tensor entries without a check
         metadata = super().load_checkpoint(shards, weights_only=weights_only)
         metadata.pop(SHARDED_KEY, None)
@@ -284,8 +309,14 @@ class FSDPStrategy(_strategy_base()):
 
 
 # --------------------------------------------------------------------------------------------------- writing
-def write_sharded_checkpoint(checkpoint: dict[str, Any], filepath, global_rank: int = 0, world_size: int = 1,
-                             broadcast=lambda obj: obj, barrier=lambda: None) -> Path:
+def write_sharded_checkpoint(
+    checkpoint: dict[str, Any],
+    filepath,
+    global_rank: int = 0,
+    world_size: int = 1,
+    broadcast=lambda obj: obj,
+    barrier=lambda: None,
+) -> Path:
     """Write a checkpoint whose ``state_dict``, ``optimizer_states`` and ``SHARDED_ENTRIES`` hold sharded tensors
     (DTensors): every rank's shards into a new ``<name>.shards-<step>-<token>/`` (DCP + ``meta.pt``: a Lightning
     sharded checkpoint directory), then, on rank 0, ``<name>`` atomically (metadata + the pointer ``SHARDED_KEY``),
@@ -375,8 +406,9 @@ def sharded_checkpoint_dir(path: str | Path) -> Path | None:
     return None
 
 
-def read_sharded_checkpoint(path: str | Path, entries: tuple[str, ...] = ("state_dict", "ema_state_dict"),
-                            metadata: dict | None = None) -> dict[str, Any]:
+def read_sharded_checkpoint(
+    path: str | Path, entries: tuple[str, ...] = ("state_dict", "ema_state_dict"), metadata: dict | None = None
+) -> dict[str, Any]:
     """Consolidate a sharded checkpoint (its committed file or its directory) on this process, on the CPU, without
     a process group: the single-file layout (``state_dict`` = the EMA weights when the run had EMA, else the raw
     ones; ``current_model_state`` = raw when there is EMA; every metadata entry). Optimizer states are not read."""
@@ -414,10 +446,16 @@ def _dcp_global_allowed(module: str, name: str) -> bool:
     if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"):
         return isinstance(getattr(importlib.import_module(module), name, None), type)
     if module == "torch":
-        return name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                         torch.memory_format))
-    return (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                              ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+        return name == "Size" or isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        )
+    return (module, name) in {
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PurePosixPath"),
+        ("collections", "OrderedDict"),
+    }
 
 
 def verify_shards(shards: Path, trusted: bool | None = None):
@@ -447,9 +485,11 @@ def verify_shards(shards: Path, trusted: bool | None = None):
                 torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
             except Exception as err:  # noqa: BLE001 - any refusal by the safe loader
                 first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-                raise UntrustedFileError(f"refusing {shards}: entry {key.fqn} is a pickle that weights_only loading "
-                                         f"refuses ({first}); if you trust the file's author, rerun with "
-                                         f"trust_stored_code=true") from None
+                raise UntrustedFileError(
+                    f"refusing {shards}: entry {key.fqn} is a pickle that weights_only loading "
+                    f"refuses ({first}); if you trust the file's author, rerun with "
+                    f"trust_stored_code=true"
+                ) from None
     return metadata
 
 

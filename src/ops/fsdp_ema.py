@@ -9,6 +9,7 @@ Sampling needs whole weights on the ranks that draw: ``prepare`` (called on ever
 ``difflab.ops.ema_weights``) gathers the shards into an unsharded copy of the module, built before sharding and kept
 on the CPU between uses, once per step; ``average_module`` returns that copy and refuses one gathered at another step.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,8 +36,8 @@ class ShardedShadow:
     sharded = True
 
     def __init__(self, pl_module: L.LightningModule | None = None, keep_copy: bool = False):
-        self.shards: dict[str, torch.Tensor] = {}   # name -> DTensor (parameters) or tensor (buffers)
-        self.persistent: set[str] = set()           # names that belong in a state_dict
+        self.shards: dict[str, torch.Tensor] = {}  # name -> DTensor (parameters) or tensor (buffers)
+        self.persistent: set[str] = set()  # names that belong in a state_dict
         self.n_averaged = 0
         self.pending_full: dict | None = None
         # the module is still whole here (Lightning shards it after setup): copy it for sampling
@@ -95,8 +96,10 @@ class ShardedShadow:
         if raw_at_end is not None:
             checkpoint["state_dict"] = raw_at_end
         elif swapped:  # saved during validation: the module holds the EMA, the average the raw weights
-            checkpoint["state_dict"], ema = ema, {n: t.detach().clone() for n, t in named_tensors(pl_module).items()
-                                                  if n in self.persistent}
+            checkpoint["state_dict"], ema = (
+                ema,
+                {n: t.detach().clone() for n, t in named_tensors(pl_module).items() if n in self.persistent},
+            )
         checkpoint["ema_state_dict"] = ema
 
     def load(self, checkpoint, pl_module):
@@ -106,8 +109,11 @@ class ShardedShadow:
         stored = set()
         if shards_dir is not None:
             reader = shard_reader(shards_dir)
-            stored = {k.partition(".")[2] for k in reader.read_metadata().state_dict_metadata
-                      if k.startswith("ema_state_dict.")}
+            stored = {
+                k.partition(".")[2]
+                for k in reader.read_metadata().state_dict_metadata
+                if k.startswith("ema_state_dict.")
+            }
         if stored:
             targets = {n: t for n, t in self.shards.items() if n in stored}
             dcp.load({"ema_state_dict": targets}, storage_reader=reader)  # in place, every rank its shards
@@ -152,11 +158,16 @@ class ShardedShadow:
 
     def average_module(self, pl_module, swapped, step):
         if self.replica is None or self.replica_step != step:
-            have = "no sampling copy on this rank" if self.replica is None else \
-                f"the sampling copy was gathered at step {self.replica_step}"
-            raise RuntimeError(f"EMA under FSDP: {have}, sampling asked at step {step}. The EMA weights are "
-                               "sharded: every rank gathers them together through "
-                               "difflab.ops.ema_weights.ema_weights(trainer, pl_module) before sampling.")
+            have = (
+                "no sampling copy on this rank"
+                if self.replica is None
+                else f"the sampling copy was gathered at step {self.replica_step}"
+            )
+            raise RuntimeError(
+                f"EMA under FSDP: {have}, sampling asked at step {step}. The EMA weights are "
+                "sharded: every rank gathers them together through "
+                "difflab.ops.ema_weights.ema_weights(trainer, pl_module) before sampling."
+            )
         return self.replica
 
     def whole_copies(self, pl_module, swapped):

@@ -1,5 +1,6 @@
 """Fit the trainer config to the machine it runs on: a GPU recipe on a CPU-only machine runs on the CPU, with a
 warning that says how to ask for that explicitly, instead of Lightning's "No supported gpu backend found!"."""
+
 from __future__ import annotations
 
 import logging
@@ -21,6 +22,9 @@ def fit_accelerator(tcfg: dict[str, Any]) -> dict[str, Any]:
     if str(tcfg.get("strategy", "auto")).startswith("ddp"):
         tcfg["strategy"] = "auto"
         tcfg.pop("sync_batchnorm", None)
-    log.warning("the trainer config asks for a GPU (%s) but no GPU is visible: training on one CPU process instead "
-                "(add trainer=cpu to ask for this, or trainer=ddp_cpu for 2 CPU processes)", was)
+    log.warning(
+        "the trainer config asks for a GPU (%s) but no GPU is visible: training on one CPU process instead "
+        "(add trainer=cpu to ask for this, or trainer=ddp_cpu for 2 CPU processes)",
+        was,
+    )
     return tcfg

@@ -14,6 +14,7 @@ training with the same error when one is NaN / inf, so ``last.ckpt`` keeps the l
 non-finite through a step whose loss and gradients were finite but whose update overflowed, or with the guard's
 skipping off; skipped steps leave them untouched.)
 """
+
 from __future__ import annotations
 
 import logging
@@ -74,8 +75,10 @@ def diverged(trainer: L.Trainer, what: str) -> TrainingDivergedError:
     disk, which holds finite weights (saving non-finite ones is refused)."""
     ckpt = last_checkpoint(trainer)
     where = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written before it"
-    return TrainingDivergedError(f"training diverged: {what}; {where}; lower model.lr or check the data, then "
-                                 f"resume with ckpt_path=<that checkpoint>")
+    return TrainingDivergedError(
+        f"training diverged: {what}; {where}; lower model.lr or check the data, then "
+        f"resume with ckpt_path=<that checkpoint>"
+    )
 
 
 class NonFiniteGuard(L.Callback):
@@ -116,17 +119,27 @@ class NonFiniteGuard(L.Callback):
         if getattr(trainer.precision_plugin, "scaler", None) is None:
             for p in params:  # the optimizer skips parameters without gradients: weights and moments stay as they are
                 p.grad = None
-        log.warning("step %d: non-finite loss or gradients, optimizer step skipped (%d in a row, %d in total)",
-                    step, self.consecutive, self.skipped_total)
+        log.warning(
+            "step %d: non-finite loss or gradients, optimizer step skipped (%d in a row, %d in total)",
+            step,
+            self.consecutive,
+            self.skipped_total,
+        )
         if self.max_consecutive and self.consecutive >= self.max_consecutive:
-            raise diverged(trainer, f"{self.consecutive} consecutive steps with non-finite loss or gradients "
-                                    f"({self.skipped_total} skipped in total), stopped at step {step}")
+            raise diverged(
+                trainer,
+                f"{self.consecutive} consecutive steps with non-finite loss or gradients "
+                f"({self.skipped_total} skipped in total), stopped at step {step}",
+            )
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         """Refuse to save non-finite weights (raw or EMA): training stops and the previous checkpoints stay as they
         are. Runs on every rank (Lightning builds the checkpoint everywhere), so the ranks agree."""
-        weights = [*pl_module.parameters(), *(checkpoint.get("state_dict") or {}).values(),
-                   *(checkpoint.get("current_model_state") or {}).values()]
+        weights = [
+            *pl_module.parameters(),
+            *(checkpoint.get("state_dict") or {}).values(),
+            *(checkpoint.get("current_model_state") or {}).values(),
+        ]
         bad = not tensors_finite(weights)
         if trainer.world_size > 1:  # FSDP: each rank checked its own shards
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
@@ -136,8 +149,9 @@ class NonFiniteGuard(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % max(1, trainer.log_every_n_steps) and not self.consecutive:
             return  # logged at the logger's cadence (and on every skipped step); self.log costs ~1 ms per call
-        pl_module.log("train/skipped_steps", float(self.skipped_total), on_step=True, on_epoch=False,
-                      rank_zero_only=True)
+        pl_module.log(
+            "train/skipped_steps", float(self.skipped_total), on_step=True, on_epoch=False, rank_zero_only=True
+        )
 
     def state_dict(self) -> dict:
         return {"skipped_total": self.skipped_total, "consecutive": self.consecutive}

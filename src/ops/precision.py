@@ -12,6 +12,7 @@ An explicit bf16 precision on a GPU without native bf16 falls back to fp16. ``to
 counts emulation by default (V100 and T4 would report True and run slow emulated bf16), so native support is asked
 for explicitly.
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,13 +76,16 @@ def auto_precision(accelerator: str | None, trainable_params: int | None = None)
     if not cpu_has_native_bf16():
         return "32-true", "CPU without native bf16 (bf16 would be emulated)"
     if trainable_params is not None and trainable_params < CPU_BF16_MIN_PARAMS:
-        return "32-true", (f"CPU with native bf16, but the model has {trainable_params / 1e6:.2f}M trainable "
-                           f"parameters < {CPU_BF16_MIN_PARAMS / 1e6:.0f}M, where bf16 did not pay")
+        return "32-true", (
+            f"CPU with native bf16, but the model has {trainable_params / 1e6:.2f}M trainable "
+            f"parameters < {CPU_BF16_MIN_PARAMS / 1e6:.0f}M, where bf16 did not pay"
+        )
     return "bf16-mixed", "CPU with native bf16"
 
 
-def resolve_precision(precision: str | int | None, accelerator: str | None,
-                      trainable_params: int | None = None) -> str | int | None:
+def resolve_precision(
+    precision: str | int | None, accelerator: str | None, trainable_params: int | None = None
+) -> str | int | None:
     """``precision`` as the Trainer should get it: ``auto`` resolved for this machine, explicit bf16 on a GPU without
     native bf16 replaced by fp16; the choice is logged."""
     p = str(precision) if precision is not None else None
@@ -96,6 +100,9 @@ def resolve_precision(precision: str | int | None, accelerator: str | None,
         log.warning("precision=%s: this GPU has no native bf16, using %s", p, fallback)
         return fallback
     if accelerator == "cpu" and not cpu_has_native_bf16():
-        log.warning("precision=%s on a CPU without native bf16: autocast emulates bf16 and runs slower than fp32 "
-                    "(trainer.precision=auto picks 32-true here)", p)
+        log.warning(
+            "precision=%s on a CPU without native bf16: autocast emulates bf16 and runs slower than fp32 "
+            "(trainer.precision=auto picks 32-true here)",
+            p,
+        )
     return precision

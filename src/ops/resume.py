@@ -12,6 +12,7 @@ one, or starts fresh with a warning when none is; an explicit ``ckpt_path`` that
 Either way Lightning restores weights, EMA, optimizer, LR schedule, loop counters, (``RNGState``) RNG states and the
 data loaders' position within the epoch, worker RNG included (``difflab.datamodules.loaders``).
 """
+
 from __future__ import annotations
 
 import glob
@@ -90,13 +91,17 @@ def resolve_resume(ckpt_path: str | None, resume: str | None, output_dir: str | 
     if ckpt_path not in (None, ""):
         path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
         if not path.is_file():
-            hint = " (ckpt_path=last needs the run directory: add hydra.run.dir=<that run>)" if ckpt_path == "last" else ""
+            hint = (
+                " (ckpt_path=last needs the run directory: add hydra.run.dir=<that run>)" if ckpt_path == "last" else ""
+            )
             raise CheckpointError(f"ckpt_path={ckpt_path}: no checkpoint at {path}{hint}")
         try:
             check_readable(path)
         except CheckpointError as err:
-            raise CheckpointError(f"ckpt_path={ckpt_path}: {err}; resume from another checkpoint, or with resume=auto "
-                                  f"(the newest readable one of the run directory)") from None
+            raise CheckpointError(
+                f"ckpt_path={ckpt_path}: {err}; resume from another checkpoint, or with resume=auto "
+                f"(the newest readable one of the run directory)"
+            ) from None
         return str(path)
     if resume == "auto" or (resume is None and slurm_requeued()):
         latest = find_latest_readable_checkpoint(output_dir)

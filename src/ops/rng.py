@@ -9,6 +9,7 @@ Data loader workers have their own generators (seeded per worker, advanced by ra
 mix in ``WorkerRNGState`` report them to torchdata's ``StatefulDataLoader`` (difflab.datamodules.loaders), which
 checkpoints them with the loader state, so a run resumed mid-epoch draws the same flips / clip windows.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,15 @@ def set_rng_states(states: dict[str, torch.Tensor]) -> None:
     """Inverse of ``collect_rng_states``."""
     torch.set_rng_state(_own(states["torch"]))
     meta = states["numpy_meta"].tolist()
-    np.random.set_state(("MT19937", states["numpy_keys"].numpy().astype(np.uint32), int(meta[0]), int(meta[1]),
-                         float(states["numpy_gauss"][0])))
+    np.random.set_state(
+        (
+            "MT19937",
+            states["numpy_keys"].numpy().astype(np.uint32),
+            int(meta[0]),
+            int(meta[1]),
+            float(states["numpy_gauss"][0]),
+        )
+    )
     py = states["python"].tolist()
     gauss = float(states["python_gauss"][0])
     random.setstate((int(py[0]), tuple(int(v) for v in py[1:]), None if gauss != gauss else gauss))
@@ -58,8 +66,11 @@ def set_rng_states(states: dict[str, torch.Tensor]) -> None:
         if cuda.shape[0] == torch.cuda.device_count():
             torch.cuda.set_rng_state_all([_own(s) for s in cuda])
         else:
-            log.warning("checkpoint has CUDA RNG states of %d devices, this machine has %d; not restored",
-                        cuda.shape[0], torch.cuda.device_count())
+            log.warning(
+                "checkpoint has CUDA RNG states of %d devices, this machine has %d; not restored",
+                cuda.shape[0],
+                torch.cuda.device_count(),
+            )
 
 
 class WorkerRNGState:
@@ -122,8 +133,12 @@ class RNGState(L.Callback):
         world = trainer.world_size if trainer is not None else 1
         saved_world = int(state_dict.get("world_size", 1))
         if saved_world != world:
-            log.warning("RNG states were saved with %d ranks, resuming with %d: the random stream will differ from an "
-                        "uninterrupted run", saved_world, world)
+            log.warning(
+                "RNG states were saved with %d ranks, resuming with %d: the random stream will differ from an "
+                "uninterrupted run",
+                saved_world,
+                world,
+            )
         ranks = state_dict["ranks"]
         idx = min(rank, next(iter(ranks.values())).shape[0] - 1)
         set_rng_states({k: v[idx] for k, v in ranks.items()})

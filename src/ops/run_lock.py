@@ -13,6 +13,7 @@ all 0 (or unset) takes the lock, so the children of a locked run are not refused
 (some Lustre mounts) get a warning and run unlocked. A single run is also checked before Hydra writes ``.hydra/``
 into the directory (``ensure_run_dir_free``, from the start-time config check), so a refused run writes nothing.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,16 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".difflab.lock"
 # set by the launchers (Lightning's DDP launcher, torchrun, SLURM, LSF, MPI) in every process but global rank 0's
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK",
-                  "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+RANK_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "SLURM_PROCID",
+    "JSM_NAMESPACE_RANK",
+    "OMPI_COMM_WORLD_RANK",
+    "PMI_RANK",
+)
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}  # the filesystem cannot lock
 
 
@@ -71,8 +80,11 @@ def _open_lock_file(path: Path) -> int | None:
     except OSError as err:
         if is_disk_full(err):
             raise disk_full(path, err) from err
-        log.warning("cannot create the run lock %s (%s): this run is not protected against a second run of the same "
-                    "directory", path, err.strerror or err)
+        log.warning(
+            "cannot create the run lock %s (%s): this run is not protected against a second run of the same directory",
+            path,
+            err.strerror or err,
+        )
         return None
 
 
@@ -93,8 +105,12 @@ def acquire_run_lock(run_dir: str | Path) -> int | None:
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise _in_use(run_dir, path) from None
         if err.errno in _NO_LOCKS:
-            log.warning("the filesystem of %s cannot lock files (%s): this run is not protected against a second run "
-                        "of the same directory", run_dir, err.strerror)
+            log.warning(
+                "the filesystem of %s cannot lock files (%s): this run is not protected against a second run "
+                "of the same directory",
+                run_dir,
+                err.strerror,
+            )
             return None
         raise
     try:
@@ -131,9 +147,11 @@ def ensure_run_dir_free(run_dir: str | Path) -> None:
 
 
 def _in_use(run_dir: str | Path, path: Path) -> RunDirInUseError:
-    return RunDirInUseError(f"run directory {Path(run_dir)} is in use by another training run ({lock_holder(path)}); "
-                            f"wait for it to end (resume then with resume=auto) or give this run another directory "
-                            f"(hydra.run.dir=...)")
+    return RunDirInUseError(
+        f"run directory {Path(run_dir)} is in use by another training run ({lock_holder(path)}); "
+        f"wait for it to end (resume then with resume=auto) or give this run another directory "
+        f"(hydra.run.dir=...)"
+    )
 
 
 def release_run_lock(fd: int | None) -> None:

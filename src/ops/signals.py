@@ -11,6 +11,7 @@ written ``after_fit`` hands over to whoever owns requeueing: the handler that wa
 which requeues the job) or, without one, ``scontrol requeue $SLURM_JOB_ID`` from global rank 0. The requeued job
 finds the checkpoint with ``resume`` (automatic when ``SLURM_RESTART_COUNT`` > 0, see ``difflab.ops.resume``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,16 +47,21 @@ def checkpoint_dir(trainer: L.Trainer) -> Path:
 class GracefulShutdown(L.Callback):
     """On SIGTERM / SIGINT / ``requeue_signal``: finish the batch, save ``last.ckpt``, stop training cleanly."""
 
-    def __init__(self, signals: tuple[str, ...] | list[str] = ("SIGTERM", "SIGINT"), requeue_signal: str | None = "SIGUSR2",
-                 save_checkpoint: bool = True, filename: str = "last.ckpt"):
+    def __init__(
+        self,
+        signals: tuple[str, ...] | list[str] = ("SIGTERM", "SIGINT"),
+        requeue_signal: str | None = "SIGUSR2",
+        save_checkpoint: bool = True,
+        filename: str = "last.ckpt",
+    ):
         self.stop_signals = [s for s in (signal_number(n) for n in signals) if s is not None]
         self.requeue_signal = signal_number(requeue_signal)
         self.save_checkpoint, self.filename = save_checkpoint, filename
         self.received: signal.Signals | None = None  # the first signal this process received
-        self.stopped = False          # training was stopped by a signal (on every rank)
-        self.requeue = False          # ... and it was the requeue signal
+        self.stopped = False  # training was stopped by a signal (on every rank)
+        self.requeue = False  # ... and it was the requeue signal
         self.saved_path: str | None = None
-        self._previous: dict[int, Any] = {}        # handlers we replaced, while training runs
+        self._previous: dict[int, Any] = {}  # handlers we replaced, while training runs
         self._previous_after: dict[int, Any] = {}  # ... kept after teardown for the requeue hand-over
 
     # ------------------------------------------------------------------ handlers
@@ -91,8 +97,13 @@ class GracefulShutdown(L.Callback):
         flag = self.received is not None
         if trainer.world_size > 1:
             flag = trainer.strategy.reduce_boolean_decision(flag, all=False)
-            requeue = trainer.strategy.reduce_boolean_decision(self.received == self.requeue_signal
-                                                               and self.requeue_signal is not None, all=False) if flag else False
+            requeue = (
+                trainer.strategy.reduce_boolean_decision(
+                    self.received == self.requeue_signal and self.requeue_signal is not None, all=False
+                )
+                if flag
+                else False
+            )
         else:
             requeue = flag and self.received == self.requeue_signal
         if not flag or self.stopped:
@@ -109,9 +120,12 @@ class GracefulShutdown(L.Callback):
                 # ModelCheckpoint writes last.ckpt again at train end when it saved nothing itself during this fit;
                 # by then the EMA weights have been copied into the model, so that file would lose the raw weights
                 cb._last_checkpoint_saved = str(path)
-        log.warning("stopping at step %d after %s%s", trainer.global_step,
-                    self.received.name if self.received else "a signal on another rank",
-                    f"; checkpoint: {self.saved_path}" if self.saved_path else "")
+        log.warning(
+            "stopping at step %d after %s%s",
+            trainer.global_step,
+            self.received.name if self.received else "a signal on another rank",
+            f"; checkpoint: {self.saved_path}" if self.saved_path else "",
+        )
         trainer.should_stop = True
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
@@ -128,8 +142,11 @@ class GracefulShutdown(L.Callback):
             return
         prev = self._previous_after.get(self.requeue_signal)
         if callable(prev):  # submitit's handler: requeues (global rank 0) and exits
-            log.info("handing %s to the previous handler (%s) for requeueing", self.requeue_signal.name,
-                     getattr(prev, "__qualname__", prev))
+            log.info(
+                "handing %s to the previous handler (%s) for requeueing",
+                self.requeue_signal.name,
+                getattr(prev, "__qualname__", prev),
+            )
             prev(int(self.requeue_signal), None)
             return
         job = os.environ.get("SLURM_JOB_ID")

@@ -6,6 +6,7 @@ handler is set, and silently does nothing under submitit (Lightning#14610). diff
 Lightning's SLURM requeue is switched off (``auto_requeue=False``), ``GracefulShutdown`` saves ``last.ckpt`` on
 SIGUSR2 and then hands over to submitit's handler, which requeues; the requeued job resumes from that checkpoint.
 """
+
 from __future__ import annotations
 
 import signal

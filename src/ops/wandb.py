@@ -7,6 +7,7 @@
 - ``finish()`` is called after every job (``train.py``, in a ``finally``), so sweep jobs never merge into one run;
 - ``WANDB_MODE=offline`` works without an account (``wandb sync <run>/wandb/offline-run-*`` uploads later).
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,12 +56,14 @@ def _hydra_info() -> dict[str, Any]:
         swept = swept_keys(sys.argv[1:])
         parser = OverridesParser.create()
         job = [o for o in hc.overrides.task if parser.parse_override(o).key_or_group in swept]
-        return {"experiment": hc.runtime.choices.get("experiment"),
-                "multirun": hc.mode == RunMode.MULTIRUN,
-                "sweep": Path(str(hc.sweep.dir)).name,
-                "job_num": hc.job.get("num"),
-                "swept": swept,
-                "job_overrides": ",".join(job)}
+        return {
+            "experiment": hc.runtime.choices.get("experiment"),
+            "multirun": hc.mode == RunMode.MULTIRUN,
+            "sweep": Path(str(hc.sweep.dir)).name,
+            "job_num": hc.job.get("num"),
+            "swept": swept,
+            "job_overrides": ",".join(job),
+        }
     except Exception:  # noqa: BLE001 - naming is cosmetic, never fail a run on it
         return {}
 
@@ -81,7 +84,9 @@ def run_names(name: str | None, group: str | None) -> tuple[str | None, str | No
         name = name[:128]
     if group is None:
         if multirun:
-            group = f"sweep-{info['sweep']}" if "experiment" in info.get("swept", ()) else f"{exp}-sweep-{info['sweep']}"
+            group = (
+                f"sweep-{info['sweep']}" if "experiment" in info.get("swept", ()) else f"{exp}-sweep-{info['sweep']}"
+            )
         else:
             group = exp
     return name, group
@@ -106,9 +111,18 @@ def run_id(save_dir: str | Path) -> str:
 
 
 @config_target
-def wandb_logger(save_dir: str, project: str = "difflab", name: str | None = None, group: str | None = None,
-                 entity: str | None = None, tags: Sequence[str] | None = None, job_type: str = "train",
-                 log_model: bool | str = False, mode: str | None = None, **kwargs: Any):
+def wandb_logger(
+    save_dir: str,
+    project: str = "difflab",
+    name: str | None = None,
+    group: str | None = None,
+    entity: str | None = None,
+    tags: Sequence[str] | None = None,
+    job_type: str = "train",
+    log_model: bool | str = False,
+    mode: str | None = None,
+    **kwargs: Any,
+):
     """A Lightning ``WandbLogger`` with difflab naming and a run id persisted in ``save_dir`` (see module doc)."""
     from lightning.pytorch.loggers import WandbLogger
 
@@ -116,8 +130,19 @@ def wandb_logger(save_dir: str, project: str = "difflab", name: str | None = Non
     rid = run_id(save_dir)
     if mode is not None:
         kwargs["mode"] = mode
-    return WandbLogger(project=project, name=name, group=group, entity=entity, tags=list(tags or []),
-                       job_type=job_type, save_dir=save_dir, id=rid, resume="allow", log_model=log_model, **kwargs)
+    return WandbLogger(
+        project=project,
+        name=name,
+        group=group,
+        entity=entity,
+        tags=list(tags or []),
+        job_type=job_type,
+        save_dir=save_dir,
+        id=rid,
+        resume="allow",
+        log_model=log_model,
+        **kwargs,
+    )
 
 
 def finish(failed: bool = False) -> None:
@@ -128,4 +153,3 @@ def finish(failed: bool = False) -> None:
 
     if wandb.run is not None:
         wandb.finish(exit_code=1 if failed else 0)
-

@@ -5,14 +5,16 @@ is ``trainer.max_steps`` (progress = step / total), the wall-clock of ``trainer.
 max_time, read from Lightning's ``Timer``), or, with both, whichever is further along: the schedule decays over
 exactly the run it gets, on a fast machine or a slow one.
 """
+
 from __future__ import annotations
 
 import math
 from typing import Callable
 
 
-def warmup_cosine_progress(progress: float, warmup_fraction: float, start_factor: float = 0.01,
-                           final_fraction: float = 0.1) -> float:
+def warmup_cosine_progress(
+    progress: float, warmup_fraction: float, start_factor: float = 0.01, final_fraction: float = 0.1
+) -> float:
     """LR multiplier at ``progress`` in [0, 1] of the budget: linear warm-up from ``start_factor`` to 1 over the
     first ``warmup_fraction``, then cosine decay to ``final_fraction``."""
     if warmup_fraction > 0 and progress < warmup_fraction:
@@ -21,8 +23,9 @@ def warmup_cosine_progress(progress: float, warmup_fraction: float, start_factor
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * decay))
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, start_factor: float = 0.01,
-                  final_fraction: float = 0.1) -> float:
+def warmup_cosine(
+    step: int, warmup_steps: int, total_steps: int, start_factor: float = 0.01, final_fraction: float = 0.1
+) -> float:
     """LR multiplier at ``step`` of a ``total_steps`` budget with ``warmup_steps`` of linear warm-up."""
     total = max(1, total_steps)
     return warmup_cosine_progress(min(1.0, step / total), warmup_steps / total, start_factor, final_fraction)
@@ -58,8 +61,9 @@ class WarmupCosine:
     over the run's budget: ``trainer.max_steps`` and ``trainer.max_time``, whichever runs out first (``budget:
     auto``), or only one of them (``steps`` / ``time``). ``warmup`` is a step count or a fraction (< 1) of the budget."""
 
-    def __init__(self, warmup: float | int = 0.05, start_factor: float = 0.01, final_fraction: float = 0.1,
-                 budget: str = "auto"):
+    def __init__(
+        self, warmup: float | int = 0.05, start_factor: float = 0.01, final_fraction: float = 0.1, budget: str = "auto"
+    ):
         if budget not in ("auto", "steps", "time"):
             raise ValueError(f"lr_schedule.budget={budget!r} is unknown: auto, steps or time")
         self.warmup, self.start_factor, self.final_fraction, self.budget = warmup, start_factor, final_fraction, budget
@@ -71,20 +75,28 @@ class WarmupCosine:
 
         total = trainer.estimated_stepping_batches
         total = max(1, int(total)) if math.isfinite(total) and self.budget != "time" else None
-        timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None) if self.budget != "steps" else None
+        timer = (
+            next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None) if self.budget != "steps" else None
+        )
         if total is None and timer is None:
             raise ValueError("the LR schedule needs a budget: set trainer.max_steps or trainer.max_time")
         if total is None and not (isinstance(self.warmup, float) and self.warmup < 1):
-            raise ValueError(f"lr_schedule.warmup={self.warmup}: a run bounded only by trainer.max_time needs the "
-                             f"warm-up as a fraction of the budget (e.g. 0.05)")
-        warmup = resolve_steps(self.warmup, total) / total if total else self.warmup   # whole steps, as step budgets
+            raise ValueError(
+                f"lr_schedule.warmup={self.warmup}: a run bounded only by trainer.max_time needs the "
+                f"warm-up as a fraction of the budget (e.g. 0.05)"
+            )
+        warmup = resolve_steps(self.warmup, total) / total if total else self.warmup  # whole steps, as step budgets
         used = time_progress(timer) if timer is not None else None
-        if used is None:   # a step budget only: the closed form of the step (the same LR on every machine)
+        if used is None:  # a step budget only: the closed form of the step (the same LR on every machine)
             steps = resolve_steps(self.warmup, total)
             factor = lambda step: warmup_cosine(step, steps, total, self.start_factor, self.final_fraction)  # noqa: E731
         else:
-            factor = lambda step: warmup_cosine_progress(budget_progress(step, total, used), warmup,  # noqa: E731
-                                                         self.start_factor, self.final_fraction)
+            factor = lambda step: warmup_cosine_progress(
+                budget_progress(step, total, used),
+                warmup,  # noqa: E731
+                self.start_factor,
+                self.final_fraction,
+            )
         sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"scheduler": sched, "interval": "step", "frequency": 1}
 

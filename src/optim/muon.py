@@ -4,6 +4,7 @@ Muon orthogonalises the momentum of a weight matrix (Newton-Schulz), which is de
 torch's documentation gives the rest (biases, norms, convolution kernels, embeddings' gains) to a standard method.
 ``adjust_lr_fn="match_rms_adamw"`` (Moonshot's scaling) lets Muon reuse AdamW's learning rate and weight decay.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, MutableMapping
@@ -44,24 +45,47 @@ class _RoutedState(MutableMapping):
 class MuonAdamW(torch.optim.Optimizer):
     """Muon for 2-D weights, AdamW for the rest; one ``param_groups`` list so LR schedules scale both."""
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float = 2e-4, weight_decay: float = 0.0,
-                 momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 adjust_lr_fn: str | None = "match_rms_adamw", adamw_lr: float | None = None,
-                 betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8, adamw_weight_decay: float | None = None):
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = "match_rms_adamw",
+        adamw_lr: float | None = None,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        adamw_weight_decay: float | None = None,
+    ):
         params = [p for p in params if p.requires_grad]
         matrices = [p for p in params if p.ndim == 2]
         rest = [p for p in params if p.ndim != 2]
         if not matrices:
             raise ValueError("optimizer=muon found no 2-D weight to orthogonalise; use optimizer=adamw")
         super().__init__(params, {"lr": lr})
-        self.muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                     nesterov=nesterov, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
-        self.adamw = torch.optim.AdamW(rest or [torch.zeros(0, requires_grad=True)],
-                                       lr=lr if adamw_lr is None else adamw_lr, betas=tuple(betas), eps=eps,
-                                       weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay)
+        self.muon = torch.optim.Muon(
+            matrices,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+        )
+        self.adamw = torch.optim.AdamW(
+            rest or [torch.zeros(0, requires_grad=True)],
+            lr=lr if adamw_lr is None else adamw_lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay,
+        )
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
-        self.state = _RoutedState(({id(p) for p in matrices}, self.muon),
-                                  ({id(p) for g in self.adamw.param_groups for p in g["params"]}, self.adamw))
+        self.state = _RoutedState(
+            ({id(p) for p in matrices}, self.muon),
+            ({id(p) for g in self.adamw.param_groups for p in g["params"]}, self.adamw),
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):

@@ -6,6 +6,7 @@ Each split directory holds ``index.json`` (litdata's index) and ``chunk-<p>-0.bi
 [p*S, (p+1)*S) of the split, S samples per shard. The write order is a seeded permutation of the source split, so
 every shard is a uniform random subset even when the source is sorted by class.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,14 +21,14 @@ from difflab.storage.manifest import MANIFEST, STATUS_COMPLETE, split_dir, write
 from difflab.trust import bare_name
 from difflab.utils.errors import ConfigError, CorruptDataError, UntrustedFileError, disk_full, is_disk_full
 
-LAYOUT = "shards"                         # a manifest's "layout" for shard directories (caches: "mmap")
-INDEX = "index.json"                      # litdata's index of a split's shards
-SHARD_BYTES = 64 * 2**20                  # default shard size: litdata's recommended ~64 MB chunks
+LAYOUT = "shards"  # a manifest's "layout" for shard directories (caches: "mmap")
+INDEX = "index.json"  # litdata's index of a split's shards
+SHARD_BYTES = 64 * 2**20  # default shard size: litdata's recommended ~64 MB chunks
 # What each record field is stored as (litdata's data_format names). The reader refuses any other format before
 # litdata decodes a byte: litdata picks each field's decoder from the index, and "pickle" would run code.
 FIELD_FORMATS = {"z": "numpy", "video": "numpy", "index": "int", "label": "int", "text": "str"}
-CHUNK_NAME = r"chunk-[0-9]+-[0-9]+\.bin"   # litdata's names for difflab's shards (no compression)
-Stats = Callable[[np.ndarray], dict]       # what a shard records about its arrays (at least {"n": count})
+CHUNK_NAME = r"chunk-[0-9]+-[0-9]+\.bin"  # litdata's names for difflab's shards (no compression)
+Stats = Callable[[np.ndarray], dict]  # what a shard records about its arrays (at least {"n": count})
 
 
 def shard_info(manifest: dict) -> dict:
@@ -64,42 +65,56 @@ def index_keys(index: dict) -> list[str] | None:
         return None
 
 
-def check_shards_complete(manifest: dict, location: str, shard_format: str, shard_version: int, rewrite: str,
-                          what: str, rerun: str) -> None:
+def check_shards_complete(
+    manifest: dict, location: str, shard_format: str, shard_version: int, rewrite: str, what: str, rerun: str
+) -> None:
     """The manifest's shard block is ``shard_format`` / ``shard_version`` and every split is written; else one line
     (another format version: rewrite; an interrupted writer: rerun it)."""
     info = shard_info(manifest)
     if info.get("format") != shard_format or info.get("version") != shard_version:
-        raise CorruptDataError(f"{location} holds shards of format {info.get('format')!r} version "
-                               f"{info.get('version')}, this difflab reads {shard_format!r} version {shard_version}: "
-                               f"{rewrite}")
+        raise CorruptDataError(
+            f"{location} holds shards of format {info.get('format')!r} version "
+            f"{info.get('version')}, this difflab reads {shard_format!r} version {shard_version}: "
+            f"{rewrite}"
+        )
     if manifest.get("status") != STATUS_COMPLETE:
         done = {s: f"{v.get('done', 0)}/{v.get('count', '?')}" for s, v in manifest.get("splits", {}).items()}
         raise ConfigError(f"{what} {location} is incomplete ({done}): rerun {rerun} to finish it")
 
 
-def check_split_index(manifest: dict, location: str, split: str, storage_options: dict | None = None, *,
-                      writer: str = "encode_latents.py format=shards") -> dict:
+def check_split_index(
+    manifest: dict,
+    location: str,
+    split: str,
+    storage_options: dict | None = None,
+    *,
+    writer: str = "encode_latents.py format=shards",
+) -> dict:
     """litdata's index of one split, checked against the manifest (count of samples, record keys); ``writer`` is
     the command named in the messages."""
     info = manifest["splits"][split]
     where = join(location, split, INDEX)
     index = fetch_json(join(location, split), INDEX, storage_options)
     if index is None:
-        raise CorruptDataError(f"{where} is missing: the shard directory is damaged, rewrite it with "
-                               f"{writer} overwrite=true")
+        raise CorruptDataError(
+            f"{where} is missing: the shard directory is damaged, rewrite it with {writer} overwrite=true"
+        )
     try:
         count = sum(int(c["chunk_size"]) for c in index["chunks"])
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptDataError(f"{where} is not a litdata shard index ({e}); rewrite the shards") from e
     if count != int(info["count"]):
-        raise CorruptDataError(f"{where} lists {count} samples but {join(location, MANIFEST)} records "
-                               f"{info['count']} for split {split!r}: the manifest belongs to other shards; rewrite "
-                               f"them with {writer} overwrite=true")
+        raise CorruptDataError(
+            f"{where} lists {count} samples but {join(location, MANIFEST)} records "
+            f"{info['count']} for split {split!r}: the manifest belongs to other shards; rewrite "
+            f"them with {writer} overwrite=true"
+        )
     keys = index_keys(index)
     if keys is not None and keys != expected_keys(info):
-        raise CorruptDataError(f"{where} stores records {keys}, the manifest expects {expected_keys(info)}: rewrite "
-                               f"the shards with {writer} overwrite=true")
+        raise CorruptDataError(
+            f"{where} stores records {keys}, the manifest expects {expected_keys(info)}: rewrite "
+            f"the shards with {writer} overwrite=true"
+        )
     check_index_safe(index, keys or expected_keys(info), where)
     return index
 
@@ -114,18 +129,30 @@ def check_index_safe(index: dict, keys: list[str], where: str) -> None:
         raise UntrustedFileError(f"refusing {where}: its data_format {formats!r} does not describe the fields {keys}")
     for key, fmt in zip(keys, formats):
         if FIELD_FORMATS.get(key) != fmt:
-            raise UntrustedFileError(f"refusing {where}: field {key!r} is stored as {fmt!r}; difflab writes "
-                                     f"{FIELD_FORMATS.get(key, 'no such field')!r} and decodes nothing else")
+            raise UntrustedFileError(
+                f"refusing {where}: field {key!r} is stored as {fmt!r}; difflab writes "
+                f"{FIELD_FORMATS.get(key, 'no such field')!r} and decodes nothing else"
+            )
     if config.get("encryption"):
         raise UntrustedFileError(f"refusing {where}: its shards are encrypted, which difflab never writes")
     for chunk in index["chunks"]:
-        bare_name(chunk.get("filename") if isinstance(chunk, dict) else None, where, "chunks[].filename",
-                  pattern=CHUNK_NAME)
+        bare_name(
+            chunk.get("filename") if isinstance(chunk, dict) else None, where, "chunks[].filename", pattern=CHUNK_NAME
+        )
 
 
-def write_shard(split_path: Path, shard: int, samples_per_shard: int, z: np.ndarray, index: np.ndarray,
-                labels: np.ndarray | None = None, texts: Sequence[str] | None = None, *, key: str = "z",
-                stats: Stats | None = None) -> dict:
+def write_shard(
+    split_path: Path,
+    shard: int,
+    samples_per_shard: int,
+    z: np.ndarray,
+    index: np.ndarray,
+    labels: np.ndarray | None = None,
+    texts: Sequence[str] | None = None,
+    *,
+    key: str = "z",
+    stats: Stats | None = None,
+) -> dict:
     """Write one shard (``chunk-<shard>-0.bin`` and its ``<shard>.index.json``) of at most ``samples_per_shard``
     records in the given order; returns ``stats(arrays)`` (e.g. the latents' per-channel moments) or the count.
     ``key`` names the array of each record (``"z"``: latents; ``"video"``: clips)."""
@@ -136,8 +163,11 @@ def write_shard(split_path: Path, shard: int, samples_per_shard: int, z: np.ndar
     if not 0 < n <= samples_per_shard:
         raise ValueError(f"a shard holds 1 to {samples_per_shard} samples, got {n}")
     z = np.ascontiguousarray(z)
-    writer = BinaryWriter(str(split_path), chunk_size=int(samples_per_shard),  # the same config for every shard
-                          serializers={"str": text_serializer()})
+    writer = BinaryWriter(
+        str(split_path),
+        chunk_size=int(samples_per_shard),  # the same config for every shard
+        serializers={"str": text_serializer()},
+    )
     writer._rank = int(shard)  # names the shard's files; litdata merges the per-rank indexes in rank order
     try:
         for i in range(n):
@@ -196,8 +226,17 @@ def merge_index(split_path: Path) -> None:
 Block = tuple[np.ndarray, "np.ndarray | None", "list[str] | None"]  # latents, labels, texts (in write order)
 
 
-def write_split(out_dir: Path, manifest: dict, split: str, blocks: Callable[[int], Iterator[Block]], *,
-                dtype: str, progress=None, key: str = "z", stats: Stats | None = None) -> None:
+def write_split(
+    out_dir: Path,
+    manifest: dict,
+    split: str,
+    blocks: Callable[[int], Iterator[Block]],
+    *,
+    dtype: str,
+    progress=None,
+    key: str = "z",
+    stats: Stats | None = None,
+) -> None:
     """Write (or finish) one split's shards from ``blocks(start)``: an iterator over consecutive blocks of samples in
     write order from position ``start``. Records progress in the manifest after every shard. ``key`` and
     ``stats``: as in ``write_shard``."""
@@ -226,9 +265,17 @@ def write_split(out_dir: Path, manifest: dict, split: str, blocks: Callable[[int
         z = np.concatenate(zs) if len(zs) > 1 else zs[0]
         lab = (np.concatenate(labels) if len(labels) > 1 else labels[0]) if info["has_label"] else None
         txt = texts if info["has_text"] else None
-        written = write_shard(path, len(shards), s, z[:count], order[done:done + count],
-                              None if lab is None else lab[:count], None if txt is None else txt[:count],
-                              key=key, stats=stats)
+        written = write_shard(
+            path,
+            len(shards),
+            s,
+            z[:count],
+            order[done : done + count],
+            None if lab is None else lab[:count],
+            None if txt is None else txt[:count],
+            key=key,
+            stats=stats,
+        )
         zs, have = [z[count:]], have - count
         if lab is not None:
             labels = [lab[count:]]
@@ -254,22 +301,30 @@ def write_split(out_dir: Path, manifest: dict, split: str, blocks: Callable[[int
         if have:
             flush(have)
     if done != n:
-        raise ConfigError(f"split {split!r} gave {done} samples, its manifest records {n}: the source changed "
-                          f"while writing; rerun with overwrite=true")
+        raise ConfigError(
+            f"split {split!r} gave {done} samples, its manifest records {n}: the source changed "
+            f"while writing; rerun with overwrite=true"
+        )
     merge_index(path)
     merged = json.loads((path / INDEX).read_text())
     if sum(int(c["chunk_size"]) for c in merged["chunks"]) != n:
         raise CorruptDataError(f"{path / INDEX} does not list the {n} samples written: rerun with overwrite=true")
 
 
-def shard_manifest(base: dict, *, samples_per_shard: int, order_seed: int | None, shard_format: str,
-                   shard_version: int) -> dict:
+def shard_manifest(
+    base: dict, *, samples_per_shard: int, order_seed: int | None, shard_format: str, shard_version: int
+) -> dict:
     """``base`` (a cache manifest or a fresh one) turned into a shard manifest (``shard_format`` / ``shard_version``:
     the record layout's name and version)."""
     litdata = require_litdata("writing shards")
     m = copy.deepcopy(base)
     m["layout"] = LAYOUT
-    m["shards"] = {"format": shard_format, "version": int(shard_version), "library": "litdata",
-                   "library_version": getattr(litdata, "__version__", "?"), "samples_per_shard": int(samples_per_shard),
-                   "order_seed": None if order_seed is None else int(order_seed)}
+    m["shards"] = {
+        "format": shard_format,
+        "version": int(shard_version),
+        "library": "litdata",
+        "library_version": getattr(litdata, "__version__", "?"),
+        "samples_per_shard": int(samples_per_shard),
+        "order_seed": None if order_seed is None else int(order_seed),
+    }
     return m

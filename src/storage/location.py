@@ -1,5 +1,6 @@
 """Dataset locations: local directories or object-storage URLs (read through litdata), and reading small JSON files
 from either."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ def require_litdata(needed_for: str):
     try:
         import litdata
     except ImportError:
-        raise ConfigError(f"{needed_for} needs the optional package litdata: {INSTALL} (or pip install litdata)") \
-            from None
+        raise ConfigError(
+            f"{needed_for} needs the optional package litdata: {INSTALL} (or pip install litdata)"
+        ) from None
     return litdata
 
 
@@ -45,8 +47,9 @@ def fetch_json(location: str, name: str, storage_options: dict | None = None) ->
         try:
             return json.loads(p.read_text())
         except (OSError, ValueError) as e:
-            raise CorruptDataError(f"{p} is unreadable ({e}); rewrite the shards with encode_latents.py "
-                                   f"format=shards overwrite=true") from e
+            raise CorruptDataError(
+                f"{p} is unreadable ({e}); rewrite the shards with encode_latents.py format=shards overwrite=true"
+            ) from e
     require_litdata(f"reading {location}")
     from litdata.streaming.downloader import get_downloader
 
@@ -59,8 +62,10 @@ def fetch_json(location: str, name: str, storage_options: dict | None = None) ->
             first = str(e).splitlines()[0] if str(e) else ""
             if isinstance(e, FileNotFoundError) or any(w in first for w in ("404", "Not Found", "NoSuchKey")):
                 return None
-            raise DataNotFoundError(f"cannot read {path} ({type(e).__name__}: {first}); check the URL and the "
-                                    f"storage credentials (datamodule.storage_options)") from e
+            raise DataNotFoundError(
+                f"cannot read {path} ({type(e).__name__}: {first}); check the URL and the "
+                f"storage credentials (datamodule.storage_options)"
+            ) from e
     try:
         return json.loads(text)
     except ValueError as e:

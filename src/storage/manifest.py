@@ -1,5 +1,6 @@
 """The manifest every written dataset directory carries (latent caches, latent shards, clip shards): its name,
 progress states, split directories, and atomic replacement."""
+
 from __future__ import annotations
 
 import datetime as _dt

@@ -1,4 +1,5 @@
 """A progress bar for long writes, or nothing."""
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -10,5 +11,4 @@ def progress_bar(enabled: bool, verb: str = "encoding"):
         return nullcontext(None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn(verb + " {task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn())
+    return Progress(TextColumn(verb + " {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

@@ -1,4 +1,5 @@
 """What every console command shares: user-facing errors as one line on stderr and exit status 2, no traceback."""
+
 from __future__ import annotations
 
 import functools
@@ -8,7 +9,7 @@ from typing import Any, Callable
 from difflab.utils.errors import fail
 
 FLAG = "--validate"
-_STATE = {"on": False}   # set by each console command from its own command line (the Hydra callback reads it)
+_STATE = {"on": False}  # set by each console command from its own command line (the Hydra callback reads it)
 
 
 def take_flag(argv: list[str]) -> list[str]:
@@ -20,7 +21,6 @@ def take_flag(argv: list[str]) -> list[str]:
 def requested() -> bool:
     """Whether the running command is in validate mode."""
     return _STATE["on"]
-
 
 
 def worker_error_line(err: BaseException) -> str:
@@ -56,11 +56,11 @@ def console_command(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
     def main() -> Any:
         from difflab.utils.extras import check_command_line
 
-        sys.argv = take_flag(sys.argv)   # --validate: check, describe the run, write nothing
+        sys.argv = take_flag(sys.argv)  # --validate: check, describe the run, write nothing
         try:
             run_reporting_errors(check_command_line, sys.argv[1:])
             return hydra_main()
         finally:
-            take_flag([])                # validate mode ends with the command (in-process callers run several)
+            take_flag([])  # validate mode ends with the command (in-process callers run several)
 
     return main

@@ -1,4 +1,5 @@
 """Compose difflab's training config in this process, as ``train.py`` would, for notebooks, benchmarks and tests."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """What a model is conditioned on, asked the same way by callbacks and evaluators."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """Exceptions with one-line messages that tell the user what went wrong and what to do."""
+
 import errno
 import os
 from pathlib import Path
@@ -63,8 +64,10 @@ def disk_full(path: str | Path, err: BaseException | None = None) -> DiskFullErr
     while err is not None and not isinstance(err, OSError):
         err = err.__cause__ or err.__context__
     why = f" ({err.strerror})" if isinstance(err, OSError) and err.strerror else ""
-    return DiskFullError(f"no space left on the device while writing {path}{why}: its previous version (if any) is "
-                         f"intact and nothing partial was kept; free space or write elsewhere, then rerun")
+    return DiskFullError(
+        f"no space left on the device while writing {path}{why}: its previous version (if any) is "
+        f"intact and nothing partial was kept; free space or write elsewhere, then rerun"
+    )
 
 
 def instantiate_reporting(cfg: Any) -> Any:
@@ -84,7 +87,7 @@ def instantiate_reporting(cfg: Any) -> Any:
         raise cause from None
 
 
-USER_ERROR_EXIT = 2   # exit status of a user error (bad input, missing file)
+USER_ERROR_EXIT = 2  # exit status of a user error (bad input, missing file)
 
 
 def fail(message: str) -> None:

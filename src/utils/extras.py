@@ -3,6 +3,7 @@
 The core install covers training and sampling on every built-in dataset; these pieces are extras
 (``pip install 'difflab[NAME]'``, or ``pip install -e '.[NAME]'`` in a checkout).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -53,8 +54,9 @@ def is_installed(module: str) -> bool:
 def check_command_line(argv: list[str]) -> None:
     """Before Hydra composes: a launcher plugin chosen on the command line must be installed (Hydra's own error is
     a config-search-path dump)."""
-    if any(arg.startswith("hydra/launcher=slurm") for arg in argv) and \
-            not is_installed("hydra_plugins.hydra_submitit_launcher"):
+    if any(arg.startswith("hydra/launcher=slurm") for arg in argv) and not is_installed(
+        "hydra_plugins.hydra_submitit_launcher"
+    ):
         raise missing_extra("hydra_plugins.hydra_submitit_launcher", "hydra/launcher=slurm")
     search = next((arg for arg in argv if arg.startswith("hparams_search=") and arg != "hparams_search=null"), None)
     if search and not is_installed("hydra_plugins.hydra_optuna_sweeper"):

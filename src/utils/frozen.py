@@ -4,6 +4,7 @@ A module held in ``Frozen`` is not a registered submodule of its owner, so it is
 (checkpoints), from ``parameters()`` (the optimizer) and from the EMA copy: ``copy.deepcopy`` of the owner shares
 the same holder instead of duplicating the weights.
 """
+
 from __future__ import annotations
 
 import torch

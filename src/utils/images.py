@@ -1,4 +1,5 @@
 """Image grids and PNG writing for samples and figures."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,7 +42,7 @@ def make_grid(images: torch.Tensor, nrow: int, pad: int = 1, pad_value: int = 0)
     arr = images.permute(0, 2, 3, 1).cpu().numpy()
     for i in range(n):
         r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = arr[i]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = arr[i]
     return grid
 
 

@@ -1,10 +1,12 @@
 """Send figures and scalars to every active Lightning logger (TensorBoard, W&B, CSV); route Lightning's own log lines."""
+
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
 import numpy as np
+
 from difflab.trust import not_a_link
 
 log = logging.getLogger(__name__)

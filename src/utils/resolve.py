@@ -1,5 +1,6 @@
 """A composed config as the job will see it, for checks that run before the job: ``${hydra:...}`` resolvable
 (``hydra_runtime``) and the tree as plain values with what cannot be known yet marked (``plain``)."""
+
 from __future__ import annotations
 
 import copy
@@ -9,8 +10,8 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
-MISSING = object()      # a ``???`` value
-UNRESOLVED = object()   # an interpolation that cannot be resolved before the job runs
+MISSING = object()  # a ``???`` value
+UNRESOLVED = object()  # an interpolation that cannot be resolved before the job runs
 
 
 def plain(node: Any) -> Any:

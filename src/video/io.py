@@ -3,6 +3,7 @@
 Frames are uint8 arrays ``T x H x W x C`` (C = 3, or 1 for grey) everywhere in this module. Times are seconds from
 the first frame of the video stream, so How2Sign START/END values can be used as they are.
 """
+
 from __future__ import annotations
 
 import fractions
@@ -87,8 +88,9 @@ class PyAVReader:
             raise ValueError(f"{self.path}: the container reports no frames")
         self.info = VideoInfo(fps, num_frames, duration, s.codec_context.width, s.codec_context.height)
 
-    def frames_in_range(self, start: float | None = None, end: float | None = None,
-                        size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def frames_in_range(
+        self, start: float | None = None, end: float | None = None, size: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Frames whose presentation time lies in ``[start, end)`` and their times (seconds from stream start).
 
         ``size=(height, width)`` lets FFmpeg's scaler resize while converting to RGB (much cheaper than decoding
@@ -150,8 +152,9 @@ class TorchCodecReader:
         duration = float(m.duration_seconds or (self._end - self._begin))
         self.info = VideoInfo(float(m.average_fps), int(m.num_frames), duration, int(m.width), int(m.height))
 
-    def frames_in_range(self, start: float | None = None, end: float | None = None,
-                        size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def frames_in_range(
+        self, start: float | None = None, end: float | None = None, size: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Frames played in ``[start, end)`` (seconds from stream start) and their times; ``size`` resizes (H, W)."""
         a = self._begin + (0.0 if start is None else max(0.0, float(start)))
         b = self._end if end is None else min(self._end, self._begin + float(end))
@@ -189,8 +192,14 @@ def probe_video(path: str | os.PathLike, backend: str = "pyav") -> VideoInfo:
         return r.info
 
 
-def read_video(path: str | os.PathLike, start: float | None = None, end: float | None = None, *,
-               backend: str = "pyav", as_tensor: bool = False) -> np.ndarray | torch.Tensor:
+def read_video(
+    path: str | os.PathLike,
+    start: float | None = None,
+    end: float | None = None,
+    *,
+    backend: str = "pyav",
+    as_tensor: bool = False,
+) -> np.ndarray | torch.Tensor:
     """Decode the frames shown in ``[start, end)`` seconds (None = from the start / to the end) as ``T x H x W x 3``."""
     with open_video(path, backend) as r:
         frames, _ = r.frames_in_range(start, end)
@@ -203,8 +212,9 @@ def list_frame_files(folder: str | os.PathLike) -> list[str]:
     return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.lower().endswith(FRAME_EXTS)]
 
 
-def read_frame_files(files: Sequence[str | os.PathLike], *, size: tuple[int, int] | None = None,
-                     grey: bool = False) -> np.ndarray:
+def read_frame_files(
+    files: Sequence[str | os.PathLike], *, size: tuple[int, int] | None = None, grey: bool = False
+) -> np.ndarray:
     """Read image files as ``T x H x W x C`` uint8; ``size=(height, width)`` resizes with PIL's antialiased
     bilinear filter, ``grey`` gives one channel. Each distinct file is decoded once even if listed twice."""
     from PIL import Image
@@ -223,8 +233,13 @@ def read_frame_files(files: Sequence[str | os.PathLike], *, size: tuple[int, int
     return np.stack(out)
 
 
-def read_frame_folder(folder: str | os.PathLike, indices: Sequence[int] | None = None, *,
-                      size: tuple[int, int] | None = None, grey: bool = False) -> np.ndarray:
+def read_frame_folder(
+    folder: str | os.PathLike,
+    indices: Sequence[int] | None = None,
+    *,
+    size: tuple[int, int] | None = None,
+    grey: bool = False,
+) -> np.ndarray:
     """Read a folder of frame images (sorted by name) as ``T x H x W x C`` uint8: all frames or those at ``indices``."""
     files = list_frame_files(folder)
     if not files:
@@ -234,8 +249,9 @@ def read_frame_folder(folder: str | os.PathLike, indices: Sequence[int] | None =
 
 def resize_uint8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize ``N x C x H x W`` uint8 with antialiased bilinear interpolation, back to uint8 (``round_to_uint8``)."""
-    y = torch.nn.functional.interpolate(x.float(), size=tuple(size), mode="bilinear", antialias=True,
-                                        align_corners=False)
+    y = torch.nn.functional.interpolate(
+        x.float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False
+    )
     return round_to_uint8(y)
 
 
@@ -246,8 +262,10 @@ def _as_uint8_frames(frames, what: str) -> np.ndarray:
         frames = frames.detach().cpu().numpy()
     frames = np.asarray(frames)
     if frames.dtype != np.uint8:
-        raise TypeError(f"{what}: frames must be uint8 T x H x W x C, got {frames.dtype}; "
-                        "convert model outputs with to_uint8_video(x)")
+        raise TypeError(
+            f"{what}: frames must be uint8 T x H x W x C, got {frames.dtype}; "
+            "convert model outputs with to_uint8_video(x)"
+        )
     if frames.ndim == 3:
         frames = frames[..., None]
     if frames.ndim != 4 or frames.shape[-1] not in (1, 3) or frames.shape[0] == 0:
@@ -283,8 +301,9 @@ def mp4_encoder() -> str:
     raise RuntimeError("this PyAV build has neither a libx264 nor an mpeg4 encoder; reinstall `av` from PyPI")
 
 
-def write_mp4(path: str | os.PathLike, frames, fps: float, *, codec: str | None = None, crf: int = 18,
-              options: dict | None = None) -> Path:
+def write_mp4(
+    path: str | os.PathLike, frames, fps: float, *, codec: str | None = None, crf: int = 18, options: dict | None = None
+) -> Path:
     """Write uint8 ``T x H x W x C`` frames to an mp4 file (H.264 yuv420p, or mpeg4 when x264 is missing).
 
     Grey frames are written as RGB. 4:2:0 video needs even sizes, so an odd height/width is padded by repeating the
@@ -338,8 +357,16 @@ def write_gif(path: str | os.PathLike, frames, fps: float, *, loop: int = 0) -> 
     path = Path(path)
     duration = max(20, int(round(1000.0 / fps / 10.0)) * 10)
     with atomic_path(path) as tmp:
-        images[0].save(str(tmp), format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=loop,
-                       optimize=False, disposal=1)
+        images[0].save(
+            str(tmp),
+            format="GIF",
+            save_all=True,
+            append_images=images[1:],
+            duration=duration,
+            loop=loop,
+            optimize=False,
+            disposal=1,
+        )
     return path
 
 
@@ -369,5 +396,5 @@ def video_grid(videos, nrow: int, *, padding: int = 2, pad_value: int = 0) -> np
             v = np.concatenate([v, np.repeat(v[-1:], t - v.shape[0], axis=0)])
         r, col = divmod(i, nrow)
         y, x = padding + r * (h + padding), padding + col * (w + padding)
-        grid[:, y:y + h, x:x + w] = v
+        grid[:, y : y + h, x : x + w] = v
     return grid
