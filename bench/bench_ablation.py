@@ -13,16 +13,12 @@ samples every 250 steps, the scored class grid every 250 steps), then ``python a
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import RESULTS, machine_description, write_result  # noqa: E402
+from bench.common import sweep_and_summarise  # noqa: E402
 
 METRICS = ["metrics/fd_digit200", "metrics/digit_accuracy", "metrics/grid_agreement", "val/loss"]
 
@@ -60,52 +56,9 @@ def main() -> None:
     args = parser.parse_args()
     steps, seeds = (40, "0,1") if args.quick else (args.steps, "0,1,2")
     command = sweep_command(args.sweep_dir, steps, seeds)
-    elapsed = None
-    if not args.reuse:
-        start = time.perf_counter()
-        subprocess.run(command, check=True, cwd=REPO)
-        elapsed = time.perf_counter() - start
-    summary = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "ablate.py"),
-            str(args.sweep_dir),
-            "--baseline",
-            "process=vp",
-            "--metrics",
-            *METRICS,
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    ).stdout
-    folder = Path(os.environ.get("DIFFLAB_BENCH_RESULTS") or RESULTS)
-    pngs = []
-    for metric in METRICS:
-        name = metric.replace("/", "_") + ".png"
-        source = args.sweep_dir / "ablation" / name
-        if source.is_file():
-            target = folder / ("ablation_" + name.replace(".png", ".quick.png" if args.quick else ".png"))
-            shutil.copyfile(source, target)
-            pngs.append(target.name)
-    # commands a reader can run: the machine-local sweep directory is written as <sweep>
-    shown = "python train.py " + " ".join(c if " " not in c else repr(c) for c in command[2:])
-    shown = shown.replace(f"hydra.sweep.dir={args.sweep_dir}", "hydra.sweep.dir=<sweep>")
-    summary = summary.replace(str(args.sweep_dir), "<sweep>")
-    body = [
-        f"Machine: {machine_description()}",
-        "",
-        f"Sweep: `{shown}`" + (f" ({elapsed / 60:.0f} min)" if elapsed else ""),
-        f"Summary: `python ablate.py <sweep> --baseline process=vp --metrics {' '.join(METRICS)}`",
-        "",
-        "Curves: " + ", ".join(f"`bench/results/{p}`" for p in pngs),
-        "",
-        summary.replace("# Ablation summary", "### Ablation summary", 1)
-        .replace("\n## ", "\n#### ")
-        .replace("\n### ", "\n##### "),
-    ]
-    path = write_result("ablation", "\n".join(body) + "\n", quick=args.quick)
+    path = sweep_and_summarise(
+        "ablation", command, args.sweep_dir, "process=vp", METRICS, reuse=args.reuse, quick=args.quick, notes=()
+    )
     print(f"wrote {path}")
 
 

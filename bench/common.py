@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -151,3 +152,51 @@ def compose_train(overrides: Sequence[str] = (), output_dir: str | Path = "/tmp/
     from difflab.utils.compose import compose_train as compose
 
     return compose(output_dir, [f"paths.root_dir={REPO}", *overrides])
+
+
+def sweep_and_summarise(
+    name: str,
+    command: list[str],
+    sweep_dir: Path,
+    baseline: str,
+    metrics: list[str],
+    reuse: bool = False,
+    quick: bool = False,
+    notes: Sequence[str] = (),
+) -> Path:
+    """Run a ``train.py -m`` sweep as a user would (unless ``reuse``), summarise it with ``ablate.py``, copy its
+    curves next to the result file and write ``bench/results/<name>.md`` with commands a reader can run (the sweep
+    directory shown as ``<sweep>``)."""
+    elapsed = None
+    if not reuse:
+        start = time.perf_counter()
+        subprocess.run(command, check=True, cwd=REPO)
+        elapsed = time.perf_counter() - start
+    ablate = [sys.executable, str(REPO / "ablate.py"), str(sweep_dir), "--baseline", baseline, "--metrics", *metrics]
+    summary = subprocess.run(ablate, check=True, capture_output=True, text=True, cwd=REPO).stdout
+    folder = Path(os.environ.get("DIFFLAB_BENCH_RESULTS") or RESULTS)
+    pngs = []
+    for metric in metrics:
+        png = metric.replace("/", "_") + ".png"
+        source = sweep_dir / "ablation" / png
+        if source.is_file():
+            target = folder / (f"{name}_" + png.replace(".png", ".quick.png" if quick else ".png"))
+            shutil.copyfile(source, target)
+            pngs.append(target.name)
+    shown = "python train.py " + " ".join(c if " " not in c else repr(c) for c in command[2:])
+    shown = shown.replace(f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.dir=<sweep>")
+    summary = summary.replace(str(sweep_dir), "<sweep>")
+    body = [
+        f"Machine: {machine_description()}",
+        "",
+        f"Sweep: `{shown}`" + (f" ({elapsed / 60:.0f} min)" if elapsed else ""),
+        f"Summary: `python ablate.py <sweep> --baseline {baseline} --metrics {' '.join(metrics)}`",
+        *notes,
+        "",
+        "Curves: " + ", ".join(f"`bench/results/{p}`" for p in pngs),
+        "",
+        summary.replace("# Ablation summary", "### Ablation summary", 1)
+        .replace("\n## ", "\n#### ")
+        .replace("\n### ", "\n##### "),
+    ]
+    return write_result(name, "\n".join(body) + "\n", quick=quick)
