@@ -164,7 +164,7 @@ def sweep_and_summarise(
     quick: bool = False,
     notes: Sequence[str] = (),
 ) -> Path:
-    """Run a ``train.py -m`` sweep as a user would (unless ``reuse``), summarise it with ``ablate.py``, copy its
+    """Run a ``train.py -m`` (or ``sample.py -m``) sweep as a user would (unless ``reuse``), summarise it with ``ablate.py``, copy its
     curves next to the result file and write ``bench/results/<name>.md`` with commands a reader can run (the sweep
     directory shown as ``<sweep>``)."""
     elapsed = None
@@ -183,7 +183,7 @@ def sweep_and_summarise(
             target = folder / (f"{name}_" + png.replace(".png", ".quick.png" if quick else ".png"))
             shutil.copyfile(source, target)
             pngs.append(target.name)
-    shown = "python train.py " + " ".join(c if " " not in c else repr(c) for c in command[2:])
+    shown = f"python {Path(command[1]).name} " + " ".join(c if " " not in c else repr(c) for c in command[2:])
     shown = shown.replace(f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.dir=<sweep>")
     summary = summary.replace(str(sweep_dir), "<sweep>")
     body = [

@@ -87,12 +87,16 @@ SAMPLE = {
     "guidance.scale": optional(non_negative()),
     "guidance.rescale": optional(probability()),
     "guidance.interval": optional(sigma_interval()),
+    "judge": optional(one_of(["digits"])),  # score the samples (sample.py judge=digits)
     "guidance.method": optional(one_of(["cfg", "cfgpp", "apg", "autoguidance"])),  # src/diffusion/guidance.py
     "guidance.eta": optional(number()),
     "guidance.norm_threshold": optional(non_negative()),
     "guidance.momentum": optional(number(min=-1, max=1, min_open=True, max_open=True)),
     "guidance.guide_ckpt": optional(
-        Rule(_checkpoint_found, "an existing checkpoint (*.ckpt) or export of the guide model")
+        any_of(
+            one_of(["kept"]),
+            Rule(_checkpoint_found, "an existing checkpoint (*.ckpt) or export of the guide model"),
+        )
     ),
     "trust_stored_code": boolean(),  # difflab.trust
 }
@@ -159,6 +163,20 @@ def sample_guidance_settings(cfg: dict):
     scale = g.get("scale")
     if g.get("method") == "cfgpp" and isinstance(scale, (int, float)) and not cfgpp_lambda_ok([scale]):
         return "guidance.scale", CFGPP_LAMBDA
+    return None
+
+
+def kept_guide_is_kept(cfg: dict):
+    """Autoguidance with ``guide_ckpt: kept`` needs the callback that keeps the guide."""
+    if (cfg.get("guidance") or {}).get("guide_ckpt") != "kept":
+        return None
+    callbacks = [c for c in (cfg.get("callbacks") or {}).values() if isinstance(c, dict)]
+    if not any(str(c.get("_target_", "")).endswith(".KeepGuide") for c in callbacks):
+        return (
+            "guidance.guide_ckpt",
+            "kept only with the KeepGuide callback, which keeps the guide (in every callback set but none: add "
+            "+callbacks.keep_guide._target_=difflab.callbacks.keep_guide.KeepGuide)",
+        )
     return None
 
 
@@ -354,6 +372,7 @@ CHECKS = {
     "reconstruct_ema": [one_ema_length],
     "train": [
         resume_xor_init,
+        kept_guide_is_kept,
         sampler_steps_fit_schedule,
         patch_divides_image_size,
         frames_within_temporal_positions,

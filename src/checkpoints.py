@@ -34,6 +34,9 @@ EXPORT_CONFIG = "config.yaml"
 EXPORT_FORMAT = "difflab-export-v1"
 
 
+KEPT_GUIDE_KEY = "kept_guide"  # checkpoint key / export tensor prefix of the kept autoguidance guide
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; missing, corrupt or unsafe files raise one-line CheckpointErrors.
     A sharded checkpoint (``trainer=fsdp``: its committed ``.ckpt`` file or its shard directory) is consolidated into
@@ -250,12 +253,14 @@ def load_weights(path: str | Path) -> dict[str, Any]:
     if is_export(path):
         exp = load_export(path)
         step = exp["metadata"].get("global_step")
+        state, kept = split_kept_guide(exp["state_dict"], exp["metadata"])
         return {
-            "raw": exp["state_dict"],
-            "ema": exp["state_dict"],
+            "raw": state,
+            "ema": state,
             "config": exp["config"],
             "step": int(step) if step is not None else None,
             "path": str(path),
+            KEPT_GUIDE_KEY: kept,
         }
     ckpt = load_checkpoint(path)
     raw = drop_compiled_aliases(ckpt.get("current_model_state") or ckpt["state_dict"])
@@ -266,7 +271,18 @@ def load_weights(path: str | Path) -> dict[str, Any]:
         "step": ckpt.get("global_step"),
         "path": str(path),
         "checkpoint": ckpt,
+        KEPT_GUIDE_KEY: ckpt.get(KEPT_GUIDE_KEY),
     }
+
+
+def split_kept_guide(tensors: dict[str, Any], metadata: dict[str, str]) -> tuple[dict[str, Any], dict | None]:
+    """An export's tensors without the kept autoguidance guide (``kept_guide.*``), and that guide's state (or None)."""
+    prefix = KEPT_GUIDE_KEY + "."
+    kept = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    rest = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+    if not kept:
+        return rest, None
+    return rest, {"step": int(metadata.get("kept_guide_step", -1)), "state_dict": kept}
 
 
 # ---------------------------------------------------------------------------------------------- state-dict matching
@@ -372,4 +388,18 @@ def module_from_checkpoint(
     module = instantiate_reporting(cfg.model)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     load_state_dict_checked(module, weights["ema"], path)
+    restore_kept_guide(module, weights.get(KEPT_GUIDE_KEY), path)
     return module.to(map_location).eval()
+
+
+def restore_kept_guide(module: nn.Module, state: dict | None, path: str | Path) -> None:
+    """Hand a checkpoint's kept autoguidance guide to the module's guidance (when it guides with a kept guide)."""
+    guidance = getattr(getattr(module, "diffusion", None), "guidance", None)
+    if state is None or not getattr(guidance, "uses_kept_guide", False):
+        return
+    try:
+        guidance.keep(state["state_dict"], state["step"], like=module)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{path}: its kept guide does not fit its own model ({str(err).splitlines()[0]})"
+        ) from None

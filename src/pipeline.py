@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,7 +16,7 @@ from difflab.config_checks import ensure_valid
 from difflab.metrics.protocol import write_protocol
 from difflab.ops import ddp_multirun
 from difflab.ops import wandb as wandb_ops
-from difflab.ops.atomic import atomic_write, remove_stale_temporaries
+from difflab.ops.atomic import remove_stale_temporaries
 from difflab.ops.finetune import init_callbacks
 from difflab.ops.fsdp import fit_precision
 from difflab.ops.hardware import fit_accelerator
@@ -31,6 +29,7 @@ from difflab.run_bounds import stopping_bound
 from difflab.trust import data_strings
 from difflab.utils.errors import ConfigError, instantiate_reporting
 from difflab.utils.logging import print_lightning_lines_once
+from difflab.utils.run_record import write_final_metrics as write_record
 
 log = logging.getLogger(__name__)
 
@@ -122,17 +121,8 @@ def final_metrics(trainer: L.Trainer) -> dict[str, float]:
 
 
 def write_final_metrics(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], stopped: bool) -> None:
-    """``<run>/final_metrics.json``: the run's end state (finished or stopped by a signal), last step and metrics;
-    its presence tells ``ablate.py`` that the job ended (a job directory without it is running or failed)."""
-    name = cfg.get("optimized_metric")
-    record = {
-        "status": "stopped" if stopped else "completed",
-        "step": int(trainer.global_step),
-        "optimized_metric": name,
-        "metrics": dict(sorted(metrics.items())),
-    }
-    text = json.dumps(record, indent=2) + "\n"
-    atomic_write(Path(cfg.paths.output_dir) / "final_metrics.json", lambda tmp: Path(tmp).write_text(text))
+    """``<run>/final_metrics.json`` (``difflab.utils.run_record``): the run's end state, last step and metrics."""
+    write_record(cfg.paths.output_dir, metrics, trainer.global_step, stopped, cfg.get("optimized_metric"))
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:

@@ -6,7 +6,7 @@ GUIDANCE_SETTINGS: dict[str, tuple[str, ...]] = {
     "cfg": ("scale", "rescale", "interval", "per_class"),
     "cfgpp": ("scale", "interval", "per_class"),
     "apg": ("scale", "eta", "norm_threshold", "momentum", "interval", "per_class"),
-    "autoguidance": ("scale", "guide_ckpt", "rescale", "interval", "per_class"),
+    "autoguidance": ("scale", "guide_ckpt", "rescale", "interval", "per_class", "keep_at"),
 }
 CFGPP_LAMBDA = "a number in [0, 1] with guidance.method=cfgpp (CFG++'s lambda, e.g. 0.6)"
 

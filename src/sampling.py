@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from difflab.ops.atomic import atomic_write
 from difflab.trust import check_config
 from difflab.utils.errors import instantiate_reporting
 from difflab.utils.images import auto_upscale, make_grid, save_png, to_uint8
+from difflab.utils.run_record import write_final_metrics
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,37 @@ def write_outputs(out_dir: Path, samples: torch.Tensor, raw) -> dict[str, Path]:
     return {"npz": npz, "grid": grid}
 
 
+def judge_samples(cfg: DictConfig, samples: torch.Tensor, raw, seconds: float) -> Path:
+    """``judge=digits``: every digits judge on the samples (``difflab.eval.digits_eval``), written with the sampling
+    time to ``<out_dir>/final_metrics.json`` so ``ablate.py`` summarises a ``sample.py -m`` sweep."""
+    from difflab.checkpoints import load_weights
+    from difflab.eval.digits_eval import DIGIT_JUDGES, DIGITS_N, evaluate_samples, real_floor_metrics
+    from difflab.metrics.protocol import write_protocol
+
+    if cfg.judge != "digits":
+        raise ValueError(f"judge={cfg.judge!r} is unknown: digits (or null)")
+    if not isinstance(raw, torch.Tensor) or samples.ndim != 4:
+        raise ValueError("judge=digits needs a class-conditional image model (labels to check the digits against)")
+    scores = evaluate_samples(samples, raw.cpu())
+    floor = real_floor_metrics(len(samples))
+    metrics = {f"eval/{k}": float(v) for k, v in scores.items() if k != "n"}
+    protocol = {
+        f"eval/{k}": {
+            "n_samples": len(samples),
+            "eval_seed": int(cfg.seed),
+            "feature": DIGIT_JUDGES[k],
+            "reference": {"dataset": "digits", "split": "all", "n": DIGITS_N},
+            "floor": floor[k],
+        }
+        for k in scores
+        if k != "n"
+    }
+    write_protocol(cfg.out_dir, protocol)
+    metrics["eval/sampling_seconds"] = seconds
+    log.info("judged: %s", ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return write_final_metrics(cfg.out_dir, metrics, load_weights(cfg.ckpt_path)["step"])
+
+
 def run_sampling(cfg: DictConfig) -> dict[str, Path]:
     """Load the checkpoint, sample ``cfg.n`` items in batches and write the outputs to ``cfg.out_dir``."""
     device = pick_device(cfg.device)
@@ -112,6 +145,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Path]:
     guidance = diffusion.guidance_for(guidance_overrides(cfg.get("guidance")))  # the checkpoint's, null keys kept
     raw = sample_conditions(module, cfg.n, cfg.get("labels"), cfg.get("prompts"))
     gen = torch.Generator().manual_seed(int(cfg.seed))
+    start = time.perf_counter()
     chunks = []
     for i in range(0, cfg.n, cfg.batch_size):
         j = min(cfg.n, i + cfg.batch_size)
@@ -129,7 +163,10 @@ def run_sampling(cfg: DictConfig) -> dict[str, Path]:
             ).cpu()
         )
     samples = torch.cat(chunks)
+    seconds = time.perf_counter() - start
     out = write_outputs(Path(cfg.out_dir), samples, raw)
+    if cfg.get("judge"):
+        out["final_metrics"] = judge_samples(cfg, samples, raw, seconds)
     if samples.ndim == 5:  # videos: also an MP4 + GIF grid, one row per prompt
         from difflab.diagnostics.video_grid import video_fps, write_sample_videos
 

@@ -2,7 +2,17 @@
 difflab.config_checks before a job starts. What a method needs of its settings together (CFG++'s lambda in [0, 1],
 autoguidance's guide) its class's constructor states; the pre-flight builds it (config_checks.constructor_problems)."""
 
-from difflab.config_checks import existing_path, mapping, non_negative, number, optional, probability, sigma_interval
+from difflab.config_checks import (
+    any_of,
+    existing_path,
+    mapping,
+    non_negative,
+    number,
+    one_of,
+    optional,
+    probability,
+    sigma_interval,
+)
 
 RULES = {
     # diffusers convention: out = u + scale (c - u); 1 = none, 0 = unconditional
@@ -13,7 +23,10 @@ RULES = {
     "eta": number(),  # apg: weight of the parallel component
     "norm_threshold": non_negative(),  # apg: 0 = no norm clipping
     "momentum": number(min=-1, max=1, min_open=True, max_open=True),  # apg: running-sum momentum
-    "guide_ckpt": optional(existing_path()).described_as(
-        "an existing checkpoint or export of the guide model (null unless guidance=autoguidance)"
+    "guide_ckpt": optional(any_of(one_of(["kept"]), existing_path())).described_as(
+        "an existing checkpoint or export of the guide model, or `kept` (this run's own early weights; "
+        "null unless guidance=autoguidance)"
     ),
+    # autoguidance with guide_ckpt=kept: the fraction of the training budget at which the run keeps its guide
+    "keep_at": number(min=0, max=1, min_open=True, max_open=True),
 }

@@ -42,7 +42,7 @@ from difflab.utils.errors import ConfigError, DataNotFoundError
 
 LEVEL = 0.95
 DASH = "—"
-HIGHER_IS_BETTER = ("accuracy", "agreement", "clip_score", "diversity")
+HIGHER_IS_BETTER = ("accuracy", "agreement", "clip_score", "diversity", "precision", "recall")
 DEFAULT_LOSS = "val/loss"
 METRIC_PREFIX = "metrics/"
 AUXILIARY_SUFFIXES = ("_floor", "_std")

@@ -237,9 +237,9 @@ def _read_override_lines(path: Path, warnings: list[str]) -> list[str]:
     return [str(x) for x in lines] if isinstance(lines, list) else []
 
 
-def _select(cfg, key: str) -> Any:
-    """``cfg[key]`` (dotted; references within the file resolved, ``_read_yaml`` keeps resolver calls as text), or
-    None when absent or unresolvable."""
+def _select(cfg, key: str, resolve: bool = True) -> Any:
+    """``cfg[key]`` (dotted; references within the file resolved unless ``resolve=False``, ``_read_yaml`` keeps
+    resolver calls as text), or None when absent or unresolvable."""
     if cfg is None:
         return None
     from omegaconf import OmegaConf
@@ -251,7 +251,7 @@ def _select(cfg, key: str) -> Any:
     if not OmegaConf.is_config(value):
         return value
     try:
-        return OmegaConf.to_container(value, resolve=True)
+        return OmegaConf.to_container(value, resolve=resolve)
     except Exception:  # noqa: BLE001
         return None
 
@@ -355,7 +355,7 @@ def _sweep_overrides(multirun) -> list[str]:
     """The overrides the sweeper expanded: ``hydra.sweeper.params`` (config) first, then the command line."""
     params = _select(multirun, "hydra.sweeper.params") or {}
     lines = [f"{k}={v}" for k, v in params.items()] if isinstance(params, dict) else []
-    task = _select(multirun, "hydra.overrides.task") or []
+    task = _select(multirun, "hydra.overrides.task", resolve=False) or []  # as typed: `s${seed}` is per job
     return lines + [str(x) for x in task]
 
 

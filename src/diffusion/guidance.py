@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from difflab.diffusion.processes import NoiseProcess
     from difflab.diffusion.system import Diffusion
 
+log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 ModelFn = Callable[[Tensor, float], tuple[Tensor, Tensor]]
 Scale = float | Tensor  # a guidance scale: one number, or one per sample (per-class scales)
@@ -167,6 +169,7 @@ def autoguidance(step: GuidanceStep, scale: Scale, rescale: float = 0.0, **_: An
 
 
 # --------------------------------------------------------------------------------------------------- objects
+NOT_OPTIONS = ("scale", "interval", "per_class", "guide_ckpt", "keep_at")  # settings that are not combine's options
 GUIDANCE_METHODS: dict[str, type["Guidance"]] = {}  # guidance.method name -> class (every subclass registers)
 
 
@@ -208,7 +211,7 @@ class Guidance:
 
     def options(self) -> dict[str, Any]:
         """The method's own keyword options passed to ``combine`` (beyond scale, interval and per-class scales)."""
-        return {k: getattr(self, k) for k in self.keys() if k not in ("scale", "interval", "per_class", "guide_ckpt")}
+        return {k: getattr(self, k) for k in self.keys() if k not in NOT_OPTIONS}
 
     def check(self) -> None:
         """Refuse settings this method cannot use (one line, naming the key)."""
@@ -235,7 +238,9 @@ class Guidance:
                 f"guidance.{unknown[0]} is not a setting of guidance.method={method} (its settings: "
                 f"{', '.join(cls.keys())})"
             )
-        return cls(**{k: merged[k] for k in cls.keys() if k in merged})
+        new = cls(**{k: merged[k] for k in cls.keys() if k in merged})
+        new.carry_state_from(self)
+        return new
 
     def scales(self, raw: Any, num_classes: int | None, scale: Scale | None = None) -> Scale:
         """The scale per sample: ``per_class`` overrides for labelled samples, else the global (or given) scale."""
@@ -250,6 +255,13 @@ class Guidance:
     def reference(self, raw: Any, main: Diffusion) -> GuideNet | None:
         """The reference network for methods that use a guide (None: the null condition is the reference)."""
         return None
+
+    def in_effect(self) -> "Guidance":
+        """The guidance that samples now (itself, unless what it needs does not exist yet)."""
+        return self
+
+    def carry_state_from(self, other: "Guidance") -> None:
+        """Take over what ``other`` holds at run time (a loaded or kept guide) when built from its settings."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items() if k != 'method')})"
@@ -296,9 +308,17 @@ class APG(Guidance):
         self.check()
 
 
+KEPT_GUIDE = "kept"  # guidance.guide_ckpt value: the run's own weights kept early in training (KeepGuide)
+
+
 class Autoguidance(Guidance):
     """Autoguidance (Karras et al. 2024): the reference is a weaker model of the same setup, read from
-    ``guide_ckpt`` once (EMA weights), checked against the main model and kept outside its module tree."""
+    ``guide_ckpt`` once (EMA weights), checked against the main model and kept outside its module tree.
+
+    ``guide_ckpt: kept`` guides with the run's own EMA weights copied at ``keep_at`` of its training budget
+    (``difflab.callbacks.keep_guide.KeepGuide`` keeps them; every later checkpoint and export carries them), so a
+    recipe guides itself with no second model to train. Until they exist (early in training, or a checkpoint
+    saved before ``keep_at``) sampling falls back to CFG at the same scale, said once in the log."""
 
     name = "autoguidance"
     combine = staticmethod(autoguidance)
@@ -311,17 +331,30 @@ class Autoguidance(Guidance):
         rescale: float = 0.0,
         interval: Sequence[float | None] | None = None,
         per_class: dict[Any, float] | None = None,
+        keep_at: float = 0.2,
     ) -> None:
         self.guide_ckpt = None if guide_ckpt is None else str(guide_ckpt)
+        self.keep_at = float(keep_at)
         super().__init__(scale, rescale, interval, per_class)
         self._held: tuple[str | None, Any] | None = None
+        self._kept: dict[str, Any] = {}  # shared by shallow copies (EMA module, per-call overrides): guide, step
+
+    @property
+    def uses_kept_guide(self) -> bool:
+        """Whether the guide is the run's own early weights (kept in its checkpoints) rather than a file."""
+        return self.guide_ckpt == KEPT_GUIDE
 
     def check(self) -> None:
         super().check()
         if not self.guide_ckpt:
             raise ConfigError(
                 "guidance.method=autoguidance needs guidance.guide_ckpt (a weaker checkpoint of the same "
-                "setup: an earlier step, a shorter EMA or a smaller model)"
+                "setup: an earlier step, a shorter EMA or a smaller model; or `kept`: this run's own early weights)"
+            )
+        if not 0.0 < self.keep_at < 1.0:
+            raise ConfigError(
+                f"guidance.keep_at={self.keep_at} is invalid: the fraction of the training budget (0 < keep_at < 1) "
+                "at which the run keeps its guide"
             )
 
     # the loaded guide is shared, never copied into an EMA
@@ -329,9 +362,53 @@ class Autoguidance(Guidance):
         clone = copy.copy(self)
         return clone
 
+    def carry_state_from(self, other: Guidance) -> None:
+        if isinstance(other, Autoguidance) and other.guide_ckpt == self.guide_ckpt:
+            self._held, self._kept = other._held, other._kept
+
+    # ---------------------------------------------------------------- the kept guide
+    def keep(self, state_dict: dict[str, Tensor], step: int, like: Any) -> None:
+        """Hold ``state_dict`` (a module's weights at ``step``) as the guide, in a frozen copy of the module ``like``."""
+        guide = copy.deepcopy(like)
+        guide.load_state_dict(state_dict)
+        guide.requires_grad_(False)
+        guide.eval()
+        self._kept.clear()
+        self._kept.update(guide=guide, step=int(step))
+
+    @property
+    def kept_step(self) -> int | None:
+        """The training step of the kept guide's weights (None: none kept yet)."""
+        return self._kept.get("step")
+
+    def kept_state(self) -> dict[str, Any] | None:
+        """``{"step", "state_dict"}`` of the kept guide for a checkpoint (None when none is kept)."""
+        if "guide" not in self._kept:
+            return None
+        state = {k: v.detach().cpu() for k, v in self._kept["guide"].state_dict().items()}
+        return {"step": self._kept["step"], "state_dict": state}
+
+    def in_effect(self) -> Guidance:
+        if not self.uses_kept_guide or "guide" in self._kept:
+            return self
+        if not self._kept.get("warned"):
+            log.warning(
+                "autoguidance with the kept guide: no guide kept yet (it is kept at %.0f%% of the training budget); "
+                "sampling with CFG at scale %s until then",
+                100 * self.keep_at,
+                self.scale,
+            )
+            self._kept["warned"] = True
+        return CFG(self.scale, self.rescale, self.interval, self.per_class)
+
+    # ---------------------------------------------------------------- the guide network
     def guide_model(self, main: Diffusion) -> Any:
-        """The guide's LightningModule-free pair (its ``Diffusion`` and denoiser), loaded once and checked against
-        ``main`` (a ``Diffusion``); on main's device."""
+        """The guide (a module with its own ``Diffusion``): the kept one, or one loaded once from ``guide_ckpt`` and
+        checked against ``main`` (a ``Diffusion``); on main's device."""
+        if self.uses_kept_guide:
+            if "guide" not in self._kept:
+                raise ValueError("autoguidance with guide_ckpt=kept: no guide has been kept yet")
+            return self._kept["guide"].to(main.device)
         if self._held is None or self._held[0] != self.guide_ckpt:
             from difflab.checkpoints import module_from_checkpoint  # file IO stays out of the math's imports
 
@@ -401,11 +478,7 @@ def guided_model_fn(
     if uses_guide and guide is None and not _plain_conditional(method, scale, True):
         raise ValueError("guidance.method=autoguidance needs a guide network (guidance.guide_ckpt)")
     opts = {**(options or {}), "rescale": rescale}
-    opts = {
-        k: opts[k]
-        for k in rule.keys()
-        if k not in ("scale", "interval", "per_class", "guide_ckpt") and opts.get(k) is not None
-    }
+    opts = {k: opts[k] for k in rule.keys() if k not in NOT_OPTIONS and opts.get(k) is not None}
     single = _plain_conditional(method, scale, guide is not None if uses_guide else null_cond is not None)
     bounds = check_interval(interval)  # fail on a bad interval before sampling starts
     clip: Callable[[Tensor], Tensor] | None

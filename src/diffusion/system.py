@@ -205,11 +205,12 @@ class Diffusion:
 
     # ---------------------------------------------------------------- sampling
     def guidance_for(self, guidance: Guidance | dict[str, Any] | None) -> Guidance:
-        """This setup's guidance, another ``Guidance``, or this one with a dict of overrides on top."""
+        """This setup's guidance, another ``Guidance``, or this one with a dict of overrides on top (as it samples now:
+        a kept-guide autoguidance before its guide is kept samples with CFG)."""
         if isinstance(guidance, Guidance):
-            return guidance
+            return guidance.in_effect()
         try:
-            return self.guidance.updated(guidance)
+            return self.guidance.updated(guidance).in_effect()
         except ValueError as err:
             raise ConfigError(str(err)) from None
 

@@ -1,4 +1,5 @@
-"""Judge a digits checkpoint: class accuracy and Frechet distance in the digit classifier's features (FD).
+"""Judge digits samples: class accuracy and Frechet distance in the digit classifier's features (FD), and the same
+in a second, independently trained judge's features, FD on raw pixels and k-NN precision / recall in both.
 
 Used by the README's quality claims, the benchmarks and the conditioning-effect check of text models.
 """
@@ -9,7 +10,24 @@ import torch
 
 from difflab.datamodules.digits import DIGIT_NAMES, load_digits_tensors, split_indices
 from difflab.eval.digit_classifier import judge, load_digit_classifier
+from difflab.eval.digit_judge2 import load_digit_judge2
 from difflab.metrics.frechet import frechet_distance, gaussian_stats
+from difflab.metrics.precision_recall import precision_recall
+
+DIGITS_N = 1797  # scikit-learn's digits: the reference set of every FD below
+# each score of evaluate_samples -> the feature space it is measured in (recorded in the metric protocol)
+DIGIT_JUDGES = {
+    "accuracy": "digit classifier (src/eval/digit_classifier.pt)",
+    "fd": "digit classifier (src/eval/digit_classifier.pt), 128-d",
+    "precision": "digit classifier, k-NN k=3, half the real digits",
+    "recall": "digit classifier, k-NN k=3, half the real digits",
+    "accuracy_judge2": "second judge (src/eval/digit_judge2.pt)",
+    "fd_judge2": "second judge (src/eval/digit_judge2.pt), 84-d",
+    "precision_judge2": "second judge, k-NN k=3, half the real digits",
+    "recall_judge2": "second judge, k-NN k=3, half the real digits",
+    "fd_pixel": "raw pixels (256-d, [-1, 1])",
+}
+PR_SEED = 0  # which half of the real digits is the precision / recall reference (the other half gives the floor)
 
 
 def real_digit_features(n: int | None = None, split: str = "all", seed: int = 0) -> torch.Tensor:
@@ -31,9 +49,72 @@ def fd_to_real(features: torch.Tensor, real: torch.Tensor | None = None) -> floa
 
 
 def evaluate_samples(images: torch.Tensor, labels: torch.Tensor, real: torch.Tensor | None = None) -> dict:
-    """Accuracy against the requested labels and FD to the real digits for a batch of samples."""
+    """Every judge on a batch of samples in [-1, 1]: accuracy against the requested labels and FD to all real digits
+    in the classifier's features (``accuracy``, ``fd``) and the second judge's (``accuracy_judge2``, ``fd_judge2``),
+    FD on raw pixels (``fd_pixel``), and k-NN precision / recall (k=3) against half the real digits in both judges'
+    features (``precision``, ``recall``, ``precision_judge2``, ``recall_judge2``). ``real``: classifier features of
+    the real set for ``fd`` (default: all digits)."""
     out = judge(images, labels)
-    return {"accuracy": out["accuracy"], "fd": fd_to_real(out["features"], real), "n": len(images)}
+    judge2 = _judge2_outputs(images)
+    feats = {"": out["features"], "_judge2": judge2["features"]}
+    real_x = _real_pixels()
+    reference = _pr_halves(len(real_x))[0]
+    reals = {"": real_digit_features() if real is None else real, "_judge2": _features2(real_x)}
+    result = {
+        "n": len(images),
+        "accuracy": out["accuracy"],
+        "fd": fd_to_real(out["features"], reals[""]),
+        "accuracy_judge2": (judge2["pred"] == labels.cpu()).float().mean().item(),
+        "fd_judge2": _frechet(feats["_judge2"], reals["_judge2"]),
+        "fd_pixel": _frechet(_flat(images), _flat(real_x)),
+    }
+    for suffix, generated in feats.items():
+        ref = (real_digit_features() if suffix == "" else reals[suffix])[reference]
+        result["precision" + suffix], result["recall" + suffix] = precision_recall(ref, generated)
+    return result
+
+
+def real_floor_metrics(n: int, seed: int = 0) -> dict:
+    """What ``evaluate_samples`` gives ``n`` real digits (the floor of each metric): FDs of a random subset to all
+    digits, precision / recall of ``n`` digits from the half that is not the reference, both accuracies."""
+    x, y = load_digits_tensors(16)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    out = evaluate_samples(x[idx], y[idx])
+    held_out = _pr_halves(len(x))[1][:n]
+    for suffix, feats in (("", real_digit_features()), ("_judge2", _features2(x))):
+        out["precision" + suffix], out["recall" + suffix] = precision_recall(
+            feats[_pr_halves(len(x))[0]], feats[held_out]
+        )
+    return out
+
+
+def _pr_halves(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(PR_SEED))
+    return order[: n // 2], order[n // 2 :]
+
+
+def _real_pixels() -> torch.Tensor:
+    return load_digits_tensors(16)[0]
+
+
+def _flat(images: torch.Tensor) -> torch.Tensor:
+    x = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()
+    return x.flatten(1).double()
+
+
+def _frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(frechet_distance(*gaussian_stats(a), *gaussian_stats(b)))
+
+
+@torch.no_grad()
+def _judge2_outputs(images: torch.Tensor) -> dict:
+    model = load_digit_judge2()
+    feats = torch.cat([model.features(images[i : i + 500]) for i in range(0, len(images), 500)])
+    return {"features": feats.double(), "pred": model.head(feats).argmax(1)}
+
+
+def _features2(images: torch.Tensor) -> torch.Tensor:
+    return _judge2_outputs(images)["features"]
 
 
 @torch.no_grad()

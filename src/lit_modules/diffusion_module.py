@@ -117,9 +117,10 @@ class DiffusionModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.diffusion.to(self.device)
-        if self.diffusion.guidance.uses_guide:  # refuse a mismatched guide now, not at the first grid
+        guidance = self.diffusion.guidance.in_effect()  # a guide kept later in training is not there yet
+        if guidance.uses_guide:  # refuse a mismatched guide now, not at the first grid
             try:
-                self.diffusion.guidance.guide_model(self.diffusion)
+                guidance.guide_model(self.diffusion)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
 

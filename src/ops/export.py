@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from difflab.checkpoints import EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_WEIGHTS, drop_compiled_aliases, load_weights
+from difflab.checkpoints import (
+    EXPORT_CONFIG,
+    EXPORT_FORMAT,
+    EXPORT_WEIGHTS,
+    KEPT_GUIDE_KEY,
+    drop_compiled_aliases,
+    load_weights,
+)
 from difflab.ops.atomic import atomic_write
 from difflab.trust import check_config
 
@@ -43,12 +50,16 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, weights: str =
     config = src["config"]
     check_config(config, ckpt_path)  # nothing the loaders would refuse is copied into a file that looks safe
     tensors = _tensors_for_safetensors(src[weights])
+    kept = src.get(KEPT_GUIDE_KEY)
+    if kept is not None:  # the kept autoguidance guide travels with the weights it guides
+        tensors.update({f"{KEPT_GUIDE_KEY}.{k}": v for k, v in _tensors_for_safetensors(kept["state_dict"]).items()})
     metadata = {
         "format": EXPORT_FORMAT,
         "weights": weights,
         "global_step": str(src.get("step")),
         "source": str(Path(ckpt_path).resolve()),
         "difflab_config": json.dumps(config),
+        **({"kept_guide_step": str(kept["step"])} if kept is not None else {}),
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

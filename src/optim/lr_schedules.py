@@ -47,6 +47,17 @@ def time_progress(timer) -> Callable[[], float]:
     return progress
 
 
+def trainer_budget(trainer, budget: str = "auto") -> tuple[int | None, Callable[[], float] | None]:
+    """A trainer's budget: its total optimizer steps (None when unbounded or ``budget="time"``) and a function giving
+    the fraction of its ``max_time`` used (None without one, or with ``budget="steps"``)."""
+    from lightning.pytorch.callbacks import Timer
+
+    total = trainer.estimated_stepping_batches
+    steps = max(1, int(total)) if math.isfinite(total) and budget != "time" else None
+    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None) if budget != "steps" else None
+    return steps, (time_progress(timer) if timer is not None else None)
+
+
 def budget_progress(step: int, total_steps: int | None, time_used: Callable[[], float] | None) -> float:
     """Fraction of the training budget used: of ``total_steps`` or of the wall-clock budget, whichever is further
     along, so the schedule ends where the run does, whichever bound stops it."""
@@ -71,14 +82,9 @@ class WarmupCosine:
     def __call__(self, optimizer, trainer) -> dict:
         """The Lightning scheduler entry (stepped every optimizer step) for ``optimizer`` under ``trainer``'s bounds."""
         import torch
-        from lightning.pytorch.callbacks import Timer
 
-        total = trainer.estimated_stepping_batches
-        total = max(1, int(total)) if math.isfinite(total) and self.budget != "time" else None
-        timer = (
-            next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None) if self.budget != "steps" else None
-        )
-        if total is None and timer is None:
+        total, used = trainer_budget(trainer, self.budget)
+        if total is None and used is None:
             raise ValueError("the LR schedule needs a budget: set trainer.max_steps or trainer.max_time")
         if total is None and not (isinstance(self.warmup, float) and self.warmup < 1):
             raise ValueError(
@@ -86,7 +92,6 @@ class WarmupCosine:
                 f"warm-up as a fraction of the budget (e.g. 0.05)"
             )
         warmup = resolve_steps(self.warmup, total) / total if total else self.warmup  # whole steps, as step budgets
-        used = time_progress(timer) if timer is not None else None
         if used is None:  # a step budget only: the closed form of the step (the same LR on every machine)
             steps = resolve_steps(self.warmup, total)
             factor = lambda step: warmup_cosine(step, steps, total, self.start_factor, self.final_fraction)  # noqa: E731
