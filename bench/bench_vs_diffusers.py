@@ -268,7 +268,7 @@ def train_phase(args) -> None:
             cmd += ["--n", str(args.n), "--threads", str(args.threads), "--out", str(args.out)]
             for o in args.override:
                 cmd += ["--override", o]
-            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
             if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
                 sys.exit(f"bench_vs_diffusers: {side} seed {seed} failed (see its output above)")
 
