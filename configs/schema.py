@@ -168,14 +168,14 @@ def sample_guidance_settings(cfg: dict):
 
 def kept_guide_is_kept(cfg: dict):
     """Autoguidance with ``guide_ckpt: kept`` needs the callback that keeps the guide."""
-    if (cfg.get("guidance") or {}).get("guide_ckpt") != "kept":
-        return None
+    if (cfg.get("guidance") or {}).get("guide_ckpt") != "kept" or "diffusion" not in (cfg.get("model") or {}):
+        return None  # an autoencoder run has no guidance
     callbacks = [c for c in (cfg.get("callbacks") or {}).values() if isinstance(c, dict)]
     if not any(str(c.get("_target_", "")).endswith(".KeepGuide") for c in callbacks):
         return (
             "guidance.guide_ckpt",
             "kept only with the KeepGuide callback, which keeps the guide (in every callback set but none: add "
-            "+callbacks.keep_guide._target_=difflab.callbacks.keep_guide.KeepGuide)",
+            "+callbacks.keep_guide._target_=difflab.callbacks.keep_guide.KeepGuide, or sample with guidance=cfg)",
         )
     return None
 

@@ -394,8 +394,8 @@ def module_from_checkpoint(
 
 def restore_kept_guide(module: nn.Module, state: dict | None, path: str | Path) -> None:
     """Hand a checkpoint's kept autoguidance guide to the module's guidance (when it guides with a kept guide)."""
-    guidance = getattr(getattr(module, "diffusion", None), "guidance", None)
-    if state is None or not getattr(guidance, "uses_kept_guide", False):
+    guidance: Any = getattr(getattr(module, "diffusion", None), "guidance", None)
+    if state is None or guidance is None or not getattr(guidance, "uses_kept_guide", False):
         return
     try:
         guidance.keep(state["state_dict"], state["step"], like=module)

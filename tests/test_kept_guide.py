@@ -89,7 +89,8 @@ def kept_run(tmp_path_factory):
     import train
 
     out = tmp_path_factory.mktemp("kept_run")
-    extra = ["guidance=autoguidance_kept", "guidance.keep_at=0.5", "logger=csv", f"hydra.run.dir={out}"]
+    extra = ["guidance=autoguidance_kept", "guidance.keep_at=0.5", "guidance.interval=null", "logger=csv"]
+    extra.append(f"hydra.run.dir={out}")
     assert run_hydra_main(train.main, [*tiny_overrides(max_steps=6, save_every=2), *extra]) == 0
     return out
 
@@ -140,3 +141,16 @@ def test_a_kept_guide_without_its_callback_is_refused_before_anything_is_written
     err = capsys.readouterr().err
     assert "guidance.guide_ckpt" in err and "KeepGuide" in err
     assert not (out / "checkpoints").exists()
+
+
+def test_a_kept_guide_under_fsdp_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from difflab.callbacks.keep_guide import KeepGuide
+
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy())
+    with pytest.raises(ConfigError, match="guide_ckpt=kept is not supported with trainer=fsdp"):
+        KeepGuide().on_train_start(trainer, _kept_module())
+    KeepGuide().on_train_start(trainer, _module("flow"))  # CFG: the callback stays idle

@@ -18,7 +18,9 @@ import lightning as L
 
 from difflab.checkpoints import KEPT_GUIDE_KEY
 from difflab.ops.ema_weights import ema_weights
+from difflab.ops.fsdp import is_sharding
 from difflab.optim.lr_schedules import budget_progress, trainer_budget
+from difflab.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,11 @@ class KeepGuide(L.Callback):
         self._progress: Any = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if kept_guidance(pl_module) is not None and is_sharding(trainer):
+            raise ConfigError(
+                "guidance.guide_ckpt=kept is not supported with trainer=fsdp yet (the guide would be a sharded copy); "
+                "guide with a checkpoint instead: guidance=autoguidance guidance.guide_ckpt=<an earlier checkpoint>"
+            )
         if kept_guidance(pl_module) is not None:
             total, used = trainer_budget(trainer)
             self._progress = lambda step: budget_progress(step, total, used)

@@ -51,7 +51,7 @@ def fd_to_real(features: torch.Tensor, real: torch.Tensor | None = None) -> floa
 def evaluate_samples(images: torch.Tensor, labels: torch.Tensor, real: torch.Tensor | None = None) -> dict:
     """Every judge on a batch of samples in [-1, 1]: accuracy against the requested labels and FD to all real digits
     in the classifier's features (``accuracy``, ``fd``) and the second judge's (``accuracy_judge2``, ``fd_judge2``),
-    FD on raw pixels (``fd_pixel``), and k-NN precision / recall (k=3) against half the real digits in both judges'
+    FD on raw pixels at the samples' resolution (``fd_pixel``), and k-NN precision / recall (k=3) against half the real digits in both judges'
     features (``precision``, ``recall``, ``precision_judge2``, ``recall_judge2``). ``real``: classifier features of
     the real set for ``fd`` (default: all digits)."""
     out = judge(images, labels)
@@ -66,7 +66,7 @@ def evaluate_samples(images: torch.Tensor, labels: torch.Tensor, real: torch.Ten
         "fd": fd_to_real(out["features"], reals[""]),
         "accuracy_judge2": (judge2["pred"] == labels.cpu()).float().mean().item(),
         "fd_judge2": _frechet(feats["_judge2"], reals["_judge2"]),
-        "fd_pixel": _frechet(_flat(images), _flat(real_x)),
+        "fd_pixel": _frechet(_flat(images), _flat(_real_pixels(images.shape[-1]))),  # at the samples' size
     }
     for suffix, generated in feats.items():
         ref = (real_digit_features() if suffix == "" else reals[suffix])[reference]
@@ -93,8 +93,8 @@ def _pr_halves(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return order[: n // 2], order[n // 2 :]
 
 
-def _real_pixels() -> torch.Tensor:
-    return load_digits_tensors(16)[0]
+def _real_pixels(size: int = 16) -> torch.Tensor:
+    return load_digits_tensors(size)[0]
 
 
 def _flat(images: torch.Tensor) -> torch.Tensor:
