@@ -154,3 +154,18 @@ def test_a_kept_guide_under_fsdp_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="guide_ckpt=kept is not supported with trainer=fsdp"):
         KeepGuide().on_train_start(trainer, _kept_module())
     KeepGuide().on_train_start(trainer, _module("flow"))  # CFG: the callback stays idle
+
+
+def test_resume_restores_the_kept_guide_from_the_checkpoint():
+    from difflab.callbacks.keep_guide import KeepGuide
+
+    saved = _kept_module()
+    saved.diffusion.guidance.keep(_module("flow", seed=1).state_dict(), step=5, like=saved)
+    checkpoint: dict = {}
+    KeepGuide().on_save_checkpoint(None, saved, checkpoint)
+    resumed = _kept_module()
+    KeepGuide().on_load_checkpoint(None, resumed, checkpoint)
+    assert resumed.diffusion.guidance.kept_step == 5
+    a = resumed.diffusion.sample(resumed, 4, LABELS, noise=_noise())
+    b = saved.diffusion.sample(saved, 4, LABELS, noise=_noise())
+    assert torch.equal(a, b)

@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 
-from difflab.checkpoints import KEPT_GUIDE_KEY
+from difflab.checkpoints import KEPT_GUIDE_KEY, restore_kept_guide
 from difflab.ops.ema_weights import ema_weights
 from difflab.ops.fsdp import is_sharding
 from difflab.optim.lr_schedules import budget_progress, trainer_budget
@@ -70,7 +70,4 @@ class KeepGuide(L.Callback):
             checkpoint[KEPT_GUIDE_KEY] = state
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        guidance = kept_guidance(pl_module)
-        state = checkpoint.get(KEPT_GUIDE_KEY)
-        if guidance is not None and state is not None:
-            guidance.keep(state["state_dict"], state["step"], like=pl_module)
+        restore_kept_guide(pl_module, checkpoint.get(KEPT_GUIDE_KEY), "the resumed checkpoint")

@@ -59,7 +59,8 @@ def evaluate_samples(images: torch.Tensor, labels: torch.Tensor, real: torch.Ten
     feats = {"": out["features"], "_judge2": judge2["features"]}
     real_x = _real_pixels()
     reference = _pr_halves(len(real_x))[0]
-    reals = {"": real_digit_features() if real is None else real, "_judge2": _features2(real_x)}
+    clf_all = real_digit_features()
+    reals = {"": clf_all if real is None else real, "_judge2": _features2(real_x)}
     result = {
         "n": len(images),
         "accuracy": out["accuracy"],
@@ -69,7 +70,7 @@ def evaluate_samples(images: torch.Tensor, labels: torch.Tensor, real: torch.Ten
         "fd_pixel": _frechet(_flat(images), _flat(_real_pixels(images.shape[-1]))),  # at the samples' size
     }
     for suffix, generated in feats.items():
-        ref = (real_digit_features() if suffix == "" else reals[suffix])[reference]
+        ref = (clf_all if suffix == "" else reals[suffix])[reference]
         result["precision" + suffix], result["recall" + suffix] = precision_recall(ref, generated)
     return result
 
