@@ -10,6 +10,13 @@ scores every job with every digits judge) and summarises each with ``ablate.py``
         guidance.guide_ckpt=<guides>/s${seed}/f0.1.ckpt,... guidance.scale=... guidance.interval=... judge=digits
     python sample.py -m seed=0,1,2 ckpt_path=<guides>/s${seed}/main.ckpt guidance.method=cfg guidance.scale=... judge=digits
 
+and a third over the sampling grid (flow's grid shift, ``sampler.spacing``) with CFG's scale and the kept guide:
+
+    python sample.py -m seed=0,1,2 ckpt_path=<guides>/s${seed}/main.ckpt sampler.spacing=1,0.5,0.33,0.25 \
+        guidance.method=cfg guidance.scale=1.15,1.25,1.5 judge=digits
+
+and a fourth over CFG in a band of noise levels on the chosen grid (``guidance.interval=null,[0.1,1],...``).
+
 The training seed and the sampling seed are the same number, so each seed is one training run. The rule: the lowest
 repo-classifier FD among arms with accuracy >= 0.99; judge 2 is reported, never used to choose.
 
@@ -29,6 +36,13 @@ from bench.common import REPO, sweep_and_summarise  # noqa: E402
 FRACTIONS = (0.1, 0.2, 0.35)
 AG_SCALES = (2.0, 2.5, 3.0)
 CFG_SCALES = (1.5, 2.0, 3.0)
+GRID_SHIFTS = (1.0, 0.5, 0.33, 0.25)  # flow's sampling-grid shift (sampler.spacing); 1 = diffusers' default grid
+GRID_CFG_SCALES = (1.15, 1.25, 1.5)
+# CFG limited to a band of sigma / alpha at the grid sweep's choice: low bands (flow t in [0.09, 0.5] / [0.09, 0.67])
+# sharpen the class without the diversity that guidance at high noise costs; EDM2's band for comparison
+BAND_SHIFTS = (1.0, 0.33)
+BAND_SCALES = (1.5, 2.0, 3.0)
+BANDS = ("[0.1,1]", "[0.1,2]", "[0.3,5.4]")  # no band: the grid sweep (1.5) and the CFG sweep (2, 3 on the old grid)
 INTERVALS = ("null", "[0.3,5.4]")  # EDM2-style band of sigma / alpha (Kynkaanniemi et al. 2024): flow t in (0.23, 0.84]
 METRICS = ["eval/fd", "eval/fd_pixel", "eval/recall", "eval/accuracy", "eval/fd_judge2", "eval/recall_judge2"]
 
@@ -58,7 +72,22 @@ def main() -> None:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--reuse", action="store_true", help="summarise existing sweeps without sampling again")
     p.add_argument("--quick", action="store_true", help="one seed, 100 samples, the first two values per axis")
+    p.add_argument(
+        "--sweeps",
+        default="cfg,guide,grid,band,guide_grid",
+        help="which sweeps to run: cfg, guide, grid, band, guide_grid",
+    )
+    p.add_argument(
+        "--grids",
+        nargs="+",
+        metavar="TITLE=JOB_DIR",
+        help="only draw bench/results/default_grids.png: seed-0 jobs of the sweeps side by side, each cell captioned "
+        "with the repo classifier's reading",
+    )
     args = p.parse_args()
+    if args.grids:
+        draw_grids([g.partition("=")[::2] for g in args.grids], REPO / "bench" / "results" / "default_grids.png")
+        return
     suffix = "_quick" if args.quick else ""
     args.race = args.race or Path("/tmp/difflab_race" + suffix)
     args.out = args.out or Path("/tmp/difflab_guide_sweep" + suffix)
@@ -100,31 +129,173 @@ def main() -> None:
         "`eval/fd` (the repo classifier) among arms with `eval/accuracy` >= 0.99; judge 2 is reported, never used "
         "to choose."
     ]
-    sweep_and_summarise(
-        "guide_sweep_cfg",
-        cfg,
-        cfg_sweep,
-        f"guidance.scale={CFG_SCALES[1]}",
-        METRICS,
-        reuse=args.reuse,
-        quick=args.quick,
-        notes=note,
-    )
-    path = sweep_and_summarise(
-        "guide_sweep",
-        ag,
-        ag_sweep,
-        # the EDM2-like guess (as Hydra stores it: the interpolation escaped)
-        f"guidance.guide_ckpt={guides}/s$\\{{seed\\}}/f{fractions[1]}.ckpt, guidance.scale=2.0, guidance.interval=null",
-        METRICS,
-        reuse=args.reuse,
-        quick=args.quick,
-        notes=note,
-    )
-    for written in (path, path.with_name(path.name.replace("guide_sweep", "guide_sweep_cfg"))):
-        if written.is_file():  # the guides directory as the docstring names it, not this machine's path
-            written.write_text(written.read_text().replace(guides, "<guides>"))
+    sweeps = args.sweeps.split(",")
+    grid_sweep = args.out / "grid"
+    grid = [
+        sys.executable,
+        str(REPO / "sample.py"),
+        "-m",
+        f"hydra.sweep.dir={grid_sweep}",
+        *common,
+        "sampler.spacing=" + ",".join(map(str, GRID_SHIFTS[:2] if args.quick else GRID_SHIFTS)),
+        "guidance.method=cfg",
+        "guidance.scale=" + ",".join(map(str, GRID_CFG_SCALES[1:] if args.quick else GRID_CFG_SCALES)),
+    ]
+    grid_note = [
+        "The sampling grid: heun-10 (19 NFE) on flow's grid shifted by `sampler.spacing` (1: diffusers' "
+        "FlowMatchEulerDiscreteScheduler grid, the old default). Same rule: the lowest `eval/fd` among arms with "
+        "`eval/accuracy` >= 0.99; judge 2 and pixels reported, never used to choose."
+    ]
+    band_sweep = args.out / "band"
+    band = [
+        sys.executable,
+        str(REPO / "sample.py"),
+        "-m",
+        f"hydra.sweep.dir={band_sweep}",
+        *common,
+        "sampler.spacing=" + ",".join(map(str, BAND_SHIFTS)),
+        "guidance.method=cfg",
+        "guidance.scale=" + ",".join(map(str, BAND_SCALES[:2] if args.quick else BAND_SCALES)),
+        "guidance.interval=" + ",".join(BANDS[:2] if args.quick else BANDS),
+    ]
+    guide_grid_sweep = args.out / "guide_grid"
+    guide_grid = [
+        sys.executable,
+        str(REPO / "sample.py"),
+        "-m",
+        f"hydra.sweep.dir={guide_grid_sweep}",
+        *common,
+        f"sampler.spacing={BAND_SHIFTS[1]}",
+        "guidance.method=autoguidance",
+        "guidance.guide_ckpt=" + ",".join(f"{guides}/s${{seed}}/f{f}.ckpt" for f in fractions[1:]),
+        "guidance.scale=2.0",
+        "guidance.interval=" + ",".join(INTERVALS),
+    ]
+    written = []
+    if "guide_grid" in sweeps:
+        written.append(
+            sweep_and_summarise(
+                "guide_grid_sweep",
+                guide_grid,
+                guide_grid_sweep,
+                f"guidance.guide_ckpt={guides}/s$\\{{seed\\}}/f{fractions[1]}.ckpt, guidance.interval=null",
+                METRICS,
+                reuse=args.reuse,
+                quick=args.quick,
+                notes=[
+                    "Autoguidance with the later guides of the first pass, on the grid shifted by 0.33: does the "
+                    "self-guided sampler overtake CFG at low noise there? Same rule."
+                ],
+            )
+        )
+    if "band" in sweeps:
+        written.append(
+            sweep_and_summarise(
+                "band_sweep",
+                band,
+                band_sweep,
+                "sampler.spacing=1.0, guidance.scale=1.5, guidance.interval=[0.3,5.4]",
+                METRICS,
+                reuse=args.reuse,
+                quick=args.quick,
+                notes=[
+                    "CFG in a band of sigma / alpha (`guidance.interval`) on the old grid and the one shifted by "
+                    "0.33 (the grid sweep's best in pixels). Same rule: the lowest `eval/fd` among arms with `eval/accuracy` >= "
+                    "0.99; judge 2 and pixels reported, never used to choose."
+                ],
+            )
+        )
+    if "grid" in sweeps:
+        written.append(
+            sweep_and_summarise(
+                "grid_sweep",
+                grid,
+                grid_sweep,
+                "sampler.spacing=1.0, guidance.scale=1.5",
+                METRICS,
+                reuse=args.reuse,
+                quick=args.quick,
+                notes=grid_note,
+            )
+        )
+    if "cfg" in sweeps:
+        written.append(
+            sweep_and_summarise(
+                "guide_sweep_cfg",
+                cfg,
+                cfg_sweep,
+                f"guidance.scale={CFG_SCALES[1]}",
+                METRICS,
+                reuse=args.reuse,
+                quick=args.quick,
+                notes=note,
+            )
+        )
+    if "guide" in sweeps:
+        written.append(
+            sweep_and_summarise(
+                "guide_sweep",
+                ag,
+                ag_sweep,
+                # the EDM2-like guess (as Hydra stores it: the interpolation escaped)
+                f"guidance.guide_ckpt={guides}/s$\\{{seed\\}}/f{fractions[1]}.ckpt, guidance.scale=2.0, "
+                "guidance.interval=null",
+                METRICS,
+                reuse=args.reuse,
+                quick=args.quick,
+                notes=note,
+            )
+        )
+    _hide_guides(written, guides)
+
+
+def draw_grids(panels: list[tuple[str, str]], path: Path, per_class: int = 8) -> None:
+    """Side-by-side class grids (rows: digits 0-9) of sample.py jobs that drew the same noise, each cell captioned
+    with the repo classifier's reading (green: the requested digit, red: another)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from difflab.diagnostics.figures import captioned_grid
+    from difflab.eval.digit_classifier import judge
+
+    tiles = []
+    for title, job in panels:
+        data = np.load(Path(job) / "samples.npz")
+        images, labels = torch.from_numpy(data["images"]), torch.from_numpy(data["labels"])
+        order = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)])
+        x = images[order].float() / 127.5 - 1
+        pred = judge(x)["pred"]
+        ok = pred == labels[order]
+        tile = path.with_name(f".{len(tiles)}_{path.name}")
+        captioned_grid(
+            x,
+            per_class,
+            [str(int(p)) for p in pred],
+            ["green" if o else "red" for o in ok],
+            [str(c) for c in range(10)],
+            tile,
+            title=f"{title}: {int(ok.sum())}/{len(ok)} read as asked",
+            cell_px=40,
+        )
+        tiles.append(Image.open(tile).convert("RGB"))
+        tile.unlink()
+    gap = 24
+    canvas = Image.new("RGB", (sum(t.width + gap for t in tiles), max(t.height for t in tiles)), "white")
+    x0 = gap // 2
+    for t in tiles:
+        canvas.paste(t, (x0, 0))
+        x0 += t.width + gap
+    canvas.save(path)
     print("wrote", path)
+
+
+def _hide_guides(paths: list[Path], guides: str) -> None:
+    """Name the guides directory as the docstring does, not by this machine's path."""
+    for written in paths:
+        if written.is_file():
+            written.write_text(written.read_text().replace(guides, "<guides>"))
+            print("wrote", written)
 
 
 if __name__ == "__main__":

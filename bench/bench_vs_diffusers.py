@@ -30,6 +30,7 @@ when its directory is complete, so an interrupted race resumes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -93,21 +94,26 @@ def train_difflab(budget: float, seed: int, run_dir: Path, extra: list[str]) -> 
     }
 
 
-def sample_difflab(run_dir: Path, n: int, seed: int, guidance: dict | None = None, rounds: int = 1) -> dict[str, dict]:
+def sample_difflab(
+    run_dir: Path, n: int, seed: int, guidance: dict | None = None, rounds: int = 1, sampler: dict | None = None
+) -> dict[str, dict]:
     """Samples of a trained difflab run from its last checkpoint: its own guidance (with ``guidance`` overrides, as
-    ``sample.py guidance.<key>=...`` gives them; then also the guidance it was trained with), and CFG at scale 2 (the
-    peers' guidance) at the same NFE; sampling time is the median of ``rounds`` alternating repeats."""
+    ``sample.py guidance.<key>=...`` gives them; then also the guidance it was trained with), and CFG at scale 2 at
+    every noise level (the peers' guidance) at the same NFE; sampling time is the median of ``rounds`` alternating repeats. ``sampler``:
+    overrides of the trained sampler's settings (``sample.py sampler.spacing=0.33`` and the like), for every variant."""
     from difflab.diffusion.guidance import CFG
-    from difflab.diffusion.samplers import sampler_name
     from difflab.diffusion.system import load_for_sampling
 
     diffusion, denoiser = load_for_sampling(run_dir / "checkpoints" / "last.ckpt")
+    if sampler:
+        trained = diffusion.sampler
+        diffusion.sampler = functools.partial(trained.func, *trained.args, **{**trained.keywords, **sampler})
     labels = balanced_labels(n)
     own = diffusion.guidance_for(guidance or None)
     variants = {"recipe": own}
     if guidance:  # the guidance the run was trained with, when the overrides changed it
         variants["as_trained"] = diffusion.guidance_for(None)
-    if not any(isinstance(g, CFG) and g.scale == 2.0 for g in variants.values()):
+    if not any(isinstance(g, CFG) and g.scale == 2.0 and not g.interval for g in variants.values()):
         variants["cfg"] = CFG(scale=2.0)
     out: dict[str, dict] = {}
     for _ in range(rounds):  # the variants alternate, so load on the machine hits each alike; median time
@@ -124,13 +130,25 @@ def sample_difflab(run_dir: Path, n: int, seed: int, guidance: dict | None = Non
                     "images": images.clamp(-1, 1).cpu(),
                     "labels": labels,
                     "times": [],
-                    "sampler": f"{sampler_name(diffusion.sampler)}, {type(guidance).__name__} {guidance.scale:g}",
+                    "sampler": describe(diffusion, guidance),
                 },
             )
             entry["times"].append(seconds)
     for entry in out.values():
         entry["sample_s"] = statistics.median(entry.pop("times"))
     return out
+
+
+def describe(diffusion, guidance) -> str:
+    """The sampler and guidance of a difflab sample set, e.g. 'heun-10 (grid shift 0.33), CFG 2 in [0.1, 2]'."""
+    from difflab.diffusion.samplers import sampler_name
+
+    grid = getattr(diffusion.sampler, "keywords", {}).get("spacing")
+    if grid is None:
+        grid = getattr(diffusion.process, "sampling_shift", None)
+    text = sampler_name(diffusion.sampler) + (f" (grid shift {grid:g})" if isinstance(grid, (int, float)) else "")
+    band = f" in {list(guidance.interval)}" if guidance.interval else ""
+    return f"{text}, {type(guidance).__name__} {guidance.scale:g}{band}"
 
 
 # ---------------------------------------------------------------------------------------------- diffusers sides
@@ -271,19 +289,21 @@ def run_child(args) -> None:
 
 def resample_phase(args) -> None:
     """Draw the difflab side's samples again from its runs' last checkpoints with ``--guidance key=value``
-    overrides of the recipe's guidance (the sweep's choice, without training again)."""
+    overrides of the recipe's guidance and ``--sampler key=value`` of its sampler (the sweeps' choice, without
+    training again: neither changes training)."""
     import yaml
 
     overrides = {k: yaml.safe_load(v) for k, _, v in (g.partition("=") for g in args.guidance)}
+    sampler = {k: yaml.safe_load(v) for k, _, v in (g.partition("=") for g in args.sampler)}
     for seed in args.seeds:
         d = side_dir(args.out, "difflab", seed)
         meta = json.loads((d / "meta.json").read_text())
-        samples = sample_difflab(d / "run", args.n, seed, overrides, rounds=3)
+        samples = sample_difflab(d / "run", args.n, seed, overrides, rounds=3, sampler=sampler)
         for kind, sample in samples.items():
             torch.save({"images": sample.pop("images"), "labels": sample.pop("labels")}, d / f"samples_{kind}.pt")
-        meta.update(samples=samples, resampled_with=overrides)
+        meta.update(samples=samples, resampled_with={**overrides, **{f"sampler.{k}": v for k, v in sampler.items()}})
         (d / "meta.json").write_text(json.dumps(meta, indent=2))
-        print(f"[race] difflab seed {seed}: sampled again with {overrides}")
+        print(f"[race] difflab seed {seed}: sampled again with {overrides} {sampler}")
 
 
 def train_phase(args) -> None:
@@ -448,6 +468,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="where runs and samples go (/tmp/difflab_race[_quick])")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for the difflab side")
     p.add_argument("--guidance", action="append", default=[], help="resample: a guidance override key=value")
+    p.add_argument("--sampler", action="append", default=[], help="resample: a sampler override key=value")
     p.add_argument("--quick", action="store_true", help="20 s budget, 100 samples, one seed")
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)

@@ -68,7 +68,12 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
     "video_buckets": ("bench_video_buckets.py", [], ["--quick", "--write-quick"], ["video_buckets"]),
     "optimizers": ("bench_optimizers.py", [], ["--quick"], ["optimizers"]),
     # reads the race's runs (vs_diffusers above keeps a checkpoint every 100 steps for it)
-    "guide_sweep": ("bench_guide_sweep.py", [], ["--quick"], ["guide_sweep", "guide_sweep_cfg"]),
+    "guide_sweep": (
+        "bench_guide_sweep.py",
+        [],
+        ["--quick"],
+        ["guide_sweep", "guide_sweep_cfg", "grid_sweep", "band_sweep", "guide_grid_sweep"],
+    ),
 }
 TITLES = {
     "vs_diffusers": "1. Quality per wall-clock on digits (difflab vs a plain diffusers loop)",
@@ -94,7 +99,7 @@ TITLES = {
     "streaming": "12. Streaming shards vs the memory-mapped latent cache",
     "video_buckets": "13. Variable-length video: frame buckets on the How2Sign layout",
     "optimizers": "14. Optimizers at equal wall-clock: AdamW vs Muon on digits, three seeds",
-    "guide_sweep": "15. The self-guided default: which kept guide, strength and interval (three seeds, every judge)",
+    "guide_sweep": "15. The default's guidance and sampling grid: kept guide, CFG band, grid shift (three seeds, every judge)",
 }
 TARGET_RE = re.compile(r"(target[^.\n]*?:\s*\**(?:met|not met)[^\n]*)", re.IGNORECASE)
 
@@ -186,7 +191,8 @@ def main() -> None:
         rows.append([name, status, f"{secs:.0f}", res.name if res else "-", headline(res)])
     print(md_table(["benchmark", "status", "seconds", "result file", "target"], rows, ["l", "l", "r", "l", "l"]))
     if not args.no_write and (not args.quick or args.write_quick):
-        print("updated", update_benchmarks_md(names, args.quick))
+        results = [r for name in names for r in BENCHES[name][3]]  # a script may write several result files
+        print("updated", update_benchmarks_md(results, args.quick))
     if any(r[1].startswith(("failed", "timed out")) for r in rows):
         sys.exit(1)
 

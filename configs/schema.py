@@ -194,6 +194,20 @@ def sampler_steps_fit_schedule(cfg: dict):
         return "sampler.steps", f"an integer in [1, {total}] (schedule.num_timesteps={total})"
 
 
+def sampler_spacing_fits_process(cfg: dict):
+    """sampler.spacing is a spacing name on vp and a grid shift (a number) on flow."""
+    spacing = (cfg.get("sampler") or {}).get("spacing")
+    target = str((cfg.get("process") or {}).get("_target_", ""))
+    if spacing is None or not target.endswith(("FlowProcess", "VPProcess")):
+        return None
+    is_number = isinstance(spacing, (int, float)) and not isinstance(spacing, bool)
+    if target.endswith("FlowProcess") and not is_number:
+        return "sampler.spacing", "a number > 0 on process=flow (the sampling grid's shift, e.g. 0.5) or null"
+    if target.endswith("VPProcess") and is_number:
+        return "sampler.spacing", "leading | trailing | linspace on process=vp (a number is flow's grid shift) or null"
+    return None
+
+
 def patch_divides_image_size(cfg: dict):
     """Patch-based denoisers (DiT, ViViT, UNet3D space-to-depth) need the patch size to divide the image size; the
     denoiser checks it again at build time for data whose size the config does not state (latent caches)."""
@@ -374,6 +388,7 @@ CHECKS = {
         resume_xor_init,
         kept_guide_is_kept,
         sampler_steps_fit_schedule,
+        sampler_spacing_fits_process,
         patch_divides_image_size,
         frames_within_temporal_positions,
         targets_take_their_keys,

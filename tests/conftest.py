@@ -20,13 +20,15 @@ def squeeze_backbone(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """`python train.py` (in-process, real Hydra CLI parsing) on tiny digits: 4 steps, a checkpoint and a grid every
-    2 steps, CSV logs; one run per test module that asks for it."""
+    2 steps, CSV logs; one run per test module that asks for it. Guided at both of its two sampling steps (neither
+    falls inside the digits recipe's guidance interval)."""
     import train
     from tests.helpers import run_hydra_main, tiny_overrides
 
     out = tmp_path_factory.mktemp("train_run")
     code = run_hydra_main(
-        train.main, [*tiny_overrides(max_steps=4, save_every=2), "logger=csv", f"hydra.run.dir={out}"]
+        train.main,
+        [*tiny_overrides(max_steps=4, save_every=2), "guidance.interval=null", "logger=csv", f"hydra.run.dir={out}"],
     )
     assert code == 0
     return out

@@ -95,3 +95,25 @@ def test_process_files_write_only_the_process():
             assert set(body) == {"process"}, path.name
         else:
             assert "_target_" in body and "objective" not in body, path.name
+
+
+def test_the_default_recipe_samples_on_the_shifted_grid_with_cfg_at_low_noise():
+    """The digits recipe as measured (BENCHMARKS.md section 15): heun-10 on flow's grid shifted by 0.33 (diffusers'
+    FlowMatchEulerDiscreteScheduler(shift=0.33) grid) with CFG 2 inside sigma / alpha in [0.1, 2]; guidance=cfg is
+    CFG at every noise level again, and experiments on other data pick it."""
+    from hydra.utils import instantiate
+
+    from difflab.diffusion.guidance import guidance_active
+
+    cfg = composed()
+    process = instantiate(cfg.process)
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=0.33)
+    sched.set_timesteps(cfg.sampler.steps)
+    assert (process.sampling_times(cfg.sampler.steps).float() - sched.sigmas).abs().max() <= 5e-7
+    guidance = instantiate(cfg.guidance)
+    times = process.sampling_times(cfg.sampler.steps)[:-1]
+    guided = [guidance_active(float(t / (1 - t)) if t < 1 else float("inf"), guidance.interval) for t in times]
+    assert guidance.scale == 2.0 and 0 < sum(guided) < len(guided)  # some steps guided, not all
+    assert composed(["guidance=cfg"]).guidance.interval is None
+    assert composed(["experiment=stl10_vpred_cfg"]).guidance.interval is None

@@ -70,6 +70,11 @@ BAD = [
     ("train", ["sampler=ddim", "sampler.eta=-0.5"], "sampler.eta", "-0.5"),
     ("train", ["sampler.steps=null"], "sampler.steps", "null"),
     ("train", ["process=vp", "sampler.steps=5000"], "sampler.steps", "5000"),
+    # sampler.spacing: a name on vp, flow's grid shift (a number) on flow (configs/schema.py)
+    ("train", ["sampler.spacing=trailing"], "sampler.spacing", "trailing"),
+    ("train", ["process=vp", "sampler.spacing=0.5"], "sampler.spacing", "0.5"),
+    ("train", ["sampler.spacing=-1"], "sampler.spacing", "-1"),
+    ("train", ["process.sampling_shift=0"], "process.sampling_shift", "0"),
     ("train", ["schedule.num_timesteps=1"], "schedule.num_timesteps", "1"),
     ("train", ["schedule.spacing=middle"], "schedule.spacing", "middle"),
     ("train", ["schedule=linear", "schedule.beta_end=1.5"], "schedule.beta_end", "1.5"),

@@ -346,6 +346,25 @@ def test_mismatched_guide_refused_in_one_line():
         check_guide(nn.Linear(1, 1), "g.ckpt")
 
 
+def test_guide_compatibility_ignores_the_sampling_grid_and_training_density():
+    """A guide combines when its denoiser saw the same inputs at every noise level: another flow shift or sampling
+    grid is fine (same path t -> (1 - t, t), same time input), another beta table or time input is not."""
+    main = _module("flow").diffusion
+    other = _module("flow")
+    other.diffusion.process = FlowProcess(shift=3.0, sampling_shift=0.33, density="uniform")
+    main.check_guide(other, "g.ckpt")
+    other.diffusion.process = FlowProcess(time_scale=1.0)
+    with pytest.raises(ConfigError, match=r"different noise schedule \(both flow, other coefficients\)$"):
+        main.check_guide(other, "g.ckpt")
+    vp = _module("vp").diffusion
+    spaced = _module("vp")
+    spaced.diffusion.process = VPProcess("cosine", 50, spacing="leading")
+    vp.check_guide(spaced, "g.ckpt")
+    spaced.diffusion.process = VPProcess("linear", 50)
+    with pytest.raises(ConfigError, match=r"different noise schedule \(both vp, other coefficients\)$"):
+        vp.check_guide(spaced, "g.ckpt")
+
+
 # ------------------------------------------------------------------------------------------- configs
 def _problems(tmp_path, overrides):
     from difflab.config_checks import check_config

@@ -27,7 +27,7 @@ import torch
 
 from difflab.diffusion.guidance import guided_model_fn
 from difflab.diffusion.objectives import Objective, edm_coefficients, predictions_from_output, training_target
-from difflab.diffusion.processes import EDMProcess, FlowProcess, flow_density, shift_time
+from difflab.diffusion.processes import EDMProcess, FlowProcess, VPProcess, flow_density, shift_time
 from difflab.diffusion.samplers import dpmpp_2m, euler, heun, model_evaluations
 
 KD_TOL = 1e-6
@@ -359,6 +359,31 @@ def test_flow_grid_matches_diffusers_default_grid(shift, n):
     assert sched.sigmas.shape == ours.shape and _max_diff(sched.sigmas, ours) <= 2e-7
     if shift == 3.0 and n > 1:
         assert float(ours[-2]) == pytest.approx(0.0089286, abs=1e-6)
+
+
+@pytest.mark.parametrize("grid_shift", [0.33, 0.5, 3.0])
+def test_flow_sampling_shift_is_diffusers_grid_of_that_shift(grid_shift):
+    """process.sampling_shift (and a number in sampler.spacing) moves the sampling grid alone: the grid is diffusers'
+    FlowMatchEulerDiscreteScheduler(shift=grid_shift) grid while training times keep the process's own shift."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=grid_shift)
+    sched.set_timesteps(10)
+    own = FlowProcess(shift=1.0, sampling_shift=grid_shift)
+    assert _max_diff(sched.sigmas, own.sampling_times(10)) <= 5e-7  # a few float32 ulps (diffusers' sigmas)
+    assert _max_diff(sched.sigmas, FlowProcess(shift=1.0).sampling_times(10, grid_shift)) <= 5e-7
+    g = torch.Generator().manual_seed(0)
+    plain = FlowProcess(shift=1.0).sample_times(64, generator=g)
+    assert torch.equal(own.sample_times(64, generator=torch.Generator().manual_seed(0)), plain)
+
+
+def test_flow_spacing_refuses_a_name_and_vp_refuses_a_number():
+    """sampler.spacing: vp takes a spacing name, flow a grid shift; each refuses the other's kind in one line."""
+    with pytest.raises(ValueError, match=r"sampler.spacing='trailing' does not apply to process=flow"):
+        FlowProcess().sampling_times(10, "trailing")
+    with pytest.raises(ValueError, match=r"process.sampling_shift=-1.0 .*a number > 0"):
+        FlowProcess(sampling_shift=-1.0)
+    with pytest.raises(ValueError, match=r"sampler.spacing=0.5 does not apply to process=vp"):
+        VPProcess().sampling_times(10, 0.5)
 
 
 def velocity(x: torch.Tensor, t) -> torch.Tensor:

@@ -7,7 +7,16 @@ from difflab.config_checks import Rule, integer, non_negative, one_of, optional
 RULES = {
     "steps": optional(integer(min=1)),
     "eta": optional(non_negative()).described_as("a number >= 0 (0: deterministic DDIM, 1: DDPM-like)"),
-    "spacing": optional(one_of(["leading", "trailing", "linspace"])),
+    # vp: the timestep spacing; flow: the sampling grid's shift (process=flow refuses a name, vp a number)
+    "spacing": optional(
+        Rule(
+            lambda v: (
+                v in ("leading", "trailing", "linspace")
+                or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)
+            ),
+            "leading | trailing | linspace (vp) or a number > 0 (flow: the grid's shift)",
+        )
+    ),
     "variance": one_of(["small", "large"]),
     "euler_above": optional(non_negative()),
     # EDM stochastic churn (euler, heun; continuous processes)

@@ -23,7 +23,7 @@ from difflab.ablation.sweep import Job
 
 LOSS_METRICS = ("train/loss", "val/loss", "val_loss_t/*")
 LOSS_CONFIG = ("process", "objective")
-SAMPLING_ONLY = frozenset({"spacing", "x0_clip", "clip_range", "dynamic_quantile", "dynamic_max"})
+SAMPLING_ONLY = frozenset({"spacing", "sampling_shift", "x0_clip", "clip_range", "dynamic_quantile", "dynamic_max"})
 SAMPLE_PREFIX = "metrics/"
 MEASUREMENT_FIELDS = ("n_samples", "feature", "weights_sha256", "resize", "reference", "n_cols", "pairs")
 GENERATION_FIELDS = ("sampler", "guidance")

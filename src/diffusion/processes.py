@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 Tensor = torch.Tensor
+# sampler.spacing: vp's timestep spacing (leading | trailing | linspace), flow's grid shift (a number), or None
+Spacing = str | float | None
 __all__ = [
     "NoiseProcess",
     "VPProcess",
@@ -91,8 +93,9 @@ class NoiseProcess:
         """``n`` training times drawn from the process's training density."""
         raise NotImplementedError
 
-    def sampling_times(self, steps: int, spacing: str | None = None, multistep: bool = False) -> Tensor:
-        """Descending times of a ``steps``-step sampler, ending with ``clean_time`` (``steps + 1`` entries)."""
+    def sampling_times(self, steps: int, spacing: Spacing = None, multistep: bool = False) -> Tensor:
+        """Descending times of a ``steps``-step sampler, ending with ``clean_time`` (``steps + 1`` entries);
+        ``spacing`` (``sampler.spacing``) replaces the process's own grid rule where it has one."""
         raise NotImplementedError
 
     def time_from_sigma_ve(self, sigma_ve: float) -> float:
@@ -250,8 +253,13 @@ class VPProcess(NoiseProcess):
             n, self.num_timesteps, self.density, self.logit_mean, self.logit_std, device=device, generator=generator
         ).double()
 
-    def sampling_times(self, steps: int, spacing: str | None = None, multistep: bool = False) -> Tensor:
+    def sampling_times(self, steps: int, spacing: Spacing = None, multistep: bool = False) -> Tensor:
         """The spaced timesteps (multistep solvers: the ``exclude_zero`` grid, as diffusers), then clean (-1)."""
+        if spacing is not None and not isinstance(spacing, str):
+            raise ValueError(
+                f"sampler.spacing={spacing!r} does not apply to process=vp: give leading | trailing | linspace or null "
+                "(a number is flow's grid shift)"
+            )
         ts = self.sampling_timesteps(steps, spacing, exclude_zero=multistep).double()
         return torch.cat([ts, ts.new_full((1,), self.clean_time)])
 
@@ -333,7 +341,7 @@ class EDMProcess(NoiseProcess):
     def sample_times(self, n: int, device: Device = None, generator: torch.Generator | None = None) -> Tensor:
         return (standard_normal(n, generator, device) * self.p_std + self.p_mean).exp()
 
-    def sampling_times(self, steps: int, spacing: str | None = None, multistep: bool = False) -> Tensor:
+    def sampling_times(self, steps: int, spacing: Spacing = None, multistep: bool = False) -> Tensor:
         return karras_sigmas(int(steps), self.sigma_min, self.sigma_max, self.rho)
 
     def time_from_sigma_ve(self, sigma_ve: float) -> float:
@@ -421,6 +429,8 @@ class FlowProcess(NoiseProcess):
     resolution ``shift``. The sampling grid is diffusers' FlowMatchEulerDiscreteScheduler's (and SD3.5's reference
     sampler's): ``shift`` applied to ``steps`` points spaced evenly from 1 down to shift(``t_min``) (default t_min
     1 / 1000), then 0; its lowest nonzero time is shift(shift(t_min)) (0.00893 at shift 3; t_min itself at shift 1).
+    ``sampling_shift`` replaces ``shift`` on the sampling grid only (None: ``shift``; below 1 spends the steps nearer
+    clean data, which small images want), and a number in ``sampler.spacing`` replaces both for one sampling call.
     The denoiser sees ``time_scale * t`` (1000 t, as SD3).
     """
 
@@ -440,6 +450,7 @@ class FlowProcess(NoiseProcess):
         frame_shift_base: int | None = None,
         prediction: str = "flow",
         weighting: str = "uniform",
+        sampling_shift: float | None = None,
     ) -> None:
         if density not in FLOW_DENSITIES:
             raise ValueError(f"process.density='{density}' is unknown: choose one of {FLOW_DENSITIES}")
@@ -452,6 +463,20 @@ class FlowProcess(NoiseProcess):
         # training times of a video batch of T frames use frame_shift(shift, T, frame_shift_base) (None: shift)
         self.frame_shift_base = None if frame_shift_base is None else int(frame_shift_base)
         self.prediction, self.weighting = prediction, weighting
+        self.sampling_shift = (
+            None if sampling_shift is None else self.grid_shift(sampling_shift, "process.sampling_shift")
+        )
+
+    def grid_shift(self, spacing: Spacing = None, key: str = "sampler.spacing") -> float:
+        """The sampling grid's shift: ``spacing`` if it is a number, else ``sampling_shift``, else ``shift``."""
+        if spacing is None:
+            return self.shift if self.sampling_shift is None else self.sampling_shift
+        if isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not spacing > 0:
+            raise ValueError(
+                f"{key}={spacing!r} does not apply to process=flow: give the sampling grid's shift, a number > 0 "
+                "(below 1 puts more steps near clean data), or null"
+            )
+        return float(spacing)
 
     def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
         t = torch.as_tensor(t, dtype=torch.float64)
@@ -482,12 +507,13 @@ class FlowProcess(NoiseProcess):
             shift = shift.to(t.device)
         return shift_time(t, self.shift if shift is None else shift).clamp(0, 1)
 
-    def sampling_times(self, steps: int, spacing: str | None = None, multistep: bool = False) -> Tensor:
-        """``steps`` points evenly spaced from 1 down to shift(t_min), shifted, then 0: diffusers'
-        FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(steps) grid, whose lower end is shifted twice."""
-        lowest = float(shift_time(torch.tensor(self.t_min, dtype=torch.float64), self.shift))
+    def sampling_times(self, steps: int, spacing: Spacing = None, multistep: bool = False) -> Tensor:
+        """``steps`` points evenly spaced from 1 down to s(t_min), shifted by s, then 0, with s = ``grid_shift``:
+        diffusers' FlowMatchEulerDiscreteScheduler(shift=s).set_timesteps(steps) grid (its lower end shifted twice)."""
+        s = self.grid_shift(spacing)
+        lowest = float(shift_time(torch.tensor(self.t_min, dtype=torch.float64), s))
         u = torch.linspace(1.0, lowest, int(steps), dtype=torch.float64)
-        return torch.cat([shift_time(u, self.shift), u.new_zeros(1)])
+        return torch.cat([shift_time(u, s), u.new_zeros(1)])
 
     def time_from_sigma_ve(self, sigma_ve: float) -> float:
         return float(sigma_ve) / (1 + float(sigma_ve)) if math.isfinite(sigma_ve) else 1.0
@@ -500,7 +526,8 @@ class FlowProcess(NoiseProcess):
 
     def __repr__(self) -> str:
         per_frames = "" if self.frame_shift_base is None else f" x sqrt(T / {self.frame_shift_base})"
-        return f"FlowProcess(density={self.density}, shift={self.shift}{per_frames})"
+        grid = "" if self.sampling_shift is None else f", sampling_shift={self.sampling_shift}"
+        return f"FlowProcess(density={self.density}, shift={self.shift}{per_frames}{grid})"
 
 
 PROCESSES: dict[str, type[NoiseProcess]] = {"vp": VPProcess, "edm": EDMProcess, "flow": FlowProcess}

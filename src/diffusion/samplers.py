@@ -27,7 +27,7 @@ import torch
 
 if TYPE_CHECKING:
     from difflab.diffusion.guidance import ModelFn  # model_fn(x_t, t) -> (x0_hat, eps_hat)
-    from difflab.diffusion.processes import NoiseProcess, VPProcess
+    from difflab.diffusion.processes import NoiseProcess, Spacing, VPProcess
 
 Tensor = torch.Tensor
 _T = TypeVar("_T")
@@ -53,7 +53,7 @@ def _progress(iterable: Iterable[_T], enabled: bool, desc: str) -> Iterable[_T]:
 
 
 def sampling_grid(
-    process: NoiseProcess, steps: int, spacing: str | None = None, multistep: bool = False, start: float | None = None
+    process: NoiseProcess, steps: int, spacing: Spacing = None, multistep: bool = False, start: float | None = None
 ) -> list[tuple[float, float, float]]:
     """[(t, alpha, sigma)] along the process's descending sampling times, ending at clean data (alpha 1, sigma 0).
 
@@ -84,7 +84,7 @@ def ddpm(
     process: NoiseProcess,
     *,
     steps: int | None = None,
-    spacing: str | None = None,
+    spacing: Spacing = None,
     variance: str = "small",
     start: float | None = None,
     generator: torch.Generator | None = None,
@@ -120,7 +120,7 @@ def ddim(
     *,
     steps: int = 50,
     eta: float = 0.0,
-    spacing: str | None = None,
+    spacing: Spacing = None,
     start: float | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
@@ -157,7 +157,7 @@ def dpmpp_2m(
     process: NoiseProcess,
     *,
     steps: int = 20,
-    spacing: str | None = None,
+    spacing: Spacing = None,
     start: float | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
@@ -235,7 +235,7 @@ def euler(
     process: NoiseProcess,
     *,
     steps: int = 50,
-    spacing: str | None = None,
+    spacing: Spacing = None,
     s_churn: float = 0.0,
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
@@ -260,7 +260,7 @@ def heun(
     process: NoiseProcess,
     *,
     steps: int = 20,
-    spacing: str | None = None,
+    spacing: Spacing = None,
     euler_above: float | None = 80.0,
     s_churn: float = 0.0,
     s_tmin: float = 0.0,
@@ -288,7 +288,7 @@ def _ode_sampler(
     x: Tensor,
     process: NoiseProcess,
     steps: int,
-    spacing: str | None,
+    spacing: Spacing,
     corrector: dict[str, float | None] | None,
     churn: tuple[float, float, float, float],
     start: float | None,
@@ -354,7 +354,7 @@ def check_sampler(sampler: Sampler, process: NoiseProcess) -> None:
 
 
 def model_evaluations(
-    sampler_fn: Sampler, process: NoiseProcess, steps: int | None = None, spacing: str | None = None
+    sampler_fn: Sampler, process: NoiseProcess, steps: int | None = None, spacing: Spacing = None
 ) -> int:
     """Number of model_fn calls (NFE) a sampler makes for ``steps`` on ``process`` (with CFG each is one batched
     forward of the conditional and unconditional inputs)."""
@@ -379,7 +379,7 @@ def sampler_name(sampler: Sampler) -> str:
     return f"{_name(sampler)}-{steps}" if steps else _name(sampler)
 
 
-def times_used(sampler: Sampler, process: NoiseProcess, steps: int, spacing: str | None = None) -> Sequence[float]:
+def times_used(sampler: Sampler, process: NoiseProcess, steps: int, spacing: Spacing = None) -> Sequence[float]:
     """The descending process times a sampler evaluates the model at (its grid without the clean end)."""
     times = process.sampling_times(int(steps), spacing, multistep=_name(sampler) == "dpmpp_2m")
     used: list[float] = times[:-1].tolist()

@@ -306,9 +306,13 @@ class Diffusion:
 
     # ---------------------------------------------------------------- autoguidance
     def path(self) -> torch.Tensor:
-        """(alpha, sigma) on a 16-step sampling grid: equal processes have equal paths, whatever their spelling."""
-        times = self.process.sampling_times(16, None, False).to(torch.float64)
-        return torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in self.process.coefficients(times)])
+        """What the denoiser is shown at 16 fixed noise levels (log-SNR -10 .. 10): the time input and the log-SNR
+        of the process's time there (the nearest step on a discrete schedule). Two setups whose denoisers see the
+        same inputs have equal paths, whatever their spelling, training density or sampling grid."""
+        times = self.process.time_from_log_snr(torch.linspace(-10.0, 10.0, 16, dtype=torch.float64))
+        alpha, sigma = (torch.as_tensor(v, dtype=torch.float64) for v in self.process.coefficients(times))
+        net_time = torch.as_tensor(self.process.net_time(times), dtype=torch.float64)
+        return torch.stack([net_time, 2 * (alpha.log() - sigma.log())])
 
     def mismatch(self, other: "Diffusion") -> str | None:
         """What ``other`` (a guide) does not share with this setup (None: the two combine)."""
