@@ -115,5 +115,9 @@ def test_the_default_recipe_samples_on_the_shifted_grid_with_cfg_at_low_noise():
     times = process.sampling_times(cfg.sampler.steps)[:-1]
     guided = [guidance_active(float(t / (1 - t)) if t < 1 else float("inf"), guidance.interval) for t in times]
     assert guidance.scale == 2.0 and 0 < sum(guided) < len(guided)  # some steps guided, not all
+    from difflab.diffusion.system import Diffusion
+
+    diffusion = Diffusion(process, instantiate(cfg.objective), instantiate(cfg.sampler), sample_shape=(1, 16, 16))
+    assert diffusion.describe_sampler() == "heun-10 (grid shift 0.33)"  # what the logs and metric protocols say
     assert composed(["guidance=cfg"]).guidance.interval is None
     assert composed(["experiment=stl10_vpred_cfg"]).guidance.interval is None

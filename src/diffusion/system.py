@@ -302,7 +302,13 @@ class Diffusion:
             return cast(torch.Tensor, self.autoencoder.module.decode(x.float()))  # duck-typed autoencoder: Any
 
     def describe_sampler(self, sampler: Sampler | None = None) -> str:
-        return sampler_name(sampler or self.sampler)
+        """The sampler with its step count and, on flow, a shifted grid: 'heun-10 (grid shift 0.33)'."""
+        sampler = sampler or self.sampler
+        name = sampler_name(sampler)
+        if isinstance(self.process, FlowProcess):
+            grid = self.process.grid_shift(getattr(sampler, "keywords", {}).get("spacing"))
+            name += f" (grid shift {grid:g})" if grid != 1.0 else ""
+        return name
 
     # ---------------------------------------------------------------- autoguidance
     def path(self) -> torch.Tensor:
