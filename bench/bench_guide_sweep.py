@@ -96,154 +96,95 @@ def main() -> None:
     fractions, scales = (FRACTIONS[:2], AG_SCALES[:2]) if args.quick else (FRACTIONS, AG_SCALES)
     link_guides(args.race, args.out, seeds)
     guides = str(args.out)
-    common = [
-        f"seed={','.join(map(str, seeds))}",
-        f"ckpt_path={guides}/s${{seed}}/main.ckpt",
-        f"n={n}",
-        "judge=digits",
-    ]
-    ag_sweep, cfg_sweep = args.out / "autoguidance", args.out / "cfg"
-    ag = [
-        sys.executable,
-        str(REPO / "sample.py"),
-        "-m",
-        f"hydra.sweep.dir={ag_sweep}",
-        *common,
-        "guidance.method=autoguidance",
-        "guidance.guide_ckpt=" + ",".join(f"{guides}/s${{seed}}/f{f}.ckpt" for f in fractions),
-        "guidance.scale=" + ",".join(map(str, scales)),
-        "guidance.interval=" + ",".join(INTERVALS),
-    ]
-    cfg = [
-        sys.executable,
-        str(REPO / "sample.py"),
-        "-m",
-        f"hydra.sweep.dir={cfg_sweep}",
-        *common,
-        "guidance.method=cfg",
-        "guidance.scale=" + ",".join(map(str, CFG_SCALES[:2] if args.quick else CFG_SCALES)),
-    ]
-    note = [
-        f"Guides: for each training seed, the EMA checkpoint nearest {', '.join(map(str, fractions))} of its final step"
-        " (`<guides>/s<seed>/f<F>.ckpt`); the main model is the run's last checkpoint. Rule for the choice: the lowest "
-        "`eval/fd` (the repo classifier) among arms with `eval/accuracy` >= 0.99; judge 2 is reported, never used "
-        "to choose."
-    ]
-    sweeps = args.sweeps.split(",")
-    grid_sweep = args.out / "grid"
-    grid = [
-        sys.executable,
-        str(REPO / "sample.py"),
-        "-m",
-        f"hydra.sweep.dir={grid_sweep}",
-        *common,
-        "sampler.spacing=" + ",".join(map(str, GRID_SHIFTS[:2] if args.quick else GRID_SHIFTS)),
-        "guidance.method=cfg",
-        "guidance.scale=" + ",".join(map(str, GRID_CFG_SCALES[1:] if args.quick else GRID_CFG_SCALES)),
-    ]
-    grid_note = [
-        "The sampling grid: heun-10 (19 NFE) on flow's grid shifted by `sampler.spacing` (1: diffusers' "
-        "FlowMatchEulerDiscreteScheduler grid, the old default). Same rule: the lowest `eval/fd` among arms with "
-        "`eval/accuracy` >= 0.99; judge 2 and pixels reported, never used to choose."
-    ]
-    band_sweep = args.out / "band"
-    band = [
-        sys.executable,
-        str(REPO / "sample.py"),
-        "-m",
-        f"hydra.sweep.dir={band_sweep}",
-        *common,
-        "sampler.spacing=" + ",".join(map(str, BAND_SHIFTS)),
-        "guidance.method=cfg",
-        "guidance.scale=" + ",".join(map(str, BAND_SCALES[:2] if args.quick else BAND_SCALES)),
-        "guidance.interval=" + ",".join(BANDS[:2] if args.quick else BANDS),
-    ]
-    guide_grid_sweep = args.out / "guide_grid"
-    guide_grid = [
-        sys.executable,
-        str(REPO / "sample.py"),
-        "-m",
-        f"hydra.sweep.dir={guide_grid_sweep}",
-        *common,
-        f"sampler.spacing={BAND_SHIFTS[1]}",
-        "guidance.method=autoguidance",
-        "guidance.guide_ckpt=" + ",".join(f"{guides}/s${{seed}}/f{f}.ckpt" for f in fractions[1:]),
-        "guidance.scale=2.0",
-        "guidance.interval=" + ",".join(INTERVALS),
-    ]
+    common = [f"seed={','.join(map(str, seeds))}", f"ckpt_path={guides}/s${{seed}}/main.ckpt", f"n={n}", "judge=digits"]
+
+    def values(key: str, options, quick_slice: slice = slice(None)) -> str:
+        return f"{key}=" + ",".join(map(str, options[quick_slice] if args.quick else options))
+
+    def guide_files(fracs) -> str:
+        return "guidance.guide_ckpt=" + ",".join(f"{guides}/s${{seed}}/f{f}.ckpt" for f in fracs)
+
+    rule = (
+        "Rule for the choice: the lowest `eval/fd` (the repo classifier) among arms with `eval/accuracy` >= 0.99; "
+        "judge 2 and pixels are reported, never used to choose."
+    )
+    guides_note = (
+        f"Guides: for each training seed, the EMA checkpoint nearest {', '.join(map(str, fractions))} of its final "
+        "step (`<guides>/s<seed>/f<F>.ckpt`); the main model is the run's last checkpoint. "
+    )
+    # name in --sweeps -> (result name, sweep folder, overrides, ablate baseline as Hydra stores it, note)
+    plans = {
+        "grid": (
+            "grid_sweep",
+            "grid",
+            [
+                values("sampler.spacing", GRID_SHIFTS, slice(2)),
+                "guidance.method=cfg",
+                values("guidance.scale", GRID_CFG_SCALES, slice(1, None)),
+            ],
+            "sampler.spacing=1.0, guidance.scale=1.5",
+            "The sampling grid: heun-10 (19 NFE) on flow's grid shifted by `sampler.spacing` (1: diffusers' "
+            "FlowMatchEulerDiscreteScheduler grid, the old default). " + rule,
+        ),
+        "band": (
+            "band_sweep",
+            "band",
+            [
+                values("sampler.spacing", BAND_SHIFTS),
+                "guidance.method=cfg",
+                values("guidance.scale", BAND_SCALES, slice(2)),
+                values("guidance.interval", BANDS, slice(2)),
+            ],
+            "sampler.spacing=1.0, guidance.scale=1.5, guidance.interval=[0.3,5.4]",
+            "CFG in a band of sigma / alpha (`guidance.interval`) on the old grid and the one shifted by 0.33 (the "
+            "grid sweep's best in pixels). " + rule,
+        ),
+        "guide_grid": (
+            "guide_grid_sweep",
+            "guide_grid",
+            [
+                f"sampler.spacing={BAND_SHIFTS[1]}",
+                "guidance.method=autoguidance",
+                guide_files(fractions[1:]),
+                "guidance.scale=2.0",
+                values("guidance.interval", INTERVALS),
+            ],
+            f"guidance.guide_ckpt={guides}/s$\\{{seed\\}}/f{fractions[1]}.ckpt, guidance.interval=null",
+            "Autoguidance with the later guides of the first pass, on the grid shifted by 0.33: does the "
+            "self-guided sampler overtake CFG at low noise there? " + rule,
+        ),
+        "cfg": (
+            "guide_sweep_cfg",
+            "cfg",
+            ["guidance.method=cfg", values("guidance.scale", CFG_SCALES, slice(2))],
+            f"guidance.scale={CFG_SCALES[1]}",
+            guides_note + rule,
+        ),
+        "guide": (
+            "guide_sweep",
+            "autoguidance",
+            [
+                "guidance.method=autoguidance",
+                guide_files(fractions),
+                "guidance.scale=" + ",".join(map(str, scales)),
+                values("guidance.interval", INTERVALS),
+            ],
+            # the EDM2-like guess (as Hydra stores it: the interpolation escaped)
+            f"guidance.guide_ckpt={guides}/s$\\{{seed\\}}/f{fractions[1]}.ckpt, guidance.scale=2.0, "
+            "guidance.interval=null",
+            guides_note + rule,
+        ),
+    }
     written = []
-    if "guide_grid" in sweeps:
+    for key in args.sweeps.split(","):
+        if key not in plans:
+            sys.exit(f"--sweeps {key}: unknown; choose from {', '.join(plans)}")
+        result, folder, overrides, baseline, note = plans[key]
+        sweep_dir = args.out / folder
+        command = [sys.executable, str(REPO / "sample.py"), "-m", f"hydra.sweep.dir={sweep_dir}", *common, *overrides]
         written.append(
             sweep_and_summarise(
-                "guide_grid_sweep",
-                guide_grid,
-                guide_grid_sweep,
-                f"guidance.guide_ckpt={guides}/s$\\{{seed\\}}/f{fractions[1]}.ckpt, guidance.interval=null",
-                METRICS,
-                reuse=args.reuse,
-                quick=args.quick,
-                notes=[
-                    "Autoguidance with the later guides of the first pass, on the grid shifted by 0.33: does the "
-                    "self-guided sampler overtake CFG at low noise there? Same rule."
-                ],
-            )
-        )
-    if "band" in sweeps:
-        written.append(
-            sweep_and_summarise(
-                "band_sweep",
-                band,
-                band_sweep,
-                "sampler.spacing=1.0, guidance.scale=1.5, guidance.interval=[0.3,5.4]",
-                METRICS,
-                reuse=args.reuse,
-                quick=args.quick,
-                notes=[
-                    "CFG in a band of sigma / alpha (`guidance.interval`) on the old grid and the one shifted by "
-                    "0.33 (the grid sweep's best in pixels). Same rule: the lowest `eval/fd` among arms with `eval/accuracy` >= "
-                    "0.99; judge 2 and pixels reported, never used to choose."
-                ],
-            )
-        )
-    if "grid" in sweeps:
-        written.append(
-            sweep_and_summarise(
-                "grid_sweep",
-                grid,
-                grid_sweep,
-                "sampler.spacing=1.0, guidance.scale=1.5",
-                METRICS,
-                reuse=args.reuse,
-                quick=args.quick,
-                notes=grid_note,
-            )
-        )
-    if "cfg" in sweeps:
-        written.append(
-            sweep_and_summarise(
-                "guide_sweep_cfg",
-                cfg,
-                cfg_sweep,
-                f"guidance.scale={CFG_SCALES[1]}",
-                METRICS,
-                reuse=args.reuse,
-                quick=args.quick,
-                notes=note,
-            )
-        )
-    if "guide" in sweeps:
-        written.append(
-            sweep_and_summarise(
-                "guide_sweep",
-                ag,
-                ag_sweep,
-                # the EDM2-like guess (as Hydra stores it: the interpolation escaped)
-                f"guidance.guide_ckpt={guides}/s$\\{{seed\\}}/f{fractions[1]}.ckpt, guidance.scale=2.0, "
-                "guidance.interval=null",
-                METRICS,
-                reuse=args.reuse,
-                quick=args.quick,
-                notes=note,
+                result, command, sweep_dir, baseline, METRICS, reuse=args.reuse, quick=args.quick, notes=[note]
             )
         )
     _hide_guides(written, guides)

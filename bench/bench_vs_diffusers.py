@@ -141,14 +141,8 @@ def sample_difflab(
 
 def describe(diffusion, guidance) -> str:
     """The sampler and guidance of a difflab sample set, e.g. 'heun-10 (grid shift 0.33), CFG 2 in [0.1, 2]'."""
-    from difflab.diffusion.samplers import sampler_name
-
-    grid = getattr(diffusion.sampler, "keywords", {}).get("spacing")
-    if grid is None:
-        grid = getattr(diffusion.process, "sampling_shift", None)
-    text = sampler_name(diffusion.sampler) + (f" (grid shift {grid:g})" if isinstance(grid, (int, float)) else "")
     band = f" in {list(guidance.interval)}" if guidance.interval else ""
-    return f"{text}, {type(guidance).__name__} {guidance.scale:g}{band}"
+    return f"{diffusion.describe_sampler()}, {type(guidance).__name__} {guidance.scale:g}{band}"
 
 
 # ---------------------------------------------------------------------------------------------- diffusers sides
