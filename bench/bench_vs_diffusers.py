@@ -24,7 +24,10 @@ Sides (peers):
 
 Phases: ``train`` (each side x seed writes ``<out>/<side>_s<seed>/``: samples and timings; difflab also its run
 directory), ``judge`` (reads them all, writes the table). The default runs both; a finished side x seed is skipped
-when its directory is complete, so an interrupted race resumes.
+when its directory is complete, so an interrupted race resumes. ``resample`` draws the difflab side again with other
+guidance / sampler settings. Recipe screens: ``train --sides difflab --out <arm dir> --override key=value ...`` per
+arm, then ``screen --arm NAME=<arm dir> ...`` ranks them by a rule that never reads the second judge
+(``bench/results/recipe_screen.md``).
 """
 
 from __future__ import annotations
@@ -274,6 +277,8 @@ def run_child(args) -> None:
     else:
         meta, samples = run_diffusers(args.child, args.budget, args.n, args.seed)
     meta.update(side=args.child, seed=args.seed, budget=args.budget, threads=torch.get_num_threads())
+    if args.child == "difflab" and args.override:
+        meta["overrides"] = list(args.override)
     meta["machine"] = machine_description()
     for kind, s in samples.items():
         torch.save({"images": s.pop("images"), "labels": s.pop("labels")}, d / f"samples_{kind}.pt")
@@ -336,7 +341,8 @@ def fmt(iv, digits: int) -> str:
 
 
 def difflab_cost(args, scores: dict) -> str:
-    """What guiding with the kept guide costs: sampling time against CFG at the same NFE, and checkpoint disk."""
+    """What the recipe's guidance costs: sampling time against CFG at every level at the same NFE, and with the kept
+    guide its checkpoint disk."""
     from difflab.ablation.stats import mean_ci
     from difflab.checkpoints import KEPT_GUIDE_KEY, load_checkpoint
 
@@ -348,8 +354,13 @@ def difflab_cost(args, scores: dict) -> str:
         ),
         None,
     )
-    if guided is None:
-        return ""
+    if guided is None:  # the recipe guides with CFG (in a band or not): its time against CFG at every level
+        pairs = zip(scores[("difflab", "recipe")], scores[("difflab", "cfg")])
+        ratio = mean_ci([a["sample_s"] / b["sample_s"] for a, b in pairs])
+        return (
+            f"Sampling time of the recipe's guidance: {ratio.mean:.2f}x CFG's at every noise level at the same NFE (mean "
+            "over seeds of the per-seed ratio)."
+        )
     pairs = zip(scores[("difflab", guided)], scores[("difflab", "cfg")])
     ratio = mean_ci([a["sample_s"] / b["sample_s"] for a, b in pairs])
     kept, sizes, steps = [], [], []
@@ -427,6 +438,8 @@ def judge_phase(args) -> str:
     verdict.append(f"accuracy {mine['accuracy']:.3f} / {mine['accuracy_judge2']:.3f}")
     cost = difflab_cost(args, scores) if ("difflab", "cfg") in scores else ""
     seeds = ",".join(map(str, args.seeds))
+    overrides = sorted({" ".join(m.get("overrides", [])) for m in metas.get("difflab", [])} - {""})
+    arm = f" The difflab side trained with `{'`, `'.join(overrides)}`." if overrides else ""
     return "\n".join(
         [
             "# Quality per wall-clock on digits: difflab's default recipe vs two diffusers loops, every judge"
@@ -437,7 +450,8 @@ def judge_phase(args) -> str:
             f"{args.threads} torch threads, one after the other (seed outermost); {args.n} balanced samples per run, "
             f"judged by every judge of `difflab.eval.digits_eval.evaluate_samples`. Means over {len(args.seeds)} seeds "
             "with 95% t-intervals. FD to all 1797 real digits; precision / recall (k=3) against a fixed half of the "
-            "real digits; judge 2 is the independently trained LeNet-style classifier (never used for a decision).",
+            "real digits; judge 2 is the independently trained LeNet-style classifier (never used for a decision)."
+            + arm,
             "",
             md_table(header, rows),
             "",
@@ -451,9 +465,73 @@ def judge_phase(args) -> str:
     )
 
 
+def screen_phase(args) -> str:
+    """Arms of the difflab recipe (each ``--arm NAME=DIR``: a directory of difflab runs this script trained with
+    ``--override``), judged like the race and ranked by the rule fixed before they ran: among arms run at every seed
+    of the most-seeded arm whose repo-classifier accuracy is >= 0.99, the lowest sum of the classifier-FD and
+    pixel-FD ratios to the flow loop of ``--out``'s race (one-seed arms are first-round probes). The second judge
+    is reported, never read by the rule."""
+    from difflab.ablation.stats import mean_ci
+    from difflab.eval.digits_eval import evaluate_samples
+
+    def judged(directory: Path, side: str, kind: str) -> tuple[list[dict], list[dict]]:
+        runs = sorted(directory.glob(f"{side}_s*/meta.json"))
+        metas = [json.loads(m.read_text()) for m in runs]
+        data = [torch.load(m.parent / f"samples_{kind}.pt", weights_only=True) for m in runs]
+        return metas, [evaluate_samples(d["images"], d["labels"]) for d in data]
+
+    _, flow = judged(args.out, "diffusers_flow", "recipe")
+    peer = {k: statistics.mean(r[k] for r in flow) for k in ("fd", "fd_pixel", "fd_judge2")}
+    header = [
+        "arm",
+        "overrides",
+        "seeds",
+        "steps",
+        "FD classifier",
+        "FD pixels",
+        "accuracy (clf)",
+        "rule score",
+        "FD judge 2",
+    ]
+    rows, scores = [], {}
+    judged_arms = {name: judged(Path(d), "difflab", "recipe") for name, d in (a.split("=", 1) for a in args.arm)}
+    full = max(len(rs) for _, rs in judged_arms.values())
+    for name, (metas, rs) in judged_arms.items():
+        cis = {k: mean_ci([r[k] for r in rs]) for k in ("fd", "fd_pixel", "accuracy", "fd_judge2")}
+        score = cis["fd"].mean / peer["fd"] + cis["fd_pixel"].mean / peer["fd_pixel"]
+        if cis["accuracy"].mean >= 0.99 and len(rs) == full:
+            scores[name] = score
+        overrides = " ".join(metas[0].get("overrides", [])) or "(none: the race's runs)"
+        steps = f"{statistics.mean(m['steps'] for m in metas):.0f}"
+        rows.append([name, f"`{overrides}`", ",".join(str(m["seed"]) for m in metas), steps])
+        rows[-1] += [fmt(cis["fd"], 2), fmt(cis["fd_pixel"], 3), fmt(cis["accuracy"], 3), f"{score:.4f}"]
+        rows[-1] += [fmt(cis["fd_judge2"], 2)]
+    best = min(scores, key=scores.get) if scores else "none"
+    return "\n".join(
+        [
+            "# Recipe screen: which training settings give the best model in the race's budget",
+            "",
+            f"`PYTHONPATH=. python bench/bench_vs_diffusers.py screen --out {shown_path(args.out)} "
+            + " ".join(f"--arm {a.split('=', 1)[0]}=<dir>" for a in args.arm)
+            + "`: each arm's runs trained by `bench_vs_diffusers.py train --sides difflab --override ...` "
+            f"({args.budget:g} s each, one after the other), sampled with the recipe's sampler and guidance; "
+            f"{args.n} samples per run, means with 95% t-intervals over the seeds. Rule score: classifier FD / "
+            f"{peer['fd']:.2f} + pixel FD / {peer['fd_pixel']:.3f} (the flow loop's means in the race of "
+            "`--out`), among arms run at every seed with classifier accuracy >= 0.99. The second judge's FD (flow loop "
+            f"{peer['fd_judge2']:.2f}) is reported, never used by the rule.",
+            "",
+            md_table(header, rows),
+            "",
+            f"Lowest rule score: **{best}**.",
+            "",
+            f"Machine: {machine_description()}",
+        ]
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", nargs="?", choices=["all", "train", "resample", "judge"], default="all")
+    p.add_argument("phase", nargs="?", choices=["all", "train", "resample", "judge", "screen"], default="all")
     p.add_argument("--budget", type=float, default=None, help="training wall-clock seconds per run (300; 20 --quick)")
     p.add_argument("--n", type=int, default=None, help="samples per run (500; 100 with --quick)")
     p.add_argument("--seeds", default=None, help="comma-separated training seeds (0,1,2; 0 with --quick)")
@@ -464,6 +542,9 @@ def main() -> None:
     p.add_argument("--guidance", action="append", default=[], help="resample: a guidance override key=value")
     p.add_argument("--sampler", action="append", default=[], help="resample: a sampler override key=value")
     p.add_argument("--quick", action="store_true", help="20 s budget, 100 samples, one seed")
+    p.add_argument(
+        "--arm", action="append", default=[], help="screen: NAME=DIR of difflab runs trained with --override"
+    )
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -487,6 +568,10 @@ def main() -> None:
         text = judge_phase(args)
         print(text)
         print("wrote", write_result("vs_diffusers", text, args.quick))
+    if args.phase == "screen":
+        text = screen_phase(args)
+        print(text)
+        print("wrote", write_result("recipe_screen", text, args.quick))
 
 
 if __name__ == "__main__":

@@ -311,8 +311,12 @@ def targets_take_their_keys(cfg: dict):
 
 
 # Which callback logs a metrics/* name (src/callbacks/sample_metrics.py, src/callbacks/class_grid.py).
-_SAMPLE_METRIC = re.compile(r"^metrics/(fd_|kd_|fid|kid|fvd|kvd|digit_accuracy|clip_score|lpips_diversity)")
-_SAMPLE_COUNT = re.compile(r"^metrics/(?:fd_[a-z0-9]*?|kd_[a-z0-9]*?|fid|kid|fvd|kvd)(\d+)(?:_\d+f)?(?:_floor|_std)?$")
+_SAMPLE_METRIC = re.compile(
+    r"^metrics/(fd_|kd_|fid|kid|fvd|kvd|precision_|recall_|digit_accuracy|lenet_accuracy|clip_score|lpips_diversity)"
+)
+_SAMPLE_COUNT = re.compile(
+    r"^metrics/(?:fd_[a-z0-9]*?|kd_[a-z0-9]*?|precision_[a-z]*?|recall_[a-z]*?|fid|kid|fvd|kvd)(\d+)(?:_\d+f)?(?:_floor|_std)?$"
+)
 
 
 def _metric_source(cfg: dict, name: str):

@@ -414,6 +414,81 @@ def test_digit_fd_via_sample_metrics_on_a_few_samples(tmp_path):
     assert good["metrics/kd_digit40"] < bad["metrics/kd_digit40"]
 
 
+def test_second_opinions_match_their_formulas_on_replayed_digits(tmp_path):
+    """Judge 2's FD and accuracy, pixel FD and k-NN precision / recall in both judges, each against its formula on
+    the very samples generated and the reference items, and the floors against the unseen real items."""
+    from difflab.metrics.digit_features import DigitFeatures, DigitJudge2Features
+    from difflab.metrics.frechet import frechet_distance, gaussian_stats
+    from difflab.metrics.precision_recall import precision_recall
+    from difflab.metrics.sample_metrics import SampleMetrics
+
+    dm = _digits_datamodule()
+    x, y = dm.train_set.x, dm.train_set.labels
+    kw = dict(n_samples=60, n_real=300, batch_size=16, lpips_net=None, kid_subsets=0, stats_dir=str(tmp_path))
+    results, generated = {}, {}
+    for kind in ("replay", "noise"):
+        module = ReplayModule(x, y, noise=kind == "noise")
+        drawn, sample = [], module.diffusion.sample
+        module.diffusion.sample = lambda *a, _s=sample, _d=drawn, **k: _d.append(out := _s(*a, **k)) or out
+        metrics = SampleMetrics(**kw)
+        metrics.prepare(module, dm, tmp_path)
+        results[kind], generated[kind] = metrics.evaluate(module), torch.cat(drawn)
+    dataset = dm.train_dataloader().dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+    ref, unseen = (torch.stack([dataset[i]["x"] for i in idx.tolist()]) for idx in (order[:300], order[300:360]))
+
+    def fd(a, b):
+        return float(frechet_distance(*gaussian_stats(a.double()), *gaussian_stats(b.double())))
+
+    got, gen, labels = results["replay"], generated["replay"], torch.arange(60) % 10
+    with torch.no_grad():
+        judges = {"digit": DigitFeatures(), "lenet": DigitJudge2Features()}
+        feats = {k: (j(ref), j(gen), j(unseen)) for k, j in judges.items()}
+        for slug, (r, g, u) in feats.items():
+            for kind, want, floor in zip(("precision", "recall"), precision_recall(r, g), precision_recall(r, u)):
+                assert got[f"metrics/{kind}_{slug}60"] == pytest.approx(want)
+                assert got[f"metrics/{kind}_{slug}60_floor"] == pytest.approx(floor)
+        r, g, u = feats["lenet"]
+        assert got["metrics/fd_lenet60"] == pytest.approx(fd(g, r), rel=1e-6)
+        assert got["metrics/fd_lenet60_floor"] == pytest.approx(fd(u, r), rel=1e-6)
+        want_acc = (judges["lenet"].predict(g) == labels).double().mean().item()
+        assert got["metrics/lenet_accuracy"] == pytest.approx(want_acc)
+    assert got["metrics/fd_pixel60"] == pytest.approx(fd(gen.flatten(1), ref.flatten(1)), rel=1e-6)
+    assert got["metrics/fd_pixel60_floor"] == pytest.approx(fd(unseen.flatten(1), ref.flatten(1)), rel=1e-6)
+    bad = results["noise"]
+    assert got["metrics/lenet_accuracy"] > 0.9 and bad["metrics/lenet_accuracy"] < 0.4
+    for name in ("fd_lenet60", "fd_pixel60"):
+        assert got[f"metrics/{name}"] < 0.5 * bad[f"metrics/{name}"]
+    # noise lies off the real manifold in the classifier's features; in judge 2's saturating (tanh) features it
+    # collapses into a few real balls, which k-NN precision cannot see and recall does
+    assert got["metrics/precision_digit60"] > 0.8 and bad["metrics/precision_digit60"] < 0.2
+    assert got["metrics/recall_lenet60"] > 0.8 and bad["metrics/recall_lenet60"] < 0.2
+    protocol = metrics.protocol
+    assert protocol["metrics/fd_pixel60"]["feature"] == "pixels-1x16x16"
+    assert protocol["metrics/recall_lenet60"]["floor"] == pytest.approx(got["metrics/recall_lenet60_floor"])
+
+
+def test_second_opinions_off_and_an_old_floor_cache_recomputed(tmp_path):
+    """second_opinions=false keeps today's digit metrics only; a floor cache without the second opinions' floors
+    (written before they existed) is recomputed, not trusted."""
+    import json
+
+    from difflab.metrics.sample_metrics import SampleMetrics
+
+    dm = _digits_datamodule()
+    module = ReplayModule(dm.train_set.x, dm.train_set.labels)
+    kw = dict(n_samples=20, n_real=100, batch_size=16, lpips_net=None, kid_subsets=0, stats_dir=str(tmp_path))
+    off = SampleMetrics(second_opinions=False, **kw)
+    off.prepare(module, dm, tmp_path)
+    assert set(off.evaluate(module)) == {"metrics/fd_digit20", "metrics/fd_digit20_floor", "metrics/digit_accuracy"}
+    (floor_cache,) = tmp_path.glob("*-floor-n20.json")
+    assert set(json.loads(floor_cache.read_text())["floor"]) == {"frechet"}
+    on = SampleMetrics(**kw)
+    on.prepare(module, dm, tmp_path)
+    assert {"fd_lenet", "fd_pixel", "recall_digit", "precision_lenet"} <= set(on.floor)
+    assert set(json.loads(floor_cache.read_text())["floor"]) == set(on.floor)
+
+
 def test_missing_weights_skip_the_metric_with_one_warning(tmp_path):
     from difflab.metrics import common
     from difflab.metrics.sample_metrics import SampleMetrics
@@ -587,5 +662,9 @@ def test_sharded_sample_metrics_under_ddp_equal_single_process(tmp_path):
     for got in ranks:
         assert got["metrics/fd_digit30"] == pytest.approx(want["metrics/fd_digit30"], rel=1e-6)
         assert got["metrics/digit_accuracy"] == pytest.approx(want["metrics/digit_accuracy"])
+        second = [k for k in want if "lenet" in k or "pixel" in k or "precision" in k or "recall" in k]
+        assert len(second) == 13  # 2 FDs, 4 precision / recall, their 6 floors and judge 2's accuracy
+        for key in second:
+            assert got[key] == pytest.approx(want[key], rel=1e-6), key  # gathered across ranks in item order
     cached = torch.load(next((tmp_path / "ddp_stats").glob("*.pt")), weights_only=True)
     assert cached["count"] == 200  # both ranks' real shards went into the one cache

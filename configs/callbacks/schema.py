@@ -107,6 +107,7 @@ RULES = {
     "sample_metrics.inception_weights": optional(string()),
     "sample_metrics.i3d_weights": optional(string()),
     "sample_metrics.digit_classifier_weights": optional(string()),
+    "sample_metrics.second_opinions": boolean(),
     "sample_metrics.stats_dir": optional(directory_path()),
     "sample_metrics.clip_model": optional(string()),
     # video_grid (src/callbacks/video_grid.py)

@@ -3,7 +3,12 @@ feature space, LPIPS diversity, CLIP score (text models) and FVD (videos).
 
 Feature spaces (``feature``):
 - ``digit_classifier``: the repo's digit classifier (``src/eval/digit_classifier.pt``, 128-d); metrics
-  ``fd_digit<N>`` / ``kd_digit<N>`` plus ``digit_accuracy`` (the classifier agrees with the sampled label).
+  ``fd_digit<N>`` / ``kd_digit<N>`` plus ``digit_accuracy`` (the classifier agrees with the sampled label). With
+  ``second_opinions`` (default) also the independently trained second judge's (LeNet-style, ``digit_judge2.pt``)
+  FD and accuracy (``fd_lenet<N>``, ``lenet_accuracy``), FD on raw pixels (``fd_pixel<N>``) and k-NN precision /
+  recall (Kynkaanniemi et al. 2019, k=3, against the reference items) in both judges' features
+  (``precision_digit<N>``, ``recall_digit<N>``, ``precision_lenet<N>``, ``recall_lenet<N>``), each with its
+  real-vs-real floor.
 - ``inception``: the FID Inception from a LOCAL weights file (``inception_weights``); ``fid<N>`` / ``kid<N>``.
 - ``i3d``: the StyleGAN-V I3D TorchScript (``i3d_weights``) for videos; ``fvd<N>_<T>f`` / ``kvd<N>_<T>f``.
 - ``auto`` (default): i3d for videos, the digit classifier for 1-channel images, Inception otherwise.
@@ -34,12 +39,13 @@ from torch import nn
 
 from difflab.metrics.clip_score import ClipScoreMetric, load_clip_scorer
 from difflab.metrics.common import warn_once
-from difflab.metrics.digit_features import DigitFeatures
+from difflab.metrics.digit_features import DigitFeatures, DigitJudge2Features, PixelFeatures
 from difflab.metrics.dinov2 import build_dinov2_metric
 from difflab.metrics.feature_metrics import FrechetMetric
 from difflab.metrics.fvd import build_fvd_metric, fvd_metric_name
 from difflab.metrics.inception import build_fid_metric
 from difflab.metrics.lpips_metric import build_lpips, lpips_distance
+from difflab.metrics.precision_recall import precision_recall
 from difflab.metrics.protocol import describe_feature
 from difflab.ops.atomic import atomic_write
 from difflab.ops.distributed import all_sum, barrier, broadcast_flag, dist_info
@@ -51,6 +57,8 @@ LOADER_ONLY_KEYS = {"batch_size", "num_workers", "pin_memory", "persistent_worke
 
 
 FEATURE_KINDS = ("auto", "digit_classifier", "inception", "dinov2", "i3d", "none")
+MAX_PIXEL_FEATURES = 4096  # FD on raw pixels only up to this many values per sample (its covariance is D x D)
+PR_K = 3  # neighbours of k-NN precision / recall (Kynkaanniemi et al. 2019)
 
 
 def resolve_feature_kind(feature: Any, sample_shape) -> str:
@@ -101,6 +109,23 @@ def load_lpips(net: str | None, backbone: str | os.PathLike | None = None):
 
 
 # ------------------------------------------------------------------------------------------------ evaluator
+def _slug(feature_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", feature_name)
+
+
+def _gather_strided(local: torch.Tensor, n: int, rank: int, world: int) -> torch.Tensor:
+    """Every rank's rows of items ``rank, rank + world, ...`` (this rank's ``local``) put back in item order on all
+    ranks: an ``n x D`` tensor, the same on every rank (one all_reduce of a zero-padded copy)."""
+    full = torch.zeros((n, *local.shape[1:]), dtype=torch.float64, device=local.device)
+    full[rank::world][: len(local)] = local.to(torch.float64)
+    return all_sum(full)
+
+
+def _rows(batches: list[torch.Tensor], metric: FrechetMetric) -> torch.Tensor:
+    """This rank's feature rows (none when it drew no items: it still joins the gather)."""
+    return torch.cat(batches) if batches else torch.zeros(0, metric.num_features, device=metric.real_sum.device)
+
+
 def _dataset_key(module, datamodule) -> tuple[str, str]:
     """(dataset class name, short hash of its config without loader-only keys) naming the real data."""
     cfg = dict(((getattr(module, "run_config", None) or {}).get("datamodule")) or {})
@@ -137,6 +162,7 @@ class SampleMetrics:
         guidance_scale: float | None = None,
         seed: int = 0,
         guidance: dict | None = None,
+        second_opinions: bool = True,
     ):
         if n_samples < 2:
             raise ValueError(f"sample_metrics.n_samples must be >= 2; got {n_samples}")
@@ -154,6 +180,10 @@ class SampleMetrics:
         self.sampler, self.guidance_scale, self.seed = sampler, guidance_scale, int(seed)
         self.guidance = dict(guidance) if guidance else None  # overrides of the guidance group (method and its keys)
         self.metric = None
+        self.second_opinions = bool(second_opinions)
+        self.extras: dict[str, FrechetMetric] = {}  # second opinions: metric stem (fd_lenet, fd_pixel) -> metric
+        self.pr_judges: dict[str, str] = {}  # precision / recall in these features: slug -> key in _metrics()
+        self._pr_reference: dict[str, torch.Tensor] = {}  # slug -> features of the reference items (all ranks)
         self.kind = None
         self.names: tuple[str, str] | None = None
         self.real_source: str | None = None
@@ -191,6 +221,22 @@ class SampleMetrics:
         if self.metric is not None:
             self.metric = self.metric.to(module.device)
             self.names = metric_names(self.kind, self.n_samples, shape, self.metric.feature_name)
+        if self.kind == "digit_classifier" and self.second_opinions:
+            self._build_second_opinions(module, shape)
+
+    def _build_second_opinions(self, module, shape) -> None:
+        """The second judge's and raw pixels' Frechet metrics, and the features precision / recall are taken in."""
+        self.extras = {
+            "fd_lenet": FrechetMetric(
+                DigitJudge2Features(), feature_name="digit-judge2-lenet-84", reset_real_features=False
+            )
+        }
+        pixels = PixelFeatures(shape)
+        if pixels.num_features <= MAX_PIXEL_FEATURES:
+            name = "pixels-" + "x".join(map(str, pixels.sample_shape))
+            self.extras["fd_pixel"] = FrechetMetric(pixels, feature_name=name, reset_real_features=False)
+        self.extras = {k: m.to(module.device) for k, m in self.extras.items()}
+        self.pr_judges = {"digit": "", "lenet": "fd_lenet"}
 
     def _real_loader(self, datamodule, rank: int, world: int, start: int = 0, count: int | None = None):
         """Batches of this rank's share of real items ``start .. start + count`` of a fixed (seeded) order of the
@@ -258,30 +304,62 @@ class SampleMetrics:
         dataset, digest = _dataset_key(module, datamodule)
         res = "x".join(str(s) for s in module.diffusion.sample_shape)
         cache_key = {"dataset": dataset, "config": digest, "split": self.real_split, "resolution": res, "n": n_real}
-        feature = re.sub(r"[^A-Za-z0-9.-]+", "-", self.metric.feature_name)
         stats_dir = Path(self.stats_dir) if self.stats_dir else Path(run_dir) / "stats"
-        path = stats_dir / f"{dataset}-{digest}-{self.real_split}-{res}-{feature}-n{n_real}.pt"
-        if broadcast_flag(path.is_file(), module.device):
-            self.metric.load_real_stats(path, cache_key)
-            self.real_source = f"loaded {path}"
-        else:
+        metrics = self._metrics()
+        paths = {
+            k: stats_dir / f"{dataset}-{digest}-{self.real_split}-{res}-{_slug(m.feature_name)}-n{n_real}.pt"
+            for k, m in metrics.items()
+        }
+        cached = {k: broadcast_flag(p.is_file(), module.device) for k, p in paths.items()}
+        for k, m in metrics.items():
+            if cached[k]:
+                m.load_real_stats(paths[k], cache_key)
+        needed = {k for k in metrics if not cached[k]} | set(self.pr_judges.values())
+        pr_features: dict[str, list[torch.Tensor]] = {slug: [] for slug in self.pr_judges}
+        if needed:  # one pass over the reference items serves every metric
             with torch.no_grad():
                 for batch in batches:
-                    self.metric.update(module.diffusion.to_pixels(batch["x"].to(module.device)).clamp(-1, 1), real=True)
-            try:
-                self.metric.save_real_stats(path, cache_key)
-                self.real_source = f"computed and cached in {path}"
-            except OSError as err:
-                warn_once(
-                    f"stats-cache:{path}",
-                    f"could not write the real-statistics cache {path} ({err}); "
-                    "they are recomputed in every run: set sample_metrics.stats_dir",
-                )
-                self.real_source = "computed (not cached)"
+                    x = module.diffusion.to_pixels(batch["x"].to(module.device)).clamp(-1, 1)
+                    feats = {k: metrics[k].extract(x) for k in needed}
+                    for k, f in feats.items():
+                        if not cached[k]:
+                            metrics[k].update_features(f, real=True)
+                    for slug, k in self.pr_judges.items():
+                        pr_features[slug].append(feats[k])
+        sources = {
+            k: f"loaded {paths[k]}" if cached[k] else self._save_real_stats(m, paths[k], cache_key)
+            for k, m in metrics.items()
+        }
+        self.real_source = sources[""]
+        self._pr_reference = {
+            slug: _gather_strided(_rows(fs, metrics[self.pr_judges[slug]]), n_real, rank, world)
+            for slug, fs in pr_features.items()
+        }
+        if not all(cached.values()):
             barrier()
         log.info("sample metrics: real statistics %s", self.real_source)
-        overlap = self._compute_floor(module, datamodule, path.with_name(path.stem + f"-floor-n{self.n_samples}.json"))
+        floor_cache = paths[""].with_name(paths[""].stem + f"-floor-n{self.n_samples}.json")
+        overlap = self._compute_floor(module, datamodule, floor_cache)
         self._describe(module, {**cache_key, "n": n_real}, overlap)
+
+    def _metrics(self) -> dict[str, FrechetMetric]:
+        """Every Frechet metric of this run: the main one (key "") and the second opinions (by metric stem)."""
+        return {"": self.metric, **self.extras}
+
+    @staticmethod
+    def _save_real_stats(metric: FrechetMetric, path: Path, cache_key: dict) -> str:
+        """Cache freshly computed real statistics (a cache that cannot be written costs a recomputation per run);
+        returns where the statistics came from."""
+        try:
+            metric.save_real_stats(path, cache_key)
+            return f"computed and cached in {path}"
+        except OSError as err:
+            warn_once(
+                f"stats-cache:{path}",
+                f"could not write the real-statistics cache {path} ({err}); "
+                "they are recomputed in every run: set sample_metrics.stats_dir",
+            )
+            return "computed (not cached)"
 
     def _compute_floor(self, module, datamodule, cache: Path) -> bool:
         """The real-vs-real value at ``n_samples``: real items that are not in the reference set, scored like
@@ -289,23 +367,38 @@ class SampleMetrics:
         statistics). Returns whether those items overlap the reference set (small datasets)."""
         rank, world = dist_info()
         n, batches, overlap = self._real_loader(datamodule, rank, world, start=self.n_real, count=self.n_samples)
+        metrics = self._metrics()
+        wanted = {"frechet", *self.extras, *(f"{m}_{slug}" for slug in self.pr_judges for m in ("precision", "recall"))}
         if broadcast_flag(cache.is_file(), module.device):
             try:
                 saved = json.loads(cache.read_text())
-                self.floor, overlap = {k: float(v) for k, v in saved["floor"].items()}, bool(saved["overlap"])
-                return overlap
+                floor, overlap = {k: float(v) for k, v in saved["floor"].items()}, bool(saved["overlap"])
+                if wanted <= set(floor):  # a cache written without some of today's metrics is recomputed
+                    self.floor = floor
+                    return overlap
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # unreadable: recompute (every rank reads the same file, so all take this branch)
+        pr_features: dict[str, list[torch.Tensor]] = {slug: [] for slug in self.pr_judges}
         with torch.no_grad():
             for batch in batches:
-                self.metric.update(module.diffusion.to_pixels(batch["x"].to(module.device)).clamp(-1, 1), real=False)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*was called before the ``update``")
-            res = self.metric.compute()
-        self.metric.reset()
-        self.floor = {"frechet": float(res["frechet"])}
-        if "kid_mean" in res:
-            self.floor["kid"] = float(res["kid_mean"])
+                x = module.diffusion.to_pixels(batch["x"].to(module.device)).clamp(-1, 1)
+                feats = {k: m.extract(x) for k, m in metrics.items()}
+                for k, f in feats.items():
+                    metrics[k].update_features(f, real=False)
+                for slug, k in self.pr_judges.items():
+                    pr_features[slug].append(feats[k])
+        self.floor = {}
+        for k, m in metrics.items():
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*was called before the ``update``")
+                res = m.compute()
+            m.reset()
+            self.floor[k or "frechet"] = float(res["frechet"])
+            if not k and "kid_mean" in res:
+                self.floor["kid"] = float(res["kid_mean"])
+        for slug, fs in pr_features.items():
+            rows = _rows(fs, metrics[self.pr_judges[slug]])
+            self.floor.update(self._precision_recall(slug, _gather_strided(rows, n, rank, world)))
         if rank == 0:
             try:
                 text = json.dumps({"floor": self.floor, "overlap": overlap, "n": n})
@@ -313,6 +406,12 @@ class SampleMetrics:
             except OSError:
                 pass  # no cache: recomputed next run (cheap: n_samples real items)
         return overlap
+
+    def _precision_recall(self, slug: str, generated: torch.Tensor) -> dict[str, float]:
+        """k-NN precision and recall of ``generated`` features against the reference items' (keys ``precision_<slug>``,
+        ``recall_<slug>``)."""
+        precision, recall = precision_recall(self._pr_reference[slug], generated, k=PR_K)
+        return {f"precision_{slug}": precision, f"recall_{slug}": recall}
 
     def _describe(self, module, reference: dict[str, Any], floor_overlaps: bool) -> None:
         """Fill ``self.protocol``: how each Frechet / KID metric of this run is measured (metrics/protocol.py)."""
@@ -337,6 +436,25 @@ class SampleMetrics:
                 "floor": self.floor["kid"],
                 "floor_metric": f"metrics/{kd_name}_floor",
             }
+        n = self.n_samples
+        for stem, metric in self.extras.items():
+            self.protocol[f"metrics/{stem}{n}"] = {
+                **common,
+                "feature": metric.feature_name,
+                **describe_feature(metric._feature.module),
+                "floor": self.floor.get(stem),
+                "floor_metric": f"metrics/{stem}{n}_floor",
+            }
+        for slug, key in self.pr_judges.items():
+            metric = self._metrics()[key]
+            for kind in ("precision", "recall"):
+                self.protocol[f"metrics/{kind}_{slug}{n}"] = {
+                    **common,
+                    "feature": f"{metric.feature_name}, k-NN k={PR_K} (Kynkaanniemi et al. 2019)",
+                    **describe_feature(metric._feature.module),
+                    "floor": self.floor.get(f"{kind}_{slug}"),
+                    "floor_metric": f"metrics/{kind}_{slug}{n}_floor",
+                }
 
     def generation(self, module) -> dict[str, Any]:
         """How the evaluated samples are drawn: their number, evaluation seed (the same noise and labels in every
@@ -358,6 +476,10 @@ class SampleMetrics:
                 "feature": self.metric.feature_name,
                 **describe_feature(self.metric._feature.module),
             },
+            "metrics/lenet_accuracy": lambda: {
+                "feature": self.extras["fd_lenet"].feature_name,
+                **describe_feature(self.extras["fd_lenet"]._feature.module),
+            },
             "metrics/clip_score": lambda: {"feature": f"clip {self.clip_model or 'default'}"},
             "metrics/lpips_diversity": lambda: {"feature": f"lpips {self.lpips_net}", "pairs": self.lpips_pairs},
         }
@@ -374,6 +496,36 @@ class SampleMetrics:
             [torch.randn(shape, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + i)) for i in indices]
         )
 
+    def _hits(self, key: str, feats: dict[str, torch.Tensor], labels: torch.Tensor) -> float:
+        """How many samples the judge behind metric ``key`` reads as their requested label (0 without that judge)."""
+        if key not in feats:
+            return 0.0
+        pred = self._metrics()[key]._feature.module.predict(feats[key])
+        return float((pred == labels.to(pred.device)).sum())
+
+    def _second_opinions(self, pr_features: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        """The second opinions' Frechet distances and the k-NN precision / recall of the generated set, with floors."""
+        rank, world = dist_info()
+        n, out = self.n_samples, {}
+        for stem, metric in self.extras.items():
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*was called before the ``update``")
+                out[f"metrics/{stem}{n}"] = float(metric.compute()["frechet"])
+            metric.reset()
+        for slug, fs in pr_features.items():
+            local = _rows(fs, self._metrics()[self.pr_judges[slug]])
+            out.update(
+                {
+                    f"metrics/{k}{n}": v
+                    for k, v in self._precision_recall(slug, _gather_strided(local, n, rank, world)).items()
+                }
+            )
+        for name in list(out):
+            stem = name[len("metrics/") : -len(str(n))]
+            if stem in self.floor:
+                out[f"{name}_floor"] = self.floor[stem]
+        return out
+
     @torch.no_grad()
     def evaluate(self, module) -> dict[str, float]:
         """Generate this rank's share of the samples and return every metric (the same values on all ranks)."""
@@ -383,7 +535,8 @@ class SampleMetrics:
         raw_all = module.diffusion.default_conditions(n)
         mine = list(range(rank, n, world))
         gen = torch.Generator().manual_seed(self.seed + 7919 * (rank + 1))
-        correct = torch.zeros(2, dtype=torch.float64, device=device)  # (agreeing, counted)
+        correct = torch.zeros(3, dtype=torch.float64, device=device)  # (classifier agrees, LeNet agrees, counted)
+        pr_features: dict[str, list[torch.Tensor]] = {slug: [] for slug in self.pr_judges}
         kept: list[torch.Tensor] = []
         keep_n = 2 * self.lpips_pairs if self._lpips is not None else 0
         check_labels = (
@@ -410,12 +563,14 @@ class SampleMetrics:
                 noise=self._noise(idx, tuple(module.diffusion.sample_shape)),
             )
             if self.metric is not None:
-                feats = self.metric.extract(x)
-                self.metric.update_features(feats, real=False)
+                feats = {k: m.extract(x) for k, m in self._metrics().items()}
+                for k, f in feats.items():
+                    self._metrics()[k].update_features(f, real=False)
+                for slug, k in self.pr_judges.items():
+                    pr_features[slug].append(feats[k])
                 if check_labels:
-                    pred = self.metric._feature.module.predict(feats)
-                    hits = float((pred == raw.to(pred.device)).sum())
-                    correct += torch.tensor([hits, float(len(idx))], dtype=torch.float64, device=device)
+                    hits = [self._hits(k, feats, raw) for k in ("", "fd_lenet")]
+                    correct += torch.tensor([*hits, float(len(idx))], dtype=torch.float64, device=device)
             if self._clip is not None:
                 self._clip.update(x, list(raw))
             if len(kept) < keep_n:
@@ -435,9 +590,12 @@ class SampleMetrics:
                 if "kid" in self.floor:
                     out[f"metrics/{kd_name}_floor"] = self.floor["kid"]
             self.metric.reset()
+            out.update(self._second_opinions(pr_features))
             if check_labels:
                 c = all_sum(correct)
-                out["metrics/digit_accuracy"] = float(c[0] / c[1].clamp(min=1))
+                out["metrics/digit_accuracy"] = float(c[0] / c[2].clamp(min=1))
+                if self.extras:
+                    out["metrics/lenet_accuracy"] = float(c[1] / c[2].clamp(min=1))
         if self._clip is not None:
             out["metrics/clip_score"] = float(self._clip.compute())
             self._clip.reset()
