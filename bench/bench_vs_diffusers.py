@@ -501,12 +501,13 @@ def screen_phase(args) -> str:
         score = cis["fd"].mean / peer["fd"] + cis["fd_pixel"].mean / peer["fd_pixel"]
         if cis["accuracy"].mean >= 0.99 and len(rs) == full:
             scores[name] = score
-        overrides = " ".join(metas[0].get("overrides", [])) or "(none: the race's runs)"
+        overrides = " ".join(metas[0].get("overrides", [])) or "(not recorded)"
         steps = f"{statistics.mean(m['steps'] for m in metas):.0f}"
         rows.append([name, f"`{overrides}`", ",".join(str(m["seed"]) for m in metas), steps])
         rows[-1] += [fmt(cis["fd"], 2), fmt(cis["fd_pixel"], 3), fmt(cis["accuracy"], 3), f"{score:.4f}"]
         rows[-1] += [fmt(cis["fd_judge2"], 2)]
     best = min(scores, key=scores.get) if scores else "none"
+    budgets = "/".join(sorted({f"{m['budget']:g}" for metas, _ in judged_arms.values() for m in metas}))
     return "\n".join(
         [
             "# Recipe screen: which training settings give the best model in the race's budget",
@@ -514,7 +515,8 @@ def screen_phase(args) -> str:
             f"`PYTHONPATH=. python bench/bench_vs_diffusers.py screen --out {shown_path(args.out)} "
             + " ".join(f"--arm {a.split('=', 1)[0]}=<dir>" for a in args.arm)
             + "`: each arm's runs trained by `bench_vs_diffusers.py train --sides difflab --override ...` "
-            f"({args.budget:g} s each, one after the other), sampled with the recipe's sampler and guidance; "
+            f"({budgets} s each, one "
+            "after the other), sampled with the recipe's sampler and guidance; "
             f"{args.n} samples per run, means with 95% t-intervals over the seeds. Rule score: classifier FD / "
             f"{peer['fd']:.2f} + pixel FD / {peer['fd_pixel']:.3f} (the flow loop's means in the race of "
             "`--out`), among arms run at every seed with classifier accuracy >= 0.99. The second judge's FD (flow loop "

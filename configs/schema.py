@@ -318,6 +318,8 @@ _SAMPLE_COUNT = re.compile(
     r"^metrics/(?:fd_[a-z0-9]*?|kd_[a-z0-9]*?|precision_[a-z]*?|recall_[a-z]*?|fid|kid|fvd|kvd)(\d+)(?:_\d+f)?(?:_floor|_std)?$"
 )
 
+_SECOND_OPINION = re.compile(r"^metrics/(fd_lenet|fd_pixel|precision_|recall_|lenet_accuracy)")
+
 
 def _metric_source(cfg: dict, name: str):
     """(callback key, its config) that logs ``name``, or (None, why not) when no configured callback does."""
@@ -338,6 +340,8 @@ def _metric_source(cfg: dict, name: str):
                 f"callbacks.sample_metrics.n_samples={n} names its metrics with {n} "
                 f"(e.g. {name.replace(found.group(1), str(n), 1)})"
             )
+        if _SECOND_OPINION.match(name) and metrics.get("second_opinions") is False:
+            return None, "the digits second opinions log it: callbacks.sample_metrics.second_opinions=true"
         return "sample_metrics", metrics
     return "", None  # val/loss, val_loss_t/*, train/*: logged by the module itself
 

@@ -133,5 +133,6 @@ def test_the_default_recipe_trains_as_the_recipe_screen_chose_and_digits_text_as
     text = composed(["experiment=digits_text"])
     assert (text.datamodule.batch_size, text.model.lr, text.callbacks.ema.decay) == (64, 1e-3, 0.999)
     assert text.trainer.max_steps == 2000
-    metrics = composed(["callbacks=metrics"])
-    assert metrics.callbacks.model_checkpoint.every_n_train_steps % metrics.callbacks.sample_metrics.every_n_steps == 0
+    every = cfg.callbacks.model_checkpoint.every_n_train_steps  # checkpoints land where a monitored metric exists
+    assert every % cfg.callbacks.class_grid.every_n_steps == 0
+    assert every % composed(["callbacks=metrics"]).callbacks.sample_metrics.every_n_steps == 0

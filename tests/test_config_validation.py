@@ -101,6 +101,17 @@ BAD = [
         "metrics/fd_digit100",
     ),
     ("train", ["callbacks=metrics", "optimized_metric=metrics/fd_digit500"], "optimized_metric", "metrics/fd_digit500"),
+    ("train", ["callbacks=metrics", "optimized_metric=metrics/fd_lenet500"], "optimized_metric", "metrics/fd_lenet500"),
+    (
+        "train",
+        [
+            "callbacks=metrics",
+            "callbacks.sample_metrics.second_opinions=false",
+            "optimized_metric=metrics/recall_digit100",
+        ],
+        "optimized_metric",
+        "metrics/recall_digit100",
+    ),
     (
         "train",
         ["callbacks.class_grid.judge=none", "optimized_metric=metrics/grid_agreement"],
@@ -173,6 +184,10 @@ GOOD = [
         ],
     ),
     ("train", ["optimized_metric=metrics/grid_agreement", "callbacks.model_checkpoint.monitor=val_loss_t/bucket_03"]),
+    ("train", ["callbacks=metrics", "optimized_metric=metrics/fd_lenet100"]),
+    ("train", ["callbacks=metrics", "optimized_metric=metrics/precision_lenet100_floor"]),
+    ("train", ["callbacks=metrics", "callbacks.model_checkpoint.monitor=metrics/lenet_accuracy"]),
+    ("train", ["callbacks.model_checkpoint.monitor=metrics/grid_agreement", "callbacks.model_checkpoint.mode=max"]),
     ("train", ["trainer.precision=bf16-mixed", "trainer.devices=[0,1]", "trainer.log_every_n_steps=0"]),
     ("train", ["trainer.val_check_interval=0.5", "trainer.check_val_every_n_epoch=1", "trainer.max_time=00:01:00:00"]),
     ("train", ["trainer=ddp", "trainer.devices=-1", "trainer.precision=16", "trainer.max_epochs=null"]),

@@ -489,6 +489,22 @@ def test_second_opinions_off_and_an_old_floor_cache_recomputed(tmp_path):
     assert set(json.loads(floor_cache.read_text())["floor"]) == set(on.floor)
 
 
+def test_precision_recall_skipped_with_a_warning_below_four_samples(tmp_path):
+    """k-NN radii need k + 1 = 4 points per set: three samples keep the FDs and skip precision / recall, with a warning."""
+    from difflab.metrics import common
+    from difflab.metrics.sample_metrics import SampleMetrics
+
+    common._WARNED.clear()
+    dm = _digits_datamodule()
+    module = ReplayModule(dm.train_set.x, dm.train_set.labels)
+    metrics = SampleMetrics(n_samples=3, n_real=100, lpips_net=None, kid_subsets=0, stats_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="precision / recall skipped"):
+        metrics.prepare(module, dm, tmp_path)
+    out = metrics.evaluate(module)
+    assert "metrics/fd_lenet3" in out and "metrics/fd_pixel3" in out
+    assert not [k for k in out if "precision" in k or "recall" in k]
+
+
 def test_missing_weights_skip_the_metric_with_one_warning(tmp_path):
     from difflab.metrics import common
     from difflab.metrics.sample_metrics import SampleMetrics

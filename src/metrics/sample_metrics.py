@@ -236,7 +236,14 @@ class SampleMetrics:
             name = "pixels-" + "x".join(map(str, pixels.sample_shape))
             self.extras["fd_pixel"] = FrechetMetric(pixels, feature_name=name, reset_real_features=False)
         self.extras = {k: m.to(module.device) for k, m in self.extras.items()}
-        self.pr_judges = {"digit": "", "lenet": "fd_lenet"}
+        if min(self.n_samples, self.n_real) > PR_K:  # each set needs k + 1 points for its k-NN radii
+            self.pr_judges = {"digit": "", "lenet": "fd_lenet"}
+        else:
+            warn_once(
+                "pr-too-few",
+                f"k-NN precision / recall skipped: they need n_samples and n_real > {PR_K} "
+                f"(got {self.n_samples} and {self.n_real})",
+            )
 
     def _real_loader(self, datamodule, rank: int, world: int, start: int = 0, count: int | None = None):
         """Batches of this rank's share of real items ``start .. start + count`` of a fixed (seeded) order of the
