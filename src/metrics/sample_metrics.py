@@ -544,6 +544,7 @@ class SampleMetrics:
         gen = torch.Generator().manual_seed(self.seed + 7919 * (rank + 1))
         correct = torch.zeros(3, dtype=torch.float64, device=device)  # (classifier agrees, LeNet agrees, counted)
         pr_features: dict[str, list[torch.Tensor]] = {slug: [] for slug in self.pr_judges}
+        metrics = self._metrics()
         kept: list[torch.Tensor] = []
         keep_n = 2 * self.lpips_pairs if self._lpips is not None else 0
         check_labels = (
@@ -570,9 +571,9 @@ class SampleMetrics:
                 noise=self._noise(idx, tuple(module.diffusion.sample_shape)),
             )
             if self.metric is not None:
-                feats = {k: m.extract(x) for k, m in self._metrics().items()}
+                feats = {k: m.extract(x) for k, m in metrics.items()}
                 for k, f in feats.items():
-                    self._metrics()[k].update_features(f, real=False)
+                    metrics[k].update_features(f, real=False)
                 for slug, k in self.pr_judges.items():
                     pr_features[slug].append(feats[k])
                 if check_labels:
