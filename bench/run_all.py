@@ -67,6 +67,13 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
     "streaming": ("bench_streaming.py", [], ["--quick"], ["streaming"]),
     "video_buckets": ("bench_video_buckets.py", [], ["--quick", "--write-quick"], ["video_buckets"]),
     "optimizers": ("bench_optimizers.py", [], ["--quick"], ["optimizers"]),
+    # distils the race's difflab runs (vs_diffusers above)
+    "few_step": (
+        "bench_few_step.py",
+        ["all", "--teachers", "/tmp/difflab_race"],
+        ["judge", "--teachers", "/tmp/difflab_race", "--seeds", "0", "--n", "100"],
+        ["few_step"],
+    ),
     # reads the race's runs (vs_diffusers above keeps a checkpoint every 100 steps for it)
     "guide_sweep": (
         "bench_guide_sweep.py",
@@ -100,6 +107,7 @@ TITLES = {
     "video_buckets": "13. Variable-length video: frame buckets on the How2Sign layout",
     "optimizers": "14. Optimizers at equal wall-clock: AdamW vs Muon on digits, three seeds",
     "guide_sweep": "15. The default's guidance and sampling grid: kept guide, CFG band, grid shift (three seeds, every judge)",
+    "few_step": "16. Few-step generation: progressive distillation against its teacher (three seeds, every judge)",
 }
 TARGET_RE = re.compile(r"(target[^.\n]*?:\s*\**(?:met|not met)[^\n]*)", re.IGNORECASE)
 

@@ -289,6 +289,7 @@ def targets_take_their_keys(cfg: dict):
         "guidance",
         "optimizer",
         "lr_schedule",
+        "method",
     ):
         node = _node(cfg, path)
         target = node.get("_target_") if node else None
@@ -389,6 +390,81 @@ def one_ema_length(cfg: dict):
         return "sigma_rel", "a number in (0, 0.3] (e.g. 0.07) when gamma is null, null when gamma is set (give one)"
 
 
+def rounds_fit_the_budget(cfg: dict):
+    """Progressive distillation's last round must start before training stops."""
+    method = cfg.get("method") or {}
+    max_steps = (cfg.get("trainer") or {}).get("max_steps")
+    per_round, teacher, student = (method.get(k) for k in ("steps_per_round", "teacher_steps", "student_steps"))
+    if not all(isinstance(v, int) and v > 0 for v in (per_round, teacher, student, max_steps)):
+        return None
+    rounds = max(1, (teacher // student).bit_length() - 1)
+    if max_steps <= (rounds - 1) * per_round:
+        return "trainer.max_steps", (
+            f"at least {(rounds - 1) * per_round + 1} for method={str(method.get('_target_', '')).rsplit('.', 1)[-1]}"
+            f" ({rounds} rounds of method.steps_per_round={per_round}: {rounds * per_round} runs every round in full)"
+        )
+    return None
+
+
+SAMPLING_ONLY = ("t_min", "sampling_shift", "spacing", "steps_offset")  # process keys that change no training input
+
+
+def teacher_has_this_network(cfg: dict):
+    """A teacher checkpoint must hold this run's process (its sampling grid aside), objective's prediction and
+    sigma_data, conditioning, image size and network (the student starts as it); read from its stored config through
+    the trust gate, before anything is written."""
+    path = (cfg.get("method") or {}).get("teacher_ckpt")
+    model = cfg.get("model") or {}
+    if not isinstance(path, str) or not Path(path).expanduser().exists() or not isinstance(model.get("net"), dict):
+        return None  # a missing file is the teacher_ckpt rule's
+    from difflab.checkpoints import load_weights
+    from difflab.trust import check_config
+    from difflab.utils.errors import DifflabError
+
+    try:
+        stored = check_config(load_weights(path)["config"], path)
+    except (DifflabError, OSError, RuntimeError, KeyError) as err:
+        return "method.teacher_ckpt", f"a readable difflab checkpoint or export ({str(err).splitlines()[0]})"
+    theirs = {"model": stored.get("model") or {}, "datamodule": stored.get("datamodule") or {}}
+    ours = {"model": model, "datamodule": cfg.get("datamodule") or {}}
+    keys = ["model.diffusion.objective.prediction", "model.diffusion.objective.sigma_data"]
+    keys += ["model.diffusion.conditioner._target_", "model.diffusion.conditioner.num_classes", "datamodule.image_size"]
+    for node in ("model.diffusion.process", "model.net"):
+        both = set(_dotted(theirs, node) or {}) | set(_dotted(ours, node) or {})
+        keys += [f"{node}.{k}" for k in sorted(both) if k not in SAMPLING_ONLY]
+    for key in keys:
+        t, s = _dotted(theirs, key), _dotted(ours, key)
+        filled_later = key.endswith(("num_classes", "image_size")) and ({t, s} & {None, "???"})  # from the data
+        if t != s and not filled_later:
+            return "method.teacher_ckpt", (
+                f"a teacher of this run's setup: {path} has {key}={t!r} where this run has {s!r} (distil into the "
+                "teacher's network, process and data)"
+            )
+    return None
+
+
+def distillation_runs_alone(cfg: dict):
+    """A distillation student starts as its teacher: no init_from; and it does not shard (trainer=fsdp) yet."""
+    if not (cfg.get("method") or {}).get("teacher_ckpt"):
+        return None
+    if cfg.get("init_from"):
+        return "init_from", "null with a distillation method (the student starts as method.teacher_ckpt)"
+    strategy = (
+        str(((cfg.get("trainer") or {}).get("strategy") or {}).get("_target_", ""))
+        if isinstance((cfg.get("trainer") or {}).get("strategy"), dict)
+        else ""
+    )
+    if strategy.endswith("FSDPStrategy"):
+        return "trainer.strategy", "not FSDP with a distillation method (trainer=gpu or ddp)"
+    return None
+
+
+def _dotted(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
 CHECKS = {
     "sample": [sample_guidance_settings],
     "reconstruct_ema": [one_ema_length],
@@ -402,5 +478,8 @@ CHECKS = {
         targets_take_their_keys,
         monitored_metrics_are_logged,
         dinov2_weights_exist,
+        rounds_fit_the_budget,
+        teacher_has_this_network,
+        distillation_runs_alone,
     ],
 }

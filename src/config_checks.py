@@ -485,6 +485,21 @@ def constructor_problems(tree: dict) -> list[tuple[str, str]]:
             Diffusion.check_pairing(built["process"], built["objective"], built["sampler"])
         except Exception as err:  # noqa: BLE001
             return [("sampler", _first_line(err))]
+    return _method_problems(tree["model"].get("method"), built)
+
+
+def _method_problems(node: Any, built: dict) -> list[tuple[str, str]]:
+    """A training method's own rules (its constructor, and ``check(process, sampler)`` where it has one)."""
+    if not (isinstance(node, dict) and "_target_" in node and _complete(node)):
+        return []
+    from hydra.utils import instantiate
+
+    try:
+        method = instantiate(node)
+        if hasattr(method, "check") and {"process", "sampler"} <= set(built):
+            method.check(built["process"], built["sampler"])
+    except Exception as err:  # noqa: BLE001 - the constructor's or check's refusal is the user's line
+        return [("method", _first_line(err))]
     return []
 
 

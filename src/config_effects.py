@@ -32,6 +32,7 @@ SOURCE_GROUPS = (
     "autoencoder",
     "optimizer",
     "lr_schedule",
+    "method",
 )
 PROBE = "__difflab_probe__"  # a value no config uses: if it reaches the effective config, the key is read
 PROBE_DIR = "/difflab-probe"  # the run directory of probe compositions (Hydra's default holds the time)

@@ -79,8 +79,10 @@ def train_block(cfg: DictConfig, output_dir: str | None = None) -> list[str]:
     diffusion = model.get("diffusion") or {}
     process, objective, sampler = (diffusion.get(k) or {} for k in ("process", "objective", "sampler"))
     net, cond, data = model.get("net") or {}, diffusion.get("conditioner") or {}, tree.get("datamodule") or {}
-    trainer = tree.get("trainer") or {}
+    trainer, method = tree.get("trainer") or {}, model.get("method") or {}
     return [
+        f"  method:       {_name(method.get('_target_') or 'DiffusionTraining')}"
+        f"{_keys(method, ('teacher_ckpt', 'teacher_steps', 'student_steps', 'steps_per_round'))}",
         f"  process:      {_name(process.get('_target_'))}"
         f"{_keys(process, ('kind', 'density', 'shift', 'num_timesteps', 'spacing'))}",
         f"  objective:    prediction {objective.get('prediction')}, weighting {objective.get('weighting')}, "

@@ -63,3 +63,19 @@ def run_hydra_main(main, argv: Sequence[str]) -> int:
             os.environ.pop("HYDRA_MAIN_MODULE", None)
         else:
             os.environ["HYDRA_MAIN_MODULE"] = old_env
+
+
+def default_teacher_checkpoint(folder: Path) -> Path:
+    """A checkpoint whose stored config is the default digits recipe's model and data (the committed legacy checkpoint
+    with those two sections replaced): a distillation command's teacher as the pre-flight reads it (its weights are
+    the tiny legacy ones, so only checks that read the config pass it)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    ckpt = torch.load(ROOT / "tests" / "fixtures" / "legacy" / "last.ckpt", weights_only=True)
+    default = compose_train(folder / "composed", [])
+    for key in ("model", "datamodule"):  # unfilled values (the class count) stay ???, as in the composed config
+        ckpt["difflab"]["config"][key] = OmegaConf.to_container(default[key], resolve=True, throw_on_missing=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, folder / "teacher.ckpt")
+    return folder / "teacher.ckpt"

@@ -20,6 +20,7 @@ from difflab.config_checks import check_config, ensure_valid, group_schemas, pri
 from difflab.configs import CONFIG_DIR
 from difflab.preflight import ValidateConfig
 from difflab.utils.errors import ConfigError
+from tests.helpers import default_teacher_checkpoint
 
 FILE = "{file}"  # an existing regular file (a stand-in checkpoint, or an output path that is a file)
 NOWHERE = "{nowhere}"  # a path that does not exist
@@ -34,6 +35,8 @@ BAD = [
     ("train", ["optimizer=muon", "optimizer.adjust_lr_fn=keller"], "optimizer.adjust_lr_fn", "keller"),
     ("train", ["lr_schedule.warmup=-5"], "lr_schedule.warmup", "-5"),
     ("train", ["lr_schedule.budget=wall"], "lr_schedule.budget", "wall"),
+    ("train", ["experiment=digits_progressive", "method.steps_per_round=0"], "method.steps_per_round", "0"),
+    ("train", ["experiment=digits_progressive", f"method.teacher_ckpt={NOWHERE}"], "method.teacher_ckpt", NOWHERE),
     ("train", ["model.diffusion.p_uncond=1.0"], "model.diffusion.p_uncond", "1.0"),
     ("train", ["guidance.scale=-2"], "guidance.scale", "-2"),
     ("train", ["guidance.interval=[5,1]"], "guidance.interval", "[5, 1]"),
@@ -231,6 +234,7 @@ GROUP_OPTIONS = sorted(
 )
 # Keys no user sets: filled in from the datamodule, or interpolations of whole groups (checked in their group).
 DERIVED = (
+    "model.method",  # ${method}: the method group's own rules
     "model.diffusion.sample_shape",
     "model.diffusion.process",
     "model.diffusion.objective",
@@ -247,7 +251,8 @@ DERIVED = (
 def paths(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("validation")
     (root / "file.ckpt").write_text("not a real checkpoint: validation only checks that it exists")
-    return {"file": str(root / "file.ckpt"), "nowhere": str(root / "nowhere.ckpt")}
+    teacher = default_teacher_checkpoint(root / "teacher")  # distillation's pre-flight reads its stored network
+    return {"file": str(root / "file.ckpt"), "nowhere": str(root / "nowhere.ckpt"), "teacher": str(teacher)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -305,8 +310,13 @@ def test_good_values_pass(case, paths):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_shipped_experiments_pass(experiment, paths):
-    extra = ["init_from={file}"] if experiment == "stl10_finetune" else []  # the recipe asks for init_from=???
+    extra = _asks(experiment) + (["init_from={file}"] if experiment == "stl10_finetune" else [])  # init_from=???
     assert problems_of("train", [f"experiment={experiment}", *extra], paths) == []
+
+
+def _asks(experiment: str) -> list[str]:
+    """What an experiment asks the user for (a teacher checkpoint) as the shipped-config tests give it."""
+    return ["method.teacher_ckpt={teacher}"] if experiment == "digits_progressive" else []
 
 
 def _shipped() -> list[tuple[str, list[str]]]:
@@ -356,7 +366,7 @@ def test_every_user_settable_value_has_a_rule(paths):
     groups = group_schemas()
     rules, _ = primary_schemas()
     uncovered = set()
-    for primary, overrides in _shipped() + [("train", [f"experiment={e}"]) for e in EXPERIMENTS]:
+    for primary, overrides in _shipped() + [("train", [f"experiment={e}", *_asks(e)]) for e in EXPERIMENTS]:
         cfg = _compose(primary, tuple(o.format(**paths) for o in overrides))
         tree = OmegaConf.to_container(cfg, resolve=False)
         tree.pop("hydra")

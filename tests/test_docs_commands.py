@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.docs_commands import Command, documented_commands
-from tests.helpers import ROOT, run_hydra_main
+from tests.helpers import ROOT, default_teacher_checkpoint, run_hydra_main
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 NEEDS_EXTRA = {"hydra/launcher=slurm": "hydra-submitit-launcher"}  # optional plugins not in the dev extra
@@ -64,7 +64,12 @@ def place(tmp_path_factory):
         shutil.copytree(LEGACY / "cache", root / "data" / "latents" / name)
     shutil.copytree(LEGACY / "shards", root / "data" / "latents" / "digits_sh")
     (root / "raw").mkdir()
-    return {"root": root, "run": run, "sweep": _sweep(root / "sweep")}
+    return {
+        "root": root,
+        "run": run,
+        "sweep": _sweep(root / "sweep"),
+        "teacher": default_teacher_checkpoint(root / "teacher"),
+    }
 
 
 def fill(cmd: Command, place: dict) -> list[str]:
@@ -81,7 +86,9 @@ def fill(cmd: Command, place: dict) -> list[str]:
             argv.append(arg)
             continue
         bare = key.lstrip("+~")
-        if re.match(r"<[^>]*>/", value):  # a path under a run directory: <run>/checkpoints/step_<step>.ckpt
+        if bare.endswith("teacher_ckpt"):  # a teacher of the default network
+            value = str(place["teacher"])
+        elif re.match(r"<[^>]*>/", value):  # a path under a run directory: <run>/checkpoints/step_<step>.ckpt
             value = re.sub(r"^<[^>]*>", str(run), value)
             if "<" in value:  # a file name with a placeholder: the run's file that matches it
                 value = str(next(iter(sorted(run.glob(re.sub(r"<[^>]*>", "*", value[len(str(run)) + 1 :])))), value))

@@ -22,7 +22,7 @@ RULES = {
     "mode_scale": number(),
     "shift": positive(),
     "sampling_shift": optional(positive()).described_as("null (the grid uses `shift`) or a number > 0"),
-    "t_min": number(min=0, max=1, min_open=True, max_open=True),
+    "t_min": number(min=0, max=1, max_open=True),  # flow: 0 = a grid evenly to 0 (halving, for distillation)
     "frame_shift_base": optional(integer(min=1)).described_as(
         "null (off) or the frame count at which the video time shift is `shift`"
     ),

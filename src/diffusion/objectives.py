@@ -425,7 +425,7 @@ class Objective:
                 stacklevel=3,
             )
 
-    def _path(self, process: NoiseProcess, t: Tensor, like: Tensor) -> dict[str, Tensor]:
+    def path_at(self, process: NoiseProcess, t: Tensor, like: Tensor) -> dict[str, Tensor]:
         """alpha, sigma (and d/dt for the flow target) at times t, broadcast against ``like``."""
         alpha, sigma = process.coefficients_like(t, like)
         path = {"alpha": alpha, "sigma": sigma}
@@ -486,7 +486,7 @@ class Objective:
             t = process.sample_times(x0.shape[0], device=x0.device, generator=generator)
         t = torch.as_tensor(t, device=x0.device)
         eps = offset_noise_like(x0, self.offset_noise, generator)
-        path = self._path(process, t, x0)
+        path = self.path_at(process, t, x0)
         x_t = add_noise(x0, eps, path["alpha"], path["sigma"])
         out = net(x_t * self.input_scale(path["alpha"], path["sigma"]), process.net_time(t).to(x0.device))
         target = training_target(

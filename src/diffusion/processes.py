@@ -454,8 +454,8 @@ class FlowProcess(NoiseProcess):
     ) -> None:
         if density not in FLOW_DENSITIES:
             raise ValueError(f"process.density='{density}' is unknown: choose one of {FLOW_DENSITIES}")
-        if shift <= 0 or std <= 0 or not 0 < t_min < 1:
-            raise ValueError(f"process needs shift > 0, std > 0 and 0 < t_min < 1; got {shift}, {std}, {t_min}")
+        if shift <= 0 or std <= 0 or not 0 <= t_min < 1:
+            raise ValueError(f"process needs shift > 0, std > 0 and 0 <= t_min < 1; got {shift}, {std}, {t_min}")
         if frame_shift_base is not None and (isinstance(frame_shift_base, bool) or int(frame_shift_base) < 1):
             raise ValueError(f"process.frame_shift_base must be a frame count >= 1 or null, got {frame_shift_base!r}")
         self.density, self.mean, self.std, self.mode_scale = density, float(mean), float(std), float(mode_scale)
@@ -509,8 +509,12 @@ class FlowProcess(NoiseProcess):
 
     def sampling_times(self, steps: int, spacing: Spacing = None, multistep: bool = False) -> Tensor:
         """``steps`` points evenly spaced from 1 down to s(t_min), shifted by s, then 0, with s = ``grid_shift``:
-        diffusers' FlowMatchEulerDiscreteScheduler(shift=s).set_timesteps(steps) grid (its lower end shifted twice)."""
+        diffusers' FlowMatchEulerDiscreteScheduler(shift=s).set_timesteps(steps) grid (its lower end shifted twice).
+        ``t_min = 0``: ``steps + 1`` points evenly spaced from 1 to 0, shifted, so the grids of N and 2 N steps nest
+        (progressive distillation's)."""
         s = self.grid_shift(spacing)
+        if self.t_min == 0:
+            return shift_time(torch.linspace(1.0, 0.0, int(steps) + 1, dtype=torch.float64), s)
         lowest = float(shift_time(torch.tensor(self.t_min, dtype=torch.float64), s))
         u = torch.linspace(1.0, lowest, int(steps), dtype=torch.float64)
         return torch.cat([shift_time(u, s), u.new_zeros(1)])

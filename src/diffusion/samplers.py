@@ -72,7 +72,7 @@ def _sigma_ve(alpha: float, sigma: float) -> float:
     return math.inf if alpha <= 0 else sigma / alpha
 
 
-def _ddim_step(x0: Tensor, eps: Tensor, alpha_next: float, sigma_next: float, noise_std: float = 0.0) -> Tensor:
+def ddim_step(x0: Tensor, eps: Tensor, alpha_next: float, sigma_next: float, noise_std: float = 0.0) -> Tensor:
     """x' = alpha' x0 + sqrt(sigma'^2 - s^2) eps: the DDIM update (s = 0: deterministic; the caller adds s z)."""
     scale: float = max(sigma_next**2 - noise_std**2, 0.0) ** 0.5  # float ** float is Any in typeshed
     return alpha_next * x0 + scale * eps
@@ -136,7 +136,7 @@ def ddim(
         x0, eps = model_fn(x, t)
         ratio = a * s_next / (a_next * s) if s > 0 else 0.0
         std = eta * s_next * max(1.0 - ratio**2, 0.0) ** 0.5
-        x = _ddim_step(x0, eps, a_next, s_next, std)
+        x = ddim_step(x0, eps, a_next, s_next, std)
         if std > 0:
             x = x + std * _noise_like(x, generator)
     return x
@@ -305,7 +305,7 @@ def _ode_sampler(
         x, t, a, s = _churn(x, process, t, a_grid, s_grid, n, *churn, generator)
         t_next, a_next, s_next = grid[i + 1]
         x0, eps = model_fn(x, t)  # a pair consistent with x, except under CFG++ (eps_hat = the unconditional eps)
-        x_euler = _ddim_step(x0, eps, a_next, s_next)
+        x_euler = ddim_step(x0, eps, a_next, s_next)
         # whether to correct depends on the grid, not on churn (EDM Algorithm 2 corrects every step but the last)
         if corrector is None or not _heun_corrects(process, a_grid, s_grid, a_next, s_next, corrector["euler_above"]):
             x = x_euler

@@ -254,6 +254,17 @@ class Diffusion:
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
+    def guided_fn(
+        self, net: Net, raw: Any, guidance: Guidance | dict[str, Any] | None = None, scale: Scale | None = None
+    ) -> ModelFn:
+        """The guided model function for raw conditions (labels, prompts or None), with their null conditions and
+        per-sample scales: what a sampler, or a teacher's steps in distillation, calls."""
+        g = self.guidance_for(guidance)
+        cond = self.condition(raw)
+        null = self.condition(self.null_condition(raw)) if raw is not None else None
+        scales = g.scales(raw, getattr(self.conditioner, "num_classes", None), scale)
+        return self.model_fn(net, cond, null, scales, raw=raw, guidance=g)
+
     @torch.no_grad()
     def sample(
         self,
@@ -276,14 +287,8 @@ class Diffusion:
         if isinstance(net, nn.Module):
             net.eval()
         device = _device_of(net, self.device)
-        g = self.guidance_for(guidance)
         raw = self.default_conditions(n, device) if conditions is None else conditions
-        cond = self.condition(raw)
-        null = self.condition(self.null_condition(raw)) if raw is not None else None
-        scale = g.scales(
-            raw, getattr(self.conditioner, "num_classes", None), guidance_scale if guidance_scale is not None else None
-        )
-        model_fn = self.model_fn(net, cond, null, scale, raw=raw, guidance=g)
+        model_fn = self.guided_fn(net, raw, guidance, guidance_scale)
         if noise is None:
             noise = torch.randn((n, *self.sample_shape), generator=generator)
         noise = noise * self.process.prior_std
@@ -320,22 +325,24 @@ class Diffusion:
         net_time = torch.as_tensor(self.process.net_time(times), dtype=torch.float64)
         return torch.stack([net_time, 2 * (alpha.log() - sigma.log())])
 
-    def mismatch(self, other: "Diffusion") -> str | None:
-        """What ``other`` (a guide) does not share with this setup (None: the two combine)."""
+    def mismatch(self, other: "Diffusion", roles: tuple[str, str] = ("guide", "main")) -> str | None:
+        """What ``other`` (a guide or a teacher: ``roles`` names it and this setup) does not share with this setup
+        (None: the two combine)."""
+        o, me = roles
         if self.process.name != other.process.name:
-            return f"process (guide {other.process.name}, main {self.process.name})"
+            return f"process ({o} {other.process.name}, {me} {self.process.name})"
         a, b = self.path(), other.path()
         if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-9, atol=1e-12):
             return f"noise schedule (both {self.process.name}, other coefficients)"
         pm, pg = self.objective, other.objective
         if (pm.prediction, float(pm.sigma_data)) != (pg.prediction, float(pg.sigma_data)):
-            return f"prediction (guide {pg.prediction}, main {pm.prediction})"
+            return f"prediction ({o} {pg.prediction}, {me} {pm.prediction})"
         if tuple(other.sample_shape) != tuple(self.sample_shape):
-            return f"sample shape (guide {tuple(other.sample_shape)}, main {tuple(self.sample_shape)})"
+            return f"sample shape ({o} {tuple(other.sample_shape)}, {me} {tuple(self.sample_shape)})"
         key: Callable[[Conditioner], str]
         key = lambda c: f"{type(c).__name__}({c.batch_key}, {getattr(c, 'num_classes', None)} classes)"  # noqa: E731
         if key(self.conditioner) != key(other.conditioner):
-            return f"conditioning (guide {key(other.conditioner)}, main {key(self.conditioner)})"
+            return f"conditioning ({o} {key(other.conditioner)}, {me} {key(self.conditioner)})"
         return None
 
     def check_guide(self, guide: Any, path: object) -> None:

@@ -17,17 +17,20 @@ import torch
 from torch import nn
 
 from difflab.diffusion.system import Diffusion
+from difflab.methods.base import DiffusionTraining, TrainingMethod
 from difflab.ops.fsdp import configure_sharding
 from difflab.optim.lr_schedules import WarmupCosine
 from difflab.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
+METHOD_STATE_KEY = "difflab_method"  # a training method's resume state (a distillation round and its teacher)
 
 
 class DiffusionModule(L.LightningModule):
     """Trains ``net`` (a Hydra ``_partial_`` built with the conditioner's widths, or a built module) under
     ``diffusion``'s process, objective and conditioning, with ``optimizer`` (a partial taking the parameters and
-    ``lr``, the rate tuned for this network) and ``lr_schedule`` (``difflab.optim.lr_schedules``)."""
+    ``lr``, the rate tuned for this network) and ``lr_schedule`` (``difflab.optim.lr_schedules``). ``method``
+    (``difflab.methods``, config group ``method``) is what a step optimises: diffusion training by default."""
 
     def __init__(
         self,
@@ -39,9 +42,11 @@ class DiffusionModule(L.LightningModule):
         loss_buckets: int = 10,
         compile: bool = False,
         channels_last: bool = False,
+        method: TrainingMethod | None = None,
     ):
         super().__init__()
         self.diffusion = diffusion
+        self.method = method if method is not None else DiffusionTraining()
         self.conditioner = diffusion.conditioner  # registered here so its trainable part is saved and optimised
         c = self.conditioner
         self.denoiser = net if isinstance(net, nn.Module) else net(cond_dim=c.vector_dim, context_dim=c.context_dim)
@@ -68,7 +73,7 @@ class DiffusionModule(L.LightningModule):
 
     # ---------------------------------------------------------------- Lightning hooks
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion.loss(self, batch)
+        loss = self.method.loss(self, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["x"].shape[0])
         return loss
 
@@ -98,7 +103,11 @@ class DiffusionModule(L.LightningModule):
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
+    def setup(self, stage: str) -> None:
+        self.method.setup(self, stage)
+
     def on_train_batch_start(self, batch, batch_idx) -> None:
+        self.method.on_train_batch_start(self, self.trainer.global_step)
         if batch_idx % 10 == 0:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
 
@@ -108,6 +117,14 @@ class DiffusionModule(L.LightningModule):
             "kind": "diffusion",
             "sample_shape": list(self.diffusion.sample_shape),
         }
+        method_state = self.method.state_dict()
+        if method_state:  # beside "difflab", which holds plain values only (post-hoc EMA snapshots copy it as JSON)
+            checkpoint[METHOD_STATE_KEY] = method_state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get(METHOD_STATE_KEY)
+        if state:
+            self.method.load_state_dict(state)
 
     def configure_model(self) -> None:
         """trainer=fsdp: shard the denoiser with FSDP2 and the conditioner's trainable part; frozen encoders and
