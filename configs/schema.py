@@ -265,9 +265,8 @@ RULES = {
 
 
 def _node(cfg: dict, path: str):
-    for part in path.split("."):
-        cfg = cfg.get(part) if isinstance(cfg, dict) else None
-    return cfg if isinstance(cfg, dict) else None
+    node = _dotted(cfg, path)
+    return node if isinstance(node, dict) else None
 
 
 def targets_take_their_keys(cfg: dict):
