@@ -1,20 +1,25 @@
-"""Few-step generation on digits: progressive distillation (``experiment=digits_progressive``) of default-recipe
-teachers, judged at 1, 2, 4 and 8 DDIM steps against the teacher at the same steps and at its own 19-NFE sampler.
+"""Few-step generation on digits: progressive distillation (``experiment=digits_progressive``), reflow
+(``experiment=digits_reflow``) and consistency distillation (``experiment=digits_consistency``) of default-recipe
+teachers, judged at 1, 2, 4 (and 8) steps against the teacher at the same steps and at its own 19-NFE sampler.
 
 Phases:
 - ``train``: for each seed, ``python train.py experiment=digits_progressive method.teacher_ckpt=<teacher of that
-  seed> seed=<seed>`` through ``difflab.pipeline.train``; the run directory is ``<out>/pd_s<seed>``, with the
-  training wall-clock and step count in ``meta.json`` (the cost per step against the teacher's own training step is
-  read from the teacher's race ``meta.json`` when there is one).
-- ``judge``: each seed's teacher and its students (the checkpoint at the end of each round: 8, 4, 2, 1 steps) draw
-  ``--n`` balanced samples (labels i % 10, noise seeded by the seed), and every judge of
+  seed> seed=<seed>`` through ``difflab.pipeline.train`` (run directory ``<out>/pd_s<seed>``); the consistency
+  student for the progressive run's wall-clock (``trainer.max_time``; ``<out>/cm_s<seed>``); reflow: a 1-step run
+  that draws the teacher's couplings into ``<out>/pairs`` (timed: ``pairs_s``), then the student for the same
+  wall-clock (``<out>/rf_s<seed>``). Each run's wall-clock and step count go to its ``meta.json``; the cost per step
+  against the teacher's own training step is read from the teacher's race ``meta.json`` when there is one.
+- ``judge``: each seed's teacher and its students (progressive: the checkpoint at the end of each round, 8, 4, 2, 1
+  DDIM steps; reflow: the last checkpoint at Euler 4, 2, 1; consistency: the last checkpoint at consistency sampling
+  4, 2, 1) draw ``--n`` balanced samples (labels i % 10, noise seeded by the seed), and every judge of
   ``difflab.eval.digits_eval.evaluate_samples`` scores them; means with 95% t-intervals over the seeds; real digits
-  give the floors. The teacher at few steps samples with DDIM on the student's grid (flow's grid evenly to 0, the
+  give the floors. The teacher at few steps samples with DDIM on the students' grid (flow's grid evenly to 0, the
   recipe's grid shift) with its own guidance; students sample unguided, as they were trained. Writes
-  ``bench/results/few_step.md`` and a picture of seed 0's samples (``bench/results/few_step_grid.png``).
+  ``bench/results/few_step.md``, a picture of seed 0's samples (``bench/results/few_step_grid.png``), and the same
+  scores as a sweep ``ablate.py`` summarises (``<out>/judged``; its summary closes few_step.md).
 
     PYTHONPATH=. python bench/bench_few_step.py {all,train,judge} --teachers <race dir> [--seeds 0,1,2] [--out DIR]
-        [--n 500]
+        [--n 500] [--methods progressive,reflow,consistency]
 
 ``--teachers``: a directory holding ``difflab_s<seed>/run/checkpoints/last.ckpt`` (``bench_vs_diffusers.py``'s
 difflab runs: the default recipe trained for the race's budget).
@@ -51,36 +56,59 @@ def teacher_ckpt(teachers: Path, seed: int) -> Path:
     return teachers / f"difflab_s{seed}" / "run" / "checkpoints" / "last.ckpt"
 
 
-def train_phase(args) -> None:
+def run_train(cfg_overrides: list[str], run: Path) -> dict:
+    """One training run through ``difflab.pipeline.train``; its wall-clock and step count."""
     from hydra import compose, initialize_config_dir
 
     from difflab.pipeline import train
 
+    overrides = [
+        *cfg_overrides,
+        f"paths.output_dir={run}",
+        f"paths.root_dir={REPO}",
+        "~callbacks.progress_bar",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    t0 = time.perf_counter()
+    objs = train(cfg)
+    return {"steps": int(objs["trainer"].global_step), "train_s": time.perf_counter() - t0}
+
+
+def write_meta(run: Path, meta: dict, args) -> None:
+    meta["machine"] = machine_description()
+    meta["overrides"] = list(args.override)
+    (run / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def train_phase(args) -> None:
     for seed in args.seeds:
+        teacher = teacher_ckpt(args.teachers, seed)
         run = args.out / f"pd_s{seed}"
-        if (run / "meta.json").exists():
-            print(f"[few-step] seed {seed}: done, skipped")
+        if "progressive" in args.methods and not (run / "meta.json").exists():
+            print(f"[few-step] seed {seed}: distilling {shown_path(teacher)} (progressive)")
+            overrides = ["experiment=digits_progressive", f"method.teacher_ckpt={teacher}", f"seed={seed}"]
+            write_meta(run, {"seed": seed, **run_train(overrides + args.override, run)}, args)
+        budget = json.loads((run / "meta.json").read_text())["train_s"]
+        clock = f"00:00:{int(budget) // 60:02d}:{int(budget) % 60:02d}"
+        same_clock = [f"seed={seed}", "trainer.max_steps=100000", f"trainer.max_time={clock}"]
+        if "consistency" in args.methods and not (args.out / f"cm_s{seed}" / "meta.json").exists():
+            print(f"[few-step] seed {seed}: consistency student for {clock} (the progressive run's wall-clock)")
+            overrides = ["experiment=digits_consistency", f"method.teacher_ckpt={teacher}", *same_clock]
+            out = run_train(overrides + args.override, args.out / f"cm_s{seed}")
+            write_meta(args.out / f"cm_s{seed}", {"seed": seed, **out, "clock": clock}, args)
+        if "reflow" not in args.methods or (args.out / f"rf_s{seed}" / "meta.json").exists():
             continue
-        overrides = [
-            "experiment=digits_progressive",
-            f"method.teacher_ckpt={teacher_ckpt(args.teachers, seed)}",
-            f"seed={seed}",
-            f"paths.output_dir={run}",
-            f"paths.root_dir={REPO}",
-            "~callbacks.progress_bar",
-            "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false",
-            *args.override,
-        ]
-        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-            cfg = compose("train", overrides=overrides)
-        print(f"[few-step] seed {seed}: distilling {shown_path(teacher_ckpt(args.teachers, seed))}")
-        t0 = time.perf_counter()
-        objs = train(cfg)
-        meta = {"seed": seed, "steps": int(objs["trainer"].global_step), "train_s": time.perf_counter() - t0}
-        meta["machine"] = machine_description()
-        meta["overrides"] = list(args.override)
-        (run / "meta.json").write_text(json.dumps(meta, indent=1))
+        # the couplings first (a 1-step run that draws them), then the student on the progressive run's wall-clock
+        common = ["experiment=digits_reflow", f"method.teacher_ckpt={teacher}", f"method.pairs_dir={args.out}/pairs"]
+        print(f"[few-step] seed {seed}: drawing the couplings of {shown_path(teacher)} (reflow)")
+        pairs = run_train(common + ["trainer.max_steps=1", f"seed={seed}"], args.out / f"rf_pairs_s{seed}")
+        print(f"[few-step] seed {seed}: reflow student for {clock} (the progressive run's wall-clock)")
+        overrides = common + same_clock
+        out = run_train(overrides + args.override, args.out / f"rf_s{seed}")
+        write_meta(args.out / f"rf_s{seed}", {"seed": seed, **out, "pairs_s": pairs["train_s"], "clock": clock}, args)
 
 
 class Counted(torch.nn.Module):
@@ -95,15 +123,16 @@ class Counted(torch.nn.Module):
         return self.net(x, *args, **kwargs)
 
 
-def draw(diffusion, net, n: int, seed: int, steps: int | None) -> tuple[torch.Tensor, float]:
+def draw(diffusion, net, n: int, seed: int, steps: int | None, kind: str = "ddim") -> tuple[torch.Tensor, float]:
     """``n`` balanced samples and the network evaluations per sample (NFE, guidance's extra passes counted);
-    ``steps``: DDIM at that many steps on the halving grid (None: the checkpoint's own sampler)."""
-    from difflab.diffusion.samplers import ddim
+    ``steps``: ``kind`` (ddim or euler) at that many steps on the grid evenly to 0 (None: the checkpoint's own
+    sampler)."""
+    from difflab.diffusion import samplers
 
     sampler = None
     if steps is not None:
         diffusion.process.t_min = 0.0  # the grid that halves (the students'): evenly spaced down to 0
-        sampler = functools.partial(ddim, steps=steps)
+        sampler = functools.partial(getattr(samplers, kind), steps=steps)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *diffusion.sample_shape), generator=g)
     labels = torch.arange(n) % 10
@@ -111,6 +140,42 @@ def draw(diffusion, net, n: int, seed: int, steps: int | None) -> tuple[torch.Te
     with torch.no_grad():
         images = diffusion.sample(counted, n, labels, sampler=sampler, noise=noise, generator=g)
     return images, counted.rows / n
+
+
+def arm_name(row: str) -> str:
+    """A row's arm for ablate.py: 'reflow student, Euler-1' -> 'reflow_euler1'."""
+    if "own sampler" in row:
+        return "teacher_own"
+    who, sampler = row.split(", ")
+    return f"{who.split()[0]}_{sampler.lower().replace('-', '')}"
+
+
+def ablate_summary(scores: dict[str, list[dict]], args) -> str:
+    """Every (row, seed) as a job of a sweep that ``ablate.py`` reads (``arm=<row>``, ``seed=<s>``, the scores in
+    final_metrics.json); its summary against the teacher's own sampler, paired by seed."""
+    import shutil
+
+    from difflab.ablate import main as ablate
+    from difflab.metrics.protocol import write_protocol
+    from difflab.utils.run_record import write_final_metrics
+
+    sweep = args.out / "judged"
+    shutil.rmtree(sweep, ignore_errors=True)
+    job = 0
+    for row, runs in scores.items():
+        for seed, run in zip(args.seeds, runs):
+            folder = sweep / str(job)
+            (folder / ".hydra").mkdir(parents=True)
+            (folder / ".hydra" / "overrides.yaml").write_text(f"- arm={arm_name(row)}\n- seed={seed}\n")
+            metrics = {f"eval/{k}": float(v) for k, v in run.items() if k in {c for c, _, _ in COLUMNS} | {"nfe"}}
+            write_final_metrics(folder, metrics, step=0)
+            write_protocol(
+                folder, {m: {"eval_seed": seed, "n_samples": args.n} for m in metrics}
+            )  # same noise per seed
+            job += 1
+    metrics = ["eval/fd", "eval/fd_judge2", "eval/fd_pixel", "eval/accuracy", "eval/nfe"]
+    ablate([str(sweep), "--metrics", *metrics, "--baseline", "arm=teacher_own", "--out", str(sweep / "ablation")])
+    return (sweep / "ablation" / "summary.md").read_text()
 
 
 def judge_phase(args) -> str:
@@ -122,28 +187,42 @@ def judge_phase(args) -> str:
     labels = torch.arange(args.n) % 10
     scores: dict[str, list[dict]] = {}
     pictures: dict[str, torch.Tensor] = {}
-    costs = []
+    costs: dict[str, list[tuple]] = {}
     for seed in args.seeds:
         teacher = teacher_ckpt(args.teachers, seed)
-        rows = [("teacher, its own sampler (heun-10)", teacher, None)]
-        rows += [(f"teacher, DDIM-{k}", teacher, k) for k in (8, 4, 2, 1)]
-        ckpts = args.out / f"pd_s{seed}" / "checkpoints"
-        rows += [
-            (f"progressive student, DDIM-{k}", ckpts / f"step_{step:07d}.ckpt", k) for step, k in STUDENT_STEPS.items()
-        ]
-        for name, path, steps in rows:
+        rows = [("teacher, its own sampler (heun-10)", teacher, None, "ddim")]
+        rows += [(f"teacher, DDIM-{k}", teacher, k, "ddim") for k in (8, 4, 2, 1)]
+        if "progressive" in args.methods:
+            ckpts = args.out / f"pd_s{seed}" / "checkpoints"
+            rows += [
+                (f"progressive student, DDIM-{k}", ckpts / f"step_{step:07d}.ckpt", k, "ddim")
+                for step, k in STUDENT_STEPS.items()
+            ]
+        if "reflow" in args.methods:
+            last = args.out / f"rf_s{seed}" / "checkpoints" / "last.ckpt"
+            rows += [(f"reflow student, Euler-{k}", last, k, "euler") for k in (4, 2, 1)]
+        if "consistency" in args.methods:
+            last = args.out / f"cm_s{seed}" / "checkpoints" / "last.ckpt"
+            rows += [(f"consistency student, CM-{k}", last, k, "consistency") for k in (4, 2, 1)]
+        for name, path, steps, kind in rows:
             diffusion, net = load_for_sampling(path)
-            images, nfe = draw(diffusion, net, args.n, seed, steps)
+            images, nfe = draw(diffusion, net, args.n, seed, steps, kind)
             scores.setdefault(name, []).append({**evaluate_samples(images, labels), "nfe": nfe})
             if seed == args.seeds[0]:
                 pictures[name] = images[:40]
             print(f"[few-step] seed {seed} {name}: FD {scores[name][-1]['fd']:.2f}")
-        meta = json.loads((args.out / f"pd_s{seed}" / "meta.json").read_text())
         race = teacher.parents[2] / "meta.json"
-        if race.exists():
-            t = json.loads(race.read_text())
-            costs.append((meta["train_s"] / meta["steps"]) / (t["train_s"] / t["steps"]))
+        for method, prefix in (("progressive", "pd"), ("reflow", "rf"), ("consistency", "cm")):
+            if method in args.methods and race.exists():
+                meta = json.loads((args.out / f"{prefix}_s{seed}" / "meta.json").read_text())
+                t = json.loads(race.read_text())
+                cost = (meta["train_s"] / meta["steps"]) / (t["train_s"] / t["steps"])
+                costs.setdefault(method, []).append((cost, meta["steps"], meta["train_s"], meta.get("pairs_s")))
     floor = real_floor_metrics(args.n)
+    summary = ablate_summary(scores, args)
+    ablation = write_result(
+        "few_step_ablate", "# Few-step generation on digits, summarised by `ablate.py`\n\n" + summary.split("\n", 1)[1]
+    )
     header = ["sampler", "NFE (guidance counted)", *[label for _, label, _ in COLUMNS]]
     table = []
     for name, runs in scores.items():
@@ -163,37 +242,52 @@ def judge_phase(args) -> str:
     folder = Path(os.environ.get("DIFFLAB_BENCH_RESULTS") or RESULTS)  # as write_result chooses it
     folder.mkdir(parents=True, exist_ok=True)
     save_png(make_grid(to_uint8(grid), nrow=20), folder / "few_step_grid.png", upscale=3)
-    targets = []
     own = scores["teacher, its own sampler (heun-10)"]
     mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
-    for steps, limit in ((1, 2.0), (2, 1.3)):
-        runs = scores[f"progressive student, DDIM-{steps}"]
-        for key, label, _ in COLUMNS[:3]:
-            ratio = mean(runs, key) / mean(own, key)
-            targets.append(
-                f"{steps}-step {label} {ratio:.2f}x the teacher's ({'met' if ratio <= limit else 'not met'})"
-            )
-        acc = mean(runs, "accuracy")
-        targets.append(f"{steps}-step accuracy {acc:.3f} ({'met' if acc >= 0.99 else 'not met'})")
-    verdict = "met" if all(t.endswith("(met)") for t in targets) else "not met"
-    cost = (
-        f" A distillation step costs {sum(costs) / len(costs):.2f}x a teacher training step (wall-clock per optimizer "
-        f"step, each seed's distillation run against its teacher's race run; the teacher's two guided DDIM steps per "
-        f"sample run without gradients)."
-        if costs
-        else ""
-    )
+    verdicts = []
+    for method, sampler in (("progressive", "DDIM"), ("reflow", "Euler"), ("consistency", "CM")):
+        if method not in args.methods:
+            continue
+        targets = []
+        for steps, limit in ((1, 2.0), (2, 1.3)):
+            runs = scores[f"{method} student, {sampler}-{steps}"]
+            for key, label, _ in COLUMNS[:3]:
+                ratio = mean(runs, key) / mean(own, key)
+                targets.append(f"{steps}-step {label} {ratio:.2f}x ({'met' if ratio <= limit else 'not met'})")
+            acc = mean(runs, "accuracy")
+            targets.append(f"{steps}-step accuracy {acc:.3f} ({'met' if acc >= 0.99 else 'not met'})")
+        verdict = "met" if all(t.endswith("(met)") for t in targets) else "not met"
+        verdicts.append(f"**{method}: {verdict}**: {'; '.join(targets)}")
+    cost = ""
+    for method, runs in costs.items():
+        per_step = sum(r[0] for r in runs) / len(runs)
+        steps, seconds = sum(r[1] for r in runs) / len(runs), sum(r[2] for r in runs) / len(runs)
+        cost += (
+            f" {method}: a step costs {per_step:.2f}x a teacher training step (wall-clock per optimizer step against "
+            f"each seed's teacher race run); {steps:.0f} steps in {seconds:.0f} s per seed"
+        )
+        pairs = [r[3] for r in runs if r[3] is not None]
+        if pairs:
+            cost += f", plus {sum(pairs) / len(pairs):.0f} s per teacher to draw its couplings once"
+        cost += "."
     return (
-        "# Few-step generation on digits: progressive distillation against its teacher\n\n"
+        "# Few-step generation on digits: distilled students against their teacher\n\n"
         f"`PYTHONPATH=. python bench/bench_few_step.py judge --teachers {shown_path(args.teachers)} --seeds "
-        f"{','.join(map(str, args.seeds))} --n {args.n}`. Teachers: the default recipe's race runs (one per seed); "
-        f"students: `experiment=digits_progressive` (DDIM 16 -> 1 in 4 rounds of 400 steps), the checkpoint at each "
-        f"round's end. {args.n} balanced samples per run, every judge of `difflab.eval.digits_eval.evaluate_samples`, "
+        f"{','.join(map(str, args.seeds))} --n {args.n} --methods {','.join(args.methods)}`. Teachers: the default "
+        f"recipe's race runs (one per seed); students: `experiment=digits_progressive` (DDIM 16 -> 1 in 4 rounds of "
+        f"400 steps), the checkpoint at each round's end; `experiment=digits_reflow` (16384 couplings of the teacher's "
+        f"own sampler, then the progressive run's wall-clock of training) and `experiment=digits_consistency` "
+        f"(consistency distillation with ECT's gaps, the same wall-clock), their last checkpoints. {args.n} balanced "
+        f"samples per run, every judge of `difflab.eval.digits_eval.evaluate_samples`, "
         f"means with 95% t-intervals over {len(args.seeds)} seeds. Rows in order of the picture "
         f"(`few_step_grid.png`: 20 samples of seed {args.seeds[0]} per row).{cost}\n\n"
         + md_table(header, table)
-        + f"\n\nTargets (1 step within 2x the teacher's own-sampler FD and 2 steps within 1.3x, in every judge; "
-        f"accuracy >= 0.99): {verdict}: {'; '.join(targets)}.\n" + f"\nMachine: {machine_description()}\n"
+        + "\n\nTargets (1 step within 2x the teacher's own-sampler FD and 2 steps within 1.3x, in every judge; "
+        "accuracy >= 0.99):\n\n"
+        + "".join(f"- {v}.\n" for v in verdicts)
+        + f"\nMachine: {machine_description()}\n"
+        + f"\nThe same scores as a sweep `ablate.py` summarises (arm = sampler row, seeds paired, differences against "
+        f"the teacher's own sampler with Holm-adjusted p): {shown_path(ablation)}.\n"
     )
 
 
@@ -205,9 +299,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("/tmp/difflab_few_step"))
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--methods", default="progressive,reflow,consistency", help="comma-separated: of the default")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for the distillation runs")
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.methods = [m for m in args.methods.split(",") if m]
     set_threads(args.threads)
     if args.phase in ("all", "train"):
         train_phase(args)

@@ -107,7 +107,7 @@ TITLES = {
     "video_buckets": "13. Variable-length video: frame buckets on the How2Sign layout",
     "optimizers": "14. Optimizers at equal wall-clock: AdamW vs Muon on digits, three seeds",
     "guide_sweep": "15. The default's guidance and sampling grid: kept guide, CFG band, grid shift (three seeds, every judge)",
-    "few_step": "16. Few-step generation: progressive distillation against its teacher (three seeds, every judge)",
+    "few_step": "16. Few-step generation: progressive distillation, reflow and consistency against their teacher (three seeds, every judge)",
 }
 TARGET_RE = re.compile(r"(target[^.\n]*?:\s*\**(?:met|not met)[^\n]*)", re.IGNORECASE)
 

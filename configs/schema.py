@@ -406,12 +406,15 @@ def rounds_fit_the_budget(cfg: dict):
 
 
 SAMPLING_ONLY = ("t_min", "sampling_shift", "spacing", "steps_offset")  # process keys that change no training input
+# process keys that say where training times fall, not what the denoiser is shown at a time (a student may train on
+# another density than its teacher)
+TRAINING_DENSITY = ("density", "mean", "std", "mode_scale", "logit_mean", "logit_std")
 
 
 def teacher_has_this_network(cfg: dict):
-    """A teacher checkpoint must hold this run's process (its sampling grid aside), objective's prediction and
-    sigma_data, conditioning, image size and network (the student starts as it); read from its stored config through
-    the trust gate, before anything is written."""
+    """A teacher checkpoint must hold this run's process (its sampling grid and training density aside), objective's
+    prediction and sigma_data, conditioning, image size and network (the student starts as it); read from its stored
+    config through the trust gate, before anything is written."""
     path = (cfg.get("method") or {}).get("teacher_ckpt")
     model = cfg.get("model") or {}
     if not isinstance(path, str) or not Path(path).expanduser().exists() or not isinstance(model.get("net"), dict):
@@ -430,7 +433,7 @@ def teacher_has_this_network(cfg: dict):
     keys += ["model.diffusion.conditioner._target_", "model.diffusion.conditioner.num_classes", "datamodule.image_size"]
     for node in ("model.diffusion.process", "model.net"):
         both = set(_dotted(theirs, node) or {}) | set(_dotted(ours, node) or {})
-        keys += [f"{node}.{k}" for k in sorted(both) if k not in SAMPLING_ONLY]
+        keys += [f"{node}.{k}" for k in sorted(both) if k not in SAMPLING_ONLY + TRAINING_DENSITY]
     for key in keys:
         t, s = _dotted(theirs, key), _dotted(ours, key)
         filled_later = key.endswith(("num_classes", "image_size")) and ({t, s} & {None, "???"})  # from the data

@@ -82,7 +82,7 @@ def train_block(cfg: DictConfig, output_dir: str | None = None) -> list[str]:
     trainer, method = tree.get("trainer") or {}, model.get("method") or {}
     return [
         f"  method:       {_name(method.get('_target_') or 'DiffusionTraining')}"
-        f"{_keys(method, ('teacher_ckpt', 'teacher_steps', 'student_steps', 'steps_per_round'))}",
+        f"{_keys(method, ('teacher_ckpt', 'teacher_steps', 'student_steps', 'steps_per_round', 'num_pairs', 'double_every'))}",
         f"  process:      {_name(process.get('_target_'))}"
         f"{_keys(process, ('kind', 'density', 'shift', 'num_timesteps', 'spacing'))}",
         f"  objective:    prediction {objective.get('prediction')}, weighting {objective.get('weighting')}, "

@@ -24,6 +24,7 @@ from tests.helpers import default_teacher_checkpoint
 
 FILE = "{file}"  # an existing regular file (a stand-in checkpoint, or an output path that is a file)
 NOWHERE = "{nowhere}"  # a path that does not exist
+DISTILLATIONS = ("digits_progressive", "digits_reflow", "digits_consistency")  # experiments that need a teacher
 
 # (entry point, overrides, the key and value the error line must name). One bad value per case.
 BAD = [
@@ -37,6 +38,9 @@ BAD = [
     ("train", ["lr_schedule.budget=wall"], "lr_schedule.budget", "wall"),
     ("train", ["experiment=digits_progressive", "method.steps_per_round=0"], "method.steps_per_round", "0"),
     ("train", ["experiment=digits_progressive", f"method.teacher_ckpt={NOWHERE}"], "method.teacher_ckpt", NOWHERE),
+    ("train", ["experiment=digits_reflow", "method.num_pairs=0"], "method.num_pairs", "0"),
+    ("train", ["experiment=digits_consistency", "method.double_every=0"], "method.double_every", "0"),
+    ("train", ["experiment=digits_consistency", "method.huber_c=-1"], "method.huber_c", "-1"),
     ("train", ["model.diffusion.p_uncond=1.0"], "model.diffusion.p_uncond", "1.0"),
     ("train", ["guidance.scale=-2"], "guidance.scale", "-2"),
     ("train", ["guidance.interval=[5,1]"], "guidance.interval", "[5, 1]"),
@@ -316,7 +320,7 @@ def test_shipped_experiments_pass(experiment, paths):
 
 def _asks(experiment: str) -> list[str]:
     """What an experiment asks the user for (a teacher checkpoint) as the shipped-config tests give it."""
-    return ["method.teacher_ckpt={teacher}"] if experiment == "digits_progressive" else []
+    return ["method.teacher_ckpt={teacher}"] if experiment in DISTILLATIONS else []
 
 
 def _shipped() -> list[tuple[str, list[str]]]:

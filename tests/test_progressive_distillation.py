@@ -303,14 +303,22 @@ def test_distillation_runs_its_rounds_and_resumes_exactly(teacher_ckpt, tmp_path
     assert out.shape == (4, 1, 8, 8) and torch.isfinite(out).all()
 
 
-def test_the_student_starts_as_the_teacher(teacher_ckpt, tmp_path):
+STUDENTS = {  # every distillation method starts its student as the teacher (methods.teacher.adopt_teacher)
+    "progressive": DISTIL,
+    "reflow": ["method=reflow", "process.t_min=0"],
+    "consistency": ["method=consistency", "process.t_min=0"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(STUDENTS))
+def test_the_student_starts_as_the_teacher(teacher_ckpt, tmp_path, method):
     from hydra.utils import instantiate
 
     from difflab.checkpoints import load_weights
     from difflab.lit_modules.diffusion_module import DiffusionModule
     from difflab.pipeline import fill_from_datamodule
 
-    cfg = compose_train(tmp_path, [*_tiny(), *DISTIL, f"method.teacher_ckpt={teacher_ckpt}"])
+    cfg = compose_train(tmp_path, [*_tiny(), *STUDENTS[method], f"method.teacher_ckpt={teacher_ckpt}"])
     fill_from_datamodule(cfg, instantiate(cfg.datamodule))
     module: DiffusionModule = instantiate(cfg.model)
     before = {k: v.clone() for k, v in module.state_dict().items()}

@@ -3,7 +3,7 @@ a job starts. What a method needs of its settings together (a teacher, step coun
 that nests, the student's sampler) its class states; the pre-flight builds it (config_checks.constructor_problems).
 The rules that read other groups (the budget, the teacher's network) are train checks in configs/schema.py."""
 
-from difflab.config_checks import existing_path, integer, optional
+from difflab.config_checks import existing_path, integer, non_negative, number, optional, positive, string
 
 RULES = {
     "teacher_ckpt": optional(existing_path()).described_as(
@@ -12,4 +12,16 @@ RULES = {
     "teacher_steps": integer(min=2),
     "student_steps": integer(min=1),
     "steps_per_round": integer(min=1),
+    "pairs_dir": string(nonempty=True),
+    "num_pairs": integer(min=1),
+    "pairs_seed": integer(min=0),
+    "chunk": integer(min=1),
+    "p_mean": number(),
+    "p_std": positive(),
+    "q": number(min=1, min_open=True),
+    "k": non_negative(),
+    "b": non_negative(),
+    "double_every": integer(min=1),
+    "huber_c": optional(non_negative()),
+    "time_groups": integer(min=1),
 }

@@ -474,9 +474,10 @@ class Objective:
         process: NoiseProcess,
         t: Tensor | None = None,
         generator: torch.Generator | None = None,
+        eps: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Noise x0 at process times t (drawn from the process's density if None), run ``net(x_in, net_time)`` and
-        return per-sample losses.
+        """Noise x0 at process times t (drawn from the process's density if None) with ``eps`` (fresh noise if None; a
+        coupling's paired noise in reflow), run ``net(x_in, net_time)`` and return per-sample losses.
 
         Returns dict(loss=weighted per-sample loss (+ LPIPS term), raw=unweighted diffusion loss, t=process times,
         log_snr=their log-SNR, x0_hat=predicted x0, and lpips=per-sample LPIPS when that term is active).
@@ -485,7 +486,10 @@ class Objective:
         if t is None:
             t = process.sample_times(x0.shape[0], device=x0.device, generator=generator)
         t = torch.as_tensor(t, device=x0.device)
-        eps = offset_noise_like(x0, self.offset_noise, generator)
+        if eps is None:
+            eps = offset_noise_like(x0, self.offset_noise, generator)
+        elif eps.shape != x0.shape:
+            raise ValueError(f"paired noise of shape {tuple(eps.shape)} for data of shape {tuple(x0.shape)}")
         path = self.path_at(process, t, x0)
         x_t = add_noise(x0, eps, path["alpha"], path["sigma"])
         out = net(x_t * self.input_scale(path["alpha"], path["sigma"]), process.net_time(t).to(x0.device))

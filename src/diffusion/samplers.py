@@ -151,6 +151,28 @@ def _log_alpha_sigma_ratio(alpha: float, sigma: float) -> float:
     return math.log(alpha) - math.log(sigma)
 
 
+def consistency(
+    model_fn: ModelFn,
+    x: Tensor,
+    process: NoiseProcess,
+    *,
+    steps: int = 1,
+    spacing: Spacing = None,
+    start: float | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1): the model's x0 at each grid time, noised
+    afresh to the next (x' = alpha' x0_hat + sigma' z); one step is x0_hat at the first time. For consistency
+    students (method=consistency); on a diffusion model it is a crude sampler."""
+    grid = sampling_grid(process, steps, spacing, start=start)
+    for i in _progress(range(len(grid) - 1), progress, f"consistency {steps}"):
+        x0, _ = model_fn(x, grid[i][0])
+        _, alpha_next, sigma_next = grid[i + 1]
+        x = alpha_next * x0 + sigma_next * _noise_like(x, generator) if sigma_next > 0 else alpha_next * x0
+    return x
+
+
 def dpmpp_2m(
     model_fn: ModelFn,
     x: Tensor,

@@ -140,9 +140,10 @@ class Diffusion:
         drop_conditions: bool = True,
         t: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-sample losses on a batch: conditions dropped with probability ``p_uncond`` when ``drop_conditions``,
-        times from the process's density unless ``t`` is given."""
+        times from the process's density unless ``t`` is given, fresh noise unless ``noise`` is given (a coupling's)."""
         raw = self.batch_condition(batch)
         if drop_conditions:
             raw = self.conditioner.drop(raw, self.p_uncond)
@@ -150,7 +151,7 @@ class Diffusion:
         if t is None:
             t = self.frame_shifted_times(batch, generator)
         call = lambda x_in, t_net: net(x_in, t_net, cond["vector"], cond["context"], cond["context_mask"])  # noqa: E731
-        return self.objective.losses(call, batch["x"], self.process, t=t, generator=generator)
+        return self.objective.losses(call, batch["x"], self.process, t=t, generator=generator, eps=noise)
 
     def loss(self, net: Net, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """The training loss of a batch (mean of ``losses``)."""
@@ -280,9 +281,9 @@ class Diffusion:
         progress: bool = False,
         decode: bool = True,
     ) -> torch.Tensor:
-        """n samples in [-1, 1] (decoded to pixels for latent models) for raw ``conditions`` (balanced if None),
-        with this setup's sampler and guidance unless others are given (``guidance``: a ``Guidance`` or a dict of
-        overrides such as ``{"method": "apg", "eta": 0.0}``)."""
+        """n samples in [-1, 1] (decoded to pixels for latent models; their latents unclipped with ``decode=False``)
+        for raw ``conditions`` (balanced if None), with this setup's sampler and guidance unless others are given
+        (``guidance``: a ``Guidance`` or a dict of overrides such as ``{"method": "apg", "eta": 0.0}``)."""
         was_training = net.training if isinstance(net, nn.Module) else None
         if isinstance(net, nn.Module):
             net.eval()
@@ -293,11 +294,12 @@ class Diffusion:
             noise = torch.randn((n, *self.sample_shape), generator=generator)
         noise = noise * self.process.prior_std
         x = (sampler or self.sampler)(model_fn, noise.to(device), self.process, generator=generator, progress=progress)
+        pixels = decode or self.autoencoder is None
         if decode:
             x = self.to_pixels(x)
         if was_training:
             cast(nn.Module, net).train()  # was_training is set only for an nn.Module
-        return x.clamp(-1, 1)
+        return x.clamp(-1, 1) if pixels else x
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Decode latents to pixels for latent models; identity for pixel models."""

@@ -22,6 +22,19 @@ class TrainingMethod:
     def setup(self, module: Any, stage: str) -> None:
         """Before training (Lightning's ``setup``, ahead of any checkpoint restore): load teachers, start students."""
 
+    def check(self, process: Any, sampler: Any) -> None:
+        """Refuse (ValueError, one line) a process or student sampler this method cannot train; the pre-flight calls
+        it too (``config_checks.constructor_problems``)."""
+
+    def refuse_misfit(self, module: Any) -> None:
+        """``check`` on the module's process and sampler, as the one-line ConfigError a run stops with."""
+        from difflab.utils.errors import ConfigError
+
+        try:
+            self.check(module.diffusion.process, module.diffusion.sampler)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
     def on_train_batch_start(self, module: Any, step: int) -> None:
         """Before the optimizer step with global index ``step``."""
 

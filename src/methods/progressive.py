@@ -13,7 +13,7 @@ from difflab.diffusion.guidance import CFG, Guidance
 from difflab.diffusion.processes import NoiseProcess
 from difflab.diffusion.samplers import Sampler, ddim_step, sampler_name
 from difflab.methods.base import TrainingMethod
-from difflab.methods.teacher import load_teacher, raw_subset, start_from_teacher
+from difflab.methods.teacher import adopt_teacher, raw_subset
 from difflab.ops.fsdp import is_sharding
 from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
@@ -93,18 +93,11 @@ class ProgressiveDistillation(TrainingMethod):
     def setup(self, module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        try:
-            self.check(module.diffusion.process, module.diffusion.sampler)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        self.refuse_misfit(module)
         if is_sharding(getattr(module, "_trainer", None)):
             raise ConfigError("method=progressive does not run under trainer=fsdp yet: use trainer=gpu or ddp")
         self.spacing = self._spacing(module.diffusion.sampler)
-        teacher = load_teacher(self.teacher_ckpt, module.diffusion, "method.teacher_ckpt")
-        start_from_teacher(module, teacher, "method.teacher_ckpt", self.teacher_ckpt)
-        if self.teacher_guidance is not None:
-            self.teacher_guidance.carry_state_from(teacher.diffusion.guidance)  # a kept autoguidance guide
-        self._teacher = Frozen(teacher)
+        self._teacher = adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance)
         if self._pending_teacher is not None:
             self.load_state_dict({"round": self.round, "teacher": self._pending_teacher})
 

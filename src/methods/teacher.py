@@ -9,6 +9,7 @@ import torch
 
 from difflab.diffusion.system import Diffusion
 from difflab.utils.errors import ConfigError
+from difflab.utils.frozen import Frozen
 
 
 def load_teacher(path: str, student: Diffusion, key: str = "method.teacher_ckpt") -> Any:
@@ -38,6 +39,16 @@ def start_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module, key: 
             f"{key}={path} has another network than this run's model.net ({detail}): distil into the teacher's "
             "architecture (the model group and model.net settings it was trained with)"
         ) from None
+
+
+def adopt_teacher(module: Any, path: str, guidance: Any = None) -> Frozen:
+    """The frozen teacher of a distillation run, read from ``path`` (``method.teacher_ckpt``), with the student
+    ``module`` started as it and ``guidance`` (the method's teacher guidance) holding the teacher's kept guide."""
+    teacher = load_teacher(path, module.diffusion, "method.teacher_ckpt")
+    start_from_teacher(module, teacher, "method.teacher_ckpt", path)
+    if guidance is not None:
+        guidance.carry_state_from(teacher.diffusion.guidance)  # a kept autoguidance guide
+    return Frozen(teacher)
 
 
 def raw_subset(raw: Any, rows: torch.Tensor) -> Any:
