@@ -11,8 +11,10 @@ path (``NoiseProcess.sigma_ve_at``), so one schedule serves every process.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Tensor = torch.Tensor
 
@@ -39,3 +41,14 @@ def consistency_loss(f_t: Tensor, f_r: Tensor, sigma_t: Tensor, sigma_r: Tensor,
     """Per-sample ECT loss: pseudo_huber(||f_t - f_r||^2 summed over each sample, c) / (sigma_t - sigma_r)."""
     squared = ((f_t - f_r) ** 2).flatten(1).sum(dim=1)
     return pseudo_huber(squared, c) / (sigma_t - sigma_r).flatten()
+
+
+def time_derivative(
+    f: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, dx_dt: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(f(x, t), df/dt) along a trajectory moving at ``dx_dt``: one forward-mode pass (``torch.func.jvp`` with
+    tangents (dx_dt, 1)), the derivative continuous-time consistency (sCM) and MeanFlow targets need. Attention runs
+    on SDPA's math backend inside: the fused flash / memory-efficient kernels have no forward-mode derivative."""
+    with sdpa_kernel(SDPBackend.MATH):
+        out, tangent = torch.func.jvp(f, (x, t), (dx_dt, torch.ones_like(t)))[:2]  # no aux output asked for
+    return out, tangent
