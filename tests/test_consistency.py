@@ -133,10 +133,9 @@ def test_multistep_consistency_renoises_to_each_grid_time():
 # ---------------------------------------------------------------- the method's pieces
 def test_the_consistency_function_is_the_identity_at_clean_data():
     module = _module("flow")
-    method = ConsistencyTraining()
     x = torch.randn(4, 1, 4, 4)
     cond = module.diffusion.condition(torch.tensor([0, 1, 2, 0]))
-    assert torch.allclose(method.x0_of(module, x, torch.zeros(4), cond), x, atol=1e-6)
+    assert torch.allclose(module.diffusion.x0_estimate(module, x, torch.zeros(4), cond), x, atol=1e-6)
 
 
 class ExactFlow(nn.Module):
@@ -182,7 +181,7 @@ def test_the_loss_without_a_teacher_targets_the_data_where_the_gap_reaches_zero(
     t = (sigma_t / (1 + sigma_t)).float()
     noise = torch.randn_like(batch["x"])
     x_t = (1 - t.view(-1, 1, 1, 1)) * batch["x"] + t.view(-1, 1, 1, 1) * noise
-    f_t = method.x0_of(module, x_t, t.double(), d.condition(raw))
+    f_t = d.x0_estimate(module, x_t, t.double(), d.condition(raw))
     want = ((f_t - batch["x"]) ** 2).flatten(1).sum(1).sqrt() / sigma_t.float()
     assert torch.allclose(loss, want.mean(), rtol=1e-4)
 

@@ -157,6 +157,20 @@ class Diffusion:
         """The training loss of a batch (mean of ``losses``)."""
         return self.losses(net, batch, generator=generator)["loss"].mean()
 
+    def x0_estimate(self, net: Net, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        """The denoiser's x0 estimate (float32) at noisy ``x_t`` and per-sample process times ``t``, unguided: what a
+        distillation loss compares with its target (a consistency model's f(x, t))."""
+        path = self.objective.path_at(self.process, t, x_t)
+        out = net(
+            x_t * self.objective.input_scale(path["alpha"], path["sigma"]),
+            self.process.net_time(t).to(x_t.device),
+            cond["vector"],
+            cond["context"],
+            cond["context_mask"],
+        )
+        x0, _ = self.objective.to_x0_eps(out.float(), x_t.float(), {k: v.float() for k, v in path.items()})
+        return x0
+
     def frame_shifted_times(self, batch: dict[str, Any], generator: torch.Generator | None) -> torch.Tensor | None:
         """Training times of a video batch under ``process.frame_shift_base`` (flow): the process's density with
         ``frame_shift(shift, T, frame_shift_base, H W, H0 W0)`` per sample, T from ``batch["num_frames"]`` or the

@@ -4,8 +4,7 @@ or a few steps with ``sampler=consistency``."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -19,16 +18,10 @@ from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
 
 
-@contextmanager
-def same_randomness(device: torch.device) -> Iterator[None]:
-    """Run the block with the random state it started with restored at its end: the second network call of a
-    consistency pair sees the first one's dropout masks (ECT's shared dropout)."""
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    yield
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
+def same_randomness(device: torch.device) -> Any:
+    """A block after which the random state is as it was before it (``torch.random.fork_rng``): the second network
+    call of a consistency pair sees the first one's dropout masks (ECT's shared dropout)."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 class ConsistencyTraining(TrainingMethod):
@@ -131,20 +124,6 @@ class ConsistencyTraining(TrainingMethod):
             x_r[rows] = (a_r * x0 + s_r * eps).to(x_r.dtype)  # the deterministic DDIM step, per-row r
         return x_r
 
-    def x0_of(self, module: Any, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        """The consistency function f(x, t): the module's x0 estimate."""
-        d = module.diffusion
-        path = d.objective.path_at(d.process, t, x)
-        out = module(
-            x * d.objective.input_scale(path["alpha"], path["sigma"]),
-            d.process.net_time(t).to(x.device),
-            cond["vector"],
-            cond["context"],
-            cond["context_mask"],
-        )
-        x0, _ = d.objective.to_x0_eps(out.float(), x.float(), {k: v.float() for k, v in path.items()})
-        return x0
-
     def loss(self, module: Any, batch: dict[str, Any]) -> torch.Tensor:
         d = module.diffusion
         process = d.process
@@ -163,9 +142,9 @@ class ConsistencyTraining(TrainingMethod):
             a_r, s_r = process.coefficients_like(r, x0)
             x_r = a_r * x0 + s_r * noise
         with same_randomness(x0.device):
-            f_t = self.x0_of(module, x_t, t, cond)
+            f_t = d.x0_estimate(module, x_t, t, cond)
         with torch.no_grad():
-            f_r = self.x0_of(module, x_r, r, cond)
+            f_r = d.x0_estimate(module, x_r, r, cond)
         clean = (process.sigma_ve_at(r) <= 0).to(x0.device).reshape(-1, *([1] * (x0.ndim - 1)))
         f_r = torch.where(clean, x_r.float(), torch.nan_to_num(f_r))  # at sigma 0, f is the identity
         sigma_t, sigma_r = (process.sigma_ve_at(v).to(x0.device).float() for v in (t, r))

@@ -149,7 +149,7 @@ class ProgressiveDistillation(TrainingMethod):
 
     def loss(self, module: Any, batch: dict[str, Any]) -> torch.Tensor:
         d = module.diffusion
-        process, objective = d.process, d.objective
+        process = d.process
         n = self.steps_in_round(self.round)
         times = halving_grid(process, n, self.spacing)
         alphas, sigmas = process.coefficients(times)
@@ -164,15 +164,6 @@ class ProgressiveDistillation(TrainingMethod):
         x_s = self.teacher_two_steps(x_t, raw, index, grid)
         target = progressive_target(x_t, x_s, alpha_t, sigma_t, alpha_s, sigma_s)
         t = times.to(x0.device)[2 * index]
-        path = objective.path_at(process, t, x0)
-        cond = d.condition(raw)
-        out = module(
-            x_t * objective.input_scale(path["alpha"], path["sigma"]),
-            process.net_time(t).to(x0.device),
-            cond["vector"],
-            cond["context"],
-            cond["context_mask"],
-        )
-        x0_hat, _ = objective.to_x0_eps(out.float(), x_t.float(), {k: v.float() for k, v in path.items()})
+        x0_hat = d.x0_estimate(module, x_t, t, d.condition(raw))
         err = ((x0_hat - target.float()) ** 2).mean(dim=tuple(range(1, x0.ndim)))
         return (truncated_snr_weight(alpha_t, sigma_t).flatten().float() * err).mean()

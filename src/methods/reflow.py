@@ -92,9 +92,9 @@ class Reflow(TrainingMethod):
             "sample_shape": list(d.sample_shape),
         }
 
-    def directory(self) -> Path:
-        """Where this run's couplings live: ``pairs_dir/<hash of their identity>``."""
-        return Path(self.pairs_dir).expanduser() / identity_key(self.identity())
+    def directory(self, identity: dict | None = None) -> Path:
+        """Where this run's couplings live: ``pairs_dir/<hash of their identity>`` (``identity``: already computed)."""
+        return Path(self.pairs_dir).expanduser() / identity_key(identity or self.identity())
 
     @torch.no_grad()
     def draw(self, device: torch.device, progress: bool = True) -> Couplings:
@@ -126,17 +126,18 @@ class Reflow(TrainingMethod):
 
     def prepare(self, module: Any) -> None:
         """Read this run's couplings, drawing and writing them first (global rank 0) when none exist."""
-        directory = self.directory()
+        identity = self.identity()
+        directory = self.directory(identity)
         trainer = getattr(module, "_trainer", None)
         if read_manifest(directory) is None and (trainer is None or trainer.is_global_zero):
             started = time.perf_counter()
             log.info("drawing %d reflow couplings from %s into %s", self.num_pairs, self.teacher_ckpt, directory)
-            write_couplings(directory, self.identity(), self.draw(module.device, progress=trainer is not None))
+            write_couplings(directory, identity, self.draw(module.device, progress=trainer is not None))
             log.info("reflow couplings drawn in %.1f s", time.perf_counter() - started)
         if trainer is not None:
             trainer.strategy.barrier("reflow couplings")
         d = module.diffusion
-        self.couplings = read_couplings(directory, self.identity(), tuple(d.sample_shape))
+        self.couplings = read_couplings(directory, identity, tuple(d.sample_shape))
         labels, classes = self.couplings.conditions, getattr(d.conditioner, "num_classes", None)
         if isinstance(labels, torch.Tensor) and isinstance(classes, int) and len(labels):
             if int(labels.min()) < 0 or int(labels.max()) >= classes:
