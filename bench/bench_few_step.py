@@ -1,17 +1,21 @@
 """Few-step generation on digits: progressive distillation (``experiment=digits_progressive``), reflow
-(``experiment=digits_reflow``) and consistency distillation (``experiment=digits_consistency``) of default-recipe
-teachers, judged at 1, 2, 4 (and 8) steps against the teacher at the same steps and at its own 19-NFE sampler.
+(``experiment=digits_reflow``), consistency distillation with ECT's gaps (``experiment=digits_consistency``) and in
+continuous time (sCM, ``experiment=digits_scm``) of default-recipe teachers, and MeanFlow from scratch
+(``experiment=digits_meanflow``), judged at 1, 2, 4 (and 8) steps against the teacher at the same steps and at its own
+19-NFE sampler.
 
 Phases:
 - ``train``: for each seed, ``python train.py experiment=digits_progressive method.teacher_ckpt=<teacher of that
   seed> seed=<seed>`` through ``difflab.pipeline.train`` (run directory ``<out>/pd_s<seed>``); the consistency
-  student for the progressive run's wall-clock (``trainer.max_time``; ``<out>/cm_s<seed>``); reflow: a 1-step run
+  and sCM students for the progressive run's wall-clock (``trainer.max_time``; ``<out>/cm_s<seed>``,
+  ``<out>/scm_s<seed>``); MeanFlow from scratch for the teacher's race wall-clock plus the progressive run's
+  (``<out>/mf_s<seed>``); reflow: a 1-step run
   that draws the teacher's couplings into ``<out>/pairs`` (timed: ``pairs_s``), then the student for the same
   wall-clock (``<out>/rf_s<seed>``). Each run's wall-clock and step count go to its ``meta.json``; the cost per step
   against the teacher's own training step is read from the teacher's race ``meta.json`` when there is one.
 - ``judge``: each seed's teacher and its students (progressive: the checkpoint at the end of each round, 8, 4, 2, 1
-  DDIM steps; reflow: the last checkpoint at Euler 4, 2, 1; consistency: the last checkpoint at consistency sampling
-  4, 2, 1) draw ``--n`` balanced samples (labels i % 10, noise seeded by the seed), and every judge of
+  DDIM steps; reflow: the last checkpoint at Euler 4, 2, 1; consistency and sCM: the last checkpoint at consistency
+  sampling 4, 2, 1; MeanFlow: the last checkpoint at MeanFlow sampling 4, 2, 1) draw ``--n`` balanced samples (labels i % 10, noise seeded by the seed), and every judge of
   ``difflab.eval.digits_eval.evaluate_samples`` scores them; means with 95% t-intervals over the seeds; real digits
   give the floors. The teacher at few steps samples with DDIM on the students' grid (flow's grid evenly to 0, the
   recipe's grid shift) with its own guidance; students sample unguided, as they were trained. Writes
@@ -19,7 +23,7 @@ Phases:
   scores as a sweep ``ablate.py`` summarises (``<out>/judged``; its summary closes few_step.md).
 
     PYTHONPATH=. python bench/bench_few_step.py {all,train,judge} --teachers <race dir> [--seeds 0,1,2] [--out DIR]
-        [--n 500] [--methods progressive,reflow,consistency]
+        [--n 500] [--methods progressive,reflow,consistency,scm,meanflow]
 
 ``--teachers``: a directory holding ``difflab_s<seed>/run/checkpoints/last.ckpt`` (``bench_vs_diffusers.py``'s
 difflab runs: the default recipe trained for the race's budget).
@@ -41,6 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import REPO, RESULTS, machine_description, md_table, set_threads, shown_path, write_result  # noqa: E402
 
 STUDENT_STEPS = {400: 8, 800: 4, 1200: 2, 1600: 1}  # experiment=digits_progressive: the end of each round
+# students trained for the progressive run's wall-clock from one command: method -> (run prefix, row label, sampler)
+SAME_CLOCK = {"consistency": ("cm", "CM", "consistency"), "scm": ("scm", "sCM", "consistency")}
+# trained from scratch for the teacher's race wall-clock plus the progressive run's: the compute of teacher + student
+FROM_SCRATCH = {"meanflow": ("mf", "MF", "meanflow")}
+ONE_RUN = {**SAME_CLOCK, **FROM_SCRATCH}  # methods judged on one run's last checkpoint
 COLUMNS = [
     ("fd", "FD classifier", 2),
     ("fd_judge2", "FD judge 2", 2),
@@ -94,11 +103,26 @@ def train_phase(args) -> None:
         budget = json.loads((run / "meta.json").read_text())["train_s"]
         clock = f"00:00:{int(budget) // 60:02d}:{int(budget) % 60:02d}"
         same_clock = [f"seed={seed}", "trainer.max_steps=100000", f"trainer.max_time={clock}"]
-        if "consistency" in args.methods and not (args.out / f"cm_s{seed}" / "meta.json").exists():
-            print(f"[few-step] seed {seed}: consistency student for {clock} (the progressive run's wall-clock)")
-            overrides = ["experiment=digits_consistency", f"method.teacher_ckpt={teacher}", *same_clock]
-            out = run_train(overrides + args.override, args.out / f"cm_s{seed}")
-            write_meta(args.out / f"cm_s{seed}", {"seed": seed, **out, "clock": clock}, args)
+        for method, (prefix, _, _) in SAME_CLOCK.items():
+            if method not in args.methods or (args.out / f"{prefix}_s{seed}" / "meta.json").exists():
+                continue
+            print(f"[few-step] seed {seed}: {method} student for {clock} (the progressive run's wall-clock)")
+            overrides = [f"experiment=digits_{method}", f"method.teacher_ckpt={teacher}", *same_clock]
+            out = run_train(overrides + args.override, args.out / f"{prefix}_s{seed}")
+            write_meta(args.out / f"{prefix}_s{seed}", {"seed": seed, **out, "clock": clock}, args)
+        race = teacher.parents[2] / "meta.json"
+        if "meanflow" in args.methods and not (args.out / f"mf_s{seed}" / "meta.json").exists():
+            total = budget + json.loads(race.read_text())["train_s"]
+            both = f"00:00:{int(total) // 60:02d}:{int(total) % 60:02d}"
+            print(f"[few-step] seed {seed}: meanflow from scratch for {both} (the teacher's and the progressive run's)")
+            overrides = [
+                "experiment=digits_meanflow",
+                f"seed={seed}",
+                "trainer.max_steps=100000",
+                f"trainer.max_time={both}",
+            ]
+            out = run_train(overrides + args.override, args.out / f"mf_s{seed}")
+            write_meta(args.out / f"mf_s{seed}", {"seed": seed, **out, "clock": both}, args)
         if "reflow" not in args.methods or (args.out / f"rf_s{seed}" / "meta.json").exists():
             continue
         # the couplings first (a 1-step run that draws them), then the student on the progressive run's wall-clock
@@ -201,9 +225,10 @@ def judge_phase(args) -> str:
         if "reflow" in args.methods:
             last = args.out / f"rf_s{seed}" / "checkpoints" / "last.ckpt"
             rows += [(f"reflow student, Euler-{k}", last, k, "euler") for k in (4, 2, 1)]
-        if "consistency" in args.methods:
-            last = args.out / f"cm_s{seed}" / "checkpoints" / "last.ckpt"
-            rows += [(f"consistency student, CM-{k}", last, k, "consistency") for k in (4, 2, 1)]
+        for method, (prefix, label, kind) in ONE_RUN.items():
+            if method in args.methods:
+                last = args.out / f"{prefix}_s{seed}" / "checkpoints" / "last.ckpt"
+                rows += [(f"{method} student, {label}-{k}", last, k, kind) for k in (4, 2, 1)]
         for name, path, steps, kind in rows:
             diffusion, net = load_for_sampling(path)
             images, nfe = draw(diffusion, net, args.n, seed, steps, kind)
@@ -212,7 +237,7 @@ def judge_phase(args) -> str:
                 pictures[name] = images[:40]
             print(f"[few-step] seed {seed} {name}: FD {scores[name][-1]['fd']:.2f}")
         race = teacher.parents[2] / "meta.json"
-        for method, prefix in (("progressive", "pd"), ("reflow", "rf"), ("consistency", "cm")):
+        for method, prefix in (("progressive", "pd"), ("reflow", "rf"), *((m, v[0]) for m, v in ONE_RUN.items())):
             if method in args.methods and race.exists():
                 meta = json.loads((args.out / f"{prefix}_s{seed}" / "meta.json").read_text())
                 t = json.loads(race.read_text())
@@ -245,7 +270,7 @@ def judge_phase(args) -> str:
     own = scores["teacher, its own sampler (heun-10)"]
     mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
     verdicts = []
-    for method, sampler in (("progressive", "DDIM"), ("reflow", "Euler"), ("consistency", "CM")):
+    for method, sampler in (("progressive", "DDIM"), ("reflow", "Euler"), *((m, v[1]) for m, v in ONE_RUN.items())):
         if method not in args.methods:
             continue
         targets = []
@@ -277,7 +302,9 @@ def judge_phase(args) -> str:
         f"recipe's race runs (one per seed); students: `experiment=digits_progressive` (DDIM 16 -> 1 in 4 rounds of "
         f"400 steps), the checkpoint at each round's end; `experiment=digits_reflow` (16384 couplings of the teacher's "
         f"own sampler, then the progressive run's wall-clock of training) and `experiment=digits_consistency` "
-        f"(consistency distillation with ECT's gaps, the same wall-clock), their last checkpoints. {args.n} balanced "
+        f"(consistency distillation with ECT's gaps, the same wall-clock), `experiment=digits_scm` (continuous-time "
+        f"consistency distillation, sCM, the same wall-clock), their last checkpoints; `experiment=digits_meanflow` "
+        f"(MeanFlow from scratch for the teacher's race wall-clock plus the progressive run's), its last checkpoint. {args.n} balanced "
         f"samples per run, every judge of `difflab.eval.digits_eval.evaluate_samples`, "
         f"means with 95% t-intervals over {len(args.seeds)} seeds. Rows in order of the picture "
         f"(`few_step_grid.png`: 20 samples of seed {args.seeds[0]} per row).{cost}\n\n"
@@ -299,7 +326,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("/tmp/difflab_few_step"))
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--methods", default="progressive,reflow,consistency", help="comma-separated: of the default")
+    p.add_argument(
+        "--methods", default="progressive,reflow,consistency,scm,meanflow", help="comma-separated: of the default"
+    )
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for the distillation runs")
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]

@@ -435,7 +435,7 @@ def teacher_has_this_network(cfg: dict):
         both = set(_dotted(theirs, node) or {}) | set(_dotted(ours, node) or {})
         keys += [f"{node}.{k}" for k in sorted(both) if k not in SAMPLING_ONLY + TRAINING_DENSITY]
     for key in keys:
-        t, s = _dotted(theirs, key), _dotted(ours, key)
+        t, s = _setting(theirs, key), _setting(ours, key)
         filled_later = key.endswith(("num_classes", "image_size")) and ({t, s} & {None, "???"})  # from the data
         if t != s and not filled_later:
             return "method.teacher_ckpt", (
@@ -459,6 +459,25 @@ def distillation_runs_alone(cfg: dict):
     if strategy.endswith("FSDPStrategy"):
         return "trainer.strategy", "not FSDP with a distillation method (trainer=gpu or ddp)"
     return None
+
+
+def _setting(tree: dict, dotted: str):
+    """The value at ``dotted``; where the node lacks the key (a config older than the option), its ``_target_``'s
+    constructor default, so a teacher saved before a new network option still teaches a run that leaves it unset."""
+    value = _dotted(tree, dotted)
+    node_key, _, name = dotted.rpartition(".")
+    node = _dotted(tree, node_key)
+    if value is not None or not isinstance(node, dict) or name in node or not isinstance(node.get("_target_"), str):
+        return value
+    import importlib
+    import inspect
+
+    module, _, attr = node["_target_"].rpartition(".")
+    try:
+        parameter = inspect.signature(getattr(importlib.import_module(module), attr)).parameters.get(name)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return value
+    return value if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
 def _dotted(tree: dict, dotted: str):

@@ -24,7 +24,12 @@ from tests.helpers import default_teacher_checkpoint
 
 FILE = "{file}"  # an existing regular file (a stand-in checkpoint, or an output path that is a file)
 NOWHERE = "{nowhere}"  # a path that does not exist
-DISTILLATIONS = ("digits_progressive", "digits_reflow", "digits_consistency")  # experiments that need a teacher
+DISTILLATIONS = (
+    "digits_progressive",
+    "digits_reflow",
+    "digits_consistency",
+    "digits_scm",
+)  # experiments that need a teacher
 
 # (entry point, overrides, the key and value the error line must name). One bad value per case.
 BAD = [
@@ -41,6 +46,10 @@ BAD = [
     ("train", ["experiment=digits_reflow", "method.num_pairs=0"], "method.num_pairs", "0"),
     ("train", ["experiment=digits_consistency", "method.double_every=0"], "method.double_every", "0"),
     ("train", ["experiment=digits_consistency", "method.huber_c=-1"], "method.huber_c", "-1"),
+    ("train", ["experiment=digits_scm", "method.tangent_c=0"], "method.tangent_c", "0"),
+    ("train", ["experiment=digits_scm", "method.warmup_steps=-1"], "method.warmup_steps", "-1"),
+    ("train", ["experiment=digits_meanflow", "method.ratio=1.5"], "method.ratio", "1.5"),
+    ("train", ["experiment=digits_meanflow", "method.adaptive_c=0"], "method.adaptive_c", "0"),
     ("train", ["model.diffusion.p_uncond=1.0"], "model.diffusion.p_uncond", "1.0"),
     ("train", ["guidance.scale=-2"], "guidance.scale", "-2"),
     ("train", ["guidance.interval=[5,1]"], "guidance.interval", "[5, 1]"),

@@ -98,6 +98,41 @@ def test_the_time_derivative_through_a_denoiser_matches_finite_differences(name)
         torch.func.jvp(f, (x, t), (v, torch.ones_like(t)))
 
 
+def _video_denoisers():
+    from difflab.models.dit import VideoDiT
+    from difflab.models.unet3d import UNet3D
+    from difflab.models.vivit import ViViT
+
+    return {
+        "unet3d with temporal attention and transformer blocks": UNet3D(
+            in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,),
+            num_transformer_blocks=1, transformer_head_dim=8, groups=4, head_dim=8, cond_dim=8,
+        ),
+        "video dit, factorised attention": VideoDiT(sample_shape=(1, 2, 8, 8), size="T", patch_size=4, cond_dim=8),
+        "vivit": ViViT(in_channels=1, patch_size=4, hidden_dim=16, depth=2, head_dim=8, cond_dim=8),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(_video_denoisers()))
+def test_the_time_derivative_through_a_video_denoiser_matches_finite_differences(name):
+    """The same JVP through the video denoisers (B x C x T x H x W), attention on the math backend."""
+    torch.manual_seed(0)
+    net = _video_denoisers()[name].eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, v = torch.randn(2, 2, 1, 2, 8, 8)
+    t, c = torch.tensor([300.0, 700.0]), torch.randn(2, 8)
+    f = lambda x, t: net(x, t, c)  # noqa: E731
+    out, dfdt = time_derivative(f, x, t, v)
+    assert torch.allclose(out, f(x, t), atol=1e-5)
+    errors = []
+    for h in (0.1, 0.03):
+        central = (f(x + h * v, t + h) - f(x - h * v, t - h)) / (2 * h)
+        errors.append(float((dfdt - central).abs().max()))
+    assert errors[1] < errors[0] / 4 and errors[1] < 0.01 * float(dfdt.abs().max())
+
+
 # ---------------------------------------------------------------- the sampler
 def test_one_consistency_step_is_the_models_x0_from_noise():
     process = FlowProcess(t_min=0)

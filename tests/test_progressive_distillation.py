@@ -307,6 +307,7 @@ STUDENTS = {  # every distillation method starts its student as the teacher (met
     "progressive": DISTIL,
     "reflow": ["method=reflow", "process.t_min=0"],
     "consistency": ["method=consistency", "process.t_min=0"],
+    "scm": ["method=scm", "process.t_min=0"],
 }
 
 
@@ -343,6 +344,20 @@ def test_preflight_refuses_a_missing_teacher(tmp_path):
 def test_preflight_refuses_a_teacher_of_another_network(teacher_ckpt, tmp_path):
     problems = _problems(tmp_path, *DISTIL, f"method.teacher_ckpt={teacher_ckpt}", "model.net.base_channels=16")
     assert problems and "model.net.base_channels=8 where this run has 16" in problems[0], problems
+
+
+def test_a_teacher_saved_before_a_network_option_existed_still_teaches(teacher_ckpt, tmp_path):
+    """A stored config without a newer model.net key (interval_input) means the constructor's default: the same
+    network as a run that leaves it at its default; a run that changes it is refused."""
+    from difflab.checkpoints import load_checkpoint
+
+    ckpt = load_checkpoint(teacher_ckpt)
+    del ckpt["difflab"]["config"]["model"]["net"]["interval_input"]
+    older = tmp_path / "older.ckpt"
+    torch.save(ckpt, older)
+    assert _problems(tmp_path, *DISTIL, f"method.teacher_ckpt={older}") == []
+    problems = _problems(tmp_path, *DISTIL, f"method.teacher_ckpt={older}", "model.net.interval_input=true")
+    assert problems and "model.net.interval_input=False where this run has True" in problems[0], problems
 
 
 def test_preflight_refuses_a_budget_that_ends_before_the_last_round(teacher_ckpt, tmp_path):

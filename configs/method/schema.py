@@ -3,7 +3,17 @@ a job starts. What a method needs of its settings together (a teacher, step coun
 that nests, the student's sampler) its class states; the pre-flight builds it (config_checks.constructor_problems).
 The rules that read other groups (the budget, the teacher's network) are train checks in configs/schema.py."""
 
-from difflab.config_checks import existing_path, integer, non_negative, number, optional, positive, string
+from difflab.config_checks import (
+    boolean,
+    existing_path,
+    integer,
+    non_negative,
+    number,
+    optional,
+    positive,
+    probability,
+    string,
+)
 
 RULES = {
     "teacher_ckpt": optional(existing_path()).described_as(
@@ -24,4 +34,10 @@ RULES = {
     "double_every": integer(min=1),
     "huber_c": optional(non_negative()),
     "time_groups": integer(min=1),
+    "tangent_c": positive(),
+    "warmup_steps": integer(min=0),
+    "adaptive_weighting": boolean(),
+    "ratio": probability(),
+    "adaptive_p": non_negative(),
+    "adaptive_c": positive(),
 }

@@ -40,6 +40,7 @@ RULES = {
     "net.cross_attention_levels": optional(LEVELS),
     "net.temporal_attention_levels": optional(LEVELS),
     "net.dropout": probability(),
+    "net.interval_input": boolean(),  # MeanFlow's second time input (UNet2D, DiT; method=meanflow sets it)
     "net.groups": integer(min=1),
     "net.head_dim": integer(min=1),
     "net.num_transformer_blocks": integer(min=0),

@@ -6,6 +6,11 @@ function is the denoiser's x0 estimate (exact at t = 0 for flow and v / eps targ
 construction). Training pulls f(x_t, t) towards a stopped-gradient f(x_r, r) at a slightly earlier time r on the same
 trajectory; the gap t - r shrinks as training goes (ECT's stages). Noise levels are EDM's sigma = sigma / alpha of the
 path (``NoiseProcess.sigma_ve_at``), so one schedule serves every process.
+
+The continuous-time objective (sCM, Lu & Song 2024, arXiv 2410.11081) is stated in TrigFlow's coordinates:
+x = cos(t) x0 + sin(t) sigma_d eps, the network's output F with sigma_d F the predicted dx/dt. Every continuous path
+is a rescaling of that one (sigma = sigma_d tan t), so a difflab denoiser of any process yields F (``trigflow_velocity``
+of its x0 and eps estimates).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import math
 from typing import Callable
 
 import torch
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Tensor = torch.Tensor
@@ -47,8 +53,73 @@ def time_derivative(
     f: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, dx_dt: Tensor
 ) -> tuple[Tensor, Tensor]:
     """(f(x, t), df/dt) along a trajectory moving at ``dx_dt``: one forward-mode pass (``torch.func.jvp`` with
-    tangents (dx_dt, 1)), the derivative continuous-time consistency (sCM) and MeanFlow targets need. Attention runs
-    on SDPA's math backend inside: the fused flash / memory-efficient kernels have no forward-mode derivative."""
+    tangents (dx_dt, 1)), the derivative continuous-time consistency (sCM) and MeanFlow targets need. With gradients
+    enabled the primal output carries them (one pass for prediction and target). Attention runs on SDPA's math
+    backend inside: the fused flash / memory-efficient kernels have no forward-mode derivative."""
     with sdpa_kernel(SDPBackend.MATH):
         out, tangent = torch.func.jvp(f, (x, t), (dx_dt, torch.ones_like(t)))[:2]  # no aux output asked for
     return out, tangent
+
+
+# ---------------------------------------------------------------- continuous time (sCM, TrigFlow coordinates)
+def trigflow_time(sigma: Tensor, sigma_data: float) -> Tensor:
+    """TrigFlow's time of EDM noise level sigma: arctan(sigma / sigma_d) (0 at clean data, pi / 2 at pure noise)."""
+    return torch.atan(sigma / sigma_data)
+
+
+def trigflow_point(x0: Tensor, eps: Tensor, t: Tensor, sigma_data: float) -> Tensor:
+    """x = cos(t) x0 + sin(t) sigma_d eps: TrigFlow's noisy point (unit ``eps``)."""
+    c, s = _trig(t, x0)
+    return c * x0 + s * sigma_data * eps
+
+
+def trigflow_velocity(x0: Tensor, eps: Tensor, t: Tensor, sigma_data: float) -> Tensor:
+    """dx/dt of x = cos(t) x0 + sin(t) sigma_d eps at fixed (x0, eps): cos(t) sigma_d eps - sin(t) x0 (sigma_d F)."""
+    c, s = _trig(t, x0)
+    return c * sigma_data * eps - s * x0
+
+
+def scm_tangent(
+    F_minus: Tensor, dF_dt: Tensor, x: Tensor, dx_dt: Tensor, t: Tensor, sigma_data: float, warmup: float = 1.0
+) -> Tensor:
+    """sCM's rearranged tangent g = -cos^2 t (sigma_d F- - dx/dt) - r cos t sin t (x + sigma_d dF-/dt) (Algorithm 1;
+    r: the tangent warmup in [0, 1]); the loss pulls F towards F- + g, which is cos(t) df-/dt for f = cos t x -
+    sin t sigma_d F."""
+    c, s = _trig(t, x)
+    return -(c * c) * (sigma_data * F_minus - dx_dt) - warmup * c * s * (x + sigma_data * dF_dt)
+
+
+def normalize_tangent(g: Tensor, c: float = 0.1) -> Tensor:
+    """sCM's tangent normalisation g / (||g|| + c), per sample: bounds the target's step whatever its scale."""
+    norm = g.flatten(1).norm(dim=1).reshape(-1, *([1] * (g.ndim - 1)))
+    return g / (norm + c)
+
+
+def scm_loss(F: Tensor, F_minus: Tensor, g: Tensor, logvar: Tensor | float = 0.0) -> Tensor:
+    """Per-sample sCM loss with adaptive weighting: e^(-logvar) ||F - F- - g||^2 / D + logvar (w = -logvar, the
+    learned uncertainty of EDM2; logvar 0: the plain mean squared error)."""
+    squared = ((F - F_minus - g) ** 2).flatten(1).mean(dim=1)
+    return squared * torch.exp(-torch.as_tensor(logvar)) + logvar
+
+
+class NoiseLevelWeighting(nn.Module):
+    """The learned log-variance w(sigma) of sCM's adaptive weighting (EDM2's form): fixed random Fourier features of
+    ln(sigma) / 4, then a zero-initialised linear layer (logvar 0 at the start: the plain loss)."""
+
+    def __init__(self, features: int = 128, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(features, generator=g))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(features, generator=g))
+        self.linear = nn.Linear(features, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, sigma: Tensor) -> Tensor:
+        c_noise = (sigma.float().log() / 4).reshape(-1, 1)
+        return self.linear(math.sqrt(2) * torch.cos(c_noise * self.freqs + self.phases)).reshape(-1)
+
+
+def _trig(t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    shape = (-1, *([1] * (like.ndim - 1)))
+    return torch.cos(t).to(like.dtype).reshape(shape), torch.sin(t).to(like.dtype).reshape(shape)

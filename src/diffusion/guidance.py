@@ -462,7 +462,9 @@ def guided_model_fn(
 ) -> ModelFn:
     """Wrap ``net(x_in, net_time, cond) -> output`` into ``model_fn(x_t, t) -> (x0_hat, eps_hat)`` with guidance.
 
-    ``t`` is a scalar process time (``process.sampling_times`` entries); the process gives the path coefficients
+    ``t`` is a scalar process time (``process.sampling_times`` entries); ``model_fn(x_t, t, end)`` hands the network
+    the interval net_time(t) - net_time(end) as ``cond["interval"]`` (an average-velocity network's step from t to
+    ``end``; a DDIM step to ``end`` with that prediction is MeanFlow's update). The process gives the path coefficients
     and the denoiser's time input, the prediction type converts the output. ``method`` names a ``GUIDANCE_METHODS``
     entry, ``options`` its keys (apg: eta, norm_threshold, momentum); the reference output is the unconditional one
     (conditional and unconditional passes run as one batched forward) or, for autoguidance, ``guide(x_in, net_time)``
@@ -490,12 +492,17 @@ def guided_model_fn(
         clip = lambda x0: clip_x0(x0, x0_clip)  # noqa: E731
     state: dict[str, Any] = {}
 
-    def model_fn(x_t: Tensor, t: float) -> tuple[Tensor, Tensor]:
+    def model_fn(x_t: Tensor, t: float, end: float | None = None) -> tuple[Tensor, Tensor]:
         t64 = torch.full((x_t.shape[0],), float(t), dtype=torch.float64, device=x_t.device)
         alpha, sigma = process.coefficients(t64[:1])
         sigma_ve = float(sigma / alpha) if float(alpha) > 0 else math.inf
         x_in = x_t * float(input_scale(alpha, sigma, prediction, sigma_data))
         t_net = process.net_time(t64).to(x_t.device)
+        c, n = cond, null_cond
+        if end is not None:  # an average-velocity (MeanFlow) network's prediction over [end, t]
+            interval = t_net - process.net_time(torch.full_like(t64, float(end))).to(x_t.device)
+            c = {**cond, "interval": interval}
+            n = None if null_cond is None else {**null_cond, "interval": interval}
         x64 = x_t.to(torch.float64)
         a, s = (v.to(x64.device).reshape(1, *([1] * (x64.ndim - 1))) for v in (alpha, sigma))
         derivs = process.derivatives(t64[:1]) if prediction == "flow" else (None, None)
@@ -505,17 +512,17 @@ def guided_model_fn(
             return predictions_from_output(out.to(torch.float64), x64, a, s, prediction, da, ds, sigma_data)
 
         if single or not guidance_active(sigma_ve, bounds):
-            x0, eps = to_x0_eps(net(x_in, t_net, cond))
+            x0, eps = to_x0_eps(net(x_in, t_net, c))
             own_eps = False
         else:
             if uses_guide:
                 # not single: a guide is given (the check above), and likewise a null condition below
-                out_c, out_r = net(x_in, t_net, cond), cast(GuideNet, guide)(x_in, t_net)
+                out_c, out_r = net(x_in, t_net, c), cast(GuideNet, guide)(x_in, t_net)
             else:
                 both = net(
                     torch.cat([x_in, x_in]),
                     torch.cat([t_net, t_net]),
-                    concat_cond(cond, cast("dict[str, Any]", null_cond)),
+                    concat_cond(c, cast("dict[str, Any]", n)),
                 )
                 out_c, out_r = both.chunk(2)
             step = GuidanceStep(out_c, out_r, to_x0_eps, x64, a, s, state)

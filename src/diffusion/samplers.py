@@ -173,6 +173,28 @@ def consistency(
     return x
 
 
+def meanflow(
+    model_fn: Callable[..., tuple[Tensor, Tensor]],
+    x: Tensor,
+    process: NoiseProcess,
+    *,
+    steps: int = 1,
+    spacing: Spacing = None,
+    start: float | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """MeanFlow sampling (Geng et al. 2025, Algorithm 2): from each grid time t straight to the next, r, with the
+    network's average velocity over [r, t] (z_r = z_t - (t - r) u: a DDIM step of its prediction at (t, end=r)); one
+    step is z_0 = z_1 - u(z_1, 0, 1). For method=meanflow students (a denoiser with an interval input)."""
+    grid = sampling_grid(process, steps, spacing, start=start)
+    for i in _progress(range(len(grid) - 1), progress, f"meanflow {steps}"):
+        end, alpha_next, sigma_next = grid[i + 1]
+        x0, eps = model_fn(x, grid[i][0], end=end)
+        x = ddim_step(x0, eps, alpha_next, sigma_next)
+    return x
+
+
 def dpmpp_2m(
     model_fn: ModelFn,
     x: Tensor,

@@ -33,6 +33,12 @@ Net = Callable[..., torch.Tensor]
 VALIDATION_SEED = 1234  # validation noise and times: seed + batch index, the same in every run and every arm
 
 
+def interval_of(cond: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The ``interval=`` keyword of a network call when the conditions carry one (MeanFlow sampling), else none: a
+    denoiser without an interval input is never handed one."""
+    return {"interval": cond["interval"]} if cond.get("interval") is not None else {}
+
+
 def _device_of(net: Any, fallback: torch.device) -> torch.device:
     if isinstance(net, nn.Module):
         for p in net.parameters():
@@ -160,6 +166,13 @@ class Diffusion:
     def x0_estimate(self, net: Net, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         """The denoiser's x0 estimate (float32) at noisy ``x_t`` and per-sample process times ``t``, unguided: what a
         distillation loss compares with its target (a consistency model's f(x, t))."""
+        return self.x0_eps_estimate(net, x_t, t, cond)[0]
+
+    def x0_eps_estimate(
+        self, net: Net, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoiser's unguided (x0, eps) estimates (float32) at ``x_t`` and per-sample process times ``t``;
+        differentiable in both, forward mode included (``torch.func.jvp``)."""
         path = self.objective.path_at(self.process, t, x_t)
         out = net(
             x_t * self.objective.input_scale(path["alpha"], path["sigma"]),
@@ -168,8 +181,7 @@ class Diffusion:
             cond["context"],
             cond["context_mask"],
         )
-        x0, _ = self.objective.to_x0_eps(out.float(), x_t.float(), {k: v.float() for k, v in path.items()})
-        return x0
+        return self.objective.to_x0_eps(out.float(), x_t.float(), {k: v.float() for k, v in path.items()})
 
     def frame_shifted_times(self, batch: dict[str, Any], generator: torch.Generator | None) -> torch.Tensor | None:
         """Training times of a video batch under ``process.frame_shift_base`` (flow): the process's density with
@@ -244,7 +256,7 @@ class Diffusion:
         g = self.guidance_for(guidance)
         scale = g.scale if scale is None else scale
         plain = not isinstance(scale, torch.Tensor) and float(scale) == 1.0
-        call = lambda x_in, t_net, c: net(x_in, t_net, c["vector"], c["context"], c["context_mask"])  # noqa: E731
+        call = lambda x_in, t_net, c: net(x_in, t_net, c["vector"], c["context"], c["context_mask"], **interval_of(c))  # noqa: E731
         try:
             guide = g.reference(raw, self) if g.uses_guide and not plain else None
             return guided_model_fn(

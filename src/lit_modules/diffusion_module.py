@@ -63,13 +63,17 @@ class DiffusionModule(L.LightningModule):
         self.__dict__["_compiled"] = torch.compile(self.denoiser) if compile else None
         self._bucket_sums: torch.Tensor | None = None
 
-    def forward(self, x_in: torch.Tensor, t_net: torch.Tensor, vector=None, context=None, context_mask=None):
-        """The denoiser's output (compiled and channels-last when configured)."""
+    def forward(
+        self, x_in: torch.Tensor, t_net: torch.Tensor, vector=None, context=None, context_mask=None, interval=None
+    ):
+        """The denoiser's output (compiled and channels-last when configured); ``interval`` only for denoisers built
+        with a second time input (MeanFlow)."""
         if self.channels_last and x_in.ndim == 4:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
         compiled = self.__dict__.get("_compiled")
         fn = self.denoiser if compiled is None else compiled
-        return fn(x_in, t_net, vector, context, context_mask)
+        extra = {} if interval is None else {"interval": interval}
+        return fn(x_in, t_net, vector, context, context_mask, **extra)
 
     # ---------------------------------------------------------------- Lightning hooks
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -97,7 +101,8 @@ class DiffusionModule(L.LightningModule):
                 self.log(f"val_loss_t/bucket_{i:02d}", m)  # reduced over ranks: every rank logs the same value
 
     def configure_optimizers(self):
-        opt = self.optimizer_factory([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+        own = [p for p in self.parameters() if p.requires_grad]
+        opt = self.optimizer_factory(own + self.method.parameters(), lr=self.lr)
         try:
             return {"optimizer": opt, "lr_scheduler": self.lr_schedule(opt, self.trainer)}
         except ValueError as err:
@@ -110,6 +115,13 @@ class DiffusionModule(L.LightningModule):
         self.method.on_train_batch_start(self, self.trainer.global_step)
         if batch_idx % 10 == 0:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Average the method's own gradients over ranks (DDP averages only the wrapped network's)."""
+        if self.trainer.world_size > 1:
+            for p in self.method.parameters():
+                if p.grad is not None:
+                    p.grad = self.trainer.strategy.reduce(p.grad, reduce_op="mean")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["difflab"] = {

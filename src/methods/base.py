@@ -42,6 +42,11 @@ class TrainingMethod:
         """The scalar loss of one batch for ``module`` (a ``DiffusionModule``: its forward is the denoiser's)."""
         raise NotImplementedError
 
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Trainable parameters of the method itself (sCM's loss weighting), optimised with the network's but kept
+        out of its state dict: a student stays an ordinary checkpoint. Their state travels in ``state_dict``."""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must hold to resume this method exactly (tensors and plain values)."""
         return {}

@@ -4,7 +4,7 @@ or a few steps with ``sampler=consistency``."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -95,34 +95,43 @@ class ConsistencyTraining(TrainingMethod):
         module.log("method/stage", float(self.stage), prog_bar=False)
 
     # ---------------------------------------------------------------- the loss
-    def times(self, n: int, process: NoiseProcess, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t, r) in process time for n samples: sigma_t lognormal, sigma_r ECT's earlier level at this stage. With a
-        teacher, ``time_groups`` distinct levels per batch (one guided teacher call each), spread over the rows."""
+    def noise_levels(self, n: int) -> torch.Tensor:
+        """EDM sigmas for n samples (float64), lognormal(``p_mean``, ``p_std``); with a teacher, ``time_groups``
+        distinct levels spread over the rows (one guided teacher call each)."""
+        draw = lambda k: (torch.randn(k, dtype=torch.float64) * self.p_std + self.p_mean).exp()  # noqa: E731
         if self._teacher is None:
-            sigma_t = (torch.randn(n, dtype=torch.float64) * self.p_std + self.p_mean).exp()
-        else:
-            levels = (torch.randn(min(n, self.time_groups), dtype=torch.float64) * self.p_std + self.p_mean).exp()
-            sigma_t = levels[torch.randperm(n) % len(levels)]
+            return draw(n)
+        levels = draw(min(n, self.time_groups))
+        return levels[torch.randperm(n) % len(levels)]
+
+    def times(self, n: int, process: NoiseProcess, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, r) in process time for n samples: sigma_t from ``noise_levels``, sigma_r ECT's earlier level at this
+        stage."""
+        sigma_t = self.noise_levels(n)
         sigma_r = ect_earlier_sigma(sigma_t, self.stage, self.q, self.k, self.b)
         to_time = lambda s: process.time_from_log_snr(-2 * s.log()).to(device)  # noqa: E731 - sigma 0: t 0
         return to_time(sigma_t), to_time(sigma_r)
 
     @torch.no_grad()
-    def teacher_step(self, x_t: torch.Tensor, raw: Any, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """The guided teacher's DDIM step from each x_t at t to its r (x0 where r is 0); one call per distinct t."""
+    def teacher_predictions(self, x_t: torch.Tensor, raw: Any, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The guided teacher's (x0, eps) at each x_t and its process time t; one guided call per distinct t."""
         assert self._teacher is not None, "setup() loads the teacher first"
         teacher: Any = self._teacher.module
         if self._teacher.device != x_t.device:
             self._teacher.to(x_t.device)
         dtype = next(teacher.parameters()).dtype
-        x_r = torch.empty_like(x_t)
+        x0, eps = torch.empty_like(x_t), torch.empty_like(x_t)
         for value in t.unique().tolist():
             rows = t == value
             fn = teacher.diffusion.guided_fn(teacher, raw_subset(raw, rows), self.teacher_guidance)
-            x0, eps = fn(x_t[rows].to(dtype), value)
-            a_r, s_r = teacher.diffusion.process.coefficients_like(r[rows], x0)
-            x_r[rows] = (a_r * x0 + s_r * eps).to(x_r.dtype)  # the deterministic DDIM step, per-row r
-        return x_r
+            x0[rows], eps[rows] = (v.to(x_t.dtype) for v in fn(x_t[rows].to(dtype), value))
+        return x0, eps
+
+    def teacher_step(self, x_t: torch.Tensor, raw: Any, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The guided teacher's DDIM step from each x_t at t to its r (x0 where r is 0)."""
+        x0, eps = self.teacher_predictions(x_t, raw, t)
+        a_r, s_r = cast(Frozen, self._teacher).module.diffusion.process.coefficients_like(r, x0)
+        return a_r * x0 + s_r * eps  # the deterministic DDIM step, per-row r
 
     def loss(self, module: Any, batch: dict[str, Any]) -> torch.Tensor:
         d = module.diffusion

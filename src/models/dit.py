@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from difflab.models.layers import CrossAttention, TimeConditionEmbedding, zero_init
+from difflab.models.layers import CrossAttention, TimeConditionEmbedding, time_mlp, zero_init
 from difflab.models.video_layers import sincos_1d
 from difflab.registry import DIT_PRESETS
 from difflab.utils.errors import ConfigError
@@ -315,6 +315,9 @@ class _TransformerBase(nn.Module):
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.embed.mlp[2].weight, std=0.02)
+        for mlp in (self.embed.interval_mlp,) if self.embed.interval_mlp is not None else ():
+            nn.init.normal_(mlp[0].weight, std=0.02)
+            nn.init.normal_(mlp[2].weight, std=0.02)
         for m in self.modules():
             if isinstance(m, Modulation):
                 zero_init(m.linear)
@@ -384,6 +387,7 @@ class DiT(_TransformerBase):
         freq_dim: int = 256,
         cond_dim: int = 0,
         context_dim: int | None = None,
+        interval_input: bool = False,
     ):
         super().__init__()
         if len(sample_shape) != 3:
@@ -415,6 +419,8 @@ class DiT(_TransformerBase):
         self.in_channels, self.out_channels, self.patch = c, out_channels or c, int(patch_size)
         d = self.hidden_dim
         self.patch_embed = nn.Conv2d(c, d, self.patch, stride=self.patch)
+        if interval_input:  # MeanFlow's second time, embedded like the first
+            self.embed.interval_mlp = time_mlp(self.embed.base_dim, d)
         self.blocks = self._make_blocks(DiTBlock, context_dim)
         self.final = FinalLayer(d, self.patch * self.patch * self.out_channels)
         self._init_weights()
@@ -435,13 +441,14 @@ class DiT(_TransformerBase):
         cond: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        interval: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, c, h, w = x.shape
         p = self.patch
         if h % p or w % p:
             raise ValueError(f"DiT: patch_size={p} does not divide the input size {h}x{w}")
         gh, gw = h // p, w // p
-        emb = self.embed(t, cond)
+        emb = self.embed(t, cond, interval)
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # B x (gh*gw) x D
         table, rope = self._positions(gh, gw, x.device)
         if table is not None:

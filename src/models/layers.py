@@ -25,17 +25,30 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
-class TimeConditionEmbedding(nn.Module):
-    """Time embedding MLP plus an optional projected condition vector added to it."""
+def time_mlp(base_dim: int, emb_dim: int) -> nn.Sequential:
+    """The MLP that turns a sinusoidal time embedding into the denoiser's embedding width."""
+    return nn.Sequential(nn.Linear(base_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
-    def __init__(self, base_dim: int, emb_dim: int, cond_dim: int = 0):
+
+class TimeConditionEmbedding(nn.Module):
+    """Time embedding MLP plus an optional projected condition vector added to it. With ``interval_input``, a second
+    time MLP embeds the length of a time interval (MeanFlow's t - r, in the denoiser's time units; 0 when not given:
+    the instantaneous velocity) and adds it too."""
+
+    def __init__(self, base_dim: int, emb_dim: int, cond_dim: int = 0, interval_input: bool = False):
         super().__init__()
         self.base_dim = base_dim
-        self.mlp = nn.Sequential(nn.Linear(base_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.mlp = time_mlp(base_dim, emb_dim)
         self.cond_proj = nn.Linear(cond_dim, emb_dim) if cond_dim else None
+        self.interval_mlp = time_mlp(base_dim, emb_dim) if interval_input else None
 
-    def forward(self, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, cond: torch.Tensor | None, interval: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.mlp(timestep_embedding(t, self.base_dim))
+        if self.interval_mlp is not None:
+            interval = torch.zeros_like(t) if interval is None else interval
+            emb = emb + self.interval_mlp(timestep_embedding(interval, self.base_dim))
+        elif interval is not None:
+            raise ValueError("this denoiser has no interval input: build it with model.net.interval_input=true")
         if self.cond_proj is not None:
             if cond is None:
                 raise ValueError("this denoiser was built with a condition vector (cond_dim > 0) but got cond=None")

@@ -32,6 +32,7 @@ class UNet2D(nn.Module):
         head_dim: int = 32,
         cond_dim: int = 0,
         context_dim: int | None = None,
+        interval_input: bool = False,
     ):
         super().__init__()
         out_channels = out_channels or in_channels
@@ -52,7 +53,7 @@ class UNet2D(nn.Module):
             else set()
         )
         emb_dim = 4 * base_channels
-        self.embed = TimeConditionEmbedding(base_channels, emb_dim, cond_dim)
+        self.embed = TimeConditionEmbedding(base_channels, emb_dim, cond_dim, interval_input)
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def attn(level: int, ch: int):
@@ -103,8 +104,9 @@ class UNet2D(nn.Module):
         cond: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        interval: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        emb = self.embed(t, cond)
+        emb = self.embed(t, cond, interval)
         h = self.conv_in(x)
         hs = [h]
         for block in self.down:

@@ -1,0 +1,198 @@
+"""Continuous-time consistency models (method=scm, src/methods/scm.py, src/diffusion/consistency.py): sCM's tangent,
+normalisation and adaptive-weighted loss against NVIDIA's released sCM code re-typed, the tangent as cos(t) df/dt
+through a real denoiser's JVP, TrigFlow's F of a denoiser on an exact flow, the guided teacher's velocity, a real run
+(sCD with a teacher, sCT without) that resumes exactly with its learned weighting, and one-line refusals."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+from difflab.config_checks import check_config
+from difflab.diffusion.consistency import (
+    NoiseLevelWeighting,
+    normalize_tangent,
+    scm_loss,
+    scm_tangent,
+    time_derivative,
+    trigflow_point,
+    trigflow_time,
+    trigflow_velocity,
+)
+from difflab.diffusion.processes import FlowProcess, VPProcess
+from difflab.diffusion.samplers import consistency
+from difflab.methods.scm import ContinuousConsistency
+from difflab.utils.errors import ConfigError
+from difflab.utils.frozen import Frozen
+from tests.helpers import compose_train, run_hydra_main, tiny_overrides
+from tests.test_consistency import ExactFlow
+from tests.test_guidance_methods import _module
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------- the math, against NVlabs' sCM code re-typed
+def _their_scm_loss(F_theta, F_theta_jvp_scaled, x_t_hat, dxt_dt, logvar, t_hat, r, sigma_data, c):
+    """SCMModel._scm_pred_to_loss (fastgen): g1 = -cos^2 (sigma_d F- - dx/dt); g2 = -(cos sin x + sigma_d jvp), the
+    JVP taken with tangents (cos sin dx/dt, cos sin); g = g1 + r g2 normalised; mean square / exp(logvar) + logvar."""
+    F_ = F_theta.detach()
+    a, s = torch.cos(t_hat).view(-1, 1, 1, 1), torch.sin(t_hat).view(-1, 1, 1, 1)
+    g1 = -a * a * (sigma_data * F_ - dxt_dt)
+    g2 = -(a * s * x_t_hat + sigma_data * F_theta_jvp_scaled)
+    g = g1 + r * g2
+    g = g / (torch.linalg.vector_norm(g, dim=(1, 2, 3), keepdim=True) + c)
+    unweighted = torch.mean(torch.square(F_theta - F_ - g), dim=(1, 2, 3))
+    return unweighted / torch.exp(logvar) + logvar
+
+
+@pytest.mark.parametrize("r", [0.0, 0.3, 1.0])
+def test_the_loss_is_scms_tangent_normalisation_and_adaptive_weighting(r):
+    g = torch.Generator().manual_seed(int(r * 10))
+    F, dF, x, v = torch.randn(4, 3, 2, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.rand(3, generator=g, dtype=torch.float64) * 1.5
+    logvar = torch.randn(3, generator=g, dtype=torch.float64)
+    cs = (torch.cos(t) * torch.sin(t)).view(-1, 1, 1, 1)
+    theirs = _their_scm_loss(F, cs * dF, x, v, logvar, t, r, 0.5, 0.1)
+    ours = scm_loss(F, F, normalize_tangent(scm_tangent(F, dF, x, v, t, 0.5, r), 0.1), logvar)
+    assert torch.allclose(ours, theirs, rtol=1e-12)
+
+
+def test_the_weighting_starts_at_zero_and_learns_the_loss_scale():
+    """The loss's optimum in logvar is log(mean square): the learned weighting finds it at every noise level."""
+    weighting = NoiseLevelWeighting()
+    sigma = torch.tensor([0.05, 0.5, 5.0])
+    assert torch.equal(weighting(sigma), torch.zeros(3))
+    F, g = torch.zeros(3, 1, 2, 2), torch.ones(3, 1, 2, 2) * torch.tensor([0.1, 1.0, 3.0]).view(-1, 1, 1, 1)
+    opt = torch.optim.Adam(weighting.parameters(), lr=0.05)
+    for _ in range(400):
+        opt.zero_grad()
+        scm_loss(F, F, g, weighting(sigma)).sum().backward()
+        opt.step()
+    assert torch.allclose(weighting(sigma), torch.tensor([0.01, 1.0, 9.0]).log(), atol=0.05)
+
+
+def test_trigflow_point_and_velocity():
+    x0, eps = torch.randn(2, 3, 1, 2, 2)
+    t = torch.tensor([0.0, 0.7, math.pi / 2], dtype=torch.float64)
+    x = trigflow_point(x0, eps, t, 0.5)
+    assert torch.allclose(x[0], x0[0]) and torch.allclose(x[2], 0.5 * eps[2], atol=1e-7)
+    h = 1e-4
+    central = (trigflow_point(x0, eps, t + h, 0.5) - trigflow_point(x0, eps, t - h, 0.5)) / (2 * h)
+    assert torch.allclose(trigflow_velocity(x0, eps, t, 0.5), central, atol=1e-3)
+    assert torch.allclose(trigflow_time(torch.tensor([0.5]), 0.5), torch.tensor([math.pi / 4]))
+
+
+# ---------------------------------------------------------------- through a denoiser
+def test_the_tangent_is_cos_t_times_the_derivative_of_the_consistency_function():
+    """With warmup 1, g = cos(t) df-/dt for f = cos t x - sin t sigma_d F (the consistency function, the model's x0),
+    both sides through a real UNet's JVP; F's x0 is the denoiser's own x0 estimate."""
+    torch.manual_seed(0)
+    module = _module("flow")
+    with torch.no_grad():
+        for p in module.denoiser.parameters():  # off the zero-initialised output layers
+            p.add_(torch.randn_like(p) * 0.05)
+    d = module.diffusion
+    cond = d.condition(torch.tensor([0, 1, 2]))
+    t = torch.tensor([0.3, 0.9, 1.3], dtype=torch.float64)
+    x, v = torch.randn(2, 3, 1, 4, 4)
+    F = lambda x, t: ContinuousConsistency.trigflow_output(d, module.eval(), x, t, cond)  # noqa: E731
+    F_minus, dF = time_derivative(F, x, t, v)
+    cos = torch.cos(t).float().view(-1, 1, 1, 1)
+    f = lambda x, t: torch.cos(t).float().view(-1, 1, 1, 1) * x - torch.sin(t).float().view(-1, 1, 1, 1) * 0.5 * F(x, t)  # noqa: E731
+    f_minus, df = time_derivative(f, x, t, v)
+    assert torch.allclose(scm_tangent(F_minus, dF, x, v, t, 0.5), cos * df, atol=1e-4)
+    x_p, time = ContinuousConsistency.process_point(d, x, t)
+    assert torch.allclose(f_minus, d.x0_estimate(module, x_p, time, cond), atol=1e-5)
+    assert torch.allclose(time, torch.tan(t) * 0.5 / (1 + torch.tan(t) * 0.5))  # flow's t = sigma / (1 + sigma)
+
+
+def test_trigflow_output_of_an_exact_flow_is_the_true_velocity():
+    """Flow data that is one point: the exact field's F sigma_d is the velocity of x = cos t x* + sin t sigma_d eps."""
+    module = _module("flow")
+    point = torch.randn(1, 1, 4, 4)
+    module.denoiser = ExactFlow(point)
+    d = module.diffusion
+    t = torch.tensor([0.2, 0.8, 1.4], dtype=torch.float64)
+    eps = torch.randn(3, 1, 4, 4)
+    x = trigflow_point(point.expand(3, -1, -1, -1), eps, t, 0.5)
+    F = ContinuousConsistency.trigflow_output(d, module, x, t, d.condition(torch.tensor([0, 1, 2])))
+    assert torch.allclose(0.5 * F, trigflow_velocity(point.expand(3, -1, -1, -1), eps, t, 0.5), atol=1e-4)
+    method = ContinuousConsistency(teacher_ckpt="in-memory")
+    method._teacher = Frozen(module)
+    guided = method.teacher_velocity(x, torch.tensor([0, 1, 2]), t)  # CFG 2 of an exact field is exact
+    assert torch.allclose(guided, 0.5 * F, atol=1e-4)
+
+
+def test_the_loss_trains_the_network_and_the_weighting():
+    module = _module("flow")
+    method = ContinuousConsistency(warmup_steps=0)
+    batch = {"x": torch.randn(6, 1, 4, 4), "label": torch.tensor([0, 1, 2, 0, 1, 2])}
+    loss = method.loss(module, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert method.weighting is not None and method.weighting.linear.bias.grad is not None
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.denoiser.parameters())
+    assert method.parameters() and not any(k.startswith("method") for k in module.state_dict())
+
+
+def test_scm_refuses_a_discrete_process_and_bad_settings():
+    with pytest.raises(ValueError, match="continuous process"):
+        ContinuousConsistency().check(VPProcess("cosine", 50), functools.partial(consistency, steps=1))
+    ContinuousConsistency().check(FlowProcess(), functools.partial(consistency, steps=2))
+    with pytest.raises(ConfigError, match="tangent_c > 0"):
+        ContinuousConsistency(tangent_c=0)
+
+
+# ---------------------------------------------------------------- a real run
+@pytest.fixture(scope="module")
+def teacher_ckpt(run_dir):
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+SCM = ["method=scm", "process.t_min=0", "method.warmup_steps=2", "method.time_groups=4"]
+
+
+def _tiny(**kw):
+    return [a for a in tiny_overrides(**kw) if not a.startswith("sampler.steps")]
+
+
+def _train(tmp, *extra, max_steps=4):
+    import train
+
+    argv = [*_tiny(max_steps=max_steps), *SCM, "logger=csv", f"hydra.run.dir={tmp}", *extra]
+    return run_hydra_main(train.main, argv)
+
+
+def test_scm_distillation_runs_and_resumes_exactly_with_its_weighting(teacher_ckpt, tmp_path):
+    from difflab.checkpoints import load_checkpoint
+    from difflab.diffusion.system import load_for_sampling
+
+    teacher = f"method.teacher_ckpt={teacher_ckpt}"
+    assert _train(tmp_path / "run", teacher) == 0
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert _train(tmp_path / "resumed", teacher, f"ckpt_path={ckpts / 'step_0000002.ckpt'}") == 0
+    final = load_checkpoint(ckpts / "step_0000004.ckpt")
+    again = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "step_0000004.ckpt")
+    for k, v in final["state_dict"].items():
+        assert torch.allclose(v, again["state_dict"][k], atol=1e-6), k
+    weighting = final["difflab_method"]["weighting"]
+    assert weighting["linear.bias"].abs().sum() > 0  # it learned
+    for k, v in weighting.items():
+        assert torch.allclose(v, again["difflab_method"]["weighting"][k], atol=1e-6), k
+    diffusion, net = load_for_sampling(ckpts / "last.ckpt")
+    assert diffusion.describe_sampler().startswith("consistency-1")
+    out = diffusion.sample(net, 4)
+    assert out.shape == (4, 1, 8, 8) and torch.isfinite(out).all()
+
+
+def test_sct_without_a_teacher_runs(tmp_path):
+    assert _train(tmp_path / "sct", "method.adaptive_weighting=false", max_steps=2) == 0
+    assert (tmp_path / "sct" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_preflight_refuses_scm_on_vp(tmp_path):
+    problems = check_config(compose_train(tmp_path, [*_tiny(), "method=scm", "process=vp"]), "train")
+    assert any("continuous process" in p for p in problems), problems
