@@ -61,7 +61,9 @@ def seconds_per_step(overrides: list[str], args) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", type=Path, required=True, help="a default-recipe checkpoint (the distillations' teacher)")
+    p.add_argument(
+        "--teacher", type=Path, required=True, help="a default-recipe checkpoint (the distillations' teacher)"
+    )
     p.add_argument("--pairs-dir", type=Path, required=True, help="where reflow's couplings of that teacher are")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--skip", type=int, default=10)
@@ -83,9 +85,7 @@ def main() -> None:
         f"`PYTHONPATH=. python bench/bench_method_cost.py --steps {args.steps} --skip {args.skip} --repeats "
         f"{args.repeats}`: the digits recipe's network (UNet2D 16-32-64, batch 128) inside Lightning, each method as "
         f"its experiment configures it, timed from step {args.skip} to {args.steps}; the methods alternate over "
-        f"{args.repeats} rounds, medians.\n\n"
-        + md_table(header, rows)
-        + f"\n\nMachine: {machine_description()}\n"
+        f"{args.repeats} rounds, medians.\n\n" + md_table(header, rows) + f"\n\nMachine: {machine_description()}\n"
     )
     print(f"wrote {write_result('method_cost', text)}")
 
