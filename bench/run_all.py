@@ -74,6 +74,29 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         ["judge", "--teachers", "/tmp/difflab_race", "--seeds", "0", "--n", "100"],
         ["few_step"],
     ),
+    # reads few_step's couplings of the race's seed-0 teacher
+    "method_cost": (
+        "bench_method_cost.py",
+        [
+            "--teacher",
+            "/tmp/difflab_race/difflab_s0/run/checkpoints/last.ckpt",
+            "--pairs-dir",
+            "/tmp/difflab_few_step/pairs",
+        ],
+        [
+            "--teacher",
+            "/tmp/difflab_race/difflab_s0/run/checkpoints/last.ckpt",
+            "--pairs-dir",
+            "/tmp/difflab_few_step/pairs",
+            "--steps",
+            "12",
+            "--skip",
+            "4",
+            "--repeats",
+            "1",
+        ],
+        ["method_cost"],
+    ),
     # reads the race's runs (vs_diffusers above keeps a checkpoint every 100 steps for it)
     "guide_sweep": (
         "bench_guide_sweep.py",
@@ -107,7 +130,8 @@ TITLES = {
     "video_buckets": "13. Variable-length video: frame buckets on the How2Sign layout",
     "optimizers": "14. Optimizers at equal wall-clock: AdamW vs Muon on digits, three seeds",
     "guide_sweep": "15. The default's guidance and sampling grid: kept guide, CFG band, grid shift (three seeds, every judge)",
-    "few_step": "16. Few-step generation: progressive distillation, reflow and consistency against their teacher (three seeds, every judge)",
+    "few_step": "16. Few-step generation: progressive distillation, reflow, consistency, sCM and MeanFlow against the teacher (three seeds, every judge)",
+    "method_cost": "16b. Training cost per step of each few-step method against the teacher's step",
 }
 TARGET_RE = re.compile(r"(target[^.\n]*?:\s*\**(?:met|not met)[^\n]*)", re.IGNORECASE)
 
