@@ -91,7 +91,7 @@ def scm_tangent(
 
 def normalize_tangent(g: Tensor, c: float = 0.1) -> Tensor:
     """sCM's tangent normalisation g / (||g|| + c), per sample: bounds the target's step whatever its scale."""
-    norm = g.flatten(1).norm(dim=1).reshape(-1, *([1] * (g.ndim - 1)))
+    norm: Tensor = g.flatten(1).norm(dim=1).reshape(-1, *([1] * (g.ndim - 1)))
     return g / (norm + c)
 
 
@@ -115,9 +115,13 @@ class NoiseLevelWeighting(nn.Module):
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
+    freqs: Tensor
+    phases: Tensor
+
     def forward(self, sigma: Tensor) -> Tensor:
         c_noise = (sigma.float().log() / 4).reshape(-1, 1)
-        return self.linear(math.sqrt(2) * torch.cos(c_noise * self.freqs + self.phases)).reshape(-1)
+        out: Tensor = self.linear(math.sqrt(2) * torch.cos(c_noise * self.freqs + self.phases))
+        return out.reshape(-1)
 
 
 def _trig(t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:

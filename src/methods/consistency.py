@@ -130,7 +130,8 @@ class ConsistencyTraining(TrainingMethod):
     def teacher_step(self, x_t: torch.Tensor, raw: Any, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The guided teacher's DDIM step from each x_t at t to its r (x0 where r is 0)."""
         x0, eps = self.teacher_predictions(x_t, raw, t)
-        a_r, s_r = cast(Frozen, self._teacher).module.diffusion.process.coefficients_like(r, x0)
+        teacher: Any = cast(Frozen, self._teacher).module
+        a_r, s_r = teacher.diffusion.process.coefficients_like(r, x0)
         return a_r * x0 + s_r * eps  # the deterministic DDIM step, per-row r
 
     def loss(self, module: Any, batch: dict[str, Any]) -> torch.Tensor:

@@ -101,7 +101,8 @@ class ContinuousConsistency(ConsistencyTraining):
 
     def teacher_velocity(self, x: Tensor, raw: Any, t: Tensor) -> Tensor:
         """The guided teacher's dx/dt at TrigFlow's (x, t); one guided call per distinct t."""
-        d = cast(Frozen, self._teacher).module.diffusion
+        teacher: Any = cast(Frozen, self._teacher).module
+        d = teacher.diffusion
         x_p, time = self.process_point(d, x, t)
         x0, eps = self.teacher_predictions(x_p, raw, time)
         return trigflow_velocity(x0, eps, t, d.objective.sigma_data)
