@@ -348,15 +348,15 @@ def test_preflight_refuses_a_teacher_of_another_network(teacher_ckpt, tmp_path):
 
 def test_a_teacher_saved_before_a_network_option_existed_still_teaches(teacher_ckpt, tmp_path):
     """A stored config without a newer model.net key (interval_input) means the constructor's default: the same
-    network as a run that leaves it at its default; a run that changes it is refused."""
+    network as a run that sets it to its default; a run that changes it is refused."""
     from difflab.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(teacher_ckpt)
-    del ckpt["difflab"]["config"]["model"]["net"]["interval_input"]
+    assert "interval_input" not in ckpt["difflab"]["config"]["model"]["net"]
     older = tmp_path / "older.ckpt"
     torch.save(ckpt, older)
-    assert _problems(tmp_path, *DISTIL, f"method.teacher_ckpt={older}") == []
-    problems = _problems(tmp_path, *DISTIL, f"method.teacher_ckpt={older}", "model.net.interval_input=true")
+    assert _problems(tmp_path, *DISTIL, f"method.teacher_ckpt={older}", "+model.net.interval_input=false") == []
+    problems = _problems(tmp_path, *DISTIL, f"method.teacher_ckpt={older}", "+model.net.interval_input=true")
     assert problems and "model.net.interval_input=False where this run has True" in problems[0], problems
 
 
