@@ -27,8 +27,8 @@ from difflab.diffusion.samplers import consistency
 from difflab.methods.scm import ContinuousConsistency
 from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
-from tests.helpers import compose_train, run_hydra_main, tiny_overrides
-from tests.test_consistency import ExactFlow
+from tests.helpers import compose_train, run_hydra_main
+from tests.test_consistency import ExactFlow, _tiny
 from tests.test_guidance_methods import _module
 
 torch.set_num_threads(1)
@@ -153,10 +153,6 @@ def teacher_ckpt(run_dir):
 
 
 SCM = ["method=scm", "process.t_min=0", "method.warmup_steps=2", "method.time_groups=4"]
-
-
-def _tiny(**kw):
-    return [a for a in tiny_overrides(**kw) if not a.startswith("sampler.steps")]
 
 
 def _train(tmp, *extra, max_steps=4):
