@@ -2,11 +2,14 @@
 (``experiment=digits_reflow``), consistency distillation with ECT's gaps (``experiment=digits_consistency``) and in
 continuous time (sCM, ``experiment=digits_scm``) of default-recipe teachers, and MeanFlow from scratch
 (``experiment=digits_meanflow``), judged at 1, 2, 4 (and 8) steps against the teacher at the same steps and at its own
-19-NFE sampler.
+19-NFE sampler; and progressive distillation with the guidance baked in (``experiment=digits_progressive_guided``,
+method ``guided``: one student for every scale in [1, 4]) judged at each of ``--scales`` against the teacher's own
+sampler at that scale and the fixed-scale progressive student.
 
 Phases:
 - ``train``: for each seed, ``python train.py experiment=digits_progressive method.teacher_ckpt=<teacher of that
-  seed> seed=<seed>`` through ``difflab.pipeline.train`` (run directory ``<out>/pd_s<seed>``); the consistency
+  seed> seed=<seed>`` through ``difflab.pipeline.train`` (run directory ``<out>/pd_s<seed>``); the guided student
+  the same way (``experiment=digits_progressive_guided``, ``<out>/gpd_s<seed>``); the consistency
   and sCM students for the progressive run's wall-clock (``trainer.max_time``; ``<out>/cm_s<seed>``,
   ``<out>/scm_s<seed>``); MeanFlow from scratch for the teacher's race wall-clock plus the progressive run's
   (``<out>/mf_s<seed>``); reflow: a 1-step run
@@ -23,7 +26,7 @@ Phases:
   scores as a sweep ``ablate.py`` summarises (``<out>/judged``; its summary closes few_step.md).
 
     PYTHONPATH=. python bench/bench_few_step.py {all,train,judge} --teachers <race dir> [--seeds 0,1,2] [--out DIR]
-        [--n 500] [--methods progressive,reflow,consistency,scm,meanflow]
+        [--n 500] [--methods progressive,reflow,consistency,scm,meanflow,guided] [--scales 1,2,3]
 
 ``--teachers``: a directory holding ``difflab_s<seed>/run/checkpoints/last.ckpt`` (``bench_vs_diffusers.py``'s
 difflab runs: the default recipe trained for the race's budget).
@@ -44,7 +47,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import REPO, RESULTS, machine_description, md_table, set_threads, shown_path, write_result  # noqa: E402
 
-STUDENT_STEPS = {400: 8, 800: 4, 1200: 2, 1600: 1}  # experiment=digits_progressive: the end of each round
+STUDENT_STEPS = {400: 8, 800: 4, 1200: 2, 1600: 1}
+RECIPE_SCALE = 2.0  # the recipe's guidance scale (guidance=cfg_interval): the teacher's own-sampler row  # experiment=digits_progressive: the end of each round
 # students trained for the progressive run's wall-clock from one command: method -> (run prefix, row label, sampler)
 SAME_CLOCK = {"consistency": ("cm", "CM", "consistency"), "scm": ("scm", "sCM", "consistency")}
 # trained from scratch for the teacher's race wall-clock plus the progressive run's: the compute of teacher + student
@@ -100,6 +104,13 @@ def train_phase(args) -> None:
             print(f"[few-step] seed {seed}: distilling {shown_path(teacher)} (progressive)")
             overrides = ["experiment=digits_progressive", f"method.teacher_ckpt={teacher}", f"seed={seed}"]
             write_meta(run, {"seed": seed, **run_train(overrides + args.override, run)}, args)
+        guided = args.out / f"gpd_s{seed}"
+        if "guided" in args.methods and not (guided / "meta.json").exists():
+            print(f"[few-step] seed {seed}: distilling {shown_path(teacher)} with the guidance scale as input")
+            overrides = ["experiment=digits_progressive_guided", f"method.teacher_ckpt={teacher}", f"seed={seed}"]
+            write_meta(guided, {"seed": seed, **run_train(overrides + args.override, guided)}, args)
+        if not (run / "meta.json").exists():
+            continue  # the other methods' budgets are the progressive run's
         budget = json.loads((run / "meta.json").read_text())["train_s"]
         clock = f"00:00:{int(budget) // 60:02d}:{int(budget) % 60:02d}"
         same_clock = [f"seed={seed}", "trainer.max_steps=100000", f"trainer.max_time={clock}"]
@@ -147,10 +158,12 @@ class Counted(torch.nn.Module):
         return self.net(x, *args, **kwargs)
 
 
-def draw(diffusion, net, n: int, seed: int, steps: int | None, kind: str = "ddim") -> tuple[torch.Tensor, float]:
+def draw(
+    diffusion, net, n: int, seed: int, steps: int | None, kind: str = "ddim", scale: float | None = None
+) -> tuple[torch.Tensor, float]:
     """``n`` balanced samples and the network evaluations per sample (NFE, guidance's extra passes counted);
     ``steps``: ``kind`` (ddim or euler) at that many steps on the grid evenly to 0 (None: the checkpoint's own
-    sampler)."""
+    sampler); ``scale``: the guidance scale (None: the checkpoint's)."""
     from difflab.diffusion import samplers
 
     sampler = None
@@ -162,16 +175,25 @@ def draw(diffusion, net, n: int, seed: int, steps: int | None, kind: str = "ddim
     labels = torch.arange(n) % 10
     counted = Counted(net)
     with torch.no_grad():
-        images = diffusion.sample(counted, n, labels, sampler=sampler, noise=noise, generator=g)
+        guidance = None if scale is None else {"scale": scale}
+        images = diffusion.sample(counted, n, labels, sampler=sampler, noise=noise, generator=g, guidance=guidance)
     return images, counted.rows / n
 
 
+def own_row(scale: float) -> str:
+    """The teacher's own-sampler row at a guidance scale (the recipe's scale: the plain row)."""
+    base = "teacher, its own sampler (heun-10)"
+    return base if scale == RECIPE_SCALE else f"{base}, w={scale:g}"
+
+
 def arm_name(row: str) -> str:
-    """A row's arm for ablate.py: 'reflow student, Euler-1' -> 'reflow_euler1'."""
+    """A row's arm for ablate.py: 'reflow student, Euler-1' -> 'reflow_euler1'; 'guided student, DDIM-1, w=3' ->
+    'guided_ddim1_w3'."""
+    who, sampler, *scale = row.split(", ")
+    scale_tag = "".join(f"_{w.replace('=', '').replace('.', 'p')}" for w in scale)
     if "own sampler" in row:
-        return "teacher_own"
-    who, sampler = row.split(", ")
-    return f"{who.split()[0]}_{sampler.lower().replace('-', '')}"
+        return "teacher_own" + scale_tag
+    return f"{who.split()[0]}_{sampler.lower().replace('-', '')}{scale_tag}"
 
 
 def ablate_summary(scores: dict[str, list[dict]], args) -> str:
@@ -229,15 +251,31 @@ def judge_phase(args) -> str:
             if method in args.methods:
                 last = args.out / f"{prefix}_s{seed}" / "checkpoints" / "last.ckpt"
                 rows += [(f"{method} student, {label}-{k}", last, k, kind) for k in (4, 2, 1)]
-        for name, path, steps, kind in rows:
+        rows = [(*row, None) for row in rows]
+        if "guided" in args.methods:
+            ckpts = args.out / f"gpd_s{seed}" / "checkpoints"
+            for w in args.scales:
+                if w != RECIPE_SCALE:
+                    rows.append((f"teacher, its own sampler (heun-10), w={w:g}", teacher, None, "ddim", w))
+                rows += [
+                    (f"guided student, DDIM-{k}, w={w:g}", ckpts / f"step_{step:07d}.ckpt", k, "ddim", w)
+                    for step, k in STUDENT_STEPS.items()
+                    if k <= 4
+                ]
+        for name, path, steps, kind, scale in rows:
             diffusion, net = load_for_sampling(path)
-            images, nfe = draw(diffusion, net, args.n, seed, steps, kind)
+            images, nfe = draw(diffusion, net, args.n, seed, steps, kind, scale)
             scores.setdefault(name, []).append({**evaluate_samples(images, labels), "nfe": nfe})
             if seed == args.seeds[0]:
                 pictures[name] = images[:40]
             print(f"[few-step] seed {seed} {name}: FD {scores[name][-1]['fd']:.2f}")
         race = teacher.parents[2] / "meta.json"
-        for method, prefix in (("progressive", "pd"), ("reflow", "rf"), *((m, v[0]) for m, v in ONE_RUN.items())):
+        for method, prefix in (
+            ("progressive", "pd"),
+            ("guided", "gpd"),
+            ("reflow", "rf"),
+            *((m, v[0]) for m, v in ONE_RUN.items()),
+        ):
             if method in args.methods and race.exists():
                 meta = json.loads((args.out / f"{prefix}_s{seed}" / "meta.json").read_text())
                 t = json.loads(race.read_text())
@@ -246,7 +284,8 @@ def judge_phase(args) -> str:
     floor = real_floor_metrics(args.n)
     summary = ablate_summary(scores, args)
     ablation = write_result(
-        "few_step_ablate", "# Few-step generation on digits, summarised by `ablate.py`\n\n" + summary.split("\n", 1)[1]
+        f"{args.name}_ablate",
+        "# Few-step generation on digits, summarised by `ablate.py`\n\n" + summary.split("\n", 1)[1],
     )
     header = ["sampler", "NFE (guidance counted)", *[label for _, label, _ in COLUMNS]]
     table = []
@@ -266,7 +305,7 @@ def judge_phase(args) -> str:
     grid = torch.cat([pictures[k][:20] for k in order])
     folder = Path(os.environ.get("DIFFLAB_BENCH_RESULTS") or RESULTS)  # as write_result chooses it
     folder.mkdir(parents=True, exist_ok=True)
-    save_png(make_grid(to_uint8(grid), nrow=20), folder / "few_step_grid.png", upscale=3)
+    save_png(make_grid(to_uint8(grid), nrow=20), folder / f"{args.name}_grid.png", upscale=3)
     own = scores["teacher, its own sampler (heun-10)"]
     mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
     verdicts = []
@@ -283,6 +322,19 @@ def judge_phase(args) -> str:
             targets.append(f"{steps}-step accuracy {acc:.3f} ({'met' if acc >= 0.99 else 'not met'})")
         verdict = "met" if all(t.endswith("(met)") for t in targets) else "not met"
         verdicts.append(f"**{method}: {verdict}**: {'; '.join(targets)}")
+    if "guided" in args.methods:  # one student for every scale: each against the teacher's own sampler at that scale
+        for w in args.scales:
+            teacher_at = scores[own_row(w)]
+            targets = []
+            for steps, limit in ((1, 2.0), (2, 1.3)):
+                runs = scores[f"guided student, DDIM-{steps}, w={w:g}"]
+                for key, label, _ in COLUMNS[:3]:
+                    ratio = mean(runs, key) / mean(teacher_at, key)
+                    targets.append(f"{steps}-step {label} {ratio:.2f}x ({'met' if ratio <= limit else 'not met'})")
+                acc = mean(runs, "accuracy")
+                targets.append(f"{steps}-step accuracy {acc:.3f} ({'met' if acc >= 0.99 else 'not met'})")
+            verdict = "met" if all(t.endswith("(met)") for t in targets) else "not met"
+            verdicts.append(f"**guided student at w={w:g}: {verdict}**: {'; '.join(targets)}")
     cost = ""
     for method, runs in costs.items():
         per_step = sum(r[0] for r in runs) / len(runs)
@@ -298,16 +350,19 @@ def judge_phase(args) -> str:
     return (
         "# Few-step generation on digits: distilled students against their teacher\n\n"
         f"`PYTHONPATH=. python bench/bench_few_step.py judge --teachers {shown_path(args.teachers)} --seeds "
-        f"{','.join(map(str, args.seeds))} --n {args.n} --methods {','.join(args.methods)}`. Teachers: the default "
+        f"{','.join(map(str, args.seeds))} --n {args.n} --methods {','.join(args.methods)} --scales "
+        f"{','.join(f'{w:g}' for w in args.scales)} --name {args.name}`. Teachers: the default "
         f"recipe's race runs (one per seed); students: `experiment=digits_progressive` (DDIM 16 -> 1 in 4 rounds of "
         f"400 steps), the checkpoint at each round's end; `experiment=digits_reflow` (16384 couplings of the teacher's "
         f"own sampler, then the progressive run's wall-clock of training) and `experiment=digits_consistency` "
         f"(consistency distillation with ECT's gaps, the same wall-clock), `experiment=digits_scm` (continuous-time "
         f"consistency distillation, sCM, the same wall-clock), their last checkpoints; `experiment=digits_meanflow` "
-        f"(MeanFlow from scratch for the teacher's race wall-clock plus the progressive run's), its last checkpoint. {args.n} balanced "
+        f"(MeanFlow from scratch for the teacher's race wall-clock plus the progressive run's), its last checkpoint; "
+        f"`experiment=digits_progressive_guided` (the same rounds, the guidance scale drawn from [1, 4] per sample and "
+        f"given to the student as input), each round's checkpoint at the scales {args.scales}. {args.n} balanced "
         f"samples per run, every judge of `difflab.eval.digits_eval.evaluate_samples`, "
         f"means with 95% t-intervals over {len(args.seeds)} seeds. Rows in order of the picture "
-        f"(`few_step_grid.png`: 20 samples of seed {args.seeds[0]} per row).{cost}\n\n"
+        f"(`{args.name}_grid.png`: 20 samples of seed {args.seeds[0]} per row).{cost}\n\n"
         + md_table(header, table)
         + "\n\nTargets (1 step within 2x the teacher's own-sampler FD and 2 steps within 1.3x, in every judge; "
         "accuracy >= 0.99):\n\n"
@@ -327,17 +382,22 @@ def main() -> None:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
-        "--methods", default="progressive,reflow,consistency,scm,meanflow", help="comma-separated: of the default"
+        "--methods",
+        default="progressive,reflow,consistency,scm,meanflow",
+        help="comma-separated: of the default, and guided",
     )
+    p.add_argument("--scales", default="1,2,3", help="guidance scales the guided student is judged at")
+    p.add_argument("--name", default="few_step", help="result file names: <name>.md, <name>_grid.png, <name>_ablate.md")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for the distillation runs")
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.methods = [m for m in args.methods.split(",") if m]
+    args.scales = [float(w) for w in args.scales.split(",")]
     set_threads(args.threads)
     if args.phase in ("all", "train"):
         train_phase(args)
     if args.phase in ("all", "judge"):
-        print(f"wrote {write_result('few_step', judge_phase(args))}")
+        print(f"wrote {write_result(args.name, judge_phase(args))}")
 
 
 if __name__ == "__main__":

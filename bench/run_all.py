@@ -74,6 +74,25 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         ["judge", "--teachers", "/tmp/difflab_race", "--seeds", "0", "--n", "100"],
         ["few_step"],
     ),
+    # the race's difflab runs distilled with the guidance scale as the student's input (one student, every scale)
+    "guided_student": (
+        "bench_few_step.py",
+        ["all", "--teachers", "/tmp/difflab_race", "--methods", "guided", "--name", "guided_student"],
+        [
+            "judge",
+            "--teachers",
+            "/tmp/difflab_race",
+            "--methods",
+            "guided",
+            "--seeds",
+            "0",
+            "--n",
+            "100",
+            "--name",
+            "guided_student",
+        ],
+        ["guided_student"],
+    ),
     # reads few_step's couplings of the race's seed-0 teacher
     "method_cost": (
         "bench_method_cost.py",
@@ -132,6 +151,7 @@ TITLES = {
     "guide_sweep": "15. The default's guidance and sampling grid: kept guide, CFG band, grid shift (three seeds, every judge)",
     "few_step": "16. Few-step generation: progressive distillation, reflow, consistency, sCM and MeanFlow against the teacher (three seeds, every judge)",
     "method_cost": "16b. Training cost per step of each few-step method against the teacher's step",
+    "guided_student": "16c. Guidance baked in: one progressive student for every guidance scale (three seeds, every judge)",
 }
 TARGET_RE = re.compile(r"(target[^.\n]*?:\s*\**(?:met|not met)[^\n]*)", re.IGNORECASE)
 

@@ -24,7 +24,7 @@ from difflab.config_checks import (
     sigma_interval,
     string,
 )
-from difflab.registry import CFGPP_LAMBDA, cfgpp_lambda_ok
+from difflab.registry import CFGPP_LAMBDA, GUIDANCE_SETTINGS, cfgpp_lambda_ok
 
 EXPORT_WEIGHTS = "model.safetensors"
 
@@ -88,7 +88,7 @@ SAMPLE = {
     "guidance.rescale": optional(probability()),
     "guidance.interval": optional(sigma_interval()),
     "judge": optional(one_of(["digits"])),  # score the samples (sample.py judge=digits)
-    "guidance.method": optional(one_of(["cfg", "cfgpp", "apg", "autoguidance"])),  # src/diffusion/guidance.py
+    "guidance.method": optional(one_of(list(GUIDANCE_SETTINGS))),  # src/diffusion/guidance.py (difflab.registry)
     "guidance.eta": optional(number()),
     "guidance.norm_threshold": optional(non_negative()),
     "guidance.momentum": optional(number(min=-1, max=1, min_open=True, max_open=True)),
@@ -409,6 +409,9 @@ SAMPLING_ONLY = ("t_min", "sampling_shift", "spacing", "steps_offset")  # proces
 # process keys that say where training times fall, not what the denoiser is shown at a time (a student may train on
 # another density than its teacher)
 TRAINING_DENSITY = ("density", "mean", "std", "mode_scale", "logit_mean", "logit_std")
+# network inputs a student may add to its teacher's network (the teacher gains the input adding zero: a
+# guidance-distilled student's scale)
+STUDENT_INPUTS = ("guidance_input",)
 
 
 def teacher_has_this_network(cfg: dict):
@@ -433,7 +436,7 @@ def teacher_has_this_network(cfg: dict):
     keys += ["model.diffusion.conditioner._target_", "model.diffusion.conditioner.num_classes", "datamodule.image_size"]
     for node in ("model.diffusion.process", "model.net"):
         both = set(_dotted(theirs, node) or {}) | set(_dotted(ours, node) or {})
-        keys += [f"{node}.{k}" for k in sorted(both) if k not in SAMPLING_ONLY + TRAINING_DENSITY]
+        keys += [f"{node}.{k}" for k in sorted(both) if k not in SAMPLING_ONLY + TRAINING_DENSITY + STUDENT_INPUTS]
     for key in keys:
         t, s = _setting(theirs, key), _setting(ours, key)
         filled_later = key.endswith(("num_classes", "image_size")) and ({t, s} & {None, "???"})  # from the data

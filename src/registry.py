@@ -7,6 +7,7 @@ GUIDANCE_SETTINGS: dict[str, tuple[str, ...]] = {
     "cfgpp": ("scale", "interval", "per_class"),
     "apg": ("scale", "eta", "norm_threshold", "momentum", "interval", "per_class"),
     "autoguidance": ("scale", "guide_ckpt", "rescale", "interval", "per_class", "keep_at"),
+    "distilled": ("scale", "per_class"),
 }
 CFGPP_LAMBDA = "a number in [0, 1] with guidance.method=cfgpp (CFG++'s lambda, e.g. 0.6)"
 
@@ -16,7 +17,13 @@ def cfgpp_lambda_ok(values) -> bool:
     return all(0.0 <= float(v) <= 1.0 for v in values)
 
 
-GUIDANCE_CLASSES = {"cfg": "CFG", "cfgpp": "CFGpp", "apg": "APG", "autoguidance": "Autoguidance"}
+GUIDANCE_CLASSES = {
+    "cfg": "CFG",
+    "cfgpp": "CFGpp",
+    "apg": "APG",
+    "autoguidance": "Autoguidance",
+    "distilled": "DistilledGuidance",
+}
 GUIDANCE_TARGETS = {f"difflab.diffusion.guidance.{cls}": name for name, cls in GUIDANCE_CLASSES.items()}
 
 # DiT presets: size -> (depth, width, heads) (T is ours, CPU-sized; S, B, L, XL are the DiT paper's)

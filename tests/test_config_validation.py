@@ -26,6 +26,7 @@ FILE = "{file}"  # an existing regular file (a stand-in checkpoint, or an output
 NOWHERE = "{nowhere}"  # a path that does not exist
 DISTILLATIONS = (
     "digits_progressive",
+    "digits_progressive_guided",
     "digits_reflow",
     "digits_consistency",
     "digits_scm",
@@ -50,6 +51,13 @@ BAD = [
     ("train", ["experiment=digits_scm", "method.warmup_steps=-1"], "method.warmup_steps", "-1"),
     ("train", ["experiment=digits_meanflow", "method.ratio=1.5"], "method.ratio", "1.5"),
     ("train", ["experiment=digits_meanflow", "method.adaptive_c=0"], "method.adaptive_c", "0"),
+    (
+        "train",
+        ["experiment=digits_progressive", "method.guidance_scales=[1,2,3]"],
+        "method.guidance_scales",
+        "[1, 2, 3]",
+    ),
+    ("train", ["guidance=distilled", "guidance.scale=-1"], "guidance.scale", "-1"),
     ("train", ["model.diffusion.p_uncond=1.0"], "model.diffusion.p_uncond", "1.0"),
     ("train", ["guidance.scale=-2"], "guidance.scale", "-2"),
     ("train", ["guidance.interval=[5,1]"], "guidance.interval", "[5, 1]"),

@@ -71,7 +71,7 @@ def test_registry_and_config_group_agree():
     from difflab.config_checks import group_schemas
     from difflab.registry import GUIDANCE_CLASSES, GUIDANCE_SETTINGS
 
-    assert set(GUIDANCE_METHODS) == {"cfg", "cfgpp", "apg", "autoguidance"} == set(GUIDANCE_SETTINGS)
+    assert set(GUIDANCE_METHODS) == {"cfg", "cfgpp", "apg", "autoguidance", "distilled"} == set(GUIDANCE_SETTINGS)
     assert {name: cls.keys() for name, cls in GUIDANCE_METHODS.items()} == GUIDANCE_SETTINGS
     assert {name: cls.__name__ for name, cls in GUIDANCE_METHODS.items()} == GUIDANCE_CLASSES
     files = {p.stem for p in (CONFIG_DIR / "guidance").glob("*.yaml")}

@@ -213,3 +213,40 @@ def test_meanflow_trains_and_samples_as_an_ordinary_checkpoint(tmp_path):
 def test_preflight_refuses_meanflow_on_vp(tmp_path):
     problems = check_config(compose_train(tmp_path, [*_tiny(), "method=meanflow", "process=vp"]), "train")
     assert any("process=flow" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("kind", ["unet3d", "video_dit", "vivit"])
+def test_meanflow_trains_and_samples_video_denoisers(kind):
+    from difflab.models.dit import VideoDiT
+    from difflab.models.unet3d import UNet3D
+    from difflab.models.vivit import ViViT
+
+    nets = {
+        "unet3d": functools.partial(UNet3D, in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                                    attention_levels=(1,), groups=4, head_dim=8, interval_input=True),
+        "video_dit": functools.partial(VideoDiT, sample_shape=(1, 2, 8, 8), size="T", patch_size=4, interval_input=True),
+        "vivit": functools.partial(ViViT, in_channels=1, patch_size=4, hidden_dim=16, depth=2, head_dim=8,
+                                   interval_input=True),
+    }  # fmt: skip
+    torch.manual_seed(0)
+    diffusion = Diffusion(
+        FlowProcess(t_min=0),
+        Objective(prediction="flow", x0_clip="none"),
+        functools.partial(meanflow, steps=1),
+        guidance=CFG(scale=1.0),
+        conditioner=ClassConditioner(3, embed_dim=4),
+        sample_shape=(1, 2, 8, 8),
+        p_uncond=0.0,
+    )
+    module = DiffusionModule(net=nets[kind], diffusion=diffusion)
+    with torch.no_grad():
+        for p in module.denoiser.parameters():  # off the zero-initialised output layer: gradients reach the input
+            p.add_(torch.randn_like(p) * 0.1)
+    method = MeanFlowTraining(ratio=1.0)
+    method.setup(module, "fit")
+    batch = {"x": torch.rand(4, 1, 2, 8, 8) * 2 - 1, "label": torch.tensor([0, 1, 2, 0])}
+    loss = method.loss(module, batch)
+    loss.backward()
+    grad = module.denoiser.embed.interval_mlp[0].weight.grad
+    assert loss.isfinite() and grad is not None and grad.abs().sum() > 0  # the interval reaches the loss
+    assert module.diffusion.sample(module, 2).shape == (2, 1, 2, 8, 8)

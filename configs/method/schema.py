@@ -7,6 +7,7 @@ from difflab.config_checks import (
     boolean,
     existing_path,
     integer,
+    list_of,
     non_negative,
     number,
     optional,
@@ -40,4 +41,5 @@ RULES = {
     "ratio": probability(),
     "adaptive_p": non_negative(),
     "adaptive_c": positive(),
+    "guidance_scales": optional(list_of(non_negative(), length=2)),  # [lo, hi]: lo < hi, the constructor's rule
 }

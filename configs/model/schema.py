@@ -40,7 +40,8 @@ RULES = {
     "net.cross_attention_levels": optional(LEVELS),
     "net.temporal_attention_levels": optional(LEVELS),
     "net.dropout": probability(),
-    "net.interval_input": boolean(),  # MeanFlow's second time input (UNet2D, DiT; method=meanflow sets it)
+    "net.interval_input": boolean(),  # MeanFlow's second time input (every denoiser; method=meanflow sets it)
+    "net.guidance_input": boolean(),  # a guidance-distilled student's scale input (every denoiser; method.guidance_scales)
     "net.groups": integer(min=1),
     "net.head_dim": integer(min=1),
     "net.num_transformer_blocks": integer(min=0),

@@ -263,6 +263,13 @@ class Guidance:
     def carry_state_from(self, other: "Guidance") -> None:
         """Take over what ``other`` holds at run time (a loaded or kept guide) when built from its settings."""
 
+    def network_conditions(
+        self, cond: dict[str, Any], null: dict[str, Any] | None, scale: Scale
+    ) -> tuple[dict[str, Any], dict[str, Any] | None, Scale]:
+        """The conditions, null conditions and scale the guided model function combines (unchanged, except for a
+        method that hands the scale to the network itself)."""
+        return cond, null, scale
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items() if k != 'method')})"
 
@@ -306,6 +313,26 @@ class APG(Guidance):
         self.scale, self.interval, self.per_class = scale, interval, per_class
         self.eta, self.norm_threshold, self.momentum = eta, norm_threshold, momentum
         self.check()
+
+
+class DistilledGuidance(Guidance):
+    """Guidance learned by a guidance-distilled student (Meng et al. 2023, arXiv 2210.03142; ``method.guidance_scales``
+    of progressive distillation): the network takes the scale as an input and samples with one conditional pass per
+    step, any scale from one student. The guidance interval and rescale were the teacher's and are in what it
+    learned."""
+
+    name = "distilled"
+
+    def __init__(self, scale: float = 1.0, per_class: dict[Any, float] | None = None) -> None:
+        self.scale, self.per_class = scale, per_class
+        self.rescale, self.interval = 0.0, None
+        self.check()
+
+    def network_conditions(
+        self, cond: dict[str, Any], null: dict[str, Any] | None, scale: Scale
+    ) -> tuple[dict[str, Any], dict[str, Any] | None, Scale]:
+        w = scale.float() if isinstance(scale, Tensor) else torch.tensor(float(scale))
+        return {**cond, "guidance_scale": w}, None, 1.0
 
 
 KEPT_GUIDE = "kept"  # guidance.guide_ckpt value: the run's own weights kept early in training (KeepGuide)

@@ -24,6 +24,7 @@ from difflab.diffusion.guidance import CFG, Guidance, ModelFn, Scale, guided_mod
 from difflab.diffusion.objectives import LOG_SNR_BUCKET_RANGE, Objective, log_snr_buckets
 from difflab.diffusion.processes import FlowProcess, NoiseProcess, frame_shift
 from difflab.diffusion.samplers import Sampler, check_sampler, sampler_name
+from difflab.models.layers import NETWORK_INPUTS
 from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
 
@@ -33,10 +34,10 @@ Net = Callable[..., torch.Tensor]
 VALIDATION_SEED = 1234  # validation noise and times: seed + batch index, the same in every run and every arm
 
 
-def interval_of(cond: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The ``interval=`` keyword of a network call when the conditions carry one (MeanFlow sampling), else none: a
-    denoiser without an interval input is never handed one."""
-    return {"interval": cond["interval"]} if cond.get("interval") is not None else {}
+def network_inputs(cond: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The optional keyword inputs of a network call (``NETWORK_INPUTS``: MeanFlow's interval, a distilled student's
+    guidance scale) that the conditions carry: a denoiser without such an input is never handed one."""
+    return {k: cond[k] for k in NETWORK_INPUTS if cond.get(k) is not None}
 
 
 def _device_of(net: Any, fallback: torch.device) -> torch.device:
@@ -180,6 +181,7 @@ class Diffusion:
             cond["vector"],
             cond["context"],
             cond["context_mask"],
+            **network_inputs(cond),
         )
         return self.objective.to_x0_eps(out.float(), x_t.float(), {k: v.float() for k, v in path.items()})
 
@@ -254,9 +256,11 @@ class Diffusion:
         """The guided ``model_fn(x_t, t) -> (x0_hat, eps_hat)`` every sampler and diagnostic uses; ``interval=None``
         guides everywhere, the default keeps the guidance's own interval."""
         g = self.guidance_for(guidance)
-        scale = g.scale if scale is None else scale
+        cond, null, scale = g.network_conditions(cond, null, g.scale if scale is None else scale)
         plain = not isinstance(scale, torch.Tensor) and float(scale) == 1.0
-        call = lambda x_in, t_net, c: net(x_in, t_net, c["vector"], c["context"], c["context_mask"], **interval_of(c))  # noqa: E731
+        call = lambda x_in, t_net, c: net(
+            x_in, t_net, c["vector"], c["context"], c["context_mask"], **network_inputs(c)
+        )  # noqa: E731
         try:
             guide = g.reference(raw, self) if g.uses_guide and not plain else None
             return guided_model_fn(

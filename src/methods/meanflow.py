@@ -66,7 +66,7 @@ class MeanFlowTraining(TrainingMethod):
         if getattr(getattr(module.denoiser, "embed", None), "interval_mlp", None) is None:
             raise ConfigError(
                 f"method=meanflow needs a denoiser with a second time input: model.net.interval_input=true "
-                f"({type(module.denoiser).__name__} was built without it; UNet2D and DiT have it)"
+                f"({type(module.denoiser).__name__} was built without it; every difflab denoiser has the option)"
             )
 
     def loss(self, module: Any, batch: dict[str, Any]) -> torch.Tensor:

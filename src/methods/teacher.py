@@ -3,7 +3,7 @@ the student's setup, frozen."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -41,10 +41,19 @@ def start_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module, key: 
         ) from None
 
 
-def adopt_teacher(module: Any, path: str, guidance: Any = None) -> Frozen:
+def adopt_teacher(
+    module: Any, path: str, guidance: Any = None, widen: Callable[[torch.nn.Module], None] | None = None
+) -> Frozen:
     """The frozen teacher of a distillation run, read from ``path`` (``method.teacher_ckpt``), with the student
-    ``module`` started as it and ``guidance`` (the method's teacher guidance) holding the teacher's kept guide."""
+    ``module`` started as it and ``guidance`` (the method's teacher guidance) holding the teacher's kept guide.
+    ``widen`` gives the teacher's denoiser an input its student has and it lacks, adding nothing to its output
+    (``add_guidance_input``), so the two keep one set of weights."""
     teacher = load_teacher(path, module.diffusion, "method.teacher_ckpt")
+    if widen is not None:
+        try:
+            widen(teacher.denoiser)
+        except ValueError as err:
+            raise ConfigError(f"method.teacher_ckpt={path}: {err}") from None
     start_from_teacher(module, teacher, "method.teacher_ckpt", path)
     if guidance is not None:
         guidance.carry_state_from(teacher.diffusion.guidance)  # a kept autoguidance guide

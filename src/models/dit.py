@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from difflab.models.layers import CrossAttention, TimeConditionEmbedding, time_mlp, zero_init
+from difflab.models.layers import CrossAttention, TimeConditionEmbedding, zero_init
 from difflab.models.video_layers import sincos_1d
 from difflab.registry import DIT_PRESETS
 from difflab.utils.errors import ConfigError
@@ -289,6 +289,8 @@ class _TransformerBase(nn.Module):
         freq_dim,
         cond_dim,
         context_dim,
+        interval_input=False,
+        guidance_input=False,
     ):
         if pos_embed not in POS_EMBEDS:
             raise ConfigError(f"model.net.pos_embed={pos_embed!r}: choose one of {', '.join(POS_EMBEDS)}")
@@ -298,7 +300,8 @@ class _TransformerBase(nn.Module):
         self.mlp_ratio, self.pos_embed, self.fused_qkv = float(mlp_ratio), pos_embed, bool(fused_qkv)
         self.checkpoint_activations = bool(checkpoint_activations)
         self.text_mode = text_mode if context_dim else None
-        self.embed = TimeConditionEmbedding(freq_dim, self.hidden_dim, cond_dim)
+        # MeanFlow's interval and a guidance-distilled student's scale are embedded like the time
+        self.embed = TimeConditionEmbedding(freq_dim, self.hidden_dim, cond_dim, interval_input, guidance_input)
         self.context_embed = nn.Linear(context_dim, self.hidden_dim) if self.text_mode == "joint" else None
         self._compile_blocks = bool(compile_blocks)
         self._pos_cache: dict = {}
@@ -315,9 +318,12 @@ class _TransformerBase(nn.Module):
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.embed.mlp[2].weight, std=0.02)
-        for mlp in (self.embed.interval_mlp,) if self.embed.interval_mlp is not None else ():
-            nn.init.normal_(mlp[0].weight, std=0.02)
-            nn.init.normal_(mlp[2].weight, std=0.02)
+        for mlp in (self.embed.interval_mlp, self.embed.guidance_mlp):
+            if mlp is not None:
+                nn.init.normal_(mlp[0].weight, std=0.02)
+                nn.init.normal_(mlp[2].weight, std=0.02)
+        if self.embed.guidance_mlp is not None:  # starts adding nothing: the student starts as its teacher
+            zero_init(self.embed.guidance_mlp[2])
         for m in self.modules():
             if isinstance(m, Modulation):
                 zero_init(m.linear)
@@ -388,6 +394,7 @@ class DiT(_TransformerBase):
         cond_dim: int = 0,
         context_dim: int | None = None,
         interval_input: bool = False,
+        guidance_input: bool = False,
     ):
         super().__init__()
         if len(sample_shape) != 3:
@@ -415,12 +422,12 @@ class DiT(_TransformerBase):
             freq_dim,
             cond_dim,
             context_dim,
+            interval_input,
+            guidance_input,
         )
         self.in_channels, self.out_channels, self.patch = c, out_channels or c, int(patch_size)
         d = self.hidden_dim
         self.patch_embed = nn.Conv2d(c, d, self.patch, stride=self.patch)
-        if interval_input:  # MeanFlow's second time, embedded like the first
-            self.embed.interval_mlp = time_mlp(self.embed.base_dim, d)
         self.blocks = self._make_blocks(DiTBlock, context_dim)
         self.final = FinalLayer(d, self.patch * self.patch * self.out_channels)
         self._init_weights()
@@ -442,13 +449,14 @@ class DiT(_TransformerBase):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         interval: torch.Tensor | None = None,
+        guidance_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, c, h, w = x.shape
         p = self.patch
         if h % p or w % p:
             raise ValueError(f"DiT: patch_size={p} does not divide the input size {h}x{w}")
         gh, gw = h // p, w // p
-        emb = self.embed(t, cond, interval)
+        emb = self.embed(t, cond, interval, guidance_scale)
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # B x (gh*gw) x D
         table, rope = self._positions(gh, gw, x.device)
         if table is not None:
@@ -488,6 +496,8 @@ class VideoDiT(_TransformerBase):
         freq_dim: int = 256,
         cond_dim: int = 0,
         context_dim: int | None = None,
+        interval_input: bool = False,
+        guidance_input: bool = False,
     ):
         super().__init__()
         if len(sample_shape) != 4:
@@ -524,6 +534,8 @@ class VideoDiT(_TransformerBase):
             freq_dim,
             cond_dim,
             context_dim,
+            interval_input,
+            guidance_input,
         )
         self.attention = attention
         self.in_channels, self.out_channels = c, out_channels or c
@@ -569,6 +581,8 @@ class VideoDiT(_TransformerBase):
         cond: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        interval: torch.Tensor | None = None,
+        guidance_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if x.ndim != 5:
             raise ValueError(f"VideoDiT expects videos B x C x T x H x W, got shape {tuple(x.shape)}")
@@ -580,7 +594,7 @@ class VideoDiT(_TransformerBase):
         if h % self.patch or w % self.patch:
             raise ValueError(f"VideoDiT: patch_size={self.patch} does not divide the frame size {h}x{w}")
         gt, gh, gw = nt // self.tubelet, h // self.patch, w // self.patch
-        emb = self.embed(t, cond)
+        emb = self.embed(t, cond, interval, guidance_scale)
         tokens = self.patch_embed(x).permute(0, 2, 3, 4, 1)  # B x gt x gh x gw x D
         table, rope = self._positions(gt, gh, gw, x.device)
         if table is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -30,30 +31,81 @@ def time_mlp(base_dim: int, emb_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(base_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
 
+NETWORK_INPUTS = ("interval", "guidance_scale")  # optional keyword inputs of a denoiser, beside (x, t, conditions)
+GUIDANCE_INPUT_FACTOR = 100.0  # a guidance scale w is embedded as time 100 w: w in [0, 10] spans the time range
+
+
 class TimeConditionEmbedding(nn.Module):
     """Time embedding MLP plus an optional projected condition vector added to it. With ``interval_input``, a second
     time MLP embeds the length of a time interval (MeanFlow's t - r, in the denoiser's time units; 0 when not given:
-    the instantaneous velocity) and adds it too."""
+    the instantaneous velocity) and adds it too. With ``guidance_input``, a third embeds a guidance scale (a
+    guidance-distilled student, Meng et al. 2023; 1 when not given: plain conditional); its output layer starts at
+    zero, so a student built from an unguided teacher starts as that teacher."""
 
-    def __init__(self, base_dim: int, emb_dim: int, cond_dim: int = 0, interval_input: bool = False):
+    def __init__(
+        self,
+        base_dim: int,
+        emb_dim: int,
+        cond_dim: int = 0,
+        interval_input: bool = False,
+        guidance_input: bool = False,
+    ):
         super().__init__()
         self.base_dim = base_dim
         self.mlp = time_mlp(base_dim, emb_dim)
         self.cond_proj = nn.Linear(cond_dim, emb_dim) if cond_dim else None
         self.interval_mlp = time_mlp(base_dim, emb_dim) if interval_input else None
+        self.guidance_mlp = guidance_scale_mlp(base_dim, emb_dim) if guidance_input else None
 
-    def forward(self, t: torch.Tensor, cond: torch.Tensor | None, interval: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        t: torch.Tensor,
+        cond: torch.Tensor | None,
+        interval: torch.Tensor | None = None,
+        guidance_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         emb = self.mlp(timestep_embedding(t, self.base_dim))
         if self.interval_mlp is not None:
             interval = torch.zeros_like(t) if interval is None else interval
             emb = emb + self.interval_mlp(timestep_embedding(interval, self.base_dim))
         elif interval is not None:
             raise ValueError("this denoiser has no interval input: build it with model.net.interval_input=true")
+        if self.guidance_mlp is not None:
+            w = torch.ones_like(t) if guidance_scale is None else torch.as_tensor(guidance_scale).to(t).expand_as(t)
+            emb = emb + self.guidance_mlp(timestep_embedding(GUIDANCE_INPUT_FACTOR * w, self.base_dim))
+        elif guidance_scale is not None:
+            raise ValueError(
+                "this denoiser has no guidance-scale input: build it with model.net.guidance_input=true "
+                "(a guidance-distilled student)"
+            )
         if self.cond_proj is not None:
             if cond is None:
                 raise ValueError("this denoiser was built with a condition vector (cond_dim > 0) but got cond=None")
             emb = emb + self.cond_proj(cond.to(emb.dtype))
         return emb
+
+
+def guidance_scale_mlp(base_dim: int, emb_dim: int) -> nn.Sequential:
+    """The guidance-scale MLP: a time MLP whose output layer is zero (it adds nothing until trained)."""
+    mlp = time_mlp(base_dim, emb_dim)
+    zero_init(mlp[2])
+    return mlp
+
+
+def has_guidance_input(denoiser: nn.Module) -> bool:
+    """Whether a denoiser takes a guidance scale (built with ``guidance_input``)."""
+    return getattr(getattr(denoiser, "embed", None), "guidance_mlp", None) is not None
+
+
+def add_guidance_input(denoiser: nn.Module) -> None:
+    """Give a denoiser without one a guidance-scale input that adds nothing (its outputs stay the same): a teacher
+    then has its guidance-distilled student's parameters. Refuses (ValueError) a denoiser without a time embedding."""
+    embed = getattr(denoiser, "embed", None)
+    if not isinstance(embed, TimeConditionEmbedding):
+        raise ValueError(f"{type(denoiser).__name__} has no time embedding to add a guidance-scale input to")
+    if embed.guidance_mlp is None:
+        out = cast(nn.Linear, embed.mlp[2])
+        embed.guidance_mlp = guidance_scale_mlp(embed.base_dim, out.out_features).to(out.weight)
 
 
 class ResBlock(nn.Module):

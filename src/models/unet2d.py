@@ -33,6 +33,7 @@ class UNet2D(nn.Module):
         cond_dim: int = 0,
         context_dim: int | None = None,
         interval_input: bool = False,
+        guidance_input: bool = False,
     ):
         super().__init__()
         out_channels = out_channels or in_channels
@@ -53,7 +54,7 @@ class UNet2D(nn.Module):
             else set()
         )
         emb_dim = 4 * base_channels
-        self.embed = TimeConditionEmbedding(base_channels, emb_dim, cond_dim, interval_input)
+        self.embed = TimeConditionEmbedding(base_channels, emb_dim, cond_dim, interval_input, guidance_input)
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def attn(level: int, ch: int):
@@ -105,8 +106,9 @@ class UNet2D(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         interval: torch.Tensor | None = None,
+        guidance_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        emb = self.embed(t, cond, interval)
+        emb = self.embed(t, cond, interval, guidance_scale)
         h = self.conv_in(x)
         hs = [h]
         for block in self.down:

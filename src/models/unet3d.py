@@ -92,6 +92,8 @@ class UNet3D(nn.Module):
         frame_embedding: bool = True,
         cond_dim: int = 0,
         context_dim: int | None = None,
+        interval_input: bool = False,
+        guidance_input: bool = False,
     ):
         super().__init__()
         out_channels = out_channels or in_channels
@@ -113,7 +115,7 @@ class UNet3D(nn.Module):
         )
         xattn = xattn if context_dim else set()
         emb_dim = 4 * base_channels
-        self.embed = TimeConditionEmbedding(base_channels, emb_dim, cond_dim)
+        self.embed = TimeConditionEmbedding(base_channels, emb_dim, cond_dim, interval_input, guidance_input)
         self.conv_in = nn.Conv3d(in_channels, base_channels, (1, 3, 3), padding=(0, 1, 1))
         # absolute frame index: sinusoid -> linear, added to the input features (any frame count works)
         self.frame_embed = nn.Linear(base_channels, base_channels) if frame_embedding else None
@@ -191,6 +193,8 @@ class UNet3D(nn.Module):
         cond: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        interval: torch.Tensor | None = None,
+        guidance_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         check_video(x, "UNet3D")
         if x.shape[-1] % self.downsampling or x.shape[-2] % self.downsampling:
@@ -198,7 +202,7 @@ class UNet3D(nn.Module):
                 f"UNet3D: H x W = {x.shape[-2]} x {x.shape[-1]} must be divisible by "
                 f"{self.downsampling} (2^(len(channel_mults) - 1))"
             )
-        emb = self.embed(t, cond)
+        emb = self.embed(t, cond, interval, guidance_scale)
         h = self.conv_in(space_to_depth(x, self.patch))
         if self.frame_embed is not None:
             pos = self.frame_embed(sincos_1d(x.shape[2], self.frame_embed.in_features, x.device).to(h.dtype))

@@ -48,6 +48,8 @@ class ViViT(nn.Module):
         output_scale_init: float = 1.0,
         cond_dim: int = 0,
         context_dim: int | None = None,
+        interval_input: bool = False,
+        guidance_input: bool = False,
     ):
         super().__init__()
         if hidden_dim % head_dim:
@@ -60,7 +62,7 @@ class ViViT(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.patch, self.tubelet, self.hidden_dim = patch_size, tubelet_size, hidden_dim
         self.input_residual = bool(input_residual)
-        self.embed = TimeConditionEmbedding(hidden_dim, hidden_dim, cond_dim)
+        self.embed = TimeConditionEmbedding(hidden_dim, hidden_dim, cond_dim, interval_input, guidance_input)
         self.patch_embed = nn.Conv3d(
             in_channels,
             hidden_dim,
@@ -112,6 +114,8 @@ class ViViT(nn.Module):
         cond: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        interval: torch.Tensor | None = None,
+        guidance_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         check_video(x, "ViViT")
         b, c, nt, nh, nw = x.shape
@@ -120,7 +124,7 @@ class ViViT(nn.Module):
                 f"ViViT: T x H x W = {nt} x {nh} x {nw} must be divisible by tubelet_size={self.tubelet} "
                 f"and patch_size={self.patch}"
             )
-        emb = self.embed(t, cond)
+        emb = self.embed(t, cond, interval, guidance_scale)
         tokens = self.patch_embed(x)  # B x D x T' x H' x W'
         _, d, tt, th, tw = tokens.shape
         h = tokens.permute(0, 2, 3, 4, 1).reshape(b, tt, th * tw, d)
