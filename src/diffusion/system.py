@@ -24,13 +24,14 @@ from difflab.diffusion.guidance import CFG, Guidance, ModelFn, Scale, guided_mod
 from difflab.diffusion.objectives import LOG_SNR_BUCKET_RANGE, Objective, log_snr_buckets
 from difflab.diffusion.processes import FlowProcess, NoiseProcess, frame_shift
 from difflab.diffusion.samplers import Sampler, check_sampler, sampler_name
-from difflab.models.layers import NETWORK_INPUTS
 from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
 
 log = logging.getLogger(__name__)
 
 Net = Callable[..., torch.Tensor]
+# optional keyword inputs of a denoiser beside (x, t, conditions): MeanFlow's interval, a distilled student's scale
+NETWORK_INPUTS = ("interval", "guidance_scale")
 VALIDATION_SEED = 1234  # validation noise and times: seed + batch index, the same in every run and every arm
 
 

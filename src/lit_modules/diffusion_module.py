@@ -63,24 +63,15 @@ class DiffusionModule(L.LightningModule):
         self.__dict__["_compiled"] = torch.compile(self.denoiser) if compile else None
         self._bucket_sums: torch.Tensor | None = None
 
-    def forward(
-        self,
-        x_in: torch.Tensor,
-        t_net: torch.Tensor,
-        vector=None,
-        context=None,
-        context_mask=None,
-        interval=None,
-        guidance_scale=None,
-    ):
-        """The denoiser's output (compiled and channels-last when configured); ``interval`` and ``guidance_scale``
-        only for denoisers built with those inputs (MeanFlow; a guidance-distilled student)."""
+    def forward(self, x_in: torch.Tensor, t_net: torch.Tensor, vector=None, context=None, context_mask=None, **inputs):
+        """The denoiser's output (compiled and channels-last when configured); ``inputs``: the optional keyword inputs
+        (``system.NETWORK_INPUTS``: MeanFlow's ``interval``, a distilled student's ``guidance_scale``), passed on when
+        given, for denoisers built with them."""
         if self.channels_last and x_in.ndim == 4:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
         compiled = self.__dict__.get("_compiled")
         fn = self.denoiser if compiled is None else compiled
-        given = {"interval": interval, "guidance_scale": guidance_scale}
-        return fn(x_in, t_net, vector, context, context_mask, **{k: v for k, v in given.items() if v is not None})
+        return fn(x_in, t_net, vector, context, context_mask, **{k: v for k, v in inputs.items() if v is not None})
 
     # ---------------------------------------------------------------- Lightning hooks
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

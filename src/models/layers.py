@@ -31,7 +31,6 @@ def time_mlp(base_dim: int, emb_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(base_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
 
-NETWORK_INPUTS = ("interval", "guidance_scale")  # optional keyword inputs of a denoiser, beside (x, t, conditions)
 GUIDANCE_INPUT_FACTOR = 100.0  # a guidance scale w is embedded as time 100 w: w in [0, 10] spans the time range
 
 
