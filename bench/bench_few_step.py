@@ -180,6 +180,22 @@ def draw(
     return images, counted.rows / n
 
 
+def verdict(who: str, runs_at: dict[int, list[dict]], reference: list[dict]) -> str:
+    """The targets line of a student (``runs_at[steps]``: its scores per seed at 1 and 2 steps) against ``reference``
+    (the teacher's own sampler): 1 step within 2x and 2 steps within 1.3x its FD in every judge, accuracy >= 0.99."""
+    mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
+    targets = []
+    for steps, limit in ((1, 2.0), (2, 1.3)):
+        runs = runs_at[steps]
+        for key, label, _ in COLUMNS[:3]:
+            ratio = mean(runs, key) / mean(reference, key)
+            targets.append(f"{steps}-step {label} {ratio:.2f}x ({'met' if ratio <= limit else 'not met'})")
+        acc = mean(runs, "accuracy")
+        targets.append(f"{steps}-step accuracy {acc:.3f} ({'met' if acc >= 0.99 else 'not met'})")
+    met = "met" if all(t.endswith("(met)") for t in targets) else "not met"
+    return f"**{who}: {met}**: {'; '.join(targets)}"
+
+
 def own_row(scale: float) -> str:
     """The teacher's own-sampler row at a guidance scale (the recipe's scale: the plain row)."""
     base = "teacher, its own sampler (heun-10)"
@@ -307,34 +323,14 @@ def judge_phase(args) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     save_png(make_grid(to_uint8(grid), nrow=20), folder / f"{args.name}_grid.png", upscale=3)
     own = scores["teacher, its own sampler (heun-10)"]
-    mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
     verdicts = []
     for method, sampler in (("progressive", "DDIM"), ("reflow", "Euler"), *((m, v[1]) for m, v in ONE_RUN.items())):
-        if method not in args.methods:
-            continue
-        targets = []
-        for steps, limit in ((1, 2.0), (2, 1.3)):
-            runs = scores[f"{method} student, {sampler}-{steps}"]
-            for key, label, _ in COLUMNS[:3]:
-                ratio = mean(runs, key) / mean(own, key)
-                targets.append(f"{steps}-step {label} {ratio:.2f}x ({'met' if ratio <= limit else 'not met'})")
-            acc = mean(runs, "accuracy")
-            targets.append(f"{steps}-step accuracy {acc:.3f} ({'met' if acc >= 0.99 else 'not met'})")
-        verdict = "met" if all(t.endswith("(met)") for t in targets) else "not met"
-        verdicts.append(f"**{method}: {verdict}**: {'; '.join(targets)}")
+        if method in args.methods:
+            verdicts.append(verdict(method, {k: scores[f"{method} student, {sampler}-{k}"] for k in (1, 2)}, own))
     if "guided" in args.methods:  # one student for every scale: each against the teacher's own sampler at that scale
         for w in args.scales:
-            teacher_at = scores[own_row(w)]
-            targets = []
-            for steps, limit in ((1, 2.0), (2, 1.3)):
-                runs = scores[f"guided student, DDIM-{steps}, w={w:g}"]
-                for key, label, _ in COLUMNS[:3]:
-                    ratio = mean(runs, key) / mean(teacher_at, key)
-                    targets.append(f"{steps}-step {label} {ratio:.2f}x ({'met' if ratio <= limit else 'not met'})")
-                acc = mean(runs, "accuracy")
-                targets.append(f"{steps}-step accuracy {acc:.3f} ({'met' if acc >= 0.99 else 'not met'})")
-            verdict = "met" if all(t.endswith("(met)") for t in targets) else "not met"
-            verdicts.append(f"**guided student at w={w:g}: {verdict}**: {'; '.join(targets)}")
+            rows = {k: scores[f"guided student, DDIM-{k}, w={w:g}"] for k in (1, 2)}
+            verdicts.append(verdict(f"guided student at w={w:g}", rows, scores[own_row(w)]))
     cost = ""
     for method, runs in costs.items():
         per_step = sum(r[0] for r in runs) / len(runs)
