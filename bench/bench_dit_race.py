@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_vs_diffusers import hms  # noqa: E402
-from bench.common import compose_train, machine_description, md_table, set_threads, write_result  # noqa: E402
+from bench.common import QUIET, compose_train, machine_description, md_table, set_threads, write_result  # noqa: E402
 
 ARMS = {
     "digits": {"unet2d_small": ["experiment=digits", "model=unet2d_small"], "dit": ["experiment=digits", "model=dit"]},
@@ -31,12 +31,7 @@ ARMS = {
         "video_dit": ["experiment=moving_digits_t2v_dit", "lr_schedule.warmup=0.05"],
     },
 }
-QUIET = [
-    "~callbacks.progress_bar",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "logger=csv",
-]
+QUIET_CSV = [*QUIET, "logger=csv"]
 
 
 def train_arm(overrides: list[str], budget: float, out_dir: Path) -> dict:
@@ -45,7 +40,7 @@ def train_arm(overrides: list[str], budget: float, out_dir: Path) -> dict:
     from difflab.pipeline import train, trainable_parameters
 
     cfg = compose_train(
-        [*overrides, f"++trainer.max_time='{hms(budget)}'", "trainer.max_steps=-1", *QUIET], output_dir=out_dir
+        [*overrides, f"++trainer.max_time='{hms(budget)}'", "trainer.max_steps=-1", *QUIET_CSV], output_dir=out_dir
     )
     t0 = time.perf_counter()
     objs = train(cfg)

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO, RESULTS, machine_description, md_table, set_threads, shown_path, write_result  # noqa: E402
+from bench.common import QUIET, REPO, RESULTS, machine_description, md_table, set_threads, shown_path, write_result  # noqa: E402
 
 STUDENT_STEPS = {400: 8, 800: 4, 1200: 2, 1600: 1}
 RECIPE_SCALE = 2.0  # the recipe's guidance scale (guidance=cfg_interval): the teacher's own-sampler row  # experiment=digits_progressive: the end of each round
@@ -79,9 +79,7 @@ def run_train(cfg_overrides: list[str], run: Path) -> dict:
         *cfg_overrides,
         f"paths.output_dir={run}",
         f"paths.root_dir={REPO}",
-        "~callbacks.progress_bar",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
+        *QUIET,
     ]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)

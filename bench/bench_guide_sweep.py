@@ -15,7 +15,11 @@ and a third over the sampling grid (flow's grid shift, ``sampler.spacing``) with
     python sample.py -m seed=0,1,2 ckpt_path=<guides>/s${seed}/main.ckpt sampler.spacing=1,0.5,0.33,0.25 \
         guidance.method=cfg guidance.scale=1.15,1.25,1.5 judge=digits
 
-and a fourth over CFG in a band of noise levels on the chosen grid (``guidance.interval=null,[0.1,1],...``).
+and a fourth over CFG in a band of noise levels on the chosen grid (``guidance.interval=null,[0.1,1],...``), and a
+fifth (``--sweeps combo``) over autoguidance plus CFG in its band (``guidance.method=autoguidance_cfg``: guide x
+autoguidance scale x CFG scale; autoguidance scale 1 is the CFG-band default itself, the baseline). The combo sweep
+is ranked by the race's rule (``bench_vs_diffusers.rule_score``: classifier-FD plus pixel-FD ratios to the flow
+loop of ``--race``, accuracy >= 0.99), fixed before it ran, and names its choice.
 
 The training seed and the sampling seed are the same number, so each seed is one training run. The rule: the lowest
 repo-classifier FD among arms with accuracy >= 0.99; judge 2 is reported, never used to choose.
@@ -31,6 +35,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_vs_diffusers import MIN_ACCURACY, flow_loop_means, rule_score  # noqa: E402
 from bench.common import REPO, sweep_and_summarise  # noqa: E402
 
 FRACTIONS = (0.1, 0.2, 0.35)
@@ -44,6 +49,14 @@ BAND_SHIFTS = (1.0, 0.33)
 BAND_SCALES = (1.5, 2.0, 3.0)
 BANDS = ("[0.1,1]", "[0.1,2]", "[0.3,5.4]")  # no band: the grid sweep (1.5) and the CFG sweep (2, 3 on the old grid)
 INTERVALS = ("null", "[0.3,5.4]")  # EDM2-style band of sigma / alpha (Kynkaanniemi et al. 2024): flow t in (0.23, 0.84]
+COMBO_FRACTIONS = (0.2, 0.35)
+COMBO_AG_SCALES = (1.0, 1.5, 2.0)  # 1: no autoguidance term, i.e. CFG in its band alone (the default before)
+COMBO_CFG_SCALES = (1.5, 2.0)
+# the second round, after the first showed accuracy under 0.99 at CFG 1.5-2 on a slower machine's shorter runs
+COMBO_STRONG_FRACTIONS = (0.35,)
+COMBO_STRONG_CFG_SCALES = (2.5, 3.0)
+COMBO_INTERVAL = "[0.3,5.4]"  # the guide's band: section 15's best autoguidance arm
+COMBO_CFG_INTERVAL = "[0.1,2]"  # CFG's band: the default's (configs/guidance/cfg_interval.yaml)
 METRICS = ["eval/fd", "eval/fd_pixel", "eval/recall", "eval/accuracy", "eval/fd_judge2", "eval/recall_judge2"]
 
 
@@ -74,8 +87,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="one seed, 100 samples, the first two values per axis")
     p.add_argument(
         "--sweeps",
-        default="cfg,guide,grid,band,guide_grid",
-        help="which sweeps to run: cfg, guide, grid, band, guide_grid",
+        default="cfg,guide,grid,band,guide_grid,combo,combo_strong",
+        help="which sweeps to run: cfg, guide, grid, band, guide_grid, combo, combo_strong",
     )
     p.add_argument(
         "--grids",
@@ -84,9 +97,10 @@ def main() -> None:
         help="only draw bench/results/default_grids.png: seed-0 jobs of the sweeps side by side, each cell captioned "
         "with the repo classifier's reading",
     )
+    p.add_argument("--grids-name", default="default_grids.png", help="--grids: the picture's name in bench/results")
     args = p.parse_args()
     if args.grids:
-        draw_grids([g.partition("=")[::2] for g in args.grids], REPO / "bench" / "results" / "default_grids.png")
+        draw_grids([g.partition("=")[::2] for g in args.grids], REPO / "bench" / "results" / args.grids_name)
         return
     suffix = "_quick" if args.quick else ""
     args.race = args.race or Path("/tmp/difflab_race" + suffix)
@@ -153,6 +167,42 @@ def main() -> None:
             "Autoguidance with the later guides of the first pass, on the grid shifted by 0.33: does the "
             "self-guided sampler overtake CFG at low noise there? " + rule,
         ),
+        "combo": (
+            "guide_cfg_sweep",
+            "guide_cfg",
+            [
+                "guidance.method=autoguidance_cfg",
+                guide_files(COMBO_FRACTIONS[:1] if args.quick else COMBO_FRACTIONS),
+                values("guidance.scale", COMBO_AG_SCALES, slice(0, 3, 2)),
+                f"guidance.interval={COMBO_INTERVAL}",
+                values("guidance.cfg_scale", COMBO_CFG_SCALES, slice(1, None)),
+                f"guidance.cfg_interval={COMBO_CFG_INTERVAL}",
+            ],
+            f"guidance.guide_ckpt={guides}/s$\\{{seed\\}}/f{COMBO_FRACTIONS[0]}.ckpt, guidance.scale=1.0, "
+            f"guidance.cfg_scale={COMBO_CFG_SCALES[-1]}",
+            f"Autoguidance in {COMBO_INTERVAL} plus CFG in {COMBO_CFG_INTERVAL} (`guidance.method=autoguidance_cfg`) "
+            "on the default grid; autoguidance scale 1 is CFG in its band alone (the baseline: the default before). "
+            + guides_note
+            + "Rule for the choice (fixed before the sweep ran): the lowest classifier-FD plus pixel-FD ratio to the "
+            f"flow loop of the race (`bench_vs_diffusers.rule_score`) among arms with `eval/accuracy` >= {MIN_ACCURACY}"
+            "; judge 2 is reported, never used to choose.",
+        ),
+        "combo_strong": (
+            "guide_cfg_strong_sweep",
+            "guide_cfg_strong",
+            [
+                "guidance.method=autoguidance_cfg",
+                guide_files(COMBO_STRONG_FRACTIONS),
+                values("guidance.scale", COMBO_AG_SCALES, slice(0, 3, 2)),
+                f"guidance.interval={COMBO_INTERVAL}",
+                values("guidance.cfg_scale", COMBO_STRONG_CFG_SCALES, slice(1, None)),
+                f"guidance.cfg_interval={COMBO_CFG_INTERVAL}",
+            ],
+            f"guidance.scale=1.0, guidance.cfg_scale={COMBO_STRONG_CFG_SCALES[0]}",
+            f"The combo sweep's second round: CFG {' and '.join(map(str, COMBO_STRONG_CFG_SCALES))} in its band, "
+            "with and without the guide. The rule ranks both rounds' arms together (the first round's summary is read "
+            "from its sweep folder).",
+        ),
         "cfg": (
             "guide_sweep_cfg",
             "cfg",
@@ -187,7 +237,37 @@ def main() -> None:
                 result, command, sweep_dir, baseline, METRICS, reuse=args.reuse, quick=args.quick, notes=[note]
             )
         )
+        if key in ("combo", "combo_strong"):
+            rounds = [args.out / folder / "ablation" / "summary.csv" for folder in ("guide_cfg", "guide_cfg_strong")]
+            choice = choose_by_rule([r for r in rounds if r.is_file()], flow_loop_means(args.race))
+            with written[-1].open("a") as f:
+                f.write("\n" + choice + "\n")
+            print(choice)
     _hide_guides(written, guides)
+
+
+def choose_by_rule(summaries: list[Path], peer: dict[str, float]) -> str:
+    """The arm of ablate.py summaries (one sweep's, or several rounds') the race's rule picks, with every arm's
+    score (a Markdown paragraph)."""
+    import csv
+
+    means: dict[str, dict[str, float]] = {}
+    for summary_csv in summaries:
+        with summary_csv.open() as f:
+            for row in csv.DictReader(f):
+                means.setdefault(row["arm"], {})[row["metric"]] = float(row["mean"])
+    scores = {
+        arm: rule_score(m["eval/fd"], m["eval/fd_pixel"], peer)
+        for arm, m in means.items()
+        if m["eval/accuracy"] >= MIN_ACCURACY
+    }
+    out = [f"Rule scores (flow loop: classifier FD {peer['fd']:.2f}, pixel FD {peer['fd_pixel']:.3f}):", ""]
+    for arm, m in sorted(means.items(), key=lambda kv: scores.get(kv[0], float("inf"))):
+        score = f"{scores[arm]:.4f}" if arm in scores else f"out (accuracy {m['eval/accuracy']:.3f})"
+        out.append(f"- `{arm}`: {score}")
+    best = min(scores, key=scores.__getitem__) if scores else None
+    out += ["", f"Chosen by the rule: **`{best}`**." if best else "No arm reaches the accuracy the rule needs."]
+    return "\n".join(out)
 
 
 def draw_grids(panels: list[tuple[str, str]], path: Path, per_class: int = 8) -> None:

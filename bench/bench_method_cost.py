@@ -21,17 +21,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_overhead import StepClock, per_step  # noqa: E402
-from bench.common import compose_train, interleaved, machine_description, md_table, median, set_threads, write_result  # noqa: E402
+from bench.common import (
+    QUIET,
+    STEPS_ONLY,
+    compose_train,
+    interleaved,
+    machine_description,
+    md_table,
+    median,
+    set_threads,
+    write_result,
+)  # noqa: E402
 
-QUIET = [
-    "~callbacks.progress_bar",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "~callbacks.model_checkpoint",
-    "trainer.limit_val_batches=0",
-    "++trainer.max_time=null",
-    "logger=csv",
-]
+QUIET_STEPS = [*QUIET, *STEPS_ONLY, "logger=csv"]
 
 
 def method_overrides(args) -> dict[str, list[str]]:
@@ -51,7 +53,7 @@ def seconds_per_step(overrides: list[str], args) -> dict[str, float]:
     from difflab.pipeline import build
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = compose_train([*overrides, *QUIET, f"trainer.max_steps={args.steps}"], out)
+        cfg = compose_train([*overrides, *QUIET_STEPS, f"trainer.max_steps={args.steps}"], out)
         objs = build(cfg)
         clock = StepClock()
         objs["trainer"].callbacks.append(clock)

@@ -29,17 +29,19 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import compose_train, interleaved, machine_description, md_table, median, set_threads, write_result  # noqa: E402
+from bench.common import (
+    QUIET,
+    STEPS_ONLY,
+    compose_train,
+    interleaved,
+    machine_description,
+    md_table,
+    median,
+    set_threads,
+    write_result,
+)  # noqa: E402
 
-RUN_OVERRIDES = [
-    "experiment=digits",
-    "~callbacks.progress_bar",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "~callbacks.model_checkpoint",
-    "trainer.limit_val_batches=0",
-    "++trainer.max_time=null",
-]
+RUN_OVERRIDES = ["experiment=digits", *QUIET, *STEPS_ONLY]
 
 
 def stamp() -> tuple[float, float]:

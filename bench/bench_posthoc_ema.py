@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (
+    QUIET,
     RESULTS,
     compose_train,
     machine_description,
@@ -33,19 +34,14 @@ from bench.common import (
 )
 
 SIGMA_RELS = (0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.17, 0.22)
-QUIET = [
-    "~callbacks.progress_bar",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "logger=csv",
-]
+QUIET_CSV = [*QUIET, "logger=csv"]
 
 
 def train_run(out: Path, extra: list[str]) -> Path:
     """The digits recipe with post-hoc EMA snapshots; returns the run directory."""
     from difflab.pipeline import train
 
-    train(compose_train(["experiment=digits", "callbacks=posthoc", *QUIET, *extra], output_dir=out))
+    train(compose_train(["experiment=digits", "callbacks=posthoc", *QUIET_CSV, *extra], output_dir=out))
     return out
 
 

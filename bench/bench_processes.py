@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_vs_diffusers import hms  # noqa: E402
-from bench.common import compose_train, machine_description, md_table, set_threads, write_result  # noqa: E402
+from bench.common import QUIET, compose_train, machine_description, md_table, set_threads, write_result  # noqa: E402
 
 PROCESSES = ("vp", "edm", "flow")
 NFES = (10, 20, 50)
@@ -45,9 +45,7 @@ def train_one(process: str, budget: float, out_dir: Path, extra: list[str]) -> d
             f"process={process}",
             f"++trainer.max_time='{hms(budget)}'",
             "trainer.max_steps=-1",
-            "~callbacks.progress_bar",
-            "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false",
+            *QUIET,
             "logger=csv",
             *extra,
         ],

@@ -20,6 +20,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+# Overrides for a training run inside a benchmark: no progress bar or model summary in the log
+QUIET = ["~callbacks.progress_bar", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+# ... and for a run that times steps only: no checkpoints, no validation, no wall-clock cap
+STEPS_ONLY = ["~callbacks.model_checkpoint", "trainer.limit_val_batches=0", "++trainer.max_time=null"]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

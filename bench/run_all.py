@@ -121,7 +121,15 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         "bench_guide_sweep.py",
         [],
         ["--quick"],
-        ["guide_sweep", "guide_sweep_cfg", "grid_sweep", "band_sweep", "guide_grid_sweep"],
+        [
+            "guide_sweep",
+            "guide_sweep_cfg",
+            "grid_sweep",
+            "band_sweep",
+            "guide_grid_sweep",
+            "guide_cfg_sweep",
+            "guide_cfg_strong_sweep",
+        ],
     ),
 }
 TITLES = {

@@ -92,6 +92,8 @@ SAMPLE = {
     "guidance.eta": optional(number()),
     "guidance.norm_threshold": optional(non_negative()),
     "guidance.momentum": optional(number(min=-1, max=1, min_open=True, max_open=True)),
+    "guidance.cfg_scale": optional(non_negative()),  # autoguidance_cfg
+    "guidance.cfg_interval": optional(sigma_interval()),
     "guidance.guide_ckpt": optional(
         any_of(
             one_of(["kept"]),

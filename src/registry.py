@@ -8,6 +8,16 @@ GUIDANCE_SETTINGS: dict[str, tuple[str, ...]] = {
     "apg": ("scale", "eta", "norm_threshold", "momentum", "interval", "per_class"),
     "autoguidance": ("scale", "guide_ckpt", "rescale", "interval", "per_class", "keep_at"),
     "distilled": ("scale", "per_class"),
+    "autoguidance_cfg": (
+        "scale",
+        "guide_ckpt",
+        "rescale",
+        "interval",
+        "per_class",
+        "keep_at",
+        "cfg_scale",
+        "cfg_interval",
+    ),
 }
 CFGPP_LAMBDA = "a number in [0, 1] with guidance.method=cfgpp (CFG++'s lambda, e.g. 0.6)"
 
@@ -23,6 +33,7 @@ GUIDANCE_CLASSES = {
     "apg": "APG",
     "autoguidance": "Autoguidance",
     "distilled": "DistilledGuidance",
+    "autoguidance_cfg": "AutoguidanceCFG",
 }
 GUIDANCE_TARGETS = {f"difflab.diffusion.guidance.{cls}": name for name, cls in GUIDANCE_CLASSES.items()}
 

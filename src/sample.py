@@ -2,8 +2,9 @@
 [guidance.scale=3] [guidance.method=apg] [labels=[0,1]] [prompts='["a photo of a horse"]']``.
 
 ``guidance.*`` overrides the checkpoint's guidance (null keys keep it): ``guidance.method`` is cfg, cfgpp
-(``guidance.scale`` = lambda in [0, 1]), apg (``guidance.eta``, ``norm_threshold``, ``momentum``) or autoguidance
-(``guidance.guide_ckpt=<a weaker checkpoint>``).
+(``guidance.scale`` = lambda in [0, 1]), apg (``guidance.eta``, ``norm_threshold``, ``momentum``), autoguidance
+(``guidance.guide_ckpt=<a weaker checkpoint>``) or autoguidance_cfg (autoguidance plus ``guidance.cfg_scale`` in
+``guidance.cfg_interval``).
 
 PATH: a training checkpoint (*.ckpt, loaded with weights_only=True; its EMA weights are used) or an export written
 by ``difflab-export`` (its directory or its model.safetensors)."""

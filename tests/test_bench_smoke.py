@@ -50,6 +50,26 @@ def test_common_helpers(tmp_path, monkeypatch):
     assert hms(300) == "00:00:05:00" and hms(90061) == "01:01:01:01"
 
 
+def test_the_guide_sweep_chooses_by_the_race_rule(tmp_path):
+    """The lowest classifier-FD plus pixel-FD ratio to the flow loop wins, among arms with accuracy >= 0.99; the
+    second judge is never read (an arm best only there does not win)."""
+    from bench.bench_guide_sweep import choose_by_rule
+
+    rows = {  # arm: (fd, fd_pixel, accuracy, fd_judge2)
+        "a": (2.0, 0.60, 0.995, 0.40),
+        "b": (2.4, 0.50, 0.992, 0.60),  # 0.24 + 0.25 = 0.49 < a's 0.20 + 0.30 = 0.50
+        "c": (1.0, 0.30, 0.980, 0.30),  # best everywhere but accuracy: out
+    }
+    lines = ["arm,metric,n,mean,sd,ci_low,ci_high,step_min,step_max,floor"]
+    for arm, values in rows.items():
+        for metric, v in zip(("eval/fd", "eval/fd_pixel", "eval/accuracy", "eval/fd_judge2"), values):
+            lines.append(f"{arm},{metric},3,{v},0,0,0,1,1,")
+    (tmp_path / "summary.csv").write_text("\n".join(lines) + "\n")
+    text = choose_by_rule([tmp_path / "summary.csv"], {"fd": 10.0, "fd_pixel": 2.0, "fd_judge2": 1.0})
+    assert text.endswith("Chosen by the rule: **`b`**.")
+    assert "`b`: 0.4900" in text and "`a`: 0.5000" in text and "`c`: out (accuracy 0.980)" in text
+
+
 def test_matched_denoisers_have_equal_parameter_counts():
     """The matching rules of bench_denoiser give the same parameter count (to 0.1%: difflab fuses q, k, v into one
     biased linear, diffusers keeps three with slightly fewer biases) and output shape on both sides."""

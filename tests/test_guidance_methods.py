@@ -71,7 +71,11 @@ def test_registry_and_config_group_agree():
     from difflab.config_checks import group_schemas
     from difflab.registry import GUIDANCE_CLASSES, GUIDANCE_SETTINGS
 
-    assert set(GUIDANCE_METHODS) == {"cfg", "cfgpp", "apg", "autoguidance", "distilled"} == set(GUIDANCE_SETTINGS)
+    assert (
+        set(GUIDANCE_METHODS)
+        == {"cfg", "cfgpp", "apg", "autoguidance", "distilled", "autoguidance_cfg"}
+        == set(GUIDANCE_SETTINGS)
+    )
     assert {name: cls.keys() for name, cls in GUIDANCE_METHODS.items()} == GUIDANCE_SETTINGS
     assert {name: cls.__name__ for name, cls in GUIDANCE_METHODS.items()} == GUIDANCE_CLASSES
     files = {p.stem for p in (CONFIG_DIR / "guidance").glob("*.yaml")}
@@ -264,6 +268,7 @@ METHOD_SETTINGS = {
     "cfgpp": {"scale": 0.6},
     "apg": {"scale": 3.0, "momentum": -0.5, "norm_threshold": 1.0},
     "autoguidance": {"scale": 2.0, "guide_ckpt": "in-memory"},
+    "autoguidance_cfg": {"scale": 2.0, "guide_ckpt": "in-memory", "cfg_scale": 2.0},
 }
 
 

@@ -29,4 +29,7 @@ RULES = {
     ),
     # autoguidance with guide_ckpt=kept: the fraction of the training budget at which the run keeps its guide
     "keep_at": number(min=0, max=1, min_open=True, max_open=True),
+    # autoguidance_cfg: CFG's scale and band beside the guide's
+    "cfg_scale": non_negative(),
+    "cfg_interval": optional(sigma_interval()),
 }

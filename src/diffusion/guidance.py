@@ -14,7 +14,8 @@ Methods (``GUIDANCE_METHODS``, chosen by ``guidance.method``): each is one funct
 (conditional and reference: the unconditional one, or the guide network's for autoguidance); ``scale`` is a float
 or a per-sample tensor (per-class scales). Outside the interval every method returns the plain conditional
 prediction (one forward pass). ``cfg`` (classifier-free guidance), ``cfgpp`` (CFG++), ``apg`` (adaptive projected
-guidance), ``autoguidance``.
+guidance), ``autoguidance``, ``autoguidance_cfg`` (autoguidance plus CFG in its own band: the only method with two
+references, the guide's and the unconditional output).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class GuidanceStep:
     alpha: Tensor  # float64, broadcastable to x_t
     sigma: Tensor
     state: dict[str, Any] = field(default_factory=dict)
+    out_u: Tensor | None = None  # the unconditional output too, for a guide-based method that also takes CFG's
 
 
 # method(step: GuidanceStep, scale: Scale, **options) -> (x0_hat, eps_hat): a Guidance class's ``combine``
@@ -168,6 +170,18 @@ def autoguidance(step: GuidanceStep, scale: Scale, rescale: float = 0.0, **_: An
     return cfg(step, scale, rescale)
 
 
+def autoguidance_cfg(
+    step: GuidanceStep, scale: Scale, rescale: float = 0.0, cfg_scale: float = 1.0, **_: Any
+) -> tuple[Tensor, Tensor]:
+    """Autoguidance and classifier-free guidance added (Karras et al. 2024 note the two combine): D = D_c + (w - 1)
+    (D_c - D_guide) + (s - 1) (D_c - D_uncond), w = ``scale``, s = ``cfg_scale``, on the raw output. A reference
+    outside its own band is the conditional output itself, so its term vanishes there."""
+    out_u = step.out_c if step.out_u is None else step.out_u
+    ag = cfg_combine(step.out_c, step.out_r, scale)
+    guided = ag + (float(cfg_scale) - 1.0) * (step.out_c - out_u)
+    return step.to_x0_eps(rescale_guidance(guided, step.out_c, rescale))
+
+
 # --------------------------------------------------------------------------------------------------- objects
 NOT_OPTIONS = ("scale", "interval", "per_class", "guide_ckpt", "keep_at")  # settings that are not combine's options
 GUIDANCE_METHODS: dict[str, type["Guidance"]] = {}  # guidance.method name -> class (every subclass registers)
@@ -180,6 +194,7 @@ class Guidance:
     name = "cfg"
     combine: GuidanceMethod = staticmethod(cfg)
     uses_guide = False  # the reference output comes from a guide network, not the null condition
+    uses_null_too = False  # a guide-based method that also takes the unconditional output (in ``cfg_interval``)
     own_eps = False  # eps_hat is kept after x0 clipping (not rebuilt from x0)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -426,6 +441,10 @@ class Autoguidance(Guidance):
                 self.scale,
             )
             self._kept["warned"] = True
+        return self.before_guide()
+
+    def before_guide(self) -> Guidance:
+        """What samples until the kept guide exists: CFG at the same scale."""
         return CFG(self.scale, self.rescale, self.interval, self.per_class)
 
     # ---------------------------------------------------------------- the guide network
@@ -451,6 +470,43 @@ class Autoguidance(Guidance):
             raise ValueError("autoguidance needs the raw conditions (labels / prompts) to condition its guide")
         cond = guide.diffusion.condition(raw)
         return lambda x_in, t_net: guide(x_in, t_net, cond["vector"], cond["context"], cond["context_mask"])
+
+
+class AutoguidanceCFG(Autoguidance):
+    """Autoguidance at ``scale`` in ``interval`` plus CFG at ``cfg_scale`` in ``cfg_interval`` (sigma / alpha bands):
+    the guide keeps diversity, the unconditional reference keeps the class. Where both bands hold a step costs three
+    network evaluations (two batched), in one band two, outside both one. Before the kept guide exists it samples as
+    CFG at ``cfg_scale`` in ``cfg_interval``."""
+
+    name = "autoguidance_cfg"
+    combine = staticmethod(autoguidance_cfg)
+    uses_null_too = True
+
+    def __init__(
+        self,
+        scale: float = 1.0,
+        guide_ckpt: str | None = None,
+        rescale: float = 0.0,
+        interval: Sequence[float | None] | None = None,
+        per_class: dict[Any, float] | None = None,
+        keep_at: float = 0.2,
+        cfg_scale: float = 1.0,
+        cfg_interval: Sequence[float | None] | None = None,
+    ) -> None:
+        self.cfg_scale, self.cfg_interval = float(cfg_scale), cfg_interval
+        super().__init__(scale, guide_ckpt, rescale, interval, per_class, keep_at)
+
+    def check(self) -> None:
+        super().check()
+        if self.cfg_scale < 0:
+            raise ConfigError(f"guidance.cfg_scale={self.cfg_scale} is invalid: CFG's scale is >= 0 (1 = no CFG term)")
+        try:
+            check_interval(self.cfg_interval)
+        except ValueError as err:
+            raise ConfigError(str(err).replace("guidance.interval", "guidance.cfg_interval")) from None
+
+    def before_guide(self) -> Guidance:
+        return CFG(self.cfg_scale, self.rescale, self.cfg_interval, None)
 
 
 def check_method(method: str, scale: Scale | None = None) -> None:
@@ -507,6 +563,8 @@ def guided_model_fn(
     if uses_guide and guide is None and not _plain_conditional(method, scale, True):
         raise ValueError("guidance.method=autoguidance needs a guide network (guidance.guide_ckpt)")
     opts = {**(options or {}), "rescale": rescale}
+    null_bounds = check_interval(opts.get("cfg_interval"))  # autoguidance_cfg: the unconditional pass's own band
+    null_too = rule.uses_null_too and null_cond is not None and float(opts.get("cfg_scale", 1.0)) != 1.0
     opts = {k: opts[k] for k in rule.keys() if k not in NOT_OPTIONS and opts.get(k) is not None}
     single = _plain_conditional(method, scale, guide is not None if uses_guide else null_cond is not None)
     bounds = check_interval(interval)  # fail on a bad interval before sampling starts
@@ -538,13 +596,22 @@ def guided_model_fn(
         def to_x0_eps(out: Tensor) -> tuple[Tensor, Tensor]:
             return predictions_from_output(out.to(torch.float64), x64, a, s, prediction, da, ds, sigma_data)
 
-        if single or not guidance_active(sigma_ve, bounds):
+        referenced = not single and guidance_active(sigma_ve, bounds)
+        unconditional_too = null_too and guidance_active(sigma_ve, null_bounds)
+        if not (referenced or unconditional_too):
             x0, eps = to_x0_eps(net(x_in, t_net, c))
             own_eps = False
         else:
+            out_u = None
             if uses_guide:
-                # not single: a guide is given (the check above), and likewise a null condition below
-                out_c, out_r = net(x_in, t_net, c), cast(GuideNet, guide)(x_in, t_net)
+                # a guide is given when referenced (the check above); a reference outside its band is out_c
+                if unconditional_too:
+                    out_c, out_u = net(
+                        torch.cat([x_in, x_in]), torch.cat([t_net, t_net]), concat_cond(c, cast("dict[str, Any]", n))
+                    ).chunk(2)
+                else:
+                    out_c = net(x_in, t_net, c)
+                out_r = cast(GuideNet, guide)(x_in, t_net) if referenced else out_c
             else:
                 both = net(
                     torch.cat([x_in, x_in]),
@@ -552,7 +619,7 @@ def guided_model_fn(
                     concat_cond(c, cast("dict[str, Any]", n)),
                 )
                 out_c, out_r = both.chunk(2)
-            step = GuidanceStep(out_c, out_r, to_x0_eps, x64, a, s, state)
+            step = GuidanceStep(out_c, out_r, to_x0_eps, x64, a, s, state, out_u)
             x0, eps = rule.combine(step, scale, **opts)
             own_eps = rule.own_eps
         if clip is not None:
