@@ -59,7 +59,7 @@ def _sigma_ve(t):
 
 def test_both_terms_add_on_the_raw_output_with_only_the_passes_each_band_needs():
     x = _x()
-    lo, mid, hi = _sigma_ve(20), _sigma_ve(50), _sigma_ve(80)
+    mid = _sigma_ve(50)
     # the guide's band: (mid, inf); CFG's band: (0, mid]
     fn, net, guide = _fn(2.5, 1.75, interval=[mid, None], cfg_interval=[0.0, mid])
     for t, ag, cf in ((80, True, False), (20, False, True), (50, False, True)):
@@ -75,7 +75,6 @@ def test_both_terms_add_on_the_raw_output_with_only_the_passes_each_band_needs()
     x0, _ = fn(x, 40)
     assert torch.allclose(x0.double(), c + 1.5 * (c - 0.5 * c) + 0.75 * (c - u), atol=1e-6)
     assert (net.rows, guide.rows) == (2 * SHAPE[0], SHAPE[0])
-    assert lo < mid < hi
 
 
 def test_each_term_alone_is_autoguidance_or_cfg():
@@ -83,7 +82,9 @@ def test_each_term_alone_is_autoguidance_or_cfg():
     cond, null = _conds(SHAPE[0])
     net = TableNet()
     weak = lambda x_in, t_net: 0.5 * net(x_in, t_net, cond)  # noqa: E731
-    ag_only = _fn(2.5, 1.0)[0](x, 40)
+    fn, counted, _ = _fn(2.5, 1.0)
+    ag_only = fn(x, 40)
+    assert counted.rows == SHAPE[0]  # CFG's scale 1: no unconditional pass
     want = guided_model_fn(net, PROCESS, "x0", cond, None, scale=2.5, method="autoguidance", guide=weak)(x, 40)
     assert torch.allclose(ag_only[0], want[0], atol=1e-9) and torch.allclose(ag_only[1], want[1], atol=1e-9)
     fn, _, guide = _fn(1.0, 3.0, cfg_interval=[0.1, 2.0])
@@ -103,6 +104,25 @@ def test_before_the_guide_is_kept_it_samples_as_cfg_in_its_band():
     module.diffusion.guidance.keep(_module("flow", seed=1).state_dict(), step=5, like=module)
     guided = module.diffusion.sample(module, 4, LABELS, noise=noise)
     assert (guided - want).abs().max() > 1e-4  # the guide now acts
+
+
+def test_the_guide_is_w_for_a_per_call_scale_and_reconstruction_at_1_is_plain_conditional():
+    """A per-call scale sets the guide's w (1: CFG in its band alone); the reconstruction diagnostic's scale 1 stays
+    the plain conditional model for this guidance too."""
+    from difflab.diagnostics.reconstruction import reconstruct
+
+    settings = {"guide_ckpt": "kept", "scale": 2.5, "interval": None, "cfg_scale": 3.0, "cfg_interval": None}
+    module = _module("flow", guidance={"method": "autoguidance_cfg", **settings})
+    module.diffusion.guidance.keep(_module("flow", seed=1).state_dict(), step=5, like=module)
+    noise = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    at_1 = module.diffusion.sample(module, 4, LABELS, noise=noise, guidance_scale=1.0)
+    cfg_only = module.diffusion.sample(module, 4, LABELS, noise=noise, guidance=CFG(scale=3.0))
+    assert torch.allclose(at_1, cfg_only, atol=1e-6)
+    x0 = torch.zeros(4, 1, 4, 4)
+    _, recs, _ = reconstruct(module, x0, LABELS, [0.5], noise, steps=4, guidance_scale=1.0)
+    module.diffusion.guidance = CFG(scale=1.0)
+    _, plain, _ = reconstruct(module, x0, LABELS, [0.5], noise, steps=4, guidance_scale=1.0)
+    assert torch.equal(recs, plain)
 
 
 @pytest.mark.parametrize(
@@ -131,17 +151,18 @@ def test_the_config_group_file_composes_and_the_preflight_checks_it(tmp_path):
 
 @pytest.fixture(scope="module")
 def combo_run(tmp_path_factory):
-    """A tiny run with guidance=autoguidance_cfg: 4 steps, the guide kept at half the budget (step 2)."""
+    """A tiny run with guidance=autoguidance_cfg: 4 steps, the guide kept at half the budget (step 2); w = 4 so the
+    guide's term shows in 8-bit samples of a 4-step model (its class embedding has barely moved: CFG's term does not)."""
     import train
 
     out = tmp_path_factory.mktemp("combo_run")
-    extra = ["guidance=autoguidance_cfg", "guidance.keep_at=0.5", "guidance.interval=null", "logger=csv"]
-    extra += ["guidance.cfg_interval=null", f"hydra.run.dir={out}"]
+    extra = ["guidance=autoguidance_cfg", "guidance.keep_at=0.5", "guidance.interval=null", "guidance.scale=4"]
+    extra += ["guidance.cfg_interval=null", "logger=csv", f"hydra.run.dir={out}"]
     assert run_hydra_main(train.main, [*tiny_overrides(max_steps=4, save_every=2), *extra]) == 0
     return out
 
 
-def test_a_run_keeps_its_guide_and_sample_py_uses_both_terms_with_no_argument(combo_run, tmp_path):
+def test_a_run_keeps_its_guide_and_sample_py_guides_with_it_and_takes_both_scales(combo_run, tmp_path):
     import sample
 
     last = combo_run / "checkpoints" / "last.ckpt"
@@ -151,9 +172,13 @@ def test_a_run_keeps_its_guide_and_sample_py_uses_both_terms_with_no_argument(co
         out = tmp_path / name
         args = [f"ckpt_path={last}", "n=10", "batch_size=10", "device=cpu", f"out_dir={out}", f"hydra.run.dir={out}_h"]
         assert run_hydra_main(sample.main, [*args, *extra]) == 0
-        return np.load(out / "samples.npz")["images"].astype(int)
+        log = (tmp_path / f"{name}_h" / "sample.log").read_text()
+        assert "no guide kept yet" not in log  # the kept guide travelled with the checkpoint
+        return np.load(out / "samples.npz")["images"].astype(int), log
 
-    both = draw("both")
-    no_guide = draw("cfg_term_only", ["guidance.scale=1"])
-    no_cfg = draw("guide_term_only", ["guidance.cfg_scale=1"])
-    assert np.abs(both - no_guide).max() > 0 and np.abs(both - no_cfg).max() > 0
+    both, log = draw("both")
+    assert "AutoguidanceCFG(scale=4" in log and "cfg_scale=2.0" in log
+    no_guide, _ = draw("cfg_term_only", ["guidance.scale=1"])
+    assert np.abs(both - no_guide).max() > 0  # the guide's term acts
+    _, log = draw("guide_term_only", ["guidance.cfg_scale=1"])
+    assert "AutoguidanceCFG(scale=4" in log and "cfg_scale=1.0" in log

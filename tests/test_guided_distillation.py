@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from difflab.conditioning.base import ClassConditioner
-from difflab.diffusion.guidance import CFG, CFGpp, DistilledGuidance
+from difflab.diffusion.guidance import CFG, AutoguidanceCFG, CFGpp, DistilledGuidance
 from difflab.diffusion.objectives import Objective
 from difflab.diffusion.processes import FlowProcess
 from difflab.diffusion.samplers import ddim, sampling_grid
@@ -255,6 +255,10 @@ def test_a_student_without_the_input_or_sampling_with_cfg_is_refused():
     cfgpp = ProgressiveDistillation("t.ckpt", 8, 2, teacher_guidance=CFGpp(scale=0.6), guidance_scales=[1, 4])
     with pytest.raises(ConfigError, match=r"guidance_scales=\[1.0, 4.0\] cannot all guide the teacher's cfgpp"):
         cfgpp.refuse_misfit_scales(_student())
+    both = AutoguidanceCFG(scale=2.0, guide_ckpt="kept", cfg_scale=2.0)  # two strengths: the scale moves one only
+    combo = ProgressiveDistillation("t.ckpt", 8, 2, teacher_guidance=both, guidance_scales=[1, 4])
+    with pytest.raises(ConfigError, match="cannot guide the teacher's autoguidance_cfg"):
+        combo.refuse_misfit_scales(_student())
 
 
 # ---------------------------------------------------------------- a real run

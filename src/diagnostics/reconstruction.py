@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from difflab.diagnostics.figures import column_block, labelled_mosaic
+from difflab.diffusion.guidance import CFG
 from difflab.diffusion.objectives import add_noise
 from difflab.diffusion.samplers import ddim
 from difflab.metrics.lpips_metric import lpips_distance
@@ -38,7 +39,9 @@ def reconstruct(
     """
     cond = module.diffusion.condition(raw)
     null = module.diffusion.condition(module.diffusion.null_condition(raw)) if raw is not None else None
-    model_fn = module.diffusion.model_fn(module, cond, null, guidance_scale)
+    # scale 1 is the plain conditional model for every guidance (autoguidance_cfg's own scale 1 keeps its CFG term)
+    plain = CFG(scale=1.0) if guidance_scale == 1.0 else None
+    model_fn = module.diffusion.model_fn(module, cond, null, guidance_scale, guidance=plain)
     process = module.diffusion.process
     noised, recs, starts = [], [], []
     for frac in fractions:

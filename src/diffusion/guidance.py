@@ -13,7 +13,7 @@ Methods (``GUIDANCE_METHODS``, chosen by ``guidance.method``): each is one funct
 ``method(step: GuidanceStep, scale, **options) -> (x0_hat, eps_hat)`` of the two network outputs of one step
 (conditional and reference: the unconditional one, or the guide network's for autoguidance); ``scale`` is a float
 or a per-sample tensor (per-class scales). Outside the interval every method returns the plain conditional
-prediction (one forward pass). ``cfg`` (classifier-free guidance), ``cfgpp`` (CFG++), ``apg`` (adaptive projected
+prediction (one forward pass; autoguidance_cfg: outside both of its bands). ``cfg`` (classifier-free guidance), ``cfgpp`` (CFG++), ``apg`` (adaptive projected
 guidance), ``autoguidance``, ``autoguidance_cfg`` (autoguidance plus CFG in its own band: the only method with two
 references, the guide's and the unconditional output).
 """
@@ -390,7 +390,7 @@ class Autoguidance(Guidance):
         super().check()
         if not self.guide_ckpt:
             raise ConfigError(
-                "guidance.method=autoguidance needs guidance.guide_ckpt (a weaker checkpoint of the same "
+                f"guidance.method={self.name} needs guidance.guide_ckpt (a weaker checkpoint of the same "
                 "setup: an earlier step, a shorter EMA or a smaller model; or `kept`: this run's own early weights)"
             )
         if not 0.0 < self.keep_at < 1.0:
@@ -433,15 +433,17 @@ class Autoguidance(Guidance):
     def in_effect(self) -> Guidance:
         if not self.uses_kept_guide or "guide" in self._kept:
             return self
+        fallback = self.before_guide()
         if not self._kept.get("warned"):
             log.warning(
-                "autoguidance with the kept guide: no guide kept yet (it is kept at %.0f%% of the training budget); "
-                "sampling with CFG at scale %s until then",
+                "%s with the kept guide: no guide kept yet (it is kept at %.0f%% of the training budget); "
+                "sampling with %s until then",
+                self.name,
                 100 * self.keep_at,
-                self.scale,
+                fallback,
             )
             self._kept["warned"] = True
-        return self.before_guide()
+        return fallback
 
     def before_guide(self) -> Guidance:
         """What samples until the kept guide exists: CFG at the same scale."""
@@ -476,7 +478,8 @@ class AutoguidanceCFG(Autoguidance):
     """Autoguidance at ``scale`` in ``interval`` plus CFG at ``cfg_scale`` in ``cfg_interval`` (sigma / alpha bands):
     the guide keeps diversity, the unconditional reference keeps the class. Where both bands hold a step costs three
     network evaluations (two batched), in one band two, outside both one. Before the kept guide exists it samples as
-    CFG at ``cfg_scale`` in ``cfg_interval``."""
+    CFG at ``cfg_scale`` in ``cfg_interval``. A per-call scale (a guidance grid's, a callback's ``guidance_scale``) is
+    the guide's w: scale 1 is CFG in its band alone, not the plain conditional model."""
 
     name = "autoguidance_cfg"
     combine = staticmethod(autoguidance_cfg)
@@ -561,7 +564,7 @@ def guided_model_fn(
     rule = GUIDANCE_METHODS[method]
     uses_guide = rule.uses_guide
     if uses_guide and guide is None and not _plain_conditional(method, scale, True):
-        raise ValueError("guidance.method=autoguidance needs a guide network (guidance.guide_ckpt)")
+        raise ValueError(f"guidance.method={method} needs a guide network (guidance.guide_ckpt)")
     opts = {**(options or {}), "rescale": rescale}
     null_bounds = check_interval(opts.get("cfg_interval"))  # autoguidance_cfg: the unconditional pass's own band
     null_too = rule.uses_null_too and null_cond is not None and float(opts.get("cfg_scale", 1.0)) != 1.0

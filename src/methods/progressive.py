@@ -122,6 +122,12 @@ class ProgressiveDistillation(TrainingMethod):
         """One line when ``guidance_scales`` is set but the student cannot take a scale or does not sample with it, or
         the teacher's guidance cannot use every scale in the range (CFG++'s lambda lies in [0, 1])."""
         teacher_guidance = self.teacher_guidance or module.diffusion.guidance
+        if teacher_guidance.name == "autoguidance_cfg":  # two strengths: a sampled scale would vary one of them only
+            raise ConfigError(
+                f"method.guidance_scales={self.guidance_scales} cannot guide the teacher's autoguidance_cfg (its scale is "
+                "the guide's w, its CFG term stays at cfg_scale): guide the teacher with cfg_interval, cfg, apg or "
+                "autoguidance"
+            )
         try:
             check_method(teacher_guidance.name, torch.tensor(self.guidance_scales))
         except ValueError as err:
