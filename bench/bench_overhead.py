@@ -92,7 +92,6 @@ def bare_run(steps: int, skip: int, out_dir: str, extra: list[str] = ()) -> dict
     """Wall / CPU seconds per step of the same module math, optimizer, LR schedule, clipping and EMA in a plain loop."""
     from hydra.utils import instantiate
 
-    from difflab.callbacks.ema import ema_decay
     from difflab.optim.lr_schedules import resolve_steps, warmup_cosine
     from difflab.pipeline import fill_from_datamodule
 
@@ -116,7 +115,7 @@ def bare_run(steps: int, skip: int, out_dir: str, extra: list[str] = ()) -> dict
             final_fraction=schedule.final_fraction,
         ),
     )
-    ema_cfg = cfg.callbacks.ema
+    ema = instantiate(cfg.callbacks.ema)  # its decay rule, stated once (EMA.next_decay)
     avg = copy.deepcopy(model)
     avg_t = [*avg.parameters(), *avg.buffers()]
     cur_t = [*model.parameters(), *model.buffers()]
@@ -133,7 +132,8 @@ def bare_run(steps: int, skip: int, out_dir: str, extra: list[str] = ()) -> dict
             opt.step()
             sched.step()
             with torch.no_grad():
-                w = 1.0 - ema_decay(ema_cfg.decay, n, ema_cfg.warmup)
+                w = 1.0 - ema.next_decay()
+                ema.num_updates += 1
                 torch._foreach_lerp_([avg_t[i] for i in fl], [cur_t[i] for i in fl], w)
             n += 1
             ends.append(stamp())

@@ -541,6 +541,7 @@ def screen_phase(args) -> str:
             "",
             f"`PYTHONPATH=. python bench/bench_vs_diffusers.py screen --out {shown_path(args.out)} "
             + " ".join(f"--arm {a.split('=', 1)[0]}=<dir>" for a in args.arm)
+            + ("" if args.name == "recipe_screen" else f" --name {args.name}")
             + "`: each arm's runs trained by `bench_vs_diffusers.py train --sides difflab --override ...` "
             f"({budgets} s each, one "
             "after the other), sampled with the recipe's sampler and guidance; "
@@ -574,6 +575,7 @@ def main() -> None:
     p.add_argument(
         "--arm", action="append", default=[], help="screen: NAME=DIR of difflab runs trained with --override"
     )
+    p.add_argument("--name", default="recipe_screen", help="screen: the result file's name in bench/results")
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -600,7 +602,7 @@ def main() -> None:
     if args.phase == "screen":
         text = screen_phase(args)
         print(text)
-        print("wrote", write_result("recipe_screen", text, args.quick))
+        print("wrote", write_result(args.name, text, args.quick))
 
 
 if __name__ == "__main__":

@@ -391,6 +391,17 @@ def one_ema_length(cfg: dict):
         return "sigma_rel", "a number in (0, 0.3] (e.g. 0.07) when gamma is null, null when gamma is set (give one)"
 
 
+def one_ema_profile(cfg: dict):
+    """The EMA callback averages with a constant decay or a power-function length: exactly one of the two is set."""
+    ema = _node(cfg, "callbacks.ema")
+    if isinstance(ema, dict) and (ema.get("decay") is None) == (ema.get("sigma_rel") is None):
+        key = "callbacks.ema.sigma_rel" if ema.get("sigma_rel") is not None else "callbacks.ema.decay"
+        return key, (
+            "exactly one of callbacks.ema.decay (constant, e.g. 0.999) and callbacks.ema.sigma_rel (power-function "
+            "length, e.g. 0.08) is set, the other null (give one)"
+        )
+
+
 def rounds_fit_the_budget(cfg: dict):
     """Progressive distillation's last round must start before training stops."""
     method = cfg.get("method") or {}
@@ -505,6 +516,7 @@ CHECKS = {
         monitored_metrics_are_logged,
         dinov2_weights_exist,
         rounds_fit_the_budget,
+        one_ema_profile,
         teacher_has_this_network,
         distillation_runs_alone,
     ],

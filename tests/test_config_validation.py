@@ -58,6 +58,9 @@ BAD = [
         "[1, 2, 3]",
     ),
     ("train", ["guidance=distilled", "guidance.scale=-1"], "guidance.scale", "-1"),
+    ("train", ["callbacks.ema.sigma_rel=0.08"], "callbacks.ema.sigma_rel", "0.08"),
+    ("train", ["callbacks.ema.decay=null"], "callbacks.ema.decay", "null"),
+    ("train", ["callbacks.ema.decay=null", "callbacks.ema.sigma_rel=0.5"], "callbacks.ema.sigma_rel", "0.5"),
     ("train", ["model.diffusion.p_uncond=1.0"], "model.diffusion.p_uncond", "1.0"),
     ("train", ["guidance.scale=-2"], "guidance.scale", "-2"),
     ("train", ["guidance.interval=[5,1]"], "guidance.interval", "[5, 1]"),
@@ -221,6 +224,7 @@ GOOD = [
     ),
     ("train", ["guidance.scale=0", "guidance.interval=[null,5]", "guidance.per_class={{3: 4.0}}"]),
     ("train", ["callbacks.class_grid.every_n_steps=0", "callbacks.ema.decay=0", "ckpt_path=last", "resume=never"]),
+    ("train", ["callbacks.ema.decay=null", "callbacks.ema.sigma_rel=0.08", "callbacks.ema.update_every=4"]),
     ("train", ["datamodule=moving_digits", "datamodule.image_size=[16,16]", "lr_schedule.warmup=200"]),
     ("train", ["datamodule=cifar10", "datamodule.val_split=0.1", "datamodule.image_size=null", "seed=null"]),
     (

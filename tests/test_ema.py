@@ -36,6 +36,64 @@ def test_rejects_bad_decay():
         EMA(decay=1.5)
 
 
+def test_power_profile_weights_each_update_by_its_share_of_the_edm2_profile():
+    """With sigma_rel, update i of t carries the mass of (g + 1) tau^g / t^(g + 1) on [i - 1, i] (EDM2 Sec. 3.1),
+    whatever t is: the same relative length on a short run and a long one."""
+    from difflab.diffusion.posthoc_ema import gamma_to_sigma_rel, sigma_rel_to_gamma
+
+    ema = EMA(decay=None, sigma_rel=0.1)
+    gamma = sigma_rel_to_gamma(0.1)
+    assert ema.gamma == gamma and gamma_to_sigma_rel(ema.gamma) == __import__("pytest").approx(0.1)
+    for t in (7, 60):
+        ema.num_updates = 0
+        avg = [torch.zeros(t, dtype=torch.float64)]
+        for i in range(1, t + 1):
+            ema._lerp(avg, [torch.eye(t, dtype=torch.float64)[i - 1]], None)
+            ema.num_updates += 1
+        i = torch.arange(1, t + 1, dtype=torch.float64)
+        expect = (i ** (gamma + 1) - (i - 1) ** (gamma + 1)) / t ** (gamma + 1)
+        torch.testing.assert_close(avg[0], expect)
+        mid = (i - 0.5) / t  # each bin's centre, relative to the run
+        spread = ((avg[0] * mid**2).sum() - (avg[0] * mid).sum() ** 2).sqrt()
+        assert abs(spread.item() - 0.1) < 0.02  # the binned profile's std relative to t is close to sigma_rel
+
+
+def _relative_spread(ema: EMA, t: int) -> float:
+    """The relative standard deviation (over the run's length) of the weights ``ema`` gives t updates."""
+    ema.num_updates = 0
+    avg = [torch.zeros(t, dtype=torch.float64)]
+    for i in range(t):
+        one_hot = torch.zeros(t, dtype=torch.float64)
+        one_hot[i] = 1.0
+        ema._lerp(avg, [one_hot], None)
+        ema.num_updates += 1
+    mid = (torch.arange(t, dtype=torch.float64) + 0.5) / t
+    return ((avg[0] * mid**2).sum() - (avg[0] * mid).sum() ** 2).sqrt().item()
+
+
+def test_a_warmed_up_constant_decay_is_a_fixed_fraction_of_runs_shorter_than_its_warm_up():
+    """min(0.998, (1 + n) / (10 + n)) reaches 0.998 only after ~4490 updates: over the digits recipe's 800-1600-step
+    runs the average is the warm-up's own, ~0.09 of the run whatever its length (what configs/experiment/digits.yaml
+    and BENCHMARKS.md section 9b say), and only a longer run sees the constant's fixed ~500 updates."""
+    ema = EMA(decay=0.998)
+    short = [_relative_spread(ema, t) for t in (400, 900, 1600)]
+    assert all(abs(s - 0.09) < 0.005 for s in short)
+    assert _relative_spread(ema, 12000) < 0.06  # 500 of 12000 updates: shorter than the warm-up's share
+
+
+def test_exactly_one_of_decay_and_sigma_rel():
+    import pytest
+
+    from difflab.utils.errors import ConfigError
+
+    for kwargs in ({"decay": 0.999, "sigma_rel": 0.1}, {"decay": None}):
+        with pytest.raises(ConfigError, match="exactly one of decay .* or sigma_rel") as err:
+            EMA(**kwargs)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="callbacks.ema.sigma_rel=0.5"):
+        EMA(decay=None, sigma_rel=0.5)
+
+
 class _Regression(__import__("lightning").LightningModule):
     """A linear model with a float and an integer buffer, trained by SGD on fixed random data."""
 

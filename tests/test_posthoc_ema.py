@@ -215,6 +215,25 @@ def trained(tmp_path_factory) -> Path:
     return run
 
 
+def test_power_function_ema_callback_equals_the_tracked_profile_across_a_resume(tmp_path):
+    """callbacks.ema.sigma_rel=0.1 averages as post-hoc EMA's tracked 0.1 profile does, step for step, and a resumed
+    run continues it (its update count is checkpointed) rather than starting the profile again."""
+    from difflab.checkpoints import load_checkpoint
+    from difflab.pipeline import train
+
+    power = ["callbacks.ema.decay=null", "callbacks.ema.sigma_rel=0.1", "callbacks.posthoc_ema.sigma_rels=[0.1]"]
+    train(compose_train(tmp_path, tiny_overrides(max_steps=3, save_every=3, extra=[*QUIET, *power])))
+    ckpt = tmp_path / "checkpoints" / "step_0000003.ckpt"
+    train(
+        compose_train(tmp_path, tiny_overrides(max_steps=6, save_every=3, extra=[*QUIET, *power, f"ckpt_path={ckpt}"]))
+    )
+    tracked = read_snapshot_tensors(list_snapshots(tmp_path / "posthoc_ema")[6])[0][0]
+    ema = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["state_dict"]
+    assert tracked and max((ema[k].float() - v).abs().max().item() for k, v in tracked.items()) < 1e-5
+    raw = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["current_model_state"]
+    assert max((ema[k].float() - raw[k].float()).abs().max().item() for k in tracked) > 1e-4  # not the raw weights
+
+
 def test_training_writes_snapshots_and_resume_continues_them(trained):
     from difflab.checkpoints import load_checkpoint
 

@@ -52,7 +52,8 @@ RULES = {
     "class_grid.clip_model": optional(string()),
     "class_grid.digit_classifier_weights": optional(string()),
     # ema (src/callbacks/ema.py)
-    "ema.decay": probability(),
+    "ema.decay": optional(probability()).described_as("a number in [0, 1], or null with ema.sigma_rel"),
+    "ema.sigma_rel": optional(number(min=0, max=0.3, min_open=True)),
     "ema.update_every": integer(min=1),
     "ema.start_step": integer(min=0),
     "ema.warmup": boolean(),

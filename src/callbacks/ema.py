@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from difflab.callbacks.ema_shadow import AveragedShadow, ShadowStore
+from difflab.diffusion.posthoc_ema import SIGMA_REL_MAX, power_ema_beta, sigma_rel_to_gamma
 from difflab.ops.ema_weights import ema_module, ema_weights, prepare_ema_weights  # noqa: F401 - the public seam
 from difflab.ops.fsdp import is_sharding
 from difflab.ops.fsdp_ema import ShardedShadow
@@ -30,6 +31,24 @@ def ema_decay(decay: float, num_updates: int, warmup: bool) -> float:
     return min(decay, (1 + num_updates) / (10 + num_updates)) if warmup else decay
 
 
+def ema_profile(decay: float | None, sigma_rel: float | None) -> tuple[float | None, float | None]:
+    """``(decay, gamma)`` from exactly one of a constant decay and a power-function length (EDM2's ``sigma_rel``):
+    a constant decay (once warmed up) averages a fixed number of updates, a power-function EMA a fixed fraction of
+    all of them, so its length follows the run's on a fast machine or a slow one."""
+    if (decay is None) == (sigma_rel is None):
+        raise ConfigError(
+            f"callbacks.ema: give exactly one of decay (constant, e.g. 0.999) or sigma_rel (power-function length "
+            f"relative to the run, e.g. 0.1) and set the other to null; got decay={decay}, sigma_rel={sigma_rel}"
+        )
+    if decay is not None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"callbacks.ema.decay={decay}: EMA decay must be in [0, 1]")
+        return float(decay), None
+    if not 0.0 < sigma_rel <= SIGMA_REL_MAX:
+        raise ValueError(f"callbacks.ema.sigma_rel={sigma_rel}: must be in (0, {SIGMA_REL_MAX:.3f}] (EDM2: 0.05-0.2)")
+    return None, sigma_rel_to_gamma(float(sigma_rel))
+
+
 def keeps_sampling_copy(trainer: L.Trainer) -> bool:
     """Whether this rank needs a whole copy of the sharded average: rank 0 draws figures, and every rank does when a
     sampling callback shards its work over the ranks (``all_ranks``)."""
@@ -38,20 +57,23 @@ def keeps_sampling_copy(trainer: L.Trainer) -> bool:
 
 
 class EMA(WeightAveraging):
-    """EMA of all parameters and buffers, updated every ``update_every`` optimizer steps from ``start_step`` on."""
+    """EMA of all parameters and buffers, updated every ``update_every`` optimizer steps from ``start_step`` on: a
+    constant ``decay`` (with an optional warm-up) or, with ``sigma_rel`` (and ``decay=None``), a power-function EMA
+    whose update ``n`` (from 1) decays by ``(1 - 1/n)^(gamma + 1)`` (EDM2 Sec. 3.1)."""
 
     provides_ema_weights = True
 
     def __init__(
         self,
-        decay: float = 0.999,
+        decay: float | None = 0.999,
         update_every: int = 1,
         start_step: int = 0,
         warmup: bool = True,
         device: str | None = None,
+        sigma_rel: float | None = None,
     ):
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1]; got {decay}")
+        decay, self.gamma = ema_profile(decay, sigma_rel)
+        self.sigma_rel = sigma_rel
         if update_every < 1:
             raise ValueError(f"EMA update_every must be >= 1; got {update_every}")
         super().__init__(device=device, use_buffers=True, multi_avg_fn=self._lerp)
@@ -62,13 +84,19 @@ class EMA(WeightAveraging):
         self._raw_state_at_end: dict | None = None
         self._trainer: L.Trainer | None = None
 
+    def next_decay(self) -> float:
+        """The decay of the coming update (the ``num_updates + 1``-th)."""
+        if self.gamma is not None:
+            return power_ema_beta(self.num_updates + 1, self.gamma)
+        return ema_decay(self.decay, self.num_updates, self.warmup)
+
     @property
     def sharded(self) -> bool:
         """True when the average is sharded like the module (``trainer=fsdp``)."""
         return self.store is not None and self.store.sharded
 
     def _lerp(self, averaged: list[torch.Tensor], current: list[torch.Tensor], _n_averaged) -> None:
-        weight = 1.0 - ema_decay(self.decay, self.num_updates, self.warmup)
+        weight = 1.0 - self.next_decay()
         floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
         if floats:
             torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], weight)
