@@ -63,7 +63,8 @@ def quality_rows(run: Path, sigma_rels, n: int) -> tuple[list[dict], dict]:
     fixed = {"ema": judge(module, n)}
     load_state_dict_checked(module, load_checkpoint(last)["current_model_state"], last)
     fixed["raw"] = judge(module, n)
-    fixed["decay"] = float(module.run_config["callbacks"]["ema"]["decay"])
+    ema = module.run_config["callbacks"]["ema"]
+    fixed["decay"] = ema["decay"] if ema.get("decay") is not None else f"null (sigma_rel {ema.get('sigma_rel')})"
     fixed["steps"] = int(load_checkpoint(last)["global_step"])
     rows = []
     for s in sigma_rels:

@@ -1,5 +1,6 @@
 """EMA callback: decay warm-up, update schedule, and the EMA-module lookup used by samplers."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -30,7 +31,6 @@ def test_lerp_matches_closed_form():
 
 
 def test_rejects_bad_decay():
-    import pytest
 
     with pytest.raises(ValueError, match="decay"):
         EMA(decay=1.5)
@@ -43,7 +43,7 @@ def test_power_profile_weights_each_update_by_its_share_of_the_edm2_profile():
 
     ema = EMA(decay=None, sigma_rel=0.1)
     gamma = sigma_rel_to_gamma(0.1)
-    assert ema.gamma == gamma and gamma_to_sigma_rel(ema.gamma) == __import__("pytest").approx(0.1)
+    assert ema.gamma == gamma and gamma_to_sigma_rel(ema.gamma) == pytest.approx(0.1)
     for t in (7, 60):
         ema.num_updates = 0
         avg = [torch.zeros(t, dtype=torch.float64)]
@@ -72,7 +72,7 @@ def _relative_spread(ema: EMA, t: int) -> float:
 
 
 def test_a_warmed_up_constant_decay_is_a_fixed_fraction_of_runs_shorter_than_its_warm_up():
-    """min(0.998, (1 + n) / (10 + n)) reaches 0.998 only after ~4490 updates: over the digits recipe's 800-1600-step
+    """min(0.998, (1 + n) / (10 + n)) reaches 0.998 only after ~4490 updates: over the digits recipe's 800-1500-step
     runs the average is the warm-up's own, ~0.09 of the run whatever its length (what configs/experiment/digits.yaml
     and BENCHMARKS.md section 9b say), and only a longer run sees the constant's fixed ~500 updates."""
     ema = EMA(decay=0.998)
@@ -82,7 +82,6 @@ def test_a_warmed_up_constant_decay_is_a_fixed_fraction_of_runs_shorter_than_its
 
 
 def test_exactly_one_of_decay_and_sigma_rel():
-    import pytest
 
     from difflab.utils.errors import ConfigError
 

@@ -221,6 +221,31 @@ def test_kill9_resume_continues_step_lr_ema_then_sigterm_saves_and_exits_0(tmp_p
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning
+def test_init_from_ema_is_continued_by_the_first_update_not_replaced(uninterrupted, tmp_path):
+    """After init_from the first EMA update blends the loaded average with the new raw weights at the decay the source
+    run reached (no new warm-up); it does not restart the average from the raw weights."""
+    from difflab.callbacks.ema import ema_decay
+
+    src = load_checkpoint(uninterrupted / "checkpoints" / "step_0000030.ckpt")
+    _run(
+        tmp_path / "ft",
+        max_steps=1,
+        save_every=1,
+        extra=[f"init_from={uninterrupted / 'checkpoints' / 'step_0000030.ckpt'}"],
+    )
+    first = load_checkpoint(tmp_path / "ft" / "checkpoints" / "step_0000001.ckpt")
+    ema_cfg = compose_train(tmp_path / "cfg", tiny_overrides(extra=[*QUIET, *NOLOG])).callbacks.ema
+    d = ema_decay(ema_cfg.decay, src["callbacks"]["EMA"]["num_updates"], ema_cfg.warmup)
+    assert 0.5 < d < 1
+    floats = [k for k, v in first["state_dict"].items() if v.is_floating_point()]
+    expect = {k: d * src["state_dict"][k] + (1 - d) * first["current_model_state"][k] for k in floats}
+    assert _max_diff({k: first["state_dict"][k] for k in floats}, expect) < 1e-5
+    assert (
+        _max_diff({k: first["state_dict"][k] for k in floats}, {k: first["current_model_state"][k] for k in floats})
+        > 1e-4
+    )
+
+
 def test_init_from_loads_weights_and_ema_with_fresh_optimizer(uninterrupted, tmp_path, capsys):
     src = uninterrupted / "checkpoints" / "step_0000030.ckpt"
     ck = load_checkpoint(src)

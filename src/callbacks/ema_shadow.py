@@ -147,6 +147,7 @@ class AveragedShadow:
 
     def load_full(self, state_dict, strict, source):
         load_state_dict_checked(self.averaged.module, state_dict, source, strict=strict)
+        self.averaged.n_averaged.fill_(1)  # an initialised average is not overwritten by the first update
 
     def prepare(self, trainer):
         return None
