@@ -26,7 +26,13 @@ Phases:
   scores as a sweep ``ablate.py`` summarises (``<out>/judged``; its summary closes few_step.md).
 
     PYTHONPATH=. python bench/bench_few_step.py {all,train,judge} --teachers <race dir> [--seeds 0,1,2] [--out DIR]
-        [--n 500] [--methods progressive,reflow,consistency,scm,meanflow,guided] [--scales 1,2,3]
+        [--n 500] [--methods progressive,reflow,consistency,scm,meanflow,guided] [--scales 1,2,3] [--budget S]
+        [--override key=value ...] [--teacher-override key=value ...]
+
+``--budget``: the same-clock methods' wall-clock in seconds when there is no progressive run to take it from.
+``--override``: a Hydra override for every student run (``process.time_scale=1`` for teachers trained with it).
+``--teacher-override``: train each missing teacher with ``bench_vs_diffusers.py train --sides difflab --override``
+it (300 s) first.
 
 ``--teachers``: a directory holding ``difflab_s<seed>/run/checkpoints/last.ckpt`` (``bench_vs_diffusers.py``'s
 difflab runs: the default recipe trained for the race's budget).
@@ -38,6 +44,7 @@ import argparse
 import functools
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -94,9 +101,21 @@ def write_meta(run: Path, meta: dict, args) -> None:
     (run / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
+def train_teacher(args, seed: int) -> None:
+    """The race's difflab side for ``seed`` with ``--teacher-override`` (``bench_vs_diffusers.py train``), when
+    ``--teachers`` lacks it: teachers of another setup (sCM's ``process.time_scale=1``) from the same command."""
+    overrides = [part for o in args.teacher_override for part in ("--override", o)]
+    command = [sys.executable, str(REPO / "bench" / "bench_vs_diffusers.py"), "train", "--sides", "difflab"]
+    command += ["--seeds", str(seed), "--out", str(args.teachers), "--threads", str(args.threads), *overrides]
+    print(f"[few-step] seed {seed}: training the teacher ({' '.join(args.teacher_override)})")
+    subprocess.run(command, check=True)
+
+
 def train_phase(args) -> None:
     for seed in args.seeds:
         teacher = teacher_ckpt(args.teachers, seed)
+        if args.teacher_override and not teacher.exists():
+            train_teacher(args, seed)
         run = args.out / f"pd_s{seed}"
         if "progressive" in args.methods and not (run / "meta.json").exists():
             print(f"[few-step] seed {seed}: distilling {shown_path(teacher)} (progressive)")
@@ -107,15 +126,18 @@ def train_phase(args) -> None:
             print(f"[few-step] seed {seed}: distilling {shown_path(teacher)} with the guidance scale as input")
             overrides = ["experiment=digits_progressive_guided", f"method.teacher_ckpt={teacher}", f"seed={seed}"]
             write_meta(guided, {"seed": seed, **run_train(overrides + args.override, guided)}, args)
-        if not (run / "meta.json").exists():
+        if args.budget is not None:
+            budget = args.budget
+        elif (run / "meta.json").exists():
+            budget = json.loads((run / "meta.json").read_text())["train_s"]
+        else:
             continue  # the other methods' budgets are the progressive run's
-        budget = json.loads((run / "meta.json").read_text())["train_s"]
         clock = f"00:00:{int(budget) // 60:02d}:{int(budget) % 60:02d}"
         same_clock = [f"seed={seed}", "trainer.max_steps=100000", f"trainer.max_time={clock}"]
         for method, (prefix, _, _) in SAME_CLOCK.items():
             if method not in args.methods or (args.out / f"{prefix}_s{seed}" / "meta.json").exists():
                 continue
-            print(f"[few-step] seed {seed}: {method} student for {clock} (the progressive run's wall-clock)")
+            print(f"[few-step] seed {seed}: {method} student for {clock}")
             overrides = [f"experiment=digits_{method}", f"method.teacher_ckpt={teacher}", *same_clock]
             out = run_train(overrides + args.override, args.out / f"{prefix}_s{seed}")
             write_meta(args.out / f"{prefix}_s{seed}", {"seed": seed, **out, "clock": clock}, args)
@@ -238,6 +260,45 @@ def ablate_summary(scores: dict[str, list[dict]], args) -> str:
     return (sweep / "ablation" / "summary.md").read_text()
 
 
+def run_overrides(meta_path: Path) -> list[str]:
+    """The extra Hydra overrides a bench run recorded in its meta.json (none when it has no file)."""
+    return list(json.loads(meta_path.read_text()).get("overrides", [])) if meta_path.exists() else []
+
+
+def describe_teachers(args) -> str:
+    """Where the teachers come from, with the overrides they were trained with (seed 0's meta.json)."""
+    extra = run_overrides(teacher_ckpt(args.teachers, args.seeds[0]).parents[2] / "meta.json")
+    return "the default recipe's race runs (one per seed)" + (f" trained with `{' '.join(extra)}`" if extra else "")
+
+
+def describe_students(args) -> str:
+    """One phrase per judged method: its experiment, budget, checkpoints and extra overrides (first seed's run)."""
+    seed = args.seeds[0]
+
+    def budget(prefix: str) -> str:
+        meta = args.out / f"{prefix}_s{seed}" / "meta.json"
+        clock = json.loads(meta.read_text()).get("clock") if meta.exists() else None
+        extra = run_overrides(meta)
+        text = f"`trainer.max_time={clock}`" if clock else "the progressive run's wall-clock"
+        return text + (f", `{' '.join(extra)}`" if extra else "")
+
+    phrases = {
+        "progressive": "`experiment=digits_progressive` (DDIM 16 -> 1 in 4 rounds of 400 steps), the checkpoint at "
+        "each round's end",
+        "reflow": f"`experiment=digits_reflow` (16384 couplings of the teacher's own sampler, then {budget('rf')} of "
+        "training), its last checkpoint",
+        "consistency": "`experiment=digits_consistency` (consistency distillation with ECT's gaps, "
+        f"{budget('cm')}), its last checkpoint",
+        "scm": f"`experiment=digits_scm` (continuous-time consistency distillation, sCM, {budget('scm')}), its last "
+        "checkpoint",
+        "meanflow": "`experiment=digits_meanflow` (MeanFlow from scratch for the teacher's race wall-clock plus the "
+        "progressive run's), its last checkpoint",
+        "guided": "`experiment=digits_progressive_guided` (progressive's rounds, the guidance scale drawn from [1, 4] "
+        f"per sample and given to the student as input), each round's checkpoint at the scales {args.scales}",
+    }
+    return "; ".join(phrases[m] for m in args.methods if m in phrases)
+
+
 def judge_phase(args) -> str:
     from difflab.ablation.stats import mean_ci
     from difflab.diffusion.system import load_for_sampling
@@ -345,15 +406,8 @@ def judge_phase(args) -> str:
         "# Few-step generation on digits: distilled students against their teacher\n\n"
         f"`PYTHONPATH=. python bench/bench_few_step.py judge --teachers {shown_path(args.teachers)} --seeds "
         f"{','.join(map(str, args.seeds))} --n {args.n} --methods {','.join(args.methods)} --scales "
-        f"{','.join(f'{w:g}' for w in args.scales)} --name {args.name}`. Teachers: the default "
-        f"recipe's race runs (one per seed); students: `experiment=digits_progressive` (DDIM 16 -> 1 in 4 rounds of "
-        f"400 steps), the checkpoint at each round's end; `experiment=digits_reflow` (16384 couplings of the teacher's "
-        f"own sampler, then the progressive run's wall-clock of training) and `experiment=digits_consistency` "
-        f"(consistency distillation with ECT's gaps, the same wall-clock), `experiment=digits_scm` (continuous-time "
-        f"consistency distillation, sCM, the same wall-clock), their last checkpoints; `experiment=digits_meanflow` "
-        f"(MeanFlow from scratch for the teacher's race wall-clock plus the progressive run's), its last checkpoint; "
-        f"`experiment=digits_progressive_guided` (the same rounds, the guidance scale drawn from [1, 4] per sample and "
-        f"given to the student as input), each round's checkpoint at the scales {args.scales}. {args.n} balanced "
+        f"{','.join(f'{w:g}' for w in args.scales)} --name {args.name}`. Teachers: {describe_teachers(args)}; "
+        f"students: {describe_students(args)}. {args.n} balanced "
         f"samples per run, every judge of `difflab.eval.digits_eval.evaluate_samples`, "
         f"means with 95% t-intervals over {len(args.seeds)} seeds. Rows in order of the picture "
         f"(`{args.name}_grid.png`: 20 samples of seed {args.seeds[0]} per row).{cost}\n\n"
@@ -383,6 +437,15 @@ def main() -> None:
     p.add_argument("--scales", default="1,2,3", help="guidance scales the guided student is judged at")
     p.add_argument("--name", default="few_step", help="result file names: <name>.md, <name>_grid.png, <name>_ablate.md")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for the distillation runs")
+    p.add_argument(
+        "--teacher-override",
+        action="append",
+        default=[],
+        help="train missing teachers (the race's difflab side) with this Hydra override",
+    )
+    p.add_argument(
+        "--budget", type=float, default=None, help="seconds for the same-clock methods (default: the progressive run's)"
+    )
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.methods = [m for m in args.methods.split(",") if m]

@@ -94,6 +94,51 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         ],
         ["guided_student"],
     ),
+    # sCM from teachers that see t itself (process.time_scale=1: the race's difflab side trained with it, once), and
+    # from the race's own teacher (1000 t) on seed 0 as the control; the same wall-clock per student
+    "scm_time_input": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_ts1", "--teacher-override", "process.time_scale=1"),
+            *("--methods", "scm", "--budget", "630", "--out", "/tmp/difflab_scm_ts1", "--name", "scm_time_input"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_ts1", "--methods", "scm", "--out", "/tmp/difflab_scm_ts1"),
+            *("--seeds", "0", "--n", "100", "--name", "scm_time_input"),
+        ],
+        ["scm_time_input"],
+    ),
+    "scm_time_input_control": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_race", "--methods", "scm", "--budget", "630", "--seeds", "0"),
+            *("--override", "process.time_scale=1000", "--out", "/tmp/difflab_scm_ctrl"),
+            *("--name", "scm_time_input_control"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_race", "--methods", "scm", "--seeds", "0", "--out", "/tmp/difflab_scm_ctrl"),
+            *("--n", "100", "--name", "scm_time_input_control"),
+        ],
+        ["scm_time_input_control"],
+    ),
+    # the time derivative sCM trains on, through each kind of teacher (both trained above)
+    "scm_tangent": (
+        "bench_scm_tangent.py",
+        [
+            "time_scale_1000=/tmp/difflab_race/difflab_s0/run/checkpoints/last.ckpt",
+            "time_scale_1=/tmp/difflab_ts1/difflab_s0/run/checkpoints/last.ckpt",
+        ],
+        [
+            "time_scale_1000=/tmp/difflab_race/difflab_s0/run/checkpoints/last.ckpt",
+            "time_scale_1=/tmp/difflab_ts1/difflab_s0/run/checkpoints/last.ckpt",
+            *("--n", "64"),
+        ],
+        ["scm_tangent"],
+    ),
     # reads few_step's couplings of the race's seed-0 teacher
     "method_cost": (
         "bench_method_cost.py",

@@ -65,15 +65,19 @@ def run_hydra_main(main, argv: Sequence[str]) -> int:
             os.environ["HYDRA_MAIN_MODULE"] = old_env
 
 
-def default_teacher_checkpoint(folder: Path) -> Path:
+# experiments whose teacher is the digits recipe trained with these overrides (as their config files say)
+TEACHER_SETUP = {"digits_scm": ["process.time_scale=1"]}
+
+
+def default_teacher_checkpoint(folder: Path, overrides: Sequence[str] = ()) -> Path:
     """A checkpoint whose stored config is the default digits recipe's model and data (the committed legacy checkpoint
-    with those two sections replaced): a distillation command's teacher as the pre-flight reads it (its weights are
-    the tiny legacy ones, so only checks that read the config pass it)."""
+    with those two sections replaced; ``overrides`` change the recipe first): a distillation command's teacher as the
+    pre-flight reads it (its weights are the tiny legacy ones, so only checks that read the config pass it)."""
     import torch
     from omegaconf import OmegaConf
 
     ckpt = torch.load(ROOT / "tests" / "fixtures" / "legacy" / "last.ckpt", weights_only=True)
-    default = compose_train(folder / "composed", [])
+    default = compose_train(folder / "composed", list(overrides))
     for key in ("model", "datamodule"):  # unfilled values (the class count) stay ???, as in the composed config
         ckpt["difflab"]["config"][key] = OmegaConf.to_container(default[key], resolve=True, throw_on_missing=False)
     folder.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from difflab.config_checks import check_config, ensure_valid, group_schemas, pri
 from difflab.configs import CONFIG_DIR
 from difflab.preflight import ValidateConfig
 from difflab.utils.errors import ConfigError
-from tests.helpers import default_teacher_checkpoint
+from tests.helpers import TEACHER_SETUP, default_teacher_checkpoint
 
 FILE = "{file}"  # an existing regular file (a stand-in checkpoint, or an output path that is a file)
 NOWHERE = "{nowhere}"  # a path that does not exist
@@ -277,7 +277,8 @@ def paths(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("validation")
     (root / "file.ckpt").write_text("not a real checkpoint: validation only checks that it exists")
     teacher = default_teacher_checkpoint(root / "teacher")  # distillation's pre-flight reads its stored network
-    return {"file": str(root / "file.ckpt"), "nowhere": str(root / "nowhere.ckpt"), "teacher": str(teacher)}
+    own = {f"teacher_{e}": str(default_teacher_checkpoint(root / e, o)) for e, o in TEACHER_SETUP.items()}
+    return {"file": str(root / "file.ckpt"), "nowhere": str(root / "nowhere.ckpt"), "teacher": str(teacher), **own}
 
 
 @functools.lru_cache(maxsize=None)
@@ -341,7 +342,13 @@ def test_shipped_experiments_pass(experiment, paths):
 
 def _asks(experiment: str) -> list[str]:
     """What an experiment asks the user for (a teacher checkpoint) as the shipped-config tests give it."""
-    return ["method.teacher_ckpt={teacher}"] if experiment in DISTILLATIONS else []
+    if experiment not in DISTILLATIONS:
+        return []
+    return [
+        f"method.teacher_ckpt={{teacher_{experiment}}}"
+        if experiment in TEACHER_SETUP
+        else "method.teacher_ckpt={teacher}"
+    ]
 
 
 def _shipped() -> list[tuple[str, list[str]]]:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.docs_commands import Command, documented_commands
-from tests.helpers import ROOT, default_teacher_checkpoint, run_hydra_main
+from tests.helpers import ROOT, TEACHER_SETUP, default_teacher_checkpoint, run_hydra_main
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 NEEDS_EXTRA = {"hydra/launcher=slurm": "hydra-submitit-launcher"}  # optional plugins not in the dev extra
@@ -69,6 +69,7 @@ def place(tmp_path_factory):
         "run": run,
         "sweep": _sweep(root / "sweep"),
         "teacher": default_teacher_checkpoint(root / "teacher"),
+        **{f"teacher_{e}": default_teacher_checkpoint(root / e, o) for e, o in TEACHER_SETUP.items()},
     }
 
 
@@ -86,8 +87,9 @@ def fill(cmd: Command, place: dict) -> list[str]:
             argv.append(arg)
             continue
         bare = key.lstrip("+~")
-        if bare.endswith("teacher_ckpt"):  # a teacher of the default network
-            value = str(place["teacher"])
+        if bare.endswith("teacher_ckpt"):  # a teacher of the default network, or of the one the experiment asks for
+            experiment = next((a.partition("=")[2] for a in cmd.argv if a.startswith("experiment=")), "")
+            value = str(place.get(f"teacher_{experiment}", place["teacher"]))
         elif re.match(r"<[^>]*>/", value):  # a path under a run directory: <run>/checkpoints/step_<step>.ckpt
             value = re.sub(r"^<[^>]*>", str(run), value)
             if "<" in value:  # a file name with a placeholder: the run's file that matches it

@@ -359,7 +359,11 @@ def test_guide_compatibility_ignores_the_sampling_grid_and_training_density():
     other.diffusion.process = FlowProcess(shift=3.0, sampling_shift=0.33, density="uniform")
     main.check_guide(other, "g.ckpt")
     other.diffusion.process = FlowProcess(time_scale=1.0)
-    with pytest.raises(ConfigError, match=r"different noise schedule \(both flow, other coefficients\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"different time input at the same noise level \(guide 0.9933, main 993.3\): give both the same "
+        r"process.time_scale$",
+    ):
         main.check_guide(other, "g.ckpt")
     vp = _module("vp").diffusion
     spaced = _module("vp")

@@ -18,11 +18,12 @@ from difflab.diffusion.consistency import (
     scm_loss,
     scm_tangent,
     time_derivative,
+    time_input_slope,
     trigflow_point,
     trigflow_time,
     trigflow_velocity,
 )
-from difflab.diffusion.processes import FlowProcess, VPProcess
+from difflab.diffusion.processes import EDMProcess, FlowProcess, VPProcess
 from difflab.diffusion.samplers import consistency
 from difflab.methods.scm import ContinuousConsistency
 from difflab.utils.errors import ConfigError
@@ -146,6 +147,33 @@ def test_scm_refuses_a_discrete_process_and_bad_settings():
         ContinuousConsistency(tangent_c=0)
 
 
+@pytest.mark.parametrize("time_scale", [1.0, 1000.0])
+def test_time_input_slope_is_the_closed_form_derivative(time_scale):
+    """Flow: net_time = s sigma / (1 + sigma), sigma = sigma_d tan t, so d net_time / dt = s sigma_d / (cos t +
+    sigma_d sin t)^2; EDM: s ln(sigma) / 4, so s / (4 sin t cos t). The largest over the central 98% of
+    lognormal(-1, 1.4) noise levels."""
+    sd, z = 0.5, torch.linspace(-2.3263, 2.3263, 1025, dtype=torch.float64)
+    t = torch.atan((-1.0 + 1.4 * z).exp() / sd)
+    flow = time_scale * sd / (torch.cos(t) + sd * torch.sin(t)) ** 2
+    edm = time_scale / (4 * torch.sin(t) * torch.cos(t))
+    got = time_input_slope(FlowProcess(time_scale=time_scale), sd, -1.0, 1.4)
+    assert got == pytest.approx(float(flow.max()), rel=1e-2)
+    got = time_input_slope(EDMProcess(time_scale=time_scale), sd, -1.0, 1.4)
+    assert got == pytest.approx(float(edm.max()), rel=1e-2)
+
+
+def test_scm_warns_of_a_steep_time_input_only(caplog):
+    module = _module("flow")
+    with caplog.at_level("WARNING", logger="difflab.methods.scm"):
+        steep = ContinuousConsistency().warn_if_steep(module.diffusion)
+    assert steep > 500 and "process.time_scale=1000" in caplog.text and "process.time_scale=1 " in caplog.text
+    caplog.clear()
+    module.diffusion.process = FlowProcess(time_scale=1.0)
+    with caplog.at_level("WARNING", logger="difflab.methods.scm"):
+        assert ContinuousConsistency().warn_if_steep(module.diffusion) < 2.5
+    assert caplog.text == ""
+
+
 # ---------------------------------------------------------------- a real run
 @pytest.fixture(scope="module")
 def teacher_ckpt(run_dir):
@@ -192,3 +220,11 @@ def test_sct_without_a_teacher_runs(tmp_path):
 def test_preflight_refuses_scm_on_vp(tmp_path):
     problems = check_config(compose_train(tmp_path, [*_tiny(), "method=scm", "process=vp"]), "train")
     assert any("continuous process" in p for p in problems), problems
+
+
+def test_preflight_refuses_a_teacher_of_another_time_input(teacher_ckpt, tmp_path):
+    """experiment=digits_scm's student sees t (process.time_scale=1): a default teacher (1000 t) is refused before the
+    run, naming the key and both values."""
+    cfg = compose_train(tmp_path, [*_tiny(), *SCM, f"method.teacher_ckpt={teacher_ckpt}", "process.time_scale=1"])
+    problems = check_config(cfg, "train")
+    assert problems and "time_scale=1000.0 where this run has 1" in problems[0], problems

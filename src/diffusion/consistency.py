@@ -16,7 +16,7 @@ of its x0 and eps estimates).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -87,6 +87,17 @@ def scm_tangent(
     sin t sigma_d F."""
     c, s = _trig(t, x)
     return -(c * c) * (sigma_data * F_minus - dx_dt) - warmup * c * s * (x + sigma_data * dF_dt)
+
+
+def time_input_slope(process: Any, sigma_data: float, p_mean: float, p_std: float) -> float:
+    """The steepest |d net_time / dt| over TrigFlow times t of the central 98% of noise levels lognormal(``p_mean``,
+    ``p_std``): how fast the denoiser's time input moves along a trajectory, which sCM's time derivative goes through
+    (sCM section 4.1 asks for ~1: c_noise(t) = t; flow at ``time_scale`` 1000 gives ~1000)."""
+    z = torch.linspace(-2.3263, 2.3263, 1025, dtype=torch.float64)  # the normal's 1% and 99% quantiles
+    sigma = (p_mean + p_std * z).exp()
+    t = trigflow_time(sigma, sigma_data)
+    net_time = torch.as_tensor(process.net_time(process.time_from_log_snr(-2 * sigma.log())), dtype=torch.float64)
+    return float((net_time.diff() / t.diff()).abs().max())
 
 
 def normalize_tangent(g: Tensor, c: float = 0.1) -> Tensor:

@@ -365,8 +365,14 @@ class Diffusion:
         if self.process.name != other.process.name:
             return f"process ({o} {other.process.name}, {me} {self.process.name})"
         a, b = self.path(), other.path()
-        if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-9, atol=1e-12):
+        if a.shape != b.shape or not torch.allclose(a[1], b[1], rtol=1e-9, atol=1e-12):
             return f"noise schedule (both {self.process.name}, other coefficients)"
+        if not torch.allclose(a[0], b[0], rtol=1e-9, atol=1e-12):
+            k = int((a[0] - b[0]).abs().argmax())
+            return (
+                f"time input at the same noise level ({o} {b[0, k].item():.4g}, {me} {a[0, k].item():.4g}): give "
+                "both the same process.time_scale"
+            )
         pm, pg = self.objective, other.objective
         if (pm.prediction, float(pm.sigma_data)) != (pg.prediction, float(pg.sigma_data)):
             return f"prediction ({o} {pg.prediction}, {me} {pm.prediction})"

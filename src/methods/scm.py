@@ -5,6 +5,7 @@ Sampled in one or a few steps with ``sampler=consistency``."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, cast
 
 import torch
@@ -15,6 +16,7 @@ from difflab.diffusion.consistency import (
     scm_loss,
     scm_tangent,
     time_derivative,
+    time_input_slope,
     trigflow_point,
     trigflow_time,
     trigflow_velocity,
@@ -25,6 +27,8 @@ from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
+STEEP_TIME_INPUT = 10.0  # |d net_time / dt| above this: warn (sCM's c_noise(t) = t has 1; flow's default 1000 t ~1000)
 
 
 class ContinuousConsistency(ConsistencyTraining):
@@ -63,6 +67,26 @@ class ContinuousConsistency(ConsistencyTraining):
         source = f"distilled from {self.teacher_ckpt} (sCD)" if self.teacher_ckpt else "from this run's weights (sCT)"
         weighting = "adaptive weighting" if self.weighting is not None else "unweighted"
         return f"continuous-time consistency, {source}, tangent warmup {self.warmup_steps} steps, {weighting}"
+
+    def setup(self, module: Any, stage: str) -> None:
+        super().setup(module, stage)
+        if stage == "fit":
+            self.warn_if_steep(module.diffusion)
+
+    def warn_if_steep(self, diffusion: Any) -> float:
+        """Log a warning when the denoiser's time input is steep in TrigFlow time (``time_input_slope``): the JVP's
+        time term grows with it, and on digits sCM diverged at flow's default 1000 t but trained at 1 t (BENCHMARKS.md
+        section 16d). Returns the slope."""
+        slope = time_input_slope(diffusion.process, float(diffusion.objective.sigma_data), self.p_mean, self.p_std)
+        if slope > STEEP_TIME_INPUT:
+            log.warning(
+                "method=scm: the denoiser's time input moves %.0f units per unit of TrigFlow time (process.time_scale="
+                "%s); sCM's derivative goes through it and diverged on digits at this scale: train the teacher (or the "
+                "init_from run) and this run with process.time_scale=1 (experiment=digits_scm does)",
+                slope,
+                f"{getattr(diffusion.process, 'time_scale', float('nan')):g}",
+            )
+        return slope
 
     # ---------------------------------------------------------------- state
     def parameters(self) -> list[torch.nn.Parameter]:
