@@ -10,11 +10,11 @@ Phases:
 - ``train``: for each seed, ``python train.py experiment=digits_progressive method.teacher_ckpt=<teacher of that
   seed> seed=<seed>`` through ``difflab.pipeline.train`` (run directory ``<out>/pd_s<seed>``); the guided student
   the same way (``experiment=digits_progressive_guided``, ``<out>/gpd_s<seed>``); the consistency
-  and sCM students for the progressive run's wall-clock (``trainer.max_time``; ``<out>/cm_s<seed>``,
-  ``<out>/scm_s<seed>``); MeanFlow from scratch for the teacher's race wall-clock plus the progressive run's
+  and sCM students for the budget B, the progressive run's wall-clock or ``--budget`` (``trainer.max_time``;
+  ``<out>/cm_s<seed>``, ``<out>/scm_s<seed>``); MeanFlow from scratch for the teacher's race wall-clock plus B
   (``<out>/mf_s<seed>``); reflow: a 1-step run
-  that draws the teacher's couplings into ``<out>/pairs`` (timed: ``pairs_s``), then the student for the same
-  wall-clock (``<out>/rf_s<seed>``). Each run's wall-clock and step count go to its ``meta.json``; the cost per step
+  that draws the teacher's couplings into ``<out>/pairs`` (timed: ``pairs_s``), then the student for B
+  (``<out>/rf_s<seed>``). Each run's wall-clock and step count go to its ``meta.json``; the cost per step
   against the teacher's own training step is read from the teacher's race ``meta.json`` when there is one.
 - ``judge``: each seed's teacher and its students (progressive: the checkpoint at the end of each round, 8, 4, 2, 1
   DDIM steps; reflow: the last checkpoint at Euler 4, 2, 1; consistency and sCM: the last checkpoint at consistency
@@ -29,10 +29,10 @@ Phases:
         [--n 500] [--methods progressive,reflow,consistency,scm,meanflow,guided] [--scales 1,2,3] [--budget S]
         [--override key=value ...] [--teacher-override key=value ...]
 
-``--budget``: the same-clock methods' wall-clock in seconds when there is no progressive run to take it from.
+``--budget``: B in seconds, instead of the progressive run's wall-clock (needed when there is no progressive run).
 ``--override``: a Hydra override for every student run (``process.time_scale=1`` for teachers trained with it).
 ``--teacher-override``: train each missing teacher with ``bench_vs_diffusers.py train --sides difflab --override``
-it (300 s) first.
+it (300 s) first; a teacher already there must have been trained with the same overrides.
 
 ``--teachers``: a directory holding ``difflab_s<seed>/run/checkpoints/last.ckpt`` (``bench_vs_diffusers.py``'s
 difflab runs: the default recipe trained for the race's budget).
@@ -56,9 +56,9 @@ from bench.common import QUIET, REPO, RESULTS, machine_description, md_table, se
 
 STUDENT_STEPS = {400: 8, 800: 4, 1200: 2, 1600: 1}
 RECIPE_SCALE = 2.0  # the recipe's guidance scale (guidance=cfg_interval): the teacher's own-sampler row  # experiment=digits_progressive: the end of each round
-# students trained for the progressive run's wall-clock from one command: method -> (run prefix, row label, sampler)
+# students trained for the budget B (the progressive run's wall-clock or --budget): method -> (prefix, label, sampler)
 SAME_CLOCK = {"consistency": ("cm", "CM", "consistency"), "scm": ("scm", "sCM", "consistency")}
-# trained from scratch for the teacher's race wall-clock plus the progressive run's: the compute of teacher + student
+# trained from scratch for the teacher's race wall-clock plus B: the compute of teacher + student
 FROM_SCRATCH = {"meanflow": ("mf", "MF", "meanflow")}
 ONE_RUN = {**SAME_CLOCK, **FROM_SCRATCH}  # methods judged on one run's last checkpoint
 COLUMNS = [
@@ -114,8 +114,14 @@ def train_teacher(args, seed: int) -> None:
 def train_phase(args) -> None:
     for seed in args.seeds:
         teacher = teacher_ckpt(args.teachers, seed)
-        if args.teacher_override and not teacher.exists():
-            train_teacher(args, seed)
+        if args.teacher_override:
+            made = run_overrides(teacher.parents[2] / "meta.json")
+            if teacher.exists() and sorted(made) != sorted(args.teacher_override):
+                sys.exit(
+                    f"{teacher}: trained with {made}, not --teacher-override {args.teacher_override}: give another --teachers"
+                )
+            if not teacher.exists():
+                train_teacher(args, seed)
         run = args.out / f"pd_s{seed}"
         if "progressive" in args.methods and not (run / "meta.json").exists():
             print(f"[few-step] seed {seed}: distilling {shown_path(teacher)} (progressive)")
@@ -145,7 +151,9 @@ def train_phase(args) -> None:
         if "meanflow" in args.methods and not (args.out / f"mf_s{seed}" / "meta.json").exists():
             total = budget + json.loads(race.read_text())["train_s"]
             both = f"00:00:{int(total) // 60:02d}:{int(total) % 60:02d}"
-            print(f"[few-step] seed {seed}: meanflow from scratch for {both} (the teacher's and the progressive run's)")
+            print(
+                f"[few-step] seed {seed}: meanflow from scratch for {both} (the teacher's race and the students' budget)"
+            )
             overrides = [
                 "experiment=digits_meanflow",
                 f"seed={seed}",
@@ -156,11 +164,11 @@ def train_phase(args) -> None:
             write_meta(args.out / f"mf_s{seed}", {"seed": seed, **out, "clock": both}, args)
         if "reflow" not in args.methods or (args.out / f"rf_s{seed}" / "meta.json").exists():
             continue
-        # the couplings first (a 1-step run that draws them), then the student on the progressive run's wall-clock
+        # the couplings first (a 1-step run that draws them), then the student for the budget
         common = ["experiment=digits_reflow", f"method.teacher_ckpt={teacher}", f"method.pairs_dir={args.out}/pairs"]
         print(f"[few-step] seed {seed}: drawing the couplings of {shown_path(teacher)} (reflow)")
         pairs = run_train(common + ["trainer.max_steps=1", f"seed={seed}"], args.out / f"rf_pairs_s{seed}")
-        print(f"[few-step] seed {seed}: reflow student for {clock} (the progressive run's wall-clock)")
+        print(f"[few-step] seed {seed}: reflow student for {clock}")
         overrides = common + same_clock
         out = run_train(overrides + args.override, args.out / f"rf_s{seed}")
         write_meta(args.out / f"rf_s{seed}", {"seed": seed, **out, "pairs_s": pairs["train_s"], "clock": clock}, args)
@@ -291,8 +299,8 @@ def describe_students(args) -> str:
         f"{budget('cm')}), its last checkpoint",
         "scm": f"`experiment=digits_scm` (continuous-time consistency distillation, sCM, {budget('scm')}), its last "
         "checkpoint",
-        "meanflow": "`experiment=digits_meanflow` (MeanFlow from scratch for the teacher's race wall-clock plus the "
-        "progressive run's), its last checkpoint",
+        "meanflow": f"`experiment=digits_meanflow` (MeanFlow from scratch, {budget('mf')}: the teacher's race "
+        "wall-clock plus the students' budget), its last checkpoint",
         "guided": "`experiment=digits_progressive_guided` (progressive's rounds, the guidance scale drawn from [1, 4] "
         f"per sample and given to the student as input), each round's checkpoint at the scales {args.scales}",
     }
@@ -444,7 +452,10 @@ def main() -> None:
         help="train missing teachers (the race's difflab side) with this Hydra override",
     )
     p.add_argument(
-        "--budget", type=float, default=None, help="seconds for the same-clock methods (default: the progressive run's)"
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the same-clock methods (instead of the progressive run's)",
     )
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]

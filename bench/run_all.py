@@ -125,6 +125,54 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         ],
         ["scm_time_input_control"],
     ),
+    # MeanFlow from scratch seeing t against 1000 t, seed 0, the same 600 s (300 + the race teacher's 300)
+    "meanflow_time_input_s0": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_ts1", "--methods", "meanflow", "--budget", "300", "--seeds", "0"),
+            *("--out", "/tmp/difflab_mf_ts1", "--name", "meanflow_time_input_s0"),
+        ],
+        [
+            "judge",
+            *(
+                "--teachers",
+                "/tmp/difflab_ts1",
+                "--methods",
+                "meanflow",
+                "--seeds",
+                "0",
+                "--out",
+                "/tmp/difflab_mf_ts1",
+            ),
+            *("--n", "100", "--name", "meanflow_time_input_s0"),
+        ],
+        ["meanflow_time_input_s0"],
+    ),
+    "meanflow_time_input_control_s0": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_race", "--methods", "meanflow", "--budget", "300", "--seeds", "0"),
+            *("--override", "process.time_scale=1000", "--out", "/tmp/difflab_mf_ctrl"),
+            *("--name", "meanflow_time_input_control_s0"),
+        ],
+        [
+            "judge",
+            *(
+                "--teachers",
+                "/tmp/difflab_race",
+                "--methods",
+                "meanflow",
+                "--seeds",
+                "0",
+                "--out",
+                "/tmp/difflab_mf_ctrl",
+            ),
+            *("--n", "100", "--name", "meanflow_time_input_control_s0"),
+        ],
+        ["meanflow_time_input_control_s0"],
+    ),
     # the time derivative sCM trains on, through each kind of teacher (both trained above)
     "scm_tangent": (
         "bench_scm_tangent.py",

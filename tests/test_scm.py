@@ -162,6 +162,18 @@ def test_time_input_slope_is_the_closed_form_derivative(time_scale):
     assert got == pytest.approx(float(edm.max()), rel=1e-2)
 
 
+def test_scm_warns_of_a_steep_time_input_at_setup(caplog):
+    module = _module("flow")
+    module.diffusion.sampler = functools.partial(consistency, steps=1)
+    with caplog.at_level("WARNING", logger="difflab.methods.scm"):
+        ContinuousConsistency().setup(module, "validate")
+    assert caplog.text == ""  # only before training
+    with caplog.at_level("WARNING", logger="difflab.methods.scm"):
+        ContinuousConsistency().setup(module, "fit")
+    assert "moves 1642 units per unit of TrigFlow time (process.time_scale=1000)" in caplog.text
+    assert math.isnan(time_input_slope(VPProcess("cosine", 50), 0.5, -1.0, 1.4))  # discrete: no slope to speak of
+
+
 def test_scm_warns_of_a_steep_time_input_only(caplog):
     module = _module("flow")
     with caplog.at_level("WARNING", logger="difflab.methods.scm"):
@@ -222,9 +234,20 @@ def test_preflight_refuses_scm_on_vp(tmp_path):
     assert any("continuous process" in p for p in problems), problems
 
 
-def test_preflight_refuses_a_teacher_of_another_time_input(teacher_ckpt, tmp_path):
-    """experiment=digits_scm's student sees t (process.time_scale=1): a default teacher (1000 t) is refused before the
-    run, naming the key and both values."""
+def test_a_teacher_of_another_time_input_is_refused_before_the_run_and_at_load(teacher_ckpt, tmp_path):
+    """A student that sees t (process.time_scale=1, as experiment=digits_scm sets) and a teacher that saw 1000 t: the
+    pre-flight names the key and both values; loading it (the run's own check) names the time input."""
+    from difflab.checkpoints import module_from_checkpoint
+    from difflab.methods.teacher import load_teacher
+
     cfg = compose_train(tmp_path, [*_tiny(), *SCM, f"method.teacher_ckpt={teacher_ckpt}", "process.time_scale=1"])
     problems = check_config(cfg, "train")
-    assert problems and "time_scale=1000.0 where this run has 1" in problems[0], problems
+    assert any("time_scale=1000.0 where this run has 1" in p for p in problems), problems
+    student = module_from_checkpoint(teacher_ckpt).diffusion
+    student.process = FlowProcess(time_scale=1.0)
+    with pytest.raises(
+        ConfigError,
+        match=r"cannot teach this model: different time input at the same noise level "
+        r"\(teacher 993.3, student 0.9933\): give both the same process.time_scale$",
+    ):
+        load_teacher(str(teacher_ckpt), student)

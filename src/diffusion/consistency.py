@@ -92,7 +92,10 @@ def scm_tangent(
 def time_input_slope(process: Any, sigma_data: float, p_mean: float, p_std: float) -> float:
     """The steepest |d net_time / dt| over TrigFlow times t of the central 98% of noise levels lognormal(``p_mean``,
     ``p_std``): how fast the denoiser's time input moves along a trajectory, which sCM's time derivative goes through
-    (sCM section 4.1 asks for ~1: c_noise(t) = t; flow at ``time_scale`` 1000 gives ~1000)."""
+    (sCM section 4.1 asks for ~1: c_noise(t) = t; flow at ``time_scale`` 1000 gives ~1600 at sigma_d 0.5). NaN for a
+    discrete process (its time snaps to steps: no slope)."""
+    if not getattr(process, "continuous", True):
+        return float("nan")
     z = torch.linspace(-2.3263, 2.3263, 1025, dtype=torch.float64)  # the normal's 1% and 99% quantiles
     sigma = (p_mean + p_std * z).exp()
     t = trigflow_time(sigma, sigma_data)

@@ -369,10 +369,12 @@ class Diffusion:
             return f"noise schedule (both {self.process.name}, other coefficients)"
         if not torch.allclose(a[0], b[0], rtol=1e-9, atol=1e-12):
             k = int((a[0] - b[0]).abs().argmax())
-            return (
-                f"time input at the same noise level ({o} {b[0, k].item():.4g}, {me} {a[0, k].item():.4g}): give "
-                "both the same process.time_scale"
+            hint = (
+                "give both the same process.time_scale"
+                if hasattr(self.process, "time_scale")
+                else "the processes time the network differently"
             )
+            return f"time input at the same noise level ({o} {b[0, k].item():.4g}, {me} {a[0, k].item():.4g}): {hint}"
         pm, pg = self.objective, other.objective
         if (pm.prediction, float(pm.sigma_data)) != (pg.prediction, float(pg.sigma_data)):
             return f"prediction ({o} {pg.prediction}, {me} {pm.prediction})"

@@ -28,7 +28,7 @@ from difflab.utils.frozen import Frozen
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
-STEEP_TIME_INPUT = 10.0  # |d net_time / dt| above this: warn (sCM's c_noise(t) = t has 1; flow's default 1000 t ~1000)
+STEEP_TIME_INPUT = 10.0  # |d net_time / dt| above this: warn (sCM's c_noise(t) = t has 1; flow's default 1000 t ~1600)
 
 
 class ContinuousConsistency(ConsistencyTraining):
