@@ -439,8 +439,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--methods",
-        default="progressive,reflow,consistency,scm,meanflow",
-        help="comma-separated: of the default, and guided",
+        default="progressive,reflow,consistency,meanflow",
+        help="comma-separated: of the default, scm (teachers trained with process.time_scale=1: --teacher-override) "
+        "and guided",
     )
     p.add_argument("--scales", default="1,2,3", help="guidance scales the guided student is judged at")
     p.add_argument("--name", default="few_step", help="result file names: <name>.md, <name>_grid.png, <name>_ablate.md")

@@ -69,10 +69,14 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
     "video_buckets": ("bench_video_buckets.py", [], ["--quick", "--write-quick"], ["video_buckets"]),
     "optimizers": ("bench_optimizers.py", [], ["--quick"], ["optimizers"]),
     # distils the race's difflab runs (vs_diffusers above)
+    # (sCM needs teachers that see t: scm_time_input below)
     "few_step": (
         "bench_few_step.py",
-        ["all", "--teachers", "/tmp/difflab_race"],
-        ["judge", "--teachers", "/tmp/difflab_race", "--seeds", "0", "--n", "100"],
+        ["all", "--teachers", "/tmp/difflab_race", "--methods", "progressive,reflow,consistency,meanflow"],
+        [
+            *("judge", "--teachers", "/tmp/difflab_race", "--seeds", "0", "--n", "100"),
+            *("--methods", "progressive,reflow,consistency,meanflow"),
+        ],
         ["few_step"],
     ),
     # the race's difflab runs distilled with the guidance scale as the student's input (one student, every scale)
