@@ -10,6 +10,9 @@ after ``--skip`` warm-up steps (reflow's first batch reads its couplings from ``
 
     PYTHONPATH=. python bench/bench_method_cost.py --teacher <race dir>/difflab_s0/run/checkpoints/last.ckpt \\
         --pairs-dir <few-step out>/pairs [--steps 30] [--skip 10] [--repeats 2] [--threads 2]
+        [--only diffusion meanflow] [--name method_cost]
+
+``--only``: the methods whose names start with one of these words (the teacher's step is always timed).
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def method_overrides(args) -> dict[str, list[str]]:
         "reflow": ["experiment=digits_reflow", teacher, f"method.pairs_dir={args.pairs_dir}"],
         "consistency (ECT gaps)": ["experiment=digits_consistency", teacher],
         "scm (JVP)": ["experiment=digits_scm", teacher],
-        "meanflow (JVP)": ["experiment=digits_meanflow"],
+        "meanflow (JVP), CFG in its targets": ["experiment=digits_meanflow"],
+        "meanflow (JVP), plain targets": ["experiment=digits_meanflow", "method.target_guidance=null"],
     }
 
 
@@ -71,9 +75,16 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=10)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", nargs="*", default=None, help="time only the methods whose names start with these")
+    p.add_argument("--name", default="method_cost", help="the result file's name")
     args = p.parse_args()
     set_threads(args.threads)
-    runs = {name: (lambda o=o: seconds_per_step(o, args)) for name, o in method_overrides(args).items()}
+    chosen = {
+        name: o
+        for name, o in method_overrides(args).items()
+        if args.only is None or name.startswith("diffusion") or any(name.startswith(w) for w in args.only)
+    }
+    runs = {name: (lambda o=o: seconds_per_step(o, args)) for name, o in chosen.items()}
     times = interleaved(runs, args.repeats)
     base = median([t["wall"] for t in times["diffusion (the teacher's step)"]])
     base_cpu = median([t["cpu"] for t in times["diffusion (the teacher's step)"]])
@@ -85,11 +96,11 @@ def main() -> None:
     text = (
         "# Training cost per step of each few-step method against the teacher's diffusion step\n\n"
         f"`PYTHONPATH=. python bench/bench_method_cost.py --steps {args.steps} --skip {args.skip} --repeats "
-        f"{args.repeats}`: the digits recipe's network (UNet2D 16-32-64, batch 128) inside Lightning, each method as "
+        f"{args.repeats}{' --only ' + ' '.join(args.only) if args.only else ''}`: the digits recipe's network (UNet2D 16-32-64, batch 128) inside Lightning, each method as "
         f"its experiment configures it, timed from step {args.skip} to {args.steps}; the methods alternate over "
         f"{args.repeats} rounds, medians.\n\n" + md_table(header, rows) + f"\n\nMachine: {machine_description()}\n"
     )
-    print(f"wrote {write_result('method_cost', text)}")
+    print(f"wrote {write_result(args.name, text)}")
 
 
 if __name__ == "__main__":

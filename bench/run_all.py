@@ -135,6 +135,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         [
             "all",
             *("--teachers", "/tmp/difflab_ts1", "--methods", "meanflow", "--budget", "300", "--seeds", "0"),
+            *("--override", "method.target_guidance=null"),  # as measured then: targets unguided
             *("--out", "/tmp/difflab_mf_ts1", "--name", "meanflow_time_input_s0"),
         ],
         [
@@ -158,7 +159,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         [
             "all",
             *("--teachers", "/tmp/difflab_race", "--methods", "meanflow", "--budget", "300", "--seeds", "0"),
-            *("--override", "process.time_scale=1000", "--out", "/tmp/difflab_mf_ctrl"),
+            *("--override", "process.time_scale=1000", "method.target_guidance=null", "--out", "/tmp/difflab_mf_ctrl"),
             *("--name", "meanflow_time_input_control_s0"),
         ],
         [
@@ -176,6 +177,45 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
             *("--n", "100", "--name", "meanflow_time_input_control_s0"),
         ],
         ["meanflow_time_input_control_s0"],
+    ),
+    # MeanFlow with the recipe's CFG baked into its targets, three seeds, 600 s each
+    "meanflow_cfg": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_ts1", "--methods", "meanflow", "--budget", "300"),
+            *("--override", "method.target_guidance=${guidance}"),
+            *("--out", "/tmp/difflab_mf_cfg", "--name", "meanflow_cfg"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_ts1", "--methods", "meanflow", "--out", "/tmp/difflab_mf_cfg"),
+            *("--n", "100", "--name", "meanflow_cfg"),
+        ],
+        ["meanflow_cfg"],
+    ),
+    # its control: the same with plain targets (seed 0 is meanflow_time_input_s0's run: link its mf_s0 into the folder
+    # first, or it is trained again)
+    "meanflow_plain": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_ts1", "--methods", "meanflow", "--budget", "300"),
+            *(
+                "--override",
+                "method.target_guidance=null",
+                "--out",
+                "/tmp/difflab_mf_plain",
+                "--name",
+                "meanflow_plain",
+            ),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_ts1", "--methods", "meanflow", "--out", "/tmp/difflab_mf_plain"),
+            *("--n", "100", "--name", "meanflow_plain"),
+        ],
+        ["meanflow_plain"],
     ),
     # the time derivative sCM trains on, through each kind of teacher (both trained above)
     "scm_tangent": (
@@ -213,6 +253,20 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
             "1",
         ],
         ["method_cost"],
+    ),
+    # MeanFlow's step with CFG in its targets against plain targets and the teacher's step (section 16f)
+    "method_cost_meanflow_cfg": (
+        "bench_method_cost.py",
+        [
+            *("--teacher", "/tmp/difflab_ts1/difflab_s0/run/checkpoints/last.ckpt", "--pairs-dir", "/tmp/unused"),
+            *("--steps", "30", "--skip", "10", "--only", "meanflow", "--name", "method_cost_meanflow_cfg"),
+        ],
+        [
+            *("--teacher", "/tmp/difflab_ts1/difflab_s0/run/checkpoints/last.ckpt", "--pairs-dir", "/tmp/unused"),
+            *("--steps", "12", "--skip", "4", "--repeats", "1", "--only", "meanflow"),
+            *("--name", "method_cost_meanflow_cfg"),
+        ],
+        ["method_cost_meanflow_cfg"],
     ),
     # reads the race's runs (vs_diffusers above keeps a checkpoint every 100 steps for it)
     "guide_sweep": (
@@ -259,6 +313,7 @@ TITLES = {
     "few_step": "16. Few-step generation: progressive distillation, reflow, consistency, sCM and MeanFlow against the teacher (three seeds, every judge)",
     "method_cost": "16b. Training cost per step of each few-step method against the teacher's step",
     "guided_student": "16c. Guidance baked in: one progressive student for every guidance scale (three seeds, every judge)",
+    "meanflow_cfg": "16f. MeanFlow with CFG baked into its targets, against plain targets (three seeds each, every judge)",
 }
 TARGET_RE = re.compile(r"(target[^.\n]*?:\s*\**(?:met|not met)[^\n]*)", re.IGNORECASE)
 

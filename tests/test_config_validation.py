@@ -51,6 +51,7 @@ BAD = [
     ("train", ["experiment=digits_scm", "method.warmup_steps=-1"], "method.warmup_steps", "-1"),
     ("train", ["experiment=digits_meanflow", "method.ratio=1.5"], "method.ratio", "1.5"),
     ("train", ["experiment=digits_meanflow", "method.adaptive_c=0"], "method.adaptive_c", "0"),
+    ("train", ["experiment=digits_meanflow", "method.kappa=1"], "method.kappa", "1"),
     (
         "train",
         ["experiment=digits_progressive", "method.guidance_scales=[1,2,3]"],

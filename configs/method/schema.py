@@ -41,5 +41,6 @@ RULES = {
     "ratio": probability(),
     "adaptive_p": non_negative(),
     "adaptive_c": positive(),
+    "kappa": probability(max_open=True),
     "guidance_scales": optional(list_of(non_negative(), length=2)),  # [lo, hi]: lo < hi, the constructor's rule
 }

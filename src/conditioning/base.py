@@ -31,9 +31,14 @@ class Conditioner(nn.Module):
         """Replace a random fraction ``p`` of conditions by the null condition (classifier-free guidance training)."""
         if raw is None or p <= 0:
             return raw
-        n = len(raw)
-        mask = torch.rand(n, generator=generator) < p
-        return self.where_null(raw, mask)
+        return self.where_null(raw, self.drop_mask(len(raw), p, generator))
+
+    @staticmethod
+    def drop_mask(n: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Which of n conditions ``drop`` replaces (bool, CPU): each with probability ``p``; no draw when p <= 0."""
+        if p <= 0:
+            return torch.zeros(n, dtype=torch.bool)
+        return torch.rand(n, generator=generator) < p
 
     def where_null(self, raw: Any, mask: torch.Tensor) -> Any:
         """Conditions with entries where ``mask`` is True replaced by the null condition."""

@@ -84,11 +84,16 @@ def guidance_active(sigma: float, interval: Sequence[float | None] | None) -> bo
 
     sigma is the variance-exploding noise level sigma_ve = sigma / alpha of the current time (module docstring).
     """
+    return bool(guidance_active_per_sample(torch.tensor([float(sigma)], dtype=torch.float64), interval))
+
+
+def guidance_active_per_sample(sigma: Tensor, interval: Sequence[float | None] | None) -> Tensor:
+    """``guidance_active`` for a tensor of noise levels sigma_ve (one per sample): a bool tensor of its shape."""
     bounds = check_interval(interval)
     if bounds is None:
-        return True
+        return torch.ones_like(sigma, dtype=torch.bool)
     lo, hi = bounds
-    return lo < sigma <= hi
+    return (sigma > lo) & (sigma <= hi)
 
 
 def concat_cond(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

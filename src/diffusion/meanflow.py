@@ -34,3 +34,13 @@ def adaptive_l2(u: Tensor, target: Tensor, p: float = 1.0, c: float = 1e-3) -> T
     weighting; p = 0: plain squared L2, p = 1: close to a pseudo-Huber loss)."""
     squared = ((u - target) ** 2).flatten(1).sum(dim=1)
     return squared / (squared.detach() + c) ** p
+
+
+def guided_velocity(v: Tensor, u_cond: Tensor, u_uncond: Tensor, scale: float | Tensor, kappa: float) -> Tensor:
+    """MeanFlow's guided instantaneous velocity (its section 4.2 and appendix, the kappa form): omega v + kappa u_c +
+    (1 - omega - kappa) u_u with omega = scale (1 - kappa), ``u_c`` / ``u_u`` the network's own conditional and
+    unconditional velocities u(z, t, t) (stopped gradient). Its fixed point is classifier-free guidance at ``scale``:
+    u_c = u_u + scale (v_c - u_u). ``scale`` may be one per sample; ``kappa`` in [0, 1) (0: v at scale, u_c unused)."""
+    s = scale.to(v).reshape(-1, *([1] * (v.ndim - 1))) if isinstance(scale, Tensor) else float(scale)
+    omega = s * (1 - kappa)
+    return omega * v + kappa * u_cond + (1 - omega - kappa) * u_uncond

@@ -108,6 +108,8 @@ class DiffusionModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.method.setup(self, stage)
+        if stage == "fit":
+            log.info("method: %s", self.method.describe())
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self.method.on_train_batch_start(self, self.trainer.global_step)
