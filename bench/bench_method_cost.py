@@ -48,7 +48,7 @@ def method_overrides(args) -> dict[str, list[str]]:
         "reflow": ["experiment=digits_reflow", teacher, f"method.pairs_dir={args.pairs_dir}"],
         "consistency (ECT gaps)": ["experiment=digits_consistency", teacher],
         "scm (JVP)": ["experiment=digits_scm", teacher],
-        "meanflow (JVP), CFG in its targets": ["experiment=digits_meanflow"],
+        "meanflow (JVP), CFG in its targets": ["experiment=digits_meanflow", "method.target_guidance=${guidance}"],
         "meanflow (JVP), plain targets": ["experiment=digits_meanflow", "method.target_guidance=null"],
     }
 
