@@ -159,7 +159,8 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         [
             "all",
             *("--teachers", "/tmp/difflab_race", "--methods", "meanflow", "--budget", "300", "--seeds", "0"),
-            *("--override", "process.time_scale=1000", "method.target_guidance=null", "--out", "/tmp/difflab_mf_ctrl"),
+            *("--override", "process.time_scale=1000", "--override", "method.target_guidance=null"),
+            *("--out", "/tmp/difflab_mf_ctrl"),
             *("--name", "meanflow_time_input_control_s0"),
         ],
         [
