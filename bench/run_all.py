@@ -195,6 +195,23 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         ],
         ["meanflow_cfg"],
     ),
+    # the guided arm again at the plain arm's mean step count (993) instead of its wall-clock: guidance vs fewer steps
+    "meanflow_cfg_steps": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_ts1", "--methods", "meanflow", "--budget", "300"),
+            *("--override", "method.target_guidance=${guidance}", "--override", "trainer.max_steps=993"),
+            *("--override", "trainer.max_time=00:00:30:00", "--out", "/tmp/difflab_mf_cfg_steps"),
+            *("--name", "meanflow_cfg_steps"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_ts1", "--methods", "meanflow", "--out", "/tmp/difflab_mf_cfg_steps"),
+            *("--n", "100", "--name", "meanflow_cfg_steps"),
+        ],
+        ["meanflow_cfg_steps"],
+    ),
     # its control: the same with plain targets (seed 0 is meanflow_time_input_s0's run: link its mf_s0 into the folder
     # first, or it is trained again)
     "meanflow_plain": (
