@@ -4,12 +4,15 @@ continuous time (sCM, ``experiment=digits_scm``) of default-recipe teachers, and
 (``experiment=digits_meanflow``), judged at 1, 2, 4 (and 8) steps against the teacher at the same steps and at its own
 19-NFE sampler; and progressive distillation with the guidance baked in (``experiment=digits_progressive_guided``,
 method ``guided``: one student for every scale in [1, 4]) judged at each of ``--scales`` against the teacher's own
-sampler at that scale and the fixed-scale progressive student.
+sampler at that scale and the fixed-scale progressive student; likewise reflow with the guidance baked in
+(``experiment=digits_reflow_guided``, method ``reflow_guided``).
 
 Phases:
 - ``train``: for each seed, ``python train.py experiment=digits_progressive method.teacher_ckpt=<teacher of that
   seed> seed=<seed>`` through ``difflab.pipeline.train`` (run directory ``<out>/pd_s<seed>``); the guided student
-  the same way (``experiment=digits_progressive_guided``, ``<out>/gpd_s<seed>``); the consistency
+  the same way (``experiment=digits_progressive_guided``, ``<out>/gpd_s<seed>``); the guided reflow student
+  (``experiment=digits_reflow_guided``: its couplings drawn first, ``<out>/grf_pairs_s<seed>``, then its steps,
+  ``<out>/grf_s<seed>``); the consistency
   and sCM students for the budget B, the progressive run's wall-clock or ``--budget`` (``trainer.max_time``;
   ``<out>/cm_s<seed>``, ``<out>/scm_s<seed>``); MeanFlow from scratch for the teacher's race wall-clock plus B
   (``<out>/mf_s<seed>``); reflow: a 1-step run
@@ -132,6 +135,18 @@ def train_phase(args) -> None:
             print(f"[few-step] seed {seed}: distilling {shown_path(teacher)} with the guidance scale as input")
             overrides = ["experiment=digits_progressive_guided", f"method.teacher_ckpt={teacher}", f"seed={seed}"]
             write_meta(guided, {"seed": seed, **run_train(overrides + args.override, guided)}, args)
+        guided_reflow = args.out / f"grf_s{seed}"
+        if "reflow_guided" in args.methods and not (guided_reflow / "meta.json").exists():
+            common = [
+                "experiment=digits_reflow_guided",
+                f"method.teacher_ckpt={teacher}",
+                f"method.pairs_dir={args.out}/pairs",
+            ]
+            print(f"[few-step] seed {seed}: drawing the couplings of {shown_path(teacher)}, each at its own scale")
+            pairs = run_train(common + ["trainer.max_steps=1", f"seed={seed}"], args.out / f"grf_pairs_s{seed}")
+            print(f"[few-step] seed {seed}: reflow student with the guidance scale as input")
+            out = run_train(common + [f"seed={seed}"] + args.override, guided_reflow)
+            write_meta(guided_reflow, {"seed": seed, **out, "pairs_s": pairs["train_s"]}, args)
         if args.budget is not None:
             budget = args.budget
         elif (run / "meta.json").exists():
@@ -237,7 +252,9 @@ def arm_name(row: str) -> str:
     scale_tag = "".join(f"_{w.replace('=', '').replace('.', 'p')}" for w in scale)
     if "own sampler" in row:
         return "teacher_own" + scale_tag
-    return f"{who.split()[0]}_{sampler.lower().replace('-', '')}{scale_tag}"
+    words = who.split()
+    name = "_".join(words[:-1]) if words[-1] == "student" else words[0]  # 'guided reflow student' -> guided_reflow
+    return f"{name}_{sampler.lower().replace('-', '')}{scale_tag}"
 
 
 def ablate_summary(scores: dict[str, list[dict]], args) -> str:
@@ -290,6 +307,12 @@ def describe_students(args) -> str:
         text = f"`trainer.max_time={clock}`" if clock else "the progressive run's wall-clock"
         return text + (f", `{' '.join(extra)}`" if extra else "")
 
+    def steps(prefix: str) -> str:
+        meta = args.out / f"{prefix}_s{seed}" / "meta.json"
+        made = json.loads(meta.read_text()) if meta.exists() else {}
+        extra = run_overrides(meta)
+        return f"{made.get('steps', '?')} steps" + (f", `{' '.join(extra)}`" if extra else "")
+
     phrases = {
         "progressive": "`experiment=digits_progressive` (DDIM 16 -> 1 in 4 rounds of 400 steps), the checkpoint at "
         "each round's end",
@@ -303,6 +326,9 @@ def describe_students(args) -> str:
         "wall-clock plus the students' budget), its last checkpoint",
         "guided": "`experiment=digits_progressive_guided` (progressive's rounds, the guidance scale drawn from [1, 4] "
         f"per sample and given to the student as input), each round's checkpoint at the scales {args.scales}",
+        "reflow_guided": "`experiment=digits_reflow_guided` (16384 couplings of the teacher's own sampler, each at a "
+        f"guidance scale drawn from [1, 4] and kept with it, then {steps('grf')} of training with the scale as the "
+        f"student's input), its last checkpoint at the scales {args.scales}",
     }
     return "; ".join(phrases[m] for m in args.methods if m in phrases)
 
@@ -345,6 +371,12 @@ def judge_phase(args) -> str:
                     for step, k in STUDENT_STEPS.items()
                     if k <= 4
                 ]
+        if "reflow_guided" in args.methods:
+            last = args.out / f"grf_s{seed}" / "checkpoints" / "last.ckpt"
+            for w in args.scales:
+                if w != RECIPE_SCALE and "guided" not in args.methods:
+                    rows.append((own_row(w), teacher, None, "ddim", w))
+                rows += [(f"guided reflow student, Euler-{k}, w={w:g}", last, k, "euler", w) for k in (4, 2, 1)]
         for name, path, steps, kind, scale in rows:
             diffusion, net = load_for_sampling(path)
             images, nfe = draw(diffusion, net, args.n, seed, steps, kind, scale)
@@ -356,6 +388,7 @@ def judge_phase(args) -> str:
         for method, prefix in (
             ("progressive", "pd"),
             ("guided", "gpd"),
+            ("reflow_guided", "grf"),
             ("reflow", "rf"),
             *((m, v[0]) for m, v in ONE_RUN.items()),
         ):
@@ -398,6 +431,10 @@ def judge_phase(args) -> str:
         for w in args.scales:
             rows = {k: scores[f"guided student, DDIM-{k}, w={w:g}"] for k in (1, 2)}
             verdicts.append(verdict(f"guided student at w={w:g}", rows, scores[own_row(w)]))
+    if "reflow_guided" in args.methods:  # likewise: one reflow student for every scale
+        for w in args.scales:
+            rows = {k: scores[f"guided reflow student, Euler-{k}, w={w:g}"] for k in (1, 2)}
+            verdicts.append(verdict(f"guided reflow student at w={w:g}", rows, scores[own_row(w)]))
     cost = ""
     for method, runs in costs.items():
         per_step = sum(r[0] for r in runs) / len(runs)
@@ -440,8 +477,8 @@ def main() -> None:
     p.add_argument(
         "--methods",
         default="progressive,reflow,consistency,meanflow",
-        help="comma-separated: of the default, scm (teachers trained with process.time_scale=1: --teacher-override) "
-        "and guided",
+        help="comma-separated: of the default, scm (teachers trained with process.time_scale=1: --teacher-override), "
+        "guided and reflow_guided",
     )
     p.add_argument("--scales", default="1,2,3", help="guidance scales the guided student is judged at")
     p.add_argument("--name", default="few_step", help="result file names: <name>.md, <name>_grid.png, <name>_ablate.md")

@@ -28,7 +28,9 @@ DISTILLATIONS = (
     "digits_progressive",
     "digits_progressive_guided",
     "digits_reflow",
+    "digits_reflow_guided",
     "digits_consistency",
+    "digits_consistency_guided",
     "digits_scm",
 )  # experiments that need a teacher
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -19,15 +20,21 @@ from difflab.diffusion.processes import FlowProcess
 from difflab.diffusion.samplers import ddim, sampling_grid
 from difflab.diffusion.system import Diffusion
 from difflab.lit_modules.diffusion_module import DiffusionModule
+from difflab.methods.consistency import ConsistencyTraining
+from difflab.methods.couplings import Couplings, identity_key, read_couplings, write_couplings
+from difflab.methods.guidance_input import GuidanceScales
 from difflab.methods.progressive import ProgressiveDistillation
+from difflab.methods.reflow import Reflow
+from difflab.methods.scm import ContinuousConsistency
 from difflab.models.dit import DiT, VideoDiT
 from difflab.models.layers import add_guidance_input, has_guidance_input
 from difflab.models.unet2d import UNet2D
 from difflab.models.unet3d import UNet3D
 from difflab.models.vivit import ViViT
-from difflab.utils.errors import ConfigError
+from difflab.utils.errors import ConfigError, CorruptDataError
 from difflab.utils.frozen import Frozen
 from tests.helpers import compose_train, run_hydra_main, tiny_overrides
+from tests.test_guidance_methods import _module
 
 torch.set_num_threads(1)
 
@@ -246,19 +253,136 @@ def test_bad_scale_ranges_are_refused_in_one_line():
 
 
 def test_a_student_without_the_input_or_sampling_with_cfg_is_refused():
-    method = ProgressiveDistillation("t.ckpt", 8, 2, guidance_scales=[1, 4])
+    scales = GuidanceScales(1, 4)
     with pytest.raises(ConfigError, match="model.net.guidance_input=true"):
-        method.refuse_misfit_scales(_student(guidance_input=False))
+        scales.refuse_misfit(_student(guidance_input=False), None)
     with pytest.raises(ConfigError, match="samples with guidance=distilled.*is cfg"):
-        method.refuse_misfit_scales(_student(guidance=CFG(scale=2.0)))
-    method.refuse_misfit_scales(_student())
-    cfgpp = ProgressiveDistillation("t.ckpt", 8, 2, teacher_guidance=CFGpp(scale=0.6), guidance_scales=[1, 4])
+        scales.refuse_misfit(_student(guidance=CFG(scale=2.0)), None)
+    scales.refuse_misfit(_student(), None)
     with pytest.raises(ConfigError, match=r"guidance_scales=\[1.0, 4.0\] cannot all guide the teacher's cfgpp"):
-        cfgpp.refuse_misfit_scales(_student())
+        scales.refuse_misfit(_student(), CFGpp(scale=0.6))
     both = AutoguidanceCFG(scale=2.0, guide_ckpt="kept", cfg_scale=2.0)  # two strengths: the scale moves one only
-    combo = ProgressiveDistillation("t.ckpt", 8, 2, teacher_guidance=both, guidance_scales=[1, 4])
     with pytest.raises(ConfigError, match="cannot guide the teacher's autoguidance_cfg"):
-        combo.refuse_misfit_scales(_student())
+        scales.refuse_misfit(_student(), both)
+
+
+# ---------------------------------------------------------------- consistency, sCM and reflow
+def _recording(module, monkeypatch) -> list:
+    """The keyword inputs of every call of the module's denoiser, in order."""
+    calls: list = []
+    real = module.denoiser.forward
+    monkeypatch.setattr(module.denoiser, "forward", lambda *a, **k: calls.append(k) or real(*a, **k))
+    return calls
+
+
+def test_consistency_distillations_teacher_steps_at_each_samples_scale():
+    module = _student()
+    process = module.diffusion.process
+    method = ConsistencyTraining("in-memory", teacher_guidance=CFG(scale=2.0), guidance_scales=[1, 4])
+    method._teacher = Frozen(module)  # the module teaches itself
+    labels, scales = torch.tensor([0, 1, 2, 0]), torch.tensor([1.0, 3.5, 2.0, 4.0])
+    t = torch.tensor([0.8, 0.8, 0.4, 0.4], dtype=torch.float64)
+    r = torch.tensor([0.5, 0.6, 0.0, 0.2], dtype=torch.float64)
+    x_t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    got = method.teacher_step(x_t, labels, t, r, scales)
+    for row in range(4):
+        x0, eps = module.diffusion.guided_fn(module, labels[row : row + 1], CFG(scale=float(scales[row])))(
+            x_t[row : row + 1], float(t[row])
+        )
+        a, s = process.coefficients_like(r[row : row + 1], x0)
+        assert torch.allclose(got[row : row + 1], a * x0 + s * eps, atol=1e-5), row
+    assert not torch.allclose(got, method.teacher_step(x_t, labels, t, r), atol=1e-3)  # CFG 2 everywhere
+
+
+def test_consistency_distillation_hands_each_samples_scale_to_both_student_calls(monkeypatch):
+    module = _student()
+    method = ConsistencyTraining("in-memory", teacher_guidance=CFG(scale=2.0), guidance_scales=[1, 4])
+    method._teacher = Frozen(module)
+    seen: dict = {}
+    monkeypatch.setattr(method, "teacher_step", lambda x_t, raw, t, r, scales: seen.update(w=scales) or x_t)
+    calls = _recording(module, monkeypatch)
+    batch = {"x": torch.rand(64, 1, 8, 8) * 2 - 1, "label": torch.arange(64) % 3}
+    assert method.loss(module, batch).isfinite()
+    w = seen["w"]
+    assert w.shape == (64,) and 1 <= w.min() and w.max() <= 4 and w.std() > 0.5
+    assert len(calls) == 2 and all(torch.equal(k["guidance_scale"], w) for k in calls)
+
+
+def test_scms_teacher_velocity_is_guided_at_each_samples_scale_and_the_jvp_sees_the_scale(monkeypatch):
+    module = _student()
+    method = ContinuousConsistency("in-memory", teacher_guidance=CFG(scale=2.0), guidance_scales=[1, 4])
+    method._teacher = Frozen(module)
+    labels, scales = torch.tensor([0, 1, 2]), torch.tensor([1.0, 3.0, 4.0])
+    t = torch.tensor([1.2, 0.7, 0.3])
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    got = method.teacher_velocity(x, labels, t, scales)
+    for row in range(3):
+        at_w = ContinuousConsistency("in-memory", teacher_guidance=CFG(scale=float(scales[row])))
+        at_w._teacher = Frozen(module)
+        want = at_w.teacher_velocity(x[row : row + 1], labels[row : row + 1], t[row : row + 1])
+        assert torch.allclose(got[row : row + 1], want, atol=1e-5), row
+    seen: dict = {}
+    real = method.teacher_velocity
+    monkeypatch.setattr(method, "teacher_velocity", lambda x, raw, t, w: seen.update(w=w) or real(x, raw, t, w))
+    calls = _recording(module, monkeypatch)
+    batch = {"x": torch.rand(16, 1, 8, 8) * 2 - 1, "label": torch.arange(16) % 3}
+    assert method.loss(module, batch).isfinite()
+    student = [k for k in calls if "guidance_scale" in k]  # the teacher (CFG) is never handed a scale
+    assert len(student) == 2 and all(torch.equal(k["guidance_scale"], seen["w"]) for k in student)  # JVP + F_theta
+
+
+def test_consistency_without_a_teacher_refuses_guidance_scales_in_one_line():
+    with pytest.raises(ConfigError, match=r"guidance_scales=\[1.0, 4.0\] bakes a teacher's guidance.*teacher_ckpt"):
+        ConsistencyTraining(guidance_scales=[1, 4])
+    with pytest.raises(ConfigError, match="scm without one"):
+        ContinuousConsistency(guidance_scales=[1, 4])
+
+
+def test_guided_couplings_are_the_teachers_samples_at_each_couplings_own_scale():
+    module = _module("flow")  # CFG 2 by default
+    d = module.diffusion
+    method = Reflow("in-memory", num_pairs=6, chunk=4, guidance_scales=[1, 4])
+    method._teacher = Frozen(module)
+    c = method.draw(torch.device("cpu"), progress=False)
+    plain = Reflow("in-memory", num_pairs=6, chunk=4)
+    plain._teacher = Frozen(module)
+    assert torch.equal(c.noise, plain.draw(torch.device("cpu"), progress=False).noise)  # scales drawn after the noise
+    assert c.scales is not None and c.scales.shape == (6,) and 1 <= c.scales.min() and c.scales.max() <= 4
+    for row in range(6):
+        want = d.sample(
+            module, 1, c.conditions[row : row + 1], noise=c.noise[row : row + 1], guidance_scale=float(c.scales[row])
+        )
+        assert torch.allclose(c.samples[row : row + 1], want, atol=1e-5), row
+
+
+def test_guided_couplings_round_trip_and_damaged_scales_are_refused(tmp_path):
+    identity = {"teacher_sha256": "ab" * 32, "count": 4, "seed": 0, "guidance_scales": [1.0, 4.0]}
+    c = Couplings(torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2), torch.arange(4), torch.tensor([1.0, 2.5, 4.0, 3.0]))
+    out = write_couplings(tmp_path / identity_key(identity), identity, c)
+    back = read_couplings(out, identity, (1, 2, 2))
+    assert back.scales is not None and torch.equal(back.scales, c.scales)
+    assert torch.equal(back.rows(torch.tensor([2, 0]))[3], torch.tensor([4.0, 1.0]))
+    assert identity_key(identity) != identity_key({k: v for k, v in identity.items() if k != "guidance_scales"})
+    np.save(out / "scales.npy", np.array([1.0, 2.0, 9.0, 3.0], dtype=np.float32))
+    with pytest.raises(CorruptDataError, match=r"scales.npy is not 4 float32 scales in \[1.0, 4.0\]; delete"):
+        read_couplings(out, identity, (1, 2, 2))
+    (out / "scales.npy").unlink()
+    with pytest.raises(CorruptDataError, match="cannot read .*scales.npy"):
+        read_couplings(out, identity, (1, 2, 2))
+
+
+def test_the_reflow_student_takes_each_couplings_scale(monkeypatch):
+    module = _student()
+    method = Reflow("in-memory", guidance_scales=[1, 4])
+    scales = torch.tensor([1.0, 1.5, 2.0, 2.5, 3.0, 4.0])
+    method.couplings = Couplings(torch.randn(6, 1, 8, 8), torch.randn(6, 1, 8, 8), torch.arange(6) % 3, scales)
+    calls = _recording(module, monkeypatch)
+    batch = {"x": torch.randn(5, 1, 8, 8), "label": torch.zeros(5, dtype=torch.long)}
+    torch.manual_seed(3)
+    assert method.loss(module, batch).isfinite()
+    torch.manual_seed(3)
+    index = torch.randint(6, (1, 5))[0]
+    assert len(calls) == 1 and torch.equal(calls[0]["guidance_scale"], scales[index])
 
 
 # ---------------------------------------------------------------- a real run
@@ -307,19 +431,26 @@ def test_a_guided_student_starts_as_its_teacher_and_resumes_exactly(guided_run, 
     assert first["state_dict"].keys() == final["state_dict"].keys()
 
 
-def test_one_student_samples_at_every_scale_through_sample_py(guided_run, tmp_path):
-    import sample
+def _guided_student(ckpt):
+    """The student of a guided run, read back as sample.py reads it, with its scale input made to matter."""
     from difflab.diffusion.system import load_for_sampling
 
-    out, _, _ = guided_run
-    ckpt = out / "checkpoints" / "last.ckpt"
     diffusion, net = load_for_sampling(ckpt)
     assert isinstance(diffusion.guidance, DistilledGuidance) and diffusion.guidance.scale == 2.0
     assert has_guidance_input(net)
-    _nudge(net.embed.guidance_mlp)  # four steps barely move the zero-initialised input: make the scale matter
+    _nudge(net.embed.guidance_mlp)  # a few steps barely move the zero-initialised input: make the scale matter
     noise = torch.randn(4, *diffusion.sample_shape, generator=torch.Generator().manual_seed(0))
     at = {w: diffusion.sample(net, 4, torch.arange(4), noise=noise, guidance={"scale": w}) for w in (1.0, 3.0)}
     assert not torch.allclose(at[1.0], at[3.0], atol=1e-4)
+    return diffusion
+
+
+def test_one_student_samples_at_every_scale_through_sample_py(guided_run, tmp_path):
+    import sample
+
+    out, _, _ = guided_run
+    ckpt = out / "checkpoints" / "last.ckpt"
+    _guided_student(ckpt)
     for w in ("1.0", "3.0"):
         code = run_hydra_main(
             sample.main, [f"ckpt_path={ckpt}", "n=4", f"guidance.scale={w}", f"out_dir={tmp_path / w}", "device=cpu"]
@@ -382,3 +513,63 @@ def test_sampling_a_plain_model_with_distilled_guidance_fails_in_one_line(run_di
     err = capsys.readouterr().err
     assert code != 0 and "guidance_input=true" in err
     assert not any((tmp_path / "o").glob("*.png"))
+
+
+# ---------------------------------------------------------------- real runs of the other methods
+def test_a_guided_reflow_student_learns_couplings_drawn_at_their_own_scales(run_dir, tmp_path):
+    import sample
+    import train
+    from difflab.methods.couplings import read_manifest
+
+    teacher = run_dir / "checkpoints" / "last.ckpt"
+    pairs, run = tmp_path / "pairs", tmp_path / "run"
+    args = [
+        *_tiny(max_steps=2),
+        "experiment=digits_reflow_guided",
+        f"method.teacher_ckpt={teacher}",
+        "method.num_pairs=12",
+        "method.chunk=8",
+        f"method.pairs_dir={pairs}",
+        "logger=csv",
+        f"hydra.run.dir={run}",
+    ]
+    assert run_hydra_main(train.main, args) == 0
+    (drawn,) = pairs.iterdir()
+    manifest = read_manifest(drawn)
+    assert manifest is not None and manifest["identity"]["guidance_scales"] == [1.0, 4.0]
+    scales = np.load(drawn / "scales.npy", allow_pickle=False)
+    assert scales.shape == (12,) and 1 <= scales.min() and scales.max() <= 4 and scales.std() > 0.3
+    assert "guided at scales drawn from U[1.0, 4.0]" in (run / "train.log").read_text()
+    diffusion = _guided_student(run / "checkpoints" / "last.ckpt")
+    assert diffusion.describe_sampler().startswith("euler-1")
+    code = run_hydra_main(
+        sample.main,
+        [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "n=4", "guidance.scale=3", f"out_dir={tmp_path / 's'}"],
+    )
+    assert code == 0 and (tmp_path / "s" / "grid.png").exists()
+
+
+def test_a_guided_consistency_student_trains_from_its_teacher(run_dir, tmp_path):
+    import train
+
+    teacher = run_dir / "checkpoints" / "last.ckpt"
+    run = tmp_path / "run"
+    args = [
+        *_tiny(max_steps=2),
+        "experiment=digits_consistency_guided",
+        f"method.teacher_ckpt={teacher}",
+        "method.time_groups=4",
+        "logger=csv",
+        f"hydra.run.dir={run}",
+    ]
+    assert run_hydra_main(train.main, args) == 0
+    assert "guided at scales drawn from U[1.0, 4.0]" in (run / "train.log").read_text()
+    diffusion = _guided_student(run / "checkpoints" / "last.ckpt")
+    assert diffusion.describe_sampler().startswith("consistency")
+
+
+def test_preflight_refuses_guided_consistency_without_a_teacher(tmp_path):
+    from difflab.config_checks import check_config
+
+    problems = check_config(compose_train(tmp_path, [*_tiny(), "experiment=digits_consistency_guided"]), "train")
+    assert any("bakes a teacher's guidance into the student" in p for p in problems), problems

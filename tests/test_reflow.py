@@ -113,9 +113,10 @@ def test_couplings_round_trip_with_their_conditions(tmp_path, conditions):
         assert torch.equal(back.conditions, conditions)
     else:
         assert back.conditions == conditions
-    noise, samples, cond = back.rows(torch.tensor([2, 0]))
+    noise, samples, cond, scales = back.rows(torch.tensor([2, 0]))
     assert torch.equal(noise, c.noise[[2, 0]]) and torch.equal(samples, c.samples[[2, 0]])
     assert cond is None if conditions is None else list(cond) == [conditions[2], conditions[0]]
+    assert scales is None and not (out / "scales.npy").exists()  # no scales unless the student takes them
 
 
 def test_the_directory_name_follows_what_drew_the_couplings():
@@ -184,7 +185,7 @@ def test_the_method_trains_on_its_couplings_not_the_batch():
     torch.manual_seed(3)
     index = torch.randint(6, (1, 5))[0]
     t = FlowProcess().sample_times(5)  # the process's density, drawn after the rows (as the loss draws them)
-    noise, samples, labels = method.couplings.rows(index)
+    noise, samples, labels, _ = method.couplings.rows(index)
     pairs = {"x": samples, "label": labels}
     want = module.diffusion.losses(module, pairs, drop_conditions=False, t=t, noise=noise)["loss"].mean()
     assert torch.allclose(loss, want)

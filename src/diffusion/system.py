@@ -149,16 +149,20 @@ class Diffusion:
         t: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
+        inputs: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-sample losses on a batch: conditions dropped with probability ``p_uncond`` when ``drop_conditions``,
-        times from the process's density unless ``t`` is given, fresh noise unless ``noise`` is given (a coupling's)."""
+        times from the process's density unless ``t`` is given, fresh noise unless ``noise`` is given (a coupling's),
+        the network's optional ``inputs`` (``NETWORK_INPUTS``: a distilled student's guidance scale) when given."""
         raw = self.batch_condition(batch)
         if drop_conditions:
             raw = self.conditioner.drop(raw, self.p_uncond)
-        cond = self.condition(raw)
+        cond = {**self.condition(raw), **(inputs or {})}
         if t is None:
             t = self.frame_shifted_times(batch, generator)
-        call = lambda x_in, t_net: net(x_in, t_net, cond["vector"], cond["context"], cond["context_mask"])  # noqa: E731
+        call = lambda x_in, t_net: net(  # noqa: E731
+            x_in, t_net, cond["vector"], cond["context"], cond["context_mask"], **network_inputs(cond)
+        )
         return self.objective.losses(call, batch["x"], self.process, t=t, generator=generator, eps=noise)
 
     def loss(self, net: Net, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:

@@ -4,7 +4,7 @@ or a few steps with ``sampler=consistency``."""
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, Sequence, cast
 
 import torch
 
@@ -13,6 +13,7 @@ from difflab.diffusion.guidance import Guidance
 from difflab.diffusion.processes import NoiseProcess
 from difflab.diffusion.samplers import Sampler, sampler_name
 from difflab.methods.base import TrainingMethod
+from difflab.methods.guidance_input import GuidanceScales
 from difflab.methods.teacher import adopt_teacher, raw_subset
 from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
@@ -31,8 +32,9 @@ class ConsistencyTraining(TrainingMethod):
     mapped to the process's time). Without a teacher (ECT), x_r shares x_t's noise on the forward path (from this
     run's weights: ``init_from`` a diffusion checkpoint tunes it, none trains from scratch) and sigma_r = 0 targets
     the data. With ``teacher_ckpt`` (consistency distillation), the student starts as the teacher and x_r is the
-    teacher's DDIM step from x_t guided by ``teacher_guidance``. Loss: ECT's pseudo-Huber distance (``huber_c``;
-    null: iCT's 0.00054 sqrt(dim)) over sigma_t - sigma_r."""
+    teacher's DDIM step from x_t guided by ``teacher_guidance``; with ``guidance_scales`` too, at a scale drawn per
+    sample that the student takes as input (one student for every scale). Loss: ECT's pseudo-Huber distance
+    (``huber_c``; null: iCT's 0.00054 sqrt(dim)) over sigma_t - sigma_r."""
 
     name = "consistency"
 
@@ -48,6 +50,7 @@ class ConsistencyTraining(TrainingMethod):
         huber_c: float | None = None,
         teacher_guidance: Guidance | None = None,
         time_groups: int = 8,
+        guidance_scales: Sequence[float] | None = None,
     ) -> None:
         if p_std <= 0 or q <= 1 or double_every < 1 or time_groups < 1 or (huber_c is not None and huber_c < 0):
             raise ConfigError(
@@ -60,6 +63,12 @@ class ConsistencyTraining(TrainingMethod):
         self.p_mean, self.p_std, self.q, self.k, self.b = float(p_mean), float(p_std), float(q), float(k), float(b)
         self.double_every, self.huber_c = int(double_every), huber_c
         self.teacher_guidance = teacher_guidance
+        self.guidance_scales = GuidanceScales.parse(guidance_scales)
+        if self.guidance_scales is not None and self.teacher_ckpt is None:
+            raise ConfigError(
+                f"method.guidance_scales={self.guidance_scales!r} bakes a teacher's guidance into the student: set "
+                f"method.teacher_ckpt, or guidance_scales=null to train {self.name} without one"
+            )
         self.time_groups = int(time_groups)
         self.stage = 0
         self._teacher: Frozen | None = None
@@ -80,6 +89,8 @@ class ConsistencyTraining(TrainingMethod):
 
     def describe(self) -> str:
         source = f"distilled from {self.teacher_ckpt}" if self.teacher_ckpt else "tuned from this run's weights (ECT)"
+        if self.guidance_scales is not None:
+            source += f", guided {self.guidance_scales.describe()}"
         return f"consistency training, {source}, gap halving every {self.double_every} steps"
 
     # ---------------------------------------------------------------- hooks
@@ -88,7 +99,11 @@ class ConsistencyTraining(TrainingMethod):
             return
         self.refuse_misfit(module)
         if self.teacher_ckpt is not None:
-            self._teacher = adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance)
+            scales = self.guidance_scales
+            if scales is not None:
+                scales.refuse_misfit(module, self.teacher_guidance)
+            widen = scales.widen if scales is not None else None
+            self._teacher = adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance, widen)
 
     def on_train_batch_start(self, module: Any, step: int) -> None:
         self.stage = step // self.double_every  # a function of the step: exact on resume with no state of its own
@@ -113,8 +128,11 @@ class ConsistencyTraining(TrainingMethod):
         return to_time(sigma_t), to_time(sigma_r)
 
     @torch.no_grad()
-    def teacher_predictions(self, x_t: torch.Tensor, raw: Any, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The guided teacher's (x0, eps) at each x_t and its process time t; one guided call per distinct t."""
+    def teacher_predictions(
+        self, x_t: torch.Tensor, raw: Any, t: torch.Tensor, scales: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The guided teacher's (x0, eps) at each x_t and its process time t (at each sample's ``scales`` when
+        given); one guided call per distinct t."""
         assert self._teacher is not None, "setup() loads the teacher first"
         teacher: Any = self._teacher.module
         if self._teacher.device != x_t.device:
@@ -123,13 +141,21 @@ class ConsistencyTraining(TrainingMethod):
         x0, eps = torch.empty_like(x_t), torch.empty_like(x_t)
         for value in t.unique().tolist():
             rows = t == value
-            fn = teacher.diffusion.guided_fn(teacher, raw_subset(raw, rows), self.teacher_guidance)
+            w = None if scales is None else scales[rows]
+            fn = teacher.diffusion.guided_fn(teacher, raw_subset(raw, rows), self.teacher_guidance, scale=w)
             x0[rows], eps[rows] = (v.to(x_t.dtype) for v in fn(x_t[rows].to(dtype), value))
         return x0, eps
 
-    def teacher_step(self, x_t: torch.Tensor, raw: Any, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    def draw_scales(self, x0: torch.Tensor) -> torch.Tensor | None:
+        """Each sample's guidance scale (the student's input and the teacher's strength; None without
+        ``guidance_scales``)."""
+        return None if self.guidance_scales is None else self.guidance_scales.draw(x0.shape[0], x0.device)
+
+    def teacher_step(
+        self, x_t: torch.Tensor, raw: Any, t: torch.Tensor, r: torch.Tensor, scales: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The guided teacher's DDIM step from each x_t at t to its r (x0 where r is 0)."""
-        x0, eps = self.teacher_predictions(x_t, raw, t)
+        x0, eps = self.teacher_predictions(x_t, raw, t, scales)
         teacher: Any = cast(Frozen, self._teacher).module
         a_r, s_r = teacher.diffusion.process.coefficients_like(r, x0)
         return a_r * x0 + s_r * eps  # the deterministic DDIM step, per-row r
@@ -141,13 +167,14 @@ class ConsistencyTraining(TrainingMethod):
         raw = d.batch_condition(batch)
         if self._teacher is None:  # ECT: conditions dropped like diffusion training, so CFG still works
             raw = d.conditioner.drop(raw, d.p_uncond)
-        cond = d.condition(raw)
         t, r = self.times(x0.shape[0], process, x0.device)
         noise = torch.randn_like(x0)
+        scales = self.draw_scales(x0)
+        cond = GuidanceScales.into(d.condition(raw), scales)
         a_t, s_t = process.coefficients_like(t, x0)
         x_t = a_t * x0 + s_t * noise
         if self._teacher is not None:
-            x_r = self.teacher_step(x_t, raw, t, r)
+            x_r = self.teacher_step(x_t, raw, t, r, scales)
         else:
             a_r, s_r = process.coefficients_like(r, x0)
             x_r = a_r * x0 + s_r * noise

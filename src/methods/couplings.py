@@ -4,7 +4,8 @@ trained on them (seeds, sweeps, resumes).
 A coupling set is a directory named by the hash of what drew it (the teacher file's SHA-256, its sampler and
 guidance, the count, the seed, the sample shape): ``noise.npy`` (unit Gaussian noise, float32), ``samples.npy`` (the
 teacher's ODE samples from that noise, in the model's space: latents for latent models), ``labels.npy`` (class
-models) or ``prompts.json`` (text models), and ``manifest.json``, written last. Reading uses ``np.load`` without
+models) or ``prompts.json`` (text models), ``scales.npy`` (each coupling's guidance scale, float32, when the student
+takes the scale as input), and ``manifest.json``, written last. Reading uses ``np.load`` without
 pickle and ``json``: a shared coupling set runs no code.
 """
 
@@ -29,23 +30,26 @@ MANIFEST = "manifest.json"
 
 @dataclass
 class Couplings:
-    """Paired noise and teacher samples, with the raw conditions (labels, prompts or None) they were drawn for."""
+    """Paired noise and teacher samples, with the raw conditions (labels, prompts or None) and the guidance scales
+    (or None) they were drawn at."""
 
     noise: torch.Tensor
     samples: torch.Tensor
     conditions: Any
+    scales: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.noise.shape[0])
 
-    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Noise, samples and conditions of the rows ``index`` (a CPU long tensor)."""
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor | None]:
+        """Noise, samples, conditions and guidance scales of the rows ``index`` (a CPU long tensor)."""
         cond = self.conditions
         if isinstance(cond, torch.Tensor):
             cond = cond[index]
         elif cond is not None:
             cond = [cond[i] for i in index.tolist()]
-        return self.noise[index], self.samples[index], cond
+        scales = None if self.scales is None else self.scales[index]
+        return self.noise[index], self.samples[index], cond, scales
 
 
 def identity_key(identity: dict) -> str:
@@ -60,6 +64,8 @@ def write_couplings(directory: str | Path, identity: dict, couplings: Couplings)
     arrays = {"noise.npy": couplings.noise, "samples.npy": couplings.samples}
     if isinstance(couplings.conditions, torch.Tensor):
         arrays["labels.npy"] = couplings.conditions.long()
+    if couplings.scales is not None:
+        arrays["scales.npy"] = couplings.scales.float()
     for name, tensor in arrays.items():
         with atomic_path(out / name) as tmp, open(tmp, "wb") as f:
             np.save(f, tensor.detach().cpu().numpy(), allow_pickle=False)
@@ -122,4 +128,14 @@ def read_couplings(directory: str | Path, identity: dict, sample_shape: tuple[in
             isinstance(conditions, list) and len(conditions) == count and all(isinstance(p, str) for p in conditions)
         ):
             raise CorruptDataError(f"{directory / 'prompts.json'} is not a list of {count} prompts; {redo}")
-    return Couplings(torch.from_numpy(noise), torch.from_numpy(samples), conditions)
+    scales = None
+    drawn_at = identity.get("guidance_scales")  # [lo, hi] when the student takes the scale as input
+    if drawn_at is not None:
+        values = load("scales.npy")
+        lo, hi = drawn_at
+        slack = 1e-5 * max(1.0, abs(hi))  # float32 rounding of lo + (hi - lo) u
+        inside = values.shape == (count,) and bool(((lo - slack <= values) & (values <= hi + slack)).all())
+        if values.dtype != np.float32 or not inside:
+            raise CorruptDataError(f"{directory / 'scales.npy'} is not {count} float32 scales in [{lo}, {hi}]; {redo}")
+        scales = torch.from_numpy(values)
+    return Couplings(torch.from_numpy(noise), torch.from_numpy(samples), conditions, scales)

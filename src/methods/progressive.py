@@ -9,12 +9,12 @@ from typing import Any, Sequence
 import torch
 
 from difflab.diffusion.distillation import halving_grid, progressive_target, truncated_snr_weight
-from difflab.diffusion.guidance import CFG, DistilledGuidance, Guidance, check_method
+from difflab.diffusion.guidance import CFG, DistilledGuidance, Guidance
 from difflab.diffusion.processes import NoiseProcess
 from difflab.diffusion.samplers import Sampler, ddim_step, sampler_name
 from difflab.methods.base import TrainingMethod
+from difflab.methods.guidance_input import GuidanceScales
 from difflab.methods.teacher import adopt_teacher, raw_subset
-from difflab.models.layers import add_guidance_input, has_guidance_input
 from difflab.ops.fsdp import is_sharding
 from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
@@ -53,15 +53,7 @@ class ProgressiveDistillation(TrainingMethod):
             )
         if steps_per_round < 1:
             raise ConfigError(f"method.steps_per_round={steps_per_round} must be >= 1")
-        if guidance_scales is not None:
-            scales = [float(v) for v in guidance_scales]
-            if len(scales) != 2 or not 0 <= scales[0] < scales[1]:
-                raise ConfigError(
-                    f"method.guidance_scales={list(guidance_scales)} must be [lo, hi] with 0 <= lo < hi (the guidance "
-                    "scales the student learns, e.g. [1, 4]), or null"
-                )
-            guidance_scales = scales
-        self.guidance_scales = guidance_scales
+        self.guidance_scales = GuidanceScales.parse(guidance_scales)
         self.teacher_ckpt = str(teacher_ckpt)
         self.teacher_steps, self.student_steps = int(teacher_steps), int(student_steps)
         self.steps_per_round = int(steps_per_round)
@@ -96,7 +88,7 @@ class ProgressiveDistillation(TrainingMethod):
     def describe(self) -> str:
         guided = "the teacher's own guidance" if self.teacher_guidance is None else repr(self.teacher_guidance)
         if self.guidance_scales is not None:
-            guided += f" at scales drawn from U{self.guidance_scales} (the student's input)"
+            guided += " " + self.guidance_scales.describe()
         return (
             f"progressive distillation: DDIM {self.teacher_steps} -> {self.student_steps} steps in {self.rounds} "
             f"rounds of {self.steps_per_round} steps, teacher {self.teacher_ckpt} guided by {guided}"
@@ -111,41 +103,15 @@ class ProgressiveDistillation(TrainingMethod):
             raise ConfigError("method=progressive does not run under trainer=fsdp yet: use trainer=gpu or ddp")
         self.spacing = self._spacing(module.diffusion.sampler)
         if self.guidance_scales is not None:
-            self.refuse_misfit_scales(module)
+            self.guidance_scales.refuse_misfit(module, self.teacher_guidance)
         self._teacher = adopt_teacher(
-            module, self.teacher_ckpt, self.teacher_guidance, add_guidance_input if self.guidance_scales else None
+            module,
+            self.teacher_ckpt,
+            self.teacher_guidance,
+            self.guidance_scales.widen if self.guidance_scales else None,
         )
         if self._pending_teacher is not None:
             self.load_state_dict({"round": self.round, "teacher": self._pending_teacher})
-
-    def refuse_misfit_scales(self, module: Any) -> None:
-        """One line when ``guidance_scales`` is set but the student cannot take a scale or does not sample with it, or
-        the teacher's guidance cannot use every scale in the range (CFG++'s lambda lies in [0, 1])."""
-        teacher_guidance = self.teacher_guidance or module.diffusion.guidance
-        if teacher_guidance.name == "autoguidance_cfg":  # two strengths: a sampled scale would vary one of them only
-            raise ConfigError(
-                f"method.guidance_scales={self.guidance_scales} cannot guide the teacher's autoguidance_cfg (its scale is "
-                "the guide's w, its CFG term stays at cfg_scale): guide the teacher with cfg_interval, cfg, apg or "
-                "autoguidance"
-            )
-        try:
-            check_method(teacher_guidance.name, torch.tensor(self.guidance_scales))
-        except ValueError as err:
-            raise ConfigError(
-                f"method.guidance_scales={self.guidance_scales} cannot all guide the teacher's {teacher_guidance.name} "
-                f"({err}): choose scales that guidance takes"
-            ) from None
-        if not has_guidance_input(module.denoiser):
-            raise ConfigError(
-                "method.guidance_scales needs a student with a guidance-scale input: set model.net.guidance_input=true "
-                "(any difflab denoiser), as experiment=digits_progressive_guided does"
-            )
-        if not isinstance(module.diffusion.guidance, DistilledGuidance):
-            raise ConfigError(
-                "method.guidance_scales trains a student that samples with guidance=distilled (the scale as its input), "
-                f"but model.diffusion.guidance is {module.diffusion.guidance.name}: set it as "
-                "experiment=digits_progressive_guided does"
-            )
 
     def on_train_batch_start(self, module: Any, step: int) -> None:
         r = min(step // self.steps_per_round, self.rounds - 1)
@@ -215,14 +181,11 @@ class ProgressiveDistillation(TrainingMethod):
         x_t = alpha_t * x0 + sigma_t * torch.randn_like(x0)
         scales = None
         if self.guidance_scales is not None:  # Meng et al.: w ~ U[lo, hi] per sample, the student's input
-            lo, hi = self.guidance_scales
-            scales = lo + (hi - lo) * torch.rand(x0.shape[0], device=x0.device)
+            scales = self.guidance_scales.draw(x0.shape[0], x0.device)
         x_s = self.teacher_two_steps(x_t, raw, index, grid, scales)
         target = progressive_target(x_t, x_s, alpha_t, sigma_t, alpha_s, sigma_s)
         t = times.to(x0.device)[2 * index]
-        cond = d.condition(raw)
-        if scales is not None:
-            cond = {**cond, "guidance_scale": scales}
+        cond = GuidanceScales.into(d.condition(raw), scales)
         x0_hat = d.x0_estimate(module, x_t, t, cond)
         err = ((x0_hat - target.float()) ** 2).mean(dim=tuple(range(1, x0.ndim)))
         return (truncated_snr_weight(alpha_t, sigma_t).flatten().float() * err).mean()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -15,6 +15,7 @@ from difflab.diffusion.processes import FlowProcess, NoiseProcess
 from difflab.diffusion.samplers import Sampler, sampler_name
 from difflab.methods.base import TrainingMethod
 from difflab.methods.couplings import Couplings, identity_key, read_couplings, read_manifest, write_couplings
+from difflab.methods.guidance_input import GuidanceScales
 from difflab.methods.teacher import adopt_teacher
 from difflab.metrics.protocol import weights_digest
 from difflab.storage.progress import progress_bar
@@ -29,7 +30,9 @@ class Reflow(TrainingMethod):
     ``teacher_guidance``; written under ``pairs_dir`` in a directory named by their identity, reused by every run
     that asks for the same), then train the student (started as the teacher) with the flow loss at the process's
     training times on those pairs instead of fresh noise. Each step draws the datamodule's batch size of pairs; the
-    datamodule's images are not used. The student samples unguided with its ``sampler`` (Euler at 1 or 2 steps)."""
+    datamodule's images are not used. The student samples unguided with its ``sampler`` (Euler at 1 or 2 steps). With
+    ``guidance_scales`` each coupling is drawn at its own scale w ~ U[lo, hi] (kept with it) that the student takes as
+    input: one student for every scale, sampled with ``guidance=distilled``."""
 
     name = "reflow"
     needs_teacher = True
@@ -43,6 +46,7 @@ class Reflow(TrainingMethod):
         chunk: int = 256,
         teacher_sampler: Sampler | None = None,
         teacher_guidance: Guidance | None = None,
+        guidance_scales: Sequence[float] | None = None,
     ) -> None:
         if not teacher_ckpt:
             raise ConfigError(
@@ -54,6 +58,7 @@ class Reflow(TrainingMethod):
         self.teacher_ckpt, self.pairs_dir = str(teacher_ckpt), str(pairs_dir)
         self.num_pairs, self.pairs_seed, self.chunk = int(num_pairs), int(pairs_seed), int(chunk)
         self.teacher_sampler, self.teacher_guidance = teacher_sampler, teacher_guidance
+        self.guidance_scales = GuidanceScales.parse(guidance_scales)
         self.couplings: Couplings | None = None
         self._teacher: Frozen | None = None
 
@@ -63,9 +68,10 @@ class Reflow(TrainingMethod):
             raise ValueError(f"method=reflow trains a rectified-flow student: use process=flow, not {process.name}")
 
     def describe(self) -> str:
+        guided = "" if self.guidance_scales is None else f", guided {self.guidance_scales.describe()}"
         return (
             f"reflow: {self.num_pairs} couplings of teacher {self.teacher_ckpt} (seed {self.pairs_seed}) under "
-            f"{self.pairs_dir}"
+            f"{self.pairs_dir}{guided}"
         )
 
     # ---------------------------------------------------------------- hooks
@@ -73,7 +79,11 @@ class Reflow(TrainingMethod):
         if stage != "fit":
             return
         self.refuse_misfit(module)
-        self._teacher = adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance)
+        scales = self.guidance_scales
+        if scales is not None:
+            scales.refuse_misfit(module, self.teacher_guidance)
+        widen = scales.widen if scales is not None else None
+        self._teacher = adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance, widen)
 
     def identity(self) -> dict:
         """What decides the couplings: the teacher file, how it samples, how many, from which noise."""
@@ -83,7 +93,13 @@ class Reflow(TrainingMethod):
         sampler = self.teacher_sampler or d.sampler
         keywords = {k: repr(v) for k, v in sorted(getattr(sampler, "keywords", {}).items())}
         guidance = self.teacher_guidance if self.teacher_guidance is not None else d.guidance
+        scales = (
+            {}
+            if self.guidance_scales is None
+            else {"guidance_scales": [self.guidance_scales.lo, self.guidance_scales.hi]}
+        )
         return {
+            **scales,
             "teacher_sha256": weights_digest(self.teacher_ckpt, 64),
             "sampler": f"{sampler_name(sampler)} {keywords}",
             "guidance": repr(guidance),
@@ -98,8 +114,8 @@ class Reflow(TrainingMethod):
 
     @torch.no_grad()
     def draw(self, device: torch.device, progress: bool = True) -> Couplings:
-        """``num_pairs`` couplings from the teacher, in chunks: balanced conditions, seeded noise, the teacher's
-        guided ODE sample (in the model's space, not decoded)."""
+        """``num_pairs`` couplings from the teacher, in chunks: balanced conditions, seeded noise (and scales, with
+        ``guidance_scales``), the teacher's guided ODE sample (in the model's space, not decoded)."""
         assert self._teacher is not None, "setup() loads the teacher first"
         self._teacher.to(device)
         teacher: Any = self._teacher.module
@@ -107,6 +123,7 @@ class Reflow(TrainingMethod):
         conditions = d.default_conditions(self.num_pairs, torch.device("cpu"))
         g = torch.Generator().manual_seed(self.pairs_seed)
         noise = torch.randn((self.num_pairs, *d.sample_shape), generator=g)
+        scales = None if self.guidance_scales is None else self.guidance_scales.draw(self.num_pairs, generator=g)
         samples = torch.empty_like(noise)
         with progress_bar(progress, "reflow couplings") as bar:
             task = bar.add_task("from the teacher", total=self.num_pairs) if bar is not None else None
@@ -118,11 +135,12 @@ class Reflow(TrainingMethod):
                 x = d.sample(
                     teacher, noise[rows].shape[0], cond, sampler=self.teacher_sampler,
                     guidance=self.teacher_guidance, noise=noise[rows], decode=False,
+                    guidance_scale=None if scales is None else scales[rows].to(device),
                 )  # fmt: skip
                 samples[rows] = x.float().cpu()
                 if bar is not None:
                     bar.update(task, advance=x.shape[0])
-        return Couplings(noise, samples, conditions)
+        return Couplings(noise, samples, conditions, scales)
 
     def prepare(self, module: Any) -> None:
         """Read this run's couplings, drawing and writing them first (global rank 0) when none exist."""
@@ -161,10 +179,11 @@ class Reflow(TrainingMethod):
         trainer = getattr(module, "_trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         index = torch.randint(len(self.couplings), (world, x.shape[0]))[rank]
-        noise, samples, cond = self.couplings.rows(index)
+        noise, samples, cond, scales = self.couplings.rows(index)
         pairs: dict[str, Any] = {"x": samples.to(x.device, x.dtype)}
         key = d.conditioner.batch_key
         if key is not None:
             pairs[key] = cond.to(x.device) if isinstance(cond, torch.Tensor) else cond
         noise = noise.to(x.device, x.dtype)
-        return d.losses(module, pairs, drop_conditions=False, noise=noise)["loss"].mean()
+        inputs = None if scales is None else {"guidance_scale": scales.to(x.device)}  # each coupling's own scale
+        return d.losses(module, pairs, drop_conditions=False, noise=noise, inputs=inputs)["loss"].mean()

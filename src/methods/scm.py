@@ -6,7 +6,7 @@ Sampled in one or a few steps with ``sampler=consistency``."""
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+from typing import Any, Sequence, cast
 
 import torch
 
@@ -23,6 +23,7 @@ from difflab.diffusion.consistency import (
 )
 from difflab.diffusion.guidance import Guidance
 from difflab.methods.consistency import ConsistencyTraining, same_randomness
+from difflab.methods.guidance_input import GuidanceScales
 from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
 
@@ -50,9 +51,16 @@ class ContinuousConsistency(ConsistencyTraining):
         adaptive_weighting: bool = True,
         teacher_guidance: Guidance | None = None,
         time_groups: int = 8,
+        guidance_scales: Sequence[float] | None = None,
     ) -> None:
         super().__init__(
-            teacher_ckpt, p_mean, p_std, teacher_guidance=teacher_guidance, time_groups=time_groups, double_every=1
+            teacher_ckpt,
+            p_mean,
+            p_std,
+            teacher_guidance=teacher_guidance,
+            time_groups=time_groups,
+            double_every=1,
+            guidance_scales=guidance_scales,
         )
         if tangent_c <= 0 or warmup_steps < 0:
             raise ConfigError(
@@ -65,6 +73,8 @@ class ContinuousConsistency(ConsistencyTraining):
 
     def describe(self) -> str:
         source = f"distilled from {self.teacher_ckpt} (sCD)" if self.teacher_ckpt else "from this run's weights (sCT)"
+        if self.guidance_scales is not None:
+            source += f", guided {self.guidance_scales.describe()}"
         weighting = "adaptive weighting" if self.weighting is not None else "unweighted"
         return f"continuous-time consistency, {source}, tangent warmup {self.warmup_steps} steps, {weighting}"
 
@@ -123,12 +133,13 @@ class ContinuousConsistency(ConsistencyTraining):
         sigma_data = diffusion.objective.sigma_data
         return trigflow_velocity(x0, eps, t, sigma_data) / sigma_data
 
-    def teacher_velocity(self, x: Tensor, raw: Any, t: Tensor) -> Tensor:
-        """The guided teacher's dx/dt at TrigFlow's (x, t); one guided call per distinct t."""
+    def teacher_velocity(self, x: Tensor, raw: Any, t: Tensor, scales: Tensor | None = None) -> Tensor:
+        """The guided teacher's dx/dt at TrigFlow's (x, t) (at each sample's ``scales`` when given); one guided call
+        per distinct t."""
         teacher: Any = cast(Frozen, self._teacher).module
         d = teacher.diffusion
         x_p, time = self.process_point(d, x, t)
-        x0, eps = self.teacher_predictions(x_p, raw, time)
+        x0, eps = self.teacher_predictions(x_p, raw, time, scales)
         return trigflow_velocity(x0, eps, t, d.objective.sigma_data)
 
     def loss(self, module: Any, batch: dict[str, Any]) -> Tensor:
@@ -137,14 +148,15 @@ class ContinuousConsistency(ConsistencyTraining):
         raw = d.batch_condition(batch)
         if self._teacher is None:  # sCT: conditions dropped like diffusion training, so CFG still works
             raw = d.conditioner.drop(raw, d.p_uncond)
-        cond = d.condition(raw)
         sigma = self.noise_levels(x0.shape[0]).to(x0.device)
         sigma_data = d.objective.sigma_data
         t = trigflow_time(sigma, sigma_data)
         eps = torch.randn_like(x0)
+        scales = self.draw_scales(x0)
+        cond = GuidanceScales.into(d.condition(raw), scales)
         x = trigflow_point(x0, eps, t, sigma_data)
         if self._teacher is not None:
-            dx_dt = self.teacher_velocity(x, raw, t)
+            dx_dt = self.teacher_velocity(x, raw, t, scales)
         else:
             dx_dt = trigflow_velocity(x0, eps, t, sigma_data)
         F = lambda x, t: self.trigflow_output(d, module, x, t, cond)  # noqa: E731
