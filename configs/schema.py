@@ -461,6 +461,34 @@ def teacher_has_this_network(cfg: dict):
     return None
 
 
+def init_from_sees_the_same_time(cfg: dict):
+    """``init_from`` weights were trained on the time input this run gives them (``process.time_scale``: a denoiser
+    that learned 1000 t reads t as almost zero); ``init_strict=false`` starts from them anyway. Read from the file's
+    stored config through the trust gate, before anything is written."""
+    path = cfg.get("init_from")
+    if not isinstance(path, str) or not Path(path).expanduser().exists() or not cfg.get("init_strict", True):
+        return None  # a missing file is the init_from rule's
+    from difflab.checkpoints import load_weights
+    from difflab.trust import check_config
+    from difflab.utils.errors import DifflabError
+
+    try:
+        stored = check_config(load_weights(path).get("config") or {}, path)
+    except (DifflabError, OSError, RuntimeError, KeyError) as err:
+        return "init_from", f"a readable difflab checkpoint or export ({str(err).splitlines()[0]})"
+    key = "model.diffusion.process"
+    theirs, ours = _dotted(stored, key), _dotted(cfg, key)
+    if not isinstance(theirs, dict) or not isinstance(ours, dict) or theirs.get("_target_") != ours.get("_target_"):
+        return None  # another process (or a config without one): a conversion, the user's call
+    t, s = _setting(stored, f"{key}.time_scale"), _setting(cfg, f"{key}.time_scale")
+    if t is not None and s is not None and float(t) != float(s):
+        return "init_from", (
+            f"weights trained on this run's time input: {path} saw {key}.time_scale={float(t):g} where this run has "
+            f"{float(s):g} (set process.time_scale={float(t):g}, or init_strict=false to start from them anyway)"
+        )
+    return None
+
+
 def distillation_runs_alone(cfg: dict):
     """A distillation student starts as its teacher: no init_from; and it does not shard (trainer=fsdp) yet."""
     if not (cfg.get("method") or {}).get("teacher_ckpt"):
@@ -519,5 +547,6 @@ CHECKS = {
         one_ema_profile,
         teacher_has_this_network,
         distillation_runs_alone,
+        init_from_sees_the_same_time,
     ],
 }

@@ -516,3 +516,15 @@ def test_cfg_and_help_are_not_validated(tmp_path):
     )
     assert proc.returncode == 0, "difflab.config_checks must not import torch or lightning"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_init_from_weights_of_another_time_input_are_refused_unless_not_strict(paths):
+    """A denoiser trained on 1000 t reads t as almost zero (BENCHMARKS.md section 16d): one line before the run."""
+    problems = problems_of("train", ["init_from={teacher}", "process.time_scale=1"], paths)
+    assert len(problems) == 1 and problems[0].startswith("init_from="), problems
+    assert "time_scale=1000 where this run has 1 " in problems[0] and "init_strict=false" in problems[0]
+    problems = problems_of("train", ["init_from={teacher_digits_scm}"], paths)  # the other way round
+    assert len(problems) == 1 and "time_scale=1 where this run has 1000 " in problems[0], problems
+    assert problems_of("train", ["init_from={teacher}", "process.time_scale=1", "init_strict=false"], paths) == []
+    assert problems_of("train", ["init_from={teacher}"], paths) == []
+    assert problems_of("train", ["init_from={teacher_digits_scm}", "process.time_scale=1"], paths) == []

@@ -265,6 +265,17 @@ def test_one_rank_fsdp_run_equals_ddp_then_resumes_and_exports(tmp_path, launche
     assert c["step"] == 4 and c["checkpoint"]["callbacks"]["EMA"]["num_updates"] == 4
     assert _max_diff(c["ema"], d["ema"]) <= 1e-5 and _max_diff(c["raw"], d["raw"]) <= 1e-5
 
+    # init_from under FSDP continues the source's EMA and its decay's update count, as DDP does
+    def tune(name, source, strategy):
+        cfg = compose_train(tmp_path / name, _overrides(2, 2, ["logger=none", *strategy, f"init_from={source}"]))
+        train(cfg)
+        return _weights(tmp_path / name / "checkpoints" / "last.ckpt")
+
+    e = tune("fsdp_tuned", fsdp / "last.ckpt", [*FSDP_CPU, "trainer.devices=1"])
+    f = tune("ddp_tuned", ddp / "last.ckpt", ["trainer=ddp_cpu", "trainer.devices=1"])
+    assert e["checkpoint"]["callbacks"]["EMA"]["num_updates"] == f["checkpoint"]["callbacks"]["EMA"]["num_updates"] == 6
+    assert _max_diff(e["ema"], f["ema"]) <= 1e-5 and _max_diff(e["ema"], e["raw"]) > 1e-3
+
     paths = export_checkpoint(fsdp / "last.ckpt", tmp_path / "export")
     assert _max_diff(load_export(paths["weights"])["state_dict"], a["ema"]) == 0.0
     module = module_from_checkpoint(fsdp / "last.ckpt")

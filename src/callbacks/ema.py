@@ -195,7 +195,7 @@ class EMA(WeightAveraging):
         if self.store is None:
             return
         self.store.load_full(state_dict, strict, source)
-        if num_updates is not None and not self.sharded:
+        if num_updates is not None:  # the decay's counter is the callback's, sharded store or not
             self.num_updates = num_updates
 
     # ------------------------------------------------------------------ checkpoints

@@ -337,9 +337,9 @@ class APG(Guidance):
 
 class DistilledGuidance(Guidance):
     """Guidance learned by a guidance-distilled student (Meng et al. 2023, arXiv 2210.03142; ``method.guidance_scales``
-    of progressive distillation): the network takes the scale as an input and samples with one conditional pass per
-    step, any scale from one student. The guidance interval and rescale were the teacher's and are in what it
-    learned."""
+    of progressive distillation, reflow, consistency distillation and sCM): the network takes the scale as an input
+    and samples with one conditional pass per step, any scale from one student. The guidance interval and rescale were
+    the teacher's and are in what it learned."""
 
     name = "distilled"
 
