@@ -20,8 +20,9 @@ Phases:
   (``<out>/rf_s<seed>``). Each run's wall-clock and step count go to its ``meta.json``; the cost per step
   against the teacher's own training step is read from the teacher's race ``meta.json`` when there is one.
 - ``judge``: each seed's teacher and its students (progressive: the checkpoint at the end of each round, 8, 4, 2, 1
-  DDIM steps; reflow: the last checkpoint at Euler 4, 2, 1; consistency and sCM: the last checkpoint at consistency
-  sampling 4, 2, 1; MeanFlow: the last checkpoint at MeanFlow sampling 4, 2, 1) draw ``--n`` balanced samples (labels i % 10, noise seeded by the seed), and every judge of
+  DDIM steps; reflow: the last checkpoint at Euler 4, 2, 1, guided reflow at each of ``--scales`` too; consistency
+  and sCM: the last checkpoint at consistency sampling 4, 2, 1; MeanFlow: the last checkpoint at MeanFlow sampling
+  4, 2, 1) draw ``--n`` balanced samples (labels i % 10, noise seeded by the seed), and every judge of
   ``difflab.eval.digits_eval.evaluate_samples`` scores them; means with 95% t-intervals over the seeds; real digits
   give the floors. The teacher at few steps samples with DDIM on the students' grid (flow's grid evenly to 0, the
   recipe's grid shift) with its own guidance; students sample unguided, as they were trained. Writes
@@ -29,8 +30,8 @@ Phases:
   scores as a sweep ``ablate.py`` summarises (``<out>/judged``; its summary closes few_step.md).
 
     PYTHONPATH=. python bench/bench_few_step.py {all,train,judge} --teachers <race dir> [--seeds 0,1,2] [--out DIR]
-        [--n 500] [--methods progressive,reflow,consistency,scm,meanflow,guided] [--scales 1,2,3] [--budget S]
-        [--override key=value ...] [--teacher-override key=value ...]
+        [--n 500] [--methods progressive,reflow,consistency,scm,meanflow,guided,reflow_guided] [--scales 1,2,3]
+        [--budget S] [--override key=value ...] [--teacher-override key=value ...]
 
 ``--budget``: B in seconds, instead of the progressive run's wall-clock (needed when there is no progressive run).
 ``--override``: a Hydra override for every student run (``process.time_scale=1`` for teachers trained with it).
@@ -143,7 +144,8 @@ def train_phase(args) -> None:
                 f"method.pairs_dir={args.out}/pairs",
             ]
             print(f"[few-step] seed {seed}: drawing the couplings of {shown_path(teacher)}, each at its own scale")
-            pairs = run_train(common + ["trainer.max_steps=1", f"seed={seed}"], args.out / f"grf_pairs_s{seed}")
+            first = [*common, *args.override, "trainer.max_steps=1", f"seed={seed}"]  # the same setup, one step
+            pairs = run_train(first, args.out / f"grf_pairs_s{seed}")
             print(f"[few-step] seed {seed}: reflow student with the guidance scale as input")
             out = run_train(common + [f"seed={seed}"] + args.override, guided_reflow)
             write_meta(guided_reflow, {"seed": seed, **out, "pairs_s": pairs["train_s"]}, args)
@@ -182,7 +184,8 @@ def train_phase(args) -> None:
         # the couplings first (a 1-step run that draws them), then the student for the budget
         common = ["experiment=digits_reflow", f"method.teacher_ckpt={teacher}", f"method.pairs_dir={args.out}/pairs"]
         print(f"[few-step] seed {seed}: drawing the couplings of {shown_path(teacher)} (reflow)")
-        pairs = run_train(common + ["trainer.max_steps=1", f"seed={seed}"], args.out / f"rf_pairs_s{seed}")
+        first = [*common, *args.override, "trainer.max_steps=1", f"seed={seed}"]  # the same setup, one step
+        pairs = run_train(first, args.out / f"rf_pairs_s{seed}")
         print(f"[few-step] seed {seed}: reflow student for {clock}")
         overrides = common + same_clock
         out = run_train(overrides + args.override, args.out / f"rf_s{seed}")

@@ -1,8 +1,8 @@
-"""Guidance baked into a distilled student (Meng et al. 2023; progressive distillation's ``guidance_scales``,
-``guidance=distilled``): the guidance-scale input of UNet2D and DiT (zero at the start, so a student starts as its
-unguided teacher), the one-pass guided model function, the first round's teacher guided at each sample's own scale
-and later teachers given it as input, the loss handing the student its scale, a real run whose one student samples
-at several scales through sample.py, and one-line refusals."""
+"""Guidance baked into a distilled student (Meng et al. 2023; ``method.guidance_scales`` of progressive distillation,
+reflow, consistency distillation and sCM, ``guidance=distilled``): the guidance-scale input of every denoiser (zero at
+the start, so a student starts as its unguided teacher), the one-pass guided model function, each method's teacher
+guided at each sample's own scale (reflow: each coupling drawn and kept at its own), the loss handing the student its
+scale, real runs whose one student samples at several scales through sample.py, and one-line refusals."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from difflab.conditioning.base import ClassConditioner
 from difflab.diffusion.guidance import CFG, AutoguidanceCFG, CFGpp, DistilledGuidance
 from difflab.diffusion.objectives import Objective
 from difflab.diffusion.processes import FlowProcess
-from difflab.diffusion.samplers import ddim, sampling_grid
+from difflab.diffusion.samplers import consistency, ddim, euler, sampling_grid
 from difflab.diffusion.system import Diffusion
 from difflab.lit_modules.diffusion_module import DiffusionModule
 from difflab.methods.consistency import ConsistencyTraining
@@ -255,15 +255,59 @@ def test_bad_scale_ranges_are_refused_in_one_line():
 def test_a_student_without_the_input_or_sampling_with_cfg_is_refused():
     scales = GuidanceScales(1, 4)
     with pytest.raises(ConfigError, match="model.net.guidance_input=true"):
-        scales.refuse_misfit(_student(guidance_input=False), None)
+        scales.refuse_student(_student(guidance_input=False))
     with pytest.raises(ConfigError, match="samples with guidance=distilled.*is cfg"):
-        scales.refuse_misfit(_student(guidance=CFG(scale=2.0)), None)
-    scales.refuse_misfit(_student(), None)
+        scales.refuse_student(_student(guidance=CFG(scale=2.0)))
+    scales.refuse_student(_student())
+
+
+def test_teacher_guidance_that_cannot_take_every_drawn_scale_is_refused():
+    scales = GuidanceScales(1, 4)
+    scales.refuse_teacher_guidance(CFG(scale=2.0))
     with pytest.raises(ConfigError, match=r"guidance_scales=\[1.0, 4.0\] cannot all guide the teacher's cfgpp"):
-        scales.refuse_misfit(_student(), CFGpp(scale=0.6))
+        scales.refuse_teacher_guidance(CFGpp(scale=0.6))
     both = AutoguidanceCFG(scale=2.0, guide_ckpt="kept", cfg_scale=2.0)  # two strengths: the scale moves one only
     with pytest.raises(ConfigError, match="cannot guide the teacher's autoguidance_cfg"):
-        scales.refuse_misfit(_student(), both)
+        scales.refuse_teacher_guidance(both)
+    with pytest.raises(ConfigError, match="the teacher, which has no scale input"):
+        scales.refuse_teacher_guidance(DistilledGuidance(scale=2.0))
+    with pytest.raises(ConfigError, match="guidance.per_class=null"):
+        scales.refuse_teacher_guidance(CFG(scale=2.0, per_class={1: 3.0}))
+    for bad in ([1, float("inf")], [float("nan"), 2]):
+        with pytest.raises(ConfigError, match=r"\[lo, hi\] with 0 <= lo < hi, finite"):
+            GuidanceScales.parse(bad)
+
+
+def test_a_teacher_guided_by_its_own_checkpoints_guidance_is_checked_against_the_scales(monkeypatch):
+    """method.teacher_guidance=null: the teacher checkpoint's own guidance guides it, so that one is checked."""
+    import difflab.methods.guidance_input as guidance_input
+
+    teacher = _student(guidance=CFGpp(scale=0.6), guidance_input=False)
+    monkeypatch.setattr(guidance_input, "adopt_teacher", lambda *a, **k: Frozen(teacher))
+    with pytest.raises(ConfigError, match="cannot all guide the teacher's cfgpp"):
+        GuidanceScales(1, 4).adopt_teacher(_student(), "t.ckpt", None)
+    assert GuidanceScales(1, 4).adopt_teacher(_student(), "t.ckpt", CFG(scale=2.0)).module is teacher
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ProgressiveDistillation("missing.ckpt", 8, 2, guidance_scales=[1, 4]),
+        lambda: Reflow("missing.ckpt", guidance_scales=[1, 4]),
+        lambda: ConsistencyTraining("missing.ckpt", guidance_scales=[1, 4]),
+        lambda: ContinuousConsistency("missing.ckpt", guidance_scales=[1, 4]),
+    ],
+    ids=["progressive", "reflow", "consistency", "scm"],
+)
+def test_every_method_refuses_a_student_without_the_input_before_reading_its_teacher(make):
+    method = make()
+    module = _student(guidance_input=False)
+    module.diffusion.sampler = {
+        "progressive": functools.partial(ddim, steps=2),
+        "reflow": functools.partial(euler, steps=1),
+    }.get(method.name, functools.partial(consistency, steps=1))
+    with pytest.raises(ConfigError, match="model.net.guidance_input=true"):  # not the missing file's error
+        method.setup(module, "fit")
 
 
 # ---------------------------------------------------------------- consistency, sCM and reflow
@@ -366,6 +410,10 @@ def test_guided_couplings_round_trip_and_damaged_scales_are_refused(tmp_path):
     np.save(out / "scales.npy", np.array([1.0, 2.0, 9.0, 3.0], dtype=np.float32))
     with pytest.raises(CorruptDataError, match=r"scales.npy is not 4 float32 scales in \[1.0, 4.0\]; delete"):
         read_couplings(out, identity, (1, 2, 2))
+    for odd in (np.array(["1", "2", "3", "4"]), np.array([1.0, np.nan, 2.0, 3.0], dtype=np.float32), np.ones(4)):
+        np.save(out / "scales.npy", odd)
+        with pytest.raises(CorruptDataError, match="scales.npy is not 4 float32 scales"):
+            read_couplings(out, identity, (1, 2, 2))
     (out / "scales.npy").unlink()
     with pytest.raises(CorruptDataError, match="cannot read .*scales.npy"):
         read_couplings(out, identity, (1, 2, 2))

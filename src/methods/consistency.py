@@ -100,10 +100,11 @@ class ConsistencyTraining(TrainingMethod):
         self.refuse_misfit(module)
         if self.teacher_ckpt is not None:
             scales = self.guidance_scales
-            if scales is not None:
-                scales.refuse_misfit(module, self.teacher_guidance)
-            widen = scales.widen if scales is not None else None
-            self._teacher = adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance, widen)
+            self._teacher = (
+                adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance)
+                if scales is None
+                else scales.adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance)
+            )
 
     def on_train_batch_start(self, module: Any, step: int) -> None:
         self.stage = step // self.double_every  # a function of the step: exact on resume with no state of its own

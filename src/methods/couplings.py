@@ -2,7 +2,7 @@
 trained on them (seeds, sweeps, resumes).
 
 A coupling set is a directory named by the hash of what drew it (the teacher file's SHA-256, its sampler and
-guidance, the count, the seed, the sample shape): ``noise.npy`` (unit Gaussian noise, float32), ``samples.npy`` (the
+guidance, the scale range of a guidance-distilled student, the count, the seed, the sample shape): ``noise.npy`` (unit Gaussian noise, float32), ``samples.npy`` (the
 teacher's ODE samples from that noise, in the model's space: latents for latent models), ``labels.npy`` (class
 models) or ``prompts.json`` (text models), ``scales.npy`` (each coupling's guidance scale, float32, when the student
 takes the scale as input), and ``manifest.json``, written last. Reading uses ``np.load`` without
@@ -134,8 +134,8 @@ def read_couplings(directory: str | Path, identity: dict, sample_shape: tuple[in
         values = load("scales.npy")
         lo, hi = drawn_at
         slack = 1e-5 * max(1.0, abs(hi))  # float32 rounding of lo + (hi - lo) u
-        inside = values.shape == (count,) and bool(((lo - slack <= values) & (values <= hi + slack)).all())
-        if values.dtype != np.float32 or not inside:
+        fits = values.dtype == np.float32 and values.shape == (count,)
+        if not fits or not bool(((lo - slack <= values) & (values <= hi + slack)).all()):  # NaN: outside
             raise CorruptDataError(f"{directory / 'scales.npy'} is not {count} float32 scales in [{lo}, {hi}]; {redo}")
         scales = torch.from_numpy(values)
     return Couplings(torch.from_numpy(noise), torch.from_numpy(samples), conditions, scales)

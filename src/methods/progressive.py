@@ -102,13 +102,11 @@ class ProgressiveDistillation(TrainingMethod):
         if is_sharding(getattr(module, "_trainer", None)):
             raise ConfigError("method=progressive does not run under trainer=fsdp yet: use trainer=gpu or ddp")
         self.spacing = self._spacing(module.diffusion.sampler)
-        if self.guidance_scales is not None:
-            self.guidance_scales.refuse_misfit(module, self.teacher_guidance)
-        self._teacher = adopt_teacher(
-            module,
-            self.teacher_ckpt,
-            self.teacher_guidance,
-            self.guidance_scales.widen if self.guidance_scales else None,
+        scales = self.guidance_scales
+        self._teacher = (
+            adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance)
+            if scales is None
+            else scales.adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance)
         )
         if self._pending_teacher is not None:
             self.load_state_dict({"round": self.round, "teacher": self._pending_teacher})

@@ -80,29 +80,30 @@ class Reflow(TrainingMethod):
             return
         self.refuse_misfit(module)
         scales = self.guidance_scales
-        if scales is not None:
-            scales.refuse_misfit(module, self.teacher_guidance)
-        widen = scales.widen if scales is not None else None
-        self._teacher = adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance, widen)
+        self._teacher = (
+            adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance)
+            if scales is None
+            else scales.adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance)
+        )
 
     def identity(self) -> dict:
-        """What decides the couplings: the teacher file, how it samples, how many, from which noise."""
+        """What decides the couplings: the teacher file, how it samples (with ``guidance_scales``: the range, not the
+        guidance's own scale), how many, from which noise."""
         assert self._teacher is not None, "setup() loads the teacher first"
         teacher: Any = self._teacher.module  # a DiffusionModule
         d = teacher.diffusion
         sampler = self.teacher_sampler or d.sampler
         keywords = {k: repr(v) for k, v in sorted(getattr(sampler, "keywords", {}).items())}
         guidance = self.teacher_guidance if self.teacher_guidance is not None else d.guidance
-        scales = (
-            {}
-            if self.guidance_scales is None
-            else {"guidance_scales": [self.guidance_scales.lo, self.guidance_scales.hi]}
-        )
+        shown, scales = repr(guidance), {}
+        if self.guidance_scales is not None:  # each coupling's own scale replaces the guidance's
+            shown = f"{guidance.updated({'scale': 1.0})!r} at each coupling's scale"
+            scales = {"guidance_scales": [self.guidance_scales.lo, self.guidance_scales.hi]}
         return {
             **scales,
             "teacher_sha256": weights_digest(self.teacher_ckpt, 64),
             "sampler": f"{sampler_name(sampler)} {keywords}",
-            "guidance": repr(guidance),
+            "guidance": shown,
             "count": self.num_pairs,
             "seed": self.pairs_seed,
             "sample_shape": list(d.sample_shape),
