@@ -98,6 +98,21 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         ],
         ["guided_student"],
     ),
+    # reflow with the guidance scale as the student's input: couplings drawn each at its own scale, 3200 steps
+    "reflow_guided": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_race", "--methods", "reflow_guided", "--out", "/tmp/difflab_grf"),
+            *("--name", "reflow_guided"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_race", "--methods", "reflow_guided", "--out", "/tmp/difflab_grf"),
+            *("--seeds", "0", "--n", "100", "--name", "reflow_guided"),
+        ],
+        ["reflow_guided"],
+    ),
     # sCM from teachers that see t itself (process.time_scale=1: the race's difflab side trained with it, once), and
     # from the race's own teacher (1000 t) on seed 0 as the control; the same wall-clock per student
     "scm_time_input": (
@@ -331,6 +346,7 @@ TITLES = {
     "few_step": "16. Few-step generation: progressive distillation, reflow, consistency, sCM and MeanFlow against the teacher (three seeds, every judge)",
     "method_cost": "16b. Training cost per step of each few-step method against the teacher's step",
     "guided_student": "16c. Guidance baked in: one progressive student for every guidance scale (three seeds, every judge)",
+    "reflow_guided": "16g. Guidance baked into reflow: one 1-step student for every guidance scale (three seeds, every judge)",
     "meanflow_cfg": "16f. MeanFlow with CFG baked into its targets, against plain targets (three seeds each, every judge)",
 }
 TARGET_RE = re.compile(r"(target[^.\n]*?:\s*\**(?:met|not met)[^\n]*)", re.IGNORECASE)
