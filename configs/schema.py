@@ -468,14 +468,16 @@ def init_from_sees_the_same_time(cfg: dict):
     path = cfg.get("init_from")
     if not isinstance(path, str) or not Path(path).expanduser().exists() or not cfg.get("init_strict", True):
         return None  # a missing file is the init_from rule's
+    if cfg.get("ckpt_path"):
+        return None  # init_from with a resume: resume_xor_init's
     from difflab.checkpoints import load_weights
     from difflab.trust import check_config
     from difflab.utils.errors import DifflabError
 
     try:
         stored = check_config(load_weights(path).get("config") or {}, path)
-    except (DifflabError, OSError, RuntimeError, KeyError) as err:
-        return "init_from", f"a readable difflab checkpoint or export ({str(err).splitlines()[0]})"
+    except (DifflabError, OSError, RuntimeError, KeyError):
+        return None  # an unreadable file: the run's loader says so, naming it
     key = "model.diffusion.process"
     theirs, ours = _dotted(stored, key), _dotted(cfg, key)
     if not isinstance(theirs, dict) or not isinstance(ours, dict) or theirs.get("_target_") != ours.get("_target_"):
