@@ -67,7 +67,7 @@ class ConsistencyTraining(TrainingMethod):
         if self.guidance_scales is not None and self.teacher_ckpt is None:
             raise ConfigError(
                 f"method.guidance_scales={self.guidance_scales!r} bakes a teacher's guidance into the student: set "
-                f"method.teacher_ckpt, or guidance_scales=null to train {self.name} without one"
+                f"method.teacher_ckpt, or method.guidance_scales=null to train {self.name} without one"
             )
         self.time_groups = int(time_groups)
         self.stage = 0
