@@ -427,6 +427,17 @@ TRAINING_DENSITY = ("density", "mean", "std", "mode_scale", "logit_mean", "logit
 STUDENT_INPUTS = ("guidance_input",)
 
 
+READ_ERRORS = (OSError, RuntimeError, KeyError)  # DifflabError is a RuntimeError
+
+
+def _stored_config(path: str) -> dict:
+    """The config stored in a checkpoint or export, read through the trust gate (raises ``READ_ERRORS``)."""
+    from difflab.checkpoints import load_weights
+    from difflab.trust import check_config
+
+    return check_config(load_weights(path)["config"] or {}, path)
+
+
 def teacher_has_this_network(cfg: dict):
     """A teacher checkpoint must hold this run's process (its sampling grid and training density aside), objective's
     prediction and sigma_data, conditioning, image size and network (the student starts as it); read from its stored
@@ -435,13 +446,9 @@ def teacher_has_this_network(cfg: dict):
     model = cfg.get("model") or {}
     if not isinstance(path, str) or not Path(path).expanduser().exists() or not isinstance(model.get("net"), dict):
         return None  # a missing file is the teacher_ckpt rule's
-    from difflab.checkpoints import load_weights
-    from difflab.trust import check_config
-    from difflab.utils.errors import DifflabError
-
     try:
-        stored = check_config(load_weights(path)["config"], path)
-    except (DifflabError, OSError, RuntimeError, KeyError) as err:
+        stored = _stored_config(path)
+    except READ_ERRORS as err:
         return "method.teacher_ckpt", f"a readable difflab checkpoint or export ({str(err).splitlines()[0]})"
     theirs = {"model": stored.get("model") or {}, "datamodule": stored.get("datamodule") or {}}
     ours = {"model": model, "datamodule": cfg.get("datamodule") or {}}
@@ -470,13 +477,9 @@ def init_from_sees_the_same_time(cfg: dict):
         return None  # a missing file is the init_from rule's
     if cfg.get("ckpt_path"):
         return None  # init_from with a resume: resume_xor_init's
-    from difflab.checkpoints import load_weights
-    from difflab.trust import check_config
-    from difflab.utils.errors import DifflabError
-
     try:
-        stored = check_config(load_weights(path).get("config") or {}, path)
-    except (DifflabError, OSError, RuntimeError, KeyError):
+        stored = _stored_config(path)
+    except READ_ERRORS:
         return None  # an unreadable file: the run's loader says so, naming it
     key = "model.diffusion.process"
     theirs, ours = _dotted(stored, key), _dotted(cfg, key)

@@ -13,8 +13,8 @@ from difflab.diffusion.guidance import Guidance
 from difflab.diffusion.processes import NoiseProcess
 from difflab.diffusion.samplers import Sampler, sampler_name
 from difflab.methods.base import TrainingMethod
-from difflab.methods.guidance_input import GuidanceScales
-from difflab.methods.teacher import adopt_teacher, raw_subset
+from difflab.methods.guidance_input import GuidanceScales, adopt_teacher_of
+from difflab.methods.teacher import raw_subset
 from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
 
@@ -99,12 +99,7 @@ class ConsistencyTraining(TrainingMethod):
             return
         self.refuse_misfit(module)
         if self.teacher_ckpt is not None:
-            scales = self.guidance_scales
-            self._teacher = (
-                adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance)
-                if scales is None
-                else scales.adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance)
-            )
+            self._teacher = adopt_teacher_of(module, self.teacher_ckpt, self.teacher_guidance, self.guidance_scales)
 
     def on_train_batch_start(self, module: Any, step: int) -> None:
         self.stage = step // self.double_every  # a function of the step: exact on resume with no state of its own

@@ -109,3 +109,13 @@ class GuidanceScales:
                 f"{KEY}={self!r} cannot all guide the teacher's {guidance.name} ({err}): choose scales that guidance "
                 "takes"
             ) from None
+
+
+def adopt_teacher_of(
+    module: Any, path: str, teacher_guidance: Guidance | None, scales: GuidanceScales | None
+) -> Frozen:
+    """A distillation method's frozen teacher: ``teacher.adopt_teacher``, or ``scales.adopt_teacher`` when the
+    student takes the guidance scale as input."""
+    if scales is None:
+        return adopt_teacher(module, path, teacher_guidance)
+    return scales.adopt_teacher(module, path, teacher_guidance)

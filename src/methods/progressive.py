@@ -13,8 +13,8 @@ from difflab.diffusion.guidance import CFG, DistilledGuidance, Guidance
 from difflab.diffusion.processes import NoiseProcess
 from difflab.diffusion.samplers import Sampler, ddim_step, sampler_name
 from difflab.methods.base import TrainingMethod
-from difflab.methods.guidance_input import GuidanceScales
-from difflab.methods.teacher import adopt_teacher, raw_subset
+from difflab.methods.guidance_input import GuidanceScales, adopt_teacher_of
+from difflab.methods.teacher import raw_subset
 from difflab.ops.fsdp import is_sharding
 from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
@@ -102,12 +102,7 @@ class ProgressiveDistillation(TrainingMethod):
         if is_sharding(getattr(module, "_trainer", None)):
             raise ConfigError("method=progressive does not run under trainer=fsdp yet: use trainer=gpu or ddp")
         self.spacing = self._spacing(module.diffusion.sampler)
-        scales = self.guidance_scales
-        self._teacher = (
-            adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance)
-            if scales is None
-            else scales.adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance)
-        )
+        self._teacher = adopt_teacher_of(module, self.teacher_ckpt, self.teacher_guidance, self.guidance_scales)
         if self._pending_teacher is not None:
             self.load_state_dict({"round": self.round, "teacher": self._pending_teacher})
 

@@ -15,8 +15,7 @@ from difflab.diffusion.processes import FlowProcess, NoiseProcess
 from difflab.diffusion.samplers import Sampler, sampler_name
 from difflab.methods.base import TrainingMethod
 from difflab.methods.couplings import Couplings, identity_key, read_couplings, read_manifest, write_couplings
-from difflab.methods.guidance_input import GuidanceScales
-from difflab.methods.teacher import adopt_teacher
+from difflab.methods.guidance_input import GuidanceScales, adopt_teacher_of
 from difflab.metrics.protocol import weights_digest
 from difflab.storage.progress import progress_bar
 from difflab.utils.errors import ConfigError, CorruptDataError
@@ -79,12 +78,7 @@ class Reflow(TrainingMethod):
         if stage != "fit":
             return
         self.refuse_misfit(module)
-        scales = self.guidance_scales
-        self._teacher = (
-            adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance)
-            if scales is None
-            else scales.adopt_teacher(module, self.teacher_ckpt, self.teacher_guidance)
-        )
+        self._teacher = adopt_teacher_of(module, self.teacher_ckpt, self.teacher_guidance, self.guidance_scales)
 
     def identity(self) -> dict:
         """What decides the couplings: the teacher file, how it samples (with ``guidance_scales``: the range, not the
