@@ -282,8 +282,8 @@ def run_child(args) -> None:
     else:
         meta, samples = run_diffusers(args.child, args.budget, args.n, args.seed)
     meta.update(side=args.child, seed=args.seed, budget=args.budget, threads=torch.get_num_threads())
-    if args.child == "difflab" and args.override:
-        meta["overrides"] = list(args.override)
+    if args.child == "difflab":
+        meta["overrides"] = list(args.override)  # [] : the recipe as it is
     meta["machine"] = machine_description()
     for kind, s in samples.items():
         torch.save({"images": s.pop("images"), "labels": s.pop("labels")}, d / f"samples_{kind}.pt")
@@ -528,12 +528,14 @@ def screen_phase(args) -> str:
         score = rule_score(cis["fd"].mean, cis["fd_pixel"].mean, peer)
         if cis["accuracy"].mean >= MIN_ACCURACY and len(rs) == full:
             scores[name] = score
-        overrides = " ".join(metas[0].get("overrides", [])) or "(not recorded)"
+        recorded = metas[0].get("overrides")
+        overrides = " ".join(recorded) if recorded else "(none)" if recorded is not None else "(not recorded)"
         steps = f"{statistics.mean(m['steps'] for m in metas):.0f}"
         rows.append([name, f"`{overrides}`", ",".join(str(m["seed"]) for m in metas), steps])
         rows[-1] += [fmt(cis["fd"], 2), fmt(cis["fd_pixel"], 3), fmt(cis["accuracy"], 3), f"{score:.4f}"]
         rows[-1] += [fmt(cis["fd_judge2"], 2)]
     best = min(scores, key=scores.get) if scores else "none"
+    paired = paired_table(judged_arms, args.paired) if args.paired else []
     budgets = "/".join(sorted({f"{m['budget']:g}" for metas, _ in judged_arms.values() for m in metas}))
     return "\n".join(
         [
@@ -542,6 +544,7 @@ def screen_phase(args) -> str:
             f"`PYTHONPATH=. python bench/bench_vs_diffusers.py screen --out {shown_path(args.out)} "
             + " ".join(f"--arm {a.split('=', 1)[0]}=<dir>" for a in args.arm)
             + ("" if args.name == "recipe_screen" else f" --name {args.name}")
+            + (f" --paired {args.paired}" if args.paired else "")
             + "`: each arm's runs trained by `bench_vs_diffusers.py train --sides difflab --override ...` "
             f"({budgets} s each, one "
             "after the other), sampled with the recipe's sampler and guidance; "
@@ -554,9 +557,39 @@ def screen_phase(args) -> str:
             "",
             f"Lowest rule score: **{best}**.",
             "",
+            *paired,
             f"Machine: {machine_description()}",
         ]
     )
+
+
+PAIRED_KEYS = [
+    ("fd", "FD classifier", 2),
+    ("fd_judge2", "FD judge 2", 2),
+    ("fd_pixel", "FD pixels", 3),
+    ("recall", "recall (clf)", 3),
+    ("recall_judge2", "recall (j2)", 3),
+    ("accuracy", "accuracy (clf)", 3),
+]
+
+
+def paired_table(judged_arms: dict[str, tuple[list[dict], list[dict]]], base: str) -> list[str]:
+    """Each arm minus ``base`` at the same seed (means with 95% t-intervals over the seeds both ran): the paired
+    difference, tighter than two separate intervals when the seeds share their data order and noise."""
+    from difflab.ablation.stats import mean_ci
+
+    if base not in judged_arms:
+        sys.exit(f"--paired {base}: no such --arm (have {', '.join(judged_arms)})")
+    by_seed = {name: {m["seed"]: r for m, r in zip(*arm)} for name, arm in judged_arms.items()}
+    rows = []
+    for name, runs in by_seed.items():
+        seeds = sorted(set(runs) & set(by_seed[base]))
+        if name == base or not seeds:
+            continue
+        diffs = {k: mean_ci([runs[s][k] - by_seed[base][s][k] for s in seeds]) for k, _, _ in PAIRED_KEYS}
+        rows.append([name, ",".join(map(str, seeds)), *(fmt(diffs[k], d) for k, _, d in PAIRED_KEYS)])
+    header = ["arm", "seeds", *(f"{label} - {base}" for _, label, _ in PAIRED_KEYS)]
+    return [f"Paired against `{base}` (same seed):", "", md_table(header, rows), ""]
 
 
 def main() -> None:
@@ -576,6 +609,9 @@ def main() -> None:
         "--arm", action="append", default=[], help="screen: NAME=DIR of difflab runs trained with --override"
     )
     p.add_argument("--name", default="recipe_screen", help="screen: the result file's name in bench/results")
+    p.add_argument(
+        "--paired", default=None, help="screen: an --arm NAME every other arm is compared with, seed by seed"
+    )
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()

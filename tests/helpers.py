@@ -83,3 +83,15 @@ def default_teacher_checkpoint(folder: Path, overrides: Sequence[str] = ()) -> P
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, folder / "teacher.ckpt")
     return folder / "teacher.ckpt"
+
+
+def assert_resumed_equal(final: dict, again: dict, atol: float = 1e-6) -> None:
+    """Two checkpoints of the same step, one from a run resumed midway: equal weights and equal method state (a
+    learned loss weighting included), key by key."""
+    import torch
+
+    for k, v in final["state_dict"].items():
+        assert torch.allclose(v, again["state_dict"][k], atol=atol), k
+    weighting = final.get("difflab_method", {}).get("weighting", {})
+    for k, v in weighting.items():
+        assert torch.allclose(v, again["difflab_method"]["weighting"][k], atol=atol), k

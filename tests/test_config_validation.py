@@ -54,6 +54,7 @@ BAD = [
     ("train", ["experiment=digits_meanflow", "method.ratio=1.5"], "method.ratio", "1.5"),
     ("train", ["experiment=digits_meanflow", "method.adaptive_c=0"], "method.adaptive_c", "0"),
     ("train", ["experiment=digits_meanflow", "method.kappa=1"], "method.kappa", "1"),
+    ("train", ["method.adaptive_weighting=sometimes"], "method.adaptive_weighting", "sometimes"),
     (
         "train",
         ["experiment=digits_progressive", "method.guidance_scales=[1,2,3]"],

@@ -13,7 +13,6 @@ import torch
 
 from difflab.config_checks import check_config
 from difflab.diffusion.consistency import (
-    NoiseLevelWeighting,
     normalize_tangent,
     scm_loss,
     scm_tangent,
@@ -23,12 +22,13 @@ from difflab.diffusion.consistency import (
     trigflow_time,
     trigflow_velocity,
 )
+from difflab.diffusion.objectives import NoiseLevelWeighting
 from difflab.diffusion.processes import EDMProcess, FlowProcess, VPProcess
 from difflab.diffusion.samplers import consistency
 from difflab.methods.scm import ContinuousConsistency
 from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
-from tests.helpers import compose_train, run_hydra_main
+from tests.helpers import assert_resumed_equal, compose_train, run_hydra_main
 from tests.test_consistency import ExactFlow, _tiny
 from tests.test_guidance_methods import _module
 
@@ -219,12 +219,8 @@ def test_scm_distillation_runs_and_resumes_exactly_with_its_weighting(teacher_ck
     assert _train(tmp_path / "resumed", teacher, f"ckpt_path={ckpts / 'step_0000002.ckpt'}") == 0
     final = load_checkpoint(ckpts / "step_0000004.ckpt")
     again = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "step_0000004.ckpt")
-    for k, v in final["state_dict"].items():
-        assert torch.allclose(v, again["state_dict"][k], atol=1e-6), k
-    weighting = final["difflab_method"]["weighting"]
-    assert weighting["linear.bias"].abs().sum() > 0  # it learned
-    for k, v in weighting.items():
-        assert torch.allclose(v, again["difflab_method"]["weighting"][k], atol=1e-6), k
+    assert final["difflab_method"]["weighting"]["linear.bias"].abs().sum() > 0  # it learned
+    assert_resumed_equal(final, again)
     diffusion, net = load_for_sampling(ckpts / "last.ckpt")
     assert diffusion.describe_sampler().startswith("consistency-1")
     out = diffusion.sample(net, 4)

@@ -19,8 +19,9 @@ import math
 from typing import Any, Callable
 
 import torch
-from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from difflab.diffusion.objectives import uncertainty_weighted
 
 Tensor = torch.Tensor
 
@@ -112,30 +113,7 @@ def normalize_tangent(g: Tensor, c: float = 0.1) -> Tensor:
 def scm_loss(F: Tensor, F_minus: Tensor, g: Tensor, logvar: Tensor | float = 0.0) -> Tensor:
     """Per-sample sCM loss with adaptive weighting: e^(-logvar) ||F - F- - g||^2 / D + logvar (w = -logvar, the
     learned uncertainty of EDM2; logvar 0: the plain mean squared error)."""
-    squared = ((F - F_minus - g) ** 2).flatten(1).mean(dim=1)
-    return squared * torch.exp(-torch.as_tensor(logvar)) + logvar
-
-
-class NoiseLevelWeighting(nn.Module):
-    """The learned log-variance w(sigma) of sCM's adaptive weighting (EDM2's form): fixed random Fourier features of
-    ln(sigma) / 4, then a zero-initialised linear layer (logvar 0 at the start: the plain loss)."""
-
-    def __init__(self, features: int = 128, seed: int = 0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.register_buffer("freqs", 2 * math.pi * torch.randn(features, generator=g))
-        self.register_buffer("phases", 2 * math.pi * torch.rand(features, generator=g))
-        self.linear = nn.Linear(features, 1)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
-    freqs: Tensor
-    phases: Tensor
-
-    def forward(self, sigma: Tensor) -> Tensor:
-        c_noise = (sigma.float().log() / 4).reshape(-1, 1)
-        out: Tensor = self.linear(math.sqrt(2) * torch.cos(c_noise * self.freqs + self.phases))
-        return out.reshape(-1)
+    return uncertainty_weighted(((F - F_minus - g) ** 2).flatten(1).mean(dim=1), logvar)
 
 
 def _trig(t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:

@@ -27,6 +27,7 @@ from typing import Callable, cast
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from difflab.diffusion.processes import NoiseProcess, rng_device
 from difflab.utils.frozen import Frozen
@@ -252,6 +253,35 @@ LOSS_WEIGHTINGS: dict[str, Callable[..., tuple[Tensor, str]]] = {
     "inv_snr_clamped": inv_snr_clamped_weight,
     "edm": edm_weight,
 }
+
+
+def uncertainty_weighted(loss: Tensor, logvar: Tensor | float) -> Tensor:
+    """EDM2's learned-uncertainty form of a per-sample loss, loss e^(-logvar) + logvar (Karras et al. 2024):
+    minimised by logvar = ln E[loss | noise level], so every level's gradient is normalised by its own loss."""
+    return loss * torch.exp(-torch.as_tensor(logvar)) + logvar
+
+
+class NoiseLevelWeighting(nn.Module):
+    """The learned log-variance u(sigma) of EDM2's loss weighting (sCM's adaptive weighting, ``method.
+    adaptive_weighting`` of diffusion training): fixed random Fourier features of ln(sigma) / 4, then a zero-initialised
+    linear layer (u = 0 at the start: the plain loss)."""
+
+    def __init__(self, features: int = 128, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(features, generator=g))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(features, generator=g))
+        self.linear = nn.Linear(features, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    freqs: Tensor
+    phases: Tensor
+
+    def forward(self, sigma: Tensor) -> Tensor:
+        c_noise = (sigma.float().log() / 4).reshape(-1, 1)
+        out: Tensor = self.linear(math.sqrt(2) * torch.cos(c_noise * self.freqs + self.phases))
+        return out.reshape(-1)
 
 
 def elementwise_loss(pred: Tensor, target: Tensor, kind: str = "mse", huber_delta: float = 1.0) -> Tensor:

@@ -12,12 +12,16 @@ from typing import Any
 
 import torch
 
+from difflab.diffusion.objectives import NoiseLevelWeighting, uncertainty_weighted
+
 
 class TrainingMethod:
     """A training method's hooks, called by ``DiffusionModule``; the defaults do nothing."""
 
     name = "base"
     needs_teacher = False
+    # a learned loss weighting (EDM2's uncertainty) when the method has one
+    weighting: NoiseLevelWeighting | None = None
 
     def setup(self, module: Any, stage: str) -> None:
         """Before training (Lightning's ``setup``, ahead of any checkpoint restore): load teachers, start students."""
@@ -43,16 +47,25 @@ class TrainingMethod:
         raise NotImplementedError
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        """Trainable parameters of the method itself (sCM's loss weighting), optimised with the network's but kept
-        out of its state dict: a student stays an ordinary checkpoint. Their state travels in ``state_dict``."""
-        return []
+        """Trainable parameters of the method itself (its learned loss weighting), optimised with the network's but
+        kept out of its state dict: a student stays an ordinary checkpoint. Their state travels in ``state_dict``."""
+        return list(self.weighting.parameters()) if self.weighting is not None else []
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must hold to resume this method exactly (tensors and plain values)."""
-        return {}
+        return {"weighting": self.weighting.state_dict()} if self.weighting is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict``'s output (resume)."""
+        if self.weighting is not None and "weighting" in state:
+            self.weighting.load_state_dict(state["weighting"])
+
+    def learned_logvar(self, sigma: torch.Tensor) -> torch.Tensor | float:
+        """The learned weighting's log-variance at each sample's EDM noise level ``sigma`` (0 without one: the plain
+        loss), on ``sigma``'s device (moved in place: the optimizer keeps the same tensors)."""
+        if self.weighting is None:
+            return 0.0
+        return self.weighting.to(sigma.device)(sigma)
 
     def describe(self) -> str:
         """One line for the log: the method and its settings."""
@@ -61,9 +74,21 @@ class TrainingMethod:
 
 class DiffusionTraining(TrainingMethod):
     """Denoising score matching under the module's ``Diffusion``: the objective's loss at the process's times, with
-    conditions dropped for classifier-free guidance (today's training; the default)."""
+    conditions dropped for classifier-free guidance (today's training; the default). ``adaptive_weighting`` learns
+    EDM2's per-noise-level uncertainty u(sigma) on top of the objective's weighting: each sample's loss becomes
+    loss e^(-u) + u (Karras et al. 2024), which evens out the levels' gradients as training goes."""
 
     name = "diffusion"
 
+    def __init__(self, adaptive_weighting: bool = False) -> None:
+        self.weighting = NoiseLevelWeighting() if adaptive_weighting else None
+
     def loss(self, module: Any, batch: dict[str, Any]) -> torch.Tensor:
-        return module.diffusion.loss(module, batch)
+        if self.weighting is None:
+            return module.diffusion.loss(module, batch)
+        out = module.diffusion.losses(module, batch)
+        sigma = torch.exp(-0.5 * out["log_snr"].double())  # the EDM noise level of any process
+        return uncertainty_weighted(out["loss"], self.learned_logvar(sigma)).mean()
+
+    def describe(self) -> str:
+        return "diffusion, adaptive weighting (EDM2's learned uncertainty)" if self.weighting is not None else self.name

@@ -11,7 +11,6 @@ from typing import Any, Sequence, cast
 import torch
 
 from difflab.diffusion.consistency import (
-    NoiseLevelWeighting,
     normalize_tangent,
     scm_loss,
     scm_tangent,
@@ -22,6 +21,7 @@ from difflab.diffusion.consistency import (
     trigflow_velocity,
 )
 from difflab.diffusion.guidance import Guidance
+from difflab.diffusion.objectives import NoiseLevelWeighting
 from difflab.methods.consistency import ConsistencyTraining, same_randomness
 from difflab.methods.guidance_input import GuidanceScales
 from difflab.utils.errors import ConfigError
@@ -98,21 +98,8 @@ class ContinuousConsistency(ConsistencyTraining):
             )
         return slope
 
-    # ---------------------------------------------------------------- state
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.weighting.parameters()) if self.weighting is not None else []
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"weighting": self.weighting.state_dict()} if self.weighting is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.weighting is not None and "weighting" in state:
-            self.weighting.load_state_dict(state["weighting"])
-
     def on_train_batch_start(self, module: Any, step: int) -> None:
         self.warmup = min(1.0, step / self.warmup_steps) if self.warmup_steps else 1.0  # a function of the step
-        if self.weighting is not None:
-            self.weighting.to(module.device)  # in place: the optimizer keeps the same tensors
         module.log("method/tangent_warmup", self.warmup, prog_bar=False)
 
     # ---------------------------------------------------------------- the loss
@@ -165,5 +152,4 @@ class ContinuousConsistency(ConsistencyTraining):
         F_theta = F(x, t)
         g = scm_tangent(F_minus.float(), dF_dt.float(), x, dx_dt, t, sigma_data, self.warmup)
         g = normalize_tangent(g, self.tangent_c)
-        logvar = self.weighting(sigma) if self.weighting is not None else 0.0
-        return scm_loss(F_theta, F_minus.float(), g, logvar).mean()
+        return scm_loss(F_theta, F_minus.float(), g, self.learned_logvar(sigma)).mean()
