@@ -1,6 +1,9 @@
 """Few-step generation on digits: progressive distillation (``experiment=digits_progressive``), reflow
 (``experiment=digits_reflow``), consistency distillation with ECT's gaps (``experiment=digits_consistency``) and in
-continuous time (sCM, ``experiment=digits_scm``) of default-recipe teachers, and MeanFlow from scratch
+continuous time (sCM, ``experiment=digits_scm``) of default-recipe teachers, easy consistency tuning without a teacher
+(ECT, method ``ect``: ``experiment=digits_consistency init_from=<teacher>``; sCT, method ``sct``: ``experiment=digits_scm
+init_from=<teacher>``; both judged unguided and with CFG 2), and
+MeanFlow from scratch
 (``experiment=digits_meanflow``), judged at 1, 2, 4 (and 8) steps against the teacher at the same steps and at its own
 19-NFE sampler; and progressive distillation with the guidance baked in (``experiment=digits_progressive_guided``,
 method ``guided``: one student for every scale in [1, 4]) judged at each of ``--scales`` against the teacher's own
@@ -13,7 +16,7 @@ Phases:
   the same way (``experiment=digits_progressive_guided``, ``<out>/gpd_s<seed>``); the guided reflow student
   (``experiment=digits_reflow_guided``: its couplings drawn first, ``<out>/grf_pairs_s<seed>``, then its steps,
   ``<out>/grf_s<seed>``); the consistency
-  and sCM students for the budget B, the progressive run's wall-clock or ``--budget`` (``trainer.max_time``;
+  and sCM students and the ECT run (``<out>/ect_s<seed>``) for the budget B, the progressive run's wall-clock or ``--budget`` (``trainer.max_time``;
   ``<out>/cm_s<seed>``, ``<out>/scm_s<seed>``); MeanFlow from scratch for the teacher's race wall-clock plus B
   (``<out>/mf_s<seed>``); reflow: a 1-step run
   that draws the teacher's couplings into ``<out>/pairs`` (timed: ``pairs_s``), then the student for B
@@ -61,7 +64,15 @@ from bench.common import QUIET, REPO, RESULTS, machine_description, md_table, se
 STUDENT_STEPS = {400: 8, 800: 4, 1200: 2, 1600: 1}
 RECIPE_SCALE = 2.0  # the recipe's guidance scale (guidance=cfg_interval): the teacher's own-sampler row  # experiment=digits_progressive: the end of each round
 # students trained for the budget B (the progressive run's wall-clock or --budget): method -> (prefix, label, sampler)
-SAME_CLOCK = {"consistency": ("cm", "CM", "consistency"), "scm": ("scm", "sCM", "consistency")}
+SAME_CLOCK = {
+    "consistency": ("cm", "CM", "consistency"),
+    "scm": ("scm", "sCM", "consistency"),
+    "ect": ("ect", "ECT", "consistency"),
+    "sct": ("sct", "sCT", "consistency"),
+}
+# no teacher: tuned from the teacher's weights (init_from) on the data alone; judged unguided and with CFG too
+TUNED = {"ect": "experiment=digits_consistency", "sct": "experiment=digits_scm"}
+TUNED_CFG = 2.0  # the CFG scale the tuned students are also judged at (they train with dropped conditions)
 # trained from scratch for the teacher's race wall-clock plus B: the compute of teacher + student
 FROM_SCRATCH = {"meanflow": ("mf", "MF", "meanflow")}
 ONE_RUN = {**SAME_CLOCK, **FROM_SCRATCH}  # methods judged on one run's last checkpoint
@@ -161,7 +172,10 @@ def train_phase(args) -> None:
             if method not in args.methods or (args.out / f"{prefix}_s{seed}" / "meta.json").exists():
                 continue
             print(f"[few-step] seed {seed}: {method} student for {clock}")
-            overrides = [f"experiment=digits_{method}", f"method.teacher_ckpt={teacher}", *same_clock]
+            if method in TUNED:
+                overrides = [TUNED[method], f"init_from={teacher}", *same_clock]
+            else:
+                overrides = [f"experiment=digits_{method}", f"method.teacher_ckpt={teacher}", *same_clock]
             out = run_train(overrides + args.override, args.out / f"{prefix}_s{seed}")
             write_meta(args.out / f"{prefix}_s{seed}", {"seed": seed, **out, "clock": clock}, args)
         race = teacher.parents[2] / "meta.json"
@@ -240,6 +254,11 @@ def verdict(who: str, runs_at: dict[int, list[dict]], reference: list[dict]) -> 
         targets.append(f"{steps}-step accuracy {acc:.3f} ({'met' if acc >= 0.99 else 'not met'})")
     met = "met" if all(t.endswith("(met)") for t in targets) else "not met"
     return f"**{who}: {met}**: {'; '.join(targets)}"
+
+
+def tuned_cfg_row(method: str, label: str, steps: int) -> str:
+    """The row of a student tuned without a teacher, sampled with CFG (``TUNED_CFG``, NFE doubled)."""
+    return f"{method} student, {label}-{steps}, CFG {TUNED_CFG:g}"
 
 
 def own_row(scale: float) -> str:
@@ -325,6 +344,12 @@ def describe_students(args) -> str:
         f"{budget('cm')}), its last checkpoint",
         "scm": f"`experiment=digits_scm` (continuous-time consistency distillation, sCM, {budget('scm')}), its last "
         "checkpoint",
+        "ect": f"`experiment=digits_consistency init_from=<teacher>` without `method.teacher_ckpt` (easy consistency "
+        f"tuning, ECT: the teacher's weights tuned on the data alone, {budget('ect')}), its last checkpoint unguided "
+        f"and with CFG {TUNED_CFG:g}",
+        "sct": f"`experiment=digits_scm init_from=<teacher>` without `method.teacher_ckpt` (continuous-time "
+        f"consistency tuning, sCT: the teacher's weights tuned on the data alone, {budget('sct')}), its last "
+        f"checkpoint unguided and with CFG {TUNED_CFG:g}",
         "meanflow": f"`experiment=digits_meanflow` (MeanFlow from scratch, {budget('mf')}: the teacher's race "
         "wall-clock plus the students' budget), its last checkpoint",
         "guided": "`experiment=digits_progressive_guided` (progressive's rounds, the guidance scale drawn from [1, 4] "
@@ -364,6 +389,10 @@ def judge_phase(args) -> str:
                 last = args.out / f"{prefix}_s{seed}" / "checkpoints" / "last.ckpt"
                 rows += [(f"{method} student, {label}-{k}", last, k, kind) for k in (4, 2, 1)]
         rows = [(*row, None) for row in rows]
+        for method, (prefix, label, kind) in SAME_CLOCK.items():
+            if method in args.methods and method in TUNED:
+                last = args.out / f"{prefix}_s{seed}" / "checkpoints" / "last.ckpt"
+                rows += [(tuned_cfg_row(method, label, k), last, k, kind, TUNED_CFG) for k in (4, 2, 1)]
         if "guided" in args.methods:
             ckpts = args.out / f"gpd_s{seed}" / "checkpoints"
             for w in args.scales:
@@ -430,6 +459,10 @@ def judge_phase(args) -> str:
     for method, sampler in (("progressive", "DDIM"), ("reflow", "Euler"), *((m, v[1]) for m, v in ONE_RUN.items())):
         if method in args.methods:
             verdicts.append(verdict(method, {k: scores[f"{method} student, {sampler}-{k}"] for k in (1, 2)}, own))
+    for method, (_, label, _) in SAME_CLOCK.items():
+        if method in args.methods and method in TUNED:
+            rows = {k: scores[tuned_cfg_row(method, label, k)] for k in (1, 2)}
+            verdicts.append(verdict(f"{method} with CFG {TUNED_CFG:g}", rows, own))
     if "guided" in args.methods:  # one student for every scale: each against the teacher's own sampler at that scale
         for w in args.scales:
             rows = {k: scores[f"guided student, DDIM-{k}, w={w:g}"] for k in (1, 2)}
@@ -481,7 +514,8 @@ def main() -> None:
         "--methods",
         default="progressive,reflow,consistency,meanflow",
         help="comma-separated: of the default, scm (teachers trained with process.time_scale=1: --teacher-override), "
-        "guided and reflow_guided",
+        "ect and sct (the teacher's weights tuned without it; sct's teachers with process.time_scale=1), guided and "
+        "reflow_guided",
     )
     p.add_argument("--scales", default="1,2,3", help="guidance scales the guided student is judged at")
     p.add_argument("--name", default="few_step", help="result file names: <name>.md, <name>_grid.png, <name>_ablate.md")

@@ -623,6 +623,9 @@ def main() -> None:
     unknown = set(args.sides) - set(SIDES)
     if unknown:
         p.error(f"--sides: unknown {sorted(unknown)}; choose from {', '.join(SIDES)}")
+    arm_names = [a.split("=", 1)[0] for a in args.arm]
+    if args.paired and args.paired not in arm_names:
+        p.error(f"--paired {args.paired}: no such --arm (have {', '.join(arm_names) or 'none'})")
     set_threads(args.threads)
     if args.child:
         run_child(args)

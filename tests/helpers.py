@@ -90,8 +90,10 @@ def assert_resumed_equal(final: dict, again: dict, atol: float = 1e-6) -> None:
     learned loss weighting included), key by key."""
     import torch
 
+    assert final["state_dict"].keys() == again["state_dict"].keys()
     for k, v in final["state_dict"].items():
         assert torch.allclose(v, again["state_dict"][k], atol=atol), k
     weighting = final.get("difflab_method", {}).get("weighting", {})
+    assert weighting.keys() == again.get("difflab_method", {}).get("weighting", {}).keys()
     for k, v in weighting.items():
         assert torch.allclose(v, again["difflab_method"]["weighting"][k], atol=atol), k

@@ -108,7 +108,51 @@ def test_the_weighting_learns_each_levels_loss_and_the_network_gets_gradients():
 
     method.loss(module, {"x": x[:8], "label": labels[:8]}).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.denoiser.parameters())
-    assert not any("weighting" in k for k in module.state_dict())
+
+
+def test_zero_terminal_snr_keeps_the_loss_finite():
+    """vp with zero terminal SNR draws sigma = inf at its last step: the weighting's input is clamped, not NaN."""
+    from difflab.diffusion.processes import VPProcess
+
+    weighting = NoiseLevelWeighting()
+    weighting.linear.bias.data.fill_(0.3)
+    assert torch.isfinite(weighting(torch.tensor([0.0, 1.0, float("inf")], dtype=torch.float64))).all()
+    module = _module("vp")
+    module.diffusion.process = VPProcess("cosine", 4, zero_terminal_snr=True)  # 1 in 4 draws at sigma = inf
+    method = DiffusionTraining(adaptive_weighting=True)
+    seen = []
+    module.diffusion.losses = lambda *a, _f=module.diffusion.losses, **k: seen.append(_f(*a, **k)) or seen[-1]
+    loss = method.loss(module, {"x": torch.randn(32, 1, 4, 4), "label": torch.arange(32) % 3})
+    assert torch.isinf(-seen[0]["log_snr"]).any() and torch.isfinite(loss)
+    loss.backward()
+    assert method.weighting is not None and torch.isfinite(method.weighting.linear.weight.grad).all()
+
+
+def test_resuming_with_the_other_setting_is_refused_in_one_line():
+    from difflab.utils.errors import ConfigError
+
+    learned = DiffusionTraining(adaptive_weighting=True).state_dict()
+    with pytest.raises(ConfigError, match="did not learn a loss weighting .*does \(method.adaptive_weighting\)"):
+        DiffusionTraining(adaptive_weighting=True).load_state_dict({})
+    with pytest.raises(ConfigError, match="learned a loss weighting .*method=diffusion does not"):
+        DiffusionTraining().load_state_dict(learned)
+    DiffusionTraining().load_state_dict({})  # the plain method, as before
+    again = DiffusionTraining(adaptive_weighting=True)
+    again.load_state_dict(learned)
+    assert again.weighting is not None
+
+
+def test_a_learned_weighting_is_refused_under_fsdp(monkeypatch):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from difflab.utils.errors import ConfigError
+
+    module = _module("flow")
+    module.method = DiffusionTraining(adaptive_weighting=True)
+    trainer = type("T", (), {"strategy": ModelParallelStrategy.__new__(ModelParallelStrategy)})()
+    monkeypatch.setattr(module, "_trainer", trainer)
+    with pytest.raises(ConfigError, match="trainer=fsdp"):
+        module.configure_optimizers()
 
 
 def test_a_run_learns_the_weighting_resumes_exactly_and_samples(tmp_path):

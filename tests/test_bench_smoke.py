@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_denoiser import BASELINE_NET, build_pair, n_params  # noqa: E402
-from bench.bench_vs_diffusers import hms  # noqa: E402
+from bench.bench_vs_diffusers import hms, paired_table  # noqa: E402
 from bench.common import interleaved, md_table, median, write_result  # noqa: E402
 from bench.run_all import headline, update_markdown  # noqa: E402
 
@@ -68,6 +68,21 @@ def test_the_guide_sweep_chooses_by_the_race_rule(tmp_path):
     text = choose_by_rule([tmp_path / "summary.csv"], {"fd": 10.0, "fd_pixel": 2.0, "fd_judge2": 1.0})
     assert text.endswith("Chosen by the rule: **`b`**.")
     assert "`b`: 0.4900" in text and "`a`: 0.5000" in text and "`c`: out (accuracy 0.980)" in text
+
+
+def test_the_screens_paired_table_differences_each_arm_against_the_base_at_the_same_seeds():
+    def arm(seeds, fd):
+        metas = [{"seed": s} for s in seeds]
+        keys = ("fd", "fd_judge2", "fd_pixel", "recall", "recall_judge2", "accuracy")
+        return metas, [{k: (v if k == "fd" else 0.5) for k in keys} for v in fd]
+
+    arms = {"base": arm([0, 1, 2], [2.0, 3.0, 4.0]), "new": arm([2, 0], [5.0, 2.5]), "none": arm([7], [1.0])}
+    lines = paired_table(arms, "base")
+    table = "\n".join(lines)
+    assert "| new | 0,2 | 0.75 [-2.43, 3.93] | 0.00 [0.00, 0.00] |" in table  # (2.5 - 2) and (5 - 4) at seeds 0, 2
+    assert "| none |" not in table and "| base |" not in table  # no shared seed / the base itself
+    with pytest.raises(SystemExit, match="--paired nope"):
+        paired_table(arms, "nope")
 
 
 def test_matched_denoisers_have_equal_parameter_counts():

@@ -261,6 +261,9 @@ def uncertainty_weighted(loss: Tensor, logvar: Tensor | float) -> Tensor:
     return loss * torch.exp(-torch.as_tensor(logvar)) + logvar
 
 
+SIGMA_RANGE = (1e-20, 1e20)  # the weighting's input is clamped to it: zero terminal SNR (sigma = inf) stays finite
+
+
 class NoiseLevelWeighting(nn.Module):
     """The learned log-variance u(sigma) of EDM2's loss weighting (sCM's adaptive weighting, ``method.
     adaptive_weighting`` of diffusion training): fixed random Fourier features of ln(sigma) / 4, then a zero-initialised
@@ -279,7 +282,7 @@ class NoiseLevelWeighting(nn.Module):
     phases: Tensor
 
     def forward(self, sigma: Tensor) -> Tensor:
-        c_noise = (sigma.float().log() / 4).reshape(-1, 1)
+        c_noise = (sigma.double().clamp(SIGMA_RANGE[0], SIGMA_RANGE[1]).log() / 4).float().reshape(-1, 1)
         out: Tensor = self.linear(math.sqrt(2) * torch.cos(c_noise * self.freqs + self.phases))
         return out.reshape(-1)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from difflab.diffusion.system import Diffusion
 from difflab.methods.base import DiffusionTraining, TrainingMethod
-from difflab.ops.fsdp import configure_sharding
+from difflab.ops.fsdp import configure_sharding, is_sharding
 from difflab.optim.lr_schedules import WarmupCosine
 from difflab.utils.errors import ConfigError
 
@@ -100,6 +100,11 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self):
         own = [p for p in self.parameters() if p.requires_grad]
+        if self.method.parameters() and is_sharding(getattr(self, "_trainer", None)):
+            raise ConfigError(
+                f"method={self.method.name}: a learned loss weighting (method.adaptive_weighting) does not run under "
+                "trainer=fsdp yet: use trainer=gpu or ddp, or set method.adaptive_weighting=false"
+            )
         opt = self.optimizer_factory(own + self.method.parameters(), lr=self.lr)
         try:
             return {"optimizer": opt, "lr_scheduler": self.lr_schedule(opt, self.trainer)}
@@ -134,9 +139,7 @@ class DiffusionModule(L.LightningModule):
             checkpoint[METHOD_STATE_KEY] = method_state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get(METHOD_STATE_KEY)
-        if state:
-            self.method.load_state_dict(state)
+        self.method.load_state_dict(checkpoint.get(METHOD_STATE_KEY) or {})
 
     def configure_model(self) -> None:
         """trainer=fsdp: shard the denoiser with FSDP2 and the conditioner's trainable part; frozen encoders and

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from difflab.diffusion.objectives import NoiseLevelWeighting, uncertainty_weighted
+from difflab.utils.errors import ConfigError
 
 
 class TrainingMethod:
@@ -32,8 +33,6 @@ class TrainingMethod:
 
     def refuse_misfit(self, module: Any) -> None:
         """``check`` on the module's process and sampler, as the one-line ConfigError a run stops with."""
-        from difflab.utils.errors import ConfigError
-
         try:
             self.check(module.diffusion.process, module.diffusion.sampler)
         except ValueError as err:
@@ -56,8 +55,16 @@ class TrainingMethod:
         return {"weighting": self.weighting.state_dict()} if self.weighting is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict``'s output (resume)."""
-        if self.weighting is not None and "weighting" in state:
+        """Restore ``state_dict``'s output (resume); a checkpoint whose method learned a loss weighting where this
+        run's does not (or the other way round) is refused: its optimizer state would not fit."""
+        if ("weighting" in state) != (self.weighting is not None):
+            had = "learned" if "weighting" in state else "did not learn"
+            raise ConfigError(
+                f"ckpt_path: the checkpoint's training {had} a loss weighting and this run's method={self.name} "
+                f"{'does not' if self.weighting is None else 'does'} (method.adaptive_weighting): resume with the "
+                "settings it was trained with"
+            )
+        if self.weighting is not None:
             self.weighting.load_state_dict(state["weighting"])
 
     def learned_logvar(self, sigma: torch.Tensor) -> torch.Tensor | float:
@@ -65,7 +72,8 @@ class TrainingMethod:
         loss), on ``sigma``'s device (moved in place: the optimizer keeps the same tensors)."""
         if self.weighting is None:
             return 0.0
-        return self.weighting.to(sigma.device)(sigma)
+        with torch.autocast(sigma.device.type, enabled=False):  # fp32 under bf16 autocast, as EDM2 keeps it
+            return self.weighting.to(sigma.device)(sigma)
 
     def describe(self) -> str:
         """One line for the log: the method and its settings."""
