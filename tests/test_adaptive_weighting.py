@@ -132,7 +132,7 @@ def test_resuming_with_the_other_setting_is_refused_in_one_line():
     from difflab.utils.errors import ConfigError
 
     learned = DiffusionTraining(adaptive_weighting=True).state_dict()
-    with pytest.raises(ConfigError, match="did not learn a loss weighting .*does \(method.adaptive_weighting\)"):
+    with pytest.raises(ConfigError, match=r"did not learn a loss weighting .*does \(method.adaptive_weighting\)"):
         DiffusionTraining(adaptive_weighting=True).load_state_dict({})
     with pytest.raises(ConfigError, match="learned a loss weighting .*method=diffusion does not"):
         DiffusionTraining().load_state_dict(learned)
