@@ -41,6 +41,11 @@ Phases:
 ``--teacher-override``: train each missing teacher with ``bench_vs_diffusers.py train --sides difflab --override``
 it (300 s) first; a teacher already there must have been trained with the same overrides.
 
+Latent digits (``configs/latent/digits.yaml``): the same commands with ``--teacher-override +latent=digits
+--teacher-override datamodule.cache_dir=<cache>`` and ``--override`` the same two for the students; the judges see
+the decoded samples, and a row gives the judges' reading of real digits encoded and decoded by the teachers'
+autoencoder (what the latent space costs real data).
+
 ``--teachers``: a directory holding ``difflab_s<seed>/run/checkpoints/last.ckpt`` (``bench_vs_diffusers.py``'s
 difflab runs: the default recipe trained for the race's budget).
 """
@@ -361,6 +366,29 @@ def describe_students(args) -> str:
     return "; ".join(phrases[m] for m in args.methods if m in phrases)
 
 
+def spread(seeds: int) -> str:
+    """How the table summarises its runs: one seed's scores, or means with intervals over several."""
+    return "one seed (no intervals)" if seeds == 1 else f"means with 95% t-intervals over {seeds} seeds"
+
+
+def autoencoder_floor(checkpoint: Path, n: int) -> dict | None:
+    """What the judges give real digits after a round trip through a latent teacher's autoencoder (``real_floor_metrics``'
+    digits, encoded to the latent mean and decoded): what the latent space costs real data (a reference, not a bound:
+    decoded samples may read sharper); None for a pixel teacher."""
+    from difflab.datamodules.digits import load_digits_tensors
+    from difflab.diffusion.system import load_for_sampling
+    from difflab.eval.digits_eval import evaluate_samples
+
+    diffusion, _ = load_for_sampling(checkpoint)
+    if diffusion.autoencoder is None:
+        return None
+    x, y = load_digits_tensors(16)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]  # real_floor_metrics' subset
+    with torch.no_grad():
+        latents = diffusion.autoencoder.module.encode(x[idx])
+    return evaluate_samples(diffusion.to_pixels(latents).clamp(-1, 1), y[idx])
+
+
 def judge_phase(args) -> str:
     from difflab.ablation.stats import mean_ci
     from difflab.diffusion.system import load_for_sampling
@@ -430,6 +458,7 @@ def judge_phase(args) -> str:
                 cost = (meta["train_s"] / meta["steps"]) / (t["train_s"] / t["steps"])
                 costs.setdefault(method, []).append((cost, meta["steps"], meta["train_s"], meta.get("pairs_s")))
     floor = real_floor_metrics(args.n)
+    through = autoencoder_floor(teacher_ckpt(args.teachers, args.seeds[0]), args.n)
     summary = ablate_summary(scores, args)
     ablation = write_result(
         f"{args.name}_ablate",
@@ -449,6 +478,9 @@ def judge_phase(args) -> str:
             )
         table.append([name, nfe, *cells])
     table.append([f"{args.n} real digits (floor)", "", *[f"{floor[k]:.{d}f}" for k, _, d in COLUMNS]])
+    if through is not None:
+        row = f"the same {args.n} real digits encoded and decoded by the teachers' autoencoder (the latent floor)"
+        table.append([row, "", *[f"{through[k]:.{d}f}" for k, _, d in COLUMNS]])
     order = list(pictures)
     grid = torch.cat([pictures[k][:20] for k in order])
     folder = Path(os.environ.get("DIFFLAB_BENCH_RESULTS") or RESULTS)  # as write_result chooses it
@@ -484,13 +516,14 @@ def judge_phase(args) -> str:
             cost += f", plus {sum(pairs) / len(pairs):.0f} s per teacher to draw its couplings once"
         cost += "."
     return (
-        "# Few-step generation on digits: distilled students against their teacher\n\n"
+        f"# Few-step generation on digits{' latents' if through is not None else ''}: distilled students against "
+        "their teacher\n\n"
         f"`PYTHONPATH=. python bench/bench_few_step.py judge --teachers {shown_path(args.teachers)} --seeds "
         f"{','.join(map(str, args.seeds))} --n {args.n} --methods {','.join(args.methods)} --scales "
         f"{','.join(f'{w:g}' for w in args.scales)} --name {args.name}`. Teachers: {describe_teachers(args)}; "
         f"students: {describe_students(args)}. {args.n} balanced "
         f"samples per run, every judge of `difflab.eval.digits_eval.evaluate_samples`, "
-        f"means with 95% t-intervals over {len(args.seeds)} seeds. Rows in order of the picture "
+        f"{spread(len(args.seeds))}. Rows in order of the picture "
         f"(`{args.name}_grid.png`: 20 samples of seed {args.seeds[0]} per row).{cost}\n\n"
         + md_table(header, table)
         + "\n\nTargets (1 step within 2x the teacher's own-sampler FD and 2 steps within 1.3x, in every judge; "

@@ -26,6 +26,14 @@ from bench.common import REPO, RESULTS, machine_description, md_table  # noqa: E
 DIGITS_CKPT = "/tmp/digits_ref/last.ckpt"
 # the digits run bench_posthoc_ema.py trains (callbacks=posthoc): its final checkpoint, and half-way as a weak guide
 POSTHOC_RUN = "/tmp/difflab_bench_posthoc/checkpoints"
+# the latent digits recipe's few-step students (section 16i) read this cache: make it first with
+#   python train.py experiment=digits_vae paths.output_dir=/tmp/difflab_lat/vae
+#   python encode_latents.py autoencoder=kl_vae autoencoder.ckpt_path=/tmp/difflab_lat/vae/checkpoints/last.ckpt datamodule=digits out_dir=/tmp/difflab_lat/cache
+LATENT_CACHE = "/tmp/difflab_lat/cache"
+ON_LATENTS = [
+    *("--override", "+latent=digits", "--override", f"datamodule.cache_dir={LATENT_CACHE}"),
+    *("--teacher-override", "+latent=digits", "--teacher-override", f"datamodule.cache_dir={LATENT_CACHE}"),
+]
 GUIDANCE_ARGS = ["--ckpt", f"{POSTHOC_RUN}/last.ckpt", "--guide", f"{POSTHOC_RUN}/step_0001000.ckpt"]
 # name -> (script, args for a full run, args for --quick, result files it writes (without _quick / .md))
 BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
@@ -301,6 +309,33 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         ],
         ["method_cost_meanflow_cfg"],
     ),
+    # the latent recipe (one seed): a latent flow teacher (300 s) distilled by each method; sCM / sCT from a teacher
+    # that sees t; the budget is the progressive run's wall-clock (322 s when measured)
+    "few_step_latent": (
+        "bench_few_step.py",
+        [
+            *("all", "--teachers", "/tmp/difflab_lat/teachers", "--seeds", "0", "--out", "/tmp/difflab_lat/fs"),
+            *("--methods", "progressive,reflow,consistency,ect,meanflow", *ON_LATENTS, "--name", "few_step_latent"),
+        ],
+        [
+            *("judge", "--teachers", "/tmp/difflab_lat/teachers", "--seeds", "0", "--out", "/tmp/difflab_lat/fs"),
+            *("--n", "100", "--methods", "progressive,reflow,consistency,ect,meanflow", "--name", "few_step_latent"),
+        ],
+        ["few_step_latent"],
+    ),
+    "few_step_latent_t": (
+        "bench_few_step.py",
+        [
+            *("all", "--teachers", "/tmp/difflab_lat/teachers_t", "--seeds", "0", "--out", "/tmp/difflab_lat/fs_t"),
+            *("--methods", "scm,sct", "--budget", "322", *ON_LATENTS, "--teacher-override", "process.time_scale=1"),
+            *("--name", "few_step_latent_t"),
+        ],
+        [
+            *("judge", "--teachers", "/tmp/difflab_lat/teachers_t", "--seeds", "0", "--out", "/tmp/difflab_lat/fs_t"),
+            *("--n", "100", "--methods", "scm,sct", "--name", "few_step_latent_t"),
+        ],
+        ["few_step_latent_t"],
+    ),
     # reads the race's runs (vs_diffusers above keeps a checkpoint every 100 steps for it)
     "guide_sweep": (
         "bench_guide_sweep.py",
@@ -348,6 +383,7 @@ TITLES = {
     "guided_student": "16c. Guidance baked in: one progressive student for every guidance scale (three seeds, every judge)",
     "reflow_guided": "16g. Guidance baked into reflow: one 1-step student for every guidance scale (three seeds, every judge)",
     "meanflow_cfg": "16f. MeanFlow with CFG baked into its targets, against plain targets (three seeds each, every judge)",
+    "few_step_latent": "16i. Few-step generation on the latent digits recipe (one seed, every judge)",
 }
 TARGET_RE = re.compile(r"(target[^.\n]*?:\s*\**(?:met|not met)[^\n]*)", re.IGNORECASE)
 
@@ -403,6 +439,8 @@ def run_one(name: str, quick: bool, timeout: float | None) -> tuple[str, float]:
     script, full, fast, _ = BENCHES[name]
     if not (REPO / "bench" / script).is_file():
         return f"skipped: bench/{script} not in the tree", 0.0
+    if name.startswith("few_step_latent") and not Path(LATENT_CACHE, "manifest.json").is_file():
+        return f"skipped: no latent cache at {LATENT_CACHE} (the two commands above LATENT_CACHE in run_all.py)", 0.0
     if name == "samplers_digits" and not Path(DIGITS_CKPT).is_file():
         return f"skipped: no trained digits checkpoint at {DIGITS_CKPT}", 0.0
     if name == "guidance" and not Path(POSTHOC_RUN, "last.ckpt").is_file():

@@ -452,6 +452,12 @@ def teacher_has_this_network(cfg: dict):
         return "method.teacher_ckpt", f"a readable difflab checkpoint or export ({str(err).splitlines()[0]})"
     theirs = {"model": stored.get("model") or {}, "datamodule": stored.get("datamodule") or {}}
     ours = {"model": model, "datamodule": cfg.get("datamodule") or {}}
+    space = ["latents" if _dotted(tree, "model.diffusion.autoencoder") else "pixels" for tree in (theirs, ours)]
+    if space[0] != space[1]:
+        return "method.teacher_ckpt", (
+            f"a teacher of this run's space: {path} was trained on {space[0]} and this run trains on {space[1]} (on "
+            "digits, give the student +latent=digits and the teacher's datamodule.cache_dir, or neither)"
+        )
     keys = ["model.diffusion.objective.prediction", "model.diffusion.objective.sigma_data"]
     keys += ["model.diffusion.conditioner._target_", "model.diffusion.conditioner.num_classes", "datamodule.image_size"]
     for node in ("model.diffusion.process", "model.net"):

@@ -70,6 +70,7 @@ def place(tmp_path_factory):
         "sweep": _sweep(root / "sweep"),
         "teacher": default_teacher_checkpoint(root / "teacher"),
         **{f"teacher_{e}": default_teacher_checkpoint(root / e, o) for e, o in TEACHER_SETUP.items()},
+        "teacher_latent": default_teacher_checkpoint(root / "latent", ["+latent=digits"]),
     }
 
 
@@ -90,6 +91,8 @@ def fill(cmd: Command, place: dict) -> list[str]:
         if bare.endswith("teacher_ckpt"):  # a teacher of the default network, or of the one the experiment asks for
             experiment = next((a.partition("=")[2] for a in cmd.argv if a.startswith("experiment=")), "")
             value = str(place.get(f"teacher_{experiment}", place["teacher"]))
+            if "+latent=digits" in cmd.argv:  # a student on latents: a teacher of the latent recipe
+                value = str(place["teacher_latent"])
         elif re.match(r"<[^>]*>/", value):  # a path under a run directory: <run>/checkpoints/step_<step>.ckpt
             value = re.sub(r"^<[^>]*>", str(run), value)
             if "<" in value:  # a file name with a placeholder: the run's file that matches it

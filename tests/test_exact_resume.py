@@ -319,12 +319,11 @@ class LatentSourceDM(L.LightningDataModule):
 @pytest.fixture(scope="module")
 def latent_cache(tmp_path_factory) -> Path:
     """A latent cache (4 x 8 x 8) of ``LatentSourceDM`` encoded by a tiny KL autoencoder checkpoint."""
-    from omegaconf import OmegaConf
     from torch.utils.data import DataLoader
 
     from difflab.autoencoders.kl_vae import KLAutoencoder
-    from difflab.encode_latents import run
     from difflab.lit_modules.autoencoder_module import AutoencoderModule
+    from tests.test_latents import encode_run
 
     tmp = tmp_path_factory.mktemp("latents")
     torch.manual_seed(0)
@@ -344,27 +343,7 @@ def latent_cache(tmp_path_factory) -> Path:
     dm.setup()
     trainer.fit(AutoencoderModule(vae), DataLoader(dm.train_set, batch_size=8))
     trainer.save_checkpoint(tmp / "ae.ckpt")
-    run(
-        OmegaConf.create(
-            {
-                "autoencoder": {
-                    "_target_": "difflab.autoencoders.kl_vae.KLAutoencoder",
-                    "ckpt_path": str(tmp / "ae.ckpt"),
-                },
-                "datamodule": {"_target_": f"{LatentSourceDM.__module__}.LatentSourceDM"},
-                "out_dir": str(tmp / "cache"),
-                "splits": ["train", "val"],
-                "batch_size": 16,
-                "num_workers": 0,
-                "dtype": "float16",
-                "target_std": 0.5,
-                "per_channel": True,
-                "overwrite": False,
-                "device": "auto",
-                "progress": False,
-            }
-        )
-    )
+    encode_run(tmp / "ae.ckpt", {"_target_": f"{LatentSourceDM.__module__}.LatentSourceDM"}, tmp / "cache")
     return tmp / "cache"
 
 

@@ -91,6 +91,31 @@ def tiny_vae(seed: int = 0) -> KLAutoencoder:
     ).eval()
 
 
+def encode_run(ae_ckpt, datamodule: dict, out) -> dict:
+    """``encode_latents``' run with its config file's settings: ``datamodule`` encoded by the autoencoder checkpoint
+    ``ae_ckpt`` into ``out``; the cache's manifest."""
+    from difflab.encode_latents import run
+
+    return run(
+        OmegaConf.create(
+            {
+                "autoencoder": {"_target_": "difflab.autoencoders.kl_vae.KLAutoencoder", "ckpt_path": str(ae_ckpt)},
+                "datamodule": datamodule,
+                "out_dir": str(out),
+                "splits": ["train", "val"],
+                "batch_size": 16,
+                "num_workers": 0,
+                "dtype": "float16",
+                "target_std": 0.5,
+                "per_channel": True,
+                "overwrite": False,
+                "device": "auto",
+                "progress": False,
+            }
+        )
+    )
+
+
 def encode(ae, dm, out, **kw):
     kw.setdefault("batch_size", 16)
     kw.setdefault("progress", False)
@@ -329,25 +354,7 @@ def ae_ckpt(tmp_path_factory):
 
 def test_encode_latents_run_and_reload(tmp_path, ae_ckpt):
     sys.path.insert(0, str(ROOT))
-    from difflab.encode_latents import run
-
-    cfg = OmegaConf.create(
-        {
-            "autoencoder": {"_target_": "difflab.autoencoders.kl_vae.KLAutoencoder", "ckpt_path": str(ae_ckpt)},
-            "datamodule": {"_target_": TINY_DM, "n_train": 40, "batch_size": 4, "num_workers": 0},
-            "out_dir": str(tmp_path / "c"),
-            "splits": ["train", "val"],
-            "batch_size": 16,
-            "num_workers": 0,
-            "dtype": "float16",
-            "target_std": 0.5,
-            "per_channel": True,
-            "overwrite": False,
-            "device": "auto",
-            "progress": False,
-        }
-    )
-    m = run(cfg)
+    m = encode_run(ae_ckpt, {"_target_": TINY_DM, "n_train": 40, "batch_size": 4, "num_workers": 0}, tmp_path / "c")
     assert m["dataset"] == {"target": TINY_DM, "args": {"n_train": 40}}
     assert m["autoencoder"]["spec"] == {"ckpt_path": str(ae_ckpt.resolve())}
     dm = LatentDataModule(str(tmp_path / "c"))
@@ -395,29 +402,11 @@ def test_train_a_dit_on_cached_latents(tmp_path, ae_ckpt):
     """model=dit on a latent cache (4 x 4 x 4 latents, patch 2) trains, decodes its class grid through the cache's
     autoencoder, and its checkpoint samples pixels."""
     from difflab.checkpoints import module_from_checkpoint
-    from difflab.encode_latents import run
     from difflab.pipeline import train
     from tests.helpers import compose_train
 
     cache = tmp_path / "cache"
-    run(
-        OmegaConf.create(
-            {
-                "autoencoder": {"_target_": "difflab.autoencoders.kl_vae.KLAutoencoder", "ckpt_path": str(ae_ckpt)},
-                "datamodule": {"_target_": TINY_DM, "n_train": 40, "batch_size": 4, "num_workers": 0},
-                "out_dir": str(cache),
-                "splits": ["train", "val"],
-                "batch_size": 16,
-                "num_workers": 0,
-                "dtype": "float16",
-                "target_std": 0.5,
-                "per_channel": True,
-                "overwrite": False,
-                "device": "auto",
-                "progress": False,
-            }
-        )
-    )
+    encode_run(ae_ckpt, {"_target_": TINY_DM, "n_train": 40, "batch_size": 4, "num_workers": 0}, cache)
     out = tmp_path / "run"
     cfg = compose_train(
         out,
