@@ -372,21 +372,25 @@ def spread(seeds: int) -> str:
 
 
 def autoencoder_floor(checkpoint: Path, n: int) -> dict | None:
-    """What the judges give real digits after a round trip through a latent teacher's autoencoder (``real_floor_metrics``'
-    digits, encoded to the latent mean and decoded): what the latent space costs real data (a reference, not a bound:
-    decoded samples may read sharper); None for a pixel teacher."""
+    """The judges' reading of real digits after a round trip through a latent teacher's autoencoder, laid out as
+    ``real_floor_metrics`` (precision / recall from held-out digits); None for a pixel teacher."""
     from difflab.datamodules.digits import load_digits_tensors
     from difflab.diffusion.system import load_for_sampling
-    from difflab.eval.digits_eval import evaluate_samples
+    from difflab.eval.digits_eval import evaluate_samples, precision_recall_halves
 
     diffusion, _ = load_for_sampling(checkpoint)
     if diffusion.autoencoder is None:
         return None
     x, y = load_digits_tensors(16)
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]  # real_floor_metrics' subset
-    with torch.no_grad():
-        latents = diffusion.autoencoder.module.encode(x[idx])
-    return evaluate_samples(diffusion.to_pixels(latents).clamp(-1, 1), y[idx])
+
+    def round_trip(idx: torch.Tensor) -> dict:
+        with torch.no_grad():
+            latents = diffusion.autoencoder.module.encode(x[idx])
+        return evaluate_samples(diffusion.to_pixels(latents).clamp(-1, 1), y[idx])
+
+    out = round_trip(torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n])  # the floor's subset
+    held_out = round_trip(precision_recall_halves(len(x))[1][:n])  # none of them in the k-NN reference
+    return {**out, **{k: v for k, v in held_out.items() if k.startswith(("precision", "recall"))}}
 
 
 def judge_phase(args) -> str:
@@ -516,7 +520,7 @@ def judge_phase(args) -> str:
             cost += f", plus {sum(pairs) / len(pairs):.0f} s per teacher to draw its couplings once"
         cost += "."
     return (
-        f"# Few-step generation on digits{' latents' if through is not None else ''}: distilled students against "
+        f"# Few-step generation on digit{' latents' if through is not None else 's'}: distilled students against "
         "their teacher\n\n"
         f"`PYTHONPATH=. python bench/bench_few_step.py judge --teachers {shown_path(args.teachers)} --seeds "
         f"{','.join(map(str, args.seeds))} --n {args.n} --methods {','.join(args.methods)} --scales "

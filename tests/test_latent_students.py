@@ -85,11 +85,12 @@ def test_a_latent_teacher_distils_into_a_latent_student(tmp_path, cache, teacher
     """Each method's experiment with the overlay: the student trains (from the teacher where it has one), keeps
     the latent shape and the cache's decoder, and samples pixels in the one step its experiment sets."""
     from difflab.diffusion.system import load_for_sampling
+    from difflab.latents.cache import load_cache_autoencoder
 
     taught = experiment != "digits_meanflow"  # MeanFlow trains from scratch
-    overrides = [f"experiment={experiment}", *small(cache, 2), *extra, f"method.pairs_dir={tmp_path}/pairs"]
-    if experiment != "digits_reflow":
-        overrides.pop()
+    overrides = [f"experiment={experiment}", *small(cache, 2), *extra]
+    if experiment == "digits_reflow":
+        overrides.append(f"method.pairs_dir={tmp_path}/pairs")
     if taught:
         overrides.append(f"method.teacher_ckpt={teacher}")
     objs = train_run(tmp_path / "run", overrides)
@@ -101,7 +102,9 @@ def test_a_latent_teacher_distils_into_a_latent_student(tmp_path, cache, teacher
         images = diffusion.sample(net, 3, torch.tensor([0, 1, 2]), noise=noise)
         latents = diffusion.sample(net, 3, torch.tensor([0, 1, 2]), noise=noise, decode=False)
     assert images.shape == (3, 1, 16, 16) and torch.isfinite(images).all()
-    assert torch.allclose(images, diffusion.to_pixels(latents).clamp(-1, 1), atol=1e-5)  # decoded by the cache's AE
+    with torch.no_grad():  # decoded by the cache's own autoencoder, reloaded from its manifest
+        pixels = load_cache_autoencoder(cache).decode(latents).clamp(-1, 1)
+    assert torch.allclose(images, pixels, atol=1e-5)
     if experiment == "digits_reflow":
         assert sorted(p.name for p in (tmp_path / "pairs").iterdir())  # the latent couplings were written
     assert diffusion.describe_sampler().split()[0].endswith("-1"), diffusion.describe_sampler()
@@ -118,3 +121,13 @@ def test_a_pixel_student_of_a_latent_teacher_is_refused_writing_nothing(tmp_path
     assert len(lines) == 1 and "method.teacher_ckpt=" in lines[0] and "trained on latents" in lines[0], lines
     assert "+latent=digits" in lines[0]  # what to add
     assert not (work / "checkpoints").exists()
+
+
+def test_a_latent_student_of_a_pixel_teacher_is_refused_at_preflight(tmp_path, cache):
+    from difflab.config_checks import check_config
+    from tests.helpers import default_teacher_checkpoint
+
+    teacher = default_teacher_checkpoint(tmp_path / "teacher")  # the pixel recipe's stored config
+    overrides = ["experiment=digits_progressive", "+latent=digits", f"datamodule.cache_dir={cache}"]
+    problems = check_config(compose_train(tmp_path, [*overrides, f"method.teacher_ckpt={teacher}"]), "train")
+    assert len(problems) == 1 and "trained on pixels and this run trains on latents" in problems[0], problems

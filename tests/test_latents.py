@@ -92,8 +92,8 @@ def tiny_vae(seed: int = 0) -> KLAutoencoder:
 
 
 def encode_run(ae_ckpt, datamodule: dict, out) -> dict:
-    """``encode_latents``' run with its config file's settings: ``datamodule`` encoded by the autoencoder checkpoint
-    ``ae_ckpt`` into ``out``; the cache's manifest."""
+    """``encode_latents``' run with its config file's settings (batches of 16, no progress bar): ``datamodule``
+    encoded by the autoencoder checkpoint ``ae_ckpt`` into ``out``; the cache's manifest."""
     from difflab.encode_latents import run
 
     return run(

@@ -58,7 +58,7 @@ def evaluate_samples(images: torch.Tensor, labels: torch.Tensor, real: torch.Ten
     judge2 = _judge2_outputs(images)
     feats = {"": out["features"], "_judge2": judge2["features"]}
     real_x = _real_pixels()
-    reference = _pr_halves(len(real_x))[0]
+    reference = precision_recall_halves(len(real_x))[0]
     clf_all = real_digit_features()
     reals = {"": clf_all if real is None else real, "_judge2": _features2(real_x)}
     result = {
@@ -81,15 +81,16 @@ def real_floor_metrics(n: int, seed: int = 0) -> dict:
     x, y = load_digits_tensors(16)
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
     out = evaluate_samples(x[idx], y[idx])
-    held_out = _pr_halves(len(x))[1][:n]
+    held_out = precision_recall_halves(len(x))[1][:n]
     for suffix, feats in (("", real_digit_features()), ("_judge2", _features2(x))):
         out["precision" + suffix], out["recall" + suffix] = precision_recall(
-            feats[_pr_halves(len(x))[0]], feats[held_out]
+            feats[precision_recall_halves(len(x))[0]], feats[held_out]
         )
     return out
 
 
-def _pr_halves(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def precision_recall_halves(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed split of ``n`` real digits into the k-NN reference half and the held-out half (real floors)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(PR_SEED))
     return order[: n // 2], order[n // 2 :]
 
