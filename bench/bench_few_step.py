@@ -7,8 +7,10 @@ MeanFlow from scratch
 (``experiment=digits_meanflow``), judged at 1, 2, 4 (and 8) steps against the teacher at the same steps and at its own
 19-NFE sampler; and progressive distillation with the guidance baked in (``experiment=digits_progressive_guided``,
 method ``guided``: one student for every scale in [1, 4]) judged at each of ``--scales`` against the teacher's own
-sampler at that scale and the fixed-scale progressive student; likewise reflow with the guidance baked in
-(``experiment=digits_reflow_guided``, method ``reflow_guided``).
+sampler at that scale and the fixed-scale progressive student; likewise reflow and consistency distillation with
+the guidance baked in (``experiment=digits_reflow_guided``, method ``reflow_guided``;
+``experiment=digits_consistency_guided``, method ``consistency_guided``, and ``experiment=digits_scm_guided``, method
+``scm_guided`` (teachers with ``process.time_scale=1``), for the budget B).
 
 Phases:
 - ``train``: for each seed, ``python train.py experiment=digits_progressive method.teacher_ckpt=<teacher of that
@@ -16,15 +18,15 @@ Phases:
   the same way (``experiment=digits_progressive_guided``, ``<out>/gpd_s<seed>``); the guided reflow student
   (``experiment=digits_reflow_guided``: its couplings drawn first, ``<out>/grf_pairs_s<seed>``, then its steps,
   ``<out>/grf_s<seed>``); the consistency
-  and sCM students and the ECT run (``<out>/ect_s<seed>``) for the budget B, the progressive run's wall-clock or ``--budget`` (``trainer.max_time``;
+  (unguided and guided: ``<out>/gcm_s<seed>``) and sCM students (guided: ``<out>/gscm_s<seed>``) and the ECT run (``<out>/ect_s<seed>``) for the budget B, the progressive run's wall-clock or ``--budget`` (``trainer.max_time``;
   ``<out>/cm_s<seed>``, ``<out>/scm_s<seed>``); MeanFlow from scratch for the teacher's race wall-clock plus B
   (``<out>/mf_s<seed>``); reflow: a 1-step run
   that draws the teacher's couplings into ``<out>/pairs`` (timed: ``pairs_s``), then the student for B
   (``<out>/rf_s<seed>``). Each run's wall-clock and step count go to its ``meta.json``; the cost per step
   against the teacher's own training step is read from the teacher's race ``meta.json`` when there is one.
 - ``judge``: each seed's teacher and its students (progressive: the checkpoint at the end of each round, 8, 4, 2, 1
-  DDIM steps; reflow: the last checkpoint at Euler 4, 2, 1, guided reflow at each of ``--scales`` too; consistency
-  and sCM: the last checkpoint at consistency sampling 4, 2, 1; MeanFlow: the last checkpoint at MeanFlow sampling
+  DDIM steps; reflow: the last checkpoint at Euler 4, 2, 1, guided reflow, consistency and sCM at each of
+  ``--scales`` too; consistency and sCM: the last checkpoint at consistency sampling 4, 2, 1; MeanFlow: the last checkpoint at MeanFlow sampling
   4, 2, 1) draw ``--n`` balanced samples (labels i % 10, noise seeded by the seed), and every judge of
   ``difflab.eval.digits_eval.evaluate_samples`` scores them; means with 95% t-intervals over the seeds; real digits
   give the floors. The teacher at few steps samples with DDIM on the students' grid (flow's grid evenly to 0, the
@@ -33,7 +35,7 @@ Phases:
   scores as a sweep ``ablate.py`` summarises (``<out>/judged``; its summary closes few_step.md).
 
     PYTHONPATH=. python bench/bench_few_step.py {all,train,judge} --teachers <race dir> [--seeds 0,1,2] [--out DIR]
-        [--n 500] [--methods progressive,reflow,consistency,scm,meanflow,guided,reflow_guided] [--scales 1,2,3]
+        [--n 500] [--methods progressive,reflow,consistency,scm,meanflow,guided,reflow_guided,consistency_guided,scm_guided] [--scales 1,2,3]
         [--budget S] [--override key=value ...] [--teacher-override key=value ...]
 
 ``--budget``: B in seconds, instead of the progressive run's wall-clock (needed when there is no progressive run).
@@ -81,6 +83,13 @@ TUNED_CFG = 2.0  # the CFG scale the tuned students are also judged at (they tra
 # trained from scratch for the teacher's race wall-clock plus B: the compute of teacher + student
 FROM_SCRATCH = {"meanflow": ("mf", "MF", "meanflow")}
 ONE_RUN = {**SAME_CLOCK, **FROM_SCRATCH}  # methods judged on one run's last checkpoint
+# the guidance scale as the student's input, its last checkpoint judged at each of --scales:
+# method -> (prefix, who, label, sampler); those trained for the budget B from experiment=digits_<method>
+GUIDED_SAME_CLOCK = {
+    "consistency_guided": ("gcm", "guided consistency", "CM", "consistency"),
+    "scm_guided": ("gscm", "guided sCM", "sCM", "consistency"),
+}
+GUIDED_ONE_RUN = {"reflow_guided": ("grf", "guided reflow", "Euler", "euler"), **GUIDED_SAME_CLOCK}
 COLUMNS = [
     ("fd", "FD classifier", 2),
     ("fd_judge2", "FD judge 2", 2),
@@ -173,7 +182,7 @@ def train_phase(args) -> None:
             continue  # the other methods' budgets are the progressive run's
         clock = f"00:00:{int(budget) // 60:02d}:{int(budget) % 60:02d}"
         same_clock = [f"seed={seed}", "trainer.max_steps=100000", f"trainer.max_time={clock}"]
-        for method, (prefix, _, _) in SAME_CLOCK.items():
+        for method, prefix in [(m, v[0]) for m, v in (SAME_CLOCK | GUIDED_SAME_CLOCK).items()]:
             if method not in args.methods or (args.out / f"{prefix}_s{seed}" / "meta.json").exists():
                 continue
             print(f"[few-step] seed {seed}: {method} student for {clock}")
@@ -362,6 +371,12 @@ def describe_students(args) -> str:
         "reflow_guided": "`experiment=digits_reflow_guided` (16384 couplings of the teacher's own sampler, each at a "
         f"guidance scale drawn from [1, 4] and kept with it, then {steps('grf')} of training with the scale as the "
         f"student's input), its last checkpoint at the scales {args.scales}",
+        "consistency_guided": "`experiment=digits_consistency_guided` (consistency distillation with ECT's gaps, the "
+        "teacher's step guided at a scale drawn from [1, 4] per sample and given to the student as input, "
+        f"{budget('gcm')}), its last checkpoint at the scales {args.scales}",
+        "scm_guided": "`experiment=digits_scm_guided` (sCM, the teacher's velocity guided at a scale drawn from [1, 4] "
+        f"per sample and given to the student as input, {budget('gscm')}), its last checkpoint at the scales "
+        f"{args.scales}",
     }
     return "; ".join(phrases[m] for m in args.methods if m in phrases)
 
@@ -425,22 +440,21 @@ def judge_phase(args) -> str:
             if method in args.methods and method in TUNED:
                 last = args.out / f"{prefix}_s{seed}" / "checkpoints" / "last.ckpt"
                 rows += [(tuned_cfg_row(method, label, k), last, k, kind, TUNED_CFG) for k in (4, 2, 1)]
+        if any(m in args.methods for m in ("guided", *GUIDED_ONE_RUN)):  # the teacher at each judged scale
+            rows += [(own_row(w), teacher, None, "ddim", w) for w in args.scales if w != RECIPE_SCALE]
         if "guided" in args.methods:
             ckpts = args.out / f"gpd_s{seed}" / "checkpoints"
             for w in args.scales:
-                if w != RECIPE_SCALE:
-                    rows.append((f"teacher, its own sampler (heun-10), w={w:g}", teacher, None, "ddim", w))
                 rows += [
                     (f"guided student, DDIM-{k}, w={w:g}", ckpts / f"step_{step:07d}.ckpt", k, "ddim", w)
                     for step, k in STUDENT_STEPS.items()
                     if k <= 4
                 ]
-        if "reflow_guided" in args.methods:
-            last = args.out / f"grf_s{seed}" / "checkpoints" / "last.ckpt"
-            for w in args.scales:
-                if w != RECIPE_SCALE and "guided" not in args.methods:
-                    rows.append((own_row(w), teacher, None, "ddim", w))
-                rows += [(f"guided reflow student, Euler-{k}, w={w:g}", last, k, "euler", w) for k in (4, 2, 1)]
+        for method, (prefix, who, label, kind) in GUIDED_ONE_RUN.items():
+            if method in args.methods:
+                last = args.out / f"{prefix}_s{seed}" / "checkpoints" / "last.ckpt"
+                for w in args.scales:
+                    rows += [(f"{who} student, {label}-{k}, w={w:g}", last, k, kind, w) for k in (4, 2, 1)]
         for name, path, steps, kind, scale in rows:
             diffusion, net = load_for_sampling(path)
             images, nfe = draw(diffusion, net, args.n, seed, steps, kind, scale)
@@ -452,9 +466,8 @@ def judge_phase(args) -> str:
         for method, prefix in (
             ("progressive", "pd"),
             ("guided", "gpd"),
-            ("reflow_guided", "grf"),
             ("reflow", "rf"),
-            *((m, v[0]) for m, v in ONE_RUN.items()),
+            *((m, v[0]) for m, v in (ONE_RUN | GUIDED_ONE_RUN).items()),
         ):
             if method in args.methods and race.exists():
                 meta = json.loads((args.out / f"{prefix}_s{seed}" / "meta.json").read_text())
@@ -503,10 +516,11 @@ def judge_phase(args) -> str:
         for w in args.scales:
             rows = {k: scores[f"guided student, DDIM-{k}, w={w:g}"] for k in (1, 2)}
             verdicts.append(verdict(f"guided student at w={w:g}", rows, scores[own_row(w)]))
-    if "reflow_guided" in args.methods:  # likewise: one reflow student for every scale
-        for w in args.scales:
-            rows = {k: scores[f"guided reflow student, Euler-{k}, w={w:g}"] for k in (1, 2)}
-            verdicts.append(verdict(f"guided reflow student at w={w:g}", rows, scores[own_row(w)]))
+    for method, (_, who, label, _) in GUIDED_ONE_RUN.items():  # likewise: one student for every scale
+        if method in args.methods:
+            for w in args.scales:
+                rows = {k: scores[f"{who} student, {label}-{k}, w={w:g}"] for k in (1, 2)}
+                verdicts.append(verdict(f"{who} student at w={w:g}", rows, scores[own_row(w)]))
     cost = ""
     for method, runs in costs.items():
         per_step = sum(r[0] for r in runs) / len(runs)
@@ -551,8 +565,8 @@ def main() -> None:
         "--methods",
         default="progressive,reflow,consistency,meanflow",
         help="comma-separated: of the default, scm (teachers trained with process.time_scale=1: --teacher-override), "
-        "ect and sct (the teacher's weights tuned without it; sct's teachers with process.time_scale=1), guided and "
-        "reflow_guided",
+        "ect and sct (the teacher's weights tuned without it; sct's teachers with process.time_scale=1), guided, "
+        "reflow_guided, consistency_guided and scm_guided (teachers with process.time_scale=1)",
     )
     p.add_argument("--scales", default="1,2,3", help="guidance scales the guided student is judged at")
     p.add_argument("--name", default="few_step", help="result file names: <name>.md, <name>_grid.png, <name>_ablate.md")

@@ -121,6 +121,36 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         ],
         ["reflow_guided"],
     ),
+    # consistency distillation (ECT's gaps) with the guidance scale as the student's input, for section 16's budget
+    "consistency_guided": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_race", "--methods", "consistency_guided", "--out", "/tmp/difflab_gcm"),
+            *("--budget", "630", "--name", "consistency_guided"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_race", "--methods", "consistency_guided", "--out", "/tmp/difflab_gcm"),
+            *("--seeds", "0", "--n", "100", "--name", "consistency_guided"),
+        ],
+        ["consistency_guided"],
+    ),
+    # sCM with the guidance scale as the student's input, from teachers that see t (trained once), the same budget
+    "scm_guided": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_ts1", "--methods", "scm_guided", "--out", "/tmp/difflab_gscm"),
+            *("--budget", "630", "--teacher-override", "process.time_scale=1", "--name", "scm_guided"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_ts1", "--methods", "scm_guided", "--out", "/tmp/difflab_gscm"),
+            *("--seeds", "0", "--n", "100", "--name", "scm_guided"),
+        ],
+        ["scm_guided"],
+    ),
     # sCM from teachers that see t itself (process.time_scale=1: the race's difflab side trained with it, once), and
     # from the race's own teacher (1000 t) on seed 0 as the control; the same wall-clock per student
     "scm_time_input": (
@@ -382,6 +412,10 @@ TITLES = {
     "method_cost": "16b. Training cost per step of each few-step method against the teacher's step",
     "guided_student": "16c. Guidance baked in: one progressive student for every guidance scale (three seeds, every judge)",
     "reflow_guided": "16g. Guidance baked into reflow: one 1-step student for every guidance scale (three seeds, every judge)",
+    "consistency_guided": "16j. Guidance baked into consistency distillation: one student for every guidance scale "
+    "(three seeds, every judge)",
+    "scm_guided": "16k. Guidance baked into sCM: one continuous-time consistency student for every guidance scale "
+    "(three seeds, every judge)",
     "meanflow_cfg": "16f. MeanFlow with CFG baked into its targets, against plain targets (three seeds each, every judge)",
     "few_step_latent": "16i. Few-step generation on the latent digits recipe (one seed, every judge)",
 }

@@ -66,7 +66,7 @@ def run_hydra_main(main, argv: Sequence[str]) -> int:
 
 
 # experiments whose teacher is the digits recipe trained with these overrides (as their config files say)
-TEACHER_SETUP = {"digits_scm": ["process.time_scale=1"]}
+TEACHER_SETUP = {"digits_scm": ["process.time_scale=1"], "digits_scm_guided": ["process.time_scale=1"]}
 
 
 def default_teacher_checkpoint(folder: Path, overrides: Sequence[str] = ()) -> Path:

@@ -32,6 +32,7 @@ DISTILLATIONS = (
     "digits_consistency",
     "digits_consistency_guided",
     "digits_scm",
+    "digits_scm_guided",
 )  # experiments that need a teacher
 
 # (entry point, overrides, the key and value the error line must name). One bad value per case.

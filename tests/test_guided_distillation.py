@@ -597,16 +597,28 @@ def test_a_guided_reflow_student_learns_couplings_drawn_at_their_own_scales(run_
     assert code == 0 and (tmp_path / "s" / "grid.png").exists()
 
 
-def test_a_guided_consistency_student_trains_from_its_teacher(run_dir, tmp_path):
+@pytest.mark.parametrize(
+    "experiment, extra",
+    [
+        ("digits_consistency_guided", []),
+        # the shared tiny teacher's time input (the experiment's is 1: its teacher's)
+        ("digits_scm_guided", ["process.time_scale=1000", "method.warmup_steps=2"]),
+    ],
+    ids=["consistency", "scm"],
+)
+def test_a_guided_consistency_student_trains_from_its_teacher_and_samples_at_another_scale(
+    experiment, extra, run_dir, tmp_path
+):
+    import sample
     import train
 
-    teacher = run_dir / "checkpoints" / "last.ckpt"
     run = tmp_path / "run"
     args = [
         *_tiny(max_steps=2),
-        "experiment=digits_consistency_guided",
-        f"method.teacher_ckpt={teacher}",
+        f"experiment={experiment}",
+        f"method.teacher_ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
         "method.time_groups=4",
+        *extra,
         "logger=csv",
         f"hydra.run.dir={run}",
     ]
@@ -614,6 +626,11 @@ def test_a_guided_consistency_student_trains_from_its_teacher(run_dir, tmp_path)
     assert "guided at scales drawn from U[1.0, 4.0]" in (run / "train.log").read_text()
     diffusion = _guided_student(run / "checkpoints" / "last.ckpt")
     assert diffusion.describe_sampler().startswith("consistency")
+    code = run_hydra_main(
+        sample.main,
+        [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "n=4", "guidance.scale=3", f"out_dir={tmp_path / 's'}"],
+    )
+    assert code == 0 and (tmp_path / "s" / "grid.png").exists()
 
 
 def test_preflight_refuses_guided_consistency_without_a_teacher(tmp_path):
