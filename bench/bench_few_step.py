@@ -18,16 +18,17 @@ Phases:
   the same way (``experiment=digits_progressive_guided``, ``<out>/gpd_s<seed>``); the guided reflow student
   (``experiment=digits_reflow_guided``: its couplings drawn first, ``<out>/grf_pairs_s<seed>``, then its steps,
   ``<out>/grf_s<seed>``); the consistency
-  (unguided and guided: ``<out>/gcm_s<seed>``) and sCM students (guided: ``<out>/gscm_s<seed>``) and the ECT run (``<out>/ect_s<seed>``) for the budget B, the progressive run's wall-clock or ``--budget`` (``trainer.max_time``;
-  ``<out>/cm_s<seed>``, ``<out>/scm_s<seed>``); MeanFlow from scratch for the teacher's race wall-clock plus B
+  and sCM students (``<out>/cm_s<seed>``, ``<out>/scm_s<seed>``; guided: ``<out>/gcm_s<seed>``,
+  ``<out>/gscm_s<seed>``) and the ECT run (``<out>/ect_s<seed>``) for the budget B, the progressive run's wall-clock
+  or ``--budget`` (``trainer.max_time``); MeanFlow from scratch for the teacher's race wall-clock plus B
   (``<out>/mf_s<seed>``); reflow: a 1-step run
   that draws the teacher's couplings into ``<out>/pairs`` (timed: ``pairs_s``), then the student for B
   (``<out>/rf_s<seed>``). Each run's wall-clock and step count go to its ``meta.json``; the cost per step
   against the teacher's own training step is read from the teacher's race ``meta.json`` when there is one.
 - ``judge``: each seed's teacher and its students (progressive: the checkpoint at the end of each round, 8, 4, 2, 1
-  DDIM steps; reflow: the last checkpoint at Euler 4, 2, 1, guided reflow, consistency and sCM at each of
-  ``--scales`` too; consistency and sCM: the last checkpoint at consistency sampling 4, 2, 1; MeanFlow: the last checkpoint at MeanFlow sampling
-  4, 2, 1) draw ``--n`` balanced samples (labels i % 10, noise seeded by the seed), and every judge of
+  DDIM steps; reflow: the last checkpoint at Euler 4, 2, 1, guided reflow at each of ``--scales`` too; consistency
+  and sCM: the last checkpoint at consistency sampling 4, 2, 1, the guided ones at each of ``--scales``; MeanFlow:
+  the last checkpoint at MeanFlow sampling 4, 2, 1) draw ``--n`` balanced samples (labels i % 10, noise seeded by the seed), and every judge of
   ``difflab.eval.digits_eval.evaluate_samples`` scores them; means with 95% t-intervals over the seeds; real digits
   give the floors. The teacher at few steps samples with DDIM on the students' grid (flow's grid evenly to 0, the
   recipe's grid shift) with its own guidance; students sample unguided, as they were trained. Writes
@@ -281,6 +282,12 @@ def own_row(scale: float) -> str:
     return base if scale == RECIPE_SCALE else f"{base}, w={scale:g}"
 
 
+def teacher_at(rows: list[tuple], teacher: Path, w: float) -> list[tuple]:
+    """The teacher's own-sampler row at scale ``w`` where ``rows`` lacks it (at the recipe's scale: the plain row)."""
+    made = w == RECIPE_SCALE or any(row[0] == own_row(w) for row in rows)
+    return [] if made else [(own_row(w), teacher, None, "ddim", w)]
+
+
 def arm_name(row: str) -> str:
     """A row's arm for ablate.py: 'reflow student, Euler-1' -> 'reflow_euler1'; 'guided student, DDIM-1, w=3' ->
     'guided_ddim1_w3'."""
@@ -440,11 +447,10 @@ def judge_phase(args) -> str:
             if method in args.methods and method in TUNED:
                 last = args.out / f"{prefix}_s{seed}" / "checkpoints" / "last.ckpt"
                 rows += [(tuned_cfg_row(method, label, k), last, k, kind, TUNED_CFG) for k in (4, 2, 1)]
-        if any(m in args.methods for m in ("guided", *GUIDED_ONE_RUN)):  # the teacher at each judged scale
-            rows += [(own_row(w), teacher, None, "ddim", w) for w in args.scales if w != RECIPE_SCALE]
         if "guided" in args.methods:
             ckpts = args.out / f"gpd_s{seed}" / "checkpoints"
             for w in args.scales:
+                rows += teacher_at(rows, teacher, w)
                 rows += [
                     (f"guided student, DDIM-{k}, w={w:g}", ckpts / f"step_{step:07d}.ckpt", k, "ddim", w)
                     for step, k in STUDENT_STEPS.items()
@@ -454,6 +460,7 @@ def judge_phase(args) -> str:
             if method in args.methods:
                 last = args.out / f"{prefix}_s{seed}" / "checkpoints" / "last.ckpt"
                 for w in args.scales:
+                    rows += teacher_at(rows, teacher, w)
                     rows += [(f"{who} student, {label}-{k}, w={w:g}", last, k, kind, w) for k in (4, 2, 1)]
         for name, path, steps, kind, scale in rows:
             diffusion, net = load_for_sampling(path)
@@ -466,8 +473,9 @@ def judge_phase(args) -> str:
         for method, prefix in (
             ("progressive", "pd"),
             ("guided", "gpd"),
+            *((m, v[0]) for m, v in GUIDED_ONE_RUN.items()),
             ("reflow", "rf"),
-            *((m, v[0]) for m, v in (ONE_RUN | GUIDED_ONE_RUN).items()),
+            *((m, v[0]) for m, v in ONE_RUN.items()),
         ):
             if method in args.methods and race.exists():
                 meta = json.loads((args.out / f"{prefix}_s{seed}" / "meta.json").read_text())
@@ -566,9 +574,9 @@ def main() -> None:
         default="progressive,reflow,consistency,meanflow",
         help="comma-separated: of the default, scm (teachers trained with process.time_scale=1: --teacher-override), "
         "ect and sct (the teacher's weights tuned without it; sct's teachers with process.time_scale=1), guided, "
-        "reflow_guided, consistency_guided and scm_guided (teachers with process.time_scale=1)",
+        "reflow_guided, consistency_guided, and scm_guided (teachers with process.time_scale=1)",
     )
-    p.add_argument("--scales", default="1,2,3", help="guidance scales the guided student is judged at")
+    p.add_argument("--scales", default="1,2,3", help="guidance scales the guided students are judged at")
     p.add_argument("--name", default="few_step", help="result file names: <name>.md, <name>_grid.png, <name>_ablate.md")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for the distillation runs")
     p.add_argument(
