@@ -26,20 +26,23 @@ Phases:
   (``<out>/rf_s<seed>``). Each run's wall-clock and step count go to its ``meta.json``; the cost per step
   against the teacher's own training step is read from the teacher's race ``meta.json`` when there is one.
 - ``judge``: each seed's teacher and its students (progressive: the checkpoint at the end of each round, 8, 4, 2, 1
-  DDIM steps; reflow: the last checkpoint at Euler 4, 2, 1, guided reflow at each of ``--scales`` too; consistency
-  and sCM: the last checkpoint at consistency sampling 4, 2, 1, the guided ones at each of ``--scales``; MeanFlow:
-  the last checkpoint at MeanFlow sampling 4, 2, 1) draw ``--n`` balanced samples (labels i % 10, noise seeded by the seed), and every judge of
-  ``difflab.eval.digits_eval.evaluate_samples`` scores them; means with 95% t-intervals over the seeds; real digits
-  give the floors. The teacher at few steps samples with DDIM on the students' grid (flow's grid evenly to 0, the
-  recipe's grid shift) with its own guidance; students sample unguided, as they were trained. Writes
-  ``bench/results/few_step.md``, a picture of seed 0's samples (``bench/results/few_step_grid.png``), and the same
+  DDIM steps (the rounds read from the run's stored ``method``), the teacher at DDIM 64, 32 and 16 beside it;
+  reflow: the last checkpoint at Euler 4, 2, 1, guided reflow at each of ``--scales`` too; consistency and sCM: the
+  last checkpoint at consistency sampling 4, 2, 1, the guided ones at each of ``--scales``; MeanFlow: the last
+  checkpoint at MeanFlow sampling 4, 2, 1) draw ``--n`` balanced samples (labels i % 10, noise seeded by the seed),
+  and every judge of ``difflab.eval.digits_eval.evaluate_samples`` scores them; means with 95% t-intervals over the
+  seeds; real digits give the floors. The teacher at few steps samples with DDIM on the students' grid (flow's grid
+  evenly to 0, the recipe's grid shift; ``--spacing``: another shift for the consistency-family students only) with
+  its own guidance; students sample unguided, as they were trained. Writes ``bench/results/few_step.md``, a picture of seed 0's samples (``bench/results/few_step_grid.png``), and the same
   scores as a sweep ``ablate.py`` summarises (``<out>/judged``; its summary closes few_step.md).
 
     PYTHONPATH=. python bench/bench_few_step.py {all,train,judge} --teachers <race dir> [--seeds 0,1,2] [--out DIR]
         [--n 500] [--methods progressive,reflow,consistency,scm,meanflow,guided,reflow_guided,consistency_guided,scm_guided] [--scales 1,2,3]
-        [--budget S] [--override key=value ...] [--teacher-override key=value ...]
+        [--budget S] [--override key=value ...] [--teacher-override key=value ...] [--spacing S]
 
 ``--budget``: B in seconds, instead of the progressive run's wall-clock (needed when there is no progressive run).
+``--spacing``: the grid shift the consistency-family students sample on (``sampler.spacing``; 2 steps re-noise at
+t = s / (1 + s)), e.g. the one a ``sample.py -m sampler.spacing=...`` sweep on other noise seeds chose.
 ``--override``: a Hydra override for every student run (``process.time_scale=1`` for teachers trained with it).
 ``--teacher-override``: train each missing teacher with ``bench_vs_diffusers.py train --sides difflab --override``
 it (300 s) first; a teacher already there must have been trained with the same overrides.
@@ -69,8 +72,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import QUIET, REPO, RESULTS, machine_description, md_table, set_threads, shown_path, write_result  # noqa: E402
 
-STUDENT_STEPS = {400: 8, 800: 4, 1200: 2, 1600: 1}
-RECIPE_SCALE = 2.0  # the recipe's guidance scale (guidance=cfg_interval): the teacher's own-sampler row  # experiment=digits_progressive: the end of each round
+RECIPE_SCALE = 2.0  # the recipe's guidance scale (guidance=cfg_interval): the teacher's own-sampler row
 # students trained for the budget B (the progressive run's wall-clock or --budget): method -> (prefix, label, sampler)
 SAME_CLOCK = {
     "consistency": ("cm", "CM", "consistency"),
@@ -100,6 +102,25 @@ COLUMNS = [
     ("accuracy", "accuracy (clf)", 3),
     ("accuracy_judge2", "accuracy (j2)", 3),
 ]
+
+
+def progressive_method(ckpts: Path) -> dict:
+    """The ``method`` config a progressive run stored in its last checkpoint (its rounds)."""
+    from difflab.checkpoints import load_checkpoint, run_config
+
+    return run_config(load_checkpoint(ckpts / "last.ckpt"), ckpts / "last.ckpt")["method"]
+
+
+def round_ends(ckpts: Path) -> dict[int, int]:
+    """A progressive run's checkpoints at the end of each round: optimizer step -> the DDIM steps its student takes
+    (``teacher_steps`` halved every ``steps_per_round`` steps), up to 8."""
+    method = progressive_method(ckpts)
+    teacher, per_round, last = method["teacher_steps"], method["steps_per_round"], method["student_steps"]
+    ends, r = {}, 1
+    while teacher >> r >= last:
+        ends[r * per_round] = teacher >> r
+        r += 1
+    return {step: k for step, k in ends.items() if k <= 8}
 
 
 def teacher_ckpt(teachers: Path, seed: int) -> Path:
@@ -234,17 +255,25 @@ class Counted(torch.nn.Module):
 
 
 def draw(
-    diffusion, net, n: int, seed: int, steps: int | None, kind: str = "ddim", scale: float | None = None
+    diffusion,
+    net,
+    n: int,
+    seed: int,
+    steps: int | None,
+    kind: str = "ddim",
+    scale: float | None = None,
+    spacing: float | None = None,
 ) -> tuple[torch.Tensor, float]:
     """``n`` balanced samples and the network evaluations per sample (NFE, guidance's extra passes counted);
-    ``steps``: ``kind`` (ddim or euler) at that many steps on the grid evenly to 0 (None: the checkpoint's own
-    sampler); ``scale``: the guidance scale (None: the checkpoint's)."""
+    ``steps``: ``kind`` (a sampler of ``difflab.diffusion.samplers``) at that many steps on the grid evenly to 0
+    (None: the checkpoint's own sampler), shifted by ``spacing`` (None: the process's sampling shift); ``scale``: the
+    guidance scale (None: the checkpoint's)."""
     from difflab.diffusion import samplers
 
     sampler = None
     if steps is not None:
         diffusion.process.t_min = 0.0  # the grid that halves (the students'): evenly spaced down to 0
-        sampler = functools.partial(getattr(samplers, kind), steps=steps)
+        sampler = functools.partial(getattr(samplers, kind), steps=steps, spacing=spacing)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *diffusion.sample_shape), generator=g)
     labels = torch.arange(n) % 10
@@ -255,13 +284,17 @@ def draw(
     return images, counted.rows / n
 
 
-def verdict(who: str, runs_at: dict[int, list[dict]], reference: list[dict]) -> str:
-    """The targets line of a student (``runs_at[steps]``: its scores per seed at 1 and 2 steps) against ``reference``
-    (the teacher's own sampler): 1 step within 2x and 2 steps within 1.3x its FD in every judge, accuracy >= 0.99."""
+def verdict(who: str, runs_at: dict[int, list[dict] | None], reference: list[dict]) -> str:
+    """The targets line of a student (``runs_at[steps]``: its scores per seed at 1 and 2 steps, None where the run has
+    no such student) against ``reference`` (the teacher's own sampler): 1 step within 2x and 2 steps within 1.3x its
+    FD in every judge, accuracy >= 0.99."""
     mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
     targets = []
     for steps, limit in ((1, 2.0), (2, 1.3)):
-        runs = runs_at[steps]
+        runs = runs_at.get(steps)
+        if not runs:
+            targets.append(f"{steps}-step: no student of the run samples at {steps} (not met)")
+            continue
         for key, label, _ in COLUMNS[:3]:
             ratio = mean(runs, key) / mean(reference, key)
             targets.append(f"{steps}-step {label} {ratio:.2f}x ({'met' if ratio <= limit else 'not met'})")
@@ -356,9 +389,17 @@ def describe_students(args) -> str:
         extra = run_overrides(meta)
         return f"{made.get('steps', '?')} steps" + (f", `{' '.join(extra)}`" if extra else "")
 
+    def rounds(prefix: str) -> str:
+        ckpts = args.out / f"{prefix}_s{seed}" / "checkpoints"
+        if not (ckpts / "last.ckpt").exists():
+            return "?"
+        m = progressive_method(ckpts)
+        count = (m["teacher_steps"] // m["student_steps"]).bit_length() - 1
+        return f"DDIM {m['teacher_steps']} -> {m['student_steps']} in {count} rounds of {m['steps_per_round']} steps"
+
     phrases = {
-        "progressive": "`experiment=digits_progressive` (DDIM 16 -> 1 in 4 rounds of 400 steps), the checkpoint at "
-        "each round's end",
+        "progressive": f"`experiment=digits_progressive` ({rounds('pd') if 'progressive' in args.methods else ''}), "
+        "the checkpoint at each round's end",
         "reflow": f"`experiment=digits_reflow` (16384 couplings of the teacher's own sampler, then {budget('rf')} of "
         "training), its last checkpoint",
         "consistency": "`experiment=digits_consistency` (consistency distillation with ECT's gaps, "
@@ -415,6 +456,28 @@ def autoencoder_floor(checkpoint: Path, n: int) -> dict | None:
     return {**out, **{k: v for k, v in held_out.items() if k.startswith(("precision", "recall"))}}
 
 
+def positive(text: str) -> float:
+    """An argparse type: a number > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+    return value
+
+
+def spacing_flag(args) -> str:
+    """The ``--spacing`` part of the judge command line."""
+    return "" if args.spacing is None else f" --spacing {args.spacing:g}"
+
+
+def describe_spacing(args) -> str:
+    """Which grid the consistency-family students sample on (the time 2 steps re-noise at)."""
+    consistency_family = [m for m in args.methods if m in SAME_CLOCK or m in GUIDED_SAME_CLOCK]
+    if args.spacing is None or not consistency_family:
+        return ""
+    t_mid = args.spacing / (1 + args.spacing)
+    return f"Consistency sampling on the grid shifted by {args.spacing:g} (2 steps re-noise at t = {t_mid:.2f}). "
+
+
 def judge_phase(args) -> str:
     from difflab.ablation.stats import mean_ci
     from difflab.diffusion.system import load_for_sampling
@@ -429,11 +492,12 @@ def judge_phase(args) -> str:
         teacher = teacher_ckpt(args.teachers, seed)
         rows = [("teacher, its own sampler (heun-10)", teacher, None, "ddim")]
         rows += [(f"teacher, DDIM-{k}", teacher, k, "ddim") for k in (8, 4, 2, 1)]
-        if "progressive" in args.methods:
+        if "progressive" in args.methods:  # what the first round's targets can reach: DDIM at 16 steps and more
+            rows[1:1] = [(f"teacher, DDIM-{k}", teacher, k, "ddim") for k in (64, 32, 16)]
             ckpts = args.out / f"pd_s{seed}" / "checkpoints"
             rows += [
                 (f"progressive student, DDIM-{k}", ckpts / f"step_{step:07d}.ckpt", k, "ddim")
-                for step, k in STUDENT_STEPS.items()
+                for step, k in round_ends(ckpts).items()
             ]
         if "reflow" in args.methods:
             last = args.out / f"rf_s{seed}" / "checkpoints" / "last.ckpt"
@@ -453,7 +517,7 @@ def judge_phase(args) -> str:
                 rows += teacher_at(rows, teacher, w)
                 rows += [
                     (f"guided student, DDIM-{k}, w={w:g}", ckpts / f"step_{step:07d}.ckpt", k, "ddim", w)
-                    for step, k in STUDENT_STEPS.items()
+                    for step, k in round_ends(ckpts).items()
                     if k <= 4
                 ]
         for method, (prefix, who, label, kind) in GUIDED_ONE_RUN.items():
@@ -464,7 +528,8 @@ def judge_phase(args) -> str:
                     rows += [(f"{who} student, {label}-{k}, w={w:g}", last, k, kind, w) for k in (4, 2, 1)]
         for name, path, steps, kind, scale in rows:
             diffusion, net = load_for_sampling(path)
-            images, nfe = draw(diffusion, net, args.n, seed, steps, kind, scale)
+            spacing = args.spacing if kind == "consistency" else None
+            images, nfe = draw(diffusion, net, args.n, seed, steps, kind, scale, spacing)
             scores.setdefault(name, []).append({**evaluate_samples(images, labels), "nfe": nfe})
             if seed == args.seeds[0]:
                 pictures[name] = images[:40]
@@ -515,14 +580,14 @@ def judge_phase(args) -> str:
     verdicts = []
     for method, sampler in (("progressive", "DDIM"), ("reflow", "Euler"), *((m, v[1]) for m, v in ONE_RUN.items())):
         if method in args.methods:
-            verdicts.append(verdict(method, {k: scores[f"{method} student, {sampler}-{k}"] for k in (1, 2)}, own))
+            verdicts.append(verdict(method, {k: scores.get(f"{method} student, {sampler}-{k}") for k in (1, 2)}, own))
     for method, (_, label, _) in SAME_CLOCK.items():
         if method in args.methods and method in TUNED:
             rows = {k: scores[tuned_cfg_row(method, label, k)] for k in (1, 2)}
             verdicts.append(verdict(f"{method} with CFG {TUNED_CFG:g}", rows, own))
     if "guided" in args.methods:  # one student for every scale: each against the teacher's own sampler at that scale
         for w in args.scales:
-            rows = {k: scores[f"guided student, DDIM-{k}, w={w:g}"] for k in (1, 2)}
+            rows = {k: scores.get(f"guided student, DDIM-{k}, w={w:g}") for k in (1, 2)}
             verdicts.append(verdict(f"guided student at w={w:g}", rows, scores[own_row(w)]))
     for method, (_, who, label, _) in GUIDED_ONE_RUN.items():  # likewise: one student for every scale
         if method in args.methods:
@@ -544,12 +609,13 @@ def judge_phase(args) -> str:
     return (
         f"# Few-step generation on digit{' latents' if through is not None else 's'}: distilled students against "
         "their teacher\n\n"
-        f"`PYTHONPATH=. python bench/bench_few_step.py judge --teachers {shown_path(args.teachers)} --seeds "
+        f"`PYTHONPATH=. python bench/bench_few_step.py judge --teachers {shown_path(args.teachers)} --out "
+        f"{shown_path(args.out)} --seeds "
         f"{','.join(map(str, args.seeds))} --n {args.n} --methods {','.join(args.methods)} --scales "
-        f"{','.join(f'{w:g}' for w in args.scales)} --name {args.name}`. Teachers: {describe_teachers(args)}; "
+        f"{','.join(f'{w:g}' for w in args.scales)} --name {args.name}{spacing_flag(args)}`. Teachers: {describe_teachers(args)}; "
         f"students: {describe_students(args)}. {args.n} balanced "
         f"samples per run, every judge of `difflab.eval.digits_eval.evaluate_samples`, "
-        f"{spread(len(args.seeds))}. Rows in order of the picture "
+        f"{spread(len(args.seeds))}. {describe_spacing(args)}Rows in order of the picture "
         f"(`{args.name}_grid.png`: 20 samples of seed {args.seeds[0]} per row).{cost}\n\n"
         + md_table(header, table)
         + "\n\nTargets (1 step within 2x the teacher's own-sampler FD and 2 steps within 1.3x, in every judge; "
@@ -578,6 +644,13 @@ def main() -> None:
     )
     p.add_argument("--scales", default="1,2,3", help="guidance scales the guided students are judged at")
     p.add_argument("--name", default="few_step", help="result file names: <name>.md, <name>_grid.png, <name>_ablate.md")
+    p.add_argument(
+        "--spacing",
+        type=positive,
+        default=None,
+        help="the consistency sampler's grid shift for the consistency-family students (sampler.spacing: 2 steps "
+        "re-noise at t = s / (1 + s)); default: the process's sampling shift",
+    )
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for the distillation runs")
     p.add_argument(
         "--teacher-override",

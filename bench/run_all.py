@@ -151,6 +151,60 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         ],
         ["scm_guided"],
     ),
+    # progressive distillation from the teacher's DDIM at 32 steps (5 rounds of 320: the same 1600 steps), the
+    # teachers of 16j (the race's difflab side, trained once)
+    "progressive_from32": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_race", "--methods", "progressive", "--out", "/tmp/difflab_pd32"),
+            *("--override", "method.teacher_steps=32", "--override", "method.steps_per_round=320"),
+            *("--override", "callbacks.model_checkpoint.every_n_train_steps=320", "--name", "progressive_from32"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_race", "--methods", "progressive", "--out", "/tmp/difflab_pd32"),
+            *("--seeds", "0", "--n", "100", "--name", "progressive_from32"),
+        ],
+        ["progressive_from32"],
+    ),
+    # its control: the default progressive run (16 teacher steps, 4 rounds of 400) on the same teachers, back to back
+    "progressive_from16": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_race", "--methods", "progressive", "--out", "/tmp/difflab_pd16"),
+            *("--name", "progressive_from16"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_race", "--methods", "progressive", "--out", "/tmp/difflab_pd16"),
+            *("--seeds", "0", "--n", "100", "--name", "progressive_from16"),
+        ],
+        ["progressive_from16"],
+    ),
+    # the same guided students (16j, 16k: trained once) sampled on the grid a sample.py sweep on other noise seeds
+    # chose (sampler.spacing=4: 2 steps re-noise at t = 0.8)
+    **{
+        f"{name}_tmid": (
+            "bench_few_step.py",
+            [
+                "all",
+                *("--teachers", teachers, "--methods", name, "--out", out, "--budget", "630", *extra),
+                *("--spacing", "4", "--name", f"{name}_tmid"),
+            ],
+            [
+                "judge",
+                *("--teachers", teachers, "--methods", name, "--out", out, "--spacing", "4"),
+                *("--seeds", "0", "--n", "100", "--name", f"{name}_tmid"),
+            ],
+            [f"{name}_tmid"],
+        )
+        for name, teachers, out, extra in (
+            ("consistency_guided", "/tmp/difflab_race", "/tmp/difflab_gcm", []),
+            ("scm_guided", "/tmp/difflab_ts1", "/tmp/difflab_gscm", ["--teacher-override", "process.time_scale=1"]),
+        )
+    },
     # sCM from teachers that see t itself (process.time_scale=1: the race's difflab side trained with it, once), and
     # from the race's own teacher (1000 t) on seed 0 as the control; the same wall-clock per student
     "scm_time_input": (
@@ -416,6 +470,13 @@ TITLES = {
     "(three seeds, every judge)",
     "scm_guided": "16k. Guidance baked into sCM: one continuous-time consistency student for every guidance scale "
     "(three seeds, every judge)",
+    "progressive_from32": "16n. Progressive distillation from 32 teacher steps: the first round's targets nearer the "
+    "teacher's own sampler (three seeds, every judge)",
+    "progressive_from16": "16o. Its control: progressive distillation from 16 teacher steps on the same teachers (three "
+    "seeds, every judge)",
+    "consistency_guided_tmid": "16l. The 2-step re-noising time, chosen by a sweep: guided consistency distillation "
+    "(three seeds, every judge)",
+    "scm_guided_tmid": "16m. The 2-step re-noising time, chosen by a sweep: guided sCM (three seeds, every judge)",
     "meanflow_cfg": "16f. MeanFlow with CFG baked into its targets, against plain targets (three seeds each, every judge)",
     "few_step_latent": "16i. Few-step generation on the latent digits recipe (one seed, every judge)",
 }

@@ -437,7 +437,7 @@ def find_problems(cfg: DictConfig, primary: str | None) -> list[tuple[str, str]]
             problems += _check_tree(value, *schemas[key], prefix=f"{key}.")
     if not problems:  # each value is allowed on its own: now the rules the pieces' constructors state
         problems += constructor_problems(tree)
-    derived = _interpolated(cfg)
+    derived = interpolated_keys(cfg)
     return sorted(problems, key=lambda problem: problem[0] in derived)
 
 
@@ -512,7 +512,7 @@ def check_config(cfg: DictConfig, primary: str | None) -> list[str]:
     return [line for _, line in find_problems(cfg, primary)]
 
 
-def _interpolated(node: Any, prefix: str = "") -> set[str]:
+def interpolated_keys(node: Any, prefix: str = "") -> set[str]:
     """Dotted keys of ``node`` whose values are interpolations (``${...}``)."""
     out: set[str] = set()
     if isinstance(node, DictConfig) and not node._is_none():
@@ -523,7 +523,7 @@ def _interpolated(node: Any, prefix: str = "") -> set[str]:
             elif not OmegaConf.is_missing(node, key):
                 child = node._get_node(key)
                 if isinstance(child, DictConfig):
-                    out |= _interpolated(child, f"{full}.")
+                    out |= interpolated_keys(child, f"{full}.")
     return out
 
 
@@ -548,6 +548,7 @@ def validate_or_exit(cfg: DictConfig, primary: str | None, ignore: tuple[str, ..
 
 __all__ = [
     "Rule",
+    "interpolated_keys",
     "number",
     "positive",
     "non_negative",

@@ -5,6 +5,8 @@ nothing and sweeps whose jobs are one run (``difflab.config_effects``), a run di
 
 from __future__ import annotations
 
+import functools
+import re
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -12,7 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from difflab import validate_mode
-from difflab.config_checks import validate_or_exit
+from difflab.config_checks import interpolated_keys, validate_or_exit
 from difflab.config_effects import hydra_composer, identical_jobs, inert_overrides, job_overrides
 from difflab.configs import CONFIG_DIR
 from difflab.utils.cli import requested
@@ -24,13 +26,35 @@ def _config_name(config: DictConfig) -> str | None:
 
 
 def _swept_keys(config: DictConfig) -> tuple[str, ...]:
-    """Keys a multirun sweeps over (``key=a,b`` overrides and ``hydra.sweeper.params``): unknown before each job."""
+    """Keys a multirun's jobs set (``key=a,b`` overrides, ``hydra.sweeper.params`` and the keys interpolating them):
+    unknown before each job."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
     keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
     keys += list(OmegaConf.select(config, "hydra.sweeper.params", default=None) or {})
-    return tuple(k.lstrip("+~") for k in keys)
+    swept = tuple(k.lstrip("+~") for k in keys)
+    return swept + _keys_interpolating(config, swept)
+
+
+def _keys_interpolating(config: DictConfig, swept: tuple[str, ...]) -> tuple[str, ...]:
+    """Keys whose value interpolates a swept key, a key below it or the node holding it, directly or through other
+    keys (``ckpt_path=<dir>/s${seed}/last.ckpt`` with ``seed=0,1,2``; ``${guidance}`` with ``guidance.scale=1,2``)."""
+    raw = OmegaConf.to_container(config, resolve=False)
+    values = {}
+    for key in interpolated_keys(config):
+        if not key.startswith("hydra."):
+            values[key] = str(functools.reduce(lambda node, part: node[part], key.split("."), raw))
+    found: set[str] = set()
+    unknown = set(swept)
+    while unknown:
+        below = "|".join(re.escape(k) for k in sorted(unknown))  # the key itself or a key under it
+        parts = {k.rsplit(".", i)[0] for k in unknown for i in range(1, k.count(".") + 1)}
+        above = "|".join(re.escape(k) for k in sorted(parts)) or "(?!)"  # a node holding it, as a whole
+        refers = re.compile(rf"\$\{{[^}}]*(?<![\w.])(?:(?:{below})(?![\w])|(?:{above})(?![\w.]))")
+        unknown = {k for k, v in values.items() if k not in found and refers.search(v)}
+        found |= unknown
+    return tuple(sorted(found))
 
 
 def refuse_inert_overrides(task: list[str], config_name: str = "train") -> None:
@@ -84,8 +108,9 @@ def _validate_mode_cannot_be_skipped() -> Iterator[None]:
 
 class ValidateConfig(Callback):
     """Hydra callback: validate the config before Hydra writes anything (``on_run_start``: no run directory, no
-    .hydra/, no log file for a bad single run); a multirun is checked once up front for its non-swept keys and then
-    per job (``on_job_start``), as each job's values are known only then."""
+    .hydra/, no log file for a bad single run); a multirun is checked once up front for the keys no job changes (not
+    swept, not interpolating a swept key) and then per job (``on_job_start``), as each job's values are known only
+    then."""
 
     def __init__(self, **_: Any) -> None:
         pass

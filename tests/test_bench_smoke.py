@@ -32,6 +32,39 @@ def test_update_markdown_replaces_only_between_markers():
     assert "t1" not in out3 and out3.count("## 2. Overhead") == 1
 
 
+@pytest.mark.parametrize(
+    "method,ends",
+    [
+        ({"teacher_steps": 16, "steps_per_round": 400, "student_steps": 1}, {400: 8, 800: 4, 1200: 2, 1600: 1}),
+        ({"teacher_steps": 32, "steps_per_round": 320, "student_steps": 1}, {640: 8, 960: 4, 1280: 2, 1600: 1}),
+        ({"teacher_steps": 16, "steps_per_round": 500, "student_steps": 2}, {500: 8, 1000: 4, 1500: 2}),
+    ],
+)
+def test_the_few_step_bench_reads_a_progressive_runs_rounds_from_its_checkpoint(method, ends, monkeypatch, tmp_path):
+    """Each round's last step and the DDIM steps its student takes (8 and fewer), from the stored method config."""
+    import difflab.checkpoints as checkpoints
+    from bench.bench_few_step import round_ends
+
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda path: {"path": path})
+    monkeypatch.setattr(checkpoints, "run_config", lambda ckpt, path: {"method": method})
+    assert round_ends(tmp_path) == ends
+
+
+def test_the_few_step_verdict_holds_a_student_to_every_judge_and_to_the_step_counts_it_lacks():
+    """Within 2x at 1 step and 1.3x at 2 in every judge with accuracy >= 0.99 is met; one judge past its limit, or a
+    run with no 1-step student (a progressive run that stops at 2), is not."""
+    from bench.bench_few_step import verdict
+
+    teacher = [{"fd": 2.0, "fd_judge2": 0.5, "fd_pixel": 0.6, "accuracy": 0.99}]
+    one = [{"fd": 3.9, "fd_judge2": 0.9, "fd_pixel": 1.1, "accuracy": 0.995}]
+    two = [{"fd": 2.5, "fd_judge2": 0.65, "fd_pixel": 0.78, "accuracy": 0.995}]
+    assert verdict("x", {1: one, 2: two}, teacher).startswith("**x: met**")
+    past = [{**two[0], "fd_judge2": 0.66}]  # 1.32x in judge 2's features
+    assert "2-step FD judge 2 1.32x (not met)" in verdict("x", {1: one, 2: past}, teacher)
+    lacking = verdict("x", {1: None, 2: two}, teacher)
+    assert lacking.startswith("**x: not met**") and "1-step: no student of the run samples at 1" in lacking
+
+
 def test_headline_finds_target_sentence(tmp_path):
     f = tmp_path / "x.md"
     f.write_text("# X\n\n| a |\n\nTarget framework overhead <= 5% of step time: not met (+7.0%).\n")

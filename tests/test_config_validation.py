@@ -462,6 +462,62 @@ def test_multirun_job_is_checked_and_swept_keys_wait_for_their_job(paths):
     assert exit_.value.code == 2
 
 
+@pytest.mark.parametrize(
+    "swept,expected",
+    [
+        (("seed",), ["chained", "ckpt_path", "selected"]),  # direct, through another key, through a resolver
+        (("guidance.scale",), ["method.teacher_guidance", "model.scale"]),  # the node holding it, the key itself
+        (("guidance",), ["method.teacher_guidance", "model.method", "model.scale"]),  # a group sweep: keys under it
+        (("model.seed",), []),  # another key named seed: nothing refers to it
+        (("seeds",), []),
+    ],
+)
+def test_the_keys_a_sweep_sets_include_those_that_interpolate_a_swept_key(swept, expected):
+    from omegaconf import OmegaConf
+
+    from difflab.preflight import _keys_interpolating
+
+    cfg = OmegaConf.create(
+        {
+            "seed": 0,
+            "seeds": [0],
+            "ckpt_path": "/runs/s${seed}/last.ckpt",
+            "chained": "${ckpt_path}.bak",
+            "selected": "${oc.select:seed,1}",
+            "guidance": {"scale": 2.0, "method": "cfg"},
+            "method": {"teacher_guidance": "${guidance}"},
+            "model": {"seed": 3, "scale": "${guidance.scale}", "method": "${guidance.method}", "lr": 1e-3},
+            "hydra": {"run": {"dir": "logs/${seed}"}},
+        }
+    )
+    assert list(_keys_interpolating(cfg, swept)) == expected
+
+
+def test_a_sweep_whose_path_interpolates_a_swept_seed_waits_for_each_job(tmp_path):
+    """``ckpt_path=<dir>/s${seed}/x.ckpt seed=1,2``: the base config's seed (0) names a file that need not exist, so
+    the up-front check leaves the path to each job; a path that interpolates nothing swept is still checked."""
+    import copy
+
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+
+    for seed in (1, 2):
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "x.ckpt").write_text("validation only checks that it exists")
+    pattern = f"{tmp_path}/s${{seed}}/x.ckpt"
+    cfg = copy.deepcopy(_compose("sample", (f"ckpt_path={pattern}",)))
+    with read_write(cfg), open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.job.config_name = "sample"
+        cfg.hydra.overrides.task = [f"ckpt_path={pattern}", "seed=1,2"]
+    ValidateConfig().on_multirun_start(config=cfg)  # seed 0's s0/x.ckpt is missing: not this sweep's business
+    with read_write(cfg), open_dict(cfg):
+        cfg.hydra.overrides.task = [f"ckpt_path={pattern}", "n=10,20"]
+    with pytest.raises(SystemExit) as exit_:  # seed is not swept: s0/x.ckpt is what every job would load
+        ValidateConfig().on_multirun_start(config=cfg)
+    assert exit_.value.code == 2
+
+
 # ---------------------------------------------------------------- the real console commands, in a fresh directory
 COMMANDS = [
     (["difflab-train", "model.lr=-1"], "model.lr=-1 is invalid: a number > 0"),
