@@ -33,8 +33,9 @@ Phases:
   and every judge of ``difflab.eval.digits_eval.evaluate_samples`` scores them; means with 95% t-intervals over the
   seeds; real digits give the floors. The teacher at few steps samples with DDIM on the students' grid (flow's grid
   evenly to 0, the recipe's grid shift; ``--spacing``: another shift for the consistency-family students only) with
-  its own guidance; students sample unguided, as they were trained. Writes ``bench/results/few_step.md``, a picture of seed 0's samples (``bench/results/few_step_grid.png``), and the same
-  scores as a sweep ``ablate.py`` summarises (``<out>/judged``; its summary closes few_step.md).
+  its own guidance; students sample unguided, as they were trained. Writes ``bench/results/few_step.md``, a picture
+  of seed 0's samples (``bench/results/few_step_grid.png``), and the same scores as a sweep ``ablate.py`` summarises
+  (``<out>/judged``; its summary closes few_step.md).
 
     PYTHONPATH=. python bench/bench_few_step.py {all,train,judge} --teachers <race dir> [--seeds 0,1,2] [--out DIR]
         [--n 500] [--methods progressive,reflow,consistency,scm,meanflow,guided,reflow_guided,consistency_guided,scm_guided] [--scales 1,2,3]
