@@ -183,6 +183,38 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         ],
         ["progressive_from16"],
     ),
+    # progressive distillation with the rate annealed linearly to 0 over each round (lr_schedule=linear_restarts, as
+    # the authors' released configs anneal each halving), against 16o's constant rate on the same teachers
+    "progressive_linear_restarts": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_race", "--methods", "progressive", "--out", "/tmp/difflab_pdlr"),
+            *("--override", "lr_schedule=linear_restarts", "--name", "progressive_linear_restarts"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_race", "--methods", "progressive", "--out", "/tmp/difflab_pdlr"),
+            *("--seeds", "0", "--n", "100", "--name", "progressive_linear_restarts"),
+        ],
+        ["progressive_linear_restarts"],
+    ),
+    # consistency distillation at the recipe's fixed scale (section 16's student) on 16j's teachers and budget: the
+    # control for what baking the scale in costs
+    "consistency_fixed": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_race", "--methods", "consistency", "--out", "/tmp/difflab_cm"),
+            *("--budget", "630", "--name", "consistency_fixed"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_race", "--methods", "consistency", "--out", "/tmp/difflab_cm"),
+            *("--seeds", "0", "--n", "100", "--name", "consistency_fixed"),
+        ],
+        ["consistency_fixed"],
+    ),
     # the same guided students (16j, 16k: trained once) sampled on the grid a sample.py sweep on other noise seeds
     # chose (sampler.spacing=4: 2 steps re-noise at t = 0.8)
     **{
@@ -474,6 +506,10 @@ TITLES = {
     "teacher's own sampler (three seeds, every judge)",
     "progressive_from16": "16o. Its control: progressive distillation from 16 teacher steps on the same teachers (three "
     "seeds, every judge)",
+    "progressive_linear_restarts": "16q. Progressive distillation with the rate annealed over each round, against 16o's "
+    "constant rate (three seeds, every judge)",
+    "consistency_fixed": "16p. Consistency distillation at the recipe's fixed scale on 16j's teachers: what baking the "
+    "scale in costs (three seeds, every judge)",
     "consistency_guided_tmid": "16l. The 2-step re-noising time, chosen by a sweep: guided consistency distillation "
     "(three seeds, every judge)",
     "scm_guided_tmid": "16m. The 2-step re-noising time, chosen by a sweep: guided sCM (three seeds, every judge)",

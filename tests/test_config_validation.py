@@ -45,6 +45,8 @@ BAD = [
     ("train", ["optimizer=muon", "optimizer.adjust_lr_fn=keller"], "optimizer.adjust_lr_fn", "keller"),
     ("train", ["lr_schedule.warmup=-5"], "lr_schedule.warmup", "-5"),
     ("train", ["lr_schedule.budget=wall"], "lr_schedule.budget", "wall"),
+    ("train", ["lr_schedule=linear_restarts"], "lr_schedule.period", "null"),  # no method with rounds to set it
+    ("train", ["lr_schedule=linear_restarts", "lr_schedule.period=0"], "lr_schedule.period", "0"),
     ("train", ["experiment=digits_progressive", "method.steps_per_round=0"], "method.steps_per_round", "0"),
     ("train", ["experiment=digits_progressive", f"method.teacher_ckpt={NOWHERE}"], "method.teacher_ckpt", NOWHERE),
     ("train", ["experiment=digits_reflow", "method.num_pairs=0"], "method.num_pairs", "0"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -12,8 +13,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from difflab.optim.lr_schedules import WarmupCosine, budget_progress, warmup_cosine, warmup_cosine_progress
+from difflab.optim.lr_schedules import (
+    LinearRestarts,
+    WarmupCosine,
+    budget_progress,
+    warmup_cosine,
+    warmup_cosine_progress,
+)
 from difflab.optim.muon import MuonAdamW
+from difflab.utils.errors import ConfigError
 from tests.helpers import CONFIG_DIR
 
 
@@ -125,6 +133,47 @@ def test_warmup_cosine_needs_a_budget_and_a_fractional_warmup_for_time_only_runs
         WarmupCosine(warmup=10)(opt, _trainer(math.inf, 0.0))
     with pytest.raises(ValueError, match="lr_schedule.budget='wall'"):
         WarmupCosine(budget="wall")
+
+
+@pytest.mark.parametrize(
+    ("final_fraction", "expected"),
+    [(0.0, [2.0, 1.5, 1.0, 0.5, 2.0, 1.5, 1.0, 0.5, 2.0]), (0.2, [2.0, 1.6, 1.2, 0.8, 2.0, 1.6, 1.2, 0.8, 2.0])],
+)
+def test_linear_restarts_decays_over_each_period_then_restarts_at_the_peak(final_fraction, expected):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    entry = LinearRestarts(period=4, final_fraction=final_fraction)(opt, _trainer(math.inf, None))
+    assert entry["interval"] == "step"
+    rates = []
+    for _ in range(9):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        entry["scheduler"].step()
+    assert rates == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("period", "shown"), [(None, "null"), (0, "0"), (2.5, "2.5"), ("abc", "'abc'"), (True, "True")]
+)
+def test_linear_restarts_refuses_a_period_that_is_not_a_step_count(period, shown):
+    with pytest.raises(
+        ConfigError, match=rf"^lr_schedule.period={re.escape(shown)} is invalid: .*lr_schedule.period=N"
+    ):
+        LinearRestarts(period=period)
+
+
+@pytest.mark.parametrize("final_fraction", [-0.1, 1.5, "low"])
+def test_linear_restarts_refuses_a_final_fraction_outside_0_1(final_fraction):
+    with pytest.raises(ConfigError, match=r"^lr_schedule.final_fraction=.* is invalid: a number in \[0, 1\]"):
+        LinearRestarts(period=4, final_fraction=final_fraction)
+
+
+def test_linear_restarts_takes_its_period_from_the_methods_rounds(tmp_path):
+    from difflab.utils.compose import compose_train
+
+    cfg = compose_train(tmp_path, ["experiment=digits_progressive", "lr_schedule=linear_restarts"])
+    assert instantiate(cfg.lr_schedule).period == cfg.method.steps_per_round == 400
+    cfg = compose_train(tmp_path, ["lr_schedule=linear_restarts", "lr_schedule.period=250"])
+    assert instantiate(cfg.lr_schedule).period == 250
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIG_DIR / "optimizer").glob("*.yaml")))

@@ -303,6 +303,28 @@ def test_distillation_runs_its_rounds_and_resumes_exactly(teacher_ckpt, tmp_path
     assert out.shape == (4, 1, 8, 8) and torch.isfinite(out).all()
 
 
+def test_linear_restarts_decays_the_rate_over_each_round_and_restarts_it(teacher_ckpt, tmp_path):
+    """``lr_schedule=linear_restarts`` takes its period from the method's rounds: with rounds of 2 steps the rate
+    is the peak at each round's first step and half of it at its second (the checkpoint after step k holds the rate
+    of step k + 1)."""
+    import train
+    from difflab.checkpoints import load_checkpoint
+
+    argv = [*_tiny(max_steps=4, save_every=1), *DISTIL, f"method.teacher_ckpt={teacher_ckpt}", "logger=csv"]
+    argv += ["lr_schedule=linear_restarts", "model.lr=0.01"]
+    assert run_hydra_main(train.main, [*argv, f"hydra.run.dir={tmp_path / 'run'}"]) == 0
+
+    def rates(run: str, steps) -> list[float]:
+        ckpts = [load_checkpoint(tmp_path / run / "checkpoints" / f"step_{k:07d}.ckpt") for k in steps]
+        return [c["optimizer_states"][0]["param_groups"][0]["lr"] for c in ckpts]
+
+    assert rates("run", (1, 2, 3, 4)) == pytest.approx([0.005, 0.01, 0.005, 0.01])
+    # resumed mid-round, the rates go on as in the uninterrupted run
+    resume = [*argv, f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'step_0000001.ckpt'}"]
+    assert run_hydra_main(train.main, [*resume, f"hydra.run.dir={tmp_path / 'resumed'}"]) == 0
+    assert rates("resumed", (2, 3, 4)) == pytest.approx([0.01, 0.005, 0.01])
+
+
 STUDENTS = {  # every distillation method starts its student as the teacher (methods.teacher.adopt_teacher)
     "progressive": DISTIL,
     "reflow": ["method=reflow", "process.t_min=0"],

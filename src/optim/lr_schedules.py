@@ -1,15 +1,19 @@
 """Learning-rate schedules (the ``lr_schedule`` config group), stepped per optimizer step.
 
-A schedule object is called with the optimizer and the trainer and returns Lightning's scheduler entry. The budget
-is ``trainer.max_steps`` (progress = step / total), the wall-clock of ``trainer.max_time`` (progress = time used /
-max_time, read from Lightning's ``Timer``), or, with both, whichever is further along: the schedule decays over
-exactly the run it gets, on a fast machine or a slow one.
+A schedule object is called with the optimizer and the trainer and returns Lightning's scheduler entry. One that
+decays over the whole run (``warmup_cosine``) reads its budget from the trainer: ``trainer.max_steps`` (progress =
+step / total), the wall-clock of ``trainer.max_time`` (progress = time used / max_time, read from Lightning's
+``Timer``), or, with both, whichever is further along: it decays over exactly the run it gets, on a fast machine or a
+slow one. ``linear_restarts`` decays over fixed periods of steps instead (a round-based method's rounds).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
+
+from difflab.utils.errors import ConfigError
 
 
 def warmup_cosine_progress(
@@ -117,4 +121,42 @@ class Constant:
 
         w, s = self.warmup, self.start_factor
         factor = lambda step: 1.0 if step >= w else s + (1 - s) * step / max(1, w)  # noqa: E731
+        return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step", "frequency": 1}
+
+
+PERIOD_ALLOWED = (
+    "an integer >= 1, the optimizer steps of one decay: set lr_schedule.period=N, or use a method with rounds "
+    "(method.steps_per_round sets it)"
+)
+
+
+def linear_restarts(step: int, period: int, final_fraction: float = 0.0) -> float:
+    """LR multiplier at ``step``: a linear decay from 1 towards ``final_fraction`` over each ``period`` steps, back to
+    1 at every multiple of ``period``."""
+    return 1.0 - (1.0 - final_fraction) * (step % period) / period
+
+
+class LinearRestarts:
+    """``lr_schedule=linear_restarts``: the rate decays linearly towards ``final_fraction`` over every ``period``
+    optimizer steps, then restarts at the full rate: one decay per round of a round-based method (progressive
+    distillation's ``method.steps_per_round``, the config's default, when ``trainer.max_steps`` is its rounds x
+    steps_per_round), as Salimans & Ho's released distillation configs anneal the rate of each halving round to zero."""
+
+    def __init__(self, period: int | None = None, final_fraction: float = 0.0):
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            shown = "null" if period is None else repr(period)
+            raise ConfigError(f"lr_schedule.period={shown} is invalid: {PERIOD_ALLOWED}")
+        if (
+            isinstance(final_fraction, bool)
+            or not isinstance(final_fraction, (int, float))
+            or not 0 <= final_fraction <= 1
+        ):
+            raise ConfigError(f"lr_schedule.final_fraction={final_fraction!r} is invalid: a number in [0, 1]")
+        self.period, self.final_fraction = period, float(final_fraction)
+
+    def __call__(self, optimizer, trainer) -> dict:
+        """The Lightning scheduler entry, stepped every optimizer step."""
+        import torch
+
+        factor = functools.partial(linear_restarts, period=self.period, final_fraction=self.final_fraction)
         return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step", "frequency": 1}
