@@ -199,6 +199,23 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         ],
         ["progressive_linear_restarts"],
     ),
+    # the two levers that helped judge 2 and pixels together: 32 teacher steps (16n) and the per-round anneal (16q)
+    "progressive_from32_linear_restarts": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_race", "--methods", "progressive", "--out", "/tmp/difflab_pd32lr"),
+            *("--override", "method.teacher_steps=32", "--override", "method.steps_per_round=320"),
+            *("--override", "callbacks.model_checkpoint.every_n_train_steps=320"),
+            *("--override", "lr_schedule=linear_restarts", "--name", "progressive_from32_linear_restarts"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_race", "--methods", "progressive", "--out", "/tmp/difflab_pd32lr"),
+            *("--seeds", "0", "--n", "100", "--name", "progressive_from32_linear_restarts"),
+        ],
+        ["progressive_from32_linear_restarts"],
+    ),
     # consistency distillation at the recipe's fixed scale (section 16's student) on 16j's teachers and budget: the
     # control for what baking the scale in costs
     "consistency_fixed": (
@@ -508,6 +525,8 @@ TITLES = {
     "seeds, every judge)",
     "progressive_linear_restarts": "16q. Progressive distillation with the rate annealed over each round, against 16o's "
     "constant rate (three seeds, every judge)",
+    "progressive_from32_linear_restarts": "16r. Progressive distillation from 32 teacher steps with the rate annealed "
+    "over each round: 16n's and 16q's levers together (three seeds, every judge)",
     "consistency_fixed": "16p. Consistency distillation at the recipe's fixed scale on 16j's teachers: what baking the "
     "scale in costs (three seeds, every judge)",
     "consistency_guided_tmid": "16l. The 2-step re-noising time, chosen by a sweep: guided consistency distillation "
