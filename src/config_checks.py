@@ -438,7 +438,28 @@ def find_problems(cfg: DictConfig, primary: str | None) -> list[tuple[str, str]]
     if not problems:  # each value is allowed on its own: now the rules the pieces' constructors state
         problems += constructor_problems(tree)
     derived = interpolated_keys(cfg)
-    return sorted(problems, key=lambda problem: problem[0] in derived)
+    return sorted(_without_echoes(cfg, problems, derived), key=lambda problem: problem[0] in derived)
+
+
+def _without_echoes(cfg: DictConfig, problems: list[tuple[str, str]], derived: set[str]) -> list[tuple[str, str]]:
+    """Drop the problems of keys that are nothing but another bad key (``${key}`` or ``${oc.select:key,...}``):
+    method.steps_per_round=0 also makes lr_schedule.period and trainer.val_check_interval 0, one mistake, one line.
+    Values built from a bad key (``${paths.log_dir}/checkpoints``) keep their own line, after it."""
+    bad = {key for key, _ in problems}
+    raw = OmegaConf.to_container(cfg, resolve=False)
+
+    def source(key: str) -> str:
+        node: Any = raw
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node if isinstance(node, str) else ""
+
+    return [
+        (key, line)
+        for key, line in problems
+        if key not in derived
+        or not any(re.fullmatch(rf"\$\{{(oc\.select:)?{re.escape(b)}(,[^}}]*)?\}}", source(key)) for b in bad)
+    ]
 
 
 BUILT_PARTS = ("process", "objective", "sampler", "guidance")  # model.diffusion pieces that build in microseconds

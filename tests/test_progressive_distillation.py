@@ -427,6 +427,18 @@ def test_rounds_count(tmp_path):
     assert [ProgressiveDistillation("t", 16, 1).steps_in_round(r) for r in range(4)] == [8, 4, 2, 1]
 
 
+def test_the_experiment_budgets_its_rounds_and_keeps_each_rounds_student(tmp_path):
+    """experiment=digits_progressive: its step budget is its rounds, and the checkpoint, validation and class grid
+    land on every round's end, also when a user changes the round length."""
+    cfg = compose_train(tmp_path, ["experiment=digits_progressive", "method.teacher_ckpt=t.ckpt"])
+    method = ProgressiveDistillation(cfg.method.teacher_ckpt, cfg.method.teacher_steps, cfg.method.student_steps)
+    assert cfg.trainer.max_steps == method.rounds * cfg.method.steps_per_round
+    for n in (cfg.method.steps_per_round, 96):
+        c = compose_train(tmp_path / str(n), ["experiment=digits_progressive", f"method.steps_per_round={n}"])
+        cadences = (c.callbacks.model_checkpoint.every_n_train_steps, c.trainer.val_check_interval)
+        assert cadences == (n, n) and c.callbacks.class_grid.every_n_steps == n
+
+
 def test_preflight_refuses_init_from_and_fsdp_with_a_teacher(teacher_ckpt, tmp_path):
     distil = [*DISTIL, f"method.teacher_ckpt={teacher_ckpt}"]
     problems = _problems(tmp_path, *distil, f"init_from={teacher_ckpt}")
