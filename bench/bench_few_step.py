@@ -39,9 +39,12 @@ Phases:
 
     PYTHONPATH=. python bench/bench_few_step.py {all,train,judge} --teachers <race dir> [--seeds 0,1,2] [--out DIR]
         [--n 500] [--methods progressive,reflow,consistency,scm,meanflow,guided,reflow_guided,consistency_guided,scm_guided] [--scales 1,2,3]
-        [--budget S] [--override key=value ...] [--teacher-override key=value ...] [--spacing S]
+        [--budget S] [--override key=value ...] [--progressive-override key=value ...]
+        [--teacher-override key=value ...] [--spacing S]
 
 ``--budget``: B in seconds, instead of the progressive run's wall-clock (needed when there is no progressive run).
+``--progressive-override``: only for the progressive and guided progressive runs (their rounds and rate), where
+``--override`` reaches every run.
 ``--spacing``: the grid shift the consistency-family students sample on (``sampler.spacing``; 2 steps re-noise at
 t = s / (1 + s)), e.g. the one a ``sample.py -m sampler.spacing=...`` sweep on other noise seeds chose.
 ``--override``: a Hydra override for every student run (``process.time_scale=1`` for teachers trained with it).
@@ -147,9 +150,9 @@ def run_train(cfg_overrides: list[str], run: Path) -> dict:
     return {"steps": int(objs["trainer"].global_step), "train_s": time.perf_counter() - t0}
 
 
-def write_meta(run: Path, meta: dict, args) -> None:
+def write_meta(run: Path, meta: dict, args, extra: list[str] | None = None) -> None:
     meta["machine"] = machine_description()
-    meta["overrides"] = list(args.override)
+    meta["overrides"] = [*args.override, *(extra or [])]
     (run / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -178,12 +181,14 @@ def train_phase(args) -> None:
         if "progressive" in args.methods and not (run / "meta.json").exists():
             print(f"[few-step] seed {seed}: distilling {shown_path(teacher)} (progressive)")
             overrides = ["experiment=digits_progressive", f"method.teacher_ckpt={teacher}", f"seed={seed}"]
-            write_meta(run, {"seed": seed, **run_train(overrides + args.override, run)}, args)
+            made = run_train(overrides + args.override + args.progressive_override, run)
+            write_meta(run, {"seed": seed, **made}, args, args.progressive_override)
         guided = args.out / f"gpd_s{seed}"
         if "guided" in args.methods and not (guided / "meta.json").exists():
             print(f"[few-step] seed {seed}: distilling {shown_path(teacher)} with the guidance scale as input")
             overrides = ["experiment=digits_progressive_guided", f"method.teacher_ckpt={teacher}", f"seed={seed}"]
-            write_meta(guided, {"seed": seed, **run_train(overrides + args.override, guided)}, args)
+            made = run_train(overrides + args.override + args.progressive_override, guided)
+            write_meta(guided, {"seed": seed, **made}, args, args.progressive_override)
         guided_reflow = args.out / f"grf_s{seed}"
         if "reflow_guided" in args.methods and not (guided_reflow / "meta.json").exists():
             common = [
@@ -396,7 +401,9 @@ def describe_students(args) -> str:
             return "?"
         m = progressive_method(ckpts)
         count = (m["teacher_steps"] // m["student_steps"]).bit_length() - 1
-        return f"DDIM {m['teacher_steps']} -> {m['student_steps']} in {count} rounds of {m['steps_per_round']} steps"
+        extra = run_overrides(ckpts.parent / "meta.json")
+        made = f"DDIM {m['teacher_steps']} -> {m['student_steps']} in {count} rounds of {m['steps_per_round']} steps"
+        return made + (f", `{' '.join(extra)}`" if extra else "")
 
     phrases = {
         "progressive": f"`experiment=digits_progressive` ({rounds('pd') if 'progressive' in args.methods else ''}), "
@@ -415,8 +422,9 @@ def describe_students(args) -> str:
         f"checkpoint unguided and with CFG {TUNED_CFG:g}",
         "meanflow": f"`experiment=digits_meanflow` (MeanFlow from scratch, {budget('mf')}: the teacher's race "
         "wall-clock plus the students' budget), its last checkpoint",
-        "guided": "`experiment=digits_progressive_guided` (progressive's rounds, the guidance scale drawn from [1, 4] "
-        f"per sample and given to the student as input), each round's checkpoint at the scales {args.scales}",
+        "guided": f"`experiment=digits_progressive_guided` ({rounds('gpd') if 'guided' in args.methods else ''}, the "
+        "guidance scale drawn from [1, 4] per sample and given to the student as input), each round's checkpoint at "
+        f"the scales {args.scales}",
         "reflow_guided": "`experiment=digits_reflow_guided` (16384 couplings of the teacher's own sampler, each at a "
         f"guidance scale drawn from [1, 4] and kept with it, then {steps('grf')} of training with the scale as the "
         f"student's input), its last checkpoint at the scales {args.scales}",
@@ -493,7 +501,9 @@ def judge_phase(args) -> str:
         teacher = teacher_ckpt(args.teachers, seed)
         rows = [("teacher, its own sampler (heun-10)", teacher, None, "ddim")]
         rows += [(f"teacher, DDIM-{k}", teacher, k, "ddim") for k in (8, 4, 2, 1)]
-        if "progressive" in args.methods:  # what the first round's targets can reach: DDIM at 16 steps and more
+        if (
+            "progressive" in args.methods
+        ):  # what the first round's targets can reach: the teacher's DDIM at 16 to 64 steps
             rows[1:1] = [(f"teacher, DDIM-{k}", teacher, k, "ddim") for k in (64, 32, 16)]
             ckpts = args.out / f"pd_s{seed}" / "checkpoints"
             rows += [
@@ -653,6 +663,12 @@ def main() -> None:
         "re-noise at t = s / (1 + s)); default: the process's sampling shift",
     )
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for the distillation runs")
+    p.add_argument(
+        "--progressive-override",
+        action="append",
+        default=[],
+        help="extra Hydra override for the progressive runs only (progressive, guided): their rounds and rate",
+    )
     p.add_argument(
         "--teacher-override",
         action="append",

@@ -39,12 +39,23 @@ from bench.common import (
 QUIET_STEPS = [*QUIET, *STEPS_ONLY, "logger=csv"]
 
 
+def round_length(steps: int) -> int:
+    """Optimizer steps per progressive round so that the experiment's every round fits in ``steps``."""
+    from omegaconf import OmegaConf
+
+    from difflab.configs import CONFIG_DIR
+
+    method = OmegaConf.load(CONFIG_DIR / "experiment" / "digits_progressive.yaml").method
+    rounds = (method.teacher_steps // method.student_steps).bit_length() - 1
+    return max(1, steps // rounds)
+
+
 def method_overrides(args) -> dict[str, list[str]]:
     """Each method's experiment and what it needs (a teacher, its couplings, a round length that fits the run)."""
     teacher = f"method.teacher_ckpt={args.teacher}"
     return {
         "diffusion (the teacher's step)": ["experiment=digits"],
-        "progressive": ["experiment=digits_progressive", teacher, f"method.steps_per_round={args.steps // 4}"],
+        "progressive": ["experiment=digits_progressive", teacher, f"method.steps_per_round={round_length(args.steps)}"],
         "reflow": ["experiment=digits_reflow", teacher, f"method.pairs_dir={args.pairs_dir}"],
         "consistency (ECT gaps)": ["experiment=digits_consistency", teacher],
         "scm (JVP)": ["experiment=digits_scm", teacher],

@@ -40,6 +40,9 @@ FROM16 = [
     *("--override", "method.teacher_steps=16", "--override", "method.steps_per_round=400"),
     *("--override", "lr_schedule=constant"),
 ]
+FROM16_PROGRESSIVE_ONLY = [part for o in FROM16[1::2] for part in ("--progressive-override", o)]  # multi-method runs
+# 16n, 16r, 16s and 16t validated and drew the class grid every 400 steps, as the experiment did then (now: each round)
+AT_400 = ["--override", "trainer.val_check_interval=400", "--override", "callbacks.class_grid.every_n_steps=400"]
 # the settings 16r measured (now the experiment's own): 32 teacher steps in 5 rounds of 320, the rate annealed per round
 FROM32 = [
     *("--override", "method.teacher_steps=32", "--override", "method.steps_per_round=320"),
@@ -87,12 +90,14 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
     "streaming": ("bench_streaming.py", [], ["--quick"], ["streaming"]),
     "video_buckets": ("bench_video_buckets.py", [], ["--quick", "--write-quick"], ["video_buckets"]),
     "optimizers": ("bench_optimizers.py", [], ["--quick"], ["optimizers"]),
-    # distils the race's difflab runs (vs_diffusers above); its progressive students (and 16i's) had the former
-    # default (FROM16): --override would reach every method of the run, so rerun progressive alone with it
+    # distils the race's difflab runs (vs_diffusers above); its progressive students (and 16i's) had the former default
     # (sCM needs teachers that see t: scm_time_input below)
     "few_step": (
         "bench_few_step.py",
-        ["all", "--teachers", "/tmp/difflab_race", "--methods", "progressive,reflow,consistency,meanflow"],
+        [
+            *("all", "--teachers", "/tmp/difflab_race", "--methods", "progressive,reflow,consistency,meanflow"),
+            *FROM16_PROGRESSIVE_ONLY,
+        ],
         [
             *("judge", "--teachers", "/tmp/difflab_race", "--seeds", "0", "--n", "100"),
             *("--methods", "progressive,reflow,consistency,meanflow"),
@@ -171,7 +176,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
             "all",
             *("--teachers", "/tmp/difflab_race", "--methods", "progressive", "--out", "/tmp/difflab_pd32"),
             *("--override", "method.teacher_steps=32", "--override", "method.steps_per_round=320"),
-            *("--override", "lr_schedule=constant"),
+            *("--override", "lr_schedule=constant", *AT_400),
             *("--override", "callbacks.model_checkpoint.every_n_train_steps=320", "--name", "progressive_from32"),
         ],
         [
@@ -222,7 +227,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
             *("--teachers", "/tmp/difflab_race", "--methods", "progressive", "--out", "/tmp/difflab_pd32lr"),
             *("--override", "method.teacher_steps=32", "--override", "method.steps_per_round=320"),
             *("--override", "callbacks.model_checkpoint.every_n_train_steps=320"),
-            *("--override", "lr_schedule=linear_restarts", "--name", "progressive_from32_linear_restarts"),
+            *("--override", "lr_schedule=linear_restarts", *AT_400, "--name", "progressive_from32_linear_restarts"),
         ],
         [
             "judge",
@@ -239,6 +244,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
             "all",
             *("--teachers", "/tmp/difflab_race", "--methods", "guided", "--out", "/tmp/difflab_gpd32lr"),
             *FROM32,
+            *AT_400,
             *("--scales", "2", "--name", "guided_from32_linear_restarts"),
         ],
         [
@@ -496,6 +502,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         [
             *("all", "--teachers", "/tmp/difflab_lat/teachers", "--seeds", "0", "--out", "/tmp/difflab_lat/fs"),
             *("--methods", "progressive,reflow,consistency,ect,meanflow", *ON_LATENTS, "--name", "few_step_latent"),
+            *FROM16_PROGRESSIVE_ONLY,
         ],
         [
             *("judge", "--teachers", "/tmp/difflab_lat/teachers", "--seeds", "0", "--out", "/tmp/difflab_lat/fs"),
@@ -523,6 +530,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
             *("all", "--teachers", "/tmp/difflab_lat/teachers", "--seeds", "0", "--out", "/tmp/difflab_lat/fs_pd32lr"),
             *("--methods", "progressive", *ON_LATENTS),
             *FROM32,
+            *AT_400,
             *("--name", "few_step_latent_from32_linear_restarts"),
         ],
         [
