@@ -139,6 +139,8 @@ class DiffusionModule(L.LightningModule):
             checkpoint[METHOD_STATE_KEY] = method_state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        stored = ((checkpoint.get("difflab") or {}).get("config") or {}).get("method") or {}
+        self.method.refuse_changed_settings(stored)
         self.method.load_state_dict(checkpoint.get(METHOD_STATE_KEY) or {})
 
     def configure_model(self) -> None:

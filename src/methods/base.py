@@ -23,6 +23,8 @@ class TrainingMethod:
     needs_teacher = False
     # a learned loss weighting (EDM2's uncertainty) when the method has one
     weighting: NoiseLevelWeighting | None = None
+    # settings a resume must share with the checkpoint's run (a distillation's rounds): refuse_changed_settings
+    fixed_on_resume: tuple[str, ...] = ()
 
     def setup(self, module: Any, stage: str) -> None:
         """Before training (Lightning's ``setup``, ahead of any checkpoint restore): load teachers, start students."""
@@ -66,6 +68,18 @@ class TrainingMethod:
             )
         if self.weighting is not None:
             self.weighting.load_state_dict(state["weighting"])
+
+    def refuse_changed_settings(self, stored: dict[str, Any]) -> None:
+        """Refuse (ConfigError) a resume whose ``fixed_on_resume`` settings differ from those of the checkpoint's run
+        (``stored``: its config's ``method`` node): the run would go on as another training without a word."""
+        changed = [k for k in self.fixed_on_resume if k in stored and stored[k] != getattr(self, k)]
+        if changed:
+            was = " ".join(f"method.{k}={stored[k]}" for k in changed)
+            now = " ".join(f"method.{k}={getattr(self, k)}" for k in changed)
+            raise ConfigError(
+                f"ckpt_path: the checkpoint's run trained with {was} and this run has {now}: resume with {was}, or "
+                "start a new run"
+            )
 
     def learned_logvar(self, sigma: torch.Tensor) -> torch.Tensor | float:
         """The learned weighting's log-variance at each sample's EDM noise level ``sigma`` (0 without one: the plain

@@ -30,6 +30,7 @@ class ProgressiveDistillation(TrainingMethod):
 
     name = "progressive"
     needs_teacher = True
+    fixed_on_resume = ("teacher_steps", "student_steps", "steps_per_round")  # the rounds the saved state counts in
 
     def __init__(
         self,
