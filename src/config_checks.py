@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from difflab.configs import CONFIG_DIR
 from difflab.utils.errors import fail
-from difflab.utils.resolve import MISSING, UNRESOLVED, hydra_runtime, plain
+from difflab.utils.resolve import MISSING, UNRESOLVED, at, echoes, hydra_runtime, plain, shown
 
 Check = Callable[[dict], "tuple[str, str] | None"]
 
@@ -85,7 +85,7 @@ class Rule:
             return None
         if self.message is not None and value is not MISSING and value is not None:
             return self.message(key, value)
-        return f"{key}={_show(value)} is invalid: {allowed}"
+        return f"{key}={shown(value)} is invalid: {allowed}"
 
 
 def _is_number(v: Any) -> bool:
@@ -142,7 +142,7 @@ def integer(min: int | None = None, max: int | None = None) -> Rule:
 def one_of(choices: list | tuple) -> Rule:
     """One of a fixed set of values (compared by equality; bools never match numbers)."""
     choices = list(choices)
-    text = "one of " + ", ".join(_show(c) for c in choices)
+    text = "one of " + ", ".join(shown(c) for c in choices)
     return Rule(lambda v: any(v == c and isinstance(v, bool) == isinstance(c, bool) for c in choices), text)
 
 
@@ -350,21 +350,6 @@ def primary_schemas() -> tuple[dict[str, dict[str, Rule]], dict[str, list[Check]
 
 
 # --------------------------------------------------------------------------------------------------- checking
-def _show(value: Any) -> str:
-    """A value as it would be typed on the command line."""
-    if value is MISSING:
-        return "???"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
-    return str(value)
-
-
 def _known(tree: Any) -> Any:
     """``tree`` without MISSING / UNRESOLVED entries (for CHECKS, which then just use ``.get``)."""
     if isinstance(tree, dict):
@@ -417,7 +402,7 @@ def _check_tree(tree: Any, rules: list[tuple[str, Rule]], checks: list[Check], p
                 value = _get(known, tuple(key.split(".")))
             except (KeyError, TypeError):
                 value = None
-            problems.append((prefix + key, f"{prefix}{key}={_show(value)} is invalid: {allowed}"))
+            problems.append((prefix + key, f"{prefix}{key}={shown(value)} is invalid: {allowed}"))
     return problems
 
 
@@ -447,18 +432,8 @@ def _without_echoes(cfg: DictConfig, problems: list[tuple[str, str]], derived: s
     Values built from a bad key (``${paths.log_dir}/checkpoints``) keep their own line, after it."""
     bad = {key for key, _ in problems}
     raw = OmegaConf.to_container(cfg, resolve=False)
-
-    def source(key: str) -> str:
-        node: Any = raw
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        return node if isinstance(node, str) else ""
-
     return [
-        (key, line)
-        for key, line in problems
-        if key not in derived
-        or not any(re.fullmatch(rf"\$\{{(oc\.select:)?{re.escape(b)}(,[^}}]*)?\}}", source(key)) for b in bad)
+        (key, line) for key, line in problems if key not in derived or not any(echoes(at(raw, key), b) for b in bad)
     ]
 
 

@@ -21,7 +21,7 @@ from difflab.ops.finetune import init_callbacks
 from difflab.ops.fsdp import fit_precision
 from difflab.ops.hardware import fit_accelerator
 from difflab.ops.precision import resolve_precision
-from difflab.ops.resume import resolve_resume
+from difflab.ops.resume import refuse_changed_resume, resolve_resume
 from difflab.ops.run_lock import run_dir_lock
 from difflab.ops.signals import GracefulShutdown, checkpoint_dir, find_shutdown
 from difflab.ops.slurm import cluster_plugins
@@ -148,6 +148,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     print_lightning_lines_once()
     with run_dir_lock(cfg.paths.output_dir):  # one run per directory: a second one is refused before it writes
         ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir, cfg.get("resume"))
+        if ckpt:
+            refuse_changed_resume(ckpt, cfg)  # before loggers or checkpoints touch the run
         objs: dict[str, Any] = {}
         failed = True
         try:

@@ -1,11 +1,13 @@
 """The pre-flight every command runs before Hydra writes anything (a Hydra callback, ``hydra.callbacks`` in
 ``configs/hydra/default.yaml``): the values of the composed config (``difflab.config_checks``), overrides that change
 nothing and sweeps whose jobs are one run (``difflab.config_effects``), a run directory a live run holds
-(``difflab.ops.run_lock``); under ``--validate`` it then describes the run and exits (``difflab.validate_mode``)."""
+(``difflab.ops.run_lock``), a resume whose checkpoint is unreadable or trained under settings the run changes
+(``difflab.ops.resume``); under ``--validate`` it then describes the run and exits (``difflab.validate_mode``)."""
 
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -106,6 +108,25 @@ def _validate_mode_cannot_be_skipped() -> Iterator[None]:
         )
 
 
+def refuse_unfit_resume(config: DictConfig, run_dir: str) -> None:
+    """Exit with one line, before Hydra rewrites an in-place resume's ``.hydra/``, when the checkpoint to resume
+    cannot be read or was trained under settings this run changes (``difflab.ops.resume.refuse_changed_resume``)."""
+    from difflab.ops import resume
+    from difflab.utils.errors import DifflabError
+
+    quiet = logging.getLogger(resume.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # resume=auto's notes are logged once, by the run itself
+    try:
+        ckpt = resume.resolve_resume(config.get("ckpt_path"), config.get("resume"), run_dir)
+        if ckpt:
+            resume.refuse_changed_resume(ckpt, config)
+    except DifflabError as err:
+        fail(str(err))
+    finally:
+        quiet.setLevel(level)
+
+
 class ValidateConfig(Callback):
     """Hydra callback: validate the config before Hydra writes anything (``on_run_start``: no run directory, no
     .hydra/, no log file for a bad single run); a multirun is checked once up front for the keys no job changes (not
@@ -130,10 +151,12 @@ class ValidateConfig(Callback):
             from difflab.ops.run_lock import RunDirInUseError, ensure_run_dir_free
 
             refuse_inert_overrides(list(config.hydra.overrides.task))
+            run_dir = OmegaConf.select(config, "hydra.run.dir")
             try:  # a directory a live run holds: refused before .hydra/ is rewritten
-                ensure_run_dir_free(OmegaConf.select(config, "hydra.run.dir"))
+                ensure_run_dir_free(run_dir)
             except RunDirInUseError as err:
                 fail(str(err))
+            refuse_unfit_resume(config, run_dir)
         if requested():
             validate_mode.report(config, primary)
 

@@ -18,14 +18,11 @@ from omegaconf import DictConfig
 
 from difflab.configs import CONFIG_PATH
 from difflab.utils.cli import console_command
+from difflab.utils.resolve import shown
 
 HOW_TO_TRAIN = (
     "train with callbacks=posthoc (or +callbacks.posthoc_ema._target_=difflab.callbacks.posthoc_ema.PostHocEMA)"
 )
-
-
-def _show(value) -> str:
-    return "null" if value is None else str(value)
 
 
 def target_gamma(sigma_rel: float | None, gamma: float | None) -> tuple[float, str]:
@@ -36,7 +33,7 @@ def target_gamma(sigma_rel: float | None, gamma: float | None) -> tuple[float, s
     if (sigma_rel is None) == (gamma is None):
         raise ConfigError(
             f"give exactly one of sigma_rel (EMA length relative to training time, e.g. 0.07) or "
-            f"gamma (power-function exponent); got sigma_rel={_show(sigma_rel)}, gamma={_show(gamma)}"
+            f"gamma (power-function exponent); got sigma_rel={shown(sigma_rel)}, gamma={shown(gamma)}"
         )
     if gamma is not None:
         return float(gamma), f"gamma_{float(gamma):.3f}"

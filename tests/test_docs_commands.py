@@ -49,6 +49,14 @@ def _sweep(path: Path) -> Path:
     return path
 
 
+def _default_run(run: Path) -> Path:
+    """A run directory whose checkpoint holds today's default recipe config (the legacy weights): what a documented
+    resume continues."""
+    ckpt = default_teacher_checkpoint(run / "checkpoints")
+    ckpt.rename(run / "checkpoints" / "last.ckpt")
+    return run
+
+
 @pytest.fixture(scope="module")
 def place(tmp_path_factory):
     """The working directory the commands run in: a run directory, checkpoints, an export, latent caches and
@@ -69,6 +77,7 @@ def place(tmp_path_factory):
         "run": run,
         "sweep": _sweep(root / "sweep"),
         "teacher": default_teacher_checkpoint(root / "teacher"),
+        "resumed_run": _default_run(root / "resumed_run"),
         **{f"teacher_{e}": default_teacher_checkpoint(root / e, o) for e, o in TEACHER_SETUP.items()},
         "teacher_latent": default_teacher_checkpoint(root / "latent", ["+latent=digits"]),
     }
@@ -77,6 +86,8 @@ def place(tmp_path_factory):
 def fill(cmd: Command, place: dict) -> list[str]:
     """The command's arguments with its placeholders filled by what each stands for."""
     root, run = place["root"], place["run"]
+    if cmd.entry == "train" and any(a.startswith(("ckpt_path=", "resume=")) for a in cmd.argv):
+        run = place["resumed_run"]  # a resume: a run of today's default recipe (its settings must match)
     argv = []
     for arg in cmd.argv:
         arg = arg.replace("[", "").replace("]", "") if re.fullmatch(r"\[[^\]|]+\]", arg) else arg

@@ -304,26 +304,24 @@ def test_distillation_runs_its_rounds_and_resumes_exactly(teacher_ckpt, tmp_path
 
 
 def test_a_resume_with_other_rounds_is_refused_in_one_line_writing_nothing(teacher_ckpt, tmp_path, capsys):
-    """The saved round counts in the checkpoint run's rounds: resuming it with another round length (or step counts,
-    as a changed experiment default would) stops before a step instead of training another schedule."""
-    assert _distil(tmp_path / "run", teacher_ckpt) == 0
-    resume = tmp_path / "run" / "checkpoints" / "step_0000002.ckpt"
+    """The saved round counts in the checkpoint run's rounds: resuming it in place with another round length (or step
+    counts, as a changed experiment default would) stops before Hydra rewrites the run's files, not after."""
+    run = tmp_path / "run"
+    assert _distil(run, teacher_ckpt) == 0
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     capsys.readouterr()
     import train
 
     argv = [*_tiny(max_steps=6), *(a for a in DISTIL if not a.startswith("method.steps_per_round")), "logger=csv"]
-    argv += [f"method.teacher_ckpt={teacher_ckpt}", "method.steps_per_round=3", f"hydra.run.dir={tmp_path / 'again'}"]
-    code = run_hydra_main(train.main, [*argv, f"ckpt_path={resume}"])
+    argv += [f"method.teacher_ckpt={teacher_ckpt}", "method.steps_per_round=3", f"hydra.run.dir={run}"]
+    code = run_hydra_main(train.main, [*argv, "ckpt_path=last"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and lines[-1].startswith(
-        "error: ckpt_path: the checkpoint's run trained with method.steps_per_round=2 and this run has method.steps_per_round=3"
+        f"error: resuming {run / 'checkpoints' / 'last.ckpt'}: its run trained with method.steps_per_round=2 and "
+        "this run has method.steps_per_round=3 ("
     ), lines
-    assert not list((tmp_path / "again").glob("checkpoints/*.ckpt"))
-    method = ProgressiveDistillation("t", 8, 2, 2)
-    method.refuse_changed_settings({"teacher_steps": 8, "student_steps": 2, "steps_per_round": 2})  # the same: resumes
-    method.refuse_changed_settings({})  # a checkpoint of another method has none of them
-    with pytest.raises(ConfigError, match=r"method.teacher_steps=16 and this run has method.teacher_steps=8"):
-        method.refuse_changed_settings({"teacher_steps": 16, "student_steps": 2, "steps_per_round": 2})
+    assert lines[-1].endswith("resume with method.steps_per_round=2, or start a new run (init_from= keeps the weights)")
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # .hydra/, logs, checkpoints untouched
 
 
 def test_linear_restarts_decays_the_rate_over_each_round_and_restarts_it(teacher_ckpt, tmp_path):

@@ -20,6 +20,7 @@ import json
 from typing import Any, Iterable
 
 from difflab.ablation.sweep import Job
+from difflab.utils.resolve import leaves
 
 LOSS_METRICS = ("train/loss", "val/loss", "val_loss_t/*")
 LOSS_CONFIG = ("process", "objective")
@@ -50,14 +51,9 @@ def _without_sampling_keys(node: Any) -> Any:
     return node
 
 
-def _leaves(node: Any, prefix: str = "") -> dict[str, str]:
+def _leaves(node: Any) -> dict[str, str]:
     """``{dotted.key: value as JSON}`` of a nested config."""
-    if isinstance(node, dict):
-        out: dict[str, str] = {}
-        for k, v in node.items():
-            out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: json.dumps(node, sort_keys=True, default=str)}
+    return {k: json.dumps(v, sort_keys=True, default=str) for k, v in leaves(node).items()}
 
 
 def _differing(values_per_arm: dict[str, dict[str, str]]) -> list[str]:

@@ -19,6 +19,7 @@ from torch import nn
 from difflab.diffusion.system import Diffusion
 from difflab.methods.base import DiffusionTraining, TrainingMethod
 from difflab.ops.fsdp import configure_sharding, is_sharding
+from difflab.ops.resume import refuse_changed_settings, stored_config
 from difflab.optim.lr_schedules import WarmupCosine
 from difflab.utils.errors import ConfigError
 
@@ -139,8 +140,8 @@ class DiffusionModule(L.LightningModule):
             checkpoint[METHOD_STATE_KEY] = method_state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        stored = ((checkpoint.get("difflab") or {}).get("config") or {}).get("method") or {}
-        self.method.refuse_changed_settings(stored)
+        if self.run_config:  # the last guard for a fit outside pipeline.train (the pre-flight and train check first)
+            refuse_changed_settings("ckpt_path", stored_config(checkpoint), self.run_config)
         self.method.load_state_dict(checkpoint.get(METHOD_STATE_KEY) or {})
 
     def configure_model(self) -> None:

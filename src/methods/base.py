@@ -23,7 +23,7 @@ class TrainingMethod:
     needs_teacher = False
     # a learned loss weighting (EDM2's uncertainty) when the method has one
     weighting: NoiseLevelWeighting | None = None
-    # settings a resume must share with the checkpoint's run (a distillation's rounds): refuse_changed_settings
+    # settings a resume must share with the checkpoint's run (a distillation's rounds): ops.resume.refuse_changed_settings
     fixed_on_resume: tuple[str, ...] = ()
 
     def setup(self, module: Any, stage: str) -> None:
@@ -69,18 +69,6 @@ class TrainingMethod:
         if self.weighting is not None:
             self.weighting.load_state_dict(state["weighting"])
 
-    def refuse_changed_settings(self, stored: dict[str, Any]) -> None:
-        """Refuse (ConfigError) a resume whose ``fixed_on_resume`` settings differ from those of the checkpoint's run
-        (``stored``: its config's ``method`` node): the run would go on as another training without a word."""
-        changed = [k for k in self.fixed_on_resume if k in stored and stored[k] != getattr(self, k)]
-        if changed:
-            was = " ".join(f"method.{k}={stored[k]}" for k in changed)
-            now = " ".join(f"method.{k}={getattr(self, k)}" for k in changed)
-            raise ConfigError(
-                f"ckpt_path: the checkpoint's run trained with {was} and this run has {now}: resume with {was}, or "
-                "start a new run"
-            )
-
     def learned_logvar(self, sigma: torch.Tensor) -> torch.Tensor | float:
         """The learned weighting's log-variance at each sample's EDM noise level ``sigma`` (0 without one: the plain
         loss), on ``sigma``'s device (moved in place: the optimizer keeps the same tensors)."""
@@ -101,6 +89,7 @@ class DiffusionTraining(TrainingMethod):
     loss e^(-u) + u (Karras et al. 2024), which evens out the levels' gradients as training goes."""
 
     name = "diffusion"
+    fixed_on_resume = ("adaptive_weighting",)  # a learned weighting adds optimizer state
 
     def __init__(self, adaptive_weighting: bool = False) -> None:
         self.weighting = NoiseLevelWeighting() if adaptive_weighting else None

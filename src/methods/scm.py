@@ -40,6 +40,7 @@ class ContinuousConsistency(ConsistencyTraining):
     (sCT: ``init_from`` a diffusion checkpoint tunes it). ``adaptive_weighting`` learns sCM's w(t)."""
 
     name = "scm"
+    fixed_on_resume = ("warmup_steps", "adaptive_weighting")  # the tangent ramp follows the step; a weighting, state
 
     def __init__(
         self,

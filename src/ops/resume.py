@@ -10,20 +10,29 @@ on the meta device, which reads the file's structure but no tensor data). ``resu
 ``last.ckpt`` truncated by a job killed while copying it) with a warning naming each and takes the newest readable
 one, or starts fresh with a warning when none is; an explicit ``ckpt_path`` that is unreadable is refused in one line.
 Either way Lightning restores weights, EMA, optimizer, LR schedule, loop counters, (``RNGState``) RNG states and the
-data loaders' position within the epoch, worker RNG included (``difflab.datamodules.loaders``).
+data loaders' position within the epoch, worker RNG included (``difflab.datamodules.loaders``). Settings whose state
+that restore brings back (seed, learning rate, optimizer, LR schedule) or that the saved state counts in (the training
+method and its ``fixed_on_resume`` settings) must equal the checkpoint run's: ``refuse_changed_settings``.
 """
 
 from __future__ import annotations
 
+import copy
 import glob
 import logging
 import os
+import re
 from pathlib import Path
+from typing import Any
 
-from difflab.checkpoints import load_checkpoint
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from difflab.checkpoints import load_checkpoint, run_config
 from difflab.ops.atomic import TMP_SUFFIX
 from difflab.ops.fsdp import sharded_checkpoint_dir
 from difflab.utils.errors import CheckpointError, ConfigError
+from difflab.utils.resolve import MISSING, UNRESOLVED, at, echoes, hydra_runtime, leaves, plain, shown
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +120,128 @@ def resolve_resume(ckpt_path: str | None, resume: str | None, output_dir: str | 
         log.info("resume: continuing from %s", latest)
         return str(latest)
     return None
+
+
+# ---------------------------------------------------------------------------------------- what a resume cannot change
+RESTORED_SETTINGS = {  # the key a user types -> where a run config holds it; a resume brings their state back
+    "seed": "seed",  # the RNG states
+    "model.lr": "model.lr",  # the optimizer's param groups
+    "optimizer": "model.optimizer",
+    "lr_schedule": "model.lr_schedule",  # the schedule's step count, under the new rule
+}
+WHY = "a resume restores the RNG, optimizer, LR-schedule and training-method state of the checkpoint, which would not follow"
+Change = tuple[str, Any, Any]  # (key as typed, the checkpoint run's value, this run's value)
+
+
+def stored_config(checkpoint: dict) -> dict | None:
+    """A copy of the run config a loaded checkpoint holds, in today's layout (None without one)."""
+    try:
+        return run_config({"difflab": copy.deepcopy(checkpoint.get("difflab"))})
+    except (CheckpointError, AttributeError, TypeError):
+        return None
+
+
+def stored_run_config(path: str | Path) -> dict | None:
+    """``stored_config`` of a checkpoint file, read on the meta device without tensor data (a sharded checkpoint's
+    committed file holds it too); None when it holds none or cannot be read (``check_readable`` reports that)."""
+    try:
+        ckpt = torch.load(path, map_location="meta", weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable: the resume's own check names the problem
+        return None
+    return stored_config(ckpt) if isinstance(ckpt, dict) else None
+
+
+def _known(value: Any) -> bool:
+    return value is not MISSING and value is not UNRESOLVED
+
+
+def _changes(key: str, was: Any, now: Any) -> list[Change]:
+    """The leaves of a settings node whose values differ (a changed class alone); a node or key one side lacks (a
+    checkpoint of an older layout) or this run cannot resolve yet is not compared."""
+    if was is None or now is None:
+        return []
+    if not isinstance(was, dict) or not isinstance(now, dict):
+        return [(key, was, now)] if _known(now) and was != now else []
+    if "_target_" in was and "_target_" in now and was["_target_"] != now["_target_"]:
+        return [(f"{key}._target_", was["_target_"], now["_target_"])]
+    old, new = leaves(was, key), leaves(now, key)
+    return [(k, old[k], v) for k, v in new.items() if k in old and _known(v) and old[k] != v]
+
+
+def _fixed_on_resume(target: Any) -> tuple[str, ...]:
+    """The ``fixed_on_resume`` settings of this run's method class (none for a class that cannot be looked up)."""
+    from hydra.utils import get_object
+
+    try:
+        return tuple(getattr(get_object(str(target)), "fixed_on_resume", ()))
+    except (ImportError, ValueError, AttributeError):
+        return ()
+
+
+def _method_changes(was: Any, now: Any) -> list[Change]:
+    """Another training method, or a change of the settings its saved state counts in (``fixed_on_resume``)."""
+    if not isinstance(was, dict) or not isinstance(now, dict) or "_target_" not in was or "_target_" not in now:
+        return []
+    if was["_target_"] != now["_target_"]:
+        return [("method._target_", was["_target_"], now["_target_"])]
+    fixed = _fixed_on_resume(now["_target_"])
+    return [(f"method.{k}", was[k], now[k]) for k in fixed if k in was and k in now and was[k] != now[k]]
+
+
+def changed_settings(stored: dict, current: dict, raw: dict | None = None) -> list[Change]:
+    """The settings of ``current`` (a run config as plain values) that differ from ``stored`` (the checkpoint run's)
+    where a resume would not apply them as asked: ``RESTORED_SETTINGS`` and the training method with its
+    ``fixed_on_resume`` settings. With ``raw`` (``current`` unresolved), a key that only repeats another changed key
+    (``lr_schedule.period: ${method.steps_per_round}``) is left out: one change, one entry."""
+    changes = _method_changes(at(stored, "model.method"), at(current, "model.method"))
+    for key, node in RESTORED_SETTINGS.items():
+        changes += _changes(key, at(stored, node), at(current, node))
+    if raw is not None:
+        keys = [k for k, _, _ in changes]
+        changes = [c for c in changes if not any(echoes(at(raw, c[0]), k) for k in keys if k != c[0])]
+    return changes
+
+
+def _option_of(group: str, target: Any) -> str | None:
+    """The option of config group ``group`` whose file builds ``target`` (None unless exactly one does)."""
+    from difflab.configs import CONFIG_DIR
+
+    line = re.compile(rf"^\s*_target_:\s*{re.escape(str(target))}\s*(#.*)?$", re.M)
+    found = [p.stem for p in sorted((Path(CONFIG_DIR) / group).glob("*.yaml")) if line.search(p.read_text())]
+    return found[0] if len(found) == 1 else None
+
+
+def _as_override(key: str, value: Any) -> str:
+    """``key=value`` as typed; a changed class as its group's option (``lr_schedule=constant``) where one builds it."""
+    if key.endswith("._target_"):
+        group = key[: -len("._target_")]
+        option = _option_of(group, value)
+        if option is not None:
+            return f"{group}={option}"
+    return f"{key}={shown(value)}"
+
+
+def refuse_changed_settings(where: str, stored: dict | None, current: dict | None, raw: dict | None = None) -> None:
+    """Raise the one-line ConfigError naming every ``changed_settings`` entry with both values (``where``: what is
+    being resumed), or return when there is none."""
+    changes = changed_settings(stored, current, raw) if stored and current else []
+    if changes:
+        before = " ".join(f"{k}={shown(v)}" for k, v, _ in changes)
+        after = " ".join(f"{k}={shown(v)}" for k, _, v in changes)
+        fix = " ".join(_as_override(k, v) for k, v, _ in changes)
+        raise ConfigError(
+            f"{where}: its run trained with {before} and this run has {after} ({WHY}): resume with {fix}, or start "
+            "a new run (init_from= keeps the weights)"
+        )
+
+
+def refuse_changed_resume(ckpt_path: str | Path, cfg: DictConfig) -> None:
+    """``refuse_changed_settings`` for resuming the checkpoint file ``ckpt_path`` under the composed ``cfg``: the
+    pre-flight calls it before Hydra writes anything, ``pipeline.train`` before building (in-process runs)."""
+    stored = stored_run_config(ckpt_path)
+    if stored is None:
+        return
+    with hydra_runtime(cfg) as resolved:
+        current = plain(resolved)
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    refuse_changed_settings(f"resuming {ckpt_path}", stored, current, raw if isinstance(raw, dict) else None)

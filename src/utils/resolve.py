@@ -1,10 +1,13 @@
 """A composed config as the job will see it, for checks that run before the job: ``${hydra:...}`` resolvable
-(``hydra_runtime``) and the tree as plain values with what cannot be known yet marked (``plain``)."""
+(``hydra_runtime``), the tree as plain values with what cannot be known yet marked (``plain``), its keys and values
+as the command line spells them (``leaves``, ``at``, ``shown``) and a value that only repeats another key
+(``echoes``)."""
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -12,6 +15,47 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 MISSING = object()  # a ``???`` value
 UNRESOLVED = object()  # an interpolation that cannot be resolved before the job runs
+
+
+def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{dotted.key: value}`` for every leaf of nested dicts (``prefix.`` before each key when given)."""
+    if isinstance(node, dict):
+        return {
+            k: v
+            for key, child in node.items()
+            for k, v in leaves(child, f"{prefix}.{key}" if prefix else str(key)).items()
+        }
+    return {prefix: node}
+
+
+def at(tree: Any, dotted: str) -> Any:
+    """The value at ``dotted`` (``a.b.c``) of nested dicts; None where a part is missing."""
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def shown(value: Any) -> str:
+    """A value as it would be typed on the command line (a string that is not printable as its repr: a value read
+    from a file is shown, never interpreted by the terminal)."""
+    if value is MISSING:
+        return "???"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(shown(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {shown(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    return text if text.isprintable() else repr(text)
+
+
+def echoes(source: Any, key: str) -> bool:
+    """``source`` (a raw, unresolved config value) is nothing but ``key``'s value: ``${key}`` or
+    ``${oc.select:key,...}`` (so a problem or change of ``key`` is one, not two)."""
+    return isinstance(source, str) and bool(re.fullmatch(rf"\$\{{(oc\.select:)?{re.escape(key)}(,[^}}]*)?\}}", source))
 
 
 def plain(node: Any) -> Any:
