@@ -53,7 +53,7 @@ def _refused(stored: dict, current: dict, raw: dict | None = None) -> str:
         (
             {"optimizer": {**ADAMW, "betas": [0.9, 0.95], "weight_decay": 0.1}},
             "optimizer.betas=[0.9, 0.999] optimizer.weight_decay=0.0 and this run has optimizer.betas=[0.9, 0.95] "
-            "optimizer.weight_decay=0.1",
+            "optimizer.weight_decay=0.1 (",
         ),
         (  # another class: named alone, not its every key, and the fix is the group's option that builds it
             {"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.9}},
@@ -92,6 +92,11 @@ def test_the_fix_names_a_group_option_for_a_changed_class_and_every_change_in_on
         "resume with method.steps_per_round=2 seed=1 lr_schedule=linear_restarts, or start a new run "
         "(init_from= keeps the weights)"
     ), line
+
+
+def test_the_fix_is_one_shell_word_per_override():
+    line = _refused({"model": _model()}, {"model": _model(optimizer={**ADAMW, "betas": [0.9, 0.95]})})
+    assert "resume with optimizer.betas=[0.9,0.999], or start" in line
 
 
 def test_a_key_that_only_repeats_a_changed_key_is_not_named_twice():
@@ -200,3 +205,21 @@ def test_a_fit_outside_the_pipeline_meets_the_same_rule_when_lightning_restores(
             objs["model"], datamodule=objs["datamodule"], ckpt_path=run_dir / "checkpoints" / "last.ckpt"
         )
     assert objs["trainer"].global_step == 0
+
+
+def test_a_module_built_without_the_pipeline_compares_its_own_methods_settings():
+    """``DiffusionModule`` built by hand (no ``run_config``): the last guard compares its method's class and
+    ``fixed_on_resume`` values with the checkpoint run's, so a progressive student still cannot resume other rounds."""
+    from types import SimpleNamespace
+
+    from difflab.lit_modules.diffusion_module import DiffusionModule
+    from difflab.methods.progressive import ProgressiveDistillation
+
+    own = DiffusionModule._method_config(SimpleNamespace(method=ProgressiveDistillation("t.ckpt", 16, 2, 2)))
+    assert own["model"]["method"] == {
+        "_target_": "difflab.methods.progressive.ProgressiveDistillation",
+        "teacher_steps": 16,
+        "student_steps": 2,
+        "steps_per_round": 2,
+    }
+    assert "method.teacher_steps=8 and this run has method.teacher_steps=16" in _refused({"model": _model()}, own)

@@ -140,9 +140,16 @@ class DiffusionModule(L.LightningModule):
             checkpoint[METHOD_STATE_KEY] = method_state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.run_config:  # the last guard for a fit outside pipeline.train (the pre-flight and train check first)
-            refuse_changed_settings("ckpt_path", stored_config(checkpoint), self.run_config)
+        # the last guard for a fit outside pipeline.train (the pre-flight and train check first); a module built
+        # without the pipeline's run_config compares its method's own settings
+        refuse_changed_settings("ckpt_path", stored_config(checkpoint), self.run_config or self._method_config())
         self.method.load_state_dict(checkpoint.get(METHOD_STATE_KEY) or {})
+
+    def _method_config(self) -> dict:
+        """The run-config shape of this module's method: its class and ``fixed_on_resume`` settings."""
+        kind = type(self.method)
+        fixed = {k: getattr(self.method, k) for k in kind.fixed_on_resume if hasattr(self.method, k)}
+        return {"model": {"method": {"_target_": f"{kind.__module__}.{kind.__qualname__}", **fixed}}}
 
     def configure_model(self) -> None:
         """trainer=fsdp: shard the denoiser with FSDP2 and the conditioner's trainable part; frozen encoders and

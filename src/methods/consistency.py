@@ -37,7 +37,7 @@ class ConsistencyTraining(TrainingMethod):
     (``huber_c``; null: iCT's 0.00054 sqrt(dim)) over sigma_t - sigma_r."""
 
     name = "consistency"
-    fixed_on_resume: tuple[str, ...] = ("double_every",)  # the gap schedule is a function of the step
+    fixed_on_resume: tuple[str, ...] = ("double_every", "q", "k", "b")  # the gap schedule follows the step
 
     def __init__(
         self,

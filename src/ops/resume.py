@@ -185,7 +185,9 @@ def _method_changes(was: Any, now: Any) -> list[Change]:
     if was["_target_"] != now["_target_"]:
         return [("method._target_", was["_target_"], now["_target_"])]
     fixed = _fixed_on_resume(now["_target_"])
-    return [(f"method.{k}", was[k], now[k]) for k in fixed if k in was and k in now and was[k] != now[k]]
+    return [
+        (f"method.{k}", was[k], now[k]) for k in fixed if k in was and k in now and _known(now[k]) and was[k] != now[k]
+    ]
 
 
 def changed_settings(stored: dict, current: dict, raw: dict | None = None) -> list[Change]:
@@ -218,7 +220,7 @@ def _as_override(key: str, value: Any) -> str:
         option = _option_of(group, value)
         if option is not None:
             return f"{group}={option}"
-    return f"{key}={shown(value)}"
+    return f"{key}={shown(value).replace(', ', ',').replace(': ', ':')}"  # one shell word: [0.9,0.999]
 
 
 def refuse_changed_settings(where: str, stored: dict | None, current: dict | None, raw: dict | None = None) -> None:
