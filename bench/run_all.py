@@ -236,6 +236,24 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         ],
         ["progressive_from32_linear_restarts"],
     ),
+    # 16r at six seeds (decided before seeds 3-5 ran, as section 1's fourth pass): its teachers are the race's difflab
+    # side at six seeds, made first with
+    #   PYTHONPATH=. python bench/bench_vs_diffusers.py train --sides difflab --seeds 0,1,2,3,4,5 --out /tmp/difflab_race6
+    "progressive_from32_linear_restarts_6seeds": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_race6", "--methods", "progressive", "--out", "/tmp/difflab_pd32lr6"),
+            *("--seeds", "0,1,2,3,4,5", *FROM32, *AT_400, "--scales", "1,2,3"),
+            *("--name", "progressive_from32_linear_restarts_6seeds"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_race6", "--methods", "progressive", "--out", "/tmp/difflab_pd32lr6"),
+            *("--seeds", "0", "--n", "100", "--name", "progressive_from32_linear_restarts_6seeds"),
+        ],
+        ["progressive_from32_linear_restarts_6seeds"],
+    ),
     # the guided student (16c's experiment) with 16r's settings against the former default (16 steps, constant rate),
     # seeds interleaved on the same teachers, judged at the recipe's scale
     "guided_from32_linear_restarts": (
@@ -605,6 +623,8 @@ TITLES = {
     "constant rate (three seeds, every judge)",
     "progressive_from32_linear_restarts": "16r. Progressive distillation from 32 teacher steps with the rate annealed "
     "over each round: 16n's and 16q's levers together (three seeds, every judge)",
+    "progressive_from32_linear_restarts_6seeds": "16v. The default progressive student (16r's settings) on three more "
+    "teachers: six seeds, every judge",
     "consistency_fixed": "16p. Consistency distillation at the recipe's fixed scale on 16j's teachers: what baking the "
     "scale in costs (three seeds, every judge)",
     "consistency_guided_tmid": "16l. The 2-step re-noising time, chosen by a sweep: guided consistency distillation "
