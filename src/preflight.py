@@ -2,7 +2,9 @@
 ``configs/hydra/default.yaml``): the values of the composed config (``difflab.config_checks``), overrides that change
 nothing and sweeps whose jobs are one run (``difflab.config_effects``), a run directory a live run holds
 (``difflab.ops.run_lock``), a resume whose checkpoint is unreadable or trained under settings the run changes
-(``difflab.ops.resume``); under ``--validate`` it then describes the run and exits (``difflab.validate_mode``)."""
+(``difflab.ops.resume``); under ``--validate`` it then describes the run and exits (``difflab.validate_mode``). Hydra
+writes a sweep job's ``.hydra/`` before any callback sees the job: a job refused as it starts gets back the files of
+the run that was in its directory (``sweep_records``)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import functools
 import logging
 import re
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 from hydra.experimental.callback import Callback
@@ -108,23 +111,61 @@ def _validate_mode_cannot_be_skipped() -> Iterator[None]:
         )
 
 
-def refuse_unfit_resume(config: DictConfig, run_dir: str) -> None:
-    """Exit with one line, before Hydra rewrites an in-place resume's ``.hydra/``, when the checkpoint to resume
-    cannot be read or was trained under settings this run changes (``difflab.ops.resume.refuse_changed_resume``)."""
+def unfit_run_dir(config: DictConfig, run_dir: str) -> str | None:
+    """Why ``pipeline.train`` will refuse this run before writing, or None: a live run holds ``run_dir``
+    (``difflab.ops.run_lock``), or the checkpoint to resume cannot be read or was trained under settings this run
+    changes (``difflab.ops.resume.refuse_changed_resume``)."""
     from difflab.ops import resume
+    from difflab.ops.run_lock import ensure_run_dir_free
     from difflab.utils.errors import DifflabError
 
     quiet = logging.getLogger(resume.__name__)
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # resume=auto's notes are logged once, by the run itself
     try:
+        ensure_run_dir_free(run_dir)
         ckpt = resume.resolve_resume(config.get("ckpt_path"), config.get("resume"), run_dir)
         if ckpt:
             resume.refuse_changed_resume(ckpt, config)
     except DifflabError as err:
-        fail(str(err))
+        return str(err)
     finally:
         quiet.setLevel(level)
+    return None
+
+
+def refuse_unfit_resume(config: DictConfig, run_dir: str) -> None:
+    """Exit with one line (``unfit_run_dir``) before Hydra writes a single run's ``.hydra/`` into ``run_dir``."""
+    reason = unfit_run_dir(config, run_dir)
+    if reason:
+        fail(reason)
+
+
+LOCAL_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+def sweep_records(config: DictConfig) -> dict[Path, bytes]:
+    """The files Hydra rewrites when a train sweep runs again in an existing sweep directory (``multirun.yaml``, each
+    job's ``.hydra/``), read before it does, so that a job refused as it starts can have its own put back. Only under
+    the local launcher: a cluster launcher's jobs run in other processes, at other times, beside live ones."""
+    if OmegaConf.select(config, "hydra.launcher._target_") != LOCAL_LAUNCHER:
+        return {}
+    sweep_dir, subdir = (OmegaConf.select(config, f"hydra.{key}") for key in ("sweep.dir", "output_subdir"))
+    root = Path(sweep_dir).resolve() if sweep_dir else None
+    if not subdir or root is None or not root.is_dir():
+        return {}
+    found = [root / "multirun.yaml", *(p for p in root.rglob("*.yaml") if p.parent.name == Path(subdir).name)]
+    return {p: p.read_bytes() for p in found if p.is_file()}
+
+
+def put_back(records: dict[Path, bytes], folders: list[Path]) -> None:
+    """Write the recorded bytes of each file directly in ``folders`` back (atomically) where Hydra has just
+    overwritten them."""
+    from difflab.ops.atomic import atomic_write
+
+    for path, data in records.items():
+        if path.parent in folders and path.exists() and path.read_bytes() != data:
+            atomic_write(path, functools.partial(Path.write_bytes, data=data))
 
 
 class ValidateConfig(Callback):
@@ -134,7 +175,8 @@ class ValidateConfig(Callback):
     then."""
 
     def __init__(self, **_: Any) -> None:
-        pass
+        self._records: dict[Path, bytes] = {}  # a train sweep's files Hydra rewrites (``sweep_records``)
+        self._sweep_root = Path()
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         with _validate_mode_cannot_be_skipped():
@@ -148,15 +190,8 @@ class ValidateConfig(Callback):
         primary = _config_name(config)
         validate_or_exit(config, primary)
         if primary == "train":
-            from difflab.ops.run_lock import RunDirInUseError, ensure_run_dir_free
-
             refuse_inert_overrides(list(config.hydra.overrides.task))
-            run_dir = OmegaConf.select(config, "hydra.run.dir")
-            try:  # a directory a live run holds: refused before .hydra/ is rewritten
-                ensure_run_dir_free(run_dir)
-            except RunDirInUseError as err:
-                fail(str(err))
-            refuse_unfit_resume(config, run_dir)
+            refuse_unfit_resume(config, OmegaConf.select(config, "hydra.run.dir"))
         if requested():
             validate_mode.report(config, primary)
 
@@ -166,6 +201,8 @@ class ValidateConfig(Callback):
         jobs = job_overrides(list(config.hydra.overrides.task))
         if primary == "train":
             refuse_degenerate_sweep(jobs)
+            self._records = sweep_records(config)
+            self._sweep_root = Path(OmegaConf.select(config, "hydra.sweep.dir") or ".").resolve()
         if requested():
             for overrides in jobs:  # every job's values, as on_job_start would check them
                 validate_or_exit(hydra_composer_for(primary)(overrides), primary)
@@ -174,5 +211,27 @@ class ValidateConfig(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.types import RunMode
 
-        if config.hydra.get("mode") == RunMode.MULTIRUN:
-            validate_or_exit(config, _config_name(config))
+        if config.hydra.get("mode") != RunMode.MULTIRUN:
+            return
+        primary = _config_name(config)
+        try:
+            validate_or_exit(config, primary)
+            if primary == "train":
+                reason = unfit_run_dir(config, OmegaConf.select(config, "hydra.runtime.output_dir"))
+                if reason:
+                    fail(reason)
+        except SystemExit:
+            self._put_back_job_files(config)
+            raise
+
+    def _put_back_job_files(self, config: DictConfig) -> None:
+        """Hydra rewrites a job's ``.hydra/`` (and the sweep's ``multirun.yaml``) before any callback sees the job: a
+        job refused here gets the files of the run that was there before (``multirun.yaml`` too when it is the sweep's
+        first job, so that nothing of this sweep ran)."""
+        if not self._records:
+            return
+        run_dir = Path(OmegaConf.select(config, "hydra.runtime.output_dir")).resolve()
+        folders = [run_dir / Path(OmegaConf.select(config, "hydra.output_subdir")).name]
+        if OmegaConf.select(config, "hydra.job.num") == 0:
+            folders.append(self._sweep_root)
+        put_back(self._records, folders)

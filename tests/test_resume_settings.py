@@ -183,6 +183,32 @@ def test_an_in_place_resume_with_a_changed_setting_stops_before_hydra_rewrites_t
     assert {p: p.stat().st_mtime_ns for p in run_copy.rglob("*")} == before
 
 
+def test_a_refused_sweep_job_keeps_the_hydra_files_of_the_run_it_would_resume(run_dir, tmp_path, capsys):
+    """Hydra rewrites a sweep job's ``.hydra/`` and the sweep's ``multirun.yaml`` before any callback sees the job:
+    a job refused at resume gets the earlier run's files back (logs may grow); the same sweep without the change
+    then resumes and writes its own."""
+    import shutil
+
+    import train
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(run_dir, sweep / "0")
+    (sweep / "multirun.yaml").write_text("# the sweep that trained job 0\n")
+
+    def kept() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file() and p.suffix != ".log"}
+
+    before = kept()
+    argv = ["-m", *RUN, "trainer.max_steps=6", "ckpt_path=last", f"hydra.sweep.dir={sweep}"]
+    code = run_hydra_main(train.main, [*argv, "model.lr=0.5"])
+    assert code != 0 and "model.lr=0.002 and this run has model.lr=0.5" in capsys.readouterr().err
+    assert kept() == before
+    assert run_hydra_main(train.main, argv) == 0
+    assert kept()[sweep / "multirun.yaml"] != before[sweep / "multirun.yaml"]
+    assert (sweep / "0" / "checkpoints" / "step_0000006.ckpt").is_file()
+    assert "model.lr=0.5" not in (sweep / "0" / ".hydra" / "overrides.yaml").read_text()
+
+
 def test_an_in_process_resume_is_refused_before_loggers_or_checkpoints_write(run_dir, tmp_path):
     """``pipeline.train`` (no Hydra callback) applies the same rule before building anything."""
     from difflab.pipeline import train

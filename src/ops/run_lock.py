@@ -11,7 +11,8 @@ DDP: Lightning's launcher re-runs ``sys.argv`` in its children with the same run
 ``NODE_RANK`` set (torchrun and SLURM set ``RANK`` / ``SLURM_PROCID``); only the process whose rank variables are
 all 0 (or unset) takes the lock, so the children of a locked run are not refused. Filesystems without ``flock``
 (some Lustre mounts) get a warning and run unlocked. A single run is also checked before Hydra writes ``.hydra/``
-into the directory (``ensure_run_dir_free``, from the start-time config check), so a refused run writes nothing.
+into the directory (``ensure_run_dir_free``, from the start-time config check), so a refused run writes nothing; a
+sweep job, which Hydra gives its ``.hydra/`` first, as it starts, and the live run's files are put back.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def acquire_run_lock(run_dir: str | Path) -> int | None:
 
 def ensure_run_dir_free(run_dir: str | Path) -> None:
     """Raise ``RunDirInUseError`` when a live run holds ``<run_dir>``'s lock; takes nothing. The start-time check
-    (``difflab.preflight.ValidateConfig``) calls it before Hydra writes ``.hydra/`` into the directory."""
+    (``difflab.preflight.ValidateConfig``) calls it before Hydra writes a single run's ``.hydra/`` into the directory
+    and as a sweep job starts."""
     import fcntl
 
     path = Path(run_dir) / LOCK_NAME
