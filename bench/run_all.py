@@ -303,6 +303,23 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         ],
         ["consistency_fixed"],
     ),
+    # 16p at six seeds (decided before seeds 3-5 ran, as 16v for progressive): the teachers of
+    # progressive_from32_linear_restarts_6seeds (/tmp/difflab_race6)
+    "consistency_fixed_6seeds": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_race6", "--methods", "consistency", "--out", "/tmp/difflab_cm6"),
+            *("--seeds", "0,1,2,3,4,5", "--budget", "630", "--scales", "1,2,3"),
+            *("--name", "consistency_fixed_6seeds"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_race6", "--methods", "consistency", "--out", "/tmp/difflab_cm6"),
+            *("--seeds", "0", "--n", "100", "--name", "consistency_fixed_6seeds"),
+        ],
+        ["consistency_fixed_6seeds"],
+    ),
     # the same guided students (16j, 16k: trained once) sampled on the grid a sample.py sweep on other noise seeds
     # chose (sampler.spacing=4: 2 steps re-noise at t = 0.8)
     **{
@@ -627,6 +644,8 @@ TITLES = {
     "teachers: six seeds, every judge",
     "consistency_fixed": "16p. Consistency distillation at the recipe's fixed scale on 16j's teachers: what baking the "
     "scale in costs (three seeds, every judge)",
+    "consistency_fixed_6seeds": "16w. Consistency distillation at the recipe's fixed scale (16p) on three more "
+    "teachers: six seeds, every judge",
     "consistency_guided_tmid": "16l. The 2-step re-noising time, chosen by a sweep: guided consistency distillation "
     "(three seeds, every judge)",
     "scm_guided_tmid": "16m. The 2-step re-noising time, chosen by a sweep: guided sCM (three seeds, every judge)",
