@@ -249,3 +249,32 @@ def test_a_module_built_without_the_pipeline_compares_its_own_methods_settings()
         "steps_per_round": 2,
     }
     assert "method.teacher_steps=8 and this run has method.teacher_steps=16" in _refused({"model": _model()}, own)
+
+
+def test_an_autoencoder_run_meets_the_same_rule(tmp_path, capsys):
+    """An autoencoder run (``experiment=digits_vae``) builds its own Adam from ``model.lr`` / ``betas`` /
+    ``weight_decay``, whose param groups a resume restores: a changed one is refused in one line before any file of the
+    run changes, and the same resume without the change continues."""
+    import train
+
+    run = tmp_path / "vae"
+    tiny = ["autoencoder.base_channels=8", "autoencoder.channel_mults=[1,2]", "datamodule.batch_size=32"]
+    base = ["experiment=digits_vae", *tiny, "trainer.max_steps=2", "callbacks.model_checkpoint.every_n_train_steps=2"]
+    base += ["trainer.val_check_interval=1000000", "trainer.limit_val_batches=1", "~callbacks.progress_bar"]
+    base += ["trainer.enable_progress_bar=false", "logger=csv", f"hydra.run.dir={run}"]
+    assert run_hydra_main(train.main, base) == 0
+    assert stored_run_config(run / "checkpoints" / "last.ckpt")["model"]["lr"] == 1e-3
+
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    capsys.readouterr()
+    for change, named in [
+        ("model.lr=0.5", "model.lr=0.001 and this run has model.lr=0.5"),
+        ("model.betas=[0.9,0.99]", "resume with model.betas=[0.5,0.9]"),
+        ("model.weight_decay=0.1", "model.weight_decay=0.0 and this run has model.weight_decay=0.1"),
+    ]:
+        code = run_hydra_main(train.main, [*base, "trainer.max_steps=4", change, "ckpt_path=last"])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and named in line, line
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    assert run_hydra_main(train.main, [*base, "trainer.max_steps=4", "ckpt_path=last"]) == 0
+    assert (run / "checkpoints" / "step_0000004.ckpt").is_file()

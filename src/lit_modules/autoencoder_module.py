@@ -3,7 +3,8 @@
 Loss (per element, i.e. the latent-diffusion VAE loss divided by the pixel count, so ``kl_weight`` keeps its usual
 meaning, typically 1e-6):  recon + lpips_weight * LPIPS + kl_weight * KL_per_sample / (C*H*W).
 Checkpoints store ``checkpoint["difflab"] = {"kind": "autoencoder", "config": {_target_, ctor args}}`` so
-``difflab.autoencoders.loading.load_autoencoder(path)`` rebuilds the model from the file alone (weights_only load).
+``difflab.autoencoders.loading.load_autoencoder(path)`` rebuilds the model from the file alone (weights_only load), and
+``run_config`` (the run's resolved config), so that a resume meets the same rule as a diffusion run's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from difflab.autoencoders.kl_vae import gaussian_kl
 from difflab.autoencoders.loading import CHECKPOINT_KIND, build_autoencoder, class_path, to_plain
 from difflab.metrics.lpips_metric import build_lpips, prepare_lpips_frames
+from difflab.ops.resume import refuse_changed_settings, stored_config
 from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
 
@@ -55,6 +57,7 @@ class AutoencoderModule(L.LightningModule):
         betas = tuple(float(b) for b in betas)  # plain values: checkpoints must load with weights_only=True
         lpips_backbone_weights = str(lpips_backbone_weights) if lpips_backbone_weights else None
         self.save_hyperparameters(ignore=["autoencoder"])
+        self.run_config: dict | None = None  # the resolved Hydra config (set by the pipeline), stored in checkpoints
         # LPIPS backbone only from a local torchvision file (default: torch hub cache); missing -> one warning, off
         lp = build_lpips(lpips_net, lpips_backbone_weights) if lpips_weight > 0 else None
         self._lpips = Frozen(lp) if lp is not None else None  # not a submodule: not saved, not optimised
@@ -108,3 +111,9 @@ class AutoencoderModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["difflab"] = {"kind": CHECKPOINT_KIND, "config": self.autoencoder_config()}
+        if self.run_config is not None:  # what a resume compares (difflab.ops.resume.refuse_changed_settings)
+            checkpoint["difflab"]["run_config"] = copy.deepcopy(self.run_config)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # the last guard for a fit outside pipeline.train (the pre-flight and train check first)
+        refuse_changed_settings("ckpt_path", stored_config(checkpoint), self.run_config)

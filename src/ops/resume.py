@@ -11,7 +11,7 @@ on the meta device, which reads the file's structure but no tensor data). ``resu
 one, or starts fresh with a warning when none is; an explicit ``ckpt_path`` that is unreadable is refused in one line.
 Either way Lightning restores weights, EMA, optimizer, LR schedule, loop counters, (``RNGState``) RNG states and the
 data loaders' position within the epoch, worker RNG included (``difflab.datamodules.loaders``). Settings whose state
-that restore brings back (seed, learning rate, optimizer, LR schedule) or that the saved state counts in (the training
+that restore brings back (seed, learning rate, optimizer, LR schedule; the autoencoder's rate, betas, weight decay) or that the saved state counts in (the training
 method and its ``fixed_on_resume`` settings) must equal the checkpoint run's: ``refuse_changed_settings``.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.checkpoints import load_checkpoint, run_config
+from difflab.checkpoints import load_checkpoint, migrate_config, run_config
 from difflab.ops.atomic import TMP_SUFFIX
 from difflab.ops.fsdp import sharded_checkpoint_dir
 from difflab.utils.errors import CheckpointError, ConfigError
@@ -126,6 +126,8 @@ def resolve_resume(ckpt_path: str | None, resume: str | None, output_dir: str | 
 RESTORED_SETTINGS = {  # the key a user types -> where a run config holds it; a resume brings their state back
     "seed": "seed",  # the RNG states
     "model.lr": "model.lr",  # the optimizer's param groups
+    "model.betas": "model.betas",  # the same, for a module that builds its own optimizer (the autoencoder)
+    "model.weight_decay": "model.weight_decay",
     "optimizer": "model.optimizer",
     "lr_schedule": "model.lr_schedule",  # the schedule's step count, under the new rule
 }
@@ -134,7 +136,11 @@ Change = tuple[str, Any, Any]  # (key as typed, the checkpoint run's value, this
 
 
 def stored_config(checkpoint: dict) -> dict | None:
-    """A copy of the run config a loaded checkpoint holds, in today's layout (None without one)."""
+    """A copy of the run config a loaded checkpoint holds, in today's layout (None without one): a diffusion
+    checkpoint's ``difflab.config``; an autoencoder's ``difflab.run_config`` (its ``config`` rebuilds the model)."""
+    meta = checkpoint.get("difflab")
+    if isinstance(meta, dict) and isinstance(meta.get("run_config"), dict):
+        return migrate_config(copy.deepcopy(meta["run_config"]))
     try:
         return run_config({"difflab": copy.deepcopy(checkpoint.get("difflab"))})
     except (CheckpointError, AttributeError, TypeError):
