@@ -221,8 +221,15 @@ class ValidateConfig(Callback):
                 if reason:
                     fail(reason)
         except SystemExit:
-            self._put_back_job_files(config)
+            try:
+                self._put_back_job_files(config)
+            except OSError as err:  # the refusal stands; the files could not be put back
+                logging.getLogger(__name__).warning("could not put back the refused job's .hydra/ files: %s", err)
             raise
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if self._records:  # read again for the next job: what this job wrote is now the directory's record
+            self._records = sweep_records(config)
 
     def _put_back_job_files(self, config: DictConfig) -> None:
         """Hydra rewrites a job's ``.hydra/`` (and the sweep's ``multirun.yaml``) before any callback sees the job: a

@@ -63,7 +63,8 @@ def select_snapshots(directory: Path, step: int | None) -> tuple[list[dict], int
 
 def run_section(infos: list[dict], run_dir: Path) -> dict:
     """The checkpoint's ``difflab`` section (run config, kind): from the snapshot, else from the run's last.ckpt;
-    its config passes the trust gate, so nothing the loaders would refuse is copied into the new checkpoint."""
+    its config, which the loaders build, passes the trust gate, so nothing they would refuse is copied into the new
+    checkpoint (an autoencoder's ``run_config`` is only ever compared, never built)."""
     from difflab.checkpoints import load_checkpoint
     from difflab.trust import check_config
     from difflab.utils.errors import ConfigError

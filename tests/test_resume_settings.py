@@ -209,6 +209,26 @@ def test_a_refused_sweep_job_keeps_the_hydra_files_of_the_run_it_would_resume(ru
     assert "model.lr=0.5" not in (sweep / "0" / ".hydra" / "overrides.yaml").read_text()
 
 
+def test_a_later_sweep_job_refused_gets_its_own_files_back_and_the_sweep_keeps_its_multirun_yaml(run_dir, tmp_path):
+    """Job 0 resumes and writes its files; job 1, refused, gets its earlier run's ``.hydra/`` back, while the sweep's
+    ``multirun.yaml`` is this sweep's (a job of it ran)."""
+    import shutil
+
+    import train
+
+    sweep = tmp_path / "sweep"
+    for job in ("0", "1"):
+        shutil.copytree(run_dir, sweep / job)
+    (sweep / "multirun.yaml").write_text("# the sweep that trained jobs 0 and 1\n")
+    job1 = {p: p.read_bytes() for p in (sweep / "1" / ".hydra").iterdir()}
+    argv = ["-m", *RUN, "trainer.max_steps=6", "ckpt_path=last", "model.lr=0.002,0.5", f"hydra.sweep.dir={sweep}"]
+    assert run_hydra_main(train.main, argv) == 2
+    assert (sweep / "0" / "checkpoints" / "step_0000006.ckpt").is_file()
+    assert {p: p.read_bytes() for p in (sweep / "1" / ".hydra").iterdir()} == job1
+    assert not (sweep / "1" / "checkpoints" / "step_0000006.ckpt").exists()
+    assert "model.lr=0.002,0.5" in (sweep / "multirun.yaml").read_text()
+
+
 def test_an_in_process_resume_is_refused_before_loggers_or_checkpoints_write(run_dir, tmp_path):
     """``pipeline.train`` (no Hydra callback) applies the same rule before building anything."""
     from difflab.pipeline import train

@@ -245,7 +245,8 @@ def refuse_changed_settings(where: str, stored: dict | None, current: dict | Non
 
 def refuse_changed_resume(ckpt_path: str | Path, cfg: DictConfig) -> None:
     """``refuse_changed_settings`` for resuming the checkpoint file ``ckpt_path`` under the composed ``cfg``: the
-    pre-flight calls it before Hydra writes anything, ``pipeline.train`` before building (in-process runs)."""
+    pre-flight calls it for a single run before Hydra writes anything and for a sweep job as it starts,
+    ``pipeline.train`` before building any run (in-process runs meet it only there)."""
     stored = stored_run_config(ckpt_path)
     if stored is None:
         return

@@ -12,7 +12,7 @@ DDP: Lightning's launcher re-runs ``sys.argv`` in its children with the same run
 all 0 (or unset) takes the lock, so the children of a locked run are not refused. Filesystems without ``flock``
 (some Lustre mounts) get a warning and run unlocked. A single run is also checked before Hydra writes ``.hydra/``
 into the directory (``ensure_run_dir_free``, from the start-time config check), so a refused run writes nothing; a
-sweep job, which Hydra gives its ``.hydra/`` first, as it starts, and the live run's files are put back.
+sweep job is checked as it starts, after Hydra has written its ``.hydra/``, which the pre-flight then puts back.
 """
 
 from __future__ import annotations
