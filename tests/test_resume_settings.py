@@ -183,6 +183,24 @@ def test_an_in_place_resume_with_a_changed_setting_stops_before_hydra_rewrites_t
     assert {p: p.stat().st_mtime_ns for p in run_copy.rglob("*")} == before
 
 
+def test_the_fix_names_an_option_of_the_users_own_config_dir(run_copy, tmp_path, capsys):
+    """A run composed with ``--config-dir`` whose checkpoint was trained with a group option from that directory: the
+    fix names that option, found where Hydra searched (``hydra.runtime.config_sources``)."""
+    import train
+
+    ckpt = run_copy / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state["difflab"]["config"]["model"]["lr_schedule"] = {"_target_": "mylab.schedules.Plateau", "patience": 3}
+    torch.save(state, ckpt)
+    user = tmp_path / "my_configs"
+    (user / "lr_schedule").mkdir(parents=True)
+    (user / "lr_schedule" / "plateau.yaml").write_text("_target_: mylab.schedules.Plateau\npatience: 3\n")
+    capsys.readouterr()
+    argv = ["--config-dir", str(user), *RUN, "trainer.max_steps=6", "ckpt_path=last", f"hydra.run.dir={run_copy}"]
+    assert run_hydra_main(train.main, argv) == 2
+    assert "resume with lr_schedule=plateau, or start" in capsys.readouterr().err
+
+
 def test_a_refused_sweep_job_keeps_the_hydra_files_of_the_run_it_would_resume(run_dir, tmp_path, capsys):
     """Hydra rewrites a sweep job's ``.hydra/`` and the sweep's ``multirun.yaml`` before any callback sees the job:
     a job refused at resume gets the earlier run's files back (logs may grow); the same sweep without the change

@@ -210,33 +210,49 @@ def changed_settings(stored: dict, current: dict, raw: dict | None = None) -> li
     return changes
 
 
-def _option_of(group: str, target: Any) -> str | None:
-    """The option of config group ``group`` whose file builds ``target`` (None unless exactly one does)."""
+def config_dirs(cfg: DictConfig) -> list[Path]:
+    """The config directories a composed run searched: the package's, then those of ``--config-dir`` and
+    ``hydra.searchpath`` (the ``file://`` sources Hydra records in ``hydra.runtime.config_sources``)."""
+    from difflab.configs import CONFIG_DIR
+
+    dirs = [Path(CONFIG_DIR)]
+    for source in OmegaConf.select(cfg, "hydra.runtime.config_sources") or []:
+        if source.get("schema") == "file" and source.get("path"):
+            dirs.append(Path(str(source.get("path"))).resolve())
+    return list(dict.fromkeys(dirs))
+
+
+def _option_of(group: str, target: Any, dirs: list[Path] | None = None) -> str | None:
+    """The option of config group ``group`` whose file, in any of ``dirs`` (the package's by default), builds
+    ``target`` (None unless exactly one option does)."""
     from difflab.configs import CONFIG_DIR
 
     line = re.compile(rf"^\s*_target_:\s*{re.escape(str(target))}\s*(#.*)?$", re.M)
-    found = [p.stem for p in sorted((Path(CONFIG_DIR) / group).glob("*.yaml")) if line.search(p.read_text())]
+    files = [p for d in dirs or [Path(CONFIG_DIR)] for p in sorted((d / group).glob("*.yaml"))]
+    found = sorted({p.stem for p in files if line.search(p.read_text())})
     return found[0] if len(found) == 1 else None
 
 
-def _as_override(key: str, value: Any) -> str:
+def _as_override(key: str, value: Any, dirs: list[Path] | None = None) -> str:
     """``key=value`` as typed; a changed class as its group's option (``lr_schedule=constant``) where one builds it."""
     if key.endswith("._target_"):
         group = key[: -len("._target_")]
-        option = _option_of(group, value)
+        option = _option_of(group, value, dirs)
         if option is not None:
             return f"{group}={option}"
     return f"{key}={shown(value).replace(', ', ',').replace(': ', ':')}"  # one shell word: [0.9,0.999]
 
 
-def refuse_changed_settings(where: str, stored: dict | None, current: dict | None, raw: dict | None = None) -> None:
+def refuse_changed_settings(
+    where: str, stored: dict | None, current: dict | None, raw: dict | None = None, dirs: list[Path] | None = None
+) -> None:
     """Raise the one-line ConfigError naming every ``changed_settings`` entry with both values (``where``: what is
-    being resumed), or return when there is none."""
+    being resumed), or return when there is none; a changed class is named as an option of ``dirs``' groups."""
     changes = changed_settings(stored, current, raw) if stored and current else []
     if changes:
         before = " ".join(f"{k}={shown(v)}" for k, v, _ in changes)
         after = " ".join(f"{k}={shown(v)}" for k, _, v in changes)
-        fix = " ".join(_as_override(k, v) for k, v, _ in changes)
+        fix = " ".join(_as_override(k, v, dirs) for k, v, _ in changes)
         raise ConfigError(
             f"{where}: its run trained with {before} and this run has {after} ({WHY}): resume with {fix}, or start "
             "a new run (init_from= keeps the weights)"
@@ -253,4 +269,5 @@ def refuse_changed_resume(ckpt_path: str | Path, cfg: DictConfig) -> None:
     with hydra_runtime(cfg) as resolved:
         current = plain(resolved)
     raw = OmegaConf.to_container(cfg, resolve=False)
-    refuse_changed_settings(f"resuming {ckpt_path}", stored, current, raw if isinstance(raw, dict) else None)
+    raw_dict = raw if isinstance(raw, dict) else None
+    refuse_changed_settings(f"resuming {ckpt_path}", stored, current, raw_dict, config_dirs(cfg))
