@@ -201,6 +201,22 @@ def test_the_fix_names_an_option_of_the_users_own_config_dir(run_copy, tmp_path,
     assert "resume with lr_schedule=plateau, or start" in capsys.readouterr().err
 
 
+def test_a_user_option_that_a_package_option_of_the_same_name_hides_is_not_offered(tmp_path):
+    """Hydra takes the first ``lr_schedule/constant.yaml`` in its search order, the package's: a user's file of that
+    name is never composed, so the fix names the class instead of an option that would build another one."""
+    from difflab.configs import CONFIG_DIR
+
+    user = tmp_path / "my_configs"
+    (user / "lr_schedule").mkdir(parents=True)
+    (user / "lr_schedule" / "constant.yaml").write_text("_target_: mylab.schedules.Plateau\n")
+    mine = {"_target_": "mylab.schedules.Plateau"}
+    with pytest.raises(ConfigError) as err:
+        refuse_changed_settings(
+            "resuming run", {"model": _model(lr_schedule=mine)}, {"model": _model()}, None, [Path(CONFIG_DIR), user]
+        )
+    assert "resume with lr_schedule._target_=mylab.schedules.Plateau, or start" in str(err.value)
+
+
 def test_a_refused_sweep_job_keeps_the_hydra_files_of_the_run_it_would_resume(run_dir, tmp_path, capsys):
     """Hydra rewrites a sweep job's ``.hydra/`` and the sweep's ``multirun.yaml`` before any callback sees the job:
     a job refused at resume gets the earlier run's files back (logs may grow); the same sweep without the change

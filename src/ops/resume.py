@@ -216,24 +216,26 @@ def config_dirs(cfg: DictConfig) -> list[Path]:
     from difflab.configs import CONFIG_DIR
 
     dirs = [Path(CONFIG_DIR)]
+    cwd = OmegaConf.select(cfg, "hydra.runtime.cwd") or "."  # a relative searchpath entry is the launch directory's
     for source in OmegaConf.select(cfg, "hydra.runtime.config_sources") or []:
         if source.get("schema") == "file" and source.get("path"):
-            dirs.append(Path(str(source.get("path"))).resolve())
+            dirs.append((Path(str(cwd)) / str(source.get("path"))).resolve())
     return list(dict.fromkeys(dirs))
 
 
-def _option_of(group: str, target: Any, dirs: list[Path] | None = None) -> str | None:
-    """The option of config group ``group`` whose file, in any of ``dirs`` (the package's by default), builds
-    ``target`` (None unless exactly one option does)."""
-    from difflab.configs import CONFIG_DIR
-
+def _option_of(group: str, target: Any, dirs: list[Path]) -> str | None:
+    """The option of config group ``group`` whose file builds ``target`` (None unless exactly one does); an option
+    name is the first file of that name in ``dirs``, searched in Hydra's order."""
     line = re.compile(rf"^\s*_target_:\s*{re.escape(str(target))}\s*(#.*)?$", re.M)
-    files = [p for d in dirs or [Path(CONFIG_DIR)] for p in sorted((d / group).glob("*.yaml"))]
-    found = sorted({p.stem for p in files if line.search(p.read_text())})
+    options: dict[str, Path] = {}
+    for folder in dirs:
+        for path in sorted((folder / group).glob("*.yaml")):
+            options.setdefault(path.stem, path)
+    found = [name for name, path in options.items() if line.search(path.read_text(errors="replace"))]
     return found[0] if len(found) == 1 else None
 
 
-def _as_override(key: str, value: Any, dirs: list[Path] | None = None) -> str:
+def _as_override(key: str, value: Any, dirs: list[Path]) -> str:
     """``key=value`` as typed; a changed class as its group's option (``lr_schedule=constant``) where one builds it."""
     if key.endswith("._target_"):
         group = key[: -len("._target_")]
@@ -248,7 +250,10 @@ def refuse_changed_settings(
 ) -> None:
     """Raise the one-line ConfigError naming every ``changed_settings`` entry with both values (``where``: what is
     being resumed), or return when there is none; a changed class is named as an option of ``dirs``' groups."""
+    from difflab.configs import CONFIG_DIR
+
     changes = changed_settings(stored, current, raw) if stored and current else []
+    dirs = dirs or [Path(CONFIG_DIR)]
     if changes:
         before = " ".join(f"{k}={shown(v)}" for k, v, _ in changes)
         after = " ".join(f"{k}={shown(v)}" for k, _, v in changes)
