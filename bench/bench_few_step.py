@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import subprocess
@@ -117,13 +118,13 @@ def progressive_method(ckpts: Path) -> dict:
 
 def round_ends(ckpts: Path) -> dict[int, int]:
     """A progressive run's checkpoints at the end of each round: optimizer step -> the DDIM steps its student takes
-    (``teacher_steps`` halved every ``steps_per_round`` steps), up to 8."""
+    (``teacher_steps`` halved at the end of each round of ``steps_per_round`` steps, or of each listed length), up
+    to 8."""
     method = progressive_method(ckpts)
     teacher, per_round, last = method["teacher_steps"], method["steps_per_round"], method["student_steps"]
-    ends, r = {}, 1
-    while teacher >> r >= last:
-        ends[r * per_round] = teacher >> r
-        r += 1
+    rounds = (teacher // last).bit_length() - 1
+    lengths = [per_round] * rounds if isinstance(per_round, int) else list(per_round)
+    ends = {end: teacher >> r for r, end in enumerate(itertools.accumulate(lengths), 1)}
     return {step: k for step, k in ends.items() if k <= 8}
 
 
@@ -402,7 +403,9 @@ def describe_students(args) -> str:
         m = progressive_method(ckpts)
         count = (m["teacher_steps"] // m["student_steps"]).bit_length() - 1
         extra = run_overrides(ckpts.parent / "meta.json")
-        made = f"DDIM {m['teacher_steps']} -> {m['student_steps']} in {count} rounds of {m['steps_per_round']} steps"
+        per_round = m["steps_per_round"]
+        length = f"{per_round}" if isinstance(per_round, int) else "/".join(map(str, per_round))
+        made = f"DDIM {m['teacher_steps']} -> {m['student_steps']} in {count} rounds of {length} steps"
         return made + (f", `{' '.join(extra)}`" if extra else "")
 
     phrases = {

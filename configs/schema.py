@@ -2,6 +2,7 @@
 encode_latents.yaml), checked by difflab.config_checks before a job starts. Groups have their own
 configs/<group>/schema.py; `sample.yaml`'s `guidance` block is no group, so its rules are here."""
 
+import math
 import re
 from pathlib import Path
 
@@ -407,15 +408,41 @@ def rounds_fit_the_budget(cfg: dict):
     method = cfg.get("method") or {}
     max_steps = (cfg.get("trainer") or {}).get("max_steps")
     per_round, teacher, student = (method.get(k) for k in ("steps_per_round", "teacher_steps", "student_steps"))
-    if not all(isinstance(v, int) and v > 0 for v in (per_round, teacher, student, max_steps)):
+    if not all(isinstance(v, int) and v > 0 for v in (teacher, student, max_steps)):
         return None
     rounds = max(1, (teacher // student).bit_length() - 1)
-    if max_steps <= (rounds - 1) * per_round:
+    lengths = [per_round] * rounds if isinstance(per_round, int) else per_round
+    if not isinstance(lengths, list) or len(lengths) != rounds or not all(isinstance(n, int) for n in lengths):
+        return None  # the method's own check names a bad round length
+    if max_steps <= sum(lengths[:-1]):
         return "trainer.max_steps", (
-            f"at least {(rounds - 1) * per_round + 1} for method={str(method.get('_target_', '')).rsplit('.', 1)[-1]}"
-            f" ({rounds} rounds of method.steps_per_round={per_round}: {rounds * per_round} runs every round in full)"
+            f"at least {sum(lengths[:-1]) + 1} for method={str(method.get('_target_', '')).rsplit('.', 1)[-1]}"
+            f" ({rounds} rounds of method.steps_per_round={per_round}: {sum(lengths)} runs every round in full)"
         )
     return None
+
+
+ROUND_INTERVALS = (  # step counts that digits_progressive takes from method.steps_per_round (each round's end)
+    "trainer.val_check_interval",
+    "callbacks.class_grid.every_n_steps",
+    "callbacks.model_checkpoint.every_n_train_steps",
+)
+
+
+def listed_rounds_set_their_intervals(cfg: dict):
+    """Rounds of their own lengths (method.steps_per_round a list) leave the per-round intervals that interpolate it
+    a list too: name the one fix, a step count dividing every round."""
+    lengths = (cfg.get("method") or {}).get("steps_per_round")
+    if not isinstance(lengths, list) or not lengths or not all(isinstance(n, int) and n > 0 for n in lengths):
+        return None
+    listed = [key for key in ROUND_INTERVALS if _dotted(cfg, key) == lengths]
+    if not listed:
+        return None
+    unit = math.gcd(*lengths)
+    return "method.steps_per_round", (
+        f"rounds of their own lengths need {', '.join(listed)} as one step count that ends every round: "
+        f"set {' '.join(f'{key}={unit}' for key in listed)} (the lengths' greatest common divisor)"
+    )
 
 
 SAMPLING_ONLY = ("t_min", "sampling_shift", "spacing", "steps_offset")  # process keys that change no training input
@@ -555,6 +582,7 @@ CHECKS = {
         monitored_metrics_are_logged,
         dinov2_weights_exist,
         rounds_fit_the_budget,
+        listed_rounds_set_their_intervals,
         one_ema_profile,
         teacher_has_this_network,
         distillation_runs_alone,

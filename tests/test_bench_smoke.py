@@ -38,6 +38,10 @@ def test_update_markdown_replaces_only_between_markers():
         ({"teacher_steps": 16, "steps_per_round": 400, "student_steps": 1}, {400: 8, 800: 4, 1200: 2, 1600: 1}),
         ({"teacher_steps": 32, "steps_per_round": 320, "student_steps": 1}, {640: 8, 960: 4, 1280: 2, 1600: 1}),
         ({"teacher_steps": 16, "steps_per_round": 500, "student_steps": 2}, {500: 8, 1000: 4, 1500: 2}),
+        (
+            {"teacher_steps": 32, "steps_per_round": [160, 160, 320, 480, 480], "student_steps": 1},
+            {320: 8, 640: 4, 1120: 2, 1600: 1},
+        ),
     ],
 )
 def test_the_few_step_bench_reads_a_progressive_runs_rounds_from_its_checkpoint(method, ends, monkeypatch, tmp_path):

@@ -151,8 +151,21 @@ def test_linear_restarts_decays_over_each_period_then_restarts_at_the_peak(final
     assert rates == pytest.approx(expected)
 
 
+def test_linear_restarts_over_listed_periods_decays_over_each_in_turn_then_repeats_the_last():
+    """Periods [2, 4]: 1, 1/2 over the first; 1, 3/4, 1/2, 1/4 over the second; then the second again."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    entry = LinearRestarts(period=[2, 4])(opt, _trainer(math.inf, None))
+    rates = []
+    for _ in range(11):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        entry["scheduler"].step()
+    assert rates == pytest.approx([1, 0.5, 1, 0.75, 0.5, 0.25, 1, 0.75, 0.5, 0.25, 1])
+
+
 @pytest.mark.parametrize(
-    ("period", "shown"), [(None, "null"), (0, "0"), (2.5, "2.5"), ("abc", "'abc'"), (True, "True")]
+    ("period", "shown"),
+    [(None, "null"), (0, "0"), (2.5, "2.5"), ("abc", "'abc'"), (True, "True"), ([], "[]"), ([2, 0], "[2, 0]")],
 )
 def test_linear_restarts_refuses_a_period_that_is_not_a_step_count(period, shown):
     with pytest.raises(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 
 import pytest
@@ -22,6 +23,9 @@ from difflab.utils.errors import ConfigError
 from tests.helpers import compose_train, run_hydra_main, tiny_overrides
 from tests.test_config_validation import _command
 from tests.test_guidance_methods import _module
+
+LISTED_CADENCE = ("trainer.val_check_interval", "callbacks.class_grid.every_n_steps")
+LISTED_CADENCE += ("callbacks.model_checkpoint.every_n_train_steps",)
 
 torch.set_num_threads(1)
 
@@ -324,6 +328,22 @@ def test_a_resume_with_other_rounds_is_refused_in_one_line_writing_nothing(teach
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # .hydra/, logs, checkpoints untouched
 
 
+def test_a_resume_with_other_listed_round_lengths_is_refused_and_the_same_ones_resume(teacher_ckpt, tmp_path, capsys):
+    import train
+
+    run = tmp_path / "run"
+    argv = [*_tiny(), *(a for a in DISTIL if not a.startswith("method.steps_per_round")), "logger=csv"]
+    argv += [f"method.teacher_ckpt={teacher_ckpt}", f"hydra.run.dir={run}"]
+    assert run_hydra_main(train.main, [*argv, "method.steps_per_round=[1,3]"]) == 0
+    capsys.readouterr()
+    code = run_hydra_main(train.main, [*argv, "method.steps_per_round=[3,1]", "trainer.max_steps=6", "ckpt_path=last"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "its run trained with method.steps_per_round=[1, 3]" in line, line
+    assert line.endswith("resume with method.steps_per_round=[1,3], or start a new run (init_from= keeps the weights)")
+    code = run_hydra_main(train.main, [*argv, "method.steps_per_round=[1,3]", "trainer.max_steps=6", "ckpt_path=last"])
+    assert code == 0 and (run / "checkpoints" / "step_0000006.ckpt").exists()
+
+
 def test_linear_restarts_decays_the_rate_over_each_round_and_restarts_it(teacher_ckpt, tmp_path):
     """``lr_schedule=linear_restarts`` takes its period from the method's rounds: with rounds of 2 steps the rate
     is the peak at each round's first step and half of it at its second (the checkpoint after step k holds the rate
@@ -344,6 +364,24 @@ def test_linear_restarts_decays_the_rate_over_each_round_and_restarts_it(teacher
     resume = [*argv, f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'step_0000001.ckpt'}"]
     assert run_hydra_main(train.main, [*resume, f"hydra.run.dir={tmp_path / 'resumed'}"]) == 0
     assert rates("resumed", (2, 3, 4)) == pytest.approx([0.01, 0.005, 0.01])
+
+
+def test_rounds_of_their_own_lengths_pass_the_teacher_and_restart_the_rate_at_each_listed_end(teacher_ckpt, tmp_path):
+    """``method.steps_per_round=[1, 3]``: round 1 starts at step 1 with round 0's student as its teacher, and
+    ``linear_restarts`` (its period the same list) decays over 1 step, then over 3, then restarts at the peak."""
+    import train
+    from difflab.checkpoints import load_checkpoint
+
+    argv = [*_tiny(max_steps=4, save_every=1), *(a for a in DISTIL if not a.startswith("method.steps_per_round"))]
+    argv += [f"method.teacher_ckpt={teacher_ckpt}", "method.steps_per_round=[1,3]", "logger=csv"]
+    argv += ["lr_schedule=linear_restarts", "model.lr=0.01", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert run_hydra_main(train.main, argv) == 0
+    ckpts = [load_checkpoint(tmp_path / "run" / "checkpoints" / f"step_{k:07d}.ckpt") for k in (1, 2, 3, 4)]
+    assert [c["difflab_method"]["round"] for c in ckpts] == [0, 1, 1, 1]
+    for k, v in ckpts[-1]["difflab_method"]["teacher"].items():  # round 1's teacher: the student after step 1
+        assert torch.equal(v, ckpts[0]["state_dict"][k]), k
+    rates = [c["optimizer_states"][0]["param_groups"][0]["lr"] for c in ckpts]  # the rate of the next step
+    assert rates == pytest.approx([0.01, 0.01 * 2 / 3, 0.01 / 3, 0.01])
 
 
 STUDENTS = {  # every distillation method starts its student as the teacher (methods.teacher.adopt_teacher)
@@ -446,6 +484,44 @@ def test_console_command_refuses_a_teacher_of_another_network_writing_nothing(te
 def test_rounds_count(tmp_path):
     assert ProgressiveDistillation("t", 16, 1).rounds == 4 and ProgressiveDistillation("t", 8, 2).rounds == 2
     assert [ProgressiveDistillation("t", 16, 1).steps_in_round(r) for r in range(4)] == [8, 4, 2, 1]
+
+
+def test_each_round_starts_after_the_lengths_listed_before_it():
+    method = ProgressiveDistillation("t", 32, 1, [160, 160, 320, 480, 480])
+    steps = (0, 159, 160, 319, 320, 639, 640, 1119, 1120, 1599, 1600, 5000)
+    assert [method.round_at(s) for s in steps] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 4]
+    assert [ProgressiveDistillation("t", 16, 1, 5).round_at(s) for s in (0, 4, 5, 14, 15, 99)] == [0, 0, 1, 2, 3, 3]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "shown"), [([160, 160, 320, 480], "[160, 160, 320, 480]"), ([160, 0, 1, 1, 1], "[160, 0, 1, 1, 1]")]
+)
+def test_round_lengths_that_are_not_one_per_round_are_refused(lengths, shown):
+    with pytest.raises(ConfigError, match=rf"^method.steps_per_round={re.escape(shown)} is invalid: .* a list of 5"):
+        ProgressiveDistillation("t", 32, 1, lengths)
+
+
+def test_listed_rounds_name_the_intervals_to_set_and_their_budget(tmp_path):
+    """experiment=digits_progressive interpolates its checkpoint, validation and class-grid cadence from
+    method.steps_per_round: a list there is refused in one line naming the three keys and the step count that ends
+    every round (the lengths' gcd); with them set, the config passes; the budget must reach the last round."""
+    base = ["experiment=digits_progressive", "method.steps_per_round=[160,160,320,480,480]"]
+    problems = check_config(compose_train(tmp_path / "a", base), "train")
+    assert problems[0] == (
+        "method.steps_per_round=[160, 160, 320, 480, 480] is invalid: rounds of their own lengths need "
+        "trainer.val_check_interval, callbacks.class_grid.every_n_steps, "
+        "callbacks.model_checkpoint.every_n_train_steps as one step count that ends every round: set "
+        "trainer.val_check_interval=160 callbacks.class_grid.every_n_steps=160 "
+        "callbacks.model_checkpoint.every_n_train_steps=160 (the lengths' greatest common divisor)"
+    ), problems
+    cadence = [f"{k}=160" for k in LISTED_CADENCE]
+    problems = check_config(compose_train(tmp_path / "b", [*base, *cadence]), "train")
+    assert len(problems) == 1 and problems[0].startswith("method=progressive needs method.teacher_ckpt"), problems
+    short = check_config(compose_train(tmp_path / "c", [*base, *cadence, "trainer.max_steps=1120"]), "train")
+    assert short == [
+        "trainer.max_steps=1120 is invalid: at least 1121 for method=ProgressiveDistillation (5 rounds of "
+        "method.steps_per_round=[160, 160, 320, 480, 480]: 1600 runs every round in full)"
+    ]
 
 
 def test_the_experiment_budgets_its_rounds_and_keeps_each_rounds_student(tmp_path):

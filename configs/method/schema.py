@@ -4,6 +4,7 @@ that nests, the student's sampler) its class states; the pre-flight builds it (c
 The rules that read other groups (the budget, the teacher's network) are train checks in configs/schema.py."""
 
 from difflab.config_checks import (
+    any_of,
     boolean,
     existing_path,
     integer,
@@ -22,7 +23,7 @@ RULES = {
     ),
     "teacher_steps": integer(min=2),
     "student_steps": integer(min=1),
-    "steps_per_round": integer(min=1),
+    "steps_per_round": any_of(integer(min=1), list_of(integer(min=1), min_len=1)),
     "pairs_dir": string(nonempty=True),
     "num_pairs": integer(min=1),
     "pairs_seed": integer(min=0),

@@ -3,6 +3,8 @@ its teacher takes two, halving the step count per round; rounds run as one train
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from typing import Any, Sequence
 
@@ -22,8 +24,8 @@ from difflab.utils.frozen import Frozen
 
 class ProgressiveDistillation(TrainingMethod):
     """Distil ``teacher_ckpt`` from ``teacher_steps`` DDIM steps down to ``student_steps`` in log2(ratio) rounds of
-    ``steps_per_round`` optimizer steps. The student starts as the teacher; at each round's end it becomes the
-    teacher of the next. The first round's teacher steps are guided by ``teacher_guidance`` (the ``guidance`` group;
+    ``steps_per_round`` optimizer steps (a list: each round's own, so the harder late rounds can train longer). The
+    student starts as the teacher; at each round's end it becomes the teacher of the next. The first round's teacher steps are guided by ``teacher_guidance`` (the ``guidance`` group;
     None: the teacher checkpoint's own); later teachers are students, which carry the guidance already and step
     unguided. The student samples unguided with ``sampler=ddim`` (eta 0) at ``student_steps``.
     Loss: x0 error weighted by max(snr, 1) at the student grid's times."""
@@ -37,7 +39,7 @@ class ProgressiveDistillation(TrainingMethod):
         teacher_ckpt: str | None = None,
         teacher_steps: int = 16,
         student_steps: int = 1,
-        steps_per_round: int = 500,
+        steps_per_round: int | Sequence[int] = 500,
         teacher_guidance: Guidance | None = None,
         guidance_scales: Sequence[float] | None = None,
     ) -> None:
@@ -52,20 +54,38 @@ class ProgressiveDistillation(TrainingMethod):
                 f"method.teacher_steps={teacher_steps} and method.student_steps={student_steps}: the teacher's steps "
                 "must be the student's times a power of two >= 2 (each round halves them), e.g. 16 and 1"
             )
-        if steps_per_round < 1:
-            raise ConfigError(f"method.steps_per_round={steps_per_round} must be >= 1")
+        self.rounds = int(math.log2(ratio))
+        self.round_lengths = self._round_lengths(steps_per_round, self.rounds)
         self.guidance_scales = GuidanceScales.parse(guidance_scales)
         self.teacher_ckpt = str(teacher_ckpt)
         self.teacher_steps, self.student_steps = int(teacher_steps), int(student_steps)
-        self.steps_per_round = int(steps_per_round)
+        self.steps_per_round = steps_per_round if isinstance(steps_per_round, int) else list(self.round_lengths)
+        self.round_ends = list(itertools.accumulate(self.round_lengths))
         self.teacher_guidance = teacher_guidance
-        self.rounds = int(math.log2(ratio))
         self.round = 0
         self._teacher: Frozen | None = None
         self._pending_teacher: dict[str, torch.Tensor] | None = None
         self.spacing: Any = None  # the student sampler's grid spacing, read in setup
 
     # ---------------------------------------------------------------- settings
+    @staticmethod
+    def _round_lengths(steps_per_round: int | Sequence[int], rounds: int) -> tuple[int, ...]:
+        """Each round's optimizer steps; ConfigError unless one integer >= 1, or one per round."""
+        lengths: list[Any] = [steps_per_round] * rounds
+        shown: Any = steps_per_round
+        if isinstance(steps_per_round, Sequence) and not isinstance(steps_per_round, str):
+            lengths = shown = list(steps_per_round)
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths) or len(lengths) != rounds:
+            raise ConfigError(
+                f"method.steps_per_round={shown} is invalid: an integer >= 1 (every round's optimizer steps) or a "
+                f"list of {rounds}, one per round ({rounds} rounds halve the teacher's DDIM steps to the student's)"
+            )
+        return tuple(lengths)
+
+    def round_at(self, step: int) -> int:
+        """The round (0-based) that optimizer step ``step`` trains in; steps past the last round stay in it."""
+        return min(bisect.bisect_right(self.round_ends, step), self.rounds - 1)
+
     def steps_in_round(self, r: int) -> int:
         """The student's DDIM step count in round ``r`` (0-based): teacher_steps / 2^(r + 1)."""
         return self.teacher_steps >> (r + 1)
@@ -108,7 +128,7 @@ class ProgressiveDistillation(TrainingMethod):
             self.load_state_dict({"round": self.round, "teacher": self._pending_teacher})
 
     def on_train_batch_start(self, module: Any, step: int) -> None:
-        r = min(step // self.steps_per_round, self.rounds - 1)
+        r = self.round_at(step)
         if r > self.round and self._teacher is not None:  # the round's student teaches the next round
             self._teacher.module.load_state_dict({k: v.detach().float() for k, v in module.state_dict().items()})
             self.round = r

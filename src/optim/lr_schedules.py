@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 from difflab.utils.errors import ConfigError
 
@@ -125,27 +125,40 @@ class Constant:
 
 
 PERIOD_ALLOWED = (
-    "an integer >= 1, the optimizer steps of one decay: set lr_schedule.period=N, or use a method with rounds "
-    "(method.steps_per_round sets it)"
+    "an integer >= 1, the optimizer steps of one decay, or a list of them, one per decay: set lr_schedule.period=N, "
+    "or use a method with rounds (method.steps_per_round sets it)"
 )
 
 
-def linear_restarts(step: int, period: int, final_fraction: float = 0.0) -> float:
+def linear_restarts(step: int, period: int | Sequence[int], final_fraction: float = 0.0) -> float:
     """LR multiplier at ``step``: a linear decay from 1 towards ``final_fraction`` over each ``period`` steps, back to
-    1 at every multiple of ``period``."""
-    return 1.0 - (1.0 - final_fraction) * (step % period) / period
+    1 at every multiple of ``period``; a list of periods decays over each in turn, its last one repeated after."""
+    if isinstance(period, int):
+        start, length = step - step % period, period
+    else:
+        start, length = 0, period[-1]
+        for length in period:
+            if step < start + length:
+                break
+            start += length
+        else:
+            start += (step - start) - (step - start) % length
+    return 1.0 - (1.0 - final_fraction) * (step - start) / length
 
 
 class LinearRestarts:
     """``lr_schedule=linear_restarts``: the rate decays linearly towards ``final_fraction`` over every ``period``
-    optimizer steps, then restarts at the full rate: one decay per round of a round-based method (progressive
+    optimizer steps (a list: over each listed length in turn), then restarts at the full rate: one decay per round of a round-based method (progressive
     distillation's ``method.steps_per_round``, the config's default, when ``trainer.max_steps`` is its rounds x
     steps_per_round), as Salimans & Ho's released distillation configs anneal the rate of each halving round to zero."""
 
-    def __init__(self, period: int | None = None, final_fraction: float = 0.0):
-        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            shown = "null" if period is None else repr(period)
+    def __init__(self, period: int | Sequence[int] | None = None, final_fraction: float = 0.0):
+        listed = isinstance(period, Sequence) and not isinstance(period, str)
+        steps = list(period) if listed else [period]
+        if not steps or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in steps):
+            shown = "null" if period is None else repr(steps if listed else period)
             raise ConfigError(f"lr_schedule.period={shown} is invalid: {PERIOD_ALLOWED}")
+        period = tuple(steps) if listed else period
         if (
             isinstance(final_fraction, bool)
             or not isinstance(final_fraction, (int, float))
