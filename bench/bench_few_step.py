@@ -120,10 +120,11 @@ def round_ends(ckpts: Path) -> dict[int, int]:
     """A progressive run's checkpoints at the end of each round: optimizer step -> the DDIM steps its student takes
     (``teacher_steps`` halved at the end of each round of ``steps_per_round`` steps, or of each listed length), up
     to 8."""
+    from difflab.methods.progressive import round_lengths
+
     method = progressive_method(ckpts)
     teacher, per_round, last = method["teacher_steps"], method["steps_per_round"], method["student_steps"]
-    rounds = (teacher // last).bit_length() - 1
-    lengths = [per_round] * rounds if isinstance(per_round, int) else list(per_round)
+    lengths = round_lengths(per_round, (teacher // last).bit_length() - 1)
     ends = {end: teacher >> r for r, end in enumerate(itertools.accumulate(lengths), 1)}
     return {step: k for step, k in ends.items() if k <= 8}
 

@@ -48,6 +48,13 @@ FROM32 = [
     *("--override", "method.teacher_steps=32", "--override", "method.steps_per_round=320"),
     *("--override", "lr_schedule=linear_restarts"),
 ]
+# 16x: the experiment's 1600 steps moved towards the hardest rounds; the per-round cadence at the lengths' gcd
+LATE_ROUNDS = [
+    *("--progressive-override", "method.steps_per_round=[160,160,320,480,480]"),
+    *("--progressive-override", "trainer.val_check_interval=160"),
+    *("--progressive-override", "callbacks.class_grid.every_n_steps=160"),
+    *("--progressive-override", "callbacks.model_checkpoint.every_n_train_steps=160"),
+]
 GUIDANCE_ARGS = ["--ckpt", f"{POSTHOC_RUN}/last.ckpt", "--guide", f"{POSTHOC_RUN}/step_0001000.ckpt"]
 # name -> (script, args for a full run, args for --quick, result files it writes (without _quick / .md))
 BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
@@ -319,6 +326,23 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
             *("--seeds", "0", "--n", "100", "--name", "consistency_fixed_6seeds"),
         ],
         ["consistency_fixed_6seeds"],
+    ),
+    # 16v's students with the same 1600 steps moved from the two easiest rounds to the two hardest (rounds of
+    # 160 / 160 / 320 / 480 / 480 steps, decided before they ran), on 16v's teachers, six seeds
+    "progressive_late_rounds_6seeds": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_race6", "--methods", "progressive", "--out", "/tmp/difflab_pdlate6"),
+            *("--seeds", "0,1,2,3,4,5", *LATE_ROUNDS, "--scales", "1,2,3"),
+            *("--name", "progressive_late_rounds_6seeds"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_race6", "--methods", "progressive", "--out", "/tmp/difflab_pdlate6"),
+            *("--seeds", "0", "--n", "100", "--name", "progressive_late_rounds_6seeds"),
+        ],
+        ["progressive_late_rounds_6seeds"],
     ),
     # the same guided students (16j, 16k: trained once) sampled on the grid a sample.py sweep on other noise seeds
     # chose (sampler.spacing=4: 2 steps re-noise at t = 0.8)
@@ -642,6 +666,8 @@ TITLES = {
     "over each round: 16n's and 16q's levers together (three seeds, every judge)",
     "progressive_from32_linear_restarts_6seeds": "16v. The default progressive student (16r's settings) on three more "
     "teachers: six seeds, every judge",
+    "progressive_late_rounds_6seeds": "16x. The default progressive student with longer late rounds: the same 1600 "
+    "steps as 160 / 160 / 320 / 480 / 480 (six seeds, every judge)",
     "consistency_fixed": "16p. Consistency distillation at the recipe's fixed scale on 16j's teachers: what baking the "
     "scale in costs (three seeds, every judge)",
     "consistency_fixed_6seeds": "16w. Consistency distillation at the recipe's fixed scale (16p) on three more "

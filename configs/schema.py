@@ -407,17 +407,14 @@ def rounds_fit_the_budget(cfg: dict):
     """Progressive distillation's last round must start before training stops."""
     method = cfg.get("method") or {}
     max_steps = (cfg.get("trainer") or {}).get("max_steps")
-    per_round, teacher, student = (method.get(k) for k in ("steps_per_round", "teacher_steps", "student_steps"))
-    if not all(isinstance(v, int) and v > 0 for v in (teacher, student, max_steps)):
-        return None
-    rounds = max(1, (teacher // student).bit_length() - 1)
-    lengths = [per_round] * rounds if isinstance(per_round, int) else per_round
-    if not isinstance(lengths, list) or len(lengths) != rounds or not all(isinstance(n, int) for n in lengths):
-        return None  # the method's own check names a bad round length
+    lengths = _round_lengths(method)
+    if not isinstance(lengths, tuple) or not isinstance(max_steps, int) or max_steps < 1:
+        return None  # listed_rounds_set_their_intervals names a bad round length
     if max_steps <= sum(lengths[:-1]):
         return "trainer.max_steps", (
             f"at least {sum(lengths[:-1]) + 1} for method={str(method.get('_target_', '')).rsplit('.', 1)[-1]}"
-            f" ({rounds} rounds of method.steps_per_round={per_round}: {sum(lengths)} runs every round in full)"
+            f" ({len(lengths)} rounds of method.steps_per_round={method['steps_per_round']}: {sum(lengths)} "
+            "runs every round in full)"
         )
     return None
 
@@ -429,12 +426,30 @@ ROUND_INTERVALS = (  # step counts that digits_progressive takes from method.ste
 )
 
 
+def _round_lengths(method: dict) -> tuple[int, ...] | str | None:
+    """A progressive config's round lengths (``difflab.methods.progressive.round_lengths``), what is wrong with them,
+    or None when its step counts are not integers yet."""
+    from difflab.methods.progressive import round_lengths
+    from difflab.utils.errors import ConfigError
+
+    per_round, teacher, student = (method.get(k) for k in ("steps_per_round", "teacher_steps", "student_steps"))
+    if not all(isinstance(v, int) and v > 0 for v in (teacher, student)) or per_round is None:
+        return None
+    try:
+        return round_lengths(per_round, max(1, (teacher // student).bit_length() - 1))
+    except ConfigError as error:
+        return str(error).split(" is invalid: ", 1)[-1]
+
+
 def listed_rounds_set_their_intervals(cfg: dict):
     """Rounds of their own lengths (method.steps_per_round a list) leave the per-round intervals that interpolate it
-    a list too: name the one fix, a step count dividing every round."""
-    lengths = (cfg.get("method") or {}).get("steps_per_round")
-    if not isinstance(lengths, list) or not lengths or not all(isinstance(n, int) and n > 0 for n in lengths):
+    a list too: name the one fix, a step count dividing every round (or the list's own fault, which those keys echo)."""
+    method = cfg.get("method") or {}
+    lengths, fits = method.get("steps_per_round"), _round_lengths(method)
+    if not isinstance(lengths, list) or fits is None:
         return None
+    if isinstance(fits, str):
+        return "method.steps_per_round", fits
     listed = [key for key in ROUND_INTERVALS if _dotted(cfg, key) == lengths]
     if not listed:
         return None

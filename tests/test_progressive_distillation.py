@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from difflab.config_checks import check_config
+from difflab.configs.schema import ROUND_INTERVALS
 from difflab.diffusion.distillation import halving_grid, progressive_target, truncated_snr_weight
 from difflab.diffusion.processes import EDMProcess, FlowProcess, VPProcess
 from difflab.diffusion.samplers import ddim, sampling_grid
@@ -23,9 +24,6 @@ from difflab.utils.errors import ConfigError
 from tests.helpers import compose_train, run_hydra_main, tiny_overrides
 from tests.test_config_validation import _command
 from tests.test_guidance_methods import _module
-
-LISTED_CADENCE = ("trainer.val_check_interval", "callbacks.class_grid.every_n_steps")
-LISTED_CADENCE += ("callbacks.model_checkpoint.every_n_train_steps",)
 
 torch.set_num_threads(1)
 
@@ -507,16 +505,21 @@ def test_listed_rounds_name_the_intervals_to_set_and_their_budget(tmp_path):
     every round (the lengths' gcd); with them set, the config passes; the budget must reach the last round."""
     base = ["experiment=digits_progressive", "method.steps_per_round=[160,160,320,480,480]"]
     problems = check_config(compose_train(tmp_path / "a", base), "train")
-    assert problems[0] == (
+    assert problems == [
         "method.steps_per_round=[160, 160, 320, 480, 480] is invalid: rounds of their own lengths need "
         "trainer.val_check_interval, callbacks.class_grid.every_n_steps, "
         "callbacks.model_checkpoint.every_n_train_steps as one step count that ends every round: set "
         "trainer.val_check_interval=160 callbacks.class_grid.every_n_steps=160 "
         "callbacks.model_checkpoint.every_n_train_steps=160 (the lengths' greatest common divisor)"
-    ), problems
-    cadence = [f"{k}=160" for k in LISTED_CADENCE]
+    ], problems
+    cadence = [f"{k}=160" for k in ROUND_INTERVALS]
     problems = check_config(compose_train(tmp_path / "b", [*base, *cadence]), "train")
     assert len(problems) == 1 and problems[0].startswith("method=progressive needs method.teacher_ckpt"), problems
+    four = check_config(compose_train(tmp_path / "d", [*base[:1], "method.steps_per_round=[160,160,320,480]"]), "train")
+    assert four == [  # a list of the wrong length: its own fault, not the keys that echo it
+        "method.steps_per_round=[160, 160, 320, 480] is invalid: an integer >= 1 (every round's optimizer steps) or a "
+        "list of 5, one per round (5 rounds halve the teacher's DDIM steps to the student's)"
+    ]
     short = check_config(compose_train(tmp_path / "c", [*base, *cadence, "trainer.max_steps=1120"]), "train")
     assert short == [
         "trainer.max_steps=1120 is invalid: at least 1121 for method=ProgressiveDistillation (5 rounds of "
@@ -526,7 +529,7 @@ def test_listed_rounds_name_the_intervals_to_set_and_their_budget(tmp_path):
 
 def test_the_experiment_budgets_its_rounds_and_keeps_each_rounds_student(tmp_path):
     """experiment=digits_progressive: its step budget is its rounds, and the checkpoint, validation and class grid
-    land on every round's end, also when a user changes the round length."""
+    land on every round's end, also when a user changes the (one) round length."""
     cfg = compose_train(tmp_path, ["experiment=digits_progressive", "method.teacher_ckpt=t.ckpt"])
     method = ProgressiveDistillation(cfg.method.teacher_ckpt, cfg.method.teacher_steps, cfg.method.student_steps)
     assert cfg.trainer.max_steps == method.rounds * cfg.method.steps_per_round

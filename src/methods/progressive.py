@@ -22,12 +22,27 @@ from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
 
 
+def round_lengths(steps_per_round: int | Sequence[int], rounds: int) -> tuple[int, ...]:
+    """Each of ``rounds`` rounds' optimizer steps from ``method.steps_per_round`` (one length for all, or one per
+    round); ConfigError otherwise."""
+    lengths: list[Any] = [steps_per_round] * rounds
+    shown: Any = steps_per_round
+    if isinstance(steps_per_round, Sequence) and not isinstance(steps_per_round, str):
+        lengths = shown = list(steps_per_round)
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths) or len(lengths) != rounds:
+        raise ConfigError(
+            f"method.steps_per_round={shown} is invalid: an integer >= 1 (every round's optimizer steps) or a "
+            f"list of {rounds}, one per round ({rounds} rounds halve the teacher's DDIM steps to the student's)"
+        )
+    return tuple(lengths)
+
+
 class ProgressiveDistillation(TrainingMethod):
     """Distil ``teacher_ckpt`` from ``teacher_steps`` DDIM steps down to ``student_steps`` in log2(ratio) rounds of
-    ``steps_per_round`` optimizer steps (a list: each round's own, so the harder late rounds can train longer). The
-    student starts as the teacher; at each round's end it becomes the teacher of the next. The first round's teacher steps are guided by ``teacher_guidance`` (the ``guidance`` group;
-    None: the teacher checkpoint's own); later teachers are students, which carry the guidance already and step
-    unguided. The student samples unguided with ``sampler=ddim`` (eta 0) at ``student_steps``.
+    ``steps_per_round`` optimizer steps (a list: each round's own). The student starts as the teacher; at each
+    round's end it becomes the teacher of the next. The first round's teacher steps are guided by ``teacher_guidance``
+    (the ``guidance`` group; None: the teacher checkpoint's own); later teachers are students, which carry the
+    guidance already and step unguided. The student samples unguided with ``sampler=ddim`` (eta 0) at ``student_steps``.
     Loss: x0 error weighted by max(snr, 1) at the student grid's times."""
 
     name = "progressive"
@@ -55,7 +70,7 @@ class ProgressiveDistillation(TrainingMethod):
                 "must be the student's times a power of two >= 2 (each round halves them), e.g. 16 and 1"
             )
         self.rounds = int(math.log2(ratio))
-        self.round_lengths = self._round_lengths(steps_per_round, self.rounds)
+        self.round_lengths = round_lengths(steps_per_round, self.rounds)
         self.guidance_scales = GuidanceScales.parse(guidance_scales)
         self.teacher_ckpt = str(teacher_ckpt)
         self.teacher_steps, self.student_steps = int(teacher_steps), int(student_steps)
@@ -68,20 +83,6 @@ class ProgressiveDistillation(TrainingMethod):
         self.spacing: Any = None  # the student sampler's grid spacing, read in setup
 
     # ---------------------------------------------------------------- settings
-    @staticmethod
-    def _round_lengths(steps_per_round: int | Sequence[int], rounds: int) -> tuple[int, ...]:
-        """Each round's optimizer steps; ConfigError unless one integer >= 1, or one per round."""
-        lengths: list[Any] = [steps_per_round] * rounds
-        shown: Any = steps_per_round
-        if isinstance(steps_per_round, Sequence) and not isinstance(steps_per_round, str):
-            lengths = shown = list(steps_per_round)
-        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths) or len(lengths) != rounds:
-            raise ConfigError(
-                f"method.steps_per_round={shown} is invalid: an integer >= 1 (every round's optimizer steps) or a "
-                f"list of {rounds}, one per round ({rounds} rounds halve the teacher's DDIM steps to the student's)"
-            )
-        return tuple(lengths)
-
     def round_at(self, step: int) -> int:
         """The round (0-based) that optimizer step ``step`` trains in; steps past the last round stay in it."""
         return min(bisect.bisect_right(self.round_ends, step), self.rounds - 1)

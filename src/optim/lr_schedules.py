@@ -9,7 +9,9 @@ slow one. ``linear_restarts`` decays over fixed periods of steps instead (a roun
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import math
 from typing import Callable, Sequence
 
@@ -133,24 +135,23 @@ PERIOD_ALLOWED = (
 def linear_restarts(step: int, period: int | Sequence[int], final_fraction: float = 0.0) -> float:
     """LR multiplier at ``step``: a linear decay from 1 towards ``final_fraction`` over each ``period`` steps, back to
     1 at every multiple of ``period``; a list of periods decays over each in turn, its last one repeated after."""
-    if isinstance(period, int):
-        start, length = step - step % period, period
-    else:
-        start, length = 0, period[-1]
-        for length in period:
-            if step < start + length:
-                break
-            start += length
-        else:
-            start += (step - start) - (step - start) % length
+    periods = [period] if isinstance(period, int) else list(period)
+    ends = list(itertools.accumulate(periods))
+    k = bisect.bisect_right(ends, step)
+    if k < len(periods):
+        start, length = ends[k] - periods[k], periods[k]
+    else:  # past the list: its last period repeats
+        length = periods[-1]
+        start = step - (step - ends[-1]) % length
     return 1.0 - (1.0 - final_fraction) * (step - start) / length
 
 
 class LinearRestarts:
     """``lr_schedule=linear_restarts``: the rate decays linearly towards ``final_fraction`` over every ``period``
-    optimizer steps (a list: over each listed length in turn), then restarts at the full rate: one decay per round of a round-based method (progressive
-    distillation's ``method.steps_per_round``, the config's default, when ``trainer.max_steps`` is its rounds x
-    steps_per_round), as Salimans & Ho's released distillation configs anneal the rate of each halving round to zero."""
+    optimizer steps (a list: over each listed length in turn), then restarts at the full rate: one decay per round of
+    a round-based method (progressive distillation's ``method.steps_per_round``, the config's default, when
+    ``trainer.max_steps`` is the rounds' total), as Salimans & Ho's released distillation configs anneal the rate of
+    each halving round to zero."""
 
     def __init__(self, period: int | Sequence[int] | None = None, final_fraction: float = 0.0):
         listed = isinstance(period, Sequence) and not isinstance(period, str)
