@@ -539,6 +539,22 @@ def test_the_experiment_budgets_its_rounds_and_keeps_each_rounds_student(tmp_pat
         assert cadences == (n, n) and c.callbacks.class_grid.every_n_steps == n
 
 
+def test_the_late_rounds_experiment_keeps_each_rounds_student_and_decays_over_each_round(tmp_path):
+    """experiment=digits_progressive_late_rounds: its budget is its rounds' total, every round ends on a checkpoint,
+    validation and class grid, and the rate decays over each listed round."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = compose_train(tmp_path, ["experiment=digits_progressive_late_rounds", "method.teacher_ckpt=t.ckpt"])
+    method = instantiate(cfg.method)
+    assert method.round_lengths == (160, 160, 320, 480, 480) and cfg.trainer.max_steps == sum(method.round_lengths)
+    for key in ROUND_INTERVALS:
+        every = OmegaConf.select(cfg, key)
+        assert all(end % every == 0 for end in method.round_ends), key
+    assert instantiate(cfg.lr_schedule).period == method.round_lengths
+    assert check_config(cfg, "train")[0].startswith("method.teacher_ckpt=t.ckpt")  # only the teacher is missing
+
+
 def test_preflight_refuses_init_from_and_fsdp_with_a_teacher(teacher_ckpt, tmp_path):
     distil = [*DISTIL, f"method.teacher_ckpt={teacher_ckpt}"]
     problems = _problems(tmp_path, *distil, f"init_from={teacher_ckpt}")
