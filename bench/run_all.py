@@ -606,6 +606,20 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         ],
         ["few_step_latent_from32_linear_restarts"],
     ),
+    # 16x's rounds on the latent recipe (16s's teacher, steps and judging noise)
+    "few_step_latent_late_rounds": (
+        "bench_few_step.py",
+        [
+            *("all", "--teachers", "/tmp/difflab_lat/teachers", "--seeds", "0", "--out", "/tmp/difflab_lat/fs_pdlate"),
+            *("--methods", "progressive", *ON_LATENTS, *LATE_ROUNDS, "--name", "few_step_latent_late_rounds"),
+        ],
+        [
+            *("judge", "--teachers", "/tmp/difflab_lat/teachers", "--seeds", "0"),
+            *("--out", "/tmp/difflab_lat/fs_pdlate", "--n", "100", "--methods", "progressive"),
+            *("--name", "few_step_latent_late_rounds"),
+        ],
+        ["few_step_latent_late_rounds"],
+    ),
     # reads the race's runs (vs_diffusers above keeps a checkpoint every 100 steps for it)
     "guide_sweep": (
         "bench_guide_sweep.py",
@@ -677,6 +691,8 @@ TITLES = {
     "scm_guided_tmid": "16m. The 2-step re-noising time, chosen by a sweep: guided sCM (three seeds, every judge)",
     "meanflow_cfg": "16f. MeanFlow with CFG baked into its targets, against plain targets (three seeds each, every judge)",
     "few_step_latent": "16i. Few-step generation on the latent digits recipe (one seed, every judge)",
+    "few_step_latent_late_rounds": "16y. The late rounds (16x) on the latent recipe's progressive student (one seed, "
+    "every judge)",
     "few_step_latent_from32_linear_restarts": "16s. The latent recipe's progressive student from 32 teacher steps with "
     "the per-round anneal (one seed, every judge)",
     "guided_from32_linear_restarts": "16t. The guided progressive student from 32 teacher steps with the per-round "
