@@ -120,11 +120,11 @@ def round_ends(ckpts: Path) -> dict[int, int]:
     """A progressive run's checkpoints at the end of each round: optimizer step -> the DDIM steps its student takes
     (``teacher_steps`` halved at the end of each round of ``steps_per_round`` steps, or of each listed length), up
     to 8."""
-    from difflab.methods.progressive import round_lengths
+    from difflab.methods.rounds import round_count, round_lengths
 
     method = progressive_method(ckpts)
     teacher, per_round, last = method["teacher_steps"], method["steps_per_round"], method["student_steps"]
-    lengths = round_lengths(per_round, (teacher // last).bit_length() - 1)
+    lengths = round_lengths(per_round, round_count(teacher, last))
     ends = {end: teacher >> r for r, end in enumerate(itertools.accumulate(lengths), 1)}
     return {step: k for step, k in ends.items() if k <= 8}
 
@@ -382,6 +382,8 @@ def describe_teachers(args) -> str:
 
 def describe_students(args) -> str:
     """One phrase per judged method: its experiment, budget, checkpoints and extra overrides (first seed's run)."""
+    from difflab.methods.rounds import round_count
+
     seed = args.seeds[0]
 
     def budget(prefix: str) -> str:
@@ -402,7 +404,7 @@ def describe_students(args) -> str:
         if not (ckpts / "last.ckpt").exists():
             return "?"
         m = progressive_method(ckpts)
-        count = (m["teacher_steps"] // m["student_steps"]).bit_length() - 1
+        count = round_count(m["teacher_steps"], m["student_steps"])
         extra = run_overrides(ckpts.parent / "meta.json")
         per_round = m["steps_per_round"]
         length = f"{per_round}" if isinstance(per_round, int) else "/".join(map(str, per_round))

@@ -44,9 +44,10 @@ def round_length(steps: int) -> int:
     from omegaconf import OmegaConf
 
     from difflab.configs import CONFIG_DIR
+    from difflab.methods.rounds import round_count
 
     method = OmegaConf.load(CONFIG_DIR / "experiment" / "digits_progressive.yaml").method
-    rounds = (method.teacher_steps // method.student_steps).bit_length() - 1
+    rounds = round_count(method.teacher_steps, method.student_steps)
     return max(1, steps // rounds)
 
 

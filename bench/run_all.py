@@ -606,6 +606,23 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         ],
         ["few_step_latent_from32_linear_restarts"],
     ),
+    # 16x's rounds on the guided student (16t's teachers, seeds and judging noise)
+    "guided_late_rounds": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_race", "--methods", "guided", "--out", "/tmp/difflab_gpdlate"),
+            *FROM32,
+            *LATE_ROUNDS,
+            *("--scales", "2", "--name", "guided_late_rounds"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_race", "--methods", "guided", "--out", "/tmp/difflab_gpdlate"),
+            *("--seeds", "0", "--n", "100", "--scales", "2", "--name", "guided_late_rounds"),
+        ],
+        ["guided_late_rounds"],
+    ),
     # 16x's rounds on the latent recipe (16s's teacher, steps and judging noise)
     "few_step_latent_late_rounds": (
         "bench_few_step.py",
@@ -691,6 +708,7 @@ TITLES = {
     "scm_guided_tmid": "16m. The 2-step re-noising time, chosen by a sweep: guided sCM (three seeds, every judge)",
     "meanflow_cfg": "16f. MeanFlow with CFG baked into its targets, against plain targets (three seeds each, every judge)",
     "few_step_latent": "16i. Few-step generation on the latent digits recipe (one seed, every judge)",
+    "guided_late_rounds": "16z. The late rounds (16x) on the guided progressive student (three seeds, every judge)",
     "few_step_latent_late_rounds": "16y. The late rounds (16x) on the latent recipe's progressive student (one seed, "
     "every judge)",
     "few_step_latent_from32_linear_restarts": "16s. The latent recipe's progressive student from 32 teacher steps with "

@@ -13,3 +13,15 @@ CONFIG_PATH = "pkg://difflab.configs"
 # runtime config exists, which a multirun's sweep directory (under paths.log_dir) needs.
 if not OmegaConf.has_resolver("cwd"):
     OmegaConf.register_new_resolver("cwd", os.getcwd)
+
+
+def _round_gcd(steps_per_round):
+    from difflab.methods.rounds import round_gcd
+
+    return round_gcd(steps_per_round)
+
+
+# ${round_gcd:${method.steps_per_round}} is the step count that ends every progressive round (one length, or the
+# listed lengths' greatest common divisor): the cadence that keeps each round's student.
+if not OmegaConf.has_resolver("round_gcd"):
+    OmegaConf.register_new_resolver("round_gcd", _round_gcd)

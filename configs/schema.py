@@ -2,7 +2,6 @@
 encode_latents.yaml), checked by difflab.config_checks before a job starts. Groups have their own
 configs/<group>/schema.py; `sample.yaml`'s `guidance` block is no group, so its rules are here."""
 
-import math
 import re
 from pathlib import Path
 
@@ -419,7 +418,7 @@ def rounds_fit_the_budget(cfg: dict):
     return None
 
 
-ROUND_INTERVALS = (  # step counts that digits_progressive takes from method.steps_per_round (each round's end)
+ROUND_INTERVALS = (  # step counts that end each progressive round (digits_progressive: the rounds' gcd)
     "trainer.val_check_interval",
     "callbacks.class_grid.every_n_steps",
     "callbacks.model_checkpoint.every_n_train_steps",
@@ -429,34 +428,48 @@ ROUND_INTERVALS = (  # step counts that digits_progressive takes from method.ste
 def _round_lengths(method: dict) -> tuple[int, ...] | str | None:
     """A progressive config's round lengths (``difflab.methods.progressive.round_lengths``), what is wrong with them,
     or None when its step counts are not integers yet."""
-    from difflab.methods.progressive import round_lengths
+    from difflab.methods.rounds import round_count, round_lengths
     from difflab.utils.errors import ConfigError
 
     per_round, teacher, student = (method.get(k) for k in ("steps_per_round", "teacher_steps", "student_steps"))
     if not all(isinstance(v, int) and v > 0 for v in (teacher, student)) or per_round is None:
         return None
     try:
-        return round_lengths(per_round, max(1, (teacher // student).bit_length() - 1))
+        return round_lengths(per_round, max(1, round_count(teacher, student)))
     except ConfigError as error:
         return str(error).split(" is invalid: ", 1)[-1]
 
 
+PER_ROUND_CADENCE = 4  # checkpoints, validations and class grids per round, on average, that listed lengths may cost
+
+
 def listed_rounds_set_their_intervals(cfg: dict):
-    """Rounds of their own lengths (method.steps_per_round a list) leave the per-round intervals that interpolate it
-    a list too: name the one fix, a step count dividing every round (or the list's own fault, which those keys echo)."""
+    """Listed round lengths need a cadence that ends every round: their gcd (refused when so small that it would keep
+    a checkpoint nearly every step); a cadence key that repeats the list itself names that gcd (or the list's own
+    fault, which those keys echo)."""
+    from difflab.methods.rounds import round_gcd
+
     method = cfg.get("method") or {}
     lengths, fits = method.get("steps_per_round"), _round_lengths(method)
     if not isinstance(lengths, list) or fits is None:
         return None
     if isinstance(fits, str):
         return "method.steps_per_round", fits
+    unit = round_gcd(lengths)
+    every = [key for key in ROUND_INTERVALS if _dotted(cfg, key) == unit]
+    if every and sum(fits) // unit > PER_ROUND_CADENCE * len(fits):
+        return "method.steps_per_round", (
+            f"lengths whose greatest common divisor is {unit} run {', '.join(every)} every {unit} steps "
+            f"({sum(fits) // unit} times): give lengths sharing a larger divisor (at most {PER_ROUND_CADENCE} "
+            "per round on average)"
+        )
     listed = [key for key in ROUND_INTERVALS if _dotted(cfg, key) == lengths]
     if not listed:
         return None
-    unit = math.gcd(*lengths)
     return "method.steps_per_round", (
         f"rounds of their own lengths need {', '.join(listed)} as one step count that ends every round: "
-        f"set {' '.join(f'{key}={unit}' for key in listed)} (the lengths' greatest common divisor)"
+        f"set {' '.join(f'{key}={unit}' for key in listed)} (the lengths' greatest common divisor; "
+        "'${round_gcd:${method.steps_per_round}}' computes it)"
     )
 
 

@@ -20,6 +20,7 @@ from difflab.diffusion.distillation import halving_grid, progressive_target, tru
 from difflab.diffusion.processes import EDMProcess, FlowProcess, VPProcess
 from difflab.diffusion.samplers import ddim, sampling_grid
 from difflab.methods.progressive import ProgressiveDistillation
+from difflab.methods.rounds import round_count, round_gcd
 from difflab.utils.errors import ConfigError
 from tests.helpers import compose_train, run_hydra_main, tiny_overrides
 from tests.test_config_validation import _command
@@ -479,9 +480,18 @@ def test_console_command_refuses_a_teacher_of_another_network_writing_nothing(te
     assert list(work.iterdir()) == []  # nothing written
 
 
+@pytest.mark.parametrize("value", [[0, 160], [], True, [160.0, 160], "160", [True, 2]])
+def test_round_gcd_hands_back_what_is_not_a_list_of_lengths(value):
+    """Only a list of positive integers has a gcd; anything else comes back unchanged for round_lengths to name."""
+    assert round_gcd(value) == value and type(round_gcd(value)) is type(value)
+
+
 def test_rounds_count(tmp_path):
     assert ProgressiveDistillation("t", 16, 1).rounds == 4 and ProgressiveDistillation("t", 8, 2).rounds == 2
     assert [ProgressiveDistillation("t", 16, 1).steps_in_round(r) for r in range(4)] == [8, 4, 2, 1]
+    # the one count the pre-flight checks and the bench read as well: log2 of the step ratio
+    assert [round_count(t, s) for t, s in ((32, 1), (16, 2), (2, 1), (8, 8), (64, 4))] == [5, 3, 1, 0, 4]
+    assert [round_gcd(v) for v in (320, [160, 160, 320, 480, 480], [100, 150], [7])] == [320, 160, 50, 7]
 
 
 def test_each_round_starts_after_the_lengths_listed_before_it():
@@ -500,27 +510,34 @@ def test_round_lengths_that_are_not_one_per_round_are_refused(lengths, shown):
 
 
 def test_listed_rounds_name_the_intervals_to_set_and_their_budget(tmp_path):
-    """experiment=digits_progressive interpolates its checkpoint, validation and class-grid cadence from
-    method.steps_per_round: a list there is refused in one line naming the three keys and the step count that ends
-    every round (the lengths' gcd); with them set, the config passes; the budget must reach the last round."""
+    """A cadence key that interpolates method.steps_per_round itself becomes a list with listed rounds: refused in one
+    line naming the keys and the step count that ends every round (the lengths' gcd); experiment=digits_progressive
+    takes that gcd itself and passes; the budget must reach the last round."""
     base = ["experiment=digits_progressive", "method.steps_per_round=[160,160,320,480,480]"]
-    problems = check_config(compose_train(tmp_path / "a", base), "train")
+    echo = [f"{k}='${{method.steps_per_round}}'" for k in ROUND_INTERVALS[:2]]
+    problems = check_config(compose_train(tmp_path / "a", [*base, *echo]), "train")
     assert problems == [
         "method.steps_per_round=[160, 160, 320, 480, 480] is invalid: rounds of their own lengths need "
-        "trainer.val_check_interval, callbacks.class_grid.every_n_steps, "
-        "callbacks.model_checkpoint.every_n_train_steps as one step count that ends every round: set "
-        "trainer.val_check_interval=160 callbacks.class_grid.every_n_steps=160 "
-        "callbacks.model_checkpoint.every_n_train_steps=160 (the lengths' greatest common divisor)"
+        "trainer.val_check_interval, callbacks.class_grid.every_n_steps as one step count that ends every round: "
+        "set trainer.val_check_interval=160 callbacks.class_grid.every_n_steps=160 (the lengths' greatest common "
+        "divisor; '${round_gcd:${method.steps_per_round}}' computes it)"
     ], problems
-    cadence = [f"{k}=160" for k in ROUND_INTERVALS]
-    problems = check_config(compose_train(tmp_path / "b", [*base, *cadence]), "train")
+    problems = check_config(compose_train(tmp_path / "b", base), "train")
     assert len(problems) == 1 and problems[0].startswith("method=progressive needs method.teacher_ckpt"), problems
     four = check_config(compose_train(tmp_path / "d", [*base[:1], "method.steps_per_round=[160,160,320,480]"]), "train")
     assert four == [  # a list of the wrong length: its own fault, not the keys that echo it
         "method.steps_per_round=[160, 160, 320, 480] is invalid: an integer >= 1 (every round's optimizer steps) or a "
         "list of 5, one per round (5 rounds halve the teacher's DDIM steps to the student's)"
     ]
-    short = check_config(compose_train(tmp_path / "c", [*base, *cadence, "trainer.max_steps=1120"]), "train")
+    coprime = check_config(
+        compose_train(tmp_path / "e", [*base[:1], "method.steps_per_round=[160,160,320,480,479]"]), "train"
+    )
+    assert coprime == [  # gcd 1: a checkpoint every step
+        "method.steps_per_round=[160, 160, 320, 480, 479] is invalid: lengths whose greatest common divisor is 1 run "
+        "trainer.val_check_interval, callbacks.class_grid.every_n_steps, callbacks.model_checkpoint.every_n_train_steps"
+        " every 1 steps (1599 times): give lengths sharing a larger divisor (at most 4 per round on average)"
+    ], coprime
+    short = check_config(compose_train(tmp_path / "c", [*base, "trainer.max_steps=1120"]), "train")
     assert short == [
         "trainer.max_steps=1120 is invalid: at least 1121 for method=ProgressiveDistillation (5 rounds of "
         "method.steps_per_round=[160, 160, 320, 480, 480]: 1600 runs every round in full)"
@@ -529,14 +546,16 @@ def test_listed_rounds_name_the_intervals_to_set_and_their_budget(tmp_path):
 
 def test_the_experiment_budgets_its_rounds_and_keeps_each_rounds_student(tmp_path):
     """experiment=digits_progressive: its step budget is its rounds, and the checkpoint, validation and class grid
-    land on every round's end, also when a user changes the (one) round length."""
+    land on every round's end, also when a user changes the round length or lists one per round (their gcd)."""
     cfg = compose_train(tmp_path, ["experiment=digits_progressive", "method.teacher_ckpt=t.ckpt"])
-    method = ProgressiveDistillation(cfg.method.teacher_ckpt, cfg.method.teacher_steps, cfg.method.student_steps)
-    assert cfg.trainer.max_steps == method.rounds * cfg.method.steps_per_round
-    for n in (cfg.method.steps_per_round, 96):
-        c = compose_train(tmp_path / str(n), ["experiment=digits_progressive", f"method.steps_per_round={n}"])
+    method = ProgressiveDistillation(
+        cfg.method.teacher_ckpt, cfg.method.teacher_steps, cfg.method.student_steps, cfg.method.steps_per_round
+    )
+    assert cfg.trainer.max_steps == method.round_ends[-1]
+    for i, (n, every) in enumerate(((320, 320), (96, 96), ("[96,96,192,288,288]", 96), ("[100,150,200,250,300]", 50))):
+        c = compose_train(tmp_path / str(i), ["experiment=digits_progressive", f"method.steps_per_round={n}"])
         cadences = (c.callbacks.model_checkpoint.every_n_train_steps, c.trainer.val_check_interval)
-        assert cadences == (n, n) and c.callbacks.class_grid.every_n_steps == n
+        assert cadences == (every, every) and c.callbacks.class_grid.every_n_steps == every, (n, cadences)
 
 
 def test_the_late_rounds_experiment_keeps_each_rounds_student_and_decays_over_each_round(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import math
 from typing import Any, Sequence
 
 import torch
@@ -16,25 +15,11 @@ from difflab.diffusion.processes import NoiseProcess
 from difflab.diffusion.samplers import Sampler, ddim_step, sampler_name
 from difflab.methods.base import TrainingMethod
 from difflab.methods.guidance_input import GuidanceScales, adopt_teacher_of
+from difflab.methods.rounds import round_count, round_lengths
 from difflab.methods.teacher import raw_subset
 from difflab.ops.fsdp import is_sharding
 from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
-
-
-def round_lengths(steps_per_round: int | Sequence[int], rounds: int) -> tuple[int, ...]:
-    """Each of ``rounds`` rounds' optimizer steps from ``method.steps_per_round`` (one length for all, or one per
-    round); ConfigError otherwise."""
-    lengths: list[Any] = [steps_per_round] * rounds
-    shown: Any = steps_per_round
-    if isinstance(steps_per_round, Sequence) and not isinstance(steps_per_round, str):
-        lengths = shown = list(steps_per_round)
-    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths) or len(lengths) != rounds:
-        raise ConfigError(
-            f"method.steps_per_round={shown} is invalid: an integer >= 1 (every round's optimizer steps) or a "
-            f"list of {rounds}, one per round ({rounds} rounds halve the teacher's DDIM steps to the student's)"
-        )
-    return tuple(lengths)
 
 
 class ProgressiveDistillation(TrainingMethod):
@@ -69,7 +54,7 @@ class ProgressiveDistillation(TrainingMethod):
                 f"method.teacher_steps={teacher_steps} and method.student_steps={student_steps}: the teacher's steps "
                 "must be the student's times a power of two >= 2 (each round halves them), e.g. 16 and 1"
             )
-        self.rounds = int(math.log2(ratio))
+        self.rounds = round_count(teacher_steps, student_steps)
         self.round_lengths = round_lengths(steps_per_round, self.rounds)
         self.guidance_scales = GuidanceScales.parse(guidance_scales)
         self.teacher_ckpt = str(teacher_ckpt)

@@ -53,9 +53,12 @@ def shown(value: Any) -> str:
 
 
 def echoes(source: Any, key: str) -> bool:
-    """``source`` (a raw, unresolved config value) is nothing but ``key``'s value: ``${key}`` or
-    ``${oc.select:key,...}`` (so a problem or change of ``key`` is one, not two)."""
-    return isinstance(source, str) and bool(re.fullmatch(rf"\$\{{(oc\.select:)?{re.escape(key)}(,[^}}]*)?\}}", source))
+    """``source`` (a raw, unresolved config value) is nothing but ``key``'s value or a resolver of it alone:
+    ``${key}``, ``${oc.select:key,...}`` or ``${name:${key}}`` (so a problem or change of ``key`` is one, not two)."""
+    if not isinstance(source, str):
+        return False
+    k = re.escape(key)
+    return bool(re.fullmatch(rf"\$\{{((oc\.select:)?{k}(,[^}}]*)?|[\w.]+:\$\{{{k}\}})\}}", source))
 
 
 def plain(node: Any) -> Any:

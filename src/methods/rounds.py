@@ -1,0 +1,45 @@
+"""Round lengths of a round-based distillation (progressive): how many rounds, each one's optimizer steps, and the
+step count that ends every round. Plain Python (no torch): the config package's resolver and checks read it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from difflab.utils.errors import ConfigError
+
+
+def round_count(teacher_steps: int, student_steps: int) -> int:
+    """How many halving rounds take ``teacher_steps`` DDIM steps down to ``student_steps`` (log2 of their ratio,
+    rounded down)."""
+    return max(0, (int(teacher_steps) // max(1, int(student_steps))).bit_length() - 1)
+
+
+def is_listed(steps_per_round: Any) -> bool:
+    """``method.steps_per_round`` gives one length per round (a list) rather than one for all."""
+    return isinstance(steps_per_round, Sequence) and not isinstance(steps_per_round, str)
+
+
+def _is_length(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+
+def round_lengths(steps_per_round: int | Sequence[int], rounds: int) -> tuple[int, ...]:
+    """Each of ``rounds`` rounds' optimizer steps from ``method.steps_per_round`` (one length for all, or one per
+    round); ConfigError otherwise."""
+    lengths = list(steps_per_round) if is_listed(steps_per_round) else [steps_per_round] * rounds
+    if not all(_is_length(n) for n in lengths) or len(lengths) != rounds:
+        shown = lengths if is_listed(steps_per_round) else steps_per_round
+        raise ConfigError(
+            f"method.steps_per_round={shown} is invalid: an integer >= 1 (every round's optimizer steps) or a "
+            f"list of {rounds}, one per round ({rounds} rounds halve the teacher's DDIM steps to the student's)"
+        )
+    return tuple(lengths)
+
+
+def round_gcd(steps_per_round: Any) -> Any:
+    """The step count that ends every round: the one length, or the listed lengths' greatest common divisor (the
+    cadence a run's checkpoints, validation and class grid take to keep each round's student). Anything else comes
+    back unchanged, for ``round_lengths`` to name."""
+    lengths = list(steps_per_round) if is_listed(steps_per_round) else []
+    return math.gcd(*lengths) if lengths and all(_is_length(n) for n in lengths) else steps_per_round
