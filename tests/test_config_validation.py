@@ -27,7 +27,6 @@ NOWHERE = "{nowhere}"  # a path that does not exist
 DISTILLATIONS = (
     "digits_progressive",
     "digits_progressive_guided",
-    "digits_progressive_late_rounds",
     "digits_reflow",
     "digits_reflow_guided",
     "digits_consistency",

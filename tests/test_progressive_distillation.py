@@ -558,13 +558,13 @@ def test_the_experiment_budgets_its_rounds_and_keeps_each_rounds_student(tmp_pat
         assert cadences == (every, every) and c.callbacks.class_grid.every_n_steps == every, (n, cadences)
 
 
-def test_the_late_rounds_experiment_keeps_each_rounds_student_and_decays_over_each_round(tmp_path):
-    """experiment=digits_progressive_late_rounds: its budget is its rounds' total, every round ends on a checkpoint,
+def test_the_listed_rounds_keep_each_rounds_student_and_decay_over_each_round(tmp_path):
+    """experiment=digits_progressive's listed rounds: its budget is their total, every round ends on a checkpoint,
     validation and class grid, and the rate decays over each listed round."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = compose_train(tmp_path, ["experiment=digits_progressive_late_rounds", "method.teacher_ckpt=t.ckpt"])
+    cfg = compose_train(tmp_path, ["experiment=digits_progressive", "method.teacher_ckpt=t.ckpt"])
     method = instantiate(cfg.method)
     assert method.round_lengths == (160, 160, 320, 480, 480) and cfg.trainer.max_steps == sum(method.round_lengths)
     for key in ROUND_INTERVALS:
