@@ -4,7 +4,7 @@ step count that ends every round. Plain Python (no torch): the config package's 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeGuard
 
 from difflab.utils.errors import ConfigError
 
@@ -15,7 +15,7 @@ def round_count(teacher_steps: int, student_steps: int) -> int:
     return max(0, (int(teacher_steps) // max(1, int(student_steps))).bit_length() - 1)
 
 
-def is_listed(steps_per_round: Any) -> bool:
+def is_listed(steps_per_round: Any) -> TypeGuard[Sequence[Any]]:
     """``method.steps_per_round`` gives one length per round (a list) rather than one for all."""
     return isinstance(steps_per_round, Sequence) and not isinstance(steps_per_round, str)
 
@@ -27,7 +27,7 @@ def _is_length(n: Any) -> bool:
 def round_lengths(steps_per_round: int | Sequence[int], rounds: int) -> tuple[int, ...]:
     """Each of ``rounds`` rounds' optimizer steps from ``method.steps_per_round`` (one length for all, or one per
     round); ConfigError otherwise."""
-    lengths = list(steps_per_round) if is_listed(steps_per_round) else [steps_per_round] * rounds
+    lengths: list[Any] = list(steps_per_round) if is_listed(steps_per_round) else [steps_per_round] * rounds
     if not all(_is_length(n) for n in lengths) or len(lengths) != rounds:
         shown = lengths if is_listed(steps_per_round) else steps_per_round
         raise ConfigError(
@@ -41,5 +41,5 @@ def round_gcd(steps_per_round: Any) -> Any:
     """The step count that ends every round: the one length, or the listed lengths' greatest common divisor (the
     cadence a run's checkpoints, validation and class grid take to keep each round's student). Anything else comes
     back unchanged, for ``round_lengths`` to name."""
-    lengths = list(steps_per_round) if is_listed(steps_per_round) else []
+    lengths: list[Any] = list(steps_per_round) if is_listed(steps_per_round) else []
     return math.gcd(*lengths) if lengths and all(_is_length(n) for n in lengths) else steps_per_round
