@@ -43,7 +43,8 @@ FROM16 = [
 FROM16_PROGRESSIVE_ONLY = [part for o in FROM16[1::2] for part in ("--progressive-override", o)]  # multi-method runs
 # 16n, 16r, 16s and 16t validated and drew the class grid every 400 steps, as the experiment did then (now: each round)
 AT_400 = ["--override", "trainer.val_check_interval=400", "--override", "callbacks.class_grid.every_n_steps=400"]
-# the settings 16r measured (now the experiment's own): 32 teacher steps in 5 rounds of 320, the rate annealed per round
+# the settings 16r measured (the experiment's own until 16z): 32 teacher steps in 5 rounds of 320, the rate annealed per
+# round
 FROM32 = [
     *("--override", "method.teacher_steps=32", "--override", "method.steps_per_round=320"),
     *("--override", "lr_schedule=linear_restarts"),
