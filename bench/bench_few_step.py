@@ -40,7 +40,7 @@ Phases:
     PYTHONPATH=. python bench/bench_few_step.py {all,train,judge} --teachers <race dir> [--seeds 0,1,2] [--out DIR]
         [--n 500] [--methods progressive,reflow,consistency,scm,meanflow,guided,reflow_guided,consistency_guided,scm_guided] [--scales 1,2,3]
         [--budget S] [--override key=value ...] [--progressive-override key=value ...]
-        [--teacher-override key=value ...] [--spacing S]
+        [--teacher-override key=value ...] [--spacing S] [--paired-with DIR]
 
 ``--budget``: B in seconds, instead of the progressive run's wall-clock (needed when there is no progressive run).
 ``--progressive-override``: only for the progressive and guided progressive runs (their rounds and rate), where
@@ -50,6 +50,8 @@ t = s / (1 + s)), e.g. the one a ``sample.py -m sampler.spacing=...`` sweep on o
 ``--override``: a Hydra override for every student run (``process.time_scale=1`` for teachers trained with it).
 ``--teacher-override``: train each missing teacher with ``bench_vs_diffusers.py train --sides difflab --override``
 it (300 s) first; a teacher already there must have been trained with the same overrides.
+``--paired-with``: another ``--out`` judged on the same teachers, seeds and ``--n`` (two arms of one method, e.g. two
+round schedules); the result closes with each sampler row's paired difference, this run minus that one.
 
 Latent digits (``configs/latent/digits.yaml``): the same commands with ``--teacher-override +latent=digits
 --teacher-override datamodule.cache_dir=<cache>`` and ``--override`` the same two for the students; the judges see
@@ -367,6 +369,60 @@ def ablate_summary(scores: dict[str, list[dict]], args) -> str:
     metrics = ["eval/fd", "eval/fd_judge2", "eval/fd_pixel", "eval/accuracy", "eval/nfe"]
     ablate([str(sweep), "--metrics", *metrics, "--baseline", "arm=teacher_own", "--out", str(sweep / "ablation")])
     return (sweep / "ablation" / "summary.md").read_text()
+
+
+PAIRED_METRICS = [
+    ("eval/fd", "FD classifier", 2),
+    ("eval/fd_judge2", "FD judge 2", 3),
+    ("eval/fd_pixel", "FD pixels", 3),
+]
+PAIRED_METRICS += [("eval/accuracy", "accuracy (clf)", 4)]
+
+
+def paired_section(out: Path, other: Path) -> str:
+    """Each sampler row of ``out``'s students minus the same row of ``other``'s at the same seed (both judged sweeps,
+    ``<dir>/judged``): the paired difference with its 95% t-interval and unadjusted p, for two arms of one method on
+    the same teachers and judging noise. Teacher rows are listed only where they differ (they should not)."""
+    from difflab.ablation.stats import paired_difference
+    from difflab.ablation.sweep import read_sweep
+
+    def by_arm(folder: Path) -> dict[str, dict[str, dict[str, float]]]:
+        table: dict[str, dict[str, dict[str, float]]] = {}
+        for job in read_sweep(folder / "judged").jobs:
+            values = {m: job.series[m][-1][1] for m, _, _ in PAIRED_METRICS if job.series.get(m)}
+            table.setdefault(job.overrides["arm"], {})[str(job.seed)] = values
+        return table
+
+    mine, theirs = by_arm(out), by_arm(other)
+    rows, same_teacher = [], True
+    for arm, seeds in mine.items():
+        shared = sorted(set(seeds) & set(theirs.get(arm, {})), key=int)
+        if len(shared) < 2:
+            continue
+        cells = []
+        for metric, _, digits in PAIRED_METRICS:
+            d = paired_difference([seeds[s][metric] for s in shared], [theirs[arm][s][metric] for s in shared])
+            same = d.mean == 0 and d.sd == 0
+            cells.append(
+                "same in every seed"
+                if same
+                else f"{d.mean:+.{digits}f} [{d.low:+.{digits}f}, {d.high:+.{digits}f}] (p {d.p_value:.2g})"
+            )
+        differs = any(seeds[s] != theirs[arm][s] for s in shared)
+        if arm.startswith("teacher") and not differs:
+            continue
+        same_teacher &= not arm.startswith("teacher")
+        rows.append([arm, ",".join(shared), *cells])
+    if not rows:
+        return f"\nNo sampler row of `{shown_path(other)}` shares two seeds with this run: nothing to pair.\n"
+    header = ["sampler row", "seeds", *(f"{label}: this - other" for _, label, _ in PAIRED_METRICS)]
+    note = (
+        "teacher rows identical in both" if same_teacher else "**teacher rows differ: not the same teachers or noise**"
+    )
+    return (
+        f"\nPaired by seed against `{shown_path(other)}` (this run's students minus that run's, the same sampler row; "
+        f"95% t-intervals, p unadjusted; {note}):\n\n" + md_table(header, rows) + "\n"
+    )
 
 
 def run_overrides(meta_path: Path) -> list[str]:
@@ -687,7 +743,15 @@ def main() -> None:
         default=None,
         help="seconds for the same-clock methods (instead of the progressive run's)",
     )
+    p.add_argument(
+        "--paired-with",
+        type=Path,
+        default=None,
+        help="judge: another --out judged on the same teachers and seeds; adds each row's paired difference to it",
+    )
     args = p.parse_args()
+    if args.paired_with is not None and args.phase != "train" and not (args.paired_with / "judged").is_dir():
+        p.error(f"--paired-with {args.paired_with}: no judged/ folder there (judge that --out first)")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.methods = [m for m in args.methods.split(",") if m]
     args.scales = [float(w) for w in args.scales.split(",")]
@@ -695,7 +759,10 @@ def main() -> None:
     if args.phase in ("all", "train"):
         train_phase(args)
     if args.phase in ("all", "judge"):
-        print(f"wrote {write_result(args.name, judge_phase(args))}")
+        text = judge_phase(args)
+        if args.paired_with is not None:
+            text += paired_section(args.out, args.paired_with)
+        print(f"wrote {write_result(args.name, text)}")
 
 
 if __name__ == "__main__":

@@ -428,7 +428,7 @@ def find_problems(cfg: DictConfig, primary: str | None) -> list[tuple[str, str]]
 
 def _without_echoes(cfg: DictConfig, problems: list[tuple[str, str]], derived: set[str]) -> list[tuple[str, str]]:
     """Drop the problems of keys that are nothing but another bad key (``${key}``, ``${oc.select:key,...}`` or a
-    resolver of it alone, ``${round_gcd:${key}}``):
+    resolver whose first argument it is, ``${round_gcd:${key}}``, ``${round_total:${key},${other}}``):
     method.steps_per_round=0 also makes lr_schedule.period and trainer.val_check_interval 0, one mistake, one line.
     Values built from a bad key (``${paths.log_dir}/checkpoints``) keep their own line, after it."""
     bad = {key for key, _ in problems}

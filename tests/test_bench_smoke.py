@@ -107,6 +107,36 @@ def test_the_guide_sweep_chooses_by_the_race_rule(tmp_path):
     assert "`b`: 0.4900" in text and "`a`: 0.5000" in text and "`c`: out (accuracy 0.980)" in text
 
 
+def test_the_few_step_bench_pairs_two_judged_runs_row_by_row_at_the_same_seeds(tmp_path):
+    """--paired-with: a student row's difference is this run's score minus the other's at each shared seed; identical
+    teacher rows are left out, differing ones are shown and flagged."""
+    from types import SimpleNamespace
+
+    from bench.bench_few_step import ablate_summary, paired_section
+
+    keys = ("fd", "fd_judge2", "fd_pixel", "precision", "recall", "accuracy", "accuracy_judge2")
+
+    def judged(out, student_fd, teacher_fd):
+        rows = {"teacher, its own sampler (heun-10)": teacher_fd, "progressive student, DDIM-2": student_fd}
+        scores = {row: [{**{k: 0.5 for k in keys}, "fd": v, "nfe": 2} for v in fds] for row, fds in rows.items()}
+        ablate_summary(scores, SimpleNamespace(out=out, seeds=[0, 1, 2], n=10))
+
+    judged(tmp_path / "a", [3.0, 2.0, 4.0], [1.0, 1.0, 1.0])
+    judged(tmp_path / "b", [2.5, 2.5, 3.0], [1.0, 1.0, 1.0])
+    text = paired_section(tmp_path / "a", tmp_path / "b")
+    row = next(line for line in text.splitlines() if line.startswith("| progressive_ddim2 |"))
+    # differences 0.5, -0.5, 1.0: mean 1/3, sd 0.764, half-width t(0.975, 2) 4.303 x 0.764 / sqrt(3) = 1.897
+    assert row.startswith("| progressive_ddim2 | 0,1,2 | +0.33 [-1.56, +2.23] (p 0.53) | same in every seed |")
+    assert "teacher_own" not in text and "teacher rows identical in both" in text
+    judged(tmp_path / "c", [2.5, 2.5, 3.0], [1.0, 1.5, 1.0])
+    flagged = paired_section(tmp_path / "a", tmp_path / "c")
+    assert "| teacher_own | 0,1,2 | -0.17" in flagged and "teacher rows differ" in flagged
+    one_seed = SimpleNamespace(out=tmp_path / "one", seeds=[0], n=10)
+    row = [{k: 1.0 for k in keys} | {"nfe": 2}]
+    ablate_summary({"teacher, its own sampler (heun-10)": row, "progressive student, DDIM-2": row}, one_seed)
+    assert "shares two seeds with this run: nothing to pair" in paired_section(tmp_path / "a", tmp_path / "one")
+
+
 def test_the_screens_paired_table_differences_each_arm_against_the_base_at_the_same_seeds():
     def arm(seeds, fd):
         metas = [{"seed": s} for s in seeds]

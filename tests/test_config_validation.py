@@ -431,21 +431,27 @@ def test_first_problem_is_the_value_set_not_those_derived_from_it(paths):
 
 
 def test_a_key_that_is_only_another_bad_key_is_not_reported_again():
-    """One mistake, one line: keys that are nothing but ``${bad}``, ``${oc.select:bad,...}`` or a resolver of it alone
-    (``${round_gcd:${bad}}``) are dropped; values built from a bad key, or from a good one, keep their line."""
+    """One mistake, one line: keys that are nothing but ``${bad}``, ``${oc.select:bad,...}`` or a resolver of it
+    (``${round_gcd:${bad}}``, ``${round_total:${bad},${other}}``) are dropped; values built from a bad key, or from a
+    good one, or a resolver whose first argument is another key, keep their line."""
     from difflab.config_checks import _without_echoes, interpolated_keys
 
     cfg = OmegaConf.create(
         {
             "a": {"n": 0, "ok": 3},
             "b": {"same": "${a.n}", "select": "${oc.select:a.n,null}", "built": "${a.n}/x", "other": "${a.ok}"},
-            "c": {"of": "${round_gcd:${a.n}}", "of_two": "${oc.decode:${a.n}${a.ok}}"},
+            "c": {
+                "of": "${round_gcd:${a.n}}",
+                "of_two": "${oc.decode:${a.n}${a.ok}}",
+                "sized": "${round_total:${a.n},${a.ok}}",
+                "sizing": "${round_total:${a.ok},${a.n}}",
+            },
         }
     )
-    keys = ("a.n", "b.same", "b.select", "b.built", "b.other", "c.of", "c.of_two")
+    keys = ("a.n", "b.same", "b.select", "b.built", "b.other", "c.of", "c.of_two", "c.sized", "c.sizing")
     problems = [(k, f"{k}=... is invalid") for k in keys]
     kept = [key for key, _ in _without_echoes(cfg, problems, interpolated_keys(cfg))]
-    assert kept == ["a.n", "b.built", "b.other", "c.of_two"]
+    assert kept == ["a.n", "b.built", "b.other", "c.of_two", "c.sizing"]
 
 
 def test_in_process_pipeline_path(tmp_path):

@@ -20,7 +20,7 @@ from difflab.diffusion.distillation import halving_grid, progressive_target, tru
 from difflab.diffusion.processes import EDMProcess, FlowProcess, VPProcess
 from difflab.diffusion.samplers import ddim, sampling_grid
 from difflab.methods.progressive import ProgressiveDistillation
-from difflab.methods.rounds import round_count, round_gcd
+from difflab.methods.rounds import round_count, round_gcd, round_total
 from difflab.utils.errors import ConfigError
 from tests.helpers import compose_train, run_hydra_main, tiny_overrides
 from tests.test_config_validation import _command
@@ -546,16 +546,51 @@ def test_listed_rounds_name_the_intervals_to_set_and_their_budget(tmp_path):
 
 def test_the_experiment_budgets_its_rounds_and_keeps_each_rounds_student(tmp_path):
     """experiment=digits_progressive: its step budget is its rounds, and the checkpoint, validation and class grid
-    land on every round's end, also when a user changes the round length or lists one per round (their gcd)."""
+    land on every round's end, also when a user changes the round length, lists one per round (their gcd) or changes
+    the step counts (so the number of rounds): training stops as the last round ends."""
     cfg = compose_train(tmp_path, ["experiment=digits_progressive", "method.teacher_ckpt=t.ckpt"])
     method = ProgressiveDistillation(
         cfg.method.teacher_ckpt, cfg.method.teacher_steps, cfg.method.student_steps, cfg.method.steps_per_round
     )
-    assert cfg.trainer.max_steps == method.round_ends[-1]
-    for i, (n, every) in enumerate(((320, 320), (96, 96), ("[96,96,192,288,288]", 96), ("[100,150,200,250,300]", 50))):
-        c = compose_train(tmp_path / str(i), ["experiment=digits_progressive", f"method.steps_per_round={n}"])
+    assert cfg.trainer.max_steps == method.round_ends[-1] == 1600
+    cases = (
+        (["method.steps_per_round=320"], 320, 1600),
+        (["method.steps_per_round=96"], 96, 480),
+        (["method.steps_per_round=[96,96,192,288,288]"], 96, 960),
+        (["method.steps_per_round=[100,150,200,250,300]"], 50, 1000),
+        (["method.steps_per_round=[200,200,400,600,600]"], 200, 2000),  # 1600 would have cut the last round short
+        (["method.steps_per_round=100", "method.teacher_steps=16", "method.student_steps=2"], 100, 300),
+    )
+    for i, (overrides, every, total) in enumerate(cases):
+        c = compose_train(tmp_path / str(i), ["experiment=digits_progressive", *overrides])
         cadences = (c.callbacks.model_checkpoint.every_n_train_steps, c.trainer.val_check_interval)
-        assert cadences == (every, every) and c.callbacks.class_grid.every_n_steps == every, (n, cadences)
+        assert cadences == (every, every) and c.callbacks.class_grid.every_n_steps == every, (overrides, cadences)
+        assert c.trainer.max_steps == total, overrides
+
+
+@pytest.mark.parametrize(
+    "lengths,teacher,student",
+    [(0, 32, 1), ("160", 32, 1), ([160, 0], 32, 1), ([], 32, 1), (160, 0, 1), (160, 32, True), (160, 32, 32)],
+)
+def test_round_total_hands_back_what_makes_no_budget(lengths, teacher, student):
+    """A length of 0 or text, a list with a bad or no length, step counts that are not counts or make no round: the
+    value comes back unchanged (the method's check names it; the budget is no second mistake)."""
+    assert round_total(lengths, teacher, student) == lengths
+
+
+def test_round_total_is_every_rounds_steps():
+    """One length times the rounds the step counts make; listed lengths add up whatever the step counts (a list of
+    the wrong length is the method's to name, not the budget's)."""
+    assert [round_total(100, t, s) for t, s in ((32, 1), (16, 2), (2, 1), (64, 4))] == [500, 300, 100, 400]
+    assert round_total([160, 160, 320, 480, 480], 32, 1) == 1600 and round_total([3, 4], 32, 0) == 7
+
+
+@pytest.mark.parametrize("bad", ["method.teacher_steps=0", "method.student_steps=0", "method.teacher_steps=32.5"])
+def test_a_bad_step_count_is_one_line_not_a_budget_line_too(bad, tmp_path):
+    """The budget computed from a bad step count reports nothing of its own: the step count's line is the only one."""
+    cfg = compose_train(tmp_path, ["experiment=digits_progressive", "method.teacher_ckpt=t.ckpt", bad])
+    problems = [p for p in check_config(cfg, "train") if not p.startswith("method.teacher_ckpt=")]  # t.ckpt: absent
+    assert len(problems) == 1 and problems[0].startswith(bad.split("=")[0]), problems
 
 
 def test_the_listed_rounds_keep_each_rounds_student_and_decay_over_each_round(tmp_path):

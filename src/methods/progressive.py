@@ -15,7 +15,7 @@ from difflab.diffusion.processes import NoiseProcess
 from difflab.diffusion.samplers import Sampler, ddim_step, sampler_name
 from difflab.methods.base import TrainingMethod
 from difflab.methods.guidance_input import GuidanceScales, adopt_teacher_of
-from difflab.methods.rounds import round_count, round_lengths
+from difflab.methods.rounds import is_listed, round_count, round_lengths
 from difflab.methods.teacher import raw_subset
 from difflab.ops.fsdp import is_sharding
 from difflab.utils.errors import ConfigError
@@ -59,7 +59,7 @@ class ProgressiveDistillation(TrainingMethod):
         self.guidance_scales = GuidanceScales.parse(guidance_scales)
         self.teacher_ckpt = str(teacher_ckpt)
         self.teacher_steps, self.student_steps = int(teacher_steps), int(student_steps)
-        self.steps_per_round = steps_per_round if isinstance(steps_per_round, int) else list(self.round_lengths)
+        self.steps_per_round = list(self.round_lengths) if is_listed(steps_per_round) else steps_per_round
         self.round_ends = list(itertools.accumulate(self.round_lengths))
         self.teacher_guidance = teacher_guidance
         self.round = 0

@@ -1,5 +1,5 @@
-"""Round lengths of a round-based distillation (progressive): how many rounds, each one's optimizer steps, and the
-step count that ends every round. Plain Python (no torch): the config package's resolver and checks read it."""
+"""Round lengths of a round-based distillation (progressive): how many rounds, each one's optimizer steps, the step
+count that ends every round and their total. Plain Python (no torch): the config package's resolver and checks read it."""
 
 from __future__ import annotations
 
@@ -43,3 +43,16 @@ def round_gcd(steps_per_round: Any) -> Any:
     back unchanged, for ``round_lengths`` to name."""
     lengths: list[Any] = list(steps_per_round) if is_listed(steps_per_round) else []
     return math.gcd(*lengths) if lengths and all(_is_length(n) for n in lengths) else steps_per_round
+
+
+def round_total(steps_per_round: Any, teacher_steps: Any, student_steps: Any) -> Any:
+    """Every round's optimizer steps together: the ``trainer.max_steps`` that runs the last round in full and stops
+    there (listed lengths: their sum; one length: times the rounds the step counts make). Anything that is not lengths,
+    or one length with step counts that make no round, comes back unchanged: the method's own check names it, and the
+    budget adds no second line."""
+    if is_listed(steps_per_round):
+        lengths = list(steps_per_round)
+        return sum(lengths) if lengths and all(_is_length(n) for n in lengths) else steps_per_round
+    counts = all(_is_length(n) for n in (teacher_steps, student_steps))
+    rounds = round_count(teacher_steps, student_steps) if counts else 0
+    return steps_per_round * rounds if _is_length(steps_per_round) and rounds >= 1 else steps_per_round

@@ -53,12 +53,15 @@ def shown(value: Any) -> str:
 
 
 def echoes(source: Any, key: str) -> bool:
-    """``source`` (a raw, unresolved config value) is nothing but ``key``'s value or a resolver of it alone:
-    ``${key}``, ``${oc.select:key,...}`` or ``${name:${key}}`` (so a problem or change of ``key`` is one, not two)."""
+    """``source`` (a raw, unresolved config value) is nothing but ``key``'s value or a resolver of it:
+    ``${key}``, ``${oc.select:key,...}``, ``${name:${key}}`` or ``${name:${key},${other},...}`` (a resolver whose first
+    argument is ``key``, as ``${round_total:${method.steps_per_round},...}``), so a problem or change of ``key`` is one,
+    not two."""
     if not isinstance(source, str):
         return False
     k = re.escape(key)
-    return bool(re.fullmatch(rf"\$\{{((oc\.select:)?{k}(,[^}}]*)?|[\w.]+:\$\{{{k}\}})\}}", source))
+    others = r"(\s*,\s*\$\{[\w.]+\})*"
+    return bool(re.fullmatch(rf"\$\{{((oc\.select:)?{k}(,[^}}]*)?|[\w.]+:\$\{{{k}\}}{others})\}}", source))
 
 
 def plain(node: Any) -> Any:
