@@ -90,6 +90,9 @@ def fill(cmd: Command, place: dict) -> list[str]:
         run = place["resumed_run"]  # a resume: a run of today's default recipe (its settings must match)
     argv = []
     for arg in cmd.argv:
+        if argv[-1:] in (["--config-dir"], ["-cd"]) and not Path(arg).is_absolute():
+            argv.append(str(ROOT / arg))  # written for the repository root; the commands run in ``place``
+            continue
         arg = arg.replace("[", "").replace("]", "") if re.fullmatch(r"\[[^\]|]+\]", arg) else arg
         key, eq, value = arg.partition("=")
         if cmd.entry == "ablate" and not arg.startswith("-") and "<" in arg:
@@ -142,6 +145,9 @@ def run_command(cmd: Command, argv: list[str], capsys) -> tuple[int, str, str]:
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[c.source for c in COMMANDS])
 def test_documented_command_validates(cmd, place, capsys, monkeypatch):
     monkeypatch.chdir(place["root"])
+    env = re.match(r"(?:[A-Z_]+=\S+\s+)*", cmd.text).group(0)  # assignments before the command
+    for path in re.findall(r"\bPYTHONPATH=(\S+)", env):  # a forker's own package, relative to the repository root
+        monkeypatch.syspath_prepend(str(ROOT / path))
     argv = fill(cmd, place)
     assert "..." not in argv, f"{cmd}: '...' is no placeholder; write the whole command (or <name> for a value)"
     code, out, err = run_command(cmd, argv, capsys)
