@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -32,3 +35,21 @@ def run_dir(tmp_path_factory):
     )
     assert code == 0
     return out
+
+
+@pytest.fixture
+def forkers_package(monkeypatch):
+    """``use(path)``: a package kept outside difflab importable for one test, as ``PYTHONPATH=path`` makes it; its
+    modules and the guidance methods it registers are forgotten afterwards, so no other test sees them."""
+    from difflab.diffusion import guidance
+
+    monkeypatch.setattr(guidance, "GUIDANCE_METHODS", dict(guidance.GUIDANCE_METHODS))
+    packages: set[str] = set()
+
+    def use(path: Path) -> None:
+        monkeypatch.syspath_prepend(str(path))
+        packages.update(p.name for p in Path(path).iterdir() if (p / "__init__.py").is_file())
+
+    yield use
+    for name in [m for m in sys.modules if m.split(".")[0] in packages]:
+        del sys.modules[name]

@@ -1,4 +1,5 @@
-"""Every command documented in README.md, docs/*.md and the comments of configs/, collected for tests/test_docs_commands.py.
+"""Every command documented in README.md, docs/*.md and the comments of configs/ and docs/examples/, collected for
+tests/test_docs_commands.py.
 
 What counts as a command: a line of a fenced code block, an inline code span, or a config comment, that starts with
 ``python <entry>.py`` or ``difflab-<command>`` (an environment assignment such as ``OMP_NUM_THREADS=2`` may come
@@ -119,6 +120,7 @@ def commands_in(path: Path, root: Path) -> list[Command]:
 def documented_commands(root: Path) -> list[Command]:
     """Every documented command of the repository, once per distinct command line (first place it is written)."""
     files = [root / "README.md", *sorted((root / "docs").glob("*.md")), *sorted((root / "configs").rglob("*.yaml"))]
+    files += sorted((root / "docs" / "examples").rglob("*.yaml"))  # a fork's configs, e.g. docs/examples/extending
     seen: dict[str, Command] = {}
     for path in files:
         for cmd in commands_in(path, root):

@@ -1,5 +1,5 @@
-"""Documentation that runs: every command in README.md, docs/*.md and the comments of configs/ is validated as a user
-would run it (``--validate``: composed, every start-time check, nothing written), with its placeholders filled
+"""Documentation that runs: every command in README.md, docs/*.md and the comments of configs/ and docs/examples/ is
+validated as a user would run it (``--validate``: composed, every start-time check, nothing written), with its placeholders filled
 (tests/docs_commands.py states the convention). A command that fails, or a sweep whose jobs compose to the same run,
 fails the test with the file and line it is written at."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -143,11 +144,12 @@ def run_command(cmd: Command, argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[c.source for c in COMMANDS])
-def test_documented_command_validates(cmd, place, capsys, monkeypatch):
+def test_documented_command_validates(cmd, place, capsys, monkeypatch, forkers_package):
     monkeypatch.chdir(place["root"])
     env = re.match(r"(?:[A-Z_]+=\S+\s+)*", cmd.text).group(0)  # assignments before the command
-    for path in re.findall(r"\bPYTHONPATH=(\S+)", env):  # a forker's own package, relative to the repository root
-        monkeypatch.syspath_prepend(str(ROOT / path))
+    for paths in re.findall(r"\bPYTHONPATH=(\S+)", env):  # a forker's own package, relative to the repository root
+        for path in (p for p in paths.split(os.pathsep) if p and "$" not in p):
+            forkers_package(ROOT / path)
     argv = fill(cmd, place)
     assert "..." not in argv, f"{cmd}: '...' is no placeholder; write the whole command (or <name> for a value)"
     code, out, err = run_command(cmd, argv, capsys)

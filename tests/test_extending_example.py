@@ -16,9 +16,9 @@ CONFIGS = EXTENDING / "configs"
 
 
 @pytest.fixture
-def mylab(monkeypatch):
+def mylab(forkers_package):
     """The example's package importable, as ``PYTHONPATH=docs/examples/extending`` makes it."""
-    monkeypatch.syspath_prepend(str(EXTENDING))
+    forkers_package(EXTENDING)
     import mylab.immiscible
     import mylab.ramp_guidance
 
@@ -58,11 +58,20 @@ def test_ramp_guidance_strength_rises_linearly_in_the_paths_time(mylab, sigma, a
     torch.testing.assert_close(got, want)
 
 
-def test_ramp_guidance_takes_per_class_scales(mylab):
-    """A scale per sample (per-class scales) ramps each sample's own strength."""
+def test_ramp_guidance_takes_per_class_scales_video_and_rescale(mylab):
+    """A scale per sample (per-class scales) ramps each sample's own strength, on images and on videos; CFG's rescale
+    applies to the ramped output as it does to CFG's."""
     out_c, out_r = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
     got, _ = mylab.ramp_guidance.ramp_cfg(_step(0.0, 1.0, out_c, out_r), torch.tensor([2.0, 1.5]))
     assert got[:, 0, 0, 0].tolist() == [3.0, 2.0]  # w = 2 scale - 1 at the data
+    video = torch.ones(2, 1, 3, 2, 2)
+    like = torch.ones(1, 1, 1, 1, 1, dtype=torch.float64)
+    step = GuidanceStep(video, 0 * video, lambda out: (out, out), video.double(), like, 0 * like)
+    assert mylab.ramp_guidance.ramp_cfg(step, torch.tensor([2.0, 1.5]))[0][:, 0, 0, 0, 0].tolist() == [3.0, 2.0]
+    g = torch.Generator().manual_seed(2)
+    out_c, out_r = torch.randn(3, 1, 4, 4, generator=g), torch.randn(3, 1, 4, 4, generator=g)
+    step = _step(0.0, 1.0, out_c, out_r)  # at the data: w = 3 for scale 2
+    torch.testing.assert_close(mylab.ramp_guidance.ramp_cfg(step, 2.0, rescale=0.7)[0], cfg(step, 3.0, rescale=0.7)[0])
 
 
 def test_the_forkers_pieces_train_and_sample_from_the_command_line(mylab, tmp_path, monkeypatch, capsys):
@@ -72,11 +81,24 @@ def test_the_forkers_pieces_train_and_sample_from_the_command_line(mylab, tmp_pa
     import difflab.train as train
 
     monkeypatch.chdir(tmp_path)
+    called = {"assign_noise": 0, "ramp_cfg": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            called[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(mylab.immiscible, "assign_noise", counted("assign_noise", mylab.immiscible.assign_noise))
+    ramp = counted("ramp_cfg", mylab.ramp_guidance.ramp_cfg)
+    monkeypatch.setattr(mylab.ramp_guidance.RampCFG, "combine", staticmethod(ramp))
     run = tmp_path / "run"
     args = ["--config-dir", str(CONFIGS), "method=immiscible", "guidance=ramp_cfg", *tiny_overrides(max_steps=2)]
     assert run_hydra_main(train.main, [*args, "logger=csv", f"hydra.run.dir={run}"]) == 0, capsys.readouterr().err
     ckpt = run / "checkpoints" / "last.ckpt"
-    assert ckpt.is_file() and any((run / "figures" / "class_grid").iterdir())  # the grid sampled with RampCFG
+    assert ckpt.is_file() and any((run / "figures" / "class_grid").iterdir())
+    assert called["assign_noise"] >= 2 and called["ramp_cfg"] >= 2, called  # each training step; the grid's steps
     capsys.readouterr()
     refused = tmp_path / "refused"
     assert run_hydra_main(sample.main, [f"ckpt_path={ckpt}", f"out_dir={refused}", "n=4"]) == 2

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from difflab.diffusion.objectives import offset_noise_like
 from difflab.methods.base import TrainingMethod
 
 
@@ -19,10 +20,12 @@ def assign_noise(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 class ImmiscibleTraining(TrainingMethod):
-    """The default denoising loss on batches whose fresh noise is assigned to the images (the method's only change)."""
+    """The default denoising loss on batches whose fresh noise (the objective's, offset noise included) is assigned to
+    the images: the method's only change. Under DDP each rank assigns within its own batch, as the authors' code does."""
 
     name = "immiscible"
 
     def loss(self, module: Any, batch: dict[str, Any]) -> torch.Tensor:
-        noise = assign_noise(batch["x"], torch.randn_like(batch["x"]))
+        x = batch["x"]
+        noise = assign_noise(x, offset_noise_like(x, module.diffusion.objective.offset_noise))
         return module.diffusion.losses(module, batch, noise=noise)["loss"].mean()

@@ -13,8 +13,9 @@ from difflab.diffusion.guidance import Guidance, GuidanceStep, cfg_combine, resc
 def ramp_cfg(
     step: GuidanceStep, scale: float | torch.Tensor, rescale: float = 0.0, **_: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """u + w (c - u) with w - 1 = 2 (scale - 1)(1 - r), r = sigma / (alpha + sigma) the linear path's time (1 at pure
-    noise, 0 at the data): CFG at ``scale`` on average over r, none at pure noise; then CFG's rescale."""
+    """u + w (c - u) with w - 1 = 2 (scale - 1)(1 - r), r = sigma / (alpha + sigma) the flow-equivalent time (1 at
+    pure noise, 0 at the data): no guidance at pure noise, twice CFG's strength at the data, CFG's on average over r
+    (the paper's schedule is linear in the step index: the same on an evenly spaced flow grid); then CFG's rescale."""
     r = step.sigma / (step.alpha + step.sigma)
     s = torch.as_tensor(scale, dtype=r.dtype, device=r.device)
     s = s.reshape(-1, *([1] * (step.x_t.ndim - 1))) if s.ndim > 0 else s  # per-class scales: one per sample
