@@ -56,6 +56,8 @@ LATE_ROUNDS = [
     *("--progressive-override", "callbacks.class_grid.every_n_steps=160"),
     *("--progressive-override", "callbacks.model_checkpoint.every_n_train_steps=160"),
 ]
+# 16ab: the same 1600 steps with 160 moved from the last round (2 -> 1 teacher steps) to the 2-step one (4 -> 2)
+ROUND4_640 = ["--progressive-override", "method.steps_per_round=[160,160,320,640,320]"]
 GUIDANCE_ARGS = ["--ckpt", f"{POSTHOC_RUN}/last.ckpt", "--guide", f"{POSTHOC_RUN}/step_0001000.ckpt"]
 # name -> (script, args for a full run, args for --quick, result files it writes (without _quick / .md))
 BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
@@ -624,6 +626,37 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         ],
         ["guided_late_rounds"],
     ),
+    # 16aa / 16ab: the shipped rounds (arm A) against 160 steps moved from the last round to the 2-step round (arm B), both
+    # on three fresh teachers with the same seeds and judging noise; B's result closes with its paired differences
+    "progressive_rounds_base": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_race", "--methods", "progressive", "--out", "/tmp/difflab_pdbase"),
+            *("--name", "progressive_rounds_base"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_race", "--methods", "progressive", "--out", "/tmp/difflab_pdbase"),
+            *("--seeds", "0", "--n", "100", "--name", "progressive_rounds_base"),
+        ],
+        ["progressive_rounds_base"],
+    ),
+    "progressive_round4_640": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_race", "--methods", "progressive", "--out", "/tmp/difflab_pd640"),
+            *ROUND4_640,
+            *("--paired-with", "/tmp/difflab_pdbase", "--name", "progressive_round4_640"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_race", "--methods", "progressive", "--out", "/tmp/difflab_pd640"),
+            *("--seeds", "0", "--n", "100", "--name", "progressive_round4_640"),
+        ],
+        ["progressive_round4_640"],
+    ),
     # 16x's rounds on the latent recipe (16s's teacher, steps and judging noise)
     "few_step_latent_late_rounds": (
         "bench_few_step.py",
@@ -709,6 +742,10 @@ TITLES = {
     "scm_guided_tmid": "16m. The 2-step re-noising time, chosen by a sweep: guided sCM (three seeds, every judge)",
     "meanflow_cfg": "16f. MeanFlow with CFG baked into its targets, against plain targets (three seeds each, every judge)",
     "few_step_latent": "16i. Few-step generation on the latent digits recipe (one seed, every judge)",
+    "progressive_rounds_base": "16aa. The shipped rounds (160 / 160 / 320 / 480 / 480) on three fresh teachers: arm A "
+    "of 16ab (three seeds, every judge)",
+    "progressive_round4_640": "16ab. 160 steps moved from the last round to the 2-step round (160 / 160 / 320 / 640 / "
+    "320), paired against 16aa (three seeds, every judge)",
     "guided_late_rounds": "16z. The late rounds (16x) on the guided progressive student (three seeds, every judge)",
     "few_step_latent_late_rounds": "16y. The late rounds (16x) on the latent recipe's progressive student (one seed, "
     "every judge)",

@@ -184,7 +184,7 @@ def test_linear_restarts_takes_its_period_from_the_methods_rounds(tmp_path):
     from difflab.utils.compose import compose_train
 
     cfg = compose_train(tmp_path, ["experiment=digits_progressive", "lr_schedule=linear_restarts"])
-    assert instantiate(cfg.lr_schedule).period == tuple(cfg.method.steps_per_round) == (160, 160, 320, 480, 480)
+    assert instantiate(cfg.lr_schedule).period == tuple(cfg.method.steps_per_round) == (160, 160, 320, 640, 320)
     cfg = compose_train(tmp_path, ["lr_schedule=linear_restarts", "lr_schedule.period=250"])
     assert instantiate(cfg.lr_schedule).period == 250
 

@@ -601,7 +601,7 @@ def test_the_listed_rounds_keep_each_rounds_student_and_decay_over_each_round(tm
 
     cfg = compose_train(tmp_path, ["experiment=digits_progressive", "method.teacher_ckpt=t.ckpt"])
     method = instantiate(cfg.method)
-    assert method.round_lengths == (160, 160, 320, 480, 480) and cfg.trainer.max_steps == sum(method.round_lengths)
+    assert method.round_lengths == (160, 160, 320, 640, 320) and cfg.trainer.max_steps == sum(method.round_lengths)
     for key in ROUND_INTERVALS:
         every = OmegaConf.select(cfg, key)
         assert all(end % every == 0 for end in method.round_ends), key
