@@ -375,8 +375,8 @@ PAIRED_METRICS = [
     ("eval/fd", "FD classifier", 2),
     ("eval/fd_judge2", "FD judge 2", 3),
     ("eval/fd_pixel", "FD pixels", 3),
+    ("eval/accuracy", "accuracy (clf)", 4),
 ]
-PAIRED_METRICS += [("eval/accuracy", "accuracy (clf)", 4)]
 
 
 def paired_section(out: Path, other: Path) -> str:

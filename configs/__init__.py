@@ -15,23 +15,21 @@ if not OmegaConf.has_resolver("cwd"):
     OmegaConf.register_new_resolver("cwd", os.getcwd)
 
 
-def _round_gcd(steps_per_round):
-    from difflab.methods.rounds import round_gcd
+def _rounds(name: str):
+    """The ``difflab.methods.rounds`` function ``name``, imported only when a config resolves it."""
 
-    return round_gcd(steps_per_round)
+    def call(*args):
+        from difflab.methods import rounds
 
+        return getattr(rounds, name)(*args)
 
-def _round_total(steps_per_round, teacher_steps, student_steps):
-    from difflab.methods.rounds import round_total
-
-    return round_total(steps_per_round, teacher_steps, student_steps)
+    return call
 
 
 # ${round_gcd:${method.steps_per_round}} is the step count that ends every progressive round (one length, or the
 # listed lengths' greatest common divisor): the cadence that keeps each round's student.
 # ${round_total:${method.steps_per_round},${method.teacher_steps},${method.student_steps}} is all rounds' steps: the
 # max_steps that ends training with the last round.
-if not OmegaConf.has_resolver("round_gcd"):
-    OmegaConf.register_new_resolver("round_gcd", _round_gcd)
-if not OmegaConf.has_resolver("round_total"):
-    OmegaConf.register_new_resolver("round_total", _round_total)
+for _name in ("round_gcd", "round_total"):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _rounds(_name))
