@@ -657,6 +657,39 @@ BENCHES: dict[str, tuple[str, list[str], list[str], list[str]]] = {
         ],
         ["progressive_round4_640"],
     ),
+    # the shipped default (16ab's rounds) on three more teachers, seeds 3-5 made first with
+    #   PYTHONPATH=. python bench/bench_vs_diffusers.py train --sides difflab --seeds 3,4,5 --out /tmp/difflab_race
+    # (decided before they ran, as 16v / 16w); the measured run trained seeds 3-5 beside 16ab's students in
+    # /tmp/difflab_pd640 and judged all six linked into /tmp/difflab_pd6
+    "progressive_default_6seeds": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_race", "--methods", "progressive", "--out", "/tmp/difflab_pd6"),
+            *("--seeds", "0,1,2,3,4,5", *ROUND4_640, "--name", "progressive_default_6seeds"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_race", "--methods", "progressive", "--out", "/tmp/difflab_pd6"),
+            *("--seeds", "0", "--n", "100", "--name", "progressive_default_6seeds"),
+        ],
+        ["progressive_default_6seeds"],
+    ),
+    # the guided student as shipped (it inherits 16ab's rounds) on 16ab's teachers, judged at the recipe's scale
+    "guided_default_rounds": (
+        "bench_few_step.py",
+        [
+            "all",
+            *("--teachers", "/tmp/difflab_race", "--methods", "guided", "--out", "/tmp/difflab_gpd6"),
+            *("--scales", "2", "--name", "guided_default_rounds"),
+        ],
+        [
+            "judge",
+            *("--teachers", "/tmp/difflab_race", "--methods", "guided", "--out", "/tmp/difflab_gpd6"),
+            *("--seeds", "0", "--n", "100", "--scales", "2", "--name", "guided_default_rounds"),
+        ],
+        ["guided_default_rounds"],
+    ),
     # 16x's rounds on the latent recipe (16s's teacher, steps and judging noise)
     "few_step_latent_late_rounds": (
         "bench_few_step.py",
@@ -746,6 +779,10 @@ TITLES = {
     "of 16ab (three seeds, every judge)",
     "progressive_round4_640": "16ab. 160 steps moved from the last round to the 2-step round (160 / 160 / 320 / 640 / "
     "320), paired against 16aa (three seeds, every judge)",
+    "progressive_default_6seeds": "16ac. The default progressive student (16ab's rounds) on three more teachers: six "
+    "seeds, every judge",
+    "guided_default_rounds": "16ad. The guided progressive student as shipped (16ab's rounds) on 16ab's teachers "
+    "(three seeds, every judge)",
     "guided_late_rounds": "16z. The late rounds (16x) on the guided progressive student (three seeds, every judge)",
     "few_step_latent_late_rounds": "16y. The late rounds (16x) on the latent recipe's progressive student (one seed, "
     "every judge)",

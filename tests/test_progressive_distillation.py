@@ -20,7 +20,7 @@ from difflab.diffusion.distillation import halving_grid, progressive_target, tru
 from difflab.diffusion.processes import EDMProcess, FlowProcess, VPProcess
 from difflab.diffusion.samplers import ddim, sampling_grid
 from difflab.methods.progressive import ProgressiveDistillation
-from difflab.methods.rounds import round_count, round_gcd, round_total
+from difflab.methods.rounds import budget_mismatch, round_count, round_gcd, round_total
 from difflab.utils.errors import ConfigError
 from tests.helpers import compose_train, run_hydra_main, tiny_overrides
 from tests.test_config_validation import _command
@@ -492,6 +492,61 @@ def test_rounds_count(tmp_path):
     # the one count the pre-flight checks and the bench read as well: log2 of the step ratio
     assert [round_count(t, s) for t, s in ((32, 1), (16, 2), (2, 1), (8, 8), (64, 4))] == [5, 3, 1, 0, 4]
     assert [round_gcd(v) for v in (320, [160, 160, 320, 480, 480], [100, 150], [7])] == [320, 160, 50, 7]
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "said"),
+    [
+        (1600, None),
+        (-1, None),  # no step bound (a max_time run)
+        (None, None),
+        (1440, "training stops in round 5 after 160 of its 320 steps"),
+        (1281, "training stops in round 5 after 1 of its 320 steps"),
+        # the schema refuses these two in a run (rounds_fit_the_budget); the method still says them right
+        (1000, "training stops in round 4 after 360 of its 640 steps; round 5 never starts"),
+        (640, "training stops as round 3 ends; rounds 4-5 never start"),
+        (2000, "the last round's student trains 400 steps past the rounds' 1600"),
+    ],
+)
+def test_a_step_budget_other_than_the_rounds_total_is_said_in_words(max_steps, said, caplog):
+    """A budget that cuts the last round (the schema refuses only one that never starts it) or outlasts the rounds is
+    not an error, but the run says so once at setup, naming the total that runs every round in full."""
+    lengths = [160, 160, 320, 640, 320]
+    assert budget_mismatch(lengths, max_steps) == said
+    with caplog.at_level("WARNING", logger="difflab.methods.progressive"):
+        assert ProgressiveDistillation("t", 32, 1, lengths).warn_if_budget_differs(max_steps) == said
+    warned = _progressive_warnings(caplog)
+    assert len(warned) == (said is not None), warned
+    if said is not None:
+        assert warned[0].startswith(f"method=progressive: trainer.max_steps={max_steps} but the rounds "), warned[0]
+        assert f"add up to 1600: {said} (trainer.max_steps=1600 runs every round in full and stops)" in warned[0]
+
+
+def _progressive_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "difflab.methods.progressive"]
+
+
+def test_setup_says_a_budget_that_outlasts_the_rounds(monkeypatch, caplog):
+    """The warning comes from the run's own trainer at setup for fit, and a module without a trainer says nothing."""
+    from types import SimpleNamespace
+
+    import difflab.methods.progressive as progressive
+    from difflab.utils.frozen import Frozen
+
+    module = _student("flow")
+    module.diffusion.sampler = functools.partial(ddim, steps=2)
+    monkeypatch.setattr(progressive, "adopt_teacher_of", lambda m, *a: Frozen(m))  # no file to read
+    with caplog.at_level("WARNING", logger="difflab.methods.progressive"):
+        ProgressiveDistillation("in-memory", 8, 2, 3).setup(module, "fit")  # no trainer: nothing to compare
+        assert _progressive_warnings(caplog) == []
+        module._trainer = SimpleNamespace(max_steps=7)
+        ProgressiveDistillation("in-memory", 8, 2, 3).setup(module, "validate")  # only before training
+        assert _progressive_warnings(caplog) == []
+        ProgressiveDistillation("in-memory", 8, 2, 3).setup(module, "fit")
+    assert _progressive_warnings(caplog) == [
+        "method=progressive: trainer.max_steps=7 but the rounds (method.steps_per_round=3) add up to 6: the last round's "
+        "student trains 1 step past the rounds' 6 (trainer.max_steps=6 runs every round in full and stops)"
+    ]
 
 
 def test_each_round_starts_after_the_lengths_listed_before_it():

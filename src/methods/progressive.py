@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 from typing import Any, Sequence
 
 import torch
@@ -15,11 +16,13 @@ from difflab.diffusion.processes import NoiseProcess
 from difflab.diffusion.samplers import Sampler, ddim_step, sampler_name
 from difflab.methods.base import TrainingMethod
 from difflab.methods.guidance_input import GuidanceScales, adopt_teacher_of
-from difflab.methods.rounds import is_listed, round_count, round_lengths
+from difflab.methods.rounds import budget_mismatch, is_listed, round_count, round_lengths
 from difflab.methods.teacher import raw_subset
 from difflab.ops.fsdp import is_sharding
 from difflab.utils.errors import ConfigError
 from difflab.utils.frozen import Frozen
+
+log = logging.getLogger(__name__)
 
 
 class ProgressiveDistillation(TrainingMethod):
@@ -109,9 +112,25 @@ class ProgressiveDistillation(TrainingMethod):
         if is_sharding(getattr(module, "_trainer", None)):
             raise ConfigError("method=progressive does not run under trainer=fsdp yet: use trainer=gpu or ddp")
         self.spacing = self._spacing(module.diffusion.sampler)
+        self.warn_if_budget_differs(getattr(getattr(module, "_trainer", None), "max_steps", None))
         self._teacher = adopt_teacher_of(module, self.teacher_ckpt, self.teacher_guidance, self.guidance_scales)
         if self._pending_teacher is not None:
             self.load_state_dict({"round": self.round, "teacher": self._pending_teacher})
+
+    def warn_if_budget_differs(self, max_steps: int | None) -> str | None:
+        """Log a warning when ``trainer.max_steps`` is not the rounds' total (``budget_mismatch``); returns it."""
+        mismatch = budget_mismatch(self.round_lengths, max_steps)
+        if mismatch is not None:
+            log.warning(
+                "method=progressive: trainer.max_steps=%s but the rounds (method.steps_per_round=%s) add up to %d: %s "
+                "(trainer.max_steps=%d runs every round in full and stops)",
+                max_steps,
+                self.steps_per_round,
+                sum(self.round_lengths),
+                mismatch,
+                sum(self.round_lengths),
+            )
+        return mismatch
 
     def on_train_batch_start(self, module: Any, step: int) -> None:
         r = self.round_at(step)

@@ -3,6 +3,8 @@ count that ends every round and their total. Plain Python (no torch): the config
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from typing import Any, Sequence, TypeGuard
 
@@ -56,3 +58,25 @@ def round_total(steps_per_round: Any, teacher_steps: Any, student_steps: Any) ->
     counts = all(_is_length(n) for n in (teacher_steps, student_steps))
     rounds = round_count(teacher_steps, student_steps) if counts else 0
     return steps_per_round * rounds if _is_length(steps_per_round) and rounds >= 1 else steps_per_round
+
+
+def budget_mismatch(lengths: Sequence[int], max_steps: int | None) -> str | None:
+    """What a step budget other than the rounds' total does to them, in words (None when it runs them exactly, or
+    sets no step bound): a shorter one stops inside a round, a longer one keeps training the last round's student."""
+    total = sum(lengths)
+    if max_steps is None or max_steps < 1 or max_steps == total:
+        return None
+    if max_steps > total:
+        extra = max_steps - total
+        return f"the last round's student trains {extra} {'step' if extra == 1 else 'steps'} past the rounds' {total}"
+    ends = list(itertools.accumulate(lengths))
+    r = bisect.bisect_left(ends, max_steps)  # the round whose steps include step max_steps
+    start, n = ends[r] - lengths[r], lengths[r]
+    stops = (
+        f"training stops as round {r + 1} ends"
+        if max_steps == start + n
+        else f"training stops in round {r + 1} after {max_steps - start} of its {n} steps"
+    )
+    later = len(lengths) - r - 1
+    never = f"round {r + 2} never starts" if later == 1 else f"rounds {r + 2}-{len(lengths)} never start"
+    return stops + (f"; {never}" if later else "")
