@@ -109,10 +109,11 @@ class ProgressiveDistillation(TrainingMethod):
         if stage != "fit":
             return
         self.refuse_misfit(module)
-        if is_sharding(getattr(module, "_trainer", None)):
+        trainer = getattr(module, "_trainer", None)
+        if is_sharding(trainer):
             raise ConfigError("method=progressive does not run under trainer=fsdp yet: use trainer=gpu or ddp")
         self.spacing = self._spacing(module.diffusion.sampler)
-        self.warn_if_budget_differs(getattr(getattr(module, "_trainer", None), "max_steps", None))
+        self.warn_if_budget_differs(getattr(trainer, "max_steps", None))
         self._teacher = adopt_teacher_of(module, self.teacher_ckpt, self.teacher_guidance, self.guidance_scales)
         if self._pending_teacher is not None:
             self.load_state_dict({"round": self.round, "teacher": self._pending_teacher})
